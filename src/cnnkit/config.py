@@ -1,0 +1,375 @@
+"""Frozen configuration dataclasses, named presets, and YAML load/dump.
+
+Precedence when resolving a run: dataclass defaults < named preset < ``--config`` file < flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATASETS = ("hasy", "cub", "folder", "csv", "digits")
+BAD_IMAGE_POLICIES = ("error", "skip")
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a decoded image becomes model input; stored in every model file.
+
+    ``mode="symbol"`` composites onto white, converts to ``channels`` and resizes to
+    ``stored_size`` squared. ``mode="photo"`` applies EXIF rotation, resizes the shorter side to
+    ``stored_size`` and centre-crops a square. The model then sees a centre ``image_size`` crop,
+    scaled to [0, 1] and normalised with ``mean`` and ``std``.
+    """
+
+    mode: str = "symbol"
+    channels: int = 1
+    image_size: int = 32
+    stored_size: int = 32
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self) -> None:
+        _check_choice("preprocessing.mode", self.mode, ("symbol", "photo"))
+        _check_choice("preprocessing.channels", self.channels, (1, 3))
+        _check_positive("preprocessing.image_size", self.image_size)
+        if self.stored_size < self.image_size:
+            raise ValueError(
+                f"preprocessing.stored_size ({self.stored_size}) must be >= image_size "
+                f"({self.image_size})"
+            )
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError("preprocessing.mean and std need one value per channel")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("preprocessing.std values must be > 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are split."""
+
+    dataset: str = "digits"
+    data: str | None = None
+    fold: int | None = None
+    channels: int = 1
+    image_size: int = 32
+    stored_size: int | None = None
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    seed: int = 0
+    on_bad_image: str = "error"
+    cache_dir: str | None = None
+    crop_to_bbox: bool = False
+    max_classes: int | None = None
+    max_per_class: int | None = None
+    train_on_all: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("on_bad_image", self.on_bad_image, BAD_IMAGE_POLICIES)
+        _check_choice("channels", self.channels, (1, 3))
+        _check_positive("image_size", self.image_size)
+        if self.dataset != "digits" and not self.data:
+            raise ValueError(f"--data is required for --dataset {self.dataset}")
+        if self.fold is not None and not 1 <= self.fold <= 10:
+            raise ValueError(f"fold must be between 1 and 10; got {self.fold}")
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1); got {value}")
+        for name in ("max_classes", "max_per_class"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1; got {value}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A registry name plus the options passed to its constructor."""
+
+    name: str = "symbol_cnn"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Batched tensor augmentation applied to training batches only."""
+
+    enabled: bool = True
+    max_rotation: float = 10.0
+    max_shift: float = 0.1
+    scale_min: float = 0.9
+    scale_max: float = 1.1
+    max_shear: float = 0.1
+    hflip: bool = False
+    random_resized_crop: bool = False
+    crop_scale_min: float = 0.35
+    color_jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_positive("max_rotation", self.max_rotation, allow_zero=True)
+        _check_positive("max_shift", self.max_shift, allow_zero=True)
+        if not 0 < self.scale_min <= self.scale_max:
+            raise ValueError("scale_min must be > 0 and <= scale_max")
+        if not 0 < self.crop_scale_min <= 1:
+            raise ValueError("crop_scale_min must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings for the generic trainer."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "adamw"
+    learning_rate: float = 3e-3
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    warmup_fraction: float = 0.15
+    label_smoothing: float = 0.1
+    early_stopping_patience: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    fast_path: bool = True
+    bf16_cpu: bool = False
+    eval_batch_size: int = 512
+    backbone_lr_scale: float = 0.1
+    max_steps_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive("epochs", self.epochs)
+        _check_positive("batch_size", self.batch_size)
+        _check_positive("learning_rate", self.learning_rate)
+        _check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        _check_choice("optimizer", self.optimizer, ("adam", "adamw", "sgd"))
+        _check_choice("schedule", self.schedule, ("onecycle", "cosine", "constant"))
+        _check_choice("device", self.device, ("auto", "cpu", "cuda", "mps"))
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1); got {self.label_smoothing}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1); got {self.warmup_fraction}")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ValueError("early_stopping_patience must be >= 1")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """Two-phase transfer learning: frozen-feature head, then full fine-tune."""
+
+    phases: tuple[str, ...] = ("frozen", "finetune")
+    augmented_views: int = 2
+    head_epochs: int = 30
+    head_learning_rate: float = 1e-3
+    finetune_epochs: int = 6
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "phases", tuple(self.phases))
+        for phase in self.phases:
+            _check_choice("phases", phase, ("frozen", "finetune"))
+        if not self.phases:
+            raise ValueError("phases must name at least one of frozen, finetune")
+        _check_positive("augmented_views", self.augmented_views, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one training run needs; written to ``RUN_DIR/config.yaml``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    out: str | None = None
+
+    def run_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        return Path("runs") / f"{self.data.dataset}-{self.model.name}"
+
+
+SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "augment": AugmentConfig,
+    "train": TrainConfig,
+    "transfer": TransferConfig,
+}
+
+# Named presets: nested overrides on top of the dataclass defaults.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "digits": {
+        "model": {"name": "symbol_cnn", "options": {"width": 32}},
+        "train": {"epochs": 12, "batch_size": 64, "learning_rate": 3e-3},
+    },
+    "hasy": {
+        "data": {"channels": 1, "image_size": 32},
+        "model": {"name": "symbol_cnn"},
+        "train": {"epochs": 14, "batch_size": 128, "learning_rate": 3e-3},
+    },
+    "book-hasy": {
+        "data": {"channels": 3, "image_size": 32},
+        "model": {"name": "book_cnn"},
+        "augment": {"enabled": False},
+        "train": {
+            "epochs": 10,
+            "batch_size": 32,
+            "optimizer": "adam",
+            "learning_rate": 1e-3,
+            "weight_decay": 0.0,
+            "schedule": "constant",
+            "label_smoothing": 0.0,
+            "channels_last": False,
+        },
+    },
+    "cub": {
+        "data": {"channels": 3, "image_size": 224, "stored_size": 256},
+        "model": {"name": "efficientnet_lite0"},
+        "augment": {
+            "max_rotation": 0.0,
+            "max_shift": 0.0,
+            "scale_min": 1.0,
+            "scale_max": 1.0,
+            "max_shear": 0.0,
+            "hflip": True,
+            "random_resized_crop": True,
+            "color_jitter": 0.2,
+        },
+        "train": {
+            "epochs": 6,
+            "batch_size": 32,
+            "learning_rate": 1e-3,
+            "weight_decay": 1e-4,
+            "schedule": "cosine",
+            "warmup_fraction": 0.1,
+            "label_smoothing": 0.1,
+            "early_stopping_patience": 3,
+        },
+    },
+    "book-cub": {
+        "data": {"channels": 3, "image_size": 256, "stored_size": 256},
+        "model": {"name": "book_bird_cnn"},
+        "augment": {
+            "max_rotation": 45.0,
+            "max_shift": 0.2,
+            "scale_min": 0.8,
+            "scale_max": 1.2,
+            "max_shear": 0.2,
+            "hflip": True,
+        },
+        "train": {
+            "epochs": 30,
+            "batch_size": 32,
+            "optimizer": "adam",
+            "learning_rate": 1e-3,
+            "weight_decay": 0.0,
+            "schedule": "constant",
+            "label_smoothing": 0.0,
+        },
+    },
+}
+
+
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``overrides`` into a copy of ``base``; ``None`` values are ignored."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "options":
+            merged[key] = merge_overrides(merged[key], value)
+        elif key == "options" and isinstance(value, dict):
+            merged[key] = {**merged.get(key, {}), **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_run_config(*layers: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from nested dicts applied in order (later layers win).
+
+    Raises:
+        ValueError: for an unknown section or field, or an invalid value.
+    """
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = merge_overrides(merged, layer)
+    kwargs: dict[str, Any] = {}
+    for key, value in merged.items():
+        if key == "out":
+            kwargs["out"] = value
+            continue
+        if key not in SECTIONS:
+            raise ValueError(f"unknown config section {key!r}; expected one of {list(SECTIONS)}")
+        section = SECTIONS[key]
+        known = {f.name for f in fields(section)}
+        unknown = set(value) - known
+        if unknown:
+            raise ValueError(f"unknown field(s) in {key}: {', '.join(sorted(unknown))}")
+        kwargs[key] = section(**value)
+    return RunConfig(**kwargs)
+
+
+def preset_for(name: str) -> dict[str, Any]:
+    """Return a named preset's overrides.
+
+    Raises:
+        ValueError: if the preset is unknown.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Turn a (nested) config dataclass into plain YAML-safe data."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return {k: plain(v) for k, v in dataclasses.asdict(config).items()}
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into nested overrides.
+
+    Raises:
+        ValueError: if the file cannot be read or is not a mapping.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise ValueError(f"{path}: cannot read config: {error}") from error
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: config must be a mapping of sections")
+    return data
+
+
+def dump_config(config: RunConfig) -> str:
+    """Serialise a RunConfig as YAML."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)

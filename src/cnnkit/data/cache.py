@@ -1,0 +1,193 @@
+"""Decode a source's images once, in parallel, into a memory-mapped uint8 array on disk.
+
+The cache key covers the source fingerprint, the sample keys and the preprocessing, so a change
+in any of them decodes again. Entries are written to a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cnnkit.config import Preprocessing
+from cnnkit.data.image import BadImageError, decode_image, prepare_image
+from cnnkit.data.source import Listing, Source
+
+logger = logging.getLogger(__name__)
+CACHE_FORMAT = 1
+_CHUNK = 256
+
+
+@dataclass
+class DecodedImages:
+    """Decoded images in listing order.
+
+    Attributes:
+        images: ``uint8`` ``[N, S, S, C]``; rows of bad images are zero.
+        valid: ``bool`` ``[N]``, False where the image could not be decoded.
+        problems: one message per bad image, naming its path and the problem.
+        from_cache: whether the array was read from an existing cache entry.
+    """
+
+    images: np.ndarray
+    valid: np.ndarray
+    problems: list[str]
+    from_cache: bool
+
+
+def cache_key(listing: Listing, preprocessing: Preprocessing) -> str:
+    """Hash of everything that decides the decoded array's contents."""
+    digest = hashlib.sha256()
+    digest.update(f"v{CACHE_FORMAT}|{listing.fingerprint}|".encode())
+    digest.update(json.dumps(asdict(preprocessing), sort_keys=True).encode())
+    for record in listing.records:
+        digest.update(f"{record.key}|{record.box}".encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:24]
+
+
+def _display(record) -> str:
+    return f"{record.key} ({record.origin})" if record.origin else record.key
+
+
+def _decode_chunk(args: tuple[list[tuple], Preprocessing]):
+    items, preprocessing = args
+    results = []
+    for index, name, data, box in items:
+        if data is None:
+            results.append((index, None, f"{name}: missing or unreadable file"))
+            continue
+        try:
+            image = decode_image(data, name)
+            if box is not None:
+                x, y, width, height = box
+                image = image.crop((round(x), round(y), round(x + width), round(y + height)))
+            results.append((index, prepare_image(image, preprocessing), None))
+        except BadImageError as error:
+            results.append((index, None, str(error)))
+    return results
+
+
+def _chunks(
+    stream: Iterable[tuple[str, bytes | None]], listing: Listing, positions: dict[str, list[int]]
+) -> Iterator[list[tuple]]:
+    chunk: list[tuple] = []
+    for key, data in stream:
+        for index in positions.get(key, ()):
+            record = listing.records[index]
+            chunk.append((index, _display(record), data, record.box))
+        if len(chunk) >= _CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _decode_all(
+    source: Source,
+    listing: Listing,
+    preprocessing: Preprocessing,
+    workers: int,
+    progress: bool,
+) -> DecodedImages:
+    size, channels = preprocessing.stored_size, preprocessing.channels
+    count = len(listing.records)
+    images = np.zeros((count, size, size, channels), dtype=np.uint8)
+    valid = np.zeros(count, dtype=bool)
+    problems: dict[int, str] = {}
+    positions: dict[str, list[int]] = {}
+    for index, record in enumerate(listing.records):
+        positions.setdefault(record.key, []).append(index)
+    seen: set[int] = set()
+    stream = source.iter_bytes(list(positions))
+    jobs = ((chunk, preprocessing) for chunk in _chunks(stream, listing, positions))
+    bar = tqdm(total=count, desc="decoding images", unit="img", disable=not progress)
+    context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+    pool = context.Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap_unordered(_decode_chunk, jobs) if pool else map(_decode_chunk, jobs)
+        for chunk_results in results:
+            for index, array, problem in chunk_results:
+                seen.add(index)
+                if array is None:
+                    problems[index] = problem
+                else:
+                    images[index] = array
+                    valid[index] = True
+            bar.update(len(chunk_results))
+    finally:
+        bar.close()
+        if pool:
+            pool.close()
+            pool.join()
+    for index in set(range(count)) - seen:
+        problems[index] = f"{_display(listing.records[index])}: file not found in the source"
+    return DecodedImages(images, valid, [problems[i] for i in sorted(problems)], False)
+
+
+def load_images(
+    source: Source,
+    listing: Listing,
+    preprocessing: Preprocessing,
+    cache_dir: str | Path | None,
+    workers: int | None = None,
+    progress: bool = False,
+) -> DecodedImages:
+    """Return the decoded images of ``listing``, from the cache when possible.
+
+    Args:
+        source: streams the encoded bytes.
+        listing: the samples, in the order of the returned array.
+        preprocessing: decides the stored size and channels.
+        cache_dir: root of the cache; ``None`` decodes without caching.
+        workers: decoding processes (default: all cores).
+        progress: show a progress bar.
+    """
+    workers = workers or os.cpu_count() or 1
+    if cache_dir is None:
+        return _decode_all(source, listing, preprocessing, workers, progress)
+    entry = Path(cache_dir) / cache_key(listing, preprocessing)
+    images_path, meta_path = entry / "images.npy", entry / "meta.json"
+    if images_path.exists() and meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+            images = np.load(images_path, mmap_mode="r")
+            valid = np.zeros(len(images), dtype=bool)
+            valid[np.asarray(meta["valid"], dtype=np.int64)] = True
+            logger.info("loaded %d decoded images from cache %s", len(images), entry)
+            return DecodedImages(images, valid, list(meta["problems"]), True)
+        except (OSError, ValueError, KeyError) as error:
+            logger.warning("ignoring unreadable cache entry %s: %s", entry, error)
+    decoded = _decode_all(source, listing, preprocessing, workers, progress)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+    try:
+        np.save(staging / "images.npy", decoded.images)
+        meta = {
+            "description": listing.description,
+            "preprocessing": asdict(preprocessing),
+            "count": len(decoded.images),
+            "valid": np.flatnonzero(decoded.valid).tolist(),
+            "problems": decoded.problems,
+        }
+        (staging / "meta.json").write_text(json.dumps(meta))
+        if entry.exists():
+            shutil.rmtree(entry)
+        os.replace(staging, entry)
+    except OSError as error:
+        logger.warning("could not write the image cache %s: %s", entry, error)
+        shutil.rmtree(staging, ignore_errors=True)
+        return decoded
+    images = np.load(images_path, mmap_mode="r")
+    return DecodedImages(images, decoded.valid, decoded.problems, False)

@@ -1,0 +1,124 @@
+"""Decoding image bytes and turning a PIL image into the stored uint8 array.
+
+Training (at cache time) and prediction both call :func:`prepare_image`, so the two can never
+preprocess differently.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from cnnkit.config import Preprocessing
+
+# Refuse decompression bombs well before they exhaust memory: 64 megapixels is far above any
+# photo this tool is meant for, and PIL raises DecompressionBombError at twice its limit.
+MAX_IMAGE_PIXELS = 64_000_000
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+class BadImageError(ValueError):
+    """An image file that is missing, empty, truncated, corrupt or not an image."""
+
+
+def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
+    """Decode image bytes fully, raising :class:`BadImageError` with ``name`` on any problem.
+
+    Args:
+        data: the encoded file contents.
+        name: a path or label used in the error message.
+
+    Returns:
+        A loaded PIL image (first frame for animated formats).
+    """
+    if not data:
+        raise BadImageError(f"{name}: empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise BadImageError(
+                    f"{name}: image too large ({image.width}x{image.height} pixels)"
+                )
+            image.load()
+    except BadImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise BadImageError(f"{name}: refused as a decompression bomb ({error})") from error
+    except Exception as error:  # PIL raises many types for corrupt data; all mean "bad image".
+        kind = "truncated" if "truncated" in str(error).lower() else "not a readable image"
+        raise BadImageError(f"{name}: {kind} ({type(error).__name__}: {error})") from error
+    return image
+
+
+def read_image_file(path: str) -> Image.Image:
+    """Read and decode an image file, raising :class:`BadImageError` naming the path."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise BadImageError(f"{path}: cannot read ({error.strerror or error})") from error
+    return decode_image(data, path)
+
+
+def _flatten_onto_white(image: Image.Image) -> Image.Image:
+    """Return an RGB or L image, compositing any transparency onto a white background."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if array.max() > 255 else 255.0
+        return Image.fromarray((array / peak * 255.0).round().astype(np.uint8), mode="L")
+    if image.mode == "F":
+        array = np.clip(np.asarray(image, dtype=np.float64), 0, 255)
+        return Image.fromarray(array.round().astype(np.uint8), mode="L")
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("L", "RGB"):
+        return image
+    return image.convert("RGB")
+
+
+def prepare_image(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
+    """Convert a decoded image to the stored uint8 array ``[S, S, C]``.
+
+    Args:
+        image: any PIL image (any mode, any size).
+        preprocessing: the model's preprocessing; ``stored_size`` is ``S``.
+
+    Returns:
+        A contiguous ``uint8`` array of shape ``[S, S, channels]``.
+    """
+    size = preprocessing.stored_size
+    if preprocessing.mode == "photo":
+        image = ImageOps.exif_transpose(image)
+    image = _flatten_onto_white(image)
+    image = image.convert("L" if preprocessing.channels == 1 else "RGB")
+    if preprocessing.mode == "symbol":
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BILINEAR)
+    else:
+        width, height = image.size
+        scale = size / min(width, height)
+        new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+        if image.size != new_size:
+            image = image.resize(new_size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+        left = (new_size[0] - size) // 2
+        top = (new_size[1] - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return np.ascontiguousarray(array)
+
+
+def prepare_bytes(data: bytes, name: str, preprocessing: Preprocessing) -> np.ndarray:
+    """Decode bytes and prepare them; raises :class:`BadImageError` naming ``name``."""
+    return prepare_image(decode_image(data, name), preprocessing)

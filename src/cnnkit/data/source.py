@@ -1,0 +1,52 @@
+"""The contract every data source follows: list samples, then stream their bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class DataFormatError(ValueError):
+    """A listing file (CSV, metadata) that is malformed; the message names file and line."""
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """One image of a source.
+
+    Attributes:
+        key: identifies the file inside the source (a relative path or an archive member).
+        label: index into the listing's class names.
+        split: ``"train"``, ``"test"`` or ``None`` when the source has no official split.
+        origin: where the record was declared, such as ``labels.csv:12``, for error messages.
+        box: optional crop ``(x, y, width, height)`` in pixels, applied before preprocessing.
+    """
+
+    key: str
+    label: int
+    split: str | None = None
+    origin: str = ""
+    box: tuple[float, float, float, float] | None = None
+
+
+@dataclass
+class Listing:
+    """All samples of a source, plus what identifies its contents for the cache."""
+
+    records: list[SampleRecord]
+    class_names: list[str]
+    fingerprint: str
+    description: str = ""
+
+
+class Source(Protocol):
+    """A dataset that can list its samples and stream their encoded bytes."""
+
+    def list_samples(self) -> Listing:
+        """Read the metadata and return every sample with its label."""
+        ...
+
+    def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
+        """Yield ``(key, data)`` for each key, in any order; ``data`` is None if unreadable."""
+        ...

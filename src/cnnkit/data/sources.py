@@ -1,0 +1,169 @@
+"""From a DataConfig to train/validation/test image sets: pick the source, decode, split."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cnnkit.config import DataConfig, Preprocessing
+from cnnkit.data.cache import load_images
+from cnnkit.data.dataset import DataSplits, ImageSet, concatenate
+from cnnkit.data.source import Listing, SampleRecord, Source
+from cnnkit.data.splits import stratified_split
+
+logger = logging.getLogger(__name__)
+
+
+class BadDataError(ValueError):
+    """Images that could not be used while ``on_bad_image`` is ``error``."""
+
+
+@dataclass
+class LoadedData:
+    """The splits of a run plus what went wrong while loading them."""
+
+    splits: DataSplits
+    problems: list[str]
+    from_cache: bool
+
+
+def create_source(config: DataConfig) -> Source:
+    """Build the source named by ``config.dataset``."""
+    factories: dict[str, Callable[[], Source]] = {
+        "digits": lambda: _digits(),
+        "hasy": lambda: _hasy(config),
+        "folder": lambda: _folder(config),
+        "csv": lambda: _csv(config),
+        "cub": lambda: _cub(config),
+    }
+    return factories[config.dataset]()
+
+
+def _digits() -> Source:
+    from cnnkit.data.digits import DigitsSource
+
+    return DigitsSource()
+
+
+def _hasy(config: DataConfig) -> Source:
+    from cnnkit.data.hasy import HasySource
+
+    return HasySource(config.data, fold=config.fold)
+
+
+def _folder(config: DataConfig) -> Source:
+    from cnnkit.data.folder import FolderSource
+
+    return FolderSource(config.data)
+
+
+def _csv(config: DataConfig) -> Source:
+    from cnnkit.data.csv_source import CsvSource
+
+    return CsvSource(config.data)
+
+
+def _cub(config: DataConfig) -> Source:
+    from cnnkit.data.cub import CubSource
+
+    return CubSource(config.data, crop_to_bbox=config.crop_to_bbox)
+
+
+def limit_listing(listing: Listing, max_classes: int | None, max_per_class: int | None) -> Listing:
+    """Keep the first ``max_classes`` classes and at most ``max_per_class`` images of each."""
+    if max_classes is None and max_per_class is None:
+        return listing
+    num_classes = len(listing.class_names)
+    keep = set(range(min(max_classes or num_classes, num_classes)))
+    counts: dict[tuple[int, str | None], int] = {}
+    records: list[SampleRecord] = []
+    for record in listing.records:
+        if record.label not in keep:
+            continue
+        bucket = (record.label, record.split)
+        counts[bucket] = counts.get(bucket, 0) + 1
+        if max_per_class is not None and counts[bucket] > max_per_class:
+            continue
+        records.append(record)
+    class_names = [listing.class_names[i] for i in sorted(keep)]
+    return Listing(
+        records,
+        class_names,
+        f"{listing.fingerprint}|classes={max_classes}|per_class={max_per_class}",
+        listing.description,
+    )
+
+
+def _image_set(images: np.ndarray, listing: Listing, indices: np.ndarray) -> ImageSet:
+    labels = np.array([listing.records[i].label for i in indices], dtype=np.int64)
+    paths = [listing.records[i].key for i in indices]
+    subset = images[indices] if len(indices) else images[:0]
+    return ImageSet(np.ascontiguousarray(subset), labels, listing.class_names, paths)
+
+
+def build_splits(
+    config: DataConfig,
+    preprocessing: Preprocessing,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> LoadedData:
+    """Load the dataset described by ``config`` and split it.
+
+    Official splits (a HASYv2 fold, CUB's train/test file) are used when present; otherwise the
+    test set is a seeded, stratified ``test_fraction``. The validation set is a seeded,
+    stratified ``val_fraction`` of the training set.
+
+    Raises:
+        BadDataError: if images are bad and ``config.on_bad_image`` is ``"error"``.
+        ValueError: if the source is malformed or a split ends up empty.
+    """
+    source = create_source(config)
+    listing = limit_listing(source.list_samples(), config.max_classes, config.max_per_class)
+    if not listing.records:
+        raise ValueError(f"{config.data or config.dataset}: the dataset lists no images")
+    decoded = load_images(source, listing, preprocessing, cache_dir, progress=progress)
+    if decoded.problems and config.on_bad_image == "error":
+        shown = "\n  ".join(decoded.problems[:10])
+        more = len(decoded.problems) - 10
+        raise BadDataError(
+            f"{len(decoded.problems)} bad image(s) (use --on-bad-image skip to leave them out):"
+            f"\n  {shown}" + (f"\n  ... and {more} more" if more > 0 else "")
+        )
+    for problem in decoded.problems:
+        logger.warning("skipped %s", problem)
+    valid = np.flatnonzero(decoded.valid)
+    splits = np.array([listing.records[i].split for i in valid], dtype=object)
+    labels = np.array([listing.records[i].label for i in valid], dtype=np.int64)
+    if any(split is not None for split in splits):
+        train_idx = valid[splits == "train"]
+        test_idx = valid[splits == "test"]
+    else:
+        first, second = stratified_split(labels, config.test_fraction, config.seed)
+        train_idx, test_idx = valid[first], valid[second]
+    val_idx = np.zeros(0, dtype=np.int64)
+    if config.val_fraction > 0 and not config.train_on_all:
+        train_labels = np.array([listing.records[i].label for i in train_idx], dtype=np.int64)
+        keep, held = stratified_split(train_labels, config.val_fraction, config.seed + 1)
+        train_idx, val_idx = train_idx[keep], train_idx[held]
+    train = _image_set(decoded.images, listing, train_idx)
+    test = _image_set(decoded.images, listing, test_idx)
+    if config.train_on_all:
+        train = concatenate(train, test)
+    if len(train) == 0:
+        raise ValueError(f"{config.data or config.dataset}: the training split is empty")
+    if len(test) == 0:
+        raise ValueError(f"{config.data or config.dataset}: the test split is empty")
+    val = _image_set(decoded.images, listing, val_idx) if len(val_idx) else None
+    description = (
+        f"{listing.description}: {len(train)} train, {len(val) if val else 0} val, "
+        f"{len(test)} test, {len(listing.class_names)} classes"
+    )
+    return LoadedData(
+        DataSplits(train, val, test, listing.class_names, description),
+        decoded.problems,
+        decoded.from_cache,
+    )

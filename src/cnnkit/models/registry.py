@@ -1,0 +1,100 @@
+"""Models by name: ``@register_model`` adds a factory, ``create_model`` builds from it.
+
+Every registered model is an ``nn.Module`` with ``forward_features(x)`` and ``forward_head(f)``,
+``reset_classifier(num_classes)``, and a ``default_preprocessing`` (a :class:`Preprocessing`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from cnnkit.config import Preprocessing
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register ``factory`` under its function name; a duplicate name is an error."""
+    name = factory.__name__
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is already registered")
+    _REGISTRY[name] = factory
+    return factory
+
+
+def _load_builtin_models() -> None:
+    # Importing these modules runs their @register_model decorators.
+    from cnnkit.models import book, cnn, transfer  # noqa: F401
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, sorted."""
+    _load_builtin_models()
+    return sorted(_REGISTRY)
+
+
+def model_options(name: str) -> dict[str, Any]:
+    """The keyword options a model accepts, with their defaults."""
+    _load_builtin_models()
+    factory = _get_factory(name)
+    signature = inspect.signature(factory)
+    return {
+        key: parameter.default
+        for key, parameter in signature.parameters.items()
+        if key not in ("num_classes", "in_channels") and parameter.default is not inspect._empty
+    }
+
+
+def _get_factory(name: str) -> Callable[..., nn.Module]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def create_model(
+    name: str, num_classes: int, in_channels: int = 1, pretrained: bool = False, **options: Any
+) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: registry name, such as ``book_cnn`` or ``symbol_cnn``.
+        num_classes: size of the classifier output.
+        in_channels: 1 or 3 input channels.
+        pretrained: load the packaged ImageNet weights, for backbones that have them.
+        **options: model-specific options (see :func:`model_options`).
+
+    Raises:
+        ValueError: for an unknown name or option.
+    """
+    _load_builtin_models()
+    factory = _get_factory(name)
+    accepted = model_options(name)
+    unknown = set(options) - set(accepted)
+    if unknown:
+        raise ValueError(
+            f"model {name!r} has no option(s) {', '.join(sorted(unknown))}; "
+            f"it accepts: {', '.join(sorted(accepted)) or 'none'}"
+        )
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1; got {num_classes}")
+    kwargs: dict[str, Any] = dict(options)
+    if "pretrained" in inspect.signature(factory).parameters:
+        kwargs["pretrained"] = pretrained
+    model = factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    model.registry_name = name
+    return model
+
+
+def default_preprocessing(name: str, in_channels: int = 1, image_size: int | None = None):
+    """The preprocessing a model expects, built without its weights."""
+    model = create_model(name, num_classes=2, in_channels=in_channels)
+    preprocessing: Preprocessing = model.default_preprocessing
+    if image_size is not None and preprocessing.mode == "symbol":
+        preprocessing = Preprocessing(
+            "symbol", in_channels, image_size, image_size, preprocessing.mean, preprocessing.std
+        )
+    return preprocessing
