@@ -1,0 +1,533 @@
+"""The ``cnnkit`` command line: parse arguments, build configs, call the library, print results.
+
+This is the only module that reads ``sys.argv`` and the environment, and the only one that
+prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from cnnkit import __version__
+
+PHOTO_MODELS_PRESET = {"book_bird_cnn": "book-cub", "book_cnn": "book-hasy"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class CommandError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def default_cache_dir() -> Path:
+    """``$CNNKIT_CACHE``, else ``$XDG_CACHE_HOME/cnnkit``, else ``~/.cache/cnnkit``."""
+    if os.environ.get("CNNKIT_CACHE"):
+        return Path(os.environ["CNNKIT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cnnkit"
+
+
+def distributed_from_env():
+    """Rank information set by torchrun, or a single-process context."""
+    from cnnkit.runtime import init_distributed
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return init_distributed(rank, local_rank, world_size)
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset",
+        choices=["hasy", "cub", "folder", "csv", "digits"],
+        required=required,
+        help="data source: HASYv2, CUB-200-2011, a folder per class, a path,label CSV, "
+        "or scikit-learn's digits",
+    )
+    group.add_argument("--data", help="archive, folder or CSV file of the dataset")
+    group.add_argument("--fold", type=int, help="HASYv2 fold K (1-10): train/test from fold-K")
+    group.add_argument("--channels", type=int, choices=[1, 3], help="1 (default) or 3 (book)")
+    group.add_argument("--image-size", type=int, help="model input size for symbols (pixels)")
+    group.add_argument("--val-fraction", type=float, help="share of train held out (default 0.1)")
+    group.add_argument("--test-fraction", type=float, help="test share without an official split")
+    group.add_argument(
+        "--on-bad-image",
+        choices=["error", "skip"],
+        help="stop on a missing/corrupt image (default) or skip it with a warning",
+    )
+    group.add_argument("--cache-dir", help=f"decoded-image cache (default {default_cache_dir()})")
+    group.add_argument("--crop-to-bbox", action="store_true", default=None, help="CUB: crop boxes")
+    group.add_argument("--max-classes", type=int, help="use only the first N classes")
+    group.add_argument("--max-per-class", type=int, help="use at most N images per class")
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_data_arguments(parser)
+    parser.add_argument("--preset", help="named defaults: digits, hasy, book-hasy, cub, book-cub")
+    parser.add_argument("--config", help="YAML file with data/model/augment/train sections")
+    parser.add_argument("--out", help="run folder (default runs/<dataset>-<model>)")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--train-on-all", action="store_true", default=None, help="fit on train+test (final)"
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", help="registry name (see `cnnkit train --list-models`)")
+    model.add_argument("--dense", type=int, help="book_cnn: dense units (128; 1024 variant)")
+    model.add_argument("--dropout", type=float, help="dropout before the classifier")
+    model.add_argument("--convs", type=int, help="book_cnn: number of conv layers (1 or 2)")
+    model.add_argument("--width", type=int, help="symbol_cnn: channels of the first stage")
+    model.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="any model option"
+    )
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
+    train.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float)
+    train.add_argument("--weight-decay", type=float)
+    train.add_argument("--schedule", choices=["onecycle", "cosine", "constant"])
+    train.add_argument("--label-smoothing", type=float)
+    train.add_argument("--patience", type=int, help="early stopping after N epochs without gain")
+    train.add_argument("--seed", type=int, help="seed for splits, init, shuffling, augmentation")
+    train.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    train.add_argument("--no-amp", action="store_true", default=None, help="disable CUDA AMP")
+    train.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast on CPU")
+    train.add_argument(
+        "--no-fast-path", action="store_true", default=None, help="no CPU allocator/layout tuning"
+    )
+    train.add_argument("--max-steps-per-epoch", type=int, help="cap batches per epoch (quick runs)")
+    train.add_argument("--no-augment", action="store_true", default=None, help="no augmentation")
+    train.add_argument("--rotation", type=float, help="max rotation in degrees (augmentation)")
+    train.add_argument(
+        "--phases",
+        help="transfer models: frozen,finetune (default both) or frozen",
+    )
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise CommandError(f"--option needs KEY=VALUE; got {text!r}")
+    key, raw = text.split("=", 1)
+    import yaml
+
+    return key.strip(), yaml.safe_load(raw)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Explicit flags as nested config overrides (unset flags are absent)."""
+    options = dict(_parse_option(text) for text in args.option)
+    for key in ("dense", "dropout", "convs", "width"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    seed = args.seed
+    return {
+        "data": {
+            "dataset": args.dataset,
+            "data": args.data,
+            "fold": args.fold,
+            "channels": args.channels,
+            "image_size": args.image_size,
+            "val_fraction": args.val_fraction,
+            "test_fraction": args.test_fraction,
+            "on_bad_image": args.on_bad_image,
+            "crop_to_bbox": args.crop_to_bbox,
+            "max_classes": args.max_classes,
+            "max_per_class": args.max_per_class,
+            "train_on_all": args.train_on_all,
+            "seed": seed,
+        },
+        "model": {"name": args.model, "options": options or None},
+        "augment": {
+            "enabled": False if args.no_augment else None,
+            "max_rotation": args.rotation,
+        },
+        "train": {
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "optimizer": args.optimizer,
+            "learning_rate": args.learning_rate,
+            "weight_decay": args.weight_decay,
+            "schedule": args.schedule,
+            "label_smoothing": args.label_smoothing,
+            "early_stopping_patience": args.patience,
+            "seed": seed,
+            "device": args.device,
+            "amp": False if args.no_amp else None,
+            "bf16_cpu": args.bf16,
+            "fast_path": False if args.no_fast_path else None,
+            "max_steps_per_epoch": args.max_steps_per_epoch,
+        },
+        "transfer": {"phases": args.phases.split(",") if args.phases else None},
+        "out": args.out,
+    }
+
+
+def resolve_run_config(args: argparse.Namespace):
+    """defaults < preset < --config file < flags."""
+    from cnnkit.config import PRESETS, build_run_config, load_config_file, preset_for
+
+    file_layer = load_config_file(args.config) if args.config else {}
+    model_name = args.model or file_layer.get("model", {}).get("name")
+    preset = args.preset
+    if preset is None and model_name in PHOTO_MODELS_PRESET:
+        preset = PHOTO_MODELS_PRESET[model_name]
+    if preset is None and model_name and model_name.startswith("efficientnet"):
+        preset = "cub"
+    if preset is None:
+        preset = args.dataset if args.dataset in PRESETS else "hasy"
+    return build_run_config(preset_for(preset), file_layer, overrides_from_args(args))
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _print_data_summary(data) -> None:
+    source = "cache" if data.from_cache else "decoded"
+    print(f"Data: {data.splits.description} ({source})")
+    if data.problems:
+        print(f"Skipped {len(data.problems)} bad image(s); first: {data.problems[0]}")
+
+
+def command_train(args: argparse.Namespace) -> int:
+    from cnnkit.runtime import shutdown_distributed, tune_allocator
+    from cnnkit.training.run import train_run
+    from cnnkit.training.trainer import TrainingInterrupted
+
+    config = resolve_run_config(args)
+    if config.train.fast_path:
+        tune_allocator()
+    distributed = distributed_from_env()
+    is_main = distributed.is_main
+    cache_dir = args.cache_dir or config.data.cache_dir or default_cache_dir()
+    try:
+        result = train_run(
+            config,
+            resume=args.resume,
+            cache_dir=cache_dir,
+            progress=not args.quiet,
+            distributed=distributed,
+            on_data=_print_data_summary if is_main else None,
+        )
+    except TrainingInterrupted as interrupted:
+        if is_main:
+            print(f"\nInterrupted after {interrupted.epochs_completed} completed epoch(s).")
+            if interrupted.checkpoint:
+                print(f"Checkpoint: {interrupted.checkpoint}; rerun with --resume to continue.")
+        return 130
+    finally:
+        shutdown_distributed()
+    if is_main:
+        _print_history(result.fit.history)
+        metrics = result.test_metrics
+        print(
+            f"Test: top-1 {metrics.get('top1', float('nan')):.4f}, "
+            f"top-5 {metrics.get('top5', float('nan')):.4f}"
+        )
+        print(f"Model: {result.model_path}")
+        print(f"Run folder: {result.run_dir} (metrics.csv, tensorboard/, report/, config.yaml)")
+    return 0
+
+
+def _print_history(history: list[dict[str, float]]) -> None:
+    for row in history:
+        parts = [f"epoch {int(row['epoch']):>3}"]
+        for key in ("train_loss", "train_accuracy", "val_accuracy", "val_top5"):
+            if key in row:
+                parts.append(f"{key} {row[key]:.4f}")
+        if "images_per_second" in row:
+            parts.append(f"{row['images_per_second']:.0f} img/s")
+        print("  ".join(parts))
+
+
+def _model_path(path: str | None) -> Path:
+    from cnnkit.inference.bundled import bundled_model_path
+
+    return Path(path) if path else bundled_model_path()
+
+
+def command_evaluate(args: argparse.Namespace) -> int:
+    from cnnkit.evaluation.evaluate import evaluate_model_file
+
+    model_path = _model_path(args.model)
+    overrides = {
+        "dataset": args.dataset,
+        "data": args.data,
+        "fold": args.fold,
+        "on_bad_image": args.on_bad_image,
+        "max_classes": args.max_classes,
+        "max_per_class": args.max_per_class,
+        "crop_to_bbox": args.crop_to_bbox,
+        "test_fraction": args.test_fraction,
+    }
+    out = Path(args.out) if args.out else model_path.parent / "evaluation"
+    report = evaluate_model_file(
+        model_path,
+        {k: v for k, v in overrides.items() if v is not None},
+        out,
+        cache_dir=args.cache_dir or default_cache_dir(),
+        split=args.split,
+        progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    metrics = report.metrics
+    print(f"Evaluated {metrics['count']} images ({args.split} split)")
+    for key in ("top1", "top5", "macro_precision", "macro_recall", "macro_f1"):
+        print(f"  {key:<16} {metrics[key]:.4f}")
+    print("Most confused pairs (true -> predicted: count):")
+    for pair in report.confused_pairs[:10]:
+        print(f"  {pair['true']} -> {pair['predicted']}: {pair['count']}")
+    print(f"Report: {out} (metrics.json, per_class.csv, confusion.png, misclassified.png)")
+    return 0
+
+
+def expand_images(paths: list[str]) -> list[Path]:
+    """Files as given, folders expanded to the image files inside them (sorted)."""
+    expanded: list[Path] = []
+    for text in paths:
+        path = Path(text)
+        if path.is_dir():
+            expanded.extend(
+                sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            )
+        else:
+            expanded.append(path)
+    return expanded
+
+
+def format_prediction(prediction, kind: str) -> str:
+    """The book's formats: symbols with a 0-1 confidence, photos with a percentage."""
+    if kind == "photos":
+        return f"Prediction: {prediction.label} ({prediction.confidence * 100:.2f}%)"
+    return f"Prediction: {prediction.label}, confidence: {prediction.confidence:.2f}"
+
+
+def _load_predictor(model: str | None, backend: str):
+    model_path = _model_path(model)
+    if backend == "onnx":
+        from cnnkit.inference.onnx_backend import OnnxPredictor
+
+        return OnnxPredictor.from_file(model_path)
+    from cnnkit.inference.predictor import Predictor
+
+    return Predictor.from_file(model_path)
+
+
+def command_predict(args: argparse.Namespace) -> int:
+    from cnnkit.data.image import BadImageError
+
+    inputs = list(args.inputs)
+    model = args.model
+    if model is None and inputs and inputs[0].endswith((".safetensors", ".onnx")):
+        model = inputs.pop(0)
+    predictor = _load_predictor(model, args.backend)
+    kind = predictor.metadata.kind
+    if args.interactive:
+        return _interactive(predictor, kind, args.top_k)
+    images = expand_images(inputs)
+    if not images:
+        raise CommandError("no images given (pass files or folders, or use --interactive)")
+    results, failures = [], 0
+    for path in images:
+        try:
+            ranked = predictor.predict([path], top_k=args.top_k)[0]
+        except BadImageError as error:
+            failures += 1
+            print(f"error: {error}", file=sys.stderr)
+            continue
+        results.append((path, ranked))
+    if args.json:
+        payload = [
+            {"image": str(path), "predictions": [p.to_dict() for p in ranked]}
+            for path, ranked in results
+        ]
+        print(json.dumps(payload, indent=2, ensure_ascii=False))
+    else:
+        for path, ranked in results:
+            prefix = f"{path}: " if len(images) > 1 else ""
+            print(prefix + format_prediction(ranked[0], kind))
+            for rank, prediction in enumerate(ranked[1:], start=2):
+                print(f"  {rank}. " + format_prediction(prediction, kind).removeprefix("Prediction: "))
+    return 1 if failures else 0
+
+
+def _interactive(predictor, kind: str, top_k: int) -> int:
+    from cnnkit.data.image import BadImageError
+
+    while True:
+        try:
+            name = input("Enter filename: ").strip()
+        except EOFError:
+            break
+        if not name:
+            break
+        try:
+            ranked = predictor.predict([Path(name)], top_k=top_k)[0]
+        except BadImageError as error:
+            print(f"error: {error}")
+            continue
+        print(format_prediction(ranked[0], kind))
+        for rank, prediction in enumerate(ranked[1:], start=2):
+            print(f"  {rank}. " + format_prediction(prediction, kind).removeprefix("Prediction: "))
+    return 0
+
+
+def command_fetch(args: argparse.Namespace) -> int:
+    from cnnkit.data.fetch import fetch_archive
+
+    try:
+        path = fetch_archive(
+            args.name,
+            args.to,
+            from_file=args.from_file,
+            verify=not args.no_verify,
+            progress=True,
+        )
+    except FileNotFoundError as error:
+        raise CommandError(str(error)) from error
+    print(f"Archive ready: {path}")
+    print(f"Next: cnnkit train --dataset {args.name} --data {path}")
+    return 0
+
+
+def command_serve(args: argparse.Namespace) -> int:
+    from cnnkit.web.app import serve
+
+    print(f"Serving on http://{args.host}:{args.port}/  (Ctrl-C stops)")
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        max_upload_bytes=args.max_upload_mb * 1_000_000,
+        allow_remote=args.allow_remote,
+    )
+    return 0
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    from cnnkit.demo import run_demo
+
+    result = run_demo(Path(args.out), epochs=args.epochs, progress=not args.quiet)
+    print(f"\nDemo: {result.description}")
+    _print_history(result.run.fit.history)
+    metrics = result.run.test_metrics
+    print(f"Test: top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}")
+    print(f"Report: {result.run.run_dir / 'report'} (metrics.json, confusion.png, misclassified.png)")
+    print(f"Model: {result.run.model_path}")
+    print("\nPredictions on held-out images:")
+    for name, prediction, truth in result.samples:
+        print(f"  {name} (true {truth}): {format_prediction(prediction, 'symbols')}")
+    model = result.run.model_path
+    print("\nNext steps:")
+    print(f"  cnnkit predict {model} {result.sample_dir}")
+    print(f"  cnnkit evaluate {model} --dataset digits")
+    print("  cnnkit train --dataset hasy --data HASYv2.tar.bz2 --fold 1   # after `cnnkit fetch hasy`")
+    print("  cnnkit serve            # draw a symbol in your browser (bundled model)")
+    return 0
+
+
+def command_models(args: argparse.Namespace) -> int:
+    from cnnkit.models.registry import list_models, model_options
+
+    for name in list_models():
+        options = ", ".join(f"{k}={v!r}" for k, v in model_options(name).items())
+        print(f"{name:<22} {options}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cnnkit",
+        description="Train, evaluate and serve convolutional image classifiers.",
+        epilog="Start with `cnnkit demo`. Each command has its own --help.",
+    )
+    parser.add_argument("--version", action="version", version=f"cnnkit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    fetch = commands.add_parser("fetch", help="download or import a dataset archive")
+    fetch.add_argument("name", choices=["hasy", "cub"])
+    fetch.add_argument("--to", default="data", help="destination folder (default ./data)")
+    fetch.add_argument("--from", dest="from_file", help="import this local archive instead")
+    fetch.add_argument("--no-verify", action="store_true", help="skip the checksum check")
+    fetch.set_defaults(handler=command_fetch)
+
+    train = commands.add_parser("train", help="train a model and save RUN_DIR/model.safetensors")
+    _add_train_arguments(train)
+    train.set_defaults(handler=command_train)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a model file on a dataset")
+    evaluate.add_argument("model", nargs="?", help="model file (default: the bundled model)")
+    _add_data_arguments(evaluate)
+    evaluate.add_argument("--split", choices=["test", "all"], default="test")
+    evaluate.add_argument("--out", help="report folder (default: next to the model)")
+    evaluate.add_argument("--json", action="store_true", help="print metrics as JSON")
+    evaluate.set_defaults(handler=command_evaluate)
+
+    predict = commands.add_parser("predict", help="classify image files or folders")
+    predict.add_argument("inputs", nargs="*", metavar="[MODEL] IMAGE", help="model file, images")
+    predict.add_argument("--model", help="model file (default: first argument or bundled model)")
+    predict.add_argument("--top-k", type=int, default=1, help="show the K best classes")
+    predict.add_argument("--json", action="store_true", help="print JSON")
+    predict.add_argument("--interactive", action="store_true", help="ask for filenames")
+    predict.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    predict.set_defaults(handler=command_predict)
+
+    serve = commands.add_parser("serve", help="web page and REST API for a model")
+    serve.add_argument("model", nargs="?", help="model file (default: the bundled model)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-upload-mb", type=int, default=5)
+    serve.add_argument(
+        "--allow-remote", action="store_true", help="allow binding to a non-loopback address"
+    )
+    serve.set_defaults(handler=command_serve)
+
+    demo = commands.add_parser("demo", help="train and use a CNN on the embedded digits")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--epochs", type=int, default=12)
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(handler=command_demo)
+
+    models = commands.add_parser("models", help="list registered models and their options")
+    models.set_defaults(handler=command_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("\nInterrupted.", file=sys.stderr)
+        return 130
+    except (CommandError, ValueError, FileNotFoundError, ImportError) as error:
+        message = str(error).splitlines()
+        print(f"cnnkit {args.command}: error: {message[0] if message else error}", file=sys.stderr)
+        for line in message[1:]:
+            print(line, file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

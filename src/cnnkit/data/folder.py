@@ -1,0 +1,129 @@
+"""A folder with one subfolder of images per class; class names are the subfolder names."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from cnnkit.data.source import DataFormatError, Listing, SampleRecord
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset(
+    (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+)
+_SHOWN = 5
+
+
+def is_image_name(name: str) -> bool:
+    """Whether a file name has one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def fingerprint_files(root: str | Path, keys: Iterable[str]) -> str:
+    """Hash the relative path, size and modification time of each file under ``root``.
+
+    Cheap (one ``stat`` per file) and changes whenever a file is added, removed or rewritten.
+    """
+    digest = hashlib.sha256()
+    for key in keys:
+        try:
+            stat = os.stat(os.path.join(root, key))
+            digest.update(f"{key}|{stat.st_size}|{stat.st_mtime_ns}\n".encode(errors="replace"))
+        except OSError:
+            digest.update(f"{key}|missing\n".encode(errors="replace"))
+    return digest.hexdigest()[:16]
+
+
+def _walk_images(class_dir: str, ignored: list[str]) -> list[str]:
+    """Return the image paths under ``class_dir`` relative to it, recursively, sorted."""
+    found = []
+    for current, folders, files in os.walk(class_dir):
+        folders[:] = [folder for folder in folders if not folder.startswith(".")]
+        relative = os.path.relpath(current, class_dir)
+        for name in files:
+            if name.startswith("."):
+                continue
+            path = name if relative == "." else os.path.join(relative, name)
+            (found if is_image_name(name) else ignored).append(path)
+    return sorted(Path(path).as_posix() for path in found)
+
+
+class FolderSource:
+    """``root/<class name>/**/<image>``: every image under a class folder, recursively.
+
+    Class names are the subfolder names in sorted order; keys are paths relative to ``root``.
+    Files without an image extension and hidden files are skipped (the former with a warning);
+    files with an image extension are always listed, so corrupt ones are reported by the cache.
+
+    Args:
+        root: the dataset folder.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def list_samples(self) -> Listing:
+        """Walk the class folders.
+
+        Raises:
+            DataFormatError: if ``root`` is not a folder, has no class folders, or a class
+                folder holds no images.
+        """
+        if not self.root.is_dir():
+            raise DataFormatError(f"{self.root}: not a folder")
+        entries = sorted(os.scandir(self.root), key=lambda entry: entry.name)
+        class_names = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+        stray = [e.name for e in entries if not e.is_dir() and not e.name.startswith(".")]
+        if stray:
+            logger.warning(
+                "%s: ignored %d file(s) outside the class folders, such as %s",
+                self.root,
+                len(stray),
+                ", ".join(stray[:_SHOWN]),
+            )
+        if not class_names:
+            raise DataFormatError(
+                f"{self.root}: no class folders; expected one subfolder of images per class"
+            )
+        records: list[SampleRecord] = []
+        ignored: list[str] = []
+        empty: list[str] = []
+        for label, name in enumerate(class_names):
+            class_ignored: list[str] = []
+            images = _walk_images(os.path.join(self.root, name), class_ignored)
+            ignored += [f"{name}/{path}" for path in class_ignored]
+            if not images:
+                empty.append(name)
+            origin = str(self.root)
+            records += [SampleRecord(f"{name}/{path}", label, origin=origin) for path in images]
+        if ignored:
+            logger.warning(
+                "%s: ignored %d file(s) without an image extension, such as %s",
+                self.root,
+                len(ignored),
+                ", ".join(ignored[:_SHOWN]),
+            )
+        if empty:
+            raise DataFormatError(
+                f"{self.root}: class folder(s) with no images: {', '.join(empty)} "
+                "(a class needs images to be trained; remove the folder or add images)"
+            )
+        fingerprint = fingerprint_files(self.root, (record.key for record in records))
+        return Listing(
+            records,
+            class_names,
+            f"folder-{fingerprint}",
+            f"{self.root.name or self.root} ({len(records)} images, {len(class_names)} classes)",
+        )
+
+    def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
+        """Yield each file's bytes, or None where it is missing or unreadable."""
+        for key in keys:
+            try:
+                yield key, (self.root / key).read_bytes()
+            except OSError:
+                yield key, None

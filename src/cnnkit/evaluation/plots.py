@@ -1,0 +1,103 @@
+"""PNG figures: confusion matrix (full or most-confused block), misclassified grid, curves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _plain(text: str) -> str:
+    # Matplotlib treats paired "$" as mathtext; class names are shown literally.
+    return text.replace("$", r"\$")
+
+
+def _save(figure: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def confused_block(matrix: np.ndarray, max_classes: int = 30) -> np.ndarray:
+    """Indices of the classes most involved in confusions (all classes when few)."""
+    if len(matrix) <= max_classes:
+        return np.arange(len(matrix))
+    off = matrix.astype(np.int64).copy()
+    np.fill_diagonal(off, 0)
+    involvement = off.sum(axis=0) + off.sum(axis=1)
+    chosen = np.argsort(-involvement, kind="stable")[:max_classes]
+    return np.sort(chosen)
+
+
+def plot_confusion(
+    matrix: np.ndarray, class_names: Sequence[str], path: Path, max_classes: int = 30
+) -> Path:
+    """Row-normalised confusion matrix; above ``max_classes`` only the most-confused block."""
+    chosen = confused_block(matrix, max_classes)
+    block = matrix[np.ix_(chosen, chosen)].astype(np.float64)
+    rows = matrix[chosen].sum(axis=1, keepdims=True).astype(np.float64)
+    normalised = np.divide(block, rows, out=np.zeros_like(block), where=rows > 0)
+    size = max(5.0, 0.32 * len(chosen) + 2)
+    figure, axes = plt.subplots(figsize=(size + 1, size))
+    image = axes.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    labels = [_plain(class_names[i]) for i in chosen]
+    axes.set_xticks(range(len(chosen)), labels, rotation=90, fontsize=7)
+    axes.set_yticks(range(len(chosen)), labels, fontsize=7)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    subset = "" if len(chosen) == len(matrix) else f" ({len(chosen)} most-confused classes)"
+    axes.set_title(f"Confusion matrix, row-normalised{subset}")
+    figure.colorbar(image, ax=axes, fraction=0.046)
+    return _save(figure, path)
+
+
+def plot_image_grid(
+    images: np.ndarray, titles: Sequence[str], path: Path, columns: int = 6, title: str = ""
+) -> Path:
+    """A grid of uint8 images ``[N, H, W, C]`` with one caption each."""
+    count = max(len(images), 1)
+    rows = -(-count // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 2.0, rows * 2.2), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image, caption in zip(axes.flat, images, titles, strict=False):
+        if image.shape[-1] == 1:
+            axis.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255)
+        else:
+            axis.imshow(image)
+        axis.set_title(_plain(caption), fontsize=7)
+    if len(images) == 0:
+        axes.flat[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path)
+
+
+def plot_learning_curves(
+    histories: dict[str, list[dict[str, float]]], path: Path, metric: str = "val_accuracy"
+) -> Path:
+    """One line per run of ``metric`` over epochs (and training accuracy for a single run)."""
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for name, history in histories.items():
+        epochs = [row["epoch"] for row in history if metric in row]
+        values = [row[metric] for row in history if metric in row]
+        axes.plot(epochs, values, marker="o", markersize=3, label=_plain(name))
+        if len(histories) == 1 and all("train_accuracy" in row for row in history):
+            axes.plot(
+                [row["epoch"] for row in history],
+                [row["train_accuracy"] for row in history],
+                linestyle="--",
+                label="train_accuracy",
+            )
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(metric)
+    axes.grid(alpha=0.3)
+    if len(histories) <= 12:
+        axes.legend(fontsize=7)
+    return _save(figure, path)

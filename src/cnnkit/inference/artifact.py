@@ -1,0 +1,231 @@
+"""The single-file model format: safetensors weights plus JSON metadata, never pickle.
+
+The metadata (architecture, options, class names, preprocessing) lets :func:`load_model`
+rebuild the network before loading its tensors; a SHA-256 of the tensors guards against
+tampering and corruption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cnnkit import __version__
+from cnnkit.config import Preprocessing
+
+FORMAT_NAME = "cnnkit-model"
+FORMAT_VERSION = 1
+_METADATA_KEY = "cnnkit"
+
+
+class ModelFileError(ValueError):
+    """A model file that is missing, truncated, tampered with or inconsistent."""
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """Everything needed to rebuild a model and preprocess its input."""
+
+    architecture: str
+    class_names: tuple[str, ...]
+    preprocessing: Preprocessing
+    options: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    cnnkit_version: str = __version__
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def kind(self) -> str:
+        """``"symbols"`` for drawn symbols, ``"photos"`` for photographs."""
+        return "symbols" if self.preprocessing.mode == "symbol" else "photos"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "architecture": self.architecture,
+            "options": self.options,
+            "class_names": list(self.class_names),
+            "num_classes": self.num_classes,
+            "kind": self.kind,
+            "preprocessing": asdict(self.preprocessing),
+            "training": self.training,
+            "cnnkit_version": self.cnnkit_version,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<metadata>") -> ModelMetadata:
+        """Validate and parse metadata; raises :class:`ModelFileError` naming ``source``."""
+        if data.get("format") != FORMAT_NAME:
+            raise ModelFileError(f"{source}: not a cnnkit model file (format {data.get('format')!r})")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ModelFileError(
+                f"{source}: unsupported model format version {data.get('format_version')!r}"
+            )
+        try:
+            class_names = tuple(str(name) for name in data["class_names"])
+            if data.get("num_classes", len(class_names)) != len(class_names):
+                raise ModelFileError(
+                    f"{source}: metadata lists {len(class_names)} class names but num_classes is "
+                    f"{data['num_classes']}"
+                )
+            preprocessing = Preprocessing(**data["preprocessing"])
+            return cls(
+                architecture=str(data["architecture"]),
+                class_names=class_names,
+                preprocessing=preprocessing,
+                options=dict(data.get("options", {})),
+                training=dict(data.get("training", {})),
+                cnnkit_version=str(data.get("cnnkit_version", "unknown")),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            if isinstance(error, ModelFileError):
+                raise
+            raise ModelFileError(f"{source}: invalid metadata ({error})") from error
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over tensor names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _state_tensors(model: nn.Module, half: bool) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        if half and tensor.is_floating_point():
+            tensor = tensor.to(torch.float16)
+        tensors[name] = tensor.clone()
+    return tensors
+
+
+def write_atomically(path: Path, write: Any) -> None:
+    """Call ``write(temporary_path)``, fsync the result, then rename it onto ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        with open(temporary, "rb") as stream:
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_model(
+    path: str | Path, model: nn.Module, metadata: ModelMetadata, half: bool = False
+) -> Path:
+    """Write ``model`` and ``metadata`` to one ``.safetensors`` file, atomically.
+
+    Args:
+        path: destination file.
+        model: the trained network (its ``state_dict`` is saved).
+        metadata: architecture, options, class names and preprocessing.
+        half: store floating-point tensors as float16 (about half the size).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    tensors = _state_tensors(model, half)
+    header = metadata.to_dict()
+    header["tensor_sha256"] = tensor_digest(tensors)
+    header["dtype"] = "float16" if half else "float32"
+    text = {_METADATA_KEY: json.dumps(header, ensure_ascii=False)}
+    write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=text))
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """Read the raw JSON metadata of a model file without loading its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    try:
+        with open(path, "rb") as stream:
+            length = int.from_bytes(stream.read(8), "little")
+            if length <= 0 or length > 100_000_000 or length + 8 > path.stat().st_size:
+                raise ModelFileError(f"{path}: truncated or not a safetensors file")
+            header = json.loads(stream.read(length))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelFileError(f"{path}: unreadable safetensors header ({error})") from error
+    text = (header.get("__metadata__") or {}).get(_METADATA_KEY)
+    if text is None:
+        raise ModelFileError(f"{path}: no cnnkit metadata in this safetensors file")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ModelFileError(f"{path}: cnnkit metadata is not valid JSON ({error})") from error
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model from its file; never unpickles anything.
+
+    The returned module is in eval mode and carries its :class:`ModelMetadata` as
+    ``model.metadata``.
+
+    Raises:
+        ModelFileError: if the file is missing, truncated, tampered with, or inconsistent.
+    """
+    from cnnkit.models.registry import create_model
+
+    path = Path(path)
+    raw = read_metadata(path)
+    metadata = ModelMetadata.from_dict(raw, str(path))
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ModelFileError(f"{path}: corrupt tensor data ({error})") from error
+    expected = raw.get("tensor_sha256")
+    if expected is None:
+        raise ModelFileError(f"{path}: metadata has no tensor_sha256")
+    if tensor_digest(tensors) != expected:
+        raise ModelFileError(f"{path}: tensor checksum mismatch (file modified or corrupt)")
+    try:
+        model = create_model(
+            metadata.architecture,
+            num_classes=metadata.num_classes,
+            in_channels=metadata.preprocessing.channels,
+            **metadata.options,
+        )
+    except ValueError as error:
+        raise ModelFileError(f"{path}: cannot rebuild the model ({error})") from error
+    state = model.state_dict()
+    missing = sorted(set(state) - set(tensors))
+    extra = sorted(set(tensors) - set(state))
+    if missing or extra:
+        raise ModelFileError(
+            f"{path}: tensors do not match {metadata.architecture}"
+            + (f"; missing {missing[:5]}" if missing else "")
+            + (f"; unexpected {extra[:5]}" if extra else "")
+        )
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(state[name].shape):
+            raise ModelFileError(
+                f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the architecture "
+                f"expects {tuple(state[name].shape)} (class-count or option mismatch?)"
+            )
+        tensors[name] = tensor.to(state[name].dtype)
+    model.load_state_dict(tensors, strict=True)
+    model.metadata = metadata
+    return model.to(device).eval()

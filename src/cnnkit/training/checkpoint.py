@@ -1,0 +1,33 @@
+"""Resumable training checkpoints, written atomically and read without unpickling code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cnnkit.inference.artifact import write_atomically
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match the run."""
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` (tensors, numbers, strings, lists, dicts) to ``path`` atomically."""
+    write_atomically(Path(path), lambda temporary: torch.save(state, temporary))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; there is no pickle fallback.
+
+    Raises:
+        CheckpointError: if the file is unreadable.
+    """
+    try:
+        return torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt or foreign files.
+        raise CheckpointError(f"{path}: cannot read checkpoint ({error})") from error

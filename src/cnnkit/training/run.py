@@ -1,0 +1,237 @@
+"""One training run from a RunConfig: data -> model -> Trainer.fit -> test report -> model file.
+
+This is the single training function; the CLI, the demo and hyperparameter search all call
+:func:`train_run`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cnnkit import __version__
+from cnnkit.config import Preprocessing, RunConfig, config_to_dict, dump_config
+from cnnkit.data.dataset import DataSplits
+from cnnkit.data.loader import BatchLoader, build_eval_transform, build_train_transform
+from cnnkit.data.sources import LoadedData, build_splits
+from cnnkit.evaluation.report import EvaluationReport, build_report
+from cnnkit.inference.artifact import ModelMetadata, save_model, write_atomically
+from cnnkit.models.registry import create_model
+from cnnkit.runtime import DistributedContext, seed_everything, select_device
+from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger
+from cnnkit.training.trainer import Callback, FitResult, Trainer
+
+logger = logging.getLogger(__name__)
+MODEL_NAME = "model.safetensors"
+
+
+@dataclass
+class RunResult:
+    """What a training run produced."""
+
+    run_dir: Path
+    model_path: Path | None
+    fit: FitResult
+    test_metrics: dict[str, float]
+    report: EvaluationReport | None
+    data_description: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_preprocessing(config: RunConfig) -> Preprocessing:
+    """The model's own preprocessing, adapted to the requested channels and size for symbols."""
+    probe = create_model(config.model.name, 2, config.data.channels, **config.model.options)
+    preprocessing: Preprocessing = probe.default_preprocessing
+    if preprocessing.mode == "photo":
+        return preprocessing
+    channels, size = config.data.channels, config.data.image_size
+    return Preprocessing(
+        "symbol",
+        channels,
+        size,
+        config.data.stored_size or size,
+        (preprocessing.mean[0],) * channels,
+        (preprocessing.std[0],) * channels,
+    )
+
+
+def git_revision() -> str:
+    """The git commit of the cnnkit source tree, or ``unknown`` outside a checkout."""
+    try:
+        output = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return output.stdout.strip() if output.returncode == 0 else "unknown"
+
+
+def write_run_info(run_dir: Path, config: RunConfig, extra: dict[str, Any]) -> None:
+    """Write ``config.yaml`` and ``run.json`` (version, git revision, timings, metrics)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+    info = {
+        "cnnkit_version": __version__,
+        "git_revision": git_revision(),
+        "torch_version": torch.__version__,
+        **extra,
+    }
+    text = json.dumps(info, indent=2, default=str) + "\n"
+    write_atomically(run_dir / "run.json", lambda path: path.write_text(text, encoding="utf-8"))
+
+
+def build_loaders(
+    splits: DataSplits,
+    config: RunConfig,
+    preprocessing: Preprocessing,
+    device: torch.device,
+    distributed: DistributedContext,
+) -> tuple[BatchLoader, BatchLoader | None, BatchLoader]:
+    """Training, validation and test loaders for one process."""
+    train_transform = build_train_transform(preprocessing, config.augment)
+    eval_transform = build_eval_transform(preprocessing)
+    shared = {"device": device, "rank": distributed.rank, "world_size": distributed.world_size}
+    train = BatchLoader(
+        splits.train,
+        config.train.batch_size,
+        train_transform,
+        shuffle=True,
+        drop_last=len(splits.train) > config.train.batch_size,
+        seed=config.train.seed,
+        max_batches=config.train.max_steps_per_epoch,
+        **shared,
+    )
+    batch = config.train.eval_batch_size
+    val = BatchLoader(splits.val, batch, eval_transform, **shared) if splits.val else None
+    test = BatchLoader(splits.test, batch, eval_transform, **shared)
+    return train, val, test
+
+
+def train_run(
+    config: RunConfig,
+    resume: bool = False,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    callbacks: list[Callback] | tuple[Callback, ...] = (),
+    distributed: DistributedContext | None = None,
+    data: LoadedData | None = None,
+    on_data: Callable[[LoadedData], None] | None = None,
+) -> RunResult:
+    """Train, evaluate on the test split, and save the model file into the run folder.
+
+    Args:
+        config: the resolved run configuration.
+        resume: continue from ``RUN_DIR/checkpoint.pt`` if it exists.
+        cache_dir: decoded-image cache root (``None``: no cache).
+        progress: show progress bars.
+        callbacks: extra trainer hooks (for example a search pruner).
+        distributed: rank information under torchrun.
+        data: already-loaded splits (search reuses them across trials).
+        on_data: called with the loaded data before training (the CLI reports on it).
+    """
+    distributed = distributed or DistributedContext()
+    run_dir = config.run_dir()
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    seed_everything(config.train.seed)
+    preprocessing = resolve_preprocessing(config)
+    if data is None:
+        data = build_splits(config.data, preprocessing, cache_dir, progress and distributed.is_main)
+    if on_data is not None:
+        on_data(data)
+    timings["data"] = time.perf_counter() - start
+    splits = data.splits
+    device = select_device(config.train.device)
+    if device.type == "cuda" and distributed.enabled:
+        device = torch.device("cuda", distributed.local_rank)
+    model = create_model(
+        config.model.name,
+        splits.num_classes,
+        preprocessing.channels,
+        pretrained=True,
+        **config.model.options,
+    )
+    if distributed.is_main:
+        write_run_info(run_dir, config, {"status": "running", "data": splits.description})
+    train_loader, val_loader, test_loader = build_loaders(
+        splits, config, preprocessing, device, distributed
+    )
+    if hasattr(model, "freeze_backbone"):
+        from cnnkit.training.transfer import fit_transfer
+
+        fit = fit_transfer(model, config, splits, preprocessing, device, run_dir, progress)
+        trainer = Trainer(model, config.train, device, None, (), distributed, progress)
+    else:
+        loggers: list[Callback] = []
+        if distributed.is_main:
+            loggers = [CsvLogger(run_dir / "metrics.csv"), TensorBoardLogger(run_dir / "tensorboard")]
+        trainer = Trainer(
+            model,
+            config.train,
+            device,
+            run_dir,
+            [*loggers, *callbacks],
+            distributed,
+            progress,
+        )
+        fit = trainer.fit(train_loader, val_loader, resume=resume)
+    timings["train"] = fit.seconds
+    logits, labels = trainer.predict(test_loader)
+    report, model_path, test_metrics = None, None, {}
+    if distributed.enabled:
+        test_metrics = trainer.evaluate(test_loader)
+        test_metrics = {"top1": test_metrics["accuracy"], "top5": test_metrics["top5"]}
+    if distributed.is_main:
+        if not distributed.enabled:
+            report = build_report(
+                logits, labels, splits.class_names, run_dir / "report", splits.test.images
+            )
+            test_metrics = report.metrics
+        metadata = ModelMetadata(
+            architecture=config.model.name,
+            class_names=tuple(splits.class_names),
+            preprocessing=preprocessing,
+            options=dict(config.model.options),
+            training={
+                "dataset": config.data.dataset,
+                "fold": config.data.fold,
+                "epochs_run": fit.epochs_run,
+                "best_val_accuracy": fit.best_val_accuracy,
+                "test_top1": test_metrics.get("top1"),
+                "test_top5": test_metrics.get("top5"),
+            },
+        )
+        model_path = save_model(run_dir / MODEL_NAME, trainer.module.cpu(), metadata)
+        timings["total"] = time.perf_counter() - start
+        write_run_info(
+            run_dir,
+            config,
+            {
+                "status": "finished",
+                "data": splits.description,
+                "seconds": timings,
+                "fit": {
+                    "epochs_run": fit.epochs_run,
+                    "best_epoch": fit.best_epoch,
+                    "best_val_accuracy": fit.best_val_accuracy,
+                    "stopped_early": fit.stopped_early,
+                },
+                "test": test_metrics,
+                "config": config_to_dict(config),
+            },
+        )
+    return RunResult(
+        run_dir, model_path, fit, test_metrics, report, splits.description, timings
+    )

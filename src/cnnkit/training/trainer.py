@@ -1,0 +1,355 @@
+"""A generic training loop: ``fit`` -> ``train_epoch`` -> ``evaluate``, with hooks and resume.
+
+Nothing here knows which network it trains: a model maps ``[B, C, H, W]`` to logits, and may
+offer ``parameter_groups(learning_rate, backbone_lr_scale)`` for per-group learning rates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from cnnkit.config import TrainConfig
+from cnnkit.data.loader import BatchLoader
+from cnnkit.runtime import DistributedContext
+from cnnkit.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised after Ctrl-C; the last completed epoch is saved in the checkpoint."""
+
+    def __init__(self, epochs_completed: int, checkpoint: Path | None) -> None:
+        super().__init__(f"training interrupted after {epochs_completed} completed epoch(s)")
+        self.epochs_completed = epochs_completed
+        self.checkpoint = checkpoint
+
+
+class Callback:
+    """Hooks called by :class:`Trainer`; override the ones you need."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Called once before the first epoch (after resuming)."""
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        """Called on every process after each epoch with that epoch's metrics row."""
+
+    def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
+        """Called once after training ends normally."""
+
+
+@dataclass
+class FitResult:
+    """What a call to :meth:`Trainer.fit` did."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_accuracy: float = float("nan")
+    epochs_run: int = 0
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class Trainer:
+    """Trains a classifier with cross-entropy.
+
+    Args:
+        model: any ``nn.Module`` producing logits ``[B, K]``.
+        config: optimiser, schedule, epochs, AMP and early-stopping settings.
+        device: where the model runs (batches come from the loaders already there).
+        run_dir: where the checkpoint goes; ``None`` disables checkpoints.
+        callbacks: hooks (metrics CSV, TensorBoard, pruning...).
+        distributed: this process's rank information under torchrun.
+        progress: show progress bars (rank 0 only).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        device: torch.device,
+        run_dir: Path | None = None,
+        callbacks: list[Callback] | tuple[Callback, ...] = (),
+        distributed: DistributedContext | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.device = device
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.callbacks = list(callbacks)
+        self.distributed = distributed or DistributedContext()
+        self.progress = progress and self.distributed.is_main
+        self.memory_format = (
+            torch.channels_last if config.channels_last else torch.contiguous_format
+        )
+        model = model.to(device, memory_format=self.memory_format)
+        if self.distributed.enabled:
+            device_ids = [device.index] if device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        self.model = model
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.autocast_dtype, self.scaler = self._amp_settings()
+        self.epoch = 0
+        self.history: list[dict[str, float]] = []
+
+    @property
+    def module(self) -> nn.Module:
+        """The model without its DistributedDataParallel wrapper."""
+        return _unwrap(self.model)
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.run_dir / CHECKPOINT_NAME if self.run_dir else None
+
+    def _amp_settings(self) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+        if self.device.type == "cuda" and self.config.amp:
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16, None
+            return torch.float16, torch.amp.GradScaler("cuda")
+        if self.device.type == "cpu" and self.config.bf16_cpu:
+            return torch.bfloat16, None
+        return None, None
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        config = self.config
+        module = self.module
+        if hasattr(module, "parameter_groups"):
+            groups = module.parameter_groups(config.learning_rate, config.backbone_lr_scale)
+        else:
+            groups = [{"params": [p for p in module.parameters() if p.requires_grad]}]
+        groups = [g for g in groups if any(p.requires_grad for p in g["params"])]
+        if not groups:
+            raise ValueError("the model has no trainable parameters")
+        lr, decay = config.learning_rate, config.weight_decay
+        if config.optimizer == "adam":
+            return torch.optim.Adam(groups, lr=lr, weight_decay=decay)
+        if config.optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=lr, weight_decay=decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, weight_decay=decay)
+
+    def _build_scheduler(self, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+        config, optimizer = self.config, self.optimizer
+        if config.schedule == "onecycle":
+            return torch.optim.lr_scheduler.OneCycleLR(
+                optimizer,
+                max_lr=[group["lr"] for group in optimizer.param_groups],
+                total_steps=max(total_steps, 2),
+                pct_start=max(config.warmup_fraction, 1e-3),
+            )
+        warmup = int(config.warmup_fraction * total_steps)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if config.schedule == "constant":
+                return 1.0
+            progress = (step - warmup) / max(1, total_steps - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def _state(self, result: FitResult, best_state: dict | None, bad_epochs: int) -> dict:
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else {},
+            "epoch": self.epoch,
+            "history": result.history,
+            "best_epoch": result.best_epoch,
+            "best_val_accuracy": result.best_val_accuracy,
+            "best_model": best_state or {},
+            "bad_epochs": bad_epochs,
+        }
+
+    def _save(self, result: FitResult, best_state: dict | None, bad_epochs: int) -> None:
+        if self.checkpoint_path and self.distributed.is_main:
+            save_checkpoint(self.checkpoint_path, self._state(result, best_state, bad_epochs))
+
+    def _restore(self, result: FitResult) -> tuple[dict | None, int]:
+        state = load_checkpoint(self.checkpoint_path)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        result.history = list(state["history"])
+        result.best_epoch = int(state["best_epoch"])
+        result.best_val_accuracy = float(state["best_val_accuracy"])
+        logger.info("resumed from %s after epoch %d", self.checkpoint_path, self.epoch)
+        return (state["best_model"] or None), int(state["bad_epochs"])
+
+    def fit(
+        self,
+        train_loader: BatchLoader,
+        val_loader: BatchLoader | None = None,
+        resume: bool = False,
+    ) -> FitResult:
+        """Train for ``config.epochs`` epochs (continuing from the checkpoint when ``resume``).
+
+        At the end the weights of the best validation epoch are restored when there is a
+        validation set.
+
+        Raises:
+            TrainingInterrupted: on Ctrl-C, after saving the last completed epoch.
+        """
+        config = self.config
+        self.optimizer = self._build_optimizer()
+        self.scheduler = self._build_scheduler(config.epochs * len(train_loader))
+        result, best_state, bad_epochs = FitResult(), None, 0
+        if resume and self.checkpoint_path and self.checkpoint_path.exists():
+            best_state, bad_epochs = self._restore(result)
+        self.history = result.history
+        for callback in self.callbacks:
+            callback.on_fit_start(self)
+        start = time.perf_counter()
+        try:
+            while self.epoch < config.epochs:
+                torch.manual_seed(config.seed * 1_000_003 + self.epoch)
+                train_loader.set_epoch(self.epoch)
+                row = {"epoch": self.epoch + 1, **self.train_epoch(train_loader)}
+                if val_loader is not None:
+                    val = self.evaluate(val_loader)
+                    row.update({f"val_{k}": v for k, v in val.items()})
+                self.epoch += 1
+                result.history.append(row)
+                score = row.get("val_accuracy", row["train_accuracy"])
+                if not score <= result.best_val_accuracy:  # Also true when best is NaN.
+                    result.best_val_accuracy, result.best_epoch, bad_epochs = score, self.epoch, 0
+                    if val_loader is not None:
+                        best_state = copy.deepcopy(self.module.state_dict())
+                else:
+                    bad_epochs += 1
+                self._save(result, best_state, bad_epochs)
+                for callback in self.callbacks:
+                    callback.on_epoch_end(self, row)
+                patience = config.early_stopping_patience
+                if patience is not None and bad_epochs >= patience:
+                    result.stopped_early = True
+                    logger.info("early stopping after epoch %d", self.epoch)
+                    break
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(self.epoch, self.checkpoint_path) from None
+        if best_state is not None:
+            self.module.load_state_dict(best_state)
+        result.epochs_run = self.epoch
+        result.seconds = time.perf_counter() - start
+        for callback in self.callbacks:
+            callback.on_fit_end(self, result)
+        return result
+
+    def train_epoch(self, loader: BatchLoader) -> dict[str, float]:
+        """One pass over ``loader``; returns loss, accuracy, learning rate and throughput."""
+        self.model.train()
+        total_loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        seen = 0
+        start = time.perf_counter()
+        bar = tqdm(
+            total=len(loader),
+            desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+            unit="batch",
+            disable=not self.progress,
+            leave=False,
+        )
+        for inputs, labels in loader:
+            inputs = inputs.contiguous(memory_format=self.memory_format)
+            with self._autocast():
+                logits = self.model(inputs)
+                loss = F.cross_entropy(
+                    logits.float(), labels, label_smoothing=self.config.label_smoothing
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+            self.scheduler.step()
+            total_loss += loss.detach() * len(labels)
+            correct += (logits.detach().argmax(dim=1) == labels).sum()
+            seen += len(labels)
+            if self.progress and (bar.n % 10 == 0 or bar.n == len(loader) - 1):
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(
+                    loss=f"{total_loss.item() / seen:.3f}",
+                    acc=f"{correct.item() / seen:.3f}",
+                    img_s=f"{seen / max(elapsed, 1e-9):.0f}",
+                )
+            bar.update(1)
+        bar.close()
+        seconds = time.perf_counter() - start
+        totals = self._reduce([total_loss.item(), correct.item(), seen])
+        return {
+            "train_loss": totals[0] / max(totals[2], 1),
+            "train_accuracy": totals[1] / max(totals[2], 1),
+            "learning_rate": self.optimizer.param_groups[-1]["lr"],
+            "seconds": seconds,
+            "images_per_second": totals[2] / max(seconds, 1e-9),
+        }
+
+    def _reduce(self, values: list[float]) -> list[float]:
+        """Sum ``values`` over all processes (a no-op when not distributed)."""
+        if not self.distributed.enabled:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+    @torch.inference_mode()
+    def predict(self, loader: BatchLoader) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[N, K]`` (float32, CPU) and labels ``[N]`` over this process's share."""
+        self.model.eval()
+        all_logits, all_labels = [], []
+        for inputs, labels in loader:
+            with self._autocast():
+                logits = self.module(inputs.contiguous(memory_format=self.memory_format))
+            all_logits.append(logits.float().cpu())
+            all_labels.append(labels.cpu())
+        if not all_logits:
+            return torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)
+        return torch.cat(all_logits), torch.cat(all_labels)
+
+    def evaluate(self, loader: BatchLoader) -> dict[str, float]:
+        """Loss, top-1 and top-5 accuracy over ``loader``, summed across processes."""
+        logits, labels = self.predict(loader)
+        count = len(labels)
+        if count:
+            loss = F.cross_entropy(logits, labels, reduction="sum").item()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            correct1 = (top[:, 0] == labels).sum().item()
+            correct5 = (top == labels.view(-1, 1)).any(dim=1).sum().item()
+        else:
+            loss = correct1 = correct5 = 0.0
+        loss, correct1, correct5, count = self._reduce([loss, correct1, correct5, count])
+        count = max(count, 1)
+        return {"loss": loss / count, "accuracy": correct1 / count, "top5": correct5 / count}
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The model's current weights (unwrapped)."""
+        return self.module.state_dict()

