@@ -359,7 +359,9 @@ def command_predict(args: argparse.Namespace) -> int:
             prefix = f"{path}: " if len(images) > 1 else ""
             print(prefix + format_prediction(ranked[0], kind))
             for rank, prediction in enumerate(ranked[1:], start=2):
-                print(f"  {rank}. " + format_prediction(prediction, kind).removeprefix("Prediction: "))
+                print(
+                    f"  {rank}. " + format_prediction(prediction, kind).removeprefix("Prediction: ")
+                )
     return 1 if failures else 0
 
 
@@ -424,7 +426,9 @@ def command_demo(args: argparse.Namespace) -> int:
     _print_history(result.run.fit.history)
     metrics = result.run.test_metrics
     print(f"Test: top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}")
-    print(f"Report: {result.run.run_dir / 'report'} (metrics.json, confusion.png, misclassified.png)")
+    print(
+        f"Report: {result.run.run_dir / 'report'} (metrics.json, confusion.png, misclassified.png)"
+    )
     print(f"Model: {result.run.model_path}")
     print("\nPredictions on held-out images:")
     for name, prediction, truth in result.samples:
@@ -433,7 +437,9 @@ def command_demo(args: argparse.Namespace) -> int:
     print("\nNext steps:")
     print(f"  cnnkit predict {model} {result.sample_dir}")
     print(f"  cnnkit evaluate {model} --dataset digits")
-    print("  cnnkit train --dataset hasy --data HASYv2.tar.bz2 --fold 1   # after `cnnkit fetch hasy`")
+    print(
+        "  cnnkit train --dataset hasy --data HASYv2.tar.bz2 --fold 1   # after `cnnkit fetch hasy`"
+    )
     print("  cnnkit serve            # draw a symbol in your browser (bundled model)")
     return 0
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import os
 import random
 from dataclasses import dataclass
 
@@ -67,7 +66,8 @@ def seed_everything(seed: int) -> None:
 def cpu_supports_bf16() -> bool:
     """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags

@@ -18,7 +18,9 @@ def _uniform(size: int, low: float, high: float, generator: torch.Generator) -> 
     return torch.rand(size, generator=generator) * (high - low) + low
 
 
-def random_theta(batch_size: int, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+def random_theta(
+    batch_size: int, config: AugmentConfig, generator: torch.Generator
+) -> torch.Tensor:
     """Affine matrices ``[B, 2, 3]`` mapping output to input coordinates in [-1, 1] units."""
     angle = _uniform(batch_size, -config.max_rotation, config.max_rotation, generator)
     angle = angle * (math.pi / 180.0)

@@ -112,8 +112,10 @@ class BatchLoader:
     @property
     def num_samples(self) -> int:
         """Images this process sees per epoch."""
-        count = len(self.sampler) if self.sampler is not None else len(
-            range(self.rank, len(self.labels), self.world_size)
+        count = (
+            len(self.sampler)
+            if self.sampler is not None
+            else len(range(self.rank, len(self.labels), self.world_size))
         )
         if self.drop_last:
             count = count // self.batch_size * self.batch_size

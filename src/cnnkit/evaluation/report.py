@@ -83,7 +83,9 @@ def build_report(
         "metrics": str(out_dir / "metrics.json"),
         "per_class": str(out_dir / "per_class.csv"),
         "confused_pairs": str(out_dir / "confused_pairs.csv"),
-        "confusion": str(plots.plot_confusion(matrix.numpy(), class_names, out_dir / "confusion.png")),
+        "confusion": str(
+            plots.plot_confusion(matrix.numpy(), class_names, out_dir / "confusion.png")
+        ),
     }
     _write_csv(out_dir / "per_class.csv", per_class)
     _write_csv(out_dir / "confused_pairs.csv", pairs or [{"true": "", "predicted": "", "count": 0}])

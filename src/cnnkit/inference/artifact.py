@@ -70,7 +70,9 @@ class ModelMetadata:
     def from_dict(cls, data: dict[str, Any], source: str = "<metadata>") -> ModelMetadata:
         """Validate and parse metadata; raises :class:`ModelFileError` naming ``source``."""
         if data.get("format") != FORMAT_NAME:
-            raise ModelFileError(f"{source}: not a cnnkit model file (format {data.get('format')!r})")
+            raise ModelFileError(
+                f"{source}: not a cnnkit model file (format {data.get('format')!r})"
+            )
         if data.get("format_version") != FORMAT_VERSION:
             raise ModelFileError(
                 f"{source}: unsupported model format version {data.get('format_version')!r}"

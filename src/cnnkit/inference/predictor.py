@@ -71,7 +71,10 @@ class Predictor:
             elif isinstance(image, np.ndarray):
                 image = Image.fromarray(image)
             arrays.append(prepare_image(image, self.metadata.preprocessing))
-        size, channels = self.metadata.preprocessing.stored_size, self.metadata.preprocessing.channels
+        size, channels = (
+            self.metadata.preprocessing.stored_size,
+            self.metadata.preprocessing.channels,
+        )
         return np.stack(arrays) if arrays else np.zeros((0, size, size, channels), np.uint8)
 
     def model_input(self, prepared: np.ndarray) -> torch.Tensor:
@@ -94,9 +97,7 @@ class Predictor:
         ranked = []
         for row in probabilities:
             order = np.argsort(-row, kind="stable")[:top_k]
-            ranked.append(
-                [Prediction(self.class_names[i], int(i), float(row[i])) for i in order]
-            )
+            ranked.append([Prediction(self.class_names[i], int(i), float(row[i])) for i in order])
         return ranked
 
     def predict(self, images: Sequence[ImageInput], top_k: int = 5) -> list[list[Prediction]]:

@@ -33,27 +33,33 @@ class SymbolCNN(nn.Module):
         width: int = 64,
         layers_per_stage: int = 2,
         dropout: float = 0.2,
+        stages: int = 3,
         image_size: int = 32,
     ) -> None:
         super().__init__()
-        if width < 1 or layers_per_stage < 1:
-            raise ValueError("symbol_cnn width and layers_per_stage must be >= 1")
-        stages: list[nn.Module] = []
+        if width < 1 or layers_per_stage < 1 or not 1 <= stages <= 5:
+            raise ValueError("symbol_cnn needs width, layers_per_stage >= 1 and 1-5 stages")
+        layers: list[nn.Module] = []
         channels = in_channels
-        for stage, multiplier in enumerate((1, 2, 4)):
-            out_channels = width * multiplier
+        for stage in range(stages):
+            out_channels = width * 2**stage
             for _ in range(layers_per_stage):
-                stages.append(_conv_bn_relu(channels, out_channels))
+                layers.append(_conv_bn_relu(channels, out_channels))
                 channels = out_channels
-            if stage < 2:
-                stages.append(nn.MaxPool2d(2))
-        self.features = nn.Sequential(*stages)
+            if stage < stages - 1:
+                layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(channels, num_classes)
         self.num_features = channels
         self.default_preprocessing = Preprocessing(
-            "symbol", in_channels, image_size, image_size, (0.5,) * in_channels, (0.5,) * in_channels
+            "symbol",
+            in_channels,
+            image_size,
+            image_size,
+            (0.5,) * in_channels,
+            (0.5,) * in_channels,
         )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,6 +84,7 @@ def symbol_cnn(
     width: int = 64,
     layers_per_stage: int = 2,
     dropout: float = 0.2,
+    stages: int = 3,
 ) -> nn.Module:
     """The default network for 32x32 symbols (see the module docstring)."""
-    return SymbolCNN(num_classes, in_channels, width, layers_per_stage, dropout)
+    return SymbolCNN(num_classes, in_channels, width, layers_per_stage, dropout, stages)

@@ -12,8 +12,6 @@ from typing import Any
 
 from torch import nn
 
-from cnnkit.config import Preprocessing
-
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -87,14 +85,3 @@ def create_model(
     model = factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
     model.registry_name = name
     return model
-
-
-def default_preprocessing(name: str, in_channels: int = 1, image_size: int | None = None):
-    """The preprocessing a model expects, built without its weights."""
-    model = create_model(name, num_classes=2, in_channels=in_channels)
-    preprocessing: Preprocessing = model.default_preprocessing
-    if image_size is not None and preprocessing.mode == "symbol":
-        preprocessing = Preprocessing(
-            "symbol", in_channels, image_size, image_size, preprocessing.mean, preprocessing.std
-        )
-    return preprocessing

@@ -176,7 +176,10 @@ def train_run(
     else:
         loggers: list[Callback] = []
         if distributed.is_main:
-            loggers = [CsvLogger(run_dir / "metrics.csv"), TensorBoardLogger(run_dir / "tensorboard")]
+            loggers = [
+                CsvLogger(run_dir / "metrics.csv"),
+                TensorBoardLogger(run_dir / "tensorboard"),
+            ]
         trainer = Trainer(
             model,
             config.train,
@@ -232,6 +235,4 @@ def train_run(
                 "config": config_to_dict(config),
             },
         )
-    return RunResult(
-        run_dir, model_path, fit, test_metrics, report, splits.description, timings
-    )
+    return RunResult(run_dir, model_path, fit, test_metrics, report, splits.description, timings)
