@@ -149,7 +149,7 @@ class TrainConfig:
     amp: bool = True
     channels_last: bool = True
     fast_path: bool = True
-    bf16_cpu: bool = False
+    bf16_cpu: bool = False  # Used only where the CPU has native bf16 (AVX512-BF16 or AMX).
     eval_batch_size: int = 512
     backbone_lr_scale: float = 0.1
     max_steps_per_epoch: int | None = None
@@ -221,9 +221,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": {"epochs": 12, "batch_size": 64, "learning_rate": 3e-3},
     },
     "hasy": {
-        "data": {"channels": 1, "image_size": 32},
-        "model": {"name": "symbol_cnn"},
-        "train": {"epochs": 14, "batch_size": 128, "learning_rate": 3e-3},
+        "data": {"channels": 1, "image_size": 32, "val_fraction": 0.05},
+        "model": {"name": "symbol_cnn", "options": {"width": 32}},
+        "train": {"epochs": 16, "batch_size": 128, "learning_rate": 3e-3, "bf16_cpu": True},
     },
     "book-hasy": {
         "data": {"channels": 3, "image_size": 32},
@@ -294,8 +294,11 @@ def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     for key, value in overrides.items():
         if value is None:
             continue
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "options":
-            merged[key] = merge_overrides(merged[key], value)
+        if isinstance(value, dict) and key != "options":
+            base_section = merged.get(key)
+            merged[key] = merge_overrides(
+                base_section if isinstance(base_section, dict) else {}, value
+            )
         elif key == "options" and isinstance(value, dict):
             merged[key] = {**merged.get(key, {}), **value}
         else:

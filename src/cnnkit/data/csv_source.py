@@ -120,7 +120,7 @@ class CsvSource:
         )
 
     def _read_rows(self, data: bytes) -> list[tuple[int, str, str, str | None]]:
-        rows, seen, duplicates = [], {}, 0
+        rows, seen, duplicates = [], {}, []
         rows_iter = iter_csv_rows(data, str(self.csv_path), ("path", "label"), ("split",))
         for line, (path, label, split) in rows_iter:
             key = self._key(path, line)
@@ -140,12 +140,17 @@ class CsvSource:
                         f"(split {split}) but line {first_line} says {first_label!r} "
                         f"(split {first_split})"
                     )
-                duplicates += 1
+                duplicates.append(line)
                 continue
             seen[key] = (line, label, split)
             rows.append((line, key, label, split))
         if duplicates:
-            logger.warning("%s: dropped %d repeated row(s)", self.csv_path, duplicates)
+            logger.warning(
+                "%s: dropped %d repeated row(s), the first on line %d",
+                self.csv_path,
+                len(duplicates),
+                duplicates[0],
+            )
         with_split = [row for row in rows if row[3] is not None]
         if with_split and len(with_split) != len(rows):
             line = next(row[0] for row in rows if row[3] is None)

@@ -50,3 +50,7 @@ class Source(Protocol):
     def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
         """Yield ``(key, data)`` for each key, in any order; ``data`` is None if unreadable."""
         ...
+
+
+# A source may also offer ``cache_token() -> str | None``: a cheap string that changes whenever
+# its listing would. Archive sources use it so that the listing itself is cached on disk.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from cnnkit.data.cache import load_images
 from cnnkit.data.dataset import DataSplits, ImageSet, concatenate
 from cnnkit.data.source import Listing, SampleRecord, Source
 from cnnkit.data.splits import stratified_split
+from cnnkit.inference.artifact import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,43 @@ def _cub(config: DataConfig) -> Source:
     return CubSource(config.data, crop_to_bbox=config.crop_to_bbox)
 
 
+def list_samples_cached(source: Source, cache_dir: str | Path | None) -> Listing:
+    """``source.list_samples()``, remembered on disk for sources that offer ``cache_token()``.
+
+    Archive sources must decompress the whole archive to reach their label files (HASYv2's come
+    last), so a second run reads the listing from ``cache_dir/listings`` instead.
+    """
+    token_of = getattr(source, "cache_token", None)
+    token = token_of() if token_of else None
+    if cache_dir is None or token is None:
+        return source.list_samples()
+    name = hashlib.sha256(token.encode()).hexdigest()[:24]
+    path = Path(cache_dir) / "listings" / f"{name}.json"
+    if path.exists():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            records = [
+                SampleRecord(key, label, split, origin, tuple(box) if box else None)
+                for key, label, split, origin, box in data["records"]
+            ]
+            return Listing(records, data["class_names"], data["fingerprint"], data["description"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            logger.warning("ignoring unreadable listing cache %s: %s", path, error)
+    listing = source.list_samples()
+    payload = {
+        "records": [[r.key, r.label, r.split, r.origin, r.box] for r in listing.records],
+        "class_names": listing.class_names,
+        "fingerprint": listing.fingerprint,
+        "description": listing.description,
+    }
+    text = json.dumps(payload, ensure_ascii=False)
+    try:
+        write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    except OSError as error:
+        logger.warning("could not write the listing cache %s: %s", path, error)
+    return listing
+
+
 def limit_listing(listing: Listing, max_classes: int | None, max_per_class: int | None) -> Listing:
     """Keep the first ``max_classes`` classes and at most ``max_per_class`` images of each."""
     if max_classes is None and max_per_class is None:
@@ -122,7 +162,8 @@ def build_splits(
         ValueError: if the source is malformed or a split ends up empty.
     """
     source = create_source(config)
-    listing = limit_listing(source.list_samples(), config.max_classes, config.max_per_class)
+    listing = list_samples_cached(source, cache_dir)
+    listing = limit_listing(listing, config.max_classes, config.max_per_class)
     if not listing.records:
         raise ValueError(f"{config.data or config.dataset}: the dataset lists no images")
     decoded = load_images(source, listing, preprocessing, cache_dir, progress=progress)

@@ -43,11 +43,18 @@ class BookCNN(nn.Module):
             channels, size = 32, (size - 2) // 2
         self.features = nn.Sequential(*layers, nn.Flatten())
         self.dense = nn.Sequential(
-            nn.Linear(channels * size * size, dense), _ACTIVATIONS[activation](), nn.Dropout(dropout)
+            nn.Linear(channels * size * size, dense),
+            _ACTIVATIONS[activation](),
+            nn.Dropout(dropout),
         )
         self.classifier = nn.Linear(dense, num_classes)
         self.default_preprocessing = Preprocessing(
-            "symbol", in_channels, image_size, image_size, (0.0,) * in_channels, (1.0,) * in_channels
+            "symbol",
+            in_channels,
+            image_size,
+            image_size,
+            (0.0,) * in_channels,
+            (1.0,) * in_channels,
         )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,11 +34,14 @@ class SymbolCNN(nn.Module):
         layers_per_stage: int = 2,
         dropout: float = 0.2,
         stages: int = 3,
+        pool_size: int = 4,
         image_size: int = 32,
     ) -> None:
         super().__init__()
-        if width < 1 or layers_per_stage < 1 or not 1 <= stages <= 5:
-            raise ValueError("symbol_cnn needs width, layers_per_stage >= 1 and 1-5 stages")
+        if width < 1 or layers_per_stage < 1 or not 1 <= stages <= 5 or pool_size < 1:
+            raise ValueError(
+                "symbol_cnn needs width, layers_per_stage, pool_size >= 1 and 1-5 stages"
+            )
         layers: list[nn.Module] = []
         channels = in_channels
         for stage in range(stages):
@@ -49,10 +52,10 @@ class SymbolCNN(nn.Module):
             if stage < stages - 1:
                 layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(pool_size), nn.Flatten())
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(channels, num_classes)
-        self.num_features = channels
+        self.num_features = channels * pool_size * pool_size
+        self.classifier = nn.Linear(self.num_features, num_classes)
         self.default_preprocessing = Preprocessing(
             "symbol",
             in_channels,
@@ -63,7 +66,7 @@ class SymbolCNN(nn.Module):
         )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, H, W]`` -> pooled features ``[B, 4 * width]``."""
+        """``[B, C, H, W]`` -> pooled features ``[B, channels * pool_size**2]``."""
         return self.pool(self.features(x))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
@@ -85,6 +88,7 @@ def symbol_cnn(
     layers_per_stage: int = 2,
     dropout: float = 0.2,
     stages: int = 3,
+    pool_size: int = 4,
 ) -> nn.Module:
     """The default network for 32x32 symbols (see the module docstring)."""
-    return SymbolCNN(num_classes, in_channels, width, layers_per_stage, dropout, stages)
+    return SymbolCNN(num_classes, in_channels, width, layers_per_stage, dropout, stages, pool_size)

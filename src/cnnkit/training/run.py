@@ -99,24 +99,51 @@ def build_loaders(
     device: torch.device,
     distributed: DistributedContext,
 ) -> tuple[BatchLoader, BatchLoader | None, BatchLoader]:
-    """Training, validation and test loaders for one process."""
+    """Training, validation and test loaders for one process.
+
+    ``config.train.batch_size`` is the global batch: under torchrun each of the N processes
+    takes ``batch_size / N`` images per step, so results do not depend on the process count.
+    The test loader is not sharded; only rank 0 uses it.
+    """
+    world = distributed.world_size
+    if config.train.batch_size % world:
+        raise ValueError(
+            f"batch_size {config.train.batch_size} must be divisible by the {world} processes"
+        )
     train_transform = build_train_transform(preprocessing, config.augment)
     eval_transform = build_eval_transform(preprocessing)
-    shared = {"device": device, "rank": distributed.rank, "world_size": distributed.world_size}
+    shard = {"device": device, "rank": distributed.rank, "world_size": world}
+    batch_size = config.train.batch_size // world
     train = BatchLoader(
         splits.train,
-        config.train.batch_size,
+        batch_size,
         train_transform,
         shuffle=True,
         drop_last=len(splits.train) > config.train.batch_size,
         seed=config.train.seed,
         max_batches=config.train.max_steps_per_epoch,
-        **shared,
+        **shard,
     )
     batch = config.train.eval_batch_size
-    val = BatchLoader(splits.val, batch, eval_transform, **shared) if splits.val else None
-    test = BatchLoader(splits.test, batch, eval_transform, **shared)
+    val = BatchLoader(splits.val, batch, eval_transform, **shard) if splits.val else None
+    test = BatchLoader(splits.test, batch, eval_transform, device=device)
     return train, val, test
+
+
+def _load_data(
+    config: RunConfig,
+    preprocessing: Preprocessing,
+    cache_dir: str | Path | None,
+    progress: bool,
+    distributed: DistributedContext,
+) -> LoadedData:
+    """Rank 0 decodes (and caches) first; the other ranks then read its cache."""
+    if distributed.enabled and not distributed.is_main:
+        torch.distributed.barrier()
+    data = build_splits(config.data, preprocessing, cache_dir, progress and distributed.is_main)
+    if distributed.enabled and distributed.is_main:
+        torch.distributed.barrier()
+    return data
 
 
 def train_run(
@@ -148,7 +175,7 @@ def train_run(
     seed_everything(config.train.seed)
     preprocessing = resolve_preprocessing(config)
     if data is None:
-        data = build_splits(config.data, preprocessing, cache_dir, progress and distributed.is_main)
+        data = _load_data(config, preprocessing, cache_dir, progress, distributed)
     if on_data is not None:
         on_data(data)
     timings["data"] = time.perf_counter() - start
@@ -191,17 +218,13 @@ def train_run(
         )
         fit = trainer.fit(train_loader, val_loader, resume=resume)
     timings["train"] = fit.seconds
-    logits, labels = trainer.predict(test_loader)
     report, model_path, test_metrics = None, None, {}
-    if distributed.enabled:
-        test_metrics = trainer.evaluate(test_loader)
-        test_metrics = {"top1": test_metrics["accuracy"], "top5": test_metrics["top5"]}
     if distributed.is_main:
-        if not distributed.enabled:
-            report = build_report(
-                logits, labels, splits.class_names, run_dir / "report", splits.test.images
-            )
-            test_metrics = report.metrics
+        logits, labels = trainer.predict(test_loader)
+        report = build_report(
+            logits, labels, splits.class_names, run_dir / "report", splits.test.images
+        )
+        test_metrics = report.metrics
         metadata = ModelMetadata(
             architecture=config.model.name,
             class_names=tuple(splits.class_names),

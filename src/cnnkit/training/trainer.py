@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from cnnkit.config import TrainConfig
 from cnnkit.data.loader import BatchLoader
-from cnnkit.runtime import DistributedContext
+from cnnkit.runtime import DistributedContext, cpu_supports_bf16
 from cnnkit.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,9 @@ class Trainer:
                 return torch.bfloat16, None
             return torch.float16, torch.amp.GradScaler("cuda")
         if self.device.type == "cpu" and self.config.bf16_cpu:
-            return torch.bfloat16, None
+            if cpu_supports_bf16():
+                return torch.bfloat16, None
+            logger.info("bf16 autocast skipped: this CPU has no native bf16 instructions")
         return None, None
 
     def _autocast(self) -> contextlib.AbstractContextManager:

@@ -1,0 +1,53 @@
+"""Distributed training under torchrun: 2 CPU processes (gloo) against one process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ARGS = [
+    "train",
+    "--dataset",
+    "digits",
+    "--epochs",
+    "6",
+    "--batch-size",
+    "64",
+    "--seed",
+    "3",
+    "--quiet",
+]
+
+
+def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_two_process_torchrun_matches_single_process(tmp_path: Path) -> None:
+    single = tmp_path / "single"
+    double = tmp_path / "ddp"
+    _run([sys.executable, "-m", "cnnkit", *ARGS, "--out", str(single)], tmp_path)
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "cnnkit",
+    ]
+    _run([*torchrun, *ARGS, "--out", str(double)], tmp_path)
+    single_info = json.loads((single / "run.json").read_text())
+    double_info = json.loads((double / "run.json").read_text())
+    single_val = single_info["fit"]["best_val_accuracy"]
+    double_val = double_info["fit"]["best_val_accuracy"]
+    assert single_val > 0.9
+    assert abs(single_val - double_val) <= 0.01 + 1e-9, (single_val, double_val)
+    assert sorted(p.name for p in double.glob("*.safetensors")) == ["model.safetensors"]
+    # Only rank 0 wrote the metrics: one row per epoch, not two.
+    assert len((double / "metrics.csv").read_text().strip().splitlines()) == 1 + 6

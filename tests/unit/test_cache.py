@@ -1,0 +1,96 @@
+"""The decoded-image cache: hits, what changes its key, and bad images kept in its metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnkit.config import Preprocessing
+from cnnkit.data.cache import cache_key, load_images
+from cnnkit.data.folder import FolderSource
+from cnnkit.data.source import Listing
+from cnnkit.data.sources import limit_listing
+
+RGB = Preprocessing(channels=3, mean=(0, 0, 0), std=(1, 1, 1))
+
+
+def write_dataset(root: Path) -> Path:
+    """Two classes of three small images each; one image of ``b`` is corrupt."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for index in range(3):
+            pixels = rng.integers(0, 256, size=(9, 7, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{index}.png")
+    (root / "b" / "2.png").write_bytes(b"corrupt")
+    return root
+
+
+@pytest.fixture
+def dataset(tmp_path) -> FolderSource:
+    return FolderSource(write_dataset(tmp_path / "data"))
+
+
+def test_second_load_comes_from_the_cache_with_equal_contents(tmp_path, dataset):
+    listing = dataset.list_samples()
+    first = load_images(dataset, listing, Preprocessing(), tmp_path / "cache", workers=2)
+    second = load_images(dataset, listing, Preprocessing(), tmp_path / "cache", workers=1)
+    assert (first.from_cache, second.from_cache) == (False, True)
+    np.testing.assert_array_equal(first.images, second.images)
+    np.testing.assert_array_equal(first.valid, second.valid)
+    assert first.problems == second.problems
+    assert len(second.problems) == 1 and "b/2.png" in second.problems[0]
+    assert isinstance(second.images, np.memmap)
+    uncached = load_images(dataset, listing, Preprocessing(), None, workers=1)
+    np.testing.assert_array_equal(uncached.images, second.images)
+
+
+def test_preprocessing_changes_the_key_and_the_arrays(tmp_path, dataset):
+    listing = dataset.list_samples()
+    gray = load_images(dataset, listing, Preprocessing(), tmp_path / "cache", workers=1)
+    color = load_images(dataset, listing, RGB, tmp_path / "cache", workers=1)
+    assert cache_key(listing, Preprocessing()) != cache_key(listing, RGB)
+    assert not color.from_cache
+    assert (gray.images.shape[-1], color.images.shape[-1]) == (1, 3)
+
+
+def test_listing_changes_change_the_key(dataset):
+    listing = dataset.list_samples()
+    key = cache_key(listing, Preprocessing())
+    assert cache_key(dataset.list_samples(), Preprocessing()) == key
+    changed = [
+        limit_listing(listing, max_classes=1, max_per_class=None),
+        Listing(listing.records[:-1], listing.class_names, listing.fingerprint),
+        Listing(listing.records[::-1], listing.class_names, listing.fingerprint),
+        Listing(listing.records, listing.class_names, listing.fingerprint + "x"),
+        Listing(
+            [dataclasses.replace(listing.records[0], box=(0, 0, 2, 2)), *listing.records[1:]],
+            listing.class_names,
+            listing.fingerprint,
+        ),
+    ]
+    assert len({cache_key(other, Preprocessing()) for other in changed} | {key}) == 6
+
+
+def test_rewritten_file_misses_the_cache(tmp_path, dataset):
+    listing = dataset.list_samples()
+    load_images(dataset, listing, Preprocessing(), tmp_path / "cache", workers=1)
+    Image.new("RGB", (5, 5), (255, 255, 255)).save(dataset.root / "b" / "2.png")
+    fixed_listing = dataset.list_samples()
+    fixed = load_images(dataset, fixed_listing, Preprocessing(), tmp_path / "cache", workers=1)
+    assert not fixed.from_cache
+    assert fixed.problems == [] and fixed.valid.all()
+    assert fixed.images[-1].min() == 255
+
+
+def test_unreadable_cache_entry_is_decoded_again(tmp_path, dataset):
+    listing = dataset.list_samples()
+    load_images(dataset, listing, Preprocessing(), tmp_path / "cache", workers=1)
+    entry = tmp_path / "cache" / cache_key(listing, Preprocessing())
+    (entry / "meta.json").write_text("{not json")
+    again = load_images(dataset, listing, Preprocessing(), tmp_path / "cache", workers=1)
+    assert not again.from_cache and again.valid.sum() == 5

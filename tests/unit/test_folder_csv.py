@@ -1,0 +1,306 @@
+"""FolderSource and CsvSource: listings, CSV quirks, refused paths and bad images."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from cnnkit.config import DataConfig, Preprocessing
+from cnnkit.data.cache import load_images
+from cnnkit.data.csv_source import CsvSource, iter_csv_rows
+from cnnkit.data.folder import FolderSource
+from cnnkit.data.source import DataFormatError
+from cnnkit.data.sources import BadDataError, build_splits
+
+MODES = ("L", "RGB", "RGBA", "P", "I;16", "CMYK")
+PROPERTY_SETTINGS = settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+# Class names that survive as folder names and as stripped CSV fields: any printable unicode
+# without path separators, not hidden, no surrounding spaces.
+class_names = st.text(
+    alphabet=st.characters(
+        blacklist_categories=("Cs", "Cc", "Zl", "Zp"), blacklist_characters="/\\\0"
+    ),
+    min_size=1,
+    max_size=10,
+).filter(lambda name: name == name.strip() and name and not name.startswith("."))
+
+
+def make_image(mode: str, size: tuple[int, int], shade: int = 90) -> Image.Image:
+    """A small image in ``mode`` with a dark square on a light background."""
+    array = np.full((size[1], size[0], 3), 230, dtype=np.uint8)
+    array[: max(1, size[1] // 2), : max(1, size[0] // 2)] = shade
+    image = Image.fromarray(array, "RGB")
+    if mode == "I;16":
+        return Image.fromarray(array[:, :, 0].astype(np.uint16) * 257)
+    if mode == "RGBA":
+        image = image.convert("RGBA")
+        image.putalpha(200)
+        return image
+    return image.convert(mode)
+
+
+def write_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (6, 5)) -> Path:
+    """Save an image in a format that supports ``mode`` (JPEG for CMYK, PNG otherwise)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_image(mode, size).save(path, format="JPEG" if mode == "CMYK" else "PNG")
+    return path
+
+
+def write_csv(path: Path, rows: list[list[str]], newline: str = "\n", bom: bool = False) -> Path:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator=newline).writerows(rows)
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + buffer.getvalue().encode())
+    return path
+
+
+def folder_dataset(root: Path, per_class: int = 4) -> Path:
+    for name in ("cat", "dog"):
+        for index in range(per_class):
+            write_image(root / name / f"{index}.png")
+    return root
+
+
+def folder_config(root: Path, **options) -> DataConfig:
+    return DataConfig(dataset="folder", data=str(root), **options)
+
+
+# FolderSource.
+
+
+def test_folder_lists_classes_recursively_with_any_extension_case(tmp_path, caplog):
+    write_image(tmp_path / "zebra" / "a.PNG")
+    write_image(tmp_path / "zebra" / "deep" / "er" / "b.JpEg", mode="CMYK")
+    write_image(tmp_path / "Äpfel und Birnen" / "c.png")
+    (tmp_path / "zebra" / "notes.txt").write_text("not an image")
+    (tmp_path / "zebra" / ".DS_Store").write_bytes(b"\0")
+    (tmp_path / "README.md").write_text("stray")
+    with caplog.at_level(logging.WARNING):
+        listing = FolderSource(tmp_path).list_samples()
+    assert listing.class_names == ["zebra", "Äpfel und Birnen"]
+    assert [(r.key, r.label, r.split) for r in listing.records] == [
+        ("zebra/a.PNG", 0, None),
+        ("zebra/deep/er/b.JpEg", 0, None),
+        ("Äpfel und Birnen/c.png", 1, None),
+    ]
+    assert "notes.txt" in caplog.text and "README.md" in caplog.text
+    assert ".DS_Store" not in caplog.text
+
+
+def test_folder_reports_empty_classes_by_name(tmp_path):
+    write_image(tmp_path / "full" / "a.png")
+    (tmp_path / "empty one").mkdir()
+    (tmp_path / "only text").mkdir()
+    (tmp_path / "only text" / "x.txt").write_text("no image")
+    with pytest.raises(DataFormatError, match="empty one, only text"):
+        FolderSource(tmp_path).list_samples()
+
+
+def test_folder_without_class_folders_or_missing_is_refused(tmp_path):
+    with pytest.raises(DataFormatError, match="no class folders"):
+        FolderSource(tmp_path).list_samples()
+    with pytest.raises(DataFormatError, match="not a folder"):
+        FolderSource(tmp_path / "absent").list_samples()
+
+
+def test_folder_fingerprint_changes_when_a_file_changes(tmp_path):
+    folder_dataset(tmp_path, per_class=2)
+    before = FolderSource(tmp_path).list_samples().fingerprint
+    assert FolderSource(tmp_path).list_samples().fingerprint == before
+    (tmp_path / "cat" / "0.png").write_bytes(b"rewritten, and corrupt")
+    assert FolderSource(tmp_path).list_samples().fingerprint != before
+
+
+@PROPERTY_SETTINGS
+@given(
+    names=st.lists(class_names, min_size=1, max_size=4, unique=True),
+    modes=st.lists(st.sampled_from(MODES), min_size=1, max_size=3),
+    sizes=st.lists(st.tuples(st.integers(1, 80), st.integers(1, 80)), min_size=1, max_size=3),
+)
+def test_folder_property_odd_names_modes_and_sizes(tmp_path_factory, names, modes, sizes):
+    root = tmp_path_factory.mktemp("folder")
+    expected = {}
+    for class_index, name in enumerate(names):
+        for index, mode in enumerate(modes):
+            size = sizes[(class_index + index) % len(sizes)]
+            suffix = ".jpg" if mode == "CMYK" else ".png"
+            write_image(root / name / f"{index}{suffix}", mode, size)
+            expected[f"{name}/{index}{suffix}"] = name
+    source = FolderSource(root)
+    listing = source.list_samples()
+    assert listing.class_names == sorted(names)
+    assert {r.key: listing.class_names[r.label] for r in listing.records} == expected
+    decoded = load_images(source, listing, Preprocessing(), None, workers=1)
+    assert decoded.problems == []
+    assert decoded.images.shape == (len(expected), 32, 32, 1)
+    assert decoded.valid.all()
+
+
+@pytest.mark.parametrize(
+    ("name", "contents", "problem"),
+    [
+        ("zero.png", b"", "empty file"),
+        ("corrupt.png", b"\x89PNG\r\n\x1a\n garbage", "truncated"),
+        ("text.jpg", b"plain text, not a JPEG", "not a readable image"),
+        ("truncated.png", None, "cat/truncated.png"),
+    ],
+)
+def test_bad_images_are_reported_with_their_path_or_skipped(tmp_path, name, contents, problem):
+    folder_dataset(tmp_path)
+    bad = tmp_path / "cat" / name
+    if contents is None:
+        whole = io.BytesIO()
+        make_image("RGB", (40, 40)).save(whole, format="PNG")
+        contents = whole.getvalue()[: len(whole.getvalue()) // 2]
+    bad.write_bytes(contents)
+    with pytest.raises(BadDataError, match="1 bad image") as error:
+        build_splits(folder_config(tmp_path), Preprocessing())
+    assert f"cat/{name}" in str(error.value) and problem in str(error.value)
+    loaded = build_splits(folder_config(tmp_path, on_bad_image="skip"), Preprocessing())
+    assert len(loaded.problems) == 1 and f"cat/{name}" in loaded.problems[0]
+    splits = loaded.splits
+    total = len(splits.train) + len(splits.test) + (len(splits.val) if splits.val else 0)
+    assert total == 8
+
+
+# iter_csv_rows and CsvSource.
+
+
+def test_iter_csv_rows_names_file_and_line_for_short_rows():
+    data = b"path,label,split\r\na.png,cat,train\r\n\r\nb.png\r\n"
+    with pytest.raises(DataFormatError, match=r"list\.csv:4: expected at least 2 fields"):
+        list(iter_csv_rows(data, "list.csv", ("path", "label")))
+
+
+def test_iter_csv_rows_counts_lines_of_quoted_multiline_fields():
+    data = b'path,label\n"a.png","two\nlines"\nb.png,dog\n'
+    rows = list(iter_csv_rows(data, "list.csv", ("path", "label")))
+    assert rows == [(2, ["a.png", "two\nlines"]), (4, ["b.png", "dog"])]
+
+
+def csv_dataset(root: Path, labels: list[str], **csv_options) -> Path:
+    rows = [["path", "label"]]
+    for index, label in enumerate(labels):
+        write_image(root / "images" / f"{index}.png")
+        rows.append([f"images/{index}.png", label])
+    return write_csv(root / "labels.csv", rows, **csv_options)
+
+
+def test_csv_quirks_bom_crlf_quotes_extra_columns_and_column_order(tmp_path):
+    for index in range(3):
+        write_image(tmp_path / "sub dir" / f"{index}.png")
+    rows = [
+        ["note", "Label ", " PATH"],
+        ["x", "b, with comma", "sub dir/0.png"],
+        ["y", 'quote "q"', "./sub dir/../sub dir/1.png"],
+        ["z", "b, with comma", str(tmp_path / "sub dir" / "2.png")],
+    ]
+    path = write_csv(tmp_path / "labels.csv", rows, newline="\r\n", bom=True)
+    listing = CsvSource(path).list_samples()
+    assert listing.class_names == ["b, with comma", 'quote "q"']
+    assert [(r.key, r.label, r.origin) for r in listing.records] == [
+        ("sub dir/0.png", 0, "labels.csv:2"),
+        ("sub dir/1.png", 1, "labels.csv:3"),
+        ("sub dir/2.png", 0, "labels.csv:4"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "path", ["../../etc/passwd", "/etc/passwd", "images/../../outside.png", "..", "."]
+)
+def test_csv_path_escaping_the_dataset_is_refused(tmp_path, path):
+    (tmp_path / "data").mkdir()
+    csv_path = write_csv(
+        tmp_path / "data" / "labels.csv", [["path", "label"], ["ok.png", "a"], [path, "b"]]
+    )
+    with pytest.raises(DataFormatError, match=r"labels\.csv:3: .*outside the dataset"):
+        CsvSource(csv_path).list_samples()
+
+
+@pytest.mark.parametrize(
+    ("contents", "where"),
+    [
+        (b"file,label\na.png,cat\n", r"labels\.csv:1: header lacks column\(s\) path"),
+        (b"path,label\na.png,cat\nb.png,\n", r"labels\.csv:3: empty label"),
+        (b"path,label\na.png,cat\n,dog\n", r"labels\.csv:3: empty path"),
+        (b"path,label\na.png,cat\nb.png,caf\xe9\n", r"labels\.csv:3: not UTF-8"),
+        (b'path,label\na.png,cat\n"b.png,dog\n', r"labels\.csv:\d+: malformed CSV"),
+        (b"", r"labels\.csv:1: empty file"),
+        (b"path,label,split\na.png,cat,train\nb.png,dog,val\n", r"labels\.csv:3: split"),
+        (b"path,label,split\na.png,cat,train\nb.png,dog,\n", r"labels\.csv:3: empty split"),
+        (b"path,label\na.png,cat\nb.png,dog\na.png,dog\n", r"labels\.csv:4: .*line 2"),
+    ],
+)
+def test_csv_bad_rows_name_file_and_line(tmp_path, contents, where):
+    path = tmp_path / "labels.csv"
+    path.write_bytes(contents)
+    with pytest.raises(DataFormatError, match=where):
+        CsvSource(path).list_samples()
+
+
+def test_csv_repeated_rows_are_dropped_with_a_warning(tmp_path, caplog):
+    path = csv_dataset(tmp_path, ["cat", "dog"])
+    path.write_text(path.read_text() + "images/0.png,cat\n./images/0.png,cat\n")
+    with caplog.at_level(logging.WARNING):
+        listing = CsvSource(path).list_samples()
+    assert [r.key for r in listing.records] == ["images/0.png", "images/1.png"]
+    assert "dropped 2 repeated row(s)" in caplog.text
+
+
+def test_csv_split_column_is_honoured(tmp_path):
+    rows = [["path", "label", "split"]]
+    for index in range(6):
+        write_image(tmp_path / f"{index}.png")
+        rows.append([f"{index}.png", "ab"[index % 2], "Train" if index < 4 else "test"])
+    listing = CsvSource(write_csv(tmp_path / "labels.csv", rows)).list_samples()
+    assert [r.split for r in listing.records] == ["train"] * 4 + ["test"] * 2
+    config = DataConfig(dataset="csv", data=str(tmp_path / "labels.csv"), val_fraction=0)
+    splits = build_splits(config, Preprocessing()).splits
+    assert (len(splits.train), len(splits.test)) == (4, 2)
+
+
+def test_csv_missing_image_is_reported_with_its_line(tmp_path):
+    path = csv_dataset(tmp_path, ["cat", "dog", "cat", "dog"])
+    (tmp_path / "images" / "2.png").unlink()
+    with pytest.raises(BadDataError, match=r"images/2\.png \(labels\.csv:4\): missing"):
+        build_splits(DataConfig(dataset="csv", data=str(path)), Preprocessing())
+
+
+@PROPERTY_SETTINGS
+@given(
+    labels=st.lists(class_names, min_size=1, max_size=6),
+    newline=st.sampled_from(["\n", "\r\n"]),
+    bom=st.booleans(),
+    extra=st.booleans(),
+    bad_row=st.one_of(st.none(), st.integers(0, 5)),
+)
+def test_csv_property_quirks_and_bad_rows(tmp_path_factory, labels, newline, bom, extra, bad_row):
+    root = tmp_path_factory.mktemp("csv")
+    rows = [["path", "label"] + (["comment, quoted"] if extra else [])]
+    for index, label in enumerate(labels):
+        rows.append([f"./{index}.png", label] + (["x,y"] if extra else []))
+    if bad_row is not None:
+        position = 1 + min(bad_row, len(labels))
+        rows.insert(position, ["../escape.png", "bad"] + (["z"] if extra else []))
+    path = write_csv(root / "list.csv", rows, newline=newline, bom=bom)
+    source = CsvSource(path)
+    if bad_row is not None:
+        with pytest.raises(DataFormatError, match=rf"list\.csv:{position + 1}: "):
+            source.list_samples()
+        return
+    listing = source.list_samples()
+    assert listing.class_names == sorted(set(labels))
+    assert [listing.class_names[r.label] for r in listing.records] == labels
+    assert [r.origin for r in listing.records] == [f"list.csv:{i + 2}" for i in range(len(labels))]

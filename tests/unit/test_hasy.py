@@ -1,0 +1,352 @@
+"""HasySource and the streaming tar reader, on tiny synthetic archives and on the dev copy."""
+
+from __future__ import annotations
+
+import bz2
+import io
+import lzma
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnkit.config import DataConfig, Preprocessing
+from cnnkit.data import archive
+from cnnkit.data.archive import iter_archive, normalize_member_name
+from cnnkit.data.cache import cache_key, load_images
+from cnnkit.data.hasy import HasySource
+from cnnkit.data.source import DataFormatError
+from cnnkit.data.sources import build_splits, limit_listing
+
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+HASY_DEV = SHARED_DATA / "HASYv2-dev.tar.bz2"
+# Listed out of symbol_id order on purpose: class order must follow symbol_id.
+SYMBOLS = [(33, "C"), (31, "A"), (32, r"\alpha")]
+PER_CLASS = 4
+
+
+def png_bytes(shade: int, size: int = 8) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), shade, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def crlf(lines: list[str]) -> bytes:
+    return ("\r\n".join(lines) + "\r\n").encode()
+
+
+def hasy_files(fold_rows: int = PER_CLASS - 1) -> dict[str, bytes]:
+    """The files of a tiny HASYv2: 4 images per symbol, folds 1 and 2 over the first 3 of each.
+
+    The last image of every symbol is in no fold, so a fold's listing leaves it out.
+    """
+    files: dict[str, bytes] = {}
+    labels = ["path,symbol_id,latex,user_id"]
+    folds: dict[str, list[str]] = {}
+    index = 0
+    for symbol_id, latex in SYMBOLS:
+        for number in range(PER_CLASS):
+            path = f"hasy-data/v2-{index:05d}.png"
+            files[path] = png_bytes(10 * index)
+            labels.append(f"{path},{symbol_id},{latex},7")
+            for fold in (1, 2):
+                if number < fold_rows:
+                    split = "test" if number == fold - 1 else "train"
+                    folds.setdefault(f"classification-task/fold-{fold}/{split}.csv", []).append(
+                        f"../../{path},{symbol_id},{latex},7"
+                    )
+            index += 1
+    files["hasy-data-labels.csv"] = crlf(labels)
+    files["symbols.csv"] = crlf(
+        ["symbol_id,latex,training_samples,test_samples"]
+        + [f"{symbol_id},{latex},3,1" for symbol_id, latex in SYMBOLS]
+    )
+    for name, rows in folds.items():
+        files[name] = crlf(["path,symbol_id,latex,user_id", *rows])
+    return files
+
+
+def ordered(files: dict[str, bytes], labels_last: bool) -> list[str]:
+    """Member order: CSVs first, or as in the official archive with the labels CSV last."""
+    csvs = sorted(name for name in files if name.endswith(".csv"))
+    images = sorted(name for name in files if not name.endswith(".csv"))
+    if labels_last:
+        csvs.remove("hasy-data-labels.csv")
+        return csvs + images + ["hasy-data-labels.csv"]
+    return csvs + images
+
+
+def write_tar(
+    path: Path,
+    files: dict[str, bytes],
+    mode: str = "w:bz2",
+    prefix: str = "./",
+    labels_last: bool = True,
+    tar_format: int = tarfile.GNU_FORMAT,
+) -> Path:
+    with tarfile.open(path, mode, format=tar_format) as archive:
+        for name in ordered(files, labels_last):
+            info = tarfile.TarInfo(prefix + name)
+            info.size = len(files[name])
+            archive.addfile(info, io.BytesIO(files[name]))
+    return path
+
+
+def write_folder(root: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+@pytest.fixture
+def files() -> dict[str, bytes]:
+    return hasy_files()
+
+
+LAYOUTS = {
+    "bz2, ./ prefix, labels last": lambda tmp, files: write_tar(tmp / "h.tar.bz2", files),
+    "gz, top folder, csv first": lambda tmp, files: write_tar(
+        tmp / "h.tgz", files, "w:gz", "HASYv2/", labels_last=False
+    ),
+    "xz, pax": lambda tmp, files: write_tar(
+        tmp / "h.tar.xz", files, "w:xz", "", tar_format=tarfile.PAX_FORMAT
+    ),
+    "plain tar": lambda tmp, files: write_tar(tmp / "h.tar", files, "w", ""),
+    "folder": lambda tmp, files: write_folder(tmp / "hasy", files),
+    "folder with top folder": lambda tmp, files: (
+        write_folder(tmp / "hasy" / "HASYv2", files).parent
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_lists_and_streams_the_same_samples(tmp_path, files, layout):
+    source = HasySource(LAYOUTS[layout](tmp_path, files))
+    listing = source.list_samples()
+    assert listing.class_names == ["A", r"\alpha", "C"]
+    assert len(listing.records) == 3 * PER_CLASS
+    first = listing.records[0]
+    assert (first.key, first.label, first.split) == ("hasy-data/v2-00000.png", 2, None)
+    assert first.origin == "hasy-data-labels.csv:2"
+    streamed = dict(source.iter_bytes([record.key for record in listing.records]))
+    assert streamed == {name: data for name, data in files.items() if name.endswith(".png")}
+
+
+def test_fold_sets_splits_leaves_out_unlisted_images_and_shares_the_fingerprint(tmp_path, files):
+    archive = write_tar(tmp_path / "h.tar.bz2", files)
+    listings = {fold: HasySource(archive, fold=fold).list_samples() for fold in (None, 1, 2)}
+    assert Counter(r.split for r in listings[None].records) == {None: 12}
+    assert Counter(r.split for r in listings[1].records) == {"train": 6, "test": 3}
+    assert "hasy-data/v2-00003.png" not in {r.key for r in listings[1].records}
+    assert listings[1].records != listings[2].records
+    assert len({listing.fingerprint for listing in listings.values()}) == 1
+    # Folds over the same images share one decoded cache entry.
+    preprocessing = Preprocessing()
+    assert cache_key(listings[1], preprocessing) == cache_key(listings[2], preprocessing)
+
+
+def test_build_splits_uses_the_fold(tmp_path, files):
+    archive = write_tar(tmp_path / "h.tar.bz2", files)
+    config = DataConfig(dataset="hasy", data=str(archive), fold=1, val_fraction=0)
+    loaded = build_splits(config, Preprocessing(), cache_dir=tmp_path / "cache")
+    assert (len(loaded.splits.train), len(loaded.splits.test)) == (6, 3)
+    assert loaded.splits.train.images.shape == (6, 32, 32, 1)
+    assert loaded.problems == []
+
+
+@pytest.mark.parametrize(
+    ("labels_last", "buffer_limit", "passes"),
+    [(True, archive.BUFFER_LIMIT, 1), (True, 0, 2), (False, archive.BUFFER_LIMIT, 2)],
+)
+def test_listing_and_streaming_decompress_at_most_twice(
+    tmp_path, files, monkeypatch, labels_last, buffer_limit, passes
+):
+    archive_path = write_tar(tmp_path / "h.tar.bz2", files, labels_last=labels_last)
+    calls = []
+    original = archive._decompress_file
+
+    def counting(path):
+        calls.append(path)
+        return original(path)
+
+    monkeypatch.setattr(archive, "_decompress_file", counting)
+    monkeypatch.setattr(archive, "BUFFER_LIMIT", buffer_limit)
+    source = HasySource(archive_path, fold=1)
+    keys = [record.key for record in source.list_samples().records]
+    assert len(dict(source.iter_bytes(keys))) == len(keys)
+    assert len(calls) == passes
+
+
+def test_missing_files_are_named(tmp_path, files):
+    with pytest.raises(DataFormatError, match="fold-3/train.csv"):
+        HasySource(write_tar(tmp_path / "h.tar.bz2", files), fold=3).list_samples()
+    del files["symbols.csv"]
+    with pytest.raises(DataFormatError, match="symbols.csv: missing"):
+        HasySource(write_folder(tmp_path / "folder", files)).list_samples()
+    with pytest.raises(DataFormatError, match="missing hasy-data-labels.csv"):
+        HasySource(tmp_path / "folder" / "hasy-data").list_samples()
+    with pytest.raises(DataFormatError, match="no such archive or folder"):
+        HasySource(tmp_path / "absent.tar.bz2").list_samples()
+
+
+@pytest.mark.parametrize(
+    ("file", "line", "bad", "message"),
+    [
+        ("hasy-data-labels.csv", 3, "hasy-data/v2-00001.png,x,C,7", "symbol_id must be"),
+        ("hasy-data-labels.csv", 3, "hasy-data/v2-00001.png,99,C,7", "99 is not in symbols"),
+        ("hasy-data-labels.csv", 3, "hasy-data/v2-00001.png,33,A,7", "disagrees"),
+        ("hasy-data-labels.csv", 3, "hasy-data/v2-00000.png,33,C,7", "listed twice"),
+        ("hasy-data-labels.csv", 3, "../../etc/passwd,33,C,7", "refused"),
+        ("hasy-data-labels.csv", 3, "hasy-data/v2-00001.png", "expected at least 3"),
+        ("symbols.csv", 3, "31,C,1,1", "listed twice"),
+        ("classification-task/fold-1/train.csv", 2, "../../hasy-data/nope.png,31,A,1", "not in"),
+    ],
+)
+def test_malformed_rows_name_the_file_and_line(tmp_path, files, file, line, bad, message):
+    lines = files[file].decode().split("\r\n")
+    lines[line - 1] = bad
+    files[file] = "\r\n".join(lines).encode()
+    source = HasySource(write_tar(tmp_path / "h.tar.bz2", files), fold=1)
+    with pytest.raises(DataFormatError, match=rf"{file}:{line}: .*{message}"):
+        source.list_samples()
+
+
+def test_missing_image_is_reported_by_the_cache(tmp_path, files):
+    del files["hasy-data/v2-00001.png"]
+    archive = write_tar(tmp_path / "h.tar.bz2", files)
+    config = DataConfig(dataset="hasy", data=str(archive), on_bad_image="skip")
+    loaded = build_splits(config, Preprocessing())
+    assert loaded.problems == [
+        "hasy-data/v2-00001.png (hasy-data-labels.csv:3): file not found in the source"
+    ]
+
+
+def test_folds_share_one_decoded_cache_entry(tmp_path, files):
+    archive = write_tar(tmp_path / "h.tar.bz2", files)
+    results = [
+        build_splits(
+            DataConfig(dataset="hasy", data=str(archive), fold=fold), Preprocessing(), tmp_path
+        )
+        for fold in (1, 2)
+    ]
+    assert [result.from_cache for result in results] == [False, True]
+
+
+def test_cache_token_is_cheap_and_names_archive_and_fold(tmp_path, files):
+    archive = write_tar(tmp_path / "h.tar.bz2", files)
+    tokens = {HasySource(archive, fold=fold).cache_token() for fold in (None, 1, 2)}
+    assert len(tokens) == 3 and all(str(archive) in token for token in tokens)
+    assert HasySource(write_folder(tmp_path / "folder", files)).cache_token() is None
+
+
+# The tar reader.
+
+
+def tricky_members() -> dict[str, bytes]:
+    long_folder = "a-very-long-folder-name-" * 4
+    return {
+        "top/small.txt": b"small",
+        f"top/{long_folder}/deep/{'n' * 90}.png": b"long name",
+        "top/ünïcødé ñame/ßymbol.png": b"unicode",
+        "top/empty.bin": b"",
+        "top/exactly-512.bin": bytes(range(256)) * 2,
+        "top/odd.bin": b"x" * 1000,
+    }
+
+
+@pytest.mark.parametrize(
+    ("mode", "tar_format"),
+    [
+        ("w:bz2", tarfile.GNU_FORMAT),
+        ("w:gz", tarfile.PAX_FORMAT),
+        ("w:xz", tarfile.USTAR_FORMAT),
+        ("w", tarfile.PAX_FORMAT),
+    ],
+)
+def test_iter_archive_matches_tarfile(tmp_path, mode, tar_format):
+    members = tricky_members()
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, mode, format=tar_format) as archive:
+        folder = tarfile.TarInfo("top/folder")
+        folder.type = tarfile.DIRTYPE
+        archive.addfile(folder)
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        for index, target in enumerate(["small.txt", "far/" * 40 + "small.txt"]):
+            link = tarfile.TarInfo(f"top/link-{index}-{'l' * 100 * index}.png")
+            link.type, link.linkname = tarfile.SYMTYPE, target
+            if tar_format != tarfile.USTAR_FORMAT or index == 0:
+                archive.addfile(link)
+    assert dict(iter_archive(path)) == members
+    with tarfile.open(path) as archive:
+        expected = [normalize_member_name(m.name) for m in archive.getmembers() if m.isfile()]
+    assert [name for name, _ in iter_archive(path, lambda name: False)] == expected
+
+
+def test_iter_archive_reads_multi_stream_bzip2(tmp_path, files):
+    plain = write_tar(tmp_path / "h.tar", files, "w").read_bytes()
+    half = len(plain) // 2
+    path = tmp_path / "parallel.tar.bz2"
+    path.write_bytes(bz2.compress(plain[:half]) + bz2.compress(plain[half:]))
+    assert dict(iter_archive(path)) == files
+
+
+def test_iter_archive_refuses_truncated_and_foreign_files(tmp_path, files):
+    plain = write_tar(tmp_path / "h.tar", files, "w").read_bytes()
+    truncated = tmp_path / "truncated.tar.xz"
+    truncated.write_bytes(lzma.compress(plain[: len(plain) // 2 + 100]))
+    with pytest.raises(DataFormatError, match="truncated"):
+        list(iter_archive(truncated))
+    cut = tmp_path / "cut.tar.bz2"
+    cut.write_bytes(bz2.compress(plain)[:-100])
+    with pytest.raises(DataFormatError, match="truncated"):
+        list(iter_archive(cut))
+    foreign = tmp_path / "foreign.bz2"
+    foreign.write_bytes(bz2.compress(b"not a tar archive " * 100))
+    with pytest.raises(DataFormatError, match="not a tar archive"):
+        list(iter_archive(foreign))
+    corrupt = tmp_path / "corrupt.tar.bz2"
+    corrupt.write_bytes(bz2.compress(plain)[:-200] + b"\0" * 200)
+    with pytest.raises(DataFormatError, match="corrupt compressed data|truncated"):
+        list(iter_archive(corrupt))
+
+
+def test_archive_truncated_after_its_csvs_fails_loudly_while_decoding(tmp_path, files):
+    archive = write_tar(tmp_path / "h.tar.gz", files, "w:gz", labels_last=False)
+    archive.write_bytes(archive.read_bytes()[:-300])
+    source = HasySource(archive)
+    listing = source.list_samples()
+    with pytest.raises(DataFormatError, match="truncated"):
+        load_images(source, listing, Preprocessing(), None, workers=2)
+
+
+# The development copy in ../shared/data.
+
+needs_hasy = pytest.mark.skipif(
+    not HASY_DEV.is_file(), reason=f"real HASYv2 dev archive not found at {HASY_DEV}"
+)
+
+
+@pytest.mark.realdata
+@needs_hasy
+def test_real_hasy_listing_and_fold_one():
+    source = HasySource(HASY_DEV, fold=1)
+    listing = source.list_samples()
+    assert len(listing.records) == 151_572
+    assert len(listing.class_names) == 369
+    assert listing.class_names[0] == "A"
+    splits = Counter(record.split for record in listing.records)
+    assert (
+        splits["train"] > 0 and splits["test"] > 0 and splits["train"] + splits["test"] == 151_572
+    )
+    # Decode only two classes, from the images the listing pass kept in memory.
+    limited = limit_listing(listing, max_classes=2, max_per_class=20)
+    decoded = dict(source.iter_bytes([record.key for record in limited.records]))
+    assert len(decoded) == len(limited.records)
+    assert all(data.startswith(b"\x89PNG") for data in decoded.values())
