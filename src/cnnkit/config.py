@@ -223,7 +223,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "hasy": {
         "data": {"channels": 1, "image_size": 32, "val_fraction": 0.05},
         "model": {"name": "symbol_cnn", "options": {"width": 32}},
-        "train": {"epochs": 16, "batch_size": 128, "learning_rate": 3e-3, "bf16_cpu": True},
+        "augment": {
+            "max_rotation": 5.0,
+            "max_shift": 0.03,
+            "max_shear": 0.05,
+            "scale_min": 0.95,
+            "scale_max": 1.05,
+        },
+        "train": {"epochs": 15, "batch_size": 128, "learning_rate": 3e-3, "bf16_cpu": True},
     },
     "book-hasy": {
         "data": {"channels": 3, "image_size": 32},

@@ -1,9 +1,15 @@
 """Our default CNNs for small grayscale images such as 32x32 handwritten symbols.
 
-``symbol_cnn`` is a VGG-style network: three stages of two 3x3 conv + batch-norm + ReLU layers
-(widths w, 2w, 4w), max-pooling between stages, global average pooling and a dropout head. Batch
-norm lets it train at high learning rates with one-cycle; global pooling keeps the head small
-(the 369-class head has 256 x 369 weights instead of the book's 1,152 x 128 + 128 x 369).
+``symbol_cnn`` is a VGG-style network: stages of two 3x3 conv + batch-norm + ReLU layers
+(widths w, 2w, 4w), max-pooling between stages, then average pooling to a ``pool_size`` grid
+(4x4 by default), flattening, dropout and a linear classifier. Batch norm lets it train at high
+learning rates with one-cycle.
+
+Why a 4x4 grid rather than global average pooling: many HASYv2 classes differ only by where the
+ink sits in the frame (``.`` vs ``\\cdot``, ``,`` vs ``'``, ``-`` vs ``\\_``). Measured on fold 1
+with width 32: global pooling plateaued at 84.5% test top-1 after 16 epochs (74.2% after two);
+the 4x4 grid reached 84.0% in a 2-epoch run, and 84.8% with the preset's lighter augmentation
+(see the README's results table for the full recipe).
 """
 
 from __future__ import annotations
