@@ -124,7 +124,11 @@ def write_atomically(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        # mkstemp creates the file private (0600); give the result the usual umask-based mode.
+        os.chmod(temporary, 0o666 & ~umask)
         write(Path(temporary))
         with open(temporary, "rb") as stream:
             os.fsync(stream.fileno())
