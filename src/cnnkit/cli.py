@@ -405,9 +405,10 @@ def command_fetch(args: argparse.Namespace) -> int:
 
 
 def command_serve(args: argparse.Namespace) -> int:
-    from cnnkit.web.app import serve
+    from cnnkit.web.app import is_loopback, serve
 
-    print(f"Serving on http://{args.host}:{args.port}/  (Ctrl-C stops)")
+    if is_loopback(args.host) or args.allow_remote:
+        print(f"Serving on http://{args.host}:{args.port}/  (Ctrl-C stops)")
     serve(
         args.model,
         host=args.host,
@@ -450,6 +451,15 @@ def command_models(args: argparse.Namespace) -> int:
     for name in list_models():
         options = ", ".join(f"{k}={v!r}" for k, v in model_options(name).items())
         print(f"{name:<22} {options}")
+    return 0
+
+
+def command_export(args: argparse.Namespace) -> int:
+    from cnnkit.inference.export import DEFAULT_OPSET, export_onnx
+
+    model_path = Path(args.model)
+    out = Path(args.out) if args.out else model_path.with_suffix(".onnx")
+    print(export_onnx(model_path, out, opset=args.opset or DEFAULT_OPSET))
     return 0
 
 
@@ -512,6 +522,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list registered models and their options")
     models.set_defaults(handler=command_models)
+
+    export = commands.add_parser("export", help="export a model file to ONNX")
+    export.add_argument("model", help="model file (.safetensors)")
+    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument("--out", help="output file (default: MODEL with a .onnx suffix)")
+    export.add_argument("--opset", type=int, help="ONNX opset version (default 18)")
+    export.set_defaults(handler=command_export)
     return parser
 
 

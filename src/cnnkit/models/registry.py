@@ -43,7 +43,8 @@ def model_options(name: str) -> dict[str, Any]:
     return {
         key: parameter.default
         for key, parameter in signature.parameters.items()
-        if key not in ("num_classes", "in_channels") and parameter.default is not inspect._empty
+        if key not in ("num_classes", "in_channels", "pretrained")
+        and parameter.default is not inspect._empty
     }
 
 

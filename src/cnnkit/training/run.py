@@ -24,7 +24,7 @@ from cnnkit.data.loader import BatchLoader, build_eval_transform, build_train_tr
 from cnnkit.data.sources import LoadedData, build_splits
 from cnnkit.evaluation.report import EvaluationReport, build_report
 from cnnkit.inference.artifact import ModelMetadata, save_model, write_atomically
-from cnnkit.models.registry import create_model
+from cnnkit.models.registry import create_model, model_options
 from cnnkit.runtime import DistributedContext, seed_everything, select_device
 from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger
 from cnnkit.training.trainer import Callback, FitResult, Trainer
@@ -229,7 +229,8 @@ def train_run(
             architecture=config.model.name,
             class_names=tuple(splits.class_names),
             preprocessing=preprocessing,
-            options=dict(config.model.options),
+            # All resolved options, so a later change of a default cannot break the file.
+            options={**model_options(config.model.name), **config.model.options},
             training={
                 "dataset": config.data.dataset,
                 "fold": config.data.fold,

@@ -1,0 +1,238 @@
+"""Load benchmark for ``cnnkit serve``: latency and throughput of POST /api/predict.
+
+Starts the server in a subprocess on loopback (as ``cnnkit serve`` would), then fires a fixed
+number of requests from concurrent clients, each a thread with its own keep-alive connection, and
+prints p50/p90/p99 latency, throughput and the error count.
+
+Example:
+    python benchmarks/serve_load.py --model runs/hasy/model.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+BARS = {"p50_ms": 10.0, "p99_ms": 50.0, "errors": 0}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def resolve_model(model: str | None) -> str:
+    if model:
+        return model
+    from cnnkit.inference.bundled import bundled_model_path
+
+    try:
+        return str(bundled_model_path())
+    except FileNotFoundError as error:
+        raise SystemExit(f"{error}\nPass --model PATH to benchmark a model file.") from None
+
+
+def synthetic_images(kind: str, count: int, seed: int = 0) -> list[bytes]:
+    """Distinct PNG drawings (symbols) or JPEG photos, so no two requests are identical."""
+    generator = np.random.default_rng(seed)
+    images = []
+    for _ in range(count):
+        if kind == "symbols":
+            image = Image.new("L", (32, 32), 255)
+            points = [tuple(int(v) for v in generator.integers(0, 32, 2)) for _ in range(5)]
+            ImageDraw.Draw(image).line(points, fill=0, width=2)
+            buffer = io.BytesIO()
+            image.save(buffer, "PNG")
+        else:
+            pixels = generator.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, "JPEG", quality=85)
+        images.append(buffer.getvalue())
+    return images
+
+
+def multipart_body(image: bytes, source: str) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="source"\r\n\r\n{source}\r\n',
+        f'--{boundary}\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n5\r\n',
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="image"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n",
+    ]
+    body = "".join(parts).encode() + image + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def start_server(model: str, port: int, torch_threads: int) -> subprocess.Popen:
+    code = (
+        "import logging, sys, torch; logging.basicConfig(level=logging.WARNING);"
+        "threads = int(sys.argv[3]); threads > 0 and torch.set_num_threads(threads);"
+        "from cnnkit.web.app import serve;"
+        "serve(sys.argv[1], host='127.0.0.1', port=int(sys.argv[2]))"
+    )
+    environment = dict(os.environ)
+    source_root = str(Path(__file__).resolve().parents[1] / "src")
+    environment["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [source_root, environment.get("PYTHONPATH")])
+    )
+    command = [sys.executable, "-c", code, model, str(port), str(torch_threads)]
+    process = subprocess.Popen(command, env=environment)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited with status {process.returncode}")
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            connection.request("GET", "/healthz")
+            if connection.getresponse().status == 200:
+                connection.close()
+                return process
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise SystemExit("the server did not become healthy within 180 s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (Linux), or NaN where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_clients(
+    port: int, bodies: list[tuple[bytes, str]], num_requests: int, concurrency: int
+) -> tuple[list[float], int, float]:
+    """Send ``num_requests`` over ``concurrency`` threads; returns latencies, errors, seconds."""
+    latencies: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    counter = iter(range(num_requests))
+    start_barrier = threading.Barrier(concurrency + 1)
+
+    def client() -> None:
+        nonlocal errors
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        mine, failed = [], 0
+        start_barrier.wait()
+        while True:
+            with lock:
+                index = next(counter, None)
+            if index is None:
+                break
+            body, content_type = bodies[index % len(bodies)]
+            began = time.perf_counter()
+            try:
+                connection.request(
+                    "POST", "/api/predict", body=body, headers={"Content-Type": content_type}
+                )
+                response = connection.getresponse()
+                response.read()
+                if response.status != 200:
+                    failed += 1
+            except (OSError, http.client.HTTPException):
+                failed += 1
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            mine.append(time.perf_counter() - began)
+        connection.close()
+        with lock:
+            latencies.extend(mine)
+            errors += failed
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    start_barrier.wait()
+    began = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return latencies, errors, time.perf_counter() - began
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model file (default: the bundled symbol model)")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--source", choices=("upload", "canvas"), default="upload")
+    parser.add_argument("--distinct-images", type=int, default=256)
+    parser.add_argument(
+        "--torch-threads", type=int, default=0, help="intra-op threads (0: PyTorch's default)"
+    )
+    arguments = parser.parse_args()
+
+    model = resolve_model(arguments.model)
+    from cnnkit.inference.artifact import ModelMetadata, read_metadata
+
+    metadata = ModelMetadata.from_dict(read_metadata(model), model)
+    images = synthetic_images(metadata.kind, arguments.distinct_images)
+    bodies = [multipart_body(image, arguments.source) for image in images]
+    port = free_port()
+    server = start_server(model, port, arguments.torch_threads)
+    try:
+        run_clients(port, bodies, arguments.warmup, arguments.concurrency)
+        server_cpu, client_cpu = cpu_seconds(server.pid), time.process_time()
+        latencies, errors, elapsed = run_clients(
+            port, bodies, arguments.requests, arguments.concurrency
+        )
+        server_cpu = cpu_seconds(server.pid) - server_cpu
+        client_cpu = time.process_time() - client_cpu
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    milliseconds = np.array(latencies) * 1000.0
+    figures = {
+        "model": f"{metadata.architecture} ({metadata.kind}, {metadata.num_classes} classes)",
+        "requests": len(latencies),
+        "concurrency": arguments.concurrency,
+        "cpu_count": os.cpu_count(),
+        "p50_ms": round(float(np.percentile(milliseconds, 50)), 2),
+        "p90_ms": round(float(np.percentile(milliseconds, 90)), 2),
+        "p99_ms": round(float(np.percentile(milliseconds, 99)), 2),
+        "max_ms": round(float(milliseconds.max()), 2),
+        "mean_ms": round(statistics.fmean(milliseconds), 2),
+        "throughput_rps": round(len(latencies) / elapsed, 1),
+        "errors": errors,
+        "server_cpu_ms_per_request": round(server_cpu * 1000 / len(latencies), 3),
+        "client_cpu_ms_per_request": round(client_cpu * 1000 / len(latencies), 3),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
+    # What the CPUs could sustain if this benchmark had them to itself: on a shared machine the
+    # latencies above depend on the other load, the CPU time per request much less.
+    cpu_per_request = figures["server_cpu_ms_per_request"] + figures["client_cpu_ms_per_request"]
+    figures["cpu_bound_throughput_rps"] = round(1000.0 * (os.cpu_count() or 1) / cpu_per_request)
+    print(json.dumps(figures, indent=2))
+    passed = (
+        figures["p50_ms"] < BARS["p50_ms"]
+        and figures["p99_ms"] < BARS["p99_ms"]
+        and errors <= BARS["errors"]
+    )
+    print(
+        f"bars (p50 < {BARS['p50_ms']:g} ms, p99 < {BARS['p99_ms']:g} ms, 0 errors): "
+        + ("met" if passed else "MISSED")
+    )
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Turning image requests into ranked predictions, many requests per forward pass.
+
+Small uploads are decoded in the batch thread itself, which saves a thread hop per request; large
+photos and canvas drawings (which need more work) are prepared in the thread pool first, so they
+do not hold up the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from cnnkit.data.image import BadImageError, decode_image, prepare_image
+from cnnkit.inference.predictor import Prediction, Predictor
+from cnnkit.web.batching import MicroBatcher
+from cnnkit.web.drawing import canvas_to_symbol
+from cnnkit.web.upload import ImageRequest
+
+logger = logging.getLogger(__name__)
+
+# Uploads up to this size (a 32x32 PNG is under 1 kB) are decoded in the batch thread.
+INLINE_DECODE_BYTES = 64 * 1024
+_OBJECT_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+class PredictionService:
+    """Ranks the classes of uploaded images with one model, batching concurrent requests.
+
+    Args:
+        predictor: the model.
+        max_batch_size: the most images in one forward pass.
+        max_wait_seconds: how long a lone request waits for company before running.
+    """
+
+    def __init__(
+        self, predictor: Predictor, max_batch_size: int = 16, max_wait_seconds: float = 0.002
+    ) -> None:
+        self.predictor = predictor
+        self.batcher: MicroBatcher[tuple[Any, int]] = MicroBatcher(
+            self._run_batch, max_batch_size, max_wait_seconds
+        )
+
+    def prepare(self, image_request: ImageRequest) -> np.ndarray:
+        """Decode, turn a canvas drawing into training form, and convert to ``uint8 [S, S, C]``.
+
+        Raises:
+            HTTPException: 400 for data that is not a readable image (or is a decompression bomb).
+        """
+        try:
+            image = decode_image(image_request.data, "uploaded file")
+        except BadImageError as error:
+            raise HTTPException(400, _OBJECT_ADDRESS.sub("data", str(error))) from None
+        if image_request.source == "canvas" and self.predictor.metadata.kind == "symbols":
+            image = canvas_to_symbol(image)
+        return prepare_image(image, self.predictor.metadata.preprocessing)
+
+    async def predict(self, image_request: ImageRequest) -> list[Prediction]:
+        """The ``top_k`` predictions for one request, best first."""
+        payload: ImageRequest | np.ndarray = image_request
+        if len(image_request.data) > INLINE_DECODE_BYTES or image_request.source == "canvas":
+            payload = await run_in_threadpool(self.prepare, image_request)
+        return await self.batcher.submit((payload, image_request.top_k))
+
+    def _run_batch(self, jobs: list[tuple[Any, int]]) -> list[Any]:
+        """Prepare what is not yet prepared, run one forward pass, rank each image."""
+        results: list[Any] = [None] * len(jobs)
+        arrays, positions = [], []
+        for position, (payload, _) in enumerate(jobs):
+            try:
+                arrays.append(payload if isinstance(payload, np.ndarray) else self.prepare(payload))
+                positions.append(position)
+            except HTTPException as error:
+                results[position] = error
+            except Exception as error:  # One odd image must not fail the others in its batch.
+                logger.exception("could not prepare an image")
+                results[position] = error
+        if arrays:
+            probabilities = self.predictor.probabilities(np.stack(arrays))
+            for row, position in zip(probabilities, positions, strict=True):
+                results[position] = self.predictor.rank(row[None], jobs[position][1])[0]
+        return results
+
+    async def close(self) -> None:
+        """Stop the batch worker."""
+        await self.batcher.close()

@@ -1,0 +1,375 @@
+// cnnkit web page: a drawing canvas for symbol models, a photo upload for photo models.
+// Plain JavaScript with no external assets; every failure is shown in the error box.
+"use strict";
+
+(function () {
+  const TOP_K = 5;
+  const DEBOUNCE_MS = 200;
+  const STROKE_FRACTION = 0.035; // Stroke width as a fraction of the canvas side.
+
+  const $ = (id) => document.getElementById(id);
+  const errorBox = $("error");
+  const statusLine = $("status");
+  const resultsList = $("results");
+  let model = null;
+  let requestNumber = 0;
+  let inFlight = null;
+
+  function showError(message) {
+    errorBox.textContent = message;
+    errorBox.hidden = false;
+  }
+
+  function clearError() {
+    errorBox.hidden = true;
+    errorBox.textContent = "";
+  }
+
+  window.addEventListener("error", (event) => showError("Something went wrong in the page: " + event.message));
+  window.addEventListener("unhandledrejection", (event) => {
+    showError("Something went wrong: " + (event.reason && event.reason.message ? event.reason.message : event.reason));
+  });
+
+  function displayName(label) {
+    // Photo class names look like "001.Black_footed_Albatross".
+    return label.replace(/^\d+\./, "").replace(/_/g, " ");
+  }
+
+  function percent(confidence) {
+    return (confidence * 100).toFixed(confidence >= 0.995 ? 0 : 1) + "%";
+  }
+
+  async function copyText(text, button) {
+    try {
+      if (navigator.clipboard && window.isSecureContext) {
+        await navigator.clipboard.writeText(text);
+      } else {
+        const area = document.createElement("textarea");
+        area.value = text;
+        area.setAttribute("readonly", "");
+        area.className = "visually-hidden";
+        document.body.appendChild(area);
+        area.select();
+        document.execCommand("copy");
+        area.remove();
+      }
+      button.textContent = "Copied";
+      setTimeout(() => { button.textContent = "Copy"; }, 1200);
+    } catch (error) {
+      showError("Could not copy to the clipboard; select the text and copy it instead.");
+    }
+  }
+
+  function meter(confidence) {
+    const wrapper = document.createElement("div");
+    wrapper.className = "meter";
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    bar.setAttribute("aria-hidden", "true");
+    const fill = document.createElement("div");
+    fill.className = "bar-fill";
+    fill.style.width = Math.max(0.5, confidence * 100).toFixed(1) + "%";
+    bar.appendChild(fill);
+    const value = document.createElement("span");
+    value.className = "confidence";
+    value.textContent = percent(confidence);
+    wrapper.append(bar, value);
+    return wrapper;
+  }
+
+  function symbolItem(prediction) {
+    const item = document.createElement("li");
+    item.className = "result";
+    const image = document.createElement("img");
+    image.className = "symbol";
+    image.src = prediction.render;
+    image.alt = ""; // The LaTeX code next to it says the same to a screen reader.
+    const body = document.createElement("div");
+    const head = document.createElement("div");
+    head.className = "result-head";
+    const code = document.createElement("code");
+    code.className = "latex";
+    code.textContent = prediction.label;
+    const copy = document.createElement("button");
+    copy.type = "button";
+    copy.className = "copy";
+    copy.textContent = "Copy";
+    copy.setAttribute("aria-label", "Copy " + prediction.label);
+    copy.addEventListener("click", () => copyText(prediction.label, copy));
+    head.append(code, copy);
+    body.append(head, meter(prediction.confidence));
+    item.append(image, body);
+    return item;
+  }
+
+  function photoItem(prediction, rank) {
+    const item = document.createElement("li");
+    item.className = "result photo";
+    const number = document.createElement("span");
+    number.className = "rank";
+    number.textContent = String(rank + 1);
+    const body = document.createElement("div");
+    const name = document.createElement("span");
+    name.className = "label";
+    name.textContent = displayName(prediction.label);
+    name.title = prediction.label;
+    body.append(name, meter(prediction.confidence));
+    item.append(number, body);
+    return item;
+  }
+
+  function showResults(predictions) {
+    resultsList.replaceChildren(
+      ...predictions.map((p, rank) => (model.kind === "symbols" ? symbolItem(p) : photoItem(p, rank)))
+    );
+    const best = predictions[0];
+    const name = model.kind === "symbols" ? best.label : displayName(best.label);
+    statusLine.textContent = "Best guess: " + name + " (" + percent(best.confidence) + ")";
+  }
+
+  function resetResults(message) {
+    requestNumber += 1; // Any answer still on its way is now stale.
+    if (inFlight) inFlight.abort();
+    resultsList.replaceChildren();
+    statusLine.textContent = message;
+  }
+
+  async function errorMessage(response) {
+    try {
+      const body = await response.json();
+      if (body && body.error) return body.error;
+    } catch (ignored) { /* Not JSON: fall through. */ }
+    return "The server answered " + response.status + " " + response.statusText;
+  }
+
+  function megabytes(bytes) {
+    return (bytes / 1e6).toFixed(1) + " MB";
+  }
+
+  async function predict(blob, source, filename) {
+    if (model.max_upload_bytes && blob.size > model.max_upload_bytes) {
+      resetResults("No prediction.");
+      showError("The file is " + megabytes(blob.size) + "; the limit is " + megabytes(model.max_upload_bytes) + ".");
+      return;
+    }
+    const number = ++requestNumber;
+    if (inFlight) inFlight.abort();
+    inFlight = new AbortController();
+    const form = new FormData();
+    form.append("file", blob, filename);
+    form.append("source", source);
+    form.append("top_k", String(TOP_K));
+    statusLine.textContent = "Predicting…";
+    resultsList.setAttribute("aria-busy", "true");
+    try {
+      const response = await fetch("/api/predict", { method: "POST", body: form, signal: inFlight.signal });
+      if (number !== requestNumber) return;
+      if (!response.ok) {
+        const message = await errorMessage(response);
+        if (number !== requestNumber) return;
+        resultsList.replaceChildren();
+        statusLine.textContent = "No prediction.";
+        showError(message);
+        return;
+      }
+      const body = await response.json();
+      if (number !== requestNumber) return;
+      clearError();
+      showResults(body.predictions);
+    } catch (error) {
+      if (error.name === "AbortError" || number !== requestNumber) return;
+      statusLine.textContent = "No prediction.";
+      showError("Could not reach the server: " + error.message);
+    } finally {
+      if (number === requestNumber) resultsList.removeAttribute("aria-busy");
+    }
+  }
+
+  // ----- Symbols: the drawing canvas -----
+
+  function setUpCanvas() {
+    const canvas = $("canvas");
+    const context = canvas.getContext("2d");
+    const undoButton = $("undo");
+    const clearButton = $("clear");
+    const strokes = []; // Each stroke is a list of [x, y] in 0..1 canvas coordinates.
+    let current = null;
+    let timer = null;
+
+    function fitBackingStore() {
+      const side = Math.round(canvas.getBoundingClientRect().width * (window.devicePixelRatio || 1));
+      if (side > 0 && canvas.width !== side) {
+        canvas.width = side;
+        canvas.height = side;
+        redraw();
+      }
+    }
+
+    function stylePen() {
+      context.lineCap = "round";
+      context.lineJoin = "round";
+      context.strokeStyle = "#000";
+      context.fillStyle = "#000";
+      context.lineWidth = Math.max(2, canvas.width * STROKE_FRACTION);
+    }
+
+    function drawStroke(points) {
+      const side = canvas.width;
+      if (points.length === 1) {
+        context.beginPath();
+        context.arc(points[0][0] * side, points[0][1] * side, context.lineWidth / 2, 0, 2 * Math.PI);
+        context.fill();
+        return;
+      }
+      context.beginPath();
+      context.moveTo(points[0][0] * side, points[0][1] * side);
+      for (const [x, y] of points.slice(1)) context.lineTo(x * side, y * side);
+      context.stroke();
+    }
+
+    function redraw() {
+      context.fillStyle = "#fff";
+      context.fillRect(0, 0, canvas.width, canvas.height);
+      stylePen();
+      strokes.forEach(drawStroke);
+      undoButton.disabled = strokes.length === 0;
+      clearButton.disabled = strokes.length === 0;
+    }
+
+    function position(event) {
+      const box = canvas.getBoundingClientRect();
+      return [(event.clientX - box.left) / box.width, (event.clientY - box.top) / box.height];
+    }
+
+    function schedulePrediction() {
+      clearTimeout(timer);
+      if (strokes.length === 0) {
+        resetResults("Draw a symbol to see predictions.");
+        return;
+      }
+      timer = setTimeout(() => {
+        canvas.toBlob((blob) => {
+          if (blob) predict(blob, "canvas", "drawing.png");
+          else showError("Could not read the drawing from the canvas.");
+        }, "image/png");
+      }, DEBOUNCE_MS);
+    }
+
+    canvas.addEventListener("pointerdown", (event) => {
+      if (event.pointerType === "mouse" && event.button !== 0) return;
+      event.preventDefault();
+      canvas.setPointerCapture(event.pointerId);
+      current = [position(event)];
+      strokes.push(current);
+      redraw();
+    });
+
+    canvas.addEventListener("pointermove", (event) => {
+      if (!current) return;
+      event.preventDefault();
+      const events = event.getCoalescedEvents ? event.getCoalescedEvents() : [event];
+      for (const each of events.length ? events : [event]) current.push(position(each));
+      redraw();
+      schedulePrediction();
+    });
+
+    function endStroke(event) {
+      if (!current) return;
+      current = null;
+      if (canvas.hasPointerCapture(event.pointerId)) canvas.releasePointerCapture(event.pointerId);
+      schedulePrediction();
+    }
+    canvas.addEventListener("pointerup", endStroke);
+    canvas.addEventListener("pointercancel", endStroke);
+
+    function undo() {
+      if (strokes.length === 0) return;
+      strokes.pop();
+      redraw();
+      schedulePrediction();
+    }
+    undoButton.addEventListener("click", undo);
+    clearButton.addEventListener("click", () => {
+      strokes.length = 0;
+      redraw();
+      clearError();
+      schedulePrediction();
+      canvas.focus();
+    });
+    document.addEventListener("keydown", (event) => {
+      const typing = event.target instanceof HTMLInputElement || event.target instanceof HTMLTextAreaElement;
+      if (!typing && (event.ctrlKey || event.metaKey) && event.key.toLowerCase() === "z") {
+        event.preventDefault();
+        undo();
+      }
+    });
+
+    new ResizeObserver(fitBackingStore).observe(canvas);
+    fitBackingStore();
+    redraw();
+    statusLine.textContent = "Draw a symbol to see predictions.";
+    $("symbol-file").addEventListener("change", (event) => {
+      const file = event.target.files[0];
+      if (file) predict(file, "upload", file.name);
+    });
+  }
+
+  // ----- Photos: drag and drop or file picker -----
+
+  function setUpPhotos() {
+    const dropzone = $("dropzone");
+    const input = $("photo-file");
+    const figure = $("preview-figure");
+    const preview = $("preview");
+    let previewUrl = null;
+
+    function useFile(file) {
+      if (!file) return;
+      clearError();
+      if (previewUrl) URL.revokeObjectURL(previewUrl);
+      previewUrl = URL.createObjectURL(file);
+      preview.src = previewUrl;
+      $("preview-caption").textContent = file.name;
+      figure.hidden = false;
+      predict(file, "upload", file.name);
+    }
+
+    preview.addEventListener("error", () => { figure.hidden = true; });
+    input.addEventListener("change", () => useFile(input.files[0]));
+    dropzone.addEventListener("dragover", (event) => {
+      event.preventDefault();
+      dropzone.classList.add("dragging");
+    });
+    dropzone.addEventListener("dragleave", () => dropzone.classList.remove("dragging"));
+    dropzone.addEventListener("drop", (event) => {
+      event.preventDefault();
+      dropzone.classList.remove("dragging");
+      useFile(event.dataTransfer.files[0]);
+    });
+    statusLine.textContent = "Choose a photo to see the likely species.";
+  }
+
+  async function start() {
+    try {
+      const response = await fetch("/api/model");
+      if (!response.ok) throw new Error(await errorMessage(response));
+      model = await response.json();
+    } catch (error) {
+      $("model-info").textContent = "No model information.";
+      statusLine.textContent = "Unavailable.";
+      showError("Could not load the model description: " + error.message);
+      return;
+    }
+    const what = model.kind === "symbols" ? "handwritten symbols" : "photos";
+    $("model-info").textContent = model.architecture + " · " + model.num_classes + " classes · " + what;
+    if (model.kind === "symbols") {
+      $("symbols-panel").hidden = false;
+      setUpCanvas();
+    } else {
+      $("photos-panel").hidden = false;
+      setUpPhotos();
+    }
+  }
+
+  start();
+})();

@@ -1,0 +1,261 @@
+"""Reading an image out of a prediction request: size limits, multipart, JSON base64, raw bytes.
+
+The size limit is enforced twice: a declared ``Content-Length`` over the limit is refused before
+any body is read, and the body is counted while it streams in, so a chunked or lying client
+cannot get past it either.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from python_multipart.multipart import parse_options_header
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+SOURCES = ("upload", "canvas")
+DEFAULT_TOP_K = 5
+# Room for multipart boundaries and the small form fields next to the file.
+_MULTIPART_OVERHEAD = 64 * 1024
+
+
+class RequestTooLargeError(HTTPException):
+    """A request body over the upload limit (HTTP 413)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request too large: images of up to {limit:,} bytes are accepted")
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """The parts of a prediction request: encoded image bytes, where they came from, and top-k."""
+
+    data: bytes
+    source: str = "upload"
+    top_k: int = DEFAULT_TOP_K
+
+
+def media_type(headers: Any) -> str:
+    """The bare media type of a request (``"application/json"``), lower case."""
+    return headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def body_limit(content_type: str, max_upload_bytes: int) -> int:
+    """The most body bytes to accept for an image of at most ``max_upload_bytes``."""
+    if content_type == "application/json":
+        # Base64 turns 3 bytes into 4; a data-URL prefix and the other fields need a little more.
+        return -(-max_upload_bytes // 3) * 4 + _MULTIPART_OVERHEAD
+    if content_type == "multipart/form-data":
+        return max_upload_bytes + _MULTIPART_OVERHEAD
+    return max_upload_bytes
+
+
+class BodySizeLimitMiddleware:
+    """ASGI middleware refusing request bodies over the limit with HTTP 413.
+
+    Args:
+        app: the wrapped application.
+        max_upload_bytes: the largest image accepted (see :func:`body_limit`).
+    """
+
+    def __init__(self, app: ASGIApp, max_upload_bytes: int) -> None:
+        self.app = app
+        self.max_upload_bytes = max_upload_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {
+            key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]
+        }
+        limit = body_limit(media_type(headers), self.max_upload_bytes)
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.strip().isdigit() or int(declared) > limit):
+            status = 413 if declared.strip().isdigit() else 400
+            message = (
+                RequestTooLargeError(self.max_upload_bytes).detail
+                if status == 413
+                else "invalid Content-Length"
+            )
+            await _send_json_error(send, status, message)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise RequestTooLargeError(self.max_upload_bytes)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _send_json_error(send: Send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def parse_top_k(value: Any) -> int:
+    """A positive integer from a form string or JSON number; raises HTTP 400 otherwise."""
+    if value is None or value == "":
+        return DEFAULT_TOP_K
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise HTTPException(400, "top_k must be a positive integer")
+    try:
+        top_k = int(value)
+    except ValueError:
+        raise HTTPException(400, "top_k must be a positive integer") from None
+    if top_k < 1:
+        raise HTTPException(400, "top_k must be a positive integer")
+    return top_k
+
+
+def parse_source(value: Any) -> str:
+    """``"upload"`` (the default) or ``"canvas"``; raises HTTP 400 otherwise."""
+    if value is None or value == "":
+        return "upload"
+    if value not in SOURCES:
+        raise HTTPException(400, f"source must be one of {', '.join(SOURCES)}")
+    return value
+
+
+def decode_base64_image(text: Any, max_upload_bytes: int) -> bytes:
+    """Bytes of a base64 string or ``data:image/...;base64,`` URL; HTTP 400/413 on bad input."""
+    if not isinstance(text, str) or not text:
+        raise HTTPException(400, "'image' must be a base64 string or a data URL")
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if not header.endswith(";base64"):
+            raise HTTPException(400, "the data URL must be base64-encoded")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPException(400, "'image' is not valid base64") from None
+    if len(data) > max_upload_bytes:
+        raise RequestTooLargeError(max_upload_bytes)
+    return data
+
+
+def parse_multipart(body: bytes, content_type: str, max_fields: int = 16) -> dict[str, bytes]:
+    """The fields of a ``multipart/form-data`` body, by name (the first of a repeated name wins).
+
+    The body is already in memory (and within the size limit), so a few ``bytes.find`` calls
+    split it much faster than a general streaming parser.
+
+    Args:
+        body: the request body.
+        content_type: the ``Content-Type`` header, which carries the boundary.
+        max_fields: the most parts accepted.
+
+    Raises:
+        HTTPException: 400 for a missing boundary or a malformed or truncated body.
+    """
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary", b"")
+    if not 1 <= len(boundary) <= 200:
+        raise HTTPException(400, "multipart request without a valid boundary")
+    delimiter = b"--" + boundary
+    position = body.find(delimiter)
+    if position < 0:
+        raise HTTPException(400, "malformed multipart body: no boundary found")
+    position += len(delimiter)
+    fields: dict[str, bytes] = {}
+    while not body.startswith(b"--", position):
+        if not body.startswith(b"\r\n", position):
+            raise HTTPException(400, "malformed multipart body")
+        end = body.find(b"\r\n" + delimiter, position)
+        header_end = body.find(b"\r\n\r\n", position)
+        if end < 0 or header_end < 0 or header_end > end:
+            raise HTTPException(400, "malformed or truncated multipart body")
+        if len(fields) >= max_fields:
+            raise HTTPException(400, f"too many multipart fields (at most {max_fields})")
+        name = _part_name(body[position + 2 : header_end])
+        fields.setdefault(name, body[header_end + 4 : end])
+        position = end + 2 + len(delimiter)
+    return fields
+
+
+def _part_name(header_block: bytes) -> str:
+    for line in header_block.decode("latin-1").split("\r\n"):
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "content-disposition":
+            _, options = parse_options_header(value.strip())
+            if b"name" in options:
+                return options[b"name"].decode("utf-8", "replace")
+    raise HTTPException(400, "malformed multipart body: a part has no field name")
+
+
+async def _read_multipart(request: Request, max_upload_bytes: int) -> ImageRequest:
+    fields = parse_multipart(await request.body(), request.headers.get("content-type", ""))
+    if "file" not in fields:
+        raise HTTPException(400, "send the image as a multipart file field named 'file'")
+    if len(fields["file"]) > max_upload_bytes:
+        raise RequestTooLargeError(max_upload_bytes)
+
+    def text(name: str) -> str | None:
+        value = fields.get(name)
+        return None if value is None else value.decode("utf-8", "replace").strip()
+
+    return ImageRequest(fields["file"], parse_source(text("source")), parse_top_k(text("top_k")))
+
+
+async def _read_json(request: Request, max_upload_bytes: int) -> ImageRequest:
+    body = await request.body()
+    if not body:
+        raise HTTPException(400, "empty request body: send an image")
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise HTTPException(400, "the request body is not valid JSON") from None
+    if not isinstance(payload, dict) or "image" not in payload:
+        raise HTTPException(400, "the JSON body must be an object with an 'image' field")
+    return ImageRequest(
+        decode_base64_image(payload["image"], max_upload_bytes),
+        parse_source(payload.get("source")),
+        parse_top_k(payload.get("top_k")),
+    )
+
+
+async def read_image_request(request: Request, max_upload_bytes: int) -> ImageRequest:
+    """Parse a prediction request; raises ``HTTPException`` (400, 413 or 415) with a message.
+
+    Accepts ``multipart/form-data`` (fields ``file``, ``source``, ``top_k``), a JSON object
+    (``image`` as base64 or a data URL, ``source``, ``top_k``), or raw ``image/*`` bytes (with
+    ``source`` and ``top_k`` as query parameters).
+    """
+    content_type = media_type(request.headers)
+    if content_type == "multipart/form-data":
+        return await _read_multipart(request, max_upload_bytes)
+    if content_type == "application/json":
+        return await _read_json(request, max_upload_bytes)
+    if content_type.startswith("image/") or content_type == "application/octet-stream":
+        return ImageRequest(
+            await request.body(),
+            parse_source(request.query_params.get("source")),
+            parse_top_k(request.query_params.get("top_k")),
+        )
+    if not content_type and not await request.body():
+        raise HTTPException(400, "empty request body: send an image")
+    raise HTTPException(
+        415, "send multipart/form-data (field 'file'), a JSON body, or raw image/* bytes"
+    )

@@ -1,0 +1,562 @@
+"""Tests for the web app and REST API (cnnkit.web): endpoints, limits, bad input, batching."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import re
+import struct
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image, ImageDraw
+
+from cnnkit.config import Preprocessing
+from cnnkit.inference.artifact import ModelMetadata, save_model
+from cnnkit.inference.predictor import Predictor
+from cnnkit.models.registry import create_model
+from cnnkit.web.app import create_app, is_loopback, load_predictor, optimize_for_serving, serve
+from cnnkit.web.batching import MicroBatcher
+from cnnkit.web.drawing import canvas_to_symbol, estimate_stroke_width
+from cnnkit.web.render import MAX_LATEX_LENGTH, render_latex_svg
+from cnnkit.web.upload import BodySizeLimitMiddleware, parse_multipart
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+SYMBOL_CLASSES = (r"\alpha", r"\beta", r"\sum", "A", r"\male", r"\mathds{R}", "7")
+XML_NAMESPACE = re.compile(r'xmlns(:\w+)?="[^"]*"')
+BIRD_CLASSES = ("001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross")
+
+
+@pytest.fixture(scope="module")
+def symbol_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = create_model("symbol_cnn", len(SYMBOL_CLASSES), in_channels=1, width=8)
+    metadata = ModelMetadata(
+        "symbol_cnn", SYMBOL_CLASSES, model.default_preprocessing, options={"width": 8}
+    )
+    return save_model(tmp_path_factory.mktemp("models") / "symbols.safetensors", model, metadata)
+
+
+@pytest.fixture(scope="module")
+def photo_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(1)
+    model = create_model("symbol_cnn", len(BIRD_CLASSES), in_channels=3, width=8)
+    preprocessing = Preprocessing("photo", 3, 64, 72, (0.5,) * 3, (0.5,) * 3)
+    metadata = ModelMetadata("symbol_cnn", BIRD_CLASSES, preprocessing, options={"width": 8})
+    return save_model(tmp_path_factory.mktemp("models") / "photos.safetensors", model, metadata)
+
+
+@pytest.fixture(scope="module")
+def predictor(symbol_model_path: Path) -> Predictor:
+    return Predictor.from_file(symbol_model_path)
+
+
+@pytest.fixture(scope="module")
+def client(predictor: Predictor):
+    with TestClient(create_app(predictor, max_upload_bytes=200_000)) as test_client:
+        yield test_client
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def symbol_image(seed: int) -> Image.Image:
+    generator = np.random.default_rng(seed)
+    image = Image.new("L", (32, 32), 255)
+    points = [tuple(int(v) for v in generator.integers(0, 32, 2)) for _ in range(4)]
+    ImageDraw.Draw(image).line(points, fill=0, width=2)
+    return image
+
+
+def canvas_drawing(size: int = 300, line_width: int = 12) -> Image.Image:
+    """A transparent canvas with an alpha-like curve, as a browser canvas would export."""
+    image = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    curve = [(60 + 180 * t, 150 + 70 * np.sin(6 * t)) for t in np.linspace(0, 1, 50)]
+    draw.line(curve, fill=(0, 0, 0, 255), width=line_width, joint="curve")
+    draw.ellipse((110, 90, 190, 210), outline=(0, 0, 0, 255), width=line_width)
+    return image
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    pixels = zlib.compress(b"\x00" * 1000)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+
+
+def post_file(client: TestClient, data: bytes, **fields: str):
+    return client.post(
+        "/api/predict", files={"file": ("image.png", data, "image/png")}, data=fields
+    )
+
+
+def as_pairs(predictions: list[dict]) -> list[tuple[str, float]]:
+    return [(entry["label"], round(entry["confidence"], 5)) for entry in predictions]
+
+
+# ----- Page, static assets, model description, health -----
+
+
+def test_index_page_is_self_contained(client: TestClient) -> None:
+    response = client.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+    for asset in ("/static/app.js", "/static/app.css", "/static/favicon.svg"):
+        assert asset in response.text
+        served = client.get(asset)
+        assert served.status_code == 200
+        # No CDN or other remote asset: every URL the page uses is on this server.
+        assert not re.search("https?://", XML_NAMESPACE.sub("", served.text)), asset
+    assert not re.search("https?://", response.text)
+
+
+@pytest.mark.parametrize("path", ["/static/app.py", "/static/..%2Fapp.py", "/static/%2e%2e/app.py"])
+def test_static_serves_only_known_assets(client: TestClient, path: str) -> None:
+    response = client.get(path)
+    assert response.status_code == 404
+    assert "error" in response.json()
+
+
+def test_health(client: TestClient) -> None:
+    body = client.get("/healthz").json()
+    assert body["status"] == "ok"
+    assert body["model"]["kind"] == "symbols"
+
+
+def test_model_description(client: TestClient) -> None:
+    body = client.get("/api/model").json()
+    assert body["class_names"] == list(SYMBOL_CLASSES)
+    assert body["num_classes"] == len(SYMBOL_CLASSES)
+    assert body["kind"] == "symbols"
+    assert body["architecture"] == "symbol_cnn"
+    assert body["input_shape"] == [1, 32, 32]
+    assert body["preprocessing"]["image_size"] == 32
+    assert body["max_upload_bytes"] == 200_000
+
+
+def test_openapi_docs_list_the_endpoints(client: TestClient) -> None:
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/predict", "/api/model", "/api/render", "/healthz"} <= set(paths)
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/nowhere"), ("GET", "/api/predict")])
+def test_unknown_routes_give_json_errors(client: TestClient, method: str, path: str) -> None:
+    response = client.request(method, path)
+    assert response.status_code in (404, 405)
+    assert "error" in response.json()
+
+
+# ----- Predictions -----
+
+
+def test_multipart_prediction_matches_the_predictor(
+    client: TestClient, predictor: Predictor
+) -> None:
+    image = symbol_image(0)
+    response = post_file(client, png_bytes(image))
+    assert response.status_code == 200
+    body = response.json()
+    expected = [p.to_dict() for p in predictor.predict([image], top_k=5)[0]]
+    assert as_pairs(body["predictions"]) == as_pairs(expected)
+    assert body["model"] == {
+        "architecture": "symbol_cnn",
+        "kind": "symbols",
+        "num_classes": len(SYMBOL_CLASSES),
+        "input_shape": [1, 32, 32],
+    }
+    assert all(entry["render"].startswith("/api/render?latex=") for entry in body["predictions"])
+
+
+@pytest.mark.parametrize("data_url", [False, True])
+def test_json_base64_prediction(client: TestClient, data_url: bool) -> None:
+    data = png_bytes(symbol_image(1))
+    encoded = base64.b64encode(data).decode()
+    if data_url:
+        encoded = "data:image/png;base64," + encoded
+    response = client.post("/api/predict", json={"image": encoded, "top_k": 3})
+    assert response.status_code == 200
+    assert len(response.json()["predictions"]) == 3
+    assert as_pairs(response.json()["predictions"]) == as_pairs(
+        post_file(client, data, top_k="3").json()["predictions"]
+    )
+
+
+def test_raw_image_body_prediction(client: TestClient) -> None:
+    data = png_bytes(symbol_image(2))
+    response = client.post(
+        "/api/predict?top_k=2", content=data, headers={"content-type": "image/png"}
+    )
+    assert response.status_code == 200
+    assert len(response.json()["predictions"]) == 2
+
+
+def test_canvas_source_turns_the_drawing_into_a_training_symbol(
+    client: TestClient, predictor: Predictor
+) -> None:
+    drawing = canvas_drawing()
+    response = post_file(client, png_bytes(drawing), source="canvas")
+    assert response.status_code == 200
+    expected = [p.to_dict() for p in predictor.predict([canvas_to_symbol(drawing)])[0]]
+    assert as_pairs(response.json()["predictions"]) == as_pairs(expected)
+
+
+def test_top_k_is_clamped_and_validated(client: TestClient) -> None:
+    data = png_bytes(symbol_image(3))
+    assert len(post_file(client, data, top_k="100").json()["predictions"]) == len(SYMBOL_CLASSES)
+    for bad in ("0", "-2", "three"):
+        response = post_file(client, data, top_k=bad)
+        assert response.status_code == 400
+        assert "top_k" in response.json()["error"]
+
+
+def test_photo_model_prediction(photo_model_path: Path) -> None:
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), np.uint8))
+    buffer = io.BytesIO()
+    photo.save(buffer, "JPEG")
+    predictor = Predictor.from_file(photo_model_path)
+    with TestClient(create_app(predictor)) as photo_client:
+        assert photo_client.get("/api/model").json()["kind"] == "photos"
+        response = post_file(photo_client, buffer.getvalue())
+    assert response.status_code == 200
+    predictions = response.json()["predictions"]
+    assert [entry["label"] for entry in predictions] == [
+        p.label for p in predictor.predict([Image.open(buffer)], top_k=5)[0]
+    ]
+    assert "render" not in predictions[0]
+    assert sum(entry["confidence"] for entry in predictions) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_concurrent_requests_match_sequential_ones(client: TestClient) -> None:
+    images = [png_bytes(symbol_image(seed)) for seed in range(32)]
+    sequential = [as_pairs(post_file(client, data).json()["predictions"]) for data in images]
+    before = client.get("/healthz").json()
+    concurrent: list = [None] * len(images)
+
+    def worker(index: int) -> None:
+        response = post_file(client, images[index])
+        concurrent[index] = (response.status_code, as_pairs(response.json()["predictions"]))
+
+    threads = [threading.Thread(target=worker, args=(index,)) for index in range(len(images))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [status for status, _ in concurrent] == [200] * len(images)
+    assert [pairs for _, pairs in concurrent] == sequential
+    after = client.get("/healthz").json()
+    assert after["predictions_run"] - before["predictions_run"] == len(images)
+
+
+# ----- Limits and bad input -----
+
+
+def test_declared_size_over_the_limit_is_refused(client: TestClient) -> None:
+    response = post_file(client, b"\x00" * 300_000)
+    assert response.status_code == 413
+    assert "too large" in response.json()["error"]
+
+
+def test_chunked_body_over_the_limit_is_refused(client: TestClient) -> None:
+    def chunks():
+        for _ in range(50):
+            yield b"\x00" * 10_000
+
+    response = client.post("/api/predict", content=chunks(), headers={"content-type": "image/png"})
+    assert response.status_code == 413
+    assert "too large" in response.json()["error"]
+
+
+def test_a_lying_content_length_does_not_bypass_the_limit() -> None:
+    """Drive the middleware directly: the header says 10 bytes, the body brings 50 kB."""
+    seen: list[int] = []
+
+    async def application(scope, receive, send) -> None:
+        while True:
+            message = await receive()
+            seen.append(len(message.get("body", b"")))
+            if not message.get("more_body"):
+                return
+
+    messages = [{"type": "http.request", "body": b"x" * 10_000, "more_body": True}] * 5
+    messages = [*messages, {"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive():
+        return messages.pop(0)
+
+    async def send(message) -> None:
+        raise AssertionError("the middleware itself must not answer here")
+
+    middleware = BodySizeLimitMiddleware(application, max_upload_bytes=20_000)
+    scope = {
+        "type": "http",
+        "headers": [(b"content-length", b"10"), (b"content-type", b"image/png")],
+    }
+    with pytest.raises(Exception) as raised:
+        asyncio.run(middleware(scope, receive, send))
+    assert getattr(raised.value, "status_code", None) == 413
+    assert sum(seen) <= 20_000
+
+
+def test_decoded_upload_over_the_limit_is_refused(predictor: Predictor) -> None:
+    data = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 80), np.uint8)))
+    with TestClient(create_app(predictor, max_upload_bytes=len(data) - 1)) as small_client:
+        encoded = base64.b64encode(data).decode()
+        assert small_client.post("/api/predict", json={"image": encoded}).status_code == 413
+
+
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        (b"this is not an image at all", "not a readable image"),
+        (png_bytes(Image.new("L", (64, 64), 128))[:60], "image"),
+        (b"", "empty"),
+        (png_declaring(20_000, 20_000), "too large"),
+    ],
+    ids=["not-an-image", "truncated-png", "empty", "decompression-bomb"],
+)
+def test_bad_images_get_a_clear_400(client: TestClient, data: bytes, words: str) -> None:
+    for response in (
+        post_file(client, data),
+        client.post("/api/predict", content=data, headers={"content-type": "image/png"}),
+        client.post("/api/predict", json={"image": base64.b64encode(data).decode()}),
+    ):
+        assert 400 <= response.status_code < 500
+        error = response.json()["error"]
+        assert words in error.lower() or "image" in error.lower()
+        assert "Traceback" not in error
+    assert client.get("/healthz").json()["status"] == "ok"
+
+
+def test_truncated_png_error_mentions_truncation(client: TestClient) -> None:
+    data = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), np.uint8)))
+    response = post_file(client, data[: len(data) // 2])
+    assert response.status_code == 400
+    assert "truncated" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "body, content_type, status",
+    [
+        (b"", "", 400),
+        (b"", "application/json", 400),
+        (b"{not json", "application/json", 400),
+        (b"[1, 2]", "application/json", 400),
+        (json.dumps({"image": "!!!not base64!!!"}).encode(), "application/json", 400),
+        (json.dumps({"image": "data:image/png,abc"}).encode(), "application/json", 400),
+        (json.dumps({"image": "aGk=", "source": "camera"}).encode(), "application/json", 400),
+        (
+            b'--x\r\nContent-Disposition: form-data; name="file"\r\n\r\nab',
+            "multipart/form-data; boundary=x",
+            400,
+        ),
+        (b"hello", "multipart/form-data", 400),
+        (b"hello", "text/plain", 415),
+    ],
+)
+def test_malformed_requests_get_json_errors(
+    client: TestClient, body: bytes, content_type: str, status: int
+) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    response = client.post("/api/predict", content=body, headers=headers)
+    assert response.status_code == status
+    assert response.json()["error"]
+
+
+def test_multipart_without_a_file_field(client: TestClient) -> None:
+    response = client.post("/api/predict", data={"source": "canvas"}, files={"other": ("a", b"x")})
+    assert response.status_code == 400
+    assert "'file'" in response.json()["error"]
+
+
+def test_unexpected_errors_give_a_generic_500(symbol_model_path: Path) -> None:
+    predictor = Predictor.from_file(symbol_model_path)
+
+    def broken(prepared: np.ndarray) -> np.ndarray:
+        raise RuntimeError("secret internal detail")
+
+    predictor.probabilities = broken
+    with TestClient(create_app(predictor), raise_server_exceptions=False) as broken_client:
+        response = post_file(broken_client, png_bytes(symbol_image(0)))
+        assert response.status_code == 500
+        assert response.json() == {"error": "internal server error"}
+        assert broken_client.get("/healthz").status_code == 200
+
+
+def test_create_app_validates_the_limit(predictor: Predictor) -> None:
+    with pytest.raises(ValueError, match="max_upload_bytes"):
+        create_app(predictor, max_upload_bytes=0)
+
+
+# ----- Multipart parsing -----
+
+
+def test_multipart_parser_reads_what_httpx_encodes(client: TestClient) -> None:
+    payload = bytes(range(256)) * 3 + b"\r\n--not-the-boundary\r\n"
+    request = client.build_request(
+        "POST",
+        "/api/predict",
+        files={"file": ('we"ird name.png', payload, "image/png")},
+        data={"source": "canvas", "top_k": "4"},
+    )
+    fields = parse_multipart(request.read(), request.headers["content-type"])
+    assert fields == {"source": b"canvas", "top_k": b"4", "file": payload}
+
+
+def test_multipart_parser_accepts_a_quoted_boundary_and_preamble() -> None:
+    body = (
+        b'preamble\r\n--b o\r\nContent-Disposition: form-data; name="file"\r\n\r\nxy\r\n--b o--\r\n'
+    )
+    assert parse_multipart(body, 'multipart/form-data; boundary="b o"') == {"file": b"xy"}
+
+
+# ----- LaTeX rendering -----
+
+
+@pytest.mark.parametrize(
+    "latex", [r"\alpha", r"\sum", "A", r"\mathds{R}", r"\male", r"\sqrt{}", r"\$"]
+)
+def test_render_returns_svg(client: TestClient, latex: str) -> None:
+    response = client.get("/api/render", params={"latex": latex})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/svg+xml"
+    assert "<svg" in response.text and "<path" in response.text
+    assert "max-age" in response.headers["cache-control"]
+
+
+def test_render_falls_back_to_text_for_unknown_commands(client: TestClient) -> None:
+    for latex in (r"\notarealcommand", r"\frac{", "}" * 10, "$", "<script>alert(1)</script>"):
+        response = client.get("/api/render", params={"latex": latex})
+        assert response.status_code == 200, latex
+        assert "<svg" in response.text
+        assert "<script" not in response.text
+
+
+def test_render_limits_the_input(client: TestClient) -> None:
+    assert (
+        client.get("/api/render", params={"latex": "x" * (MAX_LATEX_LENGTH + 1)}).status_code == 422
+    )
+    response = client.get("/api/render")
+    assert response.status_code == 422
+    assert "latex" in response.json()["error"]
+    with pytest.raises(ValueError):
+        render_latex_svg("   ")
+
+
+def test_render_is_cached() -> None:
+    assert render_latex_svg(r"\beta") is render_latex_svg(r"\beta")
+
+
+# ----- Drawing normalisation (HASYv2 form) -----
+
+
+def ink_statistics(image: Image.Image) -> tuple[int, int, float]:
+    ink = np.asarray(image) < 128
+    rows, columns = np.nonzero(ink)
+    height, width = rows.max() - rows.min() + 1, columns.max() - columns.min() + 1
+    return int(max(height, width)), int(min(height, width)), estimate_stroke_width(ink)
+
+
+@pytest.mark.parametrize("line_width", [3, 12, 30])
+def test_canvas_to_symbol_matches_the_training_data(line_width: int) -> None:
+    symbol = canvas_to_symbol(canvas_drawing(line_width=line_width))
+    assert symbol.size == (32, 32) and symbol.mode == "L"
+    assert set(np.unique(np.asarray(symbol))) <= {0, 255}
+    longer, _, stroke_width = ink_statistics(symbol)
+    assert longer == 32  # HASYv2 symbols touch two opposite edges.
+    assert 1.5 <= stroke_width <= 2.3  # HASYv2 strokes measure 1.8 px by the same estimate.
+
+
+def test_canvas_to_symbol_keeps_the_aspect_ratio() -> None:
+    canvas = Image.new("L", (400, 300), 255)
+    ImageDraw.Draw(canvas).rectangle((50, 100, 250, 200), outline=0, width=8)
+    longer, shorter, _ = ink_statistics(canvas_to_symbol(canvas))
+    assert longer == 32
+    assert abs(shorter - 16) <= 2
+
+
+def test_canvas_to_symbol_blank_and_dot() -> None:
+    blank = canvas_to_symbol(Image.new("RGBA", (200, 200), (0, 0, 0, 0)))
+    assert np.asarray(blank).min() == 255
+    canvas = Image.new("L", (300, 300), 255)
+    ImageDraw.Draw(canvas).ellipse((140, 140, 152, 152), fill=0)
+    longer, shorter, _ = ink_statistics(canvas_to_symbol(canvas))
+    assert longer <= 6 and shorter >= 4
+
+
+# ----- Batching, serving options, host check -----
+
+
+def test_micro_batcher_runs_concurrent_items_together() -> None:
+    sizes: list[int] = []
+
+    def run_batch(items: list[int]) -> list:
+        sizes.append(len(items))
+        return [ValueError("odd") if item % 2 else item * 10 for item in items]
+
+    async def scenario() -> list:
+        batcher = MicroBatcher(run_batch, max_batch_size=8, max_wait_seconds=0.05)
+        results = await asyncio.gather(
+            *(batcher.submit(item) for item in range(6)), return_exceptions=True
+        )
+        await batcher.close()
+        return results
+
+    results = asyncio.run(scenario())
+    assert sizes == [6]
+    assert results[0::2] == [0, 20, 40]
+    assert all(isinstance(result, ValueError) for result in results[1::2])
+
+
+def test_micro_batcher_validates_its_options() -> None:
+    with pytest.raises(ValueError, match="max_batch_size"):
+        MicroBatcher(lambda items: items, max_batch_size=0)
+
+
+def test_optimize_for_serving_keeps_the_outputs(symbol_model_path: Path) -> None:
+    reference = Predictor.from_file(symbol_model_path)
+    optimized = load_predictor(str(symbol_model_path))
+    images = np.stack([np.asarray(symbol_image(seed))[:, :, None] for seed in range(4)])
+    assert np.allclose(reference.probabilities(images), optimized.probabilities(images), atol=1e-6)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in optimized.model.modules())
+    with pytest.raises(ValueError, match="eval"):
+        optimize_for_serving(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3)).train())
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2", "[::1]"])
+def test_loopback_hosts(host: str) -> None:
+    assert is_loopback(host)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.5", "example.com", ""])
+def test_serve_refuses_other_interfaces_unless_allowed(host: str) -> None:
+    assert not is_loopback(host)
+    with pytest.raises(ValueError, match="allow_remote"):
+        serve(None, host=host, port=8000)
+
+
+def test_allow_remote_lifts_the_host_check(tmp_path: Path) -> None:
+    # The host check passes, so serving fails later, on the missing model file.
+    with pytest.raises(ValueError, match="not found"):
+        serve(str(tmp_path / "missing.safetensors"), host="0.0.0.0", allow_remote=True)
