@@ -168,6 +168,10 @@ class TrainConfig:
             raise ValueError(f"warmup_fraction must be in [0, 1); got {self.warmup_fraction}")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise ValueError("early_stopping_patience must be >= 1")
+        for name in ("eval_batch_size", "max_steps_per_epoch"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1; got {value}")
 
 
 @dataclass(frozen=True)
@@ -321,6 +325,11 @@ def build_run_config(*layers: dict[str, Any]) -> RunConfig:
     """
     merged: dict[str, Any] = {}
     for layer in layers:
+        name = (layer.get("model") or {}).get("name")
+        model = merged.get("model", {})
+        if name is not None and name != model.get("name"):
+            # Options belong to the model they were written for; a new model starts afresh.
+            merged = {**merged, "model": {k: v for k, v in model.items() if k != "options"}}
         merged = merge_overrides(merged, layer)
     kwargs: dict[str, Any] = {}
     for key, value in merged.items():

@@ -109,6 +109,13 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def metadata_digest(header: dict[str, Any]) -> str:
+    """SHA-256 of the metadata (every key but ``metadata_sha256``), as canonical JSON."""
+    body = {key: value for key, value in header.items() if key != "metadata_sha256"}
+    text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def _state_tensors(model: nn.Module, half: bool) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, tensor in model.state_dict().items():
@@ -157,6 +164,7 @@ def save_model(
     header = metadata.to_dict()
     header["tensor_sha256"] = tensor_digest(tensors)
     header["dtype"] = "float16" if half else "float32"
+    header["metadata_sha256"] = metadata_digest(header)
     text = {_METADATA_KEY: json.dumps(header, ensure_ascii=False)}
     write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=text))
     return path
@@ -197,6 +205,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
 
     path = Path(path)
     raw = read_metadata(path)
+    if raw.get("metadata_sha256") != metadata_digest(raw):
+        raise ModelFileError(f"{path}: metadata checksum mismatch (file modified or corrupt)")
     metadata = ModelMetadata.from_dict(raw, str(path))
     try:
         tensors = load_file(str(path))

@@ -194,7 +194,11 @@ class Trainer:
         state = load_checkpoint(self.checkpoint_path)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        scheduler_state = dict(state["scheduler"])
+        # The schedule's length comes from this run's epochs, so a resumed run may be longer.
+        for key in ("total_steps", "_schedule_phases"):
+            scheduler_state.pop(key, None)
+        self.scheduler.load_state_dict(scheduler_state)
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])

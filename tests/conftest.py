@@ -1,0 +1,111 @@
+"""Shared fixtures: repository paths, tiny synthetic image sets and tiny saved model files."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cnnkit.config import Preprocessing
+from cnnkit.data.dataset import ImageSet
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked ``gpu`` where CUDA is absent."""
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA, which this machine does not have")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root (the folder holding ``pyproject.toml``)."""
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_data(repo_root: Path) -> Path:
+    """``../shared/data`` next to the repository; tests skip where a file there is absent."""
+    return repo_root.parent / "shared" / "data"
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    """An empty run folder inside the test's temporary directory."""
+    path = tmp_path / "run"
+    path.mkdir()
+    return path
+
+
+def make_image_set(
+    num_classes: int = 3,
+    per_class: int = 4,
+    size: int = 8,
+    channels: int = 1,
+    seed: int = 0,
+    class_names: list[str] | None = None,
+) -> ImageSet:
+    """Random uint8 images ``[N, size, size, channels]`` with balanced labels ``0..K-1``."""
+    rng = np.random.default_rng(seed)
+    count = num_classes * per_class
+    images = rng.integers(0, 256, size=(count, size, size, channels), dtype=np.uint8)
+    labels = np.repeat(np.arange(num_classes, dtype=np.int64), per_class)
+    names = class_names or [f"class_{index}" for index in range(num_classes)]
+    return ImageSet(images, labels, names, [f"image-{index:03d}.png" for index in range(count)])
+
+
+@pytest.fixture
+def tiny_image_set() -> Callable[..., ImageSet]:
+    """A builder of random image sets: ``tiny_image_set(num_classes=3, per_class=4, size=8)``."""
+    return make_image_set
+
+
+def save_tiny_model(
+    path: Path,
+    class_names: tuple[str, ...] = ("alpha", "beta", "gamma"),
+    mode: str = "symbol",
+    channels: int = 1,
+    seed: int = 0,
+    half: bool = False,
+) -> Path:
+    """Save a 4-wide ``symbol_cnn`` (32x32 input) as a cnnkit model file."""
+    from cnnkit.inference.artifact import ModelMetadata, save_model
+    from cnnkit.models.registry import create_model
+
+    torch.manual_seed(seed)
+    options = {"width": 4, "layers_per_stage": 1}
+    model = create_model("symbol_cnn", len(class_names), channels, **options).eval()
+    preprocessing = Preprocessing(mode, channels, 32, 32, (0.5,) * channels, (0.5,) * channels)
+    metadata = ModelMetadata("symbol_cnn", tuple(class_names), preprocessing, options)
+    return save_model(path, model, metadata, half=half)
+
+
+@pytest.fixture(scope="session")
+def symbol_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny symbol-mode model file with classes ``alpha``, ``beta``, ``gamma`` (read-only use)."""
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "symbols.safetensors")
+
+
+@pytest.fixture(scope="session")
+def photo_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny photo-mode, 3-channel model file with two bird names (read-only use)."""
+    return save_tiny_model(
+        tmp_path_factory.mktemp("models") / "photos.safetensors",
+        class_names=("Cardinal", "Blue Jay"),
+        mode="photo",
+        channels=3,
+    )
+
+
+@pytest.fixture
+def tiny_model_saver() -> Callable[..., Path]:
+    """``tiny_model_saver(path, class_names=..., mode="symbol", channels=1, half=False)``."""
+    return save_tiny_model

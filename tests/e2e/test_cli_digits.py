@@ -1,0 +1,93 @@
+"""End to end through the CLI on the embedded default (scikit-learn's digits): demo, predict,
+evaluate, and train then resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from cnnkit import __version__
+from cnnkit.cli import main
+from cnnkit.config import build_run_config, load_config_file
+
+CHANCE = 0.1  # ten digits
+
+
+def _metrics_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`cnnkit demo --epochs 2`, run once for the tests of this module."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["demo", "--epochs", "2", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_demo_writes_a_complete_run_folder(demo_run: Path) -> None:
+    for name in (
+        "model.safetensors",
+        "metrics.csv",
+        "config.yaml",
+        "run.json",
+        "report/metrics.json",
+        "report/per_class.csv",
+        "report/confusion.png",
+        "report/misclassified.png",
+    ):
+        assert (demo_run / name).is_file(), name
+    run = json.loads((demo_run / "run.json").read_text())
+    assert run["cnnkit_version"] == __version__
+    assert re.fullmatch(r"[0-9a-f]{40}|unknown", run["git_revision"])
+    assert run["status"] == "finished" and run["fit"]["epochs_run"] == 2
+    metrics = json.loads((demo_run / "report" / "metrics.json").read_text())
+    assert metrics["top1"] > 3 * CHANCE
+    assert run["test"]["top1"] == metrics["top1"]
+    assert [row["epoch"] for row in _metrics_rows(demo_run / "metrics.csv")] == ["1", "2"]
+    config = build_run_config(load_config_file(demo_run / "config.yaml"))
+    assert config.train.epochs == 2 and config.data.dataset == "digits"
+
+
+def test_predict_on_the_demo_samples(demo_run: Path, capsys) -> None:
+    samples = sorted((demo_run / "samples").glob("*.png"))
+    assert samples
+    capsys.readouterr()
+    assert main(["predict", str(demo_run / "model.safetensors"), str(demo_run / "samples")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(samples)
+    for path, line in zip(samples, lines, strict=True):
+        assert re.fullmatch(
+            rf"{re.escape(str(path))}: Prediction: \d, confidence: [01]\.\d\d", line
+        )
+
+
+def test_evaluate_matches_the_training_report(demo_run: Path, capsys, tmp_path: Path) -> None:
+    capsys.readouterr()
+    argv = ["evaluate", str(demo_run / "model.safetensors"), "--dataset", "digits", "--json"]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "evaluation")]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    trained = json.loads((demo_run / "report" / "metrics.json").read_text())
+    # The same seeded test split and the same preprocessing: at most one image may differ.
+    assert report["count"] == trained["count"]
+    assert abs(report["top1"] - trained["top1"]) <= 1 / report["count"] + 1e-9
+    assert (tmp_path / "evaluation" / "confusion.png").is_file()
+
+
+def test_train_then_resume_with_more_epochs(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    common = ["--dataset", "digits", "--max-per-class", "30", "--batch-size", "32", "--quiet"]
+    common += ["--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    assert main(["train", *common, "--epochs", "1"]) == 0
+    assert len(_metrics_rows(out / "metrics.csv")) == 1
+    assert main(["train", *common, "--epochs", "2", "--resume"]) == 0
+    assert [row["epoch"] for row in _metrics_rows(out / "metrics.csv")] == ["1", "2"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["fit"]["epochs_run"] == 2
+    assert "Test: top-1" in capsys.readouterr().out

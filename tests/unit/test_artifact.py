@@ -1,0 +1,328 @@
+"""Tests for the single-file model format: round trips, fp16, and every way a file can be bad."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import cnnkit
+from cnnkit.config import Preprocessing
+from cnnkit.inference.artifact import (
+    ModelFileError,
+    ModelMetadata,
+    load_model,
+    read_metadata,
+    save_model,
+    tensor_digest,
+)
+from cnnkit.models.registry import create_model
+
+OPTIONS = {"width": 4, "layers_per_stage": 1}
+PREPROCESSING = Preprocessing("symbol", 1, 32, 32, (0.5,), (0.5,))
+CLASS_NAMES = ("\\alpha", "é", "a,b", "$x$")
+
+
+def _model(num_classes: int = 4, seed: int = 0, **options) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = create_model("symbol_cnn", num_classes, 1, **{**OPTIONS, **options})
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(4, 1, 32, 32))  # Move the batch-norm running statistics off their init.
+    return model.eval()
+
+
+def _metadata(class_names=CLASS_NAMES, architecture="symbol_cnn", options=None) -> ModelMetadata:
+    return ModelMetadata(
+        architecture,
+        tuple(class_names),
+        PREPROCESSING,
+        dict(OPTIONS if options is None else options),
+        training={"dataset": "hasy", "fold": 1, "test_top1": 0.8125, "epochs_run": 3},
+    )
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    model = _model()
+    return save_model(tmp_path / "model.safetensors", model, _metadata()), model
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    return length, json.loads(data[8 : 8 + length])
+
+
+def _rewrite_metadata(path: Path, edit) -> None:
+    """Edit the cnnkit metadata in place, recomputing nothing (no checksum, no tensors)."""
+    data = path.read_bytes()
+    length, header = _header(path)
+    metadata = json.loads(header["__metadata__"]["cnnkit"])
+    edit(metadata)
+    header["__metadata__"]["cnnkit"] = json.dumps(metadata)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length :])
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _header_offset(path: Path, needle: bytes) -> int:
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    offset = data.index(needle, 8)
+    assert offset < 8 + length
+    return offset
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_gives_equal_logits_and_metadata(saved) -> None:
+    path, model = saved
+    loaded = load_model(path)
+    inputs = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(inputs), model(inputs))
+    assert loaded.metadata == _metadata()
+    assert loaded.metadata.num_classes == 4 and loaded.metadata.kind == "symbols"
+    assert not loaded.training
+    assert cnnkit.load_model(path).metadata == loaded.metadata
+
+
+def test_header_is_readable_without_loading_tensors(saved) -> None:
+    raw = read_metadata(saved[0])
+    assert raw["format"] == "cnnkit-model" and raw["architecture"] == "symbol_cnn"
+    assert raw["class_names"] == list(CLASS_NAMES)
+    assert raw["dtype"] == "float32" and len(raw["tensor_sha256"]) == 64
+
+
+def test_save_is_atomic_and_leaves_no_temporary_files(saved) -> None:
+    path, model = saved
+    save_model(path, model, _metadata())  # Overwrite in place.
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_fp16_file_is_smaller_and_loads_close(saved, tmp_path: Path) -> None:
+    path, model = saved
+    half = save_model(tmp_path / "half.safetensors", model, _metadata(), half=True)
+    assert half.stat().st_size < 0.75 * path.stat().st_size
+    assert read_metadata(half)["dtype"] == "float16"
+    loaded = load_model(half)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    inputs = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(inputs), model(inputs), atol=2e-2)
+    assert loaded.metadata == _metadata()
+
+
+def test_metadata_kind_for_photos() -> None:
+    photo = Preprocessing("photo", 3, 224, 256, (0.5,) * 3, (0.5,) * 3)
+    assert ModelMetadata("efficientnet_lite0", ("a",), photo).kind == "photos"
+
+
+# ----------------------------------------------------------------------------- bad files
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match="not found"):
+        load_model(tmp_path / "nothing.safetensors")
+
+
+@pytest.mark.parametrize("keep", [0, 4, 8, 20, "half-header", "half-data", "last-byte"])
+def test_truncated_file(saved, keep) -> None:
+    path, _ = saved
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    cut = {
+        "half-header": 8 + length // 2,
+        "half-data": 8 + length + (len(data) - 8 - length) // 2,
+        "last-byte": len(data) - 1,
+    }.get(keep, keep)
+    path.write_bytes(data[:cut])
+    with pytest.raises(ModelFileError, match="model.safetensors"):
+        load_model(path)
+
+
+@pytest.mark.parametrize(
+    ("needle", "index"),
+    [
+        (b'{"__metadata__"', 0),  # the JSON structure itself
+        (b'"F32"', 1),  # a tensor's dtype
+        (b'"data_offsets":[0,', 16),  # where a tensor's bytes begin
+        (b"tensor_sha256", 1),  # a metadata key
+        (b"symbol_cnn", 1),  # the architecture name
+        (b"alpha", 1),  # a class name: the model would silently print a wrong label
+        (b"0.5]", 2),  # the normalisation mean: predictions would silently change
+    ],
+)
+def test_flipped_byte_in_header(saved, needle: bytes, index: int) -> None:
+    path, _ = saved
+    _flip(path, _header_offset(path, needle) + index)
+    with pytest.raises(ModelFileError, match="model.safetensors"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("position", [0.1, 0.5, 0.999])
+def test_flipped_byte_in_tensor_data_fails_the_checksum(saved, position: float) -> None:
+    path, _ = saved
+    length, _ = _header(path)
+    size = path.stat().st_size
+    _flip(path, 8 + length + int((size - 8 - length) * position))
+    with pytest.raises(ModelFileError, match="checksum"):
+        load_model(path)
+
+
+def test_plain_safetensors_file_without_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "plain.safetensors"
+    save_file({k: v.contiguous() for k, v in _model().state_dict().items()}, str(path))
+    with pytest.raises(ModelFileError, match="no cnnkit metadata"):
+        load_model(path)
+
+
+def test_metadata_without_checksum(saved, tmp_path: Path) -> None:
+    path, _ = saved
+    _rewrite_metadata(path, lambda metadata: metadata.pop("tensor_sha256"))
+    with pytest.raises(ModelFileError, match="tensor_sha256|checksum"):
+        load_model(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.update(format="keras"), "not a cnnkit model|checksum"),
+        (lambda m: m.update(format_version=99), "version|checksum"),
+        (lambda m: m.pop("class_names"), "invalid metadata|checksum"),
+        (lambda m: m["preprocessing"].update(channels=2), "invalid metadata|checksum"),
+        (lambda m: m.update(num_classes=5), "num_classes|checksum"),
+    ],
+)
+def test_invalid_metadata(saved, edit, message: str) -> None:
+    path, _ = saved
+    _rewrite_metadata(path, edit)
+    with pytest.raises(ModelFileError, match=message):
+        load_model(path)
+
+
+def test_metadata_that_is_not_json(saved) -> None:
+    path, _ = saved
+    length, header = _header(path)
+    header["__metadata__"]["cnnkit"] = "{not json"
+    data = path.read_bytes()
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length :])
+    with pytest.raises(ModelFileError, match="not valid JSON"):
+        load_model(path)
+
+
+def test_unknown_architecture(tmp_path: Path) -> None:
+    path = save_model(tmp_path / "m.safetensors", _model(), _metadata(architecture="resnet9000"))
+    with pytest.raises(ModelFileError, match="cannot rebuild.*resnet9000"):
+        load_model(path)
+
+
+def test_unknown_architecture_edited_into_the_header(saved) -> None:
+    path, _ = saved
+    _rewrite_metadata(path, lambda m: m.update(architecture="resnet9000"))
+    with pytest.raises(ModelFileError, match="resnet9000|checksum"):
+        load_model(path)
+
+
+def test_class_count_mismatch_edited_into_the_header(saved) -> None:
+    path, _ = saved
+
+    def drop_a_class(metadata: dict) -> None:
+        metadata["class_names"] = metadata["class_names"][:3]
+        metadata["num_classes"] = 3
+
+    _rewrite_metadata(path, drop_a_class)
+    with pytest.raises(ModelFileError, match=r"classifier\.(weight|bias) has shape \(4,|checksum"):
+        load_model(path)
+
+
+def test_class_count_mismatch_between_model_and_metadata(tmp_path: Path) -> None:
+    path = save_model(tmp_path / "m.safetensors", _model(num_classes=5), _metadata())
+    with pytest.raises(
+        ModelFileError, match=r"classifier\.(weight|bias) has shape \(5,.*expects \(4,"
+    ):
+        load_model(path)
+
+
+def test_wrong_tensor_shapes_for_the_options(tmp_path: Path) -> None:
+    path = save_model(tmp_path / "m.safetensors", _model(width=8), _metadata())
+    with pytest.raises(ModelFileError, match="shape"):
+        load_model(path)
+
+
+def test_unknown_option_in_metadata(tmp_path: Path) -> None:
+    path = save_model(tmp_path / "m.safetensors", _model(), _metadata(options={"depth": 3}))
+    with pytest.raises(ModelFileError, match="cannot rebuild.*depth"):
+        load_model(path)
+
+
+def test_missing_tensor(tmp_path: Path) -> None:
+    model = _model()
+    model.classifier.bias = None
+    path = save_model(tmp_path / "m.safetensors", model, _metadata())
+    with pytest.raises(ModelFileError, match=r"missing \['classifier.bias'\]"):
+        load_model(path)
+
+
+def test_extra_tensor(tmp_path: Path) -> None:
+    model = _model()
+    model.register_buffer("smuggled", torch.zeros(3))
+    path = save_model(tmp_path / "m.safetensors", model, _metadata())
+    with pytest.raises(ModelFileError, match=r"unexpected \['smuggled'\]"):
+        load_model(path)
+
+
+def test_tensors_replaced_with_a_recomputed_checksum_are_still_shape_checked(saved) -> None:
+    path, _ = saved
+    raw = read_metadata(path)
+    tensors = load_file(str(path))
+    tensors["classifier.weight"] = torch.zeros(9, 16)
+    raw["tensor_sha256"] = tensor_digest(tensors)
+    save_file(tensors, str(path), metadata={"cnnkit": json.dumps(raw)})
+    with pytest.raises(ModelFileError, match="shape|checksum"):
+        load_model(path)
+
+
+# ----------------------------------------------------------------------------- no pickle
+
+
+class _Marker:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_pickle_named_safetensors_is_refused_without_running_it(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.safetensors"
+    torch.save({"payload": _Marker(str(marker))}, path)
+    with pytest.raises(ModelFileError, match="evil.safetensors"):
+        load_model(path)
+    assert not marker.exists()
+
+
+def test_loading_never_calls_a_pickle_loader(saved, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model file must never be unpickled")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    assert load_model(saved[0]).metadata.architecture == "symbol_cnn"

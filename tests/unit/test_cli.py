@@ -1,0 +1,331 @@
+"""Tests for the command line: config precedence, predict output formats, and error handling."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnkit import __version__
+from cnnkit.cli import build_parser, format_prediction, main, resolve_run_config
+from cnnkit.config import PRESETS
+from cnnkit.inference.predictor import Prediction, Predictor
+from cnnkit.models.registry import create_model
+
+SYMBOL_LINE = re.compile(r"^Prediction: (alpha|beta|gamma), confidence: [01]\.\d\d$")
+PHOTO_LINE = re.compile(r"^Prediction: (Cardinal|Blue Jay) \(\d{1,3}\.\d\d%\)$")
+
+
+def _resolve(*argv: str):
+    return resolve_run_config(build_parser().parse_args(["train", *argv]))
+
+
+def _write_images(folder: Path, count: int = 1) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(count):
+        path = folder / f"image-{index}.png"
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def test_dataset_picks_its_preset() -> None:
+    digits = _resolve("--dataset", "digits")
+    assert digits.model.name == PRESETS["digits"]["model"]["name"]
+    assert digits.model.options == PRESETS["digits"]["model"].get("options", {})
+    assert digits.train.epochs == PRESETS["digits"]["train"]["epochs"]
+    hasy = _resolve("--dataset", "hasy", "--data", "HASYv2.tar.bz2", "--fold", "2")
+    assert hasy.train.epochs == PRESETS["hasy"]["train"]["epochs"]
+    assert hasy.data.fold == 2 and hasy.data.data == "HASYv2.tar.bz2"
+    # No folder preset: the symbol (hasy) defaults.
+    folder = _resolve("--dataset", "folder", "--data", "images")
+    assert folder.train == hasy.train and folder.model == hasy.model
+
+
+def test_model_picks_its_preset() -> None:
+    book = _resolve("--dataset", "hasy", "--data", "h.tar.bz2", "--model", "book_cnn")
+    assert book.data.channels == 3 and book.train.optimizer == "adam"
+    assert not book.augment.enabled
+    bird = _resolve("--dataset", "cub", "--data", "c.tgz", "--model", "book_bird_cnn")
+    assert bird.data.image_size == 256 and bird.augment.max_rotation == 45.0
+    lite = _resolve("--dataset", "cub", "--data", "c.tgz", "--model", "efficientnet_lite0")
+    assert lite.train.schedule == "cosine" and lite.data.stored_size == 256
+
+
+def test_preset_then_file_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "train:\n  epochs: 7\n  batch_size: 16\n"
+        "model:\n  options:\n    dropout: 0.3\n"
+        "augment:\n  max_rotation: 4\n",
+        encoding="utf-8",
+    )
+    config = _resolve("--dataset", "digits", "--config", str(path), "--epochs", "3", "--lr", "0.01")
+    assert config.train.epochs == 3  # flag
+    assert config.train.batch_size == 16  # file over preset
+    assert config.train.learning_rate == 0.01  # flag
+    assert config.train.weight_decay == 5e-4  # dataclass default
+    assert config.model.options == {**PRESETS["digits"]["model"]["options"], "dropout": 0.3}
+    assert config.augment.max_rotation == 4.0
+    assert _resolve("--dataset", "digits", "--config", str(path), "--rotation", "2").augment == (
+        config.augment.__class__(max_rotation=2.0)
+    )
+
+
+def test_model_named_in_the_config_file_picks_its_preset(tmp_path: Path) -> None:
+    path = tmp_path / "book.yaml"
+    path.write_text("model:\n  name: book_cnn\n", encoding="utf-8")
+    config = _resolve("--dataset", "hasy", "--data", "h.tar.bz2", "--config", str(path))
+    assert config.model.name == "book_cnn" and config.data.channels == 3
+
+
+def test_explicit_preset_wins_over_the_dataset_preset() -> None:
+    config = _resolve("--dataset", "digits", "--preset", "book-hasy")
+    assert config.model.name == "book_cnn" and config.train.batch_size == 32
+
+
+def test_flags_reach_every_section() -> None:
+    config = _resolve(
+        "--dataset",
+        "digits",
+        "--seed",
+        "5",
+        "--no-augment",
+        "--option",
+        "stages=2",
+        "--option",
+        "dropout=0.1",
+        "--width",
+        "8",
+        "--patience",
+        "2",
+        "--max-steps-per-epoch",
+        "3",
+        "--val-fraction",
+        "0.25",
+        "--out",
+        "runs/mine",
+        "--phases",
+        "frozen",
+        "--no-amp",
+    )
+    assert config.data.seed == config.train.seed == 5
+    assert not config.augment.enabled
+    assert config.model.options == {"width": 8, "stages": 2, "dropout": 0.1}
+    assert config.train.early_stopping_patience == 2 and config.train.max_steps_per_epoch == 3
+    assert config.data.val_fraction == 0.25 and config.out == "runs/mine"
+    assert config.transfer.phases == ("frozen",) and config.train.amp is False
+
+
+def test_another_model_does_not_inherit_the_presets_model_options() -> None:
+    # The digits preset sets symbol_cnn's width; an explicitly chosen book_cnn has no width.
+    config = _resolve("--dataset", "digits", "--preset", "digits", "--model", "book_cnn")
+    create_model(config.model.name, 10, config.data.channels, **config.model.options)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--epochs", "0"], "epochs"),
+        (["--option", "width"], "KEY=VALUE"),
+        (["--preset", "imagenet"], "imagenet"),
+        (["--val-fraction", "1.5"], "val_fraction"),
+    ],
+)
+def test_invalid_train_arguments_exit_2_with_one_line(capsys, argv, message) -> None:
+    assert main(["train", "--dataset", "digits", *argv]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1
+    assert error[0].startswith("cnnkit train: error:") and message in error[0]
+
+
+def test_config_file_errors_exit_2(capsys, tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: [1, 2\n", encoding="utf-8")
+    assert main(["train", "--dataset", "digits", "--config", str(path)]) == 2
+    assert "bad.yaml" in capsys.readouterr().err
+
+
+def test_version_and_models(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"cnnkit {__version__}"
+    assert main(["models"]) == 0
+    listed = capsys.readouterr().out
+    assert "book_cnn" in listed and "symbol_cnn" in listed and "width=64" in listed
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def test_prediction_formats() -> None:
+    symbol = Prediction("\\alpha", 0, 0.876)
+    assert format_prediction(symbol, "symbols") == "Prediction: \\alpha, confidence: 0.88"
+    photo = Prediction("Cardinal", 3, 0.97324)
+    assert format_prediction(photo, "photos") == "Prediction: Cardinal (97.32%)"
+
+
+def test_predict_symbol_model_prints_the_books_format(
+    capsys, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    (image,) = _write_images(tmp_path)
+    assert main(["predict", str(symbol_model_file), str(image)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and SYMBOL_LINE.match(lines[0]), lines
+    best = Predictor.from_file(symbol_model_file).predict([image])[0][0]
+    assert lines[0] == f"Prediction: {best.label}, confidence: {best.confidence:.2f}"
+
+
+def test_predict_photo_model_prints_a_percentage(
+    capsys, photo_model_file: Path, tmp_path: Path
+) -> None:
+    (image,) = _write_images(tmp_path)
+    assert main(["predict", "--model", str(photo_model_file), str(image)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and PHOTO_LINE.match(lines[0]), lines
+    best = Predictor.from_file(photo_model_file).predict([image])[0][0]
+    assert lines[0] == f"Prediction: {best.label} ({best.confidence * 100:.2f}%)"
+
+
+def test_predict_top_k_lists_runners_up(capsys, symbol_model_file: Path, tmp_path: Path) -> None:
+    (image,) = _write_images(tmp_path)
+    assert main(["predict", str(symbol_model_file), str(image), "--top-k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    assert re.match(r"^  2\. (alpha|beta|gamma), confidence: [01]\.\d\d$", lines[1])
+    assert lines[2].startswith("  3. ")
+
+
+def test_predict_json(capsys, symbol_model_file: Path, tmp_path: Path) -> None:
+    paths = _write_images(tmp_path / "in", count=2)
+    argv = ["predict", str(symbol_model_file), *map(str, paths), "--json", "--top-k", "2"]
+    assert main(argv) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert [item["image"] for item in payload] == [str(p) for p in paths]
+    for item in payload:
+        assert len(item["predictions"]) == 2
+        assert set(item["predictions"][0]) == {"label", "index", "confidence"}
+
+
+def test_predict_folder_prefixes_each_line_with_the_file(
+    capsys, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "samples"
+    paths = _write_images(folder, count=3)
+    (folder / "notes.txt").write_text("not an image", encoding="utf-8")
+    assert main(["predict", str(symbol_model_file), str(folder)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    for path, line in zip(paths, lines, strict=True):
+        prefix = f"{path}: "
+        assert line.startswith(prefix) and SYMBOL_LINE.match(line.removeprefix(prefix))
+
+
+def test_predict_reports_a_bad_image_and_goes_on(
+    capsys, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    (good,) = _write_images(tmp_path)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG broken")
+    assert main(["predict", str(symbol_model_file), str(bad), str(good)]) == 1
+    captured = capsys.readouterr()
+    assert "bad.png" in captured.err
+    assert len(captured.out.splitlines()) == 1 and str(good) in captured.out
+
+
+def test_predict_without_images_exits_2(capsys, symbol_model_file: Path) -> None:
+    assert main(["predict", str(symbol_model_file)]) == 2
+    assert "no images given" in capsys.readouterr().err
+
+
+def test_interactive_loop(
+    capsys, monkeypatch: pytest.MonkeyPatch, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    first, second = _write_images(tmp_path, count=2)
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"junk")
+    lines = [str(first), str(tmp_path / "missing.png"), str(junk), str(second), "", str(first)]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert main(["predict", str(symbol_model_file), "--interactive"]) == 0
+    out = capsys.readouterr().out
+    answers = [part.strip() for part in out.split("Enter filename:") if part.strip()]
+    assert len(answers) == 4  # Two predictions and two errors; the empty line ends the loop.
+    assert SYMBOL_LINE.match(answers[0]) and SYMBOL_LINE.match(answers[3])
+    assert answers[1].startswith("error:") and "missing.png" in answers[1]
+    assert answers[2].startswith("error:") and "junk.png" in answers[2]
+    assert out.count("Enter filename:") == 5
+
+
+def test_interactive_loop_ends_at_end_of_input(
+    capsys, monkeypatch: pytest.MonkeyPatch, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    (image,) = _write_images(tmp_path, count=1)
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{image}\n"))
+    assert main(["predict", "--model", str(symbol_model_file), "--interactive"]) == 0
+    assert capsys.readouterr().out.count("Prediction:") == 1
+
+
+@pytest.mark.parametrize("content", [None, b"", b"garbage" * 10, "truncated"])
+def test_bad_model_file_exits_2_with_one_line(
+    capsys, content, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    (image,) = _write_images(tmp_path)
+    model = tmp_path / "model.safetensors"
+    if content == "truncated":
+        model.write_bytes(symbol_model_file.read_bytes()[:-100])
+    elif content is not None:
+        model.write_bytes(content)
+    assert main(["predict", str(model), str(image)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    error = captured.err.strip().splitlines()
+    assert len(error) == 1, error
+    assert error[0].startswith("cnnkit predict: error: ") and "model.safetensors" in error[0]
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_json(capsys, tiny_model_saver, tmp_path: Path) -> None:
+    model = tiny_model_saver(tmp_path / "digits.safetensors", tuple(str(d) for d in range(10)))
+    argv = [
+        "evaluate",
+        str(model),
+        "--dataset",
+        "digits",
+        "--max-per-class",
+        "10",
+        "--json",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "evaluation"),
+    ]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["count"] == 20  # 20% of ten images of each of ten digits
+    for key in ("top1", "top5", "macro_precision", "macro_recall", "macro_f1"):
+        assert 0.0 <= report[key] <= 1.0
+    assert isinstance(report["most_confused"], list)
+    for name in ("metrics.json", "per_class.csv", "confusion.png", "misclassified.png"):
+        assert (tmp_path / "evaluation" / name).is_file()
+
+
+def test_evaluate_rejects_classes_the_model_does_not_know(
+    capsys, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    argv = ["evaluate", str(symbol_model_file), "--dataset", "digits", "--max-per-class", "5"]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "evaluation")]
+    assert main(argv) == 2
+    assert "not known to the model" in capsys.readouterr().err

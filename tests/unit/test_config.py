@@ -1,0 +1,197 @@
+"""Tests for cnnkit.config: frozen dataclasses, validation, presets, precedence and YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from cnnkit.config import (
+    PRESETS,
+    AugmentConfig,
+    DataConfig,
+    ModelConfig,
+    Preprocessing,
+    RunConfig,
+    TrainConfig,
+    TransferConfig,
+    build_run_config,
+    config_to_dict,
+    dump_config,
+    load_config_file,
+    merge_overrides,
+    preset_for,
+)
+from cnnkit.models.registry import model_options
+
+
+def test_defaults_build_and_are_frozen() -> None:
+    config = RunConfig()
+    assert config.data.dataset == "digits"
+    assert config.model.name == "symbol_cnn"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.train.epochs = 3  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.data = DataConfig()  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("section", "field_name", "value"),
+    [
+        (TrainConfig, "epochs", 0),
+        (TrainConfig, "batch_size", -1),
+        (TrainConfig, "learning_rate", 0.0),
+        (TrainConfig, "weight_decay", -0.1),
+        (TrainConfig, "optimizer", "rmsprop"),
+        (TrainConfig, "schedule", "step"),
+        (TrainConfig, "device", "tpu"),
+        (TrainConfig, "label_smoothing", 1.0),
+        (TrainConfig, "warmup_fraction", 1.5),
+        (TrainConfig, "early_stopping_patience", 0),
+        (DataConfig, "dataset", "imagenet"),
+        (DataConfig, "on_bad_image", "ignore"),
+        (DataConfig, "channels", 2),
+        (DataConfig, "image_size", 0),
+        (DataConfig, "fold", 11),
+        (DataConfig, "val_fraction", 1.0),
+        (DataConfig, "test_fraction", -0.1),
+        (DataConfig, "max_classes", 0),
+        (DataConfig, "max_per_class", 0),
+        (AugmentConfig, "max_rotation", -1.0),
+        (AugmentConfig, "max_shift", -0.1),
+        (AugmentConfig, "scale_min", 0.0),
+        (AugmentConfig, "crop_scale_min", 1.5),
+        (TransferConfig, "phases", ("warmup",)),
+        (TransferConfig, "augmented_views", -1),
+        (Preprocessing, "mode", "video"),
+        (Preprocessing, "channels", 4),
+        (Preprocessing, "image_size", 0),
+    ],
+)
+def test_invalid_value_raises_value_error_naming_the_field(section, field_name, value) -> None:
+    with pytest.raises(ValueError, match=field_name):
+        section(**{field_name: value})
+
+
+@pytest.mark.parametrize(
+    ("field_name", "value"), [("max_steps_per_epoch", 0), ("eval_batch_size", 0)]
+)
+def test_train_config_rejects_non_positive_counts(field_name: str, value: int) -> None:
+    # A zero cap silently trains nothing; a zero evaluation batch divides by zero in the loader.
+    with pytest.raises(ValueError, match=field_name):
+        TrainConfig(**{field_name: value})
+
+
+def test_preprocessing_cross_field_checks() -> None:
+    with pytest.raises(ValueError, match="stored_size"):
+        Preprocessing(image_size=32, stored_size=28)
+    with pytest.raises(ValueError, match="mean and std"):
+        Preprocessing(channels=3, mean=(0.5,), std=(0.5,))
+    with pytest.raises(ValueError, match="std"):
+        Preprocessing(std=(0.0,))
+    assert Preprocessing(mean=[0.5], std=[0.25]).mean == (0.5,)
+
+
+def test_data_requires_a_path_for_file_datasets() -> None:
+    with pytest.raises(ValueError, match="--data"):
+        DataConfig(dataset="hasy")
+    assert DataConfig(dataset="folder", data="images").data == "images"
+
+
+def test_empty_transfer_phases_rejected() -> None:
+    with pytest.raises(ValueError, match="phases"):
+        TransferConfig(phases=())
+    assert TransferConfig(phases=["frozen"]).phases == ("frozen",)
+
+
+def test_precedence_defaults_preset_file_flags() -> None:
+    preset = preset_for("hasy")
+    file_layer = {"train": {"epochs": 5, "batch_size": 16}, "augment": {"max_rotation": 3.0}}
+    flags = {"train": {"epochs": 2, "learning_rate": None}, "data": {"seed": 7}}
+    config = build_run_config(preset, file_layer, flags)
+    assert config.train.epochs == 2  # flag beats file and preset
+    assert config.train.batch_size == 16  # file beats preset
+    assert config.train.learning_rate == PRESETS["hasy"]["train"]["learning_rate"]  # preset
+    assert config.train.weight_decay == TrainConfig().weight_decay  # default
+    assert config.augment.max_rotation == 3.0
+    assert config.data.seed == 7
+
+
+def test_none_values_never_override() -> None:
+    merged = merge_overrides({"train": {"epochs": 4}}, {"train": {"epochs": None}, "out": None})
+    assert merged == {"train": {"epochs": 4}}
+
+
+def test_none_values_are_dropped_in_sections_the_base_lacks() -> None:
+    # The CLI passes every unset flag as None; the digits preset has no data/augment sections.
+    assert merge_overrides({}, {"train": {"epochs": None, "seed": 3}}) == {"train": {"seed": 3}}
+    flags = {
+        "data": {"dataset": "digits", "on_bad_image": None, "fold": None},
+        "augment": {"enabled": None, "max_rotation": None},
+        "transfer": {"phases": None},
+    }
+    assert build_run_config(preset_for("digits"), flags) == build_run_config(preset_for("digits"))
+
+
+def test_model_options_merge_across_layers() -> None:
+    config = build_run_config(
+        preset_for("digits"),
+        {"model": {"options": {"dropout": 0.3}}},
+        {"model": {"options": {"layers_per_stage": 1}}},
+    )
+    assert config.model.options == {"width": 32, "dropout": 0.3, "layers_per_stage": 1}
+
+
+def test_unknown_section_and_field_are_named() -> None:
+    with pytest.raises(ValueError, match="optimiser"):
+        build_run_config({"optimiser": {"lr": 1}})
+    with pytest.raises(ValueError, match="epoch_count"):
+        build_run_config({"train": {"epoch_count": 3}})
+    with pytest.raises(ValueError, match="batch_size"):
+        build_run_config(preset_for("hasy"), {"train": {"batch_size": 0}})
+
+
+def test_unknown_preset() -> None:
+    with pytest.raises(ValueError, match="imagenet"):
+        preset_for("imagenet")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds_and_names_a_model_that_accepts_its_options(name: str) -> None:
+    config = build_run_config(preset_for(name), {"data": {"data": "somewhere"}})
+    accepted = model_options(config.model.name)
+    assert set(config.model.options) <= set(accepted)
+
+
+def test_yaml_round_trip(tmp_path: Path) -> None:
+    config = build_run_config(
+        preset_for("cub"), {"data": {"dataset": "cub", "data": "cub.tgz"}, "out": "runs/x"}
+    )
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(config), encoding="utf-8")
+    assert build_run_config(load_config_file(path)) == config
+    assert config_to_dict(config)["transfer"]["phases"] == ["frozen", "finetune"]
+
+
+def test_load_config_file_errors(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(ValueError, match="missing.yaml"):
+        load_config_file(missing)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: {epochs: [1, 2\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="broken.yaml"):
+        load_config_file(broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="mapping"):
+        load_config_file(listing)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("", encoding="utf-8")
+    assert load_config_file(empty) == {}
+
+
+def test_run_dir_defaults_to_dataset_and_model() -> None:
+    assert RunConfig().run_dir() == Path("runs") / "digits-symbol_cnn"
+    assert RunConfig(out="elsewhere").run_dir() == Path("elsewhere")
+    assert ModelConfig().options == {}

@@ -1,0 +1,204 @@
+"""Tests for decoding image bytes and turning PIL images into stored uint8 arrays."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageOps
+
+from cnnkit.config import Preprocessing
+from cnnkit.data.image import (
+    BadImageError,
+    decode_image,
+    prepare_bytes,
+    prepare_image,
+    read_image_file,
+)
+
+SYMBOL_GRAY = Preprocessing("symbol", 1, 8, 8, (0.5,), (0.5,))
+SYMBOL_RGB = Preprocessing("symbol", 3, 8, 8, (0.5,) * 3, (0.5,) * 3)
+PHOTO = Preprocessing("photo", 3, 16, 16, (0.5,) * 3, (0.5,) * 3)
+
+
+def _encode(image: Image.Image, image_format: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format, **options)
+    return buffer.getvalue()
+
+
+def _noise(size: tuple[int, int] = (64, 64), mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(0)
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG file that claims ``width`` x ``height`` grey pixels (a decompression bomb)."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def test_decodes_a_png() -> None:
+    image = decode_image(_encode(_noise((5, 3))), "tiny.png")
+    assert image.size == (5, 3) and image.mode == "RGB"
+
+
+def test_empty_file_is_named() -> None:
+    with pytest.raises(BadImageError, match=r"empty\.png: empty file"):
+        decode_image(b"", "empty.png")
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG"])
+def test_truncated_file_is_named(image_format: str) -> None:
+    data = _encode(_noise(), image_format)
+    name = f"cut.{image_format.lower()}"
+    with pytest.raises(BadImageError, match=rf"cut\.{image_format.lower()}: (truncated|not a)"):
+        decode_image(data[: len(data) // 2], name)
+
+
+def test_random_bytes_are_not_an_image() -> None:
+    data = np.random.default_rng(1).integers(0, 256, 500, dtype=np.uint8).tobytes()
+    with pytest.raises(BadImageError, match=r"noise\.bin: not a readable image"):
+        decode_image(data, "noise.bin")
+
+
+@pytest.mark.parametrize("side", [9_000, 20_000])
+def test_decompression_bombs_are_refused_before_decoding(side: int) -> None:
+    data = _png_header_only(side, side)
+    assert len(data) < 200
+    with pytest.raises(BadImageError, match=r"bomb\.png: .*(too large|decompression bomb)"):
+        decode_image(data, "bomb.png")
+
+
+def test_read_image_file_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(BadImageError, match="missing.png"):
+        read_image_file(str(tmp_path / "missing.png"))
+    with pytest.raises(BadImageError, match=str(tmp_path)):
+        read_image_file(str(tmp_path))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    with pytest.raises(BadImageError, match="broken.jpg"):
+        read_image_file(str(broken))
+    good = tmp_path / "good.png"
+    good.write_bytes(_encode(_noise((4, 4))))
+    assert read_image_file(str(good)).size == (4, 4)
+
+
+def test_prepare_bytes_names_the_source() -> None:
+    with pytest.raises(BadImageError, match="upload.png"):
+        prepare_bytes(b"GIF89a", "upload.png", SYMBOL_GRAY)
+    assert prepare_bytes(_encode(_noise((8, 8))), "ok.png", SYMBOL_GRAY).shape == (8, 8, 1)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "I", "F"])
+@pytest.mark.parametrize("preprocessing", [SYMBOL_GRAY, SYMBOL_RGB, PHOTO])
+def test_any_mode_becomes_the_stored_shape(mode: str, preprocessing: Preprocessing) -> None:
+    image = _noise((13, 7)).convert(mode)
+    array = prepare_image(image, preprocessing)
+    size, channels = preprocessing.stored_size, preprocessing.channels
+    assert array.shape == (size, size, channels)
+    assert array.dtype == np.uint8 and array.flags["C_CONTIGUOUS"]
+
+
+def test_sixteen_bit_images_are_scaled_to_eight_bits(tmp_path: Path) -> None:
+    values = np.array([[0, 32896], [65535, 65535]], dtype=np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    image = read_image_file(str(path))
+    assert image.mode.startswith("I")
+    preprocessing = Preprocessing("symbol", 1, 2, 2, (0.5,), (0.5,))
+    assert prepare_image(image, preprocessing)[:, :, 0].tolist() == [[0, 128], [255, 255]]
+
+
+@pytest.mark.parametrize(
+    ("alpha", "expected"), [(0, 255), (255, 0), (128, 127)], ids=["clear", "opaque", "half"]
+)
+def test_alpha_is_composited_on_white(alpha: int, expected: int) -> None:
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, alpha))
+    gray = prepare_image(rgba, SYMBOL_GRAY)
+    assert abs(int(gray[0, 0, 0]) - expected) <= 1
+    la = Image.new("LA", (8, 8), (0, alpha))
+    assert abs(int(prepare_image(la, SYMBOL_RGB)[0, 0, 1]) - expected) <= 1
+
+
+def test_palette_transparency_is_white() -> None:
+    image = Image.new("P", (8, 8), 0)
+    image.putpalette([0, 0, 0] * 256)
+    image.info["transparency"] = 0
+    data = decode_image(_encode(image), "palette.png")
+    assert (prepare_image(data, SYMBOL_GRAY) == 255).all()
+
+
+def test_symbols_are_squashed_to_a_square() -> None:
+    image = Image.new("L", (40, 10), 0)
+    assert prepare_image(image, SYMBOL_GRAY).shape == (8, 8, 1)
+
+
+def test_photos_keep_their_aspect_and_crop_the_centre() -> None:
+    # Red | green | blue thirds: the centre crop of the wide photo is green only.
+    array = np.zeros((30, 90, 3), dtype=np.uint8)
+    array[:, :30, 0] = array[:, 30:60, 1] = array[:, 60:, 2] = 255
+    prepared = prepare_image(Image.fromarray(array), PHOTO)
+    assert prepared.shape == (16, 16, 3)
+    assert (prepared[:, 2:-2, 1] == 255).all()
+    assert (prepared[:, 2:-2, [0, 2]] == 0).all()
+
+
+def _exif_rotated_jpeg() -> bytes:
+    # The stored pixels are wide (red left, blue right); EXIF orientation 6 says "rotate 90 CW".
+    array = np.zeros((32, 64, 3), dtype=np.uint8)
+    array[:, :32, 0] = 255
+    array[:, 32:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return _encode(Image.fromarray(array), "JPEG", exif=exif.tobytes(), quality=95)
+
+
+def test_photo_mode_applies_the_exif_rotation() -> None:
+    image = decode_image(_exif_rotated_jpeg(), "rotated.jpg")
+    assert image.size == (64, 32)
+    prepared = prepare_image(image, PHOTO).astype(int)
+    upright = prepare_image(ImageOps.exif_transpose(image), PHOTO).astype(int)
+    assert np.abs(prepared - upright).max() <= 1
+    # After a 90-degree clockwise turn the red half is on top and the blue half below.
+    assert prepared[:4, :, 0].mean() > 200 and prepared[:4, :, 2].mean() < 60
+    assert prepared[-4:, :, 2].mean() > 200 and prepared[-4:, :, 0].mean() < 60
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    width=st.integers(1, 90),
+    height=st.integers(1, 90),
+    mode=st.sampled_from(["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F"]),
+    preprocessing=st.sampled_from([SYMBOL_GRAY, SYMBOL_RGB, PHOTO]),
+)
+def test_prepare_image_property(width, height, mode, preprocessing) -> None:
+    if mode == "I;16":
+        image = Image.fromarray(np.full((height, width), 40_000, dtype=np.uint16))
+    else:
+        image = _noise((width, height)).convert(mode)
+    array = prepare_image(image, preprocessing)
+    size = preprocessing.stored_size
+    assert array.shape == (size, size, preprocessing.channels) and array.dtype == np.uint8

@@ -1,0 +1,140 @@
+"""Tests for the pure metric functions and the evaluation report files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnkit.evaluation.metrics import (
+    confusion_matrix,
+    most_confused_pairs,
+    per_class_scores,
+    summarize,
+    topk_accuracy,
+)
+from cnnkit.evaluation.report import build_report
+
+# Three classes; targets and predictions chosen so every ratio below is easy to check by hand.
+TARGETS = torch.tensor([0, 0, 0, 1, 1, 2])
+PREDICTIONS = torch.tensor([0, 0, 1, 1, 2, 2])
+EXPECTED_MATRIX = [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+
+
+def _logits_for(predictions: torch.Tensor, num_classes: int = 3) -> torch.Tensor:
+    """Logits whose argmax is ``predictions``; the runner-up is the previous class index."""
+    logits = torch.zeros(len(predictions), num_classes)
+    logits[torch.arange(len(predictions)), predictions] = 2.0
+    logits[torch.arange(len(predictions)), (predictions - 1) % num_classes] = 1.0
+    return logits
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_confusion_matrix_known_values() -> None:
+    matrix = confusion_matrix(PREDICTIONS, TARGETS, 3)
+    assert matrix.tolist() == EXPECTED_MATRIX
+    assert matrix.dtype == torch.int64
+    assert confusion_matrix(torch.tensor([3]), torch.tensor([3]), 5)[3, 3] == 1
+
+
+def test_topk_accuracy() -> None:
+    logits = _logits_for(PREDICTIONS)
+    assert topk_accuracy(logits, TARGETS, 1) == pytest.approx(4 / 6)
+    # The runner-up (prediction - 1) rescues both mistakes: 0 -> (1, 0) and 1 -> (2, 1).
+    assert topk_accuracy(logits, TARGETS, 2) == 1.0
+    assert topk_accuracy(logits, TARGETS, 5) == 1.0  # k larger than the class count clamps.
+    assert math.isnan(topk_accuracy(torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64)))
+
+
+def test_per_class_scores_known_values() -> None:
+    scores = per_class_scores(torch.tensor(EXPECTED_MATRIX))
+    assert scores["precision"].tolist() == pytest.approx([1.0, 0.5, 0.5])
+    assert scores["recall"].tolist() == pytest.approx([2 / 3, 0.5, 1.0])
+    assert scores["f1"].tolist() == pytest.approx([0.8, 0.5, 2 / 3])
+    assert scores["support"].tolist() == [3, 2, 1]
+
+
+def test_undefined_ratios_are_zero() -> None:
+    # Class 2 is never predicted and never present.
+    scores = per_class_scores(torch.tensor([[1, 1, 0], [0, 2, 0], [0, 0, 0]]))
+    assert scores["precision"][2] == 0 and scores["recall"][2] == 0 and scores["f1"][2] == 0
+    assert scores["support"][2] == 0
+
+
+def test_most_confused_pairs_order_and_filtering() -> None:
+    matrix = torch.tensor([[9, 1, 4], [0, 9, 2], [3, 0, 9]])
+    assert most_confused_pairs(matrix, 3) == [(0, 2, 4), (2, 0, 3), (1, 2, 2)]
+    assert most_confused_pairs(matrix, 100) == [(0, 2, 4), (2, 0, 3), (1, 2, 2), (0, 1, 1)]
+    assert most_confused_pairs(torch.eye(3, dtype=torch.int64) * 5) == []
+
+
+def test_summarize_uses_classes_present_in_the_targets() -> None:
+    # Class 3 exists in the model but not in the test set: it must not drag the macro means down.
+    logits = torch.cat([_logits_for(PREDICTIONS), torch.full((6, 1), -5.0)], dim=1)
+    summary = summarize(logits, TARGETS)
+    assert summary["count"] == 6
+    assert summary["top1"] == pytest.approx(4 / 6) and summary["top5"] == 1.0
+    assert summary["macro_precision"] == pytest.approx((1 + 0.5 + 0.5) / 3)
+    assert summary["macro_recall"] == pytest.approx((2 / 3 + 0.5 + 1) / 3)
+    assert summary["macro_f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+
+
+def test_build_report_writes_every_file(tmp_path: Path) -> None:
+    class_names = ["\\alpha", "$x$", "a,b"]
+    images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
+    out = tmp_path / "report"
+    report = build_report(_logits_for(PREDICTIONS), TARGETS, class_names, out, images)
+
+    for name in ("metrics.json", "per_class.csv", "confused_pairs.csv"):
+        assert (out / name).is_file(), name
+    for name in ("confusion.png", "misclassified.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.width > 50
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["top1"] == pytest.approx(4 / 6) and metrics["count"] == 6
+    assert metrics["most_confused"][0]["count"] == 1
+    assert set(metrics["files"]) == {
+        "metrics",
+        "per_class",
+        "confused_pairs",
+        "confusion",
+        "misclassified",
+    }
+    assert report.metrics == {k: metrics[k] for k in report.metrics}
+
+    per_class = _read_csv(out / "per_class.csv")
+    assert [row["class_name"] for row in per_class] == class_names
+    assert float(per_class[0]["recall"]) == pytest.approx(2 / 3, abs=1e-6)
+    assert [row["support"] for row in per_class] == ["3", "2", "1"]
+
+    pairs = _read_csv(out / "confused_pairs.csv")
+    assert {(row["true"], row["predicted"], row["count"]) for row in pairs} == {
+        ("\\alpha", "$x$", "1"),
+        ("$x$", "a,b", "1"),
+    }
+
+
+def test_build_report_when_everything_is_right(tmp_path: Path) -> None:
+    images = np.zeros((6, 8, 8, 3), dtype=np.uint8)
+    report = build_report(_logits_for(TARGETS), TARGETS, ["a", "b", "c"], tmp_path, images)
+    assert report.metrics["top1"] == 1.0 and report.confused_pairs == []
+    assert (tmp_path / "misclassified.png").is_file()
+    assert _read_csv(tmp_path / "confused_pairs.csv")[0]["count"] == "0"
+
+
+def test_build_report_without_images_skips_the_grid(tmp_path: Path) -> None:
+    report = build_report(_logits_for(PREDICTIONS), TARGETS, ["a", "b", "c"], tmp_path)
+    assert "misclassified" not in report.files
+    assert not (tmp_path / "misclassified.png").exists()
+    assert (tmp_path / "confusion.png").is_file()

@@ -1,0 +1,147 @@
+"""Tests for the model registry and the book's and our own CNNs (transfer models: see
+test_transfer_models.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cnnkit.config import Preprocessing
+from cnnkit.models.registry import create_model, list_models, model_options, register_model
+
+# name -> (in_channels, image_size, batch_size, options)
+CASES = {
+    "symbol_cnn": (1, 32, 2, {"width": 8}),
+    "symbol_cnn-3ch": (3, 32, 2, {"width": 8}),
+    "symbol_cnn-1stage": (1, 32, 2, {"width": 8, "stages": 1}),
+    "symbol_cnn-5stages": (1, 32, 2, {"width": 4, "stages": 5, "layers_per_stage": 1}),
+    "book_cnn": (3, 32, 2, {}),
+    "book_cnn-1conv": (3, 32, 2, {"convs": 1}),
+    "book_cnn-1ch-relu": (1, 32, 2, {"activation": "relu", "dense": 64}),
+    "book_bird_cnn": (3, 256, 1, {}),
+}
+
+
+def _build(case: str, num_classes: int = 7) -> tuple[nn.Module, torch.Tensor]:
+    channels, size, batch_size, options = CASES[case]
+    torch.manual_seed(0)
+    model = create_model(case.split("-")[0], num_classes, channels, **options)
+    inputs = torch.rand(batch_size, channels, size, size)
+    return model, inputs
+
+
+def _count(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def test_builtin_models_are_registered() -> None:
+    assert {"book_cnn", "book_bird_cnn", "symbol_cnn"} <= set(list_models())
+
+
+def test_unknown_model_name_lists_the_available_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown model 'resnet50'.*symbol_cnn"):
+        create_model("resnet50", num_classes=7)
+
+
+def test_unknown_option_is_named() -> None:
+    with pytest.raises(ValueError, match=r"no option\(s\) depth.*width"):
+        create_model("symbol_cnn", num_classes=7, depth=3)
+
+
+def test_num_classes_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="num_classes"):
+        create_model("symbol_cnn", num_classes=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("book_cnn", {"convs": 3}),
+        ("book_cnn", {"activation": "sigmoid"}),
+        ("symbol_cnn", {"stages": 6}),
+        ("symbol_cnn", {"stages": 0}),
+        ("symbol_cnn", {"width": 0}),
+    ],
+)
+def test_invalid_option_values(name: str, options: dict) -> None:
+    with pytest.raises(ValueError):
+        create_model(name, num_classes=7, **options)
+
+
+def test_duplicate_registration_fails() -> None:
+    def symbol_cnn(num_classes: int, in_channels: int = 1) -> nn.Module:
+        return nn.Linear(in_channels, num_classes)
+
+    list_models()  # Make sure the built-in symbol_cnn is registered first.
+    with pytest.raises(ValueError, match="already registered"):
+        register_model(symbol_cnn)
+
+
+def test_model_options_report_defaults() -> None:
+    assert model_options("book_cnn") == {
+        "convs": 2,
+        "dense": 128,
+        "dropout": 0.5,
+        "activation": "tanh",
+    }
+    assert "in_channels" not in model_options("symbol_cnn")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_output_shape_follows_num_classes(case: str) -> None:
+    model, inputs = _build(case)
+    model.eval()
+    with torch.no_grad():
+        logits = model(inputs)
+    assert logits.shape == (len(inputs), 7)
+    assert model.registry_name == case.split("-")[0]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_trainable_parameter_gets_a_gradient(case: str) -> None:
+    model, inputs = _build(case)
+    model.train()
+    model(inputs).logsumexp(dim=1).sum().backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.requires_grad
+        assert parameter.grad is not None, name
+        assert torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("case", ["symbol_cnn", "book_cnn", "book_cnn-1conv"])
+def test_head_api_composes_and_resets(case: str) -> None:
+    model, inputs = _build(case)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.forward_head(model.forward_features(inputs)), model(inputs))
+        model.reset_classifier(5)
+        assert model(inputs).shape == (len(inputs), 5)
+
+
+def test_book_cnn_parameter_counts() -> None:
+    # The book's 1,024-unit model on 3-channel 32x32 inputs with 369 classes.
+    assert _count(create_model("book_cnn", 369, 3, dense=1024)) == 1_569_041
+    # Two valid 3x3 convs and two pools leave 6x6x32; one conv and one pool leave 15x15x32.
+    assert create_model("book_cnn", 369, 3).dense[0].in_features == 6 * 6 * 32
+    assert create_model("book_cnn", 369, 3, convs=1).dense[0].in_features == 15 * 15 * 32
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3, 4, 5])
+def test_symbol_cnn_stages_double_the_width(stages: int) -> None:
+    model = create_model("symbol_cnn", 7, 1, width=4, stages=stages, layers_per_stage=1)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [conv.out_channels for conv in convs] == [4 * 2**stage for stage in range(stages)]
+    assert model.classifier.in_features == model.num_features
+    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
+    assert len(pools) == stages - 1
+
+
+def test_default_preprocessing() -> None:
+    symbol = create_model("symbol_cnn", 7, 3).default_preprocessing
+    assert symbol == Preprocessing("symbol", 3, 32, 32, (0.5,) * 3, (0.5,) * 3)
+    book = create_model("book_cnn", 7, 3).default_preprocessing
+    assert (book.mode, book.channels, book.mean, book.std) == ("symbol", 3, (0.0,) * 3, (1.0,) * 3)
+    bird = create_model("book_bird_cnn", 7, 3, dense=8).default_preprocessing
+    assert (bird.mode, bird.image_size, bird.stored_size) == ("photo", 256, 256)

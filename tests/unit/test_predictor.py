@@ -1,0 +1,144 @@
+"""Tests for the Predictor: any input kind, ranking, and preprocessing identical to training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from cnnkit.config import DataConfig, Preprocessing
+from cnnkit.data.image import BadImageError
+from cnnkit.data.loader import BatchLoader, build_eval_transform
+from cnnkit.data.sources import build_splits
+from cnnkit.inference.artifact import ModelMetadata
+from cnnkit.inference.predictor import Prediction, Predictor
+
+CLASS_NAMES = ("alpha", "beta", "gamma")
+
+
+@pytest.fixture(scope="module")
+def predictor(symbol_model_file: Path) -> Predictor:
+    return Predictor.from_file(symbol_model_file)
+
+
+def _image(mode: str, size: tuple[int, int] = (20, 30), seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    if mode == "I;16":
+        deep = (rng.integers(0, 65536, (size[1], size[0]))).astype(np.uint16)
+        return Image.fromarray(deep)
+    return rgb.convert(mode)
+
+
+def _check_ranking(ranked: list[Prediction], top_k: int) -> None:
+    assert len(ranked) == top_k
+    confidences = [p.confidence for p in ranked]
+    assert confidences == sorted(confidences, reverse=True)
+    assert all(0 <= c <= 1 for c in confidences)
+    for prediction in ranked:
+        assert prediction.label == CLASS_NAMES[prediction.index]
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16", "CMYK", "1", "LA"])
+@pytest.mark.parametrize("size", [(1, 1), (20, 30), (300, 7)])
+def test_predicts_pil_images_of_any_mode_and_size(predictor, mode, size) -> None:
+    ranked = predictor.predict([_image(mode, size)], top_k=3)
+    assert len(ranked) == 1
+    _check_ranking(ranked[0], 3)
+    assert sum(p.confidence for p in ranked[0]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_paths_pil_images_and_arrays_agree(predictor, tmp_path: Path) -> None:
+    image = _image("RGB")
+    path = tmp_path / "symbol.png"
+    image.save(path)
+    inputs = [path, str(path), image, np.asarray(image), np.asarray(image.convert("L"))]
+    results = predictor.predict(inputs, top_k=2)
+    assert len(results) == 5
+    for ranked in results[1:4]:
+        assert ranked == results[0]
+    gray = predictor.predict([image.convert("L")], top_k=2)[0]
+    assert results[4] == gray
+    rgba = np.dstack([np.asarray(image), np.full((30, 20), 255, np.uint8)])
+    assert predictor.predict([rgba], top_k=2)[0] == results[0]
+
+
+def test_top_k_is_clamped(predictor) -> None:
+    image = _image("L")
+    _check_ranking(predictor.predict([image], top_k=100)[0], 3)
+    _check_ranking(predictor.predict([image], top_k=0)[0], 1)
+    _check_ranking(predictor.predict([image], top_k=-4)[0], 1)
+
+
+def test_empty_input_and_bad_files(predictor, tmp_path: Path) -> None:
+    assert predictor.predict([]) == []
+    assert predictor.probabilities(predictor.prepare([])).shape == (0, 3)
+    with pytest.raises(BadImageError, match="missing.png"):
+        predictor.predict([tmp_path / "missing.png"])
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image")
+    with pytest.raises(BadImageError, match="junk.png"):
+        predictor.predict([junk])
+
+
+def test_probabilities_are_the_softmax_of_the_model(predictor) -> None:
+    prepared = predictor.prepare([_image("L", seed=1), _image("RGB", seed=2)])
+    assert prepared.shape == (2, 32, 32, 1) and prepared.dtype == np.uint8
+    with torch.no_grad():
+        logits = predictor.model(predictor.model_input(prepared))
+    expected = torch.softmax(logits, dim=1).numpy()
+    assert np.allclose(predictor.probabilities(prepared), expected, atol=1e-6)
+    assert predictor.class_names == CLASS_NAMES
+    assert Prediction("a", 0, 0.5).to_dict() == {"label": "a", "index": 0, "confidence": 0.5}
+
+
+def _write_folder_dataset(root: Path) -> None:
+    """Two classes of awkward files: modes, sizes, alpha, 16-bit and JPEG."""
+    rng = np.random.default_rng(7)
+    for label, name in enumerate(["cats", "dogs"]):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for index, mode in enumerate(["RGB", "L", "RGBA", "P", "I;16", "CMYK"]):
+            size = (int(rng.integers(5, 70)), int(rng.integers(5, 70)))
+            image = _image(mode, size, seed=label * 10 + index)
+            extension = "jpg" if mode in ("CMYK", "L") and label == 0 else "png"
+            if mode == "CMYK" and extension == "png":
+                image = image.convert("RGB")
+            image.save(folder / f"{index}-{mode.replace(';', '')}.{extension}")
+
+
+@pytest.mark.parametrize(
+    "preprocessing",
+    [
+        Preprocessing("symbol", 1, 32, 32, (0.5,), (0.5,)),
+        Preprocessing("photo", 3, 24, 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ],
+    ids=["symbol", "photo"],
+)
+@pytest.mark.parametrize("cached", [False, True], ids=["decoded", "cached"])
+def test_file_preprocessing_equals_the_training_pipeline(
+    tmp_path: Path, preprocessing: Preprocessing, cached: bool
+) -> None:
+    root = tmp_path / "data"
+    _write_folder_dataset(root)
+    config = DataConfig(dataset="folder", data=str(root), val_fraction=0.0, test_fraction=0.3)
+    cache_dir = tmp_path / "cache" if cached else None
+    splits = build_splits(config, preprocessing, cache_dir=cache_dir).splits
+    if cached:  # Read the entry back from the cache, as a second run would.
+        splits = build_splits(config, preprocessing, cache_dir=cache_dir).splits
+    images = splits.train
+    loader = BatchLoader(images, 64, build_eval_transform(preprocessing))
+    training_inputs = torch.cat([inputs for inputs, _ in loader])
+
+    metadata = ModelMetadata("symbol_cnn", tuple(splits.class_names), preprocessing)
+    predictor = Predictor(nn.Identity(), metadata)
+    paths = [root / key for key in images.paths]
+    prepared = predictor.prepare(paths)
+    assert np.array_equal(prepared, np.asarray(images.images))
+    predictor_inputs = predictor.model_input(prepared)
+    assert predictor_inputs.shape == training_inputs.shape
+    assert torch.equal(predictor_inputs, training_inputs)

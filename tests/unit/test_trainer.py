@@ -1,0 +1,274 @@
+"""Tests for the generic Trainer: overfitting, resume, checkpoints, early stopping and loggers."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from cnnkit.config import AugmentConfig, Preprocessing, TrainConfig
+from cnnkit.data.loader import BatchLoader, build_eval_transform, build_train_transform
+from cnnkit.inference.artifact import write_atomically
+from cnnkit.training.callbacks import CsvLogger
+from cnnkit.training.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from cnnkit.training.trainer import Callback, Trainer, TrainingInterrupted
+
+CPU = torch.device("cpu")
+PREPROCESSING = Preprocessing("symbol", 1, 8, 8, (0.5,), (0.5,))
+BASE = TrainConfig(
+    epochs=4,
+    batch_size=8,
+    learning_rate=1e-2,
+    weight_decay=1e-4,
+    label_smoothing=0.0,
+    channels_last=False,
+    amp=False,
+)
+
+
+class BoringModel(nn.Module):
+    """A tiny classifier over 8x8 one-channel images, with dropout so the RNG matters."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _model(seed: int = 0) -> BoringModel:
+    torch.manual_seed(seed)
+    return BoringModel()
+
+
+def _loaders(tiny_image_set, augment: bool = False) -> tuple[BatchLoader, BatchLoader]:
+    # Two training batches of eight; augmentation (when on) makes the epoch's RNG matter too.
+    train = tiny_image_set(num_classes=4, per_class=4, size=8, seed=1)
+    val = tiny_image_set(num_classes=4, per_class=2, size=8, seed=2)
+    config = AugmentConfig(enabled=augment, max_rotation=5)
+    train_loader = BatchLoader(
+        train, 8, build_train_transform(PREPROCESSING, config), shuffle=True, seed=3
+    )
+    val_loader = BatchLoader(val, 8, build_eval_transform(PREPROCESSING))
+    return train_loader, val_loader
+
+
+def _equal_states(first: dict, second: dict) -> bool:
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def _metrics_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+class StopAfter(Callback):
+    """Simulates Ctrl-C after ``epochs`` completed epochs."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        if trainer.epoch == self.epochs:
+            raise KeyboardInterrupt
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.events.append(f"start@{trainer.epoch}")
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        self.events.append(f"epoch{int(metrics['epoch'])}")
+
+    def on_fit_end(self, trainer: Trainer, result) -> None:
+        self.events.append("end")
+
+
+def test_overfits_two_small_batches(tiny_image_set) -> None:
+    train_loader, _ = _loaders(tiny_image_set)
+    config = dataclasses.replace(BASE, epochs=40, schedule="constant", warmup_fraction=0.0)
+    result = Trainer(_model(), config, CPU, progress=False).fit(train_loader)
+    losses = [row["train_loss"] for row in result.history]
+    assert len(losses) == 40 and result.epochs_run == 40
+    assert losses[-1] < 0.25 * losses[0]
+    assert result.history[-1]["train_accuracy"] >= 0.9
+
+
+def test_history_rows_and_evaluation(tiny_image_set) -> None:
+    train_loader, val_loader = _loaders(tiny_image_set)
+    trainer = Trainer(_model(), dataclasses.replace(BASE, epochs=2), CPU, progress=False)
+    result = trainer.fit(train_loader, val_loader)
+    row = result.history[-1]
+    for key in ("epoch", "train_loss", "train_accuracy", "learning_rate", "val_accuracy"):
+        assert key in row
+    assert 1 <= result.best_epoch <= 2
+    logits, labels = trainer.predict(val_loader)
+    assert logits.shape == (8, 4) and labels.shape == (8,)
+    metrics = trainer.evaluate(val_loader)
+    assert set(metrics) == {"loss", "accuracy", "top5"}
+    assert metrics["top5"] == 1.0  # Four classes: the true one is always in the top five.
+
+
+def test_callbacks_are_called_in_order(tiny_image_set) -> None:
+    train_loader, _ = _loaders(tiny_image_set)
+    recorder = Recorder()
+    config = dataclasses.replace(BASE, epochs=2)
+    Trainer(_model(), config, CPU, callbacks=[recorder], progress=False).fit(train_loader)
+    assert recorder.events == ["start@0", "epoch1", "epoch2", "end"]
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tiny_image_set, tmp_path: Path) -> None:
+    """Ctrl-C after epoch 2 of 4, then --resume: identical to an uninterrupted run (onecycle)."""
+    config = dataclasses.replace(BASE, epochs=4)
+    train_loader, val_loader = _loaders(tiny_image_set, augment=True)
+    straight = Trainer(_model(), config, CPU, tmp_path / "straight", progress=False)
+    straight.fit(train_loader, val_loader)
+
+    run = tmp_path / "interrupted"
+    first = Trainer(_model(), config, CPU, run, callbacks=[StopAfter(2)], progress=False)
+    with pytest.raises(TrainingInterrupted) as interrupted:
+        first.fit(train_loader, val_loader)
+    assert interrupted.value.epochs_completed == 2
+    assert interrupted.value.checkpoint == run / CHECKPOINT_NAME
+
+    recorder = Recorder()
+    second = Trainer(_model(seed=99), config, CPU, run, callbacks=[recorder], progress=False)
+    result = second.fit(train_loader, val_loader, resume=True)
+    assert recorder.events[:2] == ["start@2", "epoch3"]
+    assert [row["epoch"] for row in result.history] == [1, 2, 3, 4]
+    assert _equal_states(second.module.state_dict(), straight.module.state_dict())
+
+
+def test_resume_with_more_epochs_continues_like_a_longer_run(tiny_image_set, tmp_path) -> None:
+    """2 epochs, then resume with epochs=4: the same weights as 4 epochs straight."""
+    config = dataclasses.replace(BASE, epochs=4, schedule="constant", warmup_fraction=0.0)
+    train_loader, _ = _loaders(tiny_image_set, augment=True)
+    straight = Trainer(_model(), config, CPU, tmp_path / "straight", progress=False)
+    straight.fit(train_loader)
+
+    run = tmp_path / "resumed"
+    short = dataclasses.replace(config, epochs=2)
+    Trainer(_model(), short, CPU, run, [CsvLogger(run / "metrics.csv")], progress=False).fit(
+        train_loader
+    )
+    assert load_checkpoint(run / CHECKPOINT_NAME)["epoch"] == 2
+    assert len(_metrics_rows(run / "metrics.csv")) == 2
+
+    logger = CsvLogger(run / "metrics.csv")
+    resumed = Trainer(_model(seed=5), config, CPU, run, [logger], progress=False)
+    result = resumed.fit(train_loader, resume=True)
+    assert result.epochs_run == 4
+    assert _equal_states(resumed.module.state_dict(), straight.module.state_dict())
+    rows = _metrics_rows(run / "metrics.csv")
+    assert [row["epoch"] for row in rows] == ["1", "2", "3", "4"]
+    assert "train_loss" in rows[0]
+
+
+def test_resume_with_more_epochs_works_with_onecycle(tiny_image_set, tmp_path: Path) -> None:
+    """`cnnkit train --epochs 1` then `--resume --epochs 2` under the default schedule."""
+    train_loader, _ = _loaders(tiny_image_set)
+    config = dataclasses.replace(BASE, epochs=1, schedule="onecycle")
+    Trainer(_model(), config, CPU, tmp_path, progress=False).fit(train_loader)
+    longer = dataclasses.replace(config, epochs=2)
+    result = Trainer(_model(), longer, CPU, tmp_path, progress=False).fit(train_loader, resume=True)
+    assert [row["epoch"] for row in result.history] == [1, 2]
+
+
+def test_resume_without_a_checkpoint_starts_fresh(tiny_image_set, run_dir: Path) -> None:
+    train_loader, _ = _loaders(tiny_image_set)
+    trainer = Trainer(_model(), dataclasses.replace(BASE, epochs=1), CPU, run_dir, progress=False)
+    assert trainer.fit(train_loader, resume=True).epochs_run == 1
+
+
+def test_checkpoint_is_written_atomically(tiny_image_set, run_dir: Path) -> None:
+    train_loader, _ = _loaders(tiny_image_set)
+    trainer = Trainer(_model(), dataclasses.replace(BASE, epochs=2), CPU, run_dir, progress=False)
+    trainer.fit(train_loader)
+    assert sorted(p.name for p in run_dir.iterdir()) == [CHECKPOINT_NAME]
+    state = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+    assert _equal_states(state["model"], trainer.module.state_dict())
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(run_dir: Path) -> None:
+    path = run_dir / CHECKPOINT_NAME
+    save_checkpoint(path, {"epoch": 1})
+
+    def broken_write(temporary: Path) -> None:
+        temporary.write_bytes(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(path, broken_write)
+    assert load_checkpoint(path) == {"epoch": 1}
+    assert [p.name for p in run_dir.iterdir()] == [CHECKPOINT_NAME]
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_checkpoint_loading_never_unpickles_code(run_dir: Path) -> None:
+    path = run_dir / "evil.pt"
+    torch.save({"epoch": 1, "payload": _Payload()}, path)
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        load_checkpoint(path)
+    garbage = run_dir / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="garbage.pt"):
+        load_checkpoint(garbage)
+
+
+def test_early_stopping_stops(tiny_image_set) -> None:
+    train_loader, val_loader = _loaders(tiny_image_set)
+    # A learning rate this small cannot change a single prediction, so accuracy never improves.
+    config = dataclasses.replace(
+        BASE, epochs=10, learning_rate=1e-12, weight_decay=0.0, early_stopping_patience=2
+    )
+    result = Trainer(_model(), config, CPU, progress=False).fit(train_loader, val_loader)
+    assert result.stopped_early
+    assert result.epochs_run == 3
+    assert result.best_epoch == 1
+
+
+def test_best_validation_weights_are_restored(tiny_image_set) -> None:
+    train_loader, val_loader = _loaders(tiny_image_set)
+
+    class Snapshots(Callback):
+        def __init__(self) -> None:
+            self.states: dict[int, dict] = {}
+
+        def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+            self.states[trainer.epoch] = {
+                k: v.clone() for k, v in trainer.module.state_dict().items()
+            }
+
+    snapshots = Snapshots()
+    config = dataclasses.replace(BASE, epochs=3)
+    trainer = Trainer(_model(), config, CPU, callbacks=[snapshots], progress=False)
+    result = trainer.fit(train_loader, val_loader)
+    assert _equal_states(trainer.module.state_dict(), snapshots.states[result.best_epoch])
+
+
+def test_a_model_without_trainable_parameters_is_rejected(tiny_image_set) -> None:
+    train_loader, _ = _loaders(tiny_image_set)
+    model = _model()
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        Trainer(model, BASE, CPU, progress=False).fit(train_loader)
