@@ -1,0 +1,145 @@
+"""Export a saved model to ONNX with a dynamic batch axis and the cnnkit metadata embedded.
+
+The ONNX file carries the same metadata as the ``.safetensors`` file in its ``metadata_props``,
+so :class:`cnnkit.inference.onnx_backend.OnnxPredictor` can preprocess and label without the
+original file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cnnkit.inference.artifact import ModelFileError, load_model, read_metadata, write_atomically
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+# Keys of the ONNX ``metadata_props``; METADATA_KEY holds the whole cnnkit metadata JSON.
+METADATA_KEY = "cnnkit"
+CLASS_NAMES_KEY = "cnnkit.class_names"
+PREPROCESSING_KEY = "cnnkit.preprocessing"
+ARCHITECTURE_KEY = "cnnkit.architecture"
+
+
+def _example_input(model: nn.Module) -> torch.Tensor:
+    """A ``[2, C, H, W]`` batch; batch 2 keeps torch.export from specialising the batch to 1."""
+    preprocessing = model.metadata.preprocessing
+    size = preprocessing.image_size
+    return torch.zeros(2, preprocessing.channels, size, size)
+
+
+def _torch_export_quietly(model: nn.Module, example: torch.Tensor, opset: int) -> Any:
+    """Run the torch.export-based exporter without its log lines and warnings."""
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    exporter_logger = logging.getLogger("torch.onnx")
+    level = exporter_logger.level
+    exporter_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: batch},),
+                opset_version=opset,
+                external_data=False,
+                optimize=True,
+                verbose=False,
+            )
+    finally:
+        exporter_logger.setLevel(level)
+
+
+def build_onnx_model(model_path: str | Path, opset: int = DEFAULT_OPSET) -> Any:
+    """Convert a cnnkit model file to an in-memory ``onnx.ModelProto``.
+
+    Args:
+        model_path: a ``.safetensors`` model file written by :func:`cnnkit.save_model`.
+        opset: the ONNX operator set version (18 or newer for the torch.export exporter).
+
+    Returns:
+        The ONNX model, with input ``input`` ``float32 [B, C, H, W]`` (normalised, as from
+        :func:`cnnkit.data.normalize.to_model_input`) and output ``logits`` ``[B, num_classes]``.
+
+    Raises:
+        ModelFileError: if the model file is missing, tampered with or inconsistent.
+        ImportError: if ``onnx`` or ``onnxscript`` is not installed (``pip install cnnkit[onnx]``).
+    """
+    import onnx
+
+    model_path = Path(model_path)
+    raw_metadata = read_metadata(model_path)
+    model = load_model(model_path).float().eval()
+    try:
+        program = _torch_export_quietly(model, _example_input(model), opset)
+    except Exception as error:  # The exporter raises many unrelated types.
+        raise ModelFileError(f"{model_path}: ONNX export failed ({error})") from error
+    proto = program.model_proto
+    metadata = model.metadata
+    properties = {
+        METADATA_KEY: json.dumps(raw_metadata, ensure_ascii=False),
+        CLASS_NAMES_KEY: json.dumps(list(metadata.class_names), ensure_ascii=False),
+        PREPROCESSING_KEY: json.dumps(asdict(metadata.preprocessing)),
+        ARCHITECTURE_KEY: metadata.architecture,
+    }
+    del proto.metadata_props[:]
+    for key, value in properties.items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.doc_string = f"cnnkit {metadata.architecture}, {metadata.num_classes} classes"
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def export_onnx(model_path: str | Path, out_path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Write a cnnkit model file as a self-contained ONNX file, atomically.
+
+    Args:
+        model_path: a ``.safetensors`` model file.
+        out_path: the ``.onnx`` file to write (replaced if it exists).
+        opset: the ONNX operator set version.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ModelFileError: if the model file is bad or the export fails.
+    """
+    out_path = Path(out_path)
+    data = build_onnx_model(model_path, opset).SerializeToString()
+    write_atomically(out_path, lambda temporary: temporary.write_bytes(data))
+    logger.info("exported %s to %s (%d bytes)", model_path, out_path, len(data))
+    return out_path
+
+
+def metadata_from_properties(properties: Mapping[str, str], source: str = "<onnx>") -> dict:
+    """The raw cnnkit metadata dictionary from an ONNX model's ``metadata_props``.
+
+    Args:
+        properties: key -> value, as ``{p.key: p.value for p in proto.metadata_props}`` or
+            onnxruntime's ``session.get_modelmeta().custom_metadata_map``.
+        source: the file name used in error messages.
+
+    Raises:
+        ModelFileError: if the ONNX model has no (valid) cnnkit metadata.
+    """
+    text = properties.get(METADATA_KEY)
+    if text is None:
+        raise ModelFileError(f"{source}: no cnnkit metadata in this ONNX file (use cnnkit export)")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ModelFileError(f"{source}: cnnkit metadata is not valid JSON ({error})") from error

@@ -1,0 +1,179 @@
+"""Tests for the ONNX export and the onnxruntime predictor: parity with torch, metadata, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from cnnkit.cli import main  # noqa: E402
+from cnnkit.inference.artifact import ModelFileError, ModelMetadata, save_model  # noqa: E402
+from cnnkit.inference.export import (  # noqa: E402
+    ARCHITECTURE_KEY,
+    CLASS_NAMES_KEY,
+    PREPROCESSING_KEY,
+    export_onnx,
+    metadata_from_properties,
+)
+from cnnkit.inference.onnx_backend import OnnxPredictor  # noqa: E402
+from cnnkit.inference.predictor import Predictor  # noqa: E402
+from cnnkit.models.registry import create_model  # noqa: E402
+
+# (architecture, channels, class count): an odd class count catches a hard-coded 369.
+CASES = {
+    "symbol_cnn": ("symbol_cnn", 1, 7, {"width": 8}),
+    "book_cnn": ("book_cnn", 3, 5, {"dense": 32}),
+}
+
+
+def _save_random_model(folder: Path, case: str) -> tuple[Path, ModelMetadata]:
+    architecture, channels, num_classes, options = CASES[case]
+    torch.manual_seed(0)
+    model = create_model(architecture, num_classes, channels, **options)
+    # Non-trivial batch-norm statistics, so the export must fold them correctly.
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    class_names = tuple(f"\\class_{index}" for index in range(num_classes - 1)) + ("é ω",)
+    metadata = ModelMetadata(
+        architecture, class_names, model.default_preprocessing, options, {"note": "random"}
+    )
+    return save_model(folder / f"{case}.safetensors", model, metadata), metadata
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def exported(request, tmp_path_factory) -> tuple[Path, Path, ModelMetadata]:
+    """(model file, exported ONNX file, metadata) for each architecture, built once."""
+    folder = tmp_path_factory.mktemp(request.param)
+    model_path, metadata = _save_random_model(folder, request.param)
+    onnx_path = export_onnx(model_path, folder / "exported" / "model.onnx")
+    return model_path, onnx_path, metadata
+
+
+def _random_images(metadata: ModelMetadata, count: int, seed: int) -> np.ndarray:
+    size, channels = metadata.preprocessing.stored_size, metadata.preprocessing.channels
+    return np.random.default_rng(seed).integers(0, 256, (count, size, size, channels), np.uint8)
+
+
+@pytest.mark.parametrize("batch_size", [1, 5])
+def test_onnx_logits_match_torch(exported, batch_size: int) -> None:
+    model_path, onnx_path, metadata = exported
+    reference = Predictor.from_file(model_path)
+    predictor = OnnxPredictor.from_file(onnx_path)
+    images = _random_images(metadata, batch_size, seed=batch_size)
+    with torch.inference_mode():
+        expected = reference.model(reference.model_input(images)).numpy()
+    logits = predictor.logits(images)
+    assert logits.shape == (batch_size, metadata.num_classes)
+    assert np.abs(logits - expected).max() < 1e-4
+    assert np.array_equal(logits.argmax(axis=1), expected.argmax(axis=1))
+    # Predictor takes HxW arrays for one channel (PIL has no HxWx1 mode).
+    arrays = [image.squeeze(axis=-1) if image.shape[-1] == 1 else image for image in images]
+    ranked = predictor.predict(arrays, top_k=3)
+    expected_ranked = reference.predict(arrays, top_k=3)
+    assert [[p.index for p in row] for row in ranked] == [
+        [p.index for p in row] for row in expected_ranked
+    ]
+    np.testing.assert_allclose(
+        predictor.probabilities(images), reference.probabilities(images), atol=1e-5
+    )
+
+
+def test_onnx_file_is_valid_with_dynamic_batch_and_metadata(exported) -> None:
+    _, onnx_path, metadata = exported
+    proto = onnx.load(str(onnx_path))
+    onnx.checker.check_model(proto, full_check=True)
+    batch_dimension = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dimension.dim_param and not batch_dimension.dim_value
+    properties = {prop.key: prop.value for prop in proto.metadata_props}
+    assert json.loads(properties[CLASS_NAMES_KEY]) == list(metadata.class_names)
+    assert json.loads(properties[PREPROCESSING_KEY])["channels"] == metadata.preprocessing.channels
+    assert properties[ARCHITECTURE_KEY] == metadata.architecture
+    assert ModelMetadata.from_dict(metadata_from_properties(properties)) == metadata
+    assert OnnxPredictor.from_file(onnx_path).metadata == metadata
+
+
+def test_empty_batch_gives_empty_probabilities(exported) -> None:
+    _, onnx_path, metadata = exported
+    predictor = OnnxPredictor.from_file(onnx_path)
+    assert predictor.predict([]) == []
+    assert predictor.probabilities(_random_images(metadata, 0, 0)).shape == (
+        0,
+        metadata.num_classes,
+    )
+
+
+def test_safetensors_file_is_exported_once_and_cached(tmp_path: Path) -> None:
+    model_path, metadata = _save_random_model(tmp_path, "symbol_cnn")
+    predictor = OnnxPredictor.from_file(model_path)
+    sidecar = model_path.with_suffix(".onnx")
+    assert sidecar.is_file()
+    assert predictor.metadata == metadata
+    modified = sidecar.stat().st_mtime_ns
+    assert OnnxPredictor.from_file(model_path).metadata == metadata
+    assert sidecar.stat().st_mtime_ns == modified
+
+
+def test_mismatched_sidecar_is_not_used_or_replaced(tmp_path: Path) -> None:
+    model_path, metadata = _save_random_model(tmp_path, "symbol_cnn")
+    other_path, _ = _save_random_model(tmp_path / "other", "book_cnn")
+    sidecar = export_onnx(other_path, model_path.with_suffix(".onnx"))
+    before = sidecar.read_bytes()
+    predictor = OnnxPredictor.from_file(model_path)
+    assert predictor.metadata == metadata
+    assert sidecar.read_bytes() == before
+
+
+def test_onnx_file_without_cnnkit_metadata_is_rejected(exported, tmp_path: Path) -> None:
+    _, onnx_path, _ = exported
+    proto = onnx.load(str(onnx_path))
+    del proto.metadata_props[:]
+    stripped = tmp_path / "stripped.onnx"
+    onnx.save(proto, str(stripped))
+    with pytest.raises(ModelFileError, match="no cnnkit metadata"):
+        OnnxPredictor.from_file(stripped)
+
+
+def test_missing_and_corrupt_files_raise_model_file_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match="not found"):
+        OnnxPredictor.from_file(tmp_path / "absent.onnx")
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not an onnx model")
+    with pytest.raises(ModelFileError, match="not a valid ONNX file"):
+        OnnxPredictor.from_file(corrupt)
+    with pytest.raises(ValueError, match="CPU only"):
+        OnnxPredictor.from_file(corrupt, device="cuda")
+
+
+def test_cli_export_writes_the_file(exported, tmp_path: Path, capsys) -> None:
+    model_path, _, metadata = exported
+    out = tmp_path / "cli" / "model.onnx"
+    assert main(["export", str(model_path), "--format", "onnx", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip().endswith(str(out))
+    assert OnnxPredictor.from_file(out).metadata == metadata
+
+
+def test_cli_predict_onnx_backend_prints_the_same_lines(exported, tmp_path: Path, capsys) -> None:
+    model_path, onnx_path, metadata = exported
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    for index, image in enumerate(_random_images(metadata, 3, seed=7)):
+        Image.fromarray(image.squeeze()).save(image_dir / f"image_{index}.png")
+    outputs = {}
+    for backend, model in (("torch", model_path), ("onnx", model_path), ("onnx", onnx_path)):
+        arguments = ["predict", str(model), str(image_dir), "--top-k", "3", "--backend", backend]
+        assert main(arguments) == 0
+        outputs[(backend, model.suffix)] = capsys.readouterr().out
+    torch_output = outputs[("torch", ".safetensors")]
+    assert torch_output.count("Prediction:") == 3
+    assert outputs[("onnx", ".safetensors")] == torch_output
+    assert outputs[("onnx", ".onnx")] == torch_output
