@@ -1,0 +1,426 @@
+"""Two-phase transfer learning: a head trained on cached frozen features, then a fine-tune.
+
+Phase ``frozen`` computes the backbone's features once per image view (see
+:mod:`cnnkit.training.features`) and trains only the head on them, in seconds. Phase
+``finetune`` unfreezes the backbone and trains every layer, the backbone at a lower learning
+rate. Both phases run the generic :class:`~cnnkit.training.trainer.Trainer`; each writes its
+metrics into ``RUN_DIR/<phase>/metrics.csv`` and ``RUN_DIR/tensorboard`` (``<phase>/`` tags),
+and ``RUN_DIR/phases.json`` records every phase's validation and test figures.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cnnkit.config import Preprocessing, RunConfig
+from cnnkit.data.dataset import DataSplits, ImageSet
+from cnnkit.data.loader import BatchLoader, build_eval_transform, build_train_transform
+from cnnkit.evaluation.metrics import topk_accuracy
+from cnnkit.inference.artifact import write_atomically
+from cnnkit.runtime import cpu_supports_bf16
+from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger
+from cnnkit.training.features import FeatureCache, FeatureExtractor, FeatureSource, digest_module
+from cnnkit.training.trainer import Callback, FitResult, Trainer
+
+logger = logging.getLogger(__name__)
+PHASES_NAME = "phases.json"
+FEATURES_FOLDER = "features"
+
+
+@dataclass
+class PhaseReport:
+    """What one phase achieved (``None`` where there is no val split or no test score yet).
+
+    Attributes:
+        name: ``frozen`` or ``finetune``.
+        epochs_run: epochs the phase trained.
+        kept_epoch: the epoch whose weights the phase kept (the best on validation, or the last).
+        val_accuracy: validation top-1 of the kept weights.
+        test_top1, test_top5: test accuracy of the kept weights.
+        seconds: the phase's wall time.
+        details: timings and counts specific to the phase.
+    """
+
+    name: str
+    epochs_run: int
+    kept_epoch: int
+    val_accuracy: float | None
+    test_top1: float | None = None
+    test_top5: float | None = None
+    seconds: float = 0.0
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_fit(cls, name: str, fit: FitResult, has_val: bool, **fields: Any) -> PhaseReport:
+        """The report of a trainer's fit; without a val split the last epoch is the one kept."""
+        if has_val:
+            return cls(name, fit.epochs_run, fit.best_epoch, fit.best_val_accuracy, **fields)
+        return cls(name, fit.epochs_run, fit.epochs_run, None, **fields)
+
+
+class FeatureHead(nn.Module):
+    """A transfer model's head applied to cached features stored as ``[B, F, 1, 1]``.
+
+    It shares the model's head modules, so training it trains the model's head.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.dense = model.dense
+        self.classifier = model.classifier
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``[B, F, 1, 1]`` (or ``[B, F]``) -> logits ``[B, K]``."""
+        return self.classifier(self.dense(features.flatten(1)))
+
+
+class FrozenBatchNorm(nn.Module):
+    """Wraps a model so that its batch-norm layers keep their statistics while it trains.
+
+    Small fine-tuning sets give noisy batch statistics; in eval mode the layers normalise with
+    their pretrained running statistics, and their scale and shift still learn.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def train(self, mode: bool = True) -> FrozenBatchNorm:
+        super().train(mode)
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` -> logits ``[B, K]``."""
+        return self.model(x)
+
+    def parameter_groups(self, learning_rate: float, backbone_lr_scale: float) -> list[dict]:
+        """The wrapped model's parameter groups."""
+        return self.model.parameter_groups(learning_rate, backbone_lr_scale)
+
+
+def feature_set(features: np.ndarray, labels: np.ndarray, class_names: list[str]) -> ImageSet:
+    """Feature vectors ``[N, F]`` as an image set of 1x1 images ``[N, F, 1, 1]``.
+
+    The loader and the trainer handle 4-D arrays, so this shape lets both serve the head.
+    """
+    array = np.ascontiguousarray(features, dtype=np.float32)[:, :, None, None]
+    return ImageSet(array, np.asarray(labels, dtype=np.int64), class_names)
+
+
+def _as_float(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return batch.float()
+
+
+def fit_head(
+    model: nn.Module,
+    config: RunConfig,
+    train_set: ImageSet,
+    val_set: ImageSet | None,
+    device: torch.device,
+    callbacks: list[Callback] | tuple[Callback, ...] = (),
+) -> tuple[FitResult, Trainer]:
+    """Train ``model``'s head on feature vectors with the generic trainer.
+
+    AdamW (``config.train.optimizer``) for ``transfer.head_epochs`` epochs at
+    ``transfer.head_learning_rate`` with the run's schedule, warm-up, weight decay and label
+    smoothing; the epoch with the best validation accuracy is kept when ``val_set`` is given.
+
+    Args:
+        model: a transfer model whose ``dense`` and ``classifier`` form the head.
+        config: the run configuration.
+        train_set, val_set: features as 1x1 images ``[N, F, 1, 1]`` (see :func:`feature_set`).
+        device: where to train.
+        callbacks: trainer hooks (metrics loggers).
+
+    Returns:
+        The fit and the trainer (to score more features with ``trainer.predict``).
+    """
+    head_config = dataclasses.replace(
+        config.train,
+        epochs=config.transfer.head_epochs,
+        learning_rate=config.transfer.head_learning_rate,
+        early_stopping_patience=None,
+        max_steps_per_epoch=None,
+        channels_last=False,
+        bf16_cpu=False,
+    )
+    train_loader = BatchLoader(
+        train_set,
+        head_config.batch_size,
+        _as_float,
+        shuffle=True,
+        drop_last=len(train_set) > head_config.batch_size,
+        device=device,
+        seed=config.train.seed,
+    )
+    val_loader = None
+    if val_set is not None:
+        val_loader = BatchLoader(val_set, head_config.eval_batch_size, _as_float, device=device)
+    # An epoch takes milliseconds, so a progress bar per epoch would only be noise.
+    trainer = Trainer(FeatureHead(model), head_config, device, None, callbacks, progress=False)
+    return trainer.fit(train_loader, val_loader), trainer
+
+
+def fit_frozen_head(
+    model: nn.Module,
+    config: RunConfig,
+    splits: DataSplits,
+    preprocessing: Preprocessing,
+    device: torch.device,
+    run_dir: Path,
+    progress: bool = True,
+    feature_cache_dir: str | Path | None = None,
+) -> tuple[FitResult, PhaseReport]:
+    """Phase 1: freeze the backbone and train the head on cached features.
+
+    The training set is every training image's centre crop plus ``augmented_views`` augmented
+    views of it; the head with the best validation accuracy is kept when there is a val split.
+
+    Returns:
+        The head trainer's fit and the phase's report (validation and test figures).
+    """
+    start = time.perf_counter()
+    model.freeze_backbone()
+    model.to(device).eval()
+    source = FeatureSource(
+        config.model.name,
+        digest_module(getattr(model, "backbone", model)),
+        preprocessing,
+        config.train.bf16_cpu and device.type == "cpu" and cpu_supports_bf16(),
+    )
+    cache = FeatureCache(feature_cache_dir or run_dir / FEATURES_FOLDER)
+    frozen = FeatureExtractor(model, source, cache, device, progress)
+    train_views = frozen.views(
+        splits.train.images, config.transfer.augmented_views, config.augment, config.train.seed
+    )
+    train_labels = np.tile(splits.train.labels, len(train_views))
+    train_set = feature_set(np.concatenate(train_views), train_labels, splits.class_names)
+    val_set = None
+    if splits.val is not None:
+        (val_features,) = frozen.views(splits.val.images)
+        val_set = feature_set(val_features, splits.val.labels, splits.class_names)
+    (test_features,) = frozen.views(splits.test.images)
+    extraction_seconds = time.perf_counter() - start
+
+    fit, trainer = fit_head(
+        model, config, train_set, val_set, device, _phase_loggers(run_dir, "frozen")
+    )
+    test_set = feature_set(test_features, splits.test.labels, splits.class_names)
+    logits, labels = trainer.predict(BatchLoader(test_set, 4096, _as_float, device=device))
+    test_top1, test_top5 = topk_accuracy(logits, labels, 1), topk_accuracy(logits, labels, 5)
+    report = PhaseReport.from_fit(
+        "frozen",
+        fit,
+        val_set is not None,
+        test_top1=test_top1,
+        test_top5=test_top5,
+        seconds=time.perf_counter() - start,
+        details={
+            "feature_seconds": extraction_seconds,
+            "head_seconds": fit.seconds,
+            "views_computed": frozen.computed,
+            "views_from_cache": frozen.reused,
+            "train_vectors": len(train_set),
+        },
+    )
+    logger.info(
+        "frozen phase: val %s, test top-1 %.4f (%.0f s, %.0f s of it features)",
+        report.val_accuracy,
+        test_top1,
+        report.seconds,
+        extraction_seconds,
+    )
+    return fit, report
+
+
+def _phase_loggers(run_dir: Path, phase: str) -> list[Callback]:
+    return [
+        CsvLogger(run_dir / phase / "metrics.csv"),
+        TensorBoardLogger(run_dir / "tensorboard", prefix=f"{phase}/"),
+    ]
+
+
+def fit_finetune(
+    model: nn.Module,
+    config: RunConfig,
+    splits: DataSplits,
+    preprocessing: Preprocessing,
+    device: torch.device,
+    run_dir: Path,
+    progress: bool = True,
+    callbacks: Sequence[Callback] = (),
+    freeze_batch_norm: bool = False,
+) -> tuple[FitResult, PhaseReport]:
+    """Phase 2: unfreeze everything and train with the generic trainer on augmented batches.
+
+    Augmentation runs as batched tensor ops on the decoded uint8 images; the backbone learns at
+    ``learning_rate * backbone_lr_scale`` and the schedule, warm-up and early stopping come from
+    ``config.train``.
+
+    Returns:
+        The trainer's fit (best validation weights restored) and the phase's report.
+    """
+    model.unfreeze_backbone()
+    train = config.train
+    train_loader = BatchLoader(
+        splits.train,
+        train.batch_size,
+        build_train_transform(preprocessing, config.augment),
+        shuffle=True,
+        drop_last=len(splits.train) > train.batch_size,
+        device=device,
+        seed=train.seed,
+        max_batches=train.max_steps_per_epoch,
+    )
+    val_loader = None
+    if splits.val is not None:
+        eval_transform = build_eval_transform(preprocessing)
+        val_loader = BatchLoader(
+            splits.val, train.eval_batch_size, eval_transform, device=device, seed=train.seed
+        )
+    loggers = [*_phase_loggers(run_dir, "finetune"), *callbacks]
+    network = FrozenBatchNorm(model) if freeze_batch_norm else model
+    trainer = Trainer(network, train, device, run_dir / "finetune", loggers, progress=progress)
+    fit = trainer.fit(train_loader, val_loader)
+    report = PhaseReport.from_fit(
+        "finetune",
+        fit,
+        val_loader is not None,
+        seconds=fit.seconds,
+        details={"stopped_early": fit.stopped_early},
+    )
+    return fit, report
+
+
+def _combine(fits: list[tuple[float, FitResult]], seconds: float) -> FitResult:
+    """One FitResult over the phases: epochs numbered on, each row tagged with its phase."""
+    history: list[dict[str, float]] = []
+    for phase, fit in fits:
+        offset = len(history)
+        history += [{**row, "epoch": offset + row["epoch"], "phase": phase} for row in fit.history]
+    last_offset = len(history) - fits[-1][1].epochs_run
+    last = fits[-1][1]
+    return FitResult(
+        history=history,
+        best_epoch=last_offset + last.best_epoch,
+        best_val_accuracy=last.best_val_accuracy,
+        epochs_run=len(history),
+        stopped_early=last.stopped_early,
+        seconds=seconds,
+    )
+
+
+def _write_history(path: Path, history: list[dict[str, float]]) -> None:
+    if not history:
+        return
+    columns = list(dict.fromkeys(key for row in history for key in row))
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(history)
+
+    write_atomically(path, write)
+
+
+def save_phase_reports(run_dir: Path, reports: list[PhaseReport]) -> Path:
+    """Write ``RUN_DIR/phases.json`` (one entry per phase, in order) atomically."""
+    payload = {"phases": [dataclasses.asdict(report) for report in reports]}
+    text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
+    path = Path(run_dir) / PHASES_NAME
+    write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    return path
+
+
+def record_final_test(run_dir: Path, test_metrics: dict[str, float]) -> None:
+    """Fill in the last phase's test figures in ``phases.json`` from the run's test report.
+
+    The run scores the final model on the test split anyway; this saves scoring it twice.
+    """
+    path = Path(run_dir) / PHASES_NAME
+    if not path.exists() or "top1" not in test_metrics:
+        return
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    last = payload["phases"][-1]
+    last["test_top1"] = float(test_metrics["top1"])
+    last["test_top5"] = float(test_metrics["top5"]) if "top5" in test_metrics else None
+    text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
+    write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def fit_transfer(
+    model: nn.Module,
+    config: RunConfig,
+    splits: DataSplits,
+    preprocessing: Preprocessing,
+    device: torch.device,
+    run_dir: Path,
+    progress: bool = True,
+    feature_cache_dir: str | Path | None = None,
+    callbacks: Sequence[Callback] = (),
+    freeze_batch_norm: bool = False,
+) -> FitResult:
+    """Run the phases of ``config.transfer.phases`` on a model with a freezable backbone.
+
+    Args:
+        model: a transfer model (``freeze_backbone``, ``unfreeze_backbone``, ``dense`` and
+            ``classifier`` head modules, ``forward_features``).
+        config: the run configuration; ``transfer`` picks the phases and head settings,
+            ``train`` drives the fine-tune.
+        splits: decoded train/val/test images.
+        preprocessing: the model's input preprocessing.
+        device: where to train.
+        run_dir: receives ``phases.json``, ``metrics.csv`` and per-phase folders.
+        progress: show progress bars.
+        feature_cache_dir: where frozen features are cached (default ``RUN_DIR/features``).
+        callbacks: extra hooks for the fine-tune trainer (for example a search pruner).
+
+    Returns:
+        The phases' combined fit; the model is left with the last phase's best weights.
+    """
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    phases = config.transfer.phases
+    fits: list[tuple[float, FitResult]] = []
+    reports: list[PhaseReport] = []
+    if "frozen" in phases:
+        fit, report = fit_frozen_head(
+            model, config, splits, preprocessing, device, run_dir, progress, feature_cache_dir
+        )
+        fits.append((1.0, fit))
+        reports.append(report)
+        save_phase_reports(run_dir, reports)
+    if "finetune" in phases:
+        fit, report = fit_finetune(
+            model,
+            config,
+            splits,
+            preprocessing,
+            device,
+            run_dir,
+            progress,
+            callbacks,
+            freeze_batch_norm,
+        )
+        fits.append((2.0, fit))
+        reports.append(report)
+        save_phase_reports(run_dir, reports)
+    result = _combine(fits, time.perf_counter() - start)
+    _write_history(run_dir / "metrics.csv", result.history)
+    return result

