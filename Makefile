@@ -35,5 +35,10 @@ audit: $(VENV)/.test
 	$(PIP) pip-audit
 	$(VENV)/bin/pip-audit --skip-editable --progress-spinner off
 
+bench-venv:
+	test -x .bench-venv/bin/python || $(PYTHON) -m venv .bench-venv
+	.bench-venv/bin/python -m pip install --quiet --disable-pip-version-check \
+		-r benchmarks/requirements-keras.txt
+
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -463,6 +463,84 @@ def command_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_trial(summary) -> None:
+    params = "  ".join(f"{name}={value}" for name, value in summary.params.items())
+    accuracy = "" if summary.val_accuracy is None else f"val {summary.val_accuracy:.4f}"
+    test = "" if summary.test_top1 is None else f"  test {summary.test_top1:.4f}"
+    seconds = "" if summary.seconds is None else f"  {summary.seconds:.0f}s"
+    print(
+        f"trial {summary.number:>3}  {summary.state:<8}  {params}  {accuracy}{test}"
+        f"  {summary.epochs} epoch(s){seconds}"
+    )
+
+
+def command_search(args: argparse.Namespace) -> int:
+    from cnnkit.runtime import tune_allocator
+    from cnnkit.training.search import SearchConfig, run_search
+    from cnnkit.training.spaces import resolve_space
+    from cnnkit.training.trainer import TrainingInterrupted
+
+    space = resolve_space(args.space)
+    if args.preset is None and args.model is None and space.preset:
+        args.preset = space.preset
+    if args.out is None:
+        args.out = str(Path("runs") / f"search-{args.dataset}-{space.name}")
+    base = resolve_run_config(args)
+    if base.train.fast_path:
+        tune_allocator()
+    search = SearchConfig(
+        sampler=args.sampler,
+        pruner=args.pruner,
+        n_trials=args.n_trials,
+        timeout=args.timeout,
+        storage=args.storage,
+        study_name=args.study_name,
+        sampler_seed=args.sampler_seed,
+        prune_warmup=args.prune_warmup,
+        retrain_best=args.retrain_best,
+        keep_checkpoints=args.keep_checkpoints,
+        workers=args.workers,
+    )
+    cache_dir = args.cache_dir or base.data.cache_dir or default_cache_dir()
+    try:
+        result = run_search(
+            base,
+            space,
+            search,
+            cache_dir=cache_dir,
+            progress=not args.quiet,
+            on_trial=_print_trial,
+            on_data=_print_data_summary,
+        )
+    except TrainingInterrupted as interrupted:
+        print(f"\nInterrupted: {interrupted}. Rerun the same command to continue the study.")
+        return 130
+    counts = result.counts
+    print(
+        f"\nStudy {result.study_name}: {counts['complete']} finished, {counts['pruned']} pruned, "
+        f"{counts['fail']} failed ({result.seconds:.0f}s); storage {result.storage}"
+    )
+    best = result.best
+    if best is not None:
+        params = ", ".join(f"{name}={value}" for name, value in best.params.items())
+        test = "" if best.test_top1 is None else f", test {best.test_top1:.4f}"
+        print(f"Best: trial {best.number} ({params}): val {best.val_accuracy:.4f}{test}")
+    if result.retrained is not None:
+        metrics = result.retrained.test_metrics
+        print(f"Retrained on train+val: test top-1 {metrics.get('top1', float('nan')):.4f}")
+        print(f"Model: {result.retrained.model_path}")
+    print(f"Results: {result.files.get('md')} (CSV, plots, tensorboard/ with HParams)")
+    print(f"Report: cnnkit report {result.run_dir}")
+    return 0
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from cnnkit.evaluation.html_report import write_html_report
+
+    print(write_html_report(args.run_dir, args.out))
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -529,6 +607,39 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="output file (default: MODEL with a .onnx suffix)")
     export.add_argument("--opset", type=int, help="ONNX opset version (default 18)")
     export.set_defaults(handler=command_export)
+
+    search = commands.add_parser(
+        "search", help="hyperparameter search (Optuna grid, TPE or random) with pruning"
+    )
+    _add_train_arguments(search)
+    search.add_argument(
+        "--space", default="book", help="named space (book, book-wide, symbol) or a YAML file"
+    )
+    search.add_argument("--sampler", choices=["grid", "tpe", "random"], default="tpe")
+    search.add_argument("--pruner", choices=["halving", "median", "none"], default="halving")
+    search.add_argument("--n-trials", type=int, help="finished trials the study should hold")
+    search.add_argument("--timeout", type=float, help="stop starting trials after N seconds")
+    search.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/study.db)")
+    search.add_argument("--study-name", help="study name in the storage (default: OUT's name)")
+    search.add_argument("--sampler-seed", type=int, help="seed the sampler (reproducible order)")
+    search.add_argument(
+        "--prune-warmup", type=int, default=1, help="epochs before a trial can be pruned"
+    )
+    search.add_argument(
+        "--workers", type=int, default=1, help="processes sharing the study and the cores"
+    )
+    search.add_argument(
+        "--retrain-best", action="store_true", help="retrain the best on train+val, save model"
+    )
+    search.add_argument(
+        "--keep-checkpoints", action="store_true", help="keep each trial's checkpoint.pt"
+    )
+    search.set_defaults(handler=command_search)
+
+    report = commands.add_parser("report", help="one self-contained HTML page for a run folder")
+    report.add_argument("run_dir", help="a training run or search folder")
+    report.add_argument("--out", help="HTML file (default RUN_DIR/report.html)")
+    report.set_defaults(handler=command_report)
     return parser
 
 

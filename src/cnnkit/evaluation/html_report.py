@@ -1,0 +1,291 @@
+"""One self-contained HTML page for a run folder (a training run or a search).
+
+Images are embedded as base64 PNGs and the CSS is inline, so the page opens offline and can be
+mailed as one file. Every piece of text from the run folder is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cnnkit.evaluation.plots import plt
+from cnnkit.inference.artifact import write_atomically
+
+REPORT_NAME = "report.html"
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#1d2330;
+background:#f4f5f8}
+main{max-width:1100px;margin:0 auto;padding:24px}
+h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 10px;border-bottom:1px solid #ccd;
+padding-bottom:4px}
+.muted{color:#667}.cards{display:flex;flex-wrap:wrap;gap:10px}
+.card{background:#fff;border:1px solid #dde;border-radius:6px;padding:8px 12px;min-width:120px}
+.card b{display:block;font-size:20px}
+table{border-collapse:collapse;background:#fff;font-size:13px;margin:6px 0}
+th,td{border:1px solid #dde;padding:3px 8px;text-align:left}th{background:#eef0f6}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.pruned td{color:#889}
+img{max-width:100%;height:auto;background:#fff;border:1px solid #dde}
+pre{background:#fff;border:1px solid #dde;padding:10px;overflow:auto;font-size:12px}
+.scroll{max-height:520px;overflow:auto}
+"""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    except OSError:
+        return []
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else ("yes" if value else "no")
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
+
+
+def _escape(value: Any) -> str:
+    return html.escape(_format(value))
+
+
+def image_tag(png: bytes, alt: str) -> str:
+    """An ``<img>`` with the PNG embedded as a base64 data URI."""
+    encoded = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
+
+
+def _figure(path: Path, alt: str, missing: str | None = None) -> str:
+    if path.is_file():
+        return f"<figure>{image_tag(path.read_bytes(), alt)}</figure>"
+    return f'<p class="muted">{html.escape(missing)}</p>' if missing else ""
+
+
+def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    if not rows:
+        return '<p class="muted">(empty)</p>'
+    columns = list(columns or rows[0])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = []
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = row.get(column)
+            numeric = _number(value) is not None and not isinstance(value, bool)
+            if numeric and isinstance(value, str) and any(c in value for c in ".eE"):
+                value = float(value)  # CSV text such as 0.2937062937 shows as 0.2937.
+            css = ' class="num"' if numeric else ""
+            cells.append(f"<td{css}>{_escape(value)}</td>")
+        css = ' class="pruned"' if str(row.get("pruned", "")).lower() in ("true", "yes") else ""
+        body.append(f"<tr{css}>{''.join(cells)}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _cards(items: Iterable[tuple[str, Any]]) -> str:
+    cards = [
+        f'<div class="card"><span class="muted">{html.escape(label)}</span>'
+        f"<b>{_escape(value)}</b></div>"
+        for label, value in items
+        if value is not None
+    ]
+    return f'<div class="cards">{"".join(cards)}</div>'
+
+
+def _pre(text: str | None) -> str:
+    return f"<pre>{html.escape(text)}</pre>" if text else ""
+
+
+def learning_curves_png(rows: Sequence[dict[str, str]]) -> bytes | None:
+    """Accuracy and loss per epoch (train and validation) from ``metrics.csv`` rows."""
+    epochs = [_number(row.get("epoch")) for row in rows]
+    if not rows or any(epoch is None for epoch in epochs):
+        return None
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for axis, metric in zip(axes, ("accuracy", "loss"), strict=True):
+        for split, style in (("train", "--"), ("val", "-")):
+            values = [_number(row.get(f"{split}_{metric}")) for row in rows]
+            if any(v is not None for v in values):
+                axis.plot(epochs, values, style, marker="o", markersize=3, label=split)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(metric)
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend(fontsize=8)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _training_sections(run_dir: Path) -> list[str]:
+    info = _read_json(run_dir / "run.json")
+    report_dir = run_dir / "report"
+    test = _read_json(report_dir / "metrics.json") or info.get("test") or {}
+    fit = info.get("fit") or {}
+    config = info.get("config") or {}
+    model = config.get("model") or {}
+    sections = [
+        _cards(
+            [
+                ("status", info.get("status")),
+                ("test top-1", _number(test.get("top1"))),
+                ("test top-5", _number(test.get("top5"))),
+                ("best val accuracy", _number(fit.get("best_val_accuracy"))),
+                ("epochs", fit.get("epochs_run")),
+                ("model", model.get("name")),
+            ]
+        ),
+        f'<p class="muted">{_escape(info.get("data", ""))}</p>',
+    ]
+    history = _read_csv(run_dir / "metrics.csv")
+    png = learning_curves_png(history)
+    sections.append("<h2>Learning curves</h2>")
+    sections.append(image_tag(png, "learning curves") if png else '<p class="muted">none</p>')
+    if history:
+        sections.append(f"<details><summary>Per-epoch metrics</summary>{_table(history)}</details>")
+    scalars = {k: v for k, v in test.items() if isinstance(v, (int, float))}
+    if scalars:
+        sections += ["<h2>Test metrics</h2>", _table([scalars])]
+    confusion = _figure(report_dir / "confusion.png", "confusion matrix", "no confusion matrix")
+    sections += ["<h2>Confusion matrix</h2>", confusion]
+    pairs = [row for row in _read_csv(report_dir / "confused_pairs.csv") if row.get("true")]
+    sections += ["<h2>Most-confused pairs</h2>", _table(pairs[:20])]
+    sections += [
+        "<h2>Misclassified examples</h2>",
+        _figure(report_dir / "misclassified.png", "misclassified test images", "none saved"),
+    ]
+    per_class = _read_csv(report_dir / "per_class.csv")
+    if per_class:
+        worst = sorted(per_class, key=lambda row: _number(row.get("f1")) or 0.0)[:15]
+        sections += ["<h2>Weakest classes (F1)</h2>", _table(worst)]
+    sections += ["<h2>Configuration</h2>", _pre(_read_text(run_dir / "config.yaml"))]
+    details = {k: v for k, v in info.items() if k != "config"}
+    sections.append(_pre(json.dumps(details, indent=2, default=str)) if details else "")
+    return sections
+
+
+def _search_sections(run_dir: Path) -> list[str]:
+    import yaml
+
+    settings_text = _read_text(run_dir / "search.yaml")
+    settings = yaml.safe_load(settings_text) if settings_text else {}
+    search = (settings or {}).get("search") or {}
+    rows = _read_csv(run_dir / "results.csv")
+    finished = [row for row in rows if row.get("state") == "complete"]
+    best = finished[0] if finished else None
+    sections = [
+        _cards(
+            [
+                ("sampler", search.get("sampler")),
+                ("pruner", search.get("pruner")),
+                ("trials", len(rows)),
+                ("finished", len(finished)),
+                ("pruned", sum(row.get("state") == "pruned" for row in rows)),
+                ("best val accuracy", _number(best.get("val_accuracy")) if best else None),
+                ("its test top-1", _number(best.get("test_top1")) if best else None),
+            ]
+        )
+    ]
+    if best:
+        parameters = (settings.get("space") or {}).get("parameters") or {}
+        chosen = ", ".join(f"{name}={best.get(name)}" for name in parameters)
+        sections.append(f"<p>Best: trial {_escape(best.get('trial'))} ({html.escape(chosen)})</p>")
+    columns = [c for c in (rows[0] if rows else []) if c != "run_dir"]
+    sections += ["<h2>Trials (sorted by validation accuracy)</h2>"]
+    sections.append(f'<div class="scroll">{_table(rows, columns)}</div>')
+    sections += [
+        "<h2>Learning curves of every trial</h2>",
+        _figure(run_dir / "learning_curves.png", "learning curves", "no trial reported yet"),
+        "<h2>Accuracy against each hyperparameter</h2>",
+        _figure(run_dir / "accuracy_by_parameter.png", "accuracy by parameter", "no trials yet"),
+        "<h2>Parameter importances</h2>",
+        _figure(
+            run_dir / "param_importances.png",
+            "parameter importances",
+            "importances need at least two finished trials",
+        ),
+    ]
+    if best and best.get("run_dir"):
+        confusion = run_dir / best["run_dir"] / "report" / "confusion.png"
+        if confusion.is_file():
+            sections += ["<h2>Best trial: confusion matrix</h2>", _figure(confusion, "confusion")]
+    retrained = _read_json(run_dir / "best" / "run.json")
+    if retrained:
+        test = retrained.get("test") or {}
+        sections += [
+            "<h2>Best configuration retrained on train+validation</h2>",
+            _cards(
+                [("test top-1", _number(test.get("top1"))), ("status", retrained.get("status"))]
+            ),
+            f'<p class="muted">{_escape(retrained.get("data", ""))}</p>',
+        ]
+    sections += ["<h2>Search settings</h2>", _pre(settings_text)]
+    return sections
+
+
+def build_report_html(run_dir: str | Path) -> str:
+    """The HTML page for ``run_dir`` (a search folder or a training run folder).
+
+    Raises:
+        ValueError: if the folder holds neither.
+    """
+    run_dir = Path(run_dir)
+    is_search = (run_dir / "search.yaml").is_file() or (run_dir / "results.csv").is_file()
+    markers = ("run.json", "config.yaml", "metrics.csv")
+    if not is_search and not any((run_dir / name).is_file() for name in markers):
+        raise ValueError(f"{run_dir}: not a cnnkit run or search folder (no run.json)")
+    kind = "Hyperparameter search" if is_search else "Training run"
+    sections = _search_sections(run_dir) if is_search else _training_sections(run_dir)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    title = f"{kind}: {run_dir.resolve().name}"
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body><main>"
+        f"<h1>{html.escape(title)}</h1>"
+        f'<p class="muted">{html.escape(str(run_dir))} - generated {stamp}</p>'
+        + "\n".join(sections)
+        + "</main></body></html>\n"
+    )
+
+
+def write_html_report(run_dir: str | Path, path: str | Path | None = None) -> Path:
+    """Render ``run_dir`` into ``RUN_DIR/report.html`` (or ``path``), written atomically."""
+    page = build_report_html(run_dir)
+    target = Path(path) if path else Path(run_dir) / REPORT_NAME
+    write_atomically(target, lambda temporary: temporary.write_text(page, encoding="utf-8"))
+    return target

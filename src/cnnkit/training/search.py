@@ -1,0 +1,701 @@
+"""Hyperparameter search with Optuna: trial configs for train_run, pruning, resumable studies.
+
+Search only produces configs and calls the one training function; each trial is a normal run
+folder under ``RUN_DIR/trials/``. The study lives in SQLite, so a rerun continues it and several
+processes can work on it at once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import multiprocessing
+import os
+import shutil
+import socket
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from cnnkit.config import RunConfig, build_run_config, config_to_dict
+from cnnkit.data.dataset import DataSplits, concatenate
+from cnnkit.data.sources import LoadedData, build_splits
+from cnnkit.evaluation.search_plots import (
+    TrialSummary,
+    write_results_tables,
+    write_search_figures,
+)
+from cnnkit.training.checkpoint import CHECKPOINT_NAME
+from cnnkit.training.run import RunResult, resolve_preprocessing, train_run, write_run_info
+from cnnkit.training.spaces import SearchSpace, overrides_for
+from cnnkit.training.trainer import Callback, FitResult, Trainer, TrainingInterrupted
+
+logger = logging.getLogger(__name__)
+SAMPLERS = ("grid", "tpe", "random")
+PRUNERS = ("median", "halving", "none")
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+TRIAL_STATES = {
+    TrialState.COMPLETE: "complete",
+    TrialState.PRUNED: "pruned",
+    TrialState.FAIL: "fail",
+    TrialState.RUNNING: "running",
+    TrialState.WAITING: "waiting",
+}
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How to search: sampler, pruner, budget and where the study is stored.
+
+    Attributes:
+        sampler: ``grid`` (every combination), ``tpe`` or ``random``.
+        pruner: ``halving`` (successive halving), ``median`` or ``none``.
+        n_trials: finished trials the study should hold (default: the grid size, or 20).
+        timeout: stop starting trials after this many seconds.
+        storage: an Optuna storage URL (default ``sqlite:///RUN_DIR/study.db``).
+        study_name: the study's name in the storage (default: the run folder's name).
+        sampler_seed: seed for the sampler (``None``: a fresh one, safe for parallel workers).
+        prune_warmup: epochs every trial runs before it can be pruned.
+        reduction_factor: successive halving keeps the best 1/reduction_factor at each rung.
+        median_startup_trials: trials that finish before median pruning starts.
+        retrain_best: train the best configuration again on train+validation data.
+        keep_checkpoints: keep each trial's resumable ``checkpoint.pt`` (large) after it ends.
+        workers: processes working on the study at once (each with its share of the cores).
+    """
+
+    sampler: str = "tpe"
+    pruner: str = "halving"
+    n_trials: int | None = None
+    timeout: float | None = None
+    storage: str | None = None
+    study_name: str | None = None
+    sampler_seed: int | None = None
+    prune_warmup: int = 1
+    reduction_factor: int = 3
+    median_startup_trials: int = 3
+    retrain_best: bool = False
+    keep_checkpoints: bool = False
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {self.sampler!r}")
+        if self.pruner not in PRUNERS:
+            raise ValueError(f"pruner must be one of {', '.join(PRUNERS)}; got {self.pruner!r}")
+        if self.n_trials is not None and self.n_trials < 1:
+            raise ValueError(f"n_trials must be >= 1; got {self.n_trials}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError(f"timeout must be > 0; got {self.timeout}")
+        if self.prune_warmup < 1:
+            raise ValueError(f"prune_warmup must be >= 1; got {self.prune_warmup}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1; got {self.workers}")
+        if self.reduction_factor < 2:
+            raise ValueError(f"reduction_factor must be >= 2; got {self.reduction_factor}")
+
+
+@dataclass
+class SearchResult:
+    """What a search (this call and any earlier or parallel ones on the study) produced."""
+
+    run_dir: Path
+    storage: str
+    study_name: str
+    trials: list[TrialSummary]
+    counts: dict[str, int]
+    files: dict[str, str] = field(default_factory=dict)
+    retrained: RunResult | None = None
+    seconds: float = 0.0
+
+    @property
+    def best(self) -> TrialSummary | None:
+        """The finished (not pruned) trial with the highest validation accuracy."""
+        finished = [t for t in self.trials if t.state == "complete"]
+        return max(finished, key=lambda t: t.val_accuracy, default=None)
+
+
+def trial_dir(run_dir: Path, number: int) -> Path:
+    """``RUN_DIR/trials/trial-NNN``."""
+    return Path(run_dir) / "trials" / f"trial-{number:03d}"
+
+
+def build_trial_config(
+    base: RunConfig, space: SearchSpace, params: dict[str, Any], out: Path
+) -> RunConfig:
+    """The base config with one trial's parameters applied and its own run folder."""
+    return build_run_config(config_to_dict(base), overrides_for(space, params), {"out": str(out)})
+
+
+def build_sampler(config: SearchConfig, space: SearchSpace) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler named by ``config.sampler``."""
+    if config.sampler == "grid":
+        return optuna.samplers.GridSampler(space.grid(), seed=config.sampler_seed)
+    if config.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=config.sampler_seed)
+    return optuna.samplers.TPESampler(seed=config.sampler_seed)
+
+
+def build_pruner(config: SearchConfig) -> optuna.pruners.BasePruner:
+    """Successive halving (rungs at ``warmup * factor**k`` epochs), median, or no pruning."""
+    if config.pruner == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=config.prune_warmup, reduction_factor=config.reduction_factor
+        )
+    if config.pruner == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=config.median_startup_trials, n_warmup_steps=config.prune_warmup
+        )
+    return optuna.pruners.NopPruner()
+
+
+def suggest_params(trial: optuna.Trial, space: SearchSpace, grid: bool) -> dict[str, Any]:
+    """Ask the trial for every parameter of ``space`` (grid values are categorical)."""
+    params: dict[str, Any] = {}
+    for parameter in space.parameters:
+        name = parameter.name
+        if grid or parameter.type == "categorical":
+            choices = parameter.grid_values() if grid else list(parameter.choices)
+            params[name] = trial.suggest_categorical(name, choices)
+        elif parameter.type == "int":
+            step = int(parameter.step or 1)
+            low, high = int(parameter.low), int(parameter.high)
+            params[name] = trial.suggest_int(name, low, high, step=step, log=parameter.log)
+        else:
+            low, high = float(parameter.low), float(parameter.high)
+            params[name] = trial.suggest_float(
+                name, low, high, step=parameter.step, log=parameter.log
+            )
+    return params
+
+
+class PruningCallback(Callback):
+    """Reports each epoch's validation accuracy to the trial and stops it when told to prune."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+        self.best: dict[str, float] = {}
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        epoch = int(metrics["epoch"])
+        value = float(metrics.get("val_accuracy", metrics["train_accuracy"]))
+        self.trial.report(value, epoch)
+        if not value <= self.best.get("val_accuracy", float("-inf")):
+            self.best = {"val_accuracy": value, "val_loss": metrics.get("val_loss", float("nan"))}
+            self.best["best_epoch"] = epoch
+        self.trial.set_user_attr("progress", {**self.best, "epochs_run": epoch})
+        # A trial that has trained its last epoch finishes: pruning it then saves nothing.
+        if epoch >= trainer.config.epochs or not self.trial.should_prune():
+            return
+        # The trainer does not call on_fit_end when a hook raises; end the other hooks (the
+        # TensorBoard writer) here so a pruned trial leaves no open files or threads.
+        partial = FitResult(list(trainer.history), epochs_run=trainer.epoch)
+        for callback in trainer.callbacks:
+            if callback is not self:
+                callback.on_fit_end(trainer, partial)
+        raise optuna.TrialPruned(f"pruned after epoch {epoch} (accuracy {value:.4f})")
+
+
+def _process_start(pid: int) -> tuple[str, str] | None:
+    """State letter and start time of a Linux process (``None`` where /proc is unavailable)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields_after_name = text.rsplit(")", 1)[1].split()
+    return fields_after_name[0], fields_after_name[19]
+
+
+def worker_identity() -> dict[str, Any]:
+    """Who runs a trial: host, process id and the process's start time."""
+    start = _process_start(os.getpid())
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": start[1] if start else None}
+
+
+def _worker_dead(worker: dict[str, Any]) -> bool:
+    """True when ``worker`` ran on this host and its process no longer exists."""
+    if worker.get("host") != socket.gethostname():
+        return False
+    pid = int(worker.get("pid", 0))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    current = _process_start(pid)
+    if current is None:
+        return False
+    return current[0] in ("Z", "X") or (worker.get("start") not in (None, current[1]))
+
+
+def requeue_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Add a waiting copy of a failed trial (same params and grid point) so it runs again."""
+    system_attrs = {
+        **trial.system_attrs,
+        "failed_trial": trial.number,
+        "retry_history": [*trial.system_attrs.get("retry_history", []), trial.number],
+    }
+    study.add_trial(
+        optuna.create_trial(
+            state=TrialState.WAITING,
+            params=trial.params,
+            distributions=trial.distributions,
+            system_attrs=system_attrs,
+        )
+    )
+    logger.info("trial %d will run again (its process stopped)", trial.number)
+
+
+def recover_trials(study: optuna.Study) -> list[int]:
+    """Fail and re-queue trials whose process died (SIGKILL, power loss) or was interrupted.
+
+    A RUNNING trial of a dead process on this host is marked FAIL at once; trials of other hosts
+    are left to Optuna's heartbeat. A trial stopped with Ctrl-C is already FAIL.
+
+    Returns:
+        The numbers of the trials queued again.
+    """
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get("failed_trial") for t in trials}
+    queued = []
+    for trial in trials:
+        worker = trial.user_attrs.get("worker")
+        if trial.state == TrialState.RUNNING and worker and _worker_dead(worker):
+            try:
+                study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+        elif not (trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted")):
+            continue
+        if trial.number not in retried:
+            requeue_trial(study, trial)
+            queued.append(trial.number)
+    return queued
+
+
+def open_study(
+    config: SearchConfig, space: SearchSpace, run_dir: Path
+) -> tuple[optuna.Study, str, str]:
+    """Create or load the study (``load_if_exists``), with heartbeats for crashed workers.
+
+    Returns:
+        The study, its storage URL and its name.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    url = config.storage or "sqlite:///" + str((run_dir / "study.db").resolve())
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    # Newer Optuna renamed the stale-trial hook; both call requeue_trial for a dead worker.
+    parameters = inspect.signature(optuna.storages.RDBStorage).parameters
+    hook = (
+        "heartbeat_stale_trial_callback"
+        if "heartbeat_stale_trial_callback" in parameters
+        else "failed_trial_callback"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine,
+            heartbeat_interval=30,
+            grace_period=120,
+            **{hook: requeue_trial},
+        )
+    name = config.study_name or run_dir.name
+    study = optuna.create_study(
+        storage=storage,
+        study_name=name,
+        sampler=build_sampler(config, space),
+        pruner=build_pruner(config),
+        direction="maximize",
+        load_if_exists=True,
+    )
+    return study, url, name
+
+
+class TrialRunner:
+    """The objective: one trial's config -> :func:`train_run`, with the data loaded once."""
+
+    def __init__(
+        self,
+        base: RunConfig,
+        space: SearchSpace,
+        config: SearchConfig,
+        run_dir: Path,
+        cache_dir: str | Path | None,
+        progress: bool,
+        data: LoadedData | None = None,
+        on_data: Callable[[LoadedData], None] | None = None,
+    ) -> None:
+        self.base, self.space, self.config, self.run_dir = base, space, config, run_dir
+        self.cache_dir, self.progress, self.on_data = cache_dir, progress, on_data
+        self._data: tuple[Any, LoadedData] | None = None
+        if data is not None:
+            self._data = (self._data_key(base), data)
+
+    @staticmethod
+    def _data_key(config: RunConfig) -> tuple:
+        return (config.data, resolve_preprocessing(config))
+
+    def data_for(self, config: RunConfig) -> LoadedData:
+        """The loaded splits for ``config`` (loaded again only if a trial changes the data)."""
+        key = self._data_key(config)
+        if self._data is None or self._data[0] != key:
+            loaded = build_splits(config.data, key[1], self.cache_dir, self.progress)
+            self._data = (key, loaded)
+            if self.on_data is not None:
+                self.on_data(loaded)
+        return self._data[1]
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", worker_identity())
+        params = suggest_params(trial, self.space, self.config.sampler == "grid")
+        config = build_trial_config(
+            self.base, self.space, params, trial_dir(self.run_dir, trial.number)
+        )
+        run_dir = config.run_dir()
+        trial.set_user_attr("run_dir", str(run_dir))
+        pruning = PruningCallback(trial)
+        try:
+            result = train_run(
+                config,
+                cache_dir=self.cache_dir,
+                progress=self.progress,
+                callbacks=[pruning],
+                data=self.data_for(config),
+            )
+        except optuna.TrialPruned:
+            write_run_info(run_dir, config, {"status": "pruned", **pruning.best})
+            raise
+        except (TrainingInterrupted, KeyboardInterrupt):
+            trial.set_user_attr("interrupted", True)
+            raise
+        finally:
+            if not self.config.keep_checkpoints:
+                (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+        fit = result.fit
+        trial.set_user_attr(
+            "result",
+            {
+                **pruning.best,
+                "epochs_run": fit.epochs_run,
+                "best_epoch": fit.best_epoch,
+                "test_top1": result.test_metrics.get("top1"),
+                "test_top5": result.test_metrics.get("top5"),
+                "train_seconds": fit.seconds,
+            },
+        )
+        return float(fit.best_val_accuracy)
+
+
+def target_trials(config: SearchConfig, space: SearchSpace) -> int | None:
+    """Finished trials the study should hold: ``n_trials``, the grid size, 20, or no limit."""
+    if config.n_trials is not None:
+        return config.n_trials
+    if config.sampler == "grid":
+        return len(space.grid_combinations())
+    return None if config.timeout else 20
+
+
+def _unstarted_grid_points(trials: list[FrozenTrial], space: SearchSpace) -> int:
+    grid = space.grid()
+    started = {
+        t.system_attrs["grid_id"]
+        for t in trials
+        if "grid_id" in t.system_attrs
+        and t.system_attrs.get("search_space") == grid
+        and t.state != TrialState.WAITING
+    }
+    waiting = sum(t.state == TrialState.WAITING for t in trials)
+    return len(space.grid_combinations()) - len(started) + waiting
+
+
+def trials_to_run(study: optuna.Study, config: SearchConfig, space: SearchSpace) -> int | None:
+    """How many more trials this process may start (0: the study is done; None: no limit)."""
+    trials = study.get_trials(deepcopy=False)
+    target = target_trials(config, space)
+    budget = None if target is None else target - sum(t.state in FINISHED for t in trials)
+    if config.sampler == "grid":
+        unstarted = _unstarted_grid_points(trials, space)
+        budget = unstarted if budget is None else min(budget, unstarted)
+    return None if budget is None else max(0, budget)
+
+
+def summarize_trial(trial: FrozenTrial, run_dir: Path) -> TrialSummary:
+    """The results-table view of one Optuna trial (its folder relative to ``run_dir``)."""
+    result = trial.user_attrs.get("result") or trial.user_attrs.get("progress") or {}
+    curve = sorted((int(step), float(value)) for step, value in trial.intermediate_values.items())
+    accuracy = result.get("val_accuracy")
+    if accuracy is None and trial.state == TrialState.COMPLETE:
+        accuracy = trial.value
+    seconds = None
+    if trial.datetime_start and trial.datetime_complete:
+        seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
+    return TrialSummary(
+        number=trial.number,
+        state=TRIAL_STATES.get(trial.state, trial.state.name.lower()),
+        params=dict(trial.params),
+        val_accuracy=accuracy,
+        val_loss=result.get("val_loss"),
+        test_top1=result.get("test_top1"),
+        epochs=int(result.get("epochs_run", len(curve))),
+        seconds=seconds,
+        run_dir=_relative(trial.user_attrs.get("run_dir", ""), run_dir),
+        curve=curve,
+    )
+
+
+def _relative(path: str, start: Path) -> str:
+    if not path:
+        return ""
+    try:
+        return str(Path(path).resolve().relative_to(Path(start).resolve()))
+    except ValueError:
+        return path
+
+
+def collect_trials(study: optuna.Study, run_dir: Path) -> list[TrialSummary]:
+    """Finished (complete or pruned) trials of the study, from every process."""
+    trials = study.get_trials(deepcopy=False, states=FINISHED)
+    return [summarize_trial(trial, run_dir) for trial in trials]
+
+
+def log_trial_hparams(log_dir: Path, trial: TrialSummary, space: SearchSpace) -> None:
+    """One TensorBoard HParams entry (``LOG_DIR/trial-NNN``) for a finished or pruned trial."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    values: dict[str, Any] = {
+        name: value if isinstance(value, (int, float, str, bool)) else str(value)
+        for name, value in trial.params.items()
+    }
+    values["state"] = trial.state
+    domains: dict[str, list[Any]] = {"state": ["complete", "pruned"]}
+    for parameter in space.parameters:
+        if parameter.type == "categorical" and parameter.name in values:
+            domains[parameter.name] = list(parameter.choices)
+    metrics = {
+        "hparams/val_accuracy": trial.val_accuracy,
+        "hparams/val_loss": trial.val_loss,
+        "hparams/test_top1": trial.test_top1,
+        "hparams/epochs": float(trial.epochs),
+    }
+    metrics = {k: float(v) for k, v in metrics.items() if v is not None}
+    # SummaryWriter.add_hparams would also leave an empty event file in LOG_DIR per call.
+    with SummaryWriter(str(log_dir / trial.label)) as writer:
+        for summary in hparams(values, metrics, domains):
+            writer.file_writer.add_summary(summary)
+        for key, value in metrics.items():
+            writer.add_scalar(key, value)
+
+
+def parameter_importances(study: optuna.Study) -> dict[str, float] | None:
+    """fANOVA importances of the parameters, or ``None`` with fewer than two finished trials."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 2:
+        return None
+    try:
+        return optuna.importance.get_param_importances(study)
+    except (ValueError, RuntimeError) as error:
+        logger.info("no parameter importances: %s", error)
+        return None
+
+
+def _optimize(
+    study: optuna.Study,
+    runner: TrialRunner,
+    on_trial: Callable[[TrialSummary], None] | None = None,
+) -> None:
+    """Run trials in this process until the budget, the grid or the timeout is used up."""
+    config, space, run_dir = runner.config, runner.space, runner.run_dir
+    remaining = trials_to_run(study, config, space)
+    if remaining == 0:
+        return
+    parameter_names = [parameter.name for parameter in space.parameters]
+
+    def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+        summary = summarize_trial(trial, run_dir)
+        if trial.state in FINISHED:
+            log_trial_hparams(run_dir / "tensorboard", summary, space)
+        write_results_tables(collect_trials(study, run_dir), parameter_names, run_dir)
+        if on_trial is not None:
+            on_trial(summary)
+        # Stop once every grid point has started: Optuna would otherwise repeat a point that
+        # another worker is still running.
+        if trials_to_run(study, config, space) == 0:
+            study.stop()
+
+    study.optimize(
+        runner,
+        n_trials=remaining,
+        timeout=config.timeout,
+        callbacks=[after_trial],
+        gc_after_trial=True,
+    )
+
+
+def _worker_main(
+    base: RunConfig, space: SearchSpace, config: SearchConfig, cache_dir: Any, threads: int
+) -> None:
+    """Entry point of an extra worker process: the same loop, on the same study."""
+    import torch
+
+    torch.set_num_threads(threads)
+    study, _, _ = open_study(config, space, base.run_dir())
+    _optimize(study, TrialRunner(base, space, config, base.run_dir(), cache_dir, False))
+
+
+def _start_workers(
+    base: RunConfig, space: SearchSpace, config: SearchConfig, cache_dir: Any, threads: int
+) -> list[multiprocessing.Process]:
+    # "spawn" gives each worker a fresh interpreter: forking a process that has used
+    # OpenMP threads can hang the child.
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(
+            target=_worker_main,
+            args=(base, space, config, cache_dir, threads),
+            name=f"cnnkit-search-worker-{index}",
+        )
+        for index in range(1, config.workers)
+    ]
+    for process in processes:
+        process.start()
+    return processes
+
+
+def run_search(
+    base: RunConfig,
+    space: SearchSpace,
+    config: SearchConfig,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    on_trial: Callable[[TrialSummary], None] | None = None,
+    on_data: Callable[[LoadedData], None] | None = None,
+    data: LoadedData | None = None,
+) -> SearchResult:
+    """Run (or continue) a search and write its results table, plots and HParams.
+
+    With ``config.workers > 1`` the extra workers are separate processes on the same study,
+    each with ``cpu_count // workers`` threads; they load the data through ``cache_dir``.
+
+    Args:
+        base: the resolved config every trial starts from (its ``out`` is the search folder).
+        space: the hyperparameters to search.
+        config: sampler, pruner, budget, workers and storage.
+        cache_dir: decoded-image cache root.
+        progress: show training progress bars (this process only).
+        on_trial: called after each trial this process finishes (the CLI prints a line).
+        on_data: called once the data is loaded.
+        data: already-loaded splits to use for every trial with the base data config.
+
+    Returns:
+        The study's trials (from every process) and the files written.
+    """
+    import torch
+
+    start = time.perf_counter()
+    run_dir = base.run_dir()
+    study, url, name = open_study(config, space, run_dir)
+    write_search_settings(run_dir, base, space, config, name, url)
+    queued = recover_trials(study)
+    if queued:
+        logger.warning("re-queued interrupted trial(s) %s", queued)
+    runner = TrialRunner(base, space, config, run_dir, cache_dir, progress, data, on_data)
+    threads = torch.get_num_threads()
+    workers: list[multiprocessing.Process] = []
+    if trials_to_run(study, config, space) != 0:
+        # Load (and cache) the data before any worker starts, so that the workers read it
+        # from the cache instead of all decoding it at once.
+        runner.data_for(base)
+    if config.workers > 1 and trials_to_run(study, config, space) != 0:
+        per_worker = max(1, (os.cpu_count() or 1) // config.workers)
+        workers = _start_workers(base, space, config, cache_dir, per_worker)
+        torch.set_num_threads(per_worker)
+    try:
+        _optimize(study, runner, on_trial)
+    finally:
+        for process in workers:
+            process.join()
+            if process.exitcode:
+                logger.warning("%s exited with status %s", process.name, process.exitcode)
+        torch.set_num_threads(threads)
+    trials = collect_trials(study, run_dir)
+    parameter_names = [parameter.name for parameter in space.parameters]
+    files = write_results_tables(trials, parameter_names, run_dir)
+    importances = parameter_importances(study)
+    files.update(write_search_figures(trials, parameter_names, importances, run_dir))
+    counts = {state: sum(t.state == state for t in trials) for state in TRIAL_STATES.values()}
+    counts["fail"] = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+    retrained = None
+    if config.retrain_best and counts["complete"]:
+        retrained = retrain_best(study, base, space, runner, progress)
+    return SearchResult(
+        run_dir, url, name, trials, counts, files, retrained, time.perf_counter() - start
+    )
+
+
+def write_search_settings(
+    run_dir: Path, base: RunConfig, space: SearchSpace, config: SearchConfig, name: str, url: str
+) -> None:
+    """``RUN_DIR/search.yaml``: the space, the search settings and the base config."""
+    import yaml
+
+    from cnnkit.inference.artifact import write_atomically
+
+    settings = {
+        "study_name": name,
+        "storage": url,
+        "search": {k: v for k, v in vars(config).items()},
+        "space": space.to_dict(),
+        "base_config": config_to_dict(base),
+    }
+    text = yaml.safe_dump(settings, sort_keys=False)
+    write_atomically(run_dir / "search.yaml", lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def retrain_best(
+    study: optuna.Study,
+    base: RunConfig,
+    space: SearchSpace,
+    runner: TrialRunner,
+    progress: bool = True,
+) -> RunResult:
+    """Train the best trial's configuration on train+validation data into ``RUN_DIR/best``.
+
+    The test split stays held out, so the saved model's test accuracy remains honest.
+
+    Raises:
+        ValueError: if no trial has finished.
+    """
+    best = study.best_trial
+    out = base.run_dir() / "best"
+    config = build_trial_config(base, space, best.params, out)
+    loaded = runner.data_for(config)
+    splits = loaded.splits
+    train = concatenate(splits.train, splits.val) if splits.val is not None else splits.train
+    merged = DataSplits(
+        train,
+        None,
+        splits.test,
+        splits.class_names,
+        f"{splits.description} (train+val used for training)",
+    )
+    final = build_run_config(config_to_dict(config), {"data": {"val_fraction": 0.0}})
+    if out.exists():
+        shutil.rmtree(out)
+    logger.info("retraining trial %d's configuration on train+validation", best.number)
+    result = train_run(
+        final,
+        cache_dir=runner.cache_dir,
+        progress=progress,
+        data=LoadedData(merged, loaded.problems, loaded.from_cache),
+    )
+    if not runner.config.keep_checkpoints:
+        (out / CHECKPOINT_NAME).unlink(missing_ok=True)
+    return result

@@ -1,0 +1,290 @@
+"""Hyperparameter search spaces: named ones (``book``...) and YAML files, and their config targets.
+
+A space file maps parameter names to distributions and to the config field each one sets::
+
+    preset: book-hasy            # optional: named defaults for every trial
+    parameters:                  # or put the parameters at the top level
+      dense:
+        type: categorical        # int | float | categorical
+        choices: [128, 256, 512]
+        target: model.options.dense
+      learning_rate:
+        type: float
+        low: 1.0e-4
+        high: 1.0e-2
+        log: true                # sample on a log scale (int and float)
+        target: train.learning_rate
+      convs: {type: int, low: 1, high: 2, step: 1, target: model.options.convs}
+
+``target`` is ``SECTION.FIELD`` (``train``, ``augment``, ``data``) or ``model.options.OPTION``.
+Without a target, a name that is a ``train`` or ``augment`` field sets that field, and any
+other name becomes a model option.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cnnkit.config import SECTIONS, AugmentConfig, TrainConfig
+
+PARAMETER_TYPES = ("int", "float", "categorical")
+_SPEC_KEYS = {"type", "low", "high", "log", "step", "choices", "target"}
+
+
+@dataclass(frozen=True)
+class SearchParameter:
+    """One searched hyperparameter and the config field it sets."""
+
+    name: str
+    type: str
+    target: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        where = f"search parameter {self.name!r}"
+        if self.type not in PARAMETER_TYPES:
+            raise ValueError(f"{where}: type must be one of {', '.join(PARAMETER_TYPES)}")
+        object.__setattr__(self, "choices", tuple(self.choices))
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError(f"{where}: categorical parameters need a non-empty 'choices'")
+        else:
+            if self.low is None or self.high is None:
+                raise ValueError(f"{where}: {self.type} parameters need 'low' and 'high'")
+            if self.low > self.high:
+                raise ValueError(f"{where}: low ({self.low}) must be <= high ({self.high})")
+            if self.log and self.low <= 0:
+                raise ValueError(f"{where}: log scale needs low > 0")
+            if self.log and self.step is not None:
+                raise ValueError(f"{where}: 'log' and 'step' cannot be combined")
+        check_target(self.target, where)
+
+    def grid_values(self) -> list[Any]:
+        """Every value of this parameter, for the grid sampler.
+
+        Raises:
+            ValueError: for a continuous float range (give ``choices`` or a ``step``).
+        """
+        if self.type == "categorical":
+            return list(self.choices)
+        if self.step is None and self.type == "float":
+            raise ValueError(
+                f"grid search needs finite values: give {self.name!r} choices or a step"
+            )
+        step = self.step or 1
+        count = int(math.floor((self.high - self.low) / step + 1e-9)) + 1
+        values = [self.low + index * step for index in range(count)]
+        return [int(round(v)) for v in values] if self.type == "int" else values
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A named set of hyperparameters, optionally with the preset its trials start from."""
+
+    name: str
+    parameters: tuple[SearchParameter, ...]
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "parameters", tuple(self.parameters))
+        if not self.parameters:
+            raise ValueError(f"search space {self.name!r} has no parameters")
+        names = [parameter.name for parameter in self.parameters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"search space {self.name!r} repeats a parameter name")
+
+    def grid(self) -> dict[str, list[Any]]:
+        """Parameter name -> every value (the grid sampler's search space)."""
+        return {parameter.name: parameter.grid_values() for parameter in self.parameters}
+
+    def grid_combinations(self) -> list[dict[str, Any]]:
+        """Every combination of the grid, as parameter dicts."""
+        grid = self.grid()
+        return [
+            dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data in the YAML file format."""
+        parameters = {}
+        for parameter in self.parameters:
+            spec: dict[str, Any] = {"type": parameter.type, "target": parameter.target}
+            if parameter.type == "categorical":
+                spec["choices"] = list(parameter.choices)
+            else:
+                spec.update(low=parameter.low, high=parameter.high, log=parameter.log)
+                if parameter.step is not None:
+                    spec["step"] = parameter.step
+            parameters[parameter.name] = spec
+        return {"name": self.name, "preset": self.preset, "parameters": parameters}
+
+
+def check_target(target: str, where: str = "search parameter") -> None:
+    """Check that ``target`` names a config field (``train.learning_rate``) or a model option.
+
+    Raises:
+        ValueError: for an unknown section or field.
+    """
+    parts = target.split(".")
+    if parts[:2] == ["model", "options"] and len(parts) == 3 and parts[2]:
+        return
+    if len(parts) == 2 and parts[0] in SECTIONS and parts[0] != "model":
+        known = {f.name for f in fields(SECTIONS[parts[0]])}
+        if parts[1] in known:
+            return
+        raise ValueError(f"{where}: {parts[0]} has no field {parts[1]!r}")
+    if target == "model.name":
+        return
+    raise ValueError(
+        f"{where}: target {target!r} must be SECTION.FIELD (train, augment, data) "
+        "or model.options.OPTION"
+    )
+
+
+def default_target(name: str) -> str:
+    """Where a parameter without a ``target`` goes: a train/augment field, else a model option."""
+    for section, config_class in (("train", TrainConfig), ("augment", AugmentConfig)):
+        if name in {f.name for f in fields(config_class)}:
+            return f"{section}.{name}"
+    return f"model.options.{name}"
+
+
+def overrides_for(space: SearchSpace, params: dict[str, Any]) -> dict[str, Any]:
+    """Nested config overrides (for :func:`cnnkit.config.build_run_config`) from trial params."""
+    overrides: dict[str, Any] = {}
+    for parameter in space.parameters:
+        if parameter.name not in params:
+            continue
+        node = overrides
+        *parents, leaf = parameter.target.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = params[parameter.name]
+    return overrides
+
+
+def parse_space(data: dict[str, Any], name: str) -> SearchSpace:
+    """Build a space from the YAML structure documented in this module.
+
+    Raises:
+        ValueError: naming the parameter and the problem.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"search space {name!r} must be a mapping of parameters")
+    preset = None
+    specs = data
+    if isinstance(data.get("parameters"), dict):
+        preset = data.get("preset")
+        name = str(data.get("name") or name)
+        extra = set(data) - {"parameters", "preset", "name"}
+        if extra:
+            raise ValueError(f"search space {name!r}: unknown key(s) {', '.join(sorted(extra))}")
+        specs = data["parameters"]
+    parameters = []
+    for parameter_name, spec in specs.items():
+        if not isinstance(spec, dict):
+            raise ValueError(f"search parameter {parameter_name!r} must be a mapping")
+        unknown = set(spec) - _SPEC_KEYS
+        if unknown:
+            raise ValueError(
+                f"search parameter {parameter_name!r}: unknown key(s) {', '.join(sorted(unknown))}"
+            )
+        parameters.append(
+            SearchParameter(
+                name=str(parameter_name),
+                type=str(spec.get("type", "categorical" if "choices" in spec else "float")),
+                target=str(spec.get("target") or default_target(str(parameter_name))),
+                low=spec.get("low"),
+                high=spec.get("high"),
+                log=bool(spec.get("log", False)),
+                step=spec.get("step"),
+                choices=tuple(spec.get("choices") or ()),
+            )
+        )
+    return SearchSpace(name, tuple(parameters), preset)
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read a search space YAML file.
+
+    Raises:
+        ValueError: if the file cannot be read or is malformed.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise ValueError(f"{path}: cannot read search space: {error}") from error
+    try:
+        return parse_space(data, path.stem)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
+
+
+def _categorical(name: str, target: str, choices: list[Any]) -> SearchParameter:
+    return SearchParameter(name, "categorical", target, choices=tuple(choices))
+
+
+# The book's grid search (step 15): 2 x 5 x 4 = 40 book_cnn models on the book-hasy preset.
+BOOK_SPACE = SearchSpace(
+    "book",
+    (
+        _categorical("convs", "model.options.convs", [1, 2]),
+        _categorical("dense", "model.options.dense", [128, 256, 512, 1024, 2048]),
+        _categorical("dropout", "model.options.dropout", [0.0, 0.25, 0.5, 0.75]),
+    ),
+    preset="book-hasy",
+)
+
+# The book's parameters plus the optimiser's, for TPE or random search.
+BOOK_WIDE_SPACE = SearchSpace(
+    "book-wide",
+    (
+        *BOOK_SPACE.parameters,
+        SearchParameter("learning_rate", "float", "train.learning_rate", 1e-4, 1e-2, log=True),
+        _categorical("batch_size", "train.batch_size", [32, 64, 128]),
+    ),
+    preset="book-hasy",
+)
+
+# Our symbol network: width, depth, regularisation and learning rate.
+SYMBOL_SPACE = SearchSpace(
+    "symbol",
+    (
+        _categorical("width", "model.options.width", [16, 32, 48, 64]),
+        SearchParameter("layers_per_stage", "int", "model.options.layers_per_stage", 1, 3),
+        SearchParameter("dropout", "float", "model.options.dropout", 0.0, 0.5),
+        SearchParameter("learning_rate", "float", "train.learning_rate", 3e-4, 1e-2, log=True),
+        SearchParameter("weight_decay", "float", "train.weight_decay", 1e-5, 1e-2, log=True),
+        SearchParameter("label_smoothing", "float", "train.label_smoothing", 0.0, 0.2),
+    ),
+    preset=None,
+)
+
+SPACES = {space.name: space for space in (BOOK_SPACE, BOOK_WIDE_SPACE, SYMBOL_SPACE)}
+
+
+def resolve_space(name_or_path: str) -> SearchSpace:
+    """A named space (``book``, ``book-wide``, ``symbol``) or a YAML file.
+
+    Raises:
+        ValueError: if it is neither a known name nor a readable file.
+    """
+    if name_or_path in SPACES:
+        return SPACES[name_or_path]
+    path = Path(name_or_path)
+    if path.suffix.lower() in (".yaml", ".yml") or path.exists():
+        return load_space(path)
+    raise ValueError(
+        f"unknown search space {name_or_path!r}; use one of {', '.join(SPACES)} or a YAML file"
+    )

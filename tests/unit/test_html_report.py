@@ -1,0 +1,153 @@
+"""Tests for cnnkit.evaluation.html_report: self-contained pages for runs and searches."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from cnnkit.config import build_run_config, preset_for
+from cnnkit.evaluation.html_report import REPORT_NAME, build_report_html, write_html_report
+from cnnkit.evaluation.search_plots import (
+    TrialSummary,
+    write_results_tables,
+    write_search_figures,
+)
+from cnnkit.training.run import train_run
+
+IMAGE = re.compile(r'<img alt="[^"]*" src="data:image/png;base64,[A-Za-z0-9+/=]{200,}">')
+
+
+def assert_self_contained(page: str) -> None:
+    assert page.startswith("<!DOCTYPE html>")
+    assert "http://" not in page and "https://" not in page
+    assert "<script" not in page.lower()
+    assert "<link" not in page.lower()
+    sources = re.findall(r'(?:src|href)="([^"]*)"', page)
+    assert all(source.startswith("data:image/png;base64,") for source in sources)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    config = build_run_config(
+        preset_for("digits"),
+        {
+            "data": {"dataset": "digits"},
+            "model": {"options": {"width": 8}},
+            "train": {"epochs": 2, "max_steps_per_epoch": 3},
+            "out": str(out),
+        },
+    )
+    train_run(config, progress=False)
+    return out
+
+
+def test_training_run_report_is_self_contained(tiny_run):
+    path = write_html_report(tiny_run)
+    assert path == tiny_run / REPORT_NAME
+    page = path.read_text(encoding="utf-8")
+    for section in (
+        "Training run",
+        "Learning curves",
+        "Test metrics",
+        "Confusion matrix",
+        "Most-confused pairs",
+        "Misclassified examples",
+        "Configuration",
+    ):
+        assert f">{section}" in page, section
+    # Learning curves, confusion matrix and misclassified grid.
+    assert len(IMAGE.findall(page)) >= 3
+    assert "symbol_cnn" in page
+    assert_self_contained(page)
+    assert not list(tiny_run.glob(".report.html.*"))  # No temporary file left behind.
+
+
+def test_text_from_the_run_folder_is_escaped(tmp_path):
+    (tmp_path / "config.yaml").write_text("model: {name: '<script>alert(1)</script>'}\n")
+    (tmp_path / "metrics.csv").write_text("epoch,train_accuracy\n1,0.5\n2,0.7\n")
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "confused_pairs.csv").write_text(
+        'true,predicted,count\n"<b>x</b>",\\&amp;,3\n', encoding="utf-8"
+    )
+    page = build_report_html(tmp_path)
+    assert "<script>" not in page and "<b>x</b>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "&lt;b&gt;x&lt;/b&gt;" in page and "\\&amp;amp;" in page
+    assert_self_contained(page)
+
+
+def test_search_report_has_table_and_plots(tmp_path):
+    trials = [
+        TrialSummary(
+            0,
+            "complete",
+            {"dense": 128, "dropout": 0.5},
+            0.81,
+            0.7,
+            0.8,
+            3,
+            12.0,
+            "trials/trial-000",
+            [(1, 0.6), (2, 0.75), (3, 0.81)],
+        ),
+        TrialSummary(
+            1,
+            "pruned",
+            {"dense": 256, "dropout": 0.0},
+            0.4,
+            1.9,
+            None,
+            1,
+            3.0,
+            "trials/trial-001",
+            [(1, 0.4)],
+        ),
+        TrialSummary(
+            2,
+            "complete",
+            {"dense": 512, "dropout": 0.25},
+            0.78,
+            0.8,
+            0.77,
+            3,
+            15.0,
+            "trials/trial-002",
+            [(1, 0.55), (2, 0.7), (3, 0.78)],
+        ),
+    ]
+    names = ["dense", "dropout"]
+    write_results_tables(trials, names, tmp_path)
+    write_search_figures(trials, names, {"dense": 0.7, "dropout": 0.3}, tmp_path)
+    (tmp_path / "search.yaml").write_text(
+        "search: {sampler: grid, pruner: halving}\nspace: {parameters: {dense: {}, dropout: {}}}\n"
+    )
+    page = write_html_report(tmp_path).read_text(encoding="utf-8")
+    for section in (
+        "Hyperparameter search",
+        "Trials (sorted by validation accuracy)",
+        "Learning curves of every trial",
+        "Accuracy against each hyperparameter",
+        "Parameter importances",
+        "Search settings",
+    ):
+        assert section in page, section
+    assert len(IMAGE.findall(page)) == 3
+    assert "Best: trial 0 (dense=128, dropout=0.5)" in page
+    assert page.index('<td class="num">0</td>') < page.index('<td class="num">2</td>')
+    assert_self_contained(page)
+
+
+def test_importances_missing_is_explained(tmp_path):
+    trial = TrialSummary(0, "complete", {"dense": 128}, 0.8, 0.7, 0.8, 1, 1.0, "", [(1, 0.8)])
+    write_results_tables([trial], ["dense"], tmp_path)
+    write_search_figures([trial], ["dense"], None, tmp_path)
+    page = build_report_html(tmp_path)
+    assert "importances need at least two finished trials" in page
+
+
+def test_other_folders_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="not a cnnkit run"):
+        build_report_html(tmp_path)

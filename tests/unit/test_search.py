@@ -1,0 +1,377 @@
+"""Tests for cnnkit.training.search and spaces: grid, pruning, resume, kill and retrain-best."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+import cnnkit
+from cnnkit.config import build_run_config, config_to_dict, preset_for
+from cnnkit.data.sources import build_splits
+from cnnkit.training.run import resolve_preprocessing, train_run
+from cnnkit.training.search import (
+    PruningCallback,
+    SearchConfig,
+    build_pruner,
+    build_trial_config,
+    open_study,
+    parameter_importances,
+    run_search,
+    suggest_params,
+    worker_identity,
+)
+from cnnkit.training.spaces import (
+    BOOK_SPACE,
+    SearchParameter,
+    SearchSpace,
+    load_space,
+    overrides_for,
+    resolve_space,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+# Four tiny book_cnn models: quick to train on the digits.
+TINY_SPACE = SearchSpace(
+    "tiny",
+    (
+        SearchParameter("convs", "categorical", "model.options.convs", choices=(1, 2)),
+        SearchParameter("dense", "categorical", "model.options.dense", choices=(8, 16)),
+    ),
+    preset="book-hasy",
+)
+
+
+def tiny_base(out: Path, epochs: int = 2, **train: object):
+    return build_run_config(
+        preset_for("book-hasy"),
+        {
+            "data": {"dataset": "digits"},
+            "train": {"epochs": epochs, "max_steps_per_epoch": 3, **train},
+            "out": str(out),
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def digits_data(tmp_path_factory):
+    config = tiny_base(tmp_path_factory.mktemp("unused"))
+    return build_splits(config.data, resolve_preprocessing(config))
+
+
+def finished_params(study: optuna.Study) -> list[tuple]:
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return [tuple(sorted(t.params.items())) for t in study.get_trials(states=states)]
+
+
+def load_study(run_dir: Path) -> optuna.Study:
+    return optuna.load_study(study_name=run_dir.name, storage=f"sqlite:///{run_dir / 'study.db'}")
+
+
+# ----------------------------------------------------------------------------- spaces
+
+
+def test_book_space_is_the_books_40_model_grid():
+    expected = set(itertools.product([1, 2], [128, 256, 512, 1024, 2048], [0.0, 0.25, 0.5, 0.75]))
+    combos = BOOK_SPACE.grid_combinations()
+    assert len(combos) == 40
+    assert {(c["convs"], c["dense"], c["dropout"]) for c in combos} == expected
+    assert BOOK_SPACE.preset == "book-hasy"
+    assert resolve_space("book") is BOOK_SPACE
+
+
+def test_grid_sampler_visits_each_book_combination_once():
+    study = optuna.create_study(
+        sampler=optuna.samplers.GridSampler(BOOK_SPACE.grid(), seed=0), direction="maximize"
+    )
+    study.optimize(lambda trial: len(suggest_params(trial, BOOK_SPACE, grid=True)), n_trials=60)
+    params = finished_params(study)
+    assert len(params) == 40  # The sampler stops the study once the grid is exhausted.
+    assert len(set(params)) == 40
+
+
+def test_trial_config_applies_targets(tmp_path):
+    space = SearchSpace(
+        "mixed",
+        (
+            SearchParameter("dense", "categorical", "model.options.dense", choices=(64,)),
+            SearchParameter("learning_rate", "float", "train.learning_rate", 1e-4, 1e-2),
+        ),
+    )
+    params = {"dense": 64, "learning_rate": 0.005}
+    assert overrides_for(space, params) == {
+        "model": {"options": {"dense": 64}},
+        "train": {"learning_rate": 0.005},
+    }
+    config = build_trial_config(tiny_base(tmp_path), space, params, tmp_path / "t")
+    assert config.model.name == "book_cnn"
+    assert config.model.options["dense"] == 64
+    assert config.train.learning_rate == 0.005
+    assert config.train.optimizer == "adam"  # The preset's other settings stay.
+    assert config.run_dir() == tmp_path / "t"
+
+
+def test_space_file_format(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        "preset: book-hasy\n"
+        "parameters:\n"
+        "  dense: {type: categorical, choices: [128, 256], target: model.options.dense}\n"
+        "  learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n"
+        "  convs: {type: int, low: 1, high: 2}\n",
+        encoding="utf-8",
+    )
+    space = load_space(path)
+    assert space.name == "space" and space.preset == "book-hasy"
+    by_name = {p.name: p for p in space.parameters}
+    assert by_name["learning_rate"].target == "train.learning_rate"
+    assert by_name["convs"].target == "model.options.convs"
+    assert by_name["convs"].grid_values() == [1, 2]
+    with pytest.raises(ValueError, match="grid search needs finite values"):
+        space.grid()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a: {type: bogus}", "type must be one of"),
+        ("a: {type: float, low: 1}", "need 'low' and 'high'"),
+        ("a: {type: categorical, choices: [1], target: train.nope}", "no field 'nope'"),
+        ("a: {type: categorical, choices: [1], wat: 2}", "unknown key"),
+    ],
+)
+def test_space_file_errors_name_the_parameter(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        load_space(path)
+
+
+# ----------------------------------------------------------------------------- pruning
+
+
+@pytest.mark.parametrize("pruner", ["median", "halving"])
+def test_pruner_stops_a_bad_trial(pruner):
+    config = SearchConfig(pruner=pruner, prune_warmup=1, median_startup_trials=2)
+    study = optuna.create_study(direction="maximize", pruner=build_pruner(config))
+
+    def objective(trial: optuna.Trial) -> float:
+        quality = trial.suggest_float("quality", 0.0, 1.0)
+        for epoch in range(1, 10):
+            trial.report(quality * epoch / 10, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return quality
+
+    for quality in (0.9, 0.8, 0.85):
+        study.enqueue_trial({"quality": quality})
+    study.enqueue_trial({"quality": 0.01})
+    study.optimize(objective, n_trials=4)
+    last = study.trials[-1]
+    assert last.state == optuna.trial.TrialState.PRUNED
+    assert max(last.intermediate_values) == 1
+
+
+def test_pruning_callback_stops_train_run(tmp_path, digits_data):
+    study = optuna.create_study(
+        direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1)
+    )
+    study.add_trial(
+        optuna.trial.create_trial(value=0.99, intermediate_values={1: 0.99, 2: 0.99, 3: 0.99})
+    )
+    trial = study.ask()
+    # A learning rate this small leaves the model at chance level.
+    config = build_run_config(
+        config_to_dict(tiny_base(tmp_path / "bad", epochs=3)), {"train": {"learning_rate": 1e-9}}
+    )
+    callback = PruningCallback(trial)
+    with pytest.raises(optuna.TrialPruned):
+        train_run(config, progress=False, callbacks=[callback], data=digits_data)
+    assert trial.should_prune()
+    lines = (tmp_path / "bad" / "metrics.csv").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2  # Stopped after the first epoch.
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- studies
+
+
+def test_search_resumes_without_repeating_trials(tmp_path, digits_data):
+    base = tiny_base(tmp_path / "search")
+    config = SearchConfig(sampler="grid", pruner="none", n_trials=2, sampler_seed=1)
+    first = run_search(base, TINY_SPACE, config, progress=False, data=digits_data)
+    assert first.counts["complete"] == 2
+    second = run_search(
+        base,
+        TINY_SPACE,
+        SearchConfig(sampler="grid", pruner="none"),
+        progress=False,
+        data=digits_data,
+    )
+    params = finished_params(load_study(base.run_dir()))
+    assert len(params) == 4 and len(set(params)) == 4
+    assert second.counts["complete"] == 4
+    # A third run finds nothing left to do.
+    third = run_search(base, TINY_SPACE, config, progress=False, data=digits_data)
+    assert len(finished_params(load_study(base.run_dir()))) == 4
+    assert third.best is not None
+
+    run_dir = base.run_dir()
+    assert sorted(p.name for p in (run_dir / "trials").iterdir()) == [
+        f"trial-{n:03d}" for n in range(4)
+    ]
+    for trial in (run_dir / "trials").iterdir():
+        assert (trial / "metrics.csv").is_file()
+        assert list((trial / "tensorboard").glob("events.out.tfevents.*"))
+        assert not (trial / "checkpoint.pt").exists()
+    assert len(list((run_dir / "tensorboard").glob("trial-*/events.out.tfevents.*"))) == 4
+    with open(run_dir / "results.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    accuracies = [float(row["val_accuracy"]) for row in rows]
+    assert accuracies == sorted(accuracies, reverse=True)
+    assert {"convs", "dense", "val_loss", "epochs", "seconds", "pruned"} <= set(rows[0])
+    assert (run_dir / "results.md").read_text().startswith("| rank | trial |")
+    for name in ("learning_curves.png", "accuracy_by_parameter.png", "param_importances.png"):
+        assert (run_dir / name).stat().st_size > 1000
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_running_trial_of_a_dead_process_runs_again(tmp_path, digits_data):
+    base = tiny_base(tmp_path / "search", epochs=1)
+    study = open_study(SearchConfig(sampler="grid"), TINY_SPACE, base.run_dir())[0]
+    trial = study.ask()
+    suggest_params(trial, TINY_SPACE, grid=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    trial.set_user_attr("worker", {**worker_identity(), "pid": dead.pid, "start": None})
+    lost = dict(trial.params)
+
+    result = run_search(
+        base,
+        TINY_SPACE,
+        SearchConfig(sampler="grid", pruner="none"),
+        progress=False,
+        data=digits_data,
+    )
+    study = load_study(base.run_dir())
+    states = {t.number: t.state for t in study.trials}
+    assert states[0] == optuna.trial.TrialState.FAIL
+    params = finished_params(study)
+    assert len(params) == 4 and len(set(params)) == 4
+    assert tuple(sorted(lost.items())) in params
+    assert result.counts["complete"] == 4
+
+
+def test_random_search_with_pruning_and_importances(tmp_path, digits_data):
+    base = tiny_base(tmp_path / "search", epochs=2)
+    space = SearchSpace(
+        "lr",
+        (SearchParameter("learning_rate", "float", "train.learning_rate", 1e-6, 1e-2, log=True),),
+    )
+    config = SearchConfig(sampler="random", pruner="median", n_trials=3, sampler_seed=0)
+    result = run_search(base, space, config, progress=False, data=digits_data)
+    assert len(result.trials) == 3
+    study = load_study(base.run_dir())
+    assert (parameter_importances(study) is None) == (result.counts["complete"] < 2)
+
+
+def test_retrain_best_saves_a_loadable_model(tmp_path, digits_data):
+    base = tiny_base(tmp_path / "search", epochs=1)
+    config = SearchConfig(sampler="grid", pruner="none", n_trials=1, retrain_best=True)
+    result = run_search(base, TINY_SPACE, config, progress=False, data=digits_data)
+    assert result.retrained is not None
+    path = result.retrained.model_path
+    assert path == base.run_dir() / "best" / "model.safetensors"
+    model = cnnkit.load_model(path)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert model.metadata.options["dense"] == result.best.params["dense"]
+    retrained_config = (base.run_dir() / "best" / "config.yaml").read_text()
+    assert "val_fraction: 0.0" in retrained_config
+    # Trained on the training and validation images together.
+    assert "train+val" in result.retrained.data_description
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study(tmp_path, caplog):
+    base = tiny_base(tmp_path / "search", epochs=2)
+    config = SearchConfig(sampler="grid", pruner="none", workers=2)
+    result = run_search(base, TINY_SPACE, config, progress=False)
+    params = finished_params(load_study(base.run_dir()))
+    assert len(params) == 4 and len(set(params)) == 4
+    assert result.counts["complete"] == 4
+    assert "exited with status" not in caplog.text  # The extra worker ended cleanly.
+
+
+def _search_command(out: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "cnnkit",
+        "search",
+        "--dataset",
+        "digits",
+        "--model",
+        "book_cnn",
+        "--space",
+        str(out.parent / "space.yaml"),
+        "--sampler",
+        "grid",
+        "--pruner",
+        "none",
+        "--epochs",
+        "2",
+        "--max-steps-per-epoch",
+        "3",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
+
+
+def test_killed_search_resumes_without_repeats(tmp_path):
+    (tmp_path / "space.yaml").write_text(
+        "convs: {type: categorical, choices: [1, 2]}\n"
+        "dense: {type: categorical, choices: [8, 16]}\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "search"
+    env = {**os.environ, "PYTHONPATH": str(Path(cnnkit.__file__).parents[1])}
+    process = subprocess.Popen(
+        _search_command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            results = out / "results.csv"
+            if results.exists() and len(results.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, "the search ended before it could be killed"
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    running = [
+        t.number for t in load_study(out).trials if t.state == optuna.trial.TrialState.RUNNING
+    ]
+    rerun = subprocess.run(_search_command(out), env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    study = load_study(out)
+    params = finished_params(study)
+    assert len(params) == 4 and len(set(params)) == 4
+    for number in running:  # The trial cut short was failed and its grid point run again.
+        assert study.trials[number].state == optuna.trial.TrialState.FAIL
+        assert tuple(sorted(study.trials[number].params.items())) in params
