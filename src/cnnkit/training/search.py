@@ -596,9 +596,16 @@ def run_search(
 
     Returns:
         The study's trials (from every process) and the files written.
+
+    Raises:
+        ValueError: if the base config trains on the test images (``train_on_all``).
     """
     import torch
 
+    if base.data.train_on_all:
+        raise ValueError("search compares trials on held-out data: drop --train-on-all")
+    if base.data.val_fraction == 0:
+        logger.warning("no validation split: trials are compared on training accuracy")
     start = time.perf_counter()
     run_dir = base.run_dir()
     study, url, name = open_study(config, space, run_dir)
