@@ -374,4 +374,6 @@ def test_killed_search_resumes_without_repeats(tmp_path):
     assert len(params) == 4 and len(set(params)) == 4
     for number in running:  # The trial cut short was failed and its grid point run again.
         assert study.trials[number].state == optuna.trial.TrialState.FAIL
-        assert tuple(sorted(study.trials[number].params.items())) in params
+        # A kill between two suggest calls leaves only some parameters recorded.
+        cut_short = set(study.trials[number].params.items())
+        assert any(cut_short <= set(finished) for finished in params)

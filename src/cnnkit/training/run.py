@@ -259,4 +259,7 @@ def train_run(
                 "config": config_to_dict(config),
             },
         )
+    if distributed.enabled:
+        # Every rank waits for rank 0's model file, so the process group ends together.
+        torch.distributed.barrier()
     return RunResult(run_dir, model_path, fit, test_metrics, report, splits.description, timings)
