@@ -7,6 +7,7 @@ processes can work on it at once.
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import logging
 import multiprocessing
@@ -252,6 +253,9 @@ def requeue_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     logger.info("trial %d will run again (its process stopped)", trial.number)
 
 
+ORPHAN_SECONDS = 2.0
+
+
 def recover_trials(study: optuna.Study) -> list[int]:
     """Fail and re-queue trials whose process died (SIGKILL, power loss) or was interrupted.
 
@@ -264,9 +268,18 @@ def recover_trials(study: optuna.Study) -> list[int]:
     trials = study.get_trials(deepcopy=False)
     retried = {t.system_attrs.get("failed_trial") for t in trials}
     queued = []
+    now = datetime.datetime.now()
     for trial in trials:
         worker = trial.user_attrs.get("worker")
-        if trial.state == TrialState.RUNNING and worker and _worker_dead(worker):
+        # A live worker records itself within milliseconds of starting a trial, so a trial
+        # without one after a while belongs to a process killed in between.
+        orphan = (
+            worker is None
+            and trial.datetime_start is not None
+            and (now - trial.datetime_start) > datetime.timedelta(seconds=ORPHAN_SECONDS)
+        )
+        dead = orphan or (worker is not None and _worker_dead(worker))
+        if trial.state == TrialState.RUNNING and dead:
             try:
                 study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
