@@ -269,14 +269,18 @@ def fit_finetune(
     """Phase 2: unfreeze everything and train with the generic trainer on augmented batches.
 
     Augmentation runs as batched tensor ops on the decoded uint8 images; the backbone learns at
-    ``learning_rate * backbone_lr_scale`` and the schedule, warm-up and early stopping come from
-    ``config.train``.
+    ``learning_rate * backbone_lr_scale`` and the schedule, warm-up and early stopping (only with
+    a val split) come from ``config.train``.
 
     Returns:
         The trainer's fit (best validation weights restored) and the phase's report.
     """
     model.unfreeze_backbone()
     train = config.train
+    if splits.val is None:
+        # Without a val split the trainer would stop on training accuracy, which says nothing
+        # about generalisation; the schedule's fixed epochs decide instead.
+        train = dataclasses.replace(train, early_stopping_patience=None)
     train_loader = BatchLoader(
         splits.train,
         train.batch_size,
