@@ -20,6 +20,7 @@ from cnnkit.config import build_run_config, config_to_dict, preset_for
 from cnnkit.data.sources import build_splits
 from cnnkit.training.run import resolve_preprocessing, train_run
 from cnnkit.training.search import (
+    ORPHAN_SECONDS,
     PruningCallback,
     SearchConfig,
     build_pruner,
@@ -367,6 +368,8 @@ def test_killed_search_resumes_without_repeats(tmp_path):
     running = [
         t.number for t in load_study(out).trials if t.state == optuna.trial.TrialState.RUNNING
     ]
+    # A trial killed before it recorded its worker counts as orphaned after ORPHAN_SECONDS.
+    time.sleep(ORPHAN_SECONDS + 0.5)
     rerun = subprocess.run(_search_command(out), env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     study = load_study(out)
