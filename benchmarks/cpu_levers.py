@@ -298,7 +298,9 @@ def main() -> None:
                 if job.model == "book_cnn" and result["parameters"] != BOOK_1024_PARAMETERS:
                     raise SystemExit(f"book_cnn has {result['parameters']} parameters")
                 samples.setdefault((workload, levers), []).append(result)
-        print(f"round {round_number + 1} done after {time.perf_counter() - start:.0f} s")
+        print(
+            f"round {round_number + 1} done after {time.perf_counter() - start:.0f} s", flush=True
+        )
     print_table(samples, args.workloads, configs, "images_per_second", "Training images/s")
     print_table(
         samples,

@@ -69,8 +69,11 @@ CNNKIT_SIDES = {
     "cnnkit+fused+passive": Levers(
         tune_allocator=True, channels_last=True, fused_optimizer=True, passive_wait=True
     ),
-    "cnnkit+fused+passive+bf16": Levers(
-        tune_allocator=True, channels_last=True, fused_optimizer=True, passive_wait=True, bf16=True
+    "cnnkit+fused+1thread": Levers(
+        tune_allocator=True, channels_last=True, fused_optimizer=True, threads=1
+    ),
+    "cnnkit+fused+bf16+1thread": Levers(
+        tune_allocator=True, channels_last=True, fused_optimizer=True, bf16=True, threads=1
     ),
 }
 
@@ -151,7 +154,7 @@ def main() -> None:
     arrays, description = load_sample(
         args.archive, args.sample, args.cache_dir or default_cache_dir()
     )
-    print(f"Data: {description}; threads: {args.threads or 'default'}")
+    print(f"Data: {description}; threads: {args.threads or 'default'}", flush=True)
     sides = ["keras", *CNNKIT_SIDES] if args.proposed else ["keras", "cnnkit"]
     samples: dict[tuple[str, int], list[dict]] = {}
     start = time.perf_counter()
@@ -166,11 +169,13 @@ def main() -> None:
                     if side == "keras":
                         result = measure_keras(args.bench_python, data, batch_size, args.threads)
                     else:
-                        levers = dataclasses.replace(CNNKIT_SIDES[side], threads=args.threads)
+                        levers = CNNKIT_SIDES[side]
+                        if args.threads:
+                            levers = dataclasses.replace(levers, threads=args.threads)
                         result = measure_cnnkit(data, batch_size, levers)
                     samples.setdefault((side, batch_size), []).append(result)
             elapsed = time.perf_counter() - start
-            print(f"round {round_number + 1}/{args.rounds} done after {elapsed:.0f} s")
+            print(f"round {round_number + 1}/{args.rounds} done after {elapsed:.0f} s", flush=True)
     print_results(samples, sides, "images_per_second", "Training images/s (wall clock; the bars)")
     print_results(
         samples,
