@@ -108,8 +108,11 @@ def test_finetune_phase_trains_backbone_and_head(tiny_image_set, run_dir):
     splits = _splits(tiny_image_set)
     fit_transfer(model, _frozen(_config()), splits, PREPROCESSING, CPU, run_dir, progress=False)
     backbone, head = _snapshot(model.backbone), _snapshot(model.classifier)
+    statistics = [b.clone() for n, b in model.backbone.named_buffers() if "running" in n]
     fit = fit_transfer(model, _config(), splits, PREPROCESSING, CPU, run_dir, progress=False)
     assert all(p.requires_grad for p in model.parameters())
+    after = [b for n, b in model.backbone.named_buffers() if "running" in n]
+    assert all(torch.equal(old, new) for old, new in zip(statistics, after, strict=True))
     assert all(p.grad is not None for p in model.parameters())
     # Batch-norm weights on all-zero paths may stay put; the convolutions and the head move.
     assert sum(_changed(backbone, model.backbone)) > 0.9 * len(backbone)
@@ -125,6 +128,24 @@ def test_finetune_phase_trains_backbone_and_head(tiny_image_set, run_dir):
     record_final_test(run_dir, {"top1": 0.123, "top5": 1.0})
     phases = json.loads((run_dir / PHASES_NAME).read_text())["phases"]
     assert phases[-1]["test_top1"] == 0.123 and phases[0]["test_top1"] != 0.123
+
+
+def test_finetune_can_train_batch_norm_statistics(tiny_image_set, run_dir):
+    model = _lite0()
+    statistics = [b.clone() for n, b in model.backbone.named_buffers() if "running_mean" in n]
+    fit_transfer(
+        model,
+        _config(),
+        _splits(tiny_image_set),
+        PREPROCESSING,
+        CPU,
+        run_dir,
+        progress=False,
+        freeze_batch_norm=False,
+    )
+    after = [b for n, b in model.backbone.named_buffers() if "running_mean" in n]
+    changed = [not torch.equal(old, new) for old, new in zip(statistics, after, strict=True)]
+    assert sum(changed) > 0.9 * len(changed)
 
 
 def test_frozen_phase_reuses_cached_features(tiny_image_set, run_dir):
