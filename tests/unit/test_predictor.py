@@ -10,12 +10,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cnnkit.config import DataConfig, Preprocessing
+from cnnkit.config import DataConfig
 from cnnkit.data.image import BadImageError
 from cnnkit.data.loader import BatchLoader, build_eval_transform
 from cnnkit.data.sources import build_splits
 from cnnkit.inference.artifact import ModelMetadata
 from cnnkit.inference.predictor import Prediction, Predictor
+from cnnkit.models.registry import create_model
 
 CLASS_NAMES = ("alpha", "beta", "gamma")
 
@@ -111,18 +112,28 @@ def _write_folder_dataset(root: Path) -> None:
             image.save(folder / f"{index}-{mode.replace(';', '')}.{extension}")
 
 
+# Every model kind: symbols at 1 and 3 channels, the book's bird CNN, and each pretrained
+# backbone with its own input size and normalisation.
+MODEL_KINDS = [
+    ("symbol_cnn", 1),
+    ("symbol_cnn", 3),
+    ("book_cnn", 3),
+    ("book_bird_cnn", 3),
+    ("efficientnet_lite0", 3),
+    ("efficientnet_lite1", 3),
+    ("efficientnet_lite2", 3),
+]
+
+
 @pytest.mark.parametrize(
-    "preprocessing",
-    [
-        Preprocessing("symbol", 1, 32, 32, (0.5,), (0.5,)),
-        Preprocessing("photo", 3, 24, 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    ],
-    ids=["symbol", "photo"],
+    ("architecture", "channels"), MODEL_KINDS, ids=[f"{a}-{c}ch" for a, c in MODEL_KINDS]
 )
 @pytest.mark.parametrize("cached", [False, True], ids=["decoded", "cached"])
 def test_file_preprocessing_equals_the_training_pipeline(
-    tmp_path: Path, preprocessing: Preprocessing, cached: bool
+    tmp_path: Path, architecture: str, channels: int, cached: bool
 ) -> None:
+    preprocessing = create_model(architecture, 2, channels).default_preprocessing
+    assert preprocessing.channels == channels
     root = tmp_path / "data"
     _write_folder_dataset(root)
     config = DataConfig(dataset="folder", data=str(root), val_fraction=0.0, test_fraction=0.3)
@@ -134,7 +145,7 @@ def test_file_preprocessing_equals_the_training_pipeline(
     loader = BatchLoader(images, 64, build_eval_transform(preprocessing))
     training_inputs = torch.cat([inputs for inputs, _ in loader])
 
-    metadata = ModelMetadata("symbol_cnn", tuple(splits.class_names), preprocessing)
+    metadata = ModelMetadata(architecture, tuple(splits.class_names), preprocessing)
     predictor = Predictor(nn.Identity(), metadata)
     paths = [root / key for key in images.paths]
     prepared = predictor.prepare(paths)
