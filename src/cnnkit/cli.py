@@ -476,7 +476,7 @@ def _print_trial(summary) -> None:
 
 def command_search(args: argparse.Namespace) -> int:
     from cnnkit.runtime import tune_allocator
-    from cnnkit.training.search import SearchConfig, run_search
+    from cnnkit.training.search import SearchConfig, default_workers, run_search
     from cnnkit.training.spaces import resolve_space
     from cnnkit.training.trainer import TrainingInterrupted
 
@@ -499,7 +499,7 @@ def command_search(args: argparse.Namespace) -> int:
         prune_warmup=args.prune_warmup,
         retrain_best=args.retrain_best,
         keep_checkpoints=args.keep_checkpoints,
-        workers=args.workers,
+        workers=args.workers or default_workers(base.train.device),
     )
     cache_dir = args.cache_dir or base.data.cache_dir or default_cache_dir()
     try:
@@ -626,7 +626,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--prune-warmup", type=int, default=1, help="epochs before a trial can be pruned"
     )
     search.add_argument(
-        "--workers", type=int, default=1, help="processes sharing the study and the cores"
+        "--workers",
+        type=int,
+        help="processes sharing the study and the cores (default: one per core up to 4 on a "
+        "CPU, 1 with a GPU)",
     )
     search.add_argument(
         "--retrain-best", action="store_true", help="retrain the best on train+val, save model"

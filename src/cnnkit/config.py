@@ -248,7 +248,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "weight_decay": 0.0,
             "schedule": "constant",
             "label_smoothing": 0.0,
-            "channels_last": False,
+            "bf16_cpu": True,
         },
     },
     "cub": {

@@ -25,6 +25,7 @@ from cnnkit.training.search import (
     SearchConfig,
     build_pruner,
     build_trial_config,
+    default_workers,
     open_study,
     parameter_importances,
     run_search,
@@ -305,6 +306,40 @@ def test_retrain_best_saves_a_loadable_model(tmp_path, digits_data):
 # ----------------------------------------------------------------------------- processes
 
 
+def test_default_workers_one_per_core_on_cpu_and_one_on_gpu():
+    assert default_workers("cuda") == 1
+    assert default_workers("cpu") == max(1, min(os.cpu_count() or 1, 4))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_a_worker_dies_with_its_killed_search_process():
+    child = (
+        "from cnnkit.training.search import _die_with_parent; _die_with_parent(); "
+        "import time; print('armed', flush=True); time.sleep(60)"
+    )
+    parent = (
+        "import subprocess, sys, time; "
+        f"p = subprocess.Popen([sys.executable, '-c', {child!r}]); "
+        "print(p.pid, flush=True); time.sleep(60)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(cnnkit.__file__).parents[1])}
+    process = subprocess.Popen(
+        [sys.executable, "-c", parent], env=env, stdout=subprocess.PIPE, text=True
+    )
+    worker = int(process.stdout.readline())
+    assert process.stdout.readline().strip() == "armed"  # The worker shares the pipe.
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{worker}").exists():
+        status = Path(f"/proc/{worker}/status").read_text(errors="replace")
+        if "State:\tZ" in status:
+            break
+        time.sleep(0.1)
+    else:
+        assert not Path(f"/proc/{worker}").exists(), "the worker outlived its search process"
+
+
 @pytest.mark.slow
 def test_two_workers_share_one_study(tmp_path, caplog):
     base = tiny_base(tmp_path / "search", epochs=2)
@@ -332,6 +367,8 @@ def _search_command(out: Path) -> list[str]:
         "grid",
         "--pruner",
         "none",
+        "--workers",
+        "1",
         "--epochs",
         "2",
         "--max-steps-per-epoch",
