@@ -1,7 +1,7 @@
 """Load benchmark for ``cnnkit serve``: latency and throughput of POST /api/predict.
 
 Starts the server in a subprocess on loopback (as ``cnnkit serve`` would), then fires a fixed
-number of requests from concurrent clients, each a thread with its own keep-alive connection, and
+number of requests from concurrent clients, each with its own keep-alive connection, and
 prints p50/p90/p99 latency, throughput and the error count.
 
 Example:
@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import io
 import json
@@ -19,7 +20,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -78,19 +78,20 @@ def multipart_body(image: bytes, source: str) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def start_server(model: str, port: int, torch_threads: int) -> subprocess.Popen:
+def start_server(model: str, port: int, torch_threads: int, workers: int = 1) -> subprocess.Popen:
+    """``cnnkit serve`` in a subprocess; with ``workers > 1`` each process picks its threads."""
     code = (
         "import logging, sys, torch; logging.basicConfig(level=logging.WARNING);"
         "threads = int(sys.argv[3]); threads > 0 and torch.set_num_threads(threads);"
         "from cnnkit.web.app import serve;"
-        "serve(sys.argv[1], host='127.0.0.1', port=int(sys.argv[2]))"
+        "serve(sys.argv[1], host='127.0.0.1', port=int(sys.argv[2]), workers=int(sys.argv[4]))"
     )
     environment = dict(os.environ)
     source_root = str(Path(__file__).resolve().parents[1] / "src")
     environment["PYTHONPATH"] = os.pathsep.join(
         filter(None, [source_root, environment.get("PYTHONPATH")])
     )
-    command = [sys.executable, "-c", code, model, str(port), str(torch_threads)]
+    command = [sys.executable, "-c", code, model, str(port), str(torch_threads), str(workers)]
     process = subprocess.Popen(command, env=environment)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -109,62 +110,97 @@ def start_server(model: str, port: int, torch_threads: int) -> subprocess.Popen:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far (Linux), or NaN where unavailable."""
+    """User plus system CPU time so far of a process and its descendants (Linux), else NaN."""
+
+    def stat_fields(process: int) -> list[str]:
+        return Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
+
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        parents = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    parents[int(entry.name)] = int(stat_fields(int(entry.name))[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+        tree, frontier = {pid}, [pid]
+        while frontier:
+            parent = frontier.pop()
+            children = [child for child, ppid in parents.items() if ppid == parent]
+            tree.update(children)
+            frontier.extend(children)
+        ticks = 0
+        for process in tree:
+            try:
+                fields = stat_fields(process)
+                ticks += int(fields[11]) + int(fields[12])
+            except (OSError, IndexError, ValueError):
+                continue
     except OSError:
         return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def request_bytes(port: int, body: bytes, content_type: str) -> bytes:
+    """One keep-alive ``POST /api/predict`` as raw HTTP/1.1 bytes."""
+    head = (
+        f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    """Read one HTTP/1.1 response with a Content-Length body; return its status code."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    return status
 
 
 def run_clients(
     port: int, bodies: list[tuple[bytes, str]], num_requests: int, concurrency: int
 ) -> tuple[list[float], int, float]:
-    """Send ``num_requests`` over ``concurrency`` threads; returns latencies, errors, seconds."""
+    """Send ``num_requests`` from ``concurrency`` keep-alive connections at once.
+
+    The clients are coroutines on one event loop writing prebuilt request bytes, so the load
+    generator itself costs little CPU (like ``wrk``) and the figures describe the server.
+    Returns the latencies, the error count and the elapsed seconds.
+    """
+    payloads = [request_bytes(port, body, content_type) for body, content_type in bodies]
     latencies: list[float] = []
     errors = 0
-    lock = threading.Lock()
     counter = iter(range(num_requests))
-    start_barrier = threading.Barrier(concurrency + 1)
 
-    def client() -> None:
+    async def client() -> None:
         nonlocal errors
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        mine, failed = [], 0
-        start_barrier.wait()
-        while True:
-            with lock:
-                index = next(counter, None)
-            if index is None:
-                break
-            body, content_type = bodies[index % len(bodies)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for index in counter:
             began = time.perf_counter()
             try:
-                connection.request(
-                    "POST", "/api/predict", body=body, headers={"Content-Type": content_type}
-                )
-                response = connection.getresponse()
-                response.read()
-                if response.status != 200:
-                    failed += 1
-            except (OSError, http.client.HTTPException):
-                failed += 1
-                connection.close()
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            mine.append(time.perf_counter() - began)
-        connection.close()
-        with lock:
-            latencies.extend(mine)
-            errors += failed
+                writer.write(payloads[index % len(payloads)])
+                status = await asyncio.wait_for(_read_response(reader), 30)
+                errors += status != 200
+            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
+                errors += 1
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            latencies.append(time.perf_counter() - began)
+        writer.close()
 
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    start_barrier.wait()
-    began = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    return latencies, errors, time.perf_counter() - began
+    async def run_all() -> float:
+        began = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return time.perf_counter() - began
+
+    elapsed = asyncio.run(run_all())
+    return latencies, errors, elapsed
 
 
 def main() -> int:
@@ -178,6 +214,7 @@ def main() -> int:
     parser.add_argument(
         "--torch-threads", type=int, default=0, help="intra-op threads (0: PyTorch's default)"
     )
+    parser.add_argument("--workers", type=int, default=1, help="server processes (cnnkit serve)")
     arguments = parser.parse_args()
 
     model = resolve_model(arguments.model)
@@ -187,7 +224,7 @@ def main() -> int:
     images = synthetic_images(metadata.kind, arguments.distinct_images)
     bodies = [multipart_body(image, arguments.source) for image in images]
     port = free_port()
-    server = start_server(model, port, arguments.torch_threads)
+    server = start_server(model, port, arguments.torch_threads, arguments.workers)
     try:
         run_clients(port, bodies, arguments.warmup, arguments.concurrency)
         server_cpu, client_cpu = cpu_seconds(server.pid), time.process_time()
@@ -205,6 +242,7 @@ def main() -> int:
         "model": f"{metadata.architecture} ({metadata.kind}, {metadata.num_classes} classes)",
         "requests": len(latencies),
         "concurrency": arguments.concurrency,
+        "server_processes": arguments.workers,
         "cpu_count": os.cpu_count(),
         "p50_ms": round(float(np.percentile(milliseconds, 50)), 2),
         "p90_ms": round(float(np.percentile(milliseconds, 90)), 2),

@@ -415,6 +415,7 @@ def command_serve(args: argparse.Namespace) -> int:
         port=args.port,
         max_upload_bytes=args.max_upload_mb * 1_000_000,
         allow_remote=args.allow_remote,
+        workers=args.workers,
     )
     return 0
 
@@ -589,6 +590,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-upload-mb", type=int, default=5)
     serve.add_argument(
         "--allow-remote", action="store_true", help="allow binding to a non-loopback address"
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes, each with a copy of the model (more serve more requests/s "
+        "on several cores)",
     )
     serve.set_defaults(handler=command_serve)
 

@@ -1,0 +1,84 @@
+"""``cnnkit serve --workers 2``: several server processes answer on one port."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+import cnnkit
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _png() -> bytes:
+    image = Image.new("L", (32, 32), 255)
+    ImageDraw.Draw(image).line([(4, 4), (28, 28)], fill=0, width=2)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _request(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        headers = {"Content-Type": "image/png"} if body is not None else {}
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_two_server_processes_share_the_port_and_agree():
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(cnnkit.__file__).parents[1])}
+    command = [sys.executable, "-m", "cnnkit", "serve", "--port", str(port), "--workers", "2"]
+    server = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                if _request(port, "GET", "/healthz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.3)
+        answers = [_request(port, "POST", "/api/predict", _png()) for _ in range(12)]
+        assert all(status == 200 for status, _ in answers)
+        labels = {tuple(p["label"] for p in body["predictions"]) for _, body in answers}
+        assert len(labels) == 1  # Every process loaded the same model.
+        assert len(answers[0][1]["predictions"]) == 5
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    assert server.returncode == 0
+
+
+def test_serve_refuses_zero_workers():
+    from cnnkit.web.app import serve
+
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        serve(None, workers=0)
