@@ -176,13 +176,15 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TransferConfig:
-    """Two-phase transfer learning: frozen-feature head, then full fine-tune."""
+    """Two-phase transfer learning: frozen-feature head, then full fine-tune.
+
+    The head trains ``head_epochs`` on cached features; the fine-tune runs ``train.epochs``.
+    """
 
     phases: tuple[str, ...] = ("frozen", "finetune")
     augmented_views: int = 2
     head_epochs: int = 30
     head_learning_rate: float = 1e-3
-    finetune_epochs: int = 6
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "phases", tuple(self.phases))

@@ -172,3 +172,36 @@ def test_pretrained_lite0_loads_packaged_weights_strictly() -> None:
         logits = model.eval()(torch.randn(1, 3, 224, 224))
     assert logits.shape == (1, 5)
     assert torch.isfinite(logits).all()
+
+
+def test_trio_concatenates_the_three_backbones_features() -> None:
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite_trio", num_classes=5, in_channels=3, hidden=16)
+    model.eval()
+    image = torch.randn(2, 3, 64, 64)
+    features = model.forward_features(image)
+    members = model.backbone.members
+    assert [type(m).__name__ for m in members] == ["EfficientNetLite"] * 3
+    assert features.shape == (2, 3 * 1280)
+    expected = torch.cat([member.forward_features(image) for member in members], dim=1)
+    assert torch.equal(features, expected)
+    assert model(image).shape == (2, 5)
+
+
+def test_trio_preprocessing_follows_its_image_size() -> None:
+    model = create_model("efficientnet_lite_trio", 5, 3, image_size=200)
+    preprocessing = model.default_preprocessing
+    assert (preprocessing.image_size, preprocessing.stored_size) == (200, 232)
+    assert preprocessing.mean == create_model("efficientnet_lite0", 5, 3).default_preprocessing.mean
+    with pytest.raises(ValueError, match="image_size"):
+        create_model("efficientnet_lite_trio", 5, 3, image_size=8)
+
+
+def test_trio_freezes_and_groups_all_members() -> None:
+    model = create_model("efficientnet_lite_trio", 5, 3, hidden=16)
+    model.freeze_backbone()
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    backbone, head = model.parameter_groups(1e-3, 0.1)
+    assert len(backbone["params"]) == len(list(model.backbone.parameters()))
+    assert backbone["lr"] == pytest.approx(1e-4)
+    assert all(p.requires_grad for p in head["params"])
