@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -110,6 +111,13 @@ def test_save_is_atomic_and_leaves_no_temporary_files(saved) -> None:
     path, model = saved
     save_model(path, model, _metadata())  # Overwrite in place.
     assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_model_file_gets_the_usual_permissions(saved) -> None:
+    path, _ = saved
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_fp16_file_is_smaller_and_loads_close(saved, tmp_path: Path) -> None:

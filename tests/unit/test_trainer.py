@@ -12,7 +12,7 @@ from torch import nn
 
 from cnnkit.config import AugmentConfig, Preprocessing, TrainConfig
 from cnnkit.data.loader import BatchLoader, build_eval_transform, build_train_transform
-from cnnkit.inference.artifact import write_atomically
+from cnnkit.atomic import write_atomically
 from cnnkit.training.callbacks import CsvLogger
 from cnnkit.training.checkpoint import (
     CHECKPOINT_NAME,
@@ -152,6 +152,25 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_image_set, tmp_path: P
     assert recorder.events[:2] == ["start@2", "epoch3"]
     assert [row["epoch"] for row in result.history] == [1, 2, 3, 4]
     assert _equal_states(second.module.state_dict(), straight.module.state_dict())
+
+
+class InterruptedLoader(BatchLoader):
+    """Simulates Ctrl-C during the first batch, before any checkpoint exists."""
+
+    def __iter__(self):
+        raise KeyboardInterrupt
+        yield
+
+
+def test_ctrl_c_before_any_checkpoint_reports_none(tiny_image_set, run_dir: Path) -> None:
+    train_loader, val_loader = _loaders(tiny_image_set)
+    train_loader.__class__ = InterruptedLoader
+    trainer = Trainer(_model(), BASE, CPU, run_dir, progress=False)
+    with pytest.raises(TrainingInterrupted) as interrupted:
+        trainer.fit(train_loader, val_loader)
+    assert interrupted.value.epochs_completed == 0
+    assert interrupted.value.checkpoint is None
+    assert not (run_dir / CHECKPOINT_NAME).exists()
 
 
 def test_resume_with_more_epochs_continues_like_a_longer_run(tiny_image_set, tmp_path) -> None:

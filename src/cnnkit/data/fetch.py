@@ -20,6 +20,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from cnnkit.atomic import fsync_directory
+
 logger = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 1 << 20
@@ -247,7 +249,7 @@ def fetch_archive(
     else:
         logger.warning("%s was not verified against its published checksum", spec.filename)
     os.replace(part_path, final_path)
-    _fsync_directory(target_dir)
+    fsync_directory(target_dir)
     logger.info("saved %s", final_path)
     return final_path
 
@@ -288,7 +290,7 @@ def _import_file(source: Path, final_path: Path, spec: ArchiveSpec, *, verify: b
     except BaseException:
         temp_path.unlink(missing_ok=True)
         raise
-    _fsync_directory(final_path.parent)
+    fsync_directory(final_path.parent)
     logger.info("imported %s as %s%s", source, final_path, "" if verify else " (not verified)")
     return final_path
 
@@ -424,17 +426,3 @@ def _failure_message(url: str, spec: ArchiveSpec, reason: str) -> str:
         f"could not download {url}: {reason}; check the connection, or download "
         f"{spec.filename} yourself and pass --from FILE"
     )
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename durable where the platform allows it (not on Windows)."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnkit.atomic import write_atomically
 from cnnkit.config import DataConfig, Preprocessing
 from cnnkit.data.cache import load_images
 from cnnkit.data.dataset import DataSplits, ImageSet, concatenate
 from cnnkit.data.source import Listing, SampleRecord, Source
 from cnnkit.data.splits import stratified_split
-from cnnkit.inference.artifact import write_atomically
 
 logger = logging.getLogger(__name__)
 

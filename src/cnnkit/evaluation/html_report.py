@@ -17,8 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from cnnkit.atomic import write_atomically
 from cnnkit.evaluation.plots import plt
-from cnnkit.inference.artifact import write_atomically
 
 REPORT_NAME = "report.html"
 _CSS = """

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from cnnkit.atomic import write_atomically
 from cnnkit.evaluation.plots import _plain, _save, plt
-from cnnkit.inference.artifact import write_atomically
 
 RESULTS_CSV = "results.csv"
 RESULTS_MARKDOWN = "results.md"

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cnnkit import __version__
+from cnnkit.atomic import write_atomically
 from cnnkit.config import Preprocessing
 
 FORMAT_NAME = "cnnkit-model"
@@ -124,25 +123,6 @@ def _state_tensors(model: nn.Module, half: bool) -> dict[str, torch.Tensor]:
             tensor = tensor.to(torch.float16)
         tensors[name] = tensor.clone()
     return tensors
-
-
-def write_atomically(path: Path, write: Any) -> None:
-    """Call ``write(temporary_path)``, fsync the result, then rename it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        # mkstemp creates the file private (0600); give the result the usual umask-based mode.
-        os.chmod(temporary, 0o666 & ~umask)
-        write(Path(temporary))
-        with open(temporary, "rb") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def save_model(

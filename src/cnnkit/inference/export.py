@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnkit.inference.artifact import ModelFileError, load_model, read_metadata, write_atomically
+from cnnkit.atomic import write_atomically
+from cnnkit.inference.artifact import ModelFileError, load_model, read_metadata
 
 logger = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from cnnkit.atomic import write_atomically
 from cnnkit.inference.artifact import (
     ModelFileError,
     ModelMetadata,
     read_metadata,
-    write_atomically,
 )
 from cnnkit.inference.export import build_onnx_model, metadata_from_properties
 from cnnkit.inference.predictor import Predictor

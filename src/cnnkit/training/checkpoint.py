@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from cnnkit.inference.artifact import write_atomically
+from cnnkit.atomic import write_atomically
 
 CHECKPOINT_NAME = "checkpoint.pt"
 

@@ -18,12 +18,13 @@ from typing import Any
 import torch
 
 from cnnkit import __version__
+from cnnkit.atomic import write_atomically
 from cnnkit.config import Preprocessing, RunConfig, config_to_dict, dump_config
 from cnnkit.data.dataset import DataSplits
 from cnnkit.data.loader import BatchLoader, build_eval_transform, build_train_transform
 from cnnkit.data.sources import LoadedData, build_splits
 from cnnkit.evaluation.report import EvaluationReport, build_report
-from cnnkit.inference.artifact import ModelMetadata, save_model, write_atomically
+from cnnkit.inference.artifact import ModelMetadata, save_model
 from cnnkit.models.registry import create_model, model_options
 from cnnkit.runtime import DistributedContext, seed_everything, select_device
 from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger

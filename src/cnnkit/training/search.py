@@ -695,7 +695,7 @@ def write_search_settings(
     """``RUN_DIR/search.yaml``: the space, the search settings and the base config."""
     import yaml
 
-    from cnnkit.inference.artifact import write_atomically
+    from cnnkit.atomic import write_atomically
 
     settings = {
         "study_name": name,

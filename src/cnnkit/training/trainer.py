@@ -107,6 +107,7 @@ class Trainer:
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.autocast_dtype, self.scaler = self._amp_settings()
         self.epoch = 0
+        self.saved_epoch: int | None = None  # The epoch the checkpoint on disk holds.
         self.history: list[dict[str, float]] = []
 
     @property
@@ -192,6 +193,7 @@ class Trainer:
     def _save(self, result: FitResult, best_state: dict | None, bad_epochs: int) -> None:
         if self.checkpoint_path and self.distributed.is_main:
             save_checkpoint(self.checkpoint_path, self._state(result, best_state, bad_epochs))
+            self.saved_epoch = self.epoch
 
     def _restore(self, result: FitResult) -> tuple[dict | None, int]:
         state = load_checkpoint(self.checkpoint_path)
@@ -205,6 +207,7 @@ class Trainer:
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
+        self.saved_epoch = self.epoch
         result.history = list(state["history"])
         result.best_epoch = int(state["best_epoch"])
         result.best_val_accuracy = float(state["best_val_accuracy"])
@@ -261,7 +264,11 @@ class Trainer:
                     logger.info("early stopping after epoch %d", self.epoch)
                     break
         except KeyboardInterrupt:
-            raise TrainingInterrupted(self.epoch, self.checkpoint_path) from None
+            # Report what is on disk: nothing before the first save, and the saved epoch when
+            # Ctrl-C lands between counting an epoch and writing its checkpoint.
+            saved = self.saved_epoch
+            checkpoint = self.checkpoint_path if saved is not None else None
+            raise TrainingInterrupted(saved or 0, checkpoint) from None
         if best_state is not None:
             self.module.load_state_dict(best_state)
         result.epochs_run = self.epoch

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from cnnkit.atomic import write_atomically
 from cnnkit.config import Preprocessing, RunConfig
 from cnnkit.data.dataset import DataSplits, ImageSet
 from cnnkit.data.loader import BatchLoader, build_eval_transform, build_train_transform
 from cnnkit.evaluation.metrics import topk_accuracy
-from cnnkit.inference.artifact import write_atomically
 from cnnkit.runtime import cpu_supports_bf16
 from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger
 from cnnkit.training.features import FeatureCache, FeatureExtractor, FeatureSource, digest_module
