@@ -45,11 +45,14 @@ def distributed_from_env():
 # ----------------------------------------------------------------------------- arguments
 
 
+DATASETS = ("hasy", "cub", "folder", "csv", "digits")
+
+
 def _add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     group = parser.add_argument_group("data")
     group.add_argument(
         "--dataset",
-        choices=["hasy", "cub", "folder", "csv", "digits"],
+        choices=DATASETS,
         required=required,
         help="data source: HASYv2, CUB-200-2011, a folder per class, a path,label CSV, "
         "or scikit-learn's digits",
@@ -459,8 +462,24 @@ def command_export(args: argparse.Namespace) -> int:
     from cnnkit.inference.export import DEFAULT_OPSET, export_onnx
 
     model_path = Path(args.model)
-    out = Path(args.out) if args.out else model_path.with_suffix(".onnx")
-    print(export_onnx(model_path, out, opset=args.opset or DEFAULT_OPSET))
+    opset = args.opset or DEFAULT_OPSET
+    if args.quantize is None:
+        out = Path(args.out) if args.out else model_path.with_suffix(".onnx")
+        print(export_onnx(model_path, out, opset=opset))
+        return 0
+    from cnnkit.config import DataConfig
+    from cnnkit.inference.quantize import calibration_inputs, quantize_onnx
+
+    if args.dataset is None:
+        raise CommandError(
+            "--quantize int8 calibrates on training images: give --dataset (and --data)"
+        )
+    data = DataConfig(dataset=args.dataset, data=args.data, fold=args.fold)
+    inputs = calibration_inputs(
+        model_path, data, args.calibration_images, cache_dir=args.cache_dir or default_cache_dir()
+    )
+    out = Path(args.out) if args.out else model_path.with_name(f"{model_path.stem}-int8.onnx")
+    print(quantize_onnx(model_path, out, inputs, opset=opset))
     return 0
 
 
@@ -614,6 +633,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["onnx"], default="onnx")
     export.add_argument("--out", help="output file (default: MODEL with a .onnx suffix)")
     export.add_argument("--opset", type=int, help="ONNX opset version (default 18)")
+    export.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="int8 static quantization, calibrated on training images of --dataset/--data "
+        "(default output MODEL-int8.onnx); faster on CPUs, check the accuracy",
+    )
+    export.add_argument("--dataset", choices=DATASETS, help="calibration data source")
+    export.add_argument("--data", help="calibration dataset path")
+    export.add_argument("--fold", type=int, help="HASYv2 fold whose training images calibrate")
+    export.add_argument("--calibration-images", type=int, default=512)
+    export.add_argument("--cache-dir", help="decoded-image cache (default ~/.cache/cnnkit)")
     export.set_defaults(handler=command_export)
 
     search = commands.add_parser(

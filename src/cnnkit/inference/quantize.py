@@ -1,0 +1,133 @@
+"""Int8 ONNX models: static post-training quantization, calibrated on real training images.
+
+Weights are quantized per output channel (int8) and activations per tensor (uint8), with ranges
+measured on a few hundred training images run through the float model; onnxruntime then runs
+convolutions and matrix products in integer arithmetic (VNNI on recent x86 CPUs). The file keeps
+the cnnkit metadata, so :class:`cnnkit.inference.onnx_backend.OnnxPredictor` loads it like any
+exported model. Calibrate on images like those the model will see: unrepresentative ranges cost
+accuracy (``benchmarks/inference.py --quantize`` measures both speed and accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from cnnkit.atomic import write_atomically
+from cnnkit.config import DataConfig
+from cnnkit.inference.export import DEFAULT_OPSET, INPUT_NAME, build_onnx_model
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATION_KEY = "cnnkit.quantization"
+CALIBRATION_BATCH = 64
+
+
+def calibration_inputs(
+    model_path: str | Path,
+    data: DataConfig,
+    count: int = 512,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+) -> np.ndarray:
+    """``count`` random training images of ``data`` as the model's float32 input.
+
+    The images go through the model file's own preprocessing (the same code as prediction), so
+    the measured ranges are those the quantized model will see.
+
+    Raises:
+        ValueError: if ``count`` is not positive or the dataset has no training images.
+    """
+    from cnnkit.data.sources import build_splits
+    from cnnkit.inference.predictor import Predictor
+
+    if count < 1:
+        raise ValueError(f"calibration needs at least one image; got {count}")
+    predictor = Predictor.from_file(model_path)
+    splits = build_splits(data, predictor.metadata.preprocessing, cache_dir=cache_dir).splits
+    images = np.asarray(splits.train.images)
+    if len(images) == 0:
+        raise ValueError(f"{data.data or data.dataset}: no training images to calibrate on")
+    chosen = np.random.default_rng(seed).choice(len(images), min(count, len(images)), False)
+    return predictor.model_input(images[np.sort(chosen)]).numpy()
+
+
+def _batches(inputs: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+    for start in range(0, len(inputs), CALIBRATION_BATCH):
+        yield {INPUT_NAME: inputs[start : start + CALIBRATION_BATCH]}
+
+
+def quantize_onnx(
+    model_path: str | Path,
+    out_path: str | Path,
+    calibration: np.ndarray,
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """Export ``model_path`` to ONNX and write its int8 static quantization to ``out_path``.
+
+    Args:
+        model_path: a ``.safetensors`` cnnkit model file.
+        out_path: the ``.onnx`` file to write (atomically).
+        calibration: float32 model inputs ``[N, C, H, W]``, e.g. from :func:`calibration_inputs`.
+        opset: the ONNX operator set of the float export.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: if ``calibration`` is empty or not a batch of images.
+        ModelFileError: if the model file is bad or the export fails.
+    """
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    calibration = np.ascontiguousarray(calibration, dtype=np.float32)
+    if calibration.ndim != 4 or len(calibration) == 0:
+        raise ValueError(
+            f"calibration must be a non-empty [N, C, H, W] batch; got {calibration.shape}"
+        )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = _batches(calibration)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    proto = build_onnx_model(model_path, opset)
+    with tempfile.TemporaryDirectory(prefix="cnnkit-quantize-") as folder:
+        float_path, prepared, quantized = (Path(folder) / n for n in ("f.onnx", "p.onnx", "q.onnx"))
+        onnx.save(proto, float_path)
+        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(quantized),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+        )
+        result = onnx.load(quantized)
+    del result.metadata_props[:]
+    for prop in proto.metadata_props:
+        result.metadata_props.add(key=prop.key, value=prop.value)
+    details = {"method": "int8 static QDQ, per-channel weights", "images": len(calibration)}
+    result.metadata_props.add(key=QUANTIZATION_KEY, value=json.dumps(details))
+    result.doc_string = proto.doc_string + " (int8)"
+    data = result.SerializeToString()
+    out_path = Path(out_path)
+    write_atomically(out_path, lambda temporary: temporary.write_bytes(data))
+    logger.info("quantized %s to %s (%d bytes)", model_path, out_path, len(data))
+    return out_path

@@ -1,0 +1,75 @@
+"""Int8 ONNX export: calibrated on real images, metadata kept, predictions agree with float."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnnkit.cli import main
+from cnnkit.config import DataConfig
+from cnnkit.data.sources import build_splits
+from cnnkit.inference.bundled import bundled_model_path
+from cnnkit.inference.onnx_backend import OnnxPredictor
+from cnnkit.inference.predictor import Predictor
+from cnnkit.inference.quantize import QUANTIZATION_KEY, calibration_inputs, quantize_onnx
+
+pytest.importorskip("onnxruntime")
+DIGITS = DataConfig(dataset="digits")
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = bundled_model_path()
+    inputs = calibration_inputs(model, DIGITS, count=128)
+    return quantize_onnx(model, tmp_path_factory.mktemp("int8") / "symbols-int8.onnx", inputs)
+
+
+def test_calibration_inputs_are_normalised_training_images() -> None:
+    inputs = calibration_inputs(bundled_model_path(), DIGITS, count=64, seed=1)
+    assert inputs.shape == (64, 1, 32, 32) and inputs.dtype == np.float32
+    assert -1.0 <= inputs.min() < 0 < inputs.max() <= 1.0  # (x / 255 - 0.5) / 0.5
+    again = calibration_inputs(bundled_model_path(), DIGITS, count=64, seed=1)
+    assert np.array_equal(inputs, again)
+
+
+def test_int8_model_keeps_the_metadata_and_agrees_with_float(quantized: Path) -> None:
+    import onnx
+
+    float_predictor = Predictor.from_file(bundled_model_path())
+    int8 = OnnxPredictor.from_file(quantized)
+    assert int8.metadata.class_names == float_predictor.metadata.class_names
+    assert int8.metadata.preprocessing == float_predictor.metadata.preprocessing
+    properties = {p.key: p.value for p in onnx.load(quantized).metadata_props}
+    assert json.loads(properties[QUANTIZATION_KEY])["images"] == 128
+    operators = {node.op_type for node in onnx.load(quantized).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= operators
+
+    preprocessing = float_predictor.metadata.preprocessing
+    test = np.asarray(build_splits(DIGITS, preprocessing).splits.test.images)
+    expected = float_predictor.probabilities(test).argmax(1)
+    actual = int8.probabilities(test).argmax(1)
+    assert np.mean(actual == expected) >= 0.95
+
+
+def test_bad_calibration_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="non-empty"):
+        quantize_onnx(bundled_model_path(), tmp_path / "x.onnx", np.zeros((0, 1, 32, 32)))
+    with pytest.raises(ValueError, match="at least one"):
+        calibration_inputs(bundled_model_path(), DIGITS, count=0)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_cli_quantize_needs_a_dataset(tmp_path: Path, capsys) -> None:
+    assert main(["export", str(bundled_model_path()), "--quantize", "int8"]) != 0
+    assert "--dataset" in capsys.readouterr().err
+
+
+def test_cli_quantize_writes_the_int8_file(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "int8.onnx"
+    arguments = ["export", str(bundled_model_path()), "--quantize", "int8", "--dataset", "digits"]
+    assert main([*arguments, "--calibration-images", "32", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert OnnxPredictor.from_file(out).metadata.num_classes == 369
