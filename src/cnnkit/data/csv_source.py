@@ -5,6 +5,7 @@ Also owns :func:`iter_csv_rows`, the strict CSV reader whose errors name the fil
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -27,12 +28,16 @@ def decode_text(data: bytes, name: str) -> str:
     Raises:
         DataFormatError: naming ``name`` and the line of the first invalid byte.
     """
+    # The BOM is dropped by hand: "utf-8-sig" would count error positions from after it.
+    bom = codecs.BOM_UTF8 if data.startswith(codecs.BOM_UTF8) else b""
     try:
-        return data.decode("utf-8-sig")
+        return data[len(bom) :].decode("utf-8")
     except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
+        start = len(bom) + error.start
+        # Lines end at CR, LF or CRLF, as the csv reader counts them.
+        line = len(data[: start + 1].splitlines())
         raise DataFormatError(
-            f"{name}:{line}: not UTF-8 text (byte {data[error.start]:#04x}); save it as UTF-8"
+            f"{name}:{line}: not UTF-8 text (byte {data[start]:#04x}); save it as UTF-8"
         ) from error
 
 

@@ -86,6 +86,31 @@ def _flatten_onto_white(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _resize_centre_square(image: Image.Image, size: int) -> Image.Image:
+    """Scale the shorter side to ``size`` and keep the centre ``size`` x ``size`` square.
+
+    Only the kept square is resampled. Resizing the whole image first, then cropping, gives the
+    same pixels but allocates the whole upscaled image: gigabytes for a thin strip such as a
+    1x200000 PNG of a few hundred bytes.
+    """
+    width, height = image.size
+    scale = size / min(width, height)
+    new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
+    left, top = (new_width - size) // 2, (new_height - size) // 2
+    if (width, height) == (new_width, new_height):
+        return image.crop((left, top, left + size, top + size))
+    # Shrink by whole factors first, as ``resize(..., reducing_gap=3.0)`` of the whole image
+    # would, so that the result matches it.
+    factor_x = int(width / new_width / 3.0) or 1
+    factor_y = int(height / new_height / 3.0) or 1
+    if factor_x > 1 or factor_y > 1:
+        image = image.reduce((factor_x, factor_y))
+    x_ratio = width / factor_x / new_width
+    y_ratio = height / factor_y / new_height
+    box = (left * x_ratio, top * y_ratio, (left + size) * x_ratio, (top + size) * y_ratio)
+    return image.resize((size, size), Image.Resampling.BILINEAR, box=box)
+
+
 def prepare_image(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
     """Convert a decoded image to the stored uint8 array ``[S, S, C]``.
 
@@ -105,14 +130,7 @@ def prepare_image(image: Image.Image, preprocessing: Preprocessing) -> np.ndarra
         if image.size != (size, size):
             image = image.resize((size, size), Image.Resampling.BILINEAR)
     else:
-        width, height = image.size
-        scale = size / min(width, height)
-        new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
-        if image.size != new_size:
-            image = image.resize(new_size, Image.Resampling.BILINEAR, reducing_gap=3.0)
-        left = (new_size[0] - size) // 2
-        top = (new_size[1] - size) // 2
-        image = image.crop((left, top, left + size, top + size))
+        image = _resize_centre_square(image, size)
     array = np.asarray(image, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
