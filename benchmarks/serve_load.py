@@ -260,6 +260,10 @@ def main() -> int:
     cpu_per_request = figures["server_cpu_ms_per_request"] + figures["client_cpu_ms_per_request"]
     figures["cpu_bound_throughput_rps"] = round(1000.0 * (os.cpu_count() or 1) / cpu_per_request)
     print(json.dumps(figures, indent=2))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from record import record_result
+
+    record_result(f"serve_load_{arguments.workers}proc", figures)
     passed = (
         figures["p50_ms"] < BARS["p50_ms"]
         and figures["p99_ms"] < BARS["p99_ms"]
