@@ -21,6 +21,7 @@ from cnnkit.data.sources import build_splits
 from cnnkit.training.run import resolve_preprocessing, train_run
 from cnnkit.training.search import (
     ORPHAN_SECONDS,
+    CoreShare,
     PruningCallback,
     SearchConfig,
     build_pruner,
@@ -304,6 +305,24 @@ def test_retrain_best_saves_a_loadable_model(tmp_path, digits_data):
 
 
 # ----------------------------------------------------------------------------- processes
+
+
+def test_core_share_gives_running_trials_the_idle_cores():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    share = CoreShare(study, cores=4)
+    assert share.threads() == 4  # Nothing running yet: the first trial may take them all.
+    trials = [study.ask() for _ in range(3)]
+    assert share.threads() == 1  # 4 cores // 3 running trials.
+    study.tell(trials[0], 0.5)
+    assert share.threads() == 2
+    study.tell(trials[1], 0.5)
+    threads = torch.get_num_threads()
+    try:
+        share.on_epoch_end(None, {})
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_default_workers_one_per_core_on_cpu_and_one_on_gpu():

@@ -217,6 +217,38 @@ class PruningCallback(Callback):
         raise optuna.TrialPruned(f"pruned after epoch {epoch} (accuracy {value:.4f})")
 
 
+class CoreShare(Callback):
+    """Lets the trials still running take the cores of workers that have nothing left to run.
+
+    Each of several workers starts with ``cores // workers`` threads; at the end of a grid fewer
+    trials run than there are workers, and a long last trial would otherwise train on one core
+    while the others idle. At the start of the trial and after each epoch the trial takes
+    ``cores // running trials`` threads.
+    """
+
+    def __init__(self, study: optuna.Study, cores: int) -> None:
+        self.study = study
+        self.cores = max(1, cores)
+
+    def threads(self) -> int:
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return max(1, self.cores // max(1, len(running)))
+
+    def _rebalance(self) -> None:
+        import torch
+
+        threads = self.threads()
+        if threads != torch.get_num_threads():
+            logger.info("training with %d thread(s)", threads)
+            torch.set_num_threads(threads)
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self._rebalance()
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        self._rebalance()
+
+
 def _process_start(pid: int) -> tuple[str, str] | None:
     """State letter and start time of a Linux process (``None`` where /proc is unavailable)."""
     try:
@@ -389,12 +421,15 @@ class TrialRunner:
         run_dir = config.run_dir()
         trial.set_user_attr("run_dir", str(run_dir))
         pruning = PruningCallback(trial)
+        callbacks: list[Callback] = [pruning]
+        if self.config.workers > 1 and config.train.device in ("auto", "cpu"):
+            callbacks.append(CoreShare(trial.study, os.cpu_count() or 1))
         try:
             result = train_run(
                 config,
                 cache_dir=self.cache_dir,
                 progress=self.progress,
-                callbacks=[pruning],
+                callbacks=callbacks,
                 data=self.data_for(config),
             )
         except optuna.TrialPruned:
