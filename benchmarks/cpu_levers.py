@@ -309,6 +309,17 @@ def main() -> None:
         "images_per_cpu_second",
         "Images per CPU-second of the process (spin-waiting counts as CPU time)",
     )
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from record import record_result
+
+    medians = {
+        f"{workload} | {levers.describe()}": statistics.median(
+            row["images_per_second"] for row in samples[(workload, levers)]
+        )
+        for workload in args.workloads
+        for levers in configs
+    }
+    record_result("cpu_levers", {"rounds": args.rounds, "images_per_second": medians})
 
 
 if __name__ == "__main__":

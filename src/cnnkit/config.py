@@ -254,8 +254,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
     "cub": {
-        "data": {"channels": 3, "image_size": 224, "stored_size": 256},
-        "model": {"name": "efficientnet_lite0"},
+        # With 30 photos a class, a held-out validation split costs more accuracy than early
+        # stopping saves: the fine-tune runs a fixed number of epochs on all training images.
+        "data": {"channels": 3, "image_size": 224, "stored_size": 256, "val_fraction": 0.0},
+        "model": {"name": "efficientnet_lite_trio"},
         "augment": {
             "max_rotation": 0.0,
             "max_shift": 0.0,
@@ -267,7 +269,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "color_jitter": 0.2,
         },
         "train": {
-            "epochs": 6,
+            "epochs": 8,
             "batch_size": 32,
             "learning_rate": 1e-3,
             "weight_decay": 1e-4,

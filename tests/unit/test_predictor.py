@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cnnkit.config import DataConfig
+from cnnkit.config import DataConfig, Preprocessing
 from cnnkit.data.image import BadImageError
 from cnnkit.data.loader import BatchLoader, build_eval_transform
 from cnnkit.data.sources import build_splits
@@ -153,3 +153,30 @@ def test_file_preprocessing_equals_the_training_pipeline(
     predictor_inputs = predictor.model_input(prepared)
     assert predictor_inputs.shape == training_inputs.shape
     assert torch.equal(predictor_inputs, training_inputs)
+
+
+def test_eval_batches_shrink_for_large_inputs() -> None:
+    from cnnkit.data.loader import eval_batch_size
+
+    assert eval_batch_size(512, Preprocessing("symbol", 1, 32, 32, (0.5,), (0.5,))) == 512
+    photo = Preprocessing("photo", 3, 240, 272, (0.5,) * 3, (0.5,) * 3)
+    assert eval_batch_size(512, photo) == 4_000_000 // (240 * 240)
+    assert eval_batch_size(8, photo) == 8
+    huge = Preprocessing("photo", 3, 4096, 4096, (0.5,) * 3, (0.5,) * 3)
+    assert eval_batch_size(512, huge) == 1
+
+
+def test_many_images_go_through_in_chunks_with_equal_results(
+    predictor: Predictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cnnkit.data.loader as loader
+
+    images = np.random.default_rng(3).integers(0, 256, (10, 32, 32, 1), dtype=np.uint8)
+    whole = predictor.probabilities(images)
+    calls = []
+    forward = predictor.model.forward
+    monkeypatch.setattr(predictor.model, "forward", lambda x: calls.append(len(x)) or forward(x))
+    monkeypatch.setattr(loader, "MAX_EVAL_BATCH_PIXELS", 4 * 32 * 32)
+    chunked = predictor.probabilities(images)
+    assert calls == [4, 4, 2]
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)

@@ -21,6 +21,18 @@ from cnnkit.data.normalize import normalize, to_float, to_model_input
 BatchTransform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
+# Evaluation batches hold at most about this many input pixels: 512 symbols of 32x32, but only
+# about 80 photos of 224x224. Batches of 512 photos made a three-backbone network's activations
+# (and the allocator's kept heap) outgrow 24 GB of memory.
+MAX_EVAL_BATCH_PIXELS = 4_000_000
+
+
+def eval_batch_size(requested: int, preprocessing: Preprocessing) -> int:
+    """``requested``, lowered for large inputs so an evaluation batch stays a few GB at most."""
+    pixels = preprocessing.image_size * preprocessing.image_size
+    return max(1, min(requested, MAX_EVAL_BATCH_PIXELS // pixels))
+
+
 def build_eval_transform(preprocessing: Preprocessing) -> BatchTransform:
     """Deterministic transform: centre crop and normalise (the predictor's transform)."""
     return lambda images, generator: to_model_input(images, preprocessing)

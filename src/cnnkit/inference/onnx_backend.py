@@ -16,13 +16,14 @@ import numpy as np
 import torch
 
 from cnnkit.atomic import write_atomically
+from cnnkit.data.loader import eval_batch_size
 from cnnkit.inference.artifact import (
     ModelFileError,
     ModelMetadata,
     read_metadata,
 )
 from cnnkit.inference.export import build_onnx_model, metadata_from_properties
-from cnnkit.inference.predictor import Predictor
+from cnnkit.inference.predictor import MAX_BATCH, Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -149,5 +150,9 @@ class OnnxPredictor(Predictor):
         """Softmax probabilities ``[B, num_classes]`` for prepared images."""
         if len(prepared) == 0:
             return np.zeros((0, self.metadata.num_classes), dtype=np.float32)
-        logits = torch.from_numpy(self.logits(prepared))
-        return torch.softmax(logits, dim=1).numpy()
+        chunk = eval_batch_size(MAX_BATCH, self.metadata.preprocessing)
+        rows = [
+            torch.softmax(torch.from_numpy(self.logits(prepared[start : start + chunk])), dim=1)
+            for start in range(0, len(prepared), chunk)
+        ]
+        return torch.cat(rows).numpy()

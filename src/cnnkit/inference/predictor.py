@@ -13,8 +13,11 @@ import torch
 from PIL import Image
 
 from cnnkit.data.image import prepare_image, read_image_file
+from cnnkit.data.loader import eval_batch_size
 from cnnkit.data.normalize import to_model_input
 from cnnkit.inference.artifact import ModelMetadata, load_model
+
+MAX_BATCH = 512  # Images per forward pass (fewer for large inputs, see eval_batch_size).
 
 ImageInput = Image.Image | str | Path | np.ndarray
 
@@ -87,9 +90,14 @@ class Predictor:
         """Softmax probabilities ``[B, num_classes]`` for prepared images."""
         if len(prepared) == 0:
             return np.zeros((0, self.metadata.num_classes), dtype=np.float32)
+        # Many large photos go through in chunks, so memory stays bounded for any count.
+        chunk = eval_batch_size(MAX_BATCH, self.metadata.preprocessing)
+        rows = []
         with self._lock:
-            logits = self.model(self.model_input(prepared))
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+            for start in range(0, len(prepared), chunk):
+                logits = self.model(self.model_input(prepared[start : start + chunk]))
+                rows.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        return np.concatenate(rows)
 
     def rank(self, probabilities: np.ndarray, top_k: int = 5) -> list[list[Prediction]]:
         """Turn probability rows into the ``top_k`` predictions of each image."""

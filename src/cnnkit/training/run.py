@@ -21,7 +21,12 @@ from cnnkit import __version__
 from cnnkit.atomic import write_atomically
 from cnnkit.config import Preprocessing, RunConfig, config_to_dict, dump_config
 from cnnkit.data.dataset import DataSplits
-from cnnkit.data.loader import BatchLoader, build_eval_transform, build_train_transform
+from cnnkit.data.loader import (
+    BatchLoader,
+    build_eval_transform,
+    build_train_transform,
+    eval_batch_size,
+)
 from cnnkit.data.sources import LoadedData, build_splits
 from cnnkit.evaluation.report import EvaluationReport, build_report
 from cnnkit.inference.artifact import ModelMetadata, save_model
@@ -125,7 +130,7 @@ def build_loaders(
         max_batches=config.train.max_steps_per_epoch,
         **shard,
     )
-    batch = config.train.eval_batch_size
+    batch = eval_batch_size(config.train.eval_batch_size, preprocessing)
     val = BatchLoader(splits.val, batch, eval_transform, **shard) if splits.val else None
     test = BatchLoader(splits.test, batch, eval_transform, device=device)
     return train, val, test

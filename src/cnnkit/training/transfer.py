@@ -27,7 +27,12 @@ from torch import nn
 from cnnkit.atomic import write_atomically
 from cnnkit.config import Preprocessing, RunConfig
 from cnnkit.data.dataset import DataSplits, ImageSet
-from cnnkit.data.loader import BatchLoader, build_eval_transform, build_train_transform
+from cnnkit.data.loader import (
+    BatchLoader,
+    build_eval_transform,
+    build_train_transform,
+    eval_batch_size,
+)
 from cnnkit.evaluation.metrics import topk_accuracy
 from cnnkit.runtime import cpu_supports_bf16
 from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger
@@ -297,7 +302,11 @@ def fit_finetune(
     if splits.val is not None:
         eval_transform = build_eval_transform(preprocessing)
         val_loader = BatchLoader(
-            splits.val, train.eval_batch_size, eval_transform, device=device, seed=train.seed
+            splits.val,
+            eval_batch_size(train.eval_batch_size, preprocessing),
+            eval_transform,
+            device=device,
+            seed=train.seed,
         )
     loggers = [*_phase_loggers(run_dir, "finetune"), *callbacks]
     network = FrozenBatchNorm(model) if freeze_batch_norm else model
