@@ -25,6 +25,7 @@ from cnnkit.training.features import (
     feature_key,
     load_or_compute_features,
 )
+from cnnkit.training.trainer import Callback, TrainingInterrupted
 from cnnkit.training.transfer import (
     PHASES_NAME,
     feature_set,
@@ -305,3 +306,36 @@ def test_phase_reports_path_is_inside_run_dir(run_dir):
     assert not (Path(run_dir) / PHASES_NAME).exists()
     record_final_test(run_dir, {"top1": 1.0})  # No phases.json yet: nothing to update.
     assert not (Path(run_dir) / PHASES_NAME).exists()
+
+
+class _StopAfterFirstEpoch(Callback):
+    def on_epoch_end(self, trainer, metrics) -> None:
+        if trainer.epoch == 1:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_finetune_resumes_to_the_same_weights(tiny_image_set, tmp_path):
+    config, splits = _config(epochs=3), _splits(tiny_image_set)
+    straight = _lite0()
+    fit_transfer(straight, config, splits, PREPROCESSING, CPU, tmp_path / "a", progress=False)
+
+    interrupted = _lite0()
+    with pytest.raises(TrainingInterrupted) as stopped:
+        fit_transfer(
+            interrupted,
+            config,
+            splits,
+            PREPROCESSING,
+            CPU,
+            tmp_path / "b",
+            progress=False,
+            callbacks=[_StopAfterFirstEpoch()],
+        )
+    assert stopped.value.epochs_completed == 1
+    resumed = _lite0()
+    fit = fit_transfer(
+        resumed, config, splits, PREPROCESSING, CPU, tmp_path / "b", progress=False, resume=True
+    )
+    assert [row["epoch"] for row in fit.history if row["phase"] == 2.0] == [4, 5, 6]
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

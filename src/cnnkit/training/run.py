@@ -204,7 +204,17 @@ def train_run(
     if hasattr(model, "freeze_backbone"):
         from cnnkit.training.transfer import fit_transfer
 
-        fit = fit_transfer(model, config, splits, preprocessing, device, run_dir, progress)
+        fit = fit_transfer(
+            model,
+            config,
+            splits,
+            preprocessing,
+            device,
+            run_dir,
+            progress,
+            callbacks=callbacks,
+            resume=resume,
+        )
         trainer = Trainer(model, config.train, device, None, (), distributed, progress)
     else:
         loggers: list[Callback] = []

@@ -272,6 +272,7 @@ def fit_finetune(
     progress: bool = True,
     callbacks: Sequence[Callback] = (),
     freeze_batch_norm: bool = True,
+    resume: bool = False,
 ) -> tuple[FitResult, PhaseReport]:
     """Phase 2: unfreeze everything and train with the generic trainer on augmented batches.
 
@@ -311,7 +312,7 @@ def fit_finetune(
     loggers = [*_phase_loggers(run_dir, "finetune"), *callbacks]
     network = FrozenBatchNorm(model) if freeze_batch_norm else model
     trainer = Trainer(network, train, device, run_dir / "finetune", loggers, progress=progress)
-    fit = trainer.fit(train_loader, val_loader)
+    fit = trainer.fit(train_loader, val_loader, resume=resume)
     report = PhaseReport.from_fit(
         "finetune",
         fit,
@@ -390,6 +391,7 @@ def fit_transfer(
     feature_cache_dir: str | Path | None = None,
     callbacks: Sequence[Callback] = (),
     freeze_batch_norm: bool = True,
+    resume: bool = False,
 ) -> FitResult:
     """Run the phases of ``config.transfer.phases`` on a model with a freezable backbone.
 
@@ -407,6 +409,9 @@ def fit_transfer(
         callbacks: extra hooks for the fine-tune trainer (for example a search pruner).
         freeze_batch_norm: keep the batch-norm statistics during the fine-tune (see
             :class:`FrozenBatchNorm`); on CUB this beat training them by 3-5 points.
+        resume: continue an interrupted fine-tune from ``RUN_DIR/finetune/checkpoint.pt``.
+            The frozen phase runs again first: its features come from the cache and its
+            seeded head equals the first run's, and the checkpoint then replaces all weights.
 
     Returns:
         The phases' combined fit; the model is left with the last phase's best weights.
@@ -434,6 +439,7 @@ def fit_transfer(
             progress,
             callbacks,
             freeze_batch_norm,
+            resume,
         )
         fits.append((2.0, fit))
         reports.append(report)
