@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from cnnkit.atomic import write_atomically
 from cnnkit.config import AugmentConfig, Preprocessing, TrainConfig
 from cnnkit.data.loader import BatchLoader, build_eval_transform, build_train_transform
-from cnnkit.atomic import write_atomically
 from cnnkit.training.callbacks import CsvLogger
 from cnnkit.training.checkpoint import (
     CHECKPOINT_NAME,
