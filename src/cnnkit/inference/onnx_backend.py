@@ -16,14 +16,13 @@ import numpy as np
 import torch
 
 from cnnkit.atomic import write_atomically
-from cnnkit.data.loader import eval_batch_size
 from cnnkit.inference.artifact import (
     ModelFileError,
     ModelMetadata,
     read_metadata,
 )
 from cnnkit.inference.export import build_onnx_model, metadata_from_properties
-from cnnkit.inference.predictor import MAX_BATCH, Predictor
+from cnnkit.inference.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -145,14 +144,3 @@ class OnnxPredictor(Predictor):
         inputs = np.ascontiguousarray(self.model_input(prepared).numpy(), dtype=np.float32)
         # InferenceSession.run is thread-safe, so concurrent requests need no lock.
         return self.session.run([self._output_name], {self._input_name: inputs})[0]
-
-    def probabilities(self, prepared: np.ndarray) -> np.ndarray:
-        """Softmax probabilities ``[B, num_classes]`` for prepared images."""
-        if len(prepared) == 0:
-            return np.zeros((0, self.metadata.num_classes), dtype=np.float32)
-        chunk = eval_batch_size(MAX_BATCH, self.metadata.preprocessing)
-        rows = [
-            torch.softmax(torch.from_numpy(self.logits(prepared[start : start + chunk])), dim=1)
-            for start in range(0, len(prepared), chunk)
-        ]
-        return torch.cat(rows).numpy()

@@ -86,18 +86,23 @@ class Predictor:
         return to_model_input(batch, self.metadata.preprocessing)
 
     @torch.inference_mode()
+    def logits(self, prepared: np.ndarray) -> np.ndarray:
+        """Logits ``float32 [B, num_classes]`` for prepared ``uint8 [B, S, S, C]`` images."""
+        with self._lock:
+            logits = self.model(self.model_input(prepared))
+        return logits.float().cpu().numpy()
+
     def probabilities(self, prepared: np.ndarray) -> np.ndarray:
         """Softmax probabilities ``[B, num_classes]`` for prepared images."""
         if len(prepared) == 0:
             return np.zeros((0, self.metadata.num_classes), dtype=np.float32)
         # Many large photos go through in chunks, so memory stays bounded for any count.
         chunk = eval_batch_size(MAX_BATCH, self.metadata.preprocessing)
-        rows = []
-        with self._lock:
-            for start in range(0, len(prepared), chunk):
-                logits = self.model(self.model_input(prepared[start : start + chunk]))
-                rows.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-        return np.concatenate(rows)
+        rows = [
+            torch.softmax(torch.from_numpy(self.logits(prepared[start : start + chunk])), dim=1)
+            for start in range(0, len(prepared), chunk)
+        ]
+        return torch.cat(rows).numpy()
 
     def rank(self, probabilities: np.ndarray, top_k: int = 5) -> list[list[Prediction]]:
         """Turn probability rows into the ``top_k`` predictions of each image."""
