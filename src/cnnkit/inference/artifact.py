@@ -164,12 +164,21 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ModelFileError(f"{path}: unreadable safetensors header ({error})") from error
     text = (header.get("__metadata__") or {}).get(_METADATA_KEY)
+    return parse_metadata_text(text, str(path), "safetensors file")
+
+
+def parse_metadata_text(text: str | None, source: str, container: str) -> dict:
+    """The cnnkit metadata dictionary from its stored JSON text.
+
+    Raises:
+        ModelFileError: naming ``source`` when the text is missing or not valid JSON.
+    """
     if text is None:
-        raise ModelFileError(f"{path}: no cnnkit metadata in this safetensors file")
+        raise ModelFileError(f"{source}: no cnnkit metadata in this {container}")
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise ModelFileError(f"{path}: cnnkit metadata is not valid JSON ({error})") from error
+        raise ModelFileError(f"{source}: cnnkit metadata is not valid JSON ({error})") from error
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:

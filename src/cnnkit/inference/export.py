@@ -19,7 +19,12 @@ import torch
 from torch import nn
 
 from cnnkit.atomic import write_atomically
-from cnnkit.inference.artifact import ModelFileError, load_model, read_metadata
+from cnnkit.inference.artifact import (
+    ModelFileError,
+    load_model,
+    parse_metadata_text,
+    read_metadata,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -137,10 +142,6 @@ def metadata_from_properties(properties: Mapping[str, str], source: str = "<onnx
     Raises:
         ModelFileError: if the ONNX model has no (valid) cnnkit metadata.
     """
-    text = properties.get(METADATA_KEY)
-    if text is None:
-        raise ModelFileError(f"{source}: no cnnkit metadata in this ONNX file (use cnnkit export)")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ModelFileError(f"{source}: cnnkit metadata is not valid JSON ({error})") from error
+    return parse_metadata_text(
+        properties.get(METADATA_KEY), source, "ONNX file (use cnnkit export)"
+    )
