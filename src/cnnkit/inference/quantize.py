@@ -20,6 +20,7 @@ import numpy as np
 
 from cnnkit.atomic import write_atomically
 from cnnkit.config import DataConfig
+from cnnkit.inference.artifact import ModelMetadata, read_metadata
 from cnnkit.inference.export import DEFAULT_OPSET, INPUT_NAME, build_onnx_model
 
 logger = logging.getLogger(__name__)
@@ -43,18 +44,23 @@ def calibration_inputs(
     Raises:
         ValueError: if ``count`` is not positive or the dataset has no training images.
     """
+    import torch
+
+    from cnnkit.data.normalize import to_model_input
     from cnnkit.data.sources import build_splits
-    from cnnkit.inference.predictor import Predictor
 
     if count < 1:
         raise ValueError(f"calibration needs at least one image; got {count}")
-    predictor = Predictor.from_file(model_path)
-    splits = build_splits(data, predictor.metadata.preprocessing, cache_dir=cache_dir).splits
+    # Only the preprocessing is needed here: the header, not the weights.
+    metadata = ModelMetadata.from_dict(read_metadata(model_path), str(model_path))
+    preprocessing = metadata.preprocessing
+    splits = build_splits(data, preprocessing, cache_dir=cache_dir).splits
     images = np.asarray(splits.train.images)
     if len(images) == 0:
         raise ValueError(f"{data.data or data.dataset}: no training images to calibrate on")
     chosen = np.random.default_rng(seed).choice(len(images), min(count, len(images)), False)
-    return predictor.model_input(images[np.sort(chosen)]).numpy()
+    batch = torch.from_numpy(np.ascontiguousarray(images[np.sort(chosen)]))
+    return to_model_input(batch, preprocessing).numpy()
 
 
 def _batches(inputs: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
