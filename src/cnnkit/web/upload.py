@@ -7,8 +7,10 @@ cannot get past it either.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +24,11 @@ SOURCES = ("upload", "canvas")
 DEFAULT_TOP_K = 5
 # Room for multipart boundaries and the small form fields next to the file.
 _MULTIPART_OVERHEAD = 64 * 1024
+# Before refusing a chunked body that went over the limit, read and drop the rest of it for up to
+# this long: a server that answers and closes with unread bytes makes the kernel reset the
+# connection, and the client can lose the 413. The drain is bounded in bytes (the upload limit)
+# and in time; past either bound the answer goes out anyway.
+_DRAIN_SECONDS = 5.0
 
 
 class RequestTooLargeError(HTTPException):
@@ -93,10 +100,25 @@ class BodySizeLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    if message.get("more_body", False):
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(
+                                _drain(receive, self.max_upload_bytes), _DRAIN_SECONDS
+                            )
                     raise RequestTooLargeError(self.max_upload_bytes)
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+async def _drain(receive: Receive, max_bytes: int) -> None:
+    """Read and drop the rest of a request body, up to ``max_bytes``."""
+    drained = 0
+    while drained <= max_bytes:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        drained += len(message.get("body", b""))
 
 
 async def _send_json_error(send: Send, status: int, message: str) -> None:
