@@ -253,6 +253,25 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "bf16_cpu": True,
         },
     },
+    # The book's grid (`cnnkit search --space book`): the book's network and optimiser, with
+    # batch 128 at twice the learning rate. The grid's wide dense layers (a 7,200 x 2,048 matrix
+    # with one conv) train twice as fast per image at batch 128 as at 32 on a CPU, and the book's
+    # pick (2 convs, 128, 0.5) reaches 79.4% test top-1 on fold 1 in 10 epochs (78.8% at 32).
+    "book-hasy-search": {
+        "data": {"channels": 3, "image_size": 32},
+        "model": {"name": "book_cnn"},
+        "augment": {"enabled": False},
+        "train": {
+            "epochs": 10,
+            "batch_size": 128,
+            "optimizer": "adam",
+            "learning_rate": 2e-3,
+            "weight_decay": 0.0,
+            "schedule": "constant",
+            "label_smoothing": 0.0,
+            "bf16_cpu": True,
+        },
+    },
     "cub": {
         # With 30 photos a class, a held-out validation split costs more accuracy than early
         # stopping saves: the fine-tune runs a fixed number of epochs on all training images.

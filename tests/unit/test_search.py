@@ -89,7 +89,7 @@ def test_book_space_is_the_books_40_model_grid():
     combos = BOOK_SPACE.grid_combinations()
     assert len(combos) == 40
     assert {(c["convs"], c["dense"], c["dropout"]) for c in combos} == expected
-    assert BOOK_SPACE.preset == "book-hasy"
+    assert BOOK_SPACE.preset == "book-hasy-search"
     assert resolve_space("book") is BOOK_SPACE
 
 

@@ -243,7 +243,7 @@ BOOK_SPACE = SearchSpace(
         _categorical("dense", "model.options.dense", [128, 256, 512, 1024, 2048]),
         _categorical("dropout", "model.options.dropout", [0.0, 0.25, 0.5, 0.75]),
     ),
-    preset="book-hasy",
+    preset="book-hasy-search",
 )
 
 # The book's parameters plus the optimiser's, for TPE or random search.
