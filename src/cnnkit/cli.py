@@ -76,7 +76,10 @@ def _add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     _add_data_arguments(parser)
-    parser.add_argument("--preset", help="named defaults: digits, hasy, book-hasy, book-hasy-search, cub, book-cub")
+    parser.add_argument(
+        "--preset",
+        help="named defaults: digits, hasy, book-hasy, book-hasy-search, cub, book-cub",
+    )
     parser.add_argument("--config", help="YAML file with data/model/augment/train sections")
     parser.add_argument("--out", help="run folder (default runs/<dataset>-<model>)")
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR checkpoint")

@@ -13,7 +13,7 @@ from torch import nn
 from cnnkit.atomic import write_atomically
 from cnnkit.config import AugmentConfig, Preprocessing, TrainConfig
 from cnnkit.data.loader import BatchLoader, build_eval_transform, build_train_transform
-from cnnkit.training.callbacks import CsvLogger
+from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger
 from cnnkit.training.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -98,6 +98,9 @@ class Recorder(Callback):
     def on_fit_end(self, trainer: Trainer, result) -> None:
         self.events.append("end")
 
+    def teardown(self, trainer: Trainer) -> None:
+        self.events.append("teardown")
+
 
 def test_overfits_two_small_batches(tiny_image_set) -> None:
     train_loader, _ = _loaders(tiny_image_set)
@@ -129,7 +132,27 @@ def test_callbacks_are_called_in_order(tiny_image_set) -> None:
     recorder = Recorder()
     config = dataclasses.replace(BASE, epochs=2)
     Trainer(_model(), config, CPU, callbacks=[recorder], progress=False).fit(train_loader)
-    assert recorder.events == ["start@0", "epoch1", "epoch2", "end"]
+    assert recorder.events == ["start@0", "epoch1", "epoch2", "end", "teardown"]
+
+
+class Prune(Callback):
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        raise LookupError("pruned")
+
+
+def test_a_raising_callback_still_tears_down_and_closes_tensorboard(
+    tiny_image_set, tmp_path: Path
+) -> None:
+    """A pruned search trial ends fit with an exception: the TensorBoard writer must not leak."""
+    train_loader, _ = _loaders(tiny_image_set)
+    recorder, board = Recorder(), TensorBoardLogger(tmp_path / "tb")
+    callbacks = [recorder, board, Prune()]
+    trainer = Trainer(_model(), BASE, CPU, callbacks=callbacks, progress=False)
+    with pytest.raises(LookupError, match="pruned"):
+        trainer.fit(train_loader)
+    assert recorder.events == ["start@0", "epoch1", "teardown"]
+    assert board.writer is None
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tiny_image_set, tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from cnnkit.training.trainer import Callback, FitResult, Trainer
+from cnnkit.training.trainer import Callback, Trainer
 
 METRICS_NAME = "metrics.csv"
 
@@ -55,7 +55,8 @@ class TensorBoardLogger(Callback):
                 self.writer.add_scalar(f"{self.prefix}{key}", value, step)
         self.writer.flush()
 
-    def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
+    def teardown(self, trainer: Trainer) -> None:
+        # Also after a pruned trial or Ctrl-C: each open writer holds a file and a thread.
         if self.writer is not None:
             self.writer.close()
             self.writer = None

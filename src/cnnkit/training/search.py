@@ -37,7 +37,7 @@ from cnnkit.evaluation.search_plots import (
 from cnnkit.training.checkpoint import CHECKPOINT_NAME
 from cnnkit.training.run import RunResult, resolve_preprocessing, train_run, write_run_info
 from cnnkit.training.spaces import SearchSpace, overrides_for
-from cnnkit.training.trainer import Callback, FitResult, Trainer, TrainingInterrupted
+from cnnkit.training.trainer import Callback, Trainer, TrainingInterrupted
 
 logger = logging.getLogger(__name__)
 SAMPLERS = ("grid", "tpe", "random")
@@ -208,12 +208,7 @@ class PruningCallback(Callback):
         # A trial that has trained its last epoch finishes: pruning it then saves nothing.
         if epoch >= trainer.config.epochs or not self.trial.should_prune():
             return
-        # The trainer does not call on_fit_end when a hook raises; end the other hooks (the
-        # TensorBoard writer) here so a pruned trial leaves no open files or threads.
-        partial = FitResult(list(trainer.history), epochs_run=trainer.epoch)
-        for callback in trainer.callbacks:
-            if callback is not self:
-                callback.on_fit_end(trainer, partial)
+        # The trainer's teardown hooks close the TensorBoard writer after this raises.
         raise optuna.TrialPruned(f"pruned after epoch {epoch} (accuracy {value:.4f})")
 
 

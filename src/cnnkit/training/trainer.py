@@ -49,6 +49,9 @@ class Callback:
     def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
         """Called once after training ends normally."""
 
+    def teardown(self, trainer: Trainer) -> None:
+        """Called once when ``fit`` returns or raises (Ctrl-C, a pruned trial): free resources."""
+
 
 @dataclass
 class FitResult:
@@ -235,6 +238,21 @@ class Trainer:
         if resume and self.checkpoint_path and self.checkpoint_path.exists():
             best_state, bad_epochs = self._restore(result)
         self.history = result.history
+        try:
+            return self._fit_epochs(train_loader, val_loader, result, best_state, bad_epochs)
+        finally:
+            for callback in self.callbacks:
+                callback.teardown(self)
+
+    def _fit_epochs(
+        self,
+        train_loader: BatchLoader,
+        val_loader: BatchLoader | None,
+        result: FitResult,
+        best_state: dict | None,
+        bad_epochs: int,
+    ) -> FitResult:
+        config = self.config
         for callback in self.callbacks:
             callback.on_fit_start(self)
         start = time.perf_counter()
