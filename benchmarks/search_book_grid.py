@@ -44,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-classes", type=int, help="reduced run: first N classes only")
     parser.add_argument("--max-per-class", type=int)
     parser.add_argument("--pruner", choices=["halving", "median", "none"], default="halving")
-    parser.add_argument("--prune-warmup", type=int, default=1)
+    parser.add_argument("--prune-warmup", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--n-trials", type=int, help="stop after N trials (default: all 40)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on the CPU")

@@ -664,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--study-name", help="study name in the storage (default: OUT's name)")
     search.add_argument("--sampler-seed", type=int, help="seed the sampler (reproducible order)")
     search.add_argument(
-        "--prune-warmup", type=int, default=1, help="epochs before a trial can be pruned"
+        "--prune-warmup", type=int, default=2, help="epochs before a trial can be pruned"
     )
     search.add_argument(
         "--workers",
