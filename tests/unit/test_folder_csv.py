@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +279,52 @@ def test_csv_missing_image_is_reported_with_its_line(tmp_path):
     (tmp_path / "images" / "2.png").unlink()
     with pytest.raises(BadDataError, match=r"images/2\.png \(labels\.csv:4\): missing"):
         build_splits(DataConfig(dataset="csv", data=str(path)), Preprocessing())
+
+
+def _within_seconds(seconds: float, function):
+    """Run ``function`` in a thread; fail the test if it has not returned within ``seconds``."""
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = function()
+        except Exception as error:  # handed back to the test below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s (blocked on a FIFO?)"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
+@pytest.mark.parametrize("dataset", ["folder", "csv"])
+def test_fifos_and_folders_named_like_images_are_reported_not_waited_on(tmp_path, dataset):
+    if dataset == "folder":
+        folder_dataset(tmp_path)
+        pipe, folder = tmp_path / "cat" / "pipe.png", tmp_path / "dog" / "folder.png"
+        config = folder_config(tmp_path)
+    else:
+        path = csv_dataset(tmp_path, ["cat", "dog"] * 5)
+        pipe, folder = tmp_path / "images" / "0.png", tmp_path / "images" / "1.png"
+        pipe.unlink()
+        folder.unlink()
+        config = DataConfig(dataset="csv", data=str(path))
+    os.mkfifo(pipe)
+    folder.mkdir()
+    if dataset == "folder":  # a folder named like an image is walked into, not listed
+        (folder / "inner.png").write_bytes(b"")
+    with pytest.raises(BadDataError, match="bad image") as error:
+        _within_seconds(30, lambda: build_splits(config, Preprocessing()))
+    assert pipe.relative_to(tmp_path).as_posix() in str(error.value)
+    skipped = _within_seconds(
+        30, lambda: build_splits(dataclasses.replace(config, on_bad_image="skip"), Preprocessing())
+    )
+    assert len(skipped.problems) == 2
+    assert len(skipped.splits.train) + len(skipped.splits.test) == 8
 
 
 @PROPERTY_SETTINGS

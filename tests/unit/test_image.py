@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -101,6 +102,14 @@ def test_read_image_file_names_the_path(tmp_path: Path) -> None:
     good = tmp_path / "good.png"
     good.write_bytes(_encode(_noise((4, 4))))
     assert read_image_file(str(good)).size == (4, 4)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
+def test_read_image_file_refuses_a_fifo_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)
+    with pytest.raises(BadImageError, match=r"pipe\.png: cannot read \(not a regular file\)"):
+        read_image_file(str(pipe))
 
 
 def test_prepare_bytes_names_the_source() -> None:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cnnkit.data.files import read_regular_file
 from cnnkit.data.folder import is_image_name
 from cnnkit.data.source import DataFormatError
 
@@ -383,7 +384,7 @@ class DatasetFiles:
             files = {}
             for file in required:
                 try:
-                    files[file] = (self.folder / file).read_bytes()
+                    files[file] = read_regular_file(self.folder / file)
                 except OSError as error:
                     raise DataFormatError(
                         f"{self.folder / file}: missing or unreadable ({error.strerror})"
@@ -420,7 +421,7 @@ class DatasetFiles:
         if self.folder is not None:
             for key in keys:
                 try:
-                    yield key, (self.folder / key).read_bytes()
+                    yield key, read_regular_file(self.folder / key)
                 except OSError:
                     yield key, None
             return

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from cnnkit.data.files import read_regular_file
 from cnnkit.data.folder import fingerprint_files
 from cnnkit.data.source import DataFormatError, Listing, SampleRecord
 
@@ -169,7 +170,7 @@ class CsvSource:
             DataFormatError: for a malformed CSV or a refused path, naming file and line.
         """
         try:
-            data = self.csv_path.read_bytes()
+            data = read_regular_file(self.csv_path)
         except OSError as error:
             raise DataFormatError(f"{self.csv_path}: cannot read ({error.strerror})") from error
         rows = self._read_rows(data)
@@ -193,6 +194,6 @@ class CsvSource:
         """Yield each file's bytes, or None where it is missing or unreadable."""
         for key in keys:
             try:
-                yield key, (self.root / key).read_bytes()
+                yield key, read_regular_file(self.root / key)
             except OSError:
                 yield key, None

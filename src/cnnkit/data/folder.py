@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from cnnkit.data.files import read_regular_file
 from cnnkit.data.source import DataFormatError, Listing, SampleRecord
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,6 @@ class FolderSource:
         """Yield each file's bytes, or None where it is missing or unreadable."""
         for key in keys:
             try:
-                yield key, (self.root / key).read_bytes()
+                yield key, read_regular_file(self.root / key)
             except OSError:
                 yield key, None

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from cnnkit.config import Preprocessing
+from cnnkit.data.files import read_regular_file
 
 # Refuse decompression bombs well before they exhaust memory: 64 megapixels is far above any
 # photo this tool is meant for, and PIL raises DecompressionBombError at twice its limit.
@@ -58,8 +59,7 @@ def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
 def read_image_file(path: str) -> Image.Image:
     """Read and decode an image file, raising :class:`BadImageError` naming the path."""
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        data = read_regular_file(path)
     except OSError as error:
         raise BadImageError(f"{path}: cannot read ({error.strerror or error})") from error
     return decode_image(data, path)

@@ -1,0 +1,34 @@
+"""Reading whole input files without blocking on FIFOs or reading devices.
+
+A dataset folder or a ``predict`` argument may name a FIFO (``mkfifo a.png``) or a device:
+a plain ``open`` of a FIFO waits forever for a writer, and ``/dev/zero`` never ends. Every
+input file the package reads goes through :func:`read_regular_file`, which refuses both.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+
+def read_regular_file(path: str | Path) -> bytes:
+    """Return the bytes of the regular file at ``path`` (symlinks are followed).
+
+    Raises:
+        OSError: if ``path`` is missing or unreadable, or is not a regular file (a folder, a
+            FIFO, a socket or a device); ``strerror`` says which.
+    """
+    # O_NONBLOCK makes opening a FIFO return at once instead of waiting for a writer.
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(descriptor, True)
+        handle = os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+    with handle:
+        return handle.read()
