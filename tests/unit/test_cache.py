@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -94,3 +97,42 @@ def test_unreadable_cache_entry_is_decoded_again(tmp_path, dataset):
     (entry / "meta.json").write_text("{not json")
     again = load_images(dataset, listing, Preprocessing(), tmp_path / "cache", workers=1)
     assert not again.from_cache and again.valid.sum() == 5
+
+
+class _SlowLoggedSource(FolderSource):
+    """A folder source that records each full read in a file and reads slowly."""
+
+    def __init__(self, root: Path, log: Path) -> None:
+        super().__init__(root)
+        self.log = log
+
+    def iter_bytes(self, keys):
+        with self.log.open("a") as stream:
+            stream.write(f"{os.getpid()}\n")
+        time.sleep(1.0)
+        yield from super().iter_bytes(keys)
+
+
+def _load_into(source: FolderSource, cache: Path, out: Path) -> None:
+    decoded = load_images(source, source.list_samples(), Preprocessing(), cache, workers=1)
+    np.save(out, np.asarray(decoded.images))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork to share the test's source")
+def test_two_processes_filling_one_entry_decode_once_and_agree(tmp_path, dataset):
+    log = tmp_path / "reads.log"
+    source = _SlowLoggedSource(dataset.root, log)
+    context = multiprocessing.get_context("fork")
+    runs = [
+        context.Process(target=_load_into, args=(source, tmp_path / "cache", tmp_path / f"{i}.npy"))
+        for i in range(2)
+    ]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(60)
+    assert [run.exitcode for run in runs] == [0, 0]
+    assert len(log.read_text().split()) == 1  # the second process read the first one's entry
+    np.testing.assert_array_equal(np.load(tmp_path / "0.npy"), np.load(tmp_path / "1.npy"))
+    entries = [path for path in (tmp_path / "cache").iterdir() if not path.name.startswith(".")]
+    assert len(entries) == 1

@@ -6,6 +6,7 @@ in any of them decodes again. Entries are written to a temporary folder and rena
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,6 +24,11 @@ from tqdm import tqdm
 from cnnkit.config import Preprocessing
 from cnnkit.data.image import BadImageError, decode_image, prepare_image
 from cnnkit.data.source import Listing, Source
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent runs each decode
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 CACHE_FORMAT = 1
@@ -158,19 +164,43 @@ def load_images(
     if cache_dir is None:
         return _decode_all(source, listing, preprocessing, workers, progress)
     entry = Path(cache_dir) / cache_key(listing, preprocessing)
+    cached = _read_entry(entry)
+    if cached is not None:
+        return cached
+    # Two runs on the same data (a search's workers, two terminals) would both decode and then
+    # race to rename their entries into place; the second waits here and reads the first's.
+    with _entry_lock(entry):
+        cached = _read_entry(entry)
+        if cached is not None:
+            return cached
+        decoded = _decode_all(source, listing, preprocessing, workers, progress)
+        if not _write_entry(entry, listing, preprocessing, decoded):
+            return decoded
+    images = np.load(entry / "images.npy", mmap_mode="r")
+    return DecodedImages(images, decoded.valid, decoded.problems, False)
+
+
+def _read_entry(entry: Path) -> DecodedImages | None:
+    """The cache entry's images (memory-mapped), or None if it is absent or unreadable."""
     images_path, meta_path = entry / "images.npy", entry / "meta.json"
-    if images_path.exists() and meta_path.exists():
-        try:
-            meta = json.loads(meta_path.read_text())
-            images = np.load(images_path, mmap_mode="r")
-            valid = np.zeros(len(images), dtype=bool)
-            valid[np.asarray(meta["valid"], dtype=np.int64)] = True
-            logger.info("loaded %d decoded images from cache %s", len(images), entry)
-            return DecodedImages(images, valid, list(meta["problems"]), True)
-        except (OSError, ValueError, KeyError) as error:
-            logger.warning("ignoring unreadable cache entry %s: %s", entry, error)
-    decoded = _decode_all(source, listing, preprocessing, workers, progress)
-    entry.parent.mkdir(parents=True, exist_ok=True)
+    if not (images_path.exists() and meta_path.exists()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        images = np.load(images_path, mmap_mode="r")
+        valid = np.zeros(len(images), dtype=bool)
+        valid[np.asarray(meta["valid"], dtype=np.int64)] = True
+    except (OSError, ValueError, KeyError) as error:
+        logger.warning("ignoring unreadable cache entry %s: %s", entry, error)
+        return None
+    logger.info("loaded %d decoded images from cache %s", len(images), entry)
+    return DecodedImages(images, valid, list(meta["problems"]), True)
+
+
+def _write_entry(
+    entry: Path, listing: Listing, preprocessing: Preprocessing, decoded: DecodedImages
+) -> bool:
+    """Write ``decoded`` to a staging folder and rename it to ``entry``; False on failure."""
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
     try:
         np.save(staging / "images.npy", decoded.images)
@@ -188,6 +218,24 @@ def load_images(
     except OSError as error:
         logger.warning("could not write the image cache %s: %s", entry, error)
         shutil.rmtree(staging, ignore_errors=True)
-        return decoded
-    images = np.load(images_path, mmap_mode="r")
-    return DecodedImages(images, decoded.valid, decoded.problems, False)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _entry_lock(entry: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``entry`` across processes (where the OS and folder allow)."""
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(entry.parent / f".{entry.name}.lock", "a+b")  # noqa: SIM115
+    except OSError:
+        yield
+        return
+    with handle:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.info("waiting for another process to finish decoding into %s", entry)
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield
