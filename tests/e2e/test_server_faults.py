@@ -3,12 +3,16 @@ flood of malformed requests mixed with valid ones; the flood is benchmarks/serve
 
 from __future__ import annotations
 
+import http.client
 import importlib
+import socket
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+
+from cnnkit.web.app import MAX_CONCURRENT_REQUESTS
 
 MAX_RSS_GROWTH_MB = 100.0
 
@@ -67,3 +71,26 @@ def test_memory_stays_bounded(figures: dict[str, Any]) -> None:
     assert figures["rss_growth_mb"] < MAX_RSS_GROWTH_MB, (
         f"server RSS grew from {figures['rss_before_mb']} MB to {figures['rss_after_mb']} MB"
     )
+
+
+def test_idle_connections_do_not_turn_requests_away(server_faults: ModuleType) -> None:
+    """More idle sockets than the in-flight limit: uvicorn's connection limit once gave 503s."""
+    from cnnkit.inference.bundled import bundled_model_path
+
+    port = server_faults.free_port()
+    server = server_faults.start_server(str(bundled_model_path()), port, 1)
+    idle: list[socket.socket] = []
+    try:
+        idle = [
+            socket.create_connection(("127.0.0.1", port))
+            for _ in range(MAX_CONCURRENT_REQUESTS + 16)
+        ]
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request("GET", "/healthz")
+        assert connection.getresponse().status == 200
+        connection.close()
+    finally:
+        for sock in idle:
+            sock.close()
+        server.terminate()
+        server.wait(timeout=30)

@@ -25,6 +25,7 @@ from cnnkit.models.registry import create_model
 from cnnkit.web.app import create_app, is_loopback, load_predictor, optimize_for_serving, serve
 from cnnkit.web.batching import MicroBatcher
 from cnnkit.web.drawing import canvas_to_symbol, estimate_stroke_width
+from cnnkit.web.limits import InFlightLimitMiddleware
 from cnnkit.web.render import MAX_LATEX_LENGTH, render_latex_svg
 from cnnkit.web.upload import BodySizeLimitMiddleware, parse_multipart
 
@@ -317,6 +318,49 @@ def test_a_lying_content_length_does_not_bypass_the_limit() -> None:
         asyncio.run(middleware(scope, receive, send))
     assert getattr(raised.value, "status_code", None) == 413
     assert sum(seen) <= 20_000
+
+
+def test_requests_over_the_in_flight_limit_get_503_and_the_count_recovers() -> None:
+    """Two requests hold the limit of 2; a third is turned away at once; later ones pass."""
+    release = asyncio.Event()
+    started = 0
+
+    async def application(scope, receive, send) -> None:
+        nonlocal started
+        started += 1
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = InFlightLimitMiddleware(application, limit=2)
+
+    async def call() -> tuple[int, dict[bytes, bytes], bytes]:
+        sent: list[dict] = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message) -> None:
+            sent.append(message)
+
+        await middleware({"type": "http", "headers": []}, receive, send)
+        return sent[0]["status"], dict(sent[0]["headers"]), sent[1]["body"]
+
+    async def scenario():
+        held = [asyncio.create_task(call()) for _ in range(2)]
+        while started < 2:
+            await asyncio.sleep(0)
+        refused = await call()
+        release.set()
+        return refused, await asyncio.gather(*held), await call()
+
+    refused, held, later = asyncio.run(scenario())
+    assert refused[0] == 503 and refused[1][b"retry-after"] == b"1"
+    assert json.loads(refused[2]) == {"error": "the server is busy; retry shortly"}
+    assert [status for status, _, _ in held] == [200, 200] and later[0] == 200
+    assert middleware.in_flight == 0
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        InFlightLimitMiddleware(application, limit=0)
 
 
 def test_decoded_upload_over_the_limit_is_refused(predictor: Predictor) -> None:

@@ -25,6 +25,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from cnnkit import __version__
 from cnnkit.inference.predictor import Predictor
+from cnnkit.web.limits import InFlightLimitMiddleware
 from cnnkit.web.prediction import PredictionService
 from cnnkit.web.render import MAX_LATEX_LENGTH, render_latex_svg
 from cnnkit.web.upload import BodySizeLimitMiddleware, read_image_request
@@ -221,6 +222,7 @@ def create_app(predictor: Predictor, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_
     )
     _add_routes(app)
     app.add_middleware(BodySizeLimitMiddleware, max_upload_bytes=max_upload_bytes)
+    app.add_middleware(InFlightLimitMiddleware, limit=MAX_CONCURRENT_REQUESTS)
     _install_error_handlers(app)
     return app
 
@@ -319,15 +321,15 @@ def serve(
         host,
         port,
     )
-    # Bounding concurrency bounds memory (each request may hold an upload); beyond it uvicorn
-    # answers 503. Access logging is off: a log line per prediction is noise and costs CPU.
+    # The app bounds the requests in progress (InFlightLimitMiddleware); uvicorn's own limit
+    # would count idle connections too. Access logging is off: a log line per prediction is
+    # noise and costs CPU.
     uvicorn.run(
         app,
         host=host,
         port=port,
         access_log=False,
         log_level="info",
-        limit_concurrency=MAX_CONCURRENT_REQUESTS,
     )
 
 
@@ -364,7 +366,6 @@ def _serve_processes(
         workers=workers,
         access_log=False,
         log_level="info",
-        limit_concurrency=MAX_CONCURRENT_REQUESTS,
     )
 
 

@@ -90,7 +90,7 @@ class BodySizeLimitMiddleware:
                 if status == 413
                 else "invalid Content-Length"
             )
-            await _send_json_error(send, status, message)
+            await send_json_error(send, status, message)
             return
         received = 0
 
@@ -121,7 +121,10 @@ async def _drain(receive: Receive, max_bytes: int) -> None:
         drained += len(message.get("body", b""))
 
 
-async def _send_json_error(send: Send, status: int, message: str) -> None:
+async def send_json_error(
+    send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] = ()
+) -> None:
+    """Send ``{"error": message}`` with ``status`` and close the connection."""
     body = json.dumps({"error": message}).encode()
     await send(
         {
@@ -131,6 +134,7 @@ async def _send_json_error(send: Send, status: int, message: str) -> None:
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
                 (b"connection", b"close"),
+                *headers,
             ],
         }
     )
