@@ -153,6 +153,7 @@ class TrainConfig:
     eval_batch_size: int = 512
     backbone_lr_scale: float = 0.1
     max_steps_per_epoch: int | None = None
+    memory_check: bool = True  # Refuse a batch that would not fit in memory (training/memory.py).
 
     def __post_init__(self) -> None:
         _check_positive("epochs", self.epochs)

@@ -24,6 +24,7 @@ from cnnkit.config import TrainConfig
 from cnnkit.data.loader import BatchLoader
 from cnnkit.runtime import DistributedContext, cpu_supports_bf16
 from cnnkit.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from cnnkit.training.memory import check_before_training
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class Trainer:
         self.epoch = 0
         self.saved_epoch: int | None = None  # The epoch the checkpoint on disk holds.
         self.history: list[dict[str, float]] = []
+        self._memory_unchecked = False
 
     @property
     def module(self) -> nn.Module:
@@ -228,8 +230,12 @@ class Trainer:
         At the end the weights of the best validation epoch are restored when there is a
         validation set.
 
+        Before the first step, the memory the batch size needs is estimated and checked
+        (``config.memory_check``; see :mod:`cnnkit.training.memory`).
+
         Raises:
             TrainingInterrupted: on Ctrl-C, after saving the last completed epoch.
+            InsufficientMemoryError: if a training step would not fit in memory.
         """
         config = self.config
         self.optimizer = self._build_optimizer()
@@ -238,6 +244,7 @@ class Trainer:
         if resume and self.checkpoint_path and self.checkpoint_path.exists():
             best_state, bad_epochs = self._restore(result)
         self.history = result.history
+        self._memory_unchecked = config.memory_check
         try:
             return self._fit_epochs(train_loader, val_loader, result, best_state, bad_epochs)
         finally:
@@ -311,6 +318,12 @@ class Trainer:
         )
         for inputs, labels in loader:
             inputs = inputs.contiguous(memory_format=self.memory_format)
+            if self._memory_unchecked:
+                self._memory_unchecked = False
+                states = 1 if self.config.optimizer == "sgd" else 2
+                check_before_training(
+                    self.module, inputs, self.config.batch_size, self._autocast, states
+                )
             with self._autocast():
                 logits = self.model(inputs)
                 loss = F.cross_entropy(
