@@ -15,8 +15,10 @@ first reached; that evaluation time is subtracted from the reported wall time.
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -58,6 +60,7 @@ def main() -> None:
     parser.add_argument("--option", action="append", default=[], help="model option KEY=INT")
     parser.add_argument("--config", help="YAML overrides on top of the preset (a variant)")
     parser.add_argument("--name", help="record under benchmarks/results/NAME.json")
+    parser.add_argument("--keep-model", help="copy the trained model file to this path")
     args = parser.parse_args()
     archive = shared_dataset("HASYv2-dev.tar.bz2")
     tune_allocator()
@@ -113,6 +116,10 @@ def main() -> None:
         },
     )
     print(f"saved {path}")
+    if args.keep_model:
+        Path(args.keep_model).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(result.model_path, args.keep_model)
+        print(f"kept the model as {args.keep_model}")
 
 
 if __name__ == "__main__":

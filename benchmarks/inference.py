@@ -158,6 +158,7 @@ def main() -> None:
     )
     parser.add_argument("--int8-data", help="dataset path for --int8-dataset")
     parser.add_argument("--int8-fold", type=int, help="HASYv2 fold for --int8-dataset")
+    parser.add_argument("--name", default="inference", help="record as results/NAME.json")
     args = parser.parse_args()
     tune_allocator()
     if args.threads:
@@ -212,7 +213,7 @@ def main() -> None:
     for name, value in figures.items():
         if isinstance(value, dict):
             print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in value.items()))
-    record_result("inference", {"threads": args.threads or available_cores(), **figures})
+    record_result(args.name, {"threads": args.threads or available_cores(), **figures})
 
 
 def int8_accuracy(model_path: Path, int8_path: Path, data: DataConfig) -> dict[str, float]:
