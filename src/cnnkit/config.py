@@ -263,17 +263,27 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"name": "symbol_cnn", "options": {"width": 32}},
         "train": {"epochs": 12, "batch_size": 64, "learning_rate": 3e-3},
     },
+    # HASYv2 fold 1 (README results): 85.7% top-1 / 99.2% top-5 in 27 min on 2 cores. Against
+    # the earlier preset (15 epochs, dropout 0.2, weight decay 5e-4, lighter augmentation, a 5%
+    # validation split; 85.2% / 98.9%), the net overfitted less with more regularisation and
+    # used the extra epochs; without a validation split one-cycle ends on its final weights.
     "hasy": {
-        "data": {"channels": 1, "image_size": 32, "val_fraction": 0.05},
-        "model": {"name": "symbol_cnn", "options": {"width": 32}},
+        "data": {"channels": 1, "image_size": 32, "val_fraction": 0.0},
+        "model": {"name": "symbol_cnn", "options": {"width": 32, "dropout": 0.3}},
         "augment": {
-            "max_rotation": 5.0,
+            "max_rotation": 10.0,
             "max_shift": 0.03,
-            "max_shear": 0.05,
-            "scale_min": 0.95,
-            "scale_max": 1.05,
+            "max_shear": 0.1,
+            "scale_min": 0.9,
+            "scale_max": 1.1,
         },
-        "train": {"epochs": 15, "batch_size": 128, "learning_rate": 3e-3, "bf16_cpu": True},
+        "train": {
+            "epochs": 24,
+            "batch_size": 128,
+            "learning_rate": 3e-3,
+            "weight_decay": 0.05,
+            "bf16_cpu": True,
+        },
     },
     "book-hasy": BOOK_HASY,
     # The book's grid (`cnnkit search --space book`): the book's network and optimiser at batch

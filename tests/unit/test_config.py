@@ -113,7 +113,7 @@ def test_precedence_defaults_preset_file_flags() -> None:
     assert config.train.epochs == 2  # flag beats file and preset
     assert config.train.batch_size == 16  # file beats preset
     assert config.train.learning_rate == PRESETS["hasy"]["train"]["learning_rate"]  # preset
-    assert config.train.weight_decay == TrainConfig().weight_decay  # default
+    assert config.train.schedule == TrainConfig().schedule  # default
     assert config.augment.max_rotation == 3.0
     assert config.data.seed == 7
 
