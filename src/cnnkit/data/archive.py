@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnnkit.data.files import read_regular_file
+from cnnkit.data.files import iter_file_bytes, read_regular_file
 from cnnkit.data.folder import is_image_name
 from cnnkit.data.source import DataFormatError
 
@@ -419,11 +419,7 @@ class DatasetFiles:
         Call :meth:`read_metadata` first.
         """
         if self.folder is not None:
-            for key in keys:
-                try:
-                    yield key, read_regular_file(self.folder / key)
-                except OSError:
-                    yield key, None
+            yield from iter_file_bytes(self.folder, keys)
             return
         if self._members is not None:
             # The metadata pass already holds every member; hand them out once.

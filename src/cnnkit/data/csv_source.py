@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from cnnkit.data.files import read_regular_file
+from cnnkit.data.files import iter_file_bytes, read_regular_file
 from cnnkit.data.folder import fingerprint_files
 from cnnkit.data.source import DataFormatError, Listing, SampleRecord
 
@@ -192,8 +192,4 @@ class CsvSource:
 
     def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
         """Yield each file's bytes, or None where it is missing or unreadable."""
-        for key in keys:
-            try:
-                yield key, read_regular_file(self.root / key)
-            except OSError:
-                yield key, None
+        yield from iter_file_bytes(self.root, keys)

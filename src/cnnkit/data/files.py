@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -32,3 +33,12 @@ def read_regular_file(path: str | Path) -> bytes:
         raise
     with handle:
         return handle.read()
+
+
+def iter_file_bytes(root: Path, keys: Iterable[str]) -> Iterator[tuple[str, bytes | None]]:
+    """Yield ``(key, bytes)`` for each path relative to ``root``; None where it cannot be read."""
+    for key in keys:
+        try:
+            yield key, read_regular_file(root / key)
+        except OSError:
+            yield key, None
