@@ -240,21 +240,23 @@ def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return merged
 
 
+# The book's Keras training settings, in both notebooks: Adam at its default learning rate,
+# batch 32, no weight decay, schedule or label smoothing.
+BOOK_TRAIN: dict[str, Any] = {
+    "batch_size": 32,
+    "optimizer": "adam",
+    "learning_rate": 1e-3,
+    "weight_decay": 0.0,
+    "schedule": "constant",
+    "label_smoothing": 0.0,
+}
+
 # The book's MathSymbols settings (3 channels, Adam, batch 32, 10 epochs).
 BOOK_HASY: dict[str, dict[str, Any]] = {
     "data": {"channels": 3, "image_size": 32},
     "model": {"name": "book_cnn"},
     "augment": {"enabled": False},
-    "train": {
-        "epochs": 10,
-        "batch_size": 32,
-        "optimizer": "adam",
-        "learning_rate": 1e-3,
-        "weight_decay": 0.0,
-        "schedule": "constant",
-        "label_smoothing": 0.0,
-        "bf16_cpu": True,
-    },
+    "train": {**BOOK_TRAIN, "epochs": 10, "bf16_cpu": True},
 }
 
 # Named presets: nested overrides on top of the dataclass defaults.
@@ -330,15 +332,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "max_shear": 0.2,
             "hflip": True,
         },
-        "train": {
-            "epochs": 30,
-            "batch_size": 32,
-            "optimizer": "adam",
-            "learning_rate": 1e-3,
-            "weight_decay": 0.0,
-            "schedule": "constant",
-            "label_smoothing": 0.0,
-        },
+        "train": {**BOOK_TRAIN, "epochs": 30},
     },
 }
 
