@@ -66,9 +66,7 @@ def _saved_bytes(model: nn.Module, inputs: torch.Tensor, autocast: Callable) -> 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in existing:
-            storages[storage.data_ptr()] = max(
-                storages.get(storage.data_ptr(), 0), storage.nbytes()
-            )
+            storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast():
@@ -183,13 +181,13 @@ def check_before_training(
     batch_size: int,
     autocast: Callable = contextlib.nullcontext,
     optimizer_states: int = 2,
-) -> MemoryEstimate | None:
-    """Estimate and check in one call; returns the estimate (None for batches under four).
+) -> None:
+    """Estimate and check in one call (batches under four samples are not checked).
 
     On CPU, the processes torchrun starts on this machine (``LOCAL_WORLD_SIZE``) share its RAM.
     """
     if len(inputs) < 4:
-        return None
+        return
     estimate = estimate_training_memory(model, inputs, autocast, optimizer_states)
     logger.info(
         "memory estimate: %.2f GiB per step at batch size %d",
@@ -198,4 +196,3 @@ def check_before_training(
     )
     sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if inputs.device.type == "cpu" else 1
     check_training_memory(estimate, batch_size, available_memory(inputs.device), sharing)
-    return estimate
