@@ -21,6 +21,7 @@ import torch
 from benchmarks.hasy_agreement import fold_splits
 from benchmarks.record import record_result, shared_dataset
 from cnnkit.evaluation.evaluate import align_labels, predict_logits
+from cnnkit.evaluation.metrics import topk_accuracy
 from cnnkit.inference.artifact import load_model, save_model
 from cnnkit.inference.bundled import bundled_model_path
 
@@ -41,8 +42,7 @@ def main() -> None:
     splits = fold_splits(archive, metadata.preprocessing, args.fold)
     labels = torch.from_numpy(align_labels(splits.test, metadata.class_names, str(archive)))
     logits = predict_logits(half, splits.test, metadata.preprocessing, torch.device("cpu"))
-    top1 = (logits.argmax(1) == labels).float().mean().item()
-    top5 = (logits.topk(5, dim=1).indices == labels[:, None]).any(1).float().mean().item()
+    top1, top5 = topk_accuracy(logits, labels, 1), topk_accuracy(logits, labels, 5)
     training = {
         "dataset": "hasy",
         "fold": args.fold,

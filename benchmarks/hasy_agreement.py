@@ -26,6 +26,7 @@ from benchmarks.record import record_result, shared_dataset
 from cnnkit.config import DataConfig
 from cnnkit.data.sources import build_splits
 from cnnkit.evaluation.evaluate import align_labels, predict_logits
+from cnnkit.evaluation.metrics import topk_accuracy
 from cnnkit.inference.artifact import load_model
 
 
@@ -85,12 +86,11 @@ def main() -> None:
             raise SystemExit(f"{path}: its classes differ from the first model's")
         logits = predict_logits(model.eval(), splits.test, preprocessing, torch.device("cpu"))
         probabilities.append(torch.softmax(logits, dim=1))
-        print(f"{path}: test top-1 {(logits.argmax(1) == labels).float().mean():.4f}")
+        print(f"{path}: test top-1 {topk_accuracy(logits, labels):.4f}")
     stacked = torch.stack(probabilities)
     right = stacked.argmax(2) == labels
     ensemble = stacked.mean(0)
-    top1 = (ensemble.argmax(1) == labels).float().mean().item()
-    top5 = (ensemble.topk(5, dim=1).indices == labels[:, None]).any(1).float().mean().item()
+    top1, top5 = topk_accuracy(ensemble, labels, 1), topk_accuracy(ensemble, labels, 5)
     figures = {
         "models": args.models,
         "test_images": len(labels),
