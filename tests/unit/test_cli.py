@@ -60,6 +60,11 @@ def test_model_picks_its_preset() -> None:
     assert bird.data.image_size == 256 and bird.augment.max_rotation == 45.0
     lite = _resolve("--dataset", "cub", "--data", "c.tgz", "--model", "efficientnet_lite0")
     assert lite.train.schedule == "cosine" and lite.data.stored_size == 256
+    # The default trio's options (320 px, test-time augmentation) do not carry over to lite0.
+    assert lite.model.options == {}
+    trio = _resolve("--dataset", "cub", "--data", "c.tgz")
+    assert trio.model.name == "efficientnet_lite_trio"
+    assert trio.model.options == {"image_size": 320, "tta": True} and trio.train.bf16_cpu
 
 
 def test_preset_then_file_then_flags(tmp_path: Path) -> None:

@@ -177,3 +177,37 @@ def test_cli_predict_onnx_backend_prints_the_same_lines(exported, tmp_path: Path
     assert torch_output.count("Prediction:") == 3
     assert outputs[("onnx", ".safetensors")] == torch_output
     assert outputs[("onnx", ".onnx")] == torch_output
+
+
+class _TinyBackbone(torch.nn.Module):
+    num_features = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, self.num_features, 3, padding=1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        # Position-dependent pooling, so mirrored and enlarged views give different outputs.
+        weights = torch.linspace(0, 1, x.shape[-1])
+        return (torch.relu(self.conv(x)) * weights).mean(dim=(2, 3))
+
+
+def test_test_time_augmentation_exports_with_the_same_output() -> None:
+    from cnnkit.config import Preprocessing
+    from cnnkit.inference.export import _torch_export_quietly
+    from cnnkit.inference.onnx_backend import create_session
+    from cnnkit.models.transfer import TransferClassifier
+
+    torch.manual_seed(0)
+    preprocessing = Preprocessing("photo", 3, 20, 24, (0.5,) * 3, (0.5,) * 3)
+    model = TransferClassifier(_TinyBackbone(), 4, 8, 0.0, preprocessing, tta=True).eval()
+    program = _torch_export_quietly(model, torch.zeros(2, 3, 20, 20), opset=18)
+    session = create_session(program.model_proto.SerializeToString(), threads=1)
+    x = torch.randn(3, 3, 20, 20)
+    (output,) = session.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        expected = model(x)
+        model.tta = False
+        plain = model(x)
+    np.testing.assert_allclose(output, expected.numpy(), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(np.exp(output), plain.softmax(1).numpy(), atol=1e-4)

@@ -15,7 +15,7 @@ from cnnkit.models.efficientnet_lite import (
     remap_checkpoint_keys,
     round_channels,
 )
-from cnnkit.models.registry import create_model, list_models
+from cnnkit.models.registry import create_model, list_models, model_options
 from cnnkit.models.transfer import TransferClassifier
 
 NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
@@ -205,3 +205,38 @@ def test_trio_freezes_and_groups_all_members() -> None:
     assert len(backbone["params"]) == len(list(model.backbone.parameters()))
     assert backbone["lr"] == pytest.approx(1e-4)
     assert all(p.requires_grad for p in head["params"])
+
+
+def test_tta_averages_probabilities_of_four_views_in_eval_only(lite0: TransferClassifier) -> None:
+    tta = create_model("efficientnet_lite0", num_classes=7, in_channels=3, hidden=32, tta=True)
+    with torch.no_grad():
+        # Freshly initialised batch norm makes the output all but constant; vary it.
+        for module in lite0.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.running_var.uniform_(0.01, 0.1)
+    tta.load_state_dict(lite0.state_dict())
+    x = torch.randn(2, 3, 40, 40)
+    lite0.eval(), tta.eval()
+    with torch.no_grad():
+        larger = nn.functional.interpolate(x, size=(44, 44), mode="bilinear", align_corners=False)
+        views = [x, x.flip(-1), larger, larger.flip(-1)]
+        expected = torch.stack([lite0(view).softmax(1) for view in views]).mean(0)
+        output = tta(x)
+        plain = lite0(x)
+    assert output.shape == (2, 7)
+    torch.testing.assert_close(output.exp(), expected)
+    assert not torch.allclose(output.softmax(1), plain.softmax(1))
+    # Training sees a single view: the same logits as without test-time augmentation.
+    torch.manual_seed(1)
+    tta.train()
+    trained = tta(x)
+    torch.manual_seed(1)
+    lite0.train()
+    torch.testing.assert_close(trained, lite0(x))
+
+
+def test_tta_is_an_option_of_every_transfer_model() -> None:
+    for name in (*NAMES, "efficientnet_lite_trio"):
+        assert model_options(name)["tta"] is False
+        assert create_model(name, num_classes=3, in_channels=3, tta=True).tta is True
