@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import multiprocessing
 import os
 import time
@@ -90,13 +91,22 @@ def test_rewritten_file_misses_the_cache(tmp_path, dataset):
     assert fixed.images[-1].min() == 255
 
 
-def test_unreadable_cache_entry_is_decoded_again(tmp_path, dataset):
+def test_unreadable_cache_entry_is_decoded_again(tmp_path, dataset, caplog):
     listing = dataset.list_samples()
     load_images(dataset, listing, Preprocessing(), tmp_path / "cache", workers=1)
     entry = tmp_path / "cache" / cache_key(listing, Preprocessing())
     (entry / "meta.json").write_text("{not json")
-    again = load_images(dataset, listing, Preprocessing(), tmp_path / "cache", workers=1)
+    with caplog.at_level(logging.WARNING, logger="cnnkit.data.cache"):
+        again = load_images(dataset, listing, Preprocessing(), tmp_path / "cache", workers=1)
     assert not again.from_cache and again.valid.sum() == 5
+    warnings = [
+        r.getMessage() for r in caplog.records if "unreadable cache entry" in r.getMessage()
+    ]
+    assert len(warnings) == 1 and entry.name in warnings[0]
+    # The entry was rewritten: the next load reads it, quietly.
+    caplog.clear()
+    assert load_images(dataset, listing, Preprocessing(), tmp_path / "cache", workers=1).from_cache
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 class _SlowLoggedSource(FolderSource):

@@ -164,7 +164,7 @@ def load_images(
     if cache_dir is None:
         return _decode_all(source, listing, preprocessing, workers, progress)
     entry = Path(cache_dir) / cache_key(listing, preprocessing)
-    cached = _read_entry(entry)
+    cached = _read_entry(entry, warn=False)  # Read again, and reported, under the lock.
     if cached is not None:
         return cached
     # Two runs on the same data (a search's workers, two terminals) would both decode and then
@@ -180,8 +180,9 @@ def load_images(
     return DecodedImages(images, decoded.valid, decoded.problems, False)
 
 
-def _read_entry(entry: Path) -> DecodedImages | None:
-    """The cache entry's images (memory-mapped), or None if it is absent or unreadable."""
+def _read_entry(entry: Path, warn: bool = True) -> DecodedImages | None:
+    """The cache entry's images (memory-mapped), or None if it is absent or unreadable (with a
+    warning when ``warn``)."""
     images_path, meta_path = entry / "images.npy", entry / "meta.json"
     if not (images_path.exists() and meta_path.exists()):
         return None
@@ -191,7 +192,8 @@ def _read_entry(entry: Path) -> DecodedImages | None:
         valid = np.zeros(len(images), dtype=bool)
         valid[np.asarray(meta["valid"], dtype=np.int64)] = True
     except (OSError, ValueError, KeyError) as error:
-        logger.warning("ignoring unreadable cache entry %s: %s", entry, error)
+        if warn:
+            logger.warning("ignoring unreadable cache entry %s: %s", entry, error)
         return None
     logger.info("loaded %d decoded images from cache %s", len(images), entry)
     return DecodedImages(images, valid, list(meta["problems"]), True)
