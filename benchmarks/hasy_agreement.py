@@ -23,9 +23,7 @@ import numpy as np
 import torch
 
 from benchmarks.record import record_result, shared_dataset
-from cnnkit.config import DataConfig
-from cnnkit.data.sources import build_splits
-from cnnkit.evaluation.evaluate import align_labels, predict_logits
+from cnnkit.evaluation.evaluate import align_labels, load_splits_for, predict_logits
 from cnnkit.evaluation.metrics import topk_accuracy
 from cnnkit.inference.artifact import load_model
 
@@ -54,16 +52,8 @@ def twin_figures(train, test, test_labels: np.ndarray, predictions: np.ndarray) 
 
 def fold_splits(archive, preprocessing, fold: int):
     """The fold's train and test images, preprocessed as the model expects."""
-    config = DataConfig(
-        dataset="hasy",
-        data=str(archive),
-        fold=fold,
-        channels=preprocessing.channels,
-        image_size=preprocessing.image_size,
-        stored_size=preprocessing.stored_size,
-        val_fraction=0.0,
-    )
-    return build_splits(config, preprocessing, progress=True).splits
+    overrides = {"dataset": "hasy", "data": str(archive), "fold": fold}
+    return load_splits_for(preprocessing, overrides, progress=True)
 
 
 def main() -> None:

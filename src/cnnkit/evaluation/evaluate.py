@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnnkit.config import DataConfig
-from cnnkit.data.dataset import ImageSet, concatenate
+from cnnkit.config import DataConfig, Preprocessing
+from cnnkit.data.dataset import DataSplits, ImageSet, concatenate
 from cnnkit.data.loader import BatchLoader, build_eval_transform
 from cnnkit.data.sources import build_splits
 from cnnkit.evaluation.report import EvaluationReport, build_report
@@ -42,6 +42,26 @@ def predict_logits(model: torch.nn.Module, images: ImageSet, preprocessing, devi
     return torch.cat(outputs) if outputs else torch.zeros(0, 0)
 
 
+def load_splits_for(
+    preprocessing: Preprocessing,
+    data_overrides: dict[str, Any],
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> DataSplits:
+    """The dataset described by ``data_overrides`` (all of it in train and test, no validation
+    split), decoded as a model with ``preprocessing`` expects."""
+    config = DataConfig(
+        **{
+            "channels": preprocessing.channels,
+            "image_size": preprocessing.image_size,
+            "stored_size": preprocessing.stored_size,
+            **data_overrides,
+            "val_fraction": 0.0,
+        }
+    )
+    return build_splits(config, preprocessing, cache_dir, progress).splits
+
+
 def evaluate_model_file(
     model_path: str | Path,
     data_overrides: dict[str, Any],
@@ -65,17 +85,9 @@ def evaluate_model_file(
     torch_device = select_device(device)
     model = load_model(model_path, torch_device)
     preprocessing = model.metadata.preprocessing
-    config = DataConfig(
-        **{
-            "channels": preprocessing.channels,
-            "image_size": preprocessing.image_size,
-            "stored_size": preprocessing.stored_size,
-            **data_overrides,
-            "val_fraction": 0.0,
-        }
-    )
-    splits = build_splits(config, preprocessing, cache_dir, progress).splits
+    splits = load_splits_for(preprocessing, data_overrides, cache_dir, progress)
     images = concatenate(splits.train, splits.test) if split == "all" else splits.test
-    labels = torch.from_numpy(align_labels(images, model.metadata.class_names, str(config.data)))
+    source = str(data_overrides.get("data"))
+    labels = torch.from_numpy(align_labels(images, model.metadata.class_names, source))
     logits = predict_logits(model, images, preprocessing, torch_device)
     return build_report(logits, labels, list(model.metadata.class_names), out_dir, images.images)
