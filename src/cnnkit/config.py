@@ -265,7 +265,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"name": "symbol_cnn", "options": {"width": 32}},
         "train": {"epochs": 12, "batch_size": 64, "learning_rate": 3e-3},
     },
-    # HASYv2 fold 1 (README results): 85.7% top-1 / 99.2% top-5 in 27 min on 2 cores. Against
+    # HASYv2 fold 1 (README results): 85.7% top-1 / 99.2% top-5 in 23.6 min on 2 cores. Against
     # the earlier preset (15 epochs, dropout 0.2, weight decay 5e-4, lighter augmentation, a 5%
     # validation split; 85.2% / 98.9%), the net overfitted less with more regularisation and
     # used the extra epochs; without a validation split one-cycle ends on its final weights.

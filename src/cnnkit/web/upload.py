@@ -12,6 +12,7 @@ import base64
 import binascii
 import contextlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,7 +123,7 @@ async def _drain(receive: Receive, max_bytes: int) -> None:
 
 
 async def send_json_error(
-    send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] = ()
+    send: Send, status: int, message: str, headers: Sequence[tuple[bytes, bytes]] = ()
 ) -> None:
     """Send ``{"error": message}`` with ``status`` and close the connection."""
     body = json.dumps({"error": message}).encode()
