@@ -104,6 +104,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--weight-decay", type=float)
     train.add_argument("--schedule", choices=["onecycle", "cosine", "constant"])
     train.add_argument("--label-smoothing", type=float)
+    train.add_argument(
+        "--mixup", dest="mixup_alpha", type=float, metavar="ALPHA", help="Mixup (0.2-0.4 typical)"
+    )
+    train.add_argument(
+        "--cutmix", dest="cutmix_alpha", type=float, metavar="ALPHA", help="CutMix (1.0 typical)"
+    )
     train.add_argument("--patience", type=int, help="early stopping after N epochs without gain")
     train.add_argument("--seed", type=int, help="seed for splits, init, shuffling, augmentation")
     train.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
@@ -166,6 +172,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
             "weight_decay": args.weight_decay,
             "schedule": args.schedule,
             "label_smoothing": args.label_smoothing,
+            "mixup_alpha": args.mixup_alpha,
+            "cutmix_alpha": args.cutmix_alpha,
             "early_stopping_patience": args.patience,
             "seed": seed,
             "device": args.device,

@@ -143,6 +143,8 @@ class TrainConfig:
     schedule: str = "onecycle"
     warmup_fraction: float = 0.15
     label_smoothing: float = 0.1
+    mixup_alpha: float = 0.0  # Mixup and CutMix (training/mixing.py); 0 turns each off.
+    cutmix_alpha: float = 0.0
     early_stopping_patience: int | None = None
     seed: int = 0
     device: str = "auto"
@@ -165,6 +167,8 @@ class TrainConfig:
         _check_choice("device", self.device, ("auto", "cpu", "cuda", "mps"))
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1); got {self.label_smoothing}")
+        _check_positive("mixup_alpha", self.mixup_alpha, allow_zero=True)
+        _check_positive("cutmix_alpha", self.cutmix_alpha, allow_zero=True)
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"warmup_fraction must be in [0, 1); got {self.warmup_fraction}")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:

@@ -317,3 +317,19 @@ def test_a_model_without_trainable_parameters_is_rejected(tiny_image_set) -> Non
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         Trainer(model, BASE, CPU, progress=False).fit(train_loader)
+
+
+def test_mixing_trains_reproducibly_and_changes_the_run(tiny_image_set) -> None:
+    train_loader, _ = _loaders(tiny_image_set)
+    mixed = dataclasses.replace(BASE, epochs=3, mixup_alpha=0.4, cutmix_alpha=1.0)
+    first = Trainer(_model(), mixed, CPU, progress=False)
+    first.fit(train_loader)
+    again = Trainer(_model(), mixed, CPU, progress=False)
+    again.fit(train_loader)
+    plain = Trainer(_model(), dataclasses.replace(BASE, epochs=3), CPU, progress=False)
+    plain.fit(train_loader)
+    assert _equal_states(first.module.state_dict(), again.module.state_dict())
+    assert not _equal_states(first.module.state_dict(), plain.module.state_dict())
+    # Blended accuracy is fractional: a mixed batch counts either label by its share.
+    accuracies = [row["train_accuracy"] for row in first.history]
+    assert any(abs(a * 16 - round(a * 16)) > 1e-6 for a in accuracies)

@@ -25,6 +25,7 @@ from cnnkit.data.loader import BatchLoader
 from cnnkit.runtime import DistributedContext, cpu_supports_bf16
 from cnnkit.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from cnnkit.training.memory import check_before_training
+from cnnkit.training.mixing import mix_batch
 
 logger = logging.getLogger(__name__)
 
@@ -306,8 +307,9 @@ class Trainer:
         """One pass over ``loader``; returns loss, accuracy, learning rate and throughput."""
         self.model.train()
         total_loss = torch.zeros((), device=self.device, dtype=torch.float64)
-        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        correct = torch.zeros((), device=self.device, dtype=torch.float64)
         seen = 0
+        config = self.config
         start = time.perf_counter()
         bar = tqdm(
             total=len(loader),
@@ -320,15 +322,14 @@ class Trainer:
             inputs = inputs.contiguous(memory_format=self.memory_format)
             if self._memory_unchecked:
                 self._memory_unchecked = False
-                states = 1 if self.config.optimizer == "sgd" else 2
+                states = 1 if config.optimizer == "sgd" else 2
                 check_before_training(
-                    self.module, inputs, self.config.batch_size, self._autocast, states
+                    self.module, inputs, config.batch_size, self._autocast, states
                 )
+            batch = mix_batch(inputs, labels, config.mixup_alpha, config.cutmix_alpha)
             with self._autocast():
-                logits = self.model(inputs)
-                loss = F.cross_entropy(
-                    logits.float(), labels, label_smoothing=self.config.label_smoothing
-                )
+                logits = self.model(batch.inputs)
+                loss = batch.loss(logits.float(), config.label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler:
                 self.scaler.scale(loss).backward()
@@ -339,7 +340,7 @@ class Trainer:
                 self.optimizer.step()
             self.scheduler.step()
             total_loss += loss.detach() * len(labels)
-            correct += (logits.detach().argmax(dim=1) == labels).sum()
+            correct += batch.correct(logits.detach())
             seen += len(labels)
             if self.progress and (bar.n % 10 == 0 or bar.n == len(loader) - 1):
                 elapsed = time.perf_counter() - start
