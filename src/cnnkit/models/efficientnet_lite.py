@@ -99,6 +99,9 @@ class ConvBnAct(nn.Module):
     convolutions compute the ``SAME`` padding from the input size in :meth:`forward`.
     """
 
+    # Class-wide switch, on by default; benchmarks/finetune_profile.py turns it off to compare.
+    fp32_depthwise_training_on_cpu = True
+
     def __init__(
         self,
         in_channels: int,
@@ -123,7 +126,22 @@ class ConvBnAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride > 1:
             x = F.pad(x, _same_padding(x.shape[-2:], self.kernel_size, self.stride))
+        if self._depthwise_in_fp32(x):
+            with torch.autocast("cpu", enabled=False):
+                return self.activation(self.bn(self.conv(x.float())))
         return self.activation(self.bn(self.conv(x)))
+
+    def _depthwise_in_fp32(self, x: torch.Tensor) -> bool:
+        # oneDNN's bf16 backward of depthwise convolutions is several times slower than its fp32
+        # one and took most of a bf16 fine-tune step (benchmarks/finetune_profile.py), so when
+        # training on the CPU under autocast they run in fp32; inference keeps bf16.
+        return (
+            self.fp32_depthwise_training_on_cpu
+            and self.conv.groups > 1
+            and x.is_cpu
+            and torch.is_grad_enabled()
+            and torch.is_autocast_enabled("cpu")
+        )
 
 
 def _same_padding(size: torch.Size, kernel_size: int, stride: int) -> tuple[int, int, int, int]:
