@@ -105,10 +105,18 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--schedule", choices=["onecycle", "cosine", "constant"])
     train.add_argument("--label-smoothing", type=float)
     train.add_argument(
-        "--mixup", dest="mixup_alpha", type=float, metavar="ALPHA", help="Mixup (0.2-0.4 typical)"
+        "--mixup",
+        dest="mixup_alpha",
+        type=float,
+        metavar="ALPHA",
+        help="Mixup: train on blends of image pairs (0 off; 0.2-0.4 typical)",
     )
     train.add_argument(
-        "--cutmix", dest="cutmix_alpha", type=float, metavar="ALPHA", help="CutMix (1.0 typical)"
+        "--cutmix",
+        dest="cutmix_alpha",
+        type=float,
+        metavar="ALPHA",
+        help="CutMix: paste a box of another image (0 off; 1.0 typical)",
     )
     train.add_argument("--patience", type=int, help="early stopping after N epochs without gain")
     train.add_argument("--seed", type=int, help="seed for splits, init, shuffling, augmentation")
