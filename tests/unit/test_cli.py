@@ -65,6 +65,7 @@ def test_model_picks_its_preset() -> None:
     trio = _resolve("--dataset", "cub", "--data", "c.tgz")
     assert trio.model.name == "efficientnet_lite_trio"
     assert trio.model.options == {"image_size": 320, "tta": True} and trio.train.bf16_cpu
+    assert trio.train.backbone_lr_scale == 0.3
 
 
 def test_preset_then_file_then_flags(tmp_path: Path) -> None:
