@@ -74,9 +74,13 @@ def test_both_alphas_pick_one_method_per_batch() -> None:
 def test_cutmix_box_is_inside_the_image_and_about_the_area() -> None:
     torch.manual_seed(0)
     for area in (0.0, 0.25, 0.5, 1.0):
-        top, bottom, left, right = cutmix_box(32, 32, area)
-        assert 0 <= top <= bottom <= 32 and 0 <= left <= right <= 32
-        assert (bottom - top) * (right - left) <= area * 32 * 32 + 1e-6 + 2 * 32
+        boxes = [cutmix_box(32, 32, area) for _ in range(200)]
+        for top, bottom, left, right in boxes:
+            assert 0 <= top <= bottom <= 32 and 0 <= left <= right <= 32
+        areas = [(bottom - top) * (right - left) / 1024 for top, bottom, left, right in boxes]
+        # Clipping at the border only shrinks a box; an unclipped one covers about ``area``.
+        assert max(areas) <= area + 1e-6
+        assert max(areas) >= area - 2 * 32 / 1024 - 1e-6
 
 
 def test_blended_loss_and_accuracy() -> None:

@@ -54,8 +54,8 @@ def cutmix_box(height: int, width: int, area: float) -> tuple[int, int, int, int
 
     Its centre is uniform over the image, so near a border the box is cut and covers less.
     """
-    ratio = (1.0 - area) ** 0.5 if area < 1 else 0.0
-    cut_height, cut_width = int(height * (1 - ratio)), int(width * (1 - ratio))
+    side = min(max(area, 0.0), 1.0) ** 0.5  # Each side's share of the image's.
+    cut_height, cut_width = int(height * side), int(width * side)
     centre_y = int(torch.randint(height, ()).item())
     centre_x = int(torch.randint(width, ()).item())
     top, bottom = max(centre_y - cut_height // 2, 0), min(centre_y + cut_height // 2, height)
@@ -80,7 +80,7 @@ def mix_batch(
         height, width = inputs.shape[-2:]
         top, bottom, left, right = cutmix_box(height, width, 1.0 - weight)
         mixed = inputs.clone()
-        mixed[..., top:bottom, left:right] = inputs[order][..., top:bottom, left:right]
+        mixed[..., top:bottom, left:right] = inputs[..., top:bottom, left:right][order]
         weight = 1.0 - (bottom - top) * (right - left) / (height * width)
     else:
         mixed = weight * inputs + (1.0 - weight) * inputs[order]
