@@ -118,6 +118,14 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ALPHA",
         help="CutMix: paste a box of another image (0 off; 1.0 typical)",
     )
+    train.add_argument(
+        "--ema",
+        dest="ema_decay",
+        type=float,
+        metavar="DECAY",
+        help="keep a moving average of the weights and save it as the model "
+        "(0 off; 0.99-0.9999, longer runs higher)",
+    )
     train.add_argument("--patience", type=int, help="early stopping after N epochs without gain")
     train.add_argument("--seed", type=int, help="seed for splits, init, shuffling, augmentation")
     train.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
@@ -182,6 +190,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
             "label_smoothing": args.label_smoothing,
             "mixup_alpha": args.mixup_alpha,
             "cutmix_alpha": args.cutmix_alpha,
+            "ema_decay": args.ema_decay,
             "early_stopping_patience": args.patience,
             "seed": seed,
             "device": args.device,

@@ -145,6 +145,9 @@ class TrainConfig:
     label_smoothing: float = 0.1
     mixup_alpha: float = 0.0  # Mixup and CutMix (training/mixing.py); 0 turns each off.
     cutmix_alpha: float = 0.0
+    # A moving average of the weights (training/averaging.py) becomes the trained model; it
+    # smooths about the last 1 / (1 - ema_decay) steps. 0 turns it off.
+    ema_decay: float = 0.0
     early_stopping_patience: int | None = None
     seed: int = 0
     device: str = "auto"
@@ -169,6 +172,8 @@ class TrainConfig:
             raise ValueError(f"label_smoothing must be in [0, 1); got {self.label_smoothing}")
         _check_positive("mixup_alpha", self.mixup_alpha, allow_zero=True)
         _check_positive("cutmix_alpha", self.cutmix_alpha, allow_zero=True)
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 turns it off); got {self.ema_decay}")
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"warmup_fraction must be in [0, 1); got {self.warmup_fraction}")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:

@@ -128,9 +128,12 @@ def test_flags_reach_every_section() -> None:
         "0.2",
         "--cutmix",
         "1",
+        "--ema",
+        "0.995",
     )
     assert config.data.seed == config.train.seed == 5
     assert config.train.mixup_alpha == 0.2 and config.train.cutmix_alpha == 1.0
+    assert config.train.ema_decay == 0.995
     assert not config.augment.enabled
     assert config.model.options == {"width": 8, "stages": 2, "dropout": 0.1}
     assert config.train.early_stopping_patience == 2 and config.train.max_steps_per_epoch == 3

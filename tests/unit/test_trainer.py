@@ -333,3 +333,72 @@ def test_mixing_trains_reproducibly_and_changes_the_run(tiny_image_set) -> None:
     # Blended accuracy is fractional: a mixed batch counts either label by its share.
     accuracies = [row["train_accuracy"] for row in first.history]
     assert any(abs(a * 16 - round(a * 16)) > 1e-6 for a in accuracies)
+
+
+EMA = dataclasses.replace(BASE, epochs=4, ema_decay=0.9)
+
+
+def _trained(config: TrainConfig, loader: BatchLoader, run_dir: Path | None = None) -> Trainer:
+    trainer = Trainer(_model(), config, CPU, run_dir, progress=False)
+    trainer.fit(loader)
+    return trainer
+
+
+def test_the_trained_model_is_the_average_and_training_itself_is_unchanged(
+    tiny_image_set, tmp_path: Path
+) -> None:
+    train_loader, _ = _loaders(tiny_image_set, augment=True)
+    plain = _trained(BASE, train_loader)
+    averaged = _trained(EMA, train_loader, tmp_path / "ema")
+    # The optimizer's trajectory (saved in the checkpoint) is the plain run's: averaging draws
+    # no random numbers and never feeds back into training.
+    raw = load_checkpoint(tmp_path / "ema" / CHECKPOINT_NAME)
+    assert _equal_states(raw["model"], plain.module.state_dict())
+    assert raw["average"]["n_averaged"].item() == 4 * len(train_loader)
+    # The model that comes out is the average, which differs from the last weights.
+    assert _equal_states(averaged.module.state_dict(), averaged.average.module.state_dict())
+    assert not _equal_states(averaged.module.state_dict(), plain.module.state_dict())
+
+
+def test_an_interrupted_averaged_run_resumes_to_the_same_average(
+    tiny_image_set, tmp_path: Path
+) -> None:
+    train_loader, _ = _loaders(tiny_image_set, augment=True)
+    straight = _trained(EMA, train_loader)
+    run = tmp_path / "interrupted"
+    first = Trainer(_model(), EMA, CPU, run, callbacks=[StopAfter(2)], progress=False)
+    with pytest.raises(TrainingInterrupted):
+        first.fit(train_loader)
+    second = Trainer(_model(seed=7), EMA, CPU, run, progress=False)
+    second.fit(train_loader, resume=True)
+    assert _equal_states(second.module.state_dict(), straight.module.state_dict())
+
+
+def test_validation_scores_and_keeps_the_averaged_weights(tiny_image_set) -> None:
+    train_loader, val_loader = _loaders(tiny_image_set)
+
+    class Snapshots(Callback):
+        def __init__(self) -> None:
+            self.averaged: dict[int, dict] = {}
+            self.scores: dict[int, float] = {}
+
+        def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+            state = trainer.eval_module.state_dict()
+            self.averaged[trainer.epoch] = {k: v.clone() for k, v in state.items()}
+            self.scores[trainer.epoch] = metrics["val_loss"]
+
+    snapshots = Snapshots()
+    trainer = Trainer(_model(), EMA, CPU, callbacks=[snapshots], progress=False)
+    result = trainer.fit(train_loader, val_loader)
+    assert _equal_states(trainer.module.state_dict(), snapshots.averaged[result.best_epoch])
+    # The recorded validation loss is the averaged network's.
+    best = Trainer(trainer.module, BASE, CPU, progress=False).evaluate(val_loader)
+    assert best["loss"] == pytest.approx(snapshots.scores[result.best_epoch], rel=1e-5)
+
+
+def test_a_decay_too_high_for_the_run_is_reported(tiny_image_set, caplog) -> None:
+    train_loader, _ = _loaders(tiny_image_set)
+    config = dataclasses.replace(BASE, epochs=2, ema_decay=0.999)
+    with caplog.at_level("WARNING", logger="cnnkit.training.trainer"):
+        Trainer(_model(), config, CPU, progress=False).fit(train_loader)
+    assert "ema_decay 0.999 is high for 4 steps" in caplog.text

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from cnnkit.config import TrainConfig
 from cnnkit.data.loader import BatchLoader
 from cnnkit.runtime import DistributedContext, cpu_supports_bf16
+from cnnkit.training.averaging import WeightAverage, start_share
 from cnnkit.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from cnnkit.training.memory import check_before_training
 from cnnkit.training.mixing import mix_batch
@@ -110,6 +111,7 @@ class Trainer:
         self.model = model
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.average: WeightAverage | None = None  # The weights' moving average, when on.
         self.autocast_dtype, self.scaler = self._amp_settings()
         self.epoch = 0
         self.saved_epoch: int | None = None  # The epoch the checkpoint on disk holds.
@@ -120,6 +122,11 @@ class Trainer:
     def module(self) -> nn.Module:
         """The model without its DistributedDataParallel wrapper."""
         return _unwrap(self.model)
+
+    @property
+    def eval_module(self) -> nn.Module:
+        """The network that is evaluated: the weights' moving average when one is kept."""
+        return self.average.module if self.average else self.module
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -188,6 +195,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {},
+            "average": self.average.state_dict() if self.average else {},
             "epoch": self.epoch,
             "history": result.history,
             "best_epoch": result.best_epoch,
@@ -212,6 +220,8 @@ class Trainer:
         self.scheduler.load_state_dict(scheduler_state)
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.average and state.get("average"):
+            self.average.load_state_dict(state["average"])
         self.epoch = int(state["epoch"])
         self.saved_epoch = self.epoch
         result.history = list(state["history"])
@@ -228,8 +238,9 @@ class Trainer:
     ) -> FitResult:
         """Train for ``config.epochs`` epochs (continuing from the checkpoint when ``resume``).
 
-        At the end the weights of the best validation epoch are restored when there is a
-        validation set.
+        With ``config.ema_decay`` set, a moving average of the weights is kept, evaluated
+        after each epoch, and becomes the model's weights at the end. At the end the weights of
+        the best validation epoch (averaged or not) are restored when there is a validation set.
 
         Before the first step, the memory the batch size needs is estimated and checked
         (``config.memory_check``; see :mod:`cnnkit.training.memory`).
@@ -241,6 +252,17 @@ class Trainer:
         config = self.config
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler(config.epochs * len(train_loader))
+        if config.ema_decay:
+            self.average = WeightAverage(self.module, config.ema_decay)
+            share = start_share(config.ema_decay, config.epochs * len(train_loader))
+            if share > 0.05:
+                logger.warning(
+                    "ema_decay %g is high for %d steps: the starting weights keep %.0f%% of the "
+                    "average; lower it (about 1 - 5 / steps) or train longer",
+                    config.ema_decay,
+                    config.epochs * len(train_loader),
+                    100 * share,
+                )
         result, best_state, bad_epochs = FitResult(), None, 0
         if resume and self.checkpoint_path and self.checkpoint_path.exists():
             best_state, bad_epochs = self._restore(result)
@@ -278,7 +300,7 @@ class Trainer:
                 if not score <= result.best_val_accuracy:  # Also true when best is NaN.
                     result.best_val_accuracy, result.best_epoch, bad_epochs = score, self.epoch, 0
                     if val_loader is not None:
-                        best_state = copy.deepcopy(self.module.state_dict())
+                        best_state = copy.deepcopy(self.eval_module.state_dict())
                 else:
                     bad_epochs += 1
                 self._save(result, best_state, bad_epochs)
@@ -297,6 +319,8 @@ class Trainer:
             raise TrainingInterrupted(saved or 0, checkpoint) from None
         if best_state is not None:
             self.module.load_state_dict(best_state)
+        elif self.average:
+            self.module.load_state_dict(self.average.module.state_dict())
         result.epochs_run = self.epoch
         result.seconds = time.perf_counter() - start
         for callback in self.callbacks:
@@ -322,7 +346,8 @@ class Trainer:
             inputs = inputs.contiguous(memory_format=self.memory_format)
             if self._memory_unchecked:
                 self._memory_unchecked = False
-                states = 1 if config.optimizer == "sgd" else 2
+                # Optimizer states per parameter, plus the moving average's copy.
+                states = (1 if config.optimizer == "sgd" else 2) + bool(self.average)
                 check_before_training(
                     self.module, inputs, config.batch_size, self._autocast, states
                 )
@@ -339,6 +364,8 @@ class Trainer:
                 loss.backward()
                 self.optimizer.step()
             self.scheduler.step()
+            if self.average:
+                self.average.update(self.module)
             total_loss += loss.detach() * len(labels)
             correct += batch.correct(logits.detach())
             seen += len(labels)
@@ -372,11 +399,12 @@ class Trainer:
     @torch.inference_mode()
     def predict(self, loader: BatchLoader) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[N, K]`` (float32, CPU) and labels ``[N]`` over this process's share."""
-        self.model.eval()
+        module = self.eval_module
+        module.eval()
         all_logits, all_labels = [], []
         for inputs, labels in loader:
             with self._autocast():
-                logits = self.module(inputs.contiguous(memory_format=self.memory_format))
+                logits = module(inputs.contiguous(memory_format=self.memory_format))
             all_logits.append(logits.float().cpu())
             all_labels.append(labels.cpu())
         if not all_logits:

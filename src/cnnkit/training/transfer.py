@@ -165,6 +165,7 @@ def fit_head(
         max_steps_per_epoch=None,
         channels_last=False,
         bf16_cpu=False,
+        ema_decay=0.0,  # Sized for the fine-tune's steps; the head fits in seconds anyway.
     )
     train_loader = BatchLoader(
         train_set,
