@@ -524,7 +524,8 @@ def _print_trial(summary) -> None:
 
 def command_search(args: argparse.Namespace) -> int:
     from cnnkit.runtime import tune_allocator
-    from cnnkit.training.search import SearchConfig, default_workers, run_search
+    from cnnkit.training.search import SearchConfig, run_search
+    from cnnkit.training.search_workers import default_workers
     from cnnkit.training.spaces import resolve_space
     from cnnkit.training.trainer import TrainingInterrupted
 

@@ -20,17 +20,19 @@ from cnnkit.config import build_run_config, config_to_dict, preset_for
 from cnnkit.data.sources import build_splits
 from cnnkit.training.run import resolve_preprocessing, train_run
 from cnnkit.training.search import (
-    ORPHAN_SECONDS,
-    CoreShare,
     PruningCallback,
     SearchConfig,
     build_pruner,
     build_trial_config,
-    default_workers,
     open_study,
     parameter_importances,
     run_search,
     suggest_params,
+)
+from cnnkit.training.search_workers import (
+    ORPHAN_SECONDS,
+    CoreShare,
+    default_workers,
     worker_identity,
 )
 from cnnkit.training.spaces import (
@@ -333,7 +335,7 @@ def test_default_workers_one_per_core_on_cpu_and_one_on_gpu():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 def test_a_worker_dies_with_its_killed_search_process():
     child = (
-        "from cnnkit.training.search import _die_with_parent; _die_with_parent(); "
+        "from cnnkit.training.search_workers import die_with_parent; die_with_parent(); "
         "import time; print('armed', flush=True); time.sleep(60)"
     )
     parent = (
