@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cnnkit.atomic import write_atomically
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -23,6 +25,15 @@ def shared_dataset(filename: str) -> Path:
     return path
 
 
+def command_line(argv: list[str]) -> str:
+    """The command that re-runs this benchmark from the repository root: a script under
+    ``benchmarks/`` as ``python -m benchmarks.NAME``, whatever path started it."""
+    script = Path(argv[0]).resolve() if argv else None
+    if script is not None and script.suffix == ".py" and script.parent == REPO_ROOT / "benchmarks":
+        return " ".join(["python", "-m", f"benchmarks.{script.stem}", *argv[1:]])
+    return " ".join(["python", *argv])
+
+
 def record_result(name: str, payload: dict[str, Any]) -> Path:
     """Write ``benchmarks/results/<name>.json`` with the command, date and machine."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -31,12 +42,13 @@ def record_result(name: str, payload: dict[str, Any]) -> Path:
     ).stdout.strip()
     document = {
         "benchmark": name,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(sys.argv),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "git_revision": revision or "unknown",
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
         **payload,
     }
     path = RESULTS_DIR / f"{name}.json"
-    path.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    text = json.dumps(document, indent=2, default=str) + "\n"
+    write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
     return path
