@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import yaml
 
 from benchmarks.record import record_result
-from cnnkit.config import DataConfig
+from cnnkit.config import build_run_config
 from cnnkit.data.sources import build_splits
 from cnnkit.evaluation.evaluate import align_labels, predict_logits
 from cnnkit.inference.artifact import load_model
@@ -77,8 +77,8 @@ def main() -> None:
     model = load_model(args.model, "cpu")
     model.tta = False
     preprocessing = model.metadata.preprocessing
-    data = yaml.safe_load(Path(args.config).read_text(encoding="utf-8"))["data"]
-    splits = build_splits(DataConfig(**data), preprocessing, args.cache_dir).splits
+    config = build_run_config(yaml.safe_load(Path(args.config).read_text(encoding="utf-8")))
+    splits = build_splits(config.data, preprocessing, args.cache_dir).splits
     images = splits.val if args.split == "val" else splits.test
     if images is None:
         raise SystemExit(f"{args.config}: the run has no validation split")

@@ -355,9 +355,12 @@ def test_the_trained_model_is_the_average_and_training_itself_is_unchanged(
     raw = load_checkpoint(tmp_path / "ema" / CHECKPOINT_NAME)
     assert _equal_states(raw["model"], plain.module.state_dict())
     assert raw["average"]["n_averaged"].item() == 4 * len(train_loader)
-    # The model that comes out is the average, which differs from the last weights.
-    assert _equal_states(averaged.module.state_dict(), averaged.average.module.state_dict())
+    # The model that comes out is the average, which differs from the last weights, and it is
+    # what the trainer evaluates from then on.
+    average = {k.removeprefix("module."): v for k, v in raw["average"].items() if k != "n_averaged"}
+    assert _equal_states(averaged.module.state_dict(), average)
     assert not _equal_states(averaged.module.state_dict(), plain.module.state_dict())
+    assert averaged.eval_module is averaged.module
 
 
 def test_an_interrupted_averaged_run_resumes_to_the_same_average(
@@ -380,20 +383,34 @@ def test_validation_scores_and_keeps_the_averaged_weights(tiny_image_set) -> Non
     class Snapshots(Callback):
         def __init__(self) -> None:
             self.averaged: dict[int, dict] = {}
-            self.scores: dict[int, float] = {}
+            self.raw: dict[int, dict] = {}
+            self.losses: dict[int, float] = {}
 
         def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-            state = trainer.eval_module.state_dict()
-            self.averaged[trainer.epoch] = {k: v.clone() for k, v in state.items()}
-            self.scores[trainer.epoch] = metrics["val_loss"]
+            for store, module in ((self.averaged, trainer.eval_module), (self.raw, trainer.module)):
+                store[trainer.epoch] = {k: v.clone() for k, v in module.state_dict().items()}
+            self.losses[trainer.epoch] = metrics["val_loss"]
 
     snapshots = Snapshots()
     trainer = Trainer(_model(), EMA, CPU, callbacks=[snapshots], progress=False)
     result = trainer.fit(train_loader, val_loader)
-    assert _equal_states(trainer.module.state_dict(), snapshots.averaged[result.best_epoch])
-    # The recorded validation loss is the averaged network's.
-    best = Trainer(trainer.module, BASE, CPU, progress=False).evaluate(val_loader)
-    assert best["loss"] == pytest.approx(snapshots.scores[result.best_epoch], rel=1e-5)
+    best = result.best_epoch
+    assert not _equal_states(snapshots.averaged[best], snapshots.raw[best])
+    assert _equal_states(trainer.module.state_dict(), snapshots.averaged[best])
+    # The recorded validation loss is the averaged network's, and so is a later evaluation.
+    assert trainer.evaluate(val_loader)["loss"] == pytest.approx(snapshots.losses[best], rel=1e-5)
+
+
+def test_resuming_with_an_average_the_checkpoint_lacks_keeps_the_trained_weights(
+    tiny_image_set, tmp_path: Path, caplog
+) -> None:
+    train_loader, _ = _loaders(tiny_image_set)
+    plain = _trained(BASE, train_loader, tmp_path)
+    with caplog.at_level("WARNING", logger="cnnkit.training.trainer"):
+        resumed = Trainer(_model(seed=3), EMA, CPU, tmp_path, progress=False)
+        resumed.fit(train_loader, resume=True)  # Nothing left to train: no step is averaged.
+    assert "has no moving average" in caplog.text
+    assert _equal_states(resumed.module.state_dict(), plain.module.state_dict())
 
 
 def test_a_decay_too_high_for_the_run_is_reported(tiny_image_set, caplog) -> None:

@@ -125,8 +125,11 @@ class Trainer:
 
     @property
     def eval_module(self) -> nn.Module:
-        """The network that is evaluated: the weights' moving average when one is kept."""
-        return self.average.module if self.average else self.module
+        """The network that is evaluated: the weights' moving average while one is kept (and
+        has seen a step); after ``fit``, the model itself, which then holds the chosen weights."""
+        if self.average is not None and self.average.updates > 0:
+            return self.average.module
+        return self.module
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -222,6 +225,11 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         if self.average and state.get("average"):
             self.average.load_state_dict(state["average"])
+        elif self.average:
+            logger.warning(
+                "%s has no moving average of the weights; it starts from the resumed weights",
+                self.checkpoint_path,
+            )
         self.epoch = int(state["epoch"])
         self.saved_epoch = self.epoch
         result.history = list(state["history"])
@@ -319,8 +327,10 @@ class Trainer:
             raise TrainingInterrupted(saved or 0, checkpoint) from None
         if best_state is not None:
             self.module.load_state_dict(best_state)
-        elif self.average:
+        elif self.average is not None and self.average.updates > 0:
             self.module.load_state_dict(self.average.module.state_dict())
+        # The model now holds the weights that are kept, and later evaluation scores them.
+        self.average = None
         result.epochs_run = self.epoch
         result.seconds = time.perf_counter() - start
         for callback in self.callbacks:
