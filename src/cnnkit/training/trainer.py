@@ -259,16 +259,17 @@ class Trainer:
         """
         config = self.config
         self.optimizer = self._build_optimizer()
-        self.scheduler = self._build_scheduler(config.epochs * len(train_loader))
+        total_steps = config.epochs * len(train_loader)
+        self.scheduler = self._build_scheduler(total_steps)
         if config.ema_decay:
             self.average = WeightAverage(self.module, config.ema_decay)
-            share = start_share(config.ema_decay, config.epochs * len(train_loader))
+            share = start_share(config.ema_decay, total_steps)
             if share > 0.05:
                 logger.warning(
                     "ema_decay %g is high for %d steps: the starting weights keep %.0f%% of the "
                     "average; lower it (about 1 - 5 / steps) or train longer",
                     config.ema_decay,
-                    config.epochs * len(train_loader),
+                    total_steps,
                     100 * share,
                 )
         result, best_state, bad_epochs = FitResult(), None, 0
@@ -325,10 +326,10 @@ class Trainer:
             saved = self.saved_epoch
             checkpoint = self.checkpoint_path if saved is not None else None
             raise TrainingInterrupted(saved or 0, checkpoint) from None
+        if best_state is None and self.eval_module is not self.module:
+            best_state = self.eval_module.state_dict()  # The moving average, without val.
         if best_state is not None:
             self.module.load_state_dict(best_state)
-        elif self.average is not None and self.average.updates > 0:
-            self.module.load_state_dict(self.average.module.state_dict())
         # The model now holds the weights that are kept, and later evaluation scores them.
         self.average = None
         result.epochs_run = self.epoch
