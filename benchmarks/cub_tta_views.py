@@ -24,7 +24,8 @@ import torch.nn.functional as F
 import yaml
 
 from benchmarks.record import record_result
-from cnnkit.config import build_run_config
+from cnnkit.config import Preprocessing, build_run_config
+from cnnkit.data.dataset import DataSplits, ImageSet
 from cnnkit.data.sources import build_splits
 from cnnkit.evaluation.evaluate import align_labels, predict_logits
 from cnnkit.inference.artifact import load_model
@@ -49,6 +50,28 @@ class ViewProbabilities(torch.nn.Module):
             for image in (view, view.flip(-1)):
                 outputs.append(self.model(image).float().softmax(1))
         return torch.cat(outputs, dim=1)
+
+
+def view_probabilities(
+    model: torch.nn.Module, images: ImageSet, preprocessing: Preprocessing, scales: tuple
+) -> torch.Tensor:
+    """``[N, V, K]`` class probabilities of each (scale, mirrored) view, in bf16 where the CPU
+    has it, as the shipped model infers."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_supports_bf16()):
+        flat = predict_logits(
+            ViewProbabilities(model, scales), images, preprocessing, torch.device("cpu"), 32
+        )
+    return flat.view(len(images), 2 * len(scales), -1)
+
+
+def held_out(
+    splits: DataSplits, split: str, class_names: tuple[str, ...], source: str
+) -> tuple[ImageSet, torch.Tensor]:
+    """The ``val`` or ``test`` images of ``splits`` and their labels in the model's order."""
+    images = splits.val if split == "val" else splits.test
+    if images is None:
+        raise SystemExit(f"{source}: the run has no validation split")
+    return images, torch.from_numpy(align_labels(images, class_names, source))
 
 
 def view_names(scales: tuple[float, ...]) -> list[str]:
@@ -79,19 +102,11 @@ def main() -> None:
     preprocessing = model.metadata.preprocessing
     config = build_run_config(yaml.safe_load(Path(args.config).read_text(encoding="utf-8")))
     splits = build_splits(config.data, preprocessing, args.cache_dir).splits
-    images = splits.val if args.split == "val" else splits.test
-    if images is None:
-        raise SystemExit(f"{args.config}: the run has no validation split")
-    labels = torch.from_numpy(align_labels(images, model.metadata.class_names, args.model))
+    images, labels = held_out(splits, args.split, model.metadata.class_names, args.config)
     start = time.perf_counter()
-    bf16 = cpu_supports_bf16()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        probabilities = predict_logits(
-            ViewProbabilities(model, SCALES), images, preprocessing, torch.device("cpu"), 32
-        )
+    per_view = view_probabilities(model, images, preprocessing, SCALES)
     seconds = time.perf_counter() - start
     names = view_names(SCALES)
-    per_view = probabilities.view(len(images), len(names), -1)
     rows = {}
     for label, members in view_sets(names).items():
         predicted = per_view[:, members].mean(1).argmax(1)

@@ -21,14 +21,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.cub_tta_views import ViewProbabilities
+from benchmarks.cub_tta_views import held_out, view_probabilities
 from benchmarks.record import record_result
 from cnnkit.config import build_run_config
 from cnnkit.data.sources import build_splits
-from cnnkit.evaluation.evaluate import align_labels, predict_logits
 from cnnkit.inference.artifact import load_model
 from cnnkit.models.registry import create_model
-from cnnkit.runtime import cpu_supports_bf16
+from cnnkit.models.transfer import TTA_SCALE
 from cnnkit.training.transfer import FEATURES_FOLDER, fit_frozen_head
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -68,11 +67,8 @@ def main() -> None:
     args = parser.parse_args()
 
     frozen, fine_tuned, splits = frozen_phase_model(args.run_dir, args.cache_dir)
-    images = splits.val if args.split == "val" else splits.test
-    if images is None:
-        raise SystemExit(f"{args.run_dir}: the run has no validation split")
-    labels = torch.from_numpy(
-        align_labels(images, fine_tuned.metadata.class_names, str(args.run_dir))
+    images, labels = held_out(
+        splits, args.split, fine_tuned.metadata.class_names, str(args.run_dir)
     )
     preprocessing = fine_tuned.metadata.preprocessing
     start_state = {k: v.clone() for k, v in frozen.state_dict().items()}
@@ -88,10 +84,8 @@ def main() -> None:
             for key, value in start_state.items()
         }
         frozen.load_state_dict(mixed)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_supports_bf16()):
-            views = predict_logits(
-                ViewProbabilities(frozen, (1.0, 1.1)), images, preprocessing, CPU, 32
-            ).view(len(images), 4, -1)
+        # The shipped views: the image and the image enlarged by TTA_SCALE, each mirrored.
+        views = view_probabilities(frozen, images, preprocessing, (1.0, TTA_SCALE))
         probabilities[alpha] = views
         for label, chosen in (("1 view", views[:, 0]), ("4 views", views.mean(1))):
             correct = int((chosen.argmax(1) == labels).sum())
