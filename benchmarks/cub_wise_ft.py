@@ -28,6 +28,7 @@ from cnnkit.data.sources import build_splits
 from cnnkit.inference.artifact import load_model
 from cnnkit.models.registry import create_model
 from cnnkit.models.transfer import TTA_SCALE
+from cnnkit.runtime import seed_everything
 from cnnkit.training.transfer import FEATURES_FOLDER, fit_frozen_head
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -41,6 +42,7 @@ def frozen_phase_model(run_dir: Path, cache_dir: str | None):
     preprocessing = fine_tuned.metadata.preprocessing
     splits = build_splits(config.data, preprocessing, cache_dir).splits
     options = {**config.model.options, "tta": False}
+    seed_everything(config.train.seed)  # The new head starts as the run's did (train_run).
     model = create_model(config.model.name, len(splits.class_names), 3, True, **options)
     with tempfile.TemporaryDirectory() as scratch:
         fit_frozen_head(
