@@ -138,6 +138,13 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--no-augment", action="store_true", default=None, help="no augmentation")
     train.add_argument("--rotation", type=float, help="max rotation in degrees (augmentation)")
     train.add_argument(
+        "--train-size",
+        type=int,
+        metavar="PX",
+        help="side of the augmented training crops (default: the model's input size; "
+        "below it trains faster and matches test-time object sizes)",
+    )
+    train.add_argument(
         "--phases",
         help="transfer models: frozen,finetune (default both) or frozen",
     )
@@ -179,6 +186,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "augment": {
             "enabled": False if args.no_augment else None,
             "max_rotation": args.rotation,
+            "train_size": args.train_size,
         },
         "train": {
             "epochs": args.epochs,

@@ -121,8 +121,15 @@ class AugmentConfig:
     random_resized_crop: bool = False
     crop_scale_min: float = 0.35
     color_jitter: float = 0.0
+    # Side of the training crops in pixels; None trains at the model's input size. With random
+    # resized crops, objects look larger in training than in the centre crop at test time, so
+    # training below the test size matches them again and costs less ("FixRes", Touvron et
+    # al. 2019).
+    train_size: int | None = None
 
     def __post_init__(self) -> None:
+        if self.train_size is not None and self.train_size < 8:
+            raise ValueError(f"train_size must be >= 8 pixels or None; got {self.train_size!r}")
         _check_positive("max_rotation", self.max_rotation, allow_zero=True)
         _check_positive("max_shift", self.max_shift, allow_zero=True)
         if not 0 < self.scale_min <= self.scale_max:

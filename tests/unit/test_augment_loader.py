@@ -135,6 +135,21 @@ def test_train_transform_outputs_model_size_for_photos() -> None:
     assert transform(images, _generator()).shape == (2, 3, 24, 24)
 
 
+def test_train_size_sets_the_training_crop_and_leaves_evaluation_alone() -> None:
+    images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    augment = AugmentConfig(hflip=True, random_resized_crop=True, train_size=16)
+    assert build_train_transform(PHOTOS, augment)(images, _generator()).shape == (2, 3, 16, 16)
+    assert build_eval_transform(PHOTOS)(images, _generator()).shape == (2, 3, 24, 24)
+    # Without augmentation the model's own input is used, whatever train_size says.
+    plain = build_train_transform(PHOTOS, AugmentConfig(enabled=False, train_size=16))
+    assert plain(images, _generator()).shape == (2, 3, 24, 24)
+
+
+def test_train_size_below_eight_pixels_is_refused() -> None:
+    with pytest.raises(ValueError, match="train_size must be >= 8"):
+        AugmentConfig(train_size=4)
+
+
 # ----------------------------------------------------------------------------- loader
 
 

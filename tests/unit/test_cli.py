@@ -86,6 +86,8 @@ def test_preset_then_file_then_flags(tmp_path: Path) -> None:
     assert _resolve("--dataset", "digits", "--config", str(path), "--rotation", "2").augment == (
         config.augment.__class__(max_rotation=2.0)
     )
+    sized = _resolve("--dataset", "digits", "--config", str(path), "--train-size", "24")
+    assert sized.augment.train_size == 24 and sized.augment.max_rotation == 4.0
 
 
 def test_model_named_in_the_config_file_picks_its_preset(tmp_path: Path) -> None:

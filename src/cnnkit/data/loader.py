@@ -39,15 +39,15 @@ def build_eval_transform(preprocessing: Preprocessing) -> BatchTransform:
 
 
 def build_train_transform(preprocessing: Preprocessing, augment: AugmentConfig) -> BatchTransform:
-    """Random augmentation, then normalisation; falls back to the eval transform when disabled."""
+    """Random augmentation at ``augment.train_size`` (default: the model's input size), then
+    normalisation; falls back to the eval transform when augmentation is disabled."""
     if not augment.enabled:
         return build_eval_transform(preprocessing)
     background = "white" if preprocessing.mode == "symbol" else "reflect"
+    size = augment.train_size or preprocessing.image_size
 
     def transform(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        batch = augment_batch(
-            to_float(images), augment, preprocessing.image_size, generator, background
-        )
+        batch = augment_batch(to_float(images), augment, size, generator, background)
         return normalize(batch, preprocessing)
 
     return transform
