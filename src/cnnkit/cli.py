@@ -126,6 +126,14 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep a moving average of the weights and save it as the model "
         "(0 off; 0.99-0.9999, longer runs higher)",
     )
+    train.add_argument(
+        "--micro-batch",
+        dest="micro_batch_size",
+        type=int,
+        metavar="N",
+        help="samples per forward pass; gradients add up over the batch (default: the whole "
+        "batch, split automatically when it would not fit in memory)",
+    )
     train.add_argument("--patience", type=int, help="early stopping after N epochs without gain")
     train.add_argument("--seed", type=int, help="seed for splits, init, shuffling, augmentation")
     train.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
@@ -206,6 +214,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
             "bf16_cpu": args.bf16,
             "fast_path": False if args.no_fast_path else None,
             "max_steps_per_epoch": args.max_steps_per_epoch,
+            "micro_batch_size": args.micro_batch_size,
         },
         "transfer": {"phases": args.phases.split(",") if args.phases else None},
         "out": args.out,

@@ -165,7 +165,11 @@ class TrainConfig:
     eval_batch_size: int = 512
     backbone_lr_scale: float = 0.1
     max_steps_per_epoch: int | None = None
-    memory_check: bool = True  # Refuse a batch that would not fit in memory (training/memory.py).
+    # Samples per forward pass: each batch is split into chunks whose gradients add up to the
+    # batch's (the same update in less memory). None: the whole batch, or, where the memory
+    # check finds it too large, the largest chunk that fits.
+    micro_batch_size: int | None = None
+    memory_check: bool = True  # Fit (or refuse) a batch that would not fit (training/memory.py).
 
     def __post_init__(self) -> None:
         _check_positive("epochs", self.epochs)
@@ -185,7 +189,7 @@ class TrainConfig:
             raise ValueError(f"warmup_fraction must be in [0, 1); got {self.warmup_fraction}")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise ValueError("early_stopping_patience must be >= 1")
-        for name in ("eval_batch_size", "max_steps_per_epoch"):
+        for name in ("eval_batch_size", "max_steps_per_epoch", "micro_batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1; got {value}")

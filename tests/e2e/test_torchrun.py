@@ -27,21 +27,23 @@ def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
+TORCHRUN = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node",
+    "2",
+    "-m",
+    "cnnkit",
+]
+
+
 def test_two_process_torchrun_matches_single_process(tmp_path: Path) -> None:
     single = tmp_path / "single"
     double = tmp_path / "ddp"
     _run([sys.executable, "-m", "cnnkit", *ARGS, "--out", str(single)], tmp_path)
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "cnnkit",
-    ]
-    _run([*torchrun, *ARGS, "--out", str(double)], tmp_path)
+    _run([*TORCHRUN, *ARGS, "--out", str(double)], tmp_path)
     single_info = json.loads((single / "run.json").read_text())
     double_info = json.loads((double / "run.json").read_text())
     single_val = single_info["fit"]["best_val_accuracy"]
@@ -51,3 +53,12 @@ def test_two_process_torchrun_matches_single_process(tmp_path: Path) -> None:
     assert sorted(p.name for p in double.glob("*.safetensors")) == ["model.safetensors"]
     # Only rank 0 wrote the metrics: one row per epoch, not two.
     assert len((double / "metrics.csv").read_text().strip().splitlines()) == 1 + 6
+
+
+def test_torchrun_with_micro_batches_trains(tmp_path: Path) -> None:
+    """Each process splits its 32 samples into passes of 8 and synchronises once a step."""
+    out = tmp_path / "ddp-micro"
+    _run([*TORCHRUN, *ARGS, "--micro-batch", "8", "--out", str(out)], tmp_path)
+    info = json.loads((out / "run.json").read_text())
+    assert info["config"]["train"]["micro_batch_size"] == 8
+    assert info["fit"]["best_val_accuracy"] > 0.9

@@ -88,6 +88,8 @@ def test_preset_then_file_then_flags(tmp_path: Path) -> None:
     )
     sized = _resolve("--dataset", "digits", "--config", str(path), "--train-size", "24")
     assert sized.augment.train_size == 24 and sized.augment.max_rotation == 4.0
+    split = _resolve("--dataset", "digits", "--micro-batch", "16")
+    assert split.train.micro_batch_size == 16 and config.train.micro_batch_size is None
 
 
 def test_model_named_in_the_config_file_picks_its_preset(tmp_path: Path) -> None:

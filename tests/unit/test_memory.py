@@ -58,32 +58,54 @@ def test_estimate_needs_four_samples() -> None:
         estimate_training_memory(nn.Linear(2, 2), torch.randn(3, 2), contextlib.nullcontext)
 
 
-def test_a_batch_that_cannot_fit_is_refused_with_a_batch_size_that_does() -> None:
+def test_a_batch_that_cannot_fit_is_split_into_micro_batches_that_do(caplog) -> None:
+    estimate = MemoryEstimate(per_sample=GIB // 2, fixed=0, states=GIB)
+    fits = estimate.largest_batch(int(8 * GIB * memory.WARN_FRACTION))
+    assert estimate.total(fits) <= 8 * GIB * memory.WARN_FRACTION < estimate.total(fits + 1)
+    with caplog.at_level(logging.WARNING, logger="cnnkit.training.memory"):
+        chunk = check_training_memory(estimate, batch_size=32, available=8 * GIB)
+    # 32 samples, at most 8 a pass: four passes of 8.
+    assert fits == 8 and chunk == 8
+    assert "batch size 32 needs about 21.8 GiB, and 8.0 GiB is available" in caplog.text
+    assert "micro-batches of 8 instead" in caplog.text and "4 passes" in caplog.text
+
+
+def test_even_chunks_use_the_fewest_passes() -> None:
+    assert memory.even_chunk(32, 13) == 11  # 11 + 11 + 10
+    assert memory.even_chunk(32, 32) == 32 and memory.even_chunk(32, 100) == 32
+    assert memory.even_chunk(7, 1) == 1 and memory.even_chunk(10, 4) == 4  # 4 + 4 + 2
+
+
+def test_a_micro_batch_that_cannot_fit_is_refused_with_one_that_does() -> None:
     estimate = MemoryEstimate(per_sample=GIB // 2, fixed=0, states=GIB)
     with pytest.raises(InsufficientMemoryError) as error:
-        check_training_memory(estimate, batch_size=32, available=8 * GIB)
+        check_training_memory(estimate, batch_size=32, available=8 * GIB, micro_batch_size=16)
     message = str(error.value)
-    assert "batch size 32 needs about 21.8 GiB, and 8.0 GiB is available" in message
-    fits = estimate.largest_batch(int(8 * GIB * memory.WARN_FRACTION))
-    assert f"--batch-size {fits} or smaller" in message and 1 <= fits < 32
-    assert estimate.total(fits) <= 8 * GIB * memory.WARN_FRACTION < estimate.total(fits + 1)
+    assert "batch size 32 in micro-batches of 16 needs about 11.4 GiB" in message
+    assert "use --micro-batch 8 or smaller" in message
+    assert check_training_memory(estimate, 32, 8 * GIB, micro_batch_size=4) == 4
+    # Not even one sample fits: no split helps.
+    with pytest.raises(InsufficientMemoryError, match="a smaller model or image size"):
+        check_training_memory(estimate, batch_size=32, available=GIB)
 
 
 def test_near_the_limit_warns_and_far_below_is_silent(caplog) -> None:
     estimate = MemoryEstimate(per_sample=GIB // 4, fixed=0, states=0)
     with caplog.at_level(logging.WARNING, logger="cnnkit.training.memory"):
-        check_training_memory(estimate, batch_size=8, available=int(8 * GIB))  # 2.6 GiB
+        assert check_training_memory(estimate, batch_size=8, available=int(8 * GIB)) == 8
         assert caplog.records == []
-        check_training_memory(estimate, batch_size=24, available=int(8.5 * GIB))  # 7.8 GiB
-    assert "close to the limit" in caplog.text
-    check_training_memory(estimate, batch_size=10_000, available=None)  # unknown: no check
+        # 7.8 GiB of 8.5: over the 85% mark but under the whole, with the split fixed.
+        assert check_training_memory(estimate, 48, int(8.5 * GIB), micro_batch_size=24) == 24
+    assert "close to the limit" in caplog.text and "--micro-batch 22 or smaller" in caplog.text
+    assert check_training_memory(estimate, batch_size=10_000, available=None) == 10_000
 
 
 def test_processes_on_one_machine_share_its_memory() -> None:
     estimate = MemoryEstimate(per_sample=GIB // 4, fixed=0, states=0)
-    check_training_memory(estimate, batch_size=16, available=8 * GIB)
+    assert check_training_memory(estimate, batch_size=16, available=8 * GIB) == 16
+    assert check_training_memory(estimate, 16, 8 * GIB, world_size=2) == 8
     with pytest.raises(InsufficientMemoryError, match="4.0 GiB is available"):
-        check_training_memory(estimate, batch_size=16, available=8 * GIB, world_size=2)
+        check_training_memory(estimate, 16, 8 * GIB, world_size=2, micro_batch_size=16)
 
 
 def _fit(tiny_image_set, monkeypatch, available: int | None, check: bool) -> nn.Module:
@@ -114,3 +136,49 @@ def test_checking_memory_does_not_change_the_trained_weights(tiny_image_set, mon
         checked.state_dict().items(), unchecked.state_dict().values(), strict=True
     ):
         assert torch.equal(first, second), name
+
+
+def _fit_plain(tiny_image_set, **train: object) -> tuple[nn.Module, Trainer]:
+    """Two epochs of a network without batch norm or dropout, whose gradients do not depend on
+    how a batch is split."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+    images = tiny_image_set(num_classes=4, per_class=5, size=8, seed=1)
+    loader = BatchLoader(
+        images, 8, build_eval_transform(Preprocessing("symbol", 1, 8, 8)), shuffle=True, seed=3
+    )
+    config = TrainConfig(epochs=2, batch_size=8, channels_last=False, mixup_alpha=0.4, **train)
+    trainer = Trainer(model, config, CPU, progress=False)
+    trainer.fit(loader)
+    return model, trainer
+
+
+def _assert_same_weights(first: nn.Module, second: nn.Module) -> None:
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_micro_batches_give_the_whole_batch_update(tiny_image_set) -> None:
+    whole, trainer = _fit_plain(tiny_image_set, memory_check=False)
+    split, split_trainer = _fit_plain(tiny_image_set, memory_check=False, micro_batch_size=3)
+    assert split_trainer.micro_batch_size == 3
+    _assert_same_weights(whole, split)
+    # Loss and accuracy are reported for whole batches either way.
+    assert split_trainer.history[-1]["train_loss"] == pytest.approx(
+        trainer.history[-1]["train_loss"], rel=1e-5
+    )
+    assert split_trainer.history[-1]["train_accuracy"] == pytest.approx(
+        trainer.history[-1]["train_accuracy"], rel=1e-5
+    )
+
+
+def test_a_batch_too_big_for_memory_trains_in_micro_batches(tiny_image_set, monkeypatch):
+    probe = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+    estimate = estimate_training_memory(probe, torch.rand(4, 1, 8, 8), contextlib.nullcontext)
+    # Room for three samples a pass (and a part of a fourth), not for eight.
+    room = int((estimate.total(3) + estimate.per_sample) / memory.WARN_FRACTION)
+    monkeypatch.setattr(memory, "available_memory", lambda device: room)
+    split, trainer = _fit_plain(tiny_image_set)
+    assert trainer.micro_batch_size == 3  # 8 samples: passes of 3, 3 and 2
+    whole, _ = _fit_plain(tiny_image_set, memory_check=False)
+    _assert_same_weights(whole, split)

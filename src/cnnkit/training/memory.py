@@ -1,9 +1,11 @@
-"""A pre-flight memory estimate, so a batch too big for RAM fails with advice, not a kill.
+"""A pre-flight memory estimate, so a batch too big for RAM is split, or refused with advice,
+instead of killed.
 
 On CPU the kernel's OOM killer ends a process that outgrows the machine with a bare
 ``Killed``: no traceback, no hint. Before the first optimiser step the trainer measures what
 two and four samples keep alive for the backward pass (the tensors autograd saves), scales that
 to the batch, adds gradients and optimiser state, and compares it with the memory available.
+A batch that does not fit is then computed in micro-batches whose gradients add up.
 """
 
 from __future__ import annotations
@@ -137,42 +139,76 @@ def available_memory(device: torch.device) -> int | None:
     return min(available, headroom) if headroom is not None else available
 
 
+def even_chunk(batch_size: int, largest: int) -> int:
+    """The chunk size that splits ``batch_size`` into the fewest passes of at most ``largest``
+    samples, as evenly as possible (32 with at most 13 a pass: three passes of 11)."""
+    passes = -(-batch_size // max(largest, 1))
+    return -(-batch_size // passes)
+
+
 def check_training_memory(
-    estimate: MemoryEstimate, batch_size: int, available: int | None, world_size: int = 1
-) -> None:
-    """Refuse a batch that cannot fit; warn about one that nearly fills the memory.
+    estimate: MemoryEstimate,
+    batch_size: int,
+    available: int | None,
+    world_size: int = 1,
+    micro_batch_size: int | None = None,
+) -> int:
+    """Choose how many samples each forward pass takes, so that training fits in memory.
+
+    A batch that fits is taken whole. One that does not is split into micro-batches whose
+    gradients are accumulated (the same update, in more passes), unless ``micro_batch_size``
+    fixes the split; a fixed split that cannot fit is refused, one that nearly fills the
+    memory is warned about.
 
     Args:
         estimate: from :func:`estimate_training_memory`.
         batch_size: the batch size of one process.
         available: from :func:`available_memory`; None skips the check.
         world_size: processes sharing this machine's memory (torchrun on CPU).
+        micro_batch_size: samples per pass chosen by the user; None lets the check choose.
+
+    Returns:
+        Samples per forward pass (``batch_size`` when the batch is taken whole).
 
     Raises:
-        InsufficientMemoryError: naming the need, what is available and a batch size that fits.
+        InsufficientMemoryError: naming the need, what is available and a size that fits.
     """
+    chunk = min(micro_batch_size or batch_size, batch_size)
     if available is None:
-        return
+        return chunk
     share = available // max(world_size, 1)
-    needed = estimate.total(batch_size)
-    if needed <= share * WARN_FRACTION:
-        return
-    fits = estimate.largest_batch(int(share * WARN_FRACTION))
+    limit = int(share * WARN_FRACTION)
+    needed = estimate.total(chunk)
+    if needed <= limit:
+        return chunk
+    fits = estimate.largest_batch(limit)
+    passes = f" in micro-batches of {chunk}" if chunk < batch_size else ""
+    message = (
+        f"training at batch size {batch_size}{passes} needs about {needed / GIB:.1f} GiB, and "
+        f"{share / GIB:.1f} GiB is available"
+    )
+    if fits >= 1 and micro_batch_size is None:
+        chunk = even_chunk(batch_size, fits)
+        logger.warning(
+            "%s: accumulating gradients over micro-batches of %d instead (the same updates, "
+            "%d passes a batch; --micro-batch sets the size)",
+            message,
+            chunk,
+            -(-batch_size // chunk),
+        )
+        return chunk
     advice = (
-        f"use --batch-size {fits} or smaller"
+        f"use --micro-batch {fits} or smaller"
         if fits >= 1
         else "a smaller model or image size is needed"
     )
-    message = (
-        f"training at batch size {batch_size} needs about {needed / GIB:.1f} GiB, and "
-        f"{share / GIB:.1f} GiB is available"
-    )
-    if needed > share:
+    if needed > share or fits < 1:
         raise InsufficientMemoryError(
             f"{message}: it would run out of memory ({advice}; set train.memory_check: false "
             "in a --config file to try anyway)"
         )
     logger.warning("%s: close to the limit; if the process is killed, %s", message, advice)
+    return chunk
 
 
 def check_before_training(
@@ -181,13 +217,15 @@ def check_before_training(
     batch_size: int,
     autocast: Callable = contextlib.nullcontext,
     optimizer_states: int = 2,
-) -> None:
-    """Estimate and check in one call (batches under four samples are not checked).
+    micro_batch_size: int | None = None,
+) -> int:
+    """Estimate and check in one call; returns the samples per forward pass (see
+    :func:`check_training_memory`). Batches under four samples are not checked.
 
     On CPU, the processes torchrun starts on this machine (``LOCAL_WORLD_SIZE``) share its RAM.
     """
     if len(inputs) < 4:
-        return
+        return min(micro_batch_size or batch_size, batch_size)
     estimate = estimate_training_memory(model, inputs, autocast, optimizer_states)
     logger.info(
         "memory estimate: %.2f GiB per step at batch size %d",
@@ -195,4 +233,5 @@ def check_before_training(
         batch_size,
     )
     sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if inputs.device.type == "cpu" else 1
-    check_training_memory(estimate, batch_size, available_memory(inputs.device), sharing)
+    available = available_memory(inputs.device)
+    return check_training_memory(estimate, batch_size, available, sharing, micro_batch_size)

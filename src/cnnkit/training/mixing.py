@@ -39,6 +39,15 @@ class MixedBatch:
         other = F.cross_entropy(logits, self.other_labels, label_smoothing=label_smoothing)
         return self.weight * loss + (1.0 - self.weight) * other
 
+    def split(self, size: int) -> list[MixedBatch]:
+        """Consecutive chunks of at most ``size`` samples, each with the batch's ``weight``."""
+        return [
+            MixedBatch(self.inputs[i : i + size], self.labels[i : i + size], other, self.weight)
+            for i, other in zip(
+                range(0, len(self.labels), size), self.other_labels.split(size), strict=True
+            )
+        ]
+
     def correct(self, logits: torch.Tensor) -> torch.Tensor:
         """Blended count of right answers: a prediction of either label counts by its share."""
         predicted = logits.argmax(dim=1)

@@ -26,7 +26,7 @@ from cnnkit.runtime import DistributedContext, cpu_supports_bf16
 from cnnkit.training.averaging import WeightAverage, start_share
 from cnnkit.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from cnnkit.training.memory import check_before_training
-from cnnkit.training.mixing import mix_batch
+from cnnkit.training.mixing import MixedBatch, mix_batch
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,8 @@ class Trainer:
         self.saved_epoch: int | None = None  # The epoch the checkpoint on disk holds.
         self.history: list[dict[str, float]] = []
         self._memory_unchecked = False
+        # Samples per forward pass (None: the whole batch); the memory check may lower it.
+        self.micro_batch_size: int | None = config.micro_batch_size
 
     @property
     def module(self) -> nn.Module:
@@ -255,7 +257,7 @@ class Trainer:
 
         Raises:
             TrainingInterrupted: on Ctrl-C, after saving the last completed epoch.
-            InsufficientMemoryError: if a training step would not fit in memory.
+            InsufficientMemoryError: if even a micro-batch would not fit in memory.
         """
         config = self.config
         self.optimizer = self._build_optimizer()
@@ -359,26 +361,21 @@ class Trainer:
                 self._memory_unchecked = False
                 # Optimizer states per parameter, plus the moving average's copy.
                 states = (1 if config.optimizer == "sgd" else 2) + bool(self.average)
-                check_before_training(
-                    self.module, inputs, config.batch_size, self._autocast, states
+                self.micro_batch_size = check_before_training(
+                    self.module,
+                    inputs,
+                    config.batch_size,
+                    self._autocast,
+                    states,
+                    config.micro_batch_size,
                 )
             batch = mix_batch(inputs, labels, config.mixup_alpha, config.cutmix_alpha)
-            with self._autocast():
-                logits = self.model(batch.inputs)
-                loss = batch.loss(logits.float(), config.label_smoothing)
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                loss.backward()
-                self.optimizer.step()
+            loss, right = self._step(batch)
             self.scheduler.step()
             if self.average:
                 self.average.update(self.module)
-            total_loss += loss.detach() * len(labels)
-            correct += batch.correct(logits.detach())
+            total_loss += loss
+            correct += right
             seen += len(labels)
             if self.progress and (bar.n % 10 == 0 or bar.n == len(loader) - 1):
                 elapsed = time.perf_counter() - start
@@ -398,6 +395,35 @@ class Trainer:
             "seconds": seconds,
             "images_per_second": totals[2] / max(seconds, 1e-9),
         }
+
+    def _step(self, batch: MixedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on ``batch``, computed in micro-batches of ``micro_batch_size``
+        whose gradients add up to the whole batch's; returns the batch's summed loss and its
+        count of right answers. With batch norm in training mode, each micro-batch normalises
+        with its own statistics."""
+        size = len(batch.labels)
+        chunks = batch.split(self.micro_batch_size or size)
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = torch.zeros((), device=self.device, dtype=torch.float64)
+        for index, chunk in enumerate(chunks):
+            last = index == len(chunks) - 1
+            # DDP averages gradients across processes once, on the batch's last backward.
+            no_sync = getattr(self.model, "no_sync", None)
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                with self._autocast():
+                    logits = self.model(chunk.inputs)
+                    loss = chunk.loss(logits.float(), self.config.label_smoothing)
+                share = loss * (len(chunk.labels) / size)
+                (self.scaler.scale(share) if self.scaler else share).backward()
+            total_loss += loss.detach() * len(chunk.labels)
+            correct += chunk.correct(logits.detach())
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return total_loss, correct
 
     def _reduce(self, values: list[float]) -> list[float]:
         """Sum ``values`` over all processes (a no-op when not distributed)."""
