@@ -67,6 +67,7 @@ def measure(micro: int, batch_size: int, steps: int, image_size: int) -> dict:
     times = np.diff(ends)[1:]  # after the warm-up step
     return {
         "micro_batch": micro,
+        "bf16": trainer.autocast_dtype == torch.bfloat16,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
         "seconds_per_step": float(np.median(times)),
         "steps": len(times),
@@ -101,7 +102,9 @@ def main() -> None:
             "--image-size",
             str(args.image_size),
         ]
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"micro-batch {micro} failed:\n{done.stderr[-3000:]}")
         row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(

@@ -131,8 +131,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         dest="micro_batch_size",
         type=int,
         metavar="N",
-        help="samples per forward pass; gradients add up over the batch (default: the whole "
-        "batch, split automatically when it would not fit in memory)",
+        help="at most N samples per forward pass (per process under torchrun); gradients add "
+        "up over the batch (default: the whole batch, split when it would not fit in memory)",
     )
     train.add_argument("--patience", type=int, help="early stopping after N epochs without gain")
     train.add_argument("--seed", type=int, help="seed for splits, init, shuffling, augmentation")

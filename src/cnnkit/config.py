@@ -165,9 +165,10 @@ class TrainConfig:
     eval_batch_size: int = 512
     backbone_lr_scale: float = 0.1
     max_steps_per_epoch: int | None = None
-    # Samples per forward pass: each batch is split into chunks whose gradients add up to the
-    # batch's (the same update in less memory). None: the whole batch, or, where the memory
-    # check finds it too large, the largest chunk that fits.
+    # Most samples per forward pass (per process under torchrun): each batch is split into the
+    # fewest even chunks of at most this size, whose gradients add up to the batch's (the same
+    # update in less memory). None: the whole batch, or, where the memory check finds it too
+    # large, chunks that fit.
     micro_batch_size: int | None = None
     memory_check: bool = True  # Fit (or refuse) a batch that would not fit (training/memory.py).
 

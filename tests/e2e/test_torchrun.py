@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ARGS = [
     "train",
     "--dataset",
@@ -62,3 +64,20 @@ def test_torchrun_with_micro_batches_trains(tmp_path: Path) -> None:
     info = json.loads((out / "run.json").read_text())
     assert info["config"]["train"]["micro_batch_size"] == 8
     assert info["fit"]["best_val_accuracy"] > 0.9
+
+
+def test_micro_batches_under_torchrun_give_the_single_process_whole_batch_step(tmp_path):
+    """Two processes, each splitting its 8 samples into passes of 3, 3 and 2, synchronise
+    gradients once and end with the weights of one process stepping on all 16 at once."""
+    from tests.e2e import ddp_step_worker as worker
+
+    command = [*TORCHRUN[:-2], str(Path(worker.__file__)), str(tmp_path), "3"]
+    _run(command, tmp_path)
+    reference = worker.trainer(None)
+    reference._step(worker.batch())
+    expected = [p.detach() for p in reference.module.parameters()]
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank-{rank}.pt", weights_only=True)
+        assert result["reductions"] == 1  # one all-reduce for the step, not one a pass
+        for got, want in zip(result["weights"], expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -19,6 +19,7 @@ from cnnkit.training.memory import (
     check_training_memory,
     estimate_training_memory,
 )
+from cnnkit.training.mixing import MixedBatch
 from cnnkit.training.trainer import Trainer
 
 CPU = torch.device("cpu")
@@ -67,7 +68,7 @@ def test_a_batch_that_cannot_fit_is_split_into_micro_batches_that_do(caplog) -> 
     # 32 samples, at most 8 a pass: four passes of 8.
     assert fits == 8 and chunk == 8
     assert "batch size 32 needs about 21.8 GiB, and 8.0 GiB is available" in caplog.text
-    assert "micro-batches of 8 instead" in caplog.text and "4 passes" in caplog.text
+    assert "4 passes of at most 8 samples instead (about 6.2 GiB" in caplog.text
 
 
 def test_even_chunks_use_the_fewest_passes() -> None:
@@ -87,6 +88,14 @@ def test_a_micro_batch_that_cannot_fit_is_refused_with_one_that_does() -> None:
     # Not even one sample fits: no split helps.
     with pytest.raises(InsufficientMemoryError, match="a smaller model or image size"):
         check_training_memory(estimate, batch_size=32, available=GIB)
+
+
+def test_a_split_that_fits_only_past_the_margin_is_warned_about_not_refused(caplog) -> None:
+    # One sample needs 1.95 GiB of 2.2: under the whole, over the 85% margin.
+    estimate = MemoryEstimate(per_sample=int(1.5 * GIB), fixed=0, states=0)
+    with caplog.at_level(logging.WARNING, logger="cnnkit.training.memory"):
+        assert check_training_memory(estimate, 4, int(2.2 * GIB), micro_batch_size=1) == 1
+    assert "close to the limit" in caplog.text
 
 
 def test_near_the_limit_warns_and_far_below_is_silent(caplog) -> None:
@@ -138,11 +147,12 @@ def test_checking_memory_does_not_change_the_trained_weights(tiny_image_set, mon
         assert torch.equal(first, second), name
 
 
-def _fit_plain(tiny_image_set, **train: object) -> tuple[nn.Module, Trainer]:
-    """Two epochs of a network without batch norm or dropout, whose gradients do not depend on
-    how a batch is split."""
+def _fit_plain(tiny_image_set, norm: bool = False, **train: object) -> tuple[nn.Module, Trainer]:
+    """Two epochs of a network without dropout, and without batch norm unless ``norm``: then
+    its gradients do not depend on how a batch is split."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+    hidden = [nn.Linear(64, 32), nn.BatchNorm1d(32)] if norm else [nn.Linear(64, 32)]
+    model = nn.Sequential(nn.Flatten(), *hidden, nn.ReLU(), nn.Linear(32, 4))
     images = tiny_image_set(num_classes=4, per_class=5, size=8, seed=1)
     loader = BatchLoader(
         images, 8, build_eval_transform(Preprocessing("symbol", 1, 8, 8)), shuffle=True, seed=3
@@ -182,3 +192,28 @@ def test_a_batch_too_big_for_memory_trains_in_micro_batches(tiny_image_set, monk
     assert trainer.micro_batch_size == 3  # 8 samples: passes of 3, 3 and 2
     whole, _ = _fit_plain(tiny_image_set, memory_check=False)
     _assert_same_weights(whole, split)
+
+
+def test_a_batch_is_split_evenly_so_no_pass_holds_a_lone_sample(tiny_image_set) -> None:
+    # Batches of 8 with at most 7 a pass: 4 + 4, not 7 + 1, which batch norm cannot train on.
+    model, trainer = _fit_plain(tiny_image_set, norm=True, micro_batch_size=7)
+    assert trainer.micro_batch_size == 7 and all(p.isfinite().all() for p in model.parameters())
+
+
+def test_gradient_scaling_applies_to_every_pass_and_steps_once() -> None:
+    """The CUDA AMP path (GradScaler), run with the CPU scaler: the same weights as no scaler."""
+    inputs, labels = torch.randn(8, 6), torch.randint(0, 3, (8,))
+
+    def step(micro: int | None, scaler: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        config = TrainConfig(batch_size=8, micro_batch_size=micro, channels_last=False)
+        trainer = Trainer(nn.Linear(6, 3), config, CPU, progress=False)
+        trainer.optimizer = trainer._build_optimizer()
+        if scaler:
+            trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        trainer._step(MixedBatch(inputs, labels, labels.flip(0), 0.7))
+        return [p.detach().clone() for p in trainer.module.parameters()]
+
+    reference = step(None, scaler=False)
+    for first, second in zip(reference, step(3, scaler=True), strict=True):
+        torch.testing.assert_close(first, second, rtol=1e-5, atol=1e-6)

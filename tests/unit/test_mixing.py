@@ -98,3 +98,17 @@ def test_blended_loss_and_accuracy() -> None:
 def test_negative_alpha_is_rejected(field: str) -> None:
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: -0.1})
+
+
+def test_split_keeps_images_labels_partners_and_weight_together() -> None:
+    inputs = torch.arange(13.0).view(13, 1, 1, 1)
+    labels = torch.arange(13)
+    batch = MixedBatch(inputs, labels, labels + 100, 0.3)
+    parts = batch.split(4)
+    assert [len(part.labels) for part in parts] == [4, 3, 3, 3]
+    for part in parts:
+        assert part.weight == 0.3
+        assert torch.equal(part.inputs.flatten().long(), part.labels)
+        assert torch.equal(part.other_labels, part.labels + 100)
+    assert torch.equal(torch.cat([part.labels for part in parts]), labels)
+    assert len(batch.split(1)) == 1 and len(batch.split(13)) == 13

@@ -140,8 +140,8 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def even_chunk(batch_size: int, largest: int) -> int:
-    """The chunk size that splits ``batch_size`` into the fewest passes of at most ``largest``
-    samples, as evenly as possible (32 with at most 13 a pass: three passes of 11)."""
+    """The largest pass when ``batch_size`` is split into the fewest passes of at most
+    ``largest`` samples, as evenly as possible (32 with at most 13 a pass: 11, 11 and 10)."""
     passes = -(-batch_size // max(largest, 1))
     return -(-batch_size // passes)
 
@@ -162,7 +162,7 @@ def check_training_memory(
 
     Args:
         estimate: from :func:`estimate_training_memory`.
-        batch_size: the batch size of one process.
+        batch_size: the batch size of one process (under torchrun, its share of the batch).
         available: from :func:`available_memory`; None skips the check.
         world_size: processes sharing this machine's memory (torchrun on CPU).
         micro_batch_size: samples per pass chosen by the user; None lets the check choose.
@@ -190,11 +190,13 @@ def check_training_memory(
     if fits >= 1 and micro_batch_size is None:
         chunk = even_chunk(batch_size, fits)
         logger.warning(
-            "%s: accumulating gradients over micro-batches of %d instead (the same updates, "
-            "%d passes a batch; --micro-batch sets the size)",
+            "%s: accumulating gradients over %d passes of at most %d samples instead (about "
+            "%.1f GiB; the same updates, except that batch norm in training mode normalises "
+            "each pass by itself; --micro-batch sets the size)",
             message,
-            chunk,
             -(-batch_size // chunk),
+            chunk,
+            estimate.total(chunk) / GIB,
         )
         return chunk
     advice = (
@@ -202,7 +204,7 @@ def check_training_memory(
         if fits >= 1
         else "a smaller model or image size is needed"
     )
-    if needed > share or fits < 1:
+    if needed > share:
         raise InsufficientMemoryError(
             f"{message}: it would run out of memory ({advice}; set train.memory_check: false "
             "in a --config file to try anyway)"
@@ -225,7 +227,7 @@ def check_before_training(
     On CPU, the processes torchrun starts on this machine (``LOCAL_WORLD_SIZE``) share its RAM.
     """
     if len(inputs) < 4:
-        return min(micro_batch_size or batch_size, batch_size)
+        return min(micro_batch_size or batch_size, batch_size)  # too few samples to measure
     estimate = estimate_training_memory(model, inputs, autocast, optimizer_states)
     logger.info(
         "memory estimate: %.2f GiB per step at batch size %d",

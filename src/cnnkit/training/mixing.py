@@ -39,14 +39,16 @@ class MixedBatch:
         other = F.cross_entropy(logits, self.other_labels, label_smoothing=label_smoothing)
         return self.weight * loss + (1.0 - self.weight) * other
 
-    def split(self, size: int) -> list[MixedBatch]:
-        """Consecutive chunks of at most ``size`` samples, each with the batch's ``weight``."""
-        return [
-            MixedBatch(self.inputs[i : i + size], self.labels[i : i + size], other, self.weight)
-            for i, other in zip(
-                range(0, len(self.labels), size), self.other_labels.split(size), strict=True
-            )
-        ]
+    def split(self, parts: int) -> list[MixedBatch]:
+        """``parts`` consecutive chunks as equal in size as can be (13 in 4: 4, 3, 3, 3), each
+        with the batch's ``weight``."""
+        pieces = zip(
+            self.inputs.tensor_split(parts),
+            self.labels.tensor_split(parts),
+            self.other_labels.tensor_split(parts),
+            strict=True,
+        )
+        return [MixedBatch(inputs, labels, other, self.weight) for inputs, labels, other in pieces]
 
     def correct(self, logits: torch.Tensor) -> torch.Tensor:
         """Blended count of right answers: a prediction of either label counts by its share."""

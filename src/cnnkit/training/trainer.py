@@ -364,7 +364,7 @@ class Trainer:
                 self.micro_batch_size = check_before_training(
                     self.module,
                     inputs,
-                    config.batch_size,
+                    config.batch_size // self.distributed.world_size,  # this process's share
                     self._autocast,
                     states,
                     config.micro_batch_size,
@@ -397,12 +397,12 @@ class Trainer:
         }
 
     def _step(self, batch: MixedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on ``batch``, computed in micro-batches of ``micro_batch_size``
-        whose gradients add up to the whole batch's; returns the batch's summed loss and its
-        count of right answers. With batch norm in training mode, each micro-batch normalises
-        with its own statistics."""
+        """One optimizer step on ``batch``, computed in the fewest even micro-batches of at
+        most ``micro_batch_size`` samples, whose gradients add up to the whole batch's; returns
+        the batch's summed loss and its count of right answers. With batch norm in training
+        mode, each micro-batch normalises with its own statistics."""
         size = len(batch.labels)
-        chunks = batch.split(self.micro_batch_size or size)
+        chunks = batch.split(-(-size // min(self.micro_batch_size or size, size)))
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.float64)

@@ -166,6 +166,7 @@ def fit_head(
         channels_last=False,
         bf16_cpu=False,
         ema_decay=0.0,  # Sized for the fine-tune's steps; the head fits in seconds anyway.
+        micro_batch_size=None,  # Cached feature vectors are small: no need to split batches.
     )
     train_loader = BatchLoader(
         train_set,
