@@ -59,9 +59,11 @@ def _add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) 
     )
     group.add_argument("--data", help="archive, folder or CSV file of the dataset")
     group.add_argument("--fold", type=int, help="HASYv2 fold K (1-10): train/test from fold-K")
-    group.add_argument("--channels", type=int, choices=[1, 3], help="1 (default) or 3 (book)")
+    group.add_argument("--channels", type=int, choices=[1, 3], help="1 (symbols) or 3 (photos)")
     group.add_argument("--image-size", type=int, help="model input size for symbols (pixels)")
-    group.add_argument("--val-fraction", type=float, help="share of train held out (default 0.1)")
+    group.add_argument(
+        "--val-fraction", type=float, help="share of the training images held out for validation"
+    )
     group.add_argument("--test-fraction", type=float, help="test share without an official split")
     group.add_argument(
         "--on-bad-image",
@@ -69,7 +71,12 @@ def _add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) 
         help="stop on a missing/corrupt image (default) or skip it with a warning",
     )
     group.add_argument("--cache-dir", help=f"decoded-image cache (default {default_cache_dir()})")
-    group.add_argument("--crop-to-bbox", action="store_true", default=None, help="CUB: crop boxes")
+    group.add_argument(
+        "--crop-to-bbox",
+        action="store_true",
+        default=None,
+        help="CUB: crop each photo to its bird's bounding box (bounding_boxes.txt)",
+    )
     group.add_argument("--max-classes", type=int, help="use only the first N classes")
     group.add_argument("--max-per-class", type=int, help="use at most N images per class")
 
@@ -81,6 +88,11 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="named defaults: digits, hasy, book-hasy, book-hasy-search, cub, book-cub",
     )
     parser.add_argument("--config", help="YAML file with data/model/augment/train sections")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved settings (preset < --config < flags) as YAML and exit",
+    )
     parser.add_argument("--out", help="run folder (default runs/<dataset>-<model>)")
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -88,7 +100,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--train-on-all", action="store_true", default=None, help="fit on train+test (final)"
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--model", help="registry name (see `cnnkit train --list-models`)")
+    model.add_argument("--model", help="registry name (`cnnkit models` lists them)")
     model.add_argument("--dense", type=int, help="book_cnn: dense units (128; 1024 variant)")
     model.add_argument("--dropout", type=float, help="dropout before the classifier")
     model.add_argument("--convs", type=int, help="book_cnn: number of conv layers (1 or 2)")
@@ -96,14 +108,24 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="any model option"
     )
-    train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int)
+    train = parser.add_argument_group(
+        "training", "Unset options come from the preset (--print-config shows them all)."
+    )
+    train.add_argument("--epochs", type=int, help="passes over the training images")
+    train.add_argument("--batch-size", type=int, help="images per optimiser step (all processes)")
     train.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
-    train.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float)
-    train.add_argument("--weight-decay", type=float)
-    train.add_argument("--schedule", choices=["onecycle", "cosine", "constant"])
-    train.add_argument("--label-smoothing", type=float)
+    train.add_argument(
+        "--lr", "--learning-rate", dest="learning_rate", type=float, help="peak learning rate"
+    )
+    train.add_argument("--weight-decay", type=float, help="AdamW/SGD weight decay")
+    train.add_argument(
+        "--schedule",
+        choices=["onecycle", "cosine", "constant"],
+        help="learning-rate schedule (with warm-up for one-cycle and cosine)",
+    )
+    train.add_argument(
+        "--label-smoothing", type=float, help="share of each target spread over all classes"
+    )
     train.add_argument(
         "--mixup",
         dest="mixup_alpha",
@@ -247,12 +269,24 @@ def _print_data_summary(data) -> None:
         print(f"Skipped {len(data.problems)} bad image(s); first: {data.problems[0]}")
 
 
+def _print_config(config) -> int:
+    """``--print-config``: the resolved settings as YAML that ``--config`` reads back."""
+    import yaml
+
+    from cnnkit.config import config_to_dict
+
+    print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+    return 0
+
+
 def command_train(args: argparse.Namespace) -> int:
     from cnnkit.runtime import shutdown_distributed, tune_allocator
     from cnnkit.training.run import train_run
     from cnnkit.training.trainer import TrainingInterrupted
 
     config = resolve_run_config(args)
+    if args.print_config:
+        return _print_config(config)
     if config.train.fast_path:
         tune_allocator()
     distributed = distributed_from_env()
@@ -552,6 +586,8 @@ def command_search(args: argparse.Namespace) -> int:
     if args.out is None:
         args.out = str(Path("runs") / f"search-{args.dataset}-{space.name}")
     base = resolve_run_config(args)
+    if args.print_config:
+        return _print_config(base)
     if base.train.fast_path:
         tune_allocator()
     search = SearchConfig(

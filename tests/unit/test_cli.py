@@ -174,6 +174,22 @@ def test_config_file_errors_exit_2(capsys, tmp_path: Path) -> None:
     assert "bad.yaml" in capsys.readouterr().err
 
 
+def test_print_config_shows_the_resolved_settings_and_reads_back(capsys, tmp_path: Path):
+    argv = ["--dataset", "cub", "--data", "c.tgz", "--epochs", "3", "--micro-batch", "8"]
+    assert main(["train", *argv, "--print-config", "--out", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    assert "efficientnet_lite_trio" in printed and "micro_batch_size: 8" in printed
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(printed, encoding="utf-8")
+    again = _resolve("--dataset", "cub", "--config", str(saved))
+    assert again == _resolve(*argv, "--out", str(tmp_path / "run"))
+    assert again.train.epochs == 3 and again.train.backbone_lr_scale == 0.3
+    assert main(["search", "--dataset", "digits", "--epochs", "2", "--print-config"]) == 0
+    searched = capsys.readouterr().out
+    assert "dataset: digits" in searched and "  epochs: 2\n" in searched
+
+
 def test_version_and_models(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
