@@ -12,6 +12,8 @@ from cnnkit.models.efficientnet_lite import (
     EFFICIENTNET_LITE_SPECS,
     ConvBnAct,
     EfficientNetLiteSpec,
+    create_efficientnet_lite,
+    drop_path,
     find_weights_file,
     remap_checkpoint_keys,
     round_channels,
@@ -275,3 +277,35 @@ def test_depthwise_convolutions_train_in_fp32_under_cpu_autocast() -> None:
             assert block(images.detach().requires_grad_()).dtype == torch.bfloat16
         finally:
             ConvBnAct.fp32_depthwise_training_on_cpu = True
+
+
+def test_drop_path_drops_whole_samples_and_keeps_the_expected_value() -> None:
+    x = torch.ones(4000, 2, 3, 3)
+    assert drop_path(x, 0.25, training=False) is x and drop_path(x, 0.0, training=True) is x
+    torch.manual_seed(0)
+    out = drop_path(x, 0.25, training=True)
+    per_sample = out.flatten(1)
+    # Each sample is either dropped whole or kept whole, scaled by 1 / (1 - rate).
+    assert torch.all((per_sample == 0).all(1) | (per_sample == 1 / 0.75).all(1))
+    assert (per_sample[:, 0] == 0).float().mean().item() == pytest.approx(0.25, abs=0.03)
+    assert out.mean().item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_stochastic_depth_rises_through_the_blocks_and_only_acts_in_training() -> None:
+    torch.manual_seed(0)
+    plain = create_efficientnet_lite("efficientnet_lite0")
+    dropped = create_efficientnet_lite("efficientnet_lite0", drop_path=0.2)
+    dropped.load_state_dict(plain.state_dict())
+    rates = [block.drop_path for block in dropped.blocks]
+    assert rates[0] == 0.0 and rates == sorted(rates)
+    assert rates[-1] == pytest.approx(0.2 * (len(rates) - 1) / len(rates))
+    x = torch.randn(4, 3, 64, 64)
+    plain.eval(), dropped.eval()
+    with torch.no_grad():
+        assert torch.equal(plain.forward_features(x), dropped.forward_features(x))
+        dropped.train()
+        assert not torch.allclose(dropped.forward_features(x), dropped.forward_features(x))
+    trio = create_model("efficientnet_lite_trio", 3, 3, drop_path=0.1)
+    assert trio.backbone.members[2].blocks[-1].drop_path > 0
+    with pytest.raises(ValueError, match="drop_path must be in"):
+        create_efficientnet_lite("efficientnet_lite0", drop_path=1.0)

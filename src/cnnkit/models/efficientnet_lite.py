@@ -155,13 +155,36 @@ def _same_padding(size: torch.Size, kernel_size: int, stride: int) -> tuple[int,
     return left, right, top, bottom
 
 
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: while training, zero a residual branch for a random ``rate`` of the
+    samples and scale the rest by ``1 / (1 - rate)``, so its expected output is unchanged."""
+    if not training or rate <= 0.0:
+        return x
+    keep = 1.0 - rate
+    mask = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype)
+    return x * mask.bernoulli_(keep) / keep
+
+
 class InvertedResidual(nn.Module):
-    """MBConv: 1x1 expansion, depthwise kxk, linear 1x1 projection, and a skip when shapes match."""
+    """MBConv: 1x1 expansion, depthwise kxk, linear 1x1 projection, and a skip when shapes match.
+
+    ``drop_path`` is the stochastic-depth rate of the residual branch while training (only
+    blocks with a skip have one to drop).
+    """
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int, stride: int, expand_ratio: int
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int,
+        expand_ratio: int,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1); got {drop_path}")
+        self.drop_path = drop_path
         hidden = in_channels * expand_ratio
         self.expand = ConvBnAct(in_channels, hidden) if expand_ratio != 1 else nn.Identity()
         self.depthwise = ConvBnAct(hidden, hidden, kernel_size, stride, groups=hidden)
@@ -170,7 +193,9 @@ class InvertedResidual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.project(self.depthwise(self.expand(x)))
-        return out + x if self.use_skip else out
+        if not self.use_skip:
+            return out
+        return drop_path(out, self.drop_path, self.training) + x
 
 
 class EfficientNetLite(nn.Module):
@@ -181,26 +206,40 @@ class EfficientNetLite(nn.Module):
         num_classes: 0 (the default) for a features-only backbone whose ``forward`` returns
             pooled ``[B, 1280]`` features, or e.g. 1000 to add the ImageNet classifier.
         dropout: dropout before the classifier (unused without one).
+        drop_path_rate: stochastic depth of the last block while training, rising linearly
+            from 0 at the first, as EfficientNet was trained (its ``drop_connect_rate``: 0.2).
     """
 
-    def __init__(self, spec: EfficientNetLiteSpec, num_classes: int = 0, dropout: float = 0.2):
+    def __init__(
+        self,
+        spec: EfficientNetLiteSpec,
+        num_classes: int = 0,
+        dropout: float = 0.2,
+        drop_path_rate: float = 0.0,
+    ):
         super().__init__()
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1); got {drop_path_rate}")
         self.spec = spec
         self.num_features = NUM_FEATURES
         self.stem = ConvBnAct(3, 32, 3, stride=2)
-        blocks: list[nn.Module] = []
+        layout: list[tuple[int, int, int, int, int]] = []
         channels = 32
         for index, (repeats, kernel, stride, expand, _, out_channels) in enumerate(_BASE_STAGES):
             out_channels = round_channels(out_channels, spec.width)
             if 0 < index < len(_BASE_STAGES) - 1:
                 repeats = math.ceil(repeats * spec.depth)
             for repeat in range(repeats):
-                block_stride = stride if repeat == 0 else 1
-                blocks.append(
-                    InvertedResidual(channels, out_channels, kernel, block_stride, expand)
+                layout.append(
+                    (channels, out_channels, kernel, stride if repeat == 0 else 1, expand)
                 )
                 channels = out_channels
-        self.blocks = nn.Sequential(*blocks)
+        self.blocks = nn.Sequential(
+            *(
+                InvertedResidual(*block, drop_path=drop_path_rate * index / len(layout))
+                for index, block in enumerate(layout)
+            )
+        )
         self.head = ConvBnAct(channels, NUM_FEATURES)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.dropout = nn.Dropout(dropout)
@@ -299,7 +338,7 @@ def load_pretrained_weights(model: EfficientNetLite) -> None:
 
 
 def create_efficientnet_lite(
-    name: str, pretrained: bool = False, imagenet_classifier: bool = False
+    name: str, pretrained: bool = False, imagenet_classifier: bool = False, drop_path: float = 0.0
 ) -> EfficientNetLite:
     """Build a backbone from :data:`EFFICIENTNET_LITE_SPECS`.
 
@@ -307,6 +346,7 @@ def create_efficientnet_lite(
         name: a key of :data:`EFFICIENTNET_LITE_SPECS`, such as ``efficientnet_lite0``.
         pretrained: load the packaged ImageNet weights.
         imagenet_classifier: keep the 1000-class ImageNet classifier (to check the weights).
+        drop_path: the stochastic-depth rate of the last block while training.
 
     Raises:
         ValueError: for an unknown name.
@@ -316,7 +356,9 @@ def create_efficientnet_lite(
             f"unknown EfficientNet-Lite {name!r}; available: {', '.join(EFFICIENTNET_LITE_SPECS)}"
         )
     model = EfficientNetLite(
-        EFFICIENTNET_LITE_SPECS[name], IMAGENET_CLASSES if imagenet_classifier else 0
+        EFFICIENTNET_LITE_SPECS[name],
+        IMAGENET_CLASSES if imagenet_classifier else 0,
+        drop_path_rate=drop_path,
     )
     if pretrained:
         load_pretrained_weights(model)

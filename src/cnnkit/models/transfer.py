@@ -204,9 +204,10 @@ def _create_transfer_model(
     hidden: int,
     dropout: float,
     tta: bool,
+    drop_path: float,
 ) -> TransferClassifier:
     _check_rgb(name, in_channels)
-    backbone = create_efficientnet_lite(name, pretrained=pretrained)
+    backbone = create_efficientnet_lite(name, pretrained=pretrained, drop_path=drop_path)
     return TransferClassifier(backbone, num_classes, hidden, dropout, tta=tta)
 
 
@@ -218,10 +219,11 @@ def efficientnet_lite0(
     hidden: int = 1024,
     dropout: float = 0.2,
     tta: bool = False,
+    drop_path: float = 0.0,
 ) -> nn.Module:
     """EfficientNet-Lite0 (3.4M backbone parameters, 224 px) with the book's head."""
     return _create_transfer_model(
-        "efficientnet_lite0", num_classes, in_channels, pretrained, hidden, dropout, tta
+        "efficientnet_lite0", num_classes, in_channels, pretrained, hidden, dropout, tta, drop_path
     )
 
 
@@ -233,10 +235,11 @@ def efficientnet_lite1(
     hidden: int = 1024,
     dropout: float = 0.2,
     tta: bool = False,
+    drop_path: float = 0.0,
 ) -> nn.Module:
     """EfficientNet-Lite1 (4.1M backbone parameters, 240 px) with the book's head."""
     return _create_transfer_model(
-        "efficientnet_lite1", num_classes, in_channels, pretrained, hidden, dropout, tta
+        "efficientnet_lite1", num_classes, in_channels, pretrained, hidden, dropout, tta, drop_path
     )
 
 
@@ -248,10 +251,11 @@ def efficientnet_lite2(
     hidden: int = 1024,
     dropout: float = 0.2,
     tta: bool = False,
+    drop_path: float = 0.0,
 ) -> nn.Module:
     """EfficientNet-Lite2 (4.8M backbone parameters, 260 px) with the book's head."""
     return _create_transfer_model(
-        "efficientnet_lite2", num_classes, in_channels, pretrained, hidden, dropout, tta
+        "efficientnet_lite2", num_classes, in_channels, pretrained, hidden, dropout, tta, drop_path
     )
 
 
@@ -264,6 +268,7 @@ def efficientnet_lite_trio(
     dropout: float = 0.2,
     image_size: int = 240,
     tta: bool = False,
+    drop_path: float = 0.0,
 ) -> nn.Module:
     """EfficientNet-Lite0, Lite1 and Lite2 on one ``image_size`` px image (3 x 1280 features)
     with the book's head: the most accurate photo model, at about three times Lite1's cost."""
@@ -271,7 +276,7 @@ def efficientnet_lite_trio(
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32; got {image_size}")
     members = [
-        create_efficientnet_lite(name, pretrained=pretrained)
+        create_efficientnet_lite(name, pretrained=pretrained, drop_path=drop_path)
         for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
     ]
     preprocessing = Preprocessing(
