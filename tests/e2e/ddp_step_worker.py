@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from cnnkit.config import TrainConfig
-from cnnkit.runtime import DistributedContext, init_distributed
+from cnnkit.runtime import DistributedContext, init_distributed, shutdown_distributed
 from cnnkit.training.mixing import MixedBatch
 from cnnkit.training.trainer import Trainer
 
@@ -62,7 +62,12 @@ def main() -> None:
     step._step(MixedBatch(whole.inputs[half], whole.labels[half], whole.other_labels[half], 0.7))
     weights = [p.detach().clone() for p in step.module.parameters()]
     torch.save({"weights": weights, "reductions": len(reductions)}, f"{out}/rank-{context.rank}.pt")
-    dist.destroy_process_group()
+    dist.barrier()  # neither process leaves while the other still talks to it
+    shutdown_distributed()
+    # The Python comm hook's futures can outlive the interpreter's teardown, where gloo's
+    # threads then abort the process now and then ("terminate called without an active
+    # exception"; pytorch/pytorch#179291). The results are on disk: leave without teardown.
+    os._exit(0)
 
 
 if __name__ == "__main__":
