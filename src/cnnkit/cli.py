@@ -7,6 +7,7 @@ prints.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -59,7 +60,9 @@ def _add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) 
     )
     group.add_argument("--data", help="archive, folder or CSV file of the dataset")
     group.add_argument("--fold", type=int, help="HASYv2 fold K (1-10): train/test from fold-K")
-    group.add_argument("--channels", type=int, choices=[1, 3], help="1 (symbols) or 3 (photos)")
+    group.add_argument(
+        "--channels", type=int, choices=[1, 3], help="1 (symbols) or 3 (photos, the book's CNN)"
+    )
     group.add_argument("--image-size", type=int, help="model input size for symbols (pixels)")
     group.add_argument(
         "--val-fraction", type=float, help="share of the training images held out for validation"
@@ -109,19 +112,22 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--option", action="append", default=[], metavar="KEY=VALUE", help="any model option"
     )
     train = parser.add_argument_group(
-        "training", "Unset options come from the preset (--print-config shows them all)."
+        "training",
+        "Unset options come from the preset and --config (--print-config shows them all).",
     )
     train.add_argument("--epochs", type=int, help="passes over the training images")
     train.add_argument("--batch-size", type=int, help="images per optimiser step (all processes)")
-    train.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
+    train.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], help="the optimiser")
     train.add_argument(
         "--lr", "--learning-rate", dest="learning_rate", type=float, help="peak learning rate"
     )
-    train.add_argument("--weight-decay", type=float, help="AdamW/SGD weight decay")
+    train.add_argument(
+        "--weight-decay", type=float, help="weight decay (decoupled for AdamW, L2 otherwise)"
+    )
     train.add_argument(
         "--schedule",
         choices=["onecycle", "cosine", "constant"],
-        help="learning-rate schedule (with warm-up for one-cycle and cosine)",
+        help="learning-rate schedule, after a warm-up of train.warmup_fraction of the steps",
     )
     train.add_argument(
         "--label-smoothing", type=float, help="share of each target spread over all classes"
@@ -158,7 +164,11 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     train.add_argument("--patience", type=int, help="early stopping after N epochs without gain")
     train.add_argument("--seed", type=int, help="seed for splits, init, shuffling, augmentation")
-    train.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    train.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="where to train (auto: cuda, then mps, then cpu)",
+    )
     train.add_argument("--no-amp", action="store_true", default=None, help="disable CUDA AMP")
     train.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast on CPU")
     train.add_argument(
@@ -171,8 +181,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--train-size",
         type=int,
         metavar="PX",
-        help="side of the augmented training crops (default: the model's input size; "
-        "below it trains faster and matches test-time object sizes)",
+        help="side of the augmented training crops, for models that take any size (default: "
+        "the model's input size; smaller trains faster and, with random resized crops, "
+        "shows objects at their test-time size)",
     )
     train.add_argument(
         "--phases",
@@ -270,12 +281,16 @@ def _print_data_summary(data) -> None:
 
 
 def _print_config(config) -> int:
-    """``--print-config``: the resolved settings as YAML that ``--config`` reads back."""
+    """``--print-config``: the resolved settings as YAML that ``--config`` reads back, with all
+    of the model's options (a preset chosen on reading cannot then add its own)."""
     import yaml
 
     from cnnkit.config import config_to_dict
+    from cnnkit.models.registry import model_options
 
-    print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+    options = {**model_options(config.model.name), **config.model.options}
+    complete = dataclasses.replace(config, model=dataclasses.replace(config.model, options=options))
+    print(yaml.safe_dump(config_to_dict(complete), sort_keys=False), end="")
     return 0
 
 
@@ -583,11 +598,13 @@ def command_search(args: argparse.Namespace) -> int:
     space = resolve_space(args.space)
     if args.preset is None and args.model is None and space.preset:
         args.preset = space.preset
+    given_out = args.out
     if args.out is None:
         args.out = str(Path("runs") / f"search-{args.dataset}-{space.name}")
     base = resolve_run_config(args)
     if args.print_config:
-        return _print_config(base)
+        # The trials' settings before the space varies them, and the folder only if given.
+        return _print_config(dataclasses.replace(base, out=given_out))
     if base.train.fast_path:
         tune_allocator()
     search = SearchConfig(

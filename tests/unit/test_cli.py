@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -15,7 +16,7 @@ from cnnkit import __version__
 from cnnkit.cli import build_parser, format_prediction, main, resolve_run_config
 from cnnkit.config import PRESETS
 from cnnkit.inference.predictor import Prediction, Predictor
-from cnnkit.models.registry import create_model
+from cnnkit.models.registry import create_model, model_options
 
 SYMBOL_LINE = re.compile(r"^Prediction: (alpha|beta|gamma), confidence: [01]\.\d\d$")
 PHOTO_LINE = re.compile(r"^Prediction: (Cardinal|Blue Jay) \(\d{1,3}\.\d\d%\)$")
@@ -23,6 +24,12 @@ PHOTO_LINE = re.compile(r"^Prediction: (Cardinal|Blue Jay) \(\d{1,3}\.\d\d%\)$")
 
 def _resolve(*argv: str):
     return resolve_run_config(build_parser().parse_args(["train", *argv]))
+
+
+def _complete(config):
+    """``config`` with every model option spelled out, defaults included."""
+    options = {**model_options(config.model.name), **config.model.options}
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, options=options))
 
 
 def _write_images(folder: Path, count: int = 1) -> list[Path]:
@@ -183,11 +190,33 @@ def test_print_config_shows_the_resolved_settings_and_reads_back(capsys, tmp_pat
     saved = tmp_path / "resolved.yaml"
     saved.write_text(printed, encoding="utf-8")
     again = _resolve("--dataset", "cub", "--config", str(saved))
-    assert again == _resolve(*argv, "--out", str(tmp_path / "run"))
+    assert _complete(again) == _complete(_resolve(*argv, "--out", str(tmp_path / "run")))
+    assert again.model.options["drop_path"] == 0.0  # defaults are written out too
     assert again.train.epochs == 3 and again.train.backbone_lr_scale == 0.3
     assert main(["search", "--dataset", "digits", "--epochs", "2", "--print-config"]) == 0
     searched = capsys.readouterr().out
     assert "dataset: digits" in searched and "  epochs: 2\n" in searched
+    assert "\nout: null\n" in searched  # the search's own folder is not a training setting
+
+
+def test_print_config_reads_back_under_another_preset(capsys, tmp_path: Path) -> None:
+    # Every model option is printed, so the hasy preset's own options cannot creep back in.
+    argv = ["--dataset", "hasy", "--data", "h.tar.bz2", "--preset", "digits"]
+    assert main(["train", *argv, "--print-config"]) == 0
+    saved = tmp_path / "digits.yaml"
+    saved.write_text(capsys.readouterr().out, encoding="utf-8")
+    again = _resolve("--dataset", "hasy", "--config", str(saved))
+    assert _complete(again) == _complete(_resolve(*argv))
+
+
+def test_train_size_a_model_cannot_take_stops_before_any_data_loads(capsys, tmp_path: Path):
+    path = tmp_path / "augment.yaml"
+    path.write_text("augment:\n  enabled: true\n", encoding="utf-8")
+    argv = ["--model", "book_cnn", "--config", str(path), "--out", str(tmp_path / "run")]
+    assert main(["train", "--dataset", "digits", *argv, "--train-size", "24"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "book_cnn cannot train on 24 px crops" in error[0]
+    assert not (tmp_path / "run").exists()
 
 
 def test_version_and_models(capsys) -> None:

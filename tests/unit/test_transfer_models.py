@@ -306,6 +306,8 @@ def test_stochastic_depth_rises_through_the_blocks_and_only_acts_in_training() -
         dropped.train()
         assert not torch.allclose(dropped.forward_features(x), dropped.forward_features(x))
     trio = create_model("efficientnet_lite_trio", 3, 3, drop_path=0.1)
-    assert trio.backbone.members[2].blocks[-1].drop_path > 0
+    assert all(member.blocks[-1].drop_path > 0 for member in trio.backbone.members)
+    for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
+        assert create_model(name, 3, 3, drop_path=0.1).backbone.blocks[-1].drop_path > 0
     with pytest.raises(ValueError, match="drop_path must be in"):
         create_efficientnet_lite("efficientnet_lite0", drop_path=1.0)

