@@ -115,7 +115,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "training",
         "Unset options come from the preset and --config (--print-config shows them all).",
     )
-    train.add_argument("--epochs", type=int, help="passes over the training images")
+    train.add_argument(
+        "--epochs",
+        type=int,
+        help="passes over the training images (transfer models: the fine-tune's; the frozen "
+        "phase's head uses transfer.head_epochs)",
+    )
     train.add_argument("--batch-size", type=int, help="images per optimiser step (all processes)")
     train.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], help="the optimiser")
     train.add_argument(
