@@ -139,11 +139,15 @@ def available_memory(device: torch.device) -> int | None:
     return min(available, headroom) if headroom is not None else available
 
 
+def pass_count(batch_size: int, largest: int) -> int:
+    """The fewest passes of at most ``largest`` samples that cover ``batch_size`` samples."""
+    return -(-batch_size // max(largest, 1))
+
+
 def even_chunk(batch_size: int, largest: int) -> int:
     """The largest pass when ``batch_size`` is split into the fewest passes of at most
     ``largest`` samples, as evenly as possible (32 with at most 13 a pass: 11, 11 and 10)."""
-    passes = -(-batch_size // max(largest, 1))
-    return -(-batch_size // passes)
+    return -(-batch_size // pass_count(batch_size, largest))
 
 
 def check_training_memory(
@@ -194,7 +198,7 @@ def check_training_memory(
             "%.1f GiB; the same updates, except that batch norm in training mode normalises "
             "each pass by itself; --micro-batch sets the size)",
             message,
-            -(-batch_size // chunk),
+            pass_count(batch_size, chunk),
             chunk,
             estimate.total(chunk) / GIB,
         )

@@ -25,7 +25,7 @@ from cnnkit.data.loader import BatchLoader
 from cnnkit.runtime import DistributedContext, cpu_supports_bf16
 from cnnkit.training.averaging import WeightAverage, start_share
 from cnnkit.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from cnnkit.training.memory import check_before_training
+from cnnkit.training.memory import check_before_training, pass_count
 from cnnkit.training.mixing import MixedBatch, mix_batch
 
 logger = logging.getLogger(__name__)
@@ -402,14 +402,14 @@ class Trainer:
         the batch's summed loss and its count of right answers. With batch norm in training
         mode, each micro-batch normalises with its own statistics."""
         size = len(batch.labels)
-        chunks = batch.split(-(-size // min(self.micro_batch_size or size, size)))
+        chunks = batch.split(pass_count(size, self.micro_batch_size or size))
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.float64)
+        # DDP averages gradients across processes once, on the batch's last backward.
+        no_sync = getattr(self.model, "no_sync", None)
         for index, chunk in enumerate(chunks):
             last = index == len(chunks) - 1
-            # DDP averages gradients across processes once, on the batch's last backward.
-            no_sync = getattr(self.model, "no_sync", None)
             with contextlib.nullcontext() if last or no_sync is None else no_sync():
                 with self._autocast():
                     logits = self.model(chunk.inputs)
