@@ -63,6 +63,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of process ``rank``'s random stream: ``seed`` itself on rank 0.
+
+    Under torchrun every process starts from the same seed; without an offset all ranks would
+    draw the same dropout masks and augmentation parameters for their (different) images.
+    """
+    return seed + rank * 7_777_777
+
+
 def cpu_supports_bf16() -> bool:
     """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
     try:

@@ -11,6 +11,7 @@ from cnnkit.data.augment import augment_batch, color_jitter, random_theta
 from cnnkit.data.dataset import ImageSet
 from cnnkit.data.loader import BatchLoader, build_eval_transform, build_train_transform
 from cnnkit.data.normalize import center_crop, normalize, to_float, to_model_input
+from cnnkit.runtime import rank_seed
 
 SYMBOLS = Preprocessing("symbol", 1, 32, 32, (0.5,), (0.5,))
 PHOTOS = Preprocessing("photo", 3, 24, 32, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
@@ -231,3 +232,20 @@ def test_training_shards_are_disjoint_and_cover_the_epoch() -> None:
         shards.append(_collect(loader)[1].tolist())
     assert len(shards[0]) == len(shards[1]) == 4
     assert sorted(shards[0] + shards[1]) == list(range(8))
+
+
+def test_each_rank_draws_its_own_augmentation_and_rank_zero_draws_the_single_process_one():
+    images = _indexed_set(8)
+
+    def draws(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return torch.rand(len(batch), 1, 1, 1, generator=generator)  # The stream itself.
+
+    def first_draws(rank: int, world_size: int) -> torch.Tensor:
+        loader = BatchLoader(images, 4, draws, rank=rank, world_size=world_size, seed=3)
+        loader.set_epoch(2)
+        return next(iter(loader))[0].flatten()
+
+    single = first_draws(0, 1)
+    assert torch.equal(first_draws(0, 2), single)
+    assert not torch.allclose(first_draws(1, 2)[:1], single[:1])
+    assert rank_seed(11, 0) == 11 and len({rank_seed(11, rank) for rank in range(64)}) == 64

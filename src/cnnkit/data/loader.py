@@ -17,6 +17,7 @@ from cnnkit.config import AugmentConfig, Preprocessing
 from cnnkit.data.augment import augment_batch
 from cnnkit.data.dataset import ImageSet
 from cnnkit.data.normalize import normalize, to_float, to_model_input
+from cnnkit.runtime import rank_seed
 
 BatchTransform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -145,7 +146,10 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices = self._indices()
-        generator = torch.Generator().manual_seed(self.seed * 7_919 + self.epoch + 1)
+        # Augmentation draws differ per rank, so ranks do not crop their images alike.
+        generator = torch.Generator().manual_seed(
+            rank_seed(self.seed * 7_919 + self.epoch + 1, self.rank)
+        )
         non_blocking = self.device.type == "cuda"
         for batch_number in range(len(self)):
             batch = indices[batch_number * self.batch_size : (batch_number + 1) * self.batch_size]

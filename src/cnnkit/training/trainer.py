@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from cnnkit.config import TrainConfig
 from cnnkit.data.loader import BatchLoader
-from cnnkit.runtime import DistributedContext, cpu_supports_bf16
+from cnnkit.runtime import DistributedContext, cpu_supports_bf16, rank_seed
 from cnnkit.training.averaging import WeightAverage, start_share
 from cnnkit.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from cnnkit.training.memory import check_before_training, pass_count
@@ -299,7 +299,9 @@ class Trainer:
         start = time.perf_counter()
         try:
             while self.epoch < config.epochs:
-                torch.manual_seed(config.seed * 1_000_003 + self.epoch)
+                # Dropout, drop-path and Mixup draw from this stream, a different one per rank.
+                epoch_seed = config.seed * 1_000_003 + self.epoch
+                torch.manual_seed(rank_seed(epoch_seed, self.distributed.rank))
                 train_loader.set_epoch(self.epoch)
                 row = {"epoch": self.epoch + 1, **self.train_epoch(train_loader)}
                 if val_loader is not None:
