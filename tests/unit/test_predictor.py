@@ -64,6 +64,8 @@ def test_paths_pil_images_and_arrays_agree(predictor, tmp_path: Path) -> None:
         assert ranked == results[0]
     gray = predictor.predict([image.convert("L")], top_k=2)[0]
     assert results[4] == gray
+    # H x W x 1, the shape of a stored grayscale image, is the same grayscale image.
+    assert predictor.predict([np.asarray(image.convert("L"))[:, :, None]], top_k=2)[0] == gray
     rgba = np.dstack([np.asarray(image), np.full((30, 20), 255, np.uint8)])
     assert predictor.predict([rgba], top_k=2)[0] == results[0]
 

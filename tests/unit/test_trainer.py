@@ -18,6 +18,7 @@ from cnnkit.training.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
     load_checkpoint,
+    remove_checkpoints,
     save_checkpoint,
 )
 from cnnkit.training.trainer import Callback, Trainer, TrainingInterrupted
@@ -269,6 +270,15 @@ class _Payload:
         return (print, ("unpickled!",))
 
 
+def test_remove_checkpoints_deletes_the_runs_and_its_phases(run_dir: Path) -> None:
+    for folder in (run_dir, run_dir / "finetune"):
+        save_checkpoint(folder / CHECKPOINT_NAME, {"epoch": 1})
+    (run_dir / "model.safetensors").write_bytes(b"kept")
+    remove_checkpoints(run_dir)
+    assert not list(run_dir.rglob(CHECKPOINT_NAME))
+    assert (run_dir / "model.safetensors").read_bytes() == b"kept"
+
+
 def test_checkpoint_loading_never_unpickles_code(run_dir: Path) -> None:
     path = run_dir / "evil.pt"
     torch.save({"epoch": 1, "payload": _Payload()}, path)
@@ -290,6 +300,38 @@ def test_early_stopping_stops(tiny_image_set) -> None:
     assert result.stopped_early
     assert result.epochs_run == 3
     assert result.best_epoch == 1
+
+
+def test_without_validation_every_epoch_runs_whatever_the_patience(tiny_image_set) -> None:
+    train_loader, _ = _loaders(tiny_image_set)
+    config = dataclasses.replace(
+        BASE, epochs=5, learning_rate=1e-12, weight_decay=0.0, early_stopping_patience=1
+    )
+    result = Trainer(_model(), config, CPU, progress=False).fit(train_loader)
+    assert not result.stopped_early
+    assert result.epochs_run == 5
+
+
+def test_resuming_a_run_that_stopped_early_trains_no_further(tiny_image_set, tmp_path) -> None:
+    train_loader, val_loader = _loaders(tiny_image_set)
+    config = dataclasses.replace(
+        BASE, epochs=10, learning_rate=1e-12, weight_decay=0.0, early_stopping_patience=2
+    )
+    first = Trainer(_model(), config, CPU, tmp_path, progress=False)
+    assert first.fit(train_loader, val_loader).epochs_run == 3
+    saved = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    recorder = Recorder()
+    again = Trainer(_model(seed=7), config, CPU, tmp_path, [recorder], progress=False)
+    result = again.fit(train_loader, val_loader, resume=True)
+    assert result.stopped_early and result.epochs_run == 3
+    assert not [event for event in recorder.events if event.startswith("epoch")]
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["epoch"] == saved["epoch"] == 3
+    # The kept weights are the best epoch's, as when the first run ended.
+    assert _equal_states(again.module.state_dict(), first.module.state_dict())
+    # More patience on resume continues the run.
+    patient = dataclasses.replace(config, early_stopping_patience=3)
+    resumed = Trainer(_model(seed=7), patient, CPU, tmp_path, progress=False)
+    assert resumed.fit(train_loader, val_loader, resume=True).epochs_run == 4
 
 
 def test_best_validation_weights_are_restored(tiny_image_set) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from tests.conftest import write_bird_folder
 
 from cnnkit.config import AugmentConfig, Preprocessing, RunConfig, build_run_config
 from cnnkit.data.dataset import DataSplits, ImageSet
@@ -275,13 +275,7 @@ def test_cli_phases_frozen_produces_a_model_file(tmp_path, capsys):
     from cnnkit.cli import main
     from cnnkit.inference.predictor import Predictor
 
-    data = tmp_path / "birds"
-    rng = np.random.default_rng(0)
-    for name, colour in (("Red Bird", (200, 30, 30)), ("Blue Bird", (30, 30, 200))):
-        (data / name).mkdir(parents=True)
-        for index in range(4):
-            pixels = np.clip(rng.normal(colour, 30, size=(48, 64, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(data / name / f"{index}.jpg")
+    data = write_bird_folder(tmp_path / "birds", per_class=4)
     quick = tmp_path / "quick.yaml"
     quick.write_text("transfer:\n  augmented_views: 1\n  head_epochs: 2\n")
     out = tmp_path / "run"

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
-from cnnkit.config import AugmentConfig, Preprocessing
+from cnnkit.config import AugmentConfig, Preprocessing, RunConfig
 from cnnkit.data.augment import augment_batch
-from cnnkit.data.dataset import ImageSet
+from cnnkit.data.dataset import DataSplits, ImageSet
 from cnnkit.data.normalize import normalize, to_float, to_model_input
-from cnnkit.runtime import rank_seed
+from cnnkit.runtime import DistributedContext, rank_seed
 
 BatchTransform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -161,3 +161,41 @@ class BatchLoader:
             images = images.to(self.device, non_blocking=non_blocking)
             labels = labels.to(self.device, non_blocking=non_blocking)
             yield self.transform(images, generator), labels
+
+
+def build_loaders(
+    splits: DataSplits,
+    config: RunConfig,
+    preprocessing: Preprocessing,
+    device: torch.device,
+    distributed: DistributedContext,
+) -> tuple[BatchLoader, BatchLoader | None, BatchLoader]:
+    """Training, validation and test loaders for one process.
+
+    ``config.train.batch_size`` is the global batch: under torchrun each of the N processes
+    takes ``batch_size / N`` images per step, so results do not depend on the process count.
+    The test loader is not sharded; only rank 0 uses it.
+    """
+    world = distributed.world_size
+    if config.train.batch_size % world:
+        raise ValueError(
+            f"batch_size {config.train.batch_size} must be divisible by the {world} processes"
+        )
+    train_transform = build_train_transform(preprocessing, config.augment)
+    eval_transform = build_eval_transform(preprocessing)
+    shard = {"device": device, "rank": distributed.rank, "world_size": world}
+    batch_size = config.train.batch_size // world
+    train = BatchLoader(
+        splits.train,
+        batch_size,
+        train_transform,
+        shuffle=True,
+        drop_last=len(splits.train) > config.train.batch_size,
+        seed=config.train.seed,
+        max_batches=config.train.max_steps_per_epoch,
+        **shard,
+    )
+    batch = eval_batch_size(config.train.eval_batch_size, preprocessing)
+    val = BatchLoader(splits.val, batch, eval_transform, **shard) if splits.val else None
+    test = BatchLoader(splits.test, batch, eval_transform, device=device)
+    return train, val, test

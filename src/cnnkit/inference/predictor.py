@@ -72,7 +72,9 @@ class Predictor:
             if isinstance(image, (str, Path)):
                 image = read_image_file(str(image))
             elif isinstance(image, np.ndarray):
-                image = Image.fromarray(image)
+                # Pillow has no mode for H x W x 1; that is a grayscale H x W image.
+                single_channel = image.ndim == 3 and image.shape[2] == 1
+                image = Image.fromarray(image[:, :, 0] if single_channel else image)
             arrays.append(prepare_image(image, self.metadata.preprocessing))
         size, channels = (
             self.metadata.preprocessing.stored_size,

@@ -5,9 +5,26 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from cnnkit.atomic import write_atomically
 from cnnkit.training.trainer import Callback, Trainer
 
 METRICS_NAME = "metrics.csv"
+
+
+def write_metrics_csv(path: Path, rows: list[dict[str, float]]) -> None:
+    """Write ``rows`` (one per epoch; columns in first-seen order) to ``path`` atomically, so
+    a crash mid-write leaves the previous file whole."""
+    if not rows:
+        return
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomically(Path(path), write)
 
 
 class CsvLogger(Callback):
@@ -16,20 +33,10 @@ class CsvLogger(Callback):
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
-    def _write(self, rows: list[dict[str, float]]) -> None:
-        if not rows:
-            return
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         if trainer.distributed.is_main:
             # The trainer's history includes resumed epochs, so the file never loses them.
-            self._write(trainer.history)
+            write_metrics_csv(self.path, trainer.history)
 
 
 class TensorBoardLogger(Callback):

@@ -21,6 +21,13 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     write_atomically(Path(path), lambda temporary: torch.save(state, temporary))
 
 
+def remove_checkpoints(run_dir: str | Path) -> None:
+    """Delete every ``checkpoint.pt`` under ``run_dir``: the run's own and its phases' (a
+    transfer run keeps the fine-tune's in ``RUN_DIR/finetune``)."""
+    for path in Path(run_dir).rglob(CHECKPOINT_NAME):
+        path.unlink(missing_ok=True)
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``; there is no pickle fallback.
 

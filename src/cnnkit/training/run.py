@@ -20,18 +20,17 @@ import torch
 from cnnkit import __version__
 from cnnkit.atomic import write_atomically
 from cnnkit.config import Preprocessing, RunConfig, config_to_dict, dump_config
-from cnnkit.data.dataset import DataSplits
-from cnnkit.data.loader import (
-    BatchLoader,
-    build_eval_transform,
-    build_train_transform,
-    eval_batch_size,
-)
+from cnnkit.data.loader import build_loaders
 from cnnkit.data.sources import LoadedData, build_splits
 from cnnkit.evaluation.report import EvaluationReport, build_report
 from cnnkit.inference.artifact import ModelMetadata, save_model
 from cnnkit.models.registry import create_model, model_options
-from cnnkit.runtime import DistributedContext, seed_everything, select_device
+from cnnkit.runtime import (
+    DistributedContext,
+    main_process_first,
+    seed_everything,
+    select_device,
+)
 from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger
 from cnnkit.training.trainer import Callback, FitResult, Trainer
 
@@ -108,7 +107,10 @@ def git_revision() -> str:
 def write_run_info(run_dir: Path, config: RunConfig, extra: dict[str, Any]) -> None:
     """Write ``config.yaml`` and ``run.json`` (version, git revision, timings, metrics)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+    config_text = dump_config(config)
+    write_atomically(
+        run_dir / "config.yaml", lambda path: path.write_text(config_text, encoding="utf-8")
+    )
     info = {
         "cnnkit_version": __version__,
         "git_revision": git_revision(),
@@ -119,44 +121,6 @@ def write_run_info(run_dir: Path, config: RunConfig, extra: dict[str, Any]) -> N
     write_atomically(run_dir / "run.json", lambda path: path.write_text(text, encoding="utf-8"))
 
 
-def build_loaders(
-    splits: DataSplits,
-    config: RunConfig,
-    preprocessing: Preprocessing,
-    device: torch.device,
-    distributed: DistributedContext,
-) -> tuple[BatchLoader, BatchLoader | None, BatchLoader]:
-    """Training, validation and test loaders for one process.
-
-    ``config.train.batch_size`` is the global batch: under torchrun each of the N processes
-    takes ``batch_size / N`` images per step, so results do not depend on the process count.
-    The test loader is not sharded; only rank 0 uses it.
-    """
-    world = distributed.world_size
-    if config.train.batch_size % world:
-        raise ValueError(
-            f"batch_size {config.train.batch_size} must be divisible by the {world} processes"
-        )
-    train_transform = build_train_transform(preprocessing, config.augment)
-    eval_transform = build_eval_transform(preprocessing)
-    shard = {"device": device, "rank": distributed.rank, "world_size": world}
-    batch_size = config.train.batch_size // world
-    train = BatchLoader(
-        splits.train,
-        batch_size,
-        train_transform,
-        shuffle=True,
-        drop_last=len(splits.train) > config.train.batch_size,
-        seed=config.train.seed,
-        max_batches=config.train.max_steps_per_epoch,
-        **shard,
-    )
-    batch = eval_batch_size(config.train.eval_batch_size, preprocessing)
-    val = BatchLoader(splits.val, batch, eval_transform, **shard) if splits.val else None
-    test = BatchLoader(splits.test, batch, eval_transform, device=device)
-    return train, val, test
-
-
 def _load_data(
     config: RunConfig,
     preprocessing: Preprocessing,
@@ -165,12 +129,8 @@ def _load_data(
     distributed: DistributedContext,
 ) -> LoadedData:
     """Rank 0 decodes (and caches) first; the other ranks then read its cache."""
-    if distributed.enabled and not distributed.is_main:
-        torch.distributed.barrier()
-    data = build_splits(config.data, preprocessing, cache_dir, progress and distributed.is_main)
-    if distributed.enabled and distributed.is_main:
-        torch.distributed.barrier()
-    return data
+    with main_process_first(distributed):
+        return build_splits(config.data, preprocessing, cache_dir, progress and distributed.is_main)
 
 
 def train_run(
@@ -222,7 +182,8 @@ def train_run(
     train_loader, val_loader, test_loader = build_loaders(
         splits, config, preprocessing, device, distributed
     )
-    if hasattr(model, "freeze_backbone"):
+    transfer = hasattr(model, "freeze_backbone")
+    if transfer:
         from cnnkit.training.transfer import fit_transfer
 
         fit = fit_transfer(
@@ -235,6 +196,7 @@ def train_run(
             progress,
             callbacks=callbacks,
             resume=resume,
+            distributed=distributed,
         )
         trainer = Trainer(model, config.train, device, None, (), distributed, progress)
     else:
@@ -262,6 +224,10 @@ def train_run(
             logits, labels, splits.class_names, run_dir / "report", splits.test.images
         )
         test_metrics = report.metrics
+        if transfer:
+            from cnnkit.training.transfer import record_final_test
+
+            record_final_test(run_dir, test_metrics)
         metadata = ModelMetadata(
             architecture=config.model.name,
             class_names=tuple(splits.class_names),

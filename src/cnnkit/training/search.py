@@ -30,7 +30,7 @@ from cnnkit.evaluation.search_plots import (
     write_results_tables,
     write_search_figures,
 )
-from cnnkit.training.checkpoint import CHECKPOINT_NAME
+from cnnkit.training.checkpoint import remove_checkpoints
 from cnnkit.training.run import RunResult, resolve_preprocessing, train_run, write_run_info
 from cnnkit.training.search_workers import (
     CoreShare,
@@ -305,7 +305,7 @@ class TrialRunner:
             raise
         finally:
             if not self.config.keep_checkpoints:
-                (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+                remove_checkpoints(run_dir)
         fit = result.fit
         trial.set_user_attr(
             "result",
@@ -633,5 +633,5 @@ def retrain_best(
         data=LoadedData(merged, loaded.problems, loaded.from_cache),
     )
     if not runner.config.keep_checkpoints:
-        (out / CHECKPOINT_NAME).unlink(missing_ok=True)
+        remove_checkpoints(out)
     return result

@@ -294,11 +294,21 @@ class Trainer:
         bad_epochs: int,
     ) -> FitResult:
         config = self.config
+        patience = config.early_stopping_patience
+        if val_loader is None and patience is not None:
+            # Training accuracy says nothing about generalisation, and stopping on it would cut
+            # a one-cycle or cosine schedule short: the schedule's fixed epochs decide instead.
+            logger.info("no validation split: early stopping is off; %d epochs run", config.epochs)
+            patience = None
+        if patience is not None and bad_epochs >= patience:
+            # A resumed run that had already stopped early: nothing is left to train.
+            result.stopped_early = True
+            logger.info("the run stopped early after epoch %d; nothing to resume", self.epoch)
         for callback in self.callbacks:
             callback.on_fit_start(self)
         start = time.perf_counter()
         try:
-            while self.epoch < config.epochs:
+            while self.epoch < config.epochs and not result.stopped_early:
                 # Dropout, drop-path and Mixup draw from this stream, a different one per rank.
                 epoch_seed = config.seed * 1_000_003 + self.epoch
                 torch.manual_seed(rank_seed(epoch_seed, self.distributed.rank))
@@ -319,11 +329,9 @@ class Trainer:
                 self._save(result, best_state, bad_epochs)
                 for callback in self.callbacks:
                     callback.on_epoch_end(self, row)
-                patience = config.early_stopping_patience
                 if patience is not None and bad_epochs >= patience:
                     result.stopped_early = True
                     logger.info("early stopping after epoch %d", self.epoch)
-                    break
         except KeyboardInterrupt:
             # Report what is on disk: nothing before the first save, and the saved epoch when
             # Ctrl-C lands between counting an epoch and writing its checkpoint.

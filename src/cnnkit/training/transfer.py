@@ -10,7 +10,6 @@ and ``RUN_DIR/phases.json`` records every phase's validation and test figures.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -27,15 +26,10 @@ from torch import nn
 from cnnkit.atomic import write_atomically
 from cnnkit.config import Preprocessing, RunConfig
 from cnnkit.data.dataset import DataSplits, ImageSet
-from cnnkit.data.loader import (
-    BatchLoader,
-    build_eval_transform,
-    build_train_transform,
-    eval_batch_size,
-)
+from cnnkit.data.loader import BatchLoader, build_loaders
 from cnnkit.evaluation.metrics import topk_accuracy
-from cnnkit.runtime import cpu_supports_bf16
-from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger
+from cnnkit.runtime import DistributedContext, cpu_supports_bf16, main_process_first
+from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger, write_metrics_csv
 from cnnkit.training.features import FeatureCache, FeatureExtractor, FeatureSource, digest_module
 from cnnkit.training.trainer import Callback, FitResult, Trainer
 
@@ -194,16 +188,20 @@ def fit_frozen_head(
     run_dir: Path,
     progress: bool = True,
     feature_cache_dir: str | Path | None = None,
+    distributed: DistributedContext | None = None,
 ) -> tuple[FitResult, PhaseReport]:
     """Phase 1: freeze the backbone and train the head on cached features.
 
     The training set is every training image's centre crop plus ``augmented_views`` augmented
     views of it; the head with the best validation accuracy is kept when there is a val split.
+    Under torchrun rank 0 computes and caches the features first and the other ranks read them;
+    every rank then fits the same seeded head (the fine-tune's DDP starts from rank 0's anyway).
 
     Returns:
         The head trainer's fit and the phase's report (validation and test figures).
     """
     start = time.perf_counter()
+    distributed = distributed or DistributedContext()
     model.freeze_backbone()
     model.to(device).eval()
     source = FeatureSource(
@@ -213,22 +211,25 @@ def fit_frozen_head(
         config.train.bf16_cpu and device.type == "cpu" and cpu_supports_bf16(),
     )
     cache = FeatureCache(feature_cache_dir or run_dir / FEATURES_FOLDER)
-    frozen = FeatureExtractor(model, source, cache, device, progress)
-    train_views = frozen.views(
-        splits.train.images, config.transfer.augmented_views, config.augment, config.train.seed
-    )
+    frozen = FeatureExtractor(model, source, cache, device, progress and distributed.is_main)
+    with main_process_first(distributed):
+        train_views = frozen.views(
+            splits.train.images,
+            config.transfer.augmented_views,
+            config.augment,
+            config.train.seed,
+        )
+        val_features = frozen.views(splits.val.images)[0] if splits.val is not None else None
+        (test_features,) = frozen.views(splits.test.images)
+    extraction_seconds = time.perf_counter() - start
     train_labels = np.tile(splits.train.labels, len(train_views))
     train_set = feature_set(np.concatenate(train_views), train_labels, splits.class_names)
     val_set = None
     if splits.val is not None:
-        (val_features,) = frozen.views(splits.val.images)
         val_set = feature_set(val_features, splits.val.labels, splits.class_names)
-    (test_features,) = frozen.views(splits.test.images)
-    extraction_seconds = time.perf_counter() - start
 
-    fit, trainer = fit_head(
-        model, config, train_set, val_set, device, _phase_loggers(run_dir, "frozen")
-    )
+    loggers = _phase_loggers(run_dir, "frozen") if distributed.is_main else []
+    fit, trainer = fit_head(model, config, train_set, val_set, device, loggers)
     test_set = feature_set(test_features, splits.test.labels, splits.class_names)
     logits, labels = trainer.predict(BatchLoader(test_set, 4096, _as_float, device=device))
     test_top1, test_top5 = topk_accuracy(logits, labels, 1), topk_accuracy(logits, labels, 5)
@@ -275,45 +276,26 @@ def fit_finetune(
     callbacks: Sequence[Callback] = (),
     freeze_batch_norm: bool = True,
     resume: bool = False,
+    distributed: DistributedContext | None = None,
 ) -> tuple[FitResult, PhaseReport]:
     """Phase 2: unfreeze everything and train with the generic trainer on augmented batches.
 
     Augmentation runs as batched tensor ops on the decoded uint8 images; the backbone learns at
     ``learning_rate * backbone_lr_scale`` and the schedule, warm-up and early stopping (only with
-    a val split) come from ``config.train``.
+    a val split) come from ``config.train``. Under torchrun each process trains on its shard of
+    every batch and DDP averages the gradients, as for any other model.
 
     Returns:
         The trainer's fit (best validation weights restored) and the phase's report.
     """
     model.unfreeze_backbone()
-    train = config.train
-    if splits.val is None:
-        # Without a val split the trainer would stop on training accuracy, which says nothing
-        # about generalisation; the schedule's fixed epochs decide instead.
-        train = dataclasses.replace(train, early_stopping_patience=None)
-    train_loader = BatchLoader(
-        splits.train,
-        train.batch_size,
-        build_train_transform(preprocessing, config.augment),
-        shuffle=True,
-        drop_last=len(splits.train) > train.batch_size,
-        device=device,
-        seed=train.seed,
-        max_batches=train.max_steps_per_epoch,
-    )
-    val_loader = None
-    if splits.val is not None:
-        eval_transform = build_eval_transform(preprocessing)
-        val_loader = BatchLoader(
-            splits.val,
-            eval_batch_size(train.eval_batch_size, preprocessing),
-            eval_transform,
-            device=device,
-            seed=train.seed,
-        )
-    loggers = [*_phase_loggers(run_dir, "finetune"), *callbacks]
+    distributed = distributed or DistributedContext()
+    train_loader, val_loader, _ = build_loaders(splits, config, preprocessing, device, distributed)
+    loggers = [*(_phase_loggers(run_dir, "finetune") if distributed.is_main else []), *callbacks]
     network = FrozenBatchNorm(model) if freeze_batch_norm else model
-    trainer = Trainer(network, train, device, run_dir / "finetune", loggers, progress=progress)
+    trainer = Trainer(
+        network, config.train, device, run_dir / "finetune", loggers, distributed, progress
+    )
     fit = trainer.fit(train_loader, val_loader, resume=resume)
     report = PhaseReport.from_fit(
         "finetune",
@@ -341,20 +323,6 @@ def _combine(fits: list[tuple[float, FitResult]], seconds: float) -> FitResult:
         stopped_early=last.stopped_early,
         seconds=seconds,
     )
-
-
-def _write_history(path: Path, history: list[dict[str, float]]) -> None:
-    if not history:
-        return
-    columns = list(dict.fromkeys(key for row in history for key in row))
-
-    def write(temporary: Path) -> None:
-        with open(temporary, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(history)
-
-    write_atomically(path, write)
 
 
 def save_phase_reports(run_dir: Path, reports: list[PhaseReport]) -> Path:
@@ -394,6 +362,7 @@ def fit_transfer(
     callbacks: Sequence[Callback] = (),
     freeze_batch_norm: bool = True,
     resume: bool = False,
+    distributed: DistributedContext | None = None,
 ) -> FitResult:
     """Run the phases of ``config.transfer.phases`` on a model with a freezable backbone.
 
@@ -414,22 +383,33 @@ def fit_transfer(
         resume: continue an interrupted fine-tune from ``RUN_DIR/finetune/checkpoint.pt``.
             The frozen phase runs again first: its features come from the cache and its
             seeded head equals the first run's, and the checkpoint then replaces all weights.
+        distributed: rank information under torchrun (only rank 0 writes files).
 
     Returns:
         The phases' combined fit; the model is left with the last phase's best weights.
     """
     start = time.perf_counter()
     run_dir = Path(run_dir)
+    distributed = distributed or DistributedContext()
     phases = config.transfer.phases
     fits: list[tuple[float, FitResult]] = []
     reports: list[PhaseReport] = []
     if "frozen" in phases:
         fit, report = fit_frozen_head(
-            model, config, splits, preprocessing, device, run_dir, progress, feature_cache_dir
+            model,
+            config,
+            splits,
+            preprocessing,
+            device,
+            run_dir,
+            progress,
+            feature_cache_dir,
+            distributed,
         )
         fits.append((1.0, fit))
         reports.append(report)
-        save_phase_reports(run_dir, reports)
+        if distributed.is_main:
+            save_phase_reports(run_dir, reports)
     if "finetune" in phases:
         fit, report = fit_finetune(
             model,
@@ -442,10 +422,13 @@ def fit_transfer(
             callbacks,
             freeze_batch_norm,
             resume,
+            distributed,
         )
         fits.append((2.0, fit))
         reports.append(report)
-        save_phase_reports(run_dir, reports)
+        if distributed.is_main:
+            save_phase_reports(run_dir, reports)
     result = _combine(fits, time.perf_counter() - start)
-    _write_history(run_dir / "metrics.csv", result.history)
+    if distributed.is_main:
+        write_metrics_csv(run_dir / "metrics.csv", result.history)
     return result
