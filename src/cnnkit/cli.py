@@ -372,7 +372,12 @@ def command_evaluate(args: argparse.Namespace) -> int:
         "crop_to_bbox": args.crop_to_bbox,
         "test_fraction": args.test_fraction,
     }
-    out = Path(args.out) if args.out else model_path.parent / "evaluation"
+    if args.out:
+        out = Path(args.out)
+    elif args.model:
+        out = model_path.parent / "evaluation"
+    else:  # Never into the installed package's folder.
+        out = Path("runs") / "evaluation-bundled"
     report = evaluate_model_file(
         model_path,
         {k: v for k, v in overrides.items() if v is not None},
@@ -396,17 +401,30 @@ def command_evaluate(args: argparse.Namespace) -> int:
 
 
 def expand_images(paths: list[str]) -> list[Path]:
-    """Files as given, folders expanded to the image files inside them (sorted)."""
+    """Files as given, folders expanded to the image files inside them (sorted).
+
+    Raises:
+        CommandError: for a folder with no image files in it.
+    """
     expanded: list[Path] = []
     for text in paths:
-        path = Path(text)
+        path = Path(text).expanduser()
         if path.is_dir():
-            expanded.extend(
-                sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            )
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+                raise CommandError(f"{path}: no image files found (looked for {suffixes})")
+            expanded.extend(found)
         else:
             expanded.append(path)
     return expanded
+
+
+def _backend_for(model: str | None, backend: str | None) -> str:
+    """``--backend`` as given, else ``onnx`` for a ``.onnx`` model file and ``torch`` otherwise."""
+    if backend is not None:
+        return backend
+    return "onnx" if model is not None and model.lower().endswith(".onnx") else "torch"
 
 
 def format_prediction(prediction, kind: str) -> str:
@@ -428,64 +446,91 @@ def _load_predictor(model: str | None, backend: str):
 
 
 def command_predict(args: argparse.Namespace) -> int:
-    from cnnkit.data.image import BadImageError
-
+    if args.top_k < 1:
+        raise CommandError(f"--top-k must be at least 1; got {args.top_k}")
     inputs = list(args.inputs)
     model = args.model
-    if model is None and inputs and inputs[0].endswith((".safetensors", ".onnx")):
+    if model is None and inputs and inputs[0].lower().endswith((".safetensors", ".onnx")):
         model = inputs.pop(0)
-    predictor = _load_predictor(model, args.backend)
-    kind = predictor.metadata.kind
-    if args.interactive:
-        return _interactive(predictor, kind, args.top_k)
     images = expand_images(inputs)
-    if not images:
+    if not images and not args.interactive:
         raise CommandError("no images given (pass files or folders, or use --interactive)")
-    results, failures = [], 0
-    for path in images:
-        try:
-            ranked = predictor.predict([path], top_k=args.top_k)[0]
-        except BadImageError as error:
-            failures += 1
-            print(f"error: {error}", file=sys.stderr)
-            continue
-        results.append((path, ranked))
-    if args.json:
-        payload = [
-            {"image": str(path), "predictions": [p.to_dict() for p in ranked]}
-            for path, ranked in results
-        ]
-        print(json.dumps(payload, indent=2, ensure_ascii=False))
-    else:
-        for path, ranked in results:
-            prefix = f"{path}: " if len(images) > 1 else ""
-            print(prefix + format_prediction(ranked[0], kind))
-            for rank, prediction in enumerate(ranked[1:], start=2):
-                print(
-                    f"  {rank}. " + format_prediction(prediction, kind).removeprefix("Prediction: ")
-                )
+    predictor = _load_predictor(model, _backend_for(model, args.backend))
+    failures = _predict_and_print(predictor, images, args.top_k, args.json)
+    if args.interactive:
+        _interactive(predictor, args.top_k, args.json)
     return 1 if failures else 0
 
 
-def _interactive(predictor, kind: str, top_k: int) -> int:
+def _predict_and_print(
+    predictor, images: list[Path], top_k: int, as_json: bool, errors=None
+) -> int:
+    """Print the predictions for ``images`` and an error line for each bad file (to ``errors``,
+    stderr by default); return the number of bad files."""
     from cnnkit.data.image import BadImageError
 
+    errors = errors or sys.stderr
+
+    results, failures = [], 0
+    for path in images:
+        try:
+            ranked = predictor.predict([path], top_k=top_k)[0]
+        except BadImageError as error:
+            failures += 1
+            print(f"error: {error}", file=errors)
+            continue
+        results.append((path, ranked))
+    if as_json:
+        if results:
+            payload = [
+                {"image": str(path), "predictions": [p.to_dict() for p in ranked]}
+                for path, ranked in results
+            ]
+            print(json.dumps(payload, indent=2, ensure_ascii=False))
+        return failures
+    kind = predictor.metadata.kind
+    for path, ranked in results:
+        prefix = f"{path}: " if len(images) > 1 else ""
+        print(prefix + format_prediction(ranked[0], kind))
+        for rank, prediction in enumerate(ranked[1:], start=2):
+            print(f"  {rank}. " + format_prediction(prediction, kind).removeprefix("Prediction: "))
+    return failures
+
+
+def _ask(prompt: str, to_stderr: bool) -> str:
+    """``input(prompt)``, or with the prompt on stderr so that stdout stays pure JSON."""
+    if not to_stderr:
+        return input(prompt)
+    print(prompt, end="", file=sys.stderr, flush=True)
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line
+
+
+def _interactive(predictor, top_k: int, as_json: bool) -> None:
+    """The book's ``Enter filename:`` loop; an empty line or end of input ends it.
+
+    A bad name prints an error in the conversation and the loop goes on (with ``--json`` the
+    prompts and errors go to stderr, so stdout holds only JSON). Quotes around a name (a file
+    dragged into a terminal) and ``~`` are understood, and a folder gives every image in it.
+    """
+    print("Enter image files or folders, one per line; an empty line ends.", file=sys.stderr)
+    errors = sys.stderr if as_json else sys.stdout
     while True:
         try:
-            name = input("Enter filename: ").strip()
+            name = _ask("Enter filename: ", to_stderr=as_json)
         except EOFError:
             break
+        name = name.strip().strip("'\"").strip()
         if not name:
             break
         try:
-            ranked = predictor.predict([Path(name)], top_k=top_k)[0]
-        except BadImageError as error:
-            print(f"error: {error}")
+            images = expand_images([name])
+        except CommandError as error:
+            print(f"error: {error}", file=errors)
             continue
-        print(format_prediction(ranked[0], kind))
-        for rank, prediction in enumerate(ranked[1:], start=2):
-            print(f"  {rank}. " + format_prediction(prediction, kind).removeprefix("Prediction: "))
-    return 0
+        _predict_and_print(predictor, images, top_k, as_json, errors)
 
 
 def command_fetch(args: argparse.Namespace) -> int:
@@ -507,10 +552,8 @@ def command_fetch(args: argparse.Namespace) -> int:
 
 
 def command_serve(args: argparse.Namespace) -> int:
-    from cnnkit.web.app import is_loopback, serve
+    from cnnkit.web.app import serve
 
-    if is_loopback(args.host) or args.allow_remote:
-        print(f"Serving on http://{args.host}:{args.port}/  (Ctrl-C stops)")
     serve(
         args.model,
         host=args.host,
@@ -518,6 +561,7 @@ def command_serve(args: argparse.Namespace) -> int:
         max_upload_bytes=args.max_upload_mb * 1_000_000,
         allow_remote=args.allow_remote,
         workers=args.workers,
+        on_ready=lambda url: print(f"Serving on {url}  (Ctrl-C stops)", flush=True),
     )
     return 0
 
@@ -692,25 +736,51 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="evaluate a model file on a dataset")
     evaluate.add_argument("model", nargs="?", help="model file (default: the bundled model)")
     _add_data_arguments(evaluate)
-    evaluate.add_argument("--split", choices=["test", "all"], default="test")
-    evaluate.add_argument("--out", help="report folder (default: next to the model)")
+    evaluate.add_argument(
+        "--split",
+        choices=["test", "all"],
+        default="test",
+        help="score the test split (default) or every image of the dataset",
+    )
+    evaluate.add_argument(
+        "--out",
+        help="report folder (default: MODEL's folder/evaluation; runs/evaluation-bundled for "
+        "the bundled model)",
+    )
     evaluate.add_argument("--json", action="store_true", help="print metrics as JSON")
     evaluate.set_defaults(handler=command_evaluate)
 
     predict = commands.add_parser("predict", help="classify image files or folders")
     predict.add_argument("inputs", nargs="*", metavar="[MODEL] IMAGE", help="model file, images")
     predict.add_argument("--model", help="model file (default: first argument or bundled model)")
-    predict.add_argument("--top-k", type=int, default=1, help="show the K best classes")
+    predict.add_argument("--top-k", type=int, default=1, help="show the K best classes (1)")
     predict.add_argument("--json", action="store_true", help="print JSON")
-    predict.add_argument("--interactive", action="store_true", help="ask for filenames")
-    predict.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    predict.add_argument(
+        "--interactive",
+        action="store_true",
+        help="then ask for filenames, one per line, until an empty line (the book's loop)",
+    )
+    predict.add_argument(
+        "--backend",
+        choices=["torch", "onnx"],
+        help="run the model with PyTorch or ONNX Runtime (default: onnx for a .onnx file)",
+    )
     predict.set_defaults(handler=command_predict)
 
     serve = commands.add_parser("serve", help="web page and REST API for a model")
     serve.add_argument("model", nargs="?", help="model file (default: the bundled model)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-upload-mb", type=int, default=5)
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; others need --allow-remote)",
+    )
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    serve.add_argument(
+        "--max-upload-mb",
+        type=int,
+        default=5,
+        help="largest accepted upload in MB; larger ones get 413 (default 5)",
+    )
     serve.add_argument(
         "--allow-remote", action="store_true", help="allow binding to a non-loopback address"
     )
@@ -724,9 +794,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=command_serve)
 
     demo = commands.add_parser("demo", help="train and use a CNN on the embedded digits")
-    demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--epochs", type=int, default=12)
-    demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    demo.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(handler=command_demo)
 
     models = commands.add_parser("models", help="list registered models and their options")
@@ -734,7 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="export a model file to ONNX")
     export.add_argument("model", help="model file (.safetensors)")
-    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument("--format", choices=["onnx"], default="onnx", help="file format (onnx)")
     export.add_argument("--out", help="output file (default: MODEL with a .onnx suffix)")
     export.add_argument("--opset", type=int, help="ONNX opset version (default 18)")
     export.add_argument(
@@ -746,8 +816,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dataset", choices=DATASETS, help="calibration data source")
     export.add_argument("--data", help="calibration dataset path")
     export.add_argument("--fold", type=int, help="HASYv2 fold whose training images calibrate")
-    export.add_argument("--calibration-images", type=int, default=512)
-    export.add_argument("--cache-dir", help="decoded-image cache (default ~/.cache/cnnkit)")
+    export.add_argument(
+        "--calibration-images",
+        type=int,
+        default=512,
+        help="training images that calibrate --quantize int8 (default 512)",
+    )
+    export.add_argument("--cache-dir", help=f"decoded-image cache (default {default_cache_dir()})")
     export.set_defaults(handler=command_export)
 
     search = commands.add_parser(

@@ -330,6 +330,42 @@ def test_interactive_loop(
     assert out.count("Enter filename:") == 5
 
 
+def test_interactive_loop_takes_quoted_names_folders_and_json(
+    capsys, monkeypatch: pytest.MonkeyPatch, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    first, second = _write_images(tmp_path / "pair", count=2)
+    (given,) = _write_images(tmp_path / "given", count=1)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    lines = [f"'{first}'", str(tmp_path / "pair"), str(empty)]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    command = ["predict", str(symbol_model_file), str(given), "--interactive", "--json"]
+    assert main(command) == 0
+    captured = capsys.readouterr()
+    # Stdout is JSON documents only: the command line's image, then one per answer.
+    decoder, out, documents = json.JSONDecoder(), captured.out.strip(), []
+    while out:
+        document, end = decoder.raw_decode(out)
+        documents.append(document)
+        out = out[end:].strip()
+    assert [[item["image"] for item in document] for document in documents] == [
+        [str(given)],
+        [str(first)],
+        [str(first), str(second)],
+    ]
+    assert "Enter filename:" in captured.err and "empty: no image files found" in captured.err
+
+
+def test_predict_empty_folder_and_bad_top_k_exit_2(
+    capsys, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    assert main(["predict", str(symbol_model_file), str(tmp_path)]) == 2
+    assert f"{tmp_path}: no image files found" in capsys.readouterr().err
+    (image,) = _write_images(tmp_path, count=1)
+    assert main(["predict", str(symbol_model_file), str(image), "--top-k", "0"]) == 2
+    assert "--top-k must be at least 1" in capsys.readouterr().err
+
+
 def test_interactive_loop_ends_at_end_of_input(
     capsys, monkeypatch: pytest.MonkeyPatch, symbol_model_file: Path, tmp_path: Path
 ) -> None:

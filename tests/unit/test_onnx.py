@@ -169,14 +169,16 @@ def test_cli_predict_onnx_backend_prints_the_same_lines(exported, tmp_path: Path
     for index, image in enumerate(_random_images(metadata, 3, seed=7)):
         Image.fromarray(image.squeeze()).save(image_dir / f"image_{index}.png")
     outputs = {}
-    for backend, model in (("torch", model_path), ("onnx", model_path), ("onnx", onnx_path)):
-        arguments = ["predict", str(model), str(image_dir), "--top-k", "3", "--backend", backend]
-        assert main(arguments) == 0
+    runs = (("torch", model_path), ("onnx", model_path), ("onnx", onnx_path), (None, onnx_path))
+    for backend, model in runs:
+        arguments = ["predict", str(model), str(image_dir), "--top-k", "3"]
+        assert main(arguments + (["--backend", backend] if backend else [])) == 0
         outputs[(backend, model.suffix)] = capsys.readouterr().out
     torch_output = outputs[("torch", ".safetensors")]
     assert torch_output.count("Prediction:") == 3
     assert outputs[("onnx", ".safetensors")] == torch_output
     assert outputs[("onnx", ".onnx")] == torch_output
+    assert outputs[(None, ".onnx")] == torch_output  # A .onnx file picks the ONNX backend.
 
 
 class _TinyBackbone(torch.nn.Module):

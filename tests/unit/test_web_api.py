@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import re
+import socket
 import struct
 import threading
 import zlib
@@ -604,3 +605,35 @@ def test_allow_remote_lifts_the_host_check(tmp_path: Path) -> None:
     # The host check passes, so serving fails later, on the missing model file.
     with pytest.raises(ValueError, match="not found"):
         serve(str(tmp_path / "missing.safetensors"), host="0.0.0.0", allow_remote=True)
+
+
+def test_serve_checks_the_model_and_port_before_announcing(symbol_model_path: Path) -> None:
+    announced: list[str] = []
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port}"):
+            serve(str(symbol_model_path), port=port, on_ready=announced.append)
+    with pytest.raises(ValueError, match="not found"):
+        serve("missing.safetensors", port=port, on_ready=announced.append)
+    assert announced == []
+
+
+def test_an_exported_onnx_file_serves_the_same_predictions(
+    symbol_model_path: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("onnxruntime")
+    from cnnkit.inference.export import export_onnx
+
+    onnx_path = export_onnx(symbol_model_path, tmp_path / "symbols.onnx")
+    body = {"image": base64.b64encode(png_bytes(Image.new("L", (40, 30), 255))).decode()}
+    answers = []
+    for path in (symbol_model_path, onnx_path):
+        with TestClient(create_app(load_predictor(str(path)))) as test_client:
+            response = test_client.post("/api/predict", json=body)
+        assert response.status_code == 200
+        answers.append(response.json()["predictions"])
+    assert [p["label"] for p in answers[0]] == [p["label"] for p in answers[1]]
+    for torch_answer, onnx_answer in zip(answers[0], answers[1], strict=True):
+        assert onnx_answer["confidence"] == pytest.approx(torch_answer["confidence"], abs=1e-4)

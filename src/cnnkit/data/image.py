@@ -7,6 +7,7 @@ preprocess differently.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -19,6 +20,9 @@ from cnnkit.data.files import read_regular_file
 # photo this tool is meant for, and PIL raises DecompressionBombError at twice its limit.
 MAX_IMAGE_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+_OBJECT_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 class BadImageError(ValueError):
@@ -52,7 +56,9 @@ def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
         raise BadImageError(f"{name}: refused as a decompression bomb ({error})") from error
     except Exception as error:  # PIL raises many types for corrupt data; all mean "bad image".
         kind = "truncated" if "truncated" in str(error).lower() else "not a readable image"
-        raise BadImageError(f"{name}: {kind} ({type(error).__name__}: {error})") from error
+        # PIL names the in-memory stream ("<_io.BytesIO object at 0x...>"): say "data" instead.
+        detail = _OBJECT_ADDRESS.sub("data", str(error))
+        raise BadImageError(f"{name}: {kind} ({type(error).__name__}: {detail})") from error
     return image
 
 

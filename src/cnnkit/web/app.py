@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -238,7 +239,8 @@ def is_loopback(host: str) -> bool:
 
 
 def load_predictor(model_path: str | None) -> Predictor:
-    """Load ``model_path``, or the bundled symbol model when it is ``None``.
+    """Load ``model_path`` (a ``.safetensors`` model file, or an ``.onnx`` file from
+    ``cnnkit export``, run by onnxruntime), or the bundled symbol model when it is ``None``.
 
     Raises:
         FileNotFoundError: if no path is given and the bundled model is missing.
@@ -246,9 +248,31 @@ def load_predictor(model_path: str | None) -> Predictor:
     """
     from cnnkit.inference.bundled import bundled_model_path
 
+    if model_path is not None and str(model_path).lower().endswith(".onnx"):
+        from cnnkit.inference.onnx_backend import OnnxPredictor
+
+        return OnnxPredictor.from_file(model_path)
     predictor = Predictor.from_file(model_path if model_path is not None else bundled_model_path())
     optimize_for_serving(predictor.model)
     return predictor
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ``ValueError`` when another program already listens on ``host:port``.
+
+    uvicorn would only log the failure after startup; checking first gives one clear line.
+    """
+    import socket
+
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # As uvicorn binds.
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ValueError(f"cannot listen on {host}:{port} ({error.strerror})") from error
 
 
 def optimize_for_serving(model: torch.nn.Module) -> torch.nn.Module:
@@ -281,6 +305,7 @@ def serve(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     allow_remote: bool = False,
     workers: int = 1,
+    on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Serve the web app and API until interrupted.
 
@@ -293,6 +318,7 @@ def serve(
         workers: server processes sharing the port, each with its own copy of the model and
             ``cores // workers`` torch threads. One event loop handles about 1,000-1,500
             requests/s; with several cores, more processes serve more.
+        on_ready: called with the page's URL once the model has loaded and the port is free.
 
     Raises:
         ValueError: for a non-loopback ``host`` without ``allow_remote``, or a bad port.
@@ -309,10 +335,13 @@ def serve(
         raise ValueError(f"port must be between 0 and 65535; got {port}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1; got {workers}")
+    predictor = load_predictor(model_path)  # With several workers, a bad file fails here once.
+    check_port_free(host, port)
+    if on_ready is not None:
+        on_ready(f"http://{host}:{port}/")
     if workers > 1:
-        _serve_processes(model_path, host, port, max_upload_bytes, workers)
+        _serve_processes(model_path, host, port, max_upload_bytes, workers, predictor)
         return
-    predictor = load_predictor(model_path)
     app = create_app(predictor, max_upload_bytes)
     logger.info(
         "serving %s (%s) on http://%s:%d",
@@ -337,7 +366,12 @@ _WORKER_SETTINGS = "CNNKIT_SERVE_SETTINGS"
 
 
 def _serve_processes(
-    model_path: str | None, host: str, port: int, max_upload_bytes: int, workers: int
+    model_path: str | None,
+    host: str,
+    port: int,
+    max_upload_bytes: int,
+    workers: int,
+    predictor: Predictor,
 ) -> None:
     """Run ``workers`` uvicorn processes on one port; each builds its app from the settings."""
     import json
@@ -345,8 +379,7 @@ def _serve_processes(
 
     import uvicorn
 
-    # Check the model once here, so a bad file fails before any process starts.
-    model_summary = _model_summary(load_predictor(model_path))
+    model_summary = _model_summary(predictor)
     threads = max(1, (os.cpu_count() or 1) // workers)
     os.environ[_WORKER_SETTINGS] = json.dumps(
         {"model": model_path, "max_upload_bytes": max_upload_bytes, "threads": threads}

@@ -8,7 +8,6 @@ do not hold up the batch.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,6 @@ logger = logging.getLogger(__name__)
 
 # Uploads up to this size (a 32x32 PNG is under 1 kB) are decoded in the batch thread.
 INLINE_DECODE_BYTES = 64 * 1024
-_OBJECT_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 class PredictionService:
@@ -54,7 +52,7 @@ class PredictionService:
         try:
             image = decode_image(image_request.data, "uploaded file")
         except BadImageError as error:
-            raise HTTPException(400, _OBJECT_ADDRESS.sub("data", str(error))) from None
+            raise HTTPException(400, str(error)) from None
         if image_request.source == "canvas" and self.predictor.metadata.kind == "symbols":
             image = canvas_to_symbol(image)
         return prepare_image(image, self.predictor.metadata.preprocessing)
