@@ -85,7 +85,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) 
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_data_arguments(parser)
+    _add_data_arguments(parser, required=False)  # --config may name the dataset instead.
     parser.add_argument(
         "--preset",
         help="named defaults: digits, hasy, book-hasy, book-hasy-search, cub, book-cub",
@@ -97,7 +97,6 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="print the resolved settings (preset < --config < flags) as YAML and exit",
     )
     parser.add_argument("--out", help="run folder (default runs/<dataset>-<model>)")
-    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument(
         "--train-on-all", action="store_true", default=None, help="fit on train+test (final)"
@@ -264,14 +263,18 @@ def resolve_run_config(args: argparse.Namespace):
     from cnnkit.config import PRESETS, build_run_config, load_config_file, preset_for
 
     file_layer = load_config_file(args.config) if args.config else {}
-    model_name = args.model or file_layer.get("model", {}).get("name")
+    dataset = args.dataset or (file_layer.get("data") or {}).get("dataset")
+    if dataset is None:
+        raise CommandError("--dataset is required (or data.dataset in the --config file)")
+    args.dataset = dataset  # Default folder names use it.
+    model_name = args.model or (file_layer.get("model") or {}).get("name")
     preset = args.preset
     if preset is None and model_name in PHOTO_MODELS_PRESET:
         preset = PHOTO_MODELS_PRESET[model_name]
     if preset is None and model_name and model_name.startswith("efficientnet"):
         preset = "cub"
     if preset is None:
-        preset = args.dataset if args.dataset in PRESETS else "hasy"
+        preset = dataset if dataset in PRESETS else "hasy"
     return build_run_config(preset_for(preset), file_layer, overrides_from_args(args))
 
 
@@ -311,6 +314,8 @@ def command_train(args: argparse.Namespace) -> int:
         tune_allocator()
     distributed = distributed_from_env()
     is_main = distributed.is_main
+    if is_main:
+        _print_run_folder_state(config.run_dir(), args.resume)
     cache_dir = args.cache_dir or config.data.cache_dir or default_cache_dir()
     try:
         result = train_run(
@@ -332,18 +337,40 @@ def command_train(args: argparse.Namespace) -> int:
     if is_main:
         _print_history(result.fit.history)
         metrics = result.test_metrics
+        seen = " (images it trained on: --train-on-all)" if config.data.train_on_all else ""
         print(
             f"Test: top-1 {metrics.get('top1', float('nan')):.4f}, "
-            f"top-5 {metrics.get('top5', float('nan')):.4f}"
+            f"top-5 {metrics.get('top5', float('nan')):.4f}{seen}"
         )
         print(f"Model: {result.model_path}")
         print(f"Run folder: {result.run_dir} (metrics.csv, tensorboard/, report/, config.yaml)")
     return 0
 
 
+def _print_run_folder_state(run_dir: Path, resume: bool) -> None:
+    """Say whether ``--resume`` found a checkpoint, or that a fresh run replaces an old one."""
+    from cnnkit.training.checkpoint import CHECKPOINT_NAME
+
+    checkpoints = [run_dir / CHECKPOINT_NAME, run_dir / "finetune" / CHECKPOINT_NAME]
+    found = next((path for path in checkpoints if path.exists()), None)
+    if resume:
+        print(f"Resuming from {found}" if found else f"No checkpoint in {run_dir}: starting fresh")
+    elif (run_dir / "model.safetensors").exists() or found:
+        print(f"Note: {run_dir} holds an earlier run; this run replaces its model and logs")
+
+
+PHASE_NAMES = {1.0: "frozen", 2.0: "fine-tune"}
+
+
 def _print_history(history: list[dict[str, float]]) -> None:
-    for row in history:
-        parts = [f"epoch {int(row['epoch']):>3}"]
+    phase_starts: dict[float, int] = {}
+    for index, row in enumerate(history):
+        label = ""
+        if "phase" in row:  # A transfer run: number each phase's epochs from 1.
+            start = phase_starts.setdefault(row["phase"], index)
+            label = f"{PHASE_NAMES.get(row['phase'], row['phase']):<9} "
+            row = {**row, "epoch": index - start + 1}
+        parts = [f"{label}epoch {int(row['epoch']):>3}"]
         for key in ("train_loss", "train_accuracy", "val_accuracy", "val_top5"):
             if key in row:
                 parts.append(f"{key} {row[key]:.4f}")
@@ -648,9 +675,10 @@ def command_search(args: argparse.Namespace) -> int:
     if args.preset is None and args.model is None and space.preset:
         args.preset = space.preset
     given_out = args.out
-    if args.out is None:
-        args.out = str(Path("runs") / f"search-{args.dataset}-{space.name}")
     base = resolve_run_config(args)
+    if given_out is None:
+        out = Path("runs") / f"search-{base.data.dataset}-{space.name}"
+        base = dataclasses.replace(base, out=str(out))
     if args.print_config:
         # The trials' settings before the space varies them, and the folder only if given.
         return _print_config(dataclasses.replace(base, out=given_out))
@@ -731,6 +759,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model and save RUN_DIR/model.safetensors")
     _add_train_arguments(train)
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the run folder's last checkpoint (after Ctrl-C, or with more epochs)",
+    )
     train.set_defaults(handler=command_train)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a model file on a dataset")

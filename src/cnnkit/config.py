@@ -89,6 +89,11 @@ class DataConfig:
             raise ValueError(f"--data is required for --dataset {self.dataset}")
         if self.fold is not None and not 1 <= self.fold <= 10:
             raise ValueError(f"fold must be between 1 and 10; got {self.fold}")
+        if self.fold is not None and self.dataset != "hasy":
+            raise ValueError(
+                f"--fold selects a HASYv2 fold; --dataset {self.dataset} has no folds "
+                "(it splits by --test-fraction and --val-fraction, or its official split)"
+            )
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             if not 0 <= value < 1:

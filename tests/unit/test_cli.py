@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from cnnkit import __version__
-from cnnkit.cli import build_parser, format_prediction, main, resolve_run_config
+from cnnkit.cli import _print_history, build_parser, format_prediction, main, resolve_run_config
 from cnnkit.config import PRESETS
 from cnnkit.inference.predictor import Prediction, Predictor
 from cnnkit.models.registry import create_model, model_options
@@ -165,6 +165,8 @@ def test_another_model_does_not_inherit_the_presets_model_options() -> None:
         (["--option", "width"], "KEY=VALUE"),
         (["--preset", "imagenet"], "imagenet"),
         (["--val-fraction", "1.5"], "val_fraction"),
+        (["--fold", "1"], "--dataset digits has no folds"),
+        (["--phases", "frozen"], "symbol_cnn has no pretrained backbone"),
     ],
 )
 def test_invalid_train_arguments_exit_2_with_one_line(capsys, argv, message) -> None:
@@ -217,6 +219,50 @@ def test_train_size_a_model_cannot_take_stops_before_any_data_loads(capsys, tmp_
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "book_cnn cannot train on 24 px crops" in error[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_the_config_file_may_name_the_dataset(capsys, tmp_path: Path) -> None:
+    path = tmp_path / "digits.yaml"
+    path.write_text("data:\n  dataset: digits\n", encoding="utf-8")
+    config = _resolve("--config", str(path))
+    assert config.data.dataset == "digits" and config.model.name == "symbol_cnn"  # its preset
+    assert main(["train", "--epochs", "1", "--print-config"]) == 2
+    assert "--dataset is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --resume belongs to train; a search continues by itself.
+        main(["search", "--dataset", "digits", "--resume"])
+
+
+def test_resume_says_what_it_found_and_refuses_a_mismatched_checkpoint(capsys, tmp_path):
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "digits", "--epochs", "1", "--quiet", "--out", str(run)]
+    assert main([*argv, "--max-classes", "3", "--resume"]) == 0
+    assert f"No checkpoint in {run}: starting fresh" in capsys.readouterr().out
+    assert main([*argv, "--max-classes", "3", "--epochs", "2", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"Resuming from {run / 'checkpoint.pt'}" in out
+    assert [line.split()[:2] for line in out.splitlines() if line.startswith("epoch")] == [
+        ["epoch", "1"],
+        ["epoch", "2"],
+    ]
+    assert main([*argv, "--max-classes", "4", "--resume"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "checkpoint.pt: does not match this run's model" in error[0]
+    assert main([*argv, "--max-classes", "3", "--train-on-all"]) == 0
+    out = capsys.readouterr().out
+    assert f"Note: {run} holds an earlier run" in out
+    assert "(images it trained on: --train-on-all)" in out
+
+
+def test_transfer_history_numbers_each_phase_from_one(capsys) -> None:
+    rows = [{"epoch": e, "train_loss": 1.0, "phase": 1.0} for e in (1, 2)]
+    rows.append({"epoch": 3, "train_loss": 0.5, "phase": 2.0})
+    _print_history(rows)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in lines] == [
+        ["frozen", "epoch", "1"],
+        ["frozen", "epoch", "2"],
+        ["fine-tune", "epoch", "1"],
+    ]
 
 
 def test_version_and_models(capsys) -> None:

@@ -139,10 +139,17 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_download_writes_verified_file_and_no_part(tmp_path, server, tiny_spec, capsys):
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_download_writes_verified_file_and_no_part(tmp_path, server, tiny_spec, monkeypatch):
     url, state = server
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)  # Progress bars show on terminals only.
     path = fetch_archive(ARCHIVE_NAME, tmp_path / "new", url=url, progress=True)
-    assert FILENAME in capsys.readouterr().err  # the tqdm bar
+    assert FILENAME in terminal.getvalue()  # the tqdm bar
     assert path == tmp_path / "new" / FILENAME
     assert _sha256(path) == ARCHIVE_SHA256
     assert sorted(os.listdir(path.parent)) == [FILENAME]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 from pathlib import Path
 
 import pytest
@@ -461,3 +462,17 @@ def test_a_decay_too_high_for_the_run_is_reported(tiny_image_set, caplog) -> Non
     with caplog.at_level("WARNING", logger="cnnkit.training.trainer"):
         Trainer(_model(), config, CPU, progress=False).fit(train_loader)
     assert "ema_decay 0.999 is high for 4 steps" in caplog.text
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bars_show_on_a_terminal_only(tiny_image_set, monkeypatch, terminal) -> None:
+    stream = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    train_loader, _ = _loaders(tiny_image_set)
+    Trainer(_model(), dataclasses.replace(BASE, epochs=1), CPU, progress=True).fit(train_loader)
+    assert ("epoch 1/1" in stream.getvalue()) is terminal

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from cnnkit.config import Preprocessing
 from cnnkit.data.image import BadImageError, decode_image, prepare_image
 from cnnkit.data.source import Listing, Source
+from cnnkit.progress import bar_disabled
 
 try:
     import fcntl
@@ -118,7 +119,7 @@ def _decode_all(
     seen: set[int] = set()
     stream = source.iter_bytes(list(positions))
     jobs = ((chunk, preprocessing) for chunk in _chunks(stream, listing, positions))
-    bar = tqdm(total=count, desc="decoding images", unit="img", disable=not progress)
+    bar = tqdm(total=count, desc="decoding images", unit="img", disable=bar_disabled(progress))
     context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
     pool = context.Pool(workers) if workers > 1 else None
     try:

@@ -21,6 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cnnkit.atomic import fsync_directory
+from cnnkit.progress import bar_disabled
 
 logger = logging.getLogger(__name__)
 
@@ -391,7 +392,7 @@ def _copy_body(
             unit="B",
             unit_scale=True,
             unit_divisor=1024,
-            disable=not progress,
+            disable=bar_disabled(progress),
         ) as bar,
     ):
         while True:

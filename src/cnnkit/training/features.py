@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from cnnkit.config import AugmentConfig, Preprocessing
 from cnnkit.data.loader import BatchTransform, build_eval_transform, build_train_transform
+from cnnkit.progress import bar_disabled
 
 logger = logging.getLogger(__name__)
 FEATURE_FORMAT = 1
@@ -203,7 +204,7 @@ def compute_features(
         range(0, len(images), EXTRACTION_BATCH_SIZE),
         desc="backbone features",
         unit="batch",
-        disable=not progress,
+        disable=bar_disabled(progress),
         leave=False,
     ):
         stop = start + EXTRACTION_BATCH_SIZE

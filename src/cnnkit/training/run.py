@@ -19,7 +19,13 @@ import torch
 
 from cnnkit import __version__
 from cnnkit.atomic import write_atomically
-from cnnkit.config import Preprocessing, RunConfig, config_to_dict, dump_config
+from cnnkit.config import (
+    Preprocessing,
+    RunConfig,
+    TransferConfig,
+    config_to_dict,
+    dump_config,
+)
 from cnnkit.data.loader import build_loaders
 from cnnkit.data.sources import LoadedData, build_splits
 from cnnkit.evaluation.report import EvaluationReport, build_report
@@ -70,7 +76,19 @@ def resolve_preprocessing(config: RunConfig) -> Preprocessing:
             (preprocessing.std[0],) * channels,
         )
     _check_train_size(probe, config, preprocessing)
+    _check_phases(probe, config)
     return preprocessing
+
+
+def _check_phases(model: torch.nn.Module, config: RunConfig) -> None:
+    """Refuse ``transfer.phases`` other than the default for a model without a pretrained
+    backbone (it trains in one phase), before any data is loaded."""
+    if hasattr(model, "freeze_backbone") or config.transfer.phases == TransferConfig().phases:
+        return
+    raise ValueError(
+        f"--phases {','.join(config.transfer.phases)}: {config.model.name} has no pretrained "
+        "backbone and trains in one phase; phases apply to the efficientnet_lite models"
+    )
 
 
 def _check_train_size(model: torch.nn.Module, config: RunConfig, preprocessing) -> None:

@@ -22,9 +22,15 @@ from tqdm import tqdm
 
 from cnnkit.config import TrainConfig
 from cnnkit.data.loader import BatchLoader
+from cnnkit.progress import bar_disabled
 from cnnkit.runtime import DistributedContext, cpu_supports_bf16, rank_seed
 from cnnkit.training.averaging import WeightAverage, start_share
-from cnnkit.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from cnnkit.training.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from cnnkit.training.memory import check_before_training, pass_count
 from cnnkit.training.mixing import MixedBatch, mix_batch
 
@@ -216,8 +222,16 @@ class Trainer:
 
     def _restore(self, result: FitResult) -> tuple[dict | None, int]:
         state = load_checkpoint(self.checkpoint_path)
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            # A size mismatch lists every tensor; its first line says enough.
+            detail = str(error).strip().splitlines()[-1].strip() if str(error).strip() else error
+            raise CheckpointError(
+                f"{self.checkpoint_path}: does not match this run's model ({detail}); resume "
+                "with the settings it was trained with, or train into a new --out"
+            ) from None
         scheduler_state = dict(state["scheduler"])
         # The schedule's length comes from this run's epochs, so a resumed run may be longer.
         for key in ("total_steps", "_schedule_phases"):
@@ -362,7 +376,7 @@ class Trainer:
             total=len(loader),
             desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
             unit="batch",
-            disable=not self.progress,
+            disable=bar_disabled(self.progress),
             leave=False,
         )
         for inputs, labels in loader:
