@@ -479,6 +479,8 @@ def command_predict(args: argparse.Namespace) -> int:
     model = args.model
     if model is None and inputs and inputs[0].lower().endswith((".safetensors", ".onnx")):
         model = inputs.pop(0)
+    elif model is None and inputs and (Path(inputs[0]) / "model.safetensors").is_file():
+        model = str(Path(inputs.pop(0)) / "model.safetensors")  # A training run's folder.
     images = expand_images(inputs)
     if not images and not args.interactive:
         raise CommandError("no images given (pass files or folders, or use --interactive)")
@@ -635,6 +637,7 @@ def command_export(args: argparse.Namespace) -> int:
     opset = args.opset or DEFAULT_OPSET
     if args.quantize is None:
         out = Path(args.out) if args.out else model_path.with_suffix(".onnx")
+        _refuse_overwriting(model_path, out)
         print(export_onnx(model_path, out, opset=opset))
         return 0
     from cnnkit.config import DataConfig
@@ -649,8 +652,14 @@ def command_export(args: argparse.Namespace) -> int:
         model_path, data, args.calibration_images, cache_dir=args.cache_dir or default_cache_dir()
     )
     out = Path(args.out) if args.out else model_path.with_name(f"{model_path.stem}-int8.onnx")
+    _refuse_overwriting(model_path, out)
     print(quantize_onnx(model_path, out, inputs, opset=opset))
     return 0
+
+
+def _refuse_overwriting(model_path: Path, out: Path) -> None:
+    if out.exists() and out.resolve() == model_path.resolve():
+        raise CommandError(f"{out}: is the model file itself; give another --out")
 
 
 def _print_trial(summary) -> None:
@@ -908,7 +917,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nInterrupted.", file=sys.stderr)
         return 130
-    except (CommandError, ValueError, FileNotFoundError, ImportError) as error:
+    except (CommandError, ValueError, OSError, TypeError, ImportError) as error:
+        if args.verbose and not isinstance(error, CommandError):
+            raise  # -v: the whole traceback, for a bug report.
         message = str(error).splitlines()
         print(f"cnnkit {args.command}: error: {message[0] if message else error}", file=sys.stderr)
         for line in message[1:]:

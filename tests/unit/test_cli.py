@@ -166,6 +166,8 @@ def test_another_model_does_not_inherit_the_presets_model_options() -> None:
         (["--preset", "imagenet"], "imagenet"),
         (["--val-fraction", "1.5"], "val_fraction"),
         (["--fold", "1"], "--dataset digits has no folds"),
+        (["--lr", "inf"], "learning_rate must be a finite number"),
+        (["--option", "width=abc"], "width must be a whole number; got 'abc'"),
         (["--phases", "frozen"], "symbol_cnn has no pretrained backbone"),
     ],
 )
@@ -180,7 +182,37 @@ def test_config_file_errors_exit_2(capsys, tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("train: [1, 2\n", encoding="utf-8")
     assert main(["train", "--dataset", "digits", "--config", str(path)]) == 2
-    assert "bad.yaml" in capsys.readouterr().err
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"{path}: invalid YAML (line 2" in error[0]
+    path.write_text("train:\n  epochs: three\n", encoding="utf-8")
+    assert main(["train", "--dataset", "digits", "--config", str(path)]) == 2
+    assert "epochs must be a finite number; got 'three'" in capsys.readouterr().err
+
+
+def test_an_existing_file_as_out_is_one_line(capsys, tmp_path: Path) -> None:
+    occupied = tmp_path / "some.txt"
+    occupied.write_text("keep me", encoding="utf-8")
+    assert main(["train", "--dataset", "digits", "--epochs", "1", "--out", str(occupied)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "some.txt" in error[0]
+    assert occupied.read_text(encoding="utf-8") == "keep me"
+
+
+def test_a_diverging_run_stops_with_one_line_and_no_model(capsys, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", "digits", "--epochs", "2", "--quiet", "--out", str(out)]
+    assert main([*argv, "--lr", "1e30", "--max-classes", "3"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "training diverged in epoch 1" in error[0]
+    assert not (out / "model.safetensors").exists()
+
+
+def test_export_refuses_to_overwrite_its_own_model(capsys, symbol_model_file: Path, tmp_path):
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(symbol_model_file.read_bytes())
+    assert main(["export", str(model), "--out", str(model)]) == 2
+    assert "is the model file itself" in capsys.readouterr().err
+    assert model.read_bytes() == symbol_model_file.read_bytes()
 
 
 def test_print_config_shows_the_resolved_settings_and_reads_back(capsys, tmp_path: Path):
@@ -351,6 +383,18 @@ def test_predict_reports_a_bad_image_and_goes_on(
     captured = capsys.readouterr()
     assert "bad.png" in captured.err
     assert len(captured.out.splitlines()) == 1 and str(good) in captured.out
+
+
+def test_predict_takes_a_run_folder_as_the_model(capsys, symbol_model_file: Path, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(symbol_model_file.read_bytes())
+    (image,) = _write_images(tmp_path / "images", count=1)
+    assert main(["predict", str(run), str(image), "--json"]) == 0
+    (answer,) = json.loads(capsys.readouterr().out)
+    assert answer["image"] == str(image)  # Not the bundled model run over the folder.
+    assert main(["predict", str(symbol_model_file), str(image), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [answer]
 
 
 def test_predict_without_images_exits_2(capsys, symbol_model_file: Path) -> None:

@@ -264,6 +264,9 @@ def test_import_from_file(tmp_path, tiny_spec):
     assert path == tmp_path / "data" / FILENAME
     assert _sha256(path) == ARCHIVE_SHA256
     assert os.listdir(tmp_path / "data") == [FILENAME]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # Not the temporary file's 0600.
 
 
 def test_import_mismatch_names_file_and_hashes_and_leaves_nothing(tmp_path, tiny_spec):

@@ -11,7 +11,6 @@ import http.client
 import logging
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cnnkit.atomic import fsync_directory
+from cnnkit.atomic import fsync_directory, write_atomically
 from cnnkit.progress import bar_disabled
 
 logger = logging.getLogger(__name__)
@@ -274,24 +273,17 @@ def _import_file(source: Path, final_path: Path, spec: ArchiveSpec, *, verify: b
 
     algorithm, expected = spec.checksum
     digest = hashlib.new(algorithm)
-    handle_fd, temp_name = tempfile.mkstemp(
-        dir=final_path.parent, prefix=f".{spec.filename}.", suffix=".import"
-    )
-    temp_path = Path(temp_name)
-    try:
-        with os.fdopen(handle_fd, "wb") as output, open(source, "rb") as input_file:
+
+    def copy(temporary: Path) -> None:
+        with open(temporary, "wb") as output, open(source, "rb") as input_file:
             for chunk in iter(lambda: input_file.read(_CHUNK_BYTES), b""):
                 digest.update(chunk)
                 output.write(chunk)
-            output.flush()
-            os.fsync(output.fileno())
         if verify and digest.hexdigest() != expected:
             raise ChecksumError(str(source), algorithm, expected, digest.hexdigest())
-        os.replace(temp_path, final_path)
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise
-    fsync_directory(final_path.parent)
+
+    # A temporary file, fsynced and renamed into place, with the usual (umask) file mode.
+    write_atomically(final_path, copy)
     logger.info("imported %s as %s%s", source, final_path, "" if verify else " (not verified)")
     return final_path
 

@@ -44,6 +44,10 @@ class SymbolCNN(nn.Module):
         image_size: int = 32,
     ) -> None:
         super().__init__()
+        sizes = {"width": width, "layers_per_stage": layers_per_stage, "stages": stages}
+        for name, value in {**sizes, "pool_size": pool_size}.items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"symbol_cnn: {name} must be a whole number; got {value!r}")
         if width < 1 or layers_per_stage < 1 or not 1 <= stages <= 5 or pool_size < 1:
             raise ValueError(
                 "symbol_cnn needs width, layers_per_stage, pool_size >= 1 and 1-5 stages"

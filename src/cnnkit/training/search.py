@@ -40,7 +40,7 @@ from cnnkit.training.search_workers import (
     worker_identity,
 )
 from cnnkit.training.spaces import SearchSpace, overrides_for
-from cnnkit.training.trainer import Callback, Trainer, TrainingInterrupted
+from cnnkit.training.trainer import Callback, Trainer, TrainingDiverged, TrainingInterrupted
 
 logger = logging.getLogger(__name__)
 SAMPLERS = ("grid", "tpe", "random")
@@ -303,6 +303,13 @@ class TrialRunner:
         except (TrainingInterrupted, KeyboardInterrupt):
             trial.set_user_attr("interrupted", True)
             raise
+        except TrainingDiverged as error:
+            # One bad corner of the space (too high a learning rate) fails its trial only:
+            # optuna records a NaN result as failed, and the study goes on.
+            logger.warning("trial %d: %s", trial.number, error)
+            write_run_info(run_dir, config, {"status": "diverged", "error": str(error)})
+            trial.set_user_attr("error", str(error))
+            return float("nan")
         finally:
             if not self.config.keep_checkpoints:
                 remove_checkpoints(run_dir)

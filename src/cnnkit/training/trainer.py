@@ -37,6 +37,10 @@ from cnnkit.training.mixing import MixedBatch, mix_batch
 logger = logging.getLogger(__name__)
 
 
+class TrainingDiverged(ValueError):
+    """The training loss became infinite or NaN; the weights are useless from there on."""
+
+
 class TrainingInterrupted(RuntimeError):
     """Raised after Ctrl-C; the last completed epoch is saved in the checkpoint."""
 
@@ -412,6 +416,11 @@ class Trainer:
         bar.close()
         seconds = time.perf_counter() - start
         totals = self._reduce([total_loss.item(), correct.item(), seen])
+        if not math.isfinite(totals[0]):
+            raise TrainingDiverged(
+                f"training diverged in epoch {self.epoch + 1} (loss {totals[0]}); lower the "
+                f"learning rate (now {self.config.learning_rate:g})"
+            )
         return {
             "train_loss": totals[0] / max(totals[2], 1),
             "train_accuracy": totals[1] / max(totals[2], 1),
