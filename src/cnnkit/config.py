@@ -88,6 +88,8 @@ class DataConfig:
         _check_choice("on_bad_image", self.on_bad_image, BAD_IMAGE_POLICIES)
         _check_choice("channels", self.channels, (1, 3))
         _check_positive("image_size", self.image_size)
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be at least 8 pixels; got {self.image_size}")
         if self.dataset != "digits" and not self.data:
             raise ValueError(f"--data is required for --dataset {self.dataset}")
         if self.fold is not None and not 1 <= self.fold <= 10:

@@ -334,3 +334,20 @@ def test_loading_never_calls_a_pickle_loader(saved, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(pickle, "Unpickler", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     assert load_model(saved[0]).metadata.architecture == "symbol_cnn"
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ([1, 2], "header is not a JSON object"),
+        ({"__metadata__": "x"}, "header is not a JSON object"),
+        ({"__metadata__": {"cnnkit": "[1, 2]"}}, "cnnkit metadata is not a JSON object"),
+    ],
+)
+def test_a_header_of_the_wrong_json_shape_is_a_model_file_error(tmp_path, header, message):
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"\0" * 16)
+    with pytest.raises(ModelFileError, match=f"odd.safetensors: .*{message}"):
+        load_model(path)

@@ -167,6 +167,7 @@ def test_another_model_does_not_inherit_the_presets_model_options() -> None:
         (["--val-fraction", "1.5"], "val_fraction"),
         (["--fold", "1"], "--dataset digits has no folds"),
         (["--lr", "inf"], "learning_rate must be a finite number"),
+        (["--image-size", "3"], "image_size must be at least 8 pixels"),
         (["--option", "width=abc"], "width must be a whole number; got 'abc'"),
         (["--phases", "frozen"], "symbol_cnn has no pretrained backbone"),
     ],

@@ -163,7 +163,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             header = json.loads(stream.read(length))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ModelFileError(f"{path}: unreadable safetensors header ({error})") from error
-    text = (header.get("__metadata__") or {}).get(_METADATA_KEY)
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(header, dict) or not isinstance(metadata or {}, dict):
+        raise ModelFileError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    text = (metadata or {}).get(_METADATA_KEY)
     return parse_metadata_text(text, str(path), "safetensors file")
 
 
@@ -176,9 +179,12 @@ def parse_metadata_text(text: str | None, source: str, container: str) -> dict:
     if text is None:
         raise ModelFileError(f"{source}: no cnnkit metadata in this {container}")
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
+        data = json.loads(text)
+    except (TypeError, json.JSONDecodeError) as error:
         raise ModelFileError(f"{source}: cnnkit metadata is not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{source}: cnnkit metadata is not a JSON object")
+    return data
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
