@@ -249,3 +249,22 @@ def test_each_rank_draws_its_own_augmentation_and_rank_zero_draws_the_single_pro
     assert torch.equal(first_draws(0, 2), single)
     assert not torch.allclose(first_draws(1, 2)[:1], single[:1])
     assert rank_seed(11, 0) == 11 and len({rank_seed(11, rank) for rank in range(64)}) == 64
+
+
+def test_without_random_crops_training_sees_objects_at_the_evaluation_scale() -> None:
+    """Photos are stored larger than the model's input: an un-augmented training view is the
+    evaluation's centre crop, not the whole stored square shrunk to the input size."""
+    images = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    still = AugmentConfig(
+        max_rotation=0,
+        max_shift=0,
+        scale_min=1,
+        scale_max=1,
+        max_shear=0,
+        hflip=False,
+        random_resized_crop=False,
+        color_jitter=0,
+    )
+    trained = build_train_transform(PHOTOS, still)(images, _generator())
+    evaluated = build_eval_transform(PHOTOS)(images, _generator())
+    torch.testing.assert_close(trained, evaluated, atol=1e-4, rtol=0)

@@ -518,4 +518,16 @@ def test_evaluate_rejects_classes_the_model_does_not_know(
     argv = ["evaluate", str(symbol_model_file), "--dataset", "digits", "--max-per-class", "5"]
     argv += ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "evaluation")]
     assert main(argv) == 2
-    assert "not known to the model" in capsys.readouterr().err
+    assert "digits: the model knows none of its classes" in capsys.readouterr().err
+
+
+def test_evaluate_a_model_of_some_classes_on_their_images(
+    capsys, caplog, tiny_model_saver, tmp_path: Path
+) -> None:
+    model = tiny_model_saver(tmp_path / "three.safetensors", ("0", "1", "2"))
+    argv = ["evaluate", str(model), "--dataset", "digits", "--max-per-class", "10", "--json"]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "evaluation")]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["count"] == 6  # 20% of ten images of each of the model's three digits
+    assert "the model knows 3 of its 10 classes" in caplog.text

@@ -350,3 +350,25 @@ def test_real_hasy_listing_and_fold_one():
     decoded = dict(source.iter_bytes([record.key for record in limited.records]))
     assert len(decoded) == len(limited.records)
     assert all(data.startswith(b"\x89PNG") for data in decoded.values())
+
+
+def test_evaluating_a_fold_model_without_its_fold_warns(tmp_path, files, caplog):
+    from cnnkit.evaluation.evaluate import evaluate_model_file
+    from cnnkit.inference.artifact import ModelMetadata, save_model
+    from cnnkit.models.registry import create_model
+
+    archive = write_tar(tmp_path / "h.tar.bz2", files)
+    model = create_model("symbol_cnn", 3, 1, width=4, layers_per_stage=1).eval()
+    metadata = ModelMetadata(
+        "symbol_cnn",
+        ("A", "C", r"\alpha"),
+        Preprocessing(),
+        {"width": 4, "layers_per_stage": 1},
+        training={"dataset": "hasy", "fold": 1},
+    )
+    path = save_model(tmp_path / "fold1.safetensors", model, metadata)
+    data = {"dataset": "hasy", "data": str(archive)}
+    evaluate_model_file(path, {**data, "fold": 1}, tmp_path / "with", tmp_path / "cache")
+    assert "trained on HASYv2 fold" not in caplog.text
+    evaluate_model_file(path, data, tmp_path / "without", tmp_path / "cache")
+    assert "trained on HASYv2 fold 1; without --fold 1" in caplog.text

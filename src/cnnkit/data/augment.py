@@ -19,9 +19,14 @@ def _uniform(size: int, low: float, high: float, generator: torch.Generator) -> 
 
 
 def random_theta(
-    batch_size: int, config: AugmentConfig, generator: torch.Generator
+    batch_size: int, config: AugmentConfig, generator: torch.Generator, view: float = 1.0
 ) -> torch.Tensor:
-    """Affine matrices ``[B, 2, 3]`` mapping output to input coordinates in [-1, 1] units."""
+    """Affine matrices ``[B, 2, 3]`` mapping output to input coordinates in [-1, 1] units.
+
+    ``view`` is the share of the stored image's side that an un-augmented view covers: the
+    centre crop the model sees at evaluation (``image_size / stored_size``). Random resized
+    crops choose their own share of the whole image and ignore it.
+    """
     angle = _uniform(batch_size, -config.max_rotation, config.max_rotation, generator)
     angle = angle * (math.pi / 180.0)
     scale = _uniform(batch_size, config.scale_min, config.scale_max, generator)
@@ -30,7 +35,9 @@ def random_theta(
     shift = shift.view(batch_size, 2) * 2.0
     scale_x = scale_y = 1.0 / scale
     center = torch.zeros(batch_size, 2)
-    if config.random_resized_crop:
+    if not config.random_resized_crop:
+        scale_x = scale_y = scale_x * view
+    else:
         # Area fraction and aspect ratio as in torchvision's RandomResizedCrop (in grid units).
         area = _uniform(batch_size, config.crop_scale_min, 1.0, generator)
         log_ratio = _uniform(batch_size, math.log(3 / 4), math.log(4 / 3), generator)
@@ -83,6 +90,7 @@ def augment_batch(
     output_size: int,
     generator: torch.Generator,
     background: str = "white",
+    view: float = 1.0,
 ) -> torch.Tensor:
     """Augment ``float [B, C, S, S]`` in [0, 1] and resample it to ``output_size``.
 
@@ -93,12 +101,13 @@ def augment_batch(
         generator: CPU generator for the random parameters.
         background: ``"white"`` fills uncovered pixels with white (symbols); ``"reflect"``
             mirrors the photo at its borders.
+        view: the share of the side an un-augmented view covers (see :func:`random_theta`).
 
     Returns:
         ``float [B, C, output_size, output_size]``.
     """
     size, channels = batch.shape[0], batch.shape[1]
-    theta = random_theta(size, config, generator).to(batch.device, batch.dtype)
+    theta = random_theta(size, config, generator, view).to(batch.device, batch.dtype)
     grid = F.affine_grid(theta, [size, channels, output_size, output_size], align_corners=False)
     if background == "white":
         # grid_sample pads with zeros; sampling the inverted image pads with white instead.

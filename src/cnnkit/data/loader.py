@@ -46,9 +46,12 @@ def build_train_transform(preprocessing: Preprocessing, augment: AugmentConfig) 
         return build_eval_transform(preprocessing)
     background = "white" if preprocessing.mode == "symbol" else "reflect"
     size = augment.train_size or preprocessing.image_size
+    # Without random resized crops, an un-augmented view is the evaluation's centre crop, at
+    # the scale evaluation sees objects (photos are stored larger than the model's input).
+    view = preprocessing.image_size / preprocessing.stored_size
 
     def transform(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        batch = augment_batch(to_float(images), augment, size, generator, background)
+        batch = augment_batch(to_float(images), augment, size, generator, background, view)
         return normalize(batch, preprocessing)
 
     return transform

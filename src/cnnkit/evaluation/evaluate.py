@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from cnnkit.config import DataConfig, Preprocessing
 from cnnkit.data.dataset import DataSplits, ImageSet, concatenate
@@ -14,7 +16,10 @@ from cnnkit.data.loader import BatchLoader, build_eval_transform
 from cnnkit.data.sources import build_splits
 from cnnkit.evaluation.report import EvaluationReport, build_report
 from cnnkit.inference.artifact import load_model
+from cnnkit.progress import bar_disabled
 from cnnkit.runtime import select_device
+
+logger = logging.getLogger(__name__)
 
 
 def align_labels(images: ImageSet, model_classes: tuple[str, ...], source: str) -> np.ndarray:
@@ -24,21 +29,55 @@ def align_labels(images: ImageSet, model_classes: tuple[str, ...], source: str) 
         ValueError: if the dataset has classes the model does not know.
     """
     index = {name: i for i, name in enumerate(model_classes)}
-    unknown = [name for name in images.class_names if name not in index]
+    present = [images.class_names[label] for label in np.unique(images.labels)]
+    unknown = [name for name in present if name not in index]
     if unknown:
         shown = ", ".join(unknown[:5])
         raise ValueError(
             f"{source}: {len(unknown)} class(es) are not known to the model (e.g. {shown})"
         )
-    mapping = np.array([index[name] for name in images.class_names], dtype=np.int64)
+    mapping = np.array([index.get(name, -1) for name in images.class_names], dtype=np.int64)
     return mapping[images.labels]
 
 
+def restrict_to_known_classes(
+    images: ImageSet, model_classes: tuple[str, ...], source: str
+) -> ImageSet:
+    """The images of the classes the model knows, for a model trained on part of a dataset
+    (``--max-classes``); all images when it knows every class.
+
+    Raises:
+        ValueError: if the model knows none of the dataset's classes.
+    """
+    known = set(model_classes)
+    keep = [i for i, name in enumerate(images.class_names) if name in known]
+    if len(keep) == len(images.class_names):
+        return images
+    if not keep:
+        shown = ", ".join(images.class_names[:5])
+        raise ValueError(f"{source}: the model knows none of its classes (e.g. {shown})")
+    logger.warning(
+        "%s: the model knows %d of its %d classes; evaluating on their images only",
+        source,
+        len(keep),
+        len(images.class_names),
+    )
+    return images.subset(np.flatnonzero(np.isin(images.labels, keep)))
+
+
 @torch.inference_mode()
-def predict_logits(model: torch.nn.Module, images: ImageSet, preprocessing, device, batch_size=512):
+def predict_logits(
+    model: torch.nn.Module,
+    images: ImageSet,
+    preprocessing,
+    device,
+    batch_size: int = 512,
+    progress: bool = False,
+):
     """Logits ``[N, K]`` of ``model`` over ``images`` with the evaluation transform."""
     loader = BatchLoader(images, batch_size, build_eval_transform(preprocessing), device=device)
-    outputs = [model(inputs).float().cpu() for inputs, _ in loader]
+    bar = tqdm(loader, desc="predicting", unit="batch", disable=bar_disabled(progress), leave=False)
+    outputs = [model(inputs).float().cpu() for inputs, _ in bar]
     return torch.cat(outputs) if outputs else torch.zeros(0, 0)
 
 
@@ -85,9 +124,25 @@ def evaluate_model_file(
     torch_device = select_device(device)
     model = load_model(model_path, torch_device)
     preprocessing = model.metadata.preprocessing
+    trained_fold = model.metadata.training.get("fold")
+    evaluating_hasy = data_overrides.get("dataset") == "hasy"
+    if (
+        evaluating_hasy
+        and trained_fold is not None
+        and data_overrides.get("fold") is None
+        and split == "test"
+    ):
+        logger.warning(
+            "%s was trained on HASYv2 fold %s; without --fold %s the test split is a seeded "
+            "split that overlaps its training images",
+            model_path,
+            trained_fold,
+            trained_fold,
+        )
     splits = load_splits_for(preprocessing, data_overrides, cache_dir, progress)
     images = concatenate(splits.train, splits.test) if split == "all" else splits.test
-    source = str(data_overrides.get("data"))
+    source = str(data_overrides.get("data") or data_overrides.get("dataset"))
+    images = restrict_to_known_classes(images, model.metadata.class_names, source)
     labels = torch.from_numpy(align_labels(images, model.metadata.class_names, source))
-    logits = predict_logits(model, images, preprocessing, torch_device)
+    logits = predict_logits(model, images, preprocessing, torch_device, progress=progress)
     return build_report(logits, labels, list(model.metadata.class_names), out_dir, images.images)

@@ -82,6 +82,7 @@ class FeatureView:
             "seed": self.seed,
             "augment": asdict(self.augment),
             "batch_size": EXTRACTION_BATCH_SIZE,
+            "geometry": 2,  # 2: without random resized crops, views are the centre crop's.
         }
 
     def transform(self, preprocessing: Preprocessing) -> BatchTransform:
