@@ -476,3 +476,18 @@ def test_progress_bars_show_on_a_terminal_only(tiny_image_set, monkeypatch, term
     train_loader, _ = _loaders(tiny_image_set)
     Trainer(_model(), dataclasses.replace(BASE, epochs=1), CPU, progress=True).fit(train_loader)
     assert ("epoch 1/1" in stream.getvalue()) is terminal
+
+
+def test_resuming_a_run_on_other_classes_is_refused(tiny_image_set, run_dir: Path) -> None:
+    train_loader, _ = _loaders(tiny_image_set)
+    config = dataclasses.replace(BASE, epochs=1)
+    first = {"class_names": ["a", "b", "c", "d"]}
+    Trainer(_model(), config, CPU, run_dir, progress=False, identity=first).fit(train_loader)
+    longer = dataclasses.replace(config, epochs=2)
+    other = {"class_names": ["w", "x", "y", "z"]}
+    with pytest.raises(CheckpointError, match="trained on another class_names \\(a, b, c, d"):
+        Trainer(_model(), longer, CPU, run_dir, progress=False, identity=other).fit(
+            train_loader, resume=True
+        )
+    same = Trainer(_model(), longer, CPU, run_dir, progress=False, identity=first)
+    assert same.fit(train_loader, resume=True).epochs_run == 2

@@ -200,6 +200,8 @@ def train_run(
     train_loader, val_loader, test_loader = build_loaders(
         splits, config, preprocessing, device, distributed
     )
+    # A checkpoint of a run on other classes must not be resumed into this one.
+    identity = {"class_names": list(splits.class_names)}
     transfer = hasattr(model, "freeze_backbone")
     if transfer:
         from cnnkit.training.transfer import fit_transfer
@@ -215,6 +217,7 @@ def train_run(
             callbacks=callbacks,
             resume=resume,
             distributed=distributed,
+            identity=identity,
         )
         trainer = Trainer(model, config.train, device, None, (), distributed, progress)
     else:
@@ -232,6 +235,7 @@ def train_run(
             [*loggers, *callbacks],
             distributed,
             progress,
+            identity,
         )
         fit = trainer.fit(train_loader, val_loader, resume=resume)
     timings["train"] = fit.seconds

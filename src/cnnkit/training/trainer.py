@@ -78,6 +78,13 @@ class FitResult:
     seconds: float = 0.0
 
 
+def _short(value: Any) -> str:
+    """A value for an error message: lists show their first items and length."""
+    if isinstance(value, (list, tuple)) and len(value) > 4:
+        return f"{', '.join(map(str, value[:3]))}, ... ({len(value)} in all)"
+    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -93,6 +100,8 @@ class Trainer:
         callbacks: hooks (metrics CSV, TensorBoard, pruning...).
         distributed: this process's rank information under torchrun.
         progress: show progress bars (rank 0 only).
+        identity: what the run trains on (for example its class names), saved in each
+            checkpoint; resuming from a checkpoint with another identity is an error.
     """
 
     def __init__(
@@ -104,8 +113,10 @@ class Trainer:
         callbacks: list[Callback] | tuple[Callback, ...] = (),
         distributed: DistributedContext | None = None,
         progress: bool = True,
+        identity: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
+        self.identity = identity or {}
         self.device = device
         self.run_dir = Path(run_dir) if run_dir else None
         self.callbacks = list(callbacks)
@@ -217,6 +228,7 @@ class Trainer:
             "best_val_accuracy": result.best_val_accuracy,
             "best_model": best_state or {},
             "bad_epochs": bad_epochs,
+            "identity": self.identity,
         }
 
     def _save(self, result: FitResult, best_state: dict | None, bad_epochs: int) -> None:
@@ -226,6 +238,14 @@ class Trainer:
 
     def _restore(self, result: FitResult) -> tuple[dict | None, int]:
         state = load_checkpoint(self.checkpoint_path)
+        saved_identity = state.get("identity") or {}
+        for key, value in self.identity.items():
+            if key in saved_identity and saved_identity[key] != value:
+                raise CheckpointError(
+                    f"{self.checkpoint_path}: its run trained on another {key} "
+                    f"({_short(saved_identity[key])}, not {_short(value)}); resume with the "
+                    "same data, or train into a new --out"
+                )
         try:
             self.module.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])

@@ -277,6 +277,7 @@ def fit_finetune(
     freeze_batch_norm: bool = True,
     resume: bool = False,
     distributed: DistributedContext | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> tuple[FitResult, PhaseReport]:
     """Phase 2: unfreeze everything and train with the generic trainer on augmented batches.
 
@@ -294,7 +295,14 @@ def fit_finetune(
     loggers = [*(_phase_loggers(run_dir, "finetune") if distributed.is_main else []), *callbacks]
     network = FrozenBatchNorm(model) if freeze_batch_norm else model
     trainer = Trainer(
-        network, config.train, device, run_dir / "finetune", loggers, distributed, progress
+        network,
+        config.train,
+        device,
+        run_dir / "finetune",
+        loggers,
+        distributed,
+        progress,
+        identity,
     )
     fit = trainer.fit(train_loader, val_loader, resume=resume)
     report = PhaseReport.from_fit(
@@ -363,6 +371,7 @@ def fit_transfer(
     freeze_batch_norm: bool = True,
     resume: bool = False,
     distributed: DistributedContext | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> FitResult:
     """Run the phases of ``config.transfer.phases`` on a model with a freezable backbone.
 
@@ -384,6 +393,7 @@ def fit_transfer(
             The frozen phase runs again first: its features come from the cache and its
             seeded head equals the first run's, and the checkpoint then replaces all weights.
         distributed: rank information under torchrun (only rank 0 writes files).
+        identity: what the run trains on, checked on resume (see :class:`Trainer`).
 
     Returns:
         The phases' combined fit; the model is left with the last phase's best weights.
@@ -423,6 +433,7 @@ def fit_transfer(
             freeze_batch_norm,
             resume,
             distributed,
+            identity,
         )
         fits.append((2.0, fit))
         reports.append(report)
