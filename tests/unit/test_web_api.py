@@ -163,6 +163,16 @@ def test_openapi_docs_list_the_endpoints(client: TestClient) -> None:
     assert {"/api/predict", "/api/model", "/api/render", "/healthz"} <= set(paths)
 
 
+def test_the_docs_page_loads_nothing_from_other_sites(client: TestClient) -> None:
+    page = client.get("/docs").text
+    sources = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert sources and all(source.startswith("/") for source in sources), sources
+    for source in sources:
+        response = client.get(source)
+        assert response.status_code == 200 and len(response.content) > 100, source
+    assert client.get("/docs/assets/index.html").status_code == 404  # Only the two files.
+
+
 @pytest.mark.parametrize("method, path", [("GET", "/nowhere"), ("GET", "/api/predict")])
 def test_unknown_routes_give_json_errors(client: TestClient, method: str, path: str) -> None:
     response = client.request(method, path)

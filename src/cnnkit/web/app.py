@@ -26,6 +26,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from cnnkit import __version__
 from cnnkit.inference.predictor import Predictor
+from cnnkit.web.docs import add_docs_routes, load_docs_assets
 from cnnkit.web.limits import InFlightLimitMiddleware
 from cnnkit.web.prediction import PredictionService
 from cnnkit.web.render import MAX_LATEX_LENGTH, render_latex_svg
@@ -212,12 +213,18 @@ def create_app(predictor: Predictor, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_
         yield
         await service.close()
 
+    docs_assets = load_docs_assets()
     app = FastAPI(
         title="cnnkit",
         version=__version__,
         description="Predict handwritten maths symbols or bird species with a cnnkit model.",
         lifespan=lifespan,
+        # Our own /docs serves Swagger UI without a CDN; ReDoc would need one.
+        docs_url=None if docs_assets else "/docs",
+        redoc_url=None,
     )
+    if docs_assets:
+        add_docs_routes(app, docs_assets)
     app.state.serving = ServingState(
         service, max_upload_bytes, _model_summary(predictor), _load_assets()
     )
