@@ -5,10 +5,13 @@ Precedence when resolving a run: dataclass defaults < named preset < ``--config`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import UnionType
 from typing import Any
 
 import yaml
@@ -397,12 +400,56 @@ def build_run_config(*layers: dict[str, Any]) -> RunConfig:
         if key not in SECTIONS:
             raise ValueError(f"unknown config section {key!r}; expected one of {list(SECTIONS)}")
         section = SECTIONS[key]
+        if not isinstance(value, dict):
+            raise ValueError(f"config section {key} must be a mapping of fields; got {value!r}")
         known = {f.name for f in fields(section)}
         unknown = set(value) - known
         if unknown:
             raise ValueError(f"unknown field(s) in {key}: {', '.join(sorted(unknown))}")
+        hints = typing.get_type_hints(section)
+        value = {name: _checked(f"{key}.{name}", v, hints[name]) for name, v in value.items()}
         kwargs[key] = section(**value)
     return RunConfig(**kwargs)
+
+
+_TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+
+
+def _checked(name: str, value: Any, hint: Any) -> Any:
+    """``value`` if it is of the field's kind, else one line naming the field (``epochs:
+    three``, ``bf16_cpu: maybe``) before a dataclass or the trainer trips over it.
+
+    YAML reads ``1e-3`` (no dot) as text, so number-like text becomes a number for float fields.
+    """
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, UnionType) else ()
+    if options:
+        if value is None and type(None) in options:
+            return value
+        hint = next(option for option in options if option is not type(None))
+    if hint is float and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    origin = typing.get_origin(hint) or hint
+    if origin is tuple:
+        ok = isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
+        word = "a list of names"
+    elif origin is dict:
+        ok, word = isinstance(value, dict), "a mapping"
+    elif origin is bool:
+        ok, word = isinstance(value, bool), _TYPE_WORDS[bool]
+    elif origin is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        word = _TYPE_WORDS[int]
+    elif origin is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        word = _TYPE_WORDS[float]
+    elif origin is str:
+        ok, word = isinstance(value, str), _TYPE_WORDS[str]
+    else:
+        return value
+    if not ok:
+        raise ValueError(f"{name} must be {word}; got {value!r}")
+    return value
 
 
 def preset_for(name: str) -> dict[str, Any]:

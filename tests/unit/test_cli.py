@@ -187,7 +187,7 @@ def test_config_file_errors_exit_2(capsys, tmp_path: Path) -> None:
     assert len(error) == 1 and f"{path}: invalid YAML (line 2" in error[0]
     path.write_text("train:\n  epochs: three\n", encoding="utf-8")
     assert main(["train", "--dataset", "digits", "--config", str(path)]) == 2
-    assert "epochs must be a finite number; got 'three'" in capsys.readouterr().err
+    assert "train.epochs must be a whole number; got 'three'" in capsys.readouterr().err
 
 
 def test_an_existing_file_as_out_is_one_line(capsys, tmp_path: Path) -> None:
@@ -278,6 +278,9 @@ def test_resume_says_what_it_found_and_refuses_a_mismatched_checkpoint(capsys, t
         ["epoch", "2"],
     ]
     assert main([*argv, "--max-classes", "4", "--resume"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "checkpoint.pt: its run trained on other class_names" in error[0]
+    assert main([*argv, "--max-classes", "3", "--width", "8", "--resume"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "checkpoint.pt: does not match this run's model" in error[0]
     assert main([*argv, "--max-classes", "3", "--train-on-all"]) == 0

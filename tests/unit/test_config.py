@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,28 @@ def test_unknown_section_and_field_are_named() -> None:
         build_run_config({"train": {"epoch_count": 3}})
     with pytest.raises(ValueError, match="batch_size"):
         build_run_config(preset_for("hasy"), {"train": {"batch_size": 0}})
+
+
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        ({"train": 5}, "config section train must be a mapping of fields; got 5"),
+        ({"train": {"bf16_cpu": "maybe"}}, "train.bf16_cpu must be true or false; got 'maybe'"),
+        ({"train": {"epochs": 2.5}}, "train.epochs must be a whole number; got 2.5"),
+        ({"data": {"fold": "one"}}, "data.fold must be a whole number; got 'one'"),
+        ({"transfer": {"phases": "frozen"}}, "transfer.phases must be a list of names"),
+        ({"model": {"name": "symbol_cnn", "options": [1]}}, "model.options must be a mapping"),
+    ],
+)
+def test_values_of_the_wrong_kind_are_named(layer: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_run_config(layer)
+
+
+def test_number_like_text_is_a_number_for_float_fields() -> None:
+    # PyYAML reads 1e-3 (no dot) as text; a learning rate written that way still works.
+    config = build_run_config({"train": {"learning_rate": "1e-3", "ema_decay": "0"}})
+    assert config.train.learning_rate == 0.001 and config.train.ema_decay == 0.0
 
 
 def test_unknown_preset() -> None:

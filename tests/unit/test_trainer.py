@@ -485,7 +485,9 @@ def test_resuming_a_run_on_other_classes_is_refused(tiny_image_set, run_dir: Pat
     Trainer(_model(), config, CPU, run_dir, progress=False, identity=first).fit(train_loader)
     longer = dataclasses.replace(config, epochs=2)
     other = {"class_names": ["w", "x", "y", "z"]}
-    with pytest.raises(CheckpointError, match="trained on another class_names \\(a, b, c, d"):
+    with pytest.raises(
+        CheckpointError, match="other class_names \\(the checkpoint's: a, b, c, d; this run's: w, x"
+    ):
         Trainer(_model(), longer, CPU, run_dir, progress=False, identity=other).fit(
             train_loader, resume=True
         )

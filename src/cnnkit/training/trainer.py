@@ -242,9 +242,9 @@ class Trainer:
         for key, value in self.identity.items():
             if key in saved_identity and saved_identity[key] != value:
                 raise CheckpointError(
-                    f"{self.checkpoint_path}: its run trained on another {key} "
-                    f"({_short(saved_identity[key])}, not {_short(value)}); resume with the "
-                    "same data, or train into a new --out"
+                    f"{self.checkpoint_path}: its run trained on other {key} (the checkpoint's: "
+                    f"{_short(saved_identity[key])}; this run's: {_short(value)}); resume with "
+                    "the same data, or train into a new --out"
                 )
         try:
             self.module.load_state_dict(state["model"])
