@@ -11,8 +11,13 @@ from typing import Any
 
 def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
     """Call ``write(temporary_path)``, fsync the result, then rename it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
+        )
+    except OSError as error:  # Name the file asked for, not the temporary one.
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror}") from error
     os.close(handle)
     umask = os.umask(0)
     os.umask(umask)
@@ -23,7 +28,10 @@ def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
         os.chmod(temporary, 0o666 & ~umask)
         with open(temporary, "rb") as stream:
             os.fsync(stream.fileno())
-        os.replace(temporary, path)
+        try:
+            os.replace(temporary, path)
+        except OSError as error:
+            raise OSError(error.errno, f"cannot write {path}: {error.strerror}") from error
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

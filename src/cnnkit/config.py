@@ -32,6 +32,11 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}; got {value!r}")
 
 
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be between 0 and 2**63 - 1; got {seed}")
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How a decoded image becomes model input; stored in every model file.
@@ -90,6 +95,7 @@ class DataConfig:
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("on_bad_image", self.on_bad_image, BAD_IMAGE_POLICIES)
         _check_choice("channels", self.channels, (1, 3))
+        _check_seed(self.seed)
         _check_positive("image_size", self.image_size)
         if self.image_size < 8:
             raise ValueError(f"image_size must be at least 8 pixels; got {self.image_size}")
@@ -186,6 +192,7 @@ class TrainConfig:
     memory_check: bool = True  # Fit (or refuse) a batch that would not fit (training/memory.py).
 
     def __post_init__(self) -> None:
+        _check_seed(self.seed)
         _check_positive("epochs", self.epochs)
         _check_positive("batch_size", self.batch_size)
         _check_positive("learning_rate", self.learning_rate)

@@ -351,3 +351,14 @@ def test_a_header_of_the_wrong_json_shape_is_a_model_file_error(tmp_path, header
     path.write_bytes(len(text).to_bytes(8, "little") + text + b"\0" * 16)
     with pytest.raises(ModelFileError, match=f"odd.safetensors: .*{message}"):
         load_model(path)
+
+
+def test_an_unwritable_place_is_named_not_the_temporary_file(tmp_path) -> None:
+    from cnnkit.atomic import write_atomically
+
+    blocked = tmp_path / "file.txt"
+    blocked.write_text("a file where a folder should be", encoding="utf-8")
+    target = blocked / "model.onnx"
+    with pytest.raises(OSError, match=f"cannot write {target}") as raised:
+        write_atomically(target, lambda path: path.write_bytes(b"x"))
+    assert ".tmp" not in str(raised.value)

@@ -218,3 +218,11 @@ def test_run_dir_defaults_to_dataset_and_model() -> None:
     assert RunConfig().run_dir() == Path("runs") / "digits-symbol_cnn"
     assert RunConfig(out="elsewhere").run_dir() == Path("elsewhere")
     assert ModelConfig().options == {}
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63])
+def test_seeds_out_of_range_are_named(seed: int) -> None:
+    with pytest.raises(ValueError, match="seed must be between 0 and 2\\*\\*63 - 1"):
+        build_run_config({"train": {"seed": seed}})
+    with pytest.raises(ValueError, match="seed must be between"):
+        build_run_config({"data": {"seed": seed}})

@@ -345,3 +345,8 @@ def test_official_archives_are_described(name):
     assert spec.filename in spec.url
     algorithm, digest = spec.checksum
     assert len(digest) == {"sha256": 64, "md5": 32}[algorithm]
+
+
+def test_import_from_a_folder_says_so(tmp_path, tiny_spec):
+    with pytest.raises(FileNotFoundError, match="is a folder, not an archive file"):
+        fetch_archive(ARCHIVE_NAME, tmp_path / "data", from_file=tmp_path, progress=False)

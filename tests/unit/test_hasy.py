@@ -372,3 +372,10 @@ def test_evaluating_a_fold_model_without_its_fold_warns(tmp_path, files, caplog)
     assert "trained on HASYv2 fold" not in caplog.text
     evaluate_model_file(path, data, tmp_path / "without", tmp_path / "cache")
     assert "trained on HASYv2 fold 1; without --fold 1" in caplog.text
+
+
+def test_a_small_file_of_another_kind_is_not_a_tar_archive(tmp_path):
+    text = tmp_path / "labels.csv"
+    text.write_text("path,label\na.png,x\n", encoding="utf-8")
+    with pytest.raises(DataFormatError, match=r"labels\.csv: not a tar archive \(19 bytes\)"):
+        list(archive.iter_archive(text))

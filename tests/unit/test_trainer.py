@@ -287,8 +287,13 @@ def test_checkpoint_loading_never_unpickles_code(run_dir: Path) -> None:
         load_checkpoint(path)
     garbage = run_dir / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="garbage.pt"):
+    with pytest.raises(CheckpointError, match="garbage.pt") as raised:
         load_checkpoint(garbage)
+    assert "\n" not in str(raised.value)  # One line, not torch's explanation of weights_only.
+    empty = run_dir / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.pt: empty checkpoint file"):
+        load_checkpoint(empty)
 
 
 def test_early_stopping_stops(tiny_image_set) -> None:

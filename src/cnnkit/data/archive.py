@@ -212,6 +212,8 @@ def iter_archive(
     while True:
         header = stream.read(_BLOCK)
         if 0 < len(header) < _BLOCK:
+            if stream.offset <= _BLOCK:  # Not even one header: a small file of another kind.
+                raise DataFormatError(f"{path}: not a tar archive ({len(header)} bytes)")
             raise DataFormatError(f"{path}: archive ends inside a header (truncated download?)")
         if not header.strip(b"\0"):
             return

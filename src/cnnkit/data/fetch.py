@@ -257,7 +257,8 @@ def fetch_archive(
 def _import_file(source: Path, final_path: Path, spec: ArchiveSpec, *, verify: bool) -> Path:
     """Copy a local archive into place through a temporary file, checking it on the way."""
     if not source.is_file():
-        raise FileNotFoundError(f"archive to import not found: {source}")
+        kind = "is a folder, not an archive file" if source.is_dir() else "not found"
+        raise FileNotFoundError(f"archive to import {kind}: {source}")
     if final_path.exists() and source.resolve() == final_path.resolve():
         if verify:
             verify_archive(final_path, spec)

@@ -34,7 +34,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     Raises:
         CheckpointError: if the file is unreadable.
     """
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty checkpoint file; delete it to start afresh")
     try:
-        return torch.load(Path(path), map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or foreign files.
-        raise CheckpointError(f"{path}: cannot read checkpoint ({error})") from error
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"{path}: cannot read checkpoint ({first_line})") from error
