@@ -704,7 +704,7 @@ def command_search(args: argparse.Namespace) -> int:
         prune_warmup=args.prune_warmup,
         retrain_best=args.retrain_best,
         keep_checkpoints=args.keep_checkpoints,
-        workers=args.workers or default_workers(base.train.device),
+        workers=default_workers(base.train.device) if args.workers is None else args.workers,
     )
     cache_dir = args.cache_dir or base.data.cache_dir or default_cache_dir()
     try:

@@ -438,3 +438,19 @@ def test_killed_search_resumes_without_repeats(tmp_path):
         # A kill between two suggest calls leaves only some parameters recorded.
         cut_short = set(study.trials[number].params.items())
         assert any(cut_short <= set(finished) for finished in params)
+
+
+def test_a_storage_that_is_not_a_database_is_one_line(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.db"
+    junk.write_text("not a database\n" * 100, encoding="utf-8")
+    config = SearchConfig(sampler="grid", storage=f"sqlite:///{junk}")
+    with pytest.raises(ValueError, match=f"storage sqlite:///{junk}: cannot open the study") as e:
+        open_study(config, TINY_SPACE, tmp_path / "run")
+    assert "\n" not in str(e.value)
+
+
+def test_cli_search_refuses_zero_workers(capsys) -> None:
+    from cnnkit.cli import main
+
+    assert main(["search", "--dataset", "digits", "--workers", "0", "--epochs", "1"]) == 2
+    assert "workers must be >= 1" in capsys.readouterr().err

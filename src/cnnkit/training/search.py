@@ -222,15 +222,19 @@ def open_study(
         if "heartbeat_stale_trial_callback" in parameters
         else "failed_trial_callback"
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine,
-            heartbeat_interval=30,
-            grace_period=120,
-            **{hook: requeue_trial},
-        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine,
+                heartbeat_interval=30,
+                grace_period=120,
+                **{hook: requeue_trial},
+            )
+    except Exception as error:  # SQLAlchemy raises many types, each with a long message.
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"storage {url}: cannot open the study ({first_line})") from error
     name = config.study_name or run_dir.name
     study = optuna.create_study(
         storage=storage,
