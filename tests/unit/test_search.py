@@ -22,12 +22,14 @@ from cnnkit.training.run import resolve_preprocessing, train_run
 from cnnkit.training.search import (
     PruningCallback,
     SearchConfig,
+    TrialReporter,
     build_pruner,
     build_trial_config,
     open_study,
     parameter_importances,
     run_search,
     suggest_params,
+    trials_to_run,
 )
 from cnnkit.training.search_workers import (
     ORPHAN_SECONDS,
@@ -454,3 +456,34 @@ def test_cli_search_refuses_zero_workers(capsys) -> None:
 
     assert main(["search", "--dataset", "digits", "--workers", "0", "--epochs", "1"]) == 2
     assert "workers must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_running_trials_of_other_workers_count_against_the_budget(tmp_path) -> None:
+    config = SearchConfig(sampler="random", n_trials=2)
+    study = open_study(config, TINY_SPACE, tmp_path / "run")[0]
+    done = study.ask()
+    suggest_params(done, TINY_SPACE, grid=False)
+    study.tell(done, 0.5)
+    running = study.ask()  # Another worker's trial, still running.
+    suggest_params(running, TINY_SPACE, grid=False)
+    assert trials_to_run(study, config, TINY_SPACE) == 1
+    assert trials_to_run(study, config, TINY_SPACE, count_running=True) == 0
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_the_reporter_passes_on_every_ended_trial_once(tmp_path) -> None:
+    config = SearchConfig(sampler="random")
+    study = open_study(config, TINY_SPACE, tmp_path / "run")[0]
+    seen: list[int] = []
+    reporter = TrialReporter(lambda summary: seen.append(summary.number), tmp_path / "run")
+    for value in (0.1, 0.2):  # Finished by "another process": nobody reported them yet.
+        trial = study.ask()
+        suggest_params(trial, TINY_SPACE, grid=False)
+        study.tell(trial, value)
+    reporter.report_new(study)
+    reporter.report_new(study)
+    failed = study.ask()
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    reporter.report_new(study, study.get_trials(deepcopy=False)[-1])
+    assert seen == [0, 1, 2]

@@ -15,7 +15,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -354,11 +354,18 @@ def _unstarted_grid_points(trials: list[FrozenTrial], space: SearchSpace) -> int
     return len(space.grid_combinations()) - len(started) + waiting
 
 
-def trials_to_run(study: optuna.Study, config: SearchConfig, space: SearchSpace) -> int | None:
-    """How many more trials this process may start (0: the study is done; None: no limit)."""
+def trials_to_run(
+    study: optuna.Study, config: SearchConfig, space: SearchSpace, count_running: bool = False
+) -> int | None:
+    """How many more trials this process may start (0: the study is done; None: no limit).
+
+    With ``count_running``, trials that other processes are running count as taken, so that
+    parallel workers together stop at ``n_trials`` instead of each finishing one more.
+    """
     trials = study.get_trials(deepcopy=False)
     target = target_trials(config, space)
-    budget = None if target is None else target - sum(t.state in FINISHED for t in trials)
+    taken = FINISHED + ((TrialState.RUNNING,) if count_running else ())
+    budget = None if target is None else target - sum(t.state in taken for t in trials)
     if config.sampler == "grid":
         unstarted = _unstarted_grid_points(trials, space)
         budget = unstarted if budget is None else min(budget, unstarted)
@@ -445,10 +452,29 @@ def parameter_importances(study: optuna.Study) -> dict[str, float] | None:
         return None
 
 
+class TrialReporter:
+    """Passes each ended trial of the study to ``on_trial`` once, whichever process ran it."""
+
+    def __init__(self, on_trial: Callable[[TrialSummary], None] | None, run_dir: Path) -> None:
+        self.on_trial, self.run_dir = on_trial, run_dir
+        self.reported: set[int] = set()
+
+    def report_new(self, study: optuna.Study, current: FrozenTrial | None = None) -> None:
+        """Report the trials that ended since the last call (``current`` even if it failed)."""
+        if self.on_trial is None:
+            return
+        ended = {t.number: t for t in study.get_trials(deepcopy=False, states=FINISHED)}
+        if current is not None:
+            ended[current.number] = current
+        for number in sorted(set(ended) - self.reported):
+            self.reported.add(number)
+            self.on_trial(summarize_trial(ended[number], self.run_dir))
+
+
 def _optimize(
     study: optuna.Study,
     runner: TrialRunner,
-    on_trial: Callable[[TrialSummary], None] | None = None,
+    reporter: TrialReporter | None = None,
 ) -> None:
     """Run trials in this process until the budget, the grid or the timeout is used up."""
     config, space, run_dir = runner.config, runner.space, runner.run_dir
@@ -462,11 +488,11 @@ def _optimize(
         if trial.state in FINISHED:
             log_trial_hparams(run_dir / "tensorboard", summary, space)
         write_results_tables(collect_trials(study, run_dir), parameter_names, run_dir)
-        if on_trial is not None:
-            on_trial(summary)
-        # Stop once every grid point has started: Optuna would otherwise repeat a point that
-        # another worker is still running.
-        if trials_to_run(study, config, space) == 0:
+        if reporter is not None:
+            reporter.report_new(study, trial)
+        # Stop once every grid point (or the whole budget) is taken by a finished or running
+        # trial: Optuna would otherwise repeat a point that another worker is still running.
+        if trials_to_run(study, config, space, count_running=True) == 0:
             study.stop()
 
     study.optimize(
@@ -560,18 +586,25 @@ def run_search(
         # Load (and cache) the data before any worker starts, so that the workers read it
         # from the cache instead of all decoding it at once.
         runner.data_for(base)
-    if config.workers > 1 and trials_to_run(study, config, space) != 0:
-        per_worker = max(1, (os.cpu_count() or 1) // config.workers)
+    remaining = trials_to_run(study, config, space)
+    # No more processes than trials left: each one starts a trial as soon as it begins.
+    processes = config.workers if remaining is None else max(1, min(config.workers, remaining))
+    runner.config = config = replace(config, workers=processes)
+    if processes > 1:
+        per_worker = max(1, (os.cpu_count() or 1) // processes)
         workers = _start_workers(base, space, config, cache_dir, per_worker)
         torch.set_num_threads(per_worker)
+    reporter = TrialReporter(on_trial, run_dir)
+    reporter.reported.update(t.number for t in study.get_trials(deepcopy=False, states=FINISHED))
     try:
-        _optimize(study, runner, on_trial)
+        _optimize(study, runner, reporter)
     finally:
         for process in workers:
             process.join()
             if process.exitcode:
                 logger.warning("%s exited with status %s", process.name, process.exitcode)
         torch.set_num_threads(threads)
+    reporter.report_new(study)  # Trials the other processes finished last.
     trials = collect_trials(study, run_dir)
     parameter_names = [parameter.name for parameter in space.parameters]
     files = write_results_tables(trials, parameter_names, run_dir)
