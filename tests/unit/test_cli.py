@@ -206,6 +206,25 @@ def test_a_diverging_run_stops_with_one_line_and_no_model(capsys, tmp_path: Path
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "training diverged in epoch 1" in error[0]
     assert not (out / "model.safetensors").exists()
+    assert json.loads((out / "run.json").read_text())["status"] == "diverged"
+
+
+def test_an_interrupted_run_says_so_in_run_json(tmp_path: Path) -> None:
+    from cnnkit.config import build_run_config, preset_for
+    from cnnkit.training.run import train_run
+    from cnnkit.training.trainer import Callback, TrainingInterrupted
+
+    class CtrlC(Callback):
+        def on_epoch_end(self, trainer, metrics) -> None:
+            raise KeyboardInterrupt
+
+    overrides = {"data": {"max_classes": 3}, "train": {"epochs": 3}, "out": str(tmp_path / "r")}
+    config = build_run_config(preset_for("digits"), overrides)
+    with pytest.raises(TrainingInterrupted):
+        train_run(config, progress=False, callbacks=[CtrlC()])
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert info["status"] == "interrupted"
+    assert info["error"] == "training interrupted after 1 completed epoch(s)"
 
 
 def test_export_refuses_to_overwrite_its_own_model(capsys, symbol_model_file: Path, tmp_path):

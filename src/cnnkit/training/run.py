@@ -10,7 +10,7 @@ import json
 import logging
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,8 @@ from cnnkit.config import (
     config_to_dict,
     dump_config,
 )
-from cnnkit.data.loader import build_loaders
+from cnnkit.data.dataset import DataSplits
+from cnnkit.data.loader import BatchLoader, build_loaders
 from cnnkit.data.sources import LoadedData, build_splits
 from cnnkit.evaluation.report import EvaluationReport, build_report
 from cnnkit.inference.artifact import ModelMetadata, save_model
@@ -38,7 +39,13 @@ from cnnkit.runtime import (
     select_device,
 )
 from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger
-from cnnkit.training.trainer import Callback, FitResult, Trainer
+from cnnkit.training.trainer import (
+    Callback,
+    FitResult,
+    Trainer,
+    TrainingDiverged,
+    TrainingInterrupted,
+)
 
 logger = logging.getLogger(__name__)
 MODEL_NAME = "model.safetensors"
@@ -151,6 +158,63 @@ def _load_data(
         return build_splits(config.data, preprocessing, cache_dir, progress and distributed.is_main)
 
 
+def _fit(
+    model: torch.nn.Module,
+    config: RunConfig,
+    splits: DataSplits,
+    preprocessing: Preprocessing,
+    device: torch.device,
+    loaders: tuple[BatchLoader, BatchLoader | None],
+    distributed: DistributedContext,
+    progress: bool,
+    callbacks: Sequence[Callback],
+    resume: bool,
+) -> tuple[FitResult, Trainer, bool]:
+    """Train ``model`` (both transfer phases for a pretrained one); returns the fit, a trainer
+    holding the kept weights, and whether the model was a transfer model."""
+    run_dir = config.run_dir()
+    train_loader, val_loader = loaders
+    # A checkpoint of a run on other classes must not be resumed into this one.
+    identity = {"class_names": list(splits.class_names)}
+    transfer = hasattr(model, "freeze_backbone")
+    if transfer:
+        from cnnkit.training.transfer import fit_transfer
+
+        fit = fit_transfer(
+            model,
+            config,
+            splits,
+            preprocessing,
+            device,
+            run_dir,
+            progress,
+            callbacks=callbacks,
+            resume=resume,
+            distributed=distributed,
+            identity=identity,
+        )
+        trainer = Trainer(model, config.train, device, None, (), distributed, progress)
+    else:
+        loggers: list[Callback] = []
+        if distributed.is_main:
+            loggers = [
+                CsvLogger(run_dir / "metrics.csv"),
+                TensorBoardLogger(run_dir / "tensorboard"),
+            ]
+        trainer = Trainer(
+            model,
+            config.train,
+            device,
+            run_dir,
+            [*loggers, *callbacks],
+            distributed,
+            progress,
+            identity,
+        )
+        fit = trainer.fit(train_loader, val_loader, resume=resume)
+    return fit, trainer, transfer
+
+
 def train_run(
     config: RunConfig,
     resume: bool = False,
@@ -200,44 +264,26 @@ def train_run(
     train_loader, val_loader, test_loader = build_loaders(
         splits, config, preprocessing, device, distributed
     )
-    # A checkpoint of a run on other classes must not be resumed into this one.
-    identity = {"class_names": list(splits.class_names)}
-    transfer = hasattr(model, "freeze_backbone")
-    if transfer:
-        from cnnkit.training.transfer import fit_transfer
 
-        fit = fit_transfer(
+    try:
+        fit, trainer, transfer = _fit(
             model,
             config,
             splits,
             preprocessing,
             device,
-            run_dir,
-            progress,
-            callbacks=callbacks,
-            resume=resume,
-            distributed=distributed,
-            identity=identity,
-        )
-        trainer = Trainer(model, config.train, device, None, (), distributed, progress)
-    else:
-        loggers: list[Callback] = []
-        if distributed.is_main:
-            loggers = [
-                CsvLogger(run_dir / "metrics.csv"),
-                TensorBoardLogger(run_dir / "tensorboard"),
-            ]
-        trainer = Trainer(
-            model,
-            config.train,
-            device,
-            run_dir,
-            [*loggers, *callbacks],
+            (train_loader, val_loader),
             distributed,
             progress,
-            identity,
+            callbacks,
+            resume,
         )
-        fit = trainer.fit(train_loader, val_loader, resume=resume)
+    except (TrainingInterrupted, TrainingDiverged) as error:
+        if distributed.is_main:  # run.json says how the run ended, not "running".
+            status = "interrupted" if isinstance(error, TrainingInterrupted) else "diverged"
+            details = {"status": status, "data": splits.description, "error": str(error)}
+            write_run_info(run_dir, config, details)
+        raise
     timings["train"] = fit.seconds
     report, model_path, test_metrics = None, None, {}
     if distributed.is_main:
