@@ -100,6 +100,8 @@ def test_build_report_writes_every_file(tmp_path: Path) -> None:
     for name in ("confusion.png", "misclassified.png"):
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.width > 50
+    # Every file was written to a temporary and renamed: none is left behind.
+    assert not [path.name for path in out.iterdir() if path.name.startswith(".")]
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["top1"] == pytest.approx(4 / 6) and metrics["count"] == 6

@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cnnkit.atomic import write_atomically  # noqa: E402
+
 
 def _plain(text: str) -> str:
     # Matplotlib treats paired "$" as mathtext; class names are shown literally.
@@ -18,9 +20,16 @@ def _plain(text: str) -> str:
 
 
 def _save(figure: plt.Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(figure)
+    """Write the figure atomically (the format from ``path``'s suffix) and close it."""
+    try:
+        write_atomically(
+            Path(path),
+            lambda temporary: figure.savefig(
+                temporary, format=Path(path).suffix[1:] or "png", dpi=110, bbox_inches="tight"
+            ),
+        )
+    finally:
+        plt.close(figure)
     return path
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cnnkit.atomic import write_atomically
 from cnnkit.evaluation import plots
 from cnnkit.evaluation.metrics import (
     confusion_matrix,
@@ -33,10 +34,13 @@ class EvaluationReport:
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["empty"])
-        writer.writeheader()
-        writer.writerows(rows)
+    def write(temporary: Path) -> None:
+        with open(temporary, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["empty"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomically(path, write)
 
 
 def build_report(
@@ -107,5 +111,6 @@ def build_report(
         )
         files["misclassified"] = str(grid)
     report = EvaluationReport(metrics, pairs, files)
-    (out_dir / "metrics.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    text = json.dumps(report.to_dict(), indent=2) + "\n"
+    write_atomically(out_dir / "metrics.json", lambda path: path.write_text(text, encoding="utf-8"))
     return report
