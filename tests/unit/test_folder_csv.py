@@ -236,6 +236,7 @@ def test_csv_path_escaping_the_dataset_is_refused(tmp_path, path):
     ("contents", "where"),
     [
         (b"file,label\na.png,cat\n", r"labels\.csv:1: header lacks column\(s\) path"),
+        (b"path,label,path\na.png,cat,b.png\n", r"labels\.csv:1: header repeats column\(s\) path"),
         (b"path,label\na.png,cat\nb.png,\n", r"labels\.csv:3: empty label"),
         (b"path,label\na.png,cat\n,dog\n", r"labels\.csv:3: empty path"),
         (b"path,label\na.png,cat\nb.png,caf\xe9\n", r"labels\.csv:3: not UTF-8"),

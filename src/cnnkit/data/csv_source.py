@@ -77,6 +77,12 @@ def iter_csv_rows(
                         f"{name}:{line}: header lacks column(s) {', '.join(missing)}; "
                         f"expected {','.join(columns)}, found {','.join(row)}"
                     )
+                wanted = [*columns, *optional]
+                repeated = sorted({c for c in header if c in wanted and header.count(c) > 1})
+                if repeated:
+                    raise DataFormatError(
+                        f"{name}:{line}: header repeats column(s) {', '.join(repeated)}"
+                    )
                 indices = [header.index(column) for column in columns]
                 indices += [header.index(c) if c in header else None for c in optional]
                 needed = max(index for index in indices if index is not None) + 1
