@@ -178,6 +178,16 @@ def test_bad_images_are_reported_with_their_path_or_skipped(tmp_path, name, cont
     assert total == 8
 
 
+def test_a_class_whose_images_are_all_skipped_is_an_error(tmp_path):
+    folder_dataset(tmp_path)
+    (tmp_path / "owl").mkdir()
+    for index in range(3):
+        (tmp_path / "owl" / f"{index}.png").write_bytes(b"not an image")
+    config = folder_config(tmp_path, on_bad_image="skip")
+    with pytest.raises(ValueError, match=r"1 class\(es\) have no readable image left .*\(owl\)"):
+        build_splits(config, Preprocessing())
+
+
 # iter_csv_rows and CsvSource.
 
 

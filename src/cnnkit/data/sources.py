@@ -179,6 +179,15 @@ def build_splits(
     valid = np.flatnonzero(decoded.valid)
     splits = np.array([listing.records[i].split for i in valid], dtype=object)
     labels = np.array([listing.records[i].label for i in valid], dtype=np.int64)
+    empty = sorted(set(range(len(listing.class_names))) - set(labels.tolist()))
+    if empty:
+        # Every image of these classes was bad and skipped: a model would learn a class it
+        # has never seen.
+        names = ", ".join(listing.class_names[i] for i in empty[:5])
+        raise ValueError(
+            f"{config.data or config.dataset}: {len(empty)} class(es) have no readable image "
+            f"left after skipping bad files ({names}); fix or remove them"
+        )
     if any(split is not None for split in splits):
         train_idx = valid[splits == "train"]
         test_idx = valid[splits == "test"]
