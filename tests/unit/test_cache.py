@@ -109,6 +109,32 @@ def test_unreadable_cache_entry_is_decoded_again(tmp_path, dataset, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+class _FlakySource(FolderSource):
+    """A folder source whose first read of ``a/0.png`` fails, as on a network share."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.failed = False
+
+    def iter_bytes(self, keys):
+        for key, data in super().iter_bytes(keys):
+            if key == "a/0.png" and not self.failed:
+                self.failed = True
+                data = None
+            yield key, data
+
+
+def test_a_read_that_failed_once_is_not_cached(tmp_path, caplog):
+    source = _FlakySource(write_dataset(tmp_path / "data"))
+    listing = source.list_samples()
+    first = load_images(source, listing, Preprocessing(), tmp_path / "cache", workers=1)
+    assert first.unreadable == 1 and any("a/0.png" in p for p in first.problems)
+    assert "not cached" in caplog.text
+    second = load_images(source, listing, Preprocessing(), tmp_path / "cache", workers=1)
+    assert not second.from_cache and second.valid.sum() == 5  # Only the corrupt b/2.png.
+    assert load_images(source, listing, Preprocessing(), tmp_path / "cache", workers=1).from_cache
+
+
 class _SlowLoggedSource(FolderSource):
     """A folder source that records each full read in a file and reads slowly."""
 

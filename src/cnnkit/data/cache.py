@@ -45,12 +45,15 @@ class DecodedImages:
         valid: ``bool`` ``[N]``, False where the image could not be decoded.
         problems: one message per bad image, naming its path and the problem.
         from_cache: whether the array was read from an existing cache entry.
+        unreadable: files that could not be read at all (missing, or an I/O error), as
+            opposed to files read but not decodable.
     """
 
     images: np.ndarray
     valid: np.ndarray
     problems: list[str]
     from_cache: bool
+    unreadable: int = 0
 
 
 def cache_key(listing: Listing, preprocessing: Preprocessing) -> str:
@@ -73,16 +76,16 @@ def _decode_chunk(args: tuple[list[tuple], Preprocessing]):
     results = []
     for index, name, data, box in items:
         if data is None:
-            results.append((index, None, f"{name}: missing or unreadable file"))
+            results.append((index, None, f"{name}: missing or unreadable file", True))
             continue
         try:
             image = decode_image(data, name)
             if box is not None:
                 x, y, width, height = box
                 image = image.crop((round(x), round(y), round(x + width), round(y + height)))
-            results.append((index, prepare_image(image, preprocessing), None))
+            results.append((index, prepare_image(image, preprocessing), None, False))
         except BadImageError as error:
-            results.append((index, None, str(error)))
+            results.append((index, None, str(error), False))
     return results
 
 
@@ -117,6 +120,7 @@ def _decode_all(
     for index, record in enumerate(listing.records):
         positions.setdefault(record.key, []).append(index)
     seen: set[int] = set()
+    unreadable = 0
     stream = source.iter_bytes(list(positions))
     jobs = ((chunk, preprocessing) for chunk in _chunks(stream, listing, positions))
     bar = tqdm(total=count, desc="decoding images", unit="img", disable=bar_disabled(progress))
@@ -125,8 +129,9 @@ def _decode_all(
     try:
         results = pool.imap_unordered(_decode_chunk, jobs) if pool else map(_decode_chunk, jobs)
         for chunk_results in results:
-            for index, array, problem in chunk_results:
+            for index, array, problem, not_read in chunk_results:
                 seen.add(index)
+                unreadable += not_read
                 if array is None:
                     problems[index] = problem
                 else:
@@ -140,7 +145,7 @@ def _decode_all(
             pool.join()
     for index in set(range(count)) - seen:
         problems[index] = f"{_display(listing.records[index])}: file not found in the source"
-    return DecodedImages(images, valid, [problems[i] for i in sorted(problems)], False)
+    return DecodedImages(images, valid, [problems[i] for i in sorted(problems)], False, unreadable)
 
 
 def load_images(
@@ -175,6 +180,15 @@ def load_images(
         if cached is not None:
             return cached
         decoded = _decode_all(source, listing, preprocessing, workers, progress)
+        if decoded.unreadable:
+            # A read can fail for a moment (a network share, a file being copied); a cache
+            # entry would keep that failure until the files change, so none is written.
+            logger.warning(
+                "%d file(s) could not be read; the decoded images are not cached, so the next "
+                "run reads them again",
+                decoded.unreadable,
+            )
+            return decoded
         if not _write_entry(entry, listing, preprocessing, decoded):
             return decoded
     images = np.load(entry / "images.npy", mmap_mode="r")
