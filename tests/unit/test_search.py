@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import logging
 import os
 import signal
 import subprocess
@@ -487,3 +488,30 @@ def test_the_reporter_passes_on_every_ended_trial_once(tmp_path) -> None:
     study.tell(failed, state=optuna.trial.TrialState.FAIL)
     reporter.report_new(study, study.get_trials(deepcopy=False)[-1])
     assert seen == [0, 1, 2]
+
+
+class _CtrlCRunner:
+    """A trial objective that is interrupted (Ctrl-C) in its first epoch."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.config = SearchConfig(sampler="random", n_trials=1)
+        self.space, self.run_dir = TINY_SPACE, run_dir
+
+    def __call__(self, trial):
+        from cnnkit.training.trainer import TrainingInterrupted
+
+        suggest_params(trial, TINY_SPACE, grid=False)
+        raise TrainingInterrupted(0, None)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_ctrl_c_in_a_trial_logs_no_traceback(tmp_path, caplog) -> None:
+    from cnnkit.training.search import _optimize
+    from cnnkit.training.trainer import TrainingInterrupted
+
+    runner = _CtrlCRunner(tmp_path / "run")
+    study = open_study(runner.config, TINY_SPACE, runner.run_dir)[0]
+    with caplog.at_level(logging.WARNING), pytest.raises(TrainingInterrupted):
+        _optimize(study, runner)
+    assert not [record for record in caplog.records if record.exc_info]
+    assert not logging.getLogger("optuna.study._optimize").filters  # Removed afterwards.

@@ -495,13 +495,29 @@ def _optimize(
         if trials_to_run(study, config, space, count_running=True) == 0:
             study.stop()
 
-    study.optimize(
-        runner,
-        n_trials=remaining,
-        timeout=config.timeout,
-        callbacks=[after_trial],
-        gc_after_trial=True,
-    )
+    # Ctrl-C is not a failure worth a traceback: the interrupted trial is re-queued and the
+    # command says how to continue.
+    optuna_logger = logging.getLogger("optuna.study._optimize")
+    quiet = _QuietInterruptions()
+    optuna_logger.addFilter(quiet)
+    try:
+        study.optimize(
+            runner,
+            n_trials=remaining,
+            timeout=config.timeout,
+            callbacks=[after_trial],
+            gc_after_trial=True,
+        )
+    finally:
+        optuna_logger.removeFilter(quiet)
+
+
+class _QuietInterruptions(logging.Filter):
+    """Drops Optuna's traceback for a trial stopped by Ctrl-C."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, (TrainingInterrupted, KeyboardInterrupt))
 
 
 def _worker_main(
