@@ -151,3 +151,14 @@ def test_importances_missing_is_explained(tmp_path):
 def test_other_folders_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not a cnnkit run"):
         build_report_html(tmp_path)
+
+
+def test_a_corrupt_file_in_the_run_folder_is_named(tmp_path, caplog):
+    (tmp_path / "config.yaml").write_text("model: {name: symbol_cnn}\n", encoding="utf-8")
+    (tmp_path / "run.json").write_text("{cut off", encoding="utf-8")
+    (tmp_path / "metrics.csv").write_bytes(b"epoch,train_accuracy\n1,\xff\n")
+    page = build_report_html(tmp_path)
+    assert "symbol_cnn" in page  # What could be read is still reported.
+    warned = [record.getMessage() for record in caplog.records]
+    assert any("run.json: cannot be read" in message for message in warned), warned
+    assert any("metrics.csv: cannot be read" in message for message in warned), warned

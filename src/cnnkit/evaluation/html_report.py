@@ -11,6 +11,7 @@ import csv
 import html
 import io
 import json
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
@@ -39,27 +40,41 @@ pre{background:#fff;border:1px solid #dde;padding:10px;overflow:auto;font-size:1
 .scroll{max-height:520px;overflow:auto}
 """
 
+logger = logging.getLogger(__name__)
+
+
+def _unreadable(path: Path, error: Exception) -> None:
+    """A file that is there but cannot be read: say so, as its section is left out."""
+    if path.exists():
+        logger.warning("%s: cannot be read (%s); the report leaves it out", path, error)
+
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError) as error:
+        _unreadable(path, error)
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        _unreadable(path, ValueError("not a JSON object"))
+        return {}
+    return data
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             return list(csv.DictReader(handle))
-    except OSError:
+    except (OSError, ValueError, csv.Error) as error:
+        _unreadable(path, error)
         return []
 
 
 def _read_text(path: Path) -> str | None:
     try:
         return path.read_text(encoding="utf-8")
-    except OSError:
+    except (OSError, ValueError) as error:
+        _unreadable(path, error)
         return None
 
 
@@ -202,7 +217,11 @@ def _search_sections(run_dir: Path) -> list[str]:
     import yaml
 
     settings_text = _read_text(run_dir / "search.yaml")
-    settings = yaml.safe_load(settings_text) if settings_text else {}
+    try:
+        settings = yaml.safe_load(settings_text) if settings_text else {}
+    except yaml.YAMLError as error:
+        _unreadable(run_dir / "search.yaml", error)
+        settings = {}
     search = (settings or {}).get("search") or {}
     rows = _read_csv(run_dir / "results.csv")
     finished = [row for row in rows if row.get("state") == "complete"]
