@@ -213,3 +213,19 @@ def test_test_time_augmentation_exports_with_the_same_output() -> None:
         plain = model(x)
     np.testing.assert_allclose(output, expected.numpy(), rtol=1e-4, atol=1e-5)
     assert not np.allclose(np.exp(output), plain.softmax(1).numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("opset", [3, 17, 999])
+def test_an_opset_out_of_range_is_refused_before_exporting(exported, opset, tmp_path) -> None:
+    model_path = exported[0]
+    with pytest.raises(ValueError, match=f"opset must be between 18 .*; got {opset}"):
+        export_onnx(model_path, tmp_path / "out.onnx", opset=opset)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_the_file_holds_the_opset_asked_for(exported, tmp_path) -> None:
+    import onnx
+
+    path = export_onnx(exported[0], tmp_path / "out.onnx", opset=20)
+    versions = {o.domain: o.version for o in onnx.load(str(path)).opset_import}
+    assert versions.get("", versions.get("ai.onnx")) == 20

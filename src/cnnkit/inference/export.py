@@ -28,6 +28,7 @@ from cnnkit.inference.artifact import (
 
 logger = logging.getLogger(__name__)
 
+MIN_OPSET = 18
 DEFAULT_OPSET = 18
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -87,6 +88,12 @@ def build_onnx_model(model_path: str | Path, opset: int = DEFAULT_OPSET) -> Any:
     """
     import onnx
 
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise ValueError(
+            f"opset must be between {MIN_OPSET} (the torch.export exporter's oldest) and "
+            f"{newest} (this onnx package's newest); got {opset!r}"
+        )
     model_path = Path(model_path)
     raw_metadata = read_metadata(model_path)
     model = load_model(model_path).float().eval()
@@ -95,6 +102,11 @@ def build_onnx_model(model_path: str | Path, opset: int = DEFAULT_OPSET) -> Any:
     except Exception as error:  # The exporter raises many unrelated types.
         raise ModelFileError(f"{model_path}: ONNX export failed ({error})") from error
     proto = program.model_proto
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:  # The exporter falls back to another opset rather than fail.
+        raise ModelFileError(
+            f"{model_path}: the exporter cannot write opset {opset} (it wrote {written})"
+        )
     metadata = model.metadata
     properties = {
         METADATA_KEY: json.dumps(raw_metadata, ensure_ascii=False),
