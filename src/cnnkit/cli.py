@@ -201,7 +201,9 @@ def _parse_option(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     import yaml
 
-    return key.strip(), yaml.safe_load(raw)
+    from cnnkit.config import number_from_text
+
+    return key.strip(), number_from_text(yaml.safe_load(raw))
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -32,9 +32,12 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}; got {value!r}")
 
 
+MAX_SEED = 2**32 - 1  # NumPy's range; the per-epoch seeds derived from it stay within torch's.
+
+
 def _check_seed(seed: int) -> None:
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be between 0 and 2**63 - 1; got {seed}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be between 0 and {MAX_SEED}; got {seed}")
 
 
 @dataclass(frozen=True)
@@ -419,6 +422,15 @@ def build_run_config(*layers: dict[str, Any]) -> RunConfig:
     return RunConfig(**kwargs)
 
 
+def number_from_text(value: Any) -> Any:
+    """Number-like text as a float (YAML reads ``1e-3``, with no dot, as text); any other
+    value unchanged."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return value
+
+
 _TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
 
 
@@ -433,9 +445,8 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
         if value is None and type(None) in options:
             return value
         hint = next(option for option in options if option is not type(None))
-    if hint is float and isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            value = float(value)
+    if hint is float:
+        value = number_from_text(value)
     origin = typing.get_origin(hint) or hint
     if origin is tuple:
         ok = isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
@@ -502,6 +513,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: config must be a mapping of sections")
+    for section, value in data.items():
+        if section != "out" and value is not None and not isinstance(value, dict):
+            raise ValueError(
+                f"{path}: section {section!r} must be a mapping of fields; got {value!r}"
+            )
     return data
 
 

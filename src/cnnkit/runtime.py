@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import datetime
 import logging
 import random
 from collections.abc import Iterator
@@ -127,7 +128,9 @@ def init_distributed(rank: int, local_rank: int, world_size: int) -> Distributed
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    torch.distributed.init_process_group(backend=backend)
+    # Other ranks wait while rank 0 decodes the data and computes frozen features into the
+    # caches (main_process_first): allow an hour, not NCCL's default 10 minutes.
+    torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(hours=1))
     logger.info("joined %s process group: rank %d of %d", backend, rank, world_size)
     return context
 

@@ -188,6 +188,10 @@ def test_config_file_errors_exit_2(capsys, tmp_path: Path) -> None:
     path.write_text("train:\n  epochs: three\n", encoding="utf-8")
     assert main(["train", "--dataset", "digits", "--config", str(path)]) == 2
     assert "train.epochs must be a whole number; got 'three'" in capsys.readouterr().err
+    path.write_text("model: efficientnet_lite0\n", encoding="utf-8")
+    assert main(["train", "--config", str(path), "--print-config"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "section 'model' must be a mapping of fields" in error[0]
 
 
 def test_an_existing_file_as_out_is_one_line(capsys, tmp_path: Path) -> None:
@@ -271,6 +275,11 @@ def test_train_size_a_model_cannot_take_stops_before_any_data_loads(capsys, tmp_
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "book_cnn cannot train on 24 px crops" in error[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_option_values_written_like_1e_1_are_numbers() -> None:
+    config = _resolve("--dataset", "digits", "--option", "dropout=1e-1", "--option", "width=16")
+    assert config.model.options["dropout"] == 0.1 and config.model.options["width"] == 16
 
 
 def test_the_config_file_may_name_the_dataset(capsys, tmp_path: Path) -> None:

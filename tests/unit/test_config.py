@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from cnnkit.config import (
     PRESETS,
@@ -220,9 +221,26 @@ def test_run_dir_defaults_to_dataset_and_model() -> None:
     assert ModelConfig().options == {}
 
 
-@pytest.mark.parametrize("seed", [-1, 2**63])
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**63])
 def test_seeds_out_of_range_are_named(seed: int) -> None:
-    with pytest.raises(ValueError, match="seed must be between 0 and 2\\*\\*63 - 1"):
+    with pytest.raises(ValueError, match="seed must be between 0 and 4294967295"):
         build_run_config({"train": {"seed": seed}})
     with pytest.raises(ValueError, match="seed must be between"):
         build_run_config({"data": {"seed": seed}})
+
+
+def test_the_largest_seed_drives_every_random_stream() -> None:
+    """Every seed the config accepts still gives valid per-epoch and per-rank seeds."""
+    from cnnkit.config import MAX_SEED
+    from cnnkit.runtime import rank_seed
+
+    for derived in (MAX_SEED * 1_000_003 + 999, MAX_SEED * 100_003 + 999, MAX_SEED * 7_919):
+        torch.Generator().manual_seed(rank_seed(derived, 63))
+    torch.manual_seed(rank_seed(MAX_SEED * 1_000_003 + 999, 63))
+
+
+def test_a_config_file_section_that_is_not_a_mapping_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: efficientnet_lite0\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.yaml: section 'model' must be a mapping of fields"):
+        load_config_file(path)

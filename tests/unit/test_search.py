@@ -484,9 +484,10 @@ def test_the_reporter_passes_on_every_ended_trial_once(tmp_path) -> None:
         study.tell(trial, value)
     reporter.report_new(study)
     reporter.report_new(study)
-    failed = study.ask()
+    failed = study.ask()  # Failed in another process: reported all the same.
     study.tell(failed, state=optuna.trial.TrialState.FAIL)
-    reporter.report_new(study, study.get_trials(deepcopy=False)[-1])
+    reporter.report_new(study)
+    reporter.report_new(study)
     assert seen == [0, 1, 2]
 
 
@@ -511,7 +512,12 @@ def test_ctrl_c_in_a_trial_logs_no_traceback(tmp_path, caplog) -> None:
 
     runner = _CtrlCRunner(tmp_path / "run")
     study = open_study(runner.config, TINY_SPACE, runner.run_dir)[0]
-    with caplog.at_level(logging.WARNING), pytest.raises(TrainingInterrupted):
-        _optimize(study, runner)
+    optuna.logging.enable_propagation()  # Optuna's records reach caplog only this way.
+    try:
+        with caplog.at_level(logging.WARNING), pytest.raises(TrainingInterrupted):
+            _optimize(study, runner)
+    finally:
+        optuna.logging.disable_propagation()
+    assert [record for record in caplog.records if record.name.startswith("optuna")]
     assert not [record for record in caplog.records if record.exc_info]
     assert not logging.getLogger("optuna.study._optimize").filters  # Removed afterwards.

@@ -22,7 +22,7 @@ from cnnkit.training.checkpoint import (
     remove_checkpoints,
     save_checkpoint,
 )
-from cnnkit.training.trainer import Callback, Trainer, TrainingInterrupted
+from cnnkit.training.trainer import Callback, Trainer, TrainingDiverged, TrainingInterrupted
 
 CPU = torch.device("cpu")
 PREPROCESSING = Preprocessing("symbol", 1, 8, 8, (0.5,), (0.5,))
@@ -498,3 +498,32 @@ def test_resuming_a_run_on_other_classes_is_refused(tiny_image_set, run_dir: Pat
         )
     same = Trainer(_model(), longer, CPU, run_dir, progress=False, identity=first)
     assert same.fit(train_loader, resume=True).epochs_run == 2
+
+
+class _OverflowOnce(nn.Module):
+    """Returns infinite logits on its first call, as float16 can overflow on one batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 4))
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        logits = self.net(x)
+        return logits * float("inf") if self.calls == 1 else logits
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+def test_one_overflowing_step_under_a_grad_scaler_is_not_divergence(tiny_image_set, scaled):
+    train_loader, _ = _loaders(tiny_image_set)
+    torch.manual_seed(0)
+    config = dataclasses.replace(BASE, epochs=1, memory_check=False)  # No probing forward pass.
+    trainer = Trainer(_OverflowOnce(), config, CPU, progress=False)
+    if scaled:  # The CUDA float16 path, with the CPU scaler: it skips the overflowing step.
+        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        assert trainer.fit(train_loader).epochs_run == 1
+        assert all(p.isfinite().all() for p in trainer.module.parameters())
+    else:
+        with pytest.raises(TrainingDiverged, match="training diverged in epoch 1"):
+            trainer.fit(train_loader)

@@ -171,6 +171,11 @@ def test_the_docs_page_loads_nothing_from_other_sites(client: TestClient) -> Non
         response = client.get(source)
         assert response.status_code == 200 and len(response.content) > 100, source
     assert client.get("/docs/assets/index.html").status_code == 404  # Only the two files.
+    # The Swagger UI served must read the OpenAPI version the app writes (Swagger UI 4 only
+    # accepted 3.0.x and showed "Unable to render this definition" for FastAPI's 3.1.0).
+    major_minor = client.get("/openapi.json").json()["openapi"].rsplit(".", 1)[0]
+    script = next(s for s in sources if s.endswith(".js"))
+    assert "^" + major_minor.replace(".", "\\.") + "\\." in client.get(script).text
 
 
 @pytest.mark.parametrize("method, path", [("GET", "/nowhere"), ("GET", "/api/predict")])

@@ -222,6 +222,9 @@ def _search_sections(run_dir: Path) -> list[str]:
     except yaml.YAMLError as error:
         _unreadable(run_dir / "search.yaml", error)
         settings = {}
+    if not isinstance(settings, dict):
+        _unreadable(run_dir / "search.yaml", ValueError("not a mapping of settings"))
+        settings = {}
     search = (settings or {}).get("search") or {}
     rows = _read_csv(run_dir / "results.csv")
     finished = [row for row in rows if row.get("state") == "complete"]

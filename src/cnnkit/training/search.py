@@ -463,7 +463,8 @@ class TrialReporter:
         """Report the trials that ended since the last call (``current`` even if it failed)."""
         if self.on_trial is None:
             return
-        ended = {t.number: t for t in study.get_trials(deepcopy=False, states=FINISHED)}
+        states = (*FINISHED, TrialState.FAIL)
+        ended = {t.number: t for t in study.get_trials(deepcopy=False, states=states)}
         if current is not None:
             ended[current.number] = current
         for number in sorted(set(ended) - self.reported):
@@ -611,7 +612,8 @@ def run_search(
         workers = _start_workers(base, space, config, cache_dir, per_worker)
         torch.set_num_threads(per_worker)
     reporter = TrialReporter(on_trial, run_dir)
-    reporter.reported.update(t.number for t in study.get_trials(deepcopy=False, states=FINISHED))
+    earlier = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.FAIL))
+    reporter.reported.update(trial.number for trial in earlier)
     try:
         _optimize(study, runner, reporter)
     finally:

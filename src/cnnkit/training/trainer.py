@@ -436,7 +436,12 @@ class Trainer:
         bar.close()
         seconds = time.perf_counter() - start
         totals = self._reduce([total_loss.item(), correct.item(), seen])
-        if not math.isfinite(totals[0]):
+        # Under a GradScaler (CUDA float16) an overflowing step is skipped and the weights
+        # stay finite; only weights that are no longer finite mean the run is lost.
+        weights_lost = self.scaler is None or not all(
+            torch.isfinite(parameter).all() for parameter in self.module.parameters()
+        )
+        if not math.isfinite(totals[0]) and weights_lost:
             raise TrainingDiverged(
                 f"training diverged in epoch {self.epoch + 1} (loss {totals[0]}); lower the "
                 f"learning rate (now {self.config.learning_rate:g})"

@@ -1,7 +1,8 @@
 """The OpenAPI page at ``/docs``, with Swagger UI served by the app itself so it works offline.
 
 FastAPI's own page loads Swagger UI from a CDN, which leaves it blank without internet. The
-``swagger-ui-bundle`` package ships the files; without it the app falls back to FastAPI's page.
+``swagger-ui-bundle-v2`` package ships Swagger UI 5, which reads the OpenAPI 3.1 documents
+FastAPI writes (Swagger UI 4 only reads 3.0); without it the app falls back to FastAPI's page.
 """
 
 from __future__ import annotations
