@@ -159,10 +159,12 @@ def check_training_memory(
 ) -> int:
     """Choose how many samples each forward pass takes, so that training fits in memory.
 
-    A batch that fits is taken whole. One that does not is split into micro-batches whose
-    gradients are accumulated (the same update, in more passes), unless ``micro_batch_size``
-    fixes the split; a fixed split that cannot fit is refused, one that nearly fills the
-    memory is warned about.
+    A batch that fits is taken whole (with a warning when it nearly fills the memory). One that
+    does not is split into micro-batches, sized to leave a margin, whose gradients are
+    accumulated: mathematically the same update, in more passes. Only a batch that cannot fit
+    at all is split, because a split sums in another order, and the result then depends on how
+    much memory happened to be free. ``micro_batch_size`` fixes the split; a fixed split that
+    cannot fit is refused.
 
     Args:
         estimate: from :func:`estimate_training_memory`.
@@ -191,20 +193,22 @@ def check_training_memory(
         f"training at batch size {batch_size}{passes} needs about {needed / GIB:.1f} GiB, and "
         f"{share / GIB:.1f} GiB is available"
     )
-    if fits >= 1 and micro_batch_size is None:
+    if micro_batch_size is None and needed > share and fits < 1:
+        fits = estimate.largest_batch(share)  # No room for the margin: use all there is.
+    if fits >= 1 and micro_batch_size is None and needed > share:
         chunk = even_chunk(batch_size, fits)
         logger.warning(
             "%s: accumulating gradients over %d passes of at most %d samples instead (about "
-            "%.1f GiB; the same updates, except that batch norm in training mode normalises "
-            "each pass by itself; --micro-batch sets the size)",
+            "%.1f GiB; the same updates up to rounding, except that batch norm in training "
+            "mode normalises each pass by itself; --micro-batch sets the size)",
             message,
             pass_count(batch_size, chunk),
             chunk,
             estimate.total(chunk) / GIB,
         )
         return chunk
-    advice = (
-        f"use --micro-batch {fits} or smaller"
+    advice = (  # The even split that fits: 31 of 32 would run as passes of 16 anyway.
+        f"use --micro-batch {even_chunk(batch_size, fits)} or smaller"
         if fits >= 1
         else "a smaller model or image size is needed"
     )
