@@ -18,6 +18,7 @@ from typing import Any
 from cnnkit import __version__
 
 PHOTO_MODELS_PRESET = {"book_bird_cnn": "book-cub", "book_cnn": "book-hasy"}
+PHOTO_MODEL = "efficientnet_lite0"  # For a folder or CSV of photos when no model is named.
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -271,6 +272,17 @@ def resolve_run_config(args: argparse.Namespace):
     args.dataset = dataset  # Default folder names use it.
     model_name = args.model or (file_layer.get("model") or {}).get("name")
     preset = args.preset
+    data = args.data or (file_layer.get("data") or {}).get("data")
+    if preset is None and model_name is None and dataset in ("folder", "csv") and data:
+        from cnnkit.data.sources import looks_like_photos
+
+        photos, seen = looks_like_photos(dataset, str(data))
+        if photos:  # The symbol network's 32 px grayscale input would waste these photos.
+            model_name = args.model = PHOTO_MODEL
+            args.chosen_because = (
+                f"Photos ({seen}): training {PHOTO_MODEL} with the cub transfer recipe "
+                "(--model symbol_cnn trains the small symbol network instead)"
+            )
     if preset is None and model_name in PHOTO_MODELS_PRESET:
         preset = PHOTO_MODELS_PRESET[model_name]
     if preset is None and model_name and model_name.startswith("efficientnet"):
@@ -316,6 +328,8 @@ def command_train(args: argparse.Namespace) -> int:
         tune_allocator()
     distributed = distributed_from_env()
     is_main = distributed.is_main
+    if is_main and getattr(args, "chosen_because", None):
+        print(args.chosen_because)
     if is_main:
         _print_run_folder_state(config.run_dir(), args.resume)
     cache_dir = args.cache_dir or config.data.cache_dir or default_cache_dir()

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tests.conftest import write_bird_folder
 
 from cnnkit import __version__
 from cnnkit.cli import _print_history, build_parser, format_prediction, main, resolve_run_config
@@ -275,6 +276,21 @@ def test_train_size_a_model_cannot_take_stops_before_any_data_loads(capsys, tmp_
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "book_cnn cannot train on 24 px crops" in error[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_of_photos_gets_the_transfer_recipe_and_symbols_the_symbol_network(tmp_path):
+    photos = write_bird_folder(tmp_path / "birds", per_class=3)  # 64x48 colour photos
+    chosen = build_parser().parse_args(["train", "--dataset", "folder", "--data", str(photos)])
+    config = resolve_run_config(chosen)
+    assert config.model.name == "efficientnet_lite0" and config.data.image_size == 224
+    assert "Photos (6 images, median 64x48, colour)" in chosen.chosen_because
+    # Named models and presets are never second-guessed.
+    named = _resolve("--dataset", "folder", "--data", str(photos), "--model", "symbol_cnn")
+    assert named.model.name == "symbol_cnn"
+    for index, name in enumerate(("alpha", "beta")):  # 24 px symbols: the symbol network
+        _write_images(tmp_path / "symbols" / name, count=2 + index)
+    symbols = _resolve("--dataset", "folder", "--data", str(tmp_path / "symbols"))
+    assert symbols.model.name == "symbol_cnn" and symbols.data.image_size == 32
 
 
 def test_option_values_written_like_1e_1_are_numbers() -> None:

@@ -15,6 +15,7 @@ from cnnkit.atomic import write_atomically
 from cnnkit.config import DataConfig, Preprocessing
 from cnnkit.data.cache import load_images
 from cnnkit.data.dataset import DataSplits, ImageSet, concatenate
+from cnnkit.data.image import BadImageError, decode_image
 from cnnkit.data.source import Listing, SampleRecord, Source
 from cnnkit.data.splits import stratified_split
 
@@ -217,3 +218,45 @@ def build_splits(
         decoded.problems,
         decoded.from_cache,
     )
+
+
+PHOTO_MIN_SIDE = 48  # HASYv2 symbols are 32 px, MNIST 28, scikit-learn's digits 8.
+
+
+def looks_like_photos(dataset: str, data: str, samples: int = 8) -> tuple[bool, str]:
+    """Whether a folder or CSV dataset holds colour photos rather than symbol-like images.
+
+    Reads ``samples`` images spread over the listing (one per class first). Photos are images
+    whose shorter side is at least :data:`PHOTO_MIN_SIDE` pixels and that have colour in them.
+
+    Returns:
+        The verdict and a short description of what was seen (``"8 images, median 500x375,
+        colour"``). Unreadable datasets give ``(False, "")``: training reports their problems.
+    """
+    try:
+        source = create_source(DataConfig(dataset=dataset, data=data))
+        listing = source.list_samples()
+    except (ValueError, OSError):
+        return False, ""
+    by_class: dict[int, str] = {}
+    for record in listing.records:
+        by_class.setdefault(record.label, record.key)
+    keys = list(by_class.values())[:samples]
+    keys += [r.key for r in listing.records if r.key not in keys][: samples - len(keys)]
+    sizes, colourful = [], 0
+    for _, data_bytes in source.iter_bytes(keys):
+        if data_bytes is None:
+            continue
+        try:
+            image = decode_image(data_bytes)
+        except BadImageError:
+            continue
+        sizes.append(image.size)
+        small = np.asarray(image.convert("RGB").resize((32, 32)), dtype=np.int16)
+        colourful += bool(np.abs(small - small.mean(axis=2, keepdims=True)).mean() > 8)
+    if not sizes:
+        return False, ""
+    width, height = (int(np.median([size[i] for size in sizes])) for i in (0, 1))
+    photos = min(width, height) >= PHOTO_MIN_SIDE and colourful * 2 >= len(sizes)
+    kind = "colour" if colourful * 2 >= len(sizes) else "grey"
+    return photos, f"{len(sizes)} images, median {width}x{height}, {kind}"
