@@ -261,8 +261,12 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def resolve_run_config(args: argparse.Namespace):
-    """defaults < preset < --config file < flags."""
+def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
+    """defaults < preset < --config file < flags.
+
+    With ``detect_photos``, a folder or CSV dataset with no model, preset or model options
+    given trains the photo recipe when its images are colour photos (see ``looks_like_photos``).
+    """
     from cnnkit.config import PRESETS, build_run_config, load_config_file, preset_for
 
     file_layer = load_config_file(args.config) if args.config else {}
@@ -273,7 +277,13 @@ def resolve_run_config(args: argparse.Namespace):
     model_name = args.model or (file_layer.get("model") or {}).get("name")
     preset = args.preset
     data = args.data or (file_layer.get("data") or {}).get("data")
-    if preset is None and model_name is None and dataset in ("folder", "csv") and data:
+    options_given = bool(
+        args.option
+        or any(getattr(args, key) is not None for key in ("dense", "convs", "width"))
+        or (file_layer.get("model") or {}).get("options")
+    )
+    unnamed = preset is None and model_name is None and not options_given
+    if detect_photos and unnamed and dataset in ("folder", "csv") and data:
         from cnnkit.data.sources import looks_like_photos
 
         photos, seen = looks_like_photos(dataset, str(data))
@@ -700,7 +710,7 @@ def command_search(args: argparse.Namespace) -> int:
     if args.preset is None and args.model is None and space.preset:
         args.preset = space.preset
     given_out = args.out
-    base = resolve_run_config(args)
+    base = resolve_run_config(args, detect_photos=False)  # The space decides the model.
     if given_out is None:
         out = Path("runs") / f"search-{base.data.dataset}-{space.name}"
         base = dataclasses.replace(base, out=str(out))

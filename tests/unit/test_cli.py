@@ -16,6 +16,7 @@ from tests.conftest import write_bird_folder
 from cnnkit import __version__
 from cnnkit.cli import _print_history, build_parser, format_prediction, main, resolve_run_config
 from cnnkit.config import PRESETS
+from cnnkit.data.sources import looks_like_photos
 from cnnkit.inference.predictor import Prediction, Predictor
 from cnnkit.models.registry import create_model, model_options
 
@@ -278,7 +279,9 @@ def test_train_size_a_model_cannot_take_stops_before_any_data_loads(capsys, tmp_
     assert not (tmp_path / "run").exists()
 
 
-def test_a_folder_of_photos_gets_the_transfer_recipe_and_symbols_the_symbol_network(tmp_path):
+def test_a_folder_of_photos_gets_the_transfer_recipe_and_symbols_the_symbol_network(
+    tmp_path, capsys
+):
     photos = write_bird_folder(tmp_path / "birds", per_class=3)  # 64x48 colour photos
     chosen = build_parser().parse_args(["train", "--dataset", "folder", "--data", str(photos)])
     config = resolve_run_config(chosen)
@@ -287,10 +290,28 @@ def test_a_folder_of_photos_gets_the_transfer_recipe_and_symbols_the_symbol_netw
     # Named models and presets are never second-guessed.
     named = _resolve("--dataset", "folder", "--data", str(photos), "--model", "symbol_cnn")
     assert named.model.name == "symbol_cnn"
+    # Options of the symbol network say which model is meant, and a search's space decides.
+    widened = _resolve("--dataset", "folder", "--data", str(photos), "--width", "48")
+    assert widened.model.name == "symbol_cnn" and widened.model.options["width"] == 48
+    argv = ["search", "--dataset", "folder", "--data", str(photos), "--space", "symbol"]
+    assert main([*argv, "--print-config"]) == 0
+    assert "name: symbol_cnn" in capsys.readouterr().out
     for index, name in enumerate(("alpha", "beta")):  # 24 px symbols: the symbol network
         _write_images(tmp_path / "symbols" / name, count=2 + index)
     symbols = _resolve("--dataset", "folder", "--data", str(tmp_path / "symbols"))
     assert symbols.model.name == "symbol_cnn" and symbols.data.image_size == 32
+    # Large grey scans are not photos either; a CSV is sampled from its first rows.
+    rows = ["path,label"]
+    for index in range(4):
+        Image.new("L", (200, 160), 40 * index).save(tmp_path / f"scan-{index}.png")
+        rows.append(f"scan-{index}.png,{'ab'[index % 2]}")
+    (tmp_path / "scans.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    scans = _resolve("--dataset", "csv", "--data", str(tmp_path / "scans.csv"))
+    assert scans.model.name == "symbol_cnn"
+    assert looks_like_photos("csv", str(tmp_path / "scans.csv")) == (
+        False,
+        "4 images, median 200x160, grey",
+    )
 
 
 def test_option_values_written_like_1e_1_are_numbers() -> None:

@@ -103,7 +103,7 @@ def test_near_the_limit_warns_and_far_below_is_silent(caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="cnnkit.training.memory"):
         assert check_training_memory(estimate, batch_size=8, available=int(8 * GIB)) == 8
         assert caplog.records == []
-        # 7.5 GiB of 8: past the margin, but it fits, so the batch stays whole (a split would
+        # 7.8 GiB of 8: past the margin, but it fits, so the batch stays whole (a split would
         # change the rounding, and the result would depend on the memory free at the time).
         assert check_training_memory(estimate, batch_size=24, available=8 * GIB) == 24
         assert "close to the limit" in caplog.text and "--micro-batch 12" in caplog.text
@@ -117,7 +117,7 @@ def test_near_the_limit_warns_and_far_below_is_silent(caplog) -> None:
 def test_processes_on_one_machine_share_its_memory() -> None:
     estimate = MemoryEstimate(per_sample=GIB // 4, fixed=0, states=0)
     assert check_training_memory(estimate, batch_size=20, available=8 * GIB) == 20
-    # Two processes: 5 GiB needed of a 4 GiB share, so passes of at most 13 (3.4 GiB): 10 + 10.
+    # Two processes: 6.5 GiB needed of a 4 GiB share, so passes of at most 10 (3.25 GiB).
     assert check_training_memory(estimate, 20, 8 * GIB, world_size=2) == 10
     with pytest.raises(InsufficientMemoryError, match="4.0 GiB is available"):
         check_training_memory(estimate, 16, 8 * GIB, world_size=2, micro_batch_size=16)
@@ -226,3 +226,14 @@ def test_gradient_scaling_applies_to_every_pass_and_steps_once() -> None:
     reference = step(None, scaler=False)
     for first, second in zip(reference, step(3, scaler=True), strict=True):
         torch.testing.assert_close(first, second, rtol=1e-5, atol=1e-6)
+
+
+def test_with_no_room_for_the_margin_splits_and_advice_use_all_the_memory(caplog) -> None:
+    # A large fixed cost: within 85% of 9 GiB not even one sample fits, within 9 GiB seven do.
+    estimate = MemoryEstimate(per_sample=GIB // 8, fixed=6 * GIB, states=0)
+    with pytest.raises(InsufficientMemoryError, match="use --micro-batch 7 or smaller"):
+        check_training_memory(estimate, 32, 9 * GIB, micro_batch_size=16)
+    with caplog.at_level(logging.WARNING, logger="cnnkit.training.memory"):
+        assert check_training_memory(estimate, 32, 9 * GIB, micro_batch_size=7) == 7
+        assert check_training_memory(estimate, batch_size=32, available=9 * GIB) == 7
+    assert "no split leaves a margin" in caplog.text

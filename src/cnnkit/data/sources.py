@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +17,7 @@ from cnnkit.atomic import write_atomically
 from cnnkit.config import DataConfig, Preprocessing
 from cnnkit.data.cache import load_images
 from cnnkit.data.dataset import DataSplits, ImageSet, concatenate
-from cnnkit.data.image import BadImageError, decode_image
+from cnnkit.data.image import BadImageError, read_image_file
 from cnnkit.data.source import Listing, SampleRecord, Source
 from cnnkit.data.splits import stratified_split
 
@@ -223,40 +225,62 @@ def build_splits(
 PHOTO_MIN_SIDE = 48  # HASYv2 symbols are 32 px, MNIST 28, scikit-learn's digits 8.
 
 
+def _sample_image_paths(dataset: str, data: str, count: int) -> list[Path]:
+    """Up to ``count`` image files of a folder (one per class first) or a CSV (its first rows),
+    found without listing the whole dataset."""
+    if dataset == "folder":
+        from cnnkit.data.folder import is_image_name
+
+        root = Path(data)
+        classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        found: list[list[Path]] = []
+        for class_dir in classes[:count]:
+            images = []
+            for current, folders, files in os.walk(class_dir):
+                folders[:] = sorted(f for f in folders if not f.startswith("."))
+                names = sorted(f for f in files if is_image_name(f) and not f.startswith("."))
+                images += [Path(current) / name for name in names[:count]]
+                if len(images) >= count:
+                    break
+            found.append(images)
+        # Round-robin over the classes: the first image of each, then the second...
+        return [p for row in itertools.zip_longest(*found) for p in row if p][:count]
+    from cnnkit.data.csv_source import iter_csv_rows
+
+    csv_path = Path(data)
+    rows = iter_csv_rows(csv_path.read_bytes(), str(csv_path), ("path", "label"))
+    paths = (csv_path.parent / fields[0] for _, fields in rows if fields[0])
+    return list(itertools.islice(paths, count))
+
+
 def looks_like_photos(dataset: str, data: str, samples: int = 8) -> tuple[bool, str]:
     """Whether a folder or CSV dataset holds colour photos rather than symbol-like images.
 
-    Reads ``samples`` images spread over the listing (one per class first). Photos are images
-    whose shorter side is at least :data:`PHOTO_MIN_SIDE` pixels and that have colour in them.
+    Reads up to ``samples`` images (one per class first, without listing the whole dataset).
+    Photos are images whose shorter side is at least :data:`PHOTO_MIN_SIDE` pixels and that have
+    colour in them; at least half of the sampled images must read, and the verdict follows the
+    majority.
 
     Returns:
         The verdict and a short description of what was seen (``"8 images, median 500x375,
         colour"``). Unreadable datasets give ``(False, "")``: training reports their problems.
     """
     try:
-        source = create_source(DataConfig(dataset=dataset, data=data))
-        listing = source.list_samples()
+        paths = _sample_image_paths(dataset, data, samples)
     except (ValueError, OSError):
         return False, ""
-    by_class: dict[int, str] = {}
-    for record in listing.records:
-        by_class.setdefault(record.label, record.key)
-    keys = list(by_class.values())[:samples]
-    keys += [r.key for r in listing.records if r.key not in keys][: samples - len(keys)]
     sizes, colourful = [], 0
-    for _, data_bytes in source.iter_bytes(keys):
-        if data_bytes is None:
-            continue
+    for path in paths:
         try:
-            image = decode_image(data_bytes)
+            image = read_image_file(str(path))
         except BadImageError:
             continue
         sizes.append(image.size)
         small = np.asarray(image.convert("RGB").resize((32, 32)), dtype=np.int16)
         colourful += bool(np.abs(small - small.mean(axis=2, keepdims=True)).mean() > 8)
-    if not sizes:
+    if not sizes or len(sizes) * 2 < len(paths):
         return False, ""
     width, height = (int(np.median([size[i] for size in sizes])) for i in (0, 1))
-    photos = min(width, height) >= PHOTO_MIN_SIDE and colourful * 2 >= len(sizes)
-    kind = "colour" if colourful * 2 >= len(sizes) else "grey"
-    return photos, f"{len(sizes)} images, median {width}x{height}, {kind}"
+    colour = colourful * 2 > len(sizes)
+    photos = min(width, height) >= PHOTO_MIN_SIDE and colour
+    return photos, f"{len(sizes)} images, median {width}x{height}, {'colour' if colour else 'grey'}"

@@ -193,18 +193,20 @@ def check_training_memory(
         f"training at batch size {batch_size}{passes} needs about {needed / GIB:.1f} GiB, and "
         f"{share / GIB:.1f} GiB is available"
     )
-    if micro_batch_size is None and needed > share and fits < 1:
+    past_margin = fits < 1
+    if past_margin:
         fits = estimate.largest_batch(share)  # No room for the margin: use all there is.
     if fits >= 1 and micro_batch_size is None and needed > share:
         chunk = even_chunk(batch_size, fits)
         logger.warning(
             "%s: accumulating gradients over %d passes of at most %d samples instead (about "
-            "%.1f GiB; the same updates up to rounding, except that batch norm in training "
+            "%.1f GiB%s; the same updates up to rounding, except that batch norm in training "
             "mode normalises each pass by itself; --micro-batch sets the size)",
             message,
             pass_count(batch_size, chunk),
             chunk,
             estimate.total(chunk) / GIB,
+            ", close to the limit: no split leaves a margin" if past_margin else "",
         )
         return chunk
     advice = (  # The even split that fits: 31 of 32 would run as passes of 16 anyway.
