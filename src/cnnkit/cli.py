@@ -334,6 +334,12 @@ def command_train(args: argparse.Namespace) -> int:
     config = resolve_run_config(args)
     if args.print_config:
         return _print_config(config)
+    default_dir = config.run_dir() if config.out is None else None
+    if default_dir is not None:
+        # A default folder that holds a finished run is kept: a new run gets the next free
+        # name (runs/x-2, runs/x-3...), and --resume continues the newest of them.
+        chosen = _latest_run_dir(default_dir) if args.resume else _free_run_dir(default_dir)
+        config = dataclasses.replace(config, out=str(chosen))
     if config.train.fast_path:
         tune_allocator()
     distributed = distributed_from_env()
@@ -341,7 +347,7 @@ def command_train(args: argparse.Namespace) -> int:
     if is_main and getattr(args, "chosen_because", None):
         print(args.chosen_because)
     if is_main:
-        _print_run_folder_state(config.run_dir(), args.resume)
+        _print_run_folder_state(config.run_dir(), args.resume, default_dir)
     cache_dir = args.cache_dir or config.data.cache_dir or default_cache_dir()
     try:
         result = train_run(
@@ -373,8 +379,31 @@ def command_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_run_folder_state(run_dir: Path, resume: bool) -> None:
-    """Say whether ``--resume`` found a checkpoint, or that a fresh run replaces an old one."""
+def _numbered_run_dirs(run_dir: Path) -> list[Path]:
+    """``run_dir`` and its existing numbered siblings ``run_dir-2``, ``run_dir-3``..., in order."""
+    found, number = [run_dir], 2
+    while (candidate := run_dir.with_name(f"{run_dir.name}-{number}")).exists():
+        found.append(candidate)
+        number += 1
+    return found
+
+
+def _free_run_dir(run_dir: Path) -> Path:
+    """The first of ``run_dir``, ``run_dir-2``, ``run_dir-3``... that holds no trained model."""
+    for candidate in _numbered_run_dirs(run_dir):
+        if not (candidate / "model.safetensors").exists():
+            return candidate
+    return run_dir.with_name(f"{run_dir.name}-{len(_numbered_run_dirs(run_dir)) + 1}")
+
+
+def _latest_run_dir(run_dir: Path) -> Path:
+    """The newest of ``run_dir`` and its numbered siblings (the one ``--resume`` continues)."""
+    return _numbered_run_dirs(run_dir)[-1]
+
+
+def _print_run_folder_state(run_dir: Path, resume: bool, default_dir: Path | None) -> None:
+    """Say whether ``--resume`` found a checkpoint, that a fresh run replaces an old one (in a
+    folder given with ``--out``), or that it went to a new folder beside the default one."""
     from cnnkit.training.checkpoint import CHECKPOINT_NAME
 
     checkpoints = [run_dir / CHECKPOINT_NAME, run_dir / "finetune" / CHECKPOINT_NAME]
@@ -383,6 +412,8 @@ def _print_run_folder_state(run_dir: Path, resume: bool) -> None:
         print(f"Resuming from {found}" if found else f"No checkpoint in {run_dir}: starting fresh")
     elif (run_dir / "model.safetensors").exists() or found:
         print(f"Note: {run_dir} holds an earlier run; this run replaces its model and logs")
+    elif default_dir is not None and run_dir != default_dir:
+        print(f"Note: {default_dir} holds a finished run; this one goes to {run_dir}")
 
 
 PHASE_NAMES = {1.0: "frozen", 2.0: "fine-tune"}

@@ -599,3 +599,21 @@ def test_evaluate_a_model_of_some_classes_on_their_images(
     report = json.loads(capsys.readouterr().out)
     assert report["count"] == 6  # 20% of ten images of each of the model's three digits
     assert "the model knows 3 of its 10 classes" in caplog.text
+
+
+def test_a_default_run_folder_with_a_finished_run_is_kept(capsys, monkeypatch, tmp_path) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--dataset", "digits", "--max-classes", "3", "--epochs", "1", "--quiet"]
+    first, second = Path("runs/digits-symbol_cnn"), Path("runs/digits-symbol_cnn-2")
+    assert main(argv) == 0
+    capsys.readouterr()
+    kept = (first / "model.safetensors").read_bytes()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"Note: {first} holds a finished run; this one goes to {second}" in out
+    assert (first / "model.safetensors").read_bytes() == kept
+    assert (second / "model.safetensors").is_file()
+    # --resume continues the newest of them.
+    assert main([*argv[:-3], "--epochs", "2", "--quiet", "--resume"]) == 0
+    assert f"Resuming from {second / 'checkpoint.pt'}" in capsys.readouterr().out
+    assert not Path("runs/digits-symbol_cnn-3").exists()
