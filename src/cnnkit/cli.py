@@ -504,29 +504,11 @@ def expand_images(paths: list[str]) -> list[Path]:
     return expanded
 
 
-def _backend_for(model: str | None, backend: str | None) -> str:
-    """``--backend`` as given, else ``onnx`` for a ``.onnx`` model file and ``torch`` otherwise."""
-    if backend is not None:
-        return backend
-    return "onnx" if model is not None and model.lower().endswith(".onnx") else "torch"
-
-
 def format_prediction(prediction, kind: str) -> str:
     """The book's formats: symbols with a 0-1 confidence, photos with a percentage."""
     if kind == "photos":
         return f"Prediction: {prediction.label} ({prediction.confidence * 100:.2f}%)"
     return f"Prediction: {prediction.label}, confidence: {prediction.confidence:.2f}"
-
-
-def _load_predictor(model: str | None, backend: str):
-    model_path = _model_path(model)
-    if backend == "onnx":
-        from cnnkit.inference.onnx_backend import OnnxPredictor
-
-        return OnnxPredictor.from_file(model_path)
-    from cnnkit.inference.predictor import Predictor
-
-    return Predictor.from_file(model_path)
 
 
 def command_predict(args: argparse.Namespace) -> int:
@@ -541,7 +523,9 @@ def command_predict(args: argparse.Namespace) -> int:
     images = expand_images(inputs)
     if not images and not args.interactive:
         raise CommandError("no images given (pass files or folders, or use --interactive)")
-    predictor = _load_predictor(model, _backend_for(model, args.backend))
+    from cnnkit.inference.predictor import open_predictor
+
+    predictor = open_predictor(model, args.backend)
     failures = _predict_and_print(predictor, images, args.top_k, args.json)
     if args.interactive:
         _interactive(predictor, args.top_k, args.json)

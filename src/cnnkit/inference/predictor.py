@@ -122,3 +122,22 @@ class Predictor:
             One list of ``top_k`` :class:`Prediction` per image, best first.
         """
         return self.rank(self.probabilities(self.prepare(images)), top_k)
+
+
+def open_predictor(path: str | Path | None = None, backend: str | None = None) -> Predictor:
+    """A predictor for a model file: ``backend="onnx"`` (the default for a ``.onnx`` file) runs
+    it in onnxruntime, ``"torch"`` (the default otherwise) in PyTorch; no ``path`` means the
+    bundled symbol model.
+
+    Raises:
+        FileNotFoundError: if no path is given and the bundled model is missing.
+        cnnkit.inference.artifact.ModelFileError: for a bad model file.
+    """
+    from cnnkit.inference.bundled import bundled_model_path
+
+    path = Path(path) if path is not None else bundled_model_path()
+    if (backend or ("onnx" if path.suffix.lower() == ".onnx" else "torch")) == "onnx":
+        from cnnkit.inference.onnx_backend import OnnxPredictor
+
+        return OnnxPredictor.from_file(path)
+    return Predictor.from_file(path)

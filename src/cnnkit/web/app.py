@@ -25,7 +25,7 @@ from starlette.requests import ClientDisconnect
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from cnnkit import __version__
-from cnnkit.inference.predictor import Predictor
+from cnnkit.inference.predictor import Predictor, open_predictor
 from cnnkit.web.docs import add_docs_routes, load_docs_assets
 from cnnkit.web.limits import InFlightLimitMiddleware
 from cnnkit.web.prediction import PredictionService
@@ -253,14 +253,9 @@ def load_predictor(model_path: str | None) -> Predictor:
         FileNotFoundError: if no path is given and the bundled model is missing.
         cnnkit.inference.artifact.ModelFileError: for a bad model file.
     """
-    from cnnkit.inference.bundled import bundled_model_path
-
-    if model_path is not None and str(model_path).lower().endswith(".onnx"):
-        from cnnkit.inference.onnx_backend import OnnxPredictor
-
-        return OnnxPredictor.from_file(model_path)
-    predictor = Predictor.from_file(model_path if model_path is not None else bundled_model_path())
-    optimize_for_serving(predictor.model)
+    predictor = open_predictor(model_path)
+    if predictor.model is not None:  # An ONNX predictor has no torch module to optimise.
+        optimize_for_serving(predictor.model)
     return predictor
 
 
