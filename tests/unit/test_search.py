@@ -477,7 +477,10 @@ def test_the_reporter_passes_on_every_ended_trial_once(tmp_path) -> None:
     config = SearchConfig(sampler="random")
     study = open_study(config, TINY_SPACE, tmp_path / "run")[0]
     seen: list[int] = []
-    reporter = TrialReporter(lambda summary: seen.append(summary.number), tmp_path / "run")
+    earlier = study.ask()  # Ended before this run: not repeated.
+    suggest_params(earlier, TINY_SPACE, grid=False)
+    study.tell(earlier, 0.05)
+    reporter = TrialReporter(lambda summary: seen.append(summary.number), tmp_path / "run", study)
     for value in (0.1, 0.2):  # Finished by "another process": nobody reported them yet.
         trial = study.ask()
         suggest_params(trial, TINY_SPACE, grid=False)
@@ -488,7 +491,7 @@ def test_the_reporter_passes_on_every_ended_trial_once(tmp_path) -> None:
     study.tell(failed, state=optuna.trial.TrialState.FAIL)
     reporter.report_new(study)
     reporter.report_new(study)
-    assert seen == [0, 1, 2]
+    assert seen == [1, 2, 3]
 
 
 class _CtrlCRunner:

@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 SAMPLERS = ("grid", "tpe", "random")
 PRUNERS = ("median", "halving", "none")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+ENDED = (*FINISHED, TrialState.FAIL)
 TRIAL_STATES = {
     TrialState.COMPLETE: "complete",
     TrialState.PRUNED: "pruned",
@@ -453,18 +454,20 @@ def parameter_importances(study: optuna.Study) -> dict[str, float] | None:
 
 
 class TrialReporter:
-    """Passes each ended trial of the study to ``on_trial`` once, whichever process ran it."""
+    """Passes each trial of the study that ends from now on to ``on_trial`` once, whichever
+    process ran it (trials that had ended before, in an earlier run, are not repeated)."""
 
-    def __init__(self, on_trial: Callable[[TrialSummary], None] | None, run_dir: Path) -> None:
+    def __init__(
+        self, on_trial: Callable[[TrialSummary], None] | None, run_dir: Path, study: optuna.Study
+    ) -> None:
         self.on_trial, self.run_dir = on_trial, run_dir
-        self.reported: set[int] = set()
+        self.reported = {t.number for t in study.get_trials(deepcopy=False, states=ENDED)}
 
     def report_new(self, study: optuna.Study, current: FrozenTrial | None = None) -> None:
         """Report the trials that ended since the last call (``current`` even if it failed)."""
         if self.on_trial is None:
             return
-        states = (*FINISHED, TrialState.FAIL)
-        ended = {t.number: t for t in study.get_trials(deepcopy=False, states=states)}
+        ended = {t.number: t for t in study.get_trials(deepcopy=False, states=ENDED)}
         if current is not None:
             ended[current.number] = current
         for number in sorted(set(ended) - self.reported):
@@ -611,9 +614,7 @@ def run_search(
         per_worker = max(1, (os.cpu_count() or 1) // processes)
         workers = _start_workers(base, space, config, cache_dir, per_worker)
         torch.set_num_threads(per_worker)
-    reporter = TrialReporter(on_trial, run_dir)
-    earlier = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.FAIL))
-    reporter.reported.update(trial.number for trial in earlier)
+    reporter = TrialReporter(on_trial, run_dir, study)
     try:
         _optimize(study, runner, reporter)
     finally:
