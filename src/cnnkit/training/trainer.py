@@ -437,11 +437,9 @@ class Trainer:
         seconds = time.perf_counter() - start
         totals = self._reduce([total_loss.item(), correct.item(), seen])
         # Under a GradScaler (CUDA float16) an overflowing step is skipped and the weights
-        # stay finite; only weights that are no longer finite mean the run is lost.
-        weights_lost = self.scaler is None or not all(
-            torch.isfinite(parameter).all() for parameter in self.module.parameters()
-        )
-        if not math.isfinite(totals[0]) and weights_lost:
+        # stay finite; only weights that are no longer finite mean the run is lost. The
+        # weights are looked at only once the loss says something went wrong.
+        if not math.isfinite(totals[0]) and (self.scaler is None or not self._weights_finite()):
             raise TrainingDiverged(
                 f"training diverged in epoch {self.epoch + 1} (loss {totals[0]}); lower the "
                 f"learning rate (now {self.config.learning_rate:g})"
@@ -453,6 +451,9 @@ class Trainer:
             "seconds": seconds,
             "images_per_second": totals[2] / max(seconds, 1e-9),
         }
+
+    def _weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.module.parameters())
 
     def _step(self, batch: MixedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on ``batch``, computed in the fewest even micro-batches of at
