@@ -390,10 +390,9 @@ def _numbered_run_dirs(run_dir: Path) -> list[Path]:
 
 def _free_run_dir(run_dir: Path) -> Path:
     """The first of ``run_dir``, ``run_dir-2``, ``run_dir-3``... that holds no trained model."""
-    for candidate in _numbered_run_dirs(run_dir):
-        if not (candidate / "model.safetensors").exists():
-            return candidate
-    return run_dir.with_name(f"{run_dir.name}-{len(_numbered_run_dirs(run_dir)) + 1}")
+    existing = _numbered_run_dirs(run_dir)
+    free = (d for d in existing if not (d / "model.safetensors").exists())
+    return next(free, run_dir.with_name(f"{run_dir.name}-{len(existing) + 1}"))
 
 
 def _latest_run_dir(run_dir: Path) -> Path:
