@@ -431,7 +431,13 @@ def number_from_text(value: Any) -> Any:
     return value
 
 
-_TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+# The kinds a scalar field accepts (bool is an int to Python, so it is excluded from numbers).
+_SCALAR_KINDS = {
+    bool: ((bool,), "true or false"),
+    int: ((int,), "a whole number"),
+    float: ((int, float), "a number"),
+    str: ((str,), "text"),
+}
 
 
 def _checked(name: str, value: Any, hint: Any) -> Any:
@@ -453,16 +459,9 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
         word = "a list of names"
     elif origin is dict:
         ok, word = isinstance(value, dict), "a mapping"
-    elif origin is bool:
-        ok, word = isinstance(value, bool), _TYPE_WORDS[bool]
-    elif origin is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        word = _TYPE_WORDS[int]
-    elif origin is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        word = _TYPE_WORDS[float]
-    elif origin is str:
-        ok, word = isinstance(value, str), _TYPE_WORDS[str]
+    elif origin in _SCALAR_KINDS:
+        kinds, word = _SCALAR_KINDS[origin]
+        ok = isinstance(value, kinds) and (origin is bool or not isinstance(value, bool))
     else:
         return value
     if not ok:
