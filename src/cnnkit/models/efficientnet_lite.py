@@ -155,6 +155,11 @@ def _same_padding(size: torch.Size, kernel_size: int, stride: int) -> tuple[int,
     return left, right, top, bottom
 
 
+def _check_drop_path(rate: float) -> None:
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop_path must be in [0, 1); got {rate}")
+
+
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     """Stochastic depth: while training, zero a residual branch for a random ``rate`` of the
     samples and scale the rest by ``1 / (1 - rate)``, so its expected output is unchanged."""
@@ -182,8 +187,7 @@ class InvertedResidual(nn.Module):
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
-        if not 0.0 <= drop_path < 1.0:
-            raise ValueError(f"drop_path must be in [0, 1); got {drop_path}")
+        _check_drop_path(drop_path)
         self.drop_path = drop_path
         hidden = in_channels * expand_ratio
         self.expand = ConvBnAct(in_channels, hidden) if expand_ratio != 1 else nn.Identity()
@@ -219,8 +223,7 @@ class EfficientNetLite(nn.Module):
         drop_path_rate: float = 0.0,
     ):
         super().__init__()
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path must be in [0, 1); got {drop_path_rate}")
+        _check_drop_path(drop_path_rate)
         self.spec = spec
         self.num_features = NUM_FEATURES
         self.stem = ConvBnAct(3, 32, 3, stride=2)
