@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from cnnkit.atomic import write_atomically
+from cnnkit.errors import error_line
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -40,5 +41,4 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or foreign files.
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise CheckpointError(f"{path}: cannot read checkpoint ({first_line})") from error
+        raise CheckpointError(f"{path}: cannot read checkpoint ({error_line(error)})") from error

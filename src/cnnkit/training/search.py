@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from cnnkit.config import RunConfig, build_run_config, config_to_dict
 from cnnkit.data.dataset import DataSplits, concatenate
 from cnnkit.data.sources import LoadedData, build_splits
+from cnnkit.errors import error_line
 from cnnkit.evaluation.search_plots import (
     TrialSummary,
     write_results_tables,
@@ -234,8 +235,7 @@ def open_study(
                 **{hook: requeue_trial},
             )
     except Exception as error:  # SQLAlchemy raises many types, each with a long message.
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"storage {url}: cannot open the study ({first_line})") from error
+        raise ValueError(f"storage {url}: cannot open the study ({error_line(error)})") from error
     name = config.study_name or run_dir.name
     study = optuna.create_study(
         storage=storage,

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from cnnkit.config import TrainConfig
 from cnnkit.data.loader import BatchLoader
+from cnnkit.errors import error_line
 from cnnkit.progress import bar_disabled
 from cnnkit.runtime import DistributedContext, cpu_supports_bf16, rank_seed
 from cnnkit.training.averaging import WeightAverage, start_share
@@ -250,8 +251,8 @@ class Trainer:
             self.module.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:
-            # A size mismatch lists every tensor; its first line says enough.
-            detail = str(error).strip().splitlines()[-1].strip() if str(error).strip() else error
+            # A size mismatch lists every tensor after a heading; its last line says enough.
+            detail = error_line(error, last=True)
             raise CheckpointError(
                 f"{self.checkpoint_path}: does not match this run's model ({detail}); resume "
                 "with the settings it was trained with, or train into a new --out"
