@@ -37,18 +37,21 @@ def fingerprint_files(root: str | Path, keys: Iterable[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _walk_images(class_dir: str, ignored: list[str]) -> list[str]:
-    """Return the image paths under ``class_dir`` relative to it, recursively, sorted."""
+def walk_images(class_dir: str, ignored: list[str], limit: int | None = None) -> list[str]:
+    """Return the image paths under ``class_dir`` relative to it, recursively, sorted; with
+    ``limit``, stop walking once that many are found (a sample, not the whole listing)."""
     found = []
     for current, folders, files in os.walk(class_dir):
-        folders[:] = [folder for folder in folders if not folder.startswith(".")]
+        folders[:] = sorted(folder for folder in folders if not folder.startswith("."))
         relative = os.path.relpath(current, class_dir)
-        for name in files:
+        for name in sorted(files):
             if name.startswith("."):
                 continue
             path = name if relative == "." else os.path.join(relative, name)
             (found if is_image_name(name) else ignored).append(path)
-    return sorted(Path(path).as_posix() for path in found)
+        if limit is not None and len(found) >= limit:
+            break
+    return sorted(Path(path).as_posix() for path in found)[:limit]
 
 
 class FolderSource:
@@ -93,7 +96,7 @@ class FolderSource:
         empty: list[str] = []
         for label, name in enumerate(class_names):
             class_ignored: list[str] = []
-            images = _walk_images(os.path.join(self.root, name), class_ignored)
+            images = walk_images(os.path.join(self.root, name), class_ignored)
             ignored += [f"{name}/{path}" for path in class_ignored]
             if not images:
                 empty.append(name)

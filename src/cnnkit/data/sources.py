@@ -6,7 +6,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,20 +228,14 @@ def _sample_image_paths(dataset: str, data: str, count: int) -> list[Path]:
     """Up to ``count`` image files of a folder (one per class first) or a CSV (its first rows),
     found without listing the whole dataset."""
     if dataset == "folder":
-        from cnnkit.data.folder import is_image_name
+        from cnnkit.data.folder import walk_images
 
         root = Path(data)
         classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        found: list[list[Path]] = []
-        for class_dir in classes[:count]:
-            images = []
-            for current, folders, files in os.walk(class_dir):
-                folders[:] = sorted(f for f in folders if not f.startswith("."))
-                names = sorted(f for f in files if is_image_name(f) and not f.startswith("."))
-                images += [Path(current) / name for name in names[:count]]
-                if len(images) >= count:
-                    break
-            found.append(images)
+        found = [
+            [class_dir / key for key in walk_images(str(class_dir), [], limit=count)]
+            for class_dir in classes[:count]
+        ]
         # Round-robin over the classes: the first image of each, then the second...
         return [p for row in itertools.zip_longest(*found) for p in row if p][:count]
     from cnnkit.data.csv_source import iter_csv_rows
