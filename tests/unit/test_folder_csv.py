@@ -288,8 +288,23 @@ def test_csv_split_column_is_honoured(tmp_path):
 def test_csv_missing_image_is_reported_with_its_line(tmp_path):
     path = csv_dataset(tmp_path, ["cat", "dog", "cat", "dog"])
     (tmp_path / "images" / "2.png").unlink()
-    with pytest.raises(BadDataError, match=r"images/2\.png \(labels\.csv:4\): missing"):
+    with pytest.raises(BadDataError, match=r"images/2\.png \(labels\.csv:4\): file not found"):
         build_splits(DataConfig(dataset="csv", data=str(path)), Preprocessing())
+
+
+def test_csv_missing_image_skipped_is_cached_until_it_comes_back(tmp_path):
+    path = csv_dataset(tmp_path, ["cat", "dog"] * 5)
+    image = tmp_path / "images" / "2.png"
+    data = image.read_bytes()
+    image.unlink()
+    config = DataConfig(dataset="csv", data=str(path), on_bad_image="skip", val_fraction=0)
+    first = build_splits(config, Preprocessing(), tmp_path / "cache")
+    assert first.problems == ["images/2.png (labels.csv:4): file not found in the source"]
+    second = build_splits(config, Preprocessing(), tmp_path / "cache")
+    assert second.from_cache and second.problems == first.problems
+    image.write_bytes(data)  # Back again: the listing changes, so the images are decoded.
+    third = build_splits(config, Preprocessing(), tmp_path / "cache")
+    assert not third.from_cache and third.problems == []
 
 
 def _within_seconds(seconds: float, function):

@@ -417,7 +417,7 @@ class DatasetFiles:
     def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
         """Yield ``(key, bytes)`` for keys relative to the data root: one pass at most.
 
-        Keys absent from an archive are not yielded; unreadable files in a folder give None.
+        Keys absent from the archive or folder are not yielded; unreadable files give None.
         Call :meth:`read_metadata` first.
         """
         if self.folder is not None:

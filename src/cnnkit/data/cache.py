@@ -45,8 +45,8 @@ class DecodedImages:
         valid: ``bool`` ``[N]``, False where the image could not be decoded.
         problems: one message per bad image, naming its path and the problem.
         from_cache: whether the array was read from an existing cache entry.
-        unreadable: files that could not be read at all (missing, or an I/O error), as
-            opposed to files read but not decodable.
+        unreadable: files that are there but could not be read (an I/O error, perhaps
+            passing), as opposed to missing files and files read but not decodable.
     """
 
     images: np.ndarray
@@ -76,7 +76,7 @@ def _decode_chunk(args: tuple[list[tuple], Preprocessing]):
     results = []
     for index, name, data, box in items:
         if data is None:
-            results.append((index, None, f"{name}: missing or unreadable file", True))
+            results.append((index, None, f"{name}: the file could not be read", True))
             continue
         try:
             image = decode_image(data, name)

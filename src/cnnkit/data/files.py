@@ -36,9 +36,16 @@ def read_regular_file(path: str | Path) -> bytes:
 
 
 def iter_file_bytes(root: Path, keys: Iterable[str]) -> Iterator[tuple[str, bytes | None]]:
-    """Yield ``(key, bytes)`` for each path relative to ``root``; None where it cannot be read."""
+    """Yield ``(key, bytes)`` for each path relative to ``root``; None where it exists but
+    cannot be read (perhaps for a moment: a network share, a file being copied).
+
+    A missing file is not yielded, as an archive does not yield a key it lacks: it is absent
+    for good, and the listing's fingerprint records that, so a cache entry may remember it.
+    """
     for key in keys:
         try:
             yield key, read_regular_file(root / key)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
         except OSError:
             yield key, None

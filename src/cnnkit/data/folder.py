@@ -123,5 +123,5 @@ class FolderSource:
         )
 
     def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
-        """Yield each file's bytes, or None where it is missing or unreadable."""
+        """Yield each file's bytes, None where it cannot be read; missing files are not."""
         yield from iter_file_bytes(self.root, keys)

@@ -48,7 +48,8 @@ class Source(Protocol):
         ...
 
     def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
-        """Yield ``(key, data)`` for each key, in any order; ``data`` is None if unreadable."""
+        """Yield ``(key, data)`` for each key, in any order; ``data`` is None if the file is
+        there but could not be read. A key the source does not hold is not yielded."""
         ...
 
 
