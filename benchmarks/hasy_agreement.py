@@ -6,7 +6,11 @@ Evaluates each given fold-1 model file on the fold's test split, then:
   right), an upper bound for any way of combining them;
 - how many test errors every model makes;
 - the test images with a pixel-identical training image, and how often those twins carry
-  another label (no classifier can get both of two identical images with different labels).
+  another label (no classifier can get both of two identical images with different labels);
+- how many of the ensemble's errors fall between the most-confused pairs of classes (mostly
+  LaTeX commands with one glyph, such as ``\\sum`` and ``\\Sigma``), and how many of them
+  predicting each pair's one class for both (the better of the two, chosen on the test split
+  itself: an upper bound) would fix.
 
     python -m benchmarks.hasy_agreement A.safetensors B.safetensors [--fold 1]
 
@@ -50,6 +54,41 @@ def twin_figures(train, test, test_labels: np.ndarray, predictions: np.ndarray) 
     }
 
 
+def pair_figures(
+    labels: np.ndarray, predictions: np.ndarray, class_names: tuple[str, ...], pairs: int
+) -> dict:
+    """Errors between the ``pairs`` most-confused class pairs, and what merging each pair into
+    the better of its two classes (all of the pair's predictions become that class) would gain."""
+    count = len(class_names)
+    confusion = np.zeros((count, count), dtype=np.int64)
+    np.add.at(confusion, (labels, predictions), 1)
+    mistakes = confusion - np.diag(np.diag(confusion))
+    both = np.triu(mistakes + mistakes.T, k=1)
+    order = np.argsort(both, axis=None, kind="stable")[::-1]
+    order = order[both.flat[order] > 0][:pairs]  # Only pairs (i < j) with a confusion.
+    rows, in_pairs, gain = [], 0, 0
+    for i, j in zip(*np.unravel_index(order, both.shape), strict=True):
+        # Predicting i wherever the model says i or j turns true-i-said-j right and
+        # true-j-said-j wrong; likewise for j.
+        best = max(mistakes[i, j] - confusion[j, j], mistakes[j, i] - confusion[i, i], 0)
+        in_pairs += int(both[i, j])
+        gain += int(best)
+        rows.append(
+            {
+                "classes": [class_names[i], class_names[j]],
+                "confused": [int(mistakes[i, j]), int(mistakes[j, i])],
+                "right": [int(confusion[i, i]), int(confusion[j, j])],
+            }
+        )
+    return {
+        "errors": int(mistakes.sum()),
+        "pairs": pairs,
+        "errors_in_most_confused_pairs": in_pairs,
+        "merge_to_better_class_gain_upper_bound": gain,
+        "most_confused_pairs": rows,
+    }
+
+
 def fold_splits(archive, preprocessing, fold: int):
     """The fold's train and test images, preprocessed as the model expects."""
     overrides = {"dataset": "hasy", "data": str(archive), "fold": fold}
@@ -60,6 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="fold-K model files (.safetensors)")
     parser.add_argument("--fold", type=int, default=1)
+    parser.add_argument("--pairs", type=int, default=40, help="most-confused pairs to count")
     parser.add_argument("--name", default="hasy_agreement")
     args = parser.parse_args()
     archive = shared_dataset("HASYv2-dev.tar.bz2")
@@ -91,6 +131,7 @@ def main() -> None:
         "errors_all_models_make": int((~right).all(0).sum()),
         "errors_any_model_makes": int((~right).any(0).sum()),
         **twin_figures(splits.train, splits.test, labels.numpy(), ensemble.argmax(1).numpy()),
+        "confusion": pair_figures(labels.numpy(), ensemble.argmax(1).numpy(), classes, args.pairs),
     }
     print(f"ensemble of {len(models)}: top-1 {top1:.4f}, top-5 {top5:.4f}")
     print(f"oracle (any model right): {figures['oracle_top1']:.4f}")
@@ -104,6 +145,16 @@ def main() -> None:
         f"{figures['twins_with_several_labels']} have twins under several labels; the twins' "
         f"majority label is right on {figures['twin_majority_label_accuracy']:.3f} of them"
     )
+    confusion = figures["confusion"]
+    gain = confusion["merge_to_better_class_gain_upper_bound"]
+    print(
+        f"ensemble errors between its {args.pairs} most-confused class pairs: "
+        f"{confusion['errors_in_most_confused_pairs']} of {confusion['errors']}; predicting one "
+        f"class for each pair would fix at most {gain}"
+    )
+    for row in confusion["most_confused_pairs"][:10]:
+        first, second = row["classes"]
+        print(f"  {first} <-> {second}: {row['confused'][0]} + {row['confused'][1]} confused")
     print(f"saved {record_result(args.name, figures)}")
 
 
