@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnkit.cli import default_cache_dir
 from cnnkit.config import DataConfig
 from cnnkit.data.sources import build_splits
 from cnnkit.inference.artifact import ModelMetadata, save_model
@@ -32,6 +31,7 @@ from cnnkit.inference.onnx_backend import OnnxPredictor, available_cores
 from cnnkit.inference.predictor import Predictor
 from cnnkit.inference.quantize import calibration_inputs, quantize_onnx
 from cnnkit.models.registry import create_model
+from cnnkit.paths import default_cache_dir
 from cnnkit.runtime import tune_allocator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

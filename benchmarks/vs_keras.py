@@ -147,7 +147,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.bench_python.is_file():
         raise SystemExit(f"{args.bench_python} not found: run `make bench-venv` first")
-    from cnnkit.cli import default_cache_dir
+    from cnnkit.paths import default_cache_dir
 
     arrays, description = load_sample(
         args.archive, args.sample, args.cache_dir or default_cache_dir()

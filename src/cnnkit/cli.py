@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit import __version__
+from cnnkit.paths import default_cache_dir
 
 PHOTO_MODELS_PRESET = {"book_bird_cnn": "book-cub", "book_cnn": "book-hasy"}
 PHOTO_MODEL = "efficientnet_lite0"  # For a folder or CSV of photos when no model is named.
@@ -24,14 +25,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 class CommandError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
-
-
-def default_cache_dir() -> Path:
-    """``$CNNKIT_CACHE``, else ``$XDG_CACHE_HOME/cnnkit``, else ``~/.cache/cnnkit``."""
-    if os.environ.get("CNNKIT_CACHE"):
-        return Path(os.environ["CNNKIT_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "cnnkit"
 
 
 def distributed_from_env():

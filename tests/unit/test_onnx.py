@@ -34,9 +34,9 @@ CASES = {
 }
 
 
-def _save_random_model(folder: Path, case: str) -> tuple[Path, ModelMetadata]:
+def _save_random_model(folder: Path, case: str, seed: int = 0) -> tuple[Path, ModelMetadata]:
     architecture, channels, num_classes, options = CASES[case]
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = create_model(architecture, num_classes, channels, **options)
     # Non-trivial batch-norm statistics, so the export must fold them correctly.
     for module in model.modules():
@@ -113,24 +113,49 @@ def test_empty_batch_gives_empty_probabilities(exported) -> None:
 
 
 def test_safetensors_file_is_exported_once_and_cached(tmp_path: Path) -> None:
-    model_path, metadata = _save_random_model(tmp_path, "symbol_cnn")
-    predictor = OnnxPredictor.from_file(model_path)
-    sidecar = model_path.with_suffix(".onnx")
-    assert sidecar.is_file()
+    model_path, metadata = _save_random_model(tmp_path / "model", "symbol_cnn")
+    predictor = OnnxPredictor.from_file(model_path, cache_dir=tmp_path / "cache")
+    [cached] = (tmp_path / "cache" / "onnx").iterdir()
     assert predictor.metadata == metadata
-    modified = sidecar.stat().st_mtime_ns
-    assert OnnxPredictor.from_file(model_path).metadata == metadata
-    assert sidecar.stat().st_mtime_ns == modified
+    assert sorted(p.name for p in model_path.parent.iterdir()) == [model_path.name]
+    modified = cached.stat().st_mtime_ns
+    again = OnnxPredictor.from_file(model_path, cache_dir=tmp_path / "cache")
+    assert again.metadata == metadata and cached.stat().st_mtime_ns == modified
 
 
-def test_mismatched_sidecar_is_not_used_or_replaced(tmp_path: Path) -> None:
-    model_path, metadata = _save_random_model(tmp_path, "symbol_cnn")
-    other_path, _ = _save_random_model(tmp_path / "other", "book_cnn")
-    sidecar = export_onnx(other_path, model_path.with_suffix(".onnx"))
-    before = sidecar.read_bytes()
-    predictor = OnnxPredictor.from_file(model_path)
+def test_a_retrained_model_at_the_same_path_is_exported_again(tmp_path: Path) -> None:
+    model_path, metadata = _save_random_model(tmp_path / "model", "symbol_cnn", seed=0)
+    images = _random_images(metadata, 3, 1)
+    OnnxPredictor.from_file(model_path, cache_dir=tmp_path / "cache")
+    _save_random_model(tmp_path / "model", "symbol_cnn", seed=1)  # Same classes and options.
+    fresh = OnnxPredictor.from_file(model_path, cache_dir=tmp_path / "cache")
+    expected = Predictor.from_file(model_path).probabilities(images)
+    np.testing.assert_allclose(fresh.probabilities(images), expected, atol=1e-5)
+    assert len(list((tmp_path / "cache" / "onnx").iterdir())) == 2
+
+
+def test_an_edited_cached_export_is_not_used(tmp_path: Path) -> None:
+    model_path, metadata = _save_random_model(tmp_path / "model", "symbol_cnn")
+    images = _random_images(metadata, 3, 2)
+    OnnxPredictor.from_file(model_path, cache_dir=tmp_path / "cache")
+    [cached] = (tmp_path / "cache" / "onnx").iterdir()
+    proto = onnx.load(str(cached))
+    bias = next(t for t in proto.graph.initializer if t.dims == [metadata.num_classes])
+    values = onnx.numpy_helper.to_array(bias).copy()
+    values[0] += 100.0  # The first class would win every image.
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+    onnx.save(proto, str(cached))
+    predictor = OnnxPredictor.from_file(model_path, cache_dir=tmp_path / "cache")
+    expected = Predictor.from_file(model_path).probabilities(images)
+    np.testing.assert_allclose(predictor.probabilities(images), expected, atol=1e-5)
+
+
+def test_the_model_folder_is_not_written_without_a_cache(tmp_path: Path) -> None:
+    model_path, metadata = _save_random_model(tmp_path / "model", "symbol_cnn")
+    predictor = OnnxPredictor.from_file(model_path, cache=False, cache_dir=tmp_path / "cache")
     assert predictor.metadata == metadata
-    assert sidecar.read_bytes() == before
+    assert not (tmp_path / "cache").exists()
+    assert sorted(p.name for p in model_path.parent.iterdir()) == [model_path.name]
 
 
 def test_onnx_file_without_cnnkit_metadata_is_rejected(exported, tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ code, so both backends prepare images identically.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -23,6 +25,7 @@ from cnnkit.inference.artifact import (
 )
 from cnnkit.inference.export import build_onnx_model, metadata_from_properties
 from cnnkit.inference.predictor import Predictor
+from cnnkit.paths import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -58,28 +61,52 @@ def _session_metadata(session: Any, source: str) -> dict[str, Any]:
     return metadata_from_properties(session.get_modelmeta().custom_metadata_map, source)
 
 
-def _session_for_safetensors(path: Path, cache: bool, threads: int | None) -> Any:
-    """Reuse ``path.with_suffix(".onnx")`` when it was exported from this exact file.
+def _export_key(raw: dict[str, Any]) -> str:
+    """A name for a model's export: a hash of its metadata, which holds the tensors' SHA-256."""
+    text = json.dumps(raw, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
-    Otherwise export in memory and, when ``cache`` is set and no such file exists yet, save the
-    export there for the next load. An existing file that does not match is never replaced.
+
+def _cached_export(folder: Path, key: str) -> bytes | None:
+    """The cached export ``<key>-<sha256 of its bytes>.onnx`` whose bytes match its name."""
+    for candidate in sorted(folder.glob(f"{key}-*.onnx")):
+        try:
+            data = candidate.read_bytes()
+        except OSError as error:
+            logger.warning("ignoring unreadable %s (%s)", candidate, error)
+            continue
+        if candidate.stem == f"{key}-{hashlib.sha256(data).hexdigest()[:16]}":
+            return data
+        logger.warning("ignoring %s: its contents do not match its checksum", candidate)
+    return None
+
+
+def _session_for_safetensors(path: Path, cache_dir: Path | None, threads: int | None) -> Any:
+    """A session for a ``.safetensors`` model, exported once and kept in ``cache_dir/onnx``.
+
+    The cached file is named by a hash of the model's metadata (which includes the SHA-256 of
+    its tensors) and a hash of the export's own bytes, and is used only while both match; the
+    model's folder (perhaps read-only, or the installed package) is never written to.
     """
     raw = read_metadata(path)
-    sidecar = path.with_suffix(".onnx")
-    if sidecar.is_file():
+    key = _export_key(raw)
+    folder = cache_dir / "onnx" if cache_dir is not None else None
+    data = _cached_export(folder, key) if folder is not None and folder.is_dir() else None
+    if data is not None:
         try:
-            session = create_session(sidecar, threads)
-            if _session_metadata(session, str(sidecar)) == raw:
+            session = create_session(data, threads)
+            if _session_metadata(session, str(path)) == raw:
                 return session
-            logger.warning("%s was not exported from %s; exporting again in memory", sidecar, path)
         except Exception as error:  # onnxruntime raises its own unrelated types.
-            logger.warning("ignoring unreadable %s (%s)", sidecar, error)
+            logger.warning("ignoring the cached ONNX export of %s (%s)", path, error)
     data = build_onnx_model(path).SerializeToString()
-    if cache and not sidecar.exists():
+    if folder is not None:
+        target = folder / f"{key}-{hashlib.sha256(data).hexdigest()[:16]}.onnx"
         try:
-            write_atomically(sidecar, lambda temporary: temporary.write_bytes(data))
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomically(target, lambda temporary: temporary.write_bytes(data))
         except OSError as error:
-            logger.info("not caching the ONNX export next to %s (%s)", path, error)
+            logger.info("not caching the ONNX export of %s (%s)", path, error)
     return create_session(data, threads)
 
 
@@ -109,6 +136,7 @@ class OnnxPredictor(Predictor):
         device: str = "cpu",
         cache: bool = True,
         threads: int | None = None,
+        cache_dir: str | Path | None = None,
     ) -> OnnxPredictor:
         """Load an ``.onnx`` file from :func:`cnnkit.inference.export.export_onnx`, or a
         ``.safetensors`` model file (exported on the fly, see below).
@@ -116,9 +144,11 @@ class OnnxPredictor(Predictor):
         Args:
             path: the model file.
             device: only ``"cpu"`` is supported.
-            cache: for a ``.safetensors`` file, keep the export as ``<name>.onnx`` beside it
-                and reuse that file while it matches the model's metadata and checksum.
+            cache: for a ``.safetensors`` file, keep the export in ``cache_dir/onnx`` and
+                reuse it while it matches the model's metadata (with its tensors' SHA-256)
+                and its own checksum; False exports in memory every time.
             threads: onnxruntime intra-op threads (default: one per available core).
+            cache_dir: default :func:`cnnkit.paths.default_cache_dir`.
 
         Raises:
             ModelFileError: for a missing or invalid model file.
@@ -135,7 +165,8 @@ class OnnxPredictor(Predictor):
             except Exception as error:  # onnxruntime raises its own unrelated types.
                 raise ModelFileError(f"{path}: not a valid ONNX file ({error})") from error
         else:
-            session = _session_for_safetensors(path, cache, threads)
+            folder = Path(cache_dir or default_cache_dir()) if cache else None
+            session = _session_for_safetensors(path, folder, threads)
         metadata = ModelMetadata.from_dict(_session_metadata(session, str(path)), str(path))
         return cls(session, metadata)
 
