@@ -16,6 +16,10 @@ def __getattr__(name):
         from cnnkit.inference.predictor import Predictor
 
         return Predictor
+    if name == "open_predictor":
+        from cnnkit.inference.predictor import open_predictor
+
+        return open_predictor
     if name == "create_model":
         from cnnkit.models.registry import create_model
 
@@ -23,4 +27,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["Predictor", "__version__", "create_model", "load_model"]
+__all__ = ["Predictor", "__version__", "create_model", "load_model", "open_predictor"]

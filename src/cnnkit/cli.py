@@ -518,7 +518,7 @@ def command_predict(args: argparse.Namespace) -> int:
     from cnnkit.inference.predictor import open_predictor
 
     predictor = open_predictor(model, args.backend)
-    failures = _predict_and_print(predictor, images, args.top_k, args.json)
+    failures = _predict_and_print(predictor, images, args.top_k, args.json) if images else 0
     if args.interactive:
         _interactive(predictor, args.top_k, args.json)
     return 1 if failures else 0
@@ -543,12 +543,12 @@ def _predict_and_print(
             continue
         results.append((path, ranked))
     if as_json:
-        if results:
-            payload = [
-                {"image": str(path), "predictions": [p.to_dict() for p in ranked]}
-                for path, ranked in results
-            ]
-            print(json.dumps(payload, indent=2, ensure_ascii=False))
+        # Always one JSON document (``[]`` when every file was bad), so stdout always parses.
+        payload = [
+            {"image": str(path), "predictions": [p.to_dict() for p in ranked]}
+            for path, ranked in results
+        ]
+        print(json.dumps(payload, indent=2, ensure_ascii=False))
         return failures
     kind = predictor.metadata.kind
     for path, ranked in results:

@@ -14,7 +14,7 @@ from cnnkit.config import DataConfig, Preprocessing
 from cnnkit.data.image import BadImageError
 from cnnkit.data.loader import BatchLoader, build_eval_transform
 from cnnkit.data.sources import build_splits
-from cnnkit.inference.artifact import ModelMetadata
+from cnnkit.inference.artifact import ModelFileError, ModelMetadata
 from cnnkit.inference.predictor import Prediction, Predictor
 from cnnkit.models.registry import create_model
 
@@ -70,11 +70,88 @@ def test_paths_pil_images_and_arrays_agree(predictor, tmp_path: Path) -> None:
     assert predictor.predict([rgba], top_k=2)[0] == results[0]
 
 
-def test_top_k_is_clamped(predictor) -> None:
+def test_top_k_beyond_the_classes_gives_all_and_below_one_is_refused(predictor) -> None:
     image = _image("L")
     _check_ranking(predictor.predict([image], top_k=100)[0], 3)
-    _check_ranking(predictor.predict([image], top_k=0)[0], 1)
-    _check_ranking(predictor.predict([image], top_k=-4)[0], 1)
+    for bad in (0, -4, 2.5, None, True):
+        with pytest.raises(ValueError, match="top_k must be a whole number >= 1"):
+            predictor.predict([image], top_k=bad)
+
+
+def test_a_single_image_of_any_kind_is_one_image(predictor, tmp_path: Path) -> None:
+    image = _image("RGB")
+    path = tmp_path / "symbol.png"
+    image.save(path)
+    expected = predictor.predict([image], top_k=2)
+    array = np.asarray(image)
+    for single in (path, str(path), path.read_bytes(), image, array, array[:, :, :1]):
+        result = predictor.predict(single, top_k=2)
+        assert len(result) == 1
+    assert predictor.predict(array, top_k=2) == expected
+    gray = np.asarray(image.convert("L"))
+    assert predictor.predict(gray, top_k=2) == predictor.predict([gray], top_k=2)
+    # An N x H x W x C array is a batch of N.
+    assert predictor.predict(np.stack([array, array]), top_k=2) == expected * 2
+    with pytest.raises(ValueError, match=r"shape \(2, 30, 20\).*pass a list"):
+        predictor.predict(np.stack([gray, gray]))
+
+
+def test_arrays_follow_their_type(predictor) -> None:
+    gray = np.asarray(_image("L", seed=3))
+    expected = predictor.prepare(gray)
+    assert np.array_equal(predictor.prepare(gray / 255.0), expected)  # floats span 0-1
+    assert np.array_equal(predictor.prepare(gray.astype(np.int64)), expected)
+    assert np.array_equal(predictor.prepare(gray.astype(np.uint16) * 257), expected)
+    white = predictor.prepare(np.ones((4, 4), dtype=bool))
+    assert (white == 255).all()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (np.full((8, 8), 2.0), r"image 0: a float image must lie in 0-1; got 2 to 2"),
+        (np.full((8, 8), np.nan), r"image 0: the array holds NaN"),
+        (np.full((8, 8), 300), r"image 0: integer pixels must lie in 0-255"),
+        (np.zeros((8, 8, 2), np.uint8), r"image 0: an image array must be H x W or H x W x 1"),
+        (np.zeros(8, np.uint8), r"image 0: an image array must be H x W"),
+        (np.zeros((0, 8), np.uint8), r"image 0: empty image"),
+        (Image.new("L", (0, 0)), r"image 0: empty image \(0x0 pixels\)"),
+        (np.zeros((8, 8), np.complex64), r"image 0: unsupported array type complex64"),
+    ],
+)
+def test_bad_arrays_get_one_clear_line(predictor, value, message) -> None:
+    with pytest.raises(BadImageError, match=message):
+        predictor.predict([value])
+
+
+def test_other_inputs_are_refused_by_type_and_position(predictor) -> None:
+    with pytest.raises(TypeError, match="image 1: expected a path.*got NoneType"):
+        predictor.predict([_image("L"), None])
+
+
+def test_sixteen_bit_images_span_the_full_range(predictor) -> None:
+    dark = np.full((8, 8), 255, dtype=np.uint16)  # Nearly black on a 0-65535 scale.
+    brighter = dark.copy()
+    brighter[0, 0] = 256
+    first = predictor.prepare(Image.fromarray(dark))
+    second = predictor.prepare(Image.fromarray(brighter))
+    assert first.max() == 1 and np.abs(first.astype(int) - second).max() <= 1
+
+
+def test_from_file_takes_a_run_folder_or_nothing_and_refuses_onnx(
+    symbol_model_file: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(symbol_model_file.read_bytes())
+    assert Predictor.from_file(run).class_names == CLASS_NAMES
+    assert len(Predictor.from_file().class_names) == 369  # The bundled symbol model.
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"x")
+    with pytest.raises(ModelFileError, match=r"model\.onnx: an ONNX file runs on ONNX Runtime"):
+        Predictor.from_file(onnx_file)
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        Predictor.from_file(symbol_model_file, device="gpu")
 
 
 def test_empty_input_and_bad_files(predictor, tmp_path: Path) -> None:

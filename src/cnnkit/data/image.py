@@ -71,10 +71,58 @@ def read_image_file(path: str) -> Image.Image:
     return decode_image(data, path)
 
 
+def array_to_image(array: np.ndarray, name: str = "array") -> Image.Image:
+    """A numpy image as a PIL image: ``H x W`` or ``H x W x C`` with C = 1, 3 (RGB) or 4 (RGBA).
+
+    ``uint8`` (and other integer arrays within 0-255) is taken as is, ``uint16`` spans
+    0-65535, ``bool`` is black and white, and floats span 0-1.
+
+    Raises:
+        BadImageError: naming ``name``, for any other shape, type or range, or an empty array.
+    """
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]  # Pillow has no mode for H x W x 1.
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise BadImageError(
+            f"{name}: an image array must be H x W or H x W x 1, 3 or 4; got shape {array.shape}"
+        )
+    if array.size == 0:
+        raise BadImageError(f"{name}: empty image (shape {array.shape})")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise BadImageError(f"{name}: the array holds NaN or infinite values")
+        low, high = float(array.min()), float(array.max())
+        if low < 0 or high > 1:
+            raise BadImageError(
+                f"{name}: a float image must lie in 0-1; got {low:g} to {high:g} "
+                "(pass uint8 for 0-255)"
+            )
+        array = (array * 255.0).round().astype(np.uint8)
+    elif array.dtype == np.uint16:
+        array = (array / 65535.0 * 255.0).round().astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.integer):
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 255:
+            raise BadImageError(
+                f"{name}: integer pixels must lie in 0-255 (or pass uint16 for 0-65535); "
+                f"got {low} to {high}"
+            )
+        array = array.astype(np.uint8)
+    else:
+        raise BadImageError(f"{name}: unsupported array type {array.dtype}")
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
 def _flatten_onto_white(image: Image.Image) -> Image.Image:
     """Return an RGB or L image, compositing any transparency onto a white background."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if image.mode in ("I;16", "I;16B", "I;16L"):
         array = np.asarray(image, dtype=np.float64)
+        return Image.fromarray((array / 65535.0 * 255.0).round().astype(np.uint8), mode="L")
+    if image.mode == "I":
+        # 32-bit integers have no fixed range: 0-255 where they fit, else 0-65535.
+        array = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
         peak = 65535.0 if array.max() > 255 else 255.0
         return Image.fromarray((array / peak * 255.0).round().astype(np.uint8), mode="L")
     if image.mode == "F":
@@ -128,6 +176,8 @@ def prepare_image(image: Image.Image, preprocessing: Preprocessing) -> np.ndarra
         A contiguous ``uint8`` array of shape ``[S, S, channels]``.
     """
     size = preprocessing.stored_size
+    if image.width == 0 or image.height == 0:
+        raise BadImageError(f"empty image ({image.width}x{image.height} pixels)")
     if preprocessing.mode == "photo":
         image = ImageOps.exif_transpose(image)
     image = _flatten_onto_white(image)

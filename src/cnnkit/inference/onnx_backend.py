@@ -24,7 +24,7 @@ from cnnkit.inference.artifact import (
     read_metadata,
 )
 from cnnkit.inference.export import build_onnx_model, metadata_from_properties
-from cnnkit.inference.predictor import Predictor
+from cnnkit.inference.predictor import Predictor, resolve_model_path
 from cnnkit.paths import default_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -114,8 +114,8 @@ class OnnxPredictor(Predictor):
     """A :class:`Predictor` whose forward pass runs in onnxruntime on the CPU.
 
     Example:
-        >>> predictor = OnnxPredictor.from_file("runs/hasy/model.safetensors")
-        >>> predictor.predict(["alpha.png"])[0][0].label
+        >>> predictor = OnnxPredictor.from_file("runs/hasy-symbol_cnn/model.safetensors")
+        >>> predictor.predict("alpha.png")[0][0].label
         '\\\\alpha'
     """
 
@@ -132,7 +132,7 @@ class OnnxPredictor(Predictor):
     @classmethod
     def from_file(
         cls,
-        path: str | Path,
+        path: str | Path | None = None,
         device: str = "cpu",
         cache: bool = True,
         threads: int | None = None,
@@ -142,7 +142,7 @@ class OnnxPredictor(Predictor):
         ``.safetensors`` model file (exported on the fly, see below).
 
         Args:
-            path: the model file.
+            path: the model file, a training run's folder, or None for the bundled model.
             device: only ``"cpu"`` is supported.
             cache: for a ``.safetensors`` file, keep the export in ``cache_dir/onnx`` and
                 reuse it while it matches the model's metadata (with its tensors' SHA-256)
@@ -156,7 +156,7 @@ class OnnxPredictor(Predictor):
         """
         if device != "cpu":
             raise ValueError(f"the ONNX backend runs on the CPU only; got device {device!r}")
-        path = Path(path)
+        path = resolve_model_path(path)
         if not path.is_file():
             raise ModelFileError(f"{path}: model file not found")
         if path.suffix.lower() == ".onnx":

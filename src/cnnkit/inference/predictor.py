@@ -12,14 +12,63 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cnnkit.data.image import prepare_image, read_image_file
+from cnnkit.data.image import (
+    BadImageError,
+    array_to_image,
+    decode_image,
+    prepare_image,
+    read_image_file,
+)
 from cnnkit.data.loader import eval_batch_size
 from cnnkit.data.normalize import to_model_input
-from cnnkit.inference.artifact import ModelMetadata, load_model
+from cnnkit.inference.artifact import ModelFileError, ModelMetadata, load_model
+from cnnkit.runtime import select_device
 
 MAX_BATCH = 512  # Images per forward pass (fewer for large inputs, see eval_batch_size).
 
-ImageInput = Image.Image | str | Path | np.ndarray
+ImageInput = Image.Image | str | Path | np.ndarray | bytes
+
+
+def as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    """One image (a path, encoded bytes, a PIL image, an ``HxW[xC]`` array) as a list of one;
+    an ``NxHxWxC`` array as a list of N; any other sequence as a list.
+
+    Raises:
+        ValueError: for a 3-D array that is not ``HxWxC`` with C = 1, 3 or 4 (a stack of
+            grayscale images is ambiguous: pass a list, or an ``NxHxWx1`` array).
+    """
+    if isinstance(images, (str, Path, bytes, bytearray, Image.Image)):
+        return [images]
+    if isinstance(images, np.ndarray):
+        if images.ndim == 4:
+            return list(images)
+        if images.ndim == 3 and images.shape[2] not in (1, 3, 4):
+            raise ValueError(
+                f"an array of shape {images.shape} is neither one H x W x C image (C = 1, 3 "
+                "or 4) nor an N x H x W x C batch; pass a list of images"
+            )
+        return [images]
+    return list(images)
+
+
+def check_top_k(top_k: Any) -> int:
+    """``top_k`` as an int; raises ValueError unless it is a whole number >= 1."""
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise ValueError(f"top_k must be a whole number >= 1; got {top_k!r}")
+    return int(top_k)
+
+
+def resolve_model_path(path: str | Path | None) -> Path:
+    """The model file for ``path``: the bundled symbol model for None, a training run's
+    ``model.safetensors`` for its folder, else ``path`` itself."""
+    if path is None:
+        from cnnkit.inference.bundled import bundled_model_path
+
+        return bundled_model_path()
+    path = Path(path)
+    if path.is_dir() and (path / "model.safetensors").is_file():
+        return path / "model.safetensors"
+    return path
 
 
 @dataclass(frozen=True)
@@ -38,22 +87,36 @@ class Predictor:
     """Wraps a model and its metadata; preprocesses exactly as the training evaluation did.
 
     Example:
-        >>> predictor = Predictor.from_file("runs/hasy/model.safetensors")
-        >>> predictor.predict(["alpha.png"])[0][0].label
+        >>> predictor = Predictor.from_file("runs/hasy-symbol_cnn/model.safetensors")
+        >>> predictor.predict("alpha.png")[0][0].label
         '\\\\alpha'
     """
 
     def __init__(self, model: torch.nn.Module, metadata: ModelMetadata, device: str = "cpu"):
-        self.model = model.to(device).eval()
+        self.device = select_device(device)
+        self.model = model.to(self.device).eval()
         self.metadata = metadata
-        self.device = torch.device(device)
         # Torch modules are not re-entrant across threads for in-place buffers; one lock keeps
         # concurrent web requests safe while the web layer batches them.
         self._lock = threading.Lock()
 
     @classmethod
-    def from_file(cls, path: str | Path, device: str = "cpu") -> Predictor:
-        """Load a ``.safetensors`` model file (see :func:`cnnkit.load_model`)."""
+    def from_file(cls, path: str | Path | None = None, device: str = "cpu") -> Predictor:
+        """Load a ``.safetensors`` model file (see :func:`cnnkit.load_model`), a training run's
+        folder, or with no ``path`` the bundled symbol model.
+
+        Raises:
+            cnnkit.inference.artifact.ModelFileError: for a bad model file, or an ``.onnx``
+                file (run one with :func:`open_predictor`).
+            ValueError: for an unknown or unavailable ``device``.
+        """
+        path = resolve_model_path(path)
+        if path.suffix.lower() == ".onnx":
+            raise ModelFileError(
+                f"{path}: an ONNX file runs on ONNX Runtime: use "
+                "cnnkit.open_predictor(path) (or OnnxPredictor.from_file)"
+            )
+        device = str(select_device(device))
         model = load_model(path, device)
         return cls(model, model.metadata, device)
 
@@ -61,21 +124,36 @@ class Predictor:
     def class_names(self) -> tuple[str, ...]:
         return self.metadata.class_names
 
-    def prepare(self, images: Sequence[ImageInput]) -> np.ndarray:
+    def prepare(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
         """Decode and convert images to the stored ``uint8 [B, S, S, C]`` form.
 
+        Args:
+            images: one image or several (see :func:`as_image_list`): paths, encoded bytes,
+                PIL images of any mode, or arrays (see :func:`cnnkit.data.image.array_to_image`).
+
         Raises:
-            cnnkit.data.image.BadImageError: for a file that is missing or not an image.
+            cnnkit.data.image.BadImageError: for a file that is missing or not an image, or an
+                array or image that cannot be one; the message names the path or position.
+            TypeError: for anything else.
         """
         arrays = []
-        for image in images:
+        for position, image in enumerate(as_image_list(images)):
+            name = f"image {position}"
             if isinstance(image, (str, Path)):
                 image = read_image_file(str(image))
+            elif isinstance(image, (bytes, bytearray)):
+                image = decode_image(bytes(image), name)
             elif isinstance(image, np.ndarray):
-                # Pillow has no mode for H x W x 1; that is a grayscale H x W image.
-                single_channel = image.ndim == 3 and image.shape[2] == 1
-                image = Image.fromarray(image[:, :, 0] if single_channel else image)
-            arrays.append(prepare_image(image, self.metadata.preprocessing))
+                image = array_to_image(image, name)
+            elif not isinstance(image, Image.Image):
+                raise TypeError(
+                    f"{name}: expected a path, image bytes, a PIL image or a numpy array; "
+                    f"got {type(image).__name__}"
+                )
+            try:
+                arrays.append(prepare_image(image, self.metadata.preprocessing))
+            except BadImageError as error:
+                raise BadImageError(f"{name}: {error}") from error
         size, channels = (
             self.metadata.preprocessing.stored_size,
             self.metadata.preprocessing.channels,
@@ -107,35 +185,50 @@ class Predictor:
         return torch.cat(rows).numpy()
 
     def rank(self, probabilities: np.ndarray, top_k: int = 5) -> list[list[Prediction]]:
-        """Turn probability rows into the ``top_k`` predictions of each image."""
-        top_k = max(1, min(top_k, self.metadata.num_classes))
+        """Turn probability rows into the ``top_k`` predictions of each image (all classes
+        where there are fewer).
+
+        Raises:
+            ValueError: unless ``top_k`` is a whole number >= 1.
+        """
+        top_k = min(check_top_k(top_k), self.metadata.num_classes)
         ranked = []
         for row in probabilities:
             order = np.argsort(-row, kind="stable")[:top_k]
             ranked.append([Prediction(self.class_names[i], int(i), float(row[i])) for i in order])
         return ranked
 
-    def predict(self, images: Sequence[ImageInput], top_k: int = 5) -> list[list[Prediction]]:
-        """Rank the classes for each image (a path, a PIL image or an ``HxW[xC]`` uint8 array).
+    def predict(
+        self, images: ImageInput | Sequence[ImageInput], top_k: int = 5
+    ) -> list[list[Prediction]]:
+        """Rank the classes for one image or several (see :meth:`prepare`).
+
+        Images are decoded a batch at a time, so memory stays bounded for any count.
 
         Returns:
-            One list of ``top_k`` :class:`Prediction` per image, best first.
+            One list of ``top_k`` :class:`Prediction` per image, best first (a list of one for
+            a single image). ``Prediction.to_dict()`` gives the CLI's JSON fields.
         """
-        return self.rank(self.probabilities(self.prepare(images)), top_k)
+        check_top_k(top_k)
+        images = as_image_list(images)
+        chunk = eval_batch_size(MAX_BATCH, self.metadata.preprocessing)
+        ranked: list[list[Prediction]] = []
+        for start in range(0, len(images), chunk):
+            prepared = self.prepare(images[start : start + chunk])
+            ranked.extend(self.rank(self.probabilities(prepared), top_k))
+        return ranked
 
 
 def open_predictor(path: str | Path | None = None, backend: str | None = None) -> Predictor:
-    """A predictor for a model file: ``backend="onnx"`` (the default for a ``.onnx`` file) runs
-    it in onnxruntime, ``"torch"`` (the default otherwise) in PyTorch; no ``path`` means the
-    bundled symbol model.
+    """A predictor for a model file or a training run's folder: ``backend="onnx"`` (the
+    default for a ``.onnx`` file) runs it in onnxruntime, ``"torch"`` (the default otherwise)
+    in PyTorch; no ``path`` means the bundled symbol model.
 
     Raises:
         FileNotFoundError: if no path is given and the bundled model is missing.
         cnnkit.inference.artifact.ModelFileError: for a bad model file.
     """
-    from cnnkit.inference.bundled import bundled_model_path
-
-    path = Path(path) if path is not None else bundled_model_path()
+    path = resolve_model_path(path)
     if (backend or ("onnx" if path.suffix.lower() == ".onnx" else "torch")) == "onnx":
         from cnnkit.inference.onnx_backend import OnnxPredictor
 
