@@ -259,3 +259,10 @@ def test_many_images_go_through_in_chunks_with_equal_results(
     chunked = predictor.probabilities(images)
     assert calls == [4, 4, 2]
     np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bad_image_is_named_by_its_position_in_the_whole_call(predictor) -> None:
+    good = np.asarray(_image("L"))
+    images = [good] * 600 + [np.zeros((8, 8, 2), np.uint8)]
+    with pytest.raises(BadImageError, match=r"^image 600: "):
+        predictor.predict(images)

@@ -136,9 +136,13 @@ class Predictor:
                 array or image that cannot be one; the message names the path or position.
             TypeError: for anything else.
         """
+        return self._prepare(as_image_list(images), 0)
+
+    def _prepare(self, images: list[ImageInput], first: int) -> np.ndarray:
+        """:meth:`prepare` for a list whose first image is number ``first`` of the call."""
         arrays = []
-        for position, image in enumerate(as_image_list(images)):
-            name = f"image {position}"
+        for position, image in enumerate(images, start=first):
+            name = str(image) if isinstance(image, (str, Path)) else f"image {position}"
             if isinstance(image, (str, Path)):
                 image = read_image_file(str(image))
             elif isinstance(image, (bytes, bytearray)):
@@ -214,7 +218,7 @@ class Predictor:
         chunk = eval_batch_size(MAX_BATCH, self.metadata.preprocessing)
         ranked: list[list[Prediction]] = []
         for start in range(0, len(images), chunk):
-            prepared = self.prepare(images[start : start + chunk])
+            prepared = self._prepare(images[start : start + chunk], start)
             ranked.extend(self.rank(self.probabilities(prepared), top_k))
         return ranked
 
