@@ -221,9 +221,110 @@ def test_a_bad_upload_shows_an_error_box(page, servers, tmp_path) -> None:
     page.wait_for_selector("#error", state="hidden")
     expect(page.locator("#results .result")).to_have_count(3)
 
-    too_big = {"name": "huge.png", "mimeType": "image/png", "buffer": b"\0" * 5_100_000}
+    # A real PNG (a browser previews it) with 5.1 MB of padding after its end.
+    padded = buffer.getvalue() + b"\0" * 5_100_000
+    too_big = {"name": "huge.png", "mimeType": "image/png", "buffer": padded}
     page.set_input_files("#photo-file", files=[too_big])
     expect(page.locator("#error")).to_contain_text("the limit is 5.0 MB")
     expect(page.locator("#results .result")).to_have_count(0)
+    assert page.locator("#preview-figure").is_hidden()  # No preview of a refused file.
     # Chromium logs the deliberate 400 above as a console error; nothing else may go wrong.
     assert [text for text in page.problems if "status of 400" not in text] == []
+
+
+def test_clearing_while_a_prediction_is_on_its_way_leaves_no_results(page, servers) -> None:
+    # A slow PNG encoder (headless Chromium's can take a second): the drawing's snapshot
+    # arrives 600 ms after it was asked for.
+    page.add_init_script(
+        """(() => {
+        const original = HTMLCanvasElement.prototype.toBlob;
+        HTMLCanvasElement.prototype.toBlob = function (callback, ...rest) {
+          original.call(this, (blob) => setTimeout(() => callback(blob), 600), ...rest);
+        };
+        })()"""
+    )
+    page.goto(servers["symbols"])
+    page.wait_for_selector("#canvas:visible")
+    for _ in range(2):
+        draw_alpha(page)
+        page.wait_for_timeout(350)  # The debounce has fired; the snapshot is on its way.
+        page.click("#clear")
+        page.wait_for_timeout(1200)
+        expect(page.locator("#results .result")).to_have_count(0)
+        expect(page.locator("#status")).to_have_text("Draw a symbol to see predictions.")
+    assert page.problems == []
+
+
+def test_a_second_finger_does_not_join_the_stroke(browser, servers) -> None:
+    context = browser.new_context(viewport={"width": 1100, "height": 760}, has_touch=True)
+    page = context.new_page()
+    page.goto(servers["symbols"])
+    page.wait_for_selector("#canvas:visible")
+    box = page.locator("#canvas").bounding_box()
+    cdp = context.new_cdp_session(page)
+
+    def touch(kind: str, *points: tuple[float, float]) -> None:
+        cdp.send(
+            "Input.dispatchTouchEvent",
+            {
+                "type": kind,
+                "touchPoints": [
+                    {"x": box["x"] + x * box["width"], "y": box["y"] + y * box["height"], "id": i}
+                    for i, (x, y) in enumerate(points)
+                ],
+            },
+        )
+
+    touch("touchStart", (0.2, 0.5))
+    touch("touchMove", (0.3, 0.5))
+    touch("touchStart", (0.3, 0.5), (0.8, 0.2))  # A second finger lands far away.
+    touch("touchMove", (0.4, 0.5), (0.8, 0.9))
+    touch("touchMove", (0.5, 0.5), (0.2, 0.9))
+    touch("touchEnd")
+    expect(page.locator("#results .result")).to_have_count(5)
+    # Only the first finger's horizontal line was drawn: no ink far from its row.
+    rows = page.evaluate(
+        """() => {
+        const canvas = document.getElementById("canvas");
+        const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height);
+        const inked = [];
+        for (let y = 0; y < canvas.height; y += 1) {
+          for (let x = 0; x < canvas.width; x += 4) {
+            if (data.data[4 * (y * canvas.width + x)] < 128) {
+              inked.push(y / canvas.height);
+              break;
+            }
+          }
+        }
+        return [Math.min(...inked), Math.max(...inked)];
+        }"""
+    )
+    assert rows[0] > 0.4 and rows[1] < 0.6, rows
+    context.close()
+
+
+def test_results_go_when_the_server_cannot_be_reached(page, tmp_path) -> None:
+    url, server, thread = start_server(save_test_model(tmp_path / "s.safetensors", "symbols"))
+    page.goto(url)
+    page.wait_for_selector("#canvas:visible")
+    draw_alpha(page)
+    expect(page.locator("#results .result")).to_have_count(5)
+    server.should_exit = True
+    thread.join(timeout=10)
+    draw_alpha(page)
+    expect(page.locator("#error")).to_contain_text("Could not reach the server")
+    expect(page.locator("#results .result")).to_have_count(0)
+
+
+def test_on_a_phone_the_best_guess_is_in_view_while_drawing(browser, servers) -> None:
+    context = browser.new_context(viewport={"width": 375, "height": 667})
+    page = context.new_page()
+    page.goto(servers["symbols"])
+    page.wait_for_selector("#canvas:visible")
+    draw_alpha(page)
+    near = page.locator("#canvas-status")
+    expect(near).to_contain_text("Best guess:")
+    box = near.bounding_box()
+    assert box is not None and box["y"] + box["height"] <= 667
+    screenshot(page, "browser-symbols-phone.png")
+    context.close()

@@ -28,6 +28,7 @@ from cnnkit.web.batching import MicroBatcher
 from cnnkit.web.drawing import canvas_to_symbol, estimate_stroke_width
 from cnnkit.web.limits import InFlightLimitMiddleware
 from cnnkit.web.render import MAX_LATEX_LENGTH, render_latex_svg
+from cnnkit.web.schema import ErrorAnswer, PredictAnswer
 from cnnkit.web.upload import BodySizeLimitMiddleware, parse_multipart
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -161,6 +162,26 @@ def test_openapi_docs_list_the_endpoints(client: TestClient) -> None:
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/api/predict", "/api/model", "/api/render", "/healthz"} <= set(paths)
+
+
+def test_openapi_describes_the_predict_requests_and_answers(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+    operation = document["paths"]["/api/predict"]["post"]
+    bodies = operation["requestBody"]["content"]
+    assert set(bodies) == {"multipart/form-data", "application/json", "image/*"}
+    assert bodies["multipart/form-data"]["schema"]["required"] == ["file"]
+    assert bodies["application/json"]["schema"]["required"] == ["image"]
+    schemas = document["components"]["schemas"]
+    assert set(schemas["PredictAnswer"]["properties"]) == {"predictions", "model"}
+    assert set(schemas["ErrorAnswer"]["properties"]) == {"error"}
+    assert {"200", "400", "413", "415"} <= set(operation["responses"])
+    # The documented shapes are the ones the API sends.
+    image = png_bytes(Image.new("L", (32, 32), 255))
+    answer = client.post("/api/predict", files={"file": ("a.png", image, "image/png")}).json()
+    PredictAnswer.model_validate(answer)
+    error = client.post("/api/predict", content=b"x", headers={"content-type": "text/plain"})
+    assert error.status_code == 415
+    ErrorAnswer.model_validate(error.json())
 
 
 def test_the_docs_page_loads_nothing_from_other_sites(client: TestClient) -> None:

@@ -30,6 +30,7 @@ from cnnkit.web.docs import add_docs_routes, load_docs_assets
 from cnnkit.web.limits import InFlightLimitMiddleware
 from cnnkit.web.prediction import PredictionService
 from cnnkit.web.render import MAX_LATEX_LENGTH, render_latex_svg
+from cnnkit.web.schema import PREDICT_ERRORS, PREDICT_REQUEST, PredictAnswer
 from cnnkit.web.upload import BodySizeLimitMiddleware, read_image_request
 
 logger = logging.getLogger(__name__)
@@ -159,7 +160,13 @@ def _add_routes(app: FastAPI) -> None:
         "/api/render", render, methods=["GET"], summary="Render a LaTeX symbol as SVG"
     )
     app.add_api_route(
-        "/api/predict", predict, methods=["POST"], summary="Predict the classes of one image"
+        "/api/predict",
+        predict,
+        methods=["POST"],
+        summary="Predict the classes of one image",
+        response_model=PredictAnswer,
+        responses=PREDICT_ERRORS,
+        openapi_extra=PREDICT_REQUEST,
     )
 
 

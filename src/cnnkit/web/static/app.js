@@ -124,14 +124,27 @@
     );
     const best = predictions[0];
     const name = model.kind === "symbols" ? best.label : displayName(best.label);
-    statusLine.textContent = "Best guess: " + name + " (" + percent(best.confidence) + ")";
+    setStatus("Best guess: " + name + " (" + percent(best.confidence) + ")");
+  }
+
+  function setStatus(message) {
+    statusLine.textContent = message;
+    // A copy next to the canvas, for narrow screens where the results sit below it.
+    const near = $("canvas-status");
+    if (near) near.textContent = message;
   }
 
   function resetResults(message) {
     requestNumber += 1; // Any answer still on its way is now stale.
     if (inFlight) inFlight.abort();
     resultsList.replaceChildren();
-    statusLine.textContent = message;
+    setStatus(message);
+  }
+
+  function sameModel(served) {
+    // The server may have been restarted with another model while the page stayed open.
+    return !served || (served.architecture === model.architecture && served.kind === model.kind &&
+      served.num_classes === model.num_classes);
   }
 
   async function errorMessage(response) {
@@ -159,7 +172,7 @@
     form.append("file", blob, filename);
     form.append("source", source);
     form.append("top_k", String(TOP_K));
-    statusLine.textContent = "Predicting…";
+    setStatus("Predicting…");
     resultsList.setAttribute("aria-busy", "true");
     try {
       const response = await fetch("/api/predict", { method: "POST", body: form, signal: inFlight.signal });
@@ -168,17 +181,24 @@
         const message = await errorMessage(response);
         if (number !== requestNumber) return;
         resultsList.replaceChildren();
-        statusLine.textContent = "No prediction.";
+        setStatus("No prediction.");
         showError(message);
         return;
       }
       const body = await response.json();
       if (number !== requestNumber) return;
+      if (!sameModel(body.model)) {
+        resultsList.replaceChildren();
+        setStatus("No prediction.");
+        showError("The server now serves another model; reload the page.");
+        return;
+      }
       clearError();
       showResults(body.predictions);
     } catch (error) {
       if (error.name === "AbortError" || number !== requestNumber) return;
-      statusLine.textContent = "No prediction.";
+      resultsList.replaceChildren();
+      setStatus("No prediction.");
       showError("Could not reach the server: " + error.message);
     } finally {
       if (number === requestNumber) resultsList.removeAttribute("aria-busy");
@@ -194,10 +214,13 @@
     const clearButton = $("clear");
     const strokes = []; // Each stroke is a list of [x, y] in 0..1 canvas coordinates.
     let current = null;
+    let pointer = null; // The one pointer drawing now; a second finger is ignored.
     let timer = null;
+    let drawingVersion = 0; // Bumped on every change, so a stale snapshot is never sent.
 
     function fitBackingStore() {
-      const side = Math.round(canvas.getBoundingClientRect().width * (window.devicePixelRatio || 1));
+      // clientWidth is the drawing area inside the border.
+      const side = Math.round(canvas.clientWidth * (window.devicePixelRatio || 1));
       if (side > 0 && canvas.width !== side) {
         canvas.width = side;
         canvas.height = side;
@@ -238,17 +261,21 @@
 
     function position(event) {
       const box = canvas.getBoundingClientRect();
-      return [(event.clientX - box.left) / box.width, (event.clientY - box.top) / box.height];
+      const left = box.left + canvas.clientLeft;
+      const top = box.top + canvas.clientTop;
+      return [(event.clientX - left) / canvas.clientWidth, (event.clientY - top) / canvas.clientHeight];
     }
 
     function schedulePrediction() {
       clearTimeout(timer);
+      const version = ++drawingVersion;
       if (strokes.length === 0) {
         resetResults("Draw a symbol to see predictions.");
         return;
       }
       timer = setTimeout(() => {
         canvas.toBlob((blob) => {
+          if (version !== drawingVersion) return; // Drawn on, undone or cleared since.
           if (blob) predict(blob, "canvas", "drawing.png");
           else showError("Could not read the drawing from the canvas.");
         }, "image/png");
@@ -256,16 +283,17 @@
     }
 
     canvas.addEventListener("pointerdown", (event) => {
-      if (event.pointerType === "mouse" && event.button !== 0) return;
+      if (current || (event.pointerType === "mouse" && event.button !== 0)) return;
       event.preventDefault();
       canvas.setPointerCapture(event.pointerId);
+      pointer = event.pointerId;
       current = [position(event)];
       strokes.push(current);
       redraw();
     });
 
     canvas.addEventListener("pointermove", (event) => {
-      if (!current) return;
+      if (!current || event.pointerId !== pointer) return;
       event.preventDefault();
       const events = event.getCoalescedEvents ? event.getCoalescedEvents() : [event];
       for (const each of events.length ? events : [event]) current.push(position(each));
@@ -274,8 +302,9 @@
     });
 
     function endStroke(event) {
-      if (!current) return;
+      if (!current || event.pointerId !== pointer) return;
       current = null;
+      pointer = null;
       if (canvas.hasPointerCapture(event.pointerId)) canvas.releasePointerCapture(event.pointerId);
       schedulePrediction();
     }
@@ -283,13 +312,16 @@
     canvas.addEventListener("pointercancel", endStroke);
 
     function undo() {
-      if (strokes.length === 0) return;
+      if (strokes.length === 0 || current) return;
       strokes.pop();
       redraw();
       schedulePrediction();
+      // A disabled button loses the keyboard focus; keep it on the drawing.
+      if (undoButton.disabled && document.activeElement === undoButton) canvas.focus();
     }
     undoButton.addEventListener("click", undo);
     clearButton.addEventListener("click", () => {
+      if (current) return;
       strokes.length = 0;
       redraw();
       clearError();
@@ -307,10 +339,18 @@
     new ResizeObserver(fitBackingStore).observe(canvas);
     fitBackingStore();
     redraw();
-    statusLine.textContent = "Draw a symbol to see predictions.";
+    setStatus("Draw a symbol to see predictions.");
     $("symbol-file").addEventListener("change", (event) => {
       const file = event.target.files[0];
-      if (file) predict(file, "upload", file.name);
+      event.target.value = ""; // Choosing the same file again still counts.
+      if (!file) return;
+      // The results are the upload's now: the drawing goes, and no stale drawing is sent.
+      strokes.length = 0;
+      clearTimeout(timer);
+      drawingVersion += 1;
+      redraw();
+      clearError();
+      predict(file, "upload", file.name);
     });
   }
 
@@ -324,9 +364,18 @@
     let previewUrl = null;
 
     function useFile(file) {
-      if (!file) return;
+      if (!file) {
+        showError("Drop an image file (a JPEG, PNG, WebP or GIF photo).");
+        return;
+      }
       clearError();
       if (previewUrl) URL.revokeObjectURL(previewUrl);
+      previewUrl = null;
+      if (model.max_upload_bytes && file.size > model.max_upload_bytes) {
+        figure.hidden = true; // predict() says why, and sends nothing.
+        predict(file, "upload", file.name);
+        return;
+      }
       previewUrl = URL.createObjectURL(file);
       preview.src = previewUrl;
       $("preview-caption").textContent = file.name;
@@ -335,18 +384,25 @@
     }
 
     preview.addEventListener("error", () => { figure.hidden = true; });
-    input.addEventListener("change", () => useFile(input.files[0]));
-    dropzone.addEventListener("dragover", (event) => {
+    input.addEventListener("change", () => {
+      const file = input.files[0];
+      input.value = ""; // Choosing the same file again still counts.
+      if (file) useFile(file);
+    });
+    // A photo dropped anywhere on the page is used; the browser never navigates away to it.
+    document.addEventListener("dragover", (event) => {
       event.preventDefault();
       dropzone.classList.add("dragging");
     });
-    dropzone.addEventListener("dragleave", () => dropzone.classList.remove("dragging"));
-    dropzone.addEventListener("drop", (event) => {
+    document.addEventListener("dragleave", (event) => {
+      if (!event.relatedTarget) dropzone.classList.remove("dragging");
+    });
+    document.addEventListener("drop", (event) => {
       event.preventDefault();
       dropzone.classList.remove("dragging");
-      useFile(event.dataTransfer.files[0]);
+      useFile(event.dataTransfer && event.dataTransfer.files[0]);
     });
-    statusLine.textContent = "Choose a photo to see the likely species.";
+    setStatus("Choose a photo to see the likely species.");
   }
 
   async function start() {
@@ -356,7 +412,7 @@
       model = await response.json();
     } catch (error) {
       $("model-info").textContent = "No model information.";
-      statusLine.textContent = "Unavailable.";
+      setStatus("Unavailable.");
       showError("Could not load the model description: " + error.message);
       return;
     }

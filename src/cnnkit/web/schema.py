@@ -1,0 +1,79 @@
+"""What ``/docs`` shows for ``POST /api/predict``: its three request forms and its answers.
+
+The route reads the request itself (multipart, JSON or raw bytes, with a streamed size limit),
+so FastAPI cannot infer these; they are declared here for the OpenAPI document only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class RankedClass(BaseModel):
+    label: str = Field(description="the class name (a LaTeX command for symbols)")
+    index: int = Field(description="the class index in the model file")
+    confidence: float = Field(ge=0, le=1, description="softmax probability")
+    render: str | None = Field(None, description="symbols only: URL of the rendered SVG")
+
+
+class PredictAnswer(BaseModel):
+    predictions: list[RankedClass] = Field(description="the top_k classes, best first")
+    model: dict[str, Any] = Field(description="architecture, kind, num_classes, input_shape")
+
+
+class ErrorAnswer(BaseModel):
+    error: str = Field(description="what was wrong, in one line")
+
+
+_SOURCE = {
+    "type": "string",
+    "enum": ["upload", "canvas"],
+    "default": "upload",
+    "description": "canvas: a drawing, made to look like the training symbols first",
+}
+_TOP_K = {"type": "integer", "minimum": 1, "default": 5}
+
+PREDICT_REQUEST: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "source": _SOURCE,
+                        "top_k": _TOP_K,
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {
+                            "type": "string",
+                            "description": "a base64 PNG or JPEG, or a data: URL",
+                        },
+                        "source": _SOURCE,
+                        "top_k": _TOP_K,
+                    },
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorAnswer, "description": description}
+    for status, description in {
+        400: "not an image, truncated, a decompression bomb, an empty body or a bad field",
+        413: "larger than the upload limit (5 MB unless set)",
+        415: "a content type other than multipart, JSON or image/*",
+    }.items()
+}
