@@ -53,8 +53,13 @@
         document.execCommand("copy");
         area.remove();
       }
+      const label = button.getAttribute("aria-label");
       button.textContent = "Copied";
-      setTimeout(() => { button.textContent = "Copy"; }, 1200);
+      button.setAttribute("aria-label", "Copied " + text);
+      setTimeout(() => {
+        button.textContent = "Copy";
+        button.setAttribute("aria-label", label);
+      }, 1200);
     } catch (error) {
       showError("Could not copy to the clipboard; select the text and copy it instead.");
     }
@@ -80,10 +85,14 @@
   function symbolItem(prediction) {
     const item = document.createElement("li");
     item.className = "result";
+    // At its own size (a dot stays small, x smaller than X), centred in a fixed box.
+    const box = document.createElement("span");
+    box.className = "symbol-box";
     const image = document.createElement("img");
     image.className = "symbol";
     image.src = prediction.render;
     image.alt = ""; // The LaTeX code next to it says the same to a screen reader.
+    box.appendChild(image);
     const body = document.createElement("div");
     const head = document.createElement("div");
     head.className = "result-head";
@@ -98,7 +107,7 @@
     copy.addEventListener("click", () => copyText(prediction.label, copy));
     head.append(code, copy);
     body.append(head, meter(prediction.confidence));
-    item.append(image, body);
+    item.append(box, body);
     return item;
   }
 
@@ -172,7 +181,9 @@
     form.append("file", blob, filename);
     form.append("source", source);
     form.append("top_k", String(TOP_K));
-    setStatus("Predicting…");
+    // Screen readers hear the status line: say "Predicting…" only when nothing is shown yet,
+    // not on every update while drawing (aria-busy marks the list meanwhile).
+    if (!resultsList.children.length) setStatus("Predicting…");
     resultsList.setAttribute("aria-busy", "true");
     try {
       const response = await fetch("/api/predict", { method: "POST", body: form, signal: inFlight.signal });
