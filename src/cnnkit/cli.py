@@ -596,7 +596,7 @@ def _interactive(predictor, top_k: int, as_json: bool) -> None:
 
 
 def command_fetch(args: argparse.Namespace) -> int:
-    from cnnkit.data.fetch import fetch_archive
+    from cnnkit.data.fetch import compute_checksum, fetch_archive
 
     try:
         path = fetch_archive(
@@ -605,10 +605,13 @@ def command_fetch(args: argparse.Namespace) -> int:
             from_file=args.from_file,
             verify=not args.no_verify,
             progress=True,
+            sha256=args.sha256,
         )
     except FileNotFoundError as error:
         raise CommandError(str(error)) from error
     print(f"Archive ready: {path}")
+    # The publishers give only an MD5; this lets the next fetch check with --sha256.
+    print(f"SHA-256: {compute_checksum(path, 'sha256')}")
     print(f"Next: cnnkit train --dataset {args.name} --data {path}")
     return 0
 
@@ -797,6 +800,12 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--to", default="data", help="destination folder (default ./data)")
     fetch.add_argument("--from", dest="from_file", help="import this local archive instead")
     fetch.add_argument("--no-verify", action="store_true", help="skip the checksum check")
+    fetch.add_argument(
+        "--sha256",
+        metavar="HEX",
+        help="check this SHA-256 instead of the publisher's MD5 (each fetch prints the "
+        "archive's SHA-256)",
+    )
     fetch.set_defaults(handler=command_fetch)
 
     train = commands.add_parser("train", help="train a model and save RUN_DIR/model.safetensors")

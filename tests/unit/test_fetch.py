@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from cnnkit.cli import main as cli_main
 from cnnkit.data import fetch
 from cnnkit.data.fetch import (
     ARCHIVES,
@@ -233,6 +234,29 @@ def test_md5_only_spec_is_verified_with_md5(tmp_path, server, monkeypatch):
     monkeypatch.setitem(ARCHIVES, ARCHIVE_NAME, _spec(sha256=None, md5="f" * 32))
     with pytest.raises(ChecksumError, match="expected md5 f{32}, got " + ARCHIVE_MD5):
         fetch_archive(ARCHIVE_NAME, tmp_path / "other", url=url, progress=False)
+
+
+def test_a_given_sha256_is_checked_instead_of_the_md5(tmp_path, server, monkeypatch, capsys):
+    url, _ = server
+    monkeypatch.setitem(ARCHIVES, ARCHIVE_NAME, _spec(sha256=None, md5=ARCHIVE_MD5))
+    with pytest.raises(ChecksumError, match=f"expected sha256 {'0' * 64}, got {ARCHIVE_SHA256}"):
+        fetch_archive(ARCHIVE_NAME, tmp_path / "a", url=url, progress=False, sha256="0" * 64)
+    assert not (tmp_path / "a" / FILENAME).exists()
+    path = fetch_archive(
+        ARCHIVE_NAME, tmp_path / "b", url=url, progress=False, sha256=ARCHIVE_SHA256.upper()
+    )
+    assert _sha256(path) == ARCHIVE_SHA256
+    with pytest.raises(ValueError, match="not a hex digest"):
+        fetch_archive(ARCHIVE_NAME, tmp_path / "c", url=url, progress=False, sha256="abc")
+    with pytest.raises(ValueError, match="contradict"):
+        fetch_archive(ARCHIVE_NAME, tmp_path / "c", verify=False, sha256=ARCHIVE_SHA256)
+    # The CLI prints the SHA-256 of the archive it made ready, for the next --sha256.
+    monkeypatch.setitem(ARCHIVES, "hasy", _spec(sha256=None, md5=ARCHIVE_MD5))
+    source = tmp_path / "copy.tar.bz2"
+    source.write_bytes(ARCHIVE_BYTES)
+    command = ["fetch", "hasy", "--to", str(tmp_path / "d"), "--from", str(source)]
+    assert cli_main([*command, "--sha256", ARCHIVE_SHA256]) == 0
+    assert f"SHA-256: {ARCHIVE_SHA256}" in capsys.readouterr().out
 
 
 def test_existing_verified_file_is_a_no_op(tmp_path, server, tiny_spec):
