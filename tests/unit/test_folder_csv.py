@@ -307,6 +307,20 @@ def test_csv_missing_image_skipped_is_cached_until_it_comes_back(tmp_path):
     assert not third.from_cache and third.problems == []
 
 
+def test_csv_image_gone_for_a_moment_is_not_cached_as_missing(tmp_path):
+    path = csv_dataset(tmp_path, ["cat", "dog"] * 5)
+    image = tmp_path / "images" / "2.png"
+    moved = tmp_path / "2.png.moving"
+    source = CsvSource(path)
+    listing = source.list_samples()  # The file is there when listed...
+    image.rename(moved)  # ...and gone while the images are read.
+    first = load_images(source, listing, Preprocessing(), tmp_path / "cache", workers=1)
+    assert first.unreadable == 1 and not first.valid[2]
+    moved.rename(image)  # Back, with the same size and time: the listing is the same.
+    second = load_images(source, source.list_samples(), Preprocessing(), tmp_path / "cache")
+    assert not second.from_cache and second.valid.all()
+
+
 def _within_seconds(seconds: float, function):
     """Run ``function`` in a thread; fail the test if it has not returned within ``seconds``."""
     outcome: dict = {}

@@ -371,6 +371,8 @@ class DatasetFiles:
     def __init__(self, path: str | Path, anchor: str) -> None:
         self.path = Path(path)
         self.anchor = anchor
+        # Files missing when the listing was fingerprinted (sources that stat each file).
+        self.absent: frozenset[str] = frozenset()
         self.folder: Path | None = None
         self._archive_root = ""
         self._members: dict[str, bytes] | None = None
@@ -421,7 +423,7 @@ class DatasetFiles:
         Call :meth:`read_metadata` first.
         """
         if self.folder is not None:
-            yield from iter_file_bytes(self.folder, keys)
+            yield from iter_file_bytes(self.folder, keys, self.absent)
             return
         if self._members is not None:
             # The metadata pass already holds every member; hand them out once.

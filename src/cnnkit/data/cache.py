@@ -32,7 +32,7 @@ except ImportError:  # Windows: no advisory locks; concurrent runs each decode
     fcntl = None
 
 logger = logging.getLogger(__name__)
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: 16-bit images always span 0-65535 (were 0-255 where they fit).
 _CHUNK = 256
 
 

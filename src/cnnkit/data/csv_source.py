@@ -116,6 +116,7 @@ class CsvSource:
         self.root = self.csv_path.resolve().parent
         # An absolute path may name the folder through a symbolic link, as the user sees it.
         self._roots = [str(self.root), str(self.csv_path.absolute().parent)]
+        self._absent: frozenset[str] = frozenset()  # Missing when listed (list_samples).
 
     def _key(self, path: str, line: int) -> str:
         where = f"{self.csv_path}:{line}"
@@ -188,7 +189,9 @@ class CsvSource:
             for line, key, label, split in rows
         ]
         digest = hashlib.sha256(data).hexdigest()[:16]
-        files = fingerprint_files(self.root, [record.key for record in records])
+        missing: set[str] = set()
+        files = fingerprint_files(self.root, [record.key for record in records], missing)
+        self._absent = frozenset(missing)
         return Listing(
             records,
             class_names,
@@ -198,4 +201,4 @@ class CsvSource:
 
     def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
         """Yield each file's bytes, None where it cannot be read; missing files are not."""
-        yield from iter_file_bytes(self.root, keys)
+        yield from iter_file_bytes(self.root, keys, self._absent)

@@ -139,7 +139,9 @@ class CubSource:
             digest.update(files[file] + b"\0")
         if self._files.folder is not None:
             keys = (record.key for record in records)
-            digest.update(fingerprint_files(self._files.folder, keys).encode())
+            missing: set[str] = set()
+            digest.update(fingerprint_files(self._files.folder, keys, missing).encode())
+            self._files.absent = frozenset(missing)
         return Listing(
             records,
             class_names,

@@ -11,6 +11,7 @@ import errno
 import os
 import stat
 from collections.abc import Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 
@@ -35,17 +36,21 @@ def read_regular_file(path: str | Path) -> bytes:
         return handle.read()
 
 
-def iter_file_bytes(root: Path, keys: Iterable[str]) -> Iterator[tuple[str, bytes | None]]:
-    """Yield ``(key, bytes)`` for each path relative to ``root``; None where it exists but
-    cannot be read (perhaps for a moment: a network share, a file being copied).
+def iter_file_bytes(
+    root: Path, keys: Iterable[str], absent: AbstractSet[str] = frozenset()
+) -> Iterator[tuple[str, bytes | None]]:
+    """Yield ``(key, bytes)`` for each path relative to ``root``; None where it cannot be read
+    (perhaps for a moment: a network share, a file being copied or moved).
 
-    A missing file is not yielded, as an archive does not yield a key it lacks: it is absent
-    for good, and the listing's fingerprint records that, so a cache entry may remember it.
+    A key in ``absent`` (missing when the listing's fingerprint was taken, which records it)
+    that is still missing is not yielded, as an archive does not yield a key it lacks: it is
+    absent for good, so a cache entry may remember it.
     """
     for key in keys:
         try:
             yield key, read_regular_file(root / key)
         except (FileNotFoundError, NotADirectoryError):
-            continue
+            if key not in absent:
+                yield key, None
         except OSError:
             yield key, None

@@ -22,10 +22,14 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def fingerprint_files(root: str | Path, keys: Iterable[str]) -> str:
+def fingerprint_files(
+    root: str | Path, keys: Iterable[str], missing: set[str] | None = None
+) -> str:
     """Hash the relative path, size and modification time of each file under ``root``.
 
     Cheap (one ``stat`` per file) and changes whenever a file is added, removed or rewritten.
+    ``missing``, when given, receives the keys that could not be found: the hash records them
+    as missing, so reading them may count them absent for good (see ``iter_file_bytes``).
     """
     digest = hashlib.sha256()
     for key in keys:
@@ -34,6 +38,8 @@ def fingerprint_files(root: str | Path, keys: Iterable[str]) -> str:
             digest.update(f"{key}|{stat.st_size}|{stat.st_mtime_ns}\n".encode(errors="replace"))
         except OSError:
             digest.update(f"{key}|missing\n".encode(errors="replace"))
+            if missing is not None:
+                missing.add(key)
     return digest.hexdigest()[:16]
 
 
