@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -254,3 +255,27 @@ def test_the_file_holds_the_opset_asked_for(exported, tmp_path) -> None:
     path = export_onnx(exported[0], tmp_path / "out.onnx", opset=20)
     versions = {o.domain: o.version for o in onnx.load(str(path)).opset_import}
     assert versions.get("", versions.get("ai.onnx")) == 20
+
+
+def test_a_cached_export_that_does_not_load_gives_way_to_a_good_one(tmp_path: Path) -> None:
+    from cnnkit.inference.artifact import read_metadata
+    from cnnkit.inference.onnx_backend import _export_key
+
+    model_path, metadata = _save_random_model(tmp_path / "model", "symbol_cnn")
+    OnnxPredictor.from_file(model_path, cache_dir=tmp_path / "cache")
+    folder = tmp_path / "cache" / "onnx"
+    [good] = folder.iterdir()
+    # Not an ONNX model, but named after its own checksum and sorted before the good export,
+    # so it is tried first.
+    key = _export_key(read_metadata(model_path))
+    junk = next(
+        data
+        for data in (f"not an onnx model {n}".encode() for n in range(1000))
+        if f"{key}-{hashlib.sha256(data).hexdigest()[:16]}.onnx" < good.name
+    )
+    (folder / f"{key}-{hashlib.sha256(junk).hexdigest()[:16]}.onnx").write_bytes(junk)
+    before = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
+    predictor = OnnxPredictor.from_file(model_path, cache_dir=tmp_path / "cache")
+    assert predictor.metadata == metadata
+    assert {path.name: path.stat().st_mtime_ns for path in folder.iterdir()} == before
+    assert good.exists()

@@ -84,10 +84,10 @@ def test_a_single_image_of_any_kind_is_one_image(predictor, tmp_path: Path) -> N
     image.save(path)
     expected = predictor.predict([image], top_k=2)
     array = np.asarray(image)
-    for single in (path, str(path), path.read_bytes(), image, array, array[:, :, :1]):
-        result = predictor.predict(single, top_k=2)
-        assert len(result) == 1
-    assert predictor.predict(array, top_k=2) == expected
+    for single in (path, str(path), path.read_bytes(), image, array):
+        assert predictor.predict(single, top_k=2) == expected
+    channel = array[:, :, :1]  # H x W x 1 is one grayscale image.
+    assert predictor.predict(channel, top_k=2) == predictor.predict([channel[:, :, 0]], top_k=2)
     gray = np.asarray(image.convert("L"))
     assert predictor.predict(gray, top_k=2) == predictor.predict([gray], top_k=2)
     # An N x H x W x C array is a batch of N.
@@ -102,6 +102,8 @@ def test_arrays_follow_their_type(predictor) -> None:
     assert np.array_equal(predictor.prepare(gray / 255.0), expected)  # floats span 0-1
     assert np.array_equal(predictor.prepare(gray.astype(np.int64)), expected)
     assert np.array_equal(predictor.prepare(gray.astype(np.uint16) * 257), expected)
+    big_endian = (gray.astype(np.uint16) * 257).astype(">u2")
+    assert np.array_equal(predictor.prepare(big_endian), expected)
     white = predictor.prepare(np.ones((4, 4), dtype=bool))
     assert (white == 255).all()
 

@@ -100,7 +100,7 @@ def array_to_image(array: np.ndarray, name: str = "array") -> Image.Image:
                 "(pass uint8 for 0-255)"
             )
         array = (array * 255.0).round().astype(np.uint8)
-    elif array.dtype == np.uint16:
+    elif array.dtype.kind == "u" and array.dtype.itemsize == 2:  # uint16, either byte order
         array = (array / 65535.0 * 255.0).round().astype(np.uint8)
     elif np.issubdtype(array.dtype, np.integer):
         low, high = int(array.min()), int(array.max())

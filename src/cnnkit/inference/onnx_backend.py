@@ -11,12 +11,14 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from cnnkit import __version__
 from cnnkit.atomic import write_atomically
 from cnnkit.inference.artifact import (
     ModelFileError,
@@ -62,13 +64,15 @@ def _session_metadata(session: Any, source: str) -> dict[str, Any]:
 
 
 def _export_key(raw: dict[str, Any]) -> str:
-    """A name for a model's export: a hash of its metadata, which holds the tensors' SHA-256."""
+    """A name for a model's export: a hash of its metadata, which holds the tensors' SHA-256,
+    and of the cnnkit and torch versions that export it (a newer exporter exports again)."""
     text = json.dumps(raw, sort_keys=True, separators=(",", ":"))
+    text += f"|cnnkit {__version__}|torch {torch.__version__}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _cached_export(folder: Path, key: str) -> bytes | None:
-    """The cached export ``<key>-<sha256 of its bytes>.onnx`` whose bytes match its name."""
+def _cached_exports(folder: Path, key: str) -> Iterator[bytes]:
+    """The cached exports ``<key>-<sha256 of its bytes>.onnx`` whose bytes match their name."""
     for candidate in sorted(folder.glob(f"{key}-*.onnx")):
         try:
             data = candidate.read_bytes()
@@ -76,9 +80,9 @@ def _cached_export(folder: Path, key: str) -> bytes | None:
             logger.warning("ignoring unreadable %s (%s)", candidate, error)
             continue
         if candidate.stem == f"{key}-{hashlib.sha256(data).hexdigest()[:16]}":
-            return data
-        logger.warning("ignoring %s: its contents do not match its checksum", candidate)
-    return None
+            yield data
+        else:
+            logger.warning("ignoring %s: its contents do not match its checksum", candidate)
 
 
 def _session_for_safetensors(path: Path, cache_dir: Path | None, threads: int | None) -> Any:
@@ -91,14 +95,13 @@ def _session_for_safetensors(path: Path, cache_dir: Path | None, threads: int | 
     raw = read_metadata(path)
     key = _export_key(raw)
     folder = cache_dir / "onnx" if cache_dir is not None else None
-    data = _cached_export(folder, key) if folder is not None and folder.is_dir() else None
-    if data is not None:
+    for data in _cached_exports(folder, key) if folder is not None and folder.is_dir() else ():
         try:
             session = create_session(data, threads)
             if _session_metadata(session, str(path)) == raw:
                 return session
         except Exception as error:  # onnxruntime raises its own unrelated types.
-            logger.warning("ignoring the cached ONNX export of %s (%s)", path, error)
+            logger.warning("ignoring a cached ONNX export of %s (%s)", path, error)
     data = build_onnx_model(path).SerializeToString()
     if folder is not None:
         target = folder / f"{key}-{hashlib.sha256(data).hexdigest()[:16]}.onnx"
@@ -108,6 +111,17 @@ def _session_for_safetensors(path: Path, cache_dir: Path | None, threads: int | 
         except OSError as error:
             logger.info("not caching the ONNX export of %s (%s)", path, error)
     return create_session(data, threads)
+
+
+def _cache_folder(cache_dir: str | Path | None) -> Path | None:
+    """``cache_dir``, else the default cache folder; None (no cache) where there is no home."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    try:
+        return default_cache_dir()
+    except RuntimeError as error:  # Path.home() without HOME or a passwd entry.
+        logger.info("not caching ONNX exports (%s)", error)
+        return None
 
 
 class OnnxPredictor(Predictor):
@@ -143,7 +157,7 @@ class OnnxPredictor(Predictor):
 
         Args:
             path: the model file, a training run's folder, or None for the bundled model.
-            device: only ``"cpu"`` is supported.
+            device: only ``"cpu"`` (or ``"auto"``, which means it here) is supported.
             cache: for a ``.safetensors`` file, keep the export in ``cache_dir/onnx`` and
                 reuse it while it matches the model's metadata (with its tensors' SHA-256)
                 and its own checksum; False exports in memory every time.
@@ -154,7 +168,7 @@ class OnnxPredictor(Predictor):
             ModelFileError: for a missing or invalid model file.
             ValueError: for a device other than the CPU.
         """
-        if device != "cpu":
+        if device not in ("cpu", "auto"):
             raise ValueError(f"the ONNX backend runs on the CPU only; got device {device!r}")
         path = resolve_model_path(path)
         if not path.is_file():
@@ -165,7 +179,7 @@ class OnnxPredictor(Predictor):
             except Exception as error:  # onnxruntime raises its own unrelated types.
                 raise ModelFileError(f"{path}: not a valid ONNX file ({error})") from error
         else:
-            folder = Path(cache_dir or default_cache_dir()) if cache else None
+            folder = _cache_folder(cache_dir) if cache else None
             session = _session_for_safetensors(path, folder, threads)
         metadata = ModelMetadata.from_dict(_session_metadata(session, str(path)), str(path))
         return cls(session, metadata)

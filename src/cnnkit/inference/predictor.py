@@ -134,6 +134,7 @@ class Predictor:
         Raises:
             cnnkit.data.image.BadImageError: for a file that is missing or not an image, or an
                 array or image that cannot be one; the message names the path or position.
+            ValueError: for a stack of images that is ambiguous (see :func:`as_image_list`).
             TypeError: for anything else.
         """
         return self._prepare(as_image_list(images), 0)
@@ -212,6 +213,10 @@ class Predictor:
         Returns:
             One list of ``top_k`` :class:`Prediction` per image, best first (a list of one for
             a single image). ``Prediction.to_dict()`` gives the CLI's JSON fields.
+
+        Raises:
+            ValueError: for ``top_k`` below 1 or not whole, or an ambiguous stack of images.
+            cnnkit.data.image.BadImageError, TypeError: as :meth:`prepare`.
         """
         check_top_k(top_k)
         images = as_image_list(images)
