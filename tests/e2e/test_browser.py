@@ -328,3 +328,35 @@ def test_on_a_phone_the_best_guess_is_in_view_while_drawing(browser, servers) ->
     assert box is not None and box["y"] + box["height"] <= 667
     screenshot(page, "browser-symbols-phone.png")
     context.close()
+
+
+def drop_png(page, data: bytes, target: str = "body") -> None:
+    """Drop a PNG file with ``data`` on ``target``, as a file dragged from the desktop."""
+    page.evaluate(
+        """([bytes, target]) => {
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([new Uint8Array(bytes)], "drop.png", { type: "image/png" }));
+        const element = document.querySelector(target);
+        for (const type of ["dragenter", "dragover", "drop"]) {
+          element.dispatchEvent(
+            new DragEvent(type, { bubbles: true, cancelable: true, dataTransfer: transfer })
+          );
+        }
+        }""",
+        [list(data), target],
+    )
+
+
+def test_a_file_dropped_anywhere_is_used_on_both_pages(page, servers) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), (250, 250, 250)).save(buffer, "PNG")
+    for kind, count in (("symbols", 5), ("photos", 3)):
+        page.goto(servers[kind])
+        page.wait_for_selector("#results", state="attached")
+        page.wait_for_function(
+            "() => !document.getElementById('status').textContent.startsWith('Waiting')"
+        )
+        drop_png(page, buffer.getvalue(), "footer")
+        expect(page.locator("#results .result")).to_have_count(count)
+        assert page.url.rstrip("/") == servers[kind]
+    assert page.problems == []

@@ -75,5 +75,6 @@ PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
         400: "not an image, truncated, a decompression bomb, an empty body or a bad field",
         413: "larger than the upload limit (5 MB unless set)",
         415: "a content type other than multipart, JSON or image/*",
+        503: "busy: too many requests in flight; try again shortly",
     }.items()
 }

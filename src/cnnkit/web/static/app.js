@@ -53,12 +53,12 @@
         document.execCommand("copy");
         area.remove();
       }
-      const label = button.getAttribute("aria-label");
       button.textContent = "Copied";
       button.setAttribute("aria-label", "Copied " + text);
-      setTimeout(() => {
+      clearTimeout(button.restoreTimer); // A second click within the pause restarts it.
+      button.restoreTimer = setTimeout(() => {
         button.textContent = "Copy";
-        button.setAttribute("aria-label", label);
+        button.setAttribute("aria-label", "Copy " + text);
       }, 1200);
     } catch (error) {
       showError("Could not copy to the clipboard; select the text and copy it instead.");
@@ -181,9 +181,9 @@
     form.append("file", blob, filename);
     form.append("source", source);
     form.append("top_k", String(TOP_K));
-    // Screen readers hear the status line: say "Predicting…" only when nothing is shown yet,
-    // not on every update while drawing (aria-busy marks the list meanwhile).
-    if (!resultsList.children.length) setStatus("Predicting…");
+    // Screen readers hear the status line: while drawing, say "Predicting…" only when nothing
+    // is shown yet, not on every update (aria-busy marks the list meanwhile).
+    if (source !== "canvas" || !resultsList.children.length) setStatus("Predicting…");
     resultsList.setAttribute("aria-busy", "true");
     try {
       const response = await fetch("/api/predict", { method: "POST", body: form, signal: inFlight.signal });
@@ -214,6 +214,36 @@
     } finally {
       if (number === requestNumber) resultsList.removeAttribute("aria-busy");
     }
+  }
+
+  // A file dropped anywhere on the page goes to ``use``; the browser never navigates away to
+  // it. Drags of the page's own text or images are left alone.
+  function acceptDroppedFiles(use, highlight) {
+    const carriesFiles = (event) =>
+      event.dataTransfer && Array.from(event.dataTransfer.types || []).includes("Files");
+    let depth = 0; // dragenter/dragleave pairs, as they fire on every element crossed.
+    document.addEventListener("dragenter", (event) => {
+      if (!carriesFiles(event)) return;
+      depth += 1;
+      highlight(true);
+    });
+    document.addEventListener("dragleave", (event) => {
+      if (!carriesFiles(event)) return;
+      depth = Math.max(0, depth - 1);
+      if (depth === 0) highlight(false);
+    });
+    document.addEventListener("dragover", (event) => {
+      if (carriesFiles(event)) event.preventDefault();
+    });
+    document.addEventListener("drop", (event) => {
+      if (!carriesFiles(event)) return;
+      event.preventDefault();
+      depth = 0;
+      highlight(false);
+      const file = event.dataTransfer.files[0];
+      if (file) use(file);
+      else showError("Drop an image file (a JPEG, PNG, WebP or GIF).");
+    });
   }
 
   // ----- Symbols: the drawing canvas -----
@@ -321,6 +351,9 @@
     }
     canvas.addEventListener("pointerup", endStroke);
     canvas.addEventListener("pointercancel", endStroke);
+    // Capture lost without a pointerup (a system gesture, a window switch) ends the stroke too,
+    // so the canvas never stays locked on an unfinished one.
+    canvas.addEventListener("lostpointercapture", endStroke);
 
     function undo() {
       if (strokes.length === 0 || current) return;
@@ -351,10 +384,7 @@
     fitBackingStore();
     redraw();
     setStatus("Draw a symbol to see predictions.");
-    $("symbol-file").addEventListener("change", (event) => {
-      const file = event.target.files[0];
-      event.target.value = ""; // Choosing the same file again still counts.
-      if (!file) return;
+    function useUpload(file) {
       // The results are the upload's now: the drawing goes, and no stale drawing is sent.
       strokes.length = 0;
       clearTimeout(timer);
@@ -362,7 +392,13 @@
       redraw();
       clearError();
       predict(file, "upload", file.name);
+    }
+    $("symbol-file").addEventListener("change", (event) => {
+      const file = event.target.files[0];
+      event.target.value = ""; // Choosing the same file again still counts.
+      if (file) useUpload(file);
     });
+    acceptDroppedFiles(useUpload, () => {});
   }
 
   // ----- Photos: drag and drop or file picker -----
@@ -375,10 +411,7 @@
     let previewUrl = null;
 
     function useFile(file) {
-      if (!file) {
-        showError("Drop an image file (a JPEG, PNG, WebP or GIF photo).");
-        return;
-      }
+      if (!file) return;
       clearError();
       if (previewUrl) URL.revokeObjectURL(previewUrl);
       previewUrl = null;
@@ -400,19 +433,7 @@
       input.value = ""; // Choosing the same file again still counts.
       if (file) useFile(file);
     });
-    // A photo dropped anywhere on the page is used; the browser never navigates away to it.
-    document.addEventListener("dragover", (event) => {
-      event.preventDefault();
-      dropzone.classList.add("dragging");
-    });
-    document.addEventListener("dragleave", (event) => {
-      if (!event.relatedTarget) dropzone.classList.remove("dragging");
-    });
-    document.addEventListener("drop", (event) => {
-      event.preventDefault();
-      dropzone.classList.remove("dragging");
-      useFile(event.dataTransfer && event.dataTransfer.files[0]);
-    });
+    acceptDroppedFiles(useFile, (dragging) => dropzone.classList.toggle("dragging", dragging));
     setStatus("Choose a photo to see the likely species.");
   }
 
