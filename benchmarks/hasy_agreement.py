@@ -82,7 +82,7 @@ def pair_figures(
         )
     return {
         "errors": int(mistakes.sum()),
-        "pairs": pairs,
+        "pairs": len(rows),
         "errors_in_most_confused_pairs": in_pairs,
         "merge_to_better_class_gain_upper_bound": gain,
         "most_confused_pairs": rows,
@@ -148,7 +148,7 @@ def main() -> None:
     confusion = figures["confusion"]
     gain = confusion["merge_to_better_class_gain_upper_bound"]
     print(
-        f"ensemble errors between its {args.pairs} most-confused class pairs: "
+        f"ensemble errors between its {confusion['pairs']} most-confused class pairs: "
         f"{confusion['errors_in_most_confused_pairs']} of {confusion['errors']}; predicting one "
         f"class for each pair would fix at most {gain}"
     )

@@ -611,7 +611,8 @@ def command_fetch(args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from error
     print(f"Archive ready: {path}")
     # The publishers give only an MD5; this lets the next fetch check with --sha256.
-    print(f"SHA-256: {compute_checksum(path, 'sha256')}")
+    checked = "" if not args.no_verify else " (of the file as it is: not verified)"
+    print(f"SHA-256: {compute_checksum(path, 'sha256')}{checked}")
     print(f"Next: cnnkit train --dataset {args.name} --data {path}")
     return 0
 

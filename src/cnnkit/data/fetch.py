@@ -221,6 +221,30 @@ def fetch_archive(
         if not verify:
             raise ValueError("a SHA-256 to check and --no-verify contradict each other")
         spec = dataclasses.replace(spec, sha256=sha256.strip().lower())
+    if sha256 is None:
+        return _fetch(spec, Path(to_dir), from_file, url, verify, progress, timeout)
+    try:
+        return _fetch(spec, Path(to_dir), from_file, url, verify, progress, timeout)
+    except ChecksumError as error:
+        raise ChecksumError(
+            error.source,
+            error.algorithm,
+            error.expected,
+            error.actual,
+            hint="it is not the file whose SHA-256 was given: check the --sha256 value",
+        ) from None
+
+
+def _fetch(
+    spec: ArchiveSpec,
+    to_dir: Path,
+    from_file: str | Path | None,
+    url: str | None,
+    verify: bool,
+    progress: bool,
+    timeout: float,
+) -> Path:
+    """:func:`fetch_archive` once ``spec`` is settled."""
     if from_file is not None and url is not None:
         raise ValueError("pass either from_file or url, not both")
     source_url = url or spec.url
