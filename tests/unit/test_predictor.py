@@ -100,6 +100,10 @@ def test_arrays_follow_their_type(predictor) -> None:
     gray = np.asarray(_image("L", seed=3))
     expected = predictor.prepare(gray)
     assert np.array_equal(predictor.prepare(gray / 255.0), expected)  # floats span 0-1
+    as_float_image = Image.fromarray((gray / 255.0).astype(np.float32))  # PIL mode F
+    assert np.array_equal(predictor.prepare(as_float_image), expected)
+    on_255_scale = Image.fromarray(gray.astype(np.float32))  # mode F holding 0-255
+    assert np.array_equal(predictor.prepare(on_255_scale), expected)
     assert np.array_equal(predictor.prepare(gray.astype(np.int64)), expected)
     assert np.array_equal(predictor.prepare(gray.astype(np.uint16) * 257), expected)
     big_endian = (gray.astype(np.uint16) * 257).astype(">u2")

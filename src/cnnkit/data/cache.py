@@ -32,7 +32,7 @@ except ImportError:  # Windows: no advisory locks; concurrent runs each decode
     fcntl = None
 
 logger = logging.getLogger(__name__)
-CACHE_FORMAT = 2  # 2: 16-bit images always span 0-65535 (were 0-255 where they fit).
+CACHE_FORMAT = 2  # 2: 16-bit images span 0-65535; float images in 0-1 are scaled by 255.
 _CHUNK = 256
 
 

@@ -126,7 +126,10 @@ def _flatten_onto_white(image: Image.Image) -> Image.Image:
         peak = 65535.0 if array.max() > 255 else 255.0
         return Image.fromarray((array / peak * 255.0).round().astype(np.uint8), mode="L")
     if image.mode == "F":
-        array = np.clip(np.asarray(image, dtype=np.float64), 0, 255)
+        # Floats in 0-1 (as numpy arrays are read, see array_to_image), else 0-255.
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+        scale = 255.0 if array.min() >= 0 and array.max() <= 1 else 1.0
+        array = np.clip(array * scale, 0, 255)
         return Image.fromarray(array.round().astype(np.uint8), mode="L")
     has_alpha = image.mode in ("RGBA", "LA", "PA") or (
         image.mode == "P" and "transparency" in image.info
