@@ -429,9 +429,27 @@ def _print_history(history: list[dict[str, float]]) -> None:
 
 
 def _model_path(path: str | None) -> Path:
-    from cnnkit.inference.bundled import bundled_model_path
+    """The model file a command means: a file, a training run's folder (its
+    model.safetensors), or with none the bundled model; a search folder is refused."""
+    from cnnkit.inference.predictor import resolve_model_path
 
-    return Path(path) if path else bundled_model_path()
+    if path:
+        _refuse_search_folder(Path(path))
+    return resolve_model_path(path or None)
+
+
+def _refuse_search_folder(folder: Path) -> None:
+    """A search folder holds one model per trial: say which to pass instead."""
+    if not (folder.is_dir() and (folder / "search.yaml").is_file()):
+        return
+    best = folder / "best" / "model.safetensors"
+    hint = (
+        str(best)
+        if best.is_file()
+        else f"{folder / 'trials' / 'trial-NNN' / 'model.safetensors'} (the best trial is "
+        f"ranked first in {folder / 'results.md'}), or rerun the search with --retrain-best"
+    )
+    raise CommandError(f"{folder} is a search folder, not a model: pass {hint}")
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
@@ -512,6 +530,8 @@ def command_predict(args: argparse.Namespace) -> int:
         model = inputs.pop(0)
     elif model is None and inputs and (Path(inputs[0]) / "model.safetensors").is_file():
         model = str(Path(inputs.pop(0)) / "model.safetensors")  # A training run's folder.
+    elif model is None and inputs:
+        _refuse_search_folder(Path(inputs[0]))  # Not a folder of images to classify.
     images = expand_images(inputs)
     if not images and not args.interactive:
         raise CommandError("no images given (pass files or folders, or use --interactive)")
@@ -670,7 +690,7 @@ def command_models(args: argparse.Namespace) -> int:
 def command_export(args: argparse.Namespace) -> int:
     from cnnkit.inference.export import DEFAULT_OPSET, export_onnx
 
-    model_path = Path(args.model)
+    model_path = _model_path(args.model)
     opset = args.opset or DEFAULT_OPSET
     if args.quantize is None:
         out = Path(args.out) if args.out else model_path.with_suffix(".onnx")
@@ -754,8 +774,9 @@ def command_search(args: argparse.Namespace) -> int:
             on_trial=_print_trial,
             on_data=_print_data_summary,
         )
-    except TrainingInterrupted as interrupted:
-        print(f"\nInterrupted: {interrupted}. Rerun the same command to continue the study.")
+    except (TrainingInterrupted, KeyboardInterrupt) as interrupted:
+        detail = f": {interrupted}" if str(interrupted) else ""
+        print(f"\nInterrupted{detail}. Rerun the same command to continue the study.")
         return 130
     counts = result.counts
     print(
@@ -819,7 +840,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=command_train)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a model file on a dataset")
-    evaluate.add_argument("model", nargs="?", help="model file (default: the bundled model)")
+    evaluate.add_argument(
+        "model",
+        nargs="?",
+        help="model file, its .onnx export, or a training run's folder (default: the bundled "
+        "model)",
+    )
     _add_data_arguments(evaluate)
     evaluate.add_argument(
         "--split",
@@ -888,7 +914,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(handler=command_models)
 
     export = commands.add_parser("export", help="export a model file to ONNX")
-    export.add_argument("model", help="model file (.safetensors)")
+    export.add_argument("model", help="model file (.safetensors) or a training run's folder")
     export.add_argument("--format", choices=["onnx"], default="onnx", help="file format (onnx)")
     export.add_argument("--out", help="output file (default: MODEL with a .onnx suffix)")
     export.add_argument("--opset", type=int, help="ONNX opset version (default 18)")

@@ -279,3 +279,34 @@ def test_a_cached_export_that_does_not_load_gives_way_to_a_good_one(tmp_path: Pa
     assert predictor.metadata == metadata
     assert {path.name: path.stat().st_mtime_ns for path in folder.iterdir()} == before
     assert good.exists()
+
+
+def test_evaluate_scores_an_onnx_export_like_its_model(tmp_path: Path, tiny_model_saver) -> None:
+    import json as json_module
+
+    model = tiny_model_saver(tmp_path / "digits.safetensors", tuple(str(d) for d in range(10)))
+    onnx_file = export_onnx(model, tmp_path / "digits.onnx")
+    metrics = {}
+    for path in (model, onnx_file):
+        out = tmp_path / f"report-{path.suffix[1:]}"
+        argv = ["evaluate", str(path), "--dataset", "digits", "--out", str(out), "--json"]
+        assert main(argv) == 0
+        metrics[path.suffix] = json_module.loads((out / "metrics.json").read_text())
+    assert metrics[".onnx"]["top1"] == pytest.approx(metrics[".safetensors"]["top1"], abs=1e-9)
+    assert metrics[".onnx"]["count"] == metrics[".safetensors"]["count"] > 300
+
+
+def test_a_search_folder_is_not_taken_for_a_model_or_images(tmp_path: Path, capsys) -> None:
+    search = tmp_path / "search"
+    (search / "trials" / "trial-000").mkdir(parents=True)
+    (search / "search.yaml").write_text("study_name: s\n", encoding="utf-8")
+    (search / "results.png").write_bytes(b"not used")
+    for argv in (
+        ["predict", str(search), "x.png"],
+        ["evaluate", str(search), "--dataset", "digits"],
+        ["export", str(search)],
+    ):
+        assert main(argv) == 2
+        error = capsys.readouterr().err
+        assert f"{search} is a search folder, not a model: pass " in error
+        assert "trial-NNN" in error and "--retrain-best" in error

@@ -253,6 +253,46 @@ def test_search_resumes_without_repeating_trials(tmp_path, digits_data):
         assert (run_dir / name).stat().st_size > 1000
 
 
+def test_continuing_a_search_with_other_settings_is_refused(tmp_path, digits_data):
+    base = tiny_base(tmp_path / "search", epochs=1)
+    config = SearchConfig(sampler="grid", pruner="none", n_trials=1)
+    run_search(base, TINY_SPACE, config, progress=False, data=digits_data)
+    settings = (base.run_dir() / "search.yaml").read_text(encoding="utf-8")
+    other_sampler = SearchConfig(sampler="random", pruner="none", n_trials=2)
+    with pytest.raises(ValueError, match="holds a search with another sampler; continue it"):
+        run_search(base, TINY_SPACE, other_sampler, progress=False, data=digits_data)
+    longer = tiny_base(tmp_path / "search", epochs=2)
+    with pytest.raises(ValueError, match="another base config"):
+        run_search(longer, TINY_SPACE, config, progress=False, data=digits_data)
+    # Nothing was recorded: the settings file and the study are as the first run left them.
+    assert (base.run_dir() / "search.yaml").read_text(encoding="utf-8") == settings
+    assert len(load_study(base.run_dir()).trials) == 1
+    # The same settings with a larger budget continue it.
+    more = SearchConfig(sampler="grid", pruner="none", n_trials=2)
+    assert (
+        run_search(base, TINY_SPACE, more, progress=False, data=digits_data).counts["complete"] == 2
+    )
+
+
+def test_each_worker_gets_its_own_sampler_seed(tmp_path, monkeypatch):
+    from cnnkit.training import search as search_module
+
+    seen = []
+    monkeypatch.setattr(search_module, "die_with_parent", lambda: None)
+
+    def open_study(config, *_):
+        seen.append(config.sampler_seed)
+        return None, "", ""
+
+    monkeypatch.setattr(search_module, "open_study", open_study)
+    monkeypatch.setattr(search_module, "_optimize", lambda *args: None)
+    base = tiny_base(tmp_path / "search")
+    for index in (1, 2):
+        search_module._worker_main(base, TINY_SPACE, SearchConfig(sampler_seed=7), None, 1, index)
+    search_module._worker_main(base, TINY_SPACE, SearchConfig(), None, 1, 1)
+    assert seen == [8, 9, None]
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_running_trial_of_a_dead_process_runs_again(tmp_path, digits_data):
     base = tiny_base(tmp_path / "search", epochs=1)

@@ -113,7 +113,7 @@ def evaluate_model_file(
     """Evaluate ``model_path`` on the dataset described by ``data_overrides``.
 
     Args:
-        model_path: a cnnkit ``.safetensors`` model file.
+        model_path: a cnnkit ``.safetensors`` model file, or its ``.onnx`` export.
         data_overrides: :class:`DataConfig` fields (dataset, data, fold...).
         out_dir: where the report files go.
         cache_dir: decoded-image cache root.
@@ -122,7 +122,13 @@ def evaluate_model_file(
         device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
     """
     torch_device = select_device(device)
-    model = load_model(model_path, torch_device)
+    if Path(model_path).suffix.lower() == ".onnx":  # An export, run in onnxruntime on the CPU.
+        from cnnkit.inference.onnx_backend import OnnxModule, OnnxPredictor
+
+        torch_device = torch.device("cpu")
+        model = OnnxModule(OnnxPredictor.from_file(model_path))
+    else:
+        model = load_model(model_path, torch_device)
     preprocessing = model.metadata.preprocessing
     trained_fold = model.metadata.training.get("fold")
     evaluating_hasy = data_overrides.get("dataset") == "hasy"

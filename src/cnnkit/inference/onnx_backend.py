@@ -186,6 +186,23 @@ class OnnxPredictor(Predictor):
 
     def logits(self, prepared: np.ndarray) -> np.ndarray:
         """Logits ``float32 [B, num_classes]`` for prepared ``uint8 [B, S, S, C]`` images."""
-        inputs = np.ascontiguousarray(self.model_input(prepared).numpy(), dtype=np.float32)
+        return self.run(self.model_input(prepared).numpy())
+
+    def run(self, inputs: np.ndarray) -> np.ndarray:
+        """Logits for normalised ``float32 [B, C, H, W]`` model inputs."""
+        inputs = np.ascontiguousarray(inputs, dtype=np.float32)
         # InferenceSession.run is thread-safe, so concurrent requests need no lock.
         return self.session.run([self._output_name], {self._input_name: inputs})[0]
+
+
+class OnnxModule(torch.nn.Module):
+    """An ONNX model in onnxruntime, called like the torch model (normalised input, logits
+    out), with its ``metadata``: what ``cnnkit evaluate`` needs to score an ``.onnx`` file."""
+
+    def __init__(self, predictor: OnnxPredictor) -> None:
+        super().__init__()
+        self.predictor = predictor
+        self.metadata = predictor.metadata
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.predictor.run(x.detach().float().cpu().numpy()))

@@ -525,15 +525,29 @@ class _QuietInterruptions(logging.Filter):
 
 
 def _worker_main(
-    base: RunConfig, space: SearchSpace, config: SearchConfig, cache_dir: Any, threads: int
+    base: RunConfig,
+    space: SearchSpace,
+    config: SearchConfig,
+    cache_dir: Any,
+    threads: int,
+    index: int = 1,
 ) -> None:
-    """Entry point of an extra worker process: the same loop, on the same study."""
+    """Entry point of extra worker ``index``: the same loop, on the same study.
+
+    A seeded sampler gets ``seed + index``: the same seed in every process would propose the
+    same trials in each. Ctrl-C ends the worker quietly; the main process reports it.
+    """
     import torch
 
     die_with_parent()
     torch.set_num_threads(threads)
-    study, _, _ = open_study(config, space, base.run_dir())
-    _optimize(study, TrialRunner(base, space, config, base.run_dir(), cache_dir, False))
+    if config.sampler_seed is not None:
+        config = replace(config, sampler_seed=(config.sampler_seed + index) % 2**32)
+    try:
+        study, _, _ = open_study(config, space, base.run_dir())
+        _optimize(study, TrialRunner(base, space, config, base.run_dir(), cache_dir, False))
+    except (KeyboardInterrupt, TrainingInterrupted):
+        return
 
 
 def _start_workers(
@@ -545,7 +559,7 @@ def _start_workers(
     processes = [
         context.Process(
             target=_worker_main,
-            args=(base, space, config, cache_dir, threads),
+            args=(base, space, config, cache_dir, threads, index),
             name=f"cnnkit-search-worker-{index}",
         )
         for index in range(1, config.workers)
@@ -594,6 +608,7 @@ def run_search(
         logger.warning("no validation split: trials are compared on training accuracy")
     start = time.perf_counter()
     run_dir = base.run_dir()
+    check_same_search(run_dir, base, space, config)
     study, url, name = open_study(config, space, run_dir)
     write_search_settings(run_dir, base, space, config, name, url)
     queued = recover_trials(study)
@@ -637,6 +652,46 @@ def run_search(
     return SearchResult(
         run_dir, url, name, trials, counts, files, retrained, time.perf_counter() - start
     )
+
+
+def check_same_search(
+    run_dir: Path, base: RunConfig, space: SearchSpace, config: SearchConfig
+) -> None:
+    """Refuse to continue the search in ``run_dir`` with another space, sampler, pruner or
+    base config: its trials would be ranked against trials of a different search.
+
+    Raises:
+        ValueError: naming what differs from ``RUN_DIR/search.yaml``.
+    """
+    import yaml
+
+    path = run_dir / "search.yaml"
+    if not path.is_file():
+        return
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ValueError(f"{path}: unreadable ({error_line(error)})") from error
+    saved_search = saved.get("search") or {}
+    now = {
+        "space": space.to_dict(),
+        "sampler": config.sampler,
+        "pruner": config.pruner,
+        "base config": config_to_dict(base),
+    }
+    before = {
+        "space": saved.get("space"),
+        "sampler": saved_search.get("sampler"),
+        "pruner": saved_search.get("pruner"),
+        "base config": saved.get("base_config"),
+    }
+    now = yaml.safe_load(yaml.safe_dump(now))  # Compared as written: tuples become lists.
+    differs = [what for what in now if now[what] != before[what]]
+    if differs:
+        raise ValueError(
+            f"{run_dir} holds a search with another {' and '.join(differs)}; continue it with "
+            "the same settings, or pass another --out"
+        )
 
 
 def write_search_settings(
