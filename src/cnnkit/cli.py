@@ -731,6 +731,7 @@ def _print_trial(summary) -> None:
 
 
 def command_search(args: argparse.Namespace) -> int:
+    from cnnkit.config import DataConfig
     from cnnkit.runtime import tune_allocator
     from cnnkit.training.search import SearchConfig, run_search
     from cnnkit.training.search_workers import default_workers
@@ -742,6 +743,16 @@ def command_search(args: argparse.Namespace) -> int:
         args.preset = space.preset
     given_out = args.out
     base = resolve_run_config(args, detect_photos=False)  # The space decides the model.
+    if base.data.val_fraction == 0 and args.val_fraction is None:
+        # Trials are ranked on held-out images; a preset without a validation split (it trains
+        # on all of them) would rank them on training accuracy.
+        share = DataConfig().val_fraction
+        base = dataclasses.replace(base, data=dataclasses.replace(base.data, val_fraction=share))
+        print(
+            f"Trials are compared on a validation split: {share:.0%} of the training images are "
+            "held out (the preset has none; --val-fraction sets the share).",
+            file=sys.stderr,
+        )
     if given_out is None:
         out = Path("runs") / f"search-{base.data.dataset}-{space.name}"
         base = dataclasses.replace(base, out=str(out))

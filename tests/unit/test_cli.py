@@ -259,6 +259,18 @@ def test_print_config_shows_the_resolved_settings_and_reads_back(capsys, tmp_pat
     assert "\nout: null\n" in searched  # the search's own folder is not a training setting
 
 
+def test_search_holds_out_a_validation_split_where_the_preset_has_none(capsys) -> None:
+    # The hasy preset trains on all of a fold's training images; trials need held-out ones.
+    argv = ["search", "--dataset", "hasy", "--data", "h.tar.bz2", "--fold", "1"]
+    assert main([*argv, "--space", "symbol", "--print-config"]) == 0
+    captured = capsys.readouterr()
+    assert "  val_fraction: 0.1\n" in captured.out
+    assert "10% of the training images are held out" in captured.err
+    assert main([*argv, "--space", "symbol", "--val-fraction", "0", "--print-config"]) == 0
+    captured = capsys.readouterr()
+    assert "  val_fraction: 0.0\n" in captured.out and captured.err == ""
+
+
 def test_print_config_reads_back_under_another_preset(capsys, tmp_path: Path) -> None:
     # Every model option is printed, so the hasy preset's own options cannot creep back in.
     argv = ["--dataset", "hasy", "--data", "h.tar.bz2", "--preset", "digits"]
