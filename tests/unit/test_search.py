@@ -293,6 +293,22 @@ def test_each_worker_gets_its_own_sampler_seed(tmp_path, monkeypatch):
     assert seen == [8, 9, None]
 
 
+def test_importances_are_fanova_over_the_parameters_that_varied():
+    from cnnkit.training.search import parameter_importances
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(0))
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.suggest_categorical("fixed", [1])
+        return trial.suggest_float("strong", 0, 1) * 2 + trial.suggest_int("weak", 0, 3) * 0.01
+
+    study.optimize(objective, n_trials=12)
+    importances = parameter_importances(study)
+    assert set(importances) == {"strong", "weak"}  # "fixed" never varied.
+    assert importances["strong"] > 0.9 and all(type(v) is float for v in importances.values())
+    assert parameter_importances(study) == importances  # Seeded: the same every time.
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_running_trial_of_a_dead_process_runs_again(tmp_path, digits_data):
     base = tiny_base(tmp_path / "search", epochs=1)

@@ -442,12 +442,28 @@ def log_trial_hparams(log_dir: Path, trial: TrialSummary, space: SearchSpace) ->
 
 
 def parameter_importances(study: optuna.Study) -> dict[str, float] | None:
-    """fANOVA importances of the parameters, or ``None`` with fewer than two finished trials."""
+    """fANOVA importances of the parameters that varied among the finished trials, or
+    ``None`` with fewer than two finished trials or no parameter that varied."""
+    import warnings
+
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(complete) < 2:
         return None
+    varied = [
+        name
+        for name in complete[0].params
+        if len({repr(trial.params.get(name)) for trial in complete}) > 1
+    ]
+    if not varied:
+        return None
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
     try:
-        return optuna.importance.get_param_importances(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna's notes on its evaluators, not for users.
+            importances = optuna.importance.get_param_importances(
+                study, evaluator=evaluator, params=varied
+            )
+        return {name: float(value) for name, value in importances.items()}
     except (ValueError, RuntimeError) as error:
         logger.info("no parameter importances: %s", error)
         return None
