@@ -720,7 +720,9 @@ def _refuse_overwriting(model_path: Path, out: Path) -> None:
 
 
 def _print_trial(summary) -> None:
-    params = "  ".join(f"{name}={value}" for name, value in summary.params.items())
+    from cnnkit.evaluation.search_plots import format_value
+
+    params = "  ".join(f"{name}={format_value(value)}" for name, value in summary.params.items())
     accuracy = "" if summary.val_accuracy is None else f"val {summary.val_accuracy:.4f}"
     test = "" if summary.test_top1 is None else f"  test {summary.test_top1:.4f}"
     seconds = "" if summary.seconds is None else f"  {summary.seconds:.0f}s"

@@ -140,3 +140,15 @@ def test_build_report_without_images_skips_the_grid(tmp_path: Path) -> None:
     assert "misclassified" not in report.files
     assert not (tmp_path / "misclassified.png").exists()
     assert (tmp_path / "confusion.png").is_file()
+
+
+def test_grid_captions_and_parameter_labels_stay_short() -> None:
+    from cnnkit.evaluation.plots import _shorten
+    from cnnkit.evaluation.search_plots import format_value
+
+    caption = "Black_footed_Albatross_long_name\n-> Laysan_Albatross_long_name (0.91)"
+    lines = _shorten(caption).split("\n")
+    assert [len(line) for line in lines] == [26, 26] and lines[0].endswith("…")
+    assert _shorten("alpha\n-> beta (0.50)") == "alpha\n-> beta (0.50)"
+    assert format_value(0.0017826497151386949) == "0.001783"
+    assert [format_value(v) for v in (3, "adamw", True, 0.5)] == ["3", "adamw", "True", "0.5"]

@@ -267,6 +267,11 @@ def test_continuing_a_search_with_other_settings_is_refused(tmp_path, digits_dat
     # Nothing was recorded: the settings file and the study are as the first run left them.
     assert (base.run_dir() / "search.yaml").read_text(encoding="utf-8") == settings
     assert len(load_study(base.run_dir()).trials) == 1
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "run.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(ValueError, match="holds a training run, not a search"):
+        run_search(tiny_base(trained), TINY_SPACE, config, progress=False, data=digits_data)
     # The same settings with a larger budget continue it.
     more = SearchConfig(sampler="grid", pruner="none", n_trials=2)
     assert (

@@ -19,6 +19,15 @@ def _plain(text: str) -> str:
     return text.replace("$", r"\$")
 
 
+def _shorten(caption: str, width: int = 26) -> str:
+    """A caption that fits above its image: each line cut to ``width`` characters (about the
+    panel's width at the grid's font size), with an ellipsis."""
+    lines = []
+    for part in caption.split("\n"):
+        lines.append(part if len(part) <= width else part[: width - 1] + "…")
+    return "\n".join(lines)
+
+
 def _save(figure: plt.Figure, path: Path) -> Path:
     """Write the figure atomically (the format from ``path``'s suffix) and close it."""
     try:
@@ -72,7 +81,7 @@ def plot_image_grid(
     """A grid of uint8 images ``[N, H, W, C]`` with one caption each."""
     count = max(len(images), 1)
     rows = -(-count // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(columns * 2.0, rows * 2.2), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 2.0, rows * 2.4), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for axis, image, caption in zip(axes.flat, images, titles, strict=False):
@@ -80,7 +89,7 @@ def plot_image_grid(
             axis.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255)
         else:
             axis.imshow(image)
-        axis.set_title(_plain(caption), fontsize=7)
+        axis.set_title(_plain(_shorten(caption)), fontsize=7)
     if len(images) == 0:
         axes.flat[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
     if title:

@@ -99,7 +99,7 @@ def build_report(
         confidence = probabilities[wrong, predictions[wrong]]
         order = wrong[torch.argsort(confidence, descending=True)][:max_examples].numpy()
         titles = [
-            f"{class_names[labels[i]]} -> {class_names[predictions[i]]} "
+            f"{class_names[labels[i]]}\n-> {class_names[predictions[i]]} "
             f"({probabilities[i, predictions[i]].item():.2f})"
             for i in order
         ]

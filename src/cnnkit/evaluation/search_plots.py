@@ -77,12 +77,19 @@ def _positions(values: Sequence[Any]) -> tuple[np.ndarray, list[str] | None, boo
         numbers = np.asarray(values, dtype=np.float64)
         log = bool(numbers.min() > 0 and numbers.max() / numbers.min() > 50)
         return numbers, None, log
-    categories = [str(v) for v in distinct]
+    categories = [format_value(v) for v in distinct]
     return (
-        np.asarray([categories.index(str(v)) for v in values], dtype=np.float64),
+        np.asarray([categories.index(format_value(v)) for v in values], dtype=np.float64),
         categories,
         False,
     )
+
+
+def format_value(value: Any) -> str:
+    """A parameter value for a label or a console line: floats to 4 significant digits."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 def plot_accuracy_by_parameter(

@@ -683,6 +683,8 @@ def check_same_search(
 
     path = run_dir / "search.yaml"
     if not path.is_file():
+        if (run_dir / "run.json").is_file():
+            raise ValueError(f"{run_dir} holds a training run, not a search: pass another --out")
         return
     try:
         saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
