@@ -44,6 +44,7 @@ from cnnkit.training.spaces import (
     SearchSpace,
     load_space,
     overrides_for,
+    parse_space,
     resolve_space,
 )
 
@@ -277,6 +278,16 @@ def test_continuing_a_search_with_other_settings_is_refused(tmp_path, digits_dat
     assert (
         run_search(base, TINY_SPACE, more, progress=False, data=digits_data).counts["complete"] == 2
     )
+
+
+def test_a_model_option_no_model_takes_is_refused_before_anything_runs(tmp_path, digits_data):
+    space = parse_space({"widht": {"type": "categorical", "choices": [8, 16]}}, "typo")
+    base = tiny_base(tmp_path / "search")
+    with pytest.raises(
+        ValueError, match="'widht' sets model option 'widht', which book_cnn does not take"
+    ):
+        run_search(base, space, SearchConfig(sampler="grid"), progress=False, data=digits_data)
+    assert not (tmp_path / "search").exists()
 
 
 def test_each_worker_gets_its_own_sampler_seed(tmp_path, monkeypatch):

@@ -624,6 +624,7 @@ def run_search(
         logger.warning("no validation split: trials are compared on training accuracy")
     start = time.perf_counter()
     run_dir = base.run_dir()
+    check_model_options(space, base)
     check_same_search(run_dir, base, space, config)
     study, url, name = open_study(config, space, run_dir)
     write_search_settings(run_dir, base, space, config, name, url)
@@ -668,6 +669,30 @@ def run_search(
     return SearchResult(
         run_dir, url, name, trials, counts, files, retrained, time.perf_counter() - start
     )
+
+
+def check_model_options(space: SearchSpace, base: RunConfig) -> None:
+    """Refuse a space parameter that sets a model option no model of the search takes (a
+    typo such as ``widht``), before any data loads or any trial is recorded.
+
+    Raises:
+        ValueError: naming the parameter, the option and the options the model takes.
+    """
+    from cnnkit.models.registry import model_options
+
+    names = {base.model.name}
+    for parameter in space.parameters:
+        if parameter.target == "model.name":
+            names = {str(choice) for choice in parameter.choices or ()}
+    accepted = {option for name in names for option in model_options(name)}
+    for parameter in space.parameters:
+        prefix, _, option = parameter.target.rpartition(".")
+        if prefix == "model.options" and option not in accepted:
+            models = ", ".join(sorted(names))
+            raise ValueError(
+                f"search parameter {parameter.name!r} sets model option {option!r}, which "
+                f"{models} does not take (options: {', '.join(sorted(accepted))})"
+            )
 
 
 def check_same_search(
