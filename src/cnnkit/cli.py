@@ -692,7 +692,14 @@ def command_export(args: argparse.Namespace) -> int:
 
     model_path = _model_path(args.model)
     opset = args.opset or DEFAULT_OPSET
+    if args.out and Path(args.out).suffix.lower() != ".onnx":
+        raise CommandError(f"--out {args.out}: an ONNX file's name ends in .onnx")
     if args.quantize is None:
+        if args.dataset or args.data:
+            raise CommandError(
+                "--dataset and --data give --quantize int8 its calibration images; "
+                "add --quantize int8, or leave them out"
+            )
         out = Path(args.out) if args.out else model_path.with_suffix(".onnx")
         _refuse_overwriting(model_path, out)
         print(export_onnx(model_path, out, opset=opset))

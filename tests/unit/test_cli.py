@@ -237,8 +237,20 @@ def test_export_refuses_to_overwrite_its_own_model(capsys, symbol_model_file: Pa
     model = tmp_path / "model.safetensors"
     model.write_bytes(symbol_model_file.read_bytes())
     assert main(["export", str(model), "--out", str(model)]) == 2
-    assert "is the model file itself" in capsys.readouterr().err
+    assert "an ONNX file's name ends in .onnx" in capsys.readouterr().err
     assert model.read_bytes() == symbol_model_file.read_bytes()
+    # A model file that is itself named .onnx is not overwritten either.
+    misnamed = tmp_path / "model.onnx"
+    misnamed.write_bytes(symbol_model_file.read_bytes())
+    assert main(["export", str(misnamed), "--out", str(misnamed)]) == 2
+    assert misnamed.read_bytes() == symbol_model_file.read_bytes()
+
+
+def test_export_options_of_quantize_need_it(capsys, symbol_model_file: Path, tmp_path):
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(symbol_model_file), "--dataset", "digits", "--out", str(out)]) == 2
+    assert "add --quantize int8, or leave them out" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_print_config_shows_the_resolved_settings_and_reads_back(capsys, tmp_path: Path):
