@@ -961,10 +961,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_train_arguments(search)
     search.add_argument(
-        "--space", default="book", help="named space (book, book-wide, symbol) or a YAML file"
+        "--space",
+        default="book",
+        help="named space (book, book-wide, symbol) or a YAML file (default: book)",
     )
-    search.add_argument("--sampler", choices=["grid", "tpe", "random"], default="tpe")
-    search.add_argument("--pruner", choices=["halving", "median", "none"], default="halving")
+    search.add_argument(
+        "--sampler", choices=["grid", "tpe", "random"], default="tpe", help="(default: tpe)"
+    )
+    search.add_argument(
+        "--pruner",
+        choices=["halving", "median", "none"],
+        default="halving",
+        help="stop weak trials early: successive halving (default), median, or none",
+    )
     search.add_argument("--n-trials", type=int, help="finished trials the study should hold")
     search.add_argument("--timeout", type=float, help="stop starting trials after N seconds")
     search.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/study.db)")

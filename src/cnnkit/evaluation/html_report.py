@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from matplotlib.ticker import MaxNLocator
+
 from cnnkit.atomic import write_atomically
 from cnnkit.evaluation.plots import plt
 
@@ -86,16 +88,18 @@ def _number(value: Any) -> float | None:
     return None if math.isnan(number) else number
 
 
-def _format(value: Any) -> str:
+def _format(value: Any, column: str = "") -> str:
     if isinstance(value, bool) or value is None:
         return "" if value is None else ("yes" if value else "no")
+    if isinstance(value, float) and column == "seconds":
+        return f"{value:.1f}"
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
     return str(value)
 
 
-def _escape(value: Any) -> str:
-    return html.escape(_format(value))
+def _escape(value: Any, column: str = "") -> str:
+    return html.escape(_format(value, column))
 
 
 def image_tag(png: bytes, alt: str) -> str:
@@ -124,7 +128,7 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None)
             if numeric and isinstance(value, str) and any(c in value for c in ".eE"):
                 value = float(value)  # CSV text such as 0.2937062937 shows as 0.2937.
             css = ' class="num"' if numeric else ""
-            cells.append(f"<td{css}>{_escape(value)}</td>")
+            cells.append(f"<td{css}>{_escape(value, column)}</td>")
         css = ' class="pruned"' if str(row.get("pruned", "")).lower() in ("true", "yes") else ""
         body.append(f"<tr{css}>{''.join(cells)}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
@@ -156,6 +160,7 @@ def learning_curves_png(rows: Sequence[dict[str, str]]) -> bytes | None:
             if any(v is not None for v in values):
                 axis.plot(epochs, values, style, marker="o", markersize=3, label=split)
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)
         if axis.lines:

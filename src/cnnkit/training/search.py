@@ -557,6 +557,7 @@ def _worker_main(
 
     die_with_parent()
     torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # The main process reports trials.
     if config.sampler_seed is not None:
         config = replace(config, sampler_seed=(config.sampler_seed + index) % 2**32)
     try:
@@ -624,6 +625,9 @@ def run_search(
         logger.warning("no validation split: trials are compared on training accuracy")
     start = time.perf_counter()
     run_dir = base.run_dir()
+    if not logger.isEnabledFor(logging.DEBUG):
+        # Each trial is reported once (on_trial); Optuna's own INFO lines would repeat it.
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     check_model_options(space, base)
     check_same_search(run_dir, base, space, config)
     study, url, name = open_study(config, space, run_dir)
