@@ -169,3 +169,20 @@ def test_a_search_yaml_that_is_not_a_mapping_is_named(tmp_path, caplog):
     (tmp_path / "results.csv").write_text("number,state\n", encoding="utf-8")
     assert "Hyperparameter search" in build_report_html(tmp_path)
     assert "search.yaml: cannot be read (not a mapping of settings)" in caplog.text
+
+
+def test_report_cells_show_seconds_to_a_tenth_and_other_floats_to_four_places() -> None:
+    from cnnkit.evaluation.html_report import _format
+
+    assert _format(9.5, "seconds") == "9.5" and _format(9.5) == "9.5000"
+    assert _format(123.456) == "123.5" and _format(True) == "yes" and _format(None) == ""
+
+
+def test_search_help_names_its_defaults(capsys) -> None:
+    from cnnkit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: book)" in text and "(default: tpe)" in text
+    assert "successive halving (default)" in text

@@ -283,10 +283,13 @@ def test_continuing_a_search_with_other_settings_is_refused(tmp_path, digits_dat
 def test_a_model_option_no_model_takes_is_refused_before_anything_runs(tmp_path, digits_data):
     space = parse_space({"widht": {"type": "categorical", "choices": [8, 16]}}, "typo")
     base = tiny_base(tmp_path / "search")
+    optuna.logging.set_verbosity(optuna.logging.INFO)
     with pytest.raises(
         ValueError, match="'widht' sets model option 'widht', which book_cnn does not take"
     ):
         run_search(base, space, SearchConfig(sampler="grid"), progress=False, data=digits_data)
+    # Optuna's own INFO lines, which would repeat each trial line, are off (not under -v).
+    assert optuna.logging.get_verbosity() == optuna.logging.WARNING
     assert not (tmp_path / "search").exists()
 
 
