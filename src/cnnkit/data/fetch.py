@@ -221,11 +221,11 @@ def fetch_archive(
         if not verify:
             raise ValueError("a SHA-256 to check and --no-verify contradict each other")
         spec = dataclasses.replace(spec, sha256=sha256.strip().lower())
-    if sha256 is None:
-        return _fetch(spec, Path(to_dir), from_file, url, verify, progress, timeout)
     try:
         return _fetch(spec, Path(to_dir), from_file, url, verify, progress, timeout)
     except ChecksumError as error:
+        if sha256 is None:
+            raise
         raise ChecksumError(
             error.source,
             error.algorithm,
