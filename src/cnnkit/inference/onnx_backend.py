@@ -71,15 +71,20 @@ def _export_key(raw: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def _export_name(key: str, data: bytes) -> str:
+    """``<key>-<sha256 of the export's bytes>.onnx``: the name checks the contents."""
+    return f"{key}-{hashlib.sha256(data).hexdigest()[:16]}.onnx"
+
+
 def _cached_exports(folder: Path, key: str) -> Iterator[bytes]:
-    """The cached exports ``<key>-<sha256 of its bytes>.onnx`` whose bytes match their name."""
+    """The cached exports of ``key`` whose bytes match their name (:func:`_export_name`)."""
     for candidate in sorted(folder.glob(f"{key}-*.onnx")):
         try:
             data = candidate.read_bytes()
         except OSError as error:
             logger.warning("ignoring unreadable %s (%s)", candidate, error)
             continue
-        if candidate.stem == f"{key}-{hashlib.sha256(data).hexdigest()[:16]}":
+        if candidate.name == _export_name(key, data):
             yield data
         else:
             logger.warning("ignoring %s: its contents do not match its checksum", candidate)
@@ -104,7 +109,7 @@ def _session_for_safetensors(path: Path, cache_dir: Path | None, threads: int | 
             logger.warning("ignoring a cached ONNX export of %s (%s)", path, error)
     data = build_onnx_model(path).SerializeToString()
     if folder is not None:
-        target = folder / f"{key}-{hashlib.sha256(data).hexdigest()[:16]}.onnx"
+        target = folder / _export_name(key, data)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             write_atomically(target, lambda temporary: temporary.write_bytes(data))
