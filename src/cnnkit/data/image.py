@@ -71,6 +71,11 @@ def read_image_file(path: str) -> Image.Image:
     return decode_image(data, path)
 
 
+def _to_uint8(array: np.ndarray, peak: float) -> np.ndarray:
+    """``array`` scaled from 0-``peak`` to 0-255 and rounded, as ``uint8``."""
+    return (np.asarray(array, dtype=np.float64) / peak * 255.0).round().astype(np.uint8)
+
+
 def array_to_image(array: np.ndarray, name: str = "array") -> Image.Image:
     """A numpy image as a PIL image: ``H x W`` or ``H x W x C`` with C = 1, 3 (RGB) or 4 (RGBA).
 
@@ -99,9 +104,9 @@ def array_to_image(array: np.ndarray, name: str = "array") -> Image.Image:
                 f"{name}: a float image must lie in 0-1; got {low:g} to {high:g} "
                 "(pass uint8 for 0-255)"
             )
-        array = (array * 255.0).round().astype(np.uint8)
+        array = _to_uint8(array, 1.0)
     elif array.dtype.kind == "u" and array.dtype.itemsize == 2:  # uint16, either byte order
-        array = (array / 65535.0 * 255.0).round().astype(np.uint8)
+        array = _to_uint8(array, 65535.0)
     elif np.issubdtype(array.dtype, np.integer):
         low, high = int(array.min()), int(array.max())
         if low < 0 or high > 255:
@@ -118,13 +123,11 @@ def array_to_image(array: np.ndarray, name: str = "array") -> Image.Image:
 def _flatten_onto_white(image: Image.Image) -> Image.Image:
     """Return an RGB or L image, compositing any transparency onto a white background."""
     if image.mode in ("I;16", "I;16B", "I;16L"):
-        array = np.asarray(image, dtype=np.float64)
-        return Image.fromarray((array / 65535.0 * 255.0).round().astype(np.uint8), mode="L")
+        return Image.fromarray(_to_uint8(np.asarray(image), 65535.0), mode="L")
     if image.mode == "I":
         # 32-bit integers have no fixed range: 0-255 where they fit, else 0-65535.
         array = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
-        peak = 65535.0 if array.max() > 255 else 255.0
-        return Image.fromarray((array / peak * 255.0).round().astype(np.uint8), mode="L")
+        return Image.fromarray(_to_uint8(array, 65535.0 if array.max() > 255 else 255.0), "L")
     if image.mode == "F":
         # Floats in 0-1 (as numpy arrays are read, see array_to_image), else 0-255.
         array = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
