@@ -529,7 +529,7 @@ def command_predict(args: argparse.Namespace) -> int:
     if model is None and inputs and inputs[0].lower().endswith((".safetensors", ".onnx")):
         model = inputs.pop(0)
     elif model is None and inputs and (Path(inputs[0]) / "model.safetensors").is_file():
-        model = str(Path(inputs.pop(0)) / "model.safetensors")  # A training run's folder.
+        model = inputs.pop(0)  # A training run's folder: open_predictor finds its model.
     elif model is None and inputs:
         _refuse_search_folder(Path(inputs[0]))  # Not a folder of images to classify.
     images = expand_images(inputs)
