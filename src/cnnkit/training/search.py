@@ -719,26 +719,30 @@ def check_same_search(
         saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as error:
         raise ValueError(f"{path}: unreadable ({error_line(error)})") from error
+    # The settings this search would write, compared as written (tuples become lists).
+    now = yaml.safe_load(yaml.safe_dump(search_settings(base, space, config)))
     saved_search = saved.get("search") or {}
-    now = {
-        "space": space.to_dict(),
-        "sampler": config.sampler,
-        "pruner": config.pruner,
-        "base config": config_to_dict(base),
+    pairs = {
+        "space": (now["space"], saved.get("space")),
+        "sampler": (now["search"]["sampler"], saved_search.get("sampler")),
+        "pruner": (now["search"]["pruner"], saved_search.get("pruner")),
+        "base config": (now["base_config"], saved.get("base_config")),
     }
-    before = {
-        "space": saved.get("space"),
-        "sampler": saved_search.get("sampler"),
-        "pruner": saved_search.get("pruner"),
-        "base config": saved.get("base_config"),
-    }
-    now = yaml.safe_load(yaml.safe_dump(now))  # Compared as written: tuples become lists.
-    differs = [what for what in now if now[what] != before[what]]
+    differs = [what for what, (current, before) in pairs.items() if current != before]
     if differs:
         raise ValueError(
             f"{run_dir} holds a search with another {' and '.join(differs)}; continue it with "
             "the same settings, or pass another --out"
         )
+
+
+def search_settings(base: RunConfig, space: SearchSpace, config: SearchConfig) -> dict:
+    """What ``RUN_DIR/search.yaml`` records of a search, besides its study's name and storage."""
+    return {
+        "search": dict(vars(config)),
+        "space": space.to_dict(),
+        "base_config": config_to_dict(base),
+    }
 
 
 def write_search_settings(
@@ -749,13 +753,7 @@ def write_search_settings(
 
     from cnnkit.atomic import write_atomically
 
-    settings = {
-        "study_name": name,
-        "storage": url,
-        "search": {k: v for k, v in vars(config).items()},
-        "space": space.to_dict(),
-        "base_config": config_to_dict(base),
-    }
+    settings = {"study_name": name, "storage": url, **search_settings(base, space, config)}
     text = yaml.safe_dump(settings, sort_keys=False)
     write_atomically(run_dir / "search.yaml", lambda p: p.write_text(text, encoding="utf-8"))
 
