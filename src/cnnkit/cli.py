@@ -27,14 +27,15 @@ class CommandError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
-def distributed_from_env():
-    """Rank information set by torchrun, or a single-process context."""
-    from cnnkit.runtime import init_distributed
+def distributed_from_env(device: str = "auto"):
+    """Rank information set by torchrun, or a single-process context; ``device`` is the
+    training device's name (its type picks NCCL or gloo)."""
+    from cnnkit.runtime import init_distributed, select_device
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    return init_distributed(rank, local_rank, world_size)
+    return init_distributed(rank, local_rank, world_size, select_device(device))
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -335,7 +336,7 @@ def command_train(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, out=str(chosen))
     if config.train.fast_path:
         tune_allocator()
-    distributed = distributed_from_env()
+    distributed = distributed_from_env(config.train.device)
     is_main = distributed.is_main
     if is_main and getattr(args, "chosen_because", None):
         print(args.chosen_because)

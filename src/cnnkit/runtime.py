@@ -126,17 +126,30 @@ def main_process_first(context: DistributedContext) -> Iterator[None]:
         torch.distributed.barrier()
 
 
-def init_distributed(rank: int, local_rank: int, world_size: int) -> DistributedContext:
-    """Join the process group started by ``torchrun`` (gloo on CPU, NCCL on CUDA).
+def init_distributed(
+    rank: int, local_rank: int, world_size: int, device: str | torch.device = "cpu"
+) -> DistributedContext:
+    """Join the process group started by ``torchrun``: NCCL when training on CUDA (one GPU a
+    process, ``cuda:LOCAL_RANK``), gloo on the CPU, also on a machine that has GPUs.
 
     The rendezvous address comes from the environment torchrun sets (``MASTER_ADDR``...), which
     ``torch.distributed`` reads itself; callers pass the rank values they parsed.
+
+    Raises:
+        ValueError: when training on CUDA with more processes on this machine than GPUs.
     """
     context = DistributedContext(rank, local_rank, world_size)
     if not context.enabled or torch.distributed.is_initialized():
         return context
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
     if backend == "nccl":
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise ValueError(
+                f"torchrun started process {local_rank + 1} on this machine, which has {gpus} "
+                f"CUDA device{'s' if gpus != 1 else ''}: start one process a GPU "
+                f"(--nproc_per_node {gpus}), or train on the CPU with --device cpu"
+            )
         torch.cuda.set_device(local_rank)
     # Other ranks wait while rank 0 decodes the data and computes frozen features into the
     # caches (main_process_first): allow an hour, not NCCL's default 10 minutes.

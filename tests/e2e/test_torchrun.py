@@ -26,6 +26,8 @@ ARGS = [
     "64",
     "--seed",
     "3",
+    "--device",
+    "cpu",  # gloo, also on a machine with one GPU (NCCL needs a GPU a process)
     "--quiet",
 ]
 
@@ -107,6 +109,7 @@ def test_transfer_model_under_torchrun_trains_like_one_process(tmp_path: Path) -
     arguments = [
         *("train", "--dataset", "folder", "--data", str(data)),
         *("--config", str(quick), "--test-fraction", "0.34", "--val-fraction", "0", "--quiet"),
+        *("--device", "cpu"),
     ]
     single, double = tmp_path / "single", tmp_path / "ddp"
     # One thread a process on both sides (torchrun's default): a different thread count sums
