@@ -12,6 +12,7 @@ import torch
 
 from cnnkit.config import Preprocessing
 from cnnkit.data.dataset import ImageSet
+from cnnkit.training.trainer import Callback, Trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +23,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA, which this machine does not have")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip_gpu)
 
 
@@ -33,6 +34,26 @@ def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
     if "CNNKIT_CACHE" in os.environ:
         return
     os.environ["CNNKIT_CACHE"] = str(tmp_path_factory.mktemp("cnnkit-cache"))
+
+
+class StopAfter(Callback):
+    """A trainer callback that simulates Ctrl-C after ``epochs`` completed epochs."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        if trainer.epoch == self.epochs:
+            raise KeyboardInterrupt
+
+
+def subprocess_env() -> dict[str, str]:
+    """This environment with the tested ``cnnkit`` first on ``PYTHONPATH``, for child Python
+    processes; what ``PYTHONPATH`` held already (packages installed elsewhere) stays after it."""
+    import cnnkit
+
+    paths = [str(Path(cnnkit.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in paths if path)}
 
 
 @pytest.fixture(scope="session")

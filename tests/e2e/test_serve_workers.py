@@ -5,18 +5,15 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
-
-import cnnkit
+from tests.conftest import subprocess_env
 
 
 def _free_port() -> int:
@@ -46,7 +43,7 @@ def _request(port: int, method: str, path: str, body: bytes | None = None) -> tu
 
 def test_two_server_processes_share_the_port_and_agree():
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(cnnkit.__file__).parents[1])}
+    env = subprocess_env()
     command = [sys.executable, "-m", "cnnkit", "serve", "--port", str(port), "--workers", "2"]
     server = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True

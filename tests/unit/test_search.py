@@ -15,6 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from tests.conftest import subprocess_env
 
 import cnnkit
 from cnnkit.config import build_run_config, config_to_dict, preset_for
@@ -421,7 +422,7 @@ def test_a_worker_dies_with_its_killed_search_process():
         f"p = subprocess.Popen([sys.executable, '-c', {child!r}]); "
         "print(p.pid, flush=True); time.sleep(60)"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(cnnkit.__file__).parents[1])}
+    env = subprocess_env()
     process = subprocess.Popen(
         [sys.executable, "-c", parent], env=env, stdout=subprocess.PIPE, text=True
     )
@@ -485,7 +486,7 @@ def test_killed_search_resumes_without_repeats(tmp_path):
         encoding="utf-8",
     )
     out = tmp_path / "search"
-    env = {**os.environ, "PYTHONPATH": str(Path(cnnkit.__file__).parents[1])}
+    env = subprocess_env()
     process = subprocess.Popen(
         _search_command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

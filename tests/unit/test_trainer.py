@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import StopAfter
 from torch import nn
 
 from cnnkit.atomic import write_atomically
@@ -74,17 +75,6 @@ def _equal_states(first: dict, second: dict) -> bool:
 def _metrics_rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
-
-
-class StopAfter(Callback):
-    """Simulates Ctrl-C after ``epochs`` completed epochs."""
-
-    def __init__(self, epochs: int) -> None:
-        self.epochs = epochs
-
-    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        if trainer.epoch == self.epochs:
-            raise KeyboardInterrupt
 
 
 class Recorder(Callback):
