@@ -25,7 +25,7 @@ import torch
 from benchmarks.record import record_result, shared_dataset
 from cnnkit.config import build_run_config, config_to_dict, load_config_file, preset_for
 from cnnkit.data.loader import BatchLoader, build_eval_transform
-from cnnkit.runtime import tune_allocator
+from cnnkit.runtime import select_device, tune_allocator
 from cnnkit.training.run import resolve_preprocessing, train_run
 from cnnkit.training.trainer import Callback
 
@@ -81,7 +81,10 @@ def main() -> None:
 
     def attach_test_loader(data) -> None:
         probe.loader = BatchLoader(
-            data.splits.test, 1024, build_eval_transform(resolve_preprocessing(config))
+            data.splits.test,
+            1024,
+            build_eval_transform(resolve_preprocessing(config)),
+            device=select_device(config.train.device),
         )
 
     # A fresh cache folder: the timed figure includes decoding the archive.
@@ -113,6 +116,7 @@ def main() -> None:
             "minutes_to_81": probe.reached_at / 60 if probe.reached_at else None,
             "curve": probe.curve,
             "threads": torch.get_num_threads(),
+            "device": str(select_device(config.train.device)),
         },
     )
     print(f"saved {path}")

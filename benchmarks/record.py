@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -34,6 +35,19 @@ def command_line(argv: list[str]) -> str:
     return " ".join(["python", *argv])
 
 
+def machine_description() -> str:
+    """The processor architecture, the CPU cores, and the GPU where CUDA has one."""
+    cpu = f"{platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} cores"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{cpu}, {torch.cuda.get_device_name()}"
+    except ImportError:
+        pass
+    return cpu
+
+
 def record_result(name: str, payload: dict[str, Any]) -> Path:
     """Write ``benchmarks/results/<name>.json`` with the command, date and machine."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -45,7 +59,7 @@ def record_result(name: str, payload: dict[str, Any]) -> Path:
         "command": command_line(sys.argv),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "git_revision": revision or "unknown",
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+        "machine": machine_description(),
         **payload,
     }
     path = RESULTS_DIR / f"{name}.json"
