@@ -216,7 +216,7 @@ def test_pruning_callback_stops_train_run(tmp_path, digits_data):
 # ----------------------------------------------------------------------------- studies
 
 
-def test_search_resumes_without_repeating_trials(tmp_path, digits_data):
+def test_search_resumes_without_repeating_trials(tmp_path, digits_data, caplog):
     base = tiny_base(tmp_path / "search")
     config = SearchConfig(sampler="grid", pruner="none", n_trials=2, sampler_seed=1)
     first = run_search(base, TINY_SPACE, config, progress=False, data=digits_data)
@@ -231,10 +231,18 @@ def test_search_resumes_without_repeating_trials(tmp_path, digits_data):
     params = finished_params(load_study(base.run_dir()))
     assert len(params) == 4 and len(set(params)) == 4
     assert second.counts["complete"] == 4
-    # A third run finds nothing left to do.
+    # A third run finds nothing left to do, and says why.
     third = run_search(base, TINY_SPACE, config, progress=False, data=digits_data)
     assert len(finished_params(load_study(base.run_dir()))) == 4
     assert third.best is not None
+    assert (
+        "the search already holds 4 finished trials and --n-trials is 2: nothing left to run "
+        "(a larger --n-trials runs more)"
+    ) in caplog.text
+    caplog.clear()
+    everything = SearchConfig(sampler="grid", pruner="none")
+    run_search(base, TINY_SPACE, everything, progress=False, data=digits_data)
+    assert "every point of the grid has been tried (4 finished trials)" in caplog.text
 
     run_dir = base.run_dir()
     assert sorted(p.name for p in (run_dir / "trials").iterdir()) == [

@@ -355,6 +355,18 @@ def _unstarted_grid_points(trials: list[FrozenTrial], space: SearchSpace) -> int
     return len(space.grid_combinations()) - len(started) + waiting
 
 
+def nothing_left_to_run(study: optuna.Study, config: SearchConfig) -> str:
+    """Why a search that is continued runs no trial: its budget or its grid is used up."""
+    finished = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    trials = f"{finished} finished trial{'s' if finished != 1 else ''}"
+    if config.n_trials is not None and finished >= config.n_trials:
+        return (
+            f"the search already holds {trials} and --n-trials is {config.n_trials}: "
+            "nothing left to run (a larger --n-trials runs more)"
+        )
+    return f"every point of the grid has been tried ({trials}): nothing left to run"
+
+
 def trials_to_run(
     study: optuna.Study, config: SearchConfig, space: SearchSpace, count_running: bool = False
 ) -> int | None:
@@ -642,6 +654,8 @@ def run_search(
         # Load (and cache) the data before any worker starts, so that the workers read it
         # from the cache instead of all decoding it at once.
         runner.data_for(base)
+    else:
+        logger.warning("%s: %s", run_dir, nothing_left_to_run(study, config))
     remaining = trials_to_run(study, config, space)
     # No more processes than trials left: each one starts a trial as soon as it begins.
     processes = config.workers if remaining is None else max(1, min(config.workers, remaining))
