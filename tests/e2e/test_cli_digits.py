@@ -48,6 +48,9 @@ def test_demo_writes_a_complete_run_folder(demo_run: Path) -> None:
     assert run["status"] == "finished" and run["fit"]["epochs_run"] == 2
     metrics = json.loads((demo_run / "report" / "metrics.json").read_text())
     assert metrics["top1"] > 3 * CHANCE
+    assert metrics["evaluated"]["model"] == str(demo_run / "model.safetensors")
+    assert metrics["evaluated"]["dataset"] == "digits"
+    assert metrics["evaluated"]["split"] == "test"
     assert run["test"]["top1"] == metrics["top1"]
     assert [row["epoch"] for row in _metrics_rows(demo_run / "metrics.csv")] == ["1", "2"]
     config = build_run_config(load_config_file(demo_run / "config.yaml"))

@@ -602,6 +602,18 @@ def test_evaluate_json(capsys, tiny_model_saver, tmp_path: Path) -> None:
     assert isinstance(report["most_confused"], list)
     for name in ("metrics.json", "per_class.csv", "confusion.png", "misclassified.png"):
         assert (tmp_path / "evaluation" / name).is_file()
+    # The report names what it scored, in the printed JSON and in metrics.json alike.
+    evaluated = {
+        "model": str(model),
+        "architecture": "symbol_cnn",
+        "dataset": "digits",
+        "data": None,
+        "fold": None,
+        "split": "test",
+    }
+    assert report["evaluated"] == evaluated
+    saved = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    assert saved["evaluated"] == evaluated and saved["top1"] == report["top1"]
 
 
 def test_evaluate_rejects_classes_the_model_does_not_know(

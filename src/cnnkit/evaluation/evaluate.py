@@ -151,4 +151,13 @@ def evaluate_model_file(
     images = restrict_to_known_classes(images, model.metadata.class_names, source)
     labels = torch.from_numpy(align_labels(images, model.metadata.class_names, source))
     logits = predict_logits(model, images, preprocessing, torch_device, progress=progress)
-    return build_report(logits, labels, list(model.metadata.class_names), out_dir, images.images)
+    evaluated = {
+        "model": str(model_path),
+        "architecture": model.metadata.architecture,
+        "dataset": data_overrides.get("dataset"),
+        "data": data_overrides.get("data"),
+        "fold": data_overrides.get("fold"),
+        "split": split,
+    }
+    class_names = list(model.metadata.class_names)
+    return build_report(logits, labels, class_names, out_dir, images.images, evaluated=evaluated)

@@ -28,9 +28,16 @@ class EvaluationReport:
     metrics: dict[str, float]
     confused_pairs: list[dict[str, Any]]
     files: dict[str, str] = field(default_factory=dict)
+    # What was scored: the model file and its architecture, the dataset, its fold and split.
+    evaluated: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.metrics, "most_confused": self.confused_pairs, "files": self.files}
+        return {
+            "evaluated": self.evaluated,
+            **self.metrics,
+            "most_confused": self.confused_pairs,
+            "files": self.files,
+        }
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -50,6 +57,7 @@ def build_report(
     out_dir: str | Path,
     images: np.ndarray | None = None,
     max_examples: int = 36,
+    evaluated: dict[str, Any] | None = None,
 ) -> EvaluationReport:
     """Compute metrics and write ``metrics.json``, ``per_class.csv``, ``confused_pairs.csv``,
     ``confusion.png`` and (with ``images``) ``misclassified.png`` into ``out_dir``.
@@ -61,6 +69,8 @@ def build_report(
         out_dir: report folder (created).
         images: the stored uint8 images ``[N, S, S, C]`` for the misclassified grid.
         max_examples: most misclassified examples to draw.
+        evaluated: what was scored (model file, architecture, dataset, fold, split), recorded
+            in ``metrics.json`` so that the report names its model and data.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +120,7 @@ def build_report(
             title="Misclassified (true -> predicted, confidence)",
         )
         files["misclassified"] = str(grid)
-    report = EvaluationReport(metrics, pairs, files)
+    report = EvaluationReport(metrics, pairs, files, dict(evaluated or {}))
     text = json.dumps(report.to_dict(), indent=2) + "\n"
     write_atomically(out_dir / "metrics.json", lambda path: path.write_text(text, encoding="utf-8"))
     return report

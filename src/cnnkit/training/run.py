@@ -288,8 +288,21 @@ def train_run(
     report, model_path, test_metrics = None, None, {}
     if distributed.is_main:
         logits, labels = trainer.predict(test_loader)
+        evaluated = {
+            "model": str(run_dir / MODEL_NAME),
+            "architecture": config.model.name,
+            "dataset": config.data.dataset,
+            "data": config.data.data,
+            "fold": config.data.fold,
+            "split": "test",
+        }
         report = build_report(
-            logits, labels, splits.class_names, run_dir / "report", splits.test.images
+            logits,
+            labels,
+            splits.class_names,
+            run_dir / "report",
+            splits.test.images,
+            evaluated=evaluated,
         )
         test_metrics = report.metrics
         if transfer:
