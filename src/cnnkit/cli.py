@@ -718,6 +718,8 @@ def command_export(args: argparse.Namespace) -> int:
     )
     out = Path(args.out) if args.out else model_path.with_name(f"{model_path.stem}-int8.onnx")
     _refuse_overwriting(model_path, out)
+    source = args.data or args.dataset
+    print(f"Calibrating int8 ranges on {len(inputs)} training images of {source}", file=sys.stderr)
     print(quantize_onnx(model_path, out, inputs, opset=opset))
     return 0
 

@@ -71,5 +71,16 @@ def test_cli_quantize_writes_the_int8_file(tmp_path: Path, capsys) -> None:
     out = tmp_path / "int8.onnx"
     arguments = ["export", str(bundled_model_path()), "--quantize", "int8", "--dataset", "digits"]
     assert main([*arguments, "--calibration-images", "32", "--out", str(out)]) == 0
-    assert capsys.readouterr().out.strip() == str(out)
+    printed = capsys.readouterr()
+    assert printed.out.strip() == str(out)
+    assert "Calibrating int8 ranges on 32 training images of digits" in printed.err
     assert OnnxPredictor.from_file(out).metadata.num_classes == 369
+
+
+def test_calibrating_on_another_datasets_classes_is_reported(tiny_model_saver, tmp_path, caplog):
+    model = tiny_model_saver(tmp_path / "greek.safetensors", ("alpha", "beta", "gamma"))
+    calibration_inputs(model, DIGITS, count=8)
+    assert "none of its 10 classes is one of greek.safetensors's 3" in caplog.text
+    caplog.clear()
+    calibration_inputs(bundled_model_path(), DIGITS, count=8)  # Digits are HASYv2 classes.
+    assert "none of its" not in caplog.text

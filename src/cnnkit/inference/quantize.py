@@ -56,8 +56,21 @@ def calibration_inputs(
     preprocessing = metadata.preprocessing
     splits = build_splits(data, preprocessing, cache_dir=cache_dir).splits
     images = np.asarray(splits.train.images)
+    source = data.data or data.dataset
     if len(images) == 0:
-        raise ValueError(f"{data.data or data.dataset}: no training images to calibrate on")
+        raise ValueError(f"{source}: no training images to calibrate on")
+    shared = set(splits.class_names) & set(metadata.class_names)
+    if not shared:
+        # Legal (the ranges are all calibration needs), but images unlike the model's own
+        # data give it ranges it will not see: say so rather than quantize badly in silence.
+        logger.warning(
+            "%s: none of its %d classes is one of %s's %d: calibrate on the data the model "
+            "was trained on for int8 ranges that fit",
+            source,
+            len(splits.class_names),
+            Path(model_path).name,
+            metadata.num_classes,
+        )
     chosen = np.random.default_rng(seed).choice(len(images), min(count, len(images)), False)
     batch = torch.from_numpy(np.ascontiguousarray(images[np.sort(chosen)]))
     return to_model_input(batch, preprocessing).numpy()
