@@ -362,6 +362,8 @@ def test_running_trial_of_a_dead_process_runs_again(tmp_path, digits_data):
     assert len(params) == 4 and len(set(params)) == 4
     assert tuple(sorted(lost.items())) in params
     assert result.counts["complete"] == 4
+    # The lost trial ran again: a rerun, not a failure of its settings.
+    assert result.counts["fail"] == 0 and result.counts["rerun"] == 1
 
 
 def test_random_search_with_pruning_and_importances(tmp_path, digits_data):
@@ -525,6 +527,9 @@ def test_killed_search_resumes_without_repeats(tmp_path):
         # A kill between two suggest calls leaves only some parameters recorded.
         cut_short = set(study.trials[number].params.items())
         assert any(cut_short <= set(finished) for finished in params)
+    # The summary counts the killed trial as run again, not as a failure of its settings.
+    again = f", {len(running)} interrupted and run again" if running else ""
+    assert f"4 finished, 0 pruned, 0 failed{again} (" in rerun.stdout
 
 
 def test_a_storage_that_is_not_a_database_is_one_line(tmp_path: Path) -> None:

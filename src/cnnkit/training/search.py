@@ -680,7 +680,12 @@ def run_search(
     importances = parameter_importances(study)
     files.update(write_search_figures(trials, parameter_names, importances, run_dir))
     counts = {state: sum(t.state == state for t in trials) for state in TRIAL_STATES.values()}
-    counts["fail"] = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+    # A trial that was interrupted or lost with its process and queued again is not a failure
+    # of its settings: it is counted apart, and its rerun is counted like any other trial.
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    rerun = {t.system_attrs.get("failed_trial") for t in study.get_trials(deepcopy=False)}
+    counts["fail"] = sum(t.number not in rerun for t in failed)
+    counts["rerun"] = sum(t.number in rerun for t in failed)
     retrained = None
     if config.retrain_best and counts["complete"]:
         retrained = retrain_best(study, base, space, runner, progress)
