@@ -480,6 +480,7 @@ def command_evaluate(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir or default_cache_dir(),
         split=args.split,
         progress=not args.json,
+        device=args.device,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -883,6 +884,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the bundled model)",
     )
     evaluate.add_argument("--json", action="store_true", help="print metrics as JSON")
+    evaluate.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda", "mps"],
+        default="auto",
+        help="where the model runs (auto: cuda, then mps, then cpu; an .onnx file runs on "
+        "ONNX Runtime's CPU provider)",
+    )
     evaluate.set_defaults(handler=command_evaluate)
 
     predict = commands.add_parser("predict", help="classify image files or folders")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from tests.conftest import write_bird_folder
 
@@ -653,3 +654,13 @@ def test_a_default_run_folder_with_a_finished_run_is_kept(capsys, monkeypatch, t
     assert main([*argv[:-3], "--epochs", "2", "--quiet", "--resume"]) == 0
     assert f"Resuming from {second / 'checkpoint.pt'}" in capsys.readouterr().out
     assert not Path("runs/digits-symbol_cnn-3").exists()
+
+
+def test_evaluate_on_a_missing_device_is_one_line(capsys, symbol_model_file) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = ["evaluate", str(symbol_model_file), "--dataset", "digits", "--device", "cuda"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "device 'cuda' requested but CUDA is not available"
+    )
