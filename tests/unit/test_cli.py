@@ -661,6 +661,8 @@ def test_evaluate_on_a_missing_device_is_one_line(capsys, symbol_model_file) -> 
         pytest.skip("this machine has CUDA")
     argv = ["evaluate", str(symbol_model_file), "--dataset", "digits", "--device", "cuda"]
     assert main(argv) == 2
-    assert capsys.readouterr().err.strip().endswith(
-        "device 'cuda' requested but CUDA is not available"
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("device 'cuda' requested but CUDA is not available")
     )
