@@ -36,7 +36,8 @@ def command_line(argv: list[str]) -> str:
 
 
 def machine_description() -> str:
-    """The processor architecture, the CPU cores, and the GPU where CUDA has one."""
+    """The processor architecture, the CPU cores, and the GPU where CUDA has one (whether or
+    not the benchmark used it: the payload's own fields say where it ran)."""
     cpu = f"{platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} cores"
     try:
         import torch
@@ -52,7 +53,11 @@ def record_result(name: str, payload: dict[str, Any]) -> Path:
     """Write ``benchmarks/results/<name>.json`` with the command, date and machine."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     revision = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True
+        # "-dirty" marks figures measured with uncommitted changes.
+        ["git", "describe", "--always", "--dirty"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     document = {
         "benchmark": name,

@@ -803,7 +803,7 @@ def command_search(args: argparse.Namespace) -> int:
         print(f"\nInterrupted{detail}. Rerun the same command to continue the study.")
         return 130
     counts = result.counts
-    rerun = f", {counts['rerun']} interrupted and run again" if counts["rerun"] else ""
+    rerun = f", {counts['rerun']} interrupted and queued again" if counts["rerun"] else ""
     print(
         f"\nStudy {result.study_name}: {counts['complete']} finished, {counts['pruned']} pruned, "
         f"{counts['fail']} failed{rerun} ({result.seconds:.0f}s); storage {result.storage}"

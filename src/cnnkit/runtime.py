@@ -144,6 +144,10 @@ def init_distributed(
     backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
     if backend == "nccl":
         gpus = torch.cuda.device_count()
+        if gpus == 0:
+            raise ValueError(
+                "training on CUDA, but this machine has no CUDA device: use --device cpu"
+            )
         if local_rank >= gpus:
             raise ValueError(
                 f"torchrun started process {local_rank + 1} on this machine, which has {gpus} "

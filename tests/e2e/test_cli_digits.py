@@ -48,7 +48,7 @@ def test_demo_writes_a_complete_run_folder(demo_run: Path) -> None:
     assert run["status"] == "finished" and run["fit"]["epochs_run"] == 2
     metrics = json.loads((demo_run / "report" / "metrics.json").read_text())
     assert metrics["top1"] > 3 * CHANCE
-    assert metrics["evaluated"]["model"] == str(demo_run / "model.safetensors")
+    assert metrics["evaluated"]["model"] == str((demo_run / "model.safetensors").resolve())
     assert metrics["evaluated"]["dataset"] == "digits"
     assert metrics["evaluated"]["split"] == "test"
     assert run["test"]["top1"] == metrics["top1"]

@@ -7,20 +7,19 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from tests.conftest import StopAfter
+from tests.conftest import StopAfter, subprocess_env
 from torch import nn
 
 from cnnkit.cli import main
 from cnnkit.config import AugmentConfig, Preprocessing, TrainConfig
 from cnnkit.data.dataset import DataSplits
+from cnnkit.data.digits import DigitsSource
 from cnnkit.data.loader import BatchLoader, build_train_transform
 from cnnkit.inference.artifact import load_model
 from cnnkit.inference.predictor import Predictor
@@ -118,20 +117,44 @@ def test_cli_trains_on_the_gpu_and_the_model_runs_anywhere(tmp_path: Path, capsy
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "finished" and info["test"]["top1"] > 0.8
     model_path = run / "model.safetensors"
-    samples = sorted((run / "samples").glob("*.png")) if (run / "samples").is_dir() else []
-    images = samples or [np.full((32, 32), 255, np.uint8), np.eye(32, dtype=np.uint8) * 255]
+    # Real digits (the first 64 scans): the GPU's and the CPU's answers agree.
+    source = DigitsSource()
+    images = [source.image(index) for index in range(64)]
     on_gpu = Predictor.from_file(model_path, device="cuda").predict(images, top_k=3)
     on_cpu = Predictor.from_file(model_path, device="cpu").predict(images, top_k=3)
-    for gpu_ranked, cpu_ranked in zip(on_gpu, on_cpu, strict=True):
-        assert gpu_ranked[0].label == cpu_ranked[0].label
-        assert gpu_ranked[0].confidence == pytest.approx(cpu_ranked[0].confidence, abs=1e-3)
-    # evaluate picks the GPU by itself (auto) and agrees with the training run's report.
-    capsys.readouterr()
-    argv = ["evaluate", str(model_path), "--dataset", "digits", "--json"]
-    argv += ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "evaluation")]
-    assert main(argv) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert abs(report["top1"] - info["test"]["top1"]) <= 1 / report["count"] + 1e-9
+    pairs = [(gpu[0], cpu[0]) for gpu, cpu in zip(on_gpu, on_cpu, strict=True)]
+    # Near ties may flip under the GPU's TF32 convolutions: at most one image of 64.
+    assert sum(gpu.label != cpu.label for gpu, cpu in pairs) <= 1
+    assert sum(abs(gpu.confidence - cpu.confidence) < 1e-2 for gpu, cpu in pairs) >= 63
+    # evaluate on either device scores the same split alike, and as the training report did.
+    scores = {}
+    for device in ("cuda", "cpu"):
+        capsys.readouterr()
+        argv = ["evaluate", str(model_path), "--dataset", "digits", "--json", "--device", device]
+        argv += ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / device)]
+        assert main(argv) == 0
+        scores[device] = json.loads(capsys.readouterr().out)
+    count = scores["cpu"]["count"]
+    assert scores["cuda"]["count"] == count == info["test"]["count"]
+    assert abs(scores["cuda"]["top1"] - scores["cpu"]["top1"]) <= 1 / count + 1e-9
+    assert abs(scores["cuda"]["top1"] - info["test"]["top1"]) <= 1 / count + 1e-9
+
+
+def test_a_cpu_checkpoint_resumes_on_the_gpu(tiny_image_set, tmp_path: Path) -> None:
+    config = dataclasses.replace(BASE, epochs=4, amp=False)
+    first = Trainer(_model(), config, CPU, tmp_path, callbacks=[StopAfter(2)], progress=False)
+    with pytest.raises(TrainingInterrupted):
+        first.fit(_loader(tiny_image_set, CPU))
+    stopped = first.module.state_dict()
+    same = Trainer(_model(seed=1), dataclasses.replace(config, epochs=2), CUDA, tmp_path)
+    same.progress = False
+    assert same.fit(_loader(tiny_image_set, CUDA), resume=True).epochs_run == 2
+    restored = same.module.state_dict()
+    assert all(torch.equal(stopped[k], restored[k].cpu()) for k in stopped)
+    rest = Trainer(_model(seed=1), config, CUDA, tmp_path, progress=False)
+    result = rest.fit(_loader(tiny_image_set, CUDA), resume=True)
+    assert result.epochs_run == 4
+    assert all(p.device.type == "cuda" and p.isfinite().all() for p in rest.module.parameters())
 
 
 def test_transfer_recipe_runs_both_phases_on_the_gpu(tiny_image_set, tmp_path: Path) -> None:
@@ -219,7 +242,7 @@ def test_web_api_serves_a_model_on_the_gpu(symbol_model_file: Path) -> None:
 def test_torchrun_on_two_gpus_matches_one(tmp_path: Path) -> None:
     args = ["train", "--dataset", "digits", "--epochs", "4", "--batch-size", "64", "--quiet"]
     args += ["--seed", "3", "--device", "cuda"]
-    env = {**os.environ, "CNNKIT_CACHE": str(tmp_path / "cache")}
+    env = {**subprocess_env(), "CNNKIT_CACHE": str(tmp_path / "cache")}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     for name, prefix in (("single", ["--nproc_per_node", "1"]), ("ddp", ["--nproc_per_node", "2"])):
         full = [*command, *prefix, "-m", "cnnkit", *args, "--out", str(tmp_path / name)]

@@ -605,12 +605,13 @@ def test_evaluate_json(capsys, tiny_model_saver, tmp_path: Path) -> None:
         assert (tmp_path / "evaluation" / name).is_file()
     # The report names what it scored, in the printed JSON and in metrics.json alike.
     evaluated = {
-        "model": str(model),
+        "model": str(model.resolve()),
         "architecture": "symbol_cnn",
         "dataset": "digits",
         "data": None,
         "fold": None,
         "split": "test",
+        "max_per_class": 10,
     }
     assert report["evaluated"] == evaluated
     saved = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())

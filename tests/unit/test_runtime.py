@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cnnkit.cli import distributed_from_env
 from cnnkit.runtime import init_distributed, select_device
 
 
@@ -14,16 +15,52 @@ def test_one_process_joins_no_group() -> None:
     assert not torch.distributed.is_initialized()
 
 
-@pytest.mark.parametrize(("gpus", "plural"), [(1, ""), (0, "s")])
-def test_more_cuda_processes_than_gpus_is_refused(monkeypatch, gpus: int, plural: str) -> None:
-    # torchrun --nproc_per_node 2 on a one-GPU machine: NCCL needs a GPU a process.
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+@pytest.fixture
+def one_gpu_machine(monkeypatch) -> dict:
+    """A machine with one CUDA device, as torch sees it; the process group is recorded, not
+    joined (joining needs the other ranks torchrun would start)."""
+    joined: dict = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: joined.update(gpu=index))
+
+    def join(backend: str, **options) -> None:
+        joined["backend"] = backend
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", join)
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    return joined
+
+
+def test_cpu_training_on_a_gpu_machine_uses_gloo(one_gpu_machine: dict) -> None:
+    context = distributed_from_env("cpu")
+    assert context.enabled and context.world_size == 2
+    assert one_gpu_machine == {"backend": "gloo"}  # No GPU taken: NCCL needs one a process.
+
+
+def test_cuda_training_uses_nccl_one_gpu_a_process(one_gpu_machine: dict) -> None:
+    distributed_from_env("auto")
+    assert one_gpu_machine == {"backend": "nccl", "gpu": 0}
+
+
+def test_more_cuda_processes_than_gpus_is_refused(one_gpu_machine: dict, monkeypatch) -> None:
+    # torchrun --nproc_per_node 2 on a one-GPU machine: the second process has no GPU.
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
     message = (
-        rf"torchrun started process 2 on this machine, which has {gpus} CUDA device{plural}: "
-        rf"start one process a GPU \(--nproc_per_node {gpus}\), or train on the CPU with "
-        r"--device cpu"
+        r"torchrun started process 2 on this machine, which has 1 CUDA device: start one "
+        r"process a GPU \(--nproc_per_node 1\), or train on the CPU with --device cpu"
     )
     with pytest.raises(ValueError, match=message):
+        distributed_from_env("cuda")
+    assert one_gpu_machine == {}
+
+
+def test_cuda_without_a_gpu_is_refused(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match="this machine has no CUDA device: use --device cpu"):
         init_distributed(1, 1, 2, torch.device("cuda", 0))
     assert not torch.distributed.is_initialized()
 

@@ -27,6 +27,7 @@ from cnnkit.training.search import (
     TrialReporter,
     build_pruner,
     build_trial_config,
+    nothing_left_to_run,
     open_study,
     parameter_importances,
     run_search,
@@ -366,6 +367,20 @@ def test_running_trial_of_a_dead_process_runs_again(tmp_path, digits_data):
     assert result.counts["fail"] == 0 and result.counts["rerun"] == 1
 
 
+def test_a_tpe_search_at_its_default_budget_says_so():
+    study = optuna.create_study(direction="maximize")
+    distribution = optuna.distributions.CategoricalDistribution([1, 2])
+    for number in range(20):
+        trial = optuna.trial.create_trial(
+            params={"convs": 1 + number % 2}, distributions={"convs": distribution}, value=0.5
+        )
+        study.add_trial(trial)
+    assert nothing_left_to_run(study, SearchConfig(), TINY_SPACE) == (
+        "the search already holds 20 finished trials and 20 is the default budget: nothing "
+        "left to run (a larger --n-trials runs more)"
+    )
+
+
 def test_random_search_with_pruning_and_importances(tmp_path, digits_data):
     base = tiny_base(tmp_path / "search", epochs=2)
     space = SearchSpace(
@@ -528,7 +543,7 @@ def test_killed_search_resumes_without_repeats(tmp_path):
         cut_short = set(study.trials[number].params.items())
         assert any(cut_short <= set(finished) for finished in params)
     # The summary counts the killed trial as run again, not as a failure of its settings.
-    again = f", {len(running)} interrupted and run again" if running else ""
+    again = f", {len(running)} interrupted and queued again" if running else ""
     assert f"4 finished, 0 pruned, 0 failed{again} (" in rerun.stdout
 
 

@@ -151,13 +151,16 @@ def evaluate_model_file(
     images = restrict_to_known_classes(images, model.metadata.class_names, source)
     labels = torch.from_numpy(align_labels(images, model.metadata.class_names, source))
     logits = predict_logits(model, images, preprocessing, torch_device, progress=progress)
+    data = data_overrides.get("data")
     evaluated = {
-        "model": str(model_path),
+        "model": str(Path(model_path).resolve()),
         "architecture": model.metadata.architecture,
         "dataset": data_overrides.get("dataset"),
-        "data": data_overrides.get("data"),
+        "data": str(Path(data).resolve()) if data else None,
         "fold": data_overrides.get("fold"),
         "split": split,
+        # What else chose the images: --max-classes, --max-per-class, --test-fraction...
+        **{k: v for k, v in data_overrides.items() if k not in ("dataset", "data", "fold")},
     }
     class_names = list(model.metadata.class_names)
     return build_report(logits, labels, class_names, out_dir, images.images, evaluated=evaluated)

@@ -288,13 +288,15 @@ def train_run(
     report, model_path, test_metrics = None, None, {}
     if distributed.is_main:
         logits, labels = trainer.predict(test_loader)
+        data = config.data
         evaluated = {
-            "model": str(run_dir / MODEL_NAME),
+            "model": str((run_dir / MODEL_NAME).resolve()),
             "architecture": config.model.name,
-            "dataset": config.data.dataset,
-            "data": config.data.data,
-            "fold": config.data.fold,
-            "split": "test",
+            "dataset": data.dataset,
+            "data": str(Path(data.data).resolve()) if data.data else None,
+            "fold": data.fold,
+            # With train_on_all the "test" images were trained on too: say so.
+            "split": "test (also trained on)" if data.train_on_all else "test",
         }
         report = build_report(
             logits,

@@ -355,16 +355,23 @@ def _unstarted_grid_points(trials: list[FrozenTrial], space: SearchSpace) -> int
     return len(space.grid_combinations()) - len(started) + waiting
 
 
-def nothing_left_to_run(study: optuna.Study, config: SearchConfig) -> str:
+def nothing_left_to_run(study: optuna.Study, config: SearchConfig, space: SearchSpace) -> str:
     """Why a search that is continued runs no trial: its budget or its grid is used up."""
-    finished = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
-    trials = f"{finished} finished trial{'s' if finished != 1 else ''}"
-    if config.n_trials is not None and finished >= config.n_trials:
-        return (
-            f"the search already holds {trials} and --n-trials is {config.n_trials}: "
-            "nothing left to run (a larger --n-trials runs more)"
-        )
-    return f"every point of the grid has been tried ({trials}): nothing left to run"
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(t.state in FINISHED for t in trials)
+    held = f"{finished} finished trial{'s' if finished != 1 else ''}"
+    reached = config.n_trials is not None and finished >= config.n_trials
+    if config.sampler == "grid" and not reached and _unstarted_grid_points(trials, space) == 0:
+        return f"every point of the grid has been tried ({held}): nothing left to run"
+    budget = (
+        f"--n-trials is {config.n_trials}"
+        if config.n_trials is not None
+        else f"{target_trials(config, space)} is the default budget"
+    )
+    return (
+        f"the search already holds {held} and {budget}: nothing left to run "
+        "(a larger --n-trials runs more)"
+    )
 
 
 def trials_to_run(
@@ -655,7 +662,7 @@ def run_search(
         # from the cache instead of all decoding it at once.
         runner.data_for(base)
     else:
-        logger.warning("%s: %s", run_dir, nothing_left_to_run(study, config))
+        logger.warning("%s: %s", run_dir, nothing_left_to_run(study, config, space))
     remaining = trials_to_run(study, config, space)
     # No more processes than trials left: each one starts a trial as soon as it begins.
     processes = config.workers if remaining is None else max(1, min(config.workers, remaining))
