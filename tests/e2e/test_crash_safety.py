@@ -166,6 +166,7 @@ def _seeded(rows: list[dict[str, str]]) -> list[dict[str, str]]:
 def _test_metrics(run_dir: Path) -> dict:
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text(encoding="utf-8"))
     metrics.pop("files")  # Paths into the run folder.
+    assert metrics.pop("evaluated")["model"] == str((run_dir / "model.safetensors").resolve())
     return metrics
 
 
@@ -292,11 +293,16 @@ def test_a_kill_leaves_no_half_written_file_that_loads(
     assert "Traceback" not in killed_run.resumed.stderr
 
 
-def test_sigint_saves_exits_cleanly_and_resumes(tmp_path: Path, reference: Reference) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_an_interrupt_saves_exits_cleanly_and_resumes(
+    tmp_path: Path, reference: Reference, signum: int
+) -> None:
+    """Ctrl-C, or ``kill PID`` as a scheduler or ``docker stop`` sends it."""
     run_dir, cache_dir = tmp_path / "run", tmp_path / "cache"
     first = _start(run_dir, cache_dir, "interrupted")
-    _interrupt_during_second_epoch(first, signal.SIGINT)
+    _interrupt_during_second_epoch(first, signum)
     _finish(first, expected_code=130)
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
     assert "Traceback" not in first.stderr, first.stderr
     message = re.search(r"Interrupted after (\d+) completed epoch\(s\)\.", first.stdout)
     assert message, first.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -469,8 +470,15 @@ def test_progress_bars_show_on_a_terminal_only(tiny_image_set, monkeypatch, term
     stream = _Terminal() if terminal else io.StringIO()
     monkeypatch.setattr("sys.stderr", stream)
     train_loader, _ = _loaders(tiny_image_set)
-    Trainer(_model(), dataclasses.replace(BASE, epochs=1), CPU, progress=True).fit(train_loader)
-    assert ("epoch 1/1" in stream.getvalue()) is terminal
+    Trainer(_model(), dataclasses.replace(BASE, epochs=2), CPU, progress=True).fit(train_loader)
+    text = stream.getvalue()
+    assert ("batch" in text) is terminal  # The bar's unit.
+    # Off a terminal (a log file, a pipe) each epoch is one plain line, printed as it ends.
+    lines = re.findall(
+        r"^epoch (\d)/2: train_loss \d\.\d{4}  train_accuracy .* img/s  \d+ s$", text, re.M
+    )
+    assert lines == ([] if terminal else ["1", "2"])
+    assert ("\r" in text) is terminal
 
 
 def test_resuming_a_run_on_other_classes_is_refused(tiny_image_set, run_dir: Path) -> None:

@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -125,7 +126,7 @@ def _decode_all(
     jobs = ((chunk, preprocessing) for chunk in _chunks(stream, listing, positions))
     bar = tqdm(total=count, desc="decoding images", unit="img", disable=bar_disabled(progress))
     context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-    pool = context.Pool(workers) if workers > 1 else None
+    pool = context.Pool(workers, initializer=_decoding_worker) if workers > 1 else None
     try:
         results = pool.imap_unordered(_decode_chunk, jobs) if pool else map(_decode_chunk, jobs)
         for chunk_results in results:
@@ -138,6 +139,10 @@ def _decode_all(
                     images[index] = array
                     valid[index] = True
             bar.update(len(chunk_results))
+    except BaseException:  # Ctrl-C, kill, an error: stop the workers now, not after the queue.
+        if pool:
+            pool.terminate()
+        raise
     finally:
         bar.close()
         if pool:
@@ -146,6 +151,13 @@ def _decode_all(
     for index in set(range(count)) - seen:
         problems[index] = f"{_display(listing.records[index])}: file not found in the source"
     return DecodedImages(images, valid, [problems[i] for i in sorted(problems)], False, unreadable)
+
+
+def _decoding_worker() -> None:
+    """A decoding process leaves Ctrl-C to its parent (which stops it) and dies quietly when
+    the parent terminates it, whatever handlers it inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def load_images(

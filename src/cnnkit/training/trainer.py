@@ -10,6 +10,7 @@ import contextlib
 import copy
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from cnnkit.config import TrainConfig
 from cnnkit.data.loader import BatchLoader
 from cnnkit.errors import error_line
-from cnnkit.progress import bar_disabled
+from cnnkit.progress import bar_disabled, plain_lines
 from cnnkit.runtime import DistributedContext, cpu_supports_bf16, rank_seed
 from cnnkit.training.averaging import WeightAverage, start_share
 from cnnkit.training.checkpoint import (
@@ -84,6 +85,17 @@ def _short(value: Any) -> str:
     if isinstance(value, (list, tuple)) and len(value) > 4:
         return f"{', '.join(map(str, value[:3]))}, ... ({len(value)} in all)"
     return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def epoch_line(row: dict[str, float], epochs: int) -> str:
+    """One epoch's figures as a plain line: ``epoch 3/24: train_loss 0.8123 ...``."""
+    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_top5")
+    parts = [f"{key} {row[key]:.4f}" for key in keys if key in row]
+    if "images_per_second" in row:
+        parts.append(f"{row['images_per_second']:.0f} img/s")
+    if "seconds" in row:
+        parts.append(f"{row['seconds']:.0f} s")
+    return f"epoch {int(row['epoch'])}/{epochs}: " + "  ".join(parts)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -358,6 +370,8 @@ class Trainer:
                     row.update({f"val_{k}": v for k, v in val.items()})
                 self.epoch += 1
                 result.history.append(row)
+                if plain_lines(self.progress):
+                    print(epoch_line(row, config.epochs), file=sys.stderr, flush=True)
                 score = row.get("val_accuracy", row["train_accuracy"])
                 if not score <= result.best_val_accuracy:  # Also true when best is NaN.
                     result.best_val_accuracy, result.best_epoch, bad_epochs = score, self.epoch, 0
