@@ -186,3 +186,43 @@ def test_search_help_names_its_defaults(capsys) -> None:
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: book)" in text and "(default: tpe)" in text
     assert "successive halving (default)" in text
+
+
+def test_a_run_without_validation_that_trained_on_the_test_images_says_so(tmp_path):
+    config = build_run_config(
+        preset_for("digits"),
+        {
+            "data": {"dataset": "digits", "val_fraction": 0.0, "train_on_all": True},
+            "model": {"options": {"width": 8}},
+            "train": {"epochs": 1, "max_steps_per_epoch": 2},
+            "out": str(tmp_path / "run"),
+        },
+    )
+    train_run(config, progress=False)
+    page = build_report_html(tmp_path / "run")
+    assert "best val accuracy" not in page
+    assert "best train accuracy (no val split)" in page
+    assert "test top-1 (trained on these images)" in page
+    assert "overstate accuracy on new images" in page
+
+
+def test_an_interrupted_run_shows_its_progress_and_how_to_resume(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(
+        '{"status": "interrupted", "config": {"train": {"epochs": 8}, '
+        '"model": {"name": "symbol_cnn"}}, "data": "digits"}',
+        encoding="utf-8",
+    )
+    (run / "metrics.csv").write_text(
+        "epoch,train_loss,train_accuracy,val_accuracy\n1,1.2,0.6,0.931\n2,0.8,0.8,0.965\n",
+        encoding="utf-8",
+    )
+    page = build_report_html(run)
+    assert_self_contained(page)
+    cards = re.findall(r'<span class="muted">([^<]*)</span><b>([^<]*)</b>', page)
+    assert ("epochs", "2 of 8") in cards and ("best val accuracy", "0.9650") in cards
+    assert ("status", "interrupted") in cards
+    assert "--resume" in page
+    # The test report is written when a run ends: no empty placeholders before that.
+    assert "Confusion matrix" not in page and "Misclassified examples" not in page

@@ -178,20 +178,43 @@ def _training_sections(run_dir: Path) -> list[str]:
     fit = info.get("fit") or {}
     config = info.get("config") or {}
     model = config.get("model") or {}
+    data = config.get("data") or {}
+    history = _read_csv(run_dir / "metrics.csv")
+    planned = (config.get("train") or {}).get("epochs")
+    # Without a validation split the trainer keeps the best training accuracy: label it so.
+    validated = any(row.get("val_accuracy") not in (None, "") for row in history)
+    best_label = "best val accuracy" if validated else "best train accuracy (no val split)"
+    best = fit.get("best_val_accuracy")
+    if best is None and history:  # An interrupted run has no fit summary yet.
+        column = "val_accuracy" if validated else "train_accuracy"
+        best = max((_number(row.get(column)) or 0.0 for row in history), default=None)
+    trained_on_test = bool(data.get("train_on_all"))
+    test_label = "test top-1 (trained on these images)" if trained_on_test else "test top-1"
+    epochs = fit.get("epochs_run", len(history) if history else None)
     sections = [
         _cards(
             [
                 ("status", info.get("status")),
-                ("test top-1", _number(test.get("top1"))),
+                (test_label, _number(test.get("top1"))),
                 ("test top-5", _number(test.get("top5"))),
-                ("best val accuracy", _number(fit.get("best_val_accuracy"))),
-                ("epochs", fit.get("epochs_run")),
+                (best_label, _number(best)),
+                ("epochs", f"{epochs} of {planned}" if epochs is not None and planned else epochs),
                 ("model", model.get("name")),
             ]
         ),
         f'<p class="muted">{_escape(info.get("data", ""))}</p>',
     ]
-    history = _read_csv(run_dir / "metrics.csv")
+    if info.get("status") in ("interrupted", "running"):
+        sections.append(
+            f'<p class="muted">Not finished: {len(history)} epoch(s) recorded. '
+            "<code>cnnkit train ... --resume</code> with the same settings continues from the "
+            "last checkpoint; the test report below appears when the run ends.</p>"
+        )
+    if trained_on_test:
+        sections.append(
+            '<p class="muted">Trained with --train-on-all: the test images were also training '
+            "images, so the test figures overstate accuracy on new images.</p>"
+        )
     png = learning_curves_png(history)
     sections.append("<h2>Learning curves</h2>")
     sections.append(image_tag(png, "learning curves") if png else '<p class="muted">none</p>')
@@ -200,18 +223,19 @@ def _training_sections(run_dir: Path) -> list[str]:
     scalars = {k: v for k, v in test.items() if isinstance(v, (int, float))}
     if scalars:
         sections += ["<h2>Test metrics</h2>", _table([scalars])]
-    confusion = _figure(report_dir / "confusion.png", "confusion matrix", "no confusion matrix")
-    sections += ["<h2>Confusion matrix</h2>", confusion]
-    pairs = [row for row in _read_csv(report_dir / "confused_pairs.csv") if row.get("true")]
-    sections += ["<h2>Most-confused pairs</h2>", _table(pairs[:20])]
-    sections += [
-        "<h2>Misclassified examples</h2>",
-        _figure(report_dir / "misclassified.png", "misclassified test images", "none saved"),
-    ]
-    per_class = _read_csv(report_dir / "per_class.csv")
-    if per_class:
-        worst = sorted(per_class, key=lambda row: _number(row.get("f1")) or 0.0)[:15]
-        sections += ["<h2>Weakest classes (F1)</h2>", _table(worst)]
+    if report_dir.is_dir():  # Written when the run ends; no empty placeholders before that.
+        confusion = _figure(report_dir / "confusion.png", "confusion matrix", "no confusion matrix")
+        sections += ["<h2>Confusion matrix</h2>", confusion]
+        pairs = [row for row in _read_csv(report_dir / "confused_pairs.csv") if row.get("true")]
+        sections += ["<h2>Most-confused pairs</h2>", _table(pairs[:20])]
+        sections += [
+            "<h2>Misclassified examples</h2>",
+            _figure(report_dir / "misclassified.png", "misclassified test images", "none saved"),
+        ]
+        per_class = _read_csv(report_dir / "per_class.csv")
+        if per_class:
+            worst = sorted(per_class, key=lambda row: _number(row.get("f1")) or 0.0)[:15]
+            sections += ["<h2>Weakest classes (F1)</h2>", _table(worst)]
     sections += ["<h2>Configuration</h2>", _pre(_read_text(run_dir / "config.yaml"))]
     details = {k: v for k, v in info.items() if k != "config"}
     sections.append(_pre(json.dumps(details, indent=2, default=str)) if details else "")
