@@ -94,3 +94,20 @@ def test_train_then_resume_with_more_epochs(tmp_path: Path, capsys) -> None:
     run = json.loads((out / "run.json").read_text())
     assert run["fit"]["epochs_run"] == 2
     assert "Test: top-1" in capsys.readouterr().out
+
+
+def test_evaluate_scores_the_test_split_the_model_was_trained_with(tmp_path, capsys) -> None:
+    """A run with another seed and test fraction: evaluate draws that run's test split, not
+    the default one, which would hold images the model trained on."""
+    run = tmp_path / "run"
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    argv = ["train", "--dataset", "digits", "--seed", "3", "--test-fraction", "0.3"]
+    assert main([*argv, "--epochs", "1", "--quiet", "--out", str(run), *cache]) == 0
+    trained = json.loads((run / "report" / "metrics.json").read_text())
+    capsys.readouterr()
+    argv = ["evaluate", str(run), "--dataset", "digits", "--json", *cache]
+    assert main([*argv, "--out", str(tmp_path / "evaluation")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["evaluated"]["seed"] == 3 and report["evaluated"]["test_fraction"] == 0.3
+    assert report["count"] == trained["count"] == round(0.3 * 1797)
+    assert report["top1"] == pytest.approx(trained["top1"], abs=1 / report["count"] + 1e-9)

@@ -101,6 +101,34 @@ def load_splits_for(
     return build_splits(config, preprocessing, cache_dir, progress).splits
 
 
+def _trained_split_settings(
+    model_path: str | Path, training: dict[str, Any], data_overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """``data_overrides`` with the seed and test fraction the model was trained with, when it
+    is scored on the dataset it was trained on: the seeded test split is then the training
+    run's own, not another draw that overlaps its training images."""
+    if data_overrides.get("dataset") != training.get("dataset"):
+        return data_overrides
+    settings = dict(data_overrides)
+    for key, recorded in (
+        ("seed", training.get("data_seed")),
+        ("test_fraction", training.get("test_fraction")),
+    ):
+        if recorded is None:
+            continue  # A model file from before these were recorded.
+        if key not in settings:
+            settings[key] = recorded
+        elif settings[key] != recorded:
+            logger.warning(
+                "%s was trained with %s %s; with %s the test split overlaps its training images",
+                model_path,
+                key.replace("_", " "),
+                recorded,
+                settings[key],
+            )
+    return settings
+
+
 def evaluate_model_file(
     model_path: str | Path,
     data_overrides: dict[str, Any],
@@ -145,6 +173,7 @@ def evaluate_model_file(
             trained_fold,
             trained_fold,
         )
+    data_overrides = _trained_split_settings(model_path, model.metadata.training, data_overrides)
     splits = load_splits_for(preprocessing, data_overrides, cache_dir, progress)
     images = concatenate(splits.train, splits.test) if split == "all" else splits.test
     source = str(data_overrides.get("data") or data_overrides.get("dataset"))

@@ -320,6 +320,9 @@ def train_run(
             training={
                 "dataset": config.data.dataset,
                 "fold": config.data.fold,
+                # What drew the seeded test split, so that evaluate draws the same one.
+                "data_seed": config.data.seed,
+                "test_fraction": config.data.test_fraction,
                 "epochs_run": fit.epochs_run,
                 "best_val_accuracy": fit.best_val_accuracy,
                 "test_top1": test_metrics.get("top1"),
