@@ -48,7 +48,11 @@ def distributed_from_env(device: str = "auto"):
 DATASETS = ("hasy", "cub", "folder", "csv", "digits")
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+def _add_data_arguments(
+    parser: argparse.ArgumentParser, required: bool = True, model_input: bool = True
+) -> None:
+    """The data options; ``model_input=False`` leaves out those a saved model decides itself
+    (its channels and input size) and the validation share (evaluate holds none out)."""
     group = parser.add_argument_group("data")
     group.add_argument(
         "--dataset",
@@ -59,13 +63,19 @@ def _add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) 
     )
     group.add_argument("--data", help="archive, folder or CSV file of the dataset")
     group.add_argument("--fold", type=int, help="HASYv2 fold K (1-10): train/test from fold-K")
-    group.add_argument(
-        "--channels", type=int, choices=[1, 3], help="1 (symbols) or 3 (photos, the book's CNN)"
-    )
-    group.add_argument("--image-size", type=int, help="model input size for symbols (pixels)")
-    group.add_argument(
-        "--val-fraction", type=float, help="share of the training images held out for validation"
-    )
+    if model_input:
+        group.add_argument(
+            "--channels",
+            type=int,
+            choices=[1, 3],
+            help="1 (symbols) or 3 (photos, the book's CNN)",
+        )
+        group.add_argument("--image-size", type=int, help="model input size for symbols (pixels)")
+        group.add_argument(
+            "--val-fraction",
+            type=float,
+            help="share of the training images held out for validation",
+        )
     group.add_argument("--test-fraction", type=float, help="test share without an official split")
     group.add_argument(
         "--on-bad-image",
@@ -83,7 +93,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) 
     group.add_argument("--max-per-class", type=int, help="use at most N images per class")
 
 
-def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_train_arguments(parser: argparse.ArgumentParser, search: bool = False) -> None:
     _add_data_arguments(parser, required=False)  # --config may name the dataset instead.
     parser.add_argument(
         "--preset",
@@ -95,11 +105,15 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the resolved settings (preset < --config < flags) as YAML and exit",
     )
-    parser.add_argument("--out", help="run folder (default runs/<dataset>-<model>)")
+    if search:
+        parser.add_argument("--out", help="search folder (default runs/search-<dataset>-<space>)")
+    else:
+        parser.add_argument("--out", help="run folder (default runs/<dataset>-<model>)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument(
-        "--train-on-all", action="store_true", default=None, help="fit on train+test (final)"
-    )
+    if not search:  # A search ranks its trials on held-out images.
+        parser.add_argument(
+            "--train-on-all", action="store_true", default=None, help="fit on train+test (final)"
+        )
     model = parser.add_argument_group("model")
     model.add_argument("--model", help="registry name (`cnnkit models` lists them)")
     model.add_argument("--dense", type=int, help="book_cnn: dense units (128; 1024 variant)")
@@ -225,7 +239,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
             "crop_to_bbox": args.crop_to_bbox,
             "max_classes": args.max_classes,
             "max_per_class": args.max_per_class,
-            "train_on_all": args.train_on_all,
+            "train_on_all": getattr(args, "train_on_all", None),
             "seed": seed,
         },
         "model": {"name": args.model, "options": options or None},
@@ -677,9 +691,8 @@ def command_demo(args: argparse.Namespace) -> int:
     print("\nNext steps:")
     print(f"  cnnkit predict {model} {result.sample_dir}")
     print(f"  cnnkit evaluate {model} --dataset digits")
-    print(
-        "  cnnkit train --dataset hasy --data HASYv2.tar.bz2 --fold 1   # after `cnnkit fetch hasy`"
-    )
+    print("  cnnkit fetch hasy --to data    # or: --from a HASYv2.tar.bz2 you have")
+    print("  cnnkit train --dataset hasy --data data/HASYv2.tar.bz2 --fold 1")
     print("  cnnkit serve            # draw a symbol in your browser (bundled model)")
     return 0
 
@@ -875,7 +888,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="model file, its .onnx export, or a training run's folder (default: the bundled "
         "model)",
     )
-    _add_data_arguments(evaluate)
+    _add_data_arguments(evaluate, model_input=False)
     evaluate.add_argument(
         "--split",
         choices=["test", "all"],
@@ -975,7 +988,7 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser(
         "search", help="hyperparameter search (Optuna grid, TPE or random) with pruning"
     )
-    _add_train_arguments(search)
+    _add_train_arguments(search, search=True)
     search.add_argument(
         "--space",
         default="book",

@@ -667,3 +667,18 @@ def test_evaluate_on_a_missing_device_is_one_line(capsys, symbol_model_file) -> 
         .err.strip()
         .endswith("device 'cuda' requested but CUDA is not available")
     )
+
+
+def test_help_offers_only_what_each_command_uses(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    text = capsys.readouterr().out
+    assert "--train-on-all" not in text  # A search ranks trials on held-out images.
+    assert "search folder (default runs/search-<dataset>-<space>)" in text
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = capsys.readouterr().out
+    # The model file decides its input, and evaluate holds no validation images out.
+    for option in ("--channels", "--image-size", "--val-fraction"):
+        assert option not in text
+    assert "--max-per-class" in text and "--test-fraction" in text
