@@ -285,6 +285,38 @@ def test_csv_split_column_is_honoured(tmp_path):
     assert (len(splits.train), len(splits.test)) == (4, 2)
 
 
+def _split_csv(tmp_path, rows: list[tuple[str, str]]):
+    lines = [["path", "label", "split"]]
+    for index, (label, split) in enumerate(rows):
+        write_image(tmp_path / f"{index}.png")
+        lines.append([f"{index}.png", label, split])
+    path = write_csv(tmp_path / "labels.csv", lines)
+    return DataConfig(dataset="csv", data=str(path), val_fraction=0)
+
+
+def test_a_class_with_test_images_only_is_reported(tmp_path, caplog):
+    rows = [("a", "train"), ("a", "train"), ("b", "train"), ("a", "test"), ("c", "test")]
+    with caplog.at_level(logging.WARNING):
+        splits = build_splits(_split_csv(tmp_path, rows), Preprocessing()).splits
+    assert (len(splits.train), len(splits.test)) == (3, 2)
+    assert (
+        "1 class(es) have test images but no training image, so the model cannot learn them: c"
+    ) in caplog.text
+
+
+def test_no_test_rows_is_one_line_that_says_why(tmp_path):
+    config = _split_csv(tmp_path, [("a", "train"), ("b", "train")])
+    with pytest.raises(ValueError, match=r"the test split is empty \(none of its images is "):
+        build_splits(config, Preprocessing())
+
+
+def test_too_few_images_for_the_test_share_says_what_to_raise(tmp_path):
+    path = csv_dataset(tmp_path, ["cat", "dog"])
+    config = DataConfig(dataset="csv", data=str(path), val_fraction=0, test_fraction=0.2)
+    with pytest.raises(ValueError, match=r"raise --test-fraction or --max-per-class"):
+        build_splits(config, Preprocessing())
+
+
 def test_csv_missing_image_is_reported_with_its_line(tmp_path):
     path = csv_dataset(tmp_path, ["cat", "dog", "cat", "dog"])
     (tmp_path / "images" / "2.png").unlink()

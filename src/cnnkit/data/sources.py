@@ -190,7 +190,8 @@ def build_splits(
             f"{config.data or config.dataset}: {len(empty)} class(es) have no readable image "
             f"left after skipping bad files ({names}); fix or remove them"
         )
-    if any(split is not None for split in splits):
+    has_split_column = any(split is not None for split in splits)  # CSV column, fold, official
+    if has_split_column:
         train_idx = valid[splits == "train"]
         test_idx = valid[splits == "test"]
     else:
@@ -205,10 +206,29 @@ def build_splits(
     test = _image_set(decoded.images, listing, test_idx)
     if config.train_on_all:
         train = concatenate(train, test)
+    source = config.data or config.dataset
     if len(train) == 0:
-        raise ValueError(f"{config.data or config.dataset}: the training split is empty")
+        raise ValueError(f"{source}: the training split is empty")
     if len(test) == 0:
-        raise ValueError(f"{config.data or config.dataset}: the test split is empty")
+        reason = (
+            "none of its images is marked for the test split"
+            if has_split_column
+            else f"too few images per class for a test share of {config.test_fraction:g}: "
+            "raise --test-fraction or --max-per-class"
+        )
+        raise ValueError(f"{source}: the test split is empty ({reason})")
+    untrained = sorted(set(test.labels.tolist()) - set(train.labels.tolist()))
+    if untrained:
+        names = ", ".join(listing.class_names[i] for i in untrained[:5])
+        more = f" and {len(untrained) - 5} more" if len(untrained) > 5 else ""
+        logger.warning(
+            "%s: %d class(es) have test images but no training image, so the model cannot "
+            "learn them: %s%s",
+            source,
+            len(untrained),
+            names,
+            more,
+        )
     val = _image_set(decoded.images, listing, val_idx) if len(val_idx) else None
     description = (
         f"{listing.description}: {len(train)} train, {len(val) if val else 0} val, "
