@@ -565,10 +565,11 @@ def command_predict(args: argparse.Namespace) -> int:
 
 
 def _predict_and_print(
-    predictor, images: list[Path], top_k: int, as_json: bool, errors=None
+    predictor, images: list[Path], top_k: int, as_json: bool, errors=None, one_line=False
 ) -> int:
     """Print the predictions for ``images`` and an error line for each bad file (to ``errors``,
-    stderr by default); return the number of bad files."""
+    stderr by default); return the number of bad files. ``one_line`` prints the JSON document
+    on one line (the interactive loop: one line of JSON per answer, as JSON Lines)."""
     from cnnkit.data.image import BadImageError
 
     errors = errors or sys.stderr
@@ -588,7 +589,7 @@ def _predict_and_print(
             {"image": str(path), "predictions": [p.to_dict() for p in ranked]}
             for path, ranked in results
         ]
-        print(json.dumps(payload, indent=2, ensure_ascii=False))
+        print(json.dumps(payload, indent=None if one_line else 2, ensure_ascii=False))
         return failures
     kind = predictor.metadata.kind
     for path, ranked in results:
@@ -614,8 +615,9 @@ def _interactive(predictor, top_k: int, as_json: bool) -> None:
     """The book's ``Enter filename:`` loop; an empty line or end of input ends it.
 
     A bad name prints an error in the conversation and the loop goes on (with ``--json`` the
-    prompts and errors go to stderr, so stdout holds only JSON). Quotes around a name (a file
-    dragged into a terminal) and ``~`` are understood, and a folder gives every image in it.
+    prompts and errors go to stderr, and stdout holds one line of JSON per answer). Quotes
+    around a name (a file dragged into a terminal) and ``~`` are understood, and a folder gives
+    every image in it.
     """
     print("Enter image files or folders, one per line; an empty line ends.", file=sys.stderr)
     errors = sys.stderr if as_json else sys.stdout
@@ -632,7 +634,7 @@ def _interactive(predictor, top_k: int, as_json: bool) -> None:
         except CommandError as error:
             print(f"error: {error}", file=errors)
             continue
-        _predict_and_print(predictor, images, top_k, as_json, errors)
+        _predict_and_print(predictor, images, top_k, as_json, errors, one_line=True)
 
 
 def command_fetch(args: argparse.Namespace) -> int:

@@ -526,13 +526,11 @@ def test_interactive_loop_takes_quoted_names_folders_and_json(
     command = ["predict", str(symbol_model_file), str(given), "--interactive", "--json"]
     assert main(command) == 0
     captured = capsys.readouterr()
-    # Stdout is JSON documents only: the command line's image, then one per answer.
-    decoder, out, documents = json.JSONDecoder(), captured.out.strip(), []
-    while out:
-        document, end = decoder.raw_decode(out)
-        documents.append(document)
-        out = out[end:].strip()
-    assert [[item["image"] for item in document] for document in documents] == [
+    # Stdout is JSON only: the command line's image (indented), then one line per answer.
+    decoder, out = json.JSONDecoder(), captured.out.strip()
+    document, end = decoder.raw_decode(out)
+    answers = [json.loads(line) for line in out[end:].strip().splitlines()]
+    assert [[item["image"] for item in answer] for answer in [document, *answers]] == [
         [str(given)],
         [str(first)],
         [str(first), str(second)],
