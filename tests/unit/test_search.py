@@ -599,17 +599,18 @@ def test_the_reporter_passes_on_every_ended_trial_once(tmp_path) -> None:
 
 
 class _CtrlCRunner:
-    """A trial objective that is interrupted (Ctrl-C) in its first epoch."""
+    """A trial objective that is interrupted (Ctrl-C) in its first epoch, or that fails with
+    ``error`` instead."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, error: Exception | None = None) -> None:
         self.config = SearchConfig(sampler="random", n_trials=1)
-        self.space, self.run_dir = TINY_SPACE, run_dir
+        self.space, self.run_dir, self.error = TINY_SPACE, run_dir, error
 
     def __call__(self, trial):
         from cnnkit.training.trainer import TrainingInterrupted
 
         suggest_params(trial, TINY_SPACE, grid=False)
-        raise TrainingInterrupted(0, None)
+        raise self.error or TrainingInterrupted(0, None)
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
@@ -623,8 +624,40 @@ def test_ctrl_c_in_a_trial_logs_no_traceback(tmp_path, caplog) -> None:
     try:
         with caplog.at_level(logging.WARNING), pytest.raises(TrainingInterrupted):
             _optimize(study, runner)
+        # Neither a traceback nor "Trial 0 failed with value None.": it is queued again.
+        assert not [r for r in caplog.records if "Trial 0" in r.getMessage() or r.exc_info]
+        # A real failure is still logged whole: the filter drops interruptions only.
+        with caplog.at_level(logging.WARNING), pytest.raises(ValueError):
+            _optimize(study, _CtrlCRunner(tmp_path / "run", ValueError("broken")))
     finally:
         optuna.logging.disable_propagation()
-    assert [record for record in caplog.records if record.name.startswith("optuna")]
-    assert not [record for record in caplog.records if record.exc_info]
+    failures = [r for r in caplog.records if "Trial 1 failed" in r.getMessage()]
+    assert failures and any(r.exc_info for r in failures)
     assert not logging.getLogger("optuna.study._optimize").filters  # Removed afterwards.
+
+
+def test_an_interrupted_search_leaves_its_tables_and_figures(tmp_path):
+    """``kill`` (as Ctrl-C) mid-search: the finished trials' table and figures are written, so
+    ``cnnkit report`` shows them, and the command says how to continue."""
+    (tmp_path / "space.yaml").write_text(
+        "convs: {type: categorical, choices: [1, 2]}\n"
+        "dense: {type: categorical, choices: [8, 16]}\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "search"
+    process = subprocess.Popen(
+        _search_command(out), env=subprocess_env(), stdout=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        results = out / "results.csv"
+        if results.exists() and len(results.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, "the search ended before it could be interrupted"
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "Rerun the same command to continue the study." in stdout
+    assert (out / "learning_curves.png").stat().st_size > 1000
+    assert (out / "results.md").read_text().startswith("| rank | trial |")

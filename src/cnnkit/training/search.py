@@ -11,6 +11,7 @@ import inspect
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import time
 import warnings
@@ -552,11 +553,22 @@ def _optimize(
 
 
 class _QuietInterruptions(logging.Filter):
-    """Drops Optuna's traceback for a trial stopped by Ctrl-C."""
+    """Drops Optuna's traceback for a trial stopped by Ctrl-C, and the "Trial N failed with
+    value None." line that follows it: such a trial is queued again, not failed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        return not isinstance(error, (TrainingInterrupted, KeyboardInterrupt))
+        message = record.getMessage()
+        number = re.match(r"Trial (\d+) failed", message)
+        if isinstance(error, (TrainingInterrupted, KeyboardInterrupt)):
+            if number:
+                self.interrupted.add(number.group(1))
+            return False
+        return not (number and number.group(1) in self.interrupted)
 
 
 def _worker_main(
@@ -674,6 +686,10 @@ def run_search(
     reporter = TrialReporter(on_trial, run_dir, study)
     try:
         _optimize(study, runner, reporter)
+    except (TrainingInterrupted, KeyboardInterrupt):
+        # Ctrl-C: the tables and figures still show the trials so far (cnnkit report reads them).
+        _write_outputs(study, space, run_dir)
+        raise
     finally:
         for process in workers:
             process.join()
@@ -681,11 +697,7 @@ def run_search(
                 logger.warning("%s exited with status %s", process.name, process.exitcode)
         torch.set_num_threads(threads)
     reporter.report_new(study)  # Trials the other processes finished last.
-    trials = collect_trials(study, run_dir)
-    parameter_names = [parameter.name for parameter in space.parameters]
-    files = write_results_tables(trials, parameter_names, run_dir)
-    importances = parameter_importances(study)
-    files.update(write_search_figures(trials, parameter_names, importances, run_dir))
+    trials, files = _write_outputs(study, space, run_dir)
     counts = {state: sum(t.state == state for t in trials) for state in TRIAL_STATES.values()}
     # A trial that was interrupted or lost with its process and queued again is not a failure
     # of its settings: it is counted apart, and its rerun is counted like any other trial.
@@ -699,6 +711,18 @@ def run_search(
     return SearchResult(
         run_dir, url, name, trials, counts, files, retrained, time.perf_counter() - start
     )
+
+
+def _write_outputs(
+    study: optuna.Study, space: SearchSpace, run_dir: Path
+) -> tuple[list[TrialSummary], dict[str, str]]:
+    """Write the results tables and figures of the trials so far; return them and the files."""
+    trials = collect_trials(study, run_dir)
+    parameter_names = [parameter.name for parameter in space.parameters]
+    files = write_results_tables(trials, parameter_names, run_dir)
+    importances = parameter_importances(study)
+    files.update(write_search_figures(trials, parameter_names, importances, run_dir))
+    return trials, files
 
 
 def check_model_options(space: SearchSpace, base: RunConfig) -> None:
