@@ -504,25 +504,29 @@ def _search_command(out: Path) -> list[str]:
     ]
 
 
-def test_killed_search_resumes_without_repeats(tmp_path):
-    (tmp_path / "space.yaml").write_text(
+def _search_after_one_trial(out: Path, **popen) -> subprocess.Popen:
+    """Start ``cnnkit search`` (2x2 grid) into ``out`` and return once a trial has finished."""
+    (out.parent / "space.yaml").write_text(
         "convs: {type: categorical, choices: [1, 2]}\n"
         "dense: {type: categorical, choices: [8, 16]}\n",
         encoding="utf-8",
     )
-    out = tmp_path / "search"
-    env = subprocess_env()
-    process = subprocess.Popen(
-        _search_command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    process = subprocess.Popen(_search_command(out), env=subprocess_env(), **popen)
     deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        results = out / "results.csv"
+        if results.exists() and len(results.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    if process.poll() is not None:
+        pytest.fail("the search ended before it could be stopped")
+    return process
+
+
+def test_killed_search_resumes_without_repeats(tmp_path):
+    out, env = tmp_path / "search", subprocess_env()
+    process = _search_after_one_trial(out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while time.monotonic() < deadline and process.poll() is None:
-            results = out / "results.csv"
-            if results.exists() and len(results.read_text().splitlines()) >= 2:
-                break
-            time.sleep(0.2)
-        assert process.poll() is None, "the search ended before it could be killed"
         os.kill(process.pid, signal.SIGKILL)
     finally:
         process.wait()
@@ -639,22 +643,8 @@ def test_ctrl_c_in_a_trial_logs_no_traceback(tmp_path, caplog) -> None:
 def test_an_interrupted_search_leaves_its_tables_and_figures(tmp_path):
     """``kill`` (as Ctrl-C) mid-search: the finished trials' table and figures are written, so
     ``cnnkit report`` shows them, and the command says how to continue."""
-    (tmp_path / "space.yaml").write_text(
-        "convs: {type: categorical, choices: [1, 2]}\n"
-        "dense: {type: categorical, choices: [8, 16]}\n",
-        encoding="utf-8",
-    )
     out = tmp_path / "search"
-    process = subprocess.Popen(
-        _search_command(out), env=subprocess_env(), stdout=subprocess.PIPE, text=True
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        results = out / "results.csv"
-        if results.exists() and len(results.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.2)
-    assert process.poll() is None, "the search ended before it could be interrupted"
+    process = _search_after_one_trial(out, stdout=subprocess.PIPE, text=True)
     process.send_signal(signal.SIGTERM)
     stdout, _ = process.communicate(timeout=120)
     assert process.returncode == 130
