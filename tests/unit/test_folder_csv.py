@@ -176,6 +176,7 @@ def test_bad_images_are_reported_with_their_path_or_skipped(tmp_path, name, cont
     splits = loaded.splits
     total = len(splits.train) + len(splits.test) + (len(splits.val) if splits.val else 0)
     assert total == 8
+    assert splits.description.endswith("classes, 1 bad image(s) skipped")
 
 
 def test_a_class_whose_images_are_all_skipped_is_an_error(tmp_path):
@@ -425,3 +426,15 @@ def test_csv_property_quirks_and_bad_rows(tmp_path_factory, labels, newline, bom
     assert listing.class_names == sorted(set(labels))
     assert [listing.class_names[r.label] for r in listing.records] == labels
     assert [r.origin for r in listing.records] == [f"list.csv:{i + 2}" for i in range(len(labels))]
+
+
+def test_a_path_listed_twice_with_two_labels_names_both_as_written(tmp_path):
+    write_image(tmp_path / "0.png")
+    path = write_csv(
+        tmp_path / "labels.csv", [["path", "label"], ["0.png", "\\pi"], ["0.png", "\\alpha"]]
+    )
+    with pytest.raises(DataFormatError) as raised:
+        CsvSource(path).list_samples()
+    assert str(raised.value) == (
+        f'{path}:3: "0.png" is listed as "\\alpha" but line 2 says "\\pi"'
+    )

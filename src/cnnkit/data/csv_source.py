@@ -148,10 +148,13 @@ class CsvSource:
             if key in seen:
                 first_line, first_label, first_split = seen[key]
                 if (first_label, first_split) != (label, split):
+
+                    def said(label: str, split: str | None) -> str:
+                        return f'"{label}"' + (f" ({split})" if split else "")
+
                     raise DataFormatError(
-                        f"{self.csv_path}:{line}: {path!r} is listed with label {label!r} "
-                        f"(split {split}) but line {first_line} says {first_label!r} "
-                        f"(split {first_split})"
+                        f'{self.csv_path}:{line}: "{path}" is listed as {said(label, split)} '
+                        f"but line {first_line} says {said(first_label, first_split)}"
                     )
                 duplicates.append(line)
                 continue

@@ -230,9 +230,10 @@ def build_splits(
             more,
         )
     val = _image_set(decoded.images, listing, val_idx) if len(val_idx) else None
+    skipped = f", {len(decoded.problems)} bad image(s) skipped" if decoded.problems else ""
     description = (
         f"{listing.description}: {len(train)} train, {len(val) if val else 0} val, "
-        f"{len(test)} test, {len(listing.class_names)} classes"
+        f"{len(test)} test, {len(listing.class_names)} classes{skipped}"
     )
     return LoadedData(
         DataSplits(train, val, test, listing.class_names, description),
