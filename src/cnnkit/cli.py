@@ -422,7 +422,10 @@ def _print_run_folder_state(run_dir: Path, resume: bool, default_dir: Path | Non
     if resume:
         print(f"Resuming from {found}" if found else f"No checkpoint in {run_dir}: starting fresh")
     elif (run_dir / "model.safetensors").exists() or found:
-        print(f"Note: {run_dir} holds an earlier run; this run replaces its model and logs")
+        print(
+            f"Note: {run_dir} holds an earlier run; this run replaces it (model, logs, reports; "
+            "other files stay)"
+        )
     elif default_dir is not None and run_dir != default_dir:
         print(f"Note: {default_dir} holds a finished run; this one goes to {run_dir}")
 

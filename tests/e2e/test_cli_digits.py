@@ -13,6 +13,7 @@ import pytest
 from cnnkit import __version__
 from cnnkit.cli import main
 from cnnkit.config import build_run_config, load_config_file
+from cnnkit.inference.artifact import load_model
 
 CHANCE = 0.1  # ten digits
 
@@ -111,3 +112,23 @@ def test_evaluate_scores_the_test_split_the_model_was_trained_with(tmp_path, cap
     assert report["evaluated"]["seed"] == 3 and report["evaluated"]["test_fraction"] == 0.3
     assert report["count"] == trained["count"] == round(0.3 * 1797)
     assert report["top1"] == pytest.approx(trained["top1"], abs=1 / report["count"] + 1e-9)
+
+
+def test_training_again_into_a_folder_clears_the_earlier_runs_outputs(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    (run / "tensorboard").mkdir(parents=True)
+    (run / "tensorboard" / "events.out.tfevents.old").write_bytes(b"old curves")
+    (run / "evaluation").mkdir()
+    (run / "evaluation" / "metrics.json").write_text("{}")
+    (run / "report.html").write_text("old report")
+    (run / "model.safetensors").write_bytes(b"old model")
+    (run / "notes.txt").write_text("mine")
+    argv = ["train", "--dataset", "digits", "--max-per-class", "30", "--epochs", "1", "--quiet"]
+    argv += ["--out", str(run), "--cache-dir", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    assert f"Note: {run} holds an earlier run; this run replaces it" in capsys.readouterr().out
+    assert not (run / "report.html").exists() and not (run / "evaluation").exists()
+    events = sorted(path.name for path in (run / "tensorboard").iterdir())
+    assert events and "events.out.tfevents.old" not in events  # No old curves mixed in.
+    assert load_model(run / "model.safetensors").metadata.class_names[0] == "0"
+    assert (run / "notes.txt").read_text() == "mine"  # Not cnnkit's: left alone.

@@ -435,6 +435,4 @@ def test_a_path_listed_twice_with_two_labels_names_both_as_written(tmp_path):
     )
     with pytest.raises(DataFormatError) as raised:
         CsvSource(path).list_samples()
-    assert str(raised.value) == (
-        f'{path}:3: "0.png" is listed as "\\alpha" but line 2 says "\\pi"'
-    )
+    assert str(raised.value) == (f'{path}:3: "0.png" is listed as "\\alpha" but line 2 says "\\pi"')

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ from cnnkit.runtime import (
     select_device,
 )
 from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger
+from cnnkit.training.checkpoint import CHECKPOINT_NAME
 from cnnkit.training.trainer import (
     Callback,
     FitResult,
@@ -215,6 +217,41 @@ def _fit(
     return fit, trainer, transfer
 
 
+# What cnnkit writes into a run folder (train, evaluate's default report, report, the demo).
+# The decoded-feature cache (``features/``) is kept: its entries are keyed by their inputs.
+RUN_OUTPUTS = (
+    CHECKPOINT_NAME,
+    "config.yaml",
+    "evaluation",
+    "finetune",
+    "metrics.csv",
+    MODEL_NAME,
+    "phases.json",
+    "report",
+    "report.html",
+    "run.json",
+    "samples",
+    "tensorboard",
+)
+
+
+def clear_run_outputs(run_dir: Path) -> list[str]:
+    """Remove an earlier run's outputs from ``run_dir`` before a fresh run writes its own, so
+    that no old report, TensorBoard curve or sample sits beside the new model. Other files
+    are left alone. Returns the names removed."""
+    removed = []
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
 def train_run(
     config: RunConfig,
     resume: bool = False,
@@ -260,6 +297,8 @@ def train_run(
         **config.model.options,
     )
     if distributed.is_main:
+        if not resume:  # Once the data has loaded: a run that fails before keeps the old one.
+            clear_run_outputs(run_dir)
         write_run_info(run_dir, config, {"status": "running", "data": splits.description})
     train_loader, val_loader, test_loader = build_loaders(
         splits, config, preprocessing, device, distributed
