@@ -137,6 +137,7 @@ def test_search_report_has_table_and_plots(tmp_path):
     assert len(IMAGE.findall(page)) == 3
     assert "Best: trial 0 (dense=128, dropout=0.5)" in page
     assert page.index('<td class="num">0</td>') < page.index('<td class="num">2</td>')
+    assert "<td>yes</td>" in page and "<td>True</td>" not in page  # The pruned column.
     assert_self_contained(page)
 
 

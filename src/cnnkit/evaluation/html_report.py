@@ -91,6 +91,8 @@ def _number(value: Any) -> float | None:
 def _format(value: Any, column: str = "") -> str:
     if isinstance(value, bool) or value is None:
         return "" if value is None else ("yes" if value else "no")
+    if column == "pruned" and value in ("True", "False"):  # A flag read back from a CSV.
+        return "yes" if value == "True" else "no"
     if isinstance(value, float) and column == "seconds":
         return f"{value:.1f}"
     if isinstance(value, float):
