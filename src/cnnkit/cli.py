@@ -703,11 +703,17 @@ def command_demo(args: argparse.Namespace) -> int:
 
 
 def command_models(args: argparse.Namespace) -> int:
-    from cnnkit.models.registry import list_models, model_options
+    from cnnkit.models.registry import list_models, model_options, model_summary
 
     for name in list_models():
         options = ", ".join(f"{k}={v!r}" for k, v in model_options(name).items())
-        print(f"{name:<22} {options}")
+        print(f"{name}: {model_summary(name)}")
+        print(f"    options: {options}")
+    print(
+        "\nThese are each model's own defaults; a preset may set others (the hasy preset trains"
+        "\nsymbol_cnn at width 32). `cnnkit train ... --print-config` shows a run's settings,"
+        "\nand --option KEY=VALUE (or --width, --dense, --dropout) changes one."
+    )
     return 0
 
 

@@ -399,6 +399,9 @@ def test_version_and_models(capsys) -> None:
     assert main(["models"]) == 0
     listed = capsys.readouterr().out
     assert "book_cnn" in listed and "symbol_cnn" in listed and "width=64" in listed
+    # Each model says what it is, on one line, with no reST markup.
+    assert "book_cnn: The book's final HASY network (--dense 1024 gives" in listed
+    assert "``" not in listed
 
 
 # ----------------------------------------------------------------------------- predict

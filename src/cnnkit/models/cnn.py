@@ -100,5 +100,6 @@ def symbol_cnn(
     stages: int = 3,
     pool_size: int = 4,
 ) -> nn.Module:
-    """The default network for 32x32 symbols (see the module docstring)."""
+    """The default for 32x32 symbols: VGG-style stages of 3x3 convolutions with batch norm, and
+    a head on a 4x4 grid of features (the module docstring gives the measurements behind it)."""
     return SymbolCNN(num_classes, in_channels, width, layers_per_stage, dropout, stages, pool_size)

@@ -48,6 +48,14 @@ def model_options(name: str) -> dict[str, Any]:
     }
 
 
+def model_summary(name: str) -> str:
+    """The first paragraph of the model's docstring, on one line: what it is."""
+    _load_builtin_models()
+    doc = inspect.getdoc(_get_factory(name)) or ""
+    paragraph = doc.split("\n\n")[0]
+    return " ".join(paragraph.split()).replace("``", "")
+
+
 def _get_factory(name: str) -> Callable[..., nn.Module]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(_REGISTRY))}")
