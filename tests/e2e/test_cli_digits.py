@@ -97,21 +97,32 @@ def test_train_then_resume_with_more_epochs(tmp_path: Path, capsys) -> None:
     assert "Test: top-1" in capsys.readouterr().out
 
 
-def test_evaluate_scores_the_test_split_the_model_was_trained_with(tmp_path, capsys) -> None:
-    """A run with another seed and test fraction: evaluate draws that run's test split, not
-    the default one, which would hold images the model trained on."""
+def test_evaluate_scores_the_test_split_the_model_was_trained_with(
+    tmp_path, capsys, caplog
+) -> None:
+    """A run with another seed, test fraction and image limit: evaluate draws that run's test
+    split, not the default one, which would hold images the model trained on."""
     run = tmp_path / "run"
     cache = ["--cache-dir", str(tmp_path / "cache")]
     argv = ["train", "--dataset", "digits", "--seed", "3", "--test-fraction", "0.3"]
+    argv += ["--max-per-class", "100"]
     assert main([*argv, "--epochs", "1", "--quiet", "--out", str(run), *cache]) == 0
     trained = json.loads((run / "report" / "metrics.json").read_text())
     capsys.readouterr()
     argv = ["evaluate", str(run), "--dataset", "digits", "--json", *cache]
     assert main([*argv, "--out", str(tmp_path / "evaluation")]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["evaluated"]["seed"] == 3 and report["evaluated"]["test_fraction"] == 0.3
-    assert report["count"] == trained["count"] == round(0.3 * 1797)
+    evaluated = report["evaluated"]
+    assert (evaluated["seed"], evaluated["test_fraction"], evaluated["max_per_class"]) == (
+        3,
+        0.3,
+        100,
+    )
+    assert report["count"] == trained["count"] == 300  # 30% of 100 images of each digit
     assert report["top1"] == pytest.approx(trained["top1"], abs=1 / report["count"] + 1e-9)
+    # Another limit draws another split: allowed, with a warning.
+    assert main([*argv, "--max-per-class", "50", "--out", str(tmp_path / "other")]) == 0
+    assert "was trained with max per class 100; with 50 the test split overlaps" in caplog.text
 
 
 def test_training_again_into_a_folder_clears_the_earlier_runs_outputs(tmp_path, capsys) -> None:

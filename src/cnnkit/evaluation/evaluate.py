@@ -101,29 +101,38 @@ def load_splits_for(
     return build_splits(config, preprocessing, cache_dir, progress).splits
 
 
+# Data settings that draw a seeded test split: the name in DataConfig, and in the model file.
+SPLIT_SETTINGS = (
+    ("seed", "data_seed"),
+    ("test_fraction", "test_fraction"),
+    ("max_classes", "max_classes"),
+    ("max_per_class", "max_per_class"),
+)
+
+
 def _trained_split_settings(
     model_path: str | Path, training: dict[str, Any], data_overrides: dict[str, Any]
 ) -> dict[str, Any]:
-    """``data_overrides`` with the seed and test fraction the model was trained with, when it
-    is scored on the dataset it was trained on: the seeded test split is then the training
-    run's own, not another draw that overlaps its training images."""
+    """``data_overrides`` with the split settings the model was trained with (seed, test
+    fraction, class and image limits), when it is scored on the dataset it was trained on: the
+    seeded test split is then the training run's own, not another draw that overlaps its
+    training images. A setting given otherwise is kept, with a warning."""
     if data_overrides.get("dataset") != training.get("dataset"):
         return data_overrides
     settings = dict(data_overrides)
-    for key, recorded in (
-        ("seed", training.get("data_seed")),
-        ("test_fraction", training.get("test_fraction")),
-    ):
-        if recorded is None:
+    for key, recorded_as in SPLIT_SETTINGS:
+        if recorded_as not in training:
             continue  # A model file from before these were recorded.
+        recorded = training[recorded_as]
         if key not in settings:
-            settings[key] = recorded
+            if recorded is not None:
+                settings[key] = recorded
         elif settings[key] != recorded:
             logger.warning(
                 "%s was trained with %s %s; with %s the test split overlaps its training images",
                 model_path,
                 key.replace("_", " "),
-                recorded,
+                "unset" if recorded is None else recorded,
                 settings[key],
             )
     return settings

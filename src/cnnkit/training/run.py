@@ -362,6 +362,8 @@ def train_run(
                 # What drew the seeded test split, so that evaluate draws the same one.
                 "data_seed": config.data.seed,
                 "test_fraction": config.data.test_fraction,
+                "max_classes": config.data.max_classes,
+                "max_per_class": config.data.max_per_class,
                 "epochs_run": fit.epochs_run,
                 "best_val_accuracy": fit.best_val_accuracy,
                 "test_top1": test_metrics.get("top1"),
