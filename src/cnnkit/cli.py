@@ -379,7 +379,7 @@ def command_train(args: argparse.Namespace) -> int:
     finally:
         shutdown_distributed()
     if is_main:
-        _print_history(result.fit.history)
+        _print_history(result.fit.history, progress=not args.quiet)
         metrics = result.test_metrics
         seen = " (images it trained on: --train-on-all)" if config.data.train_on_all else ""
         print(
@@ -433,7 +433,14 @@ def _print_run_folder_state(run_dir: Path, resume: bool, default_dir: Path | Non
 PHASE_NAMES = {1.0: "frozen", 2.0: "fine-tune"}
 
 
-def _print_history(history: list[dict[str, float]]) -> None:
+def _print_history(history: list[dict[str, float]], progress: bool = False) -> None:
+    """The run's epochs, one line each; skipped when ``progress`` already printed them as
+    they ended (output that is not a terminal), except for a transfer run, whose frozen
+    phase trains without such lines."""
+    from cnnkit.progress import plain_lines
+
+    if plain_lines(progress) and not any("phase" in row for row in history):
+        return
     phase_starts: dict[float, int] = {}
     for index, row in enumerate(history):
         label = ""
@@ -682,7 +689,7 @@ def command_demo(args: argparse.Namespace) -> int:
 
     result = run_demo(Path(args.out), epochs=args.epochs, progress=not args.quiet)
     print(f"\nDemo: {result.description}")
-    _print_history(result.run.fit.history)
+    _print_history(result.run.fit.history, progress=not args.quiet)
     metrics = result.run.test_metrics
     print(f"Test: top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}")
     print(

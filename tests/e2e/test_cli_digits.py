@@ -143,3 +143,15 @@ def test_training_again_into_a_folder_clears_the_earlier_runs_outputs(tmp_path, 
     assert events and "events.out.tfevents.old" not in events  # No old curves mixed in.
     assert load_model(run / "model.safetensors").metadata.class_names[0] == "0"
     assert (run / "notes.txt").read_text() == "mine"  # Not cnnkit's: left alone.
+
+
+def test_logged_training_prints_each_epoch_once_as_it_ends(tmp_path, capsys) -> None:
+    """Output that is not a terminal (a log, CI): one plain line per epoch on stderr while the
+    run goes, and no second copy of them at the end."""
+    argv = ["train", "--dataset", "digits", "--max-per-class", "30", "--epochs", "2"]
+    argv += ["--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    assert re.findall(r"^epoch (\d)/2: train_loss", printed.err, re.M) == ["1", "2"]
+    assert not re.findall(r"^epoch +\d", printed.out, re.M)
+    assert "Test: top-1" in printed.out
