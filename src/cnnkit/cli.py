@@ -416,16 +416,20 @@ def _print_run_folder_state(run_dir: Path, resume: bool, default_dir: Path | Non
     """Say whether ``--resume`` found a checkpoint, that a fresh run replaces an old one (in a
     folder given with ``--out``), or that it went to a new folder beside the default one."""
     from cnnkit.training.checkpoint import CHECKPOINT_NAME
+    from cnnkit.training.run import holds_a_run
 
     checkpoints = [run_dir / CHECKPOINT_NAME, run_dir / "finetune" / CHECKPOINT_NAME]
     found = next((path for path in checkpoints if path.exists()), None)
-    if resume:
-        print(f"Resuming from {found}" if found else f"No checkpoint in {run_dir}: starting fresh")
-    elif (run_dir / "model.safetensors").exists() or found:
+    if resume and found:
+        print(f"Resuming from {found}")
+    elif holds_a_run(run_dir):
+        start = f"No checkpoint in {run_dir}: starting fresh. " if resume else ""
         print(
-            f"Note: {run_dir} holds an earlier run; this run replaces it (model, logs, reports; "
-            "other files stay)"
+            f"{start}Note: {run_dir} holds an earlier run; this run replaces it (model, logs, "
+            "reports; other files stay)"
         )
+    elif resume:
+        print(f"No checkpoint in {run_dir}: starting fresh")
     elif default_dir is not None and run_dir != default_dir:
         print(f"Note: {default_dir} holds a finished run; this one goes to {run_dir}")
 

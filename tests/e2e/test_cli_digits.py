@@ -155,3 +155,63 @@ def test_logged_training_prints_each_epoch_once_as_it_ends(tmp_path, capsys) -> 
     assert re.findall(r"^epoch (\d)/2: train_loss", printed.err, re.M) == ["1", "2"]
     assert not re.findall(r"^epoch +\d", printed.out, re.M)
     assert "Test: top-1" in printed.out
+
+
+def test_a_folder_without_a_run_is_never_cleared(tmp_path, capsys) -> None:
+    """`--out .` in a folder of one's own: folders named like cnnkit's outputs are the user's."""
+    mine = tmp_path / "mine"
+    for name in ("samples", "report", "evaluation", "tensorboard"):
+        (mine / name).mkdir(parents=True)
+        (mine / name / "keep.txt").write_text(name)
+    argv = ["train", "--dataset", "digits", "--max-per-class", "30", "--epochs", "1", "--quiet"]
+    assert main([*argv, "--out", str(mine), "--cache-dir", str(tmp_path / "cache")]) == 0
+    for name in ("samples", "report", "evaluation", "tensorboard"):
+        assert (mine / name / "keep.txt").read_text() == name
+    assert "holds an earlier run" not in capsys.readouterr().out
+
+
+def test_the_training_data_inside_a_run_folder_is_kept(tmp_path, tiny_image_set) -> None:
+    """A CSV dataset whose images sit in ``samples/`` of a folder that holds a run."""
+    from PIL import Image
+
+    run = tmp_path / "run"
+    images = tiny_image_set(num_classes=2, per_class=10, size=16, seed=1)
+    (run / "samples").mkdir(parents=True)
+    rows = ["path,label"]
+    for index, (array, label) in enumerate(zip(images.images, images.labels, strict=True)):
+        Image.fromarray(array[..., 0]).save(run / "samples" / f"{index}.png")
+        rows.append(f"samples/{index}.png,{'ab'[label]}")
+    (run / "labels.csv").write_text("\n".join(rows) + "\n")
+    argv = ["train", "--dataset", "csv", "--data", str(run / "labels.csv"), "--epochs", "1"]
+    argv += ["--quiet", "--out", str(run), "--cache-dir", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    assert main(argv) == 0  # The folder now holds a run: a fresh one must keep the data.
+    assert len(list((run / "samples").glob("*.png"))) == 20
+
+
+def test_training_into_a_search_folder_is_refused(tmp_path, capsys) -> None:
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "search.yaml").write_text("search: {}\n")
+    argv = ["train", "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path / "search")]
+    assert main(argv) == 2
+    assert "holds a search, not a training run: pass another --out" in capsys.readouterr().err
+
+
+def test_clearing_leaves_folders_that_hold_files_cnnkit_did_not_write(tmp_path, caplog) -> None:
+    from cnnkit.training.run import clear_run_outputs
+
+    run = tmp_path / "run"
+    (run / "report").mkdir(parents=True)
+    (run / "report" / "thesis.tex").write_text("mine")
+    (run / "report" / "metrics.json").write_text("{}")
+    (run / "evaluation").mkdir()
+    (run / "evaluation" / "confusion.png").write_bytes(b"png")
+    (run / "model.safetensors").write_bytes(b"old")
+    (run / "data").mkdir()
+    (run / "data" / "x.png").write_bytes(b"png")
+    (run / "samples").symlink_to(run / "data")  # A link goes; what it points to stays.
+    assert sorted(clear_run_outputs(run)) == ["evaluation", "model.safetensors", "samples"]
+    assert (run / "report" / "thesis.tex").read_text() == "mine"
+    assert "left the earlier run's report as they are" in caplog.text
+    assert (run / "data" / "x.png").exists()
+    assert clear_run_outputs(tmp_path / "never-a-run") == []

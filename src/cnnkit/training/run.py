@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 import time
@@ -217,15 +218,19 @@ def _fit(
     return fit, trainer, transfer
 
 
-# What cnnkit writes into a run folder (train, evaluate's default report, report, the demo).
-# The decoded-feature cache (``features/``) is kept: its entries are keyed by their inputs.
+# What cnnkit writes into a run folder: train (and a transfer run's phases), evaluate's default
+# report, report, export's default file names, and the demo's samples. The feature cache
+# (``features/``) is kept: its entries are keyed by their inputs.
 RUN_OUTPUTS = (
     CHECKPOINT_NAME,
     "config.yaml",
     "evaluation",
     "finetune",
+    "frozen",
     "metrics.csv",
     MODEL_NAME,
+    "model.onnx",
+    "model-int8.onnx",
     "phases.json",
     "report",
     "report.html",
@@ -235,20 +240,88 @@ RUN_OUTPUTS = (
 )
 
 
-def clear_run_outputs(run_dir: Path) -> list[str]:
-    """Remove an earlier run's outputs from ``run_dir`` before a fresh run writes its own, so
-    that no old report, TensorBoard curve or sample sits beside the new model. Other files
-    are left alone. Returns the names removed."""
-    removed = []
+def _data_roots(config: RunConfig) -> list[Path]:
+    """Where the training data lives: a CSV's folder (its paths are relative to it), or the
+    archive or folder itself."""
+    if not config.data.data:
+        return []
+    data = Path(config.data.data)
+    return [data.parent if data.suffix.lower() == ".csv" else data]
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    return any((folder / CHECKPOINT_NAME).is_file() for folder in (run_dir, run_dir / "finetune"))
+
+
+# The files cnnkit writes in the folders of a run (temporaries of atomic writes included).
+_OUTPUT_FILE = re.compile(
+    r"(events\.out\.tfevents\..*"  # TensorBoard, in tensorboard/ and its phase folders
+    r"|metrics\.(json|csv)|per_class\.csv|confused_pairs\.csv|confusion\.png"
+    r"|misclassified\.png|checkpoint\.pt|test-.*\.png|\..*\.tmp)"
+)
+
+
+def _only_cnnkit_files(folder: Path) -> bool:
+    """Whether every file under ``folder`` is named like one cnnkit writes there."""
+    return all(
+        _OUTPUT_FILE.fullmatch(path.name)
+        for path in folder.rglob("*")
+        if path.is_file() or path.is_symlink()
+    )
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a cnnkit training run: its run.json, model or checkpoint."""
+    if (run_dir / MODEL_NAME).is_file() or (run_dir / CHECKPOINT_NAME).is_file():
+        return True
+    try:
+        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and "cnnkit_version" in info
+
+
+def clear_run_outputs(run_dir: Path, keep: Sequence[str | Path] = ()) -> list[str]:
+    """Remove an earlier cnnkit run's outputs from ``run_dir`` before a fresh run writes its
+    own, so that no old report, TensorBoard curve, export or sample sits beside the new model.
+
+    Nothing is removed from a folder that holds no cnnkit run (``--out .`` in a folder of
+    one's own), no folder that holds a path of ``keep`` or lies inside one (the training
+    data's folder), and nothing not named like one of cnnkit's outputs. A link is removed,
+    never what it points to.
+
+    Returns:
+        The names removed.
+    """
+    if not holds_a_run(run_dir):
+        return []
+    kept = [Path(path).resolve() for path in keep]
+    removed, left = [], []
     for name in RUN_OUTPUTS:
         path = run_dir / name
-        if path.is_dir() and not path.is_symlink():
+        if path.is_symlink() or path.is_file():
+            path.unlink()  # A file of cnnkit's own (none is an image), or a link to anything.
+        elif path.is_dir():
+            resolved = path.resolve()
+            holds_data = any(
+                k == resolved or resolved in k.parents or k in resolved.parents for k in kept
+            )
+            if holds_data or not _only_cnnkit_files(path):
+                left.append(name)
+                continue
             shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
         else:
             continue
         removed.append(name)
+    if left:
+        logger.warning(
+            "%s: left the earlier run's %s as they are: they hold the training data or files "
+            "cnnkit did not write",
+            run_dir,
+            ", ".join(left),
+        )
+    if removed:
+        logger.info("removed the earlier run's %s from %s", ", ".join(removed), run_dir)
     return removed
 
 
@@ -276,6 +349,8 @@ def train_run(
     """
     distributed = distributed or DistributedContext()
     run_dir = config.run_dir()
+    if (run_dir / "search.yaml").is_file():
+        raise ValueError(f"{run_dir} holds a search, not a training run: pass another --out")
     timings: dict[str, float] = {}
     start = time.perf_counter()
     seed_everything(config.train.seed)
@@ -297,8 +372,10 @@ def train_run(
         **config.model.options,
     )
     if distributed.is_main:
-        if not resume:  # Once the data has loaded: a run that fails before keeps the old one.
-            clear_run_outputs(run_dir)
+        # A fresh start (also --resume without a checkpoint) replaces the earlier run, once
+        # the data has loaded: a run that fails before that keeps it.
+        if not (resume and _has_checkpoint(run_dir)):
+            clear_run_outputs(run_dir, keep=_data_roots(config))
         write_run_info(run_dir, config, {"status": "running", "data": splits.description})
     train_loader, val_loader, test_loader = build_loaders(
         splits, config, preprocessing, device, distributed
