@@ -476,7 +476,7 @@ def test_two_workers_share_one_study(tmp_path, caplog):
     assert "exited with status" not in caplog.text  # The extra worker ended cleanly.
 
 
-def _search_command(out: Path) -> list[str]:
+def _search_command(out: Path, workers: int = 1, epochs: int = 2, steps: int = 3) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -493,25 +493,26 @@ def _search_command(out: Path) -> list[str]:
         "--pruner",
         "none",
         "--workers",
-        "1",
+        str(workers),
         "--epochs",
-        "2",
+        str(epochs),
         "--max-steps-per-epoch",
-        "3",
+        str(steps),
         "--quiet",
         "--out",
         str(out),
     ]
 
 
-def _search_after_one_trial(out: Path, **popen) -> subprocess.Popen:
-    """Start ``cnnkit search`` (2x2 grid) into ``out`` and return once a trial has finished."""
+def _search_after_one_trial(out: Path, *args: int, **popen) -> subprocess.Popen:
+    """Start ``cnnkit search`` (2x2 grid; ``args`` as :func:`_search_command`'s) into ``out``
+    and return once a trial has finished."""
     (out.parent / "space.yaml").write_text(
         "convs: {type: categorical, choices: [1, 2]}\n"
         "dense: {type: categorical, choices: [8, 16]}\n",
         encoding="utf-8",
     )
-    process = subprocess.Popen(_search_command(out), env=subprocess_env(), **popen)
+    process = subprocess.Popen(_search_command(out, *args), env=subprocess_env(), **popen)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process.poll() is None:
         results = out / "results.csv"
@@ -651,3 +652,18 @@ def test_an_interrupted_search_leaves_its_tables_and_figures(tmp_path):
     assert "Rerun the same command to continue the study." in stdout
     assert (out / "learning_curves.png").stat().st_size > 1000
     assert (out / "results.md").read_text().startswith("| rank | trial |")
+
+
+def test_kill_stops_a_search_and_its_workers(tmp_path):
+    """``kill`` reaches the main process alone: it stops its workers too, and every trial cut
+    short is left to run again, none RUNNING."""
+    out = tmp_path / "search"
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    process = _search_after_one_trial(out, 2, 8, 40, **popen)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    trials = load_study(out).trials
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert len(finished_params(load_study(out))) < 4  # Stopped, not run to the end.
+    assert "exited with status" not in stderr and "Traceback" not in stderr

@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import time
 import warnings
 from collections.abc import Callable
@@ -587,6 +588,11 @@ def _worker_main(
     import torch
 
     die_with_parent()
+    # Ctrl-C and kill both interrupt the trial, whatever the shell that started the search
+    # left (a background job starts with SIGINT ignored); the main process sends SIGINT when
+    # it is stopped itself.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # The main process reports trials.
     if config.sampler_seed is not None:
@@ -596,6 +602,11 @@ def _worker_main(
         _optimize(study, TrialRunner(base, space, config, base.run_dir(), cache_dir, False))
     except (KeyboardInterrupt, TrainingInterrupted):
         return
+    finally:
+        # A second signal (the group's Ctrl-C and the main process's) must not cut the
+        # interrupted trial's bookkeeping short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _start_workers(
@@ -684,11 +695,14 @@ def run_search(
         workers = _start_workers(base, space, config, cache_dir, per_worker)
         torch.set_num_threads(per_worker)
     reporter = TrialReporter(on_trial, run_dir, study)
+    interrupted = False
     try:
         _optimize(study, runner, reporter)
     except (TrainingInterrupted, KeyboardInterrupt):
-        # Ctrl-C: the tables and figures still show the trials so far (cnnkit report reads them).
-        _write_outputs(study, space, run_dir)
+        interrupted = True
+        for process in workers:  # A kill reaches this process alone: stop the workers too.
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGINT)
         raise
     finally:
         for process in workers:
@@ -696,6 +710,8 @@ def run_search(
             if process.exitcode:
                 logger.warning("%s exited with status %s", process.name, process.exitcode)
         torch.set_num_threads(threads)
+        if interrupted:  # The tables and figures still show the trials so far.
+            _write_outputs(study, space, run_dir)
     reporter.report_new(study)  # Trials the other processes finished last.
     trials, files = _write_outputs(study, space, run_dir)
     counts = {state: sum(t.state == state for t in trials) for state in TRIAL_STATES.values()}
