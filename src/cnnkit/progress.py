@@ -18,3 +18,9 @@ def plain_lines(progress: bool, stream: TextIO | None = None) -> bool:
     says how training goes while it runs)."""
     stream = stream or sys.stderr
     return progress and not (hasattr(stream, "isatty") and stream.isatty())
+
+
+def bars_only(progress: bool) -> bool:
+    """``progress`` for a run whose epochs should not print plain lines off a terminal (a
+    search's trials: the search prints one line per trial instead)."""
+    return progress and not plain_lines(progress)

@@ -122,7 +122,11 @@ def test_evaluate_scores_the_test_split_the_model_was_trained_with(
     assert report["top1"] == pytest.approx(trained["top1"], abs=1 / report["count"] + 1e-9)
     # Another limit draws another split: allowed, with a warning.
     assert main([*argv, "--max-per-class", "50", "--out", str(tmp_path / "other")]) == 0
-    assert "was trained with max per class 100; with 50 the test split overlaps" in caplog.text
+    assert "was trained with max per class 100; with 50 its test split holds other" in caplog.text
+    # Every image means every image: the run's limits draw no split there.
+    capsys.readouterr()
+    assert main([*argv, "--split", "all", "--out", str(tmp_path / "all")]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 1797
 
 
 def test_training_again_into_a_folder_clears_the_earlier_runs_outputs(tmp_path, capsys) -> None:

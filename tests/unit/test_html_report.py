@@ -210,11 +210,9 @@ def test_a_run_without_validation_that_trained_on_the_test_images_says_so(tmp_pa
 def test_an_interrupted_run_shows_its_progress_and_how_to_resume(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "run.json").write_text(
-        '{"status": "interrupted", "config": {"train": {"epochs": 8}, '
-        '"model": {"name": "symbol_cnn"}}, "data": "digits"}',
-        encoding="utf-8",
-    )
+    # The run.json of an interrupted run has no config: the report reads config.yaml.
+    (run / "run.json").write_text('{"status": "interrupted", "data": "digits"}')
+    (run / "config.yaml").write_text("train: {epochs: 8}\nmodel: {name: symbol_cnn}\n")
     (run / "metrics.csv").write_text(
         "epoch,train_loss,train_accuracy,val_accuracy\n1,1.2,0.6,0.931\n2,0.8,0.8,0.965\n",
         encoding="utf-8",
@@ -223,7 +221,7 @@ def test_an_interrupted_run_shows_its_progress_and_how_to_resume(tmp_path):
     assert_self_contained(page)
     cards = re.findall(r'<span class="muted">([^<]*)</span><b>([^<]*)</b>', page)
     assert ("epochs", "2 of 8") in cards and ("best val accuracy", "0.9650") in cards
-    assert ("status", "interrupted") in cards
+    assert ("status", "interrupted") in cards and ("model", "symbol_cnn") in cards
     assert "--resume" in page
     # The test report is written when a run ends: no empty placeholders before that.
     assert "Confusion matrix" not in page and "Misclassified examples" not in page

@@ -6,6 +6,7 @@ import csv
 import itertools
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -667,3 +668,11 @@ def test_kill_stops_a_search_and_its_workers(tmp_path):
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
     assert len(finished_params(load_study(out))) < 4  # Stopped, not run to the end.
     assert "exited with status" not in stderr and "Traceback" not in stderr
+
+
+def test_trials_print_no_epoch_lines_off_a_terminal(tmp_path, digits_data, capsys):
+    """A search's output is one line per trial (the CLI's), not every trial's epochs."""
+    base = tiny_base(tmp_path / "search", epochs=2)
+    config = SearchConfig(sampler="grid", pruner="none", n_trials=1)
+    run_search(base, TINY_SPACE, config, progress=True, data=digits_data)
+    assert not re.findall(r"^epoch \d/2:", capsys.readouterr().err, re.M)

@@ -101,35 +101,49 @@ def load_splits_for(
     return build_splits(config, preprocessing, cache_dir, progress).splits
 
 
-# Data settings that draw a seeded test split: the name in DataConfig, and in the model file.
+# Data settings that choose the test images: the name in DataConfig, and in the model file.
 SPLIT_SETTINGS = (
     ("seed", "data_seed"),
     ("test_fraction", "test_fraction"),
     ("max_classes", "max_classes"),
     ("max_per_class", "max_per_class"),
+    ("crop_to_bbox", "crop_to_bbox"),
 )
 
 
 def _trained_split_settings(
-    model_path: str | Path, training: dict[str, Any], data_overrides: dict[str, Any]
+    model_path: str | Path, training: dict[str, Any], data_overrides: dict[str, Any], split: str
 ) -> dict[str, Any]:
-    """``data_overrides`` with the split settings the model was trained with (seed, test
-    fraction, class and image limits), when it is scored on the dataset it was trained on: the
-    seeded test split is then the training run's own, not another draw that overlaps its
-    training images. A setting given otherwise is kept, with a warning."""
-    if data_overrides.get("dataset") != training.get("dataset"):
+    """``data_overrides`` with the settings the model was trained with (seed, test fraction,
+    class and image limits, bounding-box crops) when its test split is scored on the very data
+    it was trained on: the seeded test split is then the training run's own, not another draw
+    that overlaps its training images. A setting given otherwise is kept, with a warning."""
+    if split != "test" or "data" not in training:
+        return data_overrides  # Every image, or a model file that does not say its data.
+    given = data_overrides.get("data")
+    same_data = (
+        data_overrides.get("dataset") == training.get("dataset")
+        and (str(Path(given).resolve()) if given else None) == training["data"]
+    )
+    if not same_data:
         return data_overrides
+    if training.get("train_on_all"):
+        logger.warning(
+            "%s was trained with --train-on-all: its test images were training images too",
+            model_path,
+        )
+    # With a fold or an official split, the seed and the test share choose nothing.
+    drawn = data_overrides.get("fold") is None and data_overrides.get("dataset") != "cub"
     settings = dict(data_overrides)
     for key, recorded_as in SPLIT_SETTINGS:
-        if recorded_as not in training:
-            continue  # A model file from before these were recorded.
-        recorded = training[recorded_as]
+        recorded = training.get(recorded_as)
         if key not in settings:
             if recorded is not None:
                 settings[key] = recorded
-        elif settings[key] != recorded:
+        elif settings[key] != recorded and (drawn or key not in ("seed", "test_fraction")):
             logger.warning(
-                "%s was trained with %s %s; with %s the test split overlaps its training images",
+                "%s was trained with %s %s; with %s its test split holds other images, some "
+                "of which it may have trained on",
                 model_path,
                 key.replace("_", " "),
                 "unset" if recorded is None else recorded,
@@ -182,7 +196,9 @@ def evaluate_model_file(
             trained_fold,
             trained_fold,
         )
-    data_overrides = _trained_split_settings(model_path, model.metadata.training, data_overrides)
+    data_overrides = _trained_split_settings(
+        model_path, model.metadata.training, data_overrides, split
+    )
     splits = load_splits_for(preprocessing, data_overrides, cache_dir, progress)
     images = concatenate(splits.train, splits.test) if split == "all" else splits.test
     source = str(data_overrides.get("data") or data_overrides.get("dataset"))

@@ -173,16 +173,32 @@ def learning_curves_png(rows: Sequence[dict[str, str]]) -> bytes | None:
     return buffer.getvalue()
 
 
+def _read_config(path: Path) -> dict:
+    """A run's ``config.yaml`` as a mapping ({} when absent or unreadable)."""
+    import yaml
+
+    text = _read_text(path)
+    try:
+        config = yaml.safe_load(text) if text else {}
+    except yaml.YAMLError as error:
+        _unreadable(path, error)
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def _training_sections(run_dir: Path) -> list[str]:
     info = _read_json(run_dir / "run.json")
     report_dir = run_dir / "report"
     test = _read_json(report_dir / "metrics.json") or info.get("test") or {}
     fit = info.get("fit") or {}
-    config = info.get("config") or {}
+    config = info.get("config") or _read_config(run_dir / "config.yaml")
     model = config.get("model") or {}
     data = config.get("data") or {}
-    history = _read_csv(run_dir / "metrics.csv")
-    planned = (config.get("train") or {}).get("epochs")
+    # A transfer run writes its combined metrics.csv at the end; until then, the fine-tune's.
+    history = _read_csv(run_dir / "metrics.csv") or _read_csv(run_dir / "finetune" / "metrics.csv")
+    transfer = any("phase" in row for row in history) or (run_dir / "phases.json").exists()
+    # A transfer run's epochs are the head's and the fine-tune's: no single plan to compare.
+    planned = None if transfer else (config.get("train") or {}).get("epochs")
     # Without a validation split the trainer keeps the best training accuracy: label it so.
     validated = any(row.get("val_accuracy") not in (None, "") for row in history)
     best_label = "best val accuracy" if validated else "best train accuracy (no val split)"

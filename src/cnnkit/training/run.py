@@ -325,6 +325,69 @@ def clear_run_outputs(run_dir: Path, keep: Sequence[str | Path] = ()) -> list[st
     return removed
 
 
+def _test_and_save(
+    config: RunConfig,
+    splits: DataSplits,
+    preprocessing: Preprocessing,
+    trainer: Trainer,
+    test_loader: BatchLoader,
+    fit: FitResult,
+    transfer: bool,
+) -> tuple[EvaluationReport, Path]:
+    """Score the trained model on the test split, write its report, and save the model file."""
+    run_dir = config.run_dir()
+    logits, labels = trainer.predict(test_loader)
+    data = config.data
+    evaluated = {
+        "model": str((run_dir / MODEL_NAME).resolve()),
+        "architecture": config.model.name,
+        "dataset": data.dataset,
+        "data": str(Path(data.data).resolve()) if data.data else None,
+        "fold": data.fold,
+        # With train_on_all the "test" images were trained on too: say so.
+        "split": "test (also trained on)" if data.train_on_all else "test",
+    }
+    report = build_report(
+        logits,
+        labels,
+        splits.class_names,
+        run_dir / "report",
+        splits.test.images,
+        evaluated=evaluated,
+    )
+    test_metrics = report.metrics
+    if transfer:
+        from cnnkit.training.transfer import record_final_test
+
+        record_final_test(run_dir, test_metrics)
+    metadata = ModelMetadata(
+        architecture=config.model.name,
+        class_names=tuple(splits.class_names),
+        preprocessing=preprocessing,
+        # All resolved options, so a later change of a default cannot break the file.
+        options={**model_options(config.model.name), **config.model.options},
+        training={
+            "dataset": data.dataset,
+            # The data it came from and what drew the seeded test split, so that evaluate
+            # draws the same split from the same data.
+            "data": evaluated["data"],
+            "fold": data.fold,
+            "data_seed": data.seed,
+            "test_fraction": data.test_fraction,
+            "max_classes": data.max_classes,
+            "max_per_class": data.max_per_class,
+            "crop_to_bbox": data.crop_to_bbox,
+            "train_on_all": data.train_on_all,
+            "epochs_run": fit.epochs_run,
+            "best_val_accuracy": fit.best_val_accuracy,
+            "test_top1": test_metrics.get("top1"),
+            "test_top5": test_metrics.get("top5"),
+        },
+    )
+    model_path = save_model(run_dir / MODEL_NAME, trainer.module.cpu(), metadata)
+    return report, model_path
+
+
 def train_run(
     config: RunConfig,
     resume: bool = False,
@@ -394,78 +457,40 @@ def train_run(
             callbacks,
             resume,
         )
-    except (TrainingInterrupted, TrainingDiverged) as error:
-        if distributed.is_main:  # run.json says how the run ended, not "running".
-            status = "interrupted" if isinstance(error, TrainingInterrupted) else "diverged"
-            details = {"status": status, "data": splits.description, "error": str(error)}
+        timings["train"] = fit.seconds
+        report, model_path, test_metrics = None, None, {}
+        if distributed.is_main:
+            report, model_path = _test_and_save(
+                config, splits, preprocessing, trainer, test_loader, fit, transfer
+            )
+            test_metrics = report.metrics
+            timings["total"] = time.perf_counter() - start
+            write_run_info(
+                run_dir,
+                config,
+                {
+                    "status": "finished",
+                    "data": splits.description,
+                    "seconds": timings,
+                    "fit": {
+                        "epochs_run": fit.epochs_run,
+                        "best_epoch": fit.best_epoch,
+                        "best_val_accuracy": fit.best_val_accuracy,
+                        "stopped_early": fit.stopped_early,
+                    },
+                    "test": test_metrics,
+                    "config": config_to_dict(config),
+                },
+            )
+    except (TrainingInterrupted, TrainingDiverged, KeyboardInterrupt) as error:
+        # run.json says how the run ended, not "running"; also when Ctrl-C or kill lands
+        # after the last epoch, while the test split is scored or the model saved.
+        if distributed.is_main:
+            status = "diverged" if isinstance(error, TrainingDiverged) else "interrupted"
+            reason = str(error) or "interrupted after training, before the model was saved"
+            details = {"status": status, "data": splits.description, "error": reason}
             write_run_info(run_dir, config, details)
         raise
-    timings["train"] = fit.seconds
-    report, model_path, test_metrics = None, None, {}
-    if distributed.is_main:
-        logits, labels = trainer.predict(test_loader)
-        data = config.data
-        evaluated = {
-            "model": str((run_dir / MODEL_NAME).resolve()),
-            "architecture": config.model.name,
-            "dataset": data.dataset,
-            "data": str(Path(data.data).resolve()) if data.data else None,
-            "fold": data.fold,
-            # With train_on_all the "test" images were trained on too: say so.
-            "split": "test (also trained on)" if data.train_on_all else "test",
-        }
-        report = build_report(
-            logits,
-            labels,
-            splits.class_names,
-            run_dir / "report",
-            splits.test.images,
-            evaluated=evaluated,
-        )
-        test_metrics = report.metrics
-        if transfer:
-            from cnnkit.training.transfer import record_final_test
-
-            record_final_test(run_dir, test_metrics)
-        metadata = ModelMetadata(
-            architecture=config.model.name,
-            class_names=tuple(splits.class_names),
-            preprocessing=preprocessing,
-            # All resolved options, so a later change of a default cannot break the file.
-            options={**model_options(config.model.name), **config.model.options},
-            training={
-                "dataset": config.data.dataset,
-                "fold": config.data.fold,
-                # What drew the seeded test split, so that evaluate draws the same one.
-                "data_seed": config.data.seed,
-                "test_fraction": config.data.test_fraction,
-                "max_classes": config.data.max_classes,
-                "max_per_class": config.data.max_per_class,
-                "epochs_run": fit.epochs_run,
-                "best_val_accuracy": fit.best_val_accuracy,
-                "test_top1": test_metrics.get("top1"),
-                "test_top5": test_metrics.get("top5"),
-            },
-        )
-        model_path = save_model(run_dir / MODEL_NAME, trainer.module.cpu(), metadata)
-        timings["total"] = time.perf_counter() - start
-        write_run_info(
-            run_dir,
-            config,
-            {
-                "status": "finished",
-                "data": splits.description,
-                "seconds": timings,
-                "fit": {
-                    "epochs_run": fit.epochs_run,
-                    "best_epoch": fit.best_epoch,
-                    "best_val_accuracy": fit.best_val_accuracy,
-                    "stopped_early": fit.stopped_early,
-                },
-                "test": test_metrics,
-                "config": config_to_dict(config),
-            },
-        )
     if distributed.enabled:
         # Every rank waits for rank 0's model file, so the process group ends together.
         torch.distributed.barrier()

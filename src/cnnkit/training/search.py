@@ -33,6 +33,7 @@ from cnnkit.evaluation.search_plots import (
     write_results_tables,
     write_search_figures,
 )
+from cnnkit.progress import bars_only
 from cnnkit.training.checkpoint import remove_checkpoints
 from cnnkit.training.run import RunResult, resolve_preprocessing, train_run, write_run_info
 from cnnkit.training.search_workers import (
@@ -300,7 +301,7 @@ class TrialRunner:
             result = train_run(
                 config,
                 cache_dir=self.cache_dir,
-                progress=self.progress,
+                progress=bars_only(self.progress),
                 callbacks=callbacks,
                 data=self.data_for(config),
             )
@@ -858,7 +859,7 @@ def retrain_best(
     result = train_run(
         final,
         cache_dir=runner.cache_dir,
-        progress=progress,
+        progress=bars_only(progress),
         data=LoadedData(merged, loaded.problems, loaded.from_cache),
     )
     if not runner.config.keep_checkpoints:
