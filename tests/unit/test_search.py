@@ -664,8 +664,10 @@ def test_kill_stops_a_search_and_its_workers(tmp_path):
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
-    trials = load_study(out).trials
-    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    # Left RUNNING only by a kill between Optuna's ask and the trial's start, before it says
+    # which process runs it: the next run re-queues such an orphan (see recover_trials).
+    running = [t for t in load_study(out).trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert all(t.user_attrs.get("worker") is None for t in running)
     assert len(finished_params(load_study(out))) < 4  # Stopped, not run to the end.
     assert "exited with status" not in stderr and "Traceback" not in stderr
 

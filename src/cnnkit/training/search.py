@@ -610,6 +610,14 @@ def _worker_main(
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _join_workers(workers: list[multiprocessing.Process], report: bool = True) -> None:
+    """Wait for the worker processes to end; with ``report``, warn of one that failed."""
+    for process in workers:
+        process.join()
+        if report and process.exitcode:
+            logger.warning("%s exited with status %s", process.name, process.exitcode)
+
+
 def _start_workers(
     base: RunConfig, space: SearchSpace, config: SearchConfig, cache_dir: Any, threads: int
 ) -> list[multiprocessing.Process]:
@@ -696,23 +704,19 @@ def run_search(
         workers = _start_workers(base, space, config, cache_dir, per_worker)
         torch.set_num_threads(per_worker)
     reporter = TrialReporter(on_trial, run_dir, study)
-    interrupted = False
     try:
         _optimize(study, runner, reporter)
+        _join_workers(workers)  # Ctrl-C while waiting for them lands below too.
     except (TrainingInterrupted, KeyboardInterrupt):
-        interrupted = True
         for process in workers:  # A kill reaches this process alone: stop the workers too.
             if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, signal.SIGINT)
+        _join_workers(workers)
+        _write_outputs(study, space, run_dir)  # The tables and figures of the trials so far.
         raise
     finally:
-        for process in workers:
-            process.join()
-            if process.exitcode:
-                logger.warning("%s exited with status %s", process.name, process.exitcode)
+        _join_workers(workers, report=False)  # After any other error: no orphan processes.
         torch.set_num_threads(threads)
-        if interrupted:  # The tables and figures still show the trials so far.
-            _write_outputs(study, space, run_dir)
     reporter.report_new(study)  # Trials the other processes finished last.
     trials, files = _write_outputs(study, space, run_dir)
     counts = {state: sum(t.state == state for t in trials) for state in TRIAL_STATES.values()}
