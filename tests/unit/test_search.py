@@ -678,3 +678,23 @@ def test_trials_print_no_epoch_lines_off_a_terminal(tmp_path, digits_data, capsy
     config = SearchConfig(sampler="grid", pruner="none", n_trials=1)
     run_search(base, TINY_SPACE, config, progress=True, data=digits_data)
     assert not re.findall(r"^epoch \d/2:", capsys.readouterr().err, re.M)
+
+
+def test_interrupts_wait_for_the_storage_and_go_off_at_the_next_safe_point():
+    from cnnkit.training.search_workers import Interrupts
+
+    guard = Interrupts()
+    with pytest.raises(KeyboardInterrupt), guard.installed(), guard.interruptible():
+        with guard.storage():
+            os.kill(os.getpid(), signal.SIGTERM)  # Mid-query: held over...
+            time.sleep(0.05)
+            reached_the_end_of_the_query = True
+        pytest.fail("the interrupt should go off when the query ends")
+    assert reached_the_end_of_the_query
+    # Outside any interruptible block the signal waits for the next one, or the block's end.
+    with pytest.raises(KeyboardInterrupt), guard.installed():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        held_until_the_end = True
+    assert held_until_the_end
+    assert signal.getsignal(signal.SIGTERM) is not guard._handle  # Handlers restored.

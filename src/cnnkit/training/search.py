@@ -37,6 +37,7 @@ from cnnkit.progress import bars_only
 from cnnkit.training.checkpoint import remove_checkpoints
 from cnnkit.training.run import RunResult, resolve_preprocessing, train_run, write_run_info
 from cnnkit.training.search_workers import (
+    INTERRUPTS,
     CoreShare,
     die_with_parent,
     recover_trials,
@@ -197,13 +198,15 @@ class PruningCallback(Callback):
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         epoch = int(metrics["epoch"])
         value = float(metrics.get("val_accuracy", metrics["train_accuracy"]))
-        self.trial.report(value, epoch)
         if not value <= self.best.get("val_accuracy", float("-inf")):
             self.best = {"val_accuracy": value, "val_loss": metrics.get("val_loss", float("nan"))}
             self.best["best_epoch"] = epoch
-        self.trial.set_user_attr("progress", {**self.best, "epochs_run": epoch})
-        # A trial that has trained its last epoch finishes: pruning it then saves nothing.
-        if epoch >= trainer.config.epochs or not self.trial.should_prune():
+        with INTERRUPTS.storage():
+            self.trial.report(value, epoch)
+            self.trial.set_user_attr("progress", {**self.best, "epochs_run": epoch})
+            # A trial that has trained its last epoch finishes: pruning it then saves nothing.
+            prune = epoch < trainer.config.epochs and self.trial.should_prune()
+        if not prune:
             return
         # The trainer's teardown hooks close the TensorBoard writer after this raises.
         raise optuna.TrialPruned(f"pruned after epoch {epoch} (accuracy {value:.4f})")
@@ -298,13 +301,14 @@ class TrialRunner:
         if self.config.workers > 1 and config.train.device in ("auto", "cpu"):
             callbacks.append(CoreShare(trial.study, os.cpu_count() or 1))
         try:
-            result = train_run(
-                config,
-                cache_dir=self.cache_dir,
-                progress=bars_only(self.progress),
-                callbacks=callbacks,
-                data=self.data_for(config),
-            )
+            with INTERRUPTS.interruptible():
+                result = train_run(
+                    config,
+                    cache_dir=self.cache_dir,
+                    progress=bars_only(self.progress),
+                    callbacks=callbacks,
+                    data=self.data_for(config),
+                )
         except optuna.TrialPruned:
             write_run_info(run_dir, config, {"status": "pruned", **pruning.best})
             raise
@@ -589,18 +593,17 @@ def _worker_main(
     import torch
 
     die_with_parent()
-    # Ctrl-C and kill both interrupt the trial, whatever the shell that started the search
-    # left (a background job starts with SIGINT ignored); the main process sends SIGINT when
-    # it is stopped itself.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # The main process reports trials.
     if config.sampler_seed is not None:
         config = replace(config, sampler_seed=(config.sampler_seed + index) % 2**32)
     try:
-        study, _, _ = open_study(config, space, base.run_dir())
-        _optimize(study, TrialRunner(base, space, config, base.run_dir(), cache_dir, False))
+        # Ctrl-C and kill both stop the trial, whatever the shell that started the search left
+        # (a background job starts with SIGINT ignored); the main process sends SIGINT when it
+        # is stopped itself.
+        with INTERRUPTS.installed():
+            study, _, _ = open_study(config, space, base.run_dir())
+            _optimize(study, TrialRunner(base, space, config, base.run_dir(), cache_dir, False))
     except (KeyboardInterrupt, TrainingInterrupted):
         return
     finally:
@@ -668,6 +671,20 @@ def run_search(
     Raises:
         ValueError: if the base config trains on the test images (``train_on_all``).
     """
+    with INTERRUPTS.installed():  # Ctrl-C and kill never land inside a storage query.
+        return _run_search(base, space, config, cache_dir, progress, on_trial, on_data, data)
+
+
+def _run_search(
+    base: RunConfig,
+    space: SearchSpace,
+    config: SearchConfig,
+    cache_dir: str | Path | None,
+    progress: bool,
+    on_trial: Callable[[TrialSummary], None] | None,
+    on_data: Callable[[LoadedData], None] | None,
+    data: LoadedData | None,
+) -> SearchResult:
     import torch
 
     if base.data.train_on_all:
@@ -692,7 +709,8 @@ def run_search(
     if trials_to_run(study, config, space) != 0:
         # Load (and cache) the data before any worker starts, so that the workers read it
         # from the cache instead of all decoding it at once.
-        runner.data_for(base)
+        with INTERRUPTS.interruptible():
+            runner.data_for(base)
     else:
         logger.warning("%s: %s", run_dir, nothing_left_to_run(study, config, space))
     remaining = trials_to_run(study, config, space)
@@ -706,7 +724,8 @@ def run_search(
     reporter = TrialReporter(on_trial, run_dir, study)
     try:
         _optimize(study, runner, reporter)
-        _join_workers(workers)  # Ctrl-C while waiting for them lands below too.
+        with INTERRUPTS.interruptible():  # Ctrl-C while waiting for them lands below too.
+            _join_workers(workers)
     except (TrainingInterrupted, KeyboardInterrupt):
         for process in workers:  # A kill reaches this process alone: stop the workers too.
             if process.is_alive() and process.pid is not None:
@@ -860,12 +879,13 @@ def retrain_best(
     if out.exists():
         shutil.rmtree(out)
     logger.info("retraining trial %d's configuration on train+validation", best.number)
-    result = train_run(
-        final,
-        cache_dir=runner.cache_dir,
-        progress=bars_only(progress),
-        data=LoadedData(merged, loaded.problems, loaded.from_cache),
-    )
+    with INTERRUPTS.interruptible():
+        result = train_run(
+            final,
+            cache_dir=runner.cache_dir,
+            progress=bars_only(progress),
+            data=LoadedData(merged, loaded.problems, loaded.from_cache),
+        )
     if not runner.config.keep_checkpoints:
         remove_checkpoints(out)
     return result

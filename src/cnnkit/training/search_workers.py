@@ -4,12 +4,15 @@ one dies (its trial is failed and queued again; a worker dies with its search pr
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 import signal
 import socket
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,75 @@ def default_workers(device: str = "auto") -> int:
     return max(1, min(os.cpu_count() or 1, 4))
 
 
+class Interrupts:
+    """Ctrl-C and ``kill`` during a search, made safe for its study's storage.
+
+    A KeyboardInterrupt raised while the storage is read or written (SQLAlchemy over SQLite)
+    can leave a lock held, and the next query then waits forever: the search hangs instead of
+    stopping. So while :meth:`installed`, SIGINT and SIGTERM interrupt at once only inside
+    :meth:`interruptible` (a trial training, the data loading, waiting for workers); anywhere
+    else the signal is held over and raised at the next safe point.
+    """
+
+    def __init__(self) -> None:
+        self.safe = False
+        self.pending = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.safe:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def check(self) -> None:
+        """Raise a held-over interrupt now."""
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A block that an interrupt may stop at any point (no storage work in it, except
+        inside :meth:`storage`)."""
+        self.check()
+        previous, self.safe = self.safe, True
+        try:
+            yield
+        finally:
+            self.safe = previous
+
+    @contextlib.contextmanager
+    def storage(self) -> Iterator[None]:
+        """Storage work inside an interruptible block: an interrupt waits for its end."""
+        previous, self.safe = self.safe, False
+        try:
+            yield
+        finally:
+            self.safe = previous
+        if previous:
+            self.check()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Handle SIGINT and SIGTERM this way in the block (main thread only); an interrupt
+        still held over at its end is raised then."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self.safe, self.pending = False, False
+        previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+        for number in previous:
+            signal.signal(number, self._handle)
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+        self.check()
+
+
+INTERRUPTS = Interrupts()  # The one guard of this process's search.
+
+
 class CoreShare(Callback):
     """Lets the trials still running take the cores of workers that have nothing left to run.
 
@@ -54,7 +126,8 @@ class CoreShare(Callback):
     def _rebalance(self) -> None:
         import torch
 
-        threads = self.threads()
+        with INTERRUPTS.storage():
+            threads = self.threads()
         if threads != torch.get_num_threads():
             logger.info("training with %d thread(s)", threads)
             torch.set_num_threads(threads)
