@@ -415,11 +415,9 @@ def _latest_run_dir(run_dir: Path) -> Path:
 def _print_run_folder_state(run_dir: Path, resume: bool, default_dir: Path | None) -> None:
     """Say whether ``--resume`` found a checkpoint, that a fresh run replaces an old one (in a
     folder given with ``--out``), or that it went to a new folder beside the default one."""
-    from cnnkit.training.checkpoint import CHECKPOINT_NAME
-    from cnnkit.training.run import holds_a_run
+    from cnnkit.training.run import find_checkpoint, holds_a_run
 
-    checkpoints = [run_dir / CHECKPOINT_NAME, run_dir / "finetune" / CHECKPOINT_NAME]
-    found = next((path for path in checkpoints if path.exists()), None)
+    found = find_checkpoint(run_dir)
     if resume and found:
         print(f"Resuming from {found}")
     elif holds_a_run(run_dir):

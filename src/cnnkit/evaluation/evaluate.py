@@ -14,7 +14,7 @@ from cnnkit.config import DataConfig, Preprocessing
 from cnnkit.data.dataset import DataSplits, ImageSet, concatenate
 from cnnkit.data.loader import BatchLoader, build_eval_transform
 from cnnkit.data.sources import build_splits
-from cnnkit.evaluation.report import EvaluationReport, build_report
+from cnnkit.evaluation.report import EvaluationReport, build_report, evaluated_block, resolved
 from cnnkit.inference.artifact import load_model
 from cnnkit.progress import bar_disabled
 from cnnkit.runtime import select_device
@@ -120,10 +120,9 @@ def _trained_split_settings(
     that overlaps its training images. A setting given otherwise is kept, with a warning."""
     if split != "test" or "data" not in training:
         return data_overrides  # Every image, or a model file that does not say its data.
-    given = data_overrides.get("data")
     same_data = (
         data_overrides.get("dataset") == training.get("dataset")
-        and (str(Path(given).resolve()) if given else None) == training["data"]
+        and resolved(data_overrides.get("data")) == training["data"]
     )
     if not same_data:
         return data_overrides
@@ -205,16 +204,15 @@ def evaluate_model_file(
     images = restrict_to_known_classes(images, model.metadata.class_names, source)
     labels = torch.from_numpy(align_labels(images, model.metadata.class_names, source))
     logits = predict_logits(model, images, preprocessing, torch_device, progress=progress)
-    data = data_overrides.get("data")
-    evaluated = {
-        "model": str(Path(model_path).resolve()),
-        "architecture": model.metadata.architecture,
-        "dataset": data_overrides.get("dataset"),
-        "data": str(Path(data).resolve()) if data else None,
-        "fold": data_overrides.get("fold"),
-        "split": split,
+    evaluated = evaluated_block(
+        model_path,
+        model.metadata.architecture,
+        data_overrides.get("dataset"),
+        data_overrides.get("data"),
+        data_overrides.get("fold"),
+        split,
         # What else chose the images: --max-classes, --max-per-class, --test-fraction...
         **{k: v for k, v in data_overrides.items() if k not in ("dataset", "data", "fold")},
-    }
+    )
     class_names = list(model.metadata.class_names)
     return build_report(logits, labels, class_names, out_dir, images.images, evaluated=evaluated)

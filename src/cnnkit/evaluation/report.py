@@ -40,6 +40,33 @@ class EvaluationReport:
         }
 
 
+def resolved(path: str | Path | None) -> str | None:
+    """``path`` made absolute (how a report and a model file name their data), or None."""
+    return str(Path(path).resolve()) if path else None
+
+
+def evaluated_block(
+    model: str | Path,
+    architecture: str,
+    dataset: str | None,
+    data: str | Path | None,
+    fold: int | None,
+    split: str,
+    **choices: Any,
+) -> dict[str, Any]:
+    """What a report scored (its ``evaluated`` block): the model file and architecture, the
+    data (paths absolute), and ``choices``, the other settings that chose the images."""
+    return {
+        "model": resolved(model),
+        "architecture": architecture,
+        "dataset": dataset,
+        "data": resolved(data),
+        "fold": fold,
+        "split": split,
+        **choices,
+    }
+
+
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     def write(temporary: Path) -> None:
         with open(temporary, "w", newline="", encoding="utf-8") as handle:

@@ -31,7 +31,7 @@ from cnnkit.config import (
 from cnnkit.data.dataset import DataSplits
 from cnnkit.data.loader import BatchLoader, build_loaders
 from cnnkit.data.sources import LoadedData, build_splits
-from cnnkit.evaluation.report import EvaluationReport, build_report
+from cnnkit.evaluation.report import EvaluationReport, build_report, evaluated_block
 from cnnkit.inference.artifact import ModelMetadata, save_model
 from cnnkit.models.registry import create_model, model_options
 from cnnkit.runtime import (
@@ -249,8 +249,10 @@ def _data_roots(config: RunConfig) -> list[Path]:
     return [data.parent if data.suffix.lower() == ".csv" else data]
 
 
-def _has_checkpoint(run_dir: Path) -> bool:
-    return any((folder / CHECKPOINT_NAME).is_file() for folder in (run_dir, run_dir / "finetune"))
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint ``--resume`` continues from: the run's, or a transfer run's fine-tune's."""
+    candidates = (run_dir / CHECKPOINT_NAME, run_dir / "finetune" / CHECKPOINT_NAME)
+    return next((path for path in candidates if path.is_file()), None)
 
 
 # The files cnnkit writes in the folders of a run (temporaries of atomic writes included).
@@ -338,15 +340,11 @@ def _test_and_save(
     run_dir = config.run_dir()
     logits, labels = trainer.predict(test_loader)
     data = config.data
-    evaluated = {
-        "model": str((run_dir / MODEL_NAME).resolve()),
-        "architecture": config.model.name,
-        "dataset": data.dataset,
-        "data": str(Path(data.data).resolve()) if data.data else None,
-        "fold": data.fold,
-        # With train_on_all the "test" images were trained on too: say so.
-        "split": "test (also trained on)" if data.train_on_all else "test",
-    }
+    # With train_on_all the "test" images were trained on too: say so.
+    split = "test (also trained on)" if data.train_on_all else "test"
+    evaluated = evaluated_block(
+        run_dir / MODEL_NAME, config.model.name, data.dataset, data.data, data.fold, split
+    )
     report = build_report(
         logits,
         labels,
@@ -437,7 +435,7 @@ def train_run(
     if distributed.is_main:
         # A fresh start (also --resume without a checkpoint) replaces the earlier run, once
         # the data has loaded: a run that fails before that keeps it.
-        if not (resume and _has_checkpoint(run_dir)):
+        if not (resume and find_checkpoint(run_dir)):
             clear_run_outputs(run_dir, keep=_data_roots(config))
         write_run_info(run_dir, config, {"status": "running", "data": splits.description})
     train_loader, val_loader, test_loader = build_loaders(
