@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit import __version__
-from cnnkit.paths import default_cache_dir
+from cnnkit.paths import default_cache_dir, is_search_folder
 
 PHOTO_MODELS_PRESET = {"book_bird_cnn": "book-cub", "book_cnn": "book-hasy"}
 PHOTO_MODEL = "efficientnet_lite0"  # For a folder or CSV of photos when no model is named.
@@ -471,7 +471,7 @@ def _model_path(path: str | None) -> Path:
 
 def _refuse_search_folder(folder: Path) -> None:
     """A search folder holds one model per trial: say which to pass instead."""
-    if not (folder.is_dir() and (folder / "search.yaml").is_file()):
+    if not is_search_folder(folder):
         return
     best = folder / "best" / "model.safetensors"
     hint = (

@@ -12,3 +12,12 @@ def default_cache_dir() -> Path:
         return Path(os.environ["CNNKIT_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "cnnkit"
+
+
+# A search folder's settings file: its presence is what marks a folder as a search's.
+SEARCH_SETTINGS = "search.yaml"
+
+
+def is_search_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a hyperparameter search (its ``search.yaml``)."""
+    return (Path(folder) / SEARCH_SETTINGS).is_file()

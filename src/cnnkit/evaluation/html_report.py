@@ -22,6 +22,7 @@ from matplotlib.ticker import MaxNLocator
 
 from cnnkit.atomic import write_atomically
 from cnnkit.evaluation.plots import plt
+from cnnkit.paths import SEARCH_SETTINGS, is_search_folder
 
 REPORT_NAME = "report.html"
 _CSS = """
@@ -263,14 +264,14 @@ def _training_sections(run_dir: Path) -> list[str]:
 def _search_sections(run_dir: Path) -> list[str]:
     import yaml
 
-    settings_text = _read_text(run_dir / "search.yaml")
+    settings_text = _read_text(run_dir / SEARCH_SETTINGS)
     try:
         settings = yaml.safe_load(settings_text) if settings_text else {}
     except yaml.YAMLError as error:
-        _unreadable(run_dir / "search.yaml", error)
+        _unreadable(run_dir / SEARCH_SETTINGS, error)
         settings = {}
     if not isinstance(settings, dict):
-        _unreadable(run_dir / "search.yaml", ValueError("not a mapping of settings"))
+        _unreadable(run_dir / SEARCH_SETTINGS, ValueError("not a mapping of settings"))
         settings = {}
     search = (settings or {}).get("search") or {}
     rows = _read_csv(run_dir / "results.csv")
@@ -333,7 +334,7 @@ def build_report_html(run_dir: str | Path) -> str:
         ValueError: if the folder holds neither.
     """
     run_dir = Path(run_dir)
-    is_search = (run_dir / "search.yaml").is_file() or (run_dir / "results.csv").is_file()
+    is_search = is_search_folder(run_dir) or (run_dir / "results.csv").is_file()
     markers = ("run.json", "config.yaml", "metrics.csv")
     if not is_search and not any((run_dir / name).is_file() for name in markers):
         raise ValueError(f"{run_dir}: not a cnnkit run or search folder (no run.json)")

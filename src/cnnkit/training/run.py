@@ -34,6 +34,7 @@ from cnnkit.data.sources import LoadedData, build_splits
 from cnnkit.evaluation.report import EvaluationReport, build_report, evaluated_block
 from cnnkit.inference.artifact import ModelMetadata, save_model
 from cnnkit.models.registry import create_model, model_options
+from cnnkit.paths import is_search_folder
 from cnnkit.runtime import (
     DistributedContext,
     main_process_first,
@@ -410,7 +411,7 @@ def train_run(
     """
     distributed = distributed or DistributedContext()
     run_dir = config.run_dir()
-    if (run_dir / "search.yaml").is_file():
+    if is_search_folder(run_dir):
         raise ValueError(f"{run_dir} holds a search, not a training run: pass another --out")
     timings: dict[str, float] = {}
     start = time.perf_counter()

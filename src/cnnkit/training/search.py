@@ -33,6 +33,7 @@ from cnnkit.evaluation.search_plots import (
     write_results_tables,
     write_search_figures,
 )
+from cnnkit.paths import SEARCH_SETTINGS
 from cnnkit.progress import bars_only
 from cnnkit.training.checkpoint import remove_checkpoints
 from cnnkit.training.run import RunResult, resolve_preprocessing, train_run, write_run_info
@@ -800,7 +801,7 @@ def check_same_search(
     """
     import yaml
 
-    path = run_dir / "search.yaml"
+    path = run_dir / SEARCH_SETTINGS
     if not path.is_file():
         if (run_dir / "run.json").is_file():
             raise ValueError(f"{run_dir} holds a training run, not a search: pass another --out")
@@ -845,7 +846,7 @@ def write_search_settings(
 
     settings = {"study_name": name, "storage": url, **search_settings(base, space, config)}
     text = yaml.safe_dump(settings, sort_keys=False)
-    write_atomically(run_dir / "search.yaml", lambda p: p.write_text(text, encoding="utf-8"))
+    write_atomically(run_dir / SEARCH_SETTINGS, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def retrain_best(
