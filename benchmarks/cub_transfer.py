@@ -30,7 +30,7 @@ from benchmarks.record import record_result, shared_dataset
 from cnnkit.config import build_run_config, config_to_dict, preset_for
 from cnnkit.runtime import tune_allocator
 from cnnkit.training.run import train_run
-from cnnkit.training.transfer import PHASES_NAME
+from cnnkit.training.transfer import PHASES_NAME, phase_label
 
 ARCHIVE = "CUB_200_2011-dev.tgz"
 BARS = {"top1": 0.88, "wall_seconds": 30 * 60}
@@ -133,15 +133,16 @@ def main() -> None:
     print(f"data: {result.data_description}")
     for phase in phases:
         print(
-            f"phase {phase['name']:<8}: val {_percent(phase['val_accuracy'])}  "
+            f"phase {phase['name']:<10}: val {_percent(phase['val_accuracy'])}  "
             f"test top-1 {_percent(phase['test_top1'])}  top-5 {_percent(phase['test_top5'])}  "
             f"epochs {phase['epochs_run']} (kept {phase['kept_epoch']})  "
             f"{phase['seconds']:.0f} s  {json.dumps(phase['details'])}"
         )
     for row in result.fit.history:
-        if row.get("phase") == 2.0:
+        if row.get("phase", 0.0) >= 2.0:
             print(
-                f"  finetune epoch {int(row['epoch'])}: train_acc {row['train_accuracy']:.4f}  "
+                f"  {phase_label(row['phase'])} epoch {int(row['epoch'])}: "
+                f"train_acc {row['train_accuracy']:.4f}  "
                 f"val_acc {row.get('val_accuracy', float('nan')):.4f}  "
                 f"{row['images_per_second']:.1f} img/s  {row['seconds']:.0f} s"
             )

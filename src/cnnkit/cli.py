@@ -432,14 +432,12 @@ def _print_run_folder_state(run_dir: Path, resume: bool, default_dir: Path | Non
         print(f"Note: {default_dir} holds a finished run; this one goes to {run_dir}")
 
 
-PHASE_NAMES = {1.0: "frozen", 2.0: "fine-tune"}
-
-
 def _print_history(history: list[dict[str, float]], progress: bool = False) -> None:
     """The run's epochs, one line each; skipped when ``progress`` already printed them as
     they ended (output that is not a terminal), except for a transfer run, whose frozen
     phase trains without such lines."""
     from cnnkit.progress import plain_lines
+    from cnnkit.training.transfer import phase_label
 
     if plain_lines(progress) and not any("phase" in row for row in history):
         return
@@ -448,7 +446,7 @@ def _print_history(history: list[dict[str, float]], progress: bool = False) -> N
         label = ""
         if "phase" in row:  # A transfer run: number each phase's epochs from 1.
             start = phase_starts.setdefault(row["phase"], index)
-            label = f"{PHASE_NAMES.get(row['phase'], row['phase']):<9} "
+            label = f"{phase_label(row['phase']):<11} "
             row = {**row, "epoch": index - start + 1}
         parts = [f"{label}epoch {int(row['epoch']):>3}"]
         for key in ("train_loss", "train_accuracy", "val_accuracy", "val_top5"):

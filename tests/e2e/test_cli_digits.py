@@ -219,3 +219,16 @@ def test_clearing_leaves_folders_that_hold_files_cnnkit_did_not_write(tmp_path, 
     assert "left the earlier run's report as they are" in caplog.text
     assert (run / "data" / "x.png").exists()
     assert clear_run_outputs(tmp_path / "never-a-run") == []
+
+
+def test_clearing_removes_every_ensemble_members_fine_tune_folder(tmp_path) -> None:
+    from cnnkit.training.run import clear_run_outputs
+
+    run = tmp_path / "run"
+    for folder in ("finetune", "finetune-2", "finetune-3", "finetune-notes"):
+        (run / folder).mkdir(parents=True)
+        (run / folder / "checkpoint.pt").write_bytes(b"old")
+    (run / "model.safetensors").write_bytes(b"old")
+    removed = clear_run_outputs(run)
+    assert sorted(removed) == ["finetune", "finetune-2", "finetune-3", "model.safetensors"]
+    assert (run / "finetune-notes" / "checkpoint.pt").exists()  # Not a name cnnkit writes.

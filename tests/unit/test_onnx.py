@@ -220,25 +220,33 @@ class _TinyBackbone(torch.nn.Module):
         return (torch.relu(self.conv(x)) * weights).mean(dim=(2, 3))
 
 
-def test_test_time_augmentation_exports_with_the_same_output() -> None:
+@pytest.mark.parametrize("members", [1, 2])
+def test_test_time_augmentation_exports_with_the_same_output(members: int) -> None:
     from cnnkit.config import Preprocessing
     from cnnkit.inference.export import _torch_export_quietly
     from cnnkit.inference.onnx_backend import create_session
-    from cnnkit.models.transfer import TransferClassifier
+    from cnnkit.models.transfer import TransferClassifier, TransferEnsemble
 
     torch.manual_seed(0)
     preprocessing = Preprocessing("photo", 3, 20, 24, (0.5,) * 3, (0.5,) * 3)
-    model = TransferClassifier(_TinyBackbone(), 4, 8, 0.0, preprocessing, tta=True).eval()
+    parts = [
+        TransferClassifier(_TinyBackbone(), 4, 8, 0.0, preprocessing, tta=True)
+        for _ in range(members)
+    ]
+    model = (parts[0] if members == 1 else TransferEnsemble(parts)).eval()
     program = _torch_export_quietly(model, torch.zeros(2, 3, 20, 20), opset=18)
     session = create_session(program.model_proto.SerializeToString(), threads=1)
     x = torch.randn(3, 3, 20, 20)
     (output,) = session.run(None, {"input": x.numpy()})
     with torch.no_grad():
         expected = model(x)
+        first = parts[0](x)
         model.tta = False
         plain = model(x)
     np.testing.assert_allclose(output, expected.numpy(), rtol=1e-4, atol=1e-5)
     assert not np.allclose(np.exp(output), plain.softmax(1).numpy(), atol=1e-4)
+    if members > 1:  # The average of the members, not just the first.
+        assert not np.allclose(output, first.numpy(), atol=1e-4)
 
 
 @pytest.mark.parametrize("opset", [3, 17, 999])

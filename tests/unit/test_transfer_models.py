@@ -19,7 +19,7 @@ from cnnkit.models.efficientnet_lite import (
     round_channels,
 )
 from cnnkit.models.registry import create_model, list_models, model_options
-from cnnkit.models.transfer import TransferClassifier
+from cnnkit.models.transfer import TransferClassifier, TransferEnsemble
 from cnnkit.runtime import cpu_supports_bf16
 
 NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
@@ -311,3 +311,57 @@ def test_stochastic_depth_rises_through_the_blocks_and_only_acts_in_training() -
         assert create_model(name, 3, 3, drop_path=0.1).backbone.blocks[-1].drop_path > 0
     with pytest.raises(ValueError, match="drop_path must be in"):
         create_efficientnet_lite("efficientnet_lite0", drop_path=1.0)
+
+
+def _ensemble(members: int = 2, **options) -> nn.Module:
+    torch.manual_seed(0)
+    return create_model(
+        "efficientnet_lite0", num_classes=5, in_channels=3, hidden=8, members=members, **options
+    )
+
+
+def test_members_build_an_ensemble_that_averages_probabilities() -> None:
+    ensemble = _ensemble(2).eval()
+    assert isinstance(ensemble, TransferEnsemble) and len(ensemble.members) == 2
+    assert isinstance(_ensemble(1), TransferClassifier)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        first, second = (member(x).softmax(1) for member in ensemble.members)
+        output = ensemble(x)
+    assert not torch.allclose(first, second)  # Two heads, drawn apart.
+    torch.testing.assert_close(output, ((first + second) / 2).log())
+    torch.testing.assert_close(output.exp().sum(1), torch.ones(3))
+
+
+@pytest.mark.parametrize("members", [0, -1, 1.5, True, "2"])
+def test_members_must_be_a_whole_number_of_at_least_one(members) -> None:
+    with pytest.raises(ValueError, match="members must be a whole number"):
+        _ensemble(members)
+
+
+def test_ensemble_freezes_every_member_and_sets_tta_on_all() -> None:
+    ensemble = _ensemble(3)
+    ensemble.freeze_backbone()
+    for member in ensemble.members:
+        assert not any(p.requires_grad for p in member.backbone.parameters())
+    ensemble.unfreeze_backbone()
+    assert all(p.requires_grad for p in ensemble.parameters())
+    ensemble.tta = True
+    assert ensemble.tta and all(member.tta for member in ensemble.members)
+    # The frozen phase trains the first member's head; share_first gives it to the rest.
+    ensemble.share_first()
+    states = [member.state_dict() for member in ensemble.members]
+    for state in states[1:]:
+        assert all(torch.equal(state[key], states[0][key]) for key in state)
+    assert ensemble.dense is ensemble.members[0].dense
+    assert ensemble.default_preprocessing == ensemble.members[0].default_preprocessing
+
+
+def test_trio_takes_members_too() -> None:
+    torch.manual_seed(0)
+    trio = create_model(
+        "efficientnet_lite_trio", 4, 3, hidden=8, image_size=64, members=2, tta=True
+    )
+    assert isinstance(trio, TransferEnsemble) and trio.tta
+    assert trio.default_preprocessing.image_size == 64
+    assert all(model_options(name)["members"] == 1 for name in (*NAMES, "efficientnet_lite_trio"))

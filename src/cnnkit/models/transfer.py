@@ -6,14 +6,13 @@ dropout, and a linear classifier (``hidden=0`` gives dropout and a single linear
 
 To add a backbone, add one entry to
 :data:`cnnkit.models.efficientnet_lite.EFFICIENTNET_LITE_SPECS` (width and depth coefficients,
-native resolution, and the module and class of the package holding its weights), then a
-three-line factory below, decorated with ``@register_model`` and named like the entry, that
-returns ``_create_transfer_model(<name>, ...)``.
+native resolution, and the module and class of the package holding its weights), then one
+line below: ``efficientnet_liteN = _register_lite("efficientnet_liteN", "<one-line summary>")``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -189,6 +188,83 @@ class TransferClassifier(nn.Module):
         ]
 
 
+class TransferEnsemble(nn.Module):
+    """Several transfer models of one architecture, fine-tuned apart, their predictions averaged.
+
+    Fine-tunes from the same pretrained backbone with different random streams (augmentation,
+    batch order, dropout) end in different places, and the average of their class
+    probabilities is more accurate than any one of them. Training fine-tunes the members one
+    after another (:func:`cnnkit.training.transfer.fit_transfer`); the frozen phase fits one
+    head that every member starts from.
+
+    The members' modules stand in for the ensemble where training needs one model
+    (``backbone``, ``dense``, ``classifier``, ``forward_features``: the first member's).
+
+    Args:
+        members: at least two :class:`TransferClassifier` of the same architecture.
+    """
+
+    def __init__(self, members: Sequence[TransferClassifier]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members; got {len(members)}")
+        self.members = nn.ModuleList(members)
+        self.default_preprocessing = members[0].default_preprocessing
+
+    @property
+    def first(self) -> TransferClassifier:
+        return self.members[0]
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.first.backbone
+
+    @property
+    def dense(self) -> nn.Module:
+        return self.first.dense
+
+    @property
+    def classifier(self) -> nn.Module:
+        return self.first.classifier
+
+    @property
+    def tta(self) -> bool:
+        return self.first.tta
+
+    @tta.setter
+    def tta(self, value: bool) -> None:
+        for member in self.members:
+            member.tta = value
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The first member's pooled backbone features (what the frozen phase trains on)."""
+        return self.first.forward_features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` -> log of the members' averaged class probabilities ``[B, K]``."""
+        probabilities = [member(x).float().softmax(1) for member in self.members]
+        # Clamped, so a class no member gives any probability has a finite log.
+        return torch.stack(probabilities).mean(0).clamp_min(1e-30).log()
+
+    def reset_classifier(self, num_classes: int) -> None:
+        for member in self.members:
+            member.reset_classifier(num_classes)
+
+    def freeze_backbone(self) -> None:
+        for member in self.members:
+            member.freeze_backbone()
+
+    def unfreeze_backbone(self) -> None:
+        for member in self.members:
+            member.unfreeze_backbone()
+
+    def share_first(self) -> None:
+        """Give every member the first member's weights (after the frozen phase)."""
+        state = self.first.state_dict()
+        for member in self.members[1:]:
+            member.load_state_dict(state)
+
+
 def _check_rgb(name: str, in_channels: int) -> None:
     if in_channels != 3:
         raise ValueError(
@@ -196,67 +272,51 @@ def _check_rgb(name: str, in_channels: int) -> None:
         )
 
 
-def _create_transfer_model(
-    name: str,
-    num_classes: int,
-    in_channels: int,
-    pretrained: bool,
-    hidden: int,
-    dropout: float,
-    tta: bool,
-    drop_path: float,
-) -> TransferClassifier:
-    _check_rgb(name, in_channels)
-    backbone = create_efficientnet_lite(name, pretrained=pretrained, drop_path=drop_path)
-    return TransferClassifier(backbone, num_classes, hidden, dropout, tta=tta)
+def _ensemble_of(build: Callable[[], TransferClassifier], members: int) -> nn.Module:
+    """``build()`` itself for one member, else a :class:`TransferEnsemble` of ``members``."""
+    if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+        raise ValueError(f"members must be a whole number >= 1; got {members!r}")
+    if members == 1:
+        return build()
+    return TransferEnsemble([build() for _ in range(members)])
 
 
-@register_model
-def efficientnet_lite0(
-    num_classes: int,
-    in_channels: int = 3,
-    pretrained: bool = False,
-    hidden: int = 1024,
-    dropout: float = 0.2,
-    tta: bool = False,
-    drop_path: float = 0.0,
-) -> nn.Module:
-    """EfficientNet-Lite0 (3.4M backbone parameters, 224 px) with the book's head."""
-    return _create_transfer_model(
-        "efficientnet_lite0", num_classes, in_channels, pretrained, hidden, dropout, tta, drop_path
-    )
+def _register_lite(name: str, summary: str) -> Callable[..., nn.Module]:
+    """Register the transfer model ``name`` (an entry of ``EFFICIENTNET_LITE_SPECS``): that
+    backbone with the book's head, described by ``summary``."""
+
+    def factory(
+        num_classes: int,
+        in_channels: int = 3,
+        pretrained: bool = False,
+        hidden: int = 1024,
+        dropout: float = 0.2,
+        tta: bool = False,
+        drop_path: float = 0.0,
+        members: int = 1,
+    ) -> nn.Module:
+        _check_rgb(name, in_channels)
+
+        def build() -> TransferClassifier:
+            backbone = create_efficientnet_lite(name, pretrained=pretrained, drop_path=drop_path)
+            return TransferClassifier(backbone, num_classes, hidden, dropout, tta=tta)
+
+        return _ensemble_of(build, members)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = summary
+    return register_model(factory)
 
 
-@register_model
-def efficientnet_lite1(
-    num_classes: int,
-    in_channels: int = 3,
-    pretrained: bool = False,
-    hidden: int = 1024,
-    dropout: float = 0.2,
-    tta: bool = False,
-    drop_path: float = 0.0,
-) -> nn.Module:
-    """EfficientNet-Lite1 (4.1M backbone parameters, 240 px) with the book's head."""
-    return _create_transfer_model(
-        "efficientnet_lite1", num_classes, in_channels, pretrained, hidden, dropout, tta, drop_path
-    )
-
-
-@register_model
-def efficientnet_lite2(
-    num_classes: int,
-    in_channels: int = 3,
-    pretrained: bool = False,
-    hidden: int = 1024,
-    dropout: float = 0.2,
-    tta: bool = False,
-    drop_path: float = 0.0,
-) -> nn.Module:
-    """EfficientNet-Lite2 (4.8M backbone parameters, 260 px) with the book's head."""
-    return _create_transfer_model(
-        "efficientnet_lite2", num_classes, in_channels, pretrained, hidden, dropout, tta, drop_path
-    )
+efficientnet_lite0 = _register_lite(
+    "efficientnet_lite0", "EfficientNet-Lite0 (3.4M backbone parameters, 224 px), book's head."
+)
+efficientnet_lite1 = _register_lite(
+    "efficientnet_lite1", "EfficientNet-Lite1 (4.1M backbone parameters, 240 px), book's head."
+)
+efficientnet_lite2 = _register_lite(
+    "efficientnet_lite2", "EfficientNet-Lite2 (4.8M backbone parameters, 260 px), book's head."
+)
 
 
 @register_model
@@ -269,18 +329,27 @@ def efficientnet_lite_trio(
     image_size: int = 240,
     tta: bool = False,
     drop_path: float = 0.0,
+    members: int = 1,
 ) -> nn.Module:
     """EfficientNet-Lite0, Lite1 and Lite2 on one ``image_size`` px image (3 x 1280 features)
-    with the book's head: the most accurate photo model, at about three times Lite1's cost."""
+    with the book's head: the most accurate photo model, at about three times Lite1's cost.
+
+    Every transfer model takes ``members``: more than 1 builds a :class:`TransferEnsemble`
+    of that many copies, fine-tuned one after another and averaged."""
     _check_rgb("efficientnet_lite_trio", in_channels)
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32; got {image_size}")
-    members = [
-        create_efficientnet_lite(name, pretrained=pretrained, drop_path=drop_path)
-        for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-    ]
     preprocessing = Preprocessing(
         "photo", 3, image_size, image_size + CROP_PADDING, LITE_MEAN, LITE_STD
     )
-    backbone = ConcatBackbones(members)
-    return TransferClassifier(backbone, num_classes, hidden, dropout, preprocessing, tta)
+
+    def build() -> TransferClassifier:
+        backbones = [
+            create_efficientnet_lite(name, pretrained=pretrained, drop_path=drop_path)
+            for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+        ]
+        return TransferClassifier(
+            ConcatBackbones(backbones), num_classes, hidden, dropout, preprocessing, tta
+        )
+
+    return _ensemble_of(build, members)

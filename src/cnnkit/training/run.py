@@ -241,6 +241,10 @@ RUN_OUTPUTS = (
 )
 
 
+# A transfer ensemble's further members' fine-tunes (training.transfer.finetune_folder).
+_MEMBER_FOLDER = re.compile(r"finetune-\d+")
+
+
 def _data_roots(config: RunConfig) -> list[Path]:
     """Where the training data lives: a CSV's folder (its paths are relative to it), or the
     archive or folder itself."""
@@ -300,7 +304,8 @@ def clear_run_outputs(run_dir: Path, keep: Sequence[str | Path] = ()) -> list[st
         return []
     kept = [Path(path).resolve() for path in keep]
     removed, left = [], []
-    for name in RUN_OUTPUTS:
+    members = sorted(p.name for p in run_dir.glob("finetune-*") if _MEMBER_FOLDER.fullmatch(p.name))
+    for name in (*RUN_OUTPUTS, *members):
         path = run_dir / name
         if path.is_symlink() or path.is_file():
             path.unlink()  # A file of cnnkit's own (none is an image), or a link to anything.

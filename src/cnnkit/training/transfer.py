@@ -28,6 +28,7 @@ from cnnkit.config import Preprocessing, RunConfig
 from cnnkit.data.dataset import DataSplits, ImageSet
 from cnnkit.data.loader import BatchLoader, build_loaders
 from cnnkit.evaluation.metrics import topk_accuracy
+from cnnkit.models.transfer import TransferEnsemble
 from cnnkit.runtime import DistributedContext, cpu_supports_bf16, main_process_first
 from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger, write_metrics_csv
 from cnnkit.training.features import FeatureCache, FeatureExtractor, FeatureSource, digest_module
@@ -278,6 +279,7 @@ def fit_finetune(
     resume: bool = False,
     distributed: DistributedContext | None = None,
     identity: dict[str, Any] | None = None,
+    member: int = 0,
 ) -> tuple[FitResult, PhaseReport]:
     """Phase 2: unfreeze everything and train with the generic trainer on augmented batches.
 
@@ -286,19 +288,29 @@ def fit_finetune(
     a val split) come from ``config.train``. Under torchrun each process trains on its shard of
     every batch and DDP averages the gradients, as for any other model.
 
+    Args:
+        member: which member of an ensemble this fine-tunes (0 for a single model): its
+            metrics and checkpoint go to :func:`finetune_folder` and its random streams start
+            from ``train.seed + member``.
+
     Returns:
         The trainer's fit (best validation weights restored) and the phase's report.
     """
     model.unfreeze_backbone()
     distributed = distributed or DistributedContext()
+    if member:
+        config = dataclasses.replace(
+            config, train=dataclasses.replace(config.train, seed=config.train.seed + member)
+        )
+    folder = finetune_folder(member)
     train_loader, val_loader, _ = build_loaders(splits, config, preprocessing, device, distributed)
-    loggers = [*(_phase_loggers(run_dir, "finetune") if distributed.is_main else []), *callbacks]
+    loggers = [*(_phase_loggers(run_dir, folder) if distributed.is_main else []), *callbacks]
     network = FrozenBatchNorm(model) if freeze_batch_norm else model
     trainer = Trainer(
         network,
         config.train,
         device,
-        run_dir / "finetune",
+        run_dir / folder,
         loggers,
         distributed,
         progress,
@@ -306,13 +318,27 @@ def fit_finetune(
     )
     fit = trainer.fit(train_loader, val_loader, resume=resume)
     report = PhaseReport.from_fit(
-        "finetune",
+        folder,
         fit,
         val_loader is not None,
         seconds=fit.seconds,
         details={"stopped_early": fit.stopped_early},
     )
     return fit, report
+
+
+def finetune_folder(member: int) -> str:
+    """The folder (and phase name) of an ensemble member's fine-tune: ``finetune`` for the
+    first or only model, then ``finetune-2``, ``finetune-3``..."""
+    return "finetune" if member == 0 else f"finetune-{member + 1}"
+
+
+def phase_label(tag: float) -> str:
+    """How a history row's ``phase`` tag reads: 1 frozen, 2 fine-tune, 3 on each further
+    ensemble member's fine-tune."""
+    if tag == 1.0:
+        return "frozen"
+    return "fine-tune" if tag == 2.0 else f"fine-tune {int(tag) - 1}"
 
 
 def _combine(fits: list[tuple[float, FitResult]], seconds: float) -> FitResult:
@@ -420,23 +446,33 @@ def fit_transfer(
         reports.append(report)
         if distributed.is_main:
             save_phase_reports(run_dir, reports)
+    members = list(model.members) if isinstance(model, TransferEnsemble) else [model]
+    if len(members) > 1:
+        model.share_first()  # Every member starts from the frozen phase's head.
     if "finetune" in phases:
-        fit, report = fit_finetune(
-            model,
-            config,
-            splits,
-            preprocessing,
-            device,
-            run_dir,
-            progress,
-            callbacks,
-            freeze_batch_norm,
-            resume,
-            distributed,
-            identity,
-        )
-        fits.append((2.0, fit))
-        reports.append(report)
+        for index, member in enumerate(members):
+            fit, report = fit_finetune(
+                member,
+                config,
+                splits,
+                preprocessing,
+                device,
+                run_dir,
+                progress,
+                callbacks,
+                freeze_batch_norm,
+                resume,
+                distributed,
+                identity,
+                member=index,
+            )
+            fits.append((2.0 + index, fit))
+            reports.append(report)
+            if distributed.is_main:
+                save_phase_reports(run_dir, reports)
+    if len(members) > 1:
+        # The run's test figures are the ensemble's: record_final_test fills them in here.
+        reports.append(PhaseReport("ensemble", 0, 0, None, details={"members": len(members)}))
         if distributed.is_main:
             save_phase_reports(run_dir, reports)
     result = _combine(fits, time.perf_counter() - start)
