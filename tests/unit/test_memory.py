@@ -237,3 +237,13 @@ def test_with_no_room_for_the_margin_splits_and_advice_use_all_the_memory(caplog
         assert check_training_memory(estimate, 32, 9 * GIB, micro_batch_size=7) == 7
         assert check_training_memory(estimate, batch_size=32, available=9 * GIB) == 7
     assert "no split leaves a margin" in caplog.text
+
+
+def test_gpu_memory_cached_by_pytorch_counts_as_free(monkeypatch) -> None:
+    # An ensemble's second member trains after the first freed its tensors into the
+    # allocator's cache: the driver does not count that memory free, but training can use it.
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 30 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 5 * gib)
+    assert memory.available_memory(torch.device("cuda", 0)) == 27 * gib

@@ -698,3 +698,14 @@ def test_interrupts_wait_for_the_storage_and_go_off_at_the_next_safe_point():
         held_until_the_end = True
     assert held_until_the_end
     assert signal.getsignal(signal.SIGTERM) is not guard._handle  # Handlers restored.
+
+
+def test_an_ensemble_is_refused_by_search(tmp_path, digits_data):
+    space = parse_space(
+        {"members": {"type": "categorical", "choices": [1, 2], "target": "model.options.members"}},
+        "ensembles",
+    )
+    base = tiny_base(tmp_path / "search")
+    with pytest.raises(ValueError, match="search trains one model a trial, not ensembles"):
+        run_search(base, space, SearchConfig(sampler="grid"), progress=False, data=digits_data)
+    assert not (tmp_path / "search").exists()

@@ -15,7 +15,9 @@ from tests.conftest import write_bird_folder
 
 from cnnkit.config import AugmentConfig, Preprocessing, RunConfig, build_run_config
 from cnnkit.data.dataset import DataSplits, ImageSet
+from cnnkit.data.loader import build_loaders
 from cnnkit.models.registry import create_model
+from cnnkit.runtime import DistributedContext
 from cnnkit.training.features import (
     FeatureCache,
     FeatureSource,
@@ -361,6 +363,13 @@ def test_ensemble_members_fine_tune_one_after_another_from_the_same_head(tiny_im
     phases = json.loads((run_dir / PHASES_NAME).read_text())["phases"]
     assert [phase["name"] for phase in phases] == ["frozen", "finetune", "finetune-2", "ensemble"]
     assert phases[-1]["details"] == {"members": 2}
+    # The run's figures are the ensemble's own, scored on the val split.
+    _, val_loader, _ = build_loaders(splits, config, PREPROCESSING, CPU, DistributedContext())
+    ensemble.eval()
+    with torch.no_grad():
+        correct = sum(int((ensemble(x).argmax(1) == y).sum()) for x, y in val_loader)
+    assert phases[-1]["val_accuracy"] == fit.best_val_accuracy == correct / len(splits.val)
+    assert fit.best_epoch == fit.epochs_run == 7
     for folder in ("finetune", "finetune-2"):
         assert (run_dir / folder / "checkpoint.pt").exists()
         assert (run_dir / folder / "metrics.csv").exists()
@@ -439,3 +448,32 @@ def test_cli_trains_an_ensemble_into_one_model_file(tmp_path, capsys):
         torch.testing.assert_close(model(x).exp(), averaged)
     predictions = Predictor.from_file(out).predict([np.full((50, 60, 3), 200, np.uint8)])
     assert predictions[0][0].label in {"Red Bird", "Blue Bird"}
+
+
+def test_an_ensemble_needs_its_fine_tunes(tmp_path):
+    from cnnkit.training.run import resolve_preprocessing
+
+    config = build_run_config(
+        {
+            "data": {"dataset": "digits", "channels": 3},
+            "model": {"name": "efficientnet_lite0", "options": {"members": 3}},
+            "transfer": {"phases": ["frozen"]},
+        }
+    )
+    with pytest.raises(ValueError, match="members=3: the members of an ensemble differ only"):
+        resolve_preprocessing(config)
+    # With both phases it resolves, to the one preprocessing all members share.
+    phases = dataclasses.replace(config.transfer, phases=("frozen", "finetune"))
+    both = dataclasses.replace(config, transfer=phases)
+    assert resolve_preprocessing(both).image_size == 224
+
+
+def test_resume_names_the_latest_members_checkpoint(tmp_path):
+    from cnnkit.training.run import find_checkpoint
+
+    for folder in ("finetune", "finetune-2", "finetune-10", "finetune-x"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "checkpoint.pt").write_bytes(b"")
+    assert find_checkpoint(tmp_path) == tmp_path / "finetune-10" / "checkpoint.pt"
+    (tmp_path / "finetune-10" / "checkpoint.pt").unlink()
+    assert find_checkpoint(tmp_path) == tmp_path / "finetune-2" / "checkpoint.pt"

@@ -2,6 +2,8 @@
 
 Every registered model is an ``nn.Module`` with ``forward_features(x)`` and ``forward_head(f)``,
 ``reset_classifier(num_classes)``, and a ``default_preprocessing`` (a :class:`Preprocessing`).
+A transfer ensemble (``members`` > 1) has no ``forward_head``: each member has its own
+features, and the ensemble averages the members' outputs.
 """
 
 from __future__ import annotations

@@ -126,7 +126,10 @@ def available_memory(device: torch.device) -> int | None:
     None where it cannot be told (non-Linux CPUs, MPS).
     """
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        # Memory PyTorch's allocator holds but no tensor uses (an earlier model's, such as an
+        # ensemble's previous member) is free to this process too, though not to the driver.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     if device.type != "cpu":
         return None
     try:

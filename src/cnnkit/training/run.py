@@ -74,7 +74,11 @@ def resolve_preprocessing(config: RunConfig) -> Preprocessing:
     Raises:
         ValueError: if ``augment.train_size`` asks for training crops the model cannot take.
     """
-    probe = create_model(config.model.name, 2, config.data.channels, **config.model.options)
+    # One member stands for an ensemble (they all take the same input); a bad count still fails.
+    options = dict(config.model.options)
+    if isinstance(options.get("members"), int) and options["members"] > 1:
+        options["members"] = 1
+    probe = create_model(config.model.name, 2, config.data.channels, **options)
     preprocessing: Preprocessing = probe.default_preprocessing
     if preprocessing.mode != "photo":
         channels, size = config.data.channels, config.data.image_size
@@ -94,6 +98,12 @@ def resolve_preprocessing(config: RunConfig) -> Preprocessing:
 def _check_phases(model: torch.nn.Module, config: RunConfig) -> None:
     """Refuse ``transfer.phases`` other than the default for a model without a pretrained
     backbone (it trains in one phase), before any data is loaded."""
+    members = config.model.options.get("members", 1)
+    if members != 1 and "finetune" not in config.transfer.phases:
+        raise ValueError(
+            f"--phases {','.join(config.transfer.phases)} with members={members}: the members of "
+            "an ensemble differ only by their fine-tunes, so it needs the finetune phase"
+        )
     if hasattr(model, "freeze_backbone") or config.transfer.phases == TransferConfig().phases:
         return
     raise ValueError(
@@ -255,8 +265,13 @@ def _data_roots(config: RunConfig) -> list[Path]:
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint ``--resume`` continues from: the run's, or a transfer run's fine-tune's."""
-    candidates = (run_dir / CHECKPOINT_NAME, run_dir / "finetune" / CHECKPOINT_NAME)
+    """The checkpoint ``--resume`` continues from: the run's, or a transfer run's fine-tune's
+    (an ensemble's: the latest member's)."""
+    if (run_dir / CHECKPOINT_NAME).is_file():
+        return run_dir / CHECKPOINT_NAME
+    folders = [path for path in run_dir.glob("finetune-*") if _MEMBER_FOLDER.fullmatch(path.name)]
+    folders.sort(key=lambda path: int(path.name.split("-")[1]), reverse=True)
+    candidates = [folder / CHECKPOINT_NAME for folder in [*folders, run_dir / "finetune"]]
     return next((path for path in candidates if path.is_file()), None)
 
 

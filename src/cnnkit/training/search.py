@@ -780,6 +780,12 @@ def check_model_options(space: SearchSpace, base: RunConfig) -> None:
         if parameter.target == "model.name":
             names = {str(choice) for choice in parameter.choices or ()}
     accepted = {option for name in names for option in model_options(name)}
+    targets = {parameter.target for parameter in space.parameters}
+    if base.model.options.get("members", 1) != 1 or "model.options.members" in targets:
+        raise ValueError(
+            "search trains one model a trial, not ensembles: drop members from the search, "
+            "then train the best trial's settings with --option members=N"
+        )
     for parameter in space.parameters:
         prefix, _, option = parameter.target.rpartition(".")
         if prefix == "model.options" and option not in accepted:

@@ -384,6 +384,32 @@ def record_final_test(run_dir: Path, test_metrics: dict[str, float]) -> None:
     write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
+def _score_ensemble(
+    model: TransferEnsemble,
+    config: RunConfig,
+    splits: DataSplits,
+    preprocessing: Preprocessing,
+    device: torch.device,
+    distributed: DistributedContext,
+) -> PhaseReport:
+    """The ensemble's entry in ``phases.json``: its validation accuracy where there is a val
+    split (the run's test figures are filled in by :func:`record_final_test`)."""
+    start = time.perf_counter()
+    _, val_loader, _ = build_loaders(splits, config, preprocessing, device, distributed)
+    val_accuracy = None
+    if val_loader is not None:
+        scorer = Trainer(model, config.train, device, None, (), distributed, progress=False)
+        val_accuracy = scorer.evaluate(val_loader)["accuracy"]
+    return PhaseReport(
+        "ensemble",
+        0,
+        0,
+        val_accuracy,
+        seconds=time.perf_counter() - start,
+        details={"members": len(model.members)},
+    )
+
+
 def fit_transfer(
     model: nn.Module,
     config: RunConfig,
@@ -470,12 +496,18 @@ def fit_transfer(
             reports.append(report)
             if distributed.is_main:
                 save_phase_reports(run_dir, reports)
+    ensemble = None
     if len(members) > 1:
-        # The run's test figures are the ensemble's: record_final_test fills them in here.
-        reports.append(PhaseReport("ensemble", 0, 0, None, details={"members": len(members)}))
+        ensemble = _score_ensemble(model, config, splits, preprocessing, device, distributed)
+        reports.append(ensemble)
         if distributed.is_main:
             save_phase_reports(run_dir, reports)
     result = _combine(fits, time.perf_counter() - start)
+    if ensemble is not None:
+        # What the run kept is the ensemble, not the last member: its figures are the run's.
+        result = dataclasses.replace(
+            result, best_epoch=result.epochs_run, best_val_accuracy=ensemble.val_accuracy
+        )
     if distributed.is_main:
         write_metrics_csv(run_dir / "metrics.csv", result.history)
     return result
