@@ -570,7 +570,7 @@ def command_predict(args: argparse.Namespace) -> int:
     predictor = open_predictor(model, args.backend)
     failures = _predict_and_print(predictor, images, args.top_k, args.json) if images else 0
     if args.interactive:
-        _interactive(predictor, args.top_k, args.json)
+        failures += _interactive(predictor, args.top_k, args.json)
     return 1 if failures else 0
 
 
@@ -621,16 +621,18 @@ def _ask(prompt: str, to_stderr: bool) -> str:
     return line
 
 
-def _interactive(predictor, top_k: int, as_json: bool) -> None:
+def _interactive(predictor, top_k: int, as_json: bool) -> int:
     """The book's ``Enter filename:`` loop; an empty line or end of input ends it.
 
     A bad name prints an error in the conversation and the loop goes on (with ``--json`` the
     prompts and errors go to stderr, and stdout holds one line of JSON per answer). Quotes
     around a name (a file dragged into a terminal) and ``~`` are understood, and a folder gives
-    every image in it.
+    every image in it. Returns the number of names and files that failed, so that names piped
+    in end with the same exit status as files given on the command line.
     """
     print("Enter image files or folders, one per line; an empty line ends.", file=sys.stderr)
     errors = sys.stderr if as_json else sys.stdout
+    failures = 0
     while True:
         try:
             name = _ask("Enter filename: ", to_stderr=as_json)
@@ -643,8 +645,10 @@ def _interactive(predictor, top_k: int, as_json: bool) -> None:
             images = expand_images([name])
         except CommandError as error:
             print(f"error: {error}", file=errors)
+            failures += 1
             continue
-        _predict_and_print(predictor, images, top_k, as_json, errors, one_line=True)
+        failures += _predict_and_print(predictor, images, top_k, as_json, errors, one_line=True)
+    return failures
 
 
 def command_fetch(args: argparse.Namespace) -> int:

@@ -507,7 +507,8 @@ def test_interactive_loop(
     junk.write_bytes(b"junk")
     lines = [str(first), str(tmp_path / "missing.png"), str(junk), str(second), "", str(first)]
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
-    assert main(["predict", str(symbol_model_file), "--interactive"]) == 0
+    # The loop goes on after bad names, and the exit status says some failed, as in batch mode.
+    assert main(["predict", str(symbol_model_file), "--interactive"]) == 1
     out = capsys.readouterr().out
     answers = [part.strip() for part in out.split("Enter filename:") if part.strip()]
     assert len(answers) == 4  # Two predictions and two errors; the empty line ends the loop.
@@ -527,7 +528,7 @@ def test_interactive_loop_takes_quoted_names_folders_and_json(
     lines = [f"'{first}'", str(tmp_path / "pair"), str(empty)]
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
     command = ["predict", str(symbol_model_file), str(given), "--interactive", "--json"]
-    assert main(command) == 0
+    assert main(command) == 1  # The empty folder failed.
     captured = capsys.readouterr()
     # Stdout is JSON only: the command line's image (indented), then one line per answer.
     decoder, out = json.JSONDecoder(), captured.out.strip()
