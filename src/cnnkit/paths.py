@@ -21,3 +21,15 @@ SEARCH_SETTINGS = "search.yaml"
 def is_search_folder(folder: str | Path) -> bool:
     """Whether ``folder`` holds a hyperparameter search (its ``search.yaml``)."""
     return (Path(folder) / SEARCH_SETTINGS).is_file()
+
+
+def finetune_folder(member: int) -> str:
+    """The run-folder subfolder of a transfer model's fine-tune: ``finetune`` for the first or
+    only model, then ``finetune-2``, ``finetune-3``... for an ensemble's further members."""
+    return "finetune" if member == 0 else f"finetune-{member + 1}"
+
+
+def member_folders(run_dir: str | Path) -> list[Path]:
+    """The fine-tune folders of an ensemble's further members in ``run_dir``, in order."""
+    found = [path for path in Path(run_dir).glob("finetune-*") if path.name[9:].isdigit()]
+    return sorted(found, key=lambda path: int(path.name[9:]))

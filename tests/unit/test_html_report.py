@@ -225,3 +225,30 @@ def test_an_interrupted_run_shows_its_progress_and_how_to_resume(tmp_path):
     assert "--resume" in page
     # The test report is written when a run ends: no empty placeholders before that.
     assert "Confusion matrix" not in page and "Misclassified examples" not in page
+
+
+def test_an_interrupted_ensemble_run_shows_every_phase_so_far(tmp_path):
+    run = tmp_path / "run"
+    header = "epoch,train_loss,train_accuracy\n"
+    phases = {"frozen": 3, "finetune": 2, "finetune-2": 1}  # Stopped in the second member.
+    for folder, epochs in phases.items():
+        (run / folder).mkdir(parents=True)
+        rows = "".join(f"{epoch},0.5,0.{epoch}\n" for epoch in range(1, epochs + 1))
+        (run / folder / "metrics.csv").write_text(header + rows, encoding="utf-8")
+    (run / "run.json").write_text('{"status": "interrupted", "data": "birds"}')
+    (run / "config.yaml").write_text("model: {name: efficientnet_lite0, options: {members: 2}}\n")
+    page = build_report_html(run)
+    assert "Not finished: 6 epoch(s) recorded" in page
+    cards = re.findall(r'<span class="muted">([^<]*)</span><b>([^<]*)</b>', page)
+    assert ("epochs", "6") in cards
+    table = page.split("Per-epoch metrics")[1]
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", table)
+    # Epochs numbered on across the phases, each row tagged with its phase.
+    assert [cells[i : i + 4] for i in range(0, 24, 4)] == [
+        ["1", "0.5000", "0.1000", "1.0000"],
+        ["2", "0.5000", "0.2000", "1.0000"],
+        ["3", "0.5000", "0.3000", "1.0000"],
+        ["4", "0.5000", "0.1000", "2.0000"],
+        ["5", "0.5000", "0.2000", "2.0000"],
+        ["6", "0.5000", "0.1000", "3.0000"],
+    ]

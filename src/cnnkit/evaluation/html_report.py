@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator
 
 from cnnkit.atomic import write_atomically
 from cnnkit.evaluation.plots import plt
-from cnnkit.paths import SEARCH_SETTINGS, is_search_folder
+from cnnkit.paths import SEARCH_SETTINGS, is_search_folder, member_folders
 
 REPORT_NAME = "report.html"
 _CSS = """
@@ -187,6 +187,22 @@ def _read_config(path: Path) -> dict:
     return config if isinstance(config, dict) else {}
 
 
+def _phase_history(run_dir: Path) -> list[dict[str, str]]:
+    """An unfinished transfer run's epochs so far, from its phase folders (``frozen``,
+    ``finetune``, then an ensemble's ``finetune-2``...), tagged and numbered on as the finished
+    run's ``metrics.csv`` has them (phase 1 frozen, 2 the first fine-tune, k + 1 the k-th)."""
+    members = {folder.name: int(folder.name[9:]) + 1 for folder in member_folders(run_dir)}
+    tags = {"frozen": 1, "finetune": 2, **members}
+    history: list[dict[str, str]] = []
+    for folder, tag in tags.items():
+        offset = len(history)
+        for row in _read_csv(run_dir / folder / "metrics.csv"):
+            epoch = _number(row.get("epoch"))
+            numbered = "" if epoch is None else str(offset + int(epoch))
+            history.append({**row, "epoch": numbered, "phase": str(float(tag))})
+    return history
+
+
 def _training_sections(run_dir: Path) -> list[str]:
     info = _read_json(run_dir / "run.json")
     report_dir = run_dir / "report"
@@ -195,8 +211,8 @@ def _training_sections(run_dir: Path) -> list[str]:
     config = info.get("config") or _read_config(run_dir / "config.yaml")
     model = config.get("model") or {}
     data = config.get("data") or {}
-    # A transfer run writes its combined metrics.csv at the end; until then, the fine-tune's.
-    history = _read_csv(run_dir / "metrics.csv") or _read_csv(run_dir / "finetune" / "metrics.csv")
+    # A transfer run writes its combined metrics.csv at the end; until then, its phases'.
+    history = _read_csv(run_dir / "metrics.csv") or _phase_history(run_dir)
     transfer = any("phase" in row for row in history) or (run_dir / "phases.json").exists()
     # A transfer run's epochs are the head's and the fine-tune's: no single plan to compare.
     planned = None if transfer else (config.get("train") or {}).get("epochs")

@@ -34,7 +34,7 @@ from cnnkit.data.sources import LoadedData, build_splits
 from cnnkit.evaluation.report import EvaluationReport, build_report, evaluated_block
 from cnnkit.inference.artifact import ModelMetadata, save_model
 from cnnkit.models.registry import create_model, model_options
-from cnnkit.paths import is_search_folder
+from cnnkit.paths import is_search_folder, member_folders
 from cnnkit.runtime import (
     DistributedContext,
     main_process_first,
@@ -251,10 +251,6 @@ RUN_OUTPUTS = (
 )
 
 
-# A transfer ensemble's further members' fine-tunes (training.transfer.finetune_folder).
-_MEMBER_FOLDER = re.compile(r"finetune-\d+")
-
-
 def _data_roots(config: RunConfig) -> list[Path]:
     """Where the training data lives: a CSV's folder (its paths are relative to it), or the
     archive or folder itself."""
@@ -269,9 +265,8 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     (an ensemble's: the latest member's)."""
     if (run_dir / CHECKPOINT_NAME).is_file():
         return run_dir / CHECKPOINT_NAME
-    folders = [path for path in run_dir.glob("finetune-*") if _MEMBER_FOLDER.fullmatch(path.name)]
-    folders.sort(key=lambda path: int(path.name.split("-")[1]), reverse=True)
-    candidates = [folder / CHECKPOINT_NAME for folder in [*folders, run_dir / "finetune"]]
+    folders = [*reversed(member_folders(run_dir)), run_dir / "finetune"]
+    candidates = [folder / CHECKPOINT_NAME for folder in folders]
     return next((path for path in candidates if path.is_file()), None)
 
 
@@ -319,8 +314,7 @@ def clear_run_outputs(run_dir: Path, keep: Sequence[str | Path] = ()) -> list[st
         return []
     kept = [Path(path).resolve() for path in keep]
     removed, left = [], []
-    members = sorted(p.name for p in run_dir.glob("finetune-*") if _MEMBER_FOLDER.fullmatch(p.name))
-    for name in (*RUN_OUTPUTS, *members):
+    for name in (*RUN_OUTPUTS, *(folder.name for folder in member_folders(run_dir))):
         path = run_dir / name
         if path.is_symlink() or path.is_file():
             path.unlink()  # A file of cnnkit's own (none is an image), or a link to anything.

@@ -29,6 +29,7 @@ from cnnkit.data.dataset import DataSplits, ImageSet
 from cnnkit.data.loader import BatchLoader, build_loaders
 from cnnkit.evaluation.metrics import topk_accuracy
 from cnnkit.models.transfer import TransferEnsemble
+from cnnkit.paths import finetune_folder
 from cnnkit.runtime import DistributedContext, cpu_supports_bf16, main_process_first
 from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger, write_metrics_csv
 from cnnkit.training.features import FeatureCache, FeatureExtractor, FeatureSource, digest_module
@@ -325,12 +326,6 @@ def fit_finetune(
         details={"stopped_early": fit.stopped_early},
     )
     return fit, report
-
-
-def finetune_folder(member: int) -> str:
-    """The folder (and phase name) of an ensemble member's fine-tune: ``finetune`` for the
-    first or only model, then ``finetune-2``, ``finetune-3``..."""
-    return "finetune" if member == 0 else f"finetune-{member + 1}"
 
 
 def phase_label(tag: float) -> str:
