@@ -30,6 +30,11 @@ def finetune_folder(member: int) -> str:
 
 
 def member_folders(run_dir: str | Path) -> list[Path]:
-    """The fine-tune folders of an ensemble's further members in ``run_dir``, in order."""
-    found = [path for path in Path(run_dir).glob("finetune-*") if path.name[9:].isdigit()]
-    return sorted(found, key=lambda path: int(path.name[9:]))
+    """The fine-tune folders of an ensemble's further members in ``run_dir``, in order: only
+    names :func:`finetune_folder` writes (``finetune-2`` on; not ``finetune-02`` or ``-1``)."""
+    found = {}
+    for path in Path(run_dir).glob("finetune-*"):
+        suffix = path.name[len("finetune-") :]
+        if suffix.isascii() and suffix.isdigit() and finetune_folder(int(suffix) - 1) == path.name:
+            found[int(suffix)] = path
+    return [found[number] for number in sorted(found) if number >= 2]

@@ -232,3 +232,22 @@ def test_clearing_removes_every_ensemble_members_fine_tune_folder(tmp_path) -> N
     removed = clear_run_outputs(run)
     assert sorted(removed) == ["finetune", "finetune-2", "finetune-3", "model.safetensors"]
     assert (run / "finetune-notes" / "checkpoint.pt").exists()  # Not a name cnnkit writes.
+
+
+def test_member_folders_are_only_the_names_an_ensemble_writes(tmp_path) -> None:
+    from cnnkit.paths import finetune_folder, member_folders
+
+    assert [finetune_folder(member) for member in range(3)] == [
+        "finetune",
+        "finetune-2",
+        "finetune-3",
+    ]
+    for name in ("finetune-10", "finetune-2", "finetune-02", "finetune-1", "finetune-0"):
+        (tmp_path / name).mkdir()
+    for name in ("finetune-abc", "finetune-", "finetune-²", "finetune-3"):
+        (tmp_path / name).mkdir()
+    assert [path.name for path in member_folders(tmp_path)] == [
+        "finetune-2",
+        "finetune-3",
+        "finetune-10",
+    ]

@@ -252,3 +252,15 @@ def test_an_interrupted_ensemble_run_shows_every_phase_so_far(tmp_path):
         ["5", "0.5000", "0.2000", "2.0000"],
         ["6", "0.5000", "0.1000", "3.0000"],
     ]
+
+
+def test_a_phase_row_with_an_odd_epoch_keeps_the_report(tmp_path):
+    run = tmp_path / "run"
+    (run / "finetune").mkdir(parents=True)
+    rows = "epoch,train_accuracy\n1,0.5\ninf,0.6\n,0.7\n3,0.8\n"
+    (run / "finetune" / "metrics.csv").write_text(rows, encoding="utf-8")
+    (run / "run.json").write_text('{"status": "running", "data": "birds"}')
+    page = build_report_html(run)
+    assert "Not finished: 4 epoch(s) recorded" in page
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", page.split("Per-epoch metrics")[1])
+    assert [cells[i] for i in range(0, 12, 3)] == ["1", "", "", "3"]

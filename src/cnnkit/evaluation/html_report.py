@@ -198,7 +198,7 @@ def _phase_history(run_dir: Path) -> list[dict[str, str]]:
         offset = len(history)
         for row in _read_csv(run_dir / folder / "metrics.csv"):
             epoch = _number(row.get("epoch"))
-            numbered = "" if epoch is None else str(offset + int(epoch))
+            numbered = "" if epoch is None or not math.isfinite(epoch) else str(offset + int(epoch))
             history.append({**row, "epoch": numbered, "phase": str(float(tag))})
     return history
 
