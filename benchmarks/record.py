@@ -35,10 +35,25 @@ def command_line(argv: list[str]) -> str:
     return " ".join(["python", *argv])
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux ``/proc/cpuinfo``), else what ``platform`` says.
+
+    Two machines of the same architecture can differ in speed and in bf16 numerics (AMX or
+    AVX-512 kernels), so results name the model."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as stream:
+            for line in stream:
+                if line.startswith("model name") and ":" in line:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def machine_description() -> str:
-    """The processor architecture, the CPU cores, and the GPU where CUDA has one (whether or
-    not the benchmark used it: the payload's own fields say where it ran)."""
-    cpu = f"{platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} cores"
+    """The processor architecture and model, the CPU cores, and the GPU where CUDA has one
+    (whether or not the benchmark used it: the payload's own fields say where it ran)."""
+    cpu = f"{platform.machine()}, {cpu_name()}, {os.cpu_count()} cores"
     try:
         import torch
 

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import datetime
+import gc
 import logging
 import random
 from collections.abc import Iterator
@@ -40,6 +41,25 @@ def tune_allocator() -> bool:
         return bool(ok)
     except (OSError, AttributeError):
         return False
+
+
+def release_freed_memory(device: torch.device) -> None:
+    """Give back the memory that freed tensors left in the allocators, so that a memory check
+    for the next model (an ensemble's next member) counts it as free.
+
+    On the CPU :func:`tune_allocator` keeps freed memory in the process, where the system's
+    free-memory figure does not see it; ``malloc_trim`` returns it (glibc only). On CUDA,
+    PyTorch's cache is emptied.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return
+    name = ctypes.util.find_library("c")
+    if device.type != "cpu" or not name:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(name).malloc_trim(0)
 
 
 def select_device(name: str = "auto") -> torch.device:

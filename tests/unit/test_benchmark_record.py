@@ -27,3 +27,21 @@ def test_a_result_is_written_whole_with_its_command(tmp_path, monkeypatch) -> No
     assert document["top1"] == 0.5 and document["benchmark"] == "demo"
     assert document["command"] == "python -m benchmarks.hasy_recipe default"
     assert [p.name for p in path.parent.iterdir()] == ["demo.json"]  # No temporary left.
+
+
+def test_the_machine_names_the_processor_model(monkeypatch, tmp_path) -> None:
+    import builtins
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t: avx512_bf16\n")
+    real_open = builtins.open
+
+    def fake_open(path, *args, **kwargs):
+        return real_open(cpuinfo if path == "/proc/cpuinfo" else path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    assert record.cpu_name() == "AMD EPYC 9R14"
+    assert "AMD EPYC 9R14" in record.machine_description()
+    cpuinfo.unlink()  # No /proc/cpuinfo: what platform says.
+    monkeypatch.setattr(record.platform, "processor", lambda: "arm")
+    assert record.cpu_name() == "arm"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -73,3 +77,37 @@ def test_unknown_devices_are_refused(name: str) -> None:
 
 def test_cpu_is_always_there() -> None:
     assert select_device("cpu") == torch.device("cpu")
+
+
+RELEASE_SCRIPT = """
+import torch
+from cnnkit.runtime import release_freed_memory, tune_allocator
+
+def resident_mib():
+    with open("/proc/self/statm") as stream:
+        return int(stream.read().split()[1]) * 4096 / 2**20
+
+assert tune_allocator()
+blocks = [torch.ones(64, 1024, 1024 // 4) for _ in range(8)]  # 8 x 64 MiB
+del blocks
+kept = resident_mib()
+release_freed_memory(torch.device("cpu"))
+print(kept, resident_mib())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_freed_memory_that_the_tuned_allocator_keeps_is_given_back() -> None:
+    # tune_allocator keeps freed tensors' memory in the process (fast for training, but the
+    # system's free-memory figure no longer sees it); an ensemble's next member must see it.
+    from tests.conftest import subprocess_env
+
+    result = subprocess.run(
+        [sys.executable, "-c", RELEASE_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        check=True,
+    )
+    kept, released = map(float, result.stdout.split())
+    assert kept - released > 400  # Most of the 512 MiB freed goes back to the system.
