@@ -21,6 +21,17 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 
 
+def _libc() -> ctypes.CDLL | None:
+    """The C library, where glibc's ``mallopt`` and ``malloc_trim`` live; None if not found."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
 def tune_allocator() -> bool:
     """Stop glibc from returning freed memory to the OS after every large tensor.
 
@@ -31,35 +42,30 @@ def tune_allocator() -> bool:
     Returns:
         True if ``mallopt`` was applied (glibc only).
     """
-    name = ctypes.util.find_library("c")
-    if not name:
+    libc = _libc()
+    if libc is None:
         return False
     try:
-        libc = ctypes.CDLL(name)
         ok = libc.mallopt(_M_MMAP_MAX, 0) == 1
         ok &= libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
         return bool(ok)
-    except (OSError, AttributeError):
+    except AttributeError:
         return False
 
 
-def release_freed_memory(device: torch.device) -> None:
-    """Give back the memory that freed tensors left in the allocators, so that a memory check
-    for the next model (an ensemble's next member) counts it as free.
+def release_freed_memory() -> None:
+    """Return to the system the heap memory that freed objects left in this process.
 
-    On the CPU :func:`tune_allocator` keeps freed memory in the process, where the system's
-    free-memory figure does not see it; ``malloc_trim`` returns it (glibc only). On CUDA,
-    PyTorch's cache is emptied.
+    :func:`tune_allocator` keeps it in the process, where the system's free-memory figure does
+    not see it; a model trained after another in one process (an ensemble's next member, a
+    search worker's next trial) must count the first one's memory as free. ``malloc_trim``
+    returns it (glibc only; elsewhere nothing happens).
     """
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        return
-    name = ctypes.util.find_library("c")
-    if device.type != "cpu" or not name:
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(name).malloc_trim(0)
+    libc = _libc()
+    if libc is not None:
+        with contextlib.suppress(AttributeError):
+            libc.malloc_trim(0)
 
 
 def select_device(name: str = "auto") -> torch.device:

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cnnkit.runtime import release_freed_memory
+
 logger = logging.getLogger(__name__)
 
 GIB = 2**30
@@ -132,6 +134,7 @@ def available_memory(device: torch.device) -> int | None:
         return torch.cuda.mem_get_info(device)[0] + cached
     if device.type != "cpu":
         return None
+    release_freed_memory()  # What an earlier model freed but the allocator kept is free too.
     try:
         with open("/proc/meminfo") as stream:
             fields = dict(line.split(":", 1) for line in stream)

@@ -30,12 +30,7 @@ from cnnkit.data.loader import BatchLoader, build_loaders
 from cnnkit.evaluation.metrics import topk_accuracy
 from cnnkit.models.transfer import TransferEnsemble
 from cnnkit.paths import finetune_folder
-from cnnkit.runtime import (
-    DistributedContext,
-    cpu_supports_bf16,
-    main_process_first,
-    release_freed_memory,
-)
+from cnnkit.runtime import DistributedContext, cpu_supports_bf16, main_process_first
 from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger, write_metrics_csv
 from cnnkit.training.features import FeatureCache, FeatureExtractor, FeatureSource, digest_module
 from cnnkit.training.trainer import Callback, FitResult, Trainer
@@ -305,9 +300,6 @@ def fit_finetune(
     model.unfreeze_backbone()
     distributed = distributed or DistributedContext()
     if member:
-        # The previous member's activations and optimizer state were freed but may still sit
-        # in the allocators; the memory check must see them as free.
-        release_freed_memory(device)
         config = dataclasses.replace(
             config, train=dataclasses.replace(config.train, seed=config.train.seed + member)
         )
