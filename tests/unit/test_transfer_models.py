@@ -279,6 +279,37 @@ def test_depthwise_convolutions_train_in_fp32_under_cpu_autocast() -> None:
             ConvBnAct.fp32_depthwise_training_on_cpu = True
 
 
+@pytest.mark.parametrize("groups", [1, 8])
+def test_eval_batch_norm_folds_into_the_convolution_with_the_same_values_and_gradients(
+    groups: int,
+) -> None:
+    torch.manual_seed(0)
+    block = ConvBnAct(8, 8, kernel_size=3, stride=2, groups=groups).eval()
+    with torch.no_grad():  # Statistics and affine values far from the identity.
+        block.bn.running_mean.uniform_(-1, 1)
+        block.bn.running_var.uniform_(0.5, 2)
+        block.bn.weight.uniform_(0.5, 1.5)
+        block.bn.bias.uniform_(-1, 1)
+    images = torch.randn(2, 8, 11, 11)
+    folded = block(images)
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1))  # TensorFlow's SAME, 11 px, stride 2.
+    separate = block.activation(block.bn(block.conv(padded)))
+    assert torch.allclose(folded, separate, atol=1e-5)
+    assert folded.std() > 0.1  # ReLU6 left a signal to compare.
+    grads = []
+    for output in (folded, separate):
+        block.zero_grad(set_to_none=True)
+        (output * torch.linspace(-1, 1, output.numel()).view_as(output)).sum().backward()
+        grads.append([p.grad.clone() for p in (block.conv.weight, block.bn.weight, block.bn.bias)])
+    for folded_grad, separate_grad in zip(*grads, strict=True):
+        assert torch.allclose(folded_grad, separate_grad, atol=1e-5)
+    # In training mode the layer still normalises with batch statistics and updates them.
+    block.train()
+    block(images)
+    assert not torch.allclose(block.bn.running_mean, torch.zeros(8))
+    assert block.bn.num_batches_tracked.item() == 1
+
+
 def test_drop_path_drops_whole_samples_and_keeps_the_expected_value() -> None:
     x = torch.ones(4000, 2, 3, 3)
     assert drop_path(x, 0.25, training=False) is x and drop_path(x, 0.0, training=True) is x

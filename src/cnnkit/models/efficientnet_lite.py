@@ -99,8 +99,9 @@ class ConvBnAct(nn.Module):
     convolutions compute the ``SAME`` padding from the input size in :meth:`forward`.
     """
 
-    # Class-wide switch, on by default; benchmarks/finetune_profile.py turns it off to compare.
+    # Class-wide switches, on by default; benchmarks/finetune_profile.py turns them off to compare.
     fp32_depthwise_training_on_cpu = True
+    fold_eval_batch_norm = True
 
     def __init__(
         self,
@@ -128,8 +129,21 @@ class ConvBnAct(nn.Module):
             x = F.pad(x, _same_padding(x.shape[-2:], self.kernel_size, self.stride))
         if self._depthwise_in_fp32(x):
             with torch.autocast("cpu", enabled=False):
-                return self.activation(self.bn(self.conv(x.float())))
-        return self.activation(self.bn(self.conv(x)))
+                return self.activation(self._conv_bn(x.float()))
+        return self.activation(self._conv_bn(x))
+
+    def _conv_bn(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bn.training or not self.fold_eval_batch_norm:
+            return self.bn(self.conv(x))
+        # Batch norm with fixed statistics is a per-channel scale and shift, so it folds into
+        # the convolution's weights and bias: one pass over the activations instead of three
+        # (forward, and backward through both layers). The scale and shift still learn, with
+        # the same gradients. A CUB fine-tune step is 1.2x faster (benchmarks/finetune_profile.py).
+        bn, conv = self.bn, self.conv
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale
+        weight = conv.weight * scale.view(-1, 1, 1, 1)
+        return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
 
     def _depthwise_in_fp32(self, x: torch.Tensor) -> bool:
         # oneDNN's bf16 backward of depthwise convolutions is several times slower than its fp32
