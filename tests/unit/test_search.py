@@ -700,6 +700,34 @@ def test_interrupts_wait_for_the_storage_and_go_off_at_the_next_safe_point():
     assert signal.getsignal(signal.SIGTERM) is not guard._handle  # Handlers restored.
 
 
+def test_an_interrupt_python_ignored_still_stops_the_block():
+    """A signal that lands in a garbage-collection callback raises there, where Python prints
+    "Exception ignored" and goes on; the guard still stops at the interruptible block's end."""
+    import gc
+    import weakref
+
+    from cnnkit.training.search_workers import Interrupts
+
+    class Node:
+        pass
+
+    def on_collected(_reference) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # Delivered inside the callback: ignored there.
+
+    guard = Interrupts()
+    with pytest.raises(KeyboardInterrupt), guard.installed(), guard.interruptible():
+        node = Node()
+        reference = weakref.ref(node, on_collected)
+        del node
+        gc.collect()
+        assert reference() is None
+        went_on_after_the_ignored_interrupt = True
+    assert went_on_after_the_ignored_interrupt
+    assert not guard.pending
+    with guard.installed(), guard.interruptible():  # Nothing is left over for the next block.
+        pass
+
+
 def test_an_ensemble_is_refused_by_search(tmp_path, digits_data):
     space = parse_space(
         {"members": {"type": "categorical", "choices": [1, 2], "target": "model.options.members"}},

@@ -52,9 +52,12 @@ class Interrupts:
         self.pending = False
 
     def _handle(self, signum: int, frame: Any) -> None:
+        # Held until an interrupt leaves an interruptible block: Python ignores one raised
+        # inside a garbage-collection callback (SQLAlchemy's weakref callbacks run in the
+        # middle of training), and the search would then run to its end.
+        self.pending = True
         if self.safe:
             raise KeyboardInterrupt
-        self.pending = True
 
     def check(self) -> None:
         """Raise a held-over interrupt now."""
@@ -70,8 +73,12 @@ class Interrupts:
         previous, self.safe = self.safe, True
         try:
             yield
+        except BaseException:
+            self.pending = False  # The interrupt, or another error, is on its way out.
+            raise
         finally:
             self.safe = previous
+        self.check()  # An interrupt raised where Python ignored it.
 
     @contextlib.contextmanager
     def storage(self) -> Iterator[None]:
