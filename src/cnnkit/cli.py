@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit import __version__
-from cnnkit.paths import default_cache_dir, is_search_folder
+from cnnkit.paths import RUN_INFO, default_cache_dir, is_search_folder
 
 PHOTO_MODELS_PRESET = {"book_bird_cnn": "book-cub", "book_cnn": "book-hasy"}
 PHOTO_MODEL = "efficientnet_lite0"  # For a folder or CSV of photos when no model is named.
+# Flags that set a model option (--dense 64 is --option dense=64).
+MODEL_OPTION_FLAGS = ("dense", "dropout", "convs", "width")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -109,7 +111,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser, search: bool = False) 
         parser.add_argument("--out", help="search folder (default runs/search-<dataset>-<space>)")
     else:
         parser.add_argument("--out", help="run folder (default runs/<dataset>-<model>)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="nothing while training (no progress bars or per-epoch lines); the epochs are "
+        "listed once at the end",
+    )
     if not search:  # A search ranks its trials on held-out images.
         parser.add_argument(
             "--train-on-all", action="store_true", default=None, help="fit on train+test (final)"
@@ -212,6 +219,8 @@ def _parse_option(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise CommandError(f"--option needs KEY=VALUE; got {text!r}")
     key, raw = text.split("=", 1)
+    if not key.strip():
+        raise CommandError(f"--option needs KEY=VALUE; got {text!r} (no key)")
     import yaml
 
     from cnnkit.config import number_from_text
@@ -222,7 +231,7 @@ def _parse_option(text: str) -> tuple[str, Any]:
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Explicit flags as nested config overrides (unset flags are absent)."""
     options = dict(_parse_option(text) for text in args.option)
-    for key in ("dense", "dropout", "convs", "width"):
+    for key in MODEL_OPTION_FLAGS:
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     seed = args.seed
@@ -291,7 +300,7 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
     data = args.data or (file_layer.get("data") or {}).get("data")
     options_given = bool(
         args.option
-        or any(getattr(args, key) is not None for key in ("dense", "convs", "width"))
+        or any(getattr(args, key) is not None for key in MODEL_OPTION_FLAGS)
         or (file_layer.get("model") or {}).get("options")
     )
     unnamed = preset is None and model_name is None and not options_given
@@ -311,6 +320,11 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
         preset = "cub"
     if preset is None:
         preset = dataset if dataset in PRESETS else "hasy"
+    if file_layer:
+        try:  # An error in the file's settings names the file.
+            build_run_config(preset_for(preset), file_layer)
+        except ValueError as error:
+            raise CommandError(f"{args.config}: {error}") from None
     return build_run_config(preset_for(preset), file_layer, overrides_from_args(args))
 
 
@@ -330,8 +344,9 @@ def _print_config(config) -> int:
     import yaml
 
     from cnnkit.config import config_to_dict
-    from cnnkit.models.registry import model_options
+    from cnnkit.models.registry import check_options, model_options
 
+    check_options(config.model.name, config.model.options)  # What training would refuse.
     options = {**model_options(config.model.name), **config.model.options}
     complete = dataclasses.replace(config, model=dataclasses.replace(config.model, options=options))
     print(yaml.safe_dump(config_to_dict(complete), sort_keys=False), end="")
@@ -358,6 +373,12 @@ def command_train(args: argparse.Namespace) -> int:
     is_main = distributed.is_main
     if is_main and getattr(args, "chosen_because", None):
         print(args.chosen_because)
+    no_val = config.data.val_fraction == 0 or config.data.train_on_all
+    if is_main and args.patience is not None and no_val:
+        print(
+            "Note: --patience needs a validation split (--val-fraction > 0, without "
+            "--train-on-all); without one every epoch runs"
+        )
     if is_main:
         _print_run_folder_state(config.run_dir(), args.resume, default_dir)
     cache_dir = args.cache_dir or config.data.cache_dir or default_cache_dir()
@@ -524,11 +545,12 @@ def command_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def expand_images(paths: list[str]) -> list[Path]:
+def expand_images(paths: list[str], errors: list[str] | None = None) -> list[Path]:
     """Files as given, folders expanded to the image files inside them (sorted).
 
     Raises:
-        CommandError: for a folder with no image files in it.
+        CommandError: for a folder with no image files in it, unless ``errors`` is given: then
+            the message is appended to it and the other paths are still expanded.
     """
     expanded: list[Path] = []
     for text in paths:
@@ -537,7 +559,10 @@ def expand_images(paths: list[str]) -> list[Path]:
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
                 suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
-                raise CommandError(f"{path}: no image files found (looked for {suffixes})")
+                message = f"{path}: no image files found (looked for {suffixes})"
+                if errors is None:
+                    raise CommandError(message)
+                errors.append(message)
             expanded.extend(found)
         else:
             expanded.append(path)
@@ -561,17 +586,39 @@ def command_predict(args: argparse.Namespace) -> int:
     elif model is None and inputs and (Path(inputs[0]) / "model.safetensors").is_file():
         model = inputs.pop(0)  # A training run's folder: open_predictor finds its model.
     elif model is None and inputs:
-        _refuse_search_folder(Path(inputs[0]))  # Not a folder of images to classify.
-    images = expand_images(inputs)
+        _refuse_model_less_first_input(Path(inputs[0]).expanduser())
+    empty_folders: list[str] = []
+    images = expand_images(inputs, empty_folders)
+    if not images and empty_folders:
+        raise CommandError(empty_folders[0])
     if not images and not args.interactive:
         raise CommandError("no images given (pass files or folders, or use --interactive)")
     from cnnkit.inference.predictor import open_predictor
 
     predictor = open_predictor(model, args.backend)
-    failures = _predict_and_print(predictor, images, args.top_k, args.json) if images else 0
+    for message in empty_folders:  # Reported like a missing file; the other images go on.
+        print(f"error: {message}", file=sys.stderr)
+    failures = len(empty_folders)
+    failures += _predict_and_print(predictor, images, args.top_k, args.json) if images else 0
     if args.interactive:
         failures += _interactive(predictor, args.top_k, args.json)
     return 1 if failures else 0
+
+
+def _refuse_model_less_first_input(path: Path) -> None:
+    """Without ``--model`` the first input is an image (the bundled model answers), so refuse
+    one that was meant as a model: predictions from the bundled model would pass for its."""
+    _refuse_search_folder(path)  # Not a folder of images to classify.
+    if path.is_dir() and (path / RUN_INFO).is_file():  # Written when a run starts.
+        raise CommandError(
+            f"{path}: a training run's folder without a model.safetensors (the run has not "
+            "finished: `cnnkit train ... --resume` with the same --out continues it)"
+        )
+    if not path.exists() and path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise CommandError(
+            f"{path}: no such model file, run folder or image (a model ends in .safetensors "
+            "or .onnx; a run folder holds model.safetensors)"
+        )
 
 
 def _predict_and_print(
@@ -676,6 +723,8 @@ def command_fetch(args: argparse.Namespace) -> int:
 def command_serve(args: argparse.Namespace) -> int:
     from cnnkit.web.app import serve
 
+    if args.max_upload_mb <= 0:
+        raise CommandError(f"--max-upload-mb must be more than 0; got {args.max_upload_mb:g}")
     serve(
         args.model,
         host=args.host,
@@ -732,6 +781,11 @@ def command_export(args: argparse.Namespace) -> int:
     from cnnkit.inference.export import DEFAULT_OPSET, export_onnx
 
     model_path = _model_path(args.model)
+    if model_path.suffix.lower() == ".onnx":
+        raise CommandError(
+            f"{model_path}: is an ONNX export already; export reads the .safetensors model "
+            "file (or the training run's folder) it came from"
+        )
     opset = args.opset or DEFAULT_OPSET
     if args.out and Path(args.out).suffix.lower() != ".onnx":
         raise CommandError(f"--out {args.out}: an ONNX file's name ends in .onnx")
@@ -934,7 +988,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="classify image files or folders")
     predict.add_argument("inputs", nargs="*", metavar="[MODEL] IMAGE", help="model file, images")
-    predict.add_argument("--model", help="model file (default: first argument or bundled model)")
+    predict.add_argument(
+        "--model",
+        help="model file, its .onnx export, or a training run's folder (default: the first "
+        "argument when it is one of those, else the bundled model)",
+    )
     predict.add_argument("--top-k", type=int, default=1, help="show the K best classes (1)")
     predict.add_argument("--json", action="store_true", help="print JSON")
     predict.add_argument(
@@ -950,7 +1008,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(handler=command_predict)
 
     serve = commands.add_parser("serve", help="web page and REST API for a model")
-    serve.add_argument("model", nargs="?", help="model file (default: the bundled model)")
+    serve.add_argument(
+        "model",
+        nargs="?",
+        help="model file, its .onnx export, or a training run's folder (default: the bundled "
+        "model)",
+    )
     serve.add_argument(
         "--host",
         default="127.0.0.1",
@@ -978,7 +1041,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="train and use a CNN on the embedded digits")
     demo.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     demo.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument(
+        "--quiet",
+        action="store_true",
+        help="nothing while training (no progress bars or per-epoch lines); the epochs are "
+        "listed once at the end",
+    )
     demo.set_defaults(handler=command_demo)
 
     models = commands.add_parser("models", help="list registered models and their options")

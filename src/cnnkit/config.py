@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from cnnkit.errors import error_line
+
 DATASETS = ("hasy", "cub", "folder", "csv", "digits")
 BAD_IMAGE_POLICIES = ("error", "skip")
 
@@ -104,6 +106,16 @@ class DataConfig:
             raise ValueError(f"image_size must be at least 8 pixels; got {self.image_size}")
         if self.dataset != "digits" and not self.data:
             raise ValueError(f"--data is required for --dataset {self.dataset}")
+        if self.dataset == "digits" and self.data:
+            raise ValueError(
+                f"--dataset digits is built in (scikit-learn's handwritten digits) and reads no "
+                f"--data; got {self.data} (for a folder of images use --dataset folder)"
+            )
+        if self.crop_to_bbox and self.dataset != "cub":
+            raise ValueError(
+                f"--crop-to-bbox uses CUB-200-2011's bounding boxes; --dataset {self.dataset} "
+                "has none"
+            )
         if self.fold is not None and not 1 <= self.fold <= 10:
             raise ValueError(f"fold must be between 1 and 10; got {self.fold}")
         if self.fold is not None and self.dataset != "hasy":
@@ -496,6 +508,14 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return {k: plain(v) for k, v in dataclasses.asdict(config).items()}
 
 
+def yaml_error_text(error: yaml.YAMLError) -> str:
+    """A YAML parse error on one line: ``invalid YAML (line 2, column 7: <problem>)``."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    problem = getattr(error, "problem", None) or error_line(error)
+    return f"invalid YAML ({where}{problem})"
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into nested overrides.
 
@@ -506,9 +526,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ValueError(f"{path}: invalid YAML ({where}{error.problem})") from error
+        raise ValueError(f"{path}: {yaml_error_text(error)}") from error
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise ValueError(f"{path}: cannot read config: {error}") from error
     if data is None:

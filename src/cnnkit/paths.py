@@ -16,6 +16,8 @@ def default_cache_dir() -> Path:
 
 # A search folder's settings file: its presence is what marks a folder as a search's.
 SEARCH_SETTINGS = "search.yaml"
+# A training run's record (status, data, timings, test figures), written when the run starts.
+RUN_INFO = "run.json"
 
 
 def is_search_folder(folder: str | Path) -> bool:

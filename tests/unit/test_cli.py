@@ -173,6 +173,9 @@ def test_another_model_does_not_inherit_the_presets_model_options() -> None:
         (["--image-size", "3"], "image_size must be at least 8 pixels"),
         (["--option", "width=abc"], "width must be a whole number; got 'abc'"),
         (["--phases", "frozen"], "symbol_cnn has no pretrained backbone"),
+        (["--option", "=3"], "--option needs KEY=VALUE; got '=3' (no key)"),
+        (["--data", "some/folder"], "--dataset digits is built in"),
+        (["--crop-to-bbox"], "--dataset digits has none"),
     ],
 )
 def test_invalid_train_arguments_exit_2_with_one_line(capsys, argv, message) -> None:
@@ -195,6 +198,63 @@ def test_config_file_errors_exit_2(capsys, tmp_path: Path) -> None:
     assert main(["train", "--config", str(path), "--print-config"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "section 'model' must be a mapping of fields" in error[0]
+
+
+def test_config_file_settings_errors_name_the_file(capsys, tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  epoch: 3\n", encoding="utf-8")
+    assert main(["train", "--dataset", "digits", "--config", str(path)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"{path}: unknown field(s) in train: epoch" in error[0]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--option", "tta=maybe"], "model option tta must be true or false; got 'maybe'"),
+        (["--option", "foo=1"], "has no option(s) foo"),
+        (["--model", "symbol_cnn", "--dense", "64"], "has no option(s) dense"),
+    ],
+)
+def test_print_config_refuses_what_training_would(capsys, options, message) -> None:
+    """--print-config writes a file for --config: one training would refuse is an error."""
+    argv = ["train", "--dataset", "cub", "--data", "c.tgz", *options, "--print-config"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and message in captured.err
+
+
+def test_a_run_folder_inside_its_folder_dataset_is_refused(capsys, tmp_path: Path) -> None:
+    data = tmp_path / "shapes"
+    for name in ("a", "b"):
+        _write_images(data / name, count=2)
+    argv = ["train", "--dataset", "folder", "--data", str(data), "--epochs", "1"]
+    for out in (data, data / "runs" / "x"):
+        assert main([*argv, "--out", str(out)]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and "is inside the training data folder" in error[0]
+    assert sorted(p.name for p in data.iterdir()) == ["a", "b"]  # Nothing written there.
+
+
+def test_patience_without_a_validation_split_is_explained(capsys, tmp_path: Path) -> None:
+    argv = ["train", "--dataset", "digits", "--max-classes", "3", "--epochs", "1", "--quiet"]
+    assert main([*argv, "--val-fraction", "0", "--patience", "2", "--out", str(tmp_path)]) == 0
+    assert "Note: --patience needs a validation split" in capsys.readouterr().out
+
+
+def test_a_failed_resume_is_recorded_as_failed_with_its_reason(capsys, tmp_path: Path) -> None:
+    """A checkpoint whose one-cycle schedule the new settings cannot continue: one line that
+    says why, and run.json says "failed" rather than "running"."""
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "digits", "--max-classes", "3", "--quiet", "--out", str(run)]
+    assert main([*argv, "--epochs", "1", "--schedule", "onecycle"]) == 0
+    capsys.readouterr()
+    again = [*argv, "--epochs", "2", "--schedule", "onecycle", "--max-steps-per-epoch", "1"]
+    assert main([*again, "--resume"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "optimizer steps in 1 epoch(s), more than this run" in error[0]
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "failed" and "optimizer steps" in info["error"]
 
 
 def test_an_existing_file_as_out_is_one_line(capsys, tmp_path: Path) -> None:
@@ -245,6 +305,27 @@ def test_export_refuses_to_overwrite_its_own_model(capsys, symbol_model_file: Pa
     misnamed.write_bytes(symbol_model_file.read_bytes())
     assert main(["export", str(misnamed), "--out", str(misnamed)]) == 2
     assert misnamed.read_bytes() == symbol_model_file.read_bytes()
+
+
+def test_export_and_the_torch_backend_refuse_an_onnx_export(
+    capsys, symbol_model_file: Path, tmp_path
+):
+    exported = tmp_path / "m.onnx"
+    assert main(["export", str(symbol_model_file), "--out", str(exported)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(exported), "--out", str(tmp_path / "other.onnx")]) == 2
+    assert "is an ONNX export already" in capsys.readouterr().err
+    (image,) = _write_images(tmp_path / "images", count=1)
+    assert main(["predict", str(exported), str(image), "--backend", "torch"]) == 2
+    assert "leave out --backend torch" in capsys.readouterr().err
+    assert main(["predict", str(exported), str(image)]) == 0  # ONNX Runtime runs it.
+
+
+def test_serve_refuses_a_bad_upload_limit_before_announcing(capsys) -> None:
+    assert main(["serve", "--max-upload-mb", "0"]) == 2
+    captured = capsys.readouterr()
+    assert "Serving on" not in captured.out
+    assert "--max-upload-mb must be more than 0; got 0" in captured.err
 
 
 def test_export_options_of_quantize_need_it(capsys, symbol_model_file: Path, tmp_path):
@@ -550,6 +631,38 @@ def test_predict_empty_folder_and_bad_top_k_exit_2(
     (image,) = _write_images(tmp_path, count=1)
     assert main(["predict", str(symbol_model_file), str(image), "--top-k", "0"]) == 2
     assert "--top-k must be at least 1" in capsys.readouterr().err
+
+
+def test_predict_reports_an_empty_folder_and_predicts_the_other_images(
+    capsys, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (image,) = _write_images(tmp_path / "images", count=1)
+    assert main(["predict", str(symbol_model_file), str(empty), str(image)]) == 1
+    captured = capsys.readouterr()
+    assert f"{empty}: no image files found" in captured.err
+    assert SYMBOL_LINE.match(captured.out.strip())  # The one image, so no file name prefix.
+
+
+def test_predict_refuses_a_first_input_meant_as_a_model(capsys, tmp_path: Path) -> None:
+    """Without a model the bundled one answers, so a mistyped or unfinished model is refused
+    rather than having the bundled model's predictions pass for its."""
+    (image,) = _write_images(tmp_path / "images", count=1)
+    missing = tmp_path / "runs" / "hasy-symbol_cnn"
+    assert main(["predict", str(missing), str(image)]) == 2
+    captured = capsys.readouterr()
+    assert f"{missing}: no such model file, run folder or image" in captured.err
+    assert captured.out == ""
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "run.json").write_text('{"status": "running"}')
+    assert main(["predict", str(unfinished), str(image)]) == 2
+    assert "run's folder without a model.safetensors" in capsys.readouterr().err
+    # A missing image as the first input is still an image: reported, the others predicted.
+    assert main(["predict", str(tmp_path / "missing.png"), str(image)]) == 1
+    captured = capsys.readouterr()
+    assert "missing.png" in captured.err and str(image) in captured.out
 
 
 def test_interactive_loop_ends_at_end_of_input(

@@ -183,7 +183,9 @@ def test_unknown_preset() -> None:
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_builds_and_names_a_model_that_accepts_its_options(name: str) -> None:
-    config = build_run_config(preset_for(name), {"data": {"data": "somewhere"}})
+    config = build_run_config(
+        preset_for(name), {"data": {"dataset": "folder", "data": "somewhere"}}
+    )
     accepted = model_options(config.model.name)
     assert set(config.model.options) <= set(accepted)
 

@@ -160,6 +160,9 @@ def test_space_file_format(tmp_path):
         ("a: {type: float, low: 1}", "need 'low' and 'high'"),
         ("a: {type: categorical, choices: [1], target: train.nope}", "no field 'nope'"),
         ("a: {type: categorical, choices: [1], wat: 2}", "unknown key"),
+        ("a: {type: float, low: abc, high: 1}", "'a': low must be a number; got 'abc'"),
+        ("a: {choices: 5}", "'a': choices must be a list such as"),
+        ("a: {type: float, low: [1", "invalid YAML \\(line 1, column 25"),
     ],
 )
 def test_space_file_errors_name_the_parameter(tmp_path, text, message):
@@ -301,6 +304,22 @@ def test_a_model_option_no_model_takes_is_refused_before_anything_runs(tmp_path,
         run_search(base, space, SearchConfig(sampler="grid"), progress=False, data=digits_data)
     # Optuna's own INFO lines, which would repeat each trial line, are off (not under -v).
     assert optuna.logging.get_verbosity() == optuna.logging.WARNING
+    assert not (tmp_path / "search").exists()
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"dense": {"choices": ["abc"]}}, "'abc' for model.options.dense is not a valid setting"),
+        ({"learning_rate": {"low": -1.0, "high": 0.1}}, "-1.0 for train.learning_rate"),
+    ],
+)
+def test_a_value_the_run_settings_refuse_is_refused_before_any_trial(
+    tmp_path, digits_data, spec, message
+):
+    base = tiny_base(tmp_path / "search")
+    with pytest.raises(ValueError, match=message):
+        run_search(base, parse_space(spec, "bad"), SearchConfig(), progress=False, data=digits_data)
     assert not (tmp_path / "search").exists()
 
 

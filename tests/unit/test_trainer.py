@@ -227,6 +227,24 @@ def test_resume_with_more_epochs_works_with_onecycle(tiny_image_set, tmp_path: P
     assert [row["epoch"] for row in result.history] == [1, 2]
 
 
+def test_resume_with_fewer_steps_per_epoch_than_its_onecycle_took_is_refused(
+    tiny_image_set, tmp_path: Path
+) -> None:
+    """Two batches an epoch, then a resume at one batch an epoch: the one-cycle schedule would
+    step past its end, so the checkpoint is refused with the figures, before any step."""
+    train_loader, _ = _loaders(tiny_image_set)
+    config = dataclasses.replace(BASE, epochs=1, schedule="onecycle")
+    Trainer(_model(), config, CPU, tmp_path, progress=False).fit(train_loader)
+    saved = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    train = tiny_image_set(num_classes=4, per_class=2, size=8, seed=1)  # One batch of eight.
+    shorter = BatchLoader(train, 8, build_eval_transform(PREPROCESSING), shuffle=True, seed=3)
+    longer = dataclasses.replace(config, epochs=2)
+    resumed = Trainer(_model(), longer, CPU, tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match=r"took 2 optimizer steps in 1 epoch\(s\).* of 2 "):
+        resumed.fit(shorter, resume=True)
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["epoch"] == saved["epoch"] == 1
+
+
 def test_resume_without_a_checkpoint_starts_fresh(tiny_image_set, run_dir: Path) -> None:
     train_loader, _ = _loaders(tiny_image_set)
     trainer = Trainer(_model(), dataclasses.replace(BASE, epochs=1), CPU, run_dir, progress=False)
@@ -281,6 +299,8 @@ def test_checkpoint_loading_never_unpickles_code(run_dir: Path) -> None:
     with pytest.raises(CheckpointError, match="garbage.pt") as raised:
         load_checkpoint(garbage)
     assert "\n" not in str(raised.value)  # One line, not torch's explanation of weights_only.
+    assert "weights_only" not in str(raised.value)  # Nor its advice to load unsafely.
+    assert "delete it to start afresh" in str(raised.value)
     empty = run_dir / "empty.pt"
     empty.write_bytes(b"")
     with pytest.raises(CheckpointError, match="empty.pt: empty checkpoint file"):

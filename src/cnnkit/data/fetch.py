@@ -221,6 +221,8 @@ def fetch_archive(
         if not verify:
             raise ValueError("a SHA-256 to check and --no-verify contradict each other")
         spec = dataclasses.replace(spec, sha256=sha256.strip().lower())
+    if Path(to_dir).exists() and not Path(to_dir).is_dir():
+        raise ValueError(f"--to {to_dir}: is a file; the archive goes into a folder")
     try:
         return _fetch(spec, Path(to_dir), from_file, url, verify, progress, timeout)
     except ChecksumError as error:

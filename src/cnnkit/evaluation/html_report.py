@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator
 
 from cnnkit.atomic import write_atomically
 from cnnkit.evaluation.plots import plt
-from cnnkit.paths import SEARCH_SETTINGS, is_search_folder, member_folders
+from cnnkit.paths import RUN_INFO, SEARCH_SETTINGS, is_search_folder, member_folders
 
 REPORT_NAME = "report.html"
 _CSS = """
@@ -174,17 +174,24 @@ def learning_curves_png(rows: Sequence[dict[str, str]]) -> bytes | None:
     return buffer.getvalue()
 
 
-def _read_config(path: Path) -> dict:
-    """A run's ``config.yaml`` as a mapping ({} when absent or unreadable)."""
+def _read_mapping(path: Path, text: str | None = None) -> dict:
+    """A YAML file (a run's ``config.yaml``, a search's settings) as a mapping, from ``text``
+    when it was read already; {} when it is absent, and {} with a warning when it is
+    unreadable or not a mapping."""
     import yaml
 
-    text = _read_text(path)
+    text = _read_text(path) if text is None else text
     try:
-        config = yaml.safe_load(text) if text else {}
+        mapping = yaml.safe_load(text) if text else {}
     except yaml.YAMLError as error:
         _unreadable(path, error)
         return {}
-    return config if isinstance(config, dict) else {}
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, dict):
+        _unreadable(path, ValueError("not a mapping of settings"))
+        return {}
+    return mapping
 
 
 def _phase_history(run_dir: Path) -> list[dict[str, str]]:
@@ -204,11 +211,11 @@ def _phase_history(run_dir: Path) -> list[dict[str, str]]:
 
 
 def _training_sections(run_dir: Path) -> list[str]:
-    info = _read_json(run_dir / "run.json")
+    info = _read_json(run_dir / RUN_INFO)
     report_dir = run_dir / "report"
     test = _read_json(report_dir / "metrics.json") or info.get("test") or {}
     fit = info.get("fit") or {}
-    config = info.get("config") or _read_config(run_dir / "config.yaml")
+    config = info.get("config") or _read_mapping(run_dir / "config.yaml")
     model = config.get("model") or {}
     data = config.get("data") or {}
     # A transfer run writes its combined metrics.csv at the end; until then, its phases'.
@@ -239,9 +246,10 @@ def _training_sections(run_dir: Path) -> list[str]:
         ),
         f'<p class="muted">{_escape(info.get("data", ""))}</p>',
     ]
-    if info.get("status") in ("interrupted", "running"):
+    if info.get("status") in ("interrupted", "running", "failed"):
+        failure = f" It failed: {_escape(info.get('error'))}." if info.get("error") else ""
         sections.append(
-            f'<p class="muted">Not finished: {len(history)} epoch(s) recorded. '
+            f'<p class="muted">Not finished: {len(history)} epoch(s) recorded.{failure} '
             "<code>cnnkit train ... --resume</code> with the same settings continues from the "
             "last checkpoint; the test report below appears when the run ends.</p>"
         )
@@ -278,18 +286,10 @@ def _training_sections(run_dir: Path) -> list[str]:
 
 
 def _search_sections(run_dir: Path) -> list[str]:
-    import yaml
-
     settings_text = _read_text(run_dir / SEARCH_SETTINGS)
-    try:
-        settings = yaml.safe_load(settings_text) if settings_text else {}
-    except yaml.YAMLError as error:
-        _unreadable(run_dir / SEARCH_SETTINGS, error)
-        settings = {}
-    if not isinstance(settings, dict):
-        _unreadable(run_dir / SEARCH_SETTINGS, ValueError("not a mapping of settings"))
-        settings = {}
-    search = (settings or {}).get("search") or {}
+    settings = _read_mapping(run_dir / SEARCH_SETTINGS, settings_text or "")
+    search = settings.get("search")
+    search = search if isinstance(search, dict) else {}
     rows = _read_csv(run_dir / "results.csv")
     finished = [row for row in rows if row.get("state") == "complete"]
     best = finished[0] if finished else None
@@ -329,7 +329,7 @@ def _search_sections(run_dir: Path) -> list[str]:
         confusion = run_dir / best["run_dir"] / "report" / "confusion.png"
         if confusion.is_file():
             sections += ["<h2>Best trial: confusion matrix</h2>", _figure(confusion, "confusion")]
-    retrained = _read_json(run_dir / "best" / "run.json")
+    retrained = _read_json(run_dir / "best" / RUN_INFO)
     if retrained:
         test = retrained.get("test") or {}
         sections += [
@@ -351,7 +351,7 @@ def build_report_html(run_dir: str | Path) -> str:
     """
     run_dir = Path(run_dir)
     is_search = is_search_folder(run_dir) or (run_dir / "results.csv").is_file()
-    markers = ("run.json", "config.yaml", "metrics.csv")
+    markers = (RUN_INFO, "config.yaml", "metrics.csv")
     if not is_search and not any((run_dir / name).is_file() for name in markers):
         raise ValueError(f"{run_dir}: not a cnnkit run or search folder (no run.json)")
     kind = "Hyperparameter search" if is_search else "Training run"

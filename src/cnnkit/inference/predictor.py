@@ -238,6 +238,11 @@ def open_predictor(path: str | Path | None = None, backend: str | None = None) -
         cnnkit.inference.artifact.ModelFileError: for a bad model file.
     """
     path = resolve_model_path(path)
+    if backend == "torch" and path.suffix.lower() == ".onnx":
+        raise ModelFileError(
+            f"{path}: an ONNX export runs on ONNX Runtime only: use backend 'onnx' (on the "
+            "command line, leave out --backend torch), or the .safetensors model it came from"
+        )
     if (backend or ("onnx" if path.suffix.lower() == ".onnx" else "torch")) == "onnx":
         from cnnkit.inference.onnx_backend import OnnxPredictor
 

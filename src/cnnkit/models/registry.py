@@ -50,6 +50,30 @@ def model_options(name: str) -> dict[str, Any]:
     }
 
 
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Refuse options model ``name`` does not have, and values of the wrong kind for those
+    whose default is a switch or a number (the models check their own ranges).
+
+    Raises:
+        ValueError: for an unknown model, an unknown option, or a value of the wrong kind.
+    """
+    accepted = model_options(name)
+    unknown = set(options) - set(accepted)
+    if unknown:
+        raise ValueError(
+            f"model {name!r} has no option(s) {', '.join(sorted(unknown))}; "
+            f"it accepts: {', '.join(sorted(accepted)) or 'none'}"
+        )
+    for key, value in options.items():
+        default = accepted[key]
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ValueError(f"model option {key} must be true or false; got {value!r}")
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if isinstance(default, int | float) and not isinstance(default, bool) and not number:
+            kind = "a whole number" if isinstance(default, int) else "a number"
+            raise ValueError(f"model option {key} must be {kind}; got {value!r}")
+
+
 def model_summary(name: str) -> str:
     """The first paragraph of the model's docstring, on one line: what it is."""
     _load_builtin_models()
@@ -81,13 +105,7 @@ def create_model(
     """
     _load_builtin_models()
     factory = _get_factory(name)
-    accepted = model_options(name)
-    unknown = set(options) - set(accepted)
-    if unknown:
-        raise ValueError(
-            f"model {name!r} has no option(s) {', '.join(sorted(unknown))}; "
-            f"it accepts: {', '.join(sorted(accepted)) or 'none'}"
-        )
+    check_options(name, options)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1; got {num_classes}")
     kwargs: dict[str, Any] = dict(options)

@@ -41,4 +41,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or foreign files.
-        raise CheckpointError(f"{path}: cannot read checkpoint ({error_line(error)})") from error
+        detail = error_line(error)
+        if detail.startswith("Weights only load failed"):
+            # torch's advice (load with weights_only=False) would run code from the file.
+            detail = "corrupt, or holds objects other than tensors; cnnkit never unpickles those"
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint ({detail}); delete it to start afresh"
+        ) from error

@@ -31,10 +31,11 @@ from cnnkit.config import (
 from cnnkit.data.dataset import DataSplits
 from cnnkit.data.loader import BatchLoader, build_loaders
 from cnnkit.data.sources import LoadedData, build_splits
+from cnnkit.errors import error_line
 from cnnkit.evaluation.report import EvaluationReport, build_report, evaluated_block
 from cnnkit.inference.artifact import ModelMetadata, save_model
 from cnnkit.models.registry import create_model, model_options
-from cnnkit.paths import is_search_folder, member_folders
+from cnnkit.paths import RUN_INFO, is_search_folder, member_folders
 from cnnkit.runtime import (
     DistributedContext,
     main_process_first,
@@ -157,7 +158,7 @@ def write_run_info(run_dir: Path, config: RunConfig, extra: dict[str, Any]) -> N
         **extra,
     }
     text = json.dumps(info, indent=2, default=str) + "\n"
-    write_atomically(run_dir / "run.json", lambda path: path.write_text(text, encoding="utf-8"))
+    write_atomically(run_dir / RUN_INFO, lambda path: path.write_text(text, encoding="utf-8"))
 
 
 def _load_data(
@@ -245,7 +246,7 @@ RUN_OUTPUTS = (
     "phases.json",
     "report",
     "report.html",
-    "run.json",
+    RUN_INFO,
     "samples",
     "tensorboard",
 )
@@ -258,6 +259,19 @@ def _data_roots(config: RunConfig) -> list[Path]:
         return []
     data = Path(config.data.data)
     return [data.parent if data.suffix.lower() == ".csv" else data]
+
+
+def _refuse_run_dir_inside_folder_data(run_dir: Path, config: RunConfig) -> None:
+    """A folder dataset is every image under its folder, so a run folder inside it would add
+    the run's report images to the next run's data (as a class named ``report``)."""
+    if config.data.dataset != "folder" or not config.data.data:
+        return
+    data, out = Path(config.data.data).resolve(), run_dir.resolve()
+    if out == data or data in out.parents:
+        raise ValueError(
+            f"--out {run_dir} is inside the training data folder {config.data.data}: its "
+            "report images would become training images; write the run elsewhere"
+        )
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
@@ -292,7 +306,7 @@ def holds_a_run(run_dir: Path) -> bool:
     if (run_dir / MODEL_NAME).is_file() or (run_dir / CHECKPOINT_NAME).is_file():
         return True
     try:
-        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        info = json.loads((run_dir / RUN_INFO).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(info, dict) and "cnnkit_version" in info
@@ -427,6 +441,9 @@ def train_run(
     run_dir = config.run_dir()
     if is_search_folder(run_dir):
         raise ValueError(f"{run_dir} holds a search, not a training run: pass another --out")
+    _refuse_run_dir_inside_folder_data(run_dir, config)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out {run_dir}: is a file; a run needs a folder")
     timings: dict[str, float] = {}
     start = time.perf_counter()
     seed_everything(config.train.seed)
@@ -502,6 +519,12 @@ def train_run(
             status = "diverged" if isinstance(error, TrainingDiverged) else "interrupted"
             reason = str(error) or "interrupted after training, before the model was saved"
             details = {"status": status, "data": splits.description, "error": reason}
+            write_run_info(run_dir, config, details)
+        raise
+    except Exception as error:
+        # Any other error (a checkpoint that does not fit, a full disk) ends the run too.
+        if distributed.is_main:
+            details = {"status": "failed", "data": splits.description, "error": error_line(error)}
             write_run_info(run_dir, config, details)
         raise
     if distributed.enabled:

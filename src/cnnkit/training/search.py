@@ -33,7 +33,7 @@ from cnnkit.evaluation.search_plots import (
     write_results_tables,
     write_search_figures,
 )
-from cnnkit.paths import SEARCH_SETTINGS
+from cnnkit.paths import RUN_INFO, SEARCH_SETTINGS
 from cnnkit.progress import bars_only
 from cnnkit.training.checkpoint import remove_checkpoints
 from cnnkit.training.run import RunResult, resolve_preprocessing, train_run, write_run_info
@@ -698,6 +698,7 @@ def _run_search(
         # Each trial is reported once (on_trial); Optuna's own INFO lines would repeat it.
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     check_model_options(space, base)
+    check_parameter_values(space, base)
     check_same_search(run_dir, base, space, config)
     study, url, name = open_study(config, space, run_dir)
     write_search_settings(run_dir, base, space, config, name, url)
@@ -796,6 +797,29 @@ def check_model_options(space: SearchSpace, base: RunConfig) -> None:
             )
 
 
+def check_parameter_values(space: SearchSpace, base: RunConfig) -> None:
+    """Refuse a parameter value the run settings would refuse (``width: [abc]``, a learning
+    rate below 0), one parameter at a time, before any trial starts: a trial would fail on it.
+
+    Raises:
+        ValueError: naming the parameter, the value and the problem.
+    """
+    from cnnkit.models.registry import check_options
+
+    for parameter in space.parameters:
+        values = parameter.choices if parameter.type == "categorical" else (parameter.low,)
+        values = (*values, parameter.high) if parameter.type != "categorical" else values
+        for value in values:
+            try:
+                config = build_trial_config(base, space, {parameter.name: value}, base.run_dir())
+                check_options(config.model.name, config.model.options)
+            except ValueError as error:
+                raise ValueError(
+                    f"search parameter {parameter.name!r}: {value!r} for {parameter.target} is "
+                    f"not a valid setting ({error})"
+                ) from None
+
+
 def check_same_search(
     run_dir: Path, base: RunConfig, space: SearchSpace, config: SearchConfig
 ) -> None:
@@ -809,7 +833,7 @@ def check_same_search(
 
     path = run_dir / SEARCH_SETTINGS
     if not path.is_file():
-        if (run_dir / "run.json").is_file():
+        if (run_dir / RUN_INFO).is_file():
             raise ValueError(f"{run_dir} holds a training run, not a search: pass another --out")
         return
     try:

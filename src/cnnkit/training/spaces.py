@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from cnnkit.config import SECTIONS, AugmentConfig, TrainConfig
+from cnnkit.config import SECTIONS, AugmentConfig, TrainConfig, yaml_error_text
 
 PARAMETER_TYPES = ("int", "float", "categorical")
 _SPEC_KEYS = {"type", "low", "high", "log", "step", "choices", "target"}
@@ -61,6 +61,10 @@ class SearchParameter:
         else:
             if self.low is None or self.high is None:
                 raise ValueError(f"{where}: {self.type} parameters need 'low' and 'high'")
+            for key in ("low", "high", "step"):
+                value = getattr(self, key)
+                if value is not None and not _is_number(value):
+                    raise ValueError(f"{where}: {key} must be a number; got {value!r}")
             if self.low > self.high:
                 raise ValueError(f"{where}: low ({self.low}) must be <= high ({self.high})")
             if self.log and self.low <= 0:
@@ -151,6 +155,10 @@ def check_target(target: str, where: str = "search parameter") -> None:
     )
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def default_target(name: str) -> str:
     """Where a parameter without a ``target`` goes: a train/augment field, else a model option."""
     for section, config_class in (("train", TrainConfig), ("augment", AugmentConfig)):
@@ -199,6 +207,12 @@ def parse_space(data: dict[str, Any], name: str) -> SearchSpace:
             raise ValueError(
                 f"search parameter {parameter_name!r}: unknown key(s) {', '.join(sorted(unknown))}"
             )
+        choices = spec.get("choices")
+        if choices is not None and not isinstance(choices, list):
+            raise ValueError(
+                f"search parameter {parameter_name!r}: choices must be a list such as [16, 32]; "
+                f"got {choices!r}"
+            )
         parameters.append(
             SearchParameter(
                 name=str(parameter_name),
@@ -223,7 +237,9 @@ def load_space(path: str | Path) -> SearchSpace:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as error:
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: {yaml_error_text(error)}") from error
+    except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: cannot read search space: {error}") from error
     try:
         return parse_space(data, path.stem)

@@ -249,7 +249,7 @@ class Trainer:
             save_checkpoint(self.checkpoint_path, self._state(result, best_state, bad_epochs))
             self.saved_epoch = self.epoch
 
-    def _restore(self, result: FitResult) -> tuple[dict | None, int]:
+    def _restore(self, result: FitResult, steps_per_epoch: int) -> tuple[dict | None, int]:
         state = load_checkpoint(self.checkpoint_path)
         saved_identity = state.get("identity") or {}
         for key, value in self.identity.items():
@@ -274,6 +274,7 @@ class Trainer:
         for key in ("total_steps", "_schedule_phases"):
             scheduler_state.pop(key, None)
         self.scheduler.load_state_dict(scheduler_state)
+        self._check_schedule_fits(int(state["epoch"]), steps_per_epoch)
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if self.average and state.get("average"):
@@ -290,6 +291,22 @@ class Trainer:
         result.best_val_accuracy = float(state["best_val_accuracy"])
         logger.info("resumed from %s after epoch %d", self.checkpoint_path, self.epoch)
         return (state["best_model"] or None), int(state["bad_epochs"])
+
+    def _check_schedule_fits(self, epochs_done: int, steps_per_epoch: int) -> None:
+        """A one-cycle schedule cannot step past its end, so a resumed run must have room for
+        the steps it has taken and the epochs left, as the checkpoint's run counted them."""
+        if not isinstance(self.scheduler, torch.optim.lr_scheduler.OneCycleLR):
+            return  # The other schedules hold their last value past the end.
+        steps_taken = self.scheduler.last_epoch
+        needed = steps_taken + max(0, self.config.epochs - epochs_done) * steps_per_epoch
+        if needed > self.scheduler.total_steps:
+            raise CheckpointError(
+                f"{self.checkpoint_path}: its run took {steps_taken} optimizer steps in "
+                f"{epochs_done} epoch(s), more than this run's schedule of "
+                f"{self.scheduler.total_steps} ({self.config.epochs} epochs of {steps_per_epoch} "
+                "steps) leaves room for; resume with the batch size and steps per epoch it was "
+                "trained with, or train into a new --out"
+            )
 
     def fit(
         self,
@@ -327,7 +344,7 @@ class Trainer:
                 )
         result, best_state, bad_epochs = FitResult(), None, 0
         if resume and self.checkpoint_path and self.checkpoint_path.exists():
-            best_state, bad_epochs = self._restore(result)
+            best_state, bad_epochs = self._restore(result, len(train_loader))
         self.history = result.history
         self._memory_unchecked = config.memory_check
         try:

@@ -344,6 +344,8 @@ def serve(
         raise ValueError(f"port must be between 0 and 65535; got {port}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1; got {workers}")
+    if max_upload_bytes < 1:
+        raise ValueError(f"max_upload_bytes must be >= 1; got {max_upload_bytes}")
     predictor = load_predictor(model_path)  # With several workers, a bad file fails here once.
     check_port_free(host, port)
     if on_ready is not None:
