@@ -32,6 +32,7 @@ from cnnkit.models.registry import create_model  # noqa: E402
 CASES = {
     "symbol_cnn": ("symbol_cnn", 1, 7, {"width": 8}),
     "book_cnn": ("book_cnn", 3, 5, {"dense": 32}),
+    "efficientnet_lite0": ("efficientnet_lite0", 3, 3, {"hidden": 16}),
 }
 
 
@@ -101,6 +102,16 @@ def test_onnx_file_is_valid_with_dynamic_batch_and_metadata(exported) -> None:
     assert properties[ARCHITECTURE_KEY] == metadata.architecture
     assert ModelMetadata.from_dict(metadata_from_properties(properties)) == metadata
     assert OnnxPredictor.from_file(onnx_path).metadata == metadata
+
+
+def test_batch_norm_is_folded_into_plain_convolutions(exported) -> None:
+    """The exporter folds batch norm into the convolutions' weights. EfficientNet-Lite folds
+    its frozen batch norm by hand while training; traced into the graph, that fold left a Mul
+    before each large convolution, so the export keeps the layers for the exporter."""
+    _, onnx_path, _ = exported
+    operators = {node.op_type for node in onnx.load(onnx_path).graph.node}
+    assert "Conv" in operators
+    assert not operators & {"Mul", "BatchNormalization"}, operators
 
 
 def test_empty_batch_gives_empty_probabilities(exported) -> None:

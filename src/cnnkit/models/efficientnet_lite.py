@@ -133,7 +133,10 @@ class ConvBnAct(nn.Module):
         return self.activation(self._conv_bn(x))
 
     def _conv_bn(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bn.training or not self.fold_eval_batch_norm:
+        if self.bn.training or not self.fold_eval_batch_norm or torch.compiler.is_exporting():
+            # An ONNX export keeps Conv + BatchNormalization, which the exporter's optimizer
+            # and ONNX Runtime fold into the weights; a fold here would leave a Mul before
+            # each large convolution, as the exporter folds no constants that large.
             return self.bn(self.conv(x))
         # Batch norm with fixed statistics is a per-channel scale and shift, so it folds into
         # the convolution's weights and bias: one pass over the activations instead of three
