@@ -300,7 +300,8 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
     data = args.data or (file_layer.get("data") or {}).get("data")
     options_given = bool(
         args.option
-        or any(getattr(args, key) is not None for key in MODEL_OPTION_FLAGS)
+        # Every model takes a dropout, so --dropout alone says nothing about which network.
+        or any(getattr(args, key) is not None for key in ("dense", "convs", "width"))
         or (file_layer.get("model") or {}).get("options")
     )
     unnamed = preset is None and model_name is None and not options_given
@@ -320,12 +321,29 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
         preset = "cub"
     if preset is None:
         preset = dataset if dataset in PRESETS else "hasy"
-    if file_layer:
-        try:  # An error in the file's settings names the file.
-            build_run_config(preset_for(preset), file_layer)
-        except ValueError as error:
+    overrides = overrides_from_args(args)
+    try:
+        return build_run_config(preset_for(preset), file_layer, overrides)
+    except ValueError as error:
+        if _file_at_fault(preset_for(preset), file_layer, overrides):
             raise CommandError(f"{args.config}: {error}") from None
-    return build_run_config(preset_for(preset), file_layer, overrides_from_args(args))
+        raise
+
+
+def _file_at_fault(preset: dict, file_layer: dict, overrides: dict) -> bool:
+    """Whether the settings build without the --config file's own (keeping its data section,
+    which may name the dataset the flags' settings need): the error is then the file's."""
+    from cnnkit.config import build_run_config
+
+    if not file_layer:
+        return False
+    for kept in ({}, {"data": file_layer.get("data") or {}}):
+        try:
+            build_run_config(preset, kept, overrides)
+        except ValueError:
+            continue
+        return True
+    return False
 
 
 # ----------------------------------------------------------------------------- commands

@@ -206,6 +206,18 @@ def test_config_file_settings_errors_name_the_file(capsys, tmp_path: Path) -> No
     assert main(["train", "--dataset", "digits", "--config", str(path)]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and f"{path}: unknown field(s) in train: epoch" in error[0]
+    # Settings split between the file and the flags are checked together.
+    path.write_text("data:\n  data: somewhere/hasy.tar.bz2\n  fold: 2\n", encoding="utf-8")
+    assert main(["train", "--dataset", "hasy", "--config", str(path), "--print-config"]) == 0
+    assert "fold: 2" in capsys.readouterr().out
+    path.write_text("data:\n  dataset: hasy\n", encoding="utf-8")
+    argv = ["train", "--data", "h.tar.bz2", "--config", str(path), "--print-config"]
+    assert main(argv) == 0
+    assert "dataset: hasy" in capsys.readouterr().out
+    # A flag's own error does not blame the file.
+    assert main([*argv, "--epochs", "0"]) == 2
+    error = capsys.readouterr().err
+    assert "epochs" in error and str(path) not in error
 
 
 @pytest.mark.parametrize(

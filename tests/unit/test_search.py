@@ -28,6 +28,7 @@ from cnnkit.training.search import (
     TrialReporter,
     build_pruner,
     build_trial_config,
+    check_parameter_values,
     nothing_left_to_run,
     open_study,
     parameter_importances,
@@ -321,6 +322,18 @@ def test_a_value_the_run_settings_refuse_is_refused_before_any_trial(
     with pytest.raises(ValueError, match=message):
         run_search(base, parse_space(spec, "bad"), SearchConfig(), progress=False, data=digits_data)
     assert not (tmp_path / "search").exists()
+
+
+def test_option_values_are_checked_against_the_models_the_space_names(tmp_path):
+    """``dense`` is book_cnn's option, not symbol_cnn's: valid when the space trains both."""
+    base = build_run_config(preset_for("digits"), {"out": str(tmp_path / "search")})
+    assert base.model.name == "symbol_cnn"
+    models = {"type": "categorical", "choices": ["book_cnn"], "target": "model.name"}
+    space = parse_space({"model": models, "dense": {"choices": [16, 32]}}, "two")
+    check_parameter_values(space, base)  # No error.
+    bad = parse_space({"model": models, "dense": {"choices": ["wide"]}}, "bad")
+    with pytest.raises(ValueError, match="'wide' for model.options.dense"):
+        check_parameter_values(bad, base)
 
 
 def test_each_worker_gets_its_own_sampler_seed(tmp_path, monkeypatch):
@@ -745,6 +758,17 @@ def test_an_interrupt_python_ignored_still_stops_the_block():
     assert not guard.pending
     with guard.installed(), guard.interruptible():  # Nothing is left over for the next block.
         pass
+    # Left by another error instead, the block keeps the ignored interrupt for the next one.
+    with guard.installed(), pytest.raises(KeyboardInterrupt):
+        with pytest.raises(ValueError), guard.interruptible():
+            node = Node()
+            reference = weakref.ref(node, on_collected)
+            del node
+            gc.collect()
+            raise ValueError("a trial's own error")
+        assert guard.pending
+        with guard.interruptible():
+            pytest.fail("the held interrupt should go off as the next block starts")
 
 
 def test_an_ensemble_is_refused_by_search(tmp_path, digits_data):

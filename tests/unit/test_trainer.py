@@ -243,6 +243,9 @@ def test_resume_with_fewer_steps_per_epoch_than_its_onecycle_took_is_refused(
     with pytest.raises(CheckpointError, match=r"took 2 optimizer steps in 1 epoch\(s\).* of 2 "):
         resumed.fit(shorter, resume=True)
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["epoch"] == saved["epoch"] == 1
+    # With no epoch left to run no step is taken, so the shorter schedule does not matter.
+    done = Trainer(_model(), config, CPU, tmp_path, progress=False).fit(shorter, resume=True)
+    assert [row["epoch"] for row in done.history] == [1]
 
 
 def test_resume_without_a_checkpoint_starts_fresh(tiny_image_set, run_dir: Path) -> None:

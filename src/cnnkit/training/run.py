@@ -6,6 +6,7 @@ This is the single training function; the CLI, the demo and hyperparameter searc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -525,7 +526,8 @@ def train_run(
         # Any other error (a checkpoint that does not fit, a full disk) ends the run too.
         if distributed.is_main:
             details = {"status": "failed", "data": splits.description, "error": error_line(error)}
-            write_run_info(run_dir, config, details)
+            with contextlib.suppress(OSError):  # The full disk must not hide the first error.
+                write_run_info(run_dir, config, details)
         raise
     if distributed.enabled:
         # Every rank waits for rank 0's model file, so the process group ends together.

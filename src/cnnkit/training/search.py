@@ -806,18 +806,26 @@ def check_parameter_values(space: SearchSpace, base: RunConfig) -> None:
     """
     from cnnkit.models.registry import check_options
 
+    models = [parameter for parameter in space.parameters if parameter.target == "model.name"]
+    # A value is valid when some model of the search takes it.
+    with_models = [{}] if not models else [{models[0].name: name} for name in models[0].choices]
     for parameter in space.parameters:
         values = parameter.choices if parameter.type == "categorical" else (parameter.low,)
         values = (*values, parameter.high) if parameter.type != "categorical" else values
         for value in values:
-            try:
-                config = build_trial_config(base, space, {parameter.name: value}, base.run_dir())
-                check_options(config.model.name, config.model.options)
-            except ValueError as error:
+            errors = []
+            for model in with_models:
+                params = {**model, parameter.name: value}
+                try:
+                    config = build_trial_config(base, space, params, base.run_dir())
+                    check_options(config.model.name, config.model.options)
+                except ValueError as error:
+                    errors.append(error)
+            if len(errors) == len(with_models):
                 raise ValueError(
                     f"search parameter {parameter.name!r}: {value!r} for {parameter.target} is "
-                    f"not a valid setting ({error})"
-                ) from None
+                    f"not a valid setting ({errors[0]})"
+                )
 
 
 def check_same_search(

@@ -19,7 +19,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from cnnkit.training.trainer import Callback, Trainer
+from cnnkit.training.trainer import Callback, Trainer, TrainingInterrupted
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +73,8 @@ class Interrupts:
         previous, self.safe = self.safe, True
         try:
             yield
-        except BaseException:
-            self.pending = False  # The interrupt, or another error, is on its way out.
+        except (KeyboardInterrupt, TrainingInterrupted):
+            self.pending = False  # The interrupt is on its way out.
             raise
         finally:
             self.safe = previous

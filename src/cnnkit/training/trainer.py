@@ -297,6 +297,8 @@ class Trainer:
         the steps it has taken and the epochs left, as the checkpoint's run counted them."""
         if not isinstance(self.scheduler, torch.optim.lr_scheduler.OneCycleLR):
             return  # The other schedules hold their last value past the end.
+        if epochs_done >= self.config.epochs:
+            return  # Nothing left to train: no step is taken.
         steps_taken = self.scheduler.last_epoch
         needed = steps_taken + max(0, self.config.epochs - epochs_done) * steps_per_epoch
         if needed > self.scheduler.total_steps:
