@@ -102,12 +102,28 @@ class Interrupts:
         previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
         for number in previous:
             signal.signal(number, self._handle)
+        previous_hook, sys.unraisablehook = (
+            sys.unraisablehook,
+            self._unraisable_hook(sys.unraisablehook),
+        )
         try:
             yield
         finally:
             for number, handler in previous.items():
                 signal.signal(number, handler)
+            sys.unraisablehook = previous_hook
         self.check()
+
+    def _unraisable_hook(self, previous: Any) -> Any:
+        """``sys.unraisablehook`` that keeps quiet about an interrupt Python ignored (it is
+        held, and raised at the block's end) instead of printing its traceback to the user."""
+
+        def hook(unraisable: Any) -> None:
+            if isinstance(unraisable.exc_value, KeyboardInterrupt) and self.pending:
+                return
+            previous(unraisable)
+
+        return hook
 
 
 INTERRUPTS = Interrupts()  # The one guard of this process's search.
