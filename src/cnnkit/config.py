@@ -437,6 +437,11 @@ def build_run_config(*layers: dict[str, Any]) -> RunConfig:
     return RunConfig(**kwargs)
 
 
+def is_number(value: Any) -> bool:
+    """An int or a float, not a bool (which Python counts as an int)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def number_from_text(value: Any) -> Any:
     """Number-like text as a float (YAML reads ``1e-3``, with no dot, as text); any other
     value unchanged."""

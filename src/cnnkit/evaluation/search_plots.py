@@ -18,6 +18,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from cnnkit.atomic import write_atomically
+from cnnkit.config import is_number
 from cnnkit.evaluation.plots import _plain, _save, plt
 
 RESULTS_CSV = "results.csv"
@@ -71,7 +72,7 @@ def plot_trial_curves(
 
 def _positions(values: Sequence[Any]) -> tuple[np.ndarray, list[str] | None, bool]:
     """x positions: a few distinct values (a grid) as ordered categories, else as numbers."""
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    numeric = all(is_number(v) for v in values)
     distinct = sorted(set(values), key=lambda v: float(v) if numeric else str(v))
     if numeric and len(distinct) > 8:
         numbers = np.asarray(values, dtype=np.float64)

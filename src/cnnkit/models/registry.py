@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from cnnkit.config import is_number
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -68,8 +70,7 @@ def check_options(name: str, options: dict[str, Any]) -> None:
         default = accepted[key]
         if isinstance(default, bool) and not isinstance(value, bool):
             raise ValueError(f"model option {key} must be true or false; got {value!r}")
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if isinstance(default, int | float) and not isinstance(default, bool) and not number:
+        if is_number(default) and not is_number(value):
             kind = "a whole number" if isinstance(default, int) else "a number"
             raise ValueError(f"model option {key} must be {kind}; got {value!r}")
 

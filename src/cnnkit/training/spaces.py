@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from cnnkit.config import SECTIONS, AugmentConfig, TrainConfig, yaml_error_text
+from cnnkit.config import SECTIONS, AugmentConfig, TrainConfig, is_number, yaml_error_text
 
 PARAMETER_TYPES = ("int", "float", "categorical")
 _SPEC_KEYS = {"type", "low", "high", "log", "step", "choices", "target"}
@@ -63,7 +63,7 @@ class SearchParameter:
                 raise ValueError(f"{where}: {self.type} parameters need 'low' and 'high'")
             for key in ("low", "high", "step"):
                 value = getattr(self, key)
-                if value is not None and not _is_number(value):
+                if value is not None and not is_number(value):
                     raise ValueError(f"{where}: {key} must be a number; got {value!r}")
             if self.low > self.high:
                 raise ValueError(f"{where}: low ({self.low}) must be <= high ({self.high})")
@@ -153,10 +153,6 @@ def check_target(target: str, where: str = "search parameter") -> None:
         f"{where}: target {target!r} must be SECTION.FIELD (train, augment, data) "
         "or model.options.OPTION"
     )
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def default_target(name: str) -> str:

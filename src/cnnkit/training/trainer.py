@@ -300,7 +300,7 @@ class Trainer:
         if epochs_done >= self.config.epochs:
             return  # Nothing left to train: no step is taken.
         steps_taken = self.scheduler.last_epoch
-        needed = steps_taken + max(0, self.config.epochs - epochs_done) * steps_per_epoch
+        needed = steps_taken + (self.config.epochs - epochs_done) * steps_per_epoch
         if needed > self.scheduler.total_steps:
             raise CheckpointError(
                 f"{self.checkpoint_path}: its run took {steps_taken} optimizer steps in "
