@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import datetime
+import functools
 import gc
 import logging
 import random
@@ -21,8 +22,10 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
-    """The C library, where glibc's ``mallopt`` and ``malloc_trim`` live; None if not found."""
+    """The C library, where glibc's ``mallopt`` and ``malloc_trim`` live; None if not found.
+    Looked up once: the memory check asks before every model it trains."""
     name = ctypes.util.find_library("c")
     if not name:
         return None
