@@ -116,6 +116,8 @@ def test_cli_trains_on_the_gpu_and_the_model_runs_anywhere(tmp_path: Path, capsy
     assert main([*argv, "--out", str(run), "--cache-dir", str(tmp_path / "cache")]) == 0
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "finished" and info["test"]["top1"] > 0.8
+    # The run let cuDNN time its kernels for the fixed batch shapes, and fp32 use TF32.
+    assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
     model_path = run / "model.safetensors"
     # Real digits (the first 64 scans): the GPU's and the CPU's answers agree.
     source = DigitsSource()

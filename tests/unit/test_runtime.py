@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cnnkit.cli import distributed_from_env
-from cnnkit.runtime import init_distributed, select_device
+from cnnkit.runtime import init_distributed, select_device, tune_cuda_for_training
 
 
 def test_one_process_joins_no_group() -> None:
@@ -113,3 +113,14 @@ def test_freed_memory_that_the_tuned_allocator_keeps_is_given_back() -> None:
     )
     kept, released = map(float, result.stdout.split())
     assert kept - released > 400  # Most of the 512 MiB freed goes back to the system.
+
+
+def test_tuning_cuda_for_training_turns_on_kernel_timing_and_tf32() -> None:
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.benchmark = cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        tune_cuda_for_training()
+        assert cudnn.benchmark and cudnn.allow_tf32 and matmul.allow_tf32
+    finally:  # The flags are process-wide: later tests get them as they were.
+        cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved

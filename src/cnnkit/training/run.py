@@ -42,6 +42,7 @@ from cnnkit.runtime import (
     main_process_first,
     seed_everything,
     select_device,
+    tune_cuda_for_training,
 )
 from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger
 from cnnkit.training.checkpoint import CHECKPOINT_NAME
@@ -458,6 +459,8 @@ def train_run(
     device = select_device(config.train.device)
     if device.type == "cuda" and distributed.enabled:
         device = torch.device("cuda", distributed.local_rank)
+    if device.type == "cuda":
+        tune_cuda_for_training()
     model = create_model(
         config.model.name,
         splits.num_classes,
