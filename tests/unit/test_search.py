@@ -778,6 +778,35 @@ def test_an_interrupt_python_ignored_still_stops_the_block():
             pytest.fail("the held interrupt should go off as the next block starts")
 
 
+def test_a_trial_that_trained_to_its_end_keeps_its_result_when_a_signal_was_swallowed(
+    tmp_path, digits_data, monkeypatch
+):
+    """A signal that lands where Python ignores it, in a trial's last steps, stops the search
+    before the next trial: the finished trial is recorded, not re-queued and run again."""
+    from cnnkit.training import search
+    from cnnkit.training.search_workers import INTERRUPTS
+    from cnnkit.training.trainer import TrainingInterrupted
+
+    def train_then_swallowed_signal(*args, **kwargs):
+        result = train_run(*args, **kwargs)
+        INTERRUPTS.pending = True  # What the handler leaves when its raise was ignored.
+        return result
+
+    monkeypatch.setattr(search, "train_run", train_then_swallowed_signal)
+    base = tiny_base(tmp_path / "search")
+    config = SearchConfig(sampler="grid", pruner="none", n_trials=2)
+    with pytest.raises((KeyboardInterrupt, TrainingInterrupted)):
+        run_search(base, TINY_SPACE, config, progress=False, data=digits_data)
+    study = load_study(base.run_dir())
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert [t.number for t in complete] == [0] and complete[0].value is not None
+    # The rerun runs one more trial, at another grid point, instead of repeating trial 0.
+    monkeypatch.undo()
+    rerun = run_search(base, TINY_SPACE, config, progress=False, data=digits_data)
+    assert rerun.counts["complete"] == 2
+    assert len(set(finished_params(load_study(base.run_dir())))) == 2
+
+
 def test_an_ensemble_is_refused_by_search(tmp_path, digits_data):
     space = parse_space(
         {"members": {"type": "categorical", "choices": [1, 2], "target": "model.options.members"}},

@@ -302,7 +302,9 @@ class TrialRunner:
         if self.config.workers > 1 and config.train.device in ("auto", "cpu"):
             callbacks.append(CoreShare(trial.study, os.cpu_count() or 1))
         try:
-            with INTERRUPTS.interruptible():
+            # A signal Python swallowed near the end of training stops the search before the
+            # next trial: this one ran to its end, so its result is kept, not thrown away.
+            with INTERRUPTS.interruptible(hold_ignored=True):
                 result = train_run(
                     config,
                     cache_dir=self.cache_dir,

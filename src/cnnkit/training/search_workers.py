@@ -66,9 +66,14 @@ class Interrupts:
             raise KeyboardInterrupt
 
     @contextlib.contextmanager
-    def interruptible(self) -> Iterator[None]:
+    def interruptible(self, hold_ignored: bool = False) -> Iterator[None]:
         """A block that an interrupt may stop at any point (no storage work in it, except
-        inside :meth:`storage`)."""
+        inside :meth:`storage`).
+
+        An interrupt raised where Python ignored it (see :meth:`_handle`) goes off as the block
+        ends, or with ``hold_ignored`` at the next safe point instead: a trial whose training
+        ran to its end then keeps its result, and the search stops before the next one.
+        """
         self.check()
         previous, self.safe = self.safe, True
         try:
@@ -78,7 +83,8 @@ class Interrupts:
             raise
         finally:
             self.safe = previous
-        self.check()  # An interrupt raised where Python ignored it.
+        if not hold_ignored:
+            self.check()
 
     @contextlib.contextmanager
     def storage(self) -> Iterator[None]:
