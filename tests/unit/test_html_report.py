@@ -163,13 +163,16 @@ def test_a_corrupt_file_in_the_run_folder_is_named(tmp_path, caplog):
     warned = [record.getMessage() for record in caplog.records]
     assert any("run.json: cannot be read" in message for message in warned), warned
     assert any("metrics.csv: cannot be read" in message for message in warned), warned
+    (tmp_path / "run.json").write_text("[1, 2]", encoding="utf-8")  # JSON, but a list.
+    assert "symbol_cnn" in build_report_html(tmp_path)
+    assert "run.json: cannot be read (not a mapping)" in caplog.text
 
 
 def test_a_search_yaml_that_is_not_a_mapping_is_named(tmp_path, caplog):
     (tmp_path / "search.yaml").write_text("garbage text\n", encoding="utf-8")
     (tmp_path / "results.csv").write_text("number,state\n", encoding="utf-8")
     assert "Hyperparameter search" in build_report_html(tmp_path)
-    assert "search.yaml: cannot be read (not a mapping of settings)" in caplog.text
+    assert "search.yaml: cannot be read (not a mapping)" in caplog.text
 
 
 def test_report_cells_show_seconds_to_a_tenth_and_other_floats_to_four_places() -> None:

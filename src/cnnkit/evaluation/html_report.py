@@ -52,18 +52,6 @@ def _unreadable(path: Path, error: Exception) -> None:
         logger.warning("%s: cannot be read (%s); the report leaves it out", path, error)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        _unreadable(path, error)
-        return {}
-    if not isinstance(data, dict):
-        _unreadable(path, ValueError("not a JSON object"))
-        return {}
-    return data
-
-
 def _read_csv(path: Path) -> list[dict[str, str]]:
     try:
         with open(path, newline="", encoding="utf-8") as handle:
@@ -174,22 +162,24 @@ def learning_curves_png(rows: Sequence[dict[str, str]]) -> bytes | None:
     return buffer.getvalue()
 
 
-def _read_mapping(path: Path, text: str | None = None) -> dict:
-    """A YAML file (a run's ``config.yaml``, a search's settings) as a mapping, from ``text``
-    when it was read already; {} when it is absent, and {} with a warning when it is
-    unreadable or not a mapping."""
+def _read_mapping(path: Path, text: str | None = None) -> dict[str, Any]:
+    """A JSON file (``.json``) or YAML file (a run's ``config.yaml``, a search's settings) as a
+    mapping, from ``text`` when it was read already; {} when it is absent, and {} with a
+    warning when it is unreadable or not a mapping."""
     import yaml
 
     text = _read_text(path) if text is None else text
+    if not text:
+        return {}
     try:
-        mapping = yaml.safe_load(text) if text else {}
-    except yaml.YAMLError as error:
+        mapping = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as error:
         _unreadable(path, error)
         return {}
     if mapping is None:
         return {}
     if not isinstance(mapping, dict):
-        _unreadable(path, ValueError("not a mapping of settings"))
+        _unreadable(path, ValueError("not a mapping"))
         return {}
     return mapping
 
@@ -211,9 +201,9 @@ def _phase_history(run_dir: Path) -> list[dict[str, str]]:
 
 
 def _training_sections(run_dir: Path) -> list[str]:
-    info = _read_json(run_dir / RUN_INFO)
+    info = _read_mapping(run_dir / RUN_INFO)
     report_dir = run_dir / "report"
-    test = _read_json(report_dir / "metrics.json") or info.get("test") or {}
+    test = _read_mapping(report_dir / "metrics.json") or info.get("test") or {}
     fit = info.get("fit") or {}
     config = info.get("config") or _read_mapping(run_dir / "config.yaml")
     model = config.get("model") or {}
@@ -329,7 +319,7 @@ def _search_sections(run_dir: Path) -> list[str]:
         confusion = run_dir / best["run_dir"] / "report" / "confusion.png"
         if confusion.is_file():
             sections += ["<h2>Best trial: confusion matrix</h2>", _figure(confusion, "confusion")]
-    retrained = _read_json(run_dir / "best" / RUN_INFO)
+    retrained = _read_mapping(run_dir / "best" / RUN_INFO)
     if retrained:
         test = retrained.get("test") or {}
         sections += [
