@@ -65,6 +65,11 @@ TINY_SPACE = SearchSpace(
 )
 
 
+WIDE_DENSE = SearchParameter(
+    "dense", "categorical", "model.options.dense", choices=(8, 16, 24, 32, 40, 48)
+)
+
+
 def tiny_base(out: Path, epochs: int = 2, **train: object):
     return build_run_config(
         preset_for("book-hasy"),
@@ -507,6 +512,25 @@ def test_two_workers_share_one_study(tmp_path, caplog):
     assert len(params) == 4 and len(set(params)) == 4
     assert result.counts["complete"] == 4
     assert "exited with status" not in caplog.text  # The extra worker ended cleanly.
+
+
+def test_an_error_in_the_main_process_stops_the_workers_at_once(tmp_path, monkeypatch, capfd):
+    """The error ends the search as soon as it happens: the extra worker is stopped, not left
+    to run the rest of the budget while the command waits for it."""
+    from cnnkit.training import search
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the main process")
+
+    monkeypatch.setattr(search, "train_run", broken)  # The spawned worker trains as usual.
+    base = tiny_base(tmp_path / "search", epochs=3)
+    space = SearchSpace("wide", (*TINY_SPACE.parameters[:1], WIDE_DENSE), preset="book-hasy")
+    with pytest.raises(RuntimeError, match="a bug in the main process"):
+        run_search(base, space, SearchConfig(sampler="grid", pruner="none", workers=2))
+    # Stopped while still importing, it ended quietly: no KeyboardInterrupt traceback.
+    assert "Traceback" not in capfd.readouterr().err
+    # The worker was stopped while it started up or ran its first trials, not after all 12.
+    assert len(finished_params(load_study(base.run_dir()))) < 4
 
 
 def _search_command(out: Path, workers: int = 1, epochs: int = 2, steps: int = 3) -> list[str]:

@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 SAMPLERS = ("grid", "tpe", "random")
 PRUNERS = ("median", "halving", "none")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# How long a stopped worker gets to queue its trial again before it is terminated.
+WORKER_STOP_SECONDS = 60.0
 ENDED = (*FINISHED, TrialState.FAIL)
 TRIAL_STATES = {
     TrialState.COMPLETE: "complete",
@@ -602,7 +604,7 @@ def _worker_main(
         config = replace(config, sampler_seed=(config.sampler_seed + index) % 2**32)
     try:
         # Ctrl-C and kill both stop the trial, whatever the shell that started the search left
-        # (a background job starts with SIGINT ignored); the main process sends SIGINT when it
+        # (a background job starts with SIGINT ignored); the main process sends SIGTERM when it
         # is stopped itself.
         with INTERRUPTS.installed():
             study, _, _ = open_study(config, space, base.run_dir())
@@ -616,12 +618,31 @@ def _worker_main(
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _join_workers(workers: list[multiprocessing.Process], report: bool = True) -> None:
-    """Wait for the worker processes to end; with ``report``, warn of one that failed."""
+def _join_workers(
+    workers: list[multiprocessing.Process], report: bool = True, timeout: float | None = None
+) -> None:
+    """Wait for the worker processes to end (or ``timeout`` seconds each, then terminate
+    them); with ``report``, warn of one that failed."""
     for process in workers:
-        process.join()
+        process.join(timeout)
+        if process.is_alive():
+            logger.warning("%s did not stop in %.0f s: terminated", process.name, timeout)
+            process.terminate()
+            process.join()
         if report and process.exitcode:
             logger.warning("%s exited with status %s", process.name, process.exitcode)
+
+
+def _stop_workers(workers: list[multiprocessing.Process], report: bool = True) -> None:
+    """Interrupt the running workers (each queues its trial to run again) and wait for them.
+
+    SIGTERM, which a worker handles as Ctrl-C once it runs, ends one still starting up
+    quietly, where SIGINT would print a KeyboardInterrupt traceback from its imports.
+    """
+    for process in workers:
+        if process.is_alive() and process.pid is not None:
+            os.kill(process.pid, signal.SIGTERM)
+    _join_workers(workers, report, timeout=WORKER_STOP_SECONDS)
 
 
 def _start_workers(
@@ -731,14 +752,14 @@ def _run_search(
         with INTERRUPTS.interruptible():  # Ctrl-C while waiting for them lands below too.
             _join_workers(workers)
     except (TrainingInterrupted, KeyboardInterrupt):
-        for process in workers:  # A kill reaches this process alone: stop the workers too.
-            if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, signal.SIGINT)
-        _join_workers(workers)
+        _stop_workers(workers)  # A kill reaches this process alone: stop the workers too.
         _write_outputs(study, space, run_dir)  # The tables and figures of the trials so far.
         raise
+    except BaseException:
+        # Any other error ends the search now, not once the workers have run the budget.
+        _stop_workers(workers, report=False)
+        raise
     finally:
-        _join_workers(workers, report=False)  # After any other error: no orphan processes.
         torch.set_num_threads(threads)
     reporter.report_new(study)  # Trials the other processes finished last.
     trials, files = _write_outputs(study, space, run_dir)
