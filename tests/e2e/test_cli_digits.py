@@ -149,6 +149,26 @@ def test_training_again_into_a_folder_clears_the_earlier_runs_outputs(tmp_path, 
     assert (run / "notes.txt").read_text() == "mine"  # Not cnnkit's: left alone.
 
 
+def test_a_run_refused_before_training_keeps_the_earlier_run(tmp_path) -> None:
+    """torchrun with a batch its processes cannot share: refused, and the finished run in the
+    folder is left whole, not cleared and marked running."""
+    from cnnkit.data.sources import build_splits
+    from cnnkit.runtime import DistributedContext
+    from cnnkit.training.run import resolve_preprocessing, train_run
+
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "digits", "--max-per-class", "30", "--epochs", "1", "--quiet"]
+    assert main([*argv, "--out", str(run), "--cache-dir", str(tmp_path / "cache")]) == 0
+    before = sorted(path.name for path in run.iterdir())
+    config = build_run_config(load_config_file(run / "config.yaml"), {"train": {"batch_size": 64}})
+    data = build_splits(config.data, resolve_preprocessing(config))  # As rank 0 loads it.
+    with pytest.raises(ValueError, match="must be divisible by the 3 processes"):
+        train_run(config, progress=False, data=data, distributed=DistributedContext(0, 0, 3))
+    assert sorted(path.name for path in run.iterdir()) == before
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    assert load_model(run / "model.safetensors").metadata.class_names[0] == "0"
+
+
 def test_logged_training_prints_each_epoch_once_as_it_ends(tmp_path, capsys) -> None:
     """Output that is not a terminal (a log, CI): one plain line per epoch on stderr while the
     run goes, and no second copy of them at the end."""

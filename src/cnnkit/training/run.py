@@ -468,15 +468,15 @@ def train_run(
         pretrained=True,
         **config.model.options,
     )
-    if distributed.is_main:
-        # A fresh start (also --resume without a checkpoint) replaces the earlier run, once
-        # the data has loaded: a run that fails before that keeps it.
-        if not (resume and find_checkpoint(run_dir)):
-            clear_run_outputs(run_dir, keep=_data_roots(config))
-        write_run_info(run_dir, config, {"status": "running", "data": splits.description})
     train_loader, val_loader, test_loader = build_loaders(
         splits, config, preprocessing, device, distributed
     )
+    if distributed.is_main:
+        # A fresh start (also --resume without a checkpoint) replaces the earlier run, once
+        # the data has loaded and its batches are set up: a run that fails before keeps it.
+        if not (resume and find_checkpoint(run_dir)):
+            clear_run_outputs(run_dir, keep=_data_roots(config))
+        write_run_info(run_dir, config, {"status": "running", "data": splits.description})
 
     try:
         fit, trainer, transfer = _fit(
