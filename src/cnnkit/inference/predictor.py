@@ -21,7 +21,12 @@ from cnnkit.data.image import (
 )
 from cnnkit.data.loader import eval_batch_size
 from cnnkit.data.normalize import to_model_input
-from cnnkit.inference.artifact import ModelFileError, ModelMetadata, load_model
+from cnnkit.inference.artifact import (
+    ModelFileError,
+    ModelMetadata,
+    load_model,
+    resolve_model_file,
+)
 from cnnkit.runtime import select_device
 
 MAX_BATCH = 512  # Images per forward pass (fewer for large inputs, see eval_batch_size).
@@ -59,16 +64,13 @@ def check_top_k(top_k: Any) -> int:
 
 
 def resolve_model_path(path: str | Path | None) -> Path:
-    """The model file for ``path``: the bundled symbol model for None, a training run's
-    ``model.safetensors`` for its folder, else ``path`` itself."""
+    """The model file for ``path``: the bundled symbol model for None, else as
+    :func:`cnnkit.inference.artifact.resolve_model_file`."""
     if path is None:
         from cnnkit.inference.bundled import bundled_model_path
 
         return bundled_model_path()
-    path = Path(path)
-    if path.is_dir() and (path / "model.safetensors").is_file():
-        return path / "model.safetensors"
-    return path
+    return resolve_model_file(path)
 
 
 @dataclass(frozen=True)
@@ -108,16 +110,10 @@ class Predictor:
         Raises:
             cnnkit.inference.artifact.ModelFileError: for a bad model file, or an ``.onnx``
                 file (run one with :func:`open_predictor`).
-            ValueError: for an unknown or unavailable ``device``.
+            TypeError: for a ``path`` that is not a str or a path object.
+            ValueError: for an empty ``path``, or an unknown or unavailable ``device``.
         """
-        path = resolve_model_path(path)
-        if path.suffix.lower() == ".onnx":
-            raise ModelFileError(
-                f"{path}: an ONNX file runs on ONNX Runtime: use "
-                "cnnkit.open_predictor(path) (or OnnxPredictor.from_file)"
-            )
-        device = str(select_device(device))
-        model = load_model(path, device)
+        model = load_model(resolve_model_path(path), device)
         return cls(model, model.metadata, device)
 
     @property
