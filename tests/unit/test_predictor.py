@@ -15,7 +15,7 @@ from cnnkit.data.image import BadImageError
 from cnnkit.data.loader import BatchLoader, build_eval_transform
 from cnnkit.data.sources import build_splits
 from cnnkit.inference.artifact import ModelFileError, ModelMetadata
-from cnnkit.inference.predictor import Prediction, Predictor
+from cnnkit.inference.predictor import Prediction, Predictor, open_predictor
 from cnnkit.models.registry import create_model
 
 CLASS_NAMES = ("alpha", "beta", "gamma")
@@ -158,6 +158,17 @@ def test_from_file_takes_a_run_folder_or_nothing_and_refuses_onnx(
         Predictor.from_file(onnx_file)
     with pytest.raises(ValueError, match="unknown device 'gpu'"):
         Predictor.from_file(symbol_model_file, device="gpu")
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "ONNX", "Torch", "", 1])
+def test_open_predictor_refuses_an_unknown_backend(symbol_model_file: Path, backend) -> None:
+    with pytest.raises(ValueError, match=r"unknown backend .*: use 'torch' or 'onnx'"):
+        open_predictor(symbol_model_file, backend=backend)
+
+
+def test_open_predictor_runs_the_backend_it_is_given(symbol_model_file: Path) -> None:
+    assert type(open_predictor(symbol_model_file)) is Predictor
+    assert type(open_predictor(symbol_model_file, backend="torch")) is Predictor
 
 
 def test_empty_input_and_bad_files(predictor, tmp_path: Path) -> None:

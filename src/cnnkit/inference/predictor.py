@@ -29,6 +29,8 @@ from cnnkit.inference.artifact import (
 )
 from cnnkit.runtime import select_device
 
+# The names open_predictor and the CLI's --backend take, matched exactly as argparse does.
+BACKENDS = ("torch", "onnx")
 MAX_BATCH = 512  # Images per forward pass (fewer for large inputs, see eval_batch_size).
 
 ImageInput = Image.Image | str | Path | np.ndarray | bytes
@@ -232,7 +234,10 @@ def open_predictor(path: str | Path | None = None, backend: str | None = None) -
     Raises:
         FileNotFoundError: if no path is given and the bundled model is missing.
         cnnkit.inference.artifact.ModelFileError: for a bad model file.
+        ValueError: for a ``backend`` other than None, ``"torch"`` or ``"onnx"``.
     """
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: use 'torch' or 'onnx' (or None)")
     path = resolve_model_path(path)
     if backend == "torch" and path.suffix.lower() == ".onnx":
         raise ModelFileError(
