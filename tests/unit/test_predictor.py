@@ -135,6 +135,32 @@ def test_other_inputs_are_refused_by_type_and_position(predictor) -> None:
         predictor.predict([_image("L"), None])
 
 
+@pytest.mark.parametrize(
+    "images", [5, None, 2.5, {"a.png": 1}, {"a.png"}], ids=["int", "None", "float", "dict", "set"]
+)
+def test_what_is_neither_an_image_nor_a_list_of_them_is_refused_by_type(predictor, images) -> None:
+    expected = (
+        r"^images: expected a path, image bytes, a PIL image or a numpy array, or a list of "
+        rf"them; got {type(images).__name__}$"
+    )
+    with pytest.raises(TypeError, match=expected):
+        predictor.predict(images)
+    with pytest.raises(TypeError, match=expected):
+        predictor.prepare(images)
+
+
+def test_any_bytes_like_object_is_one_encoded_image(predictor, tmp_path: Path) -> None:
+    path = tmp_path / "symbol.png"
+    _image("RGB").save(path)
+    data = path.read_bytes()
+    expected = predictor.predict(data, top_k=2)
+    for encoded in (bytearray(data), memoryview(data)):
+        assert predictor.predict(encoded, top_k=2) == expected
+        assert predictor.predict([encoded, data], top_k=2) == expected * 2
+    # An iterator is still a list of images, in order.
+    assert predictor.predict(iter([data, path]), top_k=2) == expected * 2
+
+
 def test_sixteen_bit_images_span_the_full_range(predictor) -> None:
     dark = np.full((8, 8), 255, dtype=np.uint16)  # Nearly black on a 0-65535 scale.
     brighter = dark.copy()
