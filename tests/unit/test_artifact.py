@@ -146,6 +146,68 @@ def test_missing_file(tmp_path: Path) -> None:
         load_model(tmp_path / "nothing.safetensors")
 
 
+# Both ways in: the module function and the package's lazy wrapper.
+LOADERS = pytest.mark.parametrize(
+    "load", [load_model, cnnkit.load_model], ids=["artifact", "cnnkit"]
+)
+
+
+@LOADERS
+def test_a_run_folder_loads_its_model_and_an_empty_folder_is_named(saved, load) -> None:
+    path, _ = saved
+    assert load(path.parent).metadata == _metadata()
+    empty = path.parent / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelFileError, match=r"empty: a folder with no model\.safetensors"):
+        load(empty)
+
+
+@LOADERS
+def test_an_onnx_file_gets_the_way_to_run_it(tmp_path: Path, load) -> None:
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"x")
+    with pytest.raises(ModelFileError, match=r"model\.onnx: .*cnnkit\.open_predictor\(path\)"):
+        load(onnx_file)
+
+
+@LOADERS
+@pytest.mark.parametrize(
+    ("path", "error", "message"),
+    [
+        (None, TypeError, "a .safetensors file or a training run's folder.*got NoneType"),
+        (3, TypeError, "got int"),
+        ("", ValueError, "must not be empty"),
+    ],
+)
+def test_a_path_that_is_not_one_is_refused_clearly(load, path, error, message) -> None:
+    with pytest.raises(error, match=message):
+        load(path)
+
+
+@LOADERS
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("gpu", "unknown device 'gpu': use auto, cpu, cuda"),
+        ("cuda", "device 'cuda' requested but CUDA is not available"),
+        ("cuda:1", "device 'cuda:1' requested but CUDA is not available"),
+    ],
+)
+def test_a_bad_device_is_a_value_error(saved, monkeypatch, load, device, message) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=message):
+        load(saved[0], device)
+
+
+@LOADERS
+def test_auto_device_picks_what_is_there(saved, monkeypatch, load) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    model = load(saved[0], "auto")
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert model.metadata == _metadata()
+
+
 @pytest.mark.parametrize("keep", [0, 4, 8, 20, "half-header", "half-data", "last-byte"])
 def test_truncated_file(saved, keep) -> None:
     path, _ = saved

@@ -15,7 +15,7 @@ from cnnkit.data.image import BadImageError
 from cnnkit.data.loader import BatchLoader, build_eval_transform
 from cnnkit.data.sources import build_splits
 from cnnkit.inference.artifact import ModelFileError, ModelMetadata
-from cnnkit.inference.predictor import Prediction, Predictor
+from cnnkit.inference.predictor import Prediction, Predictor, open_predictor
 from cnnkit.models.registry import create_model
 
 CLASS_NAMES = ("alpha", "beta", "gamma")
@@ -135,6 +135,32 @@ def test_other_inputs_are_refused_by_type_and_position(predictor) -> None:
         predictor.predict([_image("L"), None])
 
 
+@pytest.mark.parametrize(
+    "images", [5, None, 2.5, {"a.png": 1}, {"a.png"}], ids=["int", "None", "float", "dict", "set"]
+)
+def test_what_is_neither_an_image_nor_a_list_of_them_is_refused_by_type(predictor, images) -> None:
+    expected = (
+        r"^images: expected a path, image bytes, a PIL image or a numpy array, or a list of "
+        rf"them; got {type(images).__name__}$"
+    )
+    with pytest.raises(TypeError, match=expected):
+        predictor.predict(images)
+    with pytest.raises(TypeError, match=expected):
+        predictor.prepare(images)
+
+
+def test_any_bytes_like_object_is_one_encoded_image(predictor, tmp_path: Path) -> None:
+    path = tmp_path / "symbol.png"
+    _image("RGB").save(path)
+    data = path.read_bytes()
+    expected = predictor.predict(data, top_k=2)
+    for encoded in (bytearray(data), memoryview(data)):
+        assert predictor.predict(encoded, top_k=2) == expected
+        assert predictor.predict([encoded, data], top_k=2) == expected * 2
+    # An iterator is still a list of images, in order.
+    assert predictor.predict(iter([data, path]), top_k=2) == expected * 2
+
+
 def test_sixteen_bit_images_span_the_full_range(predictor) -> None:
     dark = np.full((8, 8), 255, dtype=np.uint16)  # Nearly black on a 0-65535 scale.
     brighter = dark.copy()
@@ -158,6 +184,17 @@ def test_from_file_takes_a_run_folder_or_nothing_and_refuses_onnx(
         Predictor.from_file(onnx_file)
     with pytest.raises(ValueError, match="unknown device 'gpu'"):
         Predictor.from_file(symbol_model_file, device="gpu")
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "ONNX", "Torch", "", 1])
+def test_open_predictor_refuses_an_unknown_backend(symbol_model_file: Path, backend) -> None:
+    with pytest.raises(ValueError, match=r"unknown backend .*: use 'torch' or 'onnx'"):
+        open_predictor(symbol_model_file, backend=backend)
+
+
+def test_open_predictor_runs_the_backend_it_is_given(symbol_model_file: Path) -> None:
+    assert type(open_predictor(symbol_model_file)) is Predictor
+    assert type(open_predictor(symbol_model_file, backend="torch")) is Predictor
 
 
 def test_empty_input_and_bad_files(predictor, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from torch import nn
 from cnnkit import __version__
 from cnnkit.atomic import write_atomically
 from cnnkit.config import Preprocessing
+from cnnkit.runtime import select_device
 
 FORMAT_NAME = "cnnkit-model"
 FORMAT_VERSION = 1
@@ -153,6 +155,8 @@ def save_model(
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """Read the raw JSON metadata of a model file without loading its tensors."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelFileError(f"{path}: a folder with no model.safetensors in it")
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found")
     try:
@@ -187,18 +191,53 @@ def parse_metadata_text(text: str | None, source: str, container: str) -> dict:
     return data
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model from its file; never unpickles anything.
-
-    The returned module is in eval mode and carries its :class:`ModelMetadata` as
-    ``model.metadata``.
+def resolve_model_file(path: str | os.PathLike) -> Path:
+    """The model file ``path`` names: a training run's ``model.safetensors`` for its folder,
+    else ``path`` itself.
 
     Raises:
-        ModelFileError: if the file is missing, truncated, tampered with, or inconsistent.
+        TypeError: unless ``path`` is a str or a path object.
+        ValueError: for an empty string (which would mean the current folder).
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            "a model path must be a .safetensors file or a training run's folder (str or "
+            f"Path); got {type(path).__name__}"
+        )
+    if path == "":
+        raise ValueError("a model path must not be empty")
+    path = Path(path)
+    if path.is_dir() and (path / "model.safetensors").is_file():
+        return path / "model.safetensors"
+    return path
+
+
+def refuse_onnx(path: Path) -> None:
+    """Raise :class:`ModelFileError` with the way to run it if ``path`` is an ONNX file."""
+    if path.suffix.lower() == ".onnx":
+        raise ModelFileError(
+            f"{path}: an ONNX file runs on ONNX Runtime: use "
+            "cnnkit.open_predictor(path) (or OnnxPredictor.from_file)"
+        )
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model from its file or a training run's folder; never unpickles anything.
+
+    The returned module is in eval mode on ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``,
+    ``"cuda:N"`` or ``"mps"``) and carries its :class:`ModelMetadata` as ``model.metadata``.
+
+    Raises:
+        ModelFileError: if the file is missing, truncated, tampered with, or inconsistent, or
+            is an ``.onnx`` file (run one with :func:`cnnkit.open_predictor`).
+        TypeError: unless ``path`` is a str or a path object.
+        ValueError: for an empty path, or an unknown or unavailable ``device``.
     """
     from cnnkit.models.registry import create_model
 
-    path = Path(path)
+    path = resolve_model_file(path)
+    refuse_onnx(path)
+    device = select_device(device)
     raw = read_metadata(path)
     if raw.get("metadata_sha256") != metadata_digest(raw):
         raise ModelFileError(f"{path}: metadata checksum mismatch (file modified or corrupt)")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,23 +22,40 @@ from cnnkit.data.image import (
 )
 from cnnkit.data.loader import eval_batch_size
 from cnnkit.data.normalize import to_model_input
-from cnnkit.inference.artifact import ModelFileError, ModelMetadata, load_model
+from cnnkit.inference.artifact import (
+    ModelFileError,
+    ModelMetadata,
+    load_model,
+    resolve_model_file,
+)
 from cnnkit.runtime import select_device
 
+# The names open_predictor and the CLI's --backend take, matched exactly as argparse does.
+BACKENDS = ("torch", "onnx")
 MAX_BATCH = 512  # Images per forward pass (fewer for large inputs, see eval_batch_size).
 
-ImageInput = Image.Image | str | Path | np.ndarray | bytes
+ImageInput = Image.Image | str | Path | np.ndarray | bytes | bytearray | memoryview
+
+_ENCODED = (bytes, bytearray, memoryview)  # Encoded image file contents.
+_ONE_IMAGE = "a path, image bytes, a PIL image or a numpy array"
+
+
+def _wrong_type(name: str, value: Any, expected: str = _ONE_IMAGE) -> TypeError:
+    """The one-line error for an input of the wrong type; ``name`` says which input."""
+    return TypeError(f"{name}: expected {expected}; got {type(value).__name__}")
 
 
 def as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     """One image (a path, encoded bytes, a PIL image, an ``HxW[xC]`` array) as a list of one;
-    an ``NxHxWxC`` array as a list of N; any other sequence as a list.
+    an ``NxHxWxC`` array as a list of N; a sequence or iterator of images as a list.
 
     Raises:
         ValueError: for a 3-D array that is not ``HxWxC`` with C = 1, 3 or 4 (a stack of
             grayscale images is ambiguous: pass a list, or an ``NxHxWx1`` array).
+        TypeError: for anything else, including a mapping or a set (their order would not
+            say which result belongs to which image).
     """
-    if isinstance(images, (str, Path, bytes, bytearray, Image.Image)):
+    if isinstance(images, (str, Path, Image.Image, *_ENCODED)):
         return [images]
     if isinstance(images, np.ndarray):
         if images.ndim == 4:
@@ -48,6 +66,8 @@ def as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]
                 "or 4) nor an N x H x W x C batch; pass a list of images"
             )
         return [images]
+    if isinstance(images, (Mapping, AbstractSet)) or not isinstance(images, Iterable):
+        raise _wrong_type("images", images, f"{_ONE_IMAGE}, or a list of them")
     return list(images)
 
 
@@ -59,16 +79,13 @@ def check_top_k(top_k: Any) -> int:
 
 
 def resolve_model_path(path: str | Path | None) -> Path:
-    """The model file for ``path``: the bundled symbol model for None, a training run's
-    ``model.safetensors`` for its folder, else ``path`` itself."""
+    """The model file for ``path``: the bundled symbol model for None, else as
+    :func:`cnnkit.inference.artifact.resolve_model_file`."""
     if path is None:
         from cnnkit.inference.bundled import bundled_model_path
 
         return bundled_model_path()
-    path = Path(path)
-    if path.is_dir() and (path / "model.safetensors").is_file():
-        return path / "model.safetensors"
-    return path
+    return resolve_model_file(path)
 
 
 @dataclass(frozen=True)
@@ -108,16 +125,10 @@ class Predictor:
         Raises:
             cnnkit.inference.artifact.ModelFileError: for a bad model file, or an ``.onnx``
                 file (run one with :func:`open_predictor`).
-            ValueError: for an unknown or unavailable ``device``.
+            TypeError: for a ``path`` that is not a str or a path object.
+            ValueError: for an empty ``path``, or an unknown or unavailable ``device``.
         """
-        path = resolve_model_path(path)
-        if path.suffix.lower() == ".onnx":
-            raise ModelFileError(
-                f"{path}: an ONNX file runs on ONNX Runtime: use "
-                "cnnkit.open_predictor(path) (or OnnxPredictor.from_file)"
-            )
-        device = str(select_device(device))
-        model = load_model(path, device)
+        model = load_model(resolve_model_path(path), device)
         return cls(model, model.metadata, device)
 
     @property
@@ -146,15 +157,12 @@ class Predictor:
             name = str(image) if isinstance(image, (str, Path)) else f"image {position}"
             if isinstance(image, (str, Path)):
                 image = read_image_file(str(image))
-            elif isinstance(image, (bytes, bytearray)):
+            elif isinstance(image, _ENCODED):
                 image = decode_image(bytes(image), name)
             elif isinstance(image, np.ndarray):
                 image = array_to_image(image, name)
             elif not isinstance(image, Image.Image):
-                raise TypeError(
-                    f"{name}: expected a path, image bytes, a PIL image or a numpy array; "
-                    f"got {type(image).__name__}"
-                )
+                raise _wrong_type(name, image)
             try:
                 arrays.append(prepare_image(image, self.metadata.preprocessing))
             except BadImageError as error:
@@ -236,7 +244,10 @@ def open_predictor(path: str | Path | None = None, backend: str | None = None) -
     Raises:
         FileNotFoundError: if no path is given and the bundled model is missing.
         cnnkit.inference.artifact.ModelFileError: for a bad model file.
+        ValueError: for a ``backend`` other than None, ``"torch"`` or ``"onnx"``.
     """
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: use 'torch' or 'onnx' (or None)")
     path = resolve_model_path(path)
     if backend == "torch" and path.suffix.lower() == ".onnx":
         raise ModelFileError(
