@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -92,8 +93,9 @@ def finished_params(study: optuna.Study) -> list[tuple]:
     return [tuple(sorted(t.params.items())) for t in study.get_trials(states=states)]
 
 
-def load_study(run_dir: Path) -> optuna.Study:
-    return optuna.load_study(study_name=run_dir.name, storage=f"sqlite:///{run_dir / 'study.db'}")
+def load_study(run_dir: Path, name: str | None = None) -> optuna.Study:
+    storage = f"sqlite:///{run_dir / 'study.db'}"
+    return optuna.load_study(study_name=name or run_dir.name, storage=storage)
 
 
 # ----------------------------------------------------------------------------- spaces
@@ -283,8 +285,12 @@ def test_continuing_a_search_with_other_settings_is_refused(tmp_path, digits_dat
     with pytest.raises(ValueError, match="holds a search with another sampler; continue it"):
         run_search(base, TINY_SPACE, other_sampler, progress=False, data=digits_data)
     longer = tiny_base(tmp_path / "search", epochs=2)
-    with pytest.raises(ValueError, match="another base config"):
+    with pytest.raises(ValueError, match=r"another base config \(train\.epochs\); continue"):
         run_search(longer, TINY_SPACE, config, progress=False, data=digits_data)
+    # A second study in the folder would write its trial-000 over the first's.
+    renamed = replace(config, study_name="another")
+    with pytest.raises(ValueError, match="another study name; continue"):
+        run_search(base, TINY_SPACE, renamed, progress=False, data=digits_data)
     # Nothing was recorded: the settings file and the study are as the first run left them.
     assert (base.run_dir() / "search.yaml").read_text(encoding="utf-8") == settings
     assert len(load_study(base.run_dir()).trials) == 1
@@ -293,11 +299,22 @@ def test_continuing_a_search_with_other_settings_is_refused(tmp_path, digits_dat
     (trained / "run.json").write_text("{}", encoding="utf-8")
     with pytest.raises(ValueError, match="holds a training run, not a search"):
         run_search(tiny_base(trained), TINY_SPACE, config, progress=False, data=digits_data)
-    # The same settings with a larger budget continue it.
+    # The same settings with a larger budget continue it, also from a folder spelled another
+    # way, on another device, or moved: where it runs is not what it compares.
     more = SearchConfig(sampler="grid", pruner="none", n_trials=2)
+    elsewhere = tiny_base(tmp_path / "search" / ".." / "search", epochs=1, device="cpu")
     assert (
-        run_search(base, TINY_SPACE, more, progress=False, data=digits_data).counts["complete"] == 2
+        run_search(elsewhere, TINY_SPACE, more, progress=False, data=digits_data).counts["complete"]
+        == 2
     )
+    (tmp_path / "search").rename(tmp_path / "moved")
+    moved = tiny_base(tmp_path / "moved", epochs=1)
+    most = SearchConfig(sampler="grid", pruner="none", n_trials=3)
+    assert (
+        run_search(moved, TINY_SPACE, most, progress=False, data=digits_data).counts["complete"]
+        == 3
+    )
+    assert len(set(finished_params(load_study(tmp_path / "moved", "search")))) == 3
 
 
 def test_a_model_option_no_model_takes_is_refused_before_anything_runs(tmp_path, digits_data):

@@ -7,6 +7,7 @@ processes can work on it at once.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import multiprocessing
@@ -722,7 +723,9 @@ def _run_search(
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     check_model_options(space, base)
     check_parameter_values(space, base)
-    check_same_search(run_dir, base, space, config)
+    recorded_name = check_same_search(run_dir, base, space, config)
+    if config.study_name is None and recorded_name:
+        config = replace(config, study_name=recorded_name)
     study, url, name = open_study(config, space, run_dir)
     write_search_settings(run_dir, base, space, config, name, url)
     queued = recover_trials(study)
@@ -851,11 +854,21 @@ def check_parameter_values(space: SearchSpace, base: RunConfig) -> None:
                 )
 
 
+# Base-config fields that say where a search runs, not what it compares: they may change.
+WHERE_IT_RUNS = ("out", "train.device")
+
+
 def check_same_search(
     run_dir: Path, base: RunConfig, space: SearchSpace, config: SearchConfig
-) -> None:
-    """Refuse to continue the search in ``run_dir`` with another space, sampler, pruner or
-    base config: its trials would be ranked against trials of a different search.
+) -> str | None:
+    """Refuse to continue the search in ``run_dir`` with another space, sampler, pruner, base
+    config, study name or storage: its trials would be ranked against trials of a different
+    search, or a second study's trials would write over the first's trial folders.
+
+    Returns:
+        The study name ``RUN_DIR/search.yaml`` records (None for a new search), which a
+        search continued without ``--study-name`` goes on with: also after the folder, whose
+        name is the default, was renamed.
 
     Raises:
         ValueError: naming what differs from ``RUN_DIR/search.yaml``.
@@ -866,11 +879,13 @@ def check_same_search(
     if not path.is_file():
         if (run_dir / RUN_INFO).is_file():
             raise ValueError(f"{run_dir} holds a training run, not a search: pass another --out")
-        return
+        return None
     try:
         saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as error:
         raise ValueError(f"{path}: unreadable ({error_line(error)})") from error
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: unreadable (not a mapping of settings)")
     # The settings this search would write, compared as written (tuples become lists).
     now = yaml.safe_load(yaml.safe_dump(search_settings(base, space, config)))
     saved_search = saved.get("search") or {}
@@ -878,14 +893,44 @@ def check_same_search(
         "space": (now["space"], saved.get("space")),
         "sampler": (now["search"]["sampler"], saved_search.get("sampler")),
         "pruner": (now["search"]["pruner"], saved_search.get("pruner")),
-        "base config": (now["base_config"], saved.get("base_config")),
+        # None: the flag was left out, which continues with the recorded one.
+        "study name": (config.study_name or saved.get("study_name"), saved.get("study_name")),
+        "storage": (config.storage or saved.get("storage"), saved.get("storage")),
     }
     differs = [what for what, (current, before) in pairs.items() if current != before]
+    changed = _changed_keys(_compared(now["base_config"]), _compared(saved.get("base_config")))
+    if changed:
+        differs.append(f"base config ({', '.join(changed)})")
     if differs:
         raise ValueError(
             f"{run_dir} holds a search with another {' and '.join(differs)}; continue it with "
             "the same settings, or pass another --out"
         )
+    return saved.get("study_name")
+
+
+def _compared(base_config: Any) -> dict:
+    """A recorded base config without the fields of :data:`WHERE_IT_RUNS`."""
+    compared = copy.deepcopy(base_config) if isinstance(base_config, dict) else {}
+    for dotted in WHERE_IT_RUNS:
+        *sections, name = dotted.split(".")
+        node = compared
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(name, None)
+    return compared
+
+
+def _changed_keys(now: Any, before: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested mappings."""
+    if isinstance(now, dict) and isinstance(before, dict):
+        changed = []
+        for key in sorted(set(now) | set(before), key=str):
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            changed += _changed_keys(now.get(key), before.get(key), dotted)
+        return changed
+    return [] if now == before else [prefix or "all of it"]
 
 
 def search_settings(base: RunConfig, space: SearchSpace, config: SearchConfig) -> dict:
