@@ -865,8 +865,8 @@ def command_search(args: argparse.Namespace) -> int:
     space = resolve_space(args.space)
     if args.preset is None and args.model is None and space.preset:
         args.preset = space.preset
-    given_out = args.out
     base = resolve_run_config(args, detect_photos=False)  # The space decides the model.
+    given_out = base.out  # From --out, else from the --config file's out.
     if base.data.val_fraction == 0 and args.val_fraction is None:
         # Trials are ranked on held-out images; a preset without a validation split (it trains
         # on all of them) would rank them on training accuracy.

@@ -363,6 +363,12 @@ def test_print_config_shows_the_resolved_settings_and_reads_back(capsys, tmp_pat
     searched = capsys.readouterr().out
     assert "dataset: digits" in searched and "  epochs: 2\n" in searched
     assert "\nout: null\n" in searched  # the search's own folder is not a training setting
+    # A --config file's out is the search's folder, as for train.
+    config_file = tmp_path / "settings.yaml"
+    config_file.write_text(f"out: {tmp_path / 'my-search'}\n", encoding="utf-8")
+    argv = ["search", "--dataset", "digits", "--config", str(config_file), "--print-config"]
+    assert main(argv) == 0
+    assert f"\nout: {tmp_path / 'my-search'}\n" in capsys.readouterr().out
 
 
 def test_search_holds_out_a_validation_split_where_the_preset_has_none(capsys) -> None:
