@@ -157,6 +157,8 @@ def test_space_file_format(tmp_path):
     assert by_name["learning_rate"].target == "train.learning_rate"
     assert by_name["convs"].target == "model.options.convs"
     assert by_name["convs"].grid_values() == [1, 2]
+    dropout = SearchParameter("dropout", "float", "model.options.dropout", 0.1, 0.5, step=0.1)
+    assert dropout.grid_values() == [0.1, 0.2, 0.3, 0.4, 0.5]  # Not 0.30000000000000004.
     with pytest.raises(ValueError, match="grid search needs finite values"):
         space.grid()
 
@@ -171,6 +173,11 @@ def test_space_file_format(tmp_path):
         ("a: {type: float, low: abc, high: 1}", "'a': low must be a number; got 'abc'"),
         ("a: {choices: 5}", "'a': choices must be a list such as"),
         ("a: {type: float, low: [1", "invalid YAML \\(line 1, column 25"),
+        ("a: {type: int, low: 16, high: 64, step: 0}", "'a': step must be > 0; got 0"),
+        ("a: {type: int, low: 16, high: 64, step: -16}", "'a': step must be > 0; got -16"),
+        ("a: {type: int, low: 16, high: 18, step: 0.5}", "'a': int parameters need a whole step"),
+        ("a: {type: int, low: 0.5, high: 2}", "'a': int parameters need a whole low"),
+        ("m: {type: int, low: 1, high: 2, target: model.name}", "'m': model.name is chosen"),
     ],
 )
 def test_space_file_errors_name_the_parameter(tmp_path, text, message):

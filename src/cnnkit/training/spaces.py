@@ -71,6 +71,15 @@ class SearchParameter:
                 raise ValueError(f"{where}: log scale needs low > 0")
             if self.log and self.step is not None:
                 raise ValueError(f"{where}: 'log' and 'step' cannot be combined")
+            if self.step is not None and self.step <= 0:
+                raise ValueError(f"{where}: step must be > 0; got {self.step}")
+            if self.type == "int":
+                for key in ("low", "high", "step"):
+                    value = getattr(self, key)
+                    if value is not None and value != int(value):
+                        raise ValueError(f"{where}: int parameters need a whole {key}; got {value}")
+        if self.target == "model.name" and self.type != "categorical":
+            raise ValueError(f"{where}: model.name is chosen from a list: give it 'choices'")
         check_target(self.target, where)
 
     def grid_values(self) -> list[Any]:
@@ -88,7 +97,10 @@ class SearchParameter:
         step = self.step or 1
         count = int(math.floor((self.high - self.low) / step + 1e-9)) + 1
         values = [self.low + index * step for index in range(count)]
-        return [int(round(v)) for v in values] if self.type == "int" else values
+        if self.type == "int":
+            return [int(round(value)) for value in values]
+        # 0.1 + 2 * 0.1 is 0.30000000000000004: round off the float sum's error.
+        return [round(value, 12) for value in values]
 
 
 @dataclass(frozen=True)
