@@ -470,6 +470,12 @@ def test_retrain_best_saves_a_loadable_model(tmp_path, digits_data):
     assert "val_fraction: 0.0" in retrained_config
     # Trained on the training and validation images together.
     assert "train+val" in result.retrained.data_description
+    # Retrained again (a larger budget), best/ is replaced but the user's own files in it stay.
+    (base.run_dir() / "best" / "notes.txt").write_text("mine", encoding="utf-8")
+    more = SearchConfig(sampler="grid", pruner="none", n_trials=2, retrain_best=True)
+    again = run_search(base, TINY_SPACE, more, progress=False, data=digits_data)
+    assert again.retrained is not None and cnnkit.load_model(again.retrained.model_path)
+    assert (base.run_dir() / "best" / "notes.txt").read_text(encoding="utf-8") == "mine"
 
 
 # ----------------------------------------------------------------------------- processes

@@ -13,7 +13,6 @@ import logging
 import multiprocessing
 import os
 import re
-import shutil
 import signal
 import time
 import warnings
@@ -983,8 +982,8 @@ def retrain_best(
         f"{splits.description} (train+val used for training)",
     )
     final = build_run_config(config_to_dict(config), {"data": {"val_fraction": 0.0}})
-    if out.exists():
-        shutil.rmtree(out)
+    # train_run replaces an earlier best/ run once training starts (keeping files it did not
+    # write): one that fails or is stopped before that leaves the earlier model in place.
     logger.info("retraining trial %d's configuration on train+validation", best.number)
     with INTERRUPTS.interruptible():
         result = train_run(
