@@ -1,6 +1,6 @@
 """Time loading HASYv2 through the image cache: first decode, cached load, naive baseline.
 
-Usage: ``python benchmarks/data_loading.py [--archive PATH] [--json OUT.json]``. The first load
+Usage: ``python -m benchmarks.data_loading [--archive PATH] [--name NAME]``. The first load
 streams the whole archive into a fresh temporary cache with the default preprocessing (1
 channel, 32x32); the cached load repeats it. The baseline opens extracted PNGs one by one with
 PIL in a single process, on a sample, and is scaled to the whole dataset.
@@ -9,7 +9,6 @@ PIL in a single process, on a sample, and is scaled to the whole dataset.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from benchmarks.record import record_result
 from cnnkit.config import DataConfig, Preprocessing
 from cnnkit.data.archive import iter_archive
 from cnnkit.data.hasy import HasySource
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE)
     parser.add_argument("--fold", type=int, default=1)
     parser.add_argument("--sample", type=int, default=5000, help="images in the naive baseline")
-    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--name", default="data_loading", help="record as results/NAME.json")
     args = parser.parse_args()
     if not args.archive.is_file():
         parser.exit(1, f"archive not found: {args.archive}\n")
@@ -133,8 +133,7 @@ def main() -> None:
         f"  speed-up vs naive       {figures['speedup_first_vs_naive']:.1f}x first, "
         f"{figures['speedup_cached_vs_naive']:.1f}x cached"
     )
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    record_result(args.name, figures)
 
 
 if __name__ == "__main__":

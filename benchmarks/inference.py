@@ -195,6 +195,10 @@ def main() -> None:
                 int8_path,
             )
             print_table(path.name, results)
+            figures[f"{path.name} img/s"] = {
+                f"{backend}@{batch_size}": round(value[0]) if isinstance(value, tuple) else value
+                for (batch_size, backend), value in sorted(results.items())
+            }
             largest = max(args.batch_sizes)
             eager = results.get((largest, "eager"))
             for backend in ("onnx", "onnx-int8"):
@@ -211,7 +215,7 @@ def main() -> None:
             f"({verdict} the 2x bar), {cpu_ratio:.2f}x per CPU-second"
         )
     for name, value in figures.items():
-        if isinstance(value, dict):
+        if name.endswith("test top-1"):
             print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in value.items()))
     record_result(args.name, {"threads": args.threads or available_cores(), **figures})
 

@@ -5,7 +5,7 @@ Library equivalent of::
     cnnkit search --dataset hasy --data ../shared/data/HASYv2-dev.tar.bz2 --fold 1 \\
         --space book --sampler grid --pruner halving --epochs 10 --workers 2
 
-Usage: ``python benchmarks/search_book_grid.py [--max-classes 20 --epochs 3] [--json OUT]``.
+Usage: ``python -m benchmarks.search_book_grid [--max-classes 20 --epochs 3] [--name NAME]``.
 The bars (full grid, 10 epochs): at most 60 minutes of wall time on two cores, and the best
 trial at 78% or more on both validation and test. Reduced runs (``--max-classes``) print the
 measured cost per trained epoch and an estimate for the full grid from it.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from benchmarks.record import record_result
 from cnnkit.config import build_run_config, preset_for
 from cnnkit.runtime import tune_allocator
 from cnnkit.training.search import SearchConfig, run_search
@@ -51,7 +51,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default="runs/bench-search-book-grid")
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "cnnkit"))
     parser.add_argument("--fresh", action="store_true", help="delete --out first")
-    parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument(
+        "--name",
+        help="record as results/NAME.json (default: search_book_grid for the full grid; a run "
+        "shrunk with --max-classes or --max-per-class is recorded only when named)",
+    )
     return parser.parse_args()
 
 
@@ -138,8 +142,10 @@ def main() -> None:
             best and best.val_accuracy >= ACCURACY_BAR and (best.test_top1 or 0) >= ACCURACY_BAR
         )
         print(f"{'bar (<= 60 min, >= 78%)':>30}: {'PASS' if within and accurate else 'FAIL'}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2, default=str) + "\n")
+    shrunk = bool(args.max_classes or args.max_per_class)
+    name = args.name or (None if shrunk else "search_book_grid")
+    if name:
+        record_result(name, figures)
 
 
 def simulate_trained_epochs(search: SearchConfig, trials: int, epochs: int, seed: int = 0) -> int:
