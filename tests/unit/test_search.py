@@ -861,6 +861,28 @@ def test_a_trial_that_trained_to_its_end_keeps_its_result_when_a_signal_was_swal
     assert len(set(finished_params(load_study(base.run_dir())))) == 2
 
 
+def test_the_table_ranks_finished_trials_on_their_objective_as_optuna_does(tmp_path):
+    """A transfer trial's epochs (the fine-tune's) may peak below what its objective returned:
+    the table's best is Optuna's best trial, the one --retrain-best trains."""
+    from cnnkit.training.search import SearchResult, summarize_trial
+
+    study = optuna.create_study(direction="maximize")
+    for value, epochs_best in ((0.9, 0.5), (0.8, 0.85)):
+        attrs = {"result": {"val_accuracy": epochs_best, "epochs_run": 2}}
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"convs": 1},
+                distributions={"convs": optuna.distributions.CategoricalDistribution([1, 2])},
+                value=value,
+                user_attrs=attrs,
+            )
+        )
+    trials = [summarize_trial(trial, tmp_path) for trial in study.trials]
+    assert [trial.val_accuracy for trial in trials] == [0.9, 0.8]
+    result = SearchResult(tmp_path, "", "", trials, {}, {}, None, 0.0)
+    assert result.best.number == study.best_trial.number == 0
+
+
 def test_an_ensemble_is_refused_by_search(tmp_path, digits_data):
     space = parse_space(
         {"members": {"type": "categorical", "choices": [1, 2], "target": "model.options.members"}},

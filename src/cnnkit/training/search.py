@@ -408,8 +408,10 @@ def summarize_trial(trial: FrozenTrial, run_dir: Path) -> TrialSummary:
     """The results-table view of one Optuna trial (its folder relative to ``run_dir``)."""
     result = trial.user_attrs.get("result") or trial.user_attrs.get("progress") or {}
     curve = sorted((int(step), float(value)) for step, value in trial.intermediate_values.items())
+    # A finished trial is ranked on what its objective returned, as Optuna's best_trial is
+    # (retrain_best trains that one); the epochs' best, for a transfer model, misses phase 1.
     accuracy = result.get("val_accuracy")
-    if accuracy is None and trial.state == TrialState.COMPLETE:
+    if trial.state == TrialState.COMPLETE and trial.value is not None:
         accuracy = trial.value
     seconds = None
     if trial.datetime_start and trial.datetime_complete:
