@@ -26,17 +26,15 @@ from cnnkit.training.run import resolve_preprocessing, train_run
 from cnnkit.training.search import (
     PruningCallback,
     SearchConfig,
-    TrialReporter,
     build_pruner,
-    build_trial_config,
-    check_parameter_values,
     nothing_left_to_run,
     open_study,
-    parameter_importances,
     run_search,
     suggest_params,
     trials_to_run,
 )
+from cnnkit.training.search_results import TrialReporter, parameter_importances
+from cnnkit.training.search_settings import check_parameter_values
 from cnnkit.training.search_workers import (
     ORPHAN_SECONDS,
     CoreShare,
@@ -47,6 +45,7 @@ from cnnkit.training.spaces import (
     BOOK_SPACE,
     SearchParameter,
     SearchSpace,
+    build_trial_config,
     load_space,
     overrides_for,
     parse_space,
@@ -385,7 +384,6 @@ def test_each_worker_gets_its_own_sampler_seed(tmp_path, monkeypatch):
 
 
 def test_importances_are_fanova_over_the_parameters_that_varied():
-    from cnnkit.training.search import parameter_importances
 
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(0))
 
@@ -864,7 +862,8 @@ def test_a_trial_that_trained_to_its_end_keeps_its_result_when_a_signal_was_swal
 def test_the_table_ranks_finished_trials_on_their_objective_as_optuna_does(tmp_path):
     """A transfer trial's epochs (the fine-tune's) may peak below what its objective returned:
     the table's best is Optuna's best trial, the one --retrain-best trains."""
-    from cnnkit.training.search import SearchResult, summarize_trial
+    from cnnkit.training.search import SearchResult
+    from cnnkit.training.search_results import summarize_trial
 
     study = optuna.create_study(direction="maximize")
     for value, epochs_best in ((0.9, 0.5), (0.8, 0.85)):

@@ -7,7 +7,6 @@ processes can work on it at once.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 import multiprocessing
@@ -31,12 +30,25 @@ from cnnkit.errors import error_line
 from cnnkit.evaluation.search_plots import (
     TrialSummary,
     write_results_tables,
-    write_search_figures,
 )
-from cnnkit.paths import RUN_INFO, SEARCH_SETTINGS
 from cnnkit.progress import bars_only
 from cnnkit.training.checkpoint import remove_checkpoints
 from cnnkit.training.run import RunResult, resolve_preprocessing, train_run, write_run_info
+from cnnkit.training.search_results import (
+    FINISHED,
+    TRIAL_STATES,
+    TrialReporter,
+    collect_trials,
+    log_trial_hparams,
+    summarize_trial,
+    write_outputs,
+)
+from cnnkit.training.search_settings import (
+    check_model_options,
+    check_parameter_values,
+    check_same_search,
+    write_search_settings,
+)
 from cnnkit.training.search_workers import (
     INTERRUPTS,
     CoreShare,
@@ -45,23 +57,14 @@ from cnnkit.training.search_workers import (
     requeue_trial,
     worker_identity,
 )
-from cnnkit.training.spaces import SearchSpace, overrides_for
+from cnnkit.training.spaces import SearchSpace, build_trial_config
 from cnnkit.training.trainer import Callback, Trainer, TrainingDiverged, TrainingInterrupted
 
 logger = logging.getLogger(__name__)
 SAMPLERS = ("grid", "tpe", "random")
 PRUNERS = ("median", "halving", "none")
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # How long a stopped worker gets to queue its trial again before it is terminated.
 WORKER_STOP_SECONDS = 60.0
-ENDED = (*FINISHED, TrialState.FAIL)
-TRIAL_STATES = {
-    TrialState.COMPLETE: "complete",
-    TrialState.PRUNED: "pruned",
-    TrialState.FAIL: "fail",
-    TrialState.RUNNING: "running",
-    TrialState.WAITING: "waiting",
-}
 
 
 @dataclass(frozen=True)
@@ -140,13 +143,6 @@ class SearchResult:
 def trial_dir(run_dir: Path, number: int) -> Path:
     """``RUN_DIR/trials/trial-NNN``."""
     return Path(run_dir) / "trials" / f"trial-{number:03d}"
-
-
-def build_trial_config(
-    base: RunConfig, space: SearchSpace, params: dict[str, Any], out: Path
-) -> RunConfig:
-    """The base config with one trial's parameters applied and its own run folder."""
-    return build_run_config(config_to_dict(base), overrides_for(space, params), {"out": str(out)})
 
 
 def build_sampler(config: SearchConfig, space: SearchSpace) -> optuna.samplers.BaseSampler:
@@ -404,126 +400,6 @@ def trials_to_run(
     return None if budget is None else max(0, budget)
 
 
-def summarize_trial(trial: FrozenTrial, run_dir: Path) -> TrialSummary:
-    """The results-table view of one Optuna trial (its folder relative to ``run_dir``)."""
-    result = trial.user_attrs.get("result") or trial.user_attrs.get("progress") or {}
-    curve = sorted((int(step), float(value)) for step, value in trial.intermediate_values.items())
-    # A finished trial is ranked on what its objective returned, as Optuna's best_trial is
-    # (retrain_best trains that one); the epochs' best, for a transfer model, misses phase 1.
-    accuracy = result.get("val_accuracy")
-    if trial.state == TrialState.COMPLETE and trial.value is not None:
-        accuracy = trial.value
-    seconds = None
-    if trial.datetime_start and trial.datetime_complete:
-        seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
-    return TrialSummary(
-        number=trial.number,
-        state=TRIAL_STATES.get(trial.state, trial.state.name.lower()),
-        params=dict(trial.params),
-        val_accuracy=accuracy,
-        val_loss=result.get("val_loss"),
-        test_top1=result.get("test_top1"),
-        epochs=int(result.get("epochs_run", len(curve))),
-        seconds=seconds,
-        run_dir=_relative(trial.user_attrs.get("run_dir", ""), run_dir),
-        curve=curve,
-    )
-
-
-def _relative(path: str, start: Path) -> str:
-    if not path:
-        return ""
-    try:
-        return str(Path(path).resolve().relative_to(Path(start).resolve()))
-    except ValueError:
-        return path
-
-
-def collect_trials(study: optuna.Study, run_dir: Path) -> list[TrialSummary]:
-    """Finished (complete or pruned) trials of the study, from every process."""
-    trials = study.get_trials(deepcopy=False, states=FINISHED)
-    return [summarize_trial(trial, run_dir) for trial in trials]
-
-
-def log_trial_hparams(log_dir: Path, trial: TrialSummary, space: SearchSpace) -> None:
-    """One TensorBoard HParams entry (``LOG_DIR/trial-NNN``) for a finished or pruned trial."""
-    from torch.utils.tensorboard import SummaryWriter
-    from torch.utils.tensorboard.summary import hparams
-
-    values: dict[str, Any] = {
-        name: value if isinstance(value, (int, float, str, bool)) else str(value)
-        for name, value in trial.params.items()
-    }
-    values["state"] = trial.state
-    domains: dict[str, list[Any]] = {"state": ["complete", "pruned"]}
-    for parameter in space.parameters:
-        if parameter.type == "categorical" and parameter.name in values:
-            domains[parameter.name] = list(parameter.choices)
-    metrics = {
-        "hparams/val_accuracy": trial.val_accuracy,
-        "hparams/val_loss": trial.val_loss,
-        "hparams/test_top1": trial.test_top1,
-        "hparams/epochs": float(trial.epochs),
-    }
-    metrics = {k: float(v) for k, v in metrics.items() if v is not None}
-    # SummaryWriter.add_hparams would also leave an empty event file in LOG_DIR per call.
-    with SummaryWriter(str(log_dir / trial.label)) as writer:
-        for summary in hparams(values, metrics, domains):
-            writer.file_writer.add_summary(summary)
-        for key, value in metrics.items():
-            writer.add_scalar(key, value)
-
-
-def parameter_importances(study: optuna.Study) -> dict[str, float] | None:
-    """fANOVA importances of the parameters that varied among the finished trials, or
-    ``None`` with fewer than two finished trials or no parameter that varied."""
-    import warnings
-
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if len(complete) < 2:
-        return None
-    varied = [
-        name
-        for name in complete[0].params
-        if len({repr(trial.params.get(name)) for trial in complete}) > 1
-    ]
-    if not varied:
-        return None
-    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Optuna's notes on its evaluators, not for users.
-            importances = optuna.importance.get_param_importances(
-                study, evaluator=evaluator, params=varied
-            )
-        return {name: float(value) for name, value in importances.items()}
-    except (ValueError, RuntimeError) as error:
-        logger.info("no parameter importances: %s", error)
-        return None
-
-
-class TrialReporter:
-    """Passes each trial of the study that ends from now on to ``on_trial`` once, whichever
-    process ran it (trials that had ended before, in an earlier run, are not repeated)."""
-
-    def __init__(
-        self, on_trial: Callable[[TrialSummary], None] | None, run_dir: Path, study: optuna.Study
-    ) -> None:
-        self.on_trial, self.run_dir = on_trial, run_dir
-        self.reported = {t.number for t in study.get_trials(deepcopy=False, states=ENDED)}
-
-    def report_new(self, study: optuna.Study, current: FrozenTrial | None = None) -> None:
-        """Report the trials that ended since the last call (``current`` even if it failed)."""
-        if self.on_trial is None:
-            return
-        ended = {t.number: t for t in study.get_trials(deepcopy=False, states=ENDED)}
-        if current is not None:
-            ended[current.number] = current
-        for number in sorted(set(ended) - self.reported):
-            self.reported.add(number)
-            self.on_trial(summarize_trial(ended[number], self.run_dir))
-
-
 def _optimize(
     study: optuna.Study,
     runner: TrialRunner,
@@ -757,7 +633,7 @@ def _run_search(
             _join_workers(workers)
     except (TrainingInterrupted, KeyboardInterrupt):
         _stop_workers(workers)  # A kill reaches this process alone: stop the workers too.
-        _write_outputs(study, space, run_dir)  # The tables and figures of the trials so far.
+        write_outputs(study, space, run_dir)  # The tables and figures of the trials so far.
         raise
     except BaseException:
         # Any other error ends the search now, not once the workers have run the budget.
@@ -766,7 +642,7 @@ def _run_search(
     finally:
         torch.set_num_threads(threads)
     reporter.report_new(study)  # Trials the other processes finished last.
-    trials, files = _write_outputs(study, space, run_dir)
+    trials, files = write_outputs(study, space, run_dir)
     counts = {state: sum(t.state == state for t in trials) for state in TRIAL_STATES.values()}
     # A trial that was interrupted or lost with its process and queued again is not a failure
     # of its settings: it is counted apart, and its rerun is counted like any other trial.
@@ -780,180 +656,6 @@ def _run_search(
     return SearchResult(
         run_dir, url, name, trials, counts, files, retrained, time.perf_counter() - start
     )
-
-
-def _write_outputs(
-    study: optuna.Study, space: SearchSpace, run_dir: Path
-) -> tuple[list[TrialSummary], dict[str, str]]:
-    """Write the results tables and figures of the trials so far; return them and the files."""
-    trials = collect_trials(study, run_dir)
-    parameter_names = [parameter.name for parameter in space.parameters]
-    files = write_results_tables(trials, parameter_names, run_dir)
-    importances = parameter_importances(study)
-    files.update(write_search_figures(trials, parameter_names, importances, run_dir))
-    return trials, files
-
-
-def check_model_options(space: SearchSpace, base: RunConfig) -> None:
-    """Refuse a space parameter that sets a model option no model of the search takes (a
-    typo such as ``widht``), before any data loads or any trial is recorded.
-
-    Raises:
-        ValueError: naming the parameter, the option and the options the model takes.
-    """
-    from cnnkit.models.registry import model_options
-
-    names = {base.model.name}
-    for parameter in space.parameters:
-        if parameter.target == "model.name":
-            names = {str(choice) for choice in parameter.choices or ()}
-    accepted = {option for name in names for option in model_options(name)}
-    targets = {parameter.target for parameter in space.parameters}
-    if base.model.options.get("members", 1) != 1 or "model.options.members" in targets:
-        raise ValueError(
-            "search trains one model a trial, not ensembles: drop members from the search, "
-            "then train the best trial's settings with --option members=N"
-        )
-    for parameter in space.parameters:
-        prefix, _, option = parameter.target.rpartition(".")
-        if prefix == "model.options" and option not in accepted:
-            models = ", ".join(sorted(names))
-            raise ValueError(
-                f"search parameter {parameter.name!r} sets model option {option!r}, which "
-                f"{models} does not take (options: {', '.join(sorted(accepted))})"
-            )
-
-
-def check_parameter_values(space: SearchSpace, base: RunConfig) -> None:
-    """Refuse a parameter value the run settings would refuse (``width: [abc]``, a learning
-    rate below 0), one parameter at a time, before any trial starts: a trial would fail on it.
-
-    Raises:
-        ValueError: naming the parameter, the value and the problem.
-    """
-    from cnnkit.models.registry import check_options
-
-    models = [parameter for parameter in space.parameters if parameter.target == "model.name"]
-    # A value is valid when some model of the search takes it.
-    with_models = [{}] if not models else [{models[0].name: name} for name in models[0].choices]
-    for parameter in space.parameters:
-        values = parameter.choices if parameter.type == "categorical" else (parameter.low,)
-        values = (*values, parameter.high) if parameter.type != "categorical" else values
-        for value in values:
-            errors = []
-            for model in with_models:
-                params = {**model, parameter.name: value}
-                try:
-                    config = build_trial_config(base, space, params, base.run_dir())
-                    check_options(config.model.name, config.model.options)
-                except ValueError as error:
-                    errors.append(error)
-            if len(errors) == len(with_models):
-                raise ValueError(
-                    f"search parameter {parameter.name!r}: {value!r} for {parameter.target} is "
-                    f"not a valid setting ({errors[0]})"
-                )
-
-
-# Base-config fields that say where a search runs, not what it compares: they may change.
-WHERE_IT_RUNS = ("out", "train.device")
-
-
-def check_same_search(
-    run_dir: Path, base: RunConfig, space: SearchSpace, config: SearchConfig
-) -> str | None:
-    """Refuse to continue the search in ``run_dir`` with another space, sampler, pruner, base
-    config, study name or storage: its trials would be ranked against trials of a different
-    search, or a second study's trials would write over the first's trial folders.
-
-    Returns:
-        The study name ``RUN_DIR/search.yaml`` records (None for a new search), which a
-        search continued without ``--study-name`` goes on with: also after the folder, whose
-        name is the default, was renamed.
-
-    Raises:
-        ValueError: naming what differs from ``RUN_DIR/search.yaml``.
-    """
-    import yaml
-
-    path = run_dir / SEARCH_SETTINGS
-    if not path.is_file():
-        if (run_dir / RUN_INFO).is_file():
-            raise ValueError(f"{run_dir} holds a training run, not a search: pass another --out")
-        return None
-    try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise ValueError(f"{path}: unreadable ({error_line(error)})") from error
-    if not isinstance(saved, dict):
-        raise ValueError(f"{path}: unreadable (not a mapping of settings)")
-    # The settings this search would write, compared as written (tuples become lists).
-    now = yaml.safe_load(yaml.safe_dump(search_settings(base, space, config)))
-    saved_search = saved.get("search") or {}
-    pairs = {
-        "space": (now["space"], saved.get("space")),
-        "sampler": (now["search"]["sampler"], saved_search.get("sampler")),
-        "pruner": (now["search"]["pruner"], saved_search.get("pruner")),
-        # None: the flag was left out, which continues with the recorded one.
-        "study name": (config.study_name or saved.get("study_name"), saved.get("study_name")),
-        "storage": (config.storage or saved.get("storage"), saved.get("storage")),
-    }
-    differs = [what for what, (current, before) in pairs.items() if current != before]
-    changed = _changed_keys(_compared(now["base_config"]), _compared(saved.get("base_config")))
-    if changed:
-        differs.append(f"base config ({', '.join(changed)})")
-    if differs:
-        raise ValueError(
-            f"{run_dir} holds a search with another {' and '.join(differs)}; continue it with "
-            "the same settings, or pass another --out"
-        )
-    return saved.get("study_name")
-
-
-def _compared(base_config: Any) -> dict:
-    """A recorded base config without the fields of :data:`WHERE_IT_RUNS`."""
-    compared = copy.deepcopy(base_config) if isinstance(base_config, dict) else {}
-    for dotted in WHERE_IT_RUNS:
-        *sections, name = dotted.split(".")
-        node = compared
-        for section in sections:
-            node = node.get(section) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(name, None)
-    return compared
-
-
-def _changed_keys(now: Any, before: Any, prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two nested mappings."""
-    if isinstance(now, dict) and isinstance(before, dict):
-        changed = []
-        for key in sorted(set(now) | set(before), key=str):
-            dotted = f"{prefix}.{key}" if prefix else str(key)
-            changed += _changed_keys(now.get(key), before.get(key), dotted)
-        return changed
-    return [] if now == before else [prefix or "all of it"]
-
-
-def search_settings(base: RunConfig, space: SearchSpace, config: SearchConfig) -> dict:
-    """What ``RUN_DIR/search.yaml`` records of a search, besides its study's name and storage."""
-    return {
-        "search": dict(vars(config)),
-        "space": space.to_dict(),
-        "base_config": config_to_dict(base),
-    }
-
-
-def write_search_settings(
-    run_dir: Path, base: RunConfig, space: SearchSpace, config: SearchConfig, name: str, url: str
-) -> None:
-    """``RUN_DIR/search.yaml``: the space, the search settings and the base config."""
-    import yaml
-
-    from cnnkit.atomic import write_atomically
-
-    settings = {"study_name": name, "storage": url, **search_settings(base, space, config)}
-    text = yaml.safe_dump(settings, sort_keys=False)
-    write_atomically(run_dir / SEARCH_SETTINGS, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def retrain_best(

@@ -31,7 +31,16 @@ from typing import Any
 
 import yaml
 
-from cnnkit.config import SECTIONS, AugmentConfig, TrainConfig, is_number, yaml_error_text
+from cnnkit.config import (
+    SECTIONS,
+    AugmentConfig,
+    RunConfig,
+    TrainConfig,
+    build_run_config,
+    config_to_dict,
+    is_number,
+    yaml_error_text,
+)
 
 PARAMETER_TYPES = ("int", "float", "categorical")
 _SPEC_KEYS = {"type", "low", "high", "log", "step", "choices", "target"}
@@ -187,6 +196,13 @@ def overrides_for(space: SearchSpace, params: dict[str, Any]) -> dict[str, Any]:
             node = node.setdefault(key, {})
         node[leaf] = params[parameter.name]
     return overrides
+
+
+def build_trial_config(
+    base: RunConfig, space: SearchSpace, params: dict[str, Any], out: Path
+) -> RunConfig:
+    """The base config with one trial's parameters applied and its own run folder."""
+    return build_run_config(config_to_dict(base), overrides_for(space, params), {"out": str(out)})
 
 
 def parse_space(data: dict[str, Any], name: str) -> SearchSpace:

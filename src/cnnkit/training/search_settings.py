@@ -1,0 +1,178 @@
+"""Checks a search makes before any trial runs, and its settings file ``RUN_DIR/search.yaml``
+that a continued search is compared with."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cnnkit.config import RunConfig, config_to_dict
+from cnnkit.errors import error_line
+from cnnkit.paths import RUN_INFO, SEARCH_SETTINGS
+from cnnkit.training.spaces import SearchSpace, build_trial_config
+
+if TYPE_CHECKING:
+    from cnnkit.training.search import SearchConfig
+
+
+def check_model_options(space: SearchSpace, base: RunConfig) -> None:
+    """Refuse a space parameter that sets a model option no model of the search takes (a
+    typo such as ``widht``), before any data loads or any trial is recorded.
+
+    Raises:
+        ValueError: naming the parameter, the option and the options the model takes.
+    """
+    from cnnkit.models.registry import model_options
+
+    names = {base.model.name}
+    for parameter in space.parameters:
+        if parameter.target == "model.name":
+            names = {str(choice) for choice in parameter.choices or ()}
+    accepted = {option for name in names for option in model_options(name)}
+    targets = {parameter.target for parameter in space.parameters}
+    if base.model.options.get("members", 1) != 1 or "model.options.members" in targets:
+        raise ValueError(
+            "search trains one model a trial, not ensembles: drop members from the search, "
+            "then train the best trial's settings with --option members=N"
+        )
+    for parameter in space.parameters:
+        prefix, _, option = parameter.target.rpartition(".")
+        if prefix == "model.options" and option not in accepted:
+            models = ", ".join(sorted(names))
+            raise ValueError(
+                f"search parameter {parameter.name!r} sets model option {option!r}, which "
+                f"{models} does not take (options: {', '.join(sorted(accepted))})"
+            )
+
+
+def check_parameter_values(space: SearchSpace, base: RunConfig) -> None:
+    """Refuse a parameter value the run settings would refuse (``width: [abc]``, a learning
+    rate below 0), one parameter at a time, before any trial starts: a trial would fail on it.
+
+    Raises:
+        ValueError: naming the parameter, the value and the problem.
+    """
+    from cnnkit.models.registry import check_options
+
+    models = [parameter for parameter in space.parameters if parameter.target == "model.name"]
+    # A value is valid when some model of the search takes it.
+    with_models = [{}] if not models else [{models[0].name: name} for name in models[0].choices]
+    for parameter in space.parameters:
+        values = parameter.choices if parameter.type == "categorical" else (parameter.low,)
+        values = (*values, parameter.high) if parameter.type != "categorical" else values
+        for value in values:
+            errors = []
+            for model in with_models:
+                params = {**model, parameter.name: value}
+                try:
+                    config = build_trial_config(base, space, params, base.run_dir())
+                    check_options(config.model.name, config.model.options)
+                except ValueError as error:
+                    errors.append(error)
+            if len(errors) == len(with_models):
+                raise ValueError(
+                    f"search parameter {parameter.name!r}: {value!r} for {parameter.target} is "
+                    f"not a valid setting ({errors[0]})"
+                )
+
+
+# Base-config fields that say where a search runs, not what it compares: they may change.
+WHERE_IT_RUNS = ("out", "train.device")
+
+
+def check_same_search(
+    run_dir: Path, base: RunConfig, space: SearchSpace, config: SearchConfig
+) -> str | None:
+    """Refuse to continue the search in ``run_dir`` with another space, sampler, pruner, base
+    config, study name or storage: its trials would be ranked against trials of a different
+    search, or a second study's trials would write over the first's trial folders.
+
+    Returns:
+        The study name ``RUN_DIR/search.yaml`` records (None for a new search), which a
+        search continued without ``--study-name`` goes on with: also after the folder, whose
+        name is the default, was renamed.
+
+    Raises:
+        ValueError: naming what differs from ``RUN_DIR/search.yaml``.
+    """
+    import yaml
+
+    path = run_dir / SEARCH_SETTINGS
+    if not path.is_file():
+        if (run_dir / RUN_INFO).is_file():
+            raise ValueError(f"{run_dir} holds a training run, not a search: pass another --out")
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ValueError(f"{path}: unreadable ({error_line(error)})") from error
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: unreadable (not a mapping of settings)")
+    # The settings this search would write, compared as written (tuples become lists).
+    now = yaml.safe_load(yaml.safe_dump(search_settings(base, space, config)))
+    saved_search = saved.get("search") or {}
+    pairs = {
+        "space": (now["space"], saved.get("space")),
+        "sampler": (now["search"]["sampler"], saved_search.get("sampler")),
+        "pruner": (now["search"]["pruner"], saved_search.get("pruner")),
+        # None: the flag was left out, which continues with the recorded one.
+        "study name": (config.study_name or saved.get("study_name"), saved.get("study_name")),
+        "storage": (config.storage or saved.get("storage"), saved.get("storage")),
+    }
+    differs = [what for what, (current, before) in pairs.items() if current != before]
+    changed = _changed_keys(_compared(now["base_config"]), _compared(saved.get("base_config")))
+    if changed:
+        differs.append(f"base config ({', '.join(changed)})")
+    if differs:
+        raise ValueError(
+            f"{run_dir} holds a search with another {' and '.join(differs)}; continue it with "
+            "the same settings, or pass another --out"
+        )
+    return saved.get("study_name")
+
+
+def _compared(base_config: Any) -> dict:
+    """A recorded base config without the fields of :data:`WHERE_IT_RUNS`."""
+    compared = copy.deepcopy(base_config) if isinstance(base_config, dict) else {}
+    for dotted in WHERE_IT_RUNS:
+        *sections, name = dotted.split(".")
+        node = compared
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(name, None)
+    return compared
+
+
+def _changed_keys(now: Any, before: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested mappings."""
+    if isinstance(now, dict) and isinstance(before, dict):
+        changed = []
+        for key in sorted(set(now) | set(before), key=str):
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            changed += _changed_keys(now.get(key), before.get(key), dotted)
+        return changed
+    return [] if now == before else [prefix or "all of it"]
+
+
+def search_settings(base: RunConfig, space: SearchSpace, config: SearchConfig) -> dict:
+    """What ``RUN_DIR/search.yaml`` records of a search, besides its study's name and storage."""
+    return {
+        "search": dict(vars(config)),
+        "space": space.to_dict(),
+        "base_config": config_to_dict(base),
+    }
+
+
+def write_search_settings(
+    run_dir: Path, base: RunConfig, space: SearchSpace, config: SearchConfig, name: str, url: str
+) -> None:
+    """``RUN_DIR/search.yaml``: the space, the search settings and the base config."""
+    import yaml
+
+    from cnnkit.atomic import write_atomically
+
+    settings = {"study_name": name, "storage": url, **search_settings(base, space, config)}
+    text = yaml.safe_dump(settings, sort_keys=False)
+    write_atomically(run_dir / SEARCH_SETTINGS, lambda p: p.write_text(text, encoding="utf-8"))
