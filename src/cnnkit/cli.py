@@ -282,6 +282,16 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _file_text(file_layer: dict, dotted: str, path: str | None) -> str | None:
+    """A text setting of the --config file (``model.name``) that picks the preset, checked
+    before the preset is chosen with it: a list there would fail as "unhashable"."""
+    section, key = dotted.split(".")
+    value = (file_layer.get(section) or {}).get(key)
+    if value is not None and not isinstance(value, str | os.PathLike):
+        raise CommandError(f"{path}: {dotted} must be text; got {value!r}")
+    return value
+
+
 def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
     """defaults < preset < --config file < flags.
 
@@ -291,13 +301,13 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
     from cnnkit.config import PRESETS, build_run_config, load_config_file, preset_for
 
     file_layer = load_config_file(args.config) if args.config else {}
-    dataset = args.dataset or (file_layer.get("data") or {}).get("dataset")
+    dataset = args.dataset or _file_text(file_layer, "data.dataset", args.config)
     if dataset is None:
         raise CommandError("--dataset is required (or data.dataset in the --config file)")
     args.dataset = dataset  # Default folder names use it.
-    model_name = args.model or (file_layer.get("model") or {}).get("name")
+    model_name = args.model or _file_text(file_layer, "model.name", args.config)
     preset = args.preset
-    data = args.data or (file_layer.get("data") or {}).get("data")
+    data = args.data or _file_text(file_layer, "data.data", args.config)
     options_given = bool(
         args.option
         # Every model takes a dropout, so --dropout alone says nothing about which network.
@@ -1172,7 +1182,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nInterrupted.", file=sys.stderr)
         return 130
-    except (CommandError, ValueError, OSError, TypeError, ImportError) as error:
+    except (CommandError, ValueError, OSError, ImportError) as error:
         if args.verbose and not isinstance(error, CommandError):
             raise  # -v: the whole traceback, for a bug report.
         message = str(error).splitlines()

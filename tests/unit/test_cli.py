@@ -198,6 +198,13 @@ def test_config_file_errors_exit_2(capsys, tmp_path: Path) -> None:
     assert main(["train", "--config", str(path), "--print-config"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "section 'model' must be a mapping of fields" in error[0]
+    # The settings that pick the preset are checked before they are used to pick it.
+    path.write_text("model: {name: [efficientnet_lite0]}\n", encoding="utf-8")
+    assert main(["train", "--dataset", "digits", "--config", str(path), "--print-config"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [
+        f"cnnkit train: error: {path}: model.name must be text; got ['efficientnet_lite0']"
+    ]
 
 
 def test_config_file_settings_errors_name_the_file(capsys, tmp_path: Path) -> None:
