@@ -675,7 +675,8 @@ def retrain_best(
     best = study.best_trial
     out = base.run_dir() / "best"
     config = build_trial_config(base, space, best.params, out)
-    loaded = runner.data_for(config)
+    with INTERRUPTS.interruptible():  # Ctrl-C while the data loads stops at once too.
+        loaded = runner.data_for(config)
     splits = loaded.splits
     train = concatenate(splits.train, splits.val) if splits.val is not None else splits.train
     merged = DataSplits(
