@@ -16,8 +16,10 @@ from PIL import Image, ImageOps
 
 from cnnkit.config import Preprocessing
 from cnnkit.data.image import (
+    MAX_IMAGE_PIXELS,
     BadImageError,
     decode_image,
+    open_image,
     prepare_bytes,
     prepare_image,
     read_image_file,
@@ -83,12 +85,34 @@ def test_random_bytes_are_not_an_image() -> None:
     assert " at 0x" not in str(raised.value)  # No Python object address in the message.
 
 
-@pytest.mark.parametrize("side", [9_000, 20_000])
+@pytest.mark.parametrize("side", [9_000, 20_000, 30_000])
 def test_decompression_bombs_are_refused_before_decoding(side: int) -> None:
     data = _png_header_only(side, side)
     assert len(data) < 200
     with pytest.raises(BadImageError, match=r"bomb\.png: .*(too large|decompression bomb)"):
         decode_image(data, "bomb.png")
+
+
+@pytest.mark.parametrize(
+    "side, described",
+    [(9_000, "81,000,000 pixels, 9000x9000"), (30_000, "900,000,000 pixels")],
+    ids=["81MP", "900MP"],
+)
+def test_decompression_bombs_are_told_the_one_pixel_limit(side: int, described: str) -> None:
+    """Pillow warns above its limit but refuses only at twice it, each naming its own number."""
+    with pytest.raises(BadImageError) as raised:
+        decode_image(_png_header_only(side, side), "bomb.png")
+    assert str(raised.value) == (
+        f"bomb.png: image too large ({described}); "
+        f"images of up to {MAX_IMAGE_PIXELS:,} pixels are accepted"
+    )
+
+
+def test_open_image_reads_the_size_without_decoding() -> None:
+    image = open_image(_png_header_only(7_000, 9_000), "header.png")
+    assert image.size == (7_000, 9_000)
+    with pytest.raises(BadImageError, match="header.png: empty file"):
+        open_image(b"", "header.png")
 
 
 def test_read_image_file_names_the_path(tmp_path: Path) -> None:
