@@ -146,7 +146,26 @@ def test_prepare_bytes_names_the_source() -> None:
 # ----------------------------------------------------------------------------- conversion
 
 
-@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "I", "F"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "1",
+        "L",
+        "LA",
+        "La",
+        "P",
+        "PA",
+        "RGB",
+        "RGBA",
+        "RGBa",
+        "CMYK",
+        "LAB",
+        "YCbCr",
+        "HSV",
+        "I",
+        "F",
+    ],
+)
 @pytest.mark.parametrize("preprocessing", [SYMBOL_GRAY, SYMBOL_RGB, PHOTO])
 def test_any_mode_becomes_the_stored_shape(mode: str, preprocessing: Preprocessing) -> None:
     image = _noise((13, 7)).convert(mode)
@@ -175,6 +194,23 @@ def test_alpha_is_composited_on_white(alpha: int, expected: int) -> None:
     assert abs(int(gray[0, 0, 0]) - expected) <= 1
     la = Image.new("LA", (8, 8), (0, alpha))
     assert abs(int(prepare_image(la, SYMBOL_RGB)[0, 0, 1]) - expected) <= 1
+
+
+def test_premultiplied_alpha_is_composited_on_white() -> None:
+    # Pillow converts "La" only to "LA"; other conversions raised a bare ValueError.
+    clear, opaque = Image.new("La", (8, 8), (0, 0)), Image.new("La", (8, 8), (0, 255))
+    assert (prepare_image(clear, SYMBOL_GRAY) == 255).all()
+    assert (prepare_image(opaque, PHOTO) == 0).all()
+    assert (prepare_image(Image.new("RGBa", (8, 8), (0, 0, 0, 0)), SYMBOL_GRAY) == 255).all()
+
+
+def test_a_mode_pillow_cannot_convert_is_a_bad_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    def convert(image: Image.Image, mode: str | None = None, *args, **kwargs) -> Image.Image:
+        raise ValueError(f"conversion from {image.mode} to {mode} not supported")
+
+    monkeypatch.setattr(Image.Image, "convert", convert)
+    with pytest.raises(BadImageError, match="unsupported image mode 'CMYK' .*not supported"):
+        prepare_image(Image.new("CMYK", (8, 8)), SYMBOL_GRAY)
 
 
 def test_palette_transparency_is_white() -> None:
@@ -225,7 +261,9 @@ def test_photo_mode_applies_the_exif_rotation() -> None:
 @given(
     width=st.integers(1, 90),
     height=st.integers(1, 90),
-    mode=st.sampled_from(["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F"]),
+    mode=st.sampled_from(
+        ["1", "L", "LA", "La", "P", "RGB", "RGBA", "CMYK", "LAB", "I;16", "I", "F"]
+    ),
     preprocessing=st.sampled_from([SYMBOL_GRAY, SYMBOL_RGB, PHOTO]),
 )
 def test_prepare_image_property(width, height, mode, preprocessing) -> None:

@@ -161,9 +161,22 @@ def array_to_image(array: np.ndarray, name: str = "array") -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array))
 
 
+def convert_image(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` in 8-bit ``mode`` (``"L"`` or ``"RGB"``), with any transparency composited onto
+    white and 16-bit or other deep pixels scaled to 0-255 rather than clipped.
+
+    Raises:
+        BadImageError: for a mode Pillow cannot convert.
+    """
+    try:
+        return _flatten_onto_white(image).convert(mode)
+    except ValueError as error:  # Pillow: "conversion from X to Y not supported".
+        raise BadImageError(f"unsupported image mode {image.mode!r} ({error})") from error
+
+
 def _flatten_onto_white(image: Image.Image) -> Image.Image:
     """Return an RGB or L image, compositing any transparency onto a white background."""
-    if image.mode in ("I;16", "I;16B", "I;16L"):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return Image.fromarray(_to_uint8(np.asarray(image), 65535.0), mode="L")
     if image.mode == "I":
         # 32-bit integers have no fixed range: 0-255 where they fit, else 0-65535.
@@ -175,7 +188,10 @@ def _flatten_onto_white(image: Image.Image) -> Image.Image:
         scale = 255.0 if array.min() >= 0 and array.max() <= 1 else 1.0
         array = np.clip(array * scale, 0, 255)
         return Image.fromarray(array.round().astype(np.uint8), mode="L")
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (
+    if image.mode == "La":
+        # Premultiplied alpha: Pillow converts "La" to "LA" only.
+        image = image.convert("LA")
+    has_alpha = image.mode in ("RGBA", "RGBa", "LA", "PA") or (
         image.mode == "P" and "transparency" in image.info
     )
     if has_alpha:
@@ -227,8 +243,7 @@ def prepare_image(image: Image.Image, preprocessing: Preprocessing) -> np.ndarra
         raise BadImageError(f"empty image ({image.width}x{image.height} pixels)")
     if preprocessing.mode == "photo":
         image = ImageOps.exif_transpose(image)
-    image = _flatten_onto_white(image)
-    image = image.convert("L" if preprocessing.channels == 1 else "RGB")
+    image = convert_image(image, "L" if preprocessing.channels == 1 else "RGB")
     if preprocessing.mode == "symbol":
         if image.size != (size, size):
             image = image.resize((size, size), Image.Resampling.BILINEAR)
