@@ -23,9 +23,10 @@ from cnnkit.config import Preprocessing
 from cnnkit.inference.artifact import ModelMetadata, save_model
 from cnnkit.inference.predictor import Predictor
 from cnnkit.models.registry import create_model
+from cnnkit.web import prediction
 from cnnkit.web.app import create_app, is_loopback, load_predictor, optimize_for_serving, serve
 from cnnkit.web.batching import MicroBatcher
-from cnnkit.web.drawing import canvas_to_symbol, estimate_stroke_width
+from cnnkit.web.drawing import canvas_to_symbol, estimate_stroke_width, ink_mask
 from cnnkit.web.limits import InFlightLimitMiddleware
 from cnnkit.web.render import MAX_LATEX_LENGTH, render_latex_svg
 from cnnkit.web.schema import ErrorAnswer, PredictAnswer
@@ -258,6 +259,30 @@ def test_canvas_source_turns_the_drawing_into_a_training_symbol(
     assert response.status_code == 200
     expected = [p.to_dict() for p in predictor.predict([canvas_to_symbol(drawing)])[0]]
     assert as_pairs(response.json()["predictions"]) == as_pairs(expected)
+
+
+def test_a_lab_drawing_is_read_like_an_upload(client: TestClient, predictor: Predictor) -> None:
+    ink = canvas_drawing().getchannel("A").point(lambda alpha: 255 - alpha)
+    neutral = Image.new("L", ink.size, 128)
+    lab = Image.merge("LAB", (ink, neutral, neutral))
+    buffer = io.BytesIO()
+    lab.save(buffer, "TIFF", compression="tiff_deflate")
+    response = post_file(client, buffer.getvalue(), source="canvas")
+    assert response.status_code == 200, response.text
+    expected = [p.to_dict() for p in predictor.predict([canvas_to_symbol(ink)])[0]]
+    assert as_pairs(response.json()["predictions"]) == as_pairs(expected)
+
+
+def test_image_errors_on_the_canvas_path_get_a_400(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unconvertible(image: Image.Image) -> Image.Image:
+        raise ValueError("conversion from XYZ to L not supported")
+
+    monkeypatch.setattr(prediction, "canvas_to_symbol", unconvertible)
+    response = post_file(client, png_bytes(canvas_drawing()), source="canvas")
+    assert response.status_code == 400
+    assert "conversion from XYZ to L not supported" in response.json()["error"]
 
 
 def test_top_k_is_clamped_and_validated(client: TestClient) -> None:
@@ -584,6 +609,17 @@ def test_canvas_to_symbol_blank_and_dot() -> None:
     ImageDraw.Draw(canvas).ellipse((140, 140, 152, 152), fill=0)
     longer, shorter, _ = ink_statistics(canvas_to_symbol(canvas))
     assert longer <= 6 and shorter >= 4
+
+
+def test_sixteen_bit_drawings_keep_their_ink() -> None:
+    """Grey ink (20000 of 65535) on a 16-bit white canvas: clipping to 8 bits lost it all."""
+    drawing = canvas_drawing()
+    ink = np.asarray(drawing.getchannel("A")) > 127
+    deep = Image.fromarray(np.where(ink, 20_000, 65_535).astype(np.uint16))
+    decoded = Image.open(io.BytesIO(png_bytes(deep)))
+    assert decoded.mode.startswith("I")
+    assert np.array_equal(ink_mask(decoded), ink)
+    assert canvas_to_symbol(decoded) == canvas_to_symbol(drawing)
 
 
 # ----- Batching, serving options, host check -----

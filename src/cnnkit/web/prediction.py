@@ -51,11 +51,13 @@ class PredictionService:
         """
         try:
             image = decode_image(image_request.data, "uploaded file")
+            if image_request.source == "canvas" and self.predictor.metadata.kind == "symbols":
+                image = canvas_to_symbol(image)
+            return prepare_image(image, self.predictor.metadata.preprocessing)
         except BadImageError as error:
             raise HTTPException(400, str(error)) from None
-        if image_request.source == "canvas" and self.predictor.metadata.kind == "symbols":
-            image = canvas_to_symbol(image)
-        return prepare_image(image, self.predictor.metadata.preprocessing)
+        except ValueError as error:  # Pillow's own, for an image it decoded but cannot convert.
+            raise HTTPException(400, f"uploaded file: cannot use this image ({error})") from None
 
     async def predict(self, image_request: ImageRequest) -> list[Prediction]:
         """The ``top_k`` predictions for one request, best first."""
