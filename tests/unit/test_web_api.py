@@ -285,6 +285,28 @@ def test_image_errors_on_the_canvas_path_get_a_400(
     assert "conversion from XYZ to L not supported" in response.json()["error"]
 
 
+def test_images_large_in_pixels_are_decoded_outside_the_batch_thread(
+    predictor: Predictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 2000x2000 one-bit PNG is a few kB; decoding it must not hold up the batch."""
+    decoded_in: dict[tuple[int, int], str] = {}
+    prepare = prediction.PredictionService.prepare
+
+    def recording_prepare(service, image_request):
+        size = Image.open(io.BytesIO(image_request.data)).size
+        decoded_in[size] = threading.current_thread().name
+        return prepare(service, image_request)
+
+    monkeypatch.setattr(prediction.PredictionService, "prepare", recording_prepare)
+    large = png_bytes(Image.new("1", (2000, 2000), 1))
+    assert len(large) < 64 * 1024
+    with TestClient(create_app(predictor)) as test_client:
+        for data in (large, png_bytes(symbol_image(0))):
+            assert post_file(test_client, data).status_code == 200
+    assert not decoded_in[(2000, 2000)].startswith("cnnkit-batch")
+    assert decoded_in[(32, 32)].startswith("cnnkit-batch")  # Small ones save the thread hop.
+
+
 def test_top_k_is_clamped_and_validated(client: TestClient) -> None:
     data = png_bytes(symbol_image(3))
     assert len(post_file(client, data, top_k="100").json()["predictions"]) == len(SYMBOL_CLASSES)
