@@ -512,6 +512,26 @@ def test_malformed_requests_get_json_errors(
     assert response.json()["error"]
 
 
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"image": "aGk=", "top_k": ' + b"7" * 5000 + b"}", "a number has too many digits"),
+        (b'{"image": "\xff"}', ""),
+    ],
+    ids=["deeply-nested", "huge-number", "not-utf8"],
+)
+def test_json_that_python_cannot_read_gets_a_400(
+    client: TestClient, body: bytes, reason: str
+) -> None:
+    response = client.post(
+        "/api/predict", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("the request body is not valid JSON")
+    assert reason in response.json()["error"]
+
+
 def test_multipart_without_a_file_field(client: TestClient) -> None:
     response = client.post("/api/predict", data={"source": "canvas"}, files={"other": ("a", b"x")})
     assert response.status_code == 400

@@ -254,6 +254,12 @@ async def _read_json(request: Request, max_upload_bytes: int) -> ImageRequest:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise HTTPException(400, "the request body is not valid JSON") from None
+    except RecursionError:
+        raise HTTPException(400, "the request body is not valid JSON: nested too deeply") from None
+    except ValueError:  # Python refuses to read integers of over 4,300 digits.
+        raise HTTPException(
+            400, "the request body is not valid JSON: a number has too many digits"
+        ) from None
     if not isinstance(payload, dict) or "image" not in payload:
         raise HTTPException(400, "the JSON body must be an object with an 'image' field")
     return ImageRequest(
