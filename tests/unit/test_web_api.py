@@ -10,9 +10,12 @@ import re
 import socket
 import struct
 import threading
+import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -24,7 +27,14 @@ from cnnkit.inference.artifact import ModelMetadata, save_model
 from cnnkit.inference.predictor import Predictor
 from cnnkit.models.registry import create_model
 from cnnkit.web import prediction
-from cnnkit.web.app import create_app, is_loopback, load_predictor, optimize_for_serving, serve
+from cnnkit.web.app import (
+    MAX_CONCURRENT_REQUESTS,
+    create_app,
+    is_loopback,
+    load_predictor,
+    optimize_for_serving,
+    serve,
+)
 from cnnkit.web.batching import MicroBatcher
 from cnnkit.web.drawing import canvas_to_symbol, estimate_stroke_width, ink_mask
 from cnnkit.web.limits import InFlightLimitMiddleware
@@ -37,6 +47,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 SYMBOL_CLASSES = (r"\alpha", r"\beta", r"\sum", "A", r"\male", r"\mathds{R}", "7")
 XML_NAMESPACE = re.compile(r'xmlns(:\w+)?="[^"]*"')
 BIRD_CLASSES = ("001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross")
+# The live server's body timeout: long enough to fill its in-flight places with stalled uploads
+# first, short enough to keep the tests quick.
+LIVE_BODY_TIMEOUT_SECONDS = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +80,64 @@ def predictor(symbol_model_path: Path) -> Predictor:
 def client(predictor: Predictor):
     with TestClient(create_app(predictor, max_upload_bytes=200_000)) as test_client:
         yield test_client
+
+
+@pytest.fixture(scope="module")
+def live_url(predictor: Predictor) -> Iterator[str]:
+    """The app served by uvicorn on a real loopback socket, for what TestClient cannot show
+    (stalled bodies, connection resets)."""
+    import uvicorn
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    app = create_app(
+        predictor, max_upload_bytes=200_000, body_timeout_seconds=LIVE_BODY_TIMEOUT_SECONDS
+    )
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started, "the live test server did not start"
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    listener.close()
+
+
+def raw_request(url: str, head: str, body: bytes = b"") -> socket.socket:
+    """A socket to the live server that has sent ``head`` (request line and headers) and
+    ``body``, and no more."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = socket.create_connection((host, int(port)), timeout=10)
+    connection.sendall(head.replace("\n", "\r\n").encode() + b"\r\n\r\n" + body)
+    return connection
+
+
+def read_answer(connection: socket.socket) -> tuple[int, dict]:
+    """The status and JSON body of the answer on ``connection`` (which the server closes)."""
+    answer = b""
+    while chunk := connection.recv(65536):
+        answer += chunk
+    connection.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+async def call_asgi(application, method: str = "GET", path: str = "/") -> tuple[int, dict, bytes]:
+    """Call an ASGI app with an empty request; its status, headers and body."""
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "headers": []}
+    await application(scope, receive, send)
+    return sent[0]["status"], dict(sent[0]["headers"]), sent[1]["body"]
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -418,25 +489,13 @@ def test_requests_over_the_in_flight_limit_get_503_and_the_count_recovers() -> N
 
     middleware = InFlightLimitMiddleware(application, limit=2)
 
-    async def call() -> tuple[int, dict[bytes, bytes], bytes]:
-        sent: list[dict] = []
-
-        async def receive():
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message) -> None:
-            sent.append(message)
-
-        await middleware({"type": "http", "headers": []}, receive, send)
-        return sent[0]["status"], dict(sent[0]["headers"]), sent[1]["body"]
-
     async def scenario():
-        held = [asyncio.create_task(call()) for _ in range(2)]
+        held = [asyncio.create_task(call_asgi(middleware)) for _ in range(2)]
         while started < 2:
             await asyncio.sleep(0)
-        refused = await call()
+        refused = await call_asgi(middleware)
         release.set()
-        return refused, await asyncio.gather(*held), await call()
+        return refused, await asyncio.gather(*held), await call_asgi(middleware)
 
     refused, held, later = asyncio.run(scenario())
     assert refused[0] == 503 and refused[1][b"retry-after"] == b"1"
@@ -445,6 +504,71 @@ def test_requests_over_the_in_flight_limit_get_503_and_the_count_recovers() -> N
     assert middleware.in_flight == 0
     with pytest.raises(ValueError, match="limit must be >= 1"):
         InFlightLimitMiddleware(application, limit=0)
+
+
+def test_health_checks_pass_the_in_flight_limit() -> None:
+    release = asyncio.Event()
+
+    async def application(scope, receive, send) -> None:
+        if scope["path"] == "/slow":
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = InFlightLimitMiddleware(application, limit=1, exempt_paths=["/healthz"])
+
+    async def scenario():
+        held = asyncio.create_task(call_asgi(middleware, "POST", "/slow"))
+        while middleware.in_flight < 1:
+            await asyncio.sleep(0)
+        answers = [
+            await call_asgi(middleware, method, path)
+            for method, path in [("GET", "/healthz"), ("HEAD", "/healthz"), ("GET", "/")]
+        ]
+        release.set()
+        await held
+        return answers
+
+    statuses = [status for status, _, _ in asyncio.run(scenario())]
+    assert statuses == [200, 200, 503]
+    assert middleware.in_flight == 0
+
+
+def test_stalled_uploads_time_out_and_do_not_lock_out_health_checks(live_url: str) -> None:
+    """More stalled uploads than the in-flight limit: /healthz still answers, and every upload
+    gets a 408 after the body timeout, which frees the server for everyone."""
+    started = time.monotonic()
+    head = "POST /api/predict HTTP/1.1\nHost: test\nContent-Type: image/png\nContent-Length: 1000"
+    # Some send part of the body before they stall.
+    stalled = [
+        raw_request(live_url, head, b"\x89PNG" * index)
+        for index in range(MAX_CONCURRENT_REQUESTS + 2)
+    ]
+    try:
+        assert httpx.get(live_url + "/healthz", timeout=5).status_code == 200
+        assert httpx.get(live_url + "/api/model", timeout=5).status_code == 503
+        answers = [read_answer(connection) for connection in stalled]
+    finally:
+        for connection in stalled:
+            connection.close()
+    assert {status for status, _ in answers} <= {408, 503}
+    assert sum(status == 408 for status, _ in answers) == MAX_CONCURRENT_REQUESTS
+    assert time.monotonic() - started < LIVE_BODY_TIMEOUT_SECONDS + 5
+    assert httpx.get(live_url + "/api/model", timeout=5).status_code == 200
+
+
+def test_a_stalled_upload_gets_a_408(live_url: str) -> None:
+    connection = raw_request(
+        live_url,
+        "POST /api/predict HTTP/1.1\nHost: test\nContent-Type: image/png\nContent-Length: 1000",
+        b"\x89PNG",
+    )
+    status, body = read_answer(connection)
+    assert status == 408
+    assert body == {
+        "error": f"request timeout: no part of the request body arrived for "
+        f"{LIVE_BODY_TIMEOUT_SECONDS:g} seconds"
+    }
 
 
 def test_decoded_upload_over_the_limit_is_refused(predictor: Predictor) -> None:
@@ -552,9 +676,11 @@ def test_unexpected_errors_give_a_generic_500(symbol_model_path: Path) -> None:
         assert broken_client.get("/healthz").status_code == 200
 
 
-def test_create_app_validates_the_limit(predictor: Predictor) -> None:
+def test_create_app_validates_the_limits(predictor: Predictor) -> None:
     with pytest.raises(ValueError, match="max_upload_bytes"):
         create_app(predictor, max_upload_bytes=0)
+    with pytest.raises(ValueError, match="body_timeout_seconds"):
+        create_app(predictor, body_timeout_seconds=0)
 
 
 # ----- Multipart parsing -----

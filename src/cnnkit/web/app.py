@@ -31,12 +31,13 @@ from cnnkit.web.limits import InFlightLimitMiddleware
 from cnnkit.web.prediction import PredictionService
 from cnnkit.web.render import MAX_LATEX_LENGTH, render_latex_svg
 from cnnkit.web.schema import PREDICT_ERRORS, PREDICT_REQUEST, PredictAnswer
-from cnnkit.web.upload import BodySizeLimitMiddleware, read_image_request
+from cnnkit.web.upload import BODY_TIMEOUT_SECONDS, BodySizeLimitMiddleware, read_image_request
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_BYTES = 5_000_000
 MAX_CONCURRENT_REQUESTS = 128
+HEALTH_PATH = "/healthz"
 # The page loads nothing from other origins; FastAPI's /docs (Swagger UI from a CDN) is separate.
 _PAGE_POLICY = (
     "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
@@ -154,7 +155,7 @@ def _add_routes(app: FastAPI) -> None:
     # Routes go straight onto the app: an included router costs extra matching per request.
     app.add_api_route("/", index, methods=["GET"], include_in_schema=False)
     app.add_api_route("/static/{name}", static_file, methods=["GET"], include_in_schema=False)
-    app.add_api_route("/healthz", health, methods=["GET"], summary="Health check")
+    app.add_api_route(HEALTH_PATH, health, methods=["GET"], summary="Health check")
     app.add_api_route("/api/model", model_info, methods=["GET"], summary="Describe the model")
     app.add_api_route(
         "/api/render", render, methods=["GET"], summary="Render a LaTeX symbol as SVG"
@@ -198,21 +199,28 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unexpected_error)
 
 
-def create_app(predictor: Predictor, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> FastAPI:
+def create_app(
+    predictor: Predictor,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    body_timeout_seconds: float = BODY_TIMEOUT_SECONDS,
+) -> FastAPI:
     """Build the web app for one model.
 
     Args:
         predictor: the model to serve.
         max_upload_bytes: the largest image accepted; bigger requests get HTTP 413.
+        body_timeout_seconds: how long a request body may stall before HTTP 408.
 
     Returns:
         A FastAPI application (run it with uvicorn, or see :func:`serve`).
 
     Raises:
-        ValueError: if ``max_upload_bytes`` is not positive.
+        ValueError: if ``max_upload_bytes`` or ``body_timeout_seconds`` is not positive.
     """
     if max_upload_bytes < 1:
         raise ValueError(f"max_upload_bytes must be >= 1; got {max_upload_bytes}")
+    if not body_timeout_seconds > 0:
+        raise ValueError(f"body_timeout_seconds must be > 0; got {body_timeout_seconds}")
     service = PredictionService(predictor)
 
     @asynccontextmanager
@@ -236,8 +244,14 @@ def create_app(predictor: Predictor, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_
         service, max_upload_bytes, _model_summary(predictor), _load_assets()
     )
     _add_routes(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_upload_bytes=max_upload_bytes)
-    app.add_middleware(InFlightLimitMiddleware, limit=MAX_CONCURRENT_REQUESTS)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_upload_bytes=max_upload_bytes,
+        body_timeout_seconds=body_timeout_seconds,
+    )
+    app.add_middleware(
+        InFlightLimitMiddleware, limit=MAX_CONCURRENT_REQUESTS, exempt_paths=[HEALTH_PATH]
+    )
     _install_error_handlers(app)
     return app
 

@@ -1,8 +1,8 @@
 """Reading an image out of a prediction request: size limits, multipart, JSON base64, raw bytes.
 
 The size limit is enforced twice: a declared ``Content-Length`` over the limit is refused before
-any body is read, and the body is counted while it streams in, so a chunked or lying client
-cannot get past it either.
+any body is read, and the body is counted while it streams in, so a chunked or lying
+client cannot get past it either. A client that stops sending its body mid-way gets HTTP 408.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ _MULTIPART_OVERHEAD = 64 * 1024
 # connection, and the client can lose the 413. The drain is bounded in bytes (the upload limit)
 # and in time; past either bound the answer goes out anyway.
 _DRAIN_SECONDS = 5.0
+# A request whose body stops arriving for this long gets HTTP 408: until then it holds one of
+# the server's in-flight places (see cnnkit.web.limits).
+BODY_TIMEOUT_SECONDS = 15.0
 
 
 class RequestTooLargeError(HTTPException):
@@ -37,6 +40,17 @@ class RequestTooLargeError(HTTPException):
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"request too large: images of up to {limit:,} bytes are accepted")
+
+
+class BodyTimeoutError(HTTPException):
+    """A request body that stopped arriving (HTTP 408); the connection is closed."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            408,
+            f"request timeout: no part of the request body arrived for {seconds:g} seconds",
+            {"Connection": "close"},
+        )
 
 
 @dataclass(frozen=True)
@@ -64,16 +78,28 @@ def body_limit(content_type: str, max_upload_bytes: int) -> int:
 
 
 class BodySizeLimitMiddleware:
-    """ASGI middleware refusing request bodies over the limit with HTTP 413.
+    """ASGI middleware refusing request bodies over the limit (HTTP 413) or stalled (HTTP 408).
 
     Args:
         app: the wrapped application.
         max_upload_bytes: the largest image accepted (see :func:`body_limit`).
+        body_timeout_seconds: the longest wait for the next part of a request body.
+
+    Raises:
+        ValueError: if ``body_timeout_seconds`` is not positive.
     """
 
-    def __init__(self, app: ASGIApp, max_upload_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_upload_bytes: int,
+        body_timeout_seconds: float = BODY_TIMEOUT_SECONDS,
+    ) -> None:
+        if not body_timeout_seconds > 0:
+            raise ValueError(f"body_timeout_seconds must be > 0; got {body_timeout_seconds}")
         self.app = app
         self.max_upload_bytes = max_upload_bytes
+        self.body_timeout_seconds = body_timeout_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -94,19 +120,27 @@ class BodySizeLimitMiddleware:
             await send_json_error(send, status, message)
             return
         received = 0
+        body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    if message.get("more_body", False):
-                        with contextlib.suppress(asyncio.TimeoutError):
-                            await asyncio.wait_for(
-                                _drain(receive, self.max_upload_bytes), _DRAIN_SECONDS
-                            )
-                    raise RequestTooLargeError(self.max_upload_bytes)
+            nonlocal received, body_done
+            if body_done:  # Past the body only a disconnect can come: no time limit.
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout_seconds)
+            except asyncio.TimeoutError:
+                raise BodyTimeoutError(self.body_timeout_seconds) from None
+            if message["type"] != "http.request":
+                return message
+            received += len(message.get("body", b""))
+            body_done = not message.get("more_body", False)
+            if received > limit:
+                if not body_done:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(
+                            _drain(receive, self.max_upload_bytes), _DRAIN_SECONDS
+                        )
+                raise RequestTooLargeError(self.max_upload_bytes)
             return message
 
         await self.app(scope, limited_receive, send)
