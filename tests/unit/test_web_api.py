@@ -116,13 +116,13 @@ def raw_request(url: str, head: str, body: bytes = b"") -> socket.socket:
 
 
 def read_answer(connection: socket.socket) -> tuple[int, dict]:
-    """The status and JSON body of the answer on ``connection`` (which the server closes)."""
-    answer = b""
-    while chunk := connection.recv(65536):
-        answer += chunk
-    connection.close()
-    head, _, body = answer.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(body)
+    """The status and JSON body of the answer on ``connection``, which is then closed."""
+    with connection, connection.makefile("rb") as stream:
+        status = int(stream.readline().split()[1])
+        headers = dict(
+            line.decode().lower().split(":", 1) for line in iter(stream.readline, b"\r\n")
+        )
+        return status, json.loads(stream.read(int(headers["content-length"])))
 
 
 async def call_asgi(application, method: str = "GET", path: str = "/") -> tuple[int, dict, bytes]:
@@ -569,6 +569,40 @@ def test_a_stalled_upload_gets_a_408(live_url: str) -> None:
         "error": f"request timeout: no part of the request body arrived for "
         f"{LIVE_BODY_TIMEOUT_SECONDS:g} seconds"
     }
+
+
+def test_async_clients_read_the_413_for_a_declared_size_over_the_limit(live_url: str) -> None:
+    """The server reads and drops the body before answering: closing with unread bytes reset
+    the connection, and an async client lost the answer (httpx.ReadError)."""
+
+    async def post() -> httpx.Response:
+        async with httpx.AsyncClient(timeout=30) as async_client:
+            return await async_client.post(
+                live_url + "/api/predict",
+                content=b"\0" * 6_000_000,
+                headers={"content-type": "image/png"},
+            )
+
+    response = asyncio.run(post())
+    assert response.status_code == 413
+    assert "too large" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "expect, body",
+    [("\nExpect: 100-continue", b""), ("", b"\0" * 16_384)],
+    ids=["expecting-100-continue", "sending-part-of-the-body"],
+)
+def test_a_declared_size_over_the_limit_is_answered_at_once(
+    live_url: str, expect: str, body: bytes
+) -> None:
+    """Not after waiting for a body that does not come (the server drains what does come)."""
+    head = "POST /api/predict HTTP/1.1\nHost: test\nContent-Type: image/png\n"
+    connection = raw_request(live_url, head + "Content-Length: 6000000" + expect, body)
+    started = time.monotonic()
+    status, answer = read_answer(connection)
+    assert status == 413 and "too large" in answer["error"]
+    assert time.monotonic() - started < 2
 
 
 def test_decoded_upload_over_the_limit_is_refused(predictor: Predictor) -> None:
