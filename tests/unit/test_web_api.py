@@ -230,6 +230,23 @@ def test_model_description(client: TestClient) -> None:
     assert body["max_upload_bytes"] == 200_000
 
 
+def test_the_model_description_names_the_training_data_without_its_folder(
+    tmp_path: Path,
+) -> None:
+    model = create_model("symbol_cnn", len(SYMBOL_CLASSES), in_channels=1, width=8)
+    training = {"dataset": "hasy", "data": "/home/someone/private/HASYv2.tar.bz2", "fold": 1}
+    metadata = ModelMetadata(
+        "symbol_cnn", SYMBOL_CLASSES, model.default_preprocessing, {"width": 8}, training
+    )
+    path = save_model(tmp_path / "trained.safetensors", model, metadata)
+    predictor = Predictor.from_file(path)
+    with TestClient(create_app(predictor)) as test_client:
+        response = test_client.get("/api/model")
+    assert response.json()["training"] == {**training, "data": "HASYv2.tar.bz2"}
+    assert "someone" not in response.text
+    assert predictor.metadata.training["data"] == training["data"]  # The Python API keeps it.
+
+
 def test_openapi_docs_list_the_endpoints(client: TestClient) -> None:
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import PureWindowsPath
 from typing import Any
 from urllib.parse import quote
 
@@ -111,13 +112,26 @@ def health(request: Request) -> dict[str, Any]:
 
 
 def model_info(request: Request) -> dict[str, Any]:
-    """The model's metadata (classes, input size, kind, architecture) and the upload limit."""
+    """The model's metadata (classes, input size, kind, architecture) and the upload limit.
+
+    The training data's location is given by name only: a full path tells a remote visitor
+    about the machine the model was trained on.
+    """
     state = _state(request)
     description = state.service.predictor.metadata.to_dict()
+    description["training"] = _without_data_folder(description["training"])
     description.update(state.model_summary)
     # The page checks a file's size before uploading it.
     description["max_upload_bytes"] = state.max_upload_bytes
     return description
+
+
+def _without_data_folder(training: dict[str, Any]) -> dict[str, Any]:
+    """``training`` with its ``data`` path (POSIX or Windows) cut to the last component."""
+    data = training.get("data")
+    if not isinstance(data, str):
+        return training
+    return {**training, "data": PureWindowsPath(data).name}
 
 
 def render(latex: str = Query(..., min_length=1, max_length=MAX_LATEX_LENGTH)) -> Response:
