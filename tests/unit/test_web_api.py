@@ -230,6 +230,13 @@ def test_model_description(client: TestClient) -> None:
     assert body["max_upload_bytes"] == 200_000
 
 
+@pytest.mark.parametrize("path", ["/", "/healthz", "/static/app.js"])
+def test_head_requests_are_answered(client: TestClient, path: str) -> None:
+    response = client.head(path)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == client.get(path).headers["content-type"]
+
+
 def test_the_model_description_names_the_training_data_without_its_folder(
     tmp_path: Path,
 ) -> None:
@@ -271,6 +278,11 @@ def test_openapi_describes_the_predict_requests_and_answers(client: TestClient) 
     error = client.post("/api/predict", content=b"x", headers={"content-type": "text/plain"})
     assert error.status_code == 415
     ErrorAnswer.model_validate(error.json())
+
+
+def test_the_head_routes_stay_out_of_the_api_schema(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert set(paths["/healthz"]) == {"get"}
 
 
 def test_the_docs_page_loads_nothing_from_other_sites(client: TestClient) -> None:

@@ -167,9 +167,15 @@ async def predict(request: Request) -> JSONResponse:
 
 def _add_routes(app: FastAPI) -> None:
     # Routes go straight onto the app: an included router costs extra matching per request.
-    app.add_api_route("/", index, methods=["GET"], include_in_schema=False)
-    app.add_api_route("/static/{name}", static_file, methods=["GET"], include_in_schema=False)
+    # HEAD too, for monitors and `curl -I`; uvicorn sends the headers without the body.
+    app.add_api_route("/", index, methods=["GET", "HEAD"], include_in_schema=False)
+    app.add_api_route(
+        "/static/{name}", static_file, methods=["GET", "HEAD"], include_in_schema=False
+    )
     app.add_api_route(HEALTH_PATH, health, methods=["GET"], summary="Health check")
+    # A separate route: one route for both methods would give the schema two operations with
+    # the same operationId.
+    app.add_api_route(HEALTH_PATH, health, methods=["HEAD"], include_in_schema=False)
     app.add_api_route("/api/model", model_info, methods=["GET"], summary="Describe the model")
     app.add_api_route(
         "/api/render", render, methods=["GET"], summary="Render a LaTeX symbol as SVG"
