@@ -255,6 +255,33 @@ def test_clearing_while_a_prediction_is_on_its_way_leaves_no_results(page, serve
     assert page.problems == []
 
 
+def test_results_are_not_left_busy_when_a_prediction_is_cut_short(page, servers) -> None:
+    """Clear, or a file over the limit, aborts the prediction on its way; the aborted request's
+    own clean-up skips a stale request, so the results list stayed aria-busy for good."""
+    held: list = []
+    page.route("**/api/predict", lambda route: held.append(route))  # No answer ever comes.
+    results = page.locator("#results")
+    page.goto(servers["symbols"])
+    page.wait_for_selector("#canvas:visible")
+    draw_alpha(page)
+    expect(results).to_have_attribute("aria-busy", "true")
+    page.click("#clear")
+    expect(results).not_to_have_attribute("aria-busy", "true")
+
+    page.goto(servers["photos"])
+    page.wait_for_selector("#dropzone:visible")
+    buffer = io.BytesIO()
+    Image.new("RGB", (80, 60), (30, 120, 200)).save(buffer, "PNG")
+    small = {"name": "ok.png", "mimeType": "image/png", "buffer": buffer.getvalue()}
+    page.set_input_files("#photo-file", files=[small])
+    expect(results).to_have_attribute("aria-busy", "true")
+    too_big = {**small, "name": "huge.png", "buffer": buffer.getvalue() + b"\0" * 5_100_000}
+    page.set_input_files("#photo-file", files=[too_big])
+    expect(page.locator("#error")).to_contain_text("the limit is 5.0 MB")
+    expect(results).not_to_have_attribute("aria-busy", "true")
+    assert len(held) == 2
+
+
 def test_a_second_finger_does_not_join_the_stroke(browser, servers) -> None:
     context = browser.new_context(viewport={"width": 1100, "height": 760}, has_touch=True)
     page = context.new_page()

@@ -16,8 +16,10 @@ from PIL import Image, ImageOps
 
 from cnnkit.config import Preprocessing
 from cnnkit.data.image import (
+    MAX_IMAGE_PIXELS,
     BadImageError,
     decode_image,
+    open_image,
     prepare_bytes,
     prepare_image,
     read_image_file,
@@ -83,12 +85,34 @@ def test_random_bytes_are_not_an_image() -> None:
     assert " at 0x" not in str(raised.value)  # No Python object address in the message.
 
 
-@pytest.mark.parametrize("side", [9_000, 20_000])
+@pytest.mark.parametrize("side", [9_000, 20_000, 30_000])
 def test_decompression_bombs_are_refused_before_decoding(side: int) -> None:
     data = _png_header_only(side, side)
     assert len(data) < 200
     with pytest.raises(BadImageError, match=r"bomb\.png: .*(too large|decompression bomb)"):
         decode_image(data, "bomb.png")
+
+
+@pytest.mark.parametrize(
+    "side, described",
+    [(9_000, "81,000,000 pixels, 9000x9000"), (30_000, "900,000,000 pixels")],
+    ids=["81MP", "900MP"],
+)
+def test_decompression_bombs_are_told_the_one_pixel_limit(side: int, described: str) -> None:
+    """Pillow warns above its limit but refuses only at twice it, each naming its own number."""
+    with pytest.raises(BadImageError) as raised:
+        decode_image(_png_header_only(side, side), "bomb.png")
+    assert str(raised.value) == (
+        f"bomb.png: image too large ({described}); "
+        f"images of up to {MAX_IMAGE_PIXELS:,} pixels are accepted"
+    )
+
+
+def test_open_image_reads_the_size_without_decoding() -> None:
+    image = open_image(_png_header_only(7_000, 9_000), "header.png")
+    assert image.size == (7_000, 9_000)
+    with pytest.raises(BadImageError, match="header.png: empty file"):
+        open_image(b"", "header.png")
 
 
 def test_read_image_file_names_the_path(tmp_path: Path) -> None:
@@ -122,7 +146,26 @@ def test_prepare_bytes_names_the_source() -> None:
 # ----------------------------------------------------------------------------- conversion
 
 
-@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "I", "F"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "1",
+        "L",
+        "LA",
+        "La",
+        "P",
+        "PA",
+        "RGB",
+        "RGBA",
+        "RGBa",
+        "CMYK",
+        "LAB",
+        "YCbCr",
+        "HSV",
+        "I",
+        "F",
+    ],
+)
 @pytest.mark.parametrize("preprocessing", [SYMBOL_GRAY, SYMBOL_RGB, PHOTO])
 def test_any_mode_becomes_the_stored_shape(mode: str, preprocessing: Preprocessing) -> None:
     image = _noise((13, 7)).convert(mode)
@@ -151,6 +194,23 @@ def test_alpha_is_composited_on_white(alpha: int, expected: int) -> None:
     assert abs(int(gray[0, 0, 0]) - expected) <= 1
     la = Image.new("LA", (8, 8), (0, alpha))
     assert abs(int(prepare_image(la, SYMBOL_RGB)[0, 0, 1]) - expected) <= 1
+
+
+def test_premultiplied_alpha_is_composited_on_white() -> None:
+    # Pillow converts "La" only to "LA"; other conversions raised a bare ValueError.
+    clear, opaque = Image.new("La", (8, 8), (0, 0)), Image.new("La", (8, 8), (0, 255))
+    assert (prepare_image(clear, SYMBOL_GRAY) == 255).all()
+    assert (prepare_image(opaque, PHOTO) == 0).all()
+    assert (prepare_image(Image.new("RGBa", (8, 8), (0, 0, 0, 0)), SYMBOL_GRAY) == 255).all()
+
+
+def test_a_mode_pillow_cannot_convert_is_a_bad_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    def convert(image: Image.Image, mode: str | None = None, *args, **kwargs) -> Image.Image:
+        raise ValueError(f"conversion from {image.mode} to {mode} not supported")
+
+    monkeypatch.setattr(Image.Image, "convert", convert)
+    with pytest.raises(BadImageError, match="unsupported image mode 'CMYK' .*not supported"):
+        prepare_image(Image.new("CMYK", (8, 8)), SYMBOL_GRAY)
 
 
 def test_palette_transparency_is_white() -> None:
@@ -201,7 +261,9 @@ def test_photo_mode_applies_the_exif_rotation() -> None:
 @given(
     width=st.integers(1, 90),
     height=st.integers(1, 90),
-    mode=st.sampled_from(["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F"]),
+    mode=st.sampled_from(
+        ["1", "L", "LA", "La", "P", "RGB", "RGBA", "CMYK", "LAB", "I;16", "I", "F"]
+    ),
     preprocessing=st.sampled_from([SYMBOL_GRAY, SYMBOL_RGB, PHOTO]),
 )
 def test_prepare_image_property(width, height, mode, preprocessing) -> None:

@@ -10,9 +10,12 @@ import re
 import socket
 import struct
 import threading
+import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -23,9 +26,17 @@ from cnnkit.config import Preprocessing
 from cnnkit.inference.artifact import ModelMetadata, save_model
 from cnnkit.inference.predictor import Predictor
 from cnnkit.models.registry import create_model
-from cnnkit.web.app import create_app, is_loopback, load_predictor, optimize_for_serving, serve
+from cnnkit.web import prediction
+from cnnkit.web.app import (
+    MAX_CONCURRENT_REQUESTS,
+    create_app,
+    is_loopback,
+    load_predictor,
+    optimize_for_serving,
+    serve,
+)
 from cnnkit.web.batching import MicroBatcher
-from cnnkit.web.drawing import canvas_to_symbol, estimate_stroke_width
+from cnnkit.web.drawing import canvas_to_symbol, estimate_stroke_width, ink_mask
 from cnnkit.web.limits import InFlightLimitMiddleware
 from cnnkit.web.render import MAX_LATEX_LENGTH, render_latex_svg
 from cnnkit.web.schema import ErrorAnswer, PredictAnswer
@@ -36,6 +47,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 SYMBOL_CLASSES = (r"\alpha", r"\beta", r"\sum", "A", r"\male", r"\mathds{R}", "7")
 XML_NAMESPACE = re.compile(r'xmlns(:\w+)?="[^"]*"')
 BIRD_CLASSES = ("001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross")
+# The live server's body timeout: long enough to fill its in-flight places with stalled uploads
+# first, short enough to keep the tests quick.
+LIVE_BODY_TIMEOUT_SECONDS = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +80,64 @@ def predictor(symbol_model_path: Path) -> Predictor:
 def client(predictor: Predictor):
     with TestClient(create_app(predictor, max_upload_bytes=200_000)) as test_client:
         yield test_client
+
+
+@pytest.fixture(scope="module")
+def live_url(predictor: Predictor) -> Iterator[str]:
+    """The app served by uvicorn on a real loopback socket, for what TestClient cannot show
+    (stalled bodies, connection resets)."""
+    import uvicorn
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    app = create_app(
+        predictor, max_upload_bytes=200_000, body_timeout_seconds=LIVE_BODY_TIMEOUT_SECONDS
+    )
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started, "the live test server did not start"
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    listener.close()
+
+
+def raw_request(url: str, head: str, body: bytes = b"") -> socket.socket:
+    """A socket to the live server that has sent ``head`` (request line and headers) and
+    ``body``, and no more."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = socket.create_connection((host, int(port)), timeout=10)
+    connection.sendall(head.replace("\n", "\r\n").encode() + b"\r\n\r\n" + body)
+    return connection
+
+
+def read_answer(connection: socket.socket) -> tuple[int, dict]:
+    """The status and JSON body of the answer on ``connection``, which is then closed."""
+    with connection, connection.makefile("rb") as stream:
+        status = int(stream.readline().split()[1])
+        headers = dict(
+            line.decode().lower().split(":", 1) for line in iter(stream.readline, b"\r\n")
+        )
+        return status, json.loads(stream.read(int(headers["content-length"])))
+
+
+async def call_asgi(application, method: str = "GET", path: str = "/") -> tuple[int, dict, bytes]:
+    """Call an ASGI app with an empty request; its status, headers and body."""
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "headers": []}
+    await application(scope, receive, send)
+    return sent[0]["status"], dict(sent[0]["headers"]), sent[1]["body"]
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -158,6 +230,30 @@ def test_model_description(client: TestClient) -> None:
     assert body["max_upload_bytes"] == 200_000
 
 
+@pytest.mark.parametrize("path", ["/", "/healthz", "/static/app.js"])
+def test_head_requests_are_answered(client: TestClient, path: str) -> None:
+    response = client.head(path)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == client.get(path).headers["content-type"]
+
+
+def test_the_model_description_names_the_training_data_without_its_folder(
+    tmp_path: Path,
+) -> None:
+    model = create_model("symbol_cnn", len(SYMBOL_CLASSES), in_channels=1, width=8)
+    training = {"dataset": "hasy", "data": "/home/someone/private/HASYv2.tar.bz2", "fold": 1}
+    metadata = ModelMetadata(
+        "symbol_cnn", SYMBOL_CLASSES, model.default_preprocessing, {"width": 8}, training
+    )
+    path = save_model(tmp_path / "trained.safetensors", model, metadata)
+    predictor = Predictor.from_file(path)
+    with TestClient(create_app(predictor)) as test_client:
+        response = test_client.get("/api/model")
+    assert response.json()["training"] == {**training, "data": "HASYv2.tar.bz2"}
+    assert "someone" not in response.text
+    assert predictor.metadata.training["data"] == training["data"]  # The Python API keeps it.
+
+
 def test_openapi_docs_list_the_endpoints(client: TestClient) -> None:
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
@@ -182,6 +278,11 @@ def test_openapi_describes_the_predict_requests_and_answers(client: TestClient) 
     error = client.post("/api/predict", content=b"x", headers={"content-type": "text/plain"})
     assert error.status_code == 415
     ErrorAnswer.model_validate(error.json())
+
+
+def test_the_head_routes_stay_out_of_the_api_schema(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert set(paths["/healthz"]) == {"get"}
 
 
 def test_the_docs_page_loads_nothing_from_other_sites(client: TestClient) -> None:
@@ -258,6 +359,52 @@ def test_canvas_source_turns_the_drawing_into_a_training_symbol(
     assert response.status_code == 200
     expected = [p.to_dict() for p in predictor.predict([canvas_to_symbol(drawing)])[0]]
     assert as_pairs(response.json()["predictions"]) == as_pairs(expected)
+
+
+def test_a_lab_drawing_is_read_like_an_upload(client: TestClient, predictor: Predictor) -> None:
+    ink = canvas_drawing().getchannel("A").point(lambda alpha: 255 - alpha)
+    neutral = Image.new("L", ink.size, 128)
+    lab = Image.merge("LAB", (ink, neutral, neutral))
+    buffer = io.BytesIO()
+    lab.save(buffer, "TIFF", compression="tiff_deflate")
+    response = post_file(client, buffer.getvalue(), source="canvas")
+    assert response.status_code == 200, response.text
+    expected = [p.to_dict() for p in predictor.predict([canvas_to_symbol(ink)])[0]]
+    assert as_pairs(response.json()["predictions"]) == as_pairs(expected)
+
+
+def test_image_errors_on_the_canvas_path_get_a_400(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unconvertible(image: Image.Image) -> Image.Image:
+        raise ValueError("conversion from XYZ to L not supported")
+
+    monkeypatch.setattr(prediction, "canvas_to_symbol", unconvertible)
+    response = post_file(client, png_bytes(canvas_drawing()), source="canvas")
+    assert response.status_code == 400
+    assert "conversion from XYZ to L not supported" in response.json()["error"]
+
+
+def test_images_large_in_pixels_are_decoded_outside_the_batch_thread(
+    predictor: Predictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 2000x2000 one-bit PNG is a few kB; decoding it must not hold up the batch."""
+    decoded_in: dict[tuple[int, int], str] = {}
+    prepare = prediction.PredictionService.prepare
+
+    def recording_prepare(service, image_request):
+        size = Image.open(io.BytesIO(image_request.data)).size
+        decoded_in[size] = threading.current_thread().name
+        return prepare(service, image_request)
+
+    monkeypatch.setattr(prediction.PredictionService, "prepare", recording_prepare)
+    large = png_bytes(Image.new("1", (2000, 2000), 1))
+    assert len(large) < 64 * 1024
+    with TestClient(create_app(predictor)) as test_client:
+        for data in (large, png_bytes(symbol_image(0))):
+            assert post_file(test_client, data).status_code == 200
+    assert not decoded_in[(2000, 2000)].startswith("cnnkit-batch")
+    assert decoded_in[(32, 32)].startswith("cnnkit-batch")  # Small ones save the thread hop.
 
 
 def test_top_k_is_clamped_and_validated(client: TestClient) -> None:
@@ -371,25 +518,13 @@ def test_requests_over_the_in_flight_limit_get_503_and_the_count_recovers() -> N
 
     middleware = InFlightLimitMiddleware(application, limit=2)
 
-    async def call() -> tuple[int, dict[bytes, bytes], bytes]:
-        sent: list[dict] = []
-
-        async def receive():
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message) -> None:
-            sent.append(message)
-
-        await middleware({"type": "http", "headers": []}, receive, send)
-        return sent[0]["status"], dict(sent[0]["headers"]), sent[1]["body"]
-
     async def scenario():
-        held = [asyncio.create_task(call()) for _ in range(2)]
+        held = [asyncio.create_task(call_asgi(middleware)) for _ in range(2)]
         while started < 2:
             await asyncio.sleep(0)
-        refused = await call()
+        refused = await call_asgi(middleware)
         release.set()
-        return refused, await asyncio.gather(*held), await call()
+        return refused, await asyncio.gather(*held), await call_asgi(middleware)
 
     refused, held, later = asyncio.run(scenario())
     assert refused[0] == 503 and refused[1][b"retry-after"] == b"1"
@@ -398,6 +533,105 @@ def test_requests_over_the_in_flight_limit_get_503_and_the_count_recovers() -> N
     assert middleware.in_flight == 0
     with pytest.raises(ValueError, match="limit must be >= 1"):
         InFlightLimitMiddleware(application, limit=0)
+
+
+def test_health_checks_pass_the_in_flight_limit() -> None:
+    release = asyncio.Event()
+
+    async def application(scope, receive, send) -> None:
+        if scope["path"] == "/slow":
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = InFlightLimitMiddleware(application, limit=1, exempt_paths=["/healthz"])
+
+    async def scenario():
+        held = asyncio.create_task(call_asgi(middleware, "POST", "/slow"))
+        while middleware.in_flight < 1:
+            await asyncio.sleep(0)
+        answers = [
+            await call_asgi(middleware, method, path)
+            for method, path in [("GET", "/healthz"), ("HEAD", "/healthz"), ("GET", "/")]
+        ]
+        release.set()
+        await held
+        return answers
+
+    statuses = [status for status, _, _ in asyncio.run(scenario())]
+    assert statuses == [200, 200, 503]
+    assert middleware.in_flight == 0
+
+
+def test_stalled_uploads_time_out_and_do_not_lock_out_health_checks(live_url: str) -> None:
+    """More stalled uploads than the in-flight limit: /healthz still answers, and every upload
+    gets a 408 after the body timeout, which frees the server for everyone."""
+    started = time.monotonic()
+    head = "POST /api/predict HTTP/1.1\nHost: test\nContent-Type: image/png\nContent-Length: 1000"
+    # Some send part of the body before they stall.
+    stalled = [
+        raw_request(live_url, head, b"\x89PNG" * index)
+        for index in range(MAX_CONCURRENT_REQUESTS + 2)
+    ]
+    try:
+        assert httpx.get(live_url + "/healthz", timeout=5).status_code == 200
+        assert httpx.get(live_url + "/api/model", timeout=5).status_code == 503
+        answers = [read_answer(connection) for connection in stalled]
+    finally:
+        for connection in stalled:
+            connection.close()
+    assert {status for status, _ in answers} <= {408, 503}
+    assert sum(status == 408 for status, _ in answers) == MAX_CONCURRENT_REQUESTS
+    assert time.monotonic() - started < LIVE_BODY_TIMEOUT_SECONDS + 5
+    assert httpx.get(live_url + "/api/model", timeout=5).status_code == 200
+
+
+def test_a_stalled_upload_gets_a_408(live_url: str) -> None:
+    connection = raw_request(
+        live_url,
+        "POST /api/predict HTTP/1.1\nHost: test\nContent-Type: image/png\nContent-Length: 1000",
+        b"\x89PNG",
+    )
+    status, body = read_answer(connection)
+    assert status == 408
+    assert body == {
+        "error": f"request timeout: no part of the request body arrived for "
+        f"{LIVE_BODY_TIMEOUT_SECONDS:g} seconds"
+    }
+
+
+def test_async_clients_read_the_413_for_a_declared_size_over_the_limit(live_url: str) -> None:
+    """The server reads and drops the body before answering: closing with unread bytes reset
+    the connection, and an async client lost the answer (httpx.ReadError)."""
+
+    async def post() -> httpx.Response:
+        async with httpx.AsyncClient(timeout=30) as async_client:
+            return await async_client.post(
+                live_url + "/api/predict",
+                content=b"\0" * 6_000_000,
+                headers={"content-type": "image/png"},
+            )
+
+    response = asyncio.run(post())
+    assert response.status_code == 413
+    assert "too large" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "expect, body",
+    [("\nExpect: 100-continue", b""), ("", b"\0" * 16_384)],
+    ids=["expecting-100-continue", "sending-part-of-the-body"],
+)
+def test_a_declared_size_over_the_limit_is_answered_at_once(
+    live_url: str, expect: str, body: bytes
+) -> None:
+    """Not after waiting for a body that does not come (the server drains what does come)."""
+    head = "POST /api/predict HTTP/1.1\nHost: test\nContent-Type: image/png\n"
+    connection = raw_request(live_url, head + "Content-Length: 6000000" + expect, body)
+    started = time.monotonic()
+    status, answer = read_answer(connection)
+    assert status == 413 and "too large" in answer["error"]
+    assert time.monotonic() - started < 2
 
 
 def test_decoded_upload_over_the_limit_is_refused(predictor: Predictor) -> None:
@@ -465,6 +699,26 @@ def test_malformed_requests_get_json_errors(
     assert response.json()["error"]
 
 
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"image": "aGk=", "top_k": ' + b"7" * 5000 + b"}", "a number has too many digits"),
+        (b'{"image": "\xff"}', ""),
+    ],
+    ids=["deeply-nested", "huge-number", "not-utf8"],
+)
+def test_json_that_python_cannot_read_gets_a_400(
+    client: TestClient, body: bytes, reason: str
+) -> None:
+    response = client.post(
+        "/api/predict", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("the request body is not valid JSON")
+    assert reason in response.json()["error"]
+
+
 def test_multipart_without_a_file_field(client: TestClient) -> None:
     response = client.post("/api/predict", data={"source": "canvas"}, files={"other": ("a", b"x")})
     assert response.status_code == 400
@@ -485,9 +739,11 @@ def test_unexpected_errors_give_a_generic_500(symbol_model_path: Path) -> None:
         assert broken_client.get("/healthz").status_code == 200
 
 
-def test_create_app_validates_the_limit(predictor: Predictor) -> None:
+def test_create_app_validates_the_limits(predictor: Predictor) -> None:
     with pytest.raises(ValueError, match="max_upload_bytes"):
         create_app(predictor, max_upload_bytes=0)
+    with pytest.raises(ValueError, match="body_timeout_seconds"):
+        create_app(predictor, body_timeout_seconds=0)
 
 
 # ----- Multipart parsing -----
@@ -584,6 +840,17 @@ def test_canvas_to_symbol_blank_and_dot() -> None:
     ImageDraw.Draw(canvas).ellipse((140, 140, 152, 152), fill=0)
     longer, shorter, _ = ink_statistics(canvas_to_symbol(canvas))
     assert longer <= 6 and shorter >= 4
+
+
+def test_sixteen_bit_drawings_keep_their_ink() -> None:
+    """Grey ink (20000 of 65535) on a 16-bit white canvas: clipping to 8 bits lost it all."""
+    drawing = canvas_drawing()
+    ink = np.asarray(drawing.getchannel("A")) > 127
+    deep = Image.fromarray(np.where(ink, 20_000, 65_535).astype(np.uint16))
+    decoded = Image.open(io.BytesIO(png_bytes(deep)))
+    assert decoded.mode.startswith("I")
+    assert np.array_equal(ink_mask(decoded), ink)
+    assert canvas_to_symbol(decoded) == canvas_to_symbol(drawing)
 
 
 # ----- Batching, serving options, host check -----

@@ -6,9 +6,11 @@ preprocess differently.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -23,10 +25,37 @@ Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
 _OBJECT_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+_PIXEL_COUNT = re.compile(r"\((\d+) pixels\)")
 
 
 class BadImageError(ValueError):
     """An image file that is missing, empty, truncated, corrupt or not an image."""
+
+
+def open_image(data: bytes, name: str = "<bytes>") -> Image.Image:
+    """Open image bytes without decoding the pixels: format, mode and size come from the header.
+
+    Args:
+        data: the encoded file contents.
+        name: a path or label used in the error message.
+
+    Returns:
+        A PIL image whose pixels are not loaded yet.
+
+    Raises:
+        BadImageError: naming ``name``, for empty data, data that is not an image, or an image
+            of more than :data:`MAX_IMAGE_PIXELS` pixels.
+    """
+    if not data:
+        raise BadImageError(f"{name}: empty file")
+    with _bad_image_errors(name), warnings.catch_warnings():
+        # Pillow warns above its limit and refuses twice that, each naming its own number; the
+        # check below refuses first (with this project's limit), and the warning is no news.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data))
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise _too_large(name, image.width * image.height, f"{image.width}x{image.height}")
+    return image
 
 
 def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
@@ -39,27 +68,39 @@ def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
     Returns:
         A loaded PIL image (first frame for animated formats).
     """
-    if not data:
-        raise BadImageError(f"{name}: empty file")
+    image = open_image(data, name)
+    with _bad_image_errors(name), warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image.load()
+    return image
+
+
+@contextlib.contextmanager
+def _bad_image_errors(name: str) -> Iterator[None]:
+    """Turn whatever PIL raises for bad data into :class:`BadImageError` naming ``name``."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise BadImageError(
-                    f"{name}: image too large ({image.width}x{image.height} pixels)"
-                )
-            image.load()
+        yield
     except BadImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise BadImageError(f"{name}: refused as a decompression bomb ({error})") from error
+        # Only Pillow's message holds the pixel count: its check runs before ours can.
+        counted = _PIXEL_COUNT.search(str(error))
+        raise _too_large(name, int(counted.group(1)) if counted else None) from error
     except Exception as error:  # PIL raises many types for corrupt data; all mean "bad image".
         kind = "truncated" if "truncated" in str(error).lower() else "not a readable image"
         # PIL names the in-memory stream ("<_io.BytesIO object at 0x...>"): say "data" instead.
         detail = _OBJECT_ADDRESS.sub("data", str(error))
         raise BadImageError(f"{name}: {kind} ({type(error).__name__}: {detail})") from error
-    return image
+
+
+def _too_large(name: str, pixels: int | None, size: str = "") -> BadImageError:
+    """The one error for an image over :data:`MAX_IMAGE_PIXELS`, however it was found."""
+    counted = "" if pixels is None else f"{pixels:,} pixels"
+    described = ", ".join(part for part in (counted, size) if part)
+    return BadImageError(
+        f"{name}: image too large ({described or 'too many pixels'}); images of up to "
+        f"{MAX_IMAGE_PIXELS:,} pixels are accepted"
+    )
 
 
 def read_image_file(path: str) -> Image.Image:
@@ -120,9 +161,22 @@ def array_to_image(array: np.ndarray, name: str = "array") -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array))
 
 
+def convert_image(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` in 8-bit ``mode`` (``"L"`` or ``"RGB"``), with any transparency composited onto
+    white and 16-bit or other deep pixels scaled to 0-255 rather than clipped.
+
+    Raises:
+        BadImageError: for a mode Pillow cannot convert.
+    """
+    try:
+        return _flatten_onto_white(image).convert(mode)
+    except ValueError as error:  # Pillow: "conversion from X to Y not supported".
+        raise BadImageError(f"unsupported image mode {image.mode!r} ({error})") from error
+
+
 def _flatten_onto_white(image: Image.Image) -> Image.Image:
     """Return an RGB or L image, compositing any transparency onto a white background."""
-    if image.mode in ("I;16", "I;16B", "I;16L"):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return Image.fromarray(_to_uint8(np.asarray(image), 65535.0), mode="L")
     if image.mode == "I":
         # 32-bit integers have no fixed range: 0-255 where they fit, else 0-65535.
@@ -134,7 +188,10 @@ def _flatten_onto_white(image: Image.Image) -> Image.Image:
         scale = 255.0 if array.min() >= 0 and array.max() <= 1 else 1.0
         array = np.clip(array * scale, 0, 255)
         return Image.fromarray(array.round().astype(np.uint8), mode="L")
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (
+    if image.mode == "La":
+        # Premultiplied alpha: Pillow converts "La" to "LA" only.
+        image = image.convert("LA")
+    has_alpha = image.mode in ("RGBA", "RGBa", "LA", "PA") or (
         image.mode == "P" and "transparency" in image.info
     )
     if has_alpha:
@@ -186,8 +243,7 @@ def prepare_image(image: Image.Image, preprocessing: Preprocessing) -> np.ndarra
         raise BadImageError(f"empty image ({image.width}x{image.height} pixels)")
     if preprocessing.mode == "photo":
         image = ImageOps.exif_transpose(image)
-    image = _flatten_onto_white(image)
-    image = image.convert("L" if preprocessing.channels == 1 else "RGB")
+    image = convert_image(image, "L" if preprocessing.channels == 1 else "RGB")
     if preprocessing.mode == "symbol":
         if image.size != (size, size):
             image = image.resize((size, size), Image.Resampling.BILINEAR)

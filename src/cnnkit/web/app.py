@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import PureWindowsPath
 from typing import Any
 from urllib.parse import quote
 
@@ -31,12 +32,13 @@ from cnnkit.web.limits import InFlightLimitMiddleware
 from cnnkit.web.prediction import PredictionService
 from cnnkit.web.render import MAX_LATEX_LENGTH, render_latex_svg
 from cnnkit.web.schema import PREDICT_ERRORS, PREDICT_REQUEST, PredictAnswer
-from cnnkit.web.upload import BodySizeLimitMiddleware, read_image_request
+from cnnkit.web.upload import BODY_TIMEOUT_SECONDS, BodySizeLimitMiddleware, read_image_request
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_BYTES = 5_000_000
 MAX_CONCURRENT_REQUESTS = 128
+HEALTH_PATH = "/healthz"
 # The page loads nothing from other origins; FastAPI's /docs (Swagger UI from a CDN) is separate.
 _PAGE_POLICY = (
     "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
@@ -110,13 +112,26 @@ def health(request: Request) -> dict[str, Any]:
 
 
 def model_info(request: Request) -> dict[str, Any]:
-    """The model's metadata (classes, input size, kind, architecture) and the upload limit."""
+    """The model's metadata (classes, input size, kind, architecture) and the upload limit.
+
+    The training data's location is given by name only: a full path tells a remote visitor
+    about the machine the model was trained on.
+    """
     state = _state(request)
     description = state.service.predictor.metadata.to_dict()
+    description["training"] = _without_data_folder(description["training"])
     description.update(state.model_summary)
     # The page checks a file's size before uploading it.
     description["max_upload_bytes"] = state.max_upload_bytes
     return description
+
+
+def _without_data_folder(training: dict[str, Any]) -> dict[str, Any]:
+    """``training`` with its ``data`` path (POSIX or Windows) cut to the last component."""
+    data = training.get("data")
+    if not isinstance(data, str):
+        return training
+    return {**training, "data": PureWindowsPath(data).name}
 
 
 def render(latex: str = Query(..., min_length=1, max_length=MAX_LATEX_LENGTH)) -> Response:
@@ -152,9 +167,15 @@ async def predict(request: Request) -> JSONResponse:
 
 def _add_routes(app: FastAPI) -> None:
     # Routes go straight onto the app: an included router costs extra matching per request.
-    app.add_api_route("/", index, methods=["GET"], include_in_schema=False)
-    app.add_api_route("/static/{name}", static_file, methods=["GET"], include_in_schema=False)
-    app.add_api_route("/healthz", health, methods=["GET"], summary="Health check")
+    # HEAD too, for monitors and `curl -I`; uvicorn sends the headers without the body.
+    app.add_api_route("/", index, methods=["GET", "HEAD"], include_in_schema=False)
+    app.add_api_route(
+        "/static/{name}", static_file, methods=["GET", "HEAD"], include_in_schema=False
+    )
+    app.add_api_route(HEALTH_PATH, health, methods=["GET"], summary="Health check")
+    # A separate route: one route for both methods would give the schema two operations with
+    # the same operationId.
+    app.add_api_route(HEALTH_PATH, health, methods=["HEAD"], include_in_schema=False)
     app.add_api_route("/api/model", model_info, methods=["GET"], summary="Describe the model")
     app.add_api_route(
         "/api/render", render, methods=["GET"], summary="Render a LaTeX symbol as SVG"
@@ -198,21 +219,28 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unexpected_error)
 
 
-def create_app(predictor: Predictor, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> FastAPI:
+def create_app(
+    predictor: Predictor,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    body_timeout_seconds: float = BODY_TIMEOUT_SECONDS,
+) -> FastAPI:
     """Build the web app for one model.
 
     Args:
         predictor: the model to serve.
         max_upload_bytes: the largest image accepted; bigger requests get HTTP 413.
+        body_timeout_seconds: how long a request body may stall before HTTP 408.
 
     Returns:
         A FastAPI application (run it with uvicorn, or see :func:`serve`).
 
     Raises:
-        ValueError: if ``max_upload_bytes`` is not positive.
+        ValueError: if ``max_upload_bytes`` or ``body_timeout_seconds`` is not positive.
     """
     if max_upload_bytes < 1:
         raise ValueError(f"max_upload_bytes must be >= 1; got {max_upload_bytes}")
+    if not body_timeout_seconds > 0:
+        raise ValueError(f"body_timeout_seconds must be > 0; got {body_timeout_seconds}")
     service = PredictionService(predictor)
 
     @asynccontextmanager
@@ -236,8 +264,14 @@ def create_app(predictor: Predictor, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_
         service, max_upload_bytes, _model_summary(predictor), _load_assets()
     )
     _add_routes(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_upload_bytes=max_upload_bytes)
-    app.add_middleware(InFlightLimitMiddleware, limit=MAX_CONCURRENT_REQUESTS)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_upload_bytes=max_upload_bytes,
+        body_timeout_seconds=body_timeout_seconds,
+    )
+    app.add_middleware(
+        InFlightLimitMiddleware, limit=MAX_CONCURRENT_REQUESTS, exempt_paths=[HEALTH_PATH]
+    )
     _install_error_handlers(app)
     return app
 

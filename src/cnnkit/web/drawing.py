@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from cnnkit.data.image import convert_image
+
 SYMBOL_SIZE = 32
 STROKE_WIDTH = 2.0
 DOT_DIAMETER = 5
@@ -35,12 +37,13 @@ _DOT_EXTENT_IN_WIDTHS = 3.0
 
 
 def ink_mask(image: Image.Image) -> np.ndarray:
-    """Boolean ``[H, W]`` mask of dark pixels, with any transparency composited onto white."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return np.asarray(image.convert("L")) < INK_THRESHOLD
+    """Boolean ``[H, W]`` mask of dark pixels, read as uploads are (:func:`convert_image`): any
+    transparency composited onto white, and 16-bit or other deep pixels scaled, not clipped.
+
+    Raises:
+        BadImageError: for a mode Pillow cannot convert.
+    """
+    return np.asarray(convert_image(image, "L")) < INK_THRESHOLD
 
 
 def estimate_stroke_width(mask: np.ndarray) -> float:
@@ -131,6 +134,9 @@ def canvas_to_symbol(image: Image.Image) -> Image.Image:
 
     Returns:
         A 32x32 ``"L"`` image.
+
+    Raises:
+        BadImageError: for a mode Pillow cannot convert.
     """
     mask = ink_mask(image)
     if not mask.any():

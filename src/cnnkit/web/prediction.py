@@ -1,8 +1,9 @@
 """Turning image requests into ranked predictions, many requests per forward pass.
 
-Small uploads are decoded in the batch thread itself, which saves a thread hop per request; large
+Small images are decoded in the batch thread itself, which saves a thread hop per request; large
 photos and canvas drawings (which need more work) are prepared in the thread pool first, so they
-do not hold up the batch.
+do not hold up the batch. "Small" is counted in pixels, read from the file's header: a few
+kilobytes of PNG can hold 64 megapixels.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from cnnkit.data.image import BadImageError, decode_image, prepare_image
+from cnnkit.data.image import BadImageError, decode_image, open_image, prepare_image
 from cnnkit.inference.predictor import Prediction, Predictor
 from cnnkit.web.batching import MicroBatcher
 from cnnkit.web.drawing import canvas_to_symbol
@@ -22,8 +23,8 @@ from cnnkit.web.upload import ImageRequest
 
 logger = logging.getLogger(__name__)
 
-# Uploads up to this size (a 32x32 PNG is under 1 kB) are decoded in the batch thread.
-INLINE_DECODE_BYTES = 64 * 1024
+# Images of up to this many pixels (a 1000x1000 photo) are decoded in the batch thread.
+INLINE_DECODE_PIXELS = 1_000_000
 
 
 class PredictionService:
@@ -51,18 +52,32 @@ class PredictionService:
         """
         try:
             image = decode_image(image_request.data, "uploaded file")
+            if image_request.source == "canvas" and self.predictor.metadata.kind == "symbols":
+                image = canvas_to_symbol(image)
+            return prepare_image(image, self.predictor.metadata.preprocessing)
         except BadImageError as error:
             raise HTTPException(400, str(error)) from None
-        if image_request.source == "canvas" and self.predictor.metadata.kind == "symbols":
-            image = canvas_to_symbol(image)
-        return prepare_image(image, self.predictor.metadata.preprocessing)
+        except ValueError as error:  # Pillow's own, for an image it decoded but cannot convert.
+            raise HTTPException(400, f"uploaded file: cannot use this image ({error})") from None
 
     async def predict(self, image_request: ImageRequest) -> list[Prediction]:
         """The ``top_k`` predictions for one request, best first."""
         payload: ImageRequest | np.ndarray = image_request
-        if len(image_request.data) > INLINE_DECODE_BYTES or image_request.source == "canvas":
+        if not self._decodes_quickly(image_request):
             payload = await run_in_threadpool(self.prepare, image_request)
         return await self.batcher.submit((payload, image_request.top_k))
+
+    @staticmethod
+    def _decodes_quickly(image_request: ImageRequest) -> bool:
+        """Whether the batch thread may decode this image itself: an upload (not a drawing)
+        whose header declares at most ``INLINE_DECODE_PIXELS``, or data that is no image."""
+        if image_request.source == "canvas":
+            return False
+        try:
+            width, height = open_image(image_request.data).size
+        except BadImageError:
+            return True  # Refused as quickly in the batch thread.
+        return width * height <= INLINE_DECODE_PIXELS
 
     def _run_batch(self, jobs: list[tuple[Any, int]]) -> list[Any]:
         """Prepare what is not yet prepared, run one forward pass, rank each image."""

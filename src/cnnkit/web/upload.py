@@ -1,8 +1,8 @@
 """Reading an image out of a prediction request: size limits, multipart, JSON base64, raw bytes.
 
 The size limit is enforced twice: a declared ``Content-Length`` over the limit is refused before
-any body is read, and the body is counted while it streams in, so a chunked or lying client
-cannot get past it either.
+the body reaches the app, and the body is counted while it streams in, so a chunked or lying
+client cannot get past it either. A client that stops sending its body mid-way gets HTTP 408.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import base64
 import binascii
 import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,11 +25,15 @@ SOURCES = ("upload", "canvas")
 DEFAULT_TOP_K = 5
 # Room for multipart boundaries and the small form fields next to the file.
 _MULTIPART_OVERHEAD = 64 * 1024
-# Before refusing a chunked body that went over the limit, read and drop the rest of it for up to
-# this long: a server that answers and closes with unread bytes makes the kernel reset the
-# connection, and the client can lose the 413. The drain is bounded in bytes (the upload limit)
-# and in time; past either bound the answer goes out anyway.
+# When refusing a body over the limit, read and drop the rest of it for up to this long before
+# closing: a server that closes with unread bytes makes the kernel reset the connection, and the
+# client can lose the 413. The drain is bounded in time and in bytes (the larger of the upload
+# limit and _DRAIN_BYTES); past either bound the connection is closed anyway.
 _DRAIN_SECONDS = 5.0
+_DRAIN_BYTES = 64 * 1024 * 1024
+# A request whose body stops arriving for this long gets HTTP 408: until then it holds one of
+# the server's in-flight places (see cnnkit.web.limits).
+BODY_TIMEOUT_SECONDS = 15.0
 
 
 class RequestTooLargeError(HTTPException):
@@ -37,6 +41,17 @@ class RequestTooLargeError(HTTPException):
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"request too large: images of up to {limit:,} bytes are accepted")
+
+
+class BodyTimeoutError(HTTPException):
+    """A request body that stopped arriving (HTTP 408); the connection is closed."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            408,
+            f"request timeout: no part of the request body arrived for {seconds:g} seconds",
+            {"Connection": "close"},
+        )
 
 
 @dataclass(frozen=True)
@@ -64,16 +79,29 @@ def body_limit(content_type: str, max_upload_bytes: int) -> int:
 
 
 class BodySizeLimitMiddleware:
-    """ASGI middleware refusing request bodies over the limit with HTTP 413.
+    """ASGI middleware refusing request bodies over the limit (HTTP 413) or stalled (HTTP 408).
 
     Args:
         app: the wrapped application.
         max_upload_bytes: the largest image accepted (see :func:`body_limit`).
+        body_timeout_seconds: the longest wait for the next part of a request body.
+
+    Raises:
+        ValueError: if ``body_timeout_seconds`` is not positive.
     """
 
-    def __init__(self, app: ASGIApp, max_upload_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_upload_bytes: int,
+        body_timeout_seconds: float = BODY_TIMEOUT_SECONDS,
+    ) -> None:
+        if not body_timeout_seconds > 0:
+            raise ValueError(f"body_timeout_seconds must be > 0; got {body_timeout_seconds}")
         self.app = app
         self.max_upload_bytes = max_upload_bytes
+        self.body_timeout_seconds = body_timeout_seconds
+        self.drain_bytes = max(max_upload_bytes, _DRAIN_BYTES)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -85,47 +113,86 @@ class BodySizeLimitMiddleware:
         limit = body_limit(media_type(headers), self.max_upload_bytes)
         declared = headers.get("content-length")
         if declared is not None and (not declared.strip().isdigit() or int(declared) > limit):
-            status = 413 if declared.strip().isdigit() else 400
-            message = (
-                RequestTooLargeError(self.max_upload_bytes).detail
-                if status == 413
-                else "invalid Content-Length"
-            )
-            await send_json_error(send, status, message)
+            await self._refuse_declared(declared.strip(), headers, receive, send)
             return
         received = 0
+        body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    if message.get("more_body", False):
-                        with contextlib.suppress(asyncio.TimeoutError):
-                            await asyncio.wait_for(
-                                _drain(receive, self.max_upload_bytes), _DRAIN_SECONDS
-                            )
-                    raise RequestTooLargeError(self.max_upload_bytes)
+            nonlocal received, body_done
+            if body_done:  # Past the body only a disconnect can come: no time limit.
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout_seconds)
+            except asyncio.TimeoutError:
+                raise BodyTimeoutError(self.body_timeout_seconds) from None
+            if message["type"] != "http.request":
+                return message
+            received += len(message.get("body", b""))
+            body_done = not message.get("more_body", False)
+            if received > limit:
+                if not body_done:
+                    await _drain(receive, self.drain_bytes)
+                raise RequestTooLargeError(self.max_upload_bytes)
             return message
 
         await self.app(scope, limited_receive, send)
 
+    async def _refuse_declared(
+        self, declared: str, headers: dict[str, str], receive: Receive, send: Send
+    ) -> None:
+        """Answer 413 (or 400 for a malformed ``Content-Length``) without running the app."""
+        if not declared.isdigit():
+            await send_json_error(send, 400, "invalid Content-Length")
+            return
+        message = RequestTooLargeError(self.max_upload_bytes).detail
+        # A client waiting for "100 Continue" has sent no body; any other is sending it now, and
+        # gets the answer at once while the server reads the body (a client that reads the
+        # answer and hangs up ends the drain).
+        if headers.get("expect", "").lower() == "100-continue":
+            await send_json_error(send, 413, message)
+            return
+
+        async def drain() -> None:
+            await _drain(receive, min(int(declared), self.drain_bytes))
+
+        await send_json_error(send, 413, message, before_closing=drain)
+
 
 async def _drain(receive: Receive, max_bytes: int) -> None:
-    """Read and drop the rest of a request body, up to ``max_bytes``."""
-    drained = 0
-    while drained <= max_bytes:
-        message = await receive()
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            return
-        drained += len(message.get("body", b""))
+    """Read and drop the rest of a request body, up to ``max_bytes`` or ``_DRAIN_SECONDS``."""
+
+    async def drain() -> None:
+        drained = 0
+        while drained < max_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            drained += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(drain(), _DRAIN_SECONDS)
 
 
 async def send_json_error(
-    send: Send, status: int, message: str, headers: Sequence[tuple[bytes, bytes]] = ()
+    send: Send,
+    status: int,
+    message: str,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    before_closing: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Send ``{"error": message}`` with ``status`` and close the connection."""
+    """Send ``{"error": message}`` with ``status`` and close the connection.
+
+    Args:
+        send: the ASGI send channel.
+        status: the HTTP status.
+        message: the error text.
+        headers: more response headers.
+        before_closing: awaited once the whole answer is sent and before the response ends (the
+            server closes the connection then), so a client can read the answer meanwhile.
+    """
     body = json.dumps({"error": message}).encode()
     await send(
         {
@@ -139,7 +206,12 @@ async def send_json_error(
             ],
         }
     )
-    await send({"type": "http.response.body", "body": body})
+    if before_closing is None:
+        await send({"type": "http.response.body", "body": body})
+        return
+    await send({"type": "http.response.body", "body": body, "more_body": True})
+    await before_closing()
+    await send({"type": "http.response.body", "body": b""})
 
 
 def parse_top_k(value: Any) -> int:
@@ -254,6 +326,12 @@ async def _read_json(request: Request, max_upload_bytes: int) -> ImageRequest:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise HTTPException(400, "the request body is not valid JSON") from None
+    except RecursionError:
+        raise HTTPException(400, "the request body is not valid JSON: nested too deeply") from None
+    except ValueError:  # Python refuses to read integers of over 4,300 digits.
+        raise HTTPException(
+            400, "the request body is not valid JSON: a number has too many digits"
+        ) from None
     if not isinstance(payload, dict) or "image" not in payload:
         raise HTTPException(400, "the JSON body must be an object with an 'image' field")
     return ImageRequest(

@@ -146,6 +146,8 @@
   function resetResults(message) {
     requestNumber += 1; // Any answer still on its way is now stale.
     if (inFlight) inFlight.abort();
+    // The aborted request's own clean-up skips a stale number, so it cannot do this.
+    resultsList.removeAttribute("aria-busy");
     resultsList.replaceChildren();
     setStatus(message);
   }
