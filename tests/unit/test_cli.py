@@ -822,3 +822,20 @@ def test_help_offers_only_what_each_command_uses(capsys) -> None:
     for option in ("--channels", "--image-size", "--val-fraction"):
         assert option not in text
     assert "--max-per-class" in text and "--test-fraction" in text
+
+
+def test_evaluate_a_test_split_without_the_models_classes_is_one_line(
+    capsys, tiny_model_saver, tmp_path: Path
+) -> None:
+    """The model knows b and c; the folder's one b image lands in its training share, so no
+    test image is left to score: a clear error, not an IndexError from an empty argmax."""
+    model = tiny_model_saver(tmp_path / "bc.safetensors", ("b", "c"))
+    data = tmp_path / "letters"
+    _write_images(data / "a", 12)
+    _write_images(data / "b", 1)
+    argv = ["evaluate", str(model), "--dataset", "folder", "--data", str(data)]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "evaluation")]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"{data}: none of the 2 test images are of the model's classes (e.g. b, c)" in error
+    assert not (tmp_path / "evaluation").exists()

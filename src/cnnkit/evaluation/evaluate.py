@@ -41,28 +41,53 @@ def align_labels(images: ImageSet, model_classes: tuple[str, ...], source: str) 
 
 
 def restrict_to_known_classes(
-    images: ImageSet, model_classes: tuple[str, ...], source: str
+    images: ImageSet, model_classes: tuple[str, ...], source: str, split: str = "test"
 ) -> ImageSet:
     """The images of the classes the model knows, for a model trained on part of a dataset
     (``--max-classes``); all images when it knows every class.
 
+    Args:
+        images: the images to score.
+        model_classes: the model's class names.
+        source: the dataset, as errors name it.
+        split: ``"test"`` or ``"all"``, as errors name the images.
+
     Raises:
-        ValueError: if the model knows none of the dataset's classes.
+        ValueError: if the model knows none of the dataset's classes, or none of the images
+            is of a class it knows.
     """
     known = set(model_classes)
     keep = [i for i, name in enumerate(images.class_names) if name in known]
-    if len(keep) == len(images.class_names):
-        return images
     if not keep:
         shown = ", ".join(images.class_names[:5])
         raise ValueError(f"{source}: the model knows none of its classes (e.g. {shown})")
-    logger.warning(
-        "%s: the model knows %d of its %d classes; evaluating on their images only",
-        source,
-        len(keep),
-        len(images.class_names),
+    kept = images
+    if len(keep) < len(images.class_names):
+        logger.warning(
+            "%s: the model knows %d of its %d classes; evaluating on their images only",
+            source,
+            len(keep),
+            len(images.class_names),
+        )
+        kept = images.subset(np.flatnonzero(np.isin(images.labels, keep)))
+    _refuse_nothing_to_score(len(images), len(kept), model_classes, source, split)
+    return kept
+
+
+def _refuse_nothing_to_score(
+    count: int, kept: int, model_classes: tuple[str, ...], source: str, split: str
+) -> None:
+    """Stop with a clear error, not a failed argmax, when no image is left to score."""
+    if kept:
+        return
+    described = "test images" if split == "test" else "images"
+    if not count:
+        raise ValueError(f"{source}: there are no {described} to score")
+    shown = ", ".join(model_classes[:5])
+    raise ValueError(
+        f"{source}: none of the {count} {described} are of the model's classes (e.g. {shown}); "
+        "nothing to score"
     )
-    return images.subset(np.flatnonzero(np.isin(images.labels, keep)))
 
 
 @torch.inference_mode()
@@ -201,7 +226,7 @@ def evaluate_model_file(
     splits = load_splits_for(preprocessing, data_overrides, cache_dir, progress)
     images = concatenate(splits.train, splits.test) if split == "all" else splits.test
     source = str(data_overrides.get("data") or data_overrides.get("dataset"))
-    images = restrict_to_known_classes(images, model.metadata.class_names, source)
+    images = restrict_to_known_classes(images, model.metadata.class_names, source, split)
     labels = torch.from_numpy(align_labels(images, model.metadata.class_names, source))
     logits = predict_logits(model, images, preprocessing, torch_device, progress=progress)
     evaluated = evaluated_block(
