@@ -839,3 +839,23 @@ def test_evaluate_a_test_split_without_the_models_classes_is_one_line(
     error = capsys.readouterr().err
     assert f"{data}: none of the 2 test images are of the model's classes (e.g. b, c)" in error
     assert not (tmp_path / "evaluation").exists()
+
+
+def test_evaluate_an_onnx_export_ignores_device_with_a_warning(
+    capsys, caplog, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    """An .onnx file runs on ONNX Runtime's CPU provider (as --help says): --device cuda must
+    not fail for want of CUDA, and the warning says it is not used."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    exported = tmp_path / "m.onnx"
+    assert main(["export", str(symbol_model_file), "--out", str(exported)]) == 0
+    data = tmp_path / "greek"
+    for name in ("alpha", "beta", "gamma"):
+        _write_images(data / name, 5)
+    argv = ["evaluate", str(exported), "--dataset", "folder", "--data", str(data), "--json"]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "evaluation")]
+    capsys.readouterr()
+    assert main([*argv, "--device", "cuda"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 3
+    assert "runs on ONNX Runtime's CPU provider; --device cuda is ignored" in caplog.text

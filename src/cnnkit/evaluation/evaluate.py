@@ -176,6 +176,24 @@ def _trained_split_settings(
     return settings
 
 
+def _load_for_evaluation(
+    model_path: str | Path, device: str
+) -> tuple[torch.nn.Module, torch.device]:
+    """The model and the device its inputs go to: a model file on ``device``; an ``.onnx``
+    export on ONNX Runtime's CPU provider, whatever ``device`` says (a warning names one that
+    is not used, and no missing CUDA stops it)."""
+    if Path(model_path).suffix.lower() != ".onnx":
+        torch_device = select_device(device)
+        return load_model(model_path, torch_device), torch_device
+    from cnnkit.inference.onnx_backend import OnnxModule, OnnxPredictor
+
+    if device not in ("auto", "cpu"):
+        logger.warning(
+            "%s runs on ONNX Runtime's CPU provider; --device %s is ignored", model_path, device
+        )
+    return OnnxModule(OnnxPredictor.from_file(model_path)), torch.device("cpu")
+
+
 def evaluate_model_file(
     model_path: str | Path,
     data_overrides: dict[str, Any],
@@ -194,16 +212,9 @@ def evaluate_model_file(
         cache_dir: decoded-image cache root.
         split: ``"test"`` (the official or seeded test split) or ``"all"`` images.
         progress: show a decoding progress bar.
-        device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``mps`` (an ``.onnx`` export runs on the CPU).
     """
-    torch_device = select_device(device)
-    if Path(model_path).suffix.lower() == ".onnx":  # An export, run in onnxruntime on the CPU.
-        from cnnkit.inference.onnx_backend import OnnxModule, OnnxPredictor
-
-        torch_device = torch.device("cpu")
-        model = OnnxModule(OnnxPredictor.from_file(model_path))
-    else:
-        model = load_model(model_path, torch_device)
+    model, torch_device = _load_for_evaluation(model_path, device)
     preprocessing = model.metadata.preprocessing
     trained_fold = model.metadata.training.get("fold")
     evaluating_hasy = data_overrides.get("dataset") == "hasy"
