@@ -859,3 +859,25 @@ def test_evaluate_an_onnx_export_ignores_device_with_a_warning(
     assert main([*argv, "--device", "cuda"]) == 0
     assert json.loads(capsys.readouterr().out)["count"] == 3
     assert "runs on ONNX Runtime's CPU provider; --device cuda is ignored" in caplog.text
+
+
+def test_evaluate_refuses_a_file_as_its_report_folder_before_scoring(
+    capsys, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine\n")
+    argv = ["evaluate", str(symbol_model_file), "--dataset", "digits", "--cache-dir", str(cache)]
+    assert main([*argv, "--out", str(taken)]) == 2
+    assert f"--out {taken}: is a file; the report needs a folder" in capsys.readouterr().err
+    assert main([*argv, "--out", str(taken / "report")]) == 2
+    assert f"{taken} is a file; the report needs a folder" in capsys.readouterr().err
+    # The default folder beside the model is checked too.
+    model = tmp_path / "run" / "model.safetensors"
+    model.parent.mkdir()
+    model.write_bytes(symbol_model_file.read_bytes())
+    (model.parent / "evaluation").write_text("not a folder\n")
+    assert main(["evaluate", str(model), "--dataset", "digits", "--cache-dir", str(cache)]) == 2
+    assert f"{model.parent / 'evaluation'}: is a file;" in capsys.readouterr().err
+    assert not cache.exists()  # Refused before any image was decoded.
+    assert taken.read_text() == "mine\n"
