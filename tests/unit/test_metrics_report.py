@@ -152,3 +152,44 @@ def test_grid_captions_and_parameter_labels_stay_short() -> None:
     assert _shorten("alpha\n-> beta (0.50)") == "alpha\n-> beta (0.50)"
     assert format_value(0.0017826497151386949) == "0.001783"
     assert [format_value(v) for v in (3, "adamw", True, 0.5)] == ["3", "adamw", "True", "0.5"]
+
+
+def _subset_of_a_many_class_model() -> tuple[torch.Tensor, torch.Tensor]:
+    """A 40-class model scored on classes 0-2 only: two mistakes land on classes 7 and 30,
+    which have no test images; classes 3-39 otherwise take part in nothing."""
+    targets = torch.tensor([0, 0, 1, 1, 2, 2])
+    predictions = torch.tensor([0, 7, 1, 1, 2, 30])
+    logits = torch.zeros(len(targets), 40)
+    logits[torch.arange(len(targets)), predictions] = 1.0
+    return logits, targets
+
+
+def test_macro_averages_count_the_classes_wrong_predictions_land_on() -> None:
+    from sklearn.metrics import precision_recall_fscore_support
+
+    logits, targets = _subset_of_a_many_class_model()
+    summary = summarize(logits, targets)
+    # scikit-learn's default labels: the classes that are true or predicted (0, 1, 2, 7, 30).
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        targets.numpy(), logits.argmax(dim=1).numpy(), average="macro", zero_division=0
+    )
+    assert summary["macro_precision"] == pytest.approx(precision) == pytest.approx(3 / 5)
+    assert summary["macro_recall"] == pytest.approx(recall)
+    assert summary["macro_f1"] == pytest.approx(f1)
+
+
+def test_the_report_lists_only_classes_that_are_true_or_predicted(tmp_path: Path) -> None:
+    from cnnkit.evaluation.plots import confused_block
+
+    logits, targets = _subset_of_a_many_class_model()
+    class_names = [f"class_{index}" for index in range(40)]
+    report = build_report(logits, targets, class_names, tmp_path)
+    per_class = _read_csv(tmp_path / "per_class.csv")
+    assert [row["index"] for row in per_class] == ["0", "1", "2", "7", "30"]
+    assert [row["support"] for row in per_class] == ["2", "2", "2", "0", "0"]
+    assert report.metrics["macro_precision"] == pytest.approx(3 / 5)
+    # The figure draws the same five classes, not 30 slots filled with idle ones.
+    matrix = confusion_matrix(logits.argmax(dim=1), targets, 40).numpy()
+    assert confused_block(matrix).tolist() == [0, 1, 2, 7, 30]
+    assert confused_block(matrix, max_classes=2).tolist() == [0, 2]  # The most confused.
+    assert confused_block(np.zeros((3, 3), np.int64)).tolist() == [0, 1, 2]

@@ -15,6 +15,7 @@ from cnnkit.atomic import write_atomically
 from cnnkit.evaluation import plots
 from cnnkit.evaluation.metrics import (
     confusion_matrix,
+    involved_classes,
     most_confused_pairs,
     per_class_scores,
     summarize,
@@ -87,7 +88,8 @@ def build_report(
     evaluated: dict[str, Any] | None = None,
 ) -> EvaluationReport:
     """Compute metrics and write ``metrics.json``, ``per_class.csv``, ``confused_pairs.csv``,
-    ``confusion.png`` and (with ``images``) ``misclassified.png`` into ``out_dir``.
+    ``confusion.png`` and (with ``images``) ``misclassified.png`` into ``out_dir``. The CSV and
+    the figure list the classes that are some image's true or predicted class.
 
     Args:
         logits: ``[N, K]`` model outputs.
@@ -105,6 +107,7 @@ def build_report(
     predictions = logits.argmax(dim=1)
     matrix = confusion_matrix(predictions, labels, len(class_names))
     scores = per_class_scores(matrix)
+    involved = involved_classes(matrix)
     per_class = [
         {
             "index": index,
@@ -115,6 +118,7 @@ def build_report(
             "support": int(scores["support"][index]),
         }
         for index, name in enumerate(class_names)
+        if involved[index]  # A model's other classes would add rows of zeros.
     ]
     pairs = [
         {"true": class_names[t], "predicted": class_names[p], "count": n}
