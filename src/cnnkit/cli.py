@@ -533,6 +533,8 @@ def _refuse_search_folder(folder: Path) -> None:
 def _report_folder(args: argparse.Namespace, model_path: Path) -> Path:
     """Where evaluate writes its report, refused before any work where a file stands in the
     way (the report would otherwise fail only after every image was scored)."""
+    from cnnkit.evaluation.report import refuse_file_in_the_way
+
     if args.out:
         out, named = Path(args.out), f"--out {args.out}"
     elif args.model:
@@ -541,10 +543,7 @@ def _report_folder(args: argparse.Namespace, model_path: Path) -> Path:
     else:  # Never into the installed package's folder.
         out = Path("runs") / "evaluation-bundled"
         named = str(out)
-    existing = next((path for path in (out, *out.parents) if path.exists()), None)
-    if existing is not None and not existing.is_dir():
-        problem = "is a file" if existing == out else f"{existing} is a file"
-        raise CommandError(f"{named}: {problem}; the report needs a folder")
+    refuse_file_in_the_way(out, named)
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -193,3 +194,79 @@ def test_the_report_lists_only_classes_that_are_true_or_predicted(tmp_path: Path
     assert confused_block(matrix).tolist() == [0, 1, 2, 7, 30]
     assert confused_block(matrix, max_classes=2).tolist() == [0, 2]  # The most confused.
     assert confused_block(np.zeros((3, 3), np.int64)).tolist() == [0, 1, 2]
+
+
+def _report_files(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("earlier", [True, False])
+def test_an_interrupted_report_leaves_the_earlier_one_untouched(
+    tmp_path: Path, monkeypatch, earlier: bool
+) -> None:
+    """Ctrl-C (or SIGTERM, which the CLI turns into it) while the last figure is drawn: the
+    folder holds the earlier report as it was (or nothing), not new CSVs beside old metrics."""
+    from cnnkit.evaluation import plots
+
+    images = np.zeros((6, 8, 8, 1), dtype=np.uint8)
+    out = tmp_path / "evaluation"
+    if earlier:
+        build_report(_logits_for(TARGETS), TARGETS, ["a", "b", "c"], out, images)
+    before = _report_files(out) if earlier else None
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "plot_image_grid", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_report(_logits_for(PREDICTIONS), TARGETS, ["a", "b", "c"], out, images)
+    if earlier:
+        assert _report_files(out) == before
+    else:
+        assert not out.exists()
+    assert [path.name for path in tmp_path.iterdir()] == (["evaluation"] if earlier else [])
+
+
+def test_a_new_report_replaces_every_file_of_the_earlier_one(tmp_path: Path) -> None:
+    out = tmp_path / "evaluation"
+    images = np.zeros((6, 8, 8, 1), dtype=np.uint8)
+    build_report(_logits_for(PREDICTIONS), TARGETS, ["a", "b", "c"], out, images)
+    (out / ".metrics.json.abc.tmp").write_text("left by a killed write")
+    build_report(_logits_for(TARGETS), TARGETS, ["a", "b", "c"], out)
+    # No stale grid of the earlier report's mistakes beside the new metrics.
+    assert sorted(path.name for path in out.iterdir()) == [
+        "confused_pairs.csv",
+        "confusion.png",
+        "metrics.json",
+        "per_class.csv",
+    ]
+    assert json.loads((out / "metrics.json").read_text())["top1"] == 1.0
+    assert [path.name for path in tmp_path.iterdir()] == ["evaluation"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # As mkdir makes it, not private.
+
+
+def test_a_report_into_a_folder_of_other_files_keeps_them(tmp_path: Path) -> None:
+    """A folder that holds more than a report (a run folder, notes of one's own) is not
+    swapped away: its other files stay, and only the earlier report's files are replaced."""
+    images = np.zeros((6, 8, 8, 1), dtype=np.uint8)
+    build_report(_logits_for(PREDICTIONS), TARGETS, ["a", "b", "c"], tmp_path, images)
+    (tmp_path / "notes.txt").write_text("mine\n")
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "confusion.png").write_bytes(b"my own figure")
+    build_report(_logits_for(TARGETS), TARGETS, ["a", "b", "c"], tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine\n"
+    assert (tmp_path / "plots" / "confusion.png").read_bytes() == b"my own figure"
+    assert not (tmp_path / "misclassified.png").exists()
+    assert json.loads((tmp_path / "metrics.json").read_text())["top1"] == 1.0
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".")) == []
+
+
+def test_a_file_in_the_way_of_the_report_folder_is_one_line(tmp_path: Path) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("mine\n")
+    for out in (taken, taken / "report"):
+        with pytest.raises(ValueError, match=f"{taken}.* is a file; the report needs a folder"):
+            build_report(_logits_for(TARGETS), TARGETS, ["a", "b", "c"], out)
+    assert taken.read_text() == "mine\n"
