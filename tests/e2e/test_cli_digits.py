@@ -306,3 +306,22 @@ def test_a_bf16_trained_runs_test_figures_are_evaluates(tmp_path, capsys, monkey
     evaluated = json.loads(capsys.readouterr().out)
     for key in ("count", "top1", "top5", "macro_precision", "macro_recall", "macro_f1"):
         assert evaluated[key] == trained[key], key
+
+
+def test_a_runs_report_names_the_limits_that_chose_its_test_images(
+    tmp_path, capsys, demo_run: Path
+) -> None:
+    run, cache = tmp_path / "run", ["--cache-dir", str(tmp_path / "cache")]
+    argv = ["train", "--dataset", "digits", "--max-classes", "3", "--max-per-class", "20"]
+    assert main([*argv, "--epochs", "1", "--quiet", "--out", str(run), *cache]) == 0
+    trained = json.loads((run / "report" / "metrics.json").read_text())["evaluated"]
+    assert (trained["max_classes"], trained["max_per_class"]) == (3, 20)
+    # evaluate names them the same way for the same test split.
+    capsys.readouterr()
+    argv = ["evaluate", str(run), "--dataset", "digits", "--json", *cache]
+    assert main([*argv, "--out", str(tmp_path / "evaluation")]) == 0
+    evaluated = json.loads(capsys.readouterr().out)["evaluated"]
+    assert (evaluated["max_classes"], evaluated["max_per_class"]) == (3, 20)
+    # A run without limits names none.
+    unlimited = json.loads((demo_run / "report" / "metrics.json").read_text())["evaluated"]
+    assert "max_classes" not in unlimited and "max_per_class" not in unlimited

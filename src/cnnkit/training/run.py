@@ -390,8 +390,16 @@ def _test_and_save(
     data = config.data
     # With train_on_all the "test" images were trained on too: say so.
     split = "test (also trained on)" if data.train_on_all else "test"
+    # The limits that chose the test images, named only when set, as evaluate names them.
+    limits = {"max_classes": data.max_classes, "max_per_class": data.max_per_class}
     evaluated = evaluated_block(
-        run_dir / MODEL_NAME, config.model.name, data.dataset, data.data, data.fold, split
+        run_dir / MODEL_NAME,
+        config.model.name,
+        data.dataset,
+        data.data,
+        data.fold,
+        split,
+        **{key: value for key, value in limits.items() if value is not None},
     )
     report = build_report(
         logits,
