@@ -270,3 +270,20 @@ def test_a_file_in_the_way_of_the_report_folder_is_one_line(tmp_path: Path) -> N
         with pytest.raises(ValueError, match=f"{taken}.* is a file; the report needs a folder"):
             build_report(_logits_for(TARGETS), TARGETS, ["a", "b", "c"], out)
     assert taken.read_text() == "mine\n"
+
+
+def test_a_report_into_the_working_folder_updates_it_in_place(tmp_path: Path, monkeypatch) -> None:
+    """``--out .`` from inside an earlier report (or an empty folder made for it): the folder
+    the shell stands in is written into, never renamed away."""
+    out = tmp_path / "evaluation"
+    build_report(_logits_for(PREDICTIONS), TARGETS, ["a", "b", "c"], out)
+    monkeypatch.chdir(out)
+    report = build_report(_logits_for(TARGETS), TARGETS, ["a", "b", "c"], ".")
+    assert report.files["metrics"] == "metrics.json"
+    assert Path.cwd().samefile(out)
+    assert json.loads((out / "metrics.json").read_text())["top1"] == 1.0
+    assert [path.name for path in tmp_path.iterdir()] == ["evaluation"]
+    assert not [path.name for path in out.iterdir() if path.name.startswith(".")]
+    (tmp_path / "empty").mkdir()
+    build_report(_logits_for(TARGETS), TARGETS, ["a", "b", "c"], tmp_path / "empty")
+    assert (tmp_path / "empty" / "metrics.json").is_file()

@@ -139,16 +139,20 @@ def _plot_misclassified(
     )
 
 
-def _holds_only_a_report(folder: Path) -> bool:
-    """Whether ``folder`` may be swapped out whole: absent, or a real folder holding nothing
-    but report files (an earlier report, or one cut short)."""
-    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-        return False
-    if not folder.exists():
+def _swappable(folder: Path) -> bool:
+    """Whether ``folder`` may be replaced whole: absent, or a real folder that holds an
+    earlier report (or one cut short) and nothing else. Never an empty folder someone made,
+    nor the working folder or one above it."""
+    if not folder.exists() and not folder.is_symlink():
         return True
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    entries = list(folder.iterdir())
+    working = Path.cwd()
+    if not entries or folder.resolve() in (working, *working.parents):
+        return False
     return all(
-        path.is_file() and not path.is_symlink() and _is_report_file(path.name)
-        for path in folder.iterdir()
+        path.is_file() and not path.is_symlink() and _is_report_file(path.name) for path in entries
     )
 
 
@@ -156,16 +160,16 @@ def _is_report_file(name: str) -> bool:
     return name in REPORT_FILES or (name.startswith(".") and name.endswith(".tmp"))
 
 
-def _move_into_place(staging: Path, out_dir: Path) -> None:
+def _move_into_place(staging: Path, out_dir: Path, swap: bool) -> None:
     """Put the finished report in ``staging`` at ``out_dir``.
 
-    A folder that holds only an earlier report is swapped out whole. A folder that holds
+    With ``swap`` (see :func:`_swappable`) the folder is replaced whole. A folder that holds
     other things too (a run folder, files of the user's own) keeps them, as clearing a run
     folder does: the new files are renamed in, ``metrics.json`` last, and the earlier report's
     files that this one lacks are removed, so no stale figure sits beside new metrics.
     """
-    if _holds_only_a_report(out_dir):
-        earlier = staging.with_name(f"{staging.name}-earlier")
+    if swap:
+        earlier = staging.with_suffix(".earlier.tmp")
         if out_dir.exists():
             os.replace(out_dir, earlier)
         os.replace(staging, out_dir)
@@ -198,11 +202,13 @@ def refuse_file_in_the_way(out_dir: Path, named: str | None = None) -> None:
         raise ValueError(f"{named or out_dir}: {problem}; the report needs a folder")
 
 
-def _staging_folder(out_dir: Path) -> Path:
-    """An empty hidden folder beside ``out_dir`` (same file system, so renames are atomic),
-    with the mode a plain ``mkdir`` would give."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+def _staging_folder(out_dir: Path, swap: bool) -> Path:
+    """An empty hidden folder, named like the temporaries of atomic writes, on the report's
+    file system (so renames are atomic) and with the mode a plain ``mkdir`` gives: beside
+    ``out_dir`` when it is to be swapped in, else inside it (its parent may be read-only)."""
+    home = out_dir.parent if swap else out_dir
+    home.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", suffix=".tmp", dir=home))
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)
@@ -222,8 +228,9 @@ def build_report(
     ``confusion.png`` and (with ``images``) ``misclassified.png`` into ``out_dir``. The CSV and
     the figure list the classes that are some image's true or predicted class.
 
-    The files are written into a hidden folder beside ``out_dir`` and moved into place at the
-    end, so an interrupted report leaves the earlier one as it was, not a mix of both.
+    The files are written into a hidden temporary folder and moved into place at the end, so
+    an interrupted report leaves the earlier one as it was, not a mix of both; files in
+    ``out_dir`` that are not a report's stay.
 
     Args:
         logits: ``[N, K]`` model outputs.
@@ -238,7 +245,8 @@ def build_report(
     Raises:
         ValueError: if ``out_dir`` or a folder above it is a file.
     """
-    out_dir = Path(out_dir)
+    given = Path(out_dir)
+    out_dir = given.absolute()  # "." too has a name and a parent.
     refuse_file_in_the_way(out_dir)
     metrics = summarize(logits, labels)
     matrix = confusion_matrix(logits.argmax(dim=1), labels, len(class_names))
@@ -254,9 +262,10 @@ def build_report(
     }
     if images is not None:
         names["misclassified"] = "misclassified.png"
-    files = {key: str(out_dir / name) for key, name in names.items()}
+    files = {key: str(given / name) for key, name in names.items()}
     report = EvaluationReport(metrics, pairs, files, dict(evaluated or {}))
-    staging = _staging_folder(out_dir)
+    swap = _swappable(out_dir)
+    staging = _staging_folder(out_dir, swap)
     try:
         plots.plot_confusion(matrix.numpy(), class_names, staging / "confusion.png")
         _write_csv(staging / "per_class.csv", _per_class_rows(matrix, class_names))
@@ -269,7 +278,7 @@ def build_report(
         text = json.dumps(report.to_dict(), indent=2) + "\n"
         metrics_path = staging / "metrics.json"
         write_atomically(metrics_path, lambda path: path.write_text(text, encoding="utf-8"))
-        _move_into_place(staging, out_dir)
+        _move_into_place(staging, out_dir, swap)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
