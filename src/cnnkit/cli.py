@@ -530,6 +530,23 @@ def _refuse_search_folder(folder: Path) -> None:
     raise CommandError(f"{folder} is a search folder, not a model: pass {hint}")
 
 
+def _report_folder(args: argparse.Namespace, model_path: Path) -> Path:
+    """Where evaluate writes its report, refused before any work where a file stands in the
+    way (the report would otherwise fail only after every image was scored)."""
+    from cnnkit.evaluation.report import refuse_file_in_the_way
+
+    if args.out:
+        out, named = Path(args.out), f"--out {args.out}"
+    elif args.model:
+        out = model_path.parent / "evaluation"
+        named = str(out)
+    else:  # Never into the installed package's folder.
+        out = Path("runs") / "evaluation-bundled"
+        named = str(out)
+    refuse_file_in_the_way(out, named)
+    return out
+
+
 def command_evaluate(args: argparse.Namespace) -> int:
     from cnnkit.evaluation.evaluate import evaluate_model_file
 
@@ -544,12 +561,7 @@ def command_evaluate(args: argparse.Namespace) -> int:
         "crop_to_bbox": args.crop_to_bbox,
         "test_fraction": args.test_fraction,
     }
-    if args.out:
-        out = Path(args.out)
-    elif args.model:
-        out = model_path.parent / "evaluation"
-    else:  # Never into the installed package's folder.
-        out = Path("runs") / "evaluation-bundled"
+    out = _report_folder(args, model_path)
     report = evaluate_model_file(
         model_path,
         {k: v for k, v in overrides.items() if v is not None},

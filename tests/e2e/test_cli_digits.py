@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from cnnkit import __version__
 from cnnkit.cli import main
@@ -271,3 +272,56 @@ def test_member_folders_are_only_the_names_an_ensemble_writes(tmp_path) -> None:
         "finetune-3",
         "finetune-10",
     ]
+
+
+def test_a_bf16_trained_runs_test_figures_are_evaluates(tmp_path, capsys, monkeypatch) -> None:
+    """The run trains under bf16 autocast (forced where this CPU lacks native bf16), but
+    scores its test report in float32, as evaluate, predict and ONNX run the saved model: the
+    figures in run.json and report/ are then the ones evaluate gives on the same images."""
+    import cnnkit.training.run as run_module
+    import cnnkit.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "cpu_supports_bf16", lambda: True)
+    forwards: list[tuple[bool, bool]] = []  # (training mode, under autocast) of each forward
+    create_model = run_module.create_model
+
+    def record(module, inputs, output) -> None:
+        forwards.append((module.training, torch.is_autocast_enabled("cpu")))
+
+    def create_recorded_model(*args, **kwargs):
+        model = create_model(*args, **kwargs)
+        model.register_forward_hook(record)
+        return model
+
+    monkeypatch.setattr(run_module, "create_model", create_recorded_model)
+    run, cache = tmp_path / "run", ["--cache-dir", str(tmp_path / "cache")]
+    argv = ["train", "--dataset", "digits", "--max-per-class", "60", "--epochs", "1", "--bf16"]
+    assert main([*argv, "--device", "cpu", "--quiet", "--out", str(run), *cache]) == 0
+    assert (True, True) in forwards  # Training itself stays in bf16.
+    assert forwards[-1] == (False, False)  # The final test is scored in float32.
+    trained = json.loads((run / "run.json").read_text())["test"]
+    capsys.readouterr()
+    argv = ["evaluate", str(run), "--dataset", "digits", "--json", "--device", "cpu", *cache]
+    assert main([*argv, "--out", str(tmp_path / "evaluation")]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    for key in ("count", "top1", "top5", "macro_precision", "macro_recall", "macro_f1"):
+        assert evaluated[key] == trained[key], key
+
+
+def test_a_runs_report_names_the_limits_that_chose_its_test_images(
+    tmp_path, capsys, demo_run: Path
+) -> None:
+    run, cache = tmp_path / "run", ["--cache-dir", str(tmp_path / "cache")]
+    argv = ["train", "--dataset", "digits", "--max-classes", "3", "--max-per-class", "20"]
+    assert main([*argv, "--epochs", "1", "--quiet", "--out", str(run), *cache]) == 0
+    trained = json.loads((run / "report" / "metrics.json").read_text())["evaluated"]
+    assert (trained["max_classes"], trained["max_per_class"]) == (3, 20)
+    # evaluate names them the same way for the same test split.
+    capsys.readouterr()
+    argv = ["evaluate", str(run), "--dataset", "digits", "--json", *cache]
+    assert main([*argv, "--out", str(tmp_path / "evaluation")]) == 0
+    evaluated = json.loads(capsys.readouterr().out)["evaluated"]
+    assert (evaluated["max_classes"], evaluated["max_per_class"]) == (3, 20)
+    # A run without limits names none.
+    unlimited = json.loads((demo_run / "report" / "metrics.json").read_text())["evaluated"]
+    assert "max_classes" not in unlimited and "max_per_class" not in unlimited

@@ -822,3 +822,62 @@ def test_help_offers_only_what_each_command_uses(capsys) -> None:
     for option in ("--channels", "--image-size", "--val-fraction"):
         assert option not in text
     assert "--max-per-class" in text and "--test-fraction" in text
+
+
+def test_evaluate_a_test_split_without_the_models_classes_is_one_line(
+    capsys, tiny_model_saver, tmp_path: Path
+) -> None:
+    """The model knows b and c; the folder's one b image lands in its training share, so no
+    test image is left to score: a clear error, not an IndexError from an empty argmax."""
+    model = tiny_model_saver(tmp_path / "bc.safetensors", ("b", "c"))
+    data = tmp_path / "letters"
+    _write_images(data / "a", 12)
+    _write_images(data / "b", 1)
+    argv = ["evaluate", str(model), "--dataset", "folder", "--data", str(data)]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "evaluation")]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"{data}: none of the 2 test images are of the model's classes (e.g. b, c)" in error
+    assert not (tmp_path / "evaluation").exists()
+
+
+def test_evaluate_an_onnx_export_ignores_device_with_a_warning(
+    capsys, caplog, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    """An .onnx file runs on ONNX Runtime's CPU provider (as --help says): --device cuda must
+    not fail for want of CUDA, and the warning says it is not used."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    exported = tmp_path / "m.onnx"
+    assert main(["export", str(symbol_model_file), "--out", str(exported)]) == 0
+    data = tmp_path / "greek"
+    for name in ("alpha", "beta", "gamma"):
+        _write_images(data / name, 5)
+    argv = ["evaluate", str(exported), "--dataset", "folder", "--data", str(data), "--json"]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "evaluation")]
+    capsys.readouterr()
+    assert main([*argv, "--device", "cuda"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 3
+    assert "runs on ONNX Runtime's CPU provider; --device cuda is ignored" in caplog.text
+
+
+def test_evaluate_refuses_a_file_as_its_report_folder_before_scoring(
+    capsys, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine\n")
+    argv = ["evaluate", str(symbol_model_file), "--dataset", "digits", "--cache-dir", str(cache)]
+    assert main([*argv, "--out", str(taken)]) == 2
+    assert f"--out {taken}: is a file; the report needs a folder" in capsys.readouterr().err
+    assert main([*argv, "--out", str(taken / "report")]) == 2
+    assert f"{taken} is a file; the report needs a folder" in capsys.readouterr().err
+    # The default folder beside the model is checked too.
+    model = tmp_path / "run" / "model.safetensors"
+    model.parent.mkdir()
+    model.write_bytes(symbol_model_file.read_bytes())
+    (model.parent / "evaluation").write_text("not a folder\n")
+    assert main(["evaluate", str(model), "--dataset", "digits", "--cache-dir", str(cache)]) == 2
+    assert f"{model.parent / 'evaluation'}: is a file;" in capsys.readouterr().err
+    assert not cache.exists()  # Refused before any image was decoded.
+    assert taken.read_text() == "mine\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,137 @@ def test_grid_captions_and_parameter_labels_stay_short() -> None:
     assert _shorten("alpha\n-> beta (0.50)") == "alpha\n-> beta (0.50)"
     assert format_value(0.0017826497151386949) == "0.001783"
     assert [format_value(v) for v in (3, "adamw", True, 0.5)] == ["3", "adamw", "True", "0.5"]
+
+
+def _subset_of_a_many_class_model() -> tuple[torch.Tensor, torch.Tensor]:
+    """A 40-class model scored on classes 0-2 only: two mistakes land on classes 7 and 30,
+    which have no test images; classes 3-39 otherwise take part in nothing."""
+    targets = torch.tensor([0, 0, 1, 1, 2, 2])
+    predictions = torch.tensor([0, 7, 1, 1, 2, 30])
+    logits = torch.zeros(len(targets), 40)
+    logits[torch.arange(len(targets)), predictions] = 1.0
+    return logits, targets
+
+
+def test_macro_averages_count_the_classes_wrong_predictions_land_on() -> None:
+    from sklearn.metrics import precision_recall_fscore_support
+
+    logits, targets = _subset_of_a_many_class_model()
+    summary = summarize(logits, targets)
+    # scikit-learn's default labels: the classes that are true or predicted (0, 1, 2, 7, 30).
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        targets.numpy(), logits.argmax(dim=1).numpy(), average="macro", zero_division=0
+    )
+    assert summary["macro_precision"] == pytest.approx(precision) == pytest.approx(3 / 5)
+    assert summary["macro_recall"] == pytest.approx(recall)
+    assert summary["macro_f1"] == pytest.approx(f1)
+
+
+def test_the_report_lists_only_classes_that_are_true_or_predicted(tmp_path: Path) -> None:
+    from cnnkit.evaluation.plots import confused_block
+
+    logits, targets = _subset_of_a_many_class_model()
+    class_names = [f"class_{index}" for index in range(40)]
+    report = build_report(logits, targets, class_names, tmp_path)
+    per_class = _read_csv(tmp_path / "per_class.csv")
+    assert [row["index"] for row in per_class] == ["0", "1", "2", "7", "30"]
+    assert [row["support"] for row in per_class] == ["2", "2", "2", "0", "0"]
+    assert report.metrics["macro_precision"] == pytest.approx(3 / 5)
+    # The figure draws the same five classes, not 30 slots filled with idle ones.
+    matrix = confusion_matrix(logits.argmax(dim=1), targets, 40).numpy()
+    assert confused_block(matrix).tolist() == [0, 1, 2, 7, 30]
+    assert confused_block(matrix, max_classes=2).tolist() == [0, 2]  # The most confused.
+    assert confused_block(np.zeros((3, 3), np.int64)).tolist() == [0, 1, 2]
+
+
+def _report_files(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("earlier", [True, False])
+def test_an_interrupted_report_leaves_the_earlier_one_untouched(
+    tmp_path: Path, monkeypatch, earlier: bool
+) -> None:
+    """Ctrl-C (or SIGTERM, which the CLI turns into it) while the last figure is drawn: the
+    folder holds the earlier report as it was (or nothing), not new CSVs beside old metrics."""
+    from cnnkit.evaluation import plots
+
+    images = np.zeros((6, 8, 8, 1), dtype=np.uint8)
+    out = tmp_path / "evaluation"
+    if earlier:
+        build_report(_logits_for(TARGETS), TARGETS, ["a", "b", "c"], out, images)
+    before = _report_files(out) if earlier else None
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "plot_image_grid", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_report(_logits_for(PREDICTIONS), TARGETS, ["a", "b", "c"], out, images)
+    if earlier:
+        assert _report_files(out) == before
+    else:
+        assert not out.exists()
+    assert [path.name for path in tmp_path.iterdir()] == (["evaluation"] if earlier else [])
+
+
+def test_a_new_report_replaces_every_file_of_the_earlier_one(tmp_path: Path) -> None:
+    out = tmp_path / "evaluation"
+    images = np.zeros((6, 8, 8, 1), dtype=np.uint8)
+    build_report(_logits_for(PREDICTIONS), TARGETS, ["a", "b", "c"], out, images)
+    (out / ".metrics.json.abc.tmp").write_text("left by a killed write")
+    build_report(_logits_for(TARGETS), TARGETS, ["a", "b", "c"], out)
+    # No stale grid of the earlier report's mistakes beside the new metrics.
+    assert sorted(path.name for path in out.iterdir()) == [
+        "confused_pairs.csv",
+        "confusion.png",
+        "metrics.json",
+        "per_class.csv",
+    ]
+    assert json.loads((out / "metrics.json").read_text())["top1"] == 1.0
+    assert [path.name for path in tmp_path.iterdir()] == ["evaluation"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # As mkdir makes it, not private.
+
+
+def test_a_report_into_a_folder_of_other_files_keeps_them(tmp_path: Path) -> None:
+    """A folder that holds more than a report (a run folder, notes of one's own) is not
+    swapped away: its other files stay, and only the earlier report's files are replaced."""
+    images = np.zeros((6, 8, 8, 1), dtype=np.uint8)
+    build_report(_logits_for(PREDICTIONS), TARGETS, ["a", "b", "c"], tmp_path, images)
+    (tmp_path / "notes.txt").write_text("mine\n")
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "confusion.png").write_bytes(b"my own figure")
+    build_report(_logits_for(TARGETS), TARGETS, ["a", "b", "c"], tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine\n"
+    assert (tmp_path / "plots" / "confusion.png").read_bytes() == b"my own figure"
+    assert not (tmp_path / "misclassified.png").exists()
+    assert json.loads((tmp_path / "metrics.json").read_text())["top1"] == 1.0
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".")) == []
+
+
+def test_a_file_in_the_way_of_the_report_folder_is_one_line(tmp_path: Path) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("mine\n")
+    for out in (taken, taken / "report"):
+        with pytest.raises(ValueError, match=f"{taken}.* is a file; the report needs a folder"):
+            build_report(_logits_for(TARGETS), TARGETS, ["a", "b", "c"], out)
+    assert taken.read_text() == "mine\n"
+
+
+def test_a_report_into_the_working_folder_updates_it_in_place(tmp_path: Path, monkeypatch) -> None:
+    """``--out .`` from inside an earlier report (or an empty folder made for it): the folder
+    the shell stands in is written into, never renamed away."""
+    out = tmp_path / "evaluation"
+    build_report(_logits_for(PREDICTIONS), TARGETS, ["a", "b", "c"], out)
+    monkeypatch.chdir(out)
+    report = build_report(_logits_for(TARGETS), TARGETS, ["a", "b", "c"], ".")
+    assert report.files["metrics"] == "metrics.json"
+    assert Path.cwd().samefile(out)
+    assert json.loads((out / "metrics.json").read_text())["top1"] == 1.0
+    assert [path.name for path in tmp_path.iterdir()] == ["evaluation"]
+    assert not [path.name for path in out.iterdir() if path.name.startswith(".")]
+    (tmp_path / "empty").mkdir()
+    build_report(_logits_for(TARGETS), TARGETS, ["a", "b", "c"], tmp_path / "empty")
+    assert (tmp_path / "empty" / "metrics.json").is_file()

@@ -41,28 +41,53 @@ def align_labels(images: ImageSet, model_classes: tuple[str, ...], source: str) 
 
 
 def restrict_to_known_classes(
-    images: ImageSet, model_classes: tuple[str, ...], source: str
+    images: ImageSet, model_classes: tuple[str, ...], source: str, split: str = "test"
 ) -> ImageSet:
     """The images of the classes the model knows, for a model trained on part of a dataset
     (``--max-classes``); all images when it knows every class.
 
+    Args:
+        images: the images to score.
+        model_classes: the model's class names.
+        source: the dataset, as errors name it.
+        split: ``"test"`` or ``"all"``, as errors name the images.
+
     Raises:
-        ValueError: if the model knows none of the dataset's classes.
+        ValueError: if the model knows none of the dataset's classes, or none of the images
+            is of a class it knows.
     """
     known = set(model_classes)
     keep = [i for i, name in enumerate(images.class_names) if name in known]
-    if len(keep) == len(images.class_names):
-        return images
     if not keep:
         shown = ", ".join(images.class_names[:5])
         raise ValueError(f"{source}: the model knows none of its classes (e.g. {shown})")
-    logger.warning(
-        "%s: the model knows %d of its %d classes; evaluating on their images only",
-        source,
-        len(keep),
-        len(images.class_names),
+    kept = images
+    if len(keep) < len(images.class_names):
+        logger.warning(
+            "%s: the model knows %d of its %d classes; evaluating on their images only",
+            source,
+            len(keep),
+            len(images.class_names),
+        )
+        kept = images.subset(np.flatnonzero(np.isin(images.labels, keep)))
+    _refuse_nothing_to_score(len(images), len(kept), model_classes, source, split)
+    return kept
+
+
+def _refuse_nothing_to_score(
+    count: int, kept: int, model_classes: tuple[str, ...], source: str, split: str
+) -> None:
+    """Stop with a clear error, not a failed argmax, when no image is left to score."""
+    if kept:
+        return
+    described = "test images" if split == "test" else "images"
+    if not count:
+        raise ValueError(f"{source}: there are no {described} to score")
+    shown = ", ".join(model_classes[:5])
+    raise ValueError(
+        f"{source}: none of the {count} {described} are of the model's classes (e.g. {shown}); "
+        "nothing to score"
     )
-    return images.subset(np.flatnonzero(np.isin(images.labels, keep)))
 
 
 @torch.inference_mode()
@@ -151,6 +176,24 @@ def _trained_split_settings(
     return settings
 
 
+def _load_for_evaluation(
+    model_path: str | Path, device: str
+) -> tuple[torch.nn.Module, torch.device]:
+    """The model and the device its inputs go to: a model file on ``device``; an ``.onnx``
+    export on ONNX Runtime's CPU provider, whatever ``device`` says (a warning names one that
+    is not used, and no missing CUDA stops it)."""
+    if Path(model_path).suffix.lower() != ".onnx":
+        torch_device = select_device(device)
+        return load_model(model_path, torch_device), torch_device
+    from cnnkit.inference.onnx_backend import OnnxModule, OnnxPredictor
+
+    if device not in ("auto", "cpu"):
+        logger.warning(
+            "%s runs on ONNX Runtime's CPU provider; --device %s is ignored", model_path, device
+        )
+    return OnnxModule(OnnxPredictor.from_file(model_path)), torch.device("cpu")
+
+
 def evaluate_model_file(
     model_path: str | Path,
     data_overrides: dict[str, Any],
@@ -169,16 +212,9 @@ def evaluate_model_file(
         cache_dir: decoded-image cache root.
         split: ``"test"`` (the official or seeded test split) or ``"all"`` images.
         progress: show a decoding progress bar.
-        device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``mps`` (an ``.onnx`` export runs on the CPU).
     """
-    torch_device = select_device(device)
-    if Path(model_path).suffix.lower() == ".onnx":  # An export, run in onnxruntime on the CPU.
-        from cnnkit.inference.onnx_backend import OnnxModule, OnnxPredictor
-
-        torch_device = torch.device("cpu")
-        model = OnnxModule(OnnxPredictor.from_file(model_path))
-    else:
-        model = load_model(model_path, torch_device)
+    model, torch_device = _load_for_evaluation(model_path, device)
     preprocessing = model.metadata.preprocessing
     trained_fold = model.metadata.training.get("fold")
     evaluating_hasy = data_overrides.get("dataset") == "hasy"
@@ -201,7 +237,7 @@ def evaluate_model_file(
     splits = load_splits_for(preprocessing, data_overrides, cache_dir, progress)
     images = concatenate(splits.train, splits.test) if split == "all" else splits.test
     source = str(data_overrides.get("data") or data_overrides.get("dataset"))
-    images = restrict_to_known_classes(images, model.metadata.class_names, source)
+    images = restrict_to_known_classes(images, model.metadata.class_names, source, split)
     labels = torch.from_numpy(align_labels(images, model.metadata.class_names, source))
     logits = predict_logits(model, images, preprocessing, torch_device, progress=progress)
     evaluated = evaluated_block(

@@ -48,17 +48,25 @@ def most_confused_pairs(matrix: torch.Tensor, count: int = 20) -> list[tuple[int
     ]
 
 
+def involved_classes(matrix: torch.Tensor) -> torch.Tensor:
+    """``[K]`` bool: the classes that are some image's true or predicted class (the labels
+    scikit-learn averages over by default). A model of many classes scored on a few of them
+    then averages over those, and the classes its mistakes land on, not over all ``K``."""
+    return (matrix.sum(dim=1) > 0) | (matrix.sum(dim=0) > 0)
+
+
 def summarize(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """Top-1, top-5 and macro precision/recall/F1 over classes present in ``targets``."""
+    """Top-1, top-5 and macro precision/recall/F1 over the classes that are true or predicted:
+    a class that only wrong predictions land on counts, with precision 0."""
     num_classes = logits.shape[1]
     matrix = confusion_matrix(logits.argmax(dim=1), targets, num_classes)
     scores = per_class_scores(matrix)
-    present = scores["support"] > 0
+    involved = involved_classes(matrix)
     return {
         "top1": topk_accuracy(logits, targets, 1),
         "top5": topk_accuracy(logits, targets, 5),
-        "macro_precision": scores["precision"][present].mean().item(),
-        "macro_recall": scores["recall"][present].mean().item(),
-        "macro_f1": scores["f1"][present].mean().item(),
+        "macro_precision": scores["precision"][involved].mean().item(),
+        "macro_recall": scores["recall"][involved].mean().item(),
+        "macro_f1": scores["f1"][involved].mean().item(),
         "count": int(len(targets)),
     }

@@ -42,21 +42,41 @@ def _save(figure: plt.Figure, path: Path) -> Path:
     return path
 
 
+def _involved(matrix: np.ndarray) -> np.ndarray:
+    """Indices of the classes that are some image's true or predicted class."""
+    return np.flatnonzero((matrix.sum(axis=0) + matrix.sum(axis=1)) > 0)
+
+
 def confused_block(matrix: np.ndarray, max_classes: int = 30) -> np.ndarray:
-    """Indices of the classes most involved in confusions (all classes when few)."""
-    if len(matrix) <= max_classes:
-        return np.arange(len(matrix))
+    """Indices of the classes to draw: those that are true or predicted (a class that takes
+    part in nothing fills no slot), and above ``max_classes`` of them the ones most involved
+    in confusions. A matrix of no images keeps every class."""
+    involved = _involved(matrix)
+    if len(involved) == 0:
+        involved = np.arange(len(matrix))
+    if len(involved) <= max_classes:
+        return involved
     off = matrix.astype(np.int64).copy()
     np.fill_diagonal(off, 0)
-    involvement = off.sum(axis=0) + off.sum(axis=1)
-    chosen = np.argsort(-involvement, kind="stable")[:max_classes]
+    involvement = (off.sum(axis=0) + off.sum(axis=1))[involved]
+    chosen = involved[np.argsort(-involvement, kind="stable")[:max_classes]]
     return np.sort(chosen)
+
+
+def _subset_note(matrix: np.ndarray, chosen: np.ndarray) -> str:
+    """What the title says about the classes left out, if any."""
+    if len(chosen) == len(matrix):
+        return ""
+    if len(chosen) == len(_involved(matrix)):
+        return f" ({len(chosen)} of {len(matrix)} classes: those tested or predicted)"
+    return f" ({len(chosen)} most-confused classes)"
 
 
 def plot_confusion(
     matrix: np.ndarray, class_names: Sequence[str], path: Path, max_classes: int = 30
 ) -> Path:
-    """Row-normalised confusion matrix; above ``max_classes`` only the most-confused block."""
+    """Row-normalised confusion matrix of the classes that are true or predicted; above
+    ``max_classes`` of them only the most-confused block."""
     chosen = confused_block(matrix, max_classes)
     block = matrix[np.ix_(chosen, chosen)].astype(np.float64)
     rows = matrix[chosen].sum(axis=1, keepdims=True).astype(np.float64)
@@ -69,8 +89,7 @@ def plot_confusion(
     axes.set_yticks(range(len(chosen)), labels, fontsize=7)
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
-    subset = "" if len(chosen) == len(matrix) else f" ({len(chosen)} most-confused classes)"
-    axes.set_title(f"Confusion matrix, row-normalised{subset}")
+    axes.set_title(f"Confusion matrix, row-normalised{_subset_note(matrix, chosen)}")
     figure.colorbar(image, ax=axes, fraction=0.046)
     return _save(figure, path)
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,10 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnnkit.atomic import write_atomically
+from cnnkit.atomic import fsync_directory, write_atomically
 from cnnkit.evaluation import plots
 from cnnkit.evaluation.metrics import (
     confusion_matrix,
+    involved_classes,
     most_confused_pairs,
     per_class_scores,
     summarize,
@@ -77,6 +82,139 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     write_atomically(path, write)
 
 
+# The files build_report writes; a folder holding only these (and the temporaries of their
+# atomic writes) holds nothing but an earlier report.
+REPORT_FILES = (
+    "metrics.json",
+    "per_class.csv",
+    "confused_pairs.csv",
+    "confusion.png",
+    "misclassified.png",
+)
+
+
+def _per_class_rows(matrix: torch.Tensor, class_names: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per class that is some image's true or predicted class (a model's other
+    classes would add rows of zeros)."""
+    scores = per_class_scores(matrix)
+    involved = involved_classes(matrix)
+    return [
+        {
+            "index": index,
+            "class_name": name,
+            "precision": round(scores["precision"][index].item(), 6),
+            "recall": round(scores["recall"][index].item(), 6),
+            "f1": round(scores["f1"][index].item(), 6),
+            "support": int(scores["support"][index]),
+        }
+        for index, name in enumerate(class_names)
+        if involved[index]
+    ]
+
+
+def _plot_misclassified(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    class_names: Sequence[str],
+    images: np.ndarray,
+    path: Path,
+    max_examples: int,
+) -> None:
+    """The most confident mistakes, with their true and predicted names and confidence."""
+    predictions = logits.argmax(dim=1)
+    probabilities = torch.softmax(logits.float(), dim=1)
+    wrong = torch.nonzero(predictions != labels).flatten()
+    confidence = probabilities[wrong, predictions[wrong]]
+    order = wrong[torch.argsort(confidence, descending=True)][:max_examples].numpy()
+    titles = [
+        f"{class_names[labels[i]]}\n-> {class_names[predictions[i]]} "
+        f"({probabilities[i, predictions[i]].item():.2f})"
+        for i in order
+    ]
+    plots.plot_image_grid(
+        np.asarray(images[order]) if len(order) else np.zeros((0, 1, 1, 1), np.uint8),
+        titles,
+        path,
+        title="Misclassified (true -> predicted, confidence)",
+    )
+
+
+def _swappable(folder: Path) -> bool:
+    """Whether ``folder`` may be replaced whole: absent, or a real folder that holds an
+    earlier report (or one cut short) and nothing else. Never an empty folder someone made,
+    nor the working folder or one above it."""
+    if not folder.exists() and not folder.is_symlink():
+        return True
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    entries = list(folder.iterdir())
+    working = Path.cwd()
+    if not entries or folder.resolve() in (working, *working.parents):
+        return False
+    return all(
+        path.is_file() and not path.is_symlink() and _is_report_file(path.name) for path in entries
+    )
+
+
+def _is_report_file(name: str) -> bool:
+    return name in REPORT_FILES or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def _move_into_place(staging: Path, out_dir: Path, swap: bool) -> None:
+    """Put the finished report in ``staging`` at ``out_dir``.
+
+    With ``swap`` (see :func:`_swappable`) the folder is replaced whole. A folder that holds
+    other things too (a run folder, files of the user's own) keeps them, as clearing a run
+    folder does: the new files are renamed in, ``metrics.json`` last, and the earlier report's
+    files that this one lacks are removed, so no stale figure sits beside new metrics.
+    """
+    if swap:
+        earlier = staging.with_suffix(".earlier.tmp")
+        if out_dir.exists():
+            os.replace(out_dir, earlier)
+        os.replace(staging, out_dir)
+        shutil.rmtree(earlier, ignore_errors=True)
+    else:
+        written = sorted(path.name for path in staging.iterdir())
+        for name in REPORT_FILES:
+            if name not in written:
+                (out_dir / name).unlink(missing_ok=True)
+        for name in sorted(written, key=lambda name: name == "metrics.json"):
+            os.replace(staging / name, out_dir / name)
+        staging.rmdir()
+    fsync_directory(out_dir.parent)
+
+
+def refuse_file_in_the_way(out_dir: Path, named: str | None = None) -> None:
+    """Refuse ``out_dir`` where it, or a folder it would be made in, is a file: the report
+    could only fail once written.
+
+    Args:
+        out_dir: the report folder.
+        named: how the error names it (default: its path).
+
+    Raises:
+        ValueError: naming the file in the way.
+    """
+    existing = next((path for path in (out_dir, *out_dir.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        problem = "is a file" if existing == out_dir else f"{existing} is a file"
+        raise ValueError(f"{named or out_dir}: {problem}; the report needs a folder")
+
+
+def _staging_folder(out_dir: Path, swap: bool) -> Path:
+    """An empty hidden folder, named like the temporaries of atomic writes, on the report's
+    file system (so renames are atomic) and with the mode a plain ``mkdir`` gives: beside
+    ``out_dir`` when it is to be swapped in, else inside it (its parent may be read-only)."""
+    home = out_dir.parent if swap else out_dir
+    home.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", suffix=".tmp", dir=home))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    return staging
+
+
 def build_report(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -87,7 +225,12 @@ def build_report(
     evaluated: dict[str, Any] | None = None,
 ) -> EvaluationReport:
     """Compute metrics and write ``metrics.json``, ``per_class.csv``, ``confused_pairs.csv``,
-    ``confusion.png`` and (with ``images``) ``misclassified.png`` into ``out_dir``.
+    ``confusion.png`` and (with ``images``) ``misclassified.png`` into ``out_dir``. The CSV and
+    the figure list the classes that are some image's true or predicted class.
+
+    The files are written into a hidden temporary folder and moved into place at the end, so
+    an interrupted report leaves the earlier one as it was, not a mix of both; files in
+    ``out_dir`` that are not a report's stay.
 
     Args:
         logits: ``[N, K]`` model outputs.
@@ -98,56 +241,45 @@ def build_report(
         max_examples: most misclassified examples to draw.
         evaluated: what was scored (model file, architecture, dataset, fold, split), recorded
             in ``metrics.json`` so that the report names its model and data.
+
+    Raises:
+        ValueError: if ``out_dir`` or a folder above it is a file.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    given = Path(out_dir)
+    out_dir = given.absolute()  # "." too has a name and a parent.
+    refuse_file_in_the_way(out_dir)
     metrics = summarize(logits, labels)
-    predictions = logits.argmax(dim=1)
-    matrix = confusion_matrix(predictions, labels, len(class_names))
-    scores = per_class_scores(matrix)
-    per_class = [
-        {
-            "index": index,
-            "class_name": name,
-            "precision": round(scores["precision"][index].item(), 6),
-            "recall": round(scores["recall"][index].item(), 6),
-            "f1": round(scores["f1"][index].item(), 6),
-            "support": int(scores["support"][index]),
-        }
-        for index, name in enumerate(class_names)
-    ]
+    matrix = confusion_matrix(logits.argmax(dim=1), labels, len(class_names))
     pairs = [
         {"true": class_names[t], "predicted": class_names[p], "count": n}
         for t, p, n in most_confused_pairs(matrix, 20)
     ]
-    files = {
-        "metrics": str(out_dir / "metrics.json"),
-        "per_class": str(out_dir / "per_class.csv"),
-        "confused_pairs": str(out_dir / "confused_pairs.csv"),
-        "confusion": str(
-            plots.plot_confusion(matrix.numpy(), class_names, out_dir / "confusion.png")
-        ),
+    names = {
+        "metrics": "metrics.json",
+        "per_class": "per_class.csv",
+        "confused_pairs": "confused_pairs.csv",
+        "confusion": "confusion.png",
     }
-    _write_csv(out_dir / "per_class.csv", per_class)
-    _write_csv(out_dir / "confused_pairs.csv", pairs or [{"true": "", "predicted": "", "count": 0}])
     if images is not None:
-        probabilities = torch.softmax(logits.float(), dim=1)
-        wrong = torch.nonzero(predictions != labels).flatten()
-        confidence = probabilities[wrong, predictions[wrong]]
-        order = wrong[torch.argsort(confidence, descending=True)][:max_examples].numpy()
-        titles = [
-            f"{class_names[labels[i]]}\n-> {class_names[predictions[i]]} "
-            f"({probabilities[i, predictions[i]].item():.2f})"
-            for i in order
-        ]
-        grid = plots.plot_image_grid(
-            np.asarray(images[order]) if len(order) else np.zeros((0, 1, 1, 1), np.uint8),
-            titles,
-            out_dir / "misclassified.png",
-            title="Misclassified (true -> predicted, confidence)",
-        )
-        files["misclassified"] = str(grid)
+        names["misclassified"] = "misclassified.png"
+    files = {key: str(given / name) for key, name in names.items()}
     report = EvaluationReport(metrics, pairs, files, dict(evaluated or {}))
-    text = json.dumps(report.to_dict(), indent=2) + "\n"
-    write_atomically(out_dir / "metrics.json", lambda path: path.write_text(text, encoding="utf-8"))
+    swap = _swappable(out_dir)
+    staging = _staging_folder(out_dir, swap)
+    try:
+        plots.plot_confusion(matrix.numpy(), class_names, staging / "confusion.png")
+        _write_csv(staging / "per_class.csv", _per_class_rows(matrix, class_names))
+        _write_csv(
+            staging / "confused_pairs.csv", pairs or [{"true": "", "predicted": "", "count": 0}]
+        )
+        if images is not None:
+            path = staging / "misclassified.png"
+            _plot_misclassified(logits, labels, class_names, images, path, max_examples)
+        text = json.dumps(report.to_dict(), indent=2) + "\n"
+        metrics_path = staging / "metrics.json"
+        write_atomically(metrics_path, lambda path: path.write_text(text, encoding="utf-8"))
+        _move_into_place(staging, out_dir, swap)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return report

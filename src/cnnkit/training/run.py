@@ -13,7 +13,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -358,6 +358,22 @@ def clear_run_outputs(run_dir: Path, keep: Sequence[str | Path] = ()) -> list[st
     return removed
 
 
+@contextlib.contextmanager
+def _float32_scoring(trainer: Trainer) -> Iterator[None]:
+    """Score in float32 while the block runs: no autocast (the bf16 or fp16 the run trained
+    in) and no TensorFloat-32 matrix products (which CUDA training turns on). The saved model
+    is then scored as ``cnnkit evaluate``, predict and the ONNX export run it, so the run's
+    test figures are the ones its users get."""
+    autocast_dtype, tf32 = trainer.autocast_dtype, torch.backends.cuda.matmul.allow_tf32
+    trainer.autocast_dtype = None
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        trainer.autocast_dtype = autocast_dtype
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 def _test_and_save(
     config: RunConfig,
     splits: DataSplits,
@@ -369,12 +385,21 @@ def _test_and_save(
 ) -> tuple[EvaluationReport, Path]:
     """Score the trained model on the test split, write its report, and save the model file."""
     run_dir = config.run_dir()
-    logits, labels = trainer.predict(test_loader)
+    with _float32_scoring(trainer):
+        logits, labels = trainer.predict(test_loader)
     data = config.data
     # With train_on_all the "test" images were trained on too: say so.
     split = "test (also trained on)" if data.train_on_all else "test"
+    # The limits that chose the test images, named only when set, as evaluate names them.
+    limits = {"max_classes": data.max_classes, "max_per_class": data.max_per_class}
     evaluated = evaluated_block(
-        run_dir / MODEL_NAME, config.model.name, data.dataset, data.data, data.fold, split
+        run_dir / MODEL_NAME,
+        config.model.name,
+        data.dataset,
+        data.data,
+        data.fold,
+        split,
+        **{key: value for key, value in limits.items() if value is not None},
     )
     report = build_report(
         logits,
