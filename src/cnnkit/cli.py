@@ -768,7 +768,9 @@ def command_serve(args: argparse.Namespace) -> int:
 def command_demo(args: argparse.Namespace) -> int:
     from cnnkit.demo import run_demo
 
-    result = run_demo(Path(args.out), epochs=args.epochs, progress=not args.quiet)
+    out = Path(args.out)
+    _print_run_folder_state(out, resume=False, default_dir=None)
+    result = run_demo(out, epochs=args.epochs, progress=not args.quiet)
     print(f"\nDemo: {result.description}")
     _print_history(result.run.fit.history, progress=not args.quiet)
     metrics = result.run.test_metrics

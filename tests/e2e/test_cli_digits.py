@@ -271,3 +271,14 @@ def test_member_folders_are_only_the_names_an_ensemble_writes(tmp_path) -> None:
         "finetune-3",
         "finetune-10",
     ]
+
+
+def test_demo_over_an_earlier_run_says_so(tmp_path: Path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"cnnkit_version": __version__}), encoding="utf-8")
+    (out / "model.onnx").write_bytes(b"an earlier export")
+    assert main(["demo", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert f"Note: {out} holds an earlier run; this run replaces it" in printed
+    assert not (out / "model.onnx").exists()
