@@ -766,6 +766,8 @@ def command_serve(args: argparse.Namespace) -> int:
 
 
 def command_demo(args: argparse.Namespace) -> int:
+    import shlex
+
     from cnnkit.demo import run_demo
 
     out = Path(args.out)
@@ -782,9 +784,10 @@ def command_demo(args: argparse.Namespace) -> int:
     print("\nPredictions on held-out images:")
     for name, prediction, truth in result.samples:
         print(f"  {name} (true {truth}): {format_prediction(prediction, 'symbols')}")
-    model = result.run.model_path
+    # Commands to paste into a shell: a folder with a space or a quote must stay one word.
+    model, samples = shlex.quote(str(result.run.model_path)), shlex.quote(str(result.sample_dir))
     print("\nNext steps:")
-    print(f"  cnnkit predict {model} {result.sample_dir}")
+    print(f"  cnnkit predict {model} {samples}")
     print(f"  cnnkit evaluate {model} --dataset digits")
     print("  cnnkit fetch hasy --to data    # or: --from a HASYv2.tar.bz2 you have")
     print("  cnnkit train --dataset hasy --data data/HASYv2.tar.bz2 --fold 1")

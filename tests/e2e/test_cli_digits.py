@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -273,8 +274,8 @@ def test_member_folders_are_only_the_names_an_ensemble_writes(tmp_path) -> None:
     ]
 
 
-def test_demo_over_an_earlier_run_says_so(tmp_path: Path, capsys):
-    out = tmp_path / "demo"
+def test_demo_over_an_earlier_run_says_so_and_quotes_its_next_steps(tmp_path: Path, capsys):
+    out = tmp_path / "dé mo's run"
     out.mkdir()
     (out / "run.json").write_text(json.dumps({"cnnkit_version": __version__}), encoding="utf-8")
     (out / "model.onnx").write_bytes(b"an earlier export")
@@ -282,3 +283,7 @@ def test_demo_over_an_earlier_run_says_so(tmp_path: Path, capsys):
     printed = capsys.readouterr().out
     assert f"Note: {out} holds an earlier run; this run replaces it" in printed
     assert not (out / "model.onnx").exists()
+    commands = [shlex.split(line) for line in printed.splitlines() if line.startswith("  cnnkit ")]
+    model, samples = str(out / "model.safetensors"), str(out / "samples")
+    assert ["cnnkit", "predict", model, samples] in commands
+    assert ["cnnkit", "evaluate", model, "--dataset", "digits"] in commands
