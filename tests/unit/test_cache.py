@@ -172,3 +172,17 @@ def test_two_processes_filling_one_entry_decode_once_and_agree(tmp_path, dataset
     np.testing.assert_array_equal(np.load(tmp_path / "0.npy"), np.load(tmp_path / "1.npy"))
     entries = [path for path in (tmp_path / "cache").iterdir() if not path.name.startswith(".")]
     assert len(entries) == 1
+
+
+def test_an_interrupt_while_writing_the_entry_leaves_no_staging_folder(
+    tmp_path, dataset, monkeypatch
+):
+    def interrupted_save(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("cnnkit.data.cache.np.save", interrupted_save)
+    listing = dataset.list_samples()
+    with pytest.raises(KeyboardInterrupt):
+        load_images(dataset, listing, Preprocessing(), tmp_path / "cache", workers=1)
+    left = [path.name for path in (tmp_path / "cache").iterdir() if path.is_dir()]
+    assert left == []

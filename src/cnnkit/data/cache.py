@@ -229,7 +229,8 @@ def _read_entry(entry: Path, warn: bool = True) -> DecodedImages | None:
 def _write_entry(
     entry: Path, listing: Listing, preprocessing: Preprocessing, decoded: DecodedImages
 ) -> bool:
-    """Write ``decoded`` to a staging folder and rename it to ``entry``; False on failure."""
+    """Write ``decoded`` to a staging folder and rename it to ``entry``; False on a write
+    failure. An interrupt removes the staging folder and propagates."""
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
     try:
         np.save(staging / "images.npy", decoded.images)
@@ -244,9 +245,11 @@ def _write_entry(
         if entry.exists():
             shutil.rmtree(entry)
         os.replace(staging, entry)
-    except OSError as error:
-        logger.warning("could not write the image cache %s: %s", entry, error)
+    except BaseException as error:  # Ctrl-C and kill too: no hidden staging folder stays.
         shutil.rmtree(staging, ignore_errors=True)
+        if not isinstance(error, OSError):
+            raise
+        logger.warning("could not write the image cache %s: %s", entry, error)
         return False
     return True
 
