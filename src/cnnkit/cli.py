@@ -729,11 +729,14 @@ def _interactive(predictor, top_k: int, as_json: bool) -> int:
 def command_fetch(args: argparse.Namespace) -> int:
     from cnnkit.data.fetch import compute_checksum, fetch_archive
 
+    if args.from_file and args.url:
+        raise CommandError("--from imports a local copy and --url downloads one: give either")
     try:
         path = fetch_archive(
             args.name,
             args.to,
             from_file=args.from_file,
+            url=args.url,
             verify=not args.no_verify,
             progress=True,
             sha256=args.sha256,
@@ -972,6 +975,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("name", choices=["hasy", "cub"])
     fetch.add_argument("--to", default="data", help="destination folder (default ./data)")
     fetch.add_argument("--from", dest="from_file", help="import this local archive instead")
+    fetch.add_argument(
+        "--url", help="download from this mirror instead of the publisher (checked the same)"
+    )
     fetch.add_argument("--no-verify", action="store_true", help="skip the checksum check")
     fetch.add_argument(
         "--sha256",
