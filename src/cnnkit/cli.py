@@ -741,11 +741,14 @@ def _interactive(predictor, top_k: int, as_json: bool) -> int:
 def command_fetch(args: argparse.Namespace) -> int:
     from cnnkit.data.fetch import compute_checksum, fetch_archive
 
+    if args.from_file and args.url:
+        raise CommandError("--from imports a local copy and --url downloads one: give either")
     try:
         path = fetch_archive(
             args.name,
             args.to,
             from_file=args.from_file,
+            url=args.url,
             verify=not args.no_verify,
             progress=True,
             sha256=args.sha256,
@@ -778,9 +781,13 @@ def command_serve(args: argparse.Namespace) -> int:
 
 
 def command_demo(args: argparse.Namespace) -> int:
+    import shlex
+
     from cnnkit.demo import run_demo
 
-    result = run_demo(Path(args.out), epochs=args.epochs, progress=not args.quiet)
+    out = Path(args.out)
+    _print_run_folder_state(out, resume=False, default_dir=None)
+    result = run_demo(out, epochs=args.epochs, progress=not args.quiet)
     print(f"\nDemo: {result.description}")
     _print_history(result.run.fit.history, progress=not args.quiet)
     metrics = result.run.test_metrics
@@ -792,9 +799,10 @@ def command_demo(args: argparse.Namespace) -> int:
     print("\nPredictions on held-out images:")
     for name, prediction, truth in result.samples:
         print(f"  {name} (true {truth}): {format_prediction(prediction, 'symbols')}")
-    model = result.run.model_path
+    # Commands to paste into a shell: a folder with a space or a quote must stay one word.
+    model, samples = shlex.quote(str(result.run.model_path)), shlex.quote(str(result.sample_dir))
     print("\nNext steps:")
-    print(f"  cnnkit predict {model} {result.sample_dir}")
+    print(f"  cnnkit predict {model} {samples}")
     print(f"  cnnkit evaluate {model} --dataset digits")
     print("  cnnkit fetch hasy --to data    # or: --from a HASYv2.tar.bz2 you have")
     print("  cnnkit train --dataset hasy --data data/HASYv2.tar.bz2 --fold 1")
@@ -979,6 +987,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("name", choices=["hasy", "cub"])
     fetch.add_argument("--to", default="data", help="destination folder (default ./data)")
     fetch.add_argument("--from", dest="from_file", help="import this local archive instead")
+    fetch.add_argument(
+        "--url", help="download from this mirror instead of the publisher (checked the same)"
+    )
     fetch.add_argument("--no-verify", action="store_true", help="skip the checksum check")
     fetch.add_argument(
         "--sha256",

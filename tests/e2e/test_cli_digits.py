@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -325,3 +326,18 @@ def test_a_runs_report_names_the_limits_that_chose_its_test_images(
     # A run without limits names none.
     unlimited = json.loads((demo_run / "report" / "metrics.json").read_text())["evaluated"]
     assert "max_classes" not in unlimited and "max_per_class" not in unlimited
+
+
+def test_demo_over_an_earlier_run_says_so_and_quotes_its_next_steps(tmp_path: Path, capsys):
+    out = tmp_path / "dé mo's run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"cnnkit_version": __version__}), encoding="utf-8")
+    (out / "model.onnx").write_bytes(b"an earlier export")
+    assert main(["demo", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert f"Note: {out} holds an earlier run; this run replaces it" in printed
+    assert not (out / "model.onnx").exists()
+    commands = [shlex.split(line) for line in printed.splitlines() if line.startswith("  cnnkit ")]
+    model, samples = str(out / "model.safetensors"), str(out / "samples")
+    assert ["cnnkit", "predict", model, samples] in commands
+    assert ["cnnkit", "evaluate", model, "--dataset", "digits"] in commands

@@ -6,18 +6,24 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import re
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from tests.conftest import subprocess_env
 
 from cnnkit.config import Preprocessing
 from cnnkit.data.cache import cache_key, load_images
 from cnnkit.data.folder import FolderSource
 from cnnkit.data.source import Listing
 from cnnkit.data.sources import limit_listing
+from cnnkit.data.workers import map_unordered
 
 RGB = Preprocessing(channels=3, mean=(0, 0, 0), std=(1, 1, 1))
 
@@ -172,3 +178,117 @@ def test_two_processes_filling_one_entry_decode_once_and_agree(tmp_path, dataset
     np.testing.assert_array_equal(np.load(tmp_path / "0.npy"), np.load(tmp_path / "1.npy"))
     entries = [path for path in (tmp_path / "cache").iterdir() if not path.name.startswith(".")]
     assert len(entries) == 1
+
+
+def test_an_interrupt_while_writing_the_entry_leaves_no_staging_folder(
+    tmp_path, dataset, monkeypatch
+):
+    def interrupted_save(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("cnnkit.data.cache.np.save", interrupted_save)
+    listing = dataset.list_samples()
+    with pytest.raises(KeyboardInterrupt):
+        load_images(dataset, listing, Preprocessing(), tmp_path / "cache", workers=1)
+    left = [path.name for path in (tmp_path / "cache").iterdir() if path.is_dir()]
+    assert left == []
+
+
+# Run in a child process, which the test can kill if it hangs. Workers are kept busy (their jobs
+# are slow to unpickle) while a large job is being fed to them, and Ctrl-C arrives in the middle
+# of that job's pickling: multiprocessing.Pool.terminate() then waited forever on its feeder
+# thread, blocked writing the job into a pipe that no worker would read any more.
+_INTERRUPTED_FEED = """
+import signal, sys, threading, time
+from cnnkit.config import Preprocessing
+from cnnkit.data.cache import load_images
+from cnnkit.data.source import Listing, SampleRecord
+
+def restore(data, slow):
+    if slow:
+        time.sleep(3)
+    return bytes(data)
+
+class Payload(bytes):
+    def __reduce__(self):
+        if self.role == "interrupt":
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            time.sleep(1)
+        return restore, (bytes(self), self.role == "slow")
+
+class Source:
+    def iter_bytes(self, keys):
+        for number, key in enumerate(keys):
+            role = {0: "slow", 256: "slow", 512: "interrupt"}.get(number, "")
+            payload = Payload(bytes(4_000_000 if role == "interrupt" else 10))
+            payload.role = role
+            yield key, payload
+
+listing = Listing([SampleRecord(f"{n}.png", 0) for n in range(513)], ["a"], "test")
+start = time.monotonic()
+try:
+    load_images(Source(), listing, Preprocessing(), None, workers=2)
+except KeyboardInterrupt:
+    print(f"interrupted after {time.monotonic() - start:.1f} s")
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs pthread_kill")
+def test_an_interrupt_while_a_large_job_is_fed_to_busy_workers_returns(tmp_path):
+    script = tmp_path / "interrupted_feed.py"
+    script.write_text(_INTERRUPTED_FEED, encoding="utf-8")
+    command = [sys.executable, str(script)]
+    try:
+        done = subprocess.run(command, env=subprocess_env(), capture_output=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("decoding did not stop within 60 s of Ctrl-C")
+    assert done.returncode == 0, done.stderr.decode()
+    seconds = float(re.fullmatch(rb"interrupted after (\S+) s\n", done.stdout)[1])
+    assert seconds < 15
+
+
+def _square_or_fail(number: int) -> int:
+    if number == 7:
+        raise ValueError("seven is not welcome")
+    if number == -1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return number * number
+
+
+def test_worker_processes_answer_every_job_and_raise_a_workers_error():
+    assert sorted(map_unordered(_square_or_fail, range(7), processes=3)) == [
+        n * n for n in range(7)
+    ]
+    with pytest.raises(ValueError, match="seven is not welcome"):
+        list(map_unordered(_square_or_fail, range(10), processes=2))
+    with pytest.raises(ChildProcessError, match="died before it answered"):
+        list(map_unordered(_square_or_fail, [1, -1, 2], processes=2))
+    assert multiprocessing.active_children() == []
+
+
+# Ctrl-C raised in fork's at-fork callbacks is printed as ignored and lost unless held back.
+_INTERRUPTED_START = """
+import os, signal
+from cnnkit.data.workers import map_unordered
+
+def interrupt_once():
+    if not fired:
+        fired.append(True)
+        signal.raise_signal(signal.SIGINT)
+
+fired = []
+os.register_at_fork(after_in_parent=interrupt_once)
+try:
+    print(sorted(map_unordered(abs, range(-3, 0), processes=2)))
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="needs fork")
+def test_ctrl_c_while_the_workers_start_is_not_lost(tmp_path):
+    script = tmp_path / "interrupted_start.py"
+    script.write_text(_INTERRUPTED_START, encoding="utf-8")
+    command = [sys.executable, str(script)]
+    done = subprocess.run(command, env=subprocess_env(), capture_output=True, timeout=60)
+    assert (done.stdout, done.stderr) == (b"interrupted\n", b"")

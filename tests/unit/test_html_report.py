@@ -175,10 +175,12 @@ def test_a_search_yaml_that_is_not_a_mapping_is_named(tmp_path, caplog):
     assert "search.yaml: cannot be read (not a mapping)" in caplog.text
 
 
-def test_report_cells_show_seconds_to_a_tenth_and_other_floats_to_four_places() -> None:
+def test_report_cells_show_seconds_to_a_tenth_and_other_floats_to_four_digits() -> None:
     from cnnkit.evaluation.html_report import _format
 
-    assert _format(9.5, "seconds") == "9.5" and _format(9.5) == "9.5000"
+    assert _format(9.5, "seconds") == "9.5" and _format(9.5) == "9.5"
+    assert _format(0.0314159, "seconds") == "0.0" and _format(0.96504) == "0.965"
+    assert _format(2.6e-05) == "2.6e-05" and _format(1.0) == "1"
     assert _format(123.456) == "123.5" and _format(True) == "yes" and _format(None) == ""
 
 
@@ -223,7 +225,7 @@ def test_an_interrupted_run_shows_its_progress_and_how_to_resume(tmp_path):
     page = build_report_html(run)
     assert_self_contained(page)
     cards = re.findall(r'<span class="muted">([^<]*)</span><b>([^<]*)</b>', page)
-    assert ("epochs", "2 of 8") in cards and ("best val accuracy", "0.9650") in cards
+    assert ("epochs", "2 of 8") in cards and ("best val accuracy", "0.965") in cards
     assert ("status", "interrupted") in cards and ("model", "symbol_cnn") in cards
     assert "--resume" in page
     # The test report is written when a run ends: no empty placeholders before that.
@@ -248,12 +250,12 @@ def test_an_interrupted_ensemble_run_shows_every_phase_so_far(tmp_path):
     cells = re.findall(r"<td[^>]*>([^<]*)</td>", table)
     # Epochs numbered on across the phases, each row tagged with its phase.
     assert [cells[i : i + 4] for i in range(0, 24, 4)] == [
-        ["1", "0.5000", "0.1000", "1.0000"],
-        ["2", "0.5000", "0.2000", "1.0000"],
-        ["3", "0.5000", "0.3000", "1.0000"],
-        ["4", "0.5000", "0.1000", "2.0000"],
-        ["5", "0.5000", "0.2000", "2.0000"],
-        ["6", "0.5000", "0.1000", "3.0000"],
+        ["1", "0.5", "0.1", "1"],
+        ["2", "0.5", "0.2", "1"],
+        ["3", "0.5", "0.3", "1"],
+        ["4", "0.5", "0.1", "2"],
+        ["5", "0.5", "0.2", "2"],
+        ["6", "0.5", "0.1", "3"],
     ]
 
 
@@ -267,3 +269,14 @@ def test_a_phase_row_with_an_odd_epoch_keeps_the_report(tmp_path):
     assert "Not finished: 4 epoch(s) recorded" in page
     cells = re.findall(r"<td[^>]*>([^<]*)</td>", page.split("Per-epoch metrics")[1])
     assert [cells[i] for i in range(0, 12, 3)] == ["1", "", "", "3"]
+
+
+def test_small_hyperparameters_keep_their_significant_digits(tmp_path):
+    (tmp_path / "results.csv").write_text(
+        "trial,state,learning_rate,weight_decay,val_accuracy\n"
+        "0,complete,2.6e-05,1.1e-05,0.9312345\n",
+        encoding="utf-8",
+    )
+    page = build_report_html(tmp_path)
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", page.split("Trials (sorted")[1])
+    assert cells == ["0", "complete", "2.6e-05", "1.1e-05", "0.9312"]

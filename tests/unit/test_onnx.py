@@ -329,3 +329,52 @@ def test_a_search_folder_is_not_taken_for_a_model_or_images(tmp_path: Path, caps
         error = capsys.readouterr().err
         assert f"{search} is a search folder, not a model: pass " in error
         assert "trial-NNN" in error and "--retrain-best" in error
+
+
+def _exporter_raising(error: BaseException):
+    def export(*args, **kwargs):
+        raise error
+
+    return export
+
+
+def _failure_after_interrupt() -> Exception:
+    """What torch.onnx raises when Ctrl-C stopped its import of torch._dynamo: an
+    AttributeError met while handling the interrupt, wrapped in its coloured advice."""
+    half_imported = AttributeError("module 'torch._dynamo' has no attribute 'exc'")
+    half_imported.__context__ = KeyboardInterrupt()
+    wrapper = RuntimeError("Failed to export.\n- submit a PR to PyTorch")
+    wrapper.__cause__ = half_imported
+    return wrapper
+
+
+def test_an_interrupted_export_is_an_interruption_not_a_model_failure(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    model_path, _ = _save_random_model(tmp_path, "symbol_cnn")
+    exporter = _exporter_raising(_failure_after_interrupt())
+    monkeypatch.setattr("cnnkit.inference.export._torch_export_quietly", exporter)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(model_path, tmp_path / "model.onnx")
+    assert main(["export", str(model_path), "--out", str(tmp_path / "model.onnx")]) == 130
+    assert capsys.readouterr().err.strip() == "Interrupted."
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_an_exporter_failure_is_one_line_without_colour_codes(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    model_path, _ = _save_random_model(tmp_path, "symbol_cnn")
+    cause = ValueError("Unsupported operator aten::foo\nSee the exportdb for more.")
+    wrapper = RuntimeError(
+        "Failed to export the model with torch.export. \x1b[96mThis is step 1/3\x1b[0m of "
+        "exporting the model to ONNX. Next steps:\n- submit a PR to PyTorch"
+    )
+    wrapper.__cause__ = cause
+    monkeypatch.setattr("cnnkit.inference.export._torch_export_quietly", _exporter_raising(wrapper))
+    assert main(["export", str(model_path), "--out", str(tmp_path / "model.onnx")]) == 2
+    error = capsys.readouterr().err
+    assert error == (
+        f"cnnkit export: error: {model_path}: ONNX export failed "
+        "(ValueError: Unsupported operator aten::foo)\n"
+    )

@@ -10,10 +10,8 @@ import contextlib
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import shutil
-import signal
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -25,6 +23,7 @@ from tqdm import tqdm
 from cnnkit.config import Preprocessing
 from cnnkit.data.image import BadImageError, decode_image, prepare_image
 from cnnkit.data.source import Listing, Source
+from cnnkit.data.workers import map_unordered
 from cnnkit.progress import bar_disabled
 
 try:
@@ -125,10 +124,12 @@ def _decode_all(
     stream = source.iter_bytes(list(positions))
     jobs = ((chunk, preprocessing) for chunk in _chunks(stream, listing, positions))
     bar = tqdm(total=count, desc="decoding images", unit="img", disable=bar_disabled(progress))
-    context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-    pool = context.Pool(workers, initializer=_decoding_worker) if workers > 1 else None
-    try:
-        results = pool.imap_unordered(_decode_chunk, jobs) if pool else map(_decode_chunk, jobs)
+    if workers > 1:
+        results = map_unordered(_decode_chunk, jobs, workers)
+    else:
+        results = (_decode_chunk(job) for job in jobs)
+    # Closing stops the workers at once on Ctrl-C, kill or an error, not after the queue.
+    with bar, contextlib.closing(results):
         for chunk_results in results:
             for index, array, problem, not_read in chunk_results:
                 seen.add(index)
@@ -139,25 +140,9 @@ def _decode_all(
                     images[index] = array
                     valid[index] = True
             bar.update(len(chunk_results))
-    except BaseException:  # Ctrl-C, kill, an error: stop the workers now, not after the queue.
-        if pool:
-            pool.terminate()
-        raise
-    finally:
-        bar.close()
-        if pool:
-            pool.close()
-            pool.join()
     for index in set(range(count)) - seen:
         problems[index] = f"{_display(listing.records[index])}: file not found in the source"
     return DecodedImages(images, valid, [problems[i] for i in sorted(problems)], False, unreadable)
-
-
-def _decoding_worker() -> None:
-    """A decoding process leaves Ctrl-C to its parent (which stops it) and dies quietly when
-    the parent terminates it, whatever handlers it inherited."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def load_images(
@@ -229,7 +214,8 @@ def _read_entry(entry: Path, warn: bool = True) -> DecodedImages | None:
 def _write_entry(
     entry: Path, listing: Listing, preprocessing: Preprocessing, decoded: DecodedImages
 ) -> bool:
-    """Write ``decoded`` to a staging folder and rename it to ``entry``; False on failure."""
+    """Write ``decoded`` to a staging folder and rename it to ``entry``; False on a write
+    failure. An interrupt removes the staging folder and propagates."""
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
     try:
         np.save(staging / "images.npy", decoded.images)
@@ -244,9 +230,11 @@ def _write_entry(
         if entry.exists():
             shutil.rmtree(entry)
         os.replace(staging, entry)
-    except OSError as error:
-        logger.warning("could not write the image cache %s: %s", entry, error)
+    except BaseException as error:  # Ctrl-C and kill too: no hidden staging folder stays.
         shutil.rmtree(staging, ignore_errors=True)
+        if not isinstance(error, OSError):
+            raise
+        logger.warning("could not write the image cache %s: %s", entry, error)
         return False
     return True
 

@@ -44,23 +44,39 @@ class ChecksumError(FetchError):
         algorithm: ``"sha256"`` or ``"md5"``.
         expected: the published hex digest.
         actual: the hex digest of the bytes received.
+        hint: what the message suggests doing, where the default does not fit.
     """
 
     def __init__(
-        self, source: str, algorithm: str, expected: str, actual: str, hint: str | None = None
+        self,
+        source: str,
+        algorithm: str,
+        expected: str,
+        actual: str,
+        hint: str | None = None,
+        given_by: str | None = None,
     ) -> None:
+        if given_by is None:
+            claim = f"expected {algorithm} {expected}, got {actual}"
+        else:  # The user's checksum: the file is as likely at fault as the value given.
+            claim = f"its {algorithm} is {actual}, not the {expected} given with {given_by}"
         super().__init__(
-            f"checksum mismatch for {source}: expected {algorithm} {expected}, got {actual}; "
+            f"checksum mismatch for {source}: {claim}; "
             + (hint or "the file is corrupt or not the official archive (--no-verify accepts it)")
         )
         self.source = source
         self.algorithm = algorithm
         self.expected = expected
         self.actual = actual
+        self.hint = hint
 
 
 class _InterruptedTransferError(Exception):
     """The connection ended before the whole body arrived; the ``.part`` file can resume."""
+
+
+def _is_hex_digest(digest: str, algorithm: str) -> bool:
+    return re.fullmatch(f"[0-9a-f]{{{_HEX_LENGTHS[algorithm]}}}", digest) is not None
 
 
 @dataclass(frozen=True)
@@ -92,9 +108,7 @@ class ArchiveSpec:
             raise ValueError(f"archive {self.name!r} needs a sha256 or an md5 checksum")
         for algorithm in ("sha256", "md5"):
             digest = getattr(self, algorithm)
-            if digest is not None and not re.fullmatch(
-                f"[0-9a-f]{{{_HEX_LENGTHS[algorithm]}}}", digest
-            ):
+            if digest is not None and not _is_hex_digest(digest, algorithm):
                 raise ValueError(f"{algorithm} of archive {self.name!r} is not a hex digest")
         if self.size_bytes is not None and self.size_bytes <= 0:
             raise ValueError(f"size_bytes must be positive, got {self.size_bytes}")
@@ -198,7 +212,8 @@ def fetch_archive(
 
     Args:
         name: the archive's short name, a key of ``ARCHIVES`` (``hasy``, ``cub``).
-        to_dir: the folder to save it in; created if missing.
+        to_dir: the folder to save it in; created if missing (and removed again, with the
+            parents made for it, if the fetch fails and leaves it empty).
         from_file: a local copy to import instead of downloading.
         url: a mirror to download from instead of the canonical location.
         verify: check the published checksum; False accepts any content (e.g. dev copies).
@@ -211,7 +226,8 @@ def fetch_archive(
         The path of the archive inside ``to_dir``.
 
     Raises:
-        ValueError: for an unknown name, both ``from_file`` and ``url``, or a non-HTTP URL.
+        ValueError: for an unknown name, both ``from_file`` and ``url``, a non-HTTP URL, or a
+            ``sha256`` that is not 64 hex digits.
         FileNotFoundError: if ``from_file`` does not exist.
         FetchError: if the download fails; the message names the URL.
         ChecksumError: if the content differs from the published checksum.
@@ -220,21 +236,51 @@ def fetch_archive(
     if sha256 is not None:
         if not verify:
             raise ValueError("a SHA-256 to check and --no-verify contradict each other")
-        spec = dataclasses.replace(spec, sha256=sha256.strip().lower())
+        spec = dataclasses.replace(spec, sha256=_given_sha256(sha256))
     if Path(to_dir).exists() and not Path(to_dir).is_dir():
         raise ValueError(f"--to {to_dir}: is a file; the archive goes into a folder")
+    created = _missing_folders(Path(to_dir))
     try:
         return _fetch(spec, Path(to_dir), from_file, url, verify, progress, timeout)
     except ChecksumError as error:
         if sha256 is None:
             raise
+        hint = error.hint or "the file is corrupt, or it is not the one that SHA-256 belongs to"
         raise ChecksumError(
-            error.source,
-            error.algorithm,
-            error.expected,
-            error.actual,
-            hint="it is not the file whose SHA-256 was given: check the --sha256 value",
+            error.source, error.algorithm, error.expected, error.actual, hint, given_by="--sha256"
         ) from None
+    finally:
+        _remove_if_empty(created)  # A failed fetch leaves no empty --to folder behind.
+
+
+def _given_sha256(text: str) -> str:
+    """A SHA-256 given on the command line, in the lower case the checks compare.
+
+    Raises:
+        ValueError: naming ``--sha256`` if it is not 64 hex digits.
+    """
+    digest = text.strip().lower()
+    if not _is_hex_digest(digest, "sha256"):
+        raise ValueError(f"--sha256 {text!r}: a SHA-256 is 64 hex digits")
+    return digest
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (deepest first) that is empty; stop at the first that isn't."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _fetch(
@@ -392,9 +438,10 @@ def _download_once(
         if total is None:
             total = offset + expected_body if expected_body is not None else spec.size_bytes
         received = _copy_body(response, part_path, mode, offset, total, spec.filename, progress)
-    if expected_body is not None and received < expected_body:
+    # Without a Content-Length, the known archive size tells a body cut short from a whole one.
+    if total is not None and offset + received < total:
         raise _InterruptedTransferError(
-            f"connection closed after {received} of {expected_body} bytes"
+            f"connection closed after byte {offset + received} of {total}"
         )
 
 

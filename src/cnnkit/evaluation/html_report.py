@@ -82,10 +82,12 @@ def _format(value: Any, column: str = "") -> str:
         return "" if value is None else ("yes" if value else "no")
     if column == "pruned" and value in ("True", "False"):  # A flag read back from a CSV.
         return "yes" if value == "True" else "no"
-    if isinstance(value, float) and column == "seconds":
+    if isinstance(value, float) and (column == "seconds" or abs(value) >= 100):
         return f"{value:.1f}"
     if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
+        # Significant digits: a learning rate of 2.6e-05 would be 0.0000 to four places,
+        # and a phase 1.0 shows as 1.
+        return f"{value:.4g}"
     return str(value)
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from cnnkit.atomic import write_atomically
+from cnnkit.errors import caused_by_interrupt, error_line, root_cause
 from cnnkit.inference.artifact import (
     ModelFileError,
     load_model,
@@ -71,6 +72,22 @@ def _torch_export_quietly(model: nn.Module, example: torch.Tensor, opset: int) -
         exporter_logger.setLevel(level)
 
 
+def _export_failure(model_path: Path, error: Exception) -> BaseException:
+    """What to raise for an exporter error: the Ctrl-C behind it, or a one-line ModelFileError.
+
+    An interrupt during the exporter's imports leaves a half-imported ``torch._dynamo``, and
+    the exporter then fails on that while handling the interrupt: a stop, not a bad model.
+    """
+    if caused_by_interrupt(error):
+        return KeyboardInterrupt()
+    # The exporter wraps the real error in a long, coloured message with advice for its
+    # developers; the error it was raised from says what went wrong.
+    cause = root_cause(error)
+    return ModelFileError(
+        f"{model_path}: ONNX export failed ({type(cause).__name__}: {error_line(cause)})"
+    )
+
+
 def build_onnx_model(model_path: str | Path, opset: int = DEFAULT_OPSET) -> Any:
     """Convert a cnnkit model file to an in-memory ``onnx.ModelProto``.
 
@@ -83,7 +100,10 @@ def build_onnx_model(model_path: str | Path, opset: int = DEFAULT_OPSET) -> Any:
         :func:`cnnkit.data.normalize.to_model_input`) and output ``logits`` ``[B, num_classes]``.
 
     Raises:
-        ModelFileError: if the model file is missing, tampered with or inconsistent.
+        ModelFileError: if the model file is missing, tampered with or inconsistent, or the
+            exporter fails (the message is one line).
+        KeyboardInterrupt: if Ctrl-C stopped the exporter, even where the exporter then
+            failed on what the interrupt left half done.
         ImportError: if ``onnx`` or ``onnxscript`` is not installed (``pip install cnnkit[onnx]``).
     """
     import onnx
@@ -100,7 +120,7 @@ def build_onnx_model(model_path: str | Path, opset: int = DEFAULT_OPSET) -> Any:
     try:
         program = _torch_export_quietly(model, _example_input(model), opset)
     except Exception as error:  # The exporter raises many unrelated types.
-        raise ModelFileError(f"{model_path}: ONNX export failed ({error})") from error
+        raise _export_failure(model_path, error) from error
     proto = program.model_proto
     written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if written != opset:  # The exporter falls back to another opset rather than fail.
