@@ -7,6 +7,7 @@ input file the package reads goes through :func:`read_regular_file`, which refus
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -30,7 +31,10 @@ def read_regular_file(path: str | Path) -> bytes:
         os.set_blocking(descriptor, True)
         handle = os.fdopen(descriptor, "rb")
     except BaseException:
-        os.close(descriptor)
+        # An interrupt inside os.fdopen may leave the descriptor already closed: closing it
+        # again must not replace the interrupt with "bad file descriptor".
+        with contextlib.suppress(OSError):
+            os.close(descriptor)
         raise
     with handle:
         return handle.read()
