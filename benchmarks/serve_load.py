@@ -215,6 +215,7 @@ def main() -> int:
         "--torch-threads", type=int, default=0, help="intra-op threads (0: PyTorch's default)"
     )
     parser.add_argument("--workers", type=int, default=1, help="server processes (cnnkit serve)")
+    parser.add_argument("--name", help="record as results/NAME.json (default: serve_load_Nproc)")
     arguments = parser.parse_args()
 
     model = resolve_model(arguments.model)
@@ -263,7 +264,7 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from record import record_result
 
-    record_result(f"serve_load_{arguments.workers}proc", figures)
+    record_result(arguments.name or f"serve_load_{arguments.workers}proc", figures)
     passed = (
         figures["p50_ms"] < BARS["p50_ms"]
         and figures["p99_ms"] < BARS["p99_ms"]
