@@ -205,7 +205,9 @@ def run_clients(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="model file (default: the bundled symbol model)")
+    parser.add_argument(
+        "--model", help="model file or .onnx export (default: the bundled symbol model)"
+    )
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=100)
@@ -219,9 +221,9 @@ def main() -> int:
     arguments = parser.parse_args()
 
     model = resolve_model(arguments.model)
-    from cnnkit.inference.artifact import ModelMetadata, read_metadata
+    from cnnkit.inference.predictor import open_predictor
 
-    metadata = ModelMetadata.from_dict(read_metadata(model), model)
+    metadata = open_predictor(model).metadata  # A model file or an .onnx export.
     images = synthetic_images(metadata.kind, arguments.distinct_images)
     bodies = [multipart_body(image, arguments.source) for image in images]
     port = free_port()
