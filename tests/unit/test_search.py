@@ -364,6 +364,16 @@ def test_option_values_are_checked_against_the_models_the_space_names(tmp_path):
         check_parameter_values(bad, base)
 
 
+def test_two_parameters_setting_one_target_are_refused():
+    """Which of the two a trial trained with would depend on the order of the file."""
+    spec = {
+        "model": {"choices": ["book_cnn"], "target": "model.name"},
+        "network": {"choices": ["symbol_cnn"], "target": "model.name"},
+    }
+    with pytest.raises(ValueError, match="'model' and 'network' both set model.name; keep one"):
+        parse_space(spec, "twice")
+
+
 def test_each_worker_gets_its_own_sampler_seed(tmp_path, monkeypatch):
     from cnnkit.training import search as search_module
 

@@ -127,6 +127,15 @@ class SearchSpace:
         names = [parameter.name for parameter in self.parameters]
         if len(set(names)) != len(names):
             raise ValueError(f"search space {self.name!r} repeats a parameter name")
+        seen: dict[str, str] = {}
+        for parameter in self.parameters:
+            if parameter.target in seen:
+                # Which value a trial would train with would depend on the order of the file.
+                raise ValueError(
+                    f"search space {self.name!r}: parameters {seen[parameter.target]!r} and "
+                    f"{parameter.name!r} both set {parameter.target}; keep one"
+                )
+            seen[parameter.target] = parameter.name
 
     def grid(self) -> dict[str, list[Any]]:
         """Parameter name -> every value (the grid sampler's search space)."""
