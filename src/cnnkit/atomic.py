@@ -9,6 +9,13 @@ from pathlib import Path
 from typing import Any
 
 
+def current_umask() -> int:
+    """The process's file-creation mask (reading it means setting it; it is set back at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
     """Call ``write(temporary_path)``, fsync the result, then rename it onto ``path``."""
     try:
@@ -19,8 +26,7 @@ def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
     except OSError as error:  # Name the file asked for, not the temporary one.
         raise OSError(error.errno, f"cannot write {path}: {error.strerror}") from error
     os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     try:
         write(Path(temporary))
         # mkstemp creates the file private (0600), and some writers (safetensors) replace it

@@ -170,6 +170,9 @@ class AugmentConfig:
             raise ValueError("scale_min must be > 0 and <= scale_max")
         if not 0 < self.crop_scale_min <= 1:
             raise ValueError("crop_scale_min must be in (0, 1]")
+        if not 0 <= self.color_jitter < 1:
+            # Factors are drawn from 1 +- color_jitter: 1 or more can reach zero brightness.
+            raise ValueError(f"color_jitter must be in [0, 1); got {self.color_jitter!r}")
 
 
 @dataclass(frozen=True)

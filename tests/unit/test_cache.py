@@ -115,6 +115,48 @@ def test_unreadable_cache_entry_is_decoded_again(tmp_path, dataset, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+def test_cache_entries_follow_the_umask_so_a_shared_cache_serves_others(tmp_path, dataset):
+    listing = dataset.list_samples()
+    old = os.umask(0o022)
+    try:
+        load_images(dataset, listing, Preprocessing(), tmp_path / "cache", workers=1)
+    finally:
+        os.umask(old)
+    entry = tmp_path / "cache" / cache_key(listing, Preprocessing())
+    assert entry.stat().st_mode & 0o777 == 0o755
+    assert {path.stat().st_mode & 0o777 for path in entry.iterdir()} == {0o644}
+
+
+def test_an_unwritable_cache_location_still_loads_the_images(tmp_path, dataset, caplog):
+    listing = dataset.list_samples()
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with caplog.at_level(logging.WARNING, logger="cnnkit.data.cache"):
+        loaded = load_images(dataset, listing, Preprocessing(), not_a_folder, workers=1)
+    assert loaded.valid.sum() == 5 and not loaded.from_cache
+    assert any("could not write the image cache" in r.getMessage() for r in caplog.records)
+
+
+def test_two_copies_of_a_folder_with_equal_names_sizes_and_times_do_not_share_an_entry(
+    tmp_path,
+):
+    """``cp -p`` or an archive extracted twice: same names, sizes and times, other pixels."""
+    roots = []
+    for name, shade in (("white", 255), ("black", 0)):
+        root = tmp_path / name
+        (root / "a").mkdir(parents=True)
+        path = root / "a" / "0.bmp"
+        Image.new("L", (4, 4), shade).save(path)
+        os.utime(path, ns=(10**18, 10**18))
+        roots.append(FolderSource(root))
+    loads = [
+        load_images(source, source.list_samples(), Preprocessing(), tmp_path / "cache")
+        for source in roots
+    ]
+    assert [load.from_cache for load in loads] == [False, False]
+    assert [int(load.images.max()) for load in loads] == [255, 0]
+
+
 class _FlakySource(FolderSource):
     """A folder source whose first read of ``a/0.png`` fails, as on a network share."""
 

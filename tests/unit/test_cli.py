@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -443,6 +444,13 @@ def test_a_folder_of_photos_gets_the_transfer_recipe_and_symbols_the_symbol_netw
         False,
         "4 images, median 200x160, grey",
     )
+
+
+def test_a_fifo_csv_is_no_photo_set_and_is_not_waited_on(tmp_path) -> None:
+    """``--data <(grep ...)``: sampling the CSV must not block on a pipe nobody writes."""
+    fifo = tmp_path / "labels.csv"
+    os.mkfifo(fifo)
+    assert looks_like_photos("csv", str(fifo)) == (False, "")
 
 
 def test_option_values_written_like_1e_1_are_numbers() -> None:

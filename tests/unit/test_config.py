@@ -64,6 +64,7 @@ def test_defaults_build_and_are_frozen() -> None:
         (AugmentConfig, "max_shift", -0.1),
         (AugmentConfig, "scale_min", 0.0),
         (AugmentConfig, "crop_scale_min", 1.5),
+        (AugmentConfig, "color_jitter", 1.0),  # A brightness factor of 0: a black image.
         (TransferConfig, "phases", ("warmup",)),
         (TransferConfig, "augmented_views", -1),
         (Preprocessing, "mode", "video"),

@@ -123,6 +123,31 @@ def test_crop_to_bbox_sets_and_applies_the_box(tmp_path, files):
     assert (plain.images[..., 0].astype(int) - plain.images[..., 1]).mean() < 200
 
 
+def test_a_bounding_box_mostly_outside_its_photo_is_named_not_cropped_black(tmp_path, files):
+    edit(files, "bounding_boxes.txt", 2, "2 30.0 20.0 40.0 30.0")  # On a 40x30 photo.
+    edit(files, "bounding_boxes.txt", 3, "3 10.0 10.0 0.4 12.0")  # Under a pixel wide.
+    source = CubSource(write_folder(tmp_path / "cub", files), crop_to_bbox=True)
+    decoded = load_images(source, source.list_samples(), PHOTO, None, workers=1)
+    assert decoded.valid.tolist() == [True, False, False, True, True, True]
+    assert len(decoded.problems) == 2
+    assert (
+        "photo_1.jpg (images.txt:2): the bounding box (x 30, y 20, 40 x 30) lies mostly "
+        in (decoded.problems[0])
+    )
+    assert decoded.problems[0].endswith("outside the 40x30 image")
+    assert "photo_2.jpg (images.txt:3): the bounding box" in decoded.problems[1]
+
+
+def test_trailing_whitespace_in_the_metadata_is_no_value(tmp_path, files):
+    for name in ("images.txt", "train_test_split.txt", "image_class_labels.txt"):
+        files[name] = files[name].replace(b"\n", b" \t\n")
+    listing = CubSource(write_folder(tmp_path / "cub", files)).list_samples()
+    assert [record.key for record in listing.records][0] == (
+        "images/003.Sooty_Albatross/photo_0.jpg"
+    )
+    assert [record.split for record in listing.records] == ["train", "train", "test"] * 2
+
+
 def test_build_splits_follows_the_official_split(tmp_path, files):
     config = DataConfig(dataset="cub", data=str(write_tgz(tmp_path / "c.tgz", files)))
     loaded = build_splits(config, PHOTO, cache_dir=tmp_path / "cache")

@@ -22,6 +22,7 @@ from cnnkit.data.csv_source import CsvSource, iter_csv_rows
 from cnnkit.data.folder import FolderSource
 from cnnkit.data.source import DataFormatError
 from cnnkit.data.sources import BadDataError, build_splits
+from cnnkit.data.splits import duplicate_groups, stratified_split
 
 MODES = ("L", "RGB", "RGBA", "P", "I;16", "CMYK")
 PROPERTY_SETTINGS = settings(
@@ -55,10 +56,12 @@ def make_image(mode: str, size: tuple[int, int], shade: int = 90) -> Image.Image
     return image.convert(mode)
 
 
-def write_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (6, 5)) -> Path:
+def write_image(
+    path: Path, mode: str = "RGB", size: tuple[int, int] = (6, 5), shade: int = 90
+) -> Path:
     """Save an image in a format that supports ``mode`` (JPEG for CMYK, PNG otherwise)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_image(mode, size).save(path, format="JPEG" if mode == "CMYK" else "PNG")
+    make_image(mode, size, shade).save(path, format="JPEG" if mode == "CMYK" else "PNG")
     return path
 
 
@@ -70,9 +73,9 @@ def write_csv(path: Path, rows: list[list[str]], newline: str = "\n", bom: bool 
 
 
 def folder_dataset(root: Path, per_class: int = 4) -> Path:
-    for name in ("cat", "dog"):
-        for index in range(per_class):
-            write_image(root / name / f"{index}.png")
+    for offset, name in enumerate(("cat", "dog")):
+        for index in range(per_class):  # Distinct images: copies stay in one split.
+            write_image(root / name / f"{index}.png", shade=2 * index + offset)
     return root
 
 
@@ -207,7 +210,7 @@ def test_iter_csv_rows_counts_lines_of_quoted_multiline_fields():
 def csv_dataset(root: Path, labels: list[str], **csv_options) -> Path:
     rows = [["path", "label"]]
     for index, label in enumerate(labels):
-        write_image(root / "images" / f"{index}.png")
+        write_image(root / "images" / f"{index}.png", shade=index)  # Distinct: see duplicates.
         rows.append([f"images/{index}.png", label])
     return write_csv(root / "labels.csv", rows, **csv_options)
 
@@ -436,3 +439,42 @@ def test_a_path_listed_twice_with_two_labels_names_both_as_written(tmp_path):
     with pytest.raises(DataFormatError) as raised:
         CsvSource(path).list_samples()
     assert str(raised.value) == (f'{path}:3: "0.png" is listed as "\\alpha" but line 2 says "\\pi"')
+
+
+# Splits.
+
+
+def test_without_copies_grouping_leaves_the_split_as_it_was() -> None:
+    labels = np.repeat(np.arange(5), 9)
+    plain = stratified_split(labels, 0.3, seed=4)
+    grouped = stratified_split(labels, 0.3, seed=4, groups=np.arange(len(labels)))
+    for a, b in zip(plain, grouped, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert sorted(np.concatenate(plain).tolist()) == list(range(len(labels)))
+
+
+def test_copies_of_an_image_stay_in_one_split(tmp_path, caplog) -> None:
+    """Byte-identical files (downloaded twice, re-exported) would score the model on images
+    it trained on."""
+    for offset, name in enumerate(("cat", "dog")):
+        for index in range(10):
+            write_image(tmp_path / name / f"{index}.png", shade=2 * index + offset)
+            copy = tmp_path / name / f"{index}_copy.png"
+            copy.write_bytes((tmp_path / name / f"{index}.png").read_bytes())
+    config = folder_config(tmp_path, test_fraction=0.2, val_fraction=0.2)
+    with caplog.at_level(logging.INFO, logger="cnnkit.data.sources"):
+        splits = build_splits(config, Preprocessing()).splits
+    assert any(
+        "20 image(s) repeat another pixel for pixel" in r.getMessage() for r in caplog.records
+    )
+    seen = [
+        {image.tobytes() for image in np.asarray(part.images)}
+        for part in (splits.train, splits.val, splits.test)
+    ]
+    assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
+    assert len(splits.test) == 8 and len(splits.val) == 8 and len(splits.train) == 24
+
+
+def test_duplicate_groups_name_the_first_copy() -> None:
+    images = np.array([[1], [2], [1], [3], [2]], dtype=np.uint8)
+    assert duplicate_groups(images).tolist() == [0, 1, 0, 3, 1]

@@ -451,8 +451,8 @@ bad_files = st.one_of(
 def test_bad_images_in_a_dataset_are_named_or_skipped(tmp_path_factory, bad, extensions, use_csv):
     root = tmp_path_factory.mktemp("dataset")
     good = [f"{'ab'[i % 2]}/{i}.png" for i in range(NUM_IMAGES)]
-    for key in good:
-        write_image(root / key)
+    for shade, key in enumerate(good):  # Distinct: copies of one image stay in one split.
+        write_image(root / key, shade=shade)
     keys = [f"a/bad {i}{extensions[i]}" for i in range(len(bad))]
     for key, data in zip(keys, bad, strict=True):
         (root / key).write_bytes(data)

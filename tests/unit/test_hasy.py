@@ -5,6 +5,7 @@ from __future__ import annotations
 import bz2
 import io
 import lzma
+import os
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -223,6 +224,39 @@ def test_missing_image_is_reported_by_the_cache(tmp_path, files):
     assert loaded.problems == [
         "hasy-data/v2-00001.png (hasy-data-labels.csv:3): file not found in the source"
     ]
+
+
+@pytest.mark.parametrize("archived", [True, False], ids=["archive", "folder"])
+def test_a_missing_image_is_reported_as_missing_and_the_rest_is_cached(tmp_path, files, archived):
+    del files["hasy-data/v2-00001.png"]
+    data = (
+        write_tar(tmp_path / "h.tar.bz2", files)
+        if archived
+        else write_folder(tmp_path / "hasy", files)
+    )
+    config = DataConfig(dataset="hasy", data=str(data), on_bad_image="skip")
+    loads = [build_splits(config, Preprocessing(), tmp_path / "cache") for _ in range(2)]
+    assert loads[0].problems == [
+        "hasy-data/v2-00001.png (hasy-data-labels.csv:3): file not found in the source"
+    ]
+    assert [load.from_cache for load in loads] == [False, True]
+
+
+def test_an_image_rewritten_in_an_extracted_folder_is_decoded_again(tmp_path, files):
+    """Rewriting a file in place leaves its folder's time as it was."""
+    folder = write_folder(tmp_path / "hasy", files)
+    source = HasySource(folder)
+    listing = source.list_samples()
+    first = [record.key for record in listing.records].index("hasy-data/v2-00000.png")
+    before = load_images(source, listing, Preprocessing(), tmp_path / "cache", workers=1)
+    folder_time = (folder / "hasy-data").stat().st_mtime_ns
+    shade = int(before.images[first].min())
+    (folder / "hasy-data" / "v2-00000.png").write_bytes(png_bytes(255 - shade))
+    os.utime(folder / "hasy-data", ns=(folder_time, folder_time))
+    source = HasySource(folder)
+    after = load_images(source, source.list_samples(), Preprocessing(), tmp_path / "cache")
+    assert not after.from_cache
+    assert after.images[first].min() == after.images[first].max() == 255 - shade
 
 
 def test_folds_share_one_decoded_cache_entry(tmp_path, files):

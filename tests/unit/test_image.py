@@ -221,6 +221,27 @@ def test_palette_transparency_is_white() -> None:
     assert (prepare_image(data, SYMBOL_GRAY) == 255).all()
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_colour_key_transparency_is_white(mode: str) -> None:
+    """A PNG tRNS colour key on an L or RGB image, as on palette images."""
+    image = Image.new(mode, (8, 8), 0)
+    image.paste(128 if mode == "L" else (128,) * 3, (0, 0, 8, 2))
+    key = 0 if mode == "L" else (0, 0, 0)
+    decoded = decode_image(_encode(image, transparency=key), "keyed.png")
+    assert "transparency" in decoded.info
+    prepared = prepare_image(decoded, SYMBOL_GRAY)[:, :, 0]
+    assert (prepared[2:] == 255).all() and (prepared[:2] == 128).all()
+
+
+def test_sixteen_bit_pixels_read_as_32_bit_span_0_to_65535() -> None:
+    """Pillow opens 16-bit PGM files as mode "I": a brighter file must not come out darker."""
+    dim, bright = (Image.fromarray(np.full((2, 2), v, np.int32), "I") for v in (200, 300))
+    preprocessing = Preprocessing("symbol", 1, 2, 2, (0.5,), (0.5,))
+    assert prepare_image(dim, preprocessing).max() <= prepare_image(bright, preprocessing).min()
+    full = Image.fromarray(np.full((2, 2), 65535, np.int32), "I")
+    assert (prepare_image(full, preprocessing) == 255).all()
+
+
 def test_symbols_are_squashed_to_a_square() -> None:
     image = Image.new("L", (40, 10), 0)
     assert prepare_image(image, SYMBOL_GRAY).shape == (8, 8, 1)
@@ -244,6 +265,15 @@ def _exif_rotated_jpeg() -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6
     return _encode(Image.fromarray(array), "JPEG", exif=exif.tobytes(), quality=95)
+
+
+def test_symbol_mode_applies_the_exif_rotation_too() -> None:
+    """A phone photo of a handwritten symbol is stored sideways, shown upright."""
+    image = decode_image(_exif_rotated_jpeg(), "rotated.jpg")
+    prepared = prepare_image(image, SYMBOL_RGB).astype(int)
+    upright = prepare_image(ImageOps.exif_transpose(image), SYMBOL_RGB).astype(int)
+    assert np.abs(prepared - upright).max() <= 1
+    assert prepared[:2, :, 0].mean() > 200 and prepared[-2:, :, 2].mean() > 200
 
 
 def test_photo_mode_applies_the_exif_rotation() -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from cnnkit.atomic import current_umask
 from cnnkit.config import Preprocessing
 from cnnkit.data.image import BadImageError, decode_image, prepare_image
 from cnnkit.data.source import Listing, Source
@@ -32,7 +33,9 @@ except ImportError:  # Windows: no advisory locks; concurrent runs each decode
     fcntl = None
 
 logger = logging.getLogger(__name__)
-CACHE_FORMAT = 2  # 2: 16-bit images span 0-65535; float images in 0-1 are scaled by 255.
+# 2: 16-bit images span 0-65535; float images in 0-1 are scaled by 255. 3: colour-key
+# transparency goes onto white, EXIF orientation applies to symbols too, "I" spans 0-65535.
+CACHE_FORMAT = 3
 _CHUNK = 256
 
 
@@ -81,12 +84,31 @@ def _decode_chunk(args: tuple[list[tuple], Preprocessing]):
         try:
             image = decode_image(data, name)
             if box is not None:
-                x, y, width, height = box
-                image = image.crop((round(x), round(y), round(x + width), round(y + height)))
-            results.append((index, prepare_image(image, preprocessing), None, False))
+                image = image.crop(_box_inside(box, image.size, name))
+            try:
+                results.append((index, prepare_image(image, preprocessing), None, False))
+            except BadImageError as error:
+                raise BadImageError(f"{name}: {error}") from error
         except BadImageError as error:
             results.append((index, None, str(error), False))
     return results
+
+
+def _box_inside(
+    box: tuple[float, float, float, float], size: tuple[int, int], name: str
+) -> tuple[int, int, int, int]:
+    """The pixel box ``(left, top, right, bottom)`` of a ``(x, y, width, height)`` bounding box,
+    clipped to the image; one that is mostly outside it is an error, not a black crop."""
+    x, y, width, height = box
+    left, top = max(0, round(x)), max(0, round(y))
+    right, bottom = min(size[0], round(x + width)), min(size[1], round(y + height))
+    inside = max(0, right - left) * max(0, bottom - top)
+    if inside == 0 or inside < 0.5 * width * height:
+        raise BadImageError(
+            f"{name}: the bounding box (x {x:g}, y {y:g}, {width:g} x {height:g}) lies mostly "
+            f"outside the {size[0]}x{size[1]} image"
+        )
+    return left, top, right, bottom
 
 
 def _chunks(
@@ -196,9 +218,9 @@ def _read_entry(entry: Path, warn: bool = True) -> DecodedImages | None:
     """The cache entry's images (memory-mapped), or None if it is absent or unreadable (with a
     warning when ``warn``)."""
     images_path, meta_path = entry / "images.npy", entry / "meta.json"
-    if not (images_path.exists() and meta_path.exists()):
-        return None
     try:
+        if not (images_path.exists() and meta_path.exists()):
+            return None
         meta = json.loads(meta_path.read_text())
         images = np.load(images_path, mmap_mode="r")
         valid = np.zeros(len(images), dtype=bool)
@@ -216,8 +238,9 @@ def _write_entry(
 ) -> bool:
     """Write ``decoded`` to a staging folder and rename it to ``entry``; False on a write
     failure. An interrupt removes the staging folder and propagates."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+    staging = None
     try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
         np.save(staging / "images.npy", decoded.images)
         meta = {
             "description": listing.description,
@@ -227,11 +250,18 @@ def _write_entry(
             "problems": decoded.problems,
         }
         (staging / "meta.json").write_text(json.dumps(meta))
+        # mkdtemp makes the folder private (0700); a cache folder others share must let them
+        # read what this run decoded, as any file written under the umask would.
+        umask = current_umask()
+        os.chmod(staging, 0o777 & ~umask)
+        for path in staging.iterdir():
+            os.chmod(path, 0o666 & ~umask)
         if entry.exists():
             shutil.rmtree(entry)
         os.replace(staging, entry)
     except BaseException as error:  # Ctrl-C and kill too: no hidden staging folder stays.
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         if not isinstance(error, OSError):
             raise
         logger.warning("could not write the image cache %s: %s", entry, error)

@@ -39,7 +39,7 @@ def read_table(data: bytes, name: str, num_values: int) -> Table:
     for line, text in enumerate(decode_text(data, name).splitlines(), start=1):
         if not text.strip():
             continue
-        parts = text.split(maxsplit=num_values)
+        parts = text.strip().split(maxsplit=num_values)  # A trailing tab or space is no value.
         if len(parts) != num_values + 1:
             raise DataFormatError(
                 f"{name}:{line}: expected an id and {num_values} value(s), found {text!r}"

@@ -28,10 +28,12 @@ def fingerprint_files(
     """Hash the relative path, size and modification time of each file under ``root``.
 
     Cheap (one ``stat`` per file) and changes whenever a file is added, removed or rewritten.
-    ``missing``, when given, receives the keys that could not be found: the hash records them
-    as missing, so reading them may count them absent for good (see ``iter_file_bytes``).
+    The folder's location counts too: two copies with equal names, sizes and times (``cp -p``,
+    an archive extracted twice) may hold different pixels. ``missing``, when given, receives
+    the keys that could not be found: the hash records them as missing, so reading them may
+    count them absent for good (see ``iter_file_bytes``).
     """
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(f"{Path(root).resolve()}\n".encode(errors="replace"))
     for key in keys:
         try:
             stat = os.stat(os.path.join(root, key))

@@ -179,9 +179,10 @@ def _flatten_onto_white(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return Image.fromarray(_to_uint8(np.asarray(image), 65535.0), mode="L")
     if image.mode == "I":
-        # 32-bit integers have no fixed range: 0-255 where they fit, else 0-65535.
+        # Pillow opens 16-bit files (PGM, some PNG and TIFF) as 32-bit "I": they span 0-65535,
+        # whatever the brightest pixel of this one image is.
         array = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
-        return Image.fromarray(_to_uint8(array, 65535.0 if array.max() > 255 else 255.0), "L")
+        return Image.fromarray(_to_uint8(array, 65535.0), "L")
     if image.mode == "F":
         # Floats in 0-1 (as numpy arrays are read, see array_to_image), else 0-255.
         array = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
@@ -191,9 +192,8 @@ def _flatten_onto_white(image: Image.Image) -> Image.Image:
     if image.mode == "La":
         # Premultiplied alpha: Pillow converts "La" to "LA" only.
         image = image.convert("LA")
-    has_alpha = image.mode in ("RGBA", "RGBa", "LA", "PA") or (
-        image.mode == "P" and "transparency" in image.info
-    )
+    # "transparency" is a palette index, or a colour key of an L or RGB image (PNG tRNS).
+    has_alpha = image.mode in ("RGBA", "RGBa", "LA", "PA") or "transparency" in image.info
     if has_alpha:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -241,8 +241,8 @@ def prepare_image(image: Image.Image, preprocessing: Preprocessing) -> np.ndarra
     size = preprocessing.stored_size
     if image.width == 0 or image.height == 0:
         raise BadImageError(f"empty image ({image.width}x{image.height} pixels)")
-    if preprocessing.mode == "photo":
-        image = ImageOps.exif_transpose(image)
+    # Upright as viewers show it: a phone photo of a handwritten symbol is stored sideways.
+    image = ImageOps.exif_transpose(image)
     image = convert_image(image, "L" if preprocessing.channels == 1 else "RGB")
     if preprocessing.mode == "symbol":
         if image.size != (size, size):

@@ -18,7 +18,7 @@ from cnnkit.data.cache import load_images
 from cnnkit.data.dataset import DataSplits, ImageSet, concatenate
 from cnnkit.data.image import BadImageError, read_image_file
 from cnnkit.data.source import Listing, SampleRecord, Source
-from cnnkit.data.splits import stratified_split
+from cnnkit.data.splits import duplicate_groups, stratified_split
 
 logger = logging.getLogger(__name__)
 
@@ -191,16 +191,23 @@ def build_splits(
             f"left after skipping bad files ({names}); fix or remove them"
         )
     has_split_column = any(split is not None for split in splits)  # CSV column, fold, official
+    splits_at_random = not has_split_column or (config.val_fraction > 0 and not config.train_on_all)
+    # Identical images stay on one side of each random split (see duplicate_groups).
+    where = config.data or config.dataset
+    groups = _duplicate_groups(decoded.images, valid, where) if splits_at_random else None
     if has_split_column:
         train_idx = valid[splits == "train"]
         test_idx = valid[splits == "test"]
     else:
-        first, second = stratified_split(labels, config.test_fraction, config.seed)
+        first, second = stratified_split(labels, config.test_fraction, config.seed, groups)
         train_idx, test_idx = valid[first], valid[second]
     val_idx = np.zeros(0, dtype=np.int64)
     if config.val_fraction > 0 and not config.train_on_all:
         train_labels = np.array([listing.records[i].label for i in train_idx], dtype=np.int64)
-        keep, held = stratified_split(train_labels, config.val_fraction, config.seed + 1)
+        train_groups = groups[np.searchsorted(valid, train_idx)]
+        keep, held = stratified_split(
+            train_labels, config.val_fraction, config.seed + 1, train_groups
+        )
         train_idx, val_idx = train_idx[keep], train_idx[held]
     train = _image_set(decoded.images, listing, train_idx)
     test = _image_set(decoded.images, listing, test_idx)
@@ -242,6 +249,20 @@ def build_splits(
     )
 
 
+def _duplicate_groups(images: np.ndarray, valid: np.ndarray, where: str) -> np.ndarray:
+    """Group ids of the ``valid`` images (positions in ``valid``), logging the duplicates."""
+    groups = duplicate_groups([images[index] for index in valid])
+    duplicates = len(groups) - len(np.unique(groups))
+    if duplicates:
+        logger.info(
+            "%s: %d image(s) repeat another pixel for pixel; each set of copies is kept in one "
+            "split",
+            where,
+            duplicates,
+        )
+    return groups
+
+
 PHOTO_MIN_SIDE = 48  # HASYv2 symbols are 32 px, MNIST 28, scikit-learn's digits 8.
 
 
@@ -260,9 +281,11 @@ def _sample_image_paths(dataset: str, data: str, count: int) -> list[Path]:
         # Round-robin over the classes: the first image of each, then the second...
         return [p for row in itertools.zip_longest(*found) for p in row if p][:count]
     from cnnkit.data.csv_source import iter_csv_rows
+    from cnnkit.data.files import read_regular_file
 
     csv_path = Path(data)
-    rows = iter_csv_rows(csv_path.read_bytes(), str(csv_path), ("path", "label"))
+    # Not read_bytes: a FIFO (``--data <(grep ...)``) would block here forever.
+    rows = iter_csv_rows(read_regular_file(csv_path), str(csv_path), ("path", "label"))
     paths = (csv_path.parent / fields[0] for _, fields in rows if fields[0])
     return list(itertools.islice(paths, count))
 
