@@ -55,7 +55,7 @@ def test_two_process_torchrun_matches_single_process(tmp_path: Path) -> None:
     single = tmp_path / "single"
     double = tmp_path / "ddp"
     _run([sys.executable, "-m", "cnnkit", *ARGS, "--out", str(single)], tmp_path)
-    _run([*TORCHRUN, *ARGS, "--out", str(double)], tmp_path)
+    _run([*TORCHRUN, *ARGS, "--out", str(double)], tmp_path, threads=1)
     single_info = json.loads((single / "run.json").read_text())
     double_info = json.loads((double / "run.json").read_text())
     single_val = single_info["fit"]["best_val_accuracy"]
@@ -68,11 +68,13 @@ def test_two_process_torchrun_matches_single_process(tmp_path: Path) -> None:
 
 
 def test_torchrun_with_micro_batches_trains(tmp_path: Path) -> None:
-    """Each process splits its 32 samples into passes of 8 and synchronises once a step."""
+    """Each process splits its 32 samples into passes of 16 and synchronises once a step (the
+    next test checks that step against one process's whole batch exactly)."""
     out = tmp_path / "ddp-micro"
-    _run([*TORCHRUN, *ARGS, "--micro-batch", "8", "--out", str(out)], tmp_path)
+    arguments = [*ARGS, "--micro-batch", "16", "--out", str(out)]
+    _run([*TORCHRUN, *arguments], tmp_path, threads=1)  # A thread a process: 2 cores.
     info = json.loads((out / "run.json").read_text())
-    assert info["config"]["train"]["micro_batch_size"] == 8
+    assert info["config"]["train"]["micro_batch_size"] == 16
     assert info["fit"]["best_val_accuracy"] > 0.9
 
 
