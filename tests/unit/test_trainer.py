@@ -548,3 +548,68 @@ def test_one_overflowing_step_under_a_grad_scaler_is_not_divergence(tiny_image_s
     else:
         with pytest.raises(TrainingDiverged, match="training diverged in epoch 1"):
             trainer.fit(train_loader)
+
+
+def test_resume_with_other_optimization_settings_is_refused(tiny_image_set, tmp_path) -> None:
+    """The optimizer's and scheduler's saved state holds the learning rate, weight decay,
+    optimizer and schedule of the checkpoint's run, and loading it would keep them: a resume
+    asking for others is refused in one line that names them, before any step."""
+    train_loader, _ = _loaders(tiny_image_set)
+    config = dataclasses.replace(BASE, epochs=1)
+    Trainer(_model(), config, CPU, tmp_path, progress=False).fit(train_loader)
+    longer = dataclasses.replace(config, epochs=2)
+
+    def resume(**changes) -> Trainer:
+        trainer = Trainer(_model(), dataclasses.replace(longer, **changes), CPU, tmp_path)
+        trainer.progress = False
+        trainer.fit(train_loader, resume=True)
+        return trainer
+
+    with pytest.raises(CheckpointError) as refused:
+        resume(learning_rate=1e-4, weight_decay=0.1)
+    message = str(refused.value)
+    assert message.startswith(f"{tmp_path / CHECKPOINT_NAME}: its run trained with ")
+    assert "trained with learning_rate 0.01, weight_decay 0.0001, which its optimizer" in message
+    assert "this run asks for learning_rate 0.0001, weight_decay 0.1;" in message
+    assert "start a fresh run" in message and "\n" not in message
+    for optimizer in ("sgd", "adam"):  # SGD used to fail mid-epoch; Adam silently stayed AdamW.
+        with pytest.raises(CheckpointError, match=f"asks for optimizer {optimizer};"):
+            resume(optimizer=optimizer)
+    with pytest.raises(CheckpointError, match="trained with schedule onecycle, which"):
+        resume(schedule="cosine")
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["epoch"] == 1
+    # More epochs with the same settings go on: the schedule's length is this run's.
+    assert [row["epoch"] for row in resume().history] == [1, 2]
+
+
+def test_resume_may_switch_between_the_cosine_and_constant_schedules(tiny_image_set, tmp_path):
+    """Both rebuild their factor from the resumed run's config, so the switch is honoured."""
+    train_loader, _ = _loaders(tiny_image_set)
+    config = dataclasses.replace(BASE, epochs=1, schedule="cosine", warmup_fraction=0.0)
+    Trainer(_model(), config, CPU, tmp_path, progress=False).fit(train_loader)
+    constant = dataclasses.replace(config, epochs=2, schedule="constant")
+    resumed = Trainer(_model(), constant, CPU, tmp_path, progress=False)
+    assert resumed.fit(train_loader, resume=True).epochs_run == 2
+    # The cosine ended at 0; the constant schedule's steps are back at the peak.
+    assert resumed.optimizer.param_groups[-1]["lr"] == pytest.approx(1e-2)
+
+
+def test_a_checkpoint_without_recorded_settings_resumes_or_names_its_optimizer(
+    tiny_image_set, tmp_path: Path
+) -> None:
+    """A checkpoint from before the settings were recorded still resumes; another optimizer or
+    a schedule of another kind is refused in one line (SGD used to raise KeyError mid-epoch)."""
+    train_loader, _ = _loaders(tiny_image_set)
+    config = dataclasses.replace(BASE, epochs=1)
+    Trainer(_model(), config, CPU, tmp_path, progress=False).fit(train_loader)
+    path = tmp_path / CHECKPOINT_NAME
+    state = load_checkpoint(path)
+    del state["optimization"]
+    save_checkpoint(path, state)
+    longer = dataclasses.replace(config, epochs=2)
+    for changes in ({"optimizer": "sgd"}, {"schedule": "cosine"}):
+        trainer = Trainer(_model(), dataclasses.replace(longer, **changes), CPU, tmp_path)
+        with pytest.raises(CheckpointError, match="comes from another --optimizer or --schedule"):
+            trainer.fit(train_loader, resume=True)
+    resumed = Trainer(_model(), longer, CPU, tmp_path, progress=False)
+    assert resumed.fit(train_loader, resume=True).epochs_run == 2

@@ -33,7 +33,7 @@ from cnnkit.data.dataset import DataSplits
 from cnnkit.data.loader import BatchLoader, build_loaders
 from cnnkit.data.sources import LoadedData, build_splits
 from cnnkit.errors import error_line
-from cnnkit.evaluation.report import EvaluationReport, build_report, evaluated_block
+from cnnkit.evaluation.report import EvaluationReport, build_report, evaluated_block, resolved
 from cnnkit.inference.artifact import ModelMetadata, save_model
 from cnnkit.models.registry import create_model, model_options
 from cnnkit.paths import RUN_INFO, is_search_folder, member_folders
@@ -175,6 +175,43 @@ def _load_data(
         return build_splits(config.data, preprocessing, cache_dir, progress and distributed.is_main)
 
 
+def run_identity(config: RunConfig, splits: DataSplits) -> dict[str, Any]:
+    """What a run trains on, saved in its checkpoints: its class names and the settings that
+    draw its splits. ``--resume`` refuses a checkpoint whose run differs in any of them (its
+    training images could otherwise land in the new test split)."""
+    data = config.data
+    return {
+        "class_names": list(splits.class_names),
+        "dataset": data.dataset,
+        "data": resolved(data.data),
+        "fold": data.fold,
+        "data_seed": data.seed,
+        "val_fraction": data.val_fraction,
+        "test_fraction": data.test_fraction,
+        "max_classes": data.max_classes,
+        "max_per_class": data.max_per_class,
+        "train_on_all": data.train_on_all,
+    }
+
+
+class _RunInfoOnStart(Callback):
+    """Writes the run's ``config.yaml`` and ``run.json`` (status running) when training
+    starts: for ``--resume`` only once the trainer has checked and restored the checkpoint,
+    so that a refused resume leaves the earlier run's files as they were."""
+
+    def __init__(self, write: Callable[[], None]) -> None:
+        self.write = write
+        self.written = False
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.write_once()
+
+    def write_once(self) -> None:
+        if not self.written:
+            self.written = True
+            self.write()
+
+
 def _fit(
     model: torch.nn.Module,
     config: RunConfig,
@@ -191,8 +228,8 @@ def _fit(
     holding the kept weights, and whether the model was a transfer model."""
     run_dir = config.run_dir()
     train_loader, val_loader = loaders
-    # A checkpoint of a run on other classes must not be resumed into this one.
-    identity = {"class_names": list(splits.class_names)}
+    # A checkpoint of a run on other classes or splits must not be resumed into this one.
+    identity = run_identity(config, splits)
     transfer = hasattr(model, "freeze_backbone")
     if transfer:
         from cnnkit.training.transfer import fit_transfer

@@ -30,7 +30,10 @@ from cnnkit.training.averaging import WeightAverage, start_share
 from cnnkit.training.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
+    check_identity,
+    check_optimization,
     load_checkpoint,
+    optimization_settings,
     save_checkpoint,
 )
 from cnnkit.training.memory import check_before_training, pass_count
@@ -78,13 +81,6 @@ class FitResult:
     epochs_run: int = 0
     stopped_early: bool = False
     seconds: float = 0.0
-
-
-def _short(value: Any) -> str:
-    """A value for an error message: lists show their first items and length."""
-    if isinstance(value, (list, tuple)) and len(value) > 4:
-        return f"{', '.join(map(str, value[:3]))}, ... ({len(value)} in all)"
-    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def epoch_line(row: dict[str, float], epochs: int) -> str:
@@ -242,6 +238,7 @@ class Trainer:
             "best_model": best_state or {},
             "bad_epochs": bad_epochs,
             "identity": self.identity,
+            "optimization": self._optimization_settings(),
         }
 
     def _save(self, result: FitResult, best_state: dict | None, bad_epochs: int) -> None:
@@ -251,14 +248,9 @@ class Trainer:
 
     def _restore(self, result: FitResult, steps_per_epoch: int) -> tuple[dict | None, int]:
         state = load_checkpoint(self.checkpoint_path)
-        saved_identity = state.get("identity") or {}
-        for key, value in self.identity.items():
-            if key in saved_identity and saved_identity[key] != value:
-                raise CheckpointError(
-                    f"{self.checkpoint_path}: its run trained on other {key} (the checkpoint's: "
-                    f"{_short(saved_identity[key])}; this run's: {_short(value)}); resume with "
-                    "the same data, or train into a new --out"
-                )
+        check_identity(self.checkpoint_path, state.get("identity") or {}, self.identity)
+        settings = self._optimization_settings()
+        check_optimization(self.checkpoint_path, state, settings, self.optimizer.param_groups)
         try:
             self.module.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -291,6 +283,9 @@ class Trainer:
         result.best_val_accuracy = float(state["best_val_accuracy"])
         logger.info("resumed from %s after epoch %d", self.checkpoint_path, self.epoch)
         return (state["best_model"] or None), int(state["bad_epochs"])
+
+    def _optimization_settings(self) -> dict[str, Any]:
+        return optimization_settings(self.config, hasattr(self.module, "parameter_groups"))
 
     def _check_schedule_fits(self, epochs_done: int, steps_per_epoch: int) -> None:
         """A one-cycle schedule cannot step past its end, so a resumed run must have room for
@@ -476,7 +471,8 @@ class Trainer:
         if not math.isfinite(totals[0]) and (self.scaler is None or not self._weights_finite()):
             raise TrainingDiverged(
                 f"training diverged in epoch {self.epoch + 1} (loss {totals[0]}); lower the "
-                f"learning rate (now {self.config.learning_rate:g})"
+                f"learning rate (now {self.config.learning_rate:g}) and start a fresh run (a "
+                "resumed one keeps its checkpoint's)"
             )
         return {
             "train_loss": totals[0] / max(totals[2], 1),
