@@ -533,12 +533,18 @@ def train_run(
     train_loader, val_loader, test_loader = build_loaders(
         splits, config, preprocessing, device, distributed
     )
-    if distributed.is_main:
+    resuming = resume and find_checkpoint(run_dir) is not None
+    started = _RunInfoOnStart(
+        lambda: write_run_info(run_dir, config, {"status": "running", "data": splits.description})
+    )
+    if distributed.is_main and not resuming:
         # A fresh start (also --resume without a checkpoint) replaces the earlier run, once
         # the data has loaded and its batches are set up: a run that fails before keeps it.
-        if not (resume and find_checkpoint(run_dir)):
-            clear_run_outputs(run_dir, keep=_data_roots(config))
-        write_run_info(run_dir, config, {"status": "running", "data": splits.description})
+        clear_run_outputs(run_dir, keep=_data_roots(config))
+        started.write_once()
+    if distributed.is_main and resuming:
+        # The checkpoint is checked against this run's settings first (see _RunInfoOnStart).
+        callbacks = [started, *callbacks]
 
     try:
         fit, trainer, transfer = _fit(
@@ -580,16 +586,18 @@ def train_run(
             )
     except (TrainingInterrupted, TrainingDiverged, KeyboardInterrupt) as error:
         # run.json says how the run ended, not "running"; also when Ctrl-C or kill lands
-        # after the last epoch, while the test split is scored or the model saved.
-        if distributed.is_main:
+        # after the last epoch, while the test split is scored or the model saved. A resume
+        # stopped before its checkpoint was restored leaves the earlier run's files.
+        if distributed.is_main and started.written:
             status = "diverged" if isinstance(error, TrainingDiverged) else "interrupted"
             reason = str(error) or "interrupted after training, before the model was saved"
             details = {"status": status, "data": splits.description, "error": reason}
             write_run_info(run_dir, config, details)
         raise
     except Exception as error:
-        # Any other error (a checkpoint that does not fit, a full disk) ends the run too.
-        if distributed.is_main:
+        # Any other error (a full disk) ends the run too; a checkpoint that does not fit this
+        # run's settings leaves the earlier run's files as they were.
+        if distributed.is_main and started.written:
             details = {"status": "failed", "data": splits.description, "error": error_line(error)}
             with contextlib.suppress(OSError):  # The full disk must not hide the first error.
                 write_run_info(run_dir, config, details)
