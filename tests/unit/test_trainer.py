@@ -613,3 +613,79 @@ def test_a_checkpoint_without_recorded_settings_resumes_or_names_its_optimizer(
             trainer.fit(train_loader, resume=True)
     resumed = Trainer(_model(), longer, CPU, tmp_path, progress=False)
     assert resumed.fit(train_loader, resume=True).epochs_run == 2
+
+
+class _NormModel(nn.Module):
+    """A tiny classifier with batch norm, whose running statistics each process updates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class _BufferProbe(Callback):
+    """Gathers every process's buffers (the model's and the average's) after each epoch."""
+
+    def __init__(self) -> None:
+        self.same: list[bool] = []
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        for module in (trainer.module, trainer.eval_module):
+            flat = torch.cat([buffer.double().flatten() for buffer in module.buffers()])
+            gathered = [torch.zeros_like(flat) for _ in range(trainer.distributed.world_size)]
+            torch.distributed.all_gather(gathered, flat)
+            self.same.append(all(torch.equal(gathered[0], other) for other in gathered))
+
+
+def _buffers_worker(rank: int, rendezvous: str, out: str) -> None:
+    """One of two gloo processes training _NormModel with a moving average and validation."""
+    from tests.conftest import make_image_set
+
+    from cnnkit.runtime import DistributedContext
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2
+    )
+    try:
+        train = make_image_set(num_classes=4, per_class=8, size=8, seed=1)
+        val = make_image_set(num_classes=4, per_class=2, size=8, seed=2)
+        shard = {"rank": rank, "world_size": 2}
+        transform = build_train_transform(PREPROCESSING, AugmentConfig(enabled=False))
+        train_loader = BatchLoader(train, 8, transform, shuffle=True, seed=3, **shard)
+        val_loader = BatchLoader(val, 8, build_eval_transform(PREPROCESSING), **shard)
+        torch.manual_seed(0)
+        probe = _BufferProbe()
+        context = DistributedContext(rank, rank, 2)
+        config = dataclasses.replace(EMA, epochs=2, memory_check=False)
+        trainer = Trainer(_NormModel(), config, CPU, None, [probe], context, progress=False)
+        trainer.fit(train_loader, val_loader)
+        torch.save(probe.same, f"{out}/rank-{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_under_ddp_every_process_scores_rank_0s_batch_norm_statistics(tmp_path: Path) -> None:
+    """Each process updates its running statistics from its own shard: validation (and the
+    saved average) must use rank 0's, the network that is saved."""
+    import torch.multiprocessing as multiprocessing
+
+    rendezvous = tmp_path / "rendezvous"
+    context = multiprocessing.spawn(
+        _buffers_worker, args=(str(rendezvous), str(tmp_path)), nprocs=2, join=False
+    )
+    for _ in range(120):  # Two minutes at most: a hung collective must not hang the suite.
+        if context.join(timeout=1):
+            break
+    else:
+        for process in context.processes:
+            process.kill()
+        pytest.fail("the two gloo processes did not finish")
+    for rank in (0, 1):
+        # Two epochs, each checking the model's buffers and the moving average's.
+        assert torch.load(tmp_path / f"rank-{rank}.pt") == [True] * 4

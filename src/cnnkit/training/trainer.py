@@ -379,6 +379,8 @@ class Trainer:
                 torch.manual_seed(rank_seed(epoch_seed, self.distributed.rank))
                 train_loader.set_epoch(self.epoch)
                 row = {"epoch": self.epoch + 1, **self.train_epoch(train_loader)}
+                # Every process then scores and keeps rank 0's network, the one saved.
+                self._share_buffers()
                 if val_loader is not None:
                     val = self.evaluate(val_loader)
                     row.update({f"val_{k}": v for k, v in val.items()})
@@ -513,6 +515,17 @@ class Trainer:
         else:
             self.optimizer.step()
         return total_loss, correct
+
+    def _share_buffers(self) -> None:
+        """Give every process rank 0's buffers (batch-norm statistics), also the moving
+        average's. Each process updates its own from its shard of the batches, DDP copies rank
+        0's only at the next training forward pass, and rank 0's network is the one saved."""
+        if not self.distributed.enabled:
+            return
+        modules = [self.module] + ([self.average.module] if self.average else [])
+        for module in modules:
+            for buffer in module.buffers():
+                torch.distributed.broadcast(buffer, 0)
 
     def _reduce(self, values: list[float]) -> list[float]:
         """Sum ``values`` over all processes (a no-op when not distributed)."""
