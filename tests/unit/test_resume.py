@@ -12,6 +12,8 @@ import pytest
 from tests.conftest import StopAfter
 
 from cnnkit.config import RunConfig, build_run_config, preset_for
+from cnnkit.evaluation.html_report import build_report_html
+from cnnkit.inference.artifact import read_metadata
 from cnnkit.training.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -95,3 +97,17 @@ def test_a_checkpoint_from_before_the_split_was_recorded_still_resumes(tmp_path:
     del state["optimization"]
     save_checkpoint(path, state)
     assert train_run(config, resume=True, progress=False).fit.epochs_run == 2
+
+
+def test_without_a_validation_split_no_validation_accuracy_is_reported(tmp_path: Path) -> None:
+    """The trainer keeps the last epoch's weights: best_epoch names it, and the training
+    accuracy it ranked epochs by is not passed off as a validation figure."""
+    run = tmp_path / "run"
+    train_run(_config(run, {"data": {"val_fraction": 0.0}, "train": {"epochs": 3}}), progress=False)
+    fit = json.loads((run / "run.json").read_text())["fit"]
+    assert fit["best_val_accuracy"] is None
+    assert fit["best_epoch"] == fit["epochs_run"] == 3
+    training = read_metadata(run / "model.safetensors")["training"]
+    assert training["best_val_accuracy"] is None
+    page = build_report_html(run)
+    assert "best train accuracy (no val split)" in page

@@ -330,9 +330,27 @@ def test_without_validation_every_epoch_runs_whatever_the_patience(tiny_image_se
     result = Trainer(_model(), config, CPU, progress=False).fit(train_loader)
     assert not result.stopped_early
     assert result.epochs_run == 5
+    # The last epoch's weights are kept, and best_epoch says so (training accuracy, which
+    # never improves at this rate, does not choose it).
+    assert result.best_epoch == 5
 
 
-def test_resuming_a_run_that_stopped_early_trains_no_further(tiny_image_set, tmp_path) -> None:
+def test_without_validation_a_resume_with_nothing_left_keeps_the_last_epoch(
+    tiny_image_set, tmp_path: Path
+) -> None:
+    train_loader, _ = _loaders(tiny_image_set)
+    config = dataclasses.replace(BASE, epochs=3)
+    Trainer(_model(), config, CPU, tmp_path, progress=False).fit(train_loader)
+    # An older checkpoint recorded the epoch of the best training accuracy.
+    path = tmp_path / CHECKPOINT_NAME
+    save_checkpoint(path, {**load_checkpoint(path), "best_epoch": 1})
+    again = Trainer(_model(), config, CPU, tmp_path, progress=False)
+    assert again.fit(train_loader, resume=True).best_epoch == 3
+
+
+def test_resuming_a_run_that_stopped_early_trains_no_further(
+    tiny_image_set, tmp_path, caplog
+) -> None:
     train_loader, val_loader = _loaders(tiny_image_set)
     config = dataclasses.replace(
         BASE, epochs=10, learning_rate=1e-12, weight_decay=0.0, early_stopping_patience=2
@@ -341,8 +359,16 @@ def test_resuming_a_run_that_stopped_early_trains_no_further(tiny_image_set, tmp
     assert first.fit(train_loader, val_loader).epochs_run == 3
     saved = load_checkpoint(tmp_path / CHECKPOINT_NAME)
     recorder = Recorder()
-    again = Trainer(_model(seed=7), config, CPU, tmp_path, [recorder], progress=False)
-    result = again.fit(train_loader, val_loader, resume=True)
+    # More epochs with the same patience: the run says (at WARNING, which the CLI shows) why
+    # it trains nothing, and how to go on.
+    more = dataclasses.replace(config, epochs=12)
+    again = Trainer(_model(seed=7), more, CPU, tmp_path, [recorder], progress=False)
+    with caplog.at_level("WARNING", logger="cnnkit.training.trainer"):
+        result = again.fit(train_loader, val_loader, resume=True)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "the run stopped early after epoch 3" in warnings[0]
+    assert "resume with --patience above 2" in warnings[0]
     assert result.stopped_early and result.epochs_run == 3
     assert not [event for event in recorder.events if event.startswith("epoch")]
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["epoch"] == saved["epoch"] == 3
@@ -548,6 +574,15 @@ def test_one_overflowing_step_under_a_grad_scaler_is_not_divergence(tiny_image_s
     else:
         with pytest.raises(TrainingDiverged, match="training diverged in epoch 1"):
             trainer.fit(train_loader)
+
+
+def test_the_learning_rate_column_is_the_rate_of_each_epochs_first_step(tiny_image_set) -> None:
+    train_loader, _ = _loaders(tiny_image_set)  # Two steps an epoch.
+    config = dataclasses.replace(BASE, epochs=2, schedule="cosine", warmup_fraction=0.0)
+    result = Trainer(_model(), config, CPU, progress=False).fit(train_loader)
+    # Four steps of a cosine from 1e-2: the first epoch starts at the peak, the second halfway
+    # (the rate after an epoch's last step, 5e-3 and 0, was used by no step of it).
+    assert [row["learning_rate"] for row in result.history] == pytest.approx([1e-2, 5e-3])
 
 
 def test_resume_with_other_optimization_settings_is_refused(tiny_image_set, tmp_path) -> None:

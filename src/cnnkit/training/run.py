@@ -470,13 +470,19 @@ def _test_and_save(
             "crop_to_bbox": data.crop_to_bbox,
             "train_on_all": data.train_on_all,
             "epochs_run": fit.epochs_run,
-            "best_val_accuracy": fit.best_val_accuracy,
+            "best_val_accuracy": _best_val_accuracy(fit, splits),
             "test_top1": test_metrics.get("top1"),
             "test_top5": test_metrics.get("top5"),
         },
     )
     model_path = save_model(run_dir / MODEL_NAME, trainer.module.cpu(), metadata)
     return report, model_path
+
+
+def _best_val_accuracy(fit: FitResult, splits: DataSplits) -> float | None:
+    """The kept weights' validation accuracy; None without a validation split (the trainer
+    then ranks epochs by training accuracy, which is no validation figure)."""
+    return fit.best_val_accuracy if splits.val is not None else None
 
 
 def train_run(
@@ -577,7 +583,7 @@ def train_run(
                     "fit": {
                         "epochs_run": fit.epochs_run,
                         "best_epoch": fit.best_epoch,
-                        "best_val_accuracy": fit.best_val_accuracy,
+                        "best_val_accuracy": _best_val_accuracy(fit, splits),
                         "stopped_early": fit.stopped_early,
                     },
                     "test": test_metrics,

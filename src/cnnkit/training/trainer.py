@@ -73,7 +73,20 @@ class Callback:
 
 @dataclass
 class FitResult:
-    """What a call to :meth:`Trainer.fit` did."""
+    """What a call to :meth:`Trainer.fit` did.
+
+    Attributes:
+        history: one metrics row per epoch, resumed epochs included.
+        best_epoch: the epoch whose weights were kept: the best on validation, or without a
+            validation split the last.
+        best_val_accuracy: the best epoch's validation accuracy; without a validation split,
+            the highest training accuracy of an epoch (search ranks such trials by it), which
+            is no validation figure: :func:`cnnkit.training.run.train_run` records null.
+        epochs_run: the epochs trained in all, resumed ones included; after an early stop,
+            the epoch it stopped after.
+        stopped_early: early stopping ended the run, in this call or (resumed) an earlier one.
+        seconds: this call's training time.
+    """
 
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
@@ -366,9 +379,18 @@ class Trainer:
             logger.info("no validation split: early stopping is off; %d epochs run", config.epochs)
             patience = None
         if patience is not None and bad_epochs >= patience:
-            # A resumed run that had already stopped early: nothing is left to train.
+            # A resumed run that had already stopped early: nothing is left to train, which a
+            # resume asking for more epochs would not expect.
             result.stopped_early = True
-            logger.info("the run stopped early after epoch %d; nothing to resume", self.epoch)
+            logger.warning(
+                "%s: the run stopped early after epoch %d (%d epochs without a better validation "
+                "accuracy), so nothing is left to train; resume with --patience above %d "
+                "(train.early_stopping_patience) to go on",
+                self.checkpoint_path,
+                self.epoch,
+                bad_epochs,
+                bad_epochs,
+            )
         for callback in self.callbacks:
             callback.on_fit_start(self)
         start = time.perf_counter()
@@ -395,6 +417,8 @@ class Trainer:
                         best_state = copy.deepcopy(self.eval_module.state_dict())
                 else:
                     bad_epochs += 1
+                if val_loader is None:
+                    result.best_epoch = self.epoch  # The last epoch's weights are kept.
                 self._save(result, best_state, bad_epochs)
                 for callback in self.callbacks:
                     callback.on_epoch_end(self, row)
@@ -411,6 +435,8 @@ class Trainer:
             best_state = self.eval_module.state_dict()  # The moving average, without val.
         if best_state is not None:
             self.module.load_state_dict(best_state)
+        if val_loader is None:
+            result.best_epoch = self.epoch  # Also for a resumed run with nothing left to train.
         # The model now holds the weights that are kept, and later evaluation scores them.
         self.average = None
         result.epochs_run = self.epoch
@@ -420,7 +446,11 @@ class Trainer:
         return result
 
     def train_epoch(self, loader: BatchLoader) -> dict[str, float]:
-        """One pass over ``loader``; returns loss, accuracy, learning rate and throughput."""
+        """One pass over ``loader``; returns loss, accuracy, learning rate and throughput.
+
+        ``learning_rate`` is the rate of the epoch's first optimizer step (of the last
+        parameter group: a transfer model's head), which the schedule then moves on from.
+        """
         self.model.train()
         total_loss = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -434,6 +464,7 @@ class Trainer:
             disable=bar_disabled(self.progress),
             leave=False,
         )
+        learning_rate = self.optimizer.param_groups[-1]["lr"]  # What the first step uses.
         for inputs, labels in loader:
             inputs = inputs.contiguous(memory_format=self.memory_format)
             if self._memory_unchecked:
@@ -479,7 +510,7 @@ class Trainer:
         return {
             "train_loss": totals[0] / max(totals[2], 1),
             "train_accuracy": totals[1] / max(totals[2], 1),
-            "learning_rate": self.optimizer.param_groups[-1]["lr"],
+            "learning_rate": learning_rate,
             "seconds": seconds,
             "images_per_second": totals[2] / max(seconds, 1e-9),
         }
