@@ -330,9 +330,27 @@ def test_without_validation_every_epoch_runs_whatever_the_patience(tiny_image_se
     result = Trainer(_model(), config, CPU, progress=False).fit(train_loader)
     assert not result.stopped_early
     assert result.epochs_run == 5
+    # The last epoch's weights are kept, and best_epoch says so (training accuracy, which
+    # never improves at this rate, does not choose it).
+    assert result.best_epoch == 5
 
 
-def test_resuming_a_run_that_stopped_early_trains_no_further(tiny_image_set, tmp_path) -> None:
+def test_without_validation_a_resume_with_nothing_left_keeps_the_last_epoch(
+    tiny_image_set, tmp_path: Path
+) -> None:
+    train_loader, _ = _loaders(tiny_image_set)
+    config = dataclasses.replace(BASE, epochs=3)
+    Trainer(_model(), config, CPU, tmp_path, progress=False).fit(train_loader)
+    # An older checkpoint recorded the epoch of the best training accuracy.
+    path = tmp_path / CHECKPOINT_NAME
+    save_checkpoint(path, {**load_checkpoint(path), "best_epoch": 1})
+    again = Trainer(_model(), config, CPU, tmp_path, progress=False)
+    assert again.fit(train_loader, resume=True).best_epoch == 3
+
+
+def test_resuming_a_run_that_stopped_early_trains_no_further(
+    tiny_image_set, tmp_path, caplog
+) -> None:
     train_loader, val_loader = _loaders(tiny_image_set)
     config = dataclasses.replace(
         BASE, epochs=10, learning_rate=1e-12, weight_decay=0.0, early_stopping_patience=2
@@ -341,8 +359,16 @@ def test_resuming_a_run_that_stopped_early_trains_no_further(tiny_image_set, tmp
     assert first.fit(train_loader, val_loader).epochs_run == 3
     saved = load_checkpoint(tmp_path / CHECKPOINT_NAME)
     recorder = Recorder()
-    again = Trainer(_model(seed=7), config, CPU, tmp_path, [recorder], progress=False)
-    result = again.fit(train_loader, val_loader, resume=True)
+    # More epochs with the same patience: the run says (at WARNING, which the CLI shows) why
+    # it trains nothing, and how to go on.
+    more = dataclasses.replace(config, epochs=12)
+    again = Trainer(_model(seed=7), more, CPU, tmp_path, [recorder], progress=False)
+    with caplog.at_level("WARNING", logger="cnnkit.training.trainer"):
+        result = again.fit(train_loader, val_loader, resume=True)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "the run stopped early after epoch 3" in warnings[0]
+    assert "resume with --patience above 2" in warnings[0]
     assert result.stopped_early and result.epochs_run == 3
     assert not [event for event in recorder.events if event.startswith("epoch")]
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["epoch"] == saved["epoch"] == 3
@@ -548,3 +574,153 @@ def test_one_overflowing_step_under_a_grad_scaler_is_not_divergence(tiny_image_s
     else:
         with pytest.raises(TrainingDiverged, match="training diverged in epoch 1"):
             trainer.fit(train_loader)
+
+
+def test_the_learning_rate_column_is_the_rate_of_each_epochs_first_step(tiny_image_set) -> None:
+    train_loader, _ = _loaders(tiny_image_set)  # Two steps an epoch.
+    config = dataclasses.replace(BASE, epochs=2, schedule="cosine", warmup_fraction=0.0)
+    result = Trainer(_model(), config, CPU, progress=False).fit(train_loader)
+    # Four steps of a cosine from 1e-2: the first epoch starts at the peak, the second halfway
+    # (the rate after an epoch's last step, 5e-3 and 0, was used by no step of it).
+    assert [row["learning_rate"] for row in result.history] == pytest.approx([1e-2, 5e-3])
+
+
+def test_resume_with_other_optimization_settings_is_refused(tiny_image_set, tmp_path) -> None:
+    """The optimizer's and scheduler's saved state holds the learning rate, weight decay,
+    optimizer and schedule of the checkpoint's run, and loading it would keep them: a resume
+    asking for others is refused in one line that names them, before any step."""
+    train_loader, _ = _loaders(tiny_image_set)
+    config = dataclasses.replace(BASE, epochs=1)
+    Trainer(_model(), config, CPU, tmp_path, progress=False).fit(train_loader)
+    longer = dataclasses.replace(config, epochs=2)
+
+    def resume(**changes) -> Trainer:
+        trainer = Trainer(_model(), dataclasses.replace(longer, **changes), CPU, tmp_path)
+        trainer.progress = False
+        trainer.fit(train_loader, resume=True)
+        return trainer
+
+    with pytest.raises(CheckpointError) as refused:
+        resume(learning_rate=1e-4, weight_decay=0.1)
+    message = str(refused.value)
+    assert message.startswith(f"{tmp_path / CHECKPOINT_NAME}: its run trained with ")
+    assert "trained with learning_rate 0.01, weight_decay 0.0001, which its optimizer" in message
+    assert "this run asks for learning_rate 0.0001, weight_decay 0.1;" in message
+    assert "start a fresh run" in message and "\n" not in message
+    for optimizer in ("sgd", "adam"):  # SGD used to fail mid-epoch; Adam silently stayed AdamW.
+        with pytest.raises(CheckpointError, match=f"asks for optimizer {optimizer};"):
+            resume(optimizer=optimizer)
+    with pytest.raises(CheckpointError, match="trained with schedule onecycle, which"):
+        resume(schedule="cosine")
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["epoch"] == 1
+    # More epochs with the same settings go on: the schedule's length is this run's.
+    assert [row["epoch"] for row in resume().history] == [1, 2]
+
+
+def test_resume_may_switch_between_the_cosine_and_constant_schedules(tiny_image_set, tmp_path):
+    """Both rebuild their factor from the resumed run's config, so the switch is honoured."""
+    train_loader, _ = _loaders(tiny_image_set)
+    config = dataclasses.replace(BASE, epochs=1, schedule="cosine", warmup_fraction=0.0)
+    Trainer(_model(), config, CPU, tmp_path, progress=False).fit(train_loader)
+    constant = dataclasses.replace(config, epochs=2, schedule="constant")
+    resumed = Trainer(_model(), constant, CPU, tmp_path, progress=False)
+    assert resumed.fit(train_loader, resume=True).epochs_run == 2
+    # The cosine ended at 0; the constant schedule's steps are back at the peak.
+    assert resumed.optimizer.param_groups[-1]["lr"] == pytest.approx(1e-2)
+
+
+def test_a_checkpoint_without_recorded_settings_resumes_or_names_its_optimizer(
+    tiny_image_set, tmp_path: Path
+) -> None:
+    """A checkpoint from before the settings were recorded still resumes; another optimizer or
+    a schedule of another kind is refused in one line (SGD used to raise KeyError mid-epoch)."""
+    train_loader, _ = _loaders(tiny_image_set)
+    config = dataclasses.replace(BASE, epochs=1)
+    Trainer(_model(), config, CPU, tmp_path, progress=False).fit(train_loader)
+    path = tmp_path / CHECKPOINT_NAME
+    state = load_checkpoint(path)
+    del state["optimization"]
+    save_checkpoint(path, state)
+    longer = dataclasses.replace(config, epochs=2)
+    for changes in ({"optimizer": "sgd"}, {"schedule": "cosine"}):
+        trainer = Trainer(_model(), dataclasses.replace(longer, **changes), CPU, tmp_path)
+        with pytest.raises(CheckpointError, match="comes from another --optimizer or --schedule"):
+            trainer.fit(train_loader, resume=True)
+    resumed = Trainer(_model(), longer, CPU, tmp_path, progress=False)
+    assert resumed.fit(train_loader, resume=True).epochs_run == 2
+
+
+class _NormModel(nn.Module):
+    """A tiny classifier with batch norm, whose running statistics each process updates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class _BufferProbe(Callback):
+    """Gathers every process's buffers (the model's and the average's) after each epoch."""
+
+    def __init__(self) -> None:
+        self.same: list[bool] = []
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        for module in (trainer.module, trainer.eval_module):
+            flat = torch.cat([buffer.double().flatten() for buffer in module.buffers()])
+            gathered = [torch.zeros_like(flat) for _ in range(trainer.distributed.world_size)]
+            torch.distributed.all_gather(gathered, flat)
+            self.same.append(all(torch.equal(gathered[0], other) for other in gathered))
+
+
+def _buffers_worker(rank: int, rendezvous: str, out: str) -> None:
+    """One of two gloo processes training _NormModel with a moving average and validation."""
+    from tests.conftest import make_image_set
+
+    from cnnkit.runtime import DistributedContext
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2
+    )
+    try:
+        train = make_image_set(num_classes=4, per_class=8, size=8, seed=1)
+        val = make_image_set(num_classes=4, per_class=2, size=8, seed=2)
+        shard = {"rank": rank, "world_size": 2}
+        transform = build_train_transform(PREPROCESSING, AugmentConfig(enabled=False))
+        train_loader = BatchLoader(train, 8, transform, shuffle=True, seed=3, **shard)
+        val_loader = BatchLoader(val, 8, build_eval_transform(PREPROCESSING), **shard)
+        torch.manual_seed(0)
+        probe = _BufferProbe()
+        context = DistributedContext(rank, rank, 2)
+        config = dataclasses.replace(EMA, epochs=2, memory_check=False)
+        trainer = Trainer(_NormModel(), config, CPU, None, [probe], context, progress=False)
+        trainer.fit(train_loader, val_loader)
+        torch.save(probe.same, f"{out}/rank-{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_under_ddp_every_process_scores_rank_0s_batch_norm_statistics(tmp_path: Path) -> None:
+    """Each process updates its running statistics from its own shard: validation (and the
+    saved average) must use rank 0's, the network that is saved."""
+    import torch.multiprocessing as multiprocessing
+
+    rendezvous = tmp_path / "rendezvous"
+    context = multiprocessing.spawn(
+        _buffers_worker, args=(str(rendezvous), str(tmp_path)), nprocs=2, join=False
+    )
+    for _ in range(120):  # Two minutes at most: a hung collective must not hang the suite.
+        if context.join(timeout=1):
+            break
+    else:
+        for process in context.processes:
+            process.kill()
+        pytest.fail("the two gloo processes did not finish")
+    for rank in (0, 1):
+        # Two epochs, each checking the model's buffers and the moving average's.
+        assert torch.load(tmp_path / f"rank-{rank}.pt") == [True] * 4

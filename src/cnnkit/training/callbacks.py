@@ -28,7 +28,11 @@ def write_metrics_csv(path: Path, rows: list[dict[str, float]]) -> None:
 
 
 class CsvLogger(Callback):
-    """Appends one row per epoch to ``RUN_DIR/metrics.csv`` (rewritten whole on resume)."""
+    """Appends one row per epoch to ``RUN_DIR/metrics.csv`` (rewritten whole on resume).
+
+    The columns are the trainer's row (see :meth:`Trainer.train_epoch`); ``learning_rate`` is
+    the rate of the epoch's first optimizer step, as in TensorBoard.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)

@@ -1,4 +1,5 @@
-"""Resumable training checkpoints, written atomically and read without unpickling code."""
+"""Resumable training checkpoints, written atomically and read without unpickling code, and
+the checks that a checkpoint matches the run resuming it (its data, its optimizer settings)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import torch
 
 from cnnkit.atomic import write_atomically
+from cnnkit.config import TrainConfig
 from cnnkit.errors import error_line
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -48,3 +50,125 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: cannot read checkpoint ({detail}); delete it to start afresh"
         ) from error
+
+
+# Warm-up then cosine or constant: a LambdaLR whose factor each run rebuilds from its own
+# config, so switching between the two is honoured on resume; the one-cycle schedule is not.
+_REBUILT_SCHEDULES = ("cosine", "constant")
+# Keys of a saved optimizer's parameter groups that tell its kind and schedule apart (SGD,
+# Adam or AdamW; one-cycle or not), for checkpoints older than the recorded settings.
+_GROUP_MARKERS = ("momentum", "betas", "max_lr")
+
+
+def optimization_settings(config: TrainConfig, grouped: bool) -> dict[str, Any]:
+    """The settings a checkpoint's optimizer and scheduler state holds: resuming loads that
+    state, whose values would win over this run's, so a resume must ask for the same ones.
+
+    The schedule's length (epochs, steps per epoch) and warm-up are not among them: a resumed
+    run rebuilds them from its own config, so ``--resume --epochs N`` trains on to epoch N.
+
+    Args:
+        config: the run's training settings.
+        grouped: whether the model has parameter groups (only then does
+            ``backbone_lr_scale`` set a learning rate).
+    """
+    settings = {
+        "optimizer": config.optimizer,
+        "learning_rate": config.learning_rate,
+        "weight_decay": config.weight_decay,
+        "schedule": config.schedule,
+    }
+    if grouped:
+        settings["backbone_lr_scale"] = config.backbone_lr_scale
+    return settings
+
+
+def _same_kind(saved: list[dict[str, Any]], current: list[dict[str, Any]]) -> bool:
+    """Whether saved parameter groups come from the same kind of optimizer and schedule as
+    ``current`` (a different count of groups is the model's mismatch, reported elsewhere)."""
+    for old, new in zip(saved, current, strict=False):
+        if any((key in old) != (key in new) for key in _GROUP_MARKERS):
+            return False
+        # AdamW's flag, where this and the checkpoint's torch both record it.
+        key = "decoupled_weight_decay"
+        if key in old and key in new and old[key] != new[key]:
+            return False
+    return True
+
+
+def _short(value: Any) -> str:
+    """A value for an error message: lists show their first items and length."""
+    if isinstance(value, (list, tuple)) and len(value) > 4:
+        return f"{', '.join(map(str, value[:3]))}, ... ({len(value)} in all)"
+    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _changed(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The keys of ``current`` whose value differs from ``saved``'s; a key an older checkpoint
+    did not record is taken to match."""
+    return [key for key, value in current.items() if key in saved and saved[key] != value]
+
+
+def check_identity(path: str | Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint whose run trained on other data.
+
+    Args:
+        path: the checkpoint, named in the error.
+        saved: the checkpoint's identity (its class names and what drew its splits).
+        current: this run's identity.
+
+    Raises:
+        CheckpointError: naming each setting that differs, with both values.
+    """
+    changed = _changed(saved, current)
+    if changed:
+        details = ", ".join(
+            f"other {key} (the checkpoint's: {_short(saved[key])}; "
+            f"this run's: {_short(current[key])})"
+            for key in changed
+        )
+        raise CheckpointError(
+            f"{path}: its run trained on {details}; resume with the same data, or train into "
+            "a new --out"
+        )
+
+
+def check_optimization(
+    path: str | Path,
+    state: dict[str, Any],
+    current: dict[str, Any],
+    groups: list[dict[str, Any]],
+) -> None:
+    """Refuse to resume a checkpoint whose optimizer and scheduler state holds other settings
+    than this run's: loading that state would silently keep the checkpoint's values.
+
+    Args:
+        path: the checkpoint, named in the error.
+        state: the checkpoint's contents.
+        current: this run's :func:`optimization_settings`.
+        groups: this run's optimizer's parameter groups, its scheduler built.
+
+    Raises:
+        CheckpointError: naming each setting that differs, with both values; for a checkpoint
+            from before the settings were recorded, when its optimizer or schedule is of
+            another kind (SGD, Adam, AdamW; one-cycle or not).
+    """
+    saved = dict(state.get("optimization") or {})
+    if saved.get("schedule") in _REBUILT_SCHEDULES and current["schedule"] in _REBUILT_SCHEDULES:
+        saved["schedule"] = current["schedule"]
+    changed = _changed(saved, current)
+    if changed:
+        kept = ", ".join(f"{key} {_short(saved[key])}" for key in changed)
+        asked = ", ".join(f"{key} {_short(current[key])}" for key in changed)
+        raise CheckpointError(
+            f"{path}: its run trained with {kept}, which its optimizer state would keep, but "
+            f"this run asks for {asked}; resume with the checkpoint's settings, or start a "
+            "fresh run (without --resume, or into a new --out)"
+        )
+    # Another optimizer used to fail mid-epoch (SGD: KeyError 'momentum') or go unnoticed.
+    if not _same_kind(state["optimizer"].get("param_groups", []), groups):
+        raise CheckpointError(
+            f"{path}: its optimizer state comes from another --optimizer or --schedule than "
+            f"this run's ({current['optimizer']}, {current['schedule']}); resume with the ones "
+            "it was trained with, or start a fresh run (without --resume, or into a new --out)"
+        )

@@ -33,7 +33,7 @@ from cnnkit.data.dataset import DataSplits
 from cnnkit.data.loader import BatchLoader, build_loaders
 from cnnkit.data.sources import LoadedData, build_splits
 from cnnkit.errors import error_line
-from cnnkit.evaluation.report import EvaluationReport, build_report, evaluated_block
+from cnnkit.evaluation.report import EvaluationReport, build_report, evaluated_block, resolved
 from cnnkit.inference.artifact import ModelMetadata, save_model
 from cnnkit.models.registry import create_model, model_options
 from cnnkit.paths import RUN_INFO, is_search_folder, member_folders
@@ -175,6 +175,43 @@ def _load_data(
         return build_splits(config.data, preprocessing, cache_dir, progress and distributed.is_main)
 
 
+def run_identity(config: RunConfig, splits: DataSplits) -> dict[str, Any]:
+    """What a run trains on, saved in its checkpoints: its class names and the settings that
+    draw its splits. ``--resume`` refuses a checkpoint whose run differs in any of them (its
+    training images could otherwise land in the new test split)."""
+    data = config.data
+    return {
+        "class_names": list(splits.class_names),
+        "dataset": data.dataset,
+        "data": resolved(data.data),
+        "fold": data.fold,
+        "data_seed": data.seed,
+        "val_fraction": data.val_fraction,
+        "test_fraction": data.test_fraction,
+        "max_classes": data.max_classes,
+        "max_per_class": data.max_per_class,
+        "train_on_all": data.train_on_all,
+    }
+
+
+class _RunInfoOnStart(Callback):
+    """Writes the run's ``config.yaml`` and ``run.json`` (status running) when training
+    starts: for ``--resume`` only once the trainer has checked and restored the checkpoint,
+    so that a refused resume leaves the earlier run's files as they were."""
+
+    def __init__(self, write: Callable[[], None]) -> None:
+        self.write = write
+        self.written = False
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.write_once()
+
+    def write_once(self) -> None:
+        if not self.written:
+            self.written = True
+            self.write()
+
+
 def _fit(
     model: torch.nn.Module,
     config: RunConfig,
@@ -191,8 +228,8 @@ def _fit(
     holding the kept weights, and whether the model was a transfer model."""
     run_dir = config.run_dir()
     train_loader, val_loader = loaders
-    # A checkpoint of a run on other classes must not be resumed into this one.
-    identity = {"class_names": list(splits.class_names)}
+    # A checkpoint of a run on other classes or splits must not be resumed into this one.
+    identity = run_identity(config, splits)
     transfer = hasattr(model, "freeze_backbone")
     if transfer:
         from cnnkit.training.transfer import fit_transfer
@@ -433,13 +470,19 @@ def _test_and_save(
             "crop_to_bbox": data.crop_to_bbox,
             "train_on_all": data.train_on_all,
             "epochs_run": fit.epochs_run,
-            "best_val_accuracy": fit.best_val_accuracy,
+            "best_val_accuracy": _best_val_accuracy(fit, splits),
             "test_top1": test_metrics.get("top1"),
             "test_top5": test_metrics.get("top5"),
         },
     )
     model_path = save_model(run_dir / MODEL_NAME, trainer.module.cpu(), metadata)
     return report, model_path
+
+
+def _best_val_accuracy(fit: FitResult, splits: DataSplits) -> float | None:
+    """The kept weights' validation accuracy; None without a validation split (the trainer
+    then ranks epochs by training accuracy, which is no validation figure)."""
+    return fit.best_val_accuracy if splits.val is not None else None
 
 
 def train_run(
@@ -496,12 +539,18 @@ def train_run(
     train_loader, val_loader, test_loader = build_loaders(
         splits, config, preprocessing, device, distributed
     )
-    if distributed.is_main:
+    resuming = resume and find_checkpoint(run_dir) is not None
+    started = _RunInfoOnStart(
+        lambda: write_run_info(run_dir, config, {"status": "running", "data": splits.description})
+    )
+    if distributed.is_main and not resuming:
         # A fresh start (also --resume without a checkpoint) replaces the earlier run, once
         # the data has loaded and its batches are set up: a run that fails before keeps it.
-        if not (resume and find_checkpoint(run_dir)):
-            clear_run_outputs(run_dir, keep=_data_roots(config))
-        write_run_info(run_dir, config, {"status": "running", "data": splits.description})
+        clear_run_outputs(run_dir, keep=_data_roots(config))
+        started.write_once()
+    if distributed.is_main and resuming:
+        # The checkpoint is checked against this run's settings first (see _RunInfoOnStart).
+        callbacks = [started, *callbacks]
 
     try:
         fit, trainer, transfer = _fit(
@@ -534,7 +583,7 @@ def train_run(
                     "fit": {
                         "epochs_run": fit.epochs_run,
                         "best_epoch": fit.best_epoch,
-                        "best_val_accuracy": fit.best_val_accuracy,
+                        "best_val_accuracy": _best_val_accuracy(fit, splits),
                         "stopped_early": fit.stopped_early,
                     },
                     "test": test_metrics,
@@ -543,16 +592,18 @@ def train_run(
             )
     except (TrainingInterrupted, TrainingDiverged, KeyboardInterrupt) as error:
         # run.json says how the run ended, not "running"; also when Ctrl-C or kill lands
-        # after the last epoch, while the test split is scored or the model saved.
-        if distributed.is_main:
+        # after the last epoch, while the test split is scored or the model saved. A resume
+        # stopped before its checkpoint was restored leaves the earlier run's files.
+        if distributed.is_main and started.written:
             status = "diverged" if isinstance(error, TrainingDiverged) else "interrupted"
             reason = str(error) or "interrupted after training, before the model was saved"
             details = {"status": status, "data": splits.description, "error": reason}
             write_run_info(run_dir, config, details)
         raise
     except Exception as error:
-        # Any other error (a checkpoint that does not fit, a full disk) ends the run too.
-        if distributed.is_main:
+        # Any other error (a full disk) ends the run too; a checkpoint that does not fit this
+        # run's settings leaves the earlier run's files as they were.
+        if distributed.is_main and started.written:
             details = {"status": "failed", "data": splits.description, "error": error_line(error)}
             with contextlib.suppress(OSError):  # The full disk must not hide the first error.
                 write_run_info(run_dir, config, details)

@@ -30,7 +30,10 @@ from cnnkit.training.averaging import WeightAverage, start_share
 from cnnkit.training.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
+    check_identity,
+    check_optimization,
     load_checkpoint,
+    optimization_settings,
     save_checkpoint,
 )
 from cnnkit.training.memory import check_before_training, pass_count
@@ -70,7 +73,20 @@ class Callback:
 
 @dataclass
 class FitResult:
-    """What a call to :meth:`Trainer.fit` did."""
+    """What a call to :meth:`Trainer.fit` did.
+
+    Attributes:
+        history: one metrics row per epoch, resumed epochs included.
+        best_epoch: the epoch whose weights were kept: the best on validation, or without a
+            validation split the last.
+        best_val_accuracy: the best epoch's validation accuracy; without a validation split,
+            the highest training accuracy of an epoch (search ranks such trials by it), which
+            is no validation figure: :func:`cnnkit.training.run.train_run` records null.
+        epochs_run: the epochs trained in all, resumed ones included; after an early stop,
+            the epoch it stopped after.
+        stopped_early: early stopping ended the run, in this call or (resumed) an earlier one.
+        seconds: this call's training time.
+    """
 
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
@@ -78,13 +94,6 @@ class FitResult:
     epochs_run: int = 0
     stopped_early: bool = False
     seconds: float = 0.0
-
-
-def _short(value: Any) -> str:
-    """A value for an error message: lists show their first items and length."""
-    if isinstance(value, (list, tuple)) and len(value) > 4:
-        return f"{', '.join(map(str, value[:3]))}, ... ({len(value)} in all)"
-    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def epoch_line(row: dict[str, float], epochs: int) -> str:
@@ -242,6 +251,7 @@ class Trainer:
             "best_model": best_state or {},
             "bad_epochs": bad_epochs,
             "identity": self.identity,
+            "optimization": self._optimization_settings(),
         }
 
     def _save(self, result: FitResult, best_state: dict | None, bad_epochs: int) -> None:
@@ -251,14 +261,9 @@ class Trainer:
 
     def _restore(self, result: FitResult, steps_per_epoch: int) -> tuple[dict | None, int]:
         state = load_checkpoint(self.checkpoint_path)
-        saved_identity = state.get("identity") or {}
-        for key, value in self.identity.items():
-            if key in saved_identity and saved_identity[key] != value:
-                raise CheckpointError(
-                    f"{self.checkpoint_path}: its run trained on other {key} (the checkpoint's: "
-                    f"{_short(saved_identity[key])}; this run's: {_short(value)}); resume with "
-                    "the same data, or train into a new --out"
-                )
+        check_identity(self.checkpoint_path, state.get("identity") or {}, self.identity)
+        settings = self._optimization_settings()
+        check_optimization(self.checkpoint_path, state, settings, self.optimizer.param_groups)
         try:
             self.module.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -291,6 +296,9 @@ class Trainer:
         result.best_val_accuracy = float(state["best_val_accuracy"])
         logger.info("resumed from %s after epoch %d", self.checkpoint_path, self.epoch)
         return (state["best_model"] or None), int(state["bad_epochs"])
+
+    def _optimization_settings(self) -> dict[str, Any]:
+        return optimization_settings(self.config, hasattr(self.module, "parameter_groups"))
 
     def _check_schedule_fits(self, epochs_done: int, steps_per_epoch: int) -> None:
         """A one-cycle schedule cannot step past its end, so a resumed run must have room for
@@ -371,9 +379,18 @@ class Trainer:
             logger.info("no validation split: early stopping is off; %d epochs run", config.epochs)
             patience = None
         if patience is not None and bad_epochs >= patience:
-            # A resumed run that had already stopped early: nothing is left to train.
+            # A resumed run that had already stopped early: nothing is left to train, which a
+            # resume asking for more epochs would not expect.
             result.stopped_early = True
-            logger.info("the run stopped early after epoch %d; nothing to resume", self.epoch)
+            logger.warning(
+                "%s: the run stopped early after epoch %d (%d epochs without a better validation "
+                "accuracy), so nothing is left to train; resume with --patience above %d "
+                "(train.early_stopping_patience) to go on",
+                self.checkpoint_path,
+                self.epoch,
+                bad_epochs,
+                bad_epochs,
+            )
         for callback in self.callbacks:
             callback.on_fit_start(self)
         start = time.perf_counter()
@@ -384,6 +401,8 @@ class Trainer:
                 torch.manual_seed(rank_seed(epoch_seed, self.distributed.rank))
                 train_loader.set_epoch(self.epoch)
                 row = {"epoch": self.epoch + 1, **self.train_epoch(train_loader)}
+                # Every process then scores and keeps rank 0's network, the one saved.
+                self._share_buffers()
                 if val_loader is not None:
                     val = self.evaluate(val_loader)
                     row.update({f"val_{k}": v for k, v in val.items()})
@@ -398,6 +417,8 @@ class Trainer:
                         best_state = copy.deepcopy(self.eval_module.state_dict())
                 else:
                     bad_epochs += 1
+                if val_loader is None:
+                    result.best_epoch = self.epoch  # The last epoch's weights are kept.
                 self._save(result, best_state, bad_epochs)
                 for callback in self.callbacks:
                     callback.on_epoch_end(self, row)
@@ -414,6 +435,8 @@ class Trainer:
             best_state = self.eval_module.state_dict()  # The moving average, without val.
         if best_state is not None:
             self.module.load_state_dict(best_state)
+        if val_loader is None:
+            result.best_epoch = self.epoch  # Also for a resumed run with nothing left to train.
         # The model now holds the weights that are kept, and later evaluation scores them.
         self.average = None
         result.epochs_run = self.epoch
@@ -423,7 +446,11 @@ class Trainer:
         return result
 
     def train_epoch(self, loader: BatchLoader) -> dict[str, float]:
-        """One pass over ``loader``; returns loss, accuracy, learning rate and throughput."""
+        """One pass over ``loader``; returns loss, accuracy, learning rate and throughput.
+
+        ``learning_rate`` is the rate of the epoch's first optimizer step (of the last
+        parameter group: a transfer model's head), which the schedule then moves on from.
+        """
         self.model.train()
         total_loss = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -437,6 +464,7 @@ class Trainer:
             disable=bar_disabled(self.progress),
             leave=False,
         )
+        learning_rate = self.optimizer.param_groups[-1]["lr"]  # What the first step uses.
         for inputs, labels in loader:
             inputs = inputs.contiguous(memory_format=self.memory_format)
             if self._memory_unchecked:
@@ -476,12 +504,13 @@ class Trainer:
         if not math.isfinite(totals[0]) and (self.scaler is None or not self._weights_finite()):
             raise TrainingDiverged(
                 f"training diverged in epoch {self.epoch + 1} (loss {totals[0]}); lower the "
-                f"learning rate (now {self.config.learning_rate:g})"
+                f"learning rate (now {self.config.learning_rate:g}) and start a fresh run (a "
+                "resumed one keeps its checkpoint's)"
             )
         return {
             "train_loss": totals[0] / max(totals[2], 1),
             "train_accuracy": totals[1] / max(totals[2], 1),
-            "learning_rate": self.optimizer.param_groups[-1]["lr"],
+            "learning_rate": learning_rate,
             "seconds": seconds,
             "images_per_second": totals[2] / max(seconds, 1e-9),
         }
@@ -517,6 +546,17 @@ class Trainer:
         else:
             self.optimizer.step()
         return total_loss, correct
+
+    def _share_buffers(self) -> None:
+        """Give every process rank 0's buffers (batch-norm statistics), also the moving
+        average's. Each process updates its own from its shard of the batches, DDP copies rank
+        0's only at the next training forward pass, and rank 0's network is the one saved."""
+        if not self.distributed.enabled:
+            return
+        modules = [self.module] + ([self.average.module] if self.average else [])
+        for module in modules:
+            for buffer in module.buffers():
+                torch.distributed.broadcast(buffer, 0)
 
     def _reduce(self, values: list[float]) -> list[float]:
         """Sum ``values`` over all processes (a no-op when not distributed)."""

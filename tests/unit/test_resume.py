@@ -1,0 +1,113 @@
+"""Tests for resuming a training run through train_run: what a checkpoint must match (the
+data's split, the optimizer's settings, the model), and which run files a refused resume keeps.
+Each run is a 8-wide symbol_cnn on the built-in digits for two steps an epoch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.conftest import StopAfter
+
+from cnnkit.config import RunConfig, build_run_config, preset_for
+from cnnkit.evaluation.html_report import build_report_html
+from cnnkit.inference.artifact import read_metadata
+from cnnkit.training.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from cnnkit.training.run import train_run
+from cnnkit.training.trainer import TrainingInterrupted
+
+RUN_FILES = ("config.yaml", "run.json")
+
+
+def _config(run: Path, *layers: dict[str, Any]) -> RunConfig:
+    quick = {
+        "model": {"options": {"width": 8}},
+        "train": {"epochs": 2, "max_steps_per_epoch": 2, "device": "cpu"},
+        "out": str(run),
+    }
+    return build_run_config(preset_for("digits"), quick, *layers)
+
+
+def _interrupted_after_one_epoch(run: Path, *layers: dict[str, Any]) -> RunConfig:
+    config = _config(run, *layers)
+    with pytest.raises(TrainingInterrupted):
+        train_run(config, progress=False, callbacks=[StopAfter(1)])
+    return config
+
+
+def _run_files(run: Path) -> dict[str, bytes]:
+    return {name: (run / name).read_bytes() for name in RUN_FILES}
+
+
+def test_a_resume_on_another_split_is_refused_and_the_finished_run_kept(tmp_path: Path) -> None:
+    """Another data seed and val fraction draw another split, whose test images the checkpoint
+    may have trained on: refused, naming both, and the finished run's files stay as they were."""
+    run = tmp_path / "run"
+    config = _config(run)
+    train_run(config, progress=False)
+    before = _run_files(run)
+    other = _config(run, {"data": {"seed": 7, "val_fraction": 0.3}, "train": {"epochs": 3}})
+    with pytest.raises(CheckpointError) as refused:
+        train_run(other, resume=True, progress=False)
+    message = str(refused.value)
+    assert f"other data_seed (the checkpoint's: {config.data.seed}; this run's: 7)" in message
+    assert "other val_fraction (the checkpoint's: 0.1; this run's: 0.3)" in message
+    assert "\n" not in message
+    assert _run_files(run) == before
+    assert json.loads(before["run.json"])["status"] == "finished"
+
+
+@pytest.mark.parametrize(
+    "changes, refusal",
+    [
+        ({"model": {"options": {"width": 16}}}, "does not match this run's model"),
+        ({"train": {"learning_rate": 1e-4}}, "asks for learning_rate 0.0001"),
+        ({"data": {"max_per_class": 50}}, "other max_per_class"),
+    ],
+)
+def test_a_refused_resume_leaves_config_and_run_json_as_they_were(
+    tmp_path: Path, changes: dict, refusal: str
+) -> None:
+    run = tmp_path / "run"
+    config = _interrupted_after_one_epoch(run)
+    before = _run_files(run)
+    assert json.loads(before["run.json"])["status"] == "interrupted"
+    with pytest.raises(CheckpointError, match=refusal):
+        train_run(_config(run, changes), resume=True, progress=False)
+    assert _run_files(run) == before
+    # The settings it was trained with resume it, and then the files describe the run.
+    result = train_run(config, resume=True, progress=False)
+    assert [row["epoch"] for row in result.fit.history] == [1, 2]
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+
+
+def test_a_checkpoint_from_before_the_split_was_recorded_still_resumes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    config = _interrupted_after_one_epoch(run)
+    path = run / CHECKPOINT_NAME
+    state = load_checkpoint(path)
+    state["identity"] = {"class_names": state["identity"]["class_names"]}
+    del state["optimization"]
+    save_checkpoint(path, state)
+    assert train_run(config, resume=True, progress=False).fit.epochs_run == 2
+
+
+def test_without_a_validation_split_no_validation_accuracy_is_reported(tmp_path: Path) -> None:
+    """The trainer keeps the last epoch's weights: best_epoch names it, and the training
+    accuracy it ranked epochs by is not passed off as a validation figure."""
+    run = tmp_path / "run"
+    train_run(_config(run, {"data": {"val_fraction": 0.0}, "train": {"epochs": 3}}), progress=False)
+    fit = json.loads((run / "run.json").read_text())["fit"]
+    assert fit["best_val_accuracy"] is None
+    assert fit["best_epoch"] == fit["epochs_run"] == 3
+    training = read_metadata(run / "model.safetensors")["training"]
+    assert training["best_val_accuracy"] is None
+    page = build_report_html(run)
+    assert "best train accuracy (no val split)" in page
