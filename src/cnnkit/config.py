@@ -34,6 +34,19 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}; got {value!r}")
 
 
+# The largest image side a model takes or a stored image keeps: ample for any CNN here, and it
+# keeps a tampered model file from asking for gigabytes per image.
+MAX_IMAGE_SIDE = 4096
+
+
+def _check_side(name: str, value: Any) -> None:
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if not whole or not 1 <= value <= MAX_IMAGE_SIDE:
+        raise ValueError(
+            f"{name} must be a whole number of pixels from 1 to {MAX_IMAGE_SIDE}; got {value!r}"
+        )
+
+
 MAX_SEED = 2**32 - 1  # NumPy's range; the per-epoch seeds derived from it stay within torch's.
 
 
@@ -61,8 +74,11 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         _check_choice("preprocessing.mode", self.mode, ("symbol", "photo"))
+        if isinstance(self.channels, bool) or not isinstance(self.channels, int):
+            raise ValueError(f"preprocessing.channels must be 1 or 3; got {self.channels!r}")
         _check_choice("preprocessing.channels", self.channels, (1, 3))
-        _check_positive("preprocessing.image_size", self.image_size)
+        _check_side("preprocessing.image_size", self.image_size)
+        _check_side("preprocessing.stored_size", self.stored_size)
         if self.stored_size < self.image_size:
             raise ValueError(
                 f"preprocessing.stored_size ({self.stored_size}) must be >= image_size "
@@ -72,6 +88,8 @@ class Preprocessing:
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError("preprocessing.mean and std need one value per channel")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise ValueError("preprocessing.mean and std values must be finite numbers")
         if any(s <= 0 for s in self.std):
             raise ValueError("preprocessing.std values must be > 0")
 
@@ -104,6 +122,10 @@ class DataConfig:
         _check_positive("image_size", self.image_size)
         if self.image_size < 8:
             raise ValueError(f"image_size must be at least 8 pixels; got {self.image_size}")
+        for name in ("image_size", "stored_size"):
+            value = getattr(self, name)
+            if value is not None and value > MAX_IMAGE_SIDE:
+                raise ValueError(f"{name} must be at most {MAX_IMAGE_SIDE} pixels; got {value}")
         if self.dataset != "digits" and not self.data:
             raise ValueError(f"--data is required for --dataset {self.dataset}")
         if self.dataset == "digits" and self.data:

@@ -96,6 +96,27 @@ def test_preprocessing_cross_field_checks() -> None:
     assert Preprocessing(mean=[0.5], std=[0.25]).mean == (0.5,)
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"image_size": 24.5}, "image_size must be a whole number of pixels from 1 to 4096"),
+        ({"stored_size": 1_000_000}, "stored_size must be a whole number of pixels"),
+        ({"image_size": True}, "image_size must be a whole number"),
+        ({"channels": True}, "channels must be 1 or 3; got True"),
+        ({"channels": 1.0}, "channels must be 1 or 3; got 1.0"),
+        ({"mean": (float("nan"),)}, "mean and std values must be finite"),
+        ({"std": (float("inf"),)}, "mean and std values must be finite"),
+    ],
+)
+def test_preprocessing_refuses_sizes_and_statistics_no_image_can_have(fields, message) -> None:
+    # A model file's preprocessing decides how much memory an image takes and what the model
+    # sees: a fraction, a huge size or a NaN mean there failed later, or printed NaN.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Preprocessing(**{"image_size": 32, "stored_size": 32, **fields})
+    with pytest.raises(ValueError, match="at most 4096 pixels"):
+        DataConfig(image_size=5000)
+
+
 def test_data_requires_a_path_for_file_datasets() -> None:
     with pytest.raises(ValueError, match="--data"):
         DataConfig(dataset="hasy")
