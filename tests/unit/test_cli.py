@@ -644,7 +644,8 @@ def test_interactive_loop_takes_quoted_names_folders_and_json(
     command = ["predict", str(symbol_model_file), str(given), "--interactive", "--json"]
     assert main(command) == 1  # The empty folder failed.
     captured = capsys.readouterr()
-    # Stdout is JSON only: the command line's image (indented), then one line per answer.
+    # Stdout is JSON only: the command line's image (indented), then one line per name
+    # (``[]`` for the empty folder).
     decoder, out = json.JSONDecoder(), captured.out.strip()
     document, end = decoder.raw_decode(out)
     answers = [json.loads(line) for line in out[end:].strip().splitlines()]
@@ -652,6 +653,7 @@ def test_interactive_loop_takes_quoted_names_folders_and_json(
         [str(given)],
         [str(first)],
         [str(first), str(second)],
+        [],
     ]
     assert "Enter filename:" in captured.err and "empty: no image files found" in captured.err
 
@@ -889,3 +891,104 @@ def test_evaluate_refuses_a_file_as_its_report_folder_before_scoring(
     assert f"{model.parent / 'evaluation'}: is a file;" in capsys.readouterr().err
     assert not cache.exists()  # Refused before any image was decoded.
     assert taken.read_text() == "mine\n"
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+
+def test_predict_options_may_come_between_the_images(
+    capsys, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    first, second = _write_images(tmp_path, count=2)
+    argv = ["predict", str(symbol_model_file), "--top-k", "2", str(first), "--json", str(second)]
+    assert main(argv) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert [item["image"] for item in payload] == [str(first), str(second)]
+    assert all(len(item["predictions"]) == 2 for item in payload)
+    args = build_parser().parse_args(["predict", "--", "-odd.png"])  # After "--", all inputs.
+    assert args.inputs == ["-odd.png"]
+    assert main(["predict", str(symbol_model_file), "--backend", "torch", str(first)]) == 0
+    assert SYMBOL_LINE.match(capsys.readouterr().out.strip())
+
+
+def test_predict_options_between_images_through_main_and_help(capsys) -> None:
+    from cnnkit.cli import parse_arguments
+
+    args = parse_arguments(build_parser(), ["-v", "predict", "m.onnx", "--json", "a.png", "b.png"])
+    assert (args.inputs, args.json, args.verbose, args.command) == (
+        ["m.onnx", "a.png", "b.png"],
+        True,
+        True,
+        "predict",
+    )
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    assert capsys.readouterr().out.startswith("usage: cnnkit predict")
+
+
+NAMES_THE_SYSTEM_REFUSES = ["~nosuchuser-cnnkit/a.png", "x" * 300 + ".png", "a\0b.png"]
+
+
+def test_predict_reports_names_the_system_cannot_look_up_and_goes_on(
+    capsys, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    (image,) = _write_images(tmp_path)
+    for name in NAMES_THE_SYSTEM_REFUSES:
+        assert main(["predict", str(symbol_model_file), name, str(image)]) == 1
+        captured = capsys.readouterr()
+        assert SYMBOL_LINE.match(captured.out.strip().removeprefix(f"{image}: "))
+        assert captured.err.startswith("error: ") and "cannot read" in captured.err
+    # Also as the first input, where a model might have been meant.
+    assert main(["predict", NAMES_THE_SYSTEM_REFUSES[0], str(image)]) == 1
+    assert "cannot read (" in capsys.readouterr().err
+
+
+def test_interactive_json_answers_every_name_on_one_line(
+    capsys, monkeypatch: pytest.MonkeyPatch, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "my images"
+    (spaced,) = _write_images(folder, count=1)
+    spaced = spaced.rename(folder / "my sym.png")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    dragged = str(spaced).replace(" ", "\\ ")  # How macOS Terminal pastes a dragged file.
+    names = [*NAMES_THE_SYSTEM_REFUSES, str(empty), str(tmp_path / "missing.png"), dragged]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(names) + "\n"))
+    assert main(["predict", str(symbol_model_file), "--interactive", "--json"]) == 1
+    captured = capsys.readouterr()
+    answers = [json.loads(line) for line in captured.out.splitlines()]
+    assert answers == [[]] * 5 + [answers[-1]]  # One line per name; nothing for the bad ones.
+    assert [item["image"] for item in answers[-1]] == [str(spaced)]
+    assert captured.err.count("error: ") == 5
+
+
+class _ClosedPipe(io.StringIO):
+    """Standard output whose reader has gone (``cnnkit predict FOLDER | head -1``)."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("fileno")
+
+
+def test_predict_stops_quietly_when_the_reader_goes_away(
+    capsys, monkeypatch: pytest.MonkeyPatch, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    _write_images(tmp_path / "images", count=2)
+    monkeypatch.setattr("sys.stdout", _ClosedPipe())
+    assert main(["predict", str(symbol_model_file), str(tmp_path / "images")]) == 141
+    assert "error" not in capsys.readouterr().err
+
+
+def test_predict_never_prints_nan(capsys, symbol_model_file: Path, tmp_path: Path) -> None:
+    from cnnkit.inference.artifact import load_model, save_model
+
+    model = load_model(symbol_model_file)
+    with torch.no_grad():
+        model.classifier.bias.fill_(float("nan"))
+    broken = save_model(tmp_path / "nan.safetensors", model, model.metadata)
+    (image,) = _write_images(tmp_path / "images")
+    assert main(["predict", str(broken), str(image), "--json"]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == [] and "no finite probabilities" in captured.err
