@@ -285,6 +285,15 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _given(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` without its unset (``None``) settings, at every level."""
+    return {
+        key: _given(value) if isinstance(value, dict) else value
+        for key, value in overrides.items()
+        if value is not None
+    }
+
+
 def _file_text(file_layer: dict, dotted: str, path: str | None) -> str | None:
     """A text setting of the --config file (``model.name``) that picks the preset, checked
     before the preset is chosen with it: a list there would fail as "unhashable"."""
@@ -334,13 +343,52 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
         preset = "cub"
     if preset is None:
         preset = dataset if dataset in PRESETS else "hasy"
-    overrides = overrides_from_args(args)
+    overrides = _given(overrides_from_args(args))
     try:
-        return build_run_config(preset_for(preset), file_layer, overrides)
+        # A null in the file turns a setting off; unset flags were left out above.
+        config = build_run_config(preset_for(preset), file_layer, overrides, apply_nulls=True)
     except ValueError as error:
         if _file_at_fault(preset_for(preset), file_layer, overrides):
             raise CommandError(f"{args.config}: {error}") from None
         raise
+    return _fit_to_model_input(config, args)
+
+
+def _fit_to_model_input(config, args: argparse.Namespace):
+    """Settle the input size between the data settings and the model, before any data loads.
+
+    A photo model takes photos at its own input size: ``--image-size`` is refused unless it
+    agrees, and the data settings (so config.yaml) record the size used. A symbol model whose
+    layers are sized for its input (book_cnn) gets ``data.image_size`` as its ``image_size``
+    option, which its model file then records.
+    """
+    from cnnkit.models.registry import check_options, model_input, model_options
+
+    name, data = config.model.name, config.data
+    options = check_options(name, config.model.options)
+    takes_size = "image_size" in model_options(name)
+    preprocessing = model_input(name, data.channels, options)
+    if preprocessing.mode == "photo":
+        if args.image_size is not None and args.image_size != preprocessing.image_size:
+            how = "--option image_size=N sets it" if takes_size else "it is fixed"
+            raise CommandError(
+                f"--image-size {args.image_size}: {name} takes photos at its own input size "
+                f"({preprocessing.image_size} px; {how})"
+            )
+        data = dataclasses.replace(
+            data, image_size=preprocessing.image_size, stored_size=preprocessing.stored_size
+        )
+    elif takes_size:
+        given = options.get("image_size")
+        from_flags = "image_size" in dict(_parse_option(text) for text in args.option)
+        if given not in (None, data.image_size) and (args.image_size is None or from_flags):
+            raise CommandError(
+                f"model option image_size={given} differs from the input size "
+                f"({data.image_size} px): {name} is sized by --image-size (data.image_size)"
+            )
+        options = {**options, "image_size": data.image_size}
+    model = dataclasses.replace(config.model, options=options)
+    return dataclasses.replace(config, data=data, model=model)
 
 
 def _file_at_fault(preset: dict, file_layer: dict, overrides: dict) -> bool:
@@ -352,7 +400,7 @@ def _file_at_fault(preset: dict, file_layer: dict, overrides: dict) -> bool:
         return False
     for kept in ({}, {"data": file_layer.get("data") or {}}):
         try:
-            build_run_config(preset, kept, overrides)
+            build_run_config(preset, kept, overrides, apply_nulls=True)
         except ValueError:
             continue
         return True
@@ -432,6 +480,7 @@ def command_train(args: argparse.Namespace) -> int:
         shutdown_distributed()
     if is_main:
         _print_history(result.fit.history, progress=not args.quiet)
+        _print_early_stop(result.fit, config.train.early_stopping_patience)
         metrics = result.test_metrics
         seen = " (images it trained on: --train-on-all)" if config.data.train_on_all else ""
         print(
@@ -453,9 +502,23 @@ def _numbered_run_dirs(run_dir: Path) -> list[Path]:
 
 
 def _free_run_dir(run_dir: Path) -> Path:
-    """The first of ``run_dir``, ``run_dir-2``, ``run_dir-3``... that holds no trained model."""
+    """The first of ``run_dir``, ``run_dir-2``, ``run_dir-3``... that holds neither a trained
+    model nor a checkpoint (a run that ``--resume`` continues).
+
+    Raises:
+        CommandError: if the newest of them (the one ``--resume`` continues) holds an unfinished
+            run's checkpoint: a fresh run beside it would become the newest, out of reach.
+    """
+    from cnnkit.training.run import find_checkpoint
+
     existing = _numbered_run_dirs(run_dir)
-    free = (d for d in existing if not (d / "model.safetensors").exists())
+    latest = existing[-1]
+    if find_checkpoint(latest) and not (latest / "model.safetensors").exists():
+        raise CommandError(
+            f"{latest} holds an unfinished run: pass --resume to continue it, or --out for a "
+            "new run folder"
+        )
+    free = (d for d in existing if not ((d / "model.safetensors").exists() or find_checkpoint(d)))
     return next(free, run_dir.with_name(f"{run_dir.name}-{len(existing) + 1}"))
 
 
@@ -481,7 +544,24 @@ def _print_run_folder_state(run_dir: Path, resume: bool, default_dir: Path | Non
     elif resume:
         print(f"No checkpoint in {run_dir}: starting fresh")
     elif default_dir is not None and run_dir != default_dir:
-        print(f"Note: {default_dir} holds a finished run; this one goes to {run_dir}")
+        held = "a finished run" if (default_dir / "model.safetensors").exists() else "a run"
+        print(f"Note: {default_dir} holds {held}; this one goes to {run_dir}")
+
+
+def _print_early_stop(fit, patience: int | None) -> None:
+    """Say that a run stopped before its last epoch, and which epoch's weights it kept (a
+    transfer run's epochs are counted within its last phase, as the history lists them)."""
+    from cnnkit.training.transfer import phase_label
+
+    if not fit.stopped_early or not fit.history:
+        return
+    phase = fit.history[-1].get("phase")
+    start = next(i for i, row in enumerate(fit.history) if row.get("phase") == phase)
+    stopped, best = len(fit.history) - start, fit.best_epoch - start
+    label = "" if phase is None else f"{phase_label(phase)} "
+    without = "no validation improvement" + (f" for {patience} epochs" if patience else "")
+    kept = f"; kept {label}epoch {best}'s weights" if 1 <= best <= stopped else ""
+    print(f"Stopped early after {label}epoch {stopped}: {without}{kept}.")
 
 
 def _print_history(history: list[dict[str, float]], progress: bool = False) -> None:

@@ -303,20 +303,34 @@ SECTIONS = {
 }
 
 
-def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge ``overrides`` into a copy of ``base``; ``None`` values are ignored."""
+def merge_overrides(
+    base: dict[str, Any], overrides: dict[str, Any], apply_nulls: bool = False
+) -> dict[str, Any]:
+    """Deep-merge ``overrides`` (sections of fields, and ``out``) into a copy of ``base``.
+
+    ``None`` values are ignored (an unset flag), unless ``apply_nulls``: then a ``None`` field
+    or ``out`` is set to ``None`` (a config file's ``null`` turns an optional setting off). A
+    ``None`` section or ``options`` is always ignored (YAML reads an empty one as null).
+    """
     merged = dict(base)
     for key, value in overrides.items():
-        if value is None:
-            continue
-        if isinstance(value, dict) and key != "options":
-            base_section = merged.get(key)
-            merged[key] = merge_overrides(
-                base_section if isinstance(base_section, dict) else {}, value
+        if isinstance(value, dict):
+            section = merged.get(key)
+            merged[key] = _merge_fields(
+                section if isinstance(section, dict) else {}, value, apply_nulls
             )
-        elif key == "options" and isinstance(value, dict):
-            merged[key] = {**merged.get(key, {}), **value}
-        else:
+        elif value is not None or (apply_nulls and key not in SECTIONS):
+            merged[key] = value
+    return merged
+
+
+def _merge_fields(base: dict[str, Any], fields: dict[str, Any], apply_nulls: bool) -> dict:
+    """One section of :func:`merge_overrides`: model ``options`` merge key by key."""
+    merged = dict(base)
+    for key, value in fields.items():
+        if key == "options" and isinstance(value, dict):
+            merged[key] = {**(merged.get(key) or {}), **value}
+        elif value is not None or (apply_nulls and key != "options"):
             merged[key] = value
     return merged
 
@@ -428,8 +442,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def build_run_config(*layers: dict[str, Any]) -> RunConfig:
+def build_run_config(*layers: dict[str, Any], apply_nulls: bool = False) -> RunConfig:
     """Build a RunConfig from nested dicts applied in order (later layers win).
+
+    A ``None`` value leaves the setting as the earlier layers have it, unless ``apply_nulls``
+    (layers read from config files, where ``null`` turns an optional setting off; a flags
+    layer must then leave its unset flags out).
 
     Raises:
         ValueError: for an unknown section or field, or an invalid value.
@@ -441,7 +459,7 @@ def build_run_config(*layers: dict[str, Any]) -> RunConfig:
         if name is not None and name != model.get("name"):
             # Options belong to the model they were written for; a new model starts afresh.
             merged = {**merged, "model": {k: v for k, v in model.items() if k != "options"}}
-        merged = merge_overrides(merged, layer)
+        merged = merge_overrides(merged, layer, apply_nulls)
     kwargs: dict[str, Any] = {}
     for key, value in merged.items():
         if key == "out":
@@ -496,6 +514,8 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
         if value is None and type(None) in options:
             return value
         hint = next(option for option in options if option is not type(None))
+    if value is None:
+        raise ValueError(f"{name} cannot be null (it has no setting for off); leave it out")
     if hint is float:
         value = number_from_text(value)
     origin = typing.get_origin(hint) or hint

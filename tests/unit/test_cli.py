@@ -992,3 +992,108 @@ def test_predict_never_prints_nan(capsys, symbol_model_file: Path, tmp_path: Pat
     assert main(["predict", str(broken), str(image), "--json"]) == 1
     captured = capsys.readouterr()
     assert json.loads(captured.out) == [] and "no finite probabilities" in captured.err
+
+
+def test_book_cnn_trains_and_predicts_at_another_image_size(capsys, tmp_path: Path) -> None:
+    config = _resolve("--dataset", "digits", "--model", "book_cnn", "--image-size", "48")
+    assert config.model.options["image_size"] == 48 and config.data.image_size == 48
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "digits", "--model", "book_cnn", "--image-size", "48"]
+    limits = ["--max-classes", "2", "--max-per-class", "30", "--epochs", "1", "--quiet"]
+    assert main([*argv, *limits, "--out", str(run)]) == 0
+    (image,) = _write_images(tmp_path / "images")
+    capsys.readouterr()
+    assert main(["predict", str(run), str(image)]) == 0
+    assert capsys.readouterr().out.startswith("Prediction: ")
+    # The input size is --image-size; an option saying otherwise is refused, not ignored.
+    assert (
+        main(["train", "--dataset", "digits", "--model", "book_cnn", "--option", "image_size=48"])
+        == 2
+    )
+    assert "book_cnn is sized by --image-size" in capsys.readouterr().err
+
+
+def test_a_photo_model_refuses_image_size_and_records_its_own(capsys, tmp_path: Path) -> None:
+    photos = ["train", "--dataset", "folder", "--data", str(tmp_path), "--print-config"]
+    assert main([*photos, "--model", "efficientnet_lite0", "--image-size", "300"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "efficientnet_lite0 takes photos at its own input size" in error[0]
+    assert main([*photos, "--model", "efficientnet_lite_trio", "--image-size", "300"]) == 2
+    assert "--option image_size=N sets it" in capsys.readouterr().err
+    trio = ["--model", "efficientnet_lite_trio", "--option", "image_size=256"]
+    config = _resolve(*photos[1:5], *trio)
+    assert (config.data.image_size, config.data.stored_size) == (256, 288)  # What it uses.
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [("width=1.5", "width must be a whole number; got 1.5"), ("dropout=nan", "finite number")],
+)
+def test_model_option_fractions_are_one_line(capsys, option: str, message: str) -> None:
+    assert main(["train", "--dataset", "digits", "--option", option, "--print-config"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0]
+    assert _resolve("--dataset", "digits", "--option", "width=16.0").model.options["width"] == 16
+
+
+def test_a_fresh_run_never_clears_an_interrupted_runs_checkpoint(
+    capsys, monkeypatch, tmp_path
+) -> None:
+    from cnnkit.cli import _free_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    interrupted = Path("runs/digits-symbol_cnn")
+    interrupted.mkdir(parents=True)
+    (interrupted / "checkpoint.pt").write_bytes(b"resumable")
+    argv = ["train", "--dataset", "digits", "--max-classes", "3", "--epochs", "1", "--quiet"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"{interrupted} holds an unfinished run: pass --resume" in error[0]
+    assert (interrupted / "checkpoint.pt").read_bytes() == b"resumable"
+    # Behind a newer finished run, it is passed over like a finished one.
+    finished = Path("runs/digits-symbol_cnn-2")
+    finished.mkdir()
+    (finished / "model.safetensors").write_bytes(b"model")
+    assert _free_run_dir(interrupted) == Path("runs/digits-symbol_cnn-3")
+
+
+def test_a_null_in_the_config_file_turns_a_presets_setting_off(tmp_path: Path) -> None:
+    path = tmp_path / "off.yaml"
+    path.write_text("train:\n  early_stopping_patience: null\n", encoding="utf-8")
+    photos = ("--dataset", "folder", "--data", str(tmp_path), "--model", "efficientnet_lite0")
+    assert _resolve(*photos).train.early_stopping_patience == 3  # The cub preset's.
+    assert _resolve(*photos, "--config", str(path)).train.early_stopping_patience is None
+    assert (
+        _resolve(*photos, "--config", str(path), "--patience", "5").train.early_stopping_patience
+        == 5
+    )
+
+
+def test_an_early_stop_is_reported(capsys, monkeypatch, tmp_path: Path) -> None:
+    from cnnkit.training import run
+    from cnnkit.training.trainer import FitResult
+
+    rows = [{"epoch": epoch, "train_loss": 1.0, "val_accuracy": 0.5} for epoch in (1, 2, 3, 4)]
+    fit = FitResult(rows, best_epoch=2, epochs_run=4, stopped_early=True)
+    result = run.RunResult(tmp_path, tmp_path / "model.safetensors", fit, {"top1": 0.5}, None, "")
+    monkeypatch.setattr(run, "train_run", lambda config, **kwargs: result)
+    argv = ["train", "--dataset", "digits", "--patience", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    line = "Stopped early after epoch 4: no validation improvement for 2 epochs; kept epoch 2's"
+    assert line in out
+
+
+def test_an_early_stop_of_a_fine_tune_counts_its_own_epochs(capsys) -> None:
+    from cnnkit.cli import _print_early_stop
+    from cnnkit.training.trainer import FitResult
+
+    rows = [{"epoch": e, "phase": 1.0} for e in (1, 2, 3)]
+    rows += [{"epoch": e, "phase": 2.0} for e in (4, 5, 6, 7)]
+    _print_early_stop(FitResult(rows, best_epoch=5, epochs_run=7, stopped_early=True), 2)
+    assert capsys.readouterr().out == (
+        "Stopped early after fine-tune epoch 4: no validation improvement for 2 epochs; "
+        "kept fine-tune epoch 2's weights.\n"
+    )
+    _print_early_stop(FitResult(rows, best_epoch=5, epochs_run=7, stopped_early=False), 2)
+    assert capsys.readouterr().out == ""

@@ -147,6 +147,28 @@ def test_none_values_never_override() -> None:
     assert merged == {"train": {"epochs": 4}}
 
 
+def test_a_config_files_null_turns_an_optional_setting_off() -> None:
+    preset = {**preset_for("cub"), "data": {**preset_for("cub")["data"], "stored_size": 320}}
+    assert build_run_config(preset).train.early_stopping_patience == 3
+    file_layer = {
+        "train": {"early_stopping_patience": None},
+        "data": {"dataset": "cub", "data": "cub.tgz", "stored_size": None},
+        "augment": None,  # An empty section, as YAML reads "augment:" alone.
+        "model": {"options": None},
+    }
+    config = build_run_config(preset, file_layer, apply_nulls=True)
+    assert config.train.early_stopping_patience is None and config.data.stored_size is None
+    assert config.model.options == preset["model"]["options"]
+    # Without apply_nulls (a flags layer) None means unset, as before.
+    unset = build_run_config(preset, file_layer)
+    assert unset.train.early_stopping_patience == 3 and unset.data.stored_size == 320
+
+
+def test_a_null_for_a_setting_that_cannot_be_off_is_one_line() -> None:
+    with pytest.raises(ValueError, match=r"^train\.epochs cannot be null"):
+        build_run_config({"train": {"epochs": None}}, apply_nulls=True)
+
+
 def test_none_values_are_dropped_in_sections_the_base_lacks() -> None:
     # The CLI passes every unset flag as None; the digits preset has no data/augment sections.
     assert merge_overrides({}, {"train": {"epochs": None, "seed": 3}}) == {"train": {"seed": 3}}
