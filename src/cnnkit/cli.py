@@ -11,15 +11,18 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
+import shlex
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from cnnkit import __version__
+from cnnkit.errors import error_line
 from cnnkit.paths import RUN_INFO, default_cache_dir, is_search_folder
 
 PHOTO_MODELS_PRESET = {"book_bird_cnn": "book-cub", "book_cnn": "book-hasy"}
@@ -282,6 +285,15 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _given(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` without its unset (``None``) settings, at every level."""
+    return {
+        key: _given(value) if isinstance(value, dict) else value
+        for key, value in overrides.items()
+        if value is not None
+    }
+
+
 def _file_text(file_layer: dict, dotted: str, path: str | None) -> str | None:
     """A text setting of the --config file (``model.name``) that picks the preset, checked
     before the preset is chosen with it: a list there would fail as "unhashable"."""
@@ -331,13 +343,52 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
         preset = "cub"
     if preset is None:
         preset = dataset if dataset in PRESETS else "hasy"
-    overrides = overrides_from_args(args)
+    overrides = _given(overrides_from_args(args))
     try:
-        return build_run_config(preset_for(preset), file_layer, overrides)
+        # A null in the file turns a setting off; unset flags were left out above.
+        config = build_run_config(preset_for(preset), file_layer, overrides, apply_nulls=True)
     except ValueError as error:
         if _file_at_fault(preset_for(preset), file_layer, overrides):
             raise CommandError(f"{args.config}: {error}") from None
         raise
+    return _fit_to_model_input(config, args)
+
+
+def _fit_to_model_input(config, args: argparse.Namespace):
+    """Settle the input size between the data settings and the model, before any data loads.
+
+    A photo model takes photos at its own input size: ``--image-size`` is refused unless it
+    agrees, and the data settings (so config.yaml) record the size used. A symbol model whose
+    layers are sized for its input (book_cnn) gets ``data.image_size`` as its ``image_size``
+    option, which its model file then records.
+    """
+    from cnnkit.models.registry import check_options, model_input, model_options
+
+    name, data = config.model.name, config.data
+    options = check_options(name, config.model.options)
+    takes_size = "image_size" in model_options(name)
+    preprocessing = model_input(name, data.channels, options)
+    if preprocessing.mode == "photo":
+        if args.image_size is not None and args.image_size != preprocessing.image_size:
+            how = "--option image_size=N sets it" if takes_size else "it is fixed"
+            raise CommandError(
+                f"--image-size {args.image_size}: {name} takes photos at its own input size "
+                f"({preprocessing.image_size} px; {how})"
+            )
+        data = dataclasses.replace(
+            data, image_size=preprocessing.image_size, stored_size=preprocessing.stored_size
+        )
+    elif takes_size:
+        given = options.get("image_size")
+        from_flags = "image_size" in dict(_parse_option(text) for text in args.option)
+        if given not in (None, data.image_size) and (args.image_size is None or from_flags):
+            raise CommandError(
+                f"model option image_size={given} differs from the input size "
+                f"({data.image_size} px): {name} is sized by --image-size (data.image_size)"
+            )
+        options = {**options, "image_size": data.image_size}
+    model = dataclasses.replace(config.model, options=options)
+    return dataclasses.replace(config, data=data, model=model)
 
 
 def _file_at_fault(preset: dict, file_layer: dict, overrides: dict) -> bool:
@@ -349,7 +400,7 @@ def _file_at_fault(preset: dict, file_layer: dict, overrides: dict) -> bool:
         return False
     for kept in ({}, {"data": file_layer.get("data") or {}}):
         try:
-            build_run_config(preset, kept, overrides)
+            build_run_config(preset, kept, overrides, apply_nulls=True)
         except ValueError:
             continue
         return True
@@ -429,6 +480,7 @@ def command_train(args: argparse.Namespace) -> int:
         shutdown_distributed()
     if is_main:
         _print_history(result.fit.history, progress=not args.quiet)
+        _print_early_stop(result.fit, config.train.early_stopping_patience)
         metrics = result.test_metrics
         seen = " (images it trained on: --train-on-all)" if config.data.train_on_all else ""
         print(
@@ -450,9 +502,23 @@ def _numbered_run_dirs(run_dir: Path) -> list[Path]:
 
 
 def _free_run_dir(run_dir: Path) -> Path:
-    """The first of ``run_dir``, ``run_dir-2``, ``run_dir-3``... that holds no trained model."""
+    """The first of ``run_dir``, ``run_dir-2``, ``run_dir-3``... that holds neither a trained
+    model nor a checkpoint (a run that ``--resume`` continues).
+
+    Raises:
+        CommandError: if the newest of them (the one ``--resume`` continues) holds an unfinished
+            run's checkpoint: a fresh run beside it would become the newest, out of reach.
+    """
+    from cnnkit.training.run import find_checkpoint
+
     existing = _numbered_run_dirs(run_dir)
-    free = (d for d in existing if not (d / "model.safetensors").exists())
+    latest = existing[-1]
+    if find_checkpoint(latest) and not (latest / "model.safetensors").exists():
+        raise CommandError(
+            f"{latest} holds an unfinished run: pass --resume to continue it, or --out for a "
+            "new run folder"
+        )
+    free = (d for d in existing if not ((d / "model.safetensors").exists() or find_checkpoint(d)))
     return next(free, run_dir.with_name(f"{run_dir.name}-{len(existing) + 1}"))
 
 
@@ -478,7 +544,24 @@ def _print_run_folder_state(run_dir: Path, resume: bool, default_dir: Path | Non
     elif resume:
         print(f"No checkpoint in {run_dir}: starting fresh")
     elif default_dir is not None and run_dir != default_dir:
-        print(f"Note: {default_dir} holds a finished run; this one goes to {run_dir}")
+        held = "a finished run" if (default_dir / "model.safetensors").exists() else "a run"
+        print(f"Note: {default_dir} holds {held}; this one goes to {run_dir}")
+
+
+def _print_early_stop(fit, patience: int | None) -> None:
+    """Say that a run stopped before its last epoch, and which epoch's weights it kept (a
+    transfer run's epochs are counted within its last phase, as the history lists them)."""
+    from cnnkit.training.transfer import phase_label
+
+    if not fit.stopped_early or not fit.history:
+        return
+    phase = fit.history[-1].get("phase")
+    start = next(i for i, row in enumerate(fit.history) if row.get("phase") == phase)
+    stopped, best = len(fit.history) - start, fit.best_epoch - start
+    label = "" if phase is None else f"{phase_label(phase)} "
+    without = "no validation improvement" + (f" for {patience} epochs" if patience else "")
+    kept = f"; kept {label}epoch {best}'s weights" if 1 <= best <= stopped else ""
+    print(f"Stopped early after {label}epoch {stopped}: {without}{kept}.")
 
 
 def _print_history(history: list[dict[str, float]], progress: bool = False) -> None:
@@ -594,19 +677,36 @@ def expand_images(paths: list[str], errors: list[str] | None = None) -> list[Pat
     """
     expanded: list[Path] = []
     for text in paths:
-        path = Path(text).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
-                message = f"{path}: no image files found (looked for {suffixes})"
-                if errors is None:
-                    raise CommandError(message)
-                errors.append(message)
-            expanded.extend(found)
-        else:
-            expanded.append(path)
+        message = None
+        try:
+            path = Path(text).expanduser()
+            if path.is_dir():
+                found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+                if not found:
+                    suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+                    message = f"{path}: no image files found (looked for {suffixes})"
+                expanded.extend(found)
+            else:
+                expanded.append(path)
+        # A name the system cannot look up (~nosuchuser/a.png, one too long, a NUL in it).
+        except (OSError, ValueError, RuntimeError) as error:
+            reason = error_line(error)
+            if isinstance(error, OSError) and error.strerror:
+                reason = error.strerror
+            message = f"{text}: cannot read ({reason})"
+        if message is not None:
+            if errors is None:
+                raise CommandError(message)
+            errors.append(message)
     return expanded
+
+
+def _path_test(text: str, test: Callable[[Path], bool]) -> bool:
+    """``test(Path(text).expanduser())``, or False for a name the system cannot look up."""
+    try:
+        return test(Path(text).expanduser())
+    except (OSError, ValueError, RuntimeError):
+        return False
 
 
 def format_prediction(prediction, kind: str) -> str:
@@ -623,10 +723,12 @@ def command_predict(args: argparse.Namespace) -> int:
     model = args.model
     if model is None and inputs and inputs[0].lower().endswith((".safetensors", ".onnx")):
         model = inputs.pop(0)
-    elif model is None and inputs and (Path(inputs[0]) / "model.safetensors").is_file():
+    elif model is None and inputs and _path_test(inputs[0], _holds_a_model):
         model = inputs.pop(0)  # A training run's folder: open_predictor finds its model.
     elif model is None and inputs:
-        _refuse_model_less_first_input(Path(inputs[0]).expanduser())
+        # A name the system cannot look up is an image that cannot be read, reported below.
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
+            _refuse_model_less_first_input(Path(inputs[0]).expanduser())
     empty_folders: list[str] = []
     images = expand_images(inputs, empty_folders)
     if not images and empty_folders:
@@ -643,6 +745,10 @@ def command_predict(args: argparse.Namespace) -> int:
     if args.interactive:
         failures += _interactive(predictor, args.top_k, args.json)
     return 1 if failures else 0
+
+
+def _holds_a_model(folder: Path) -> bool:
+    return (folder / "model.safetensors").is_file()
 
 
 def _refuse_model_less_first_input(path: Path) -> None:
@@ -670,7 +776,6 @@ def _predict_and_print(
     from cnnkit.data.image import BadImageError
 
     errors = errors or sys.stderr
-
     results, failures = [], 0
     for path in images:
         try:
@@ -679,6 +784,18 @@ def _predict_and_print(
             failures += 1
             print(f"error: {error}", file=errors)
             continue
+        except (OSError, ValueError) as error:  # A name the system cannot open (a NUL in it).
+            failures += 1
+            print(f"error: {path}: cannot read ({error_line(error)})", file=errors)
+            continue
+        if not all(math.isfinite(prediction.confidence) for prediction in ranked):
+            failures += 1
+            print(
+                f"error: {path}: the model gives no finite probabilities (NaN): its weights "
+                "or preprocessing are broken",
+                file=errors,
+            )
+            continue
         results.append((path, ranked))
     if as_json:
         # Always one JSON document (``[]`` when every file was bad), so stdout always parses.
@@ -686,7 +803,8 @@ def _predict_and_print(
             {"image": str(path), "predictions": [p.to_dict() for p in ranked]}
             for path, ranked in results
         ]
-        print(json.dumps(payload, indent=None if one_line else 2, ensure_ascii=False))
+        indent = None if one_line else 2
+        print(json.dumps(payload, indent=indent, ensure_ascii=False, allow_nan=False))
         return failures
     kind = predictor.metadata.kind
     for path, ranked in results:
@@ -712,10 +830,11 @@ def _interactive(predictor, top_k: int, as_json: bool) -> int:
     """The book's ``Enter filename:`` loop; an empty line or end of input ends it.
 
     A bad name prints an error in the conversation and the loop goes on (with ``--json`` the
-    prompts and errors go to stderr, and stdout holds one line of JSON per answer). Quotes
-    around a name (a file dragged into a terminal) and ``~`` are understood, and a folder gives
-    every image in it. Returns the number of names and files that failed, so that names piped
-    in end with the same exit status as files given on the command line.
+    prompts and errors go to stderr, and stdout holds one line of JSON per name: ``[]`` for a
+    name that gave no predictions). Quotes or backslashes around a name (a file dragged into a
+    terminal) and ``~`` are understood, and a folder gives every image in it. Returns the number
+    of names and files that failed, so that names piped in end with the same exit status as
+    files given on the command line.
     """
     print("Enter image files or folders, one per line; an empty line ends.", file=sys.stderr)
     errors = sys.stderr if as_json else sys.stdout
@@ -725,17 +844,32 @@ def _interactive(predictor, top_k: int, as_json: bool) -> int:
             name = _ask("Enter filename: ", to_stderr=as_json)
         except EOFError:
             break
-        name = name.strip().strip("'\"").strip()
+        name = _typed_name(name)
         if not name:
             break
-        try:
-            images = expand_images([name])
-        except CommandError as error:
-            print(f"error: {error}", file=errors)
-            failures += 1
-            continue
-        failures += _predict_and_print(predictor, images, top_k, as_json, errors, one_line=True)
+        problems: list[str] = []
+        images = expand_images([name], problems)
+        for problem in problems:
+            print(f"error: {problem}", file=errors)
+        failures += len(problems)
+        if images or as_json:  # With --json, one line per name.
+            failures += _predict_and_print(predictor, images, top_k, as_json, errors, one_line=True)
     return failures
+
+
+def _typed_name(line: str) -> str:
+    """The file a typed line names: without surrounding quotes, or as the shell reads it where
+    only that exists (macOS Terminal escapes a dragged file's spaces: ``my\\ sym.png``)."""
+    name = line.strip().strip("'\"").strip()
+    if not name or _path_test(name, Path.exists):
+        return name
+    try:
+        words = shlex.split(line)
+    except ValueError:  # An unclosed quote.
+        return name
+    if len(words) == 1 and _path_test(words[0], Path.exists):
+        return words[0]
+    return name
 
 
 def command_fetch(args: argparse.Namespace) -> int:
@@ -781,8 +915,6 @@ def command_serve(args: argparse.Namespace) -> int:
 
 
 def command_demo(args: argparse.Namespace) -> int:
-    import shlex
-
     from cnnkit.demo import run_demo
 
     out = Path(args.out)
@@ -1192,16 +1324,55 @@ def _stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand of ``parser``."""
+    (commands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices[command]
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None = None):
+    """``parser.parse_args(argv)``, except that predict's options may come between its inputs
+    (``predict model.safetensors --top-k 2 a.png --json b.png``): argparse stops filling a
+    positional list at the first option and would call the rest unrecognized."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The top-level options take no values, so the first other word is the command.
+    command_at = next((index for index, word in enumerate(argv) if not word.startswith("-")), None)
+    if command_at is None or argv[command_at] != "predict":
+        return parser.parse_args(argv)
+    args = parser.parse_args(argv[: command_at + 1])
+    rest = argv[command_at + 1 :]
+    # After "--" every word is an input (argparse's intermixed mode would refuse them).
+    end = rest.index("--") if "--" in rest else len(rest)
+    predict = _subparser(parser, "predict").parse_intermixed_args(rest[:end])
+    predict.inputs += rest[end + 1 :]
+    return argparse.Namespace(**{**vars(args), **vars(predict)})
+
+
+def _discard_stdout() -> None:
+    """Point stdout at the null device, so that Python's flush at exit finds no closed pipe."""
+    with contextlib.suppress(OSError, ValueError):  # No file descriptor (a test's capture).
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
         with _stop_on_sigterm():
-            return args.handler(args)
+            status = args.handler(args)
+        sys.stdout.flush()  # Where the reader has gone, buffered output fails here.
+        return status
+    except BrokenPipeError:
+        # The reader went away (`cnnkit predict FOLDER | head -1`): stop quietly, as Unix tools
+        # do, with the status of a process that SIGPIPE ended.
+        _discard_stdout()
+        return 128 + getattr(signal, "SIGPIPE", 13)
     except KeyboardInterrupt:
         print("\nInterrupted.", file=sys.stderr)
         return 130

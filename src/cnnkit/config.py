@@ -34,6 +34,19 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}; got {value!r}")
 
 
+# The largest image side a model takes or a stored image keeps: ample for any CNN here, and it
+# keeps a tampered model file from asking for gigabytes per image.
+MAX_IMAGE_SIDE = 4096
+
+
+def _check_side(name: str, value: Any) -> None:
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if not whole or not 1 <= value <= MAX_IMAGE_SIDE:
+        raise ValueError(
+            f"{name} must be a whole number of pixels from 1 to {MAX_IMAGE_SIDE}; got {value!r}"
+        )
+
+
 MAX_SEED = 2**32 - 1  # NumPy's range; the per-epoch seeds derived from it stay within torch's.
 
 
@@ -61,8 +74,11 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         _check_choice("preprocessing.mode", self.mode, ("symbol", "photo"))
+        if isinstance(self.channels, bool) or not isinstance(self.channels, int):
+            raise ValueError(f"preprocessing.channels must be 1 or 3; got {self.channels!r}")
         _check_choice("preprocessing.channels", self.channels, (1, 3))
-        _check_positive("preprocessing.image_size", self.image_size)
+        _check_side("preprocessing.image_size", self.image_size)
+        _check_side("preprocessing.stored_size", self.stored_size)
         if self.stored_size < self.image_size:
             raise ValueError(
                 f"preprocessing.stored_size ({self.stored_size}) must be >= image_size "
@@ -72,6 +88,8 @@ class Preprocessing:
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError("preprocessing.mean and std need one value per channel")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise ValueError("preprocessing.mean and std values must be finite numbers")
         if any(s <= 0 for s in self.std):
             raise ValueError("preprocessing.std values must be > 0")
 
@@ -104,6 +122,10 @@ class DataConfig:
         _check_positive("image_size", self.image_size)
         if self.image_size < 8:
             raise ValueError(f"image_size must be at least 8 pixels; got {self.image_size}")
+        for name in ("image_size", "stored_size"):
+            value = getattr(self, name)
+            if value is not None and value > MAX_IMAGE_SIDE:
+                raise ValueError(f"{name} must be at most {MAX_IMAGE_SIDE} pixels; got {value}")
         if self.dataset != "digits" and not self.data:
             raise ValueError(f"--data is required for --dataset {self.dataset}")
         if self.dataset == "digits" and self.data:
@@ -281,20 +303,34 @@ SECTIONS = {
 }
 
 
-def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge ``overrides`` into a copy of ``base``; ``None`` values are ignored."""
+def merge_overrides(
+    base: dict[str, Any], overrides: dict[str, Any], apply_nulls: bool = False
+) -> dict[str, Any]:
+    """Deep-merge ``overrides`` (sections of fields, and ``out``) into a copy of ``base``.
+
+    ``None`` values are ignored (an unset flag), unless ``apply_nulls``: then a ``None`` field
+    or ``out`` is set to ``None`` (a config file's ``null`` turns an optional setting off). A
+    ``None`` section or ``options`` is always ignored (YAML reads an empty one as null).
+    """
     merged = dict(base)
     for key, value in overrides.items():
-        if value is None:
-            continue
-        if isinstance(value, dict) and key != "options":
-            base_section = merged.get(key)
-            merged[key] = merge_overrides(
-                base_section if isinstance(base_section, dict) else {}, value
+        if isinstance(value, dict):
+            section = merged.get(key)
+            merged[key] = _merge_fields(
+                section if isinstance(section, dict) else {}, value, apply_nulls
             )
-        elif key == "options" and isinstance(value, dict):
-            merged[key] = {**merged.get(key, {}), **value}
-        else:
+        elif value is not None or (apply_nulls and key not in SECTIONS):
+            merged[key] = value
+    return merged
+
+
+def _merge_fields(base: dict[str, Any], fields: dict[str, Any], apply_nulls: bool) -> dict:
+    """One section of :func:`merge_overrides`: model ``options`` merge key by key."""
+    merged = dict(base)
+    for key, value in fields.items():
+        if key == "options" and isinstance(value, dict):
+            merged[key] = {**(merged.get(key) or {}), **value}
+        elif value is not None or (apply_nulls and key != "options"):
             merged[key] = value
     return merged
 
@@ -406,8 +442,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def build_run_config(*layers: dict[str, Any]) -> RunConfig:
+def build_run_config(*layers: dict[str, Any], apply_nulls: bool = False) -> RunConfig:
     """Build a RunConfig from nested dicts applied in order (later layers win).
+
+    A ``None`` value leaves the setting as the earlier layers have it, unless ``apply_nulls``
+    (layers read from config files, where ``null`` turns an optional setting off; a flags
+    layer must then leave its unset flags out).
 
     Raises:
         ValueError: for an unknown section or field, or an invalid value.
@@ -419,7 +459,7 @@ def build_run_config(*layers: dict[str, Any]) -> RunConfig:
         if name is not None and name != model.get("name"):
             # Options belong to the model they were written for; a new model starts afresh.
             merged = {**merged, "model": {k: v for k, v in model.items() if k != "options"}}
-        merged = merge_overrides(merged, layer)
+        merged = merge_overrides(merged, layer, apply_nulls)
     kwargs: dict[str, Any] = {}
     for key, value in merged.items():
         if key == "out":
@@ -474,6 +514,8 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
         if value is None and type(None) in options:
             return value
         hint = next(option for option in options if option is not type(None))
+    if value is None:
+        raise ValueError(f"{name} cannot be null (it has no setting for off); leave it out")
     if hint is float:
         value = number_from_text(value)
     origin = typing.get_origin(hint) or hint

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from cnnkit.inference.artifact import (
     ModelFileError,
     ModelMetadata,
     load_model,
+    metadata_digest,
     read_metadata,
     save_model,
     tensor_digest,
@@ -69,6 +71,14 @@ def _rewrite_metadata(path: Path, edit) -> None:
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length :])
+
+
+def _rewrite_metadata_and_checksum(path: Path, edit) -> None:
+    """Edit the cnnkit metadata and recompute its checksum, as a deliberate tamperer would."""
+    raw = read_metadata(path)
+    edit(raw)
+    raw["metadata_sha256"] = metadata_digest(raw)
+    save_file(load_file(str(path)), str(path), metadata={"cnnkit": json.dumps(raw)})
 
 
 def _flip(path: Path, offset: int) -> None:
@@ -365,6 +375,68 @@ def test_tensors_replaced_with_a_recomputed_checksum_are_still_shape_checked(sav
     save_file(tensors, str(path), metadata={"cnnkit": json.dumps(raw)})
     with pytest.raises(ModelFileError, match="shape|checksum"):
         load_model(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["options"].update(num_classes=4), "options name num_classes, which are not"),
+        (lambda m: m["options"].update(name="x"), "options name name, which are not"),
+        (lambda m: m.update(options=[["width", 4]]), "options and training must be objects"),
+        (lambda m: m["options"].update(width=1.5), "width must be a whole number; got 1.5"),
+        (lambda m: m["options"].update(width=2**40), "cannot rebuild the model"),
+        (lambda m: m["preprocessing"].update(image_size=24.5), "image_size must be a whole"),
+        (lambda m: m["preprocessing"].update(stored_size=10**6), "stored_size must be a whole"),
+        (lambda m: m["preprocessing"].update(mean=[float("nan")]), "must be finite"),
+    ],
+)
+def test_odd_metadata_with_a_recomputed_checksum_is_a_model_file_error(saved, edit, message):
+    path, _ = saved
+    _rewrite_metadata_and_checksum(path, edit)
+    with pytest.raises(ModelFileError, match=f"{re.escape(str(path))}: .*{re.escape(message)}"):
+        load_model(path)
+
+
+def test_options_that_do_not_fit_the_tensors_allocate_nothing(saved, monkeypatch) -> None:
+    """A width (or hidden size) far larger than the file's tensors is refused after building
+    the layers on the meta device, before any memory is claimed for them."""
+    from cnnkit.models import registry
+
+    path, _ = saved
+    _rewrite_metadata_and_checksum(path, lambda m: m["options"].update(width=64))
+    devices, create = [], registry.create_model
+
+    def spy(*args, **kwargs):
+        devices.append(torch.empty(0).device.type)
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "create_model", spy)
+    with pytest.raises(ModelFileError, match=r"has shape .* expects"):
+        load_model(path)
+    assert devices == ["meta"]
+
+
+def test_metadata_nested_too_deeply_is_a_model_file_error(saved) -> None:
+    path, _ = saved
+    save_file(load_file(str(path)), str(path), metadata={"cnnkit": "[" * 200_000})
+    with pytest.raises(ModelFileError, match="nested too deeply"):
+        load_model(path)
+
+
+def test_book_cnn_files_rebuild_at_their_input_size(tmp_path: Path) -> None:
+    preprocessing = Preprocessing("symbol", 3, 48, 48, (0.0,) * 3, (1.0,) * 3)
+    model = create_model("book_cnn", 4, 3, dense=8, image_size=48).eval()
+    metadata = ModelMetadata("book_cnn", CLASS_NAMES, preprocessing, {"dense": 8, "image_size": 48})
+    loaded = load_model(save_model(tmp_path / "m.safetensors", model, metadata))
+    inputs = torch.rand(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(loaded(inputs), model(inputs))
+    # A file written before book_cnn took image_size was 32 px, and still loads as such.
+    old = create_model("book_cnn", 4, 3, dense=8).eval()
+    preprocessing = Preprocessing("symbol", 3, 32, 32, (0.0,) * 3, (1.0,) * 3)
+    metadata = ModelMetadata("book_cnn", CLASS_NAMES, preprocessing, {"dense": 8})
+    loaded = load_model(save_model(tmp_path / "old.safetensors", old, metadata))
+    assert loaded.dense[0].in_features == 6 * 6 * 32
 
 
 # ----------------------------------------------------------------------------- no pickle

@@ -644,7 +644,8 @@ def test_interactive_loop_takes_quoted_names_folders_and_json(
     command = ["predict", str(symbol_model_file), str(given), "--interactive", "--json"]
     assert main(command) == 1  # The empty folder failed.
     captured = capsys.readouterr()
-    # Stdout is JSON only: the command line's image (indented), then one line per answer.
+    # Stdout is JSON only: the command line's image (indented), then one line per name
+    # (``[]`` for the empty folder).
     decoder, out = json.JSONDecoder(), captured.out.strip()
     document, end = decoder.raw_decode(out)
     answers = [json.loads(line) for line in out[end:].strip().splitlines()]
@@ -652,6 +653,7 @@ def test_interactive_loop_takes_quoted_names_folders_and_json(
         [str(given)],
         [str(first)],
         [str(first), str(second)],
+        [],
     ]
     assert "Enter filename:" in captured.err and "empty: no image files found" in captured.err
 
@@ -889,3 +891,209 @@ def test_evaluate_refuses_a_file_as_its_report_folder_before_scoring(
     assert f"{model.parent / 'evaluation'}: is a file;" in capsys.readouterr().err
     assert not cache.exists()  # Refused before any image was decoded.
     assert taken.read_text() == "mine\n"
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+
+def test_predict_options_may_come_between_the_images(
+    capsys, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    first, second = _write_images(tmp_path, count=2)
+    argv = ["predict", str(symbol_model_file), "--top-k", "2", str(first), "--json", str(second)]
+    assert main(argv) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert [item["image"] for item in payload] == [str(first), str(second)]
+    assert all(len(item["predictions"]) == 2 for item in payload)
+    args = build_parser().parse_args(["predict", "--", "-odd.png"])  # After "--", all inputs.
+    assert args.inputs == ["-odd.png"]
+    assert main(["predict", str(symbol_model_file), "--backend", "torch", str(first)]) == 0
+    assert SYMBOL_LINE.match(capsys.readouterr().out.strip())
+
+
+def test_predict_options_between_images_through_main_and_help(capsys) -> None:
+    from cnnkit.cli import parse_arguments
+
+    args = parse_arguments(build_parser(), ["-v", "predict", "m.onnx", "--json", "a.png", "b.png"])
+    assert (args.inputs, args.json, args.verbose, args.command) == (
+        ["m.onnx", "a.png", "b.png"],
+        True,
+        True,
+        "predict",
+    )
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    assert capsys.readouterr().out.startswith("usage: cnnkit predict")
+
+
+NAMES_THE_SYSTEM_REFUSES = ["~nosuchuser-cnnkit/a.png", "x" * 300 + ".png", "a\0b.png"]
+
+
+def test_predict_reports_names_the_system_cannot_look_up_and_goes_on(
+    capsys, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    (image,) = _write_images(tmp_path)
+    for name in NAMES_THE_SYSTEM_REFUSES:
+        assert main(["predict", str(symbol_model_file), name, str(image)]) == 1
+        captured = capsys.readouterr()
+        assert SYMBOL_LINE.match(captured.out.strip().removeprefix(f"{image}: "))
+        assert captured.err.startswith("error: ") and "cannot read" in captured.err
+    # Also as the first input, where a model might have been meant.
+    assert main(["predict", NAMES_THE_SYSTEM_REFUSES[0], str(image)]) == 1
+    assert "cannot read (" in capsys.readouterr().err
+
+
+def test_interactive_json_answers_every_name_on_one_line(
+    capsys, monkeypatch: pytest.MonkeyPatch, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "my images"
+    (spaced,) = _write_images(folder, count=1)
+    spaced = spaced.rename(folder / "my sym.png")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    dragged = str(spaced).replace(" ", "\\ ")  # How macOS Terminal pastes a dragged file.
+    names = [*NAMES_THE_SYSTEM_REFUSES, str(empty), str(tmp_path / "missing.png"), dragged]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(names) + "\n"))
+    assert main(["predict", str(symbol_model_file), "--interactive", "--json"]) == 1
+    captured = capsys.readouterr()
+    answers = [json.loads(line) for line in captured.out.splitlines()]
+    assert answers == [[]] * 5 + [answers[-1]]  # One line per name; nothing for the bad ones.
+    assert [item["image"] for item in answers[-1]] == [str(spaced)]
+    assert captured.err.count("error: ") == 5
+
+
+class _ClosedPipe(io.StringIO):
+    """Standard output whose reader has gone (``cnnkit predict FOLDER | head -1``)."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("fileno")
+
+
+def test_predict_stops_quietly_when_the_reader_goes_away(
+    capsys, monkeypatch: pytest.MonkeyPatch, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    _write_images(tmp_path / "images", count=2)
+    monkeypatch.setattr("sys.stdout", _ClosedPipe())
+    assert main(["predict", str(symbol_model_file), str(tmp_path / "images")]) == 141
+    assert "error" not in capsys.readouterr().err
+
+
+def test_predict_never_prints_nan(capsys, symbol_model_file: Path, tmp_path: Path) -> None:
+    from cnnkit.inference.artifact import load_model, save_model
+
+    model = load_model(symbol_model_file)
+    with torch.no_grad():
+        model.classifier.bias.fill_(float("nan"))
+    broken = save_model(tmp_path / "nan.safetensors", model, model.metadata)
+    (image,) = _write_images(tmp_path / "images")
+    assert main(["predict", str(broken), str(image), "--json"]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == [] and "no finite probabilities" in captured.err
+
+
+def test_book_cnn_trains_and_predicts_at_another_image_size(capsys, tmp_path: Path) -> None:
+    config = _resolve("--dataset", "digits", "--model", "book_cnn", "--image-size", "48")
+    assert config.model.options["image_size"] == 48 and config.data.image_size == 48
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "digits", "--model", "book_cnn", "--image-size", "48"]
+    limits = ["--max-classes", "2", "--max-per-class", "30", "--epochs", "1", "--quiet"]
+    assert main([*argv, *limits, "--out", str(run)]) == 0
+    (image,) = _write_images(tmp_path / "images")
+    capsys.readouterr()
+    assert main(["predict", str(run), str(image)]) == 0
+    assert capsys.readouterr().out.startswith("Prediction: ")
+    # The input size is --image-size; an option saying otherwise is refused, not ignored.
+    assert (
+        main(["train", "--dataset", "digits", "--model", "book_cnn", "--option", "image_size=48"])
+        == 2
+    )
+    assert "book_cnn is sized by --image-size" in capsys.readouterr().err
+
+
+def test_a_photo_model_refuses_image_size_and_records_its_own(capsys, tmp_path: Path) -> None:
+    photos = ["train", "--dataset", "folder", "--data", str(tmp_path), "--print-config"]
+    assert main([*photos, "--model", "efficientnet_lite0", "--image-size", "300"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "efficientnet_lite0 takes photos at its own input size" in error[0]
+    assert main([*photos, "--model", "efficientnet_lite_trio", "--image-size", "300"]) == 2
+    assert "--option image_size=N sets it" in capsys.readouterr().err
+    trio = ["--model", "efficientnet_lite_trio", "--option", "image_size=256"]
+    config = _resolve(*photos[1:5], *trio)
+    assert (config.data.image_size, config.data.stored_size) == (256, 288)  # What it uses.
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [("width=1.5", "width must be a whole number; got 1.5"), ("dropout=nan", "finite number")],
+)
+def test_model_option_fractions_are_one_line(capsys, option: str, message: str) -> None:
+    assert main(["train", "--dataset", "digits", "--option", option, "--print-config"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0]
+    assert _resolve("--dataset", "digits", "--option", "width=16.0").model.options["width"] == 16
+
+
+def test_a_fresh_run_never_clears_an_interrupted_runs_checkpoint(
+    capsys, monkeypatch, tmp_path
+) -> None:
+    from cnnkit.cli import _free_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    interrupted = Path("runs/digits-symbol_cnn")
+    interrupted.mkdir(parents=True)
+    (interrupted / "checkpoint.pt").write_bytes(b"resumable")
+    argv = ["train", "--dataset", "digits", "--max-classes", "3", "--epochs", "1", "--quiet"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"{interrupted} holds an unfinished run: pass --resume" in error[0]
+    assert (interrupted / "checkpoint.pt").read_bytes() == b"resumable"
+    # Behind a newer finished run, it is passed over like a finished one.
+    finished = Path("runs/digits-symbol_cnn-2")
+    finished.mkdir()
+    (finished / "model.safetensors").write_bytes(b"model")
+    assert _free_run_dir(interrupted) == Path("runs/digits-symbol_cnn-3")
+
+
+def test_a_null_in_the_config_file_turns_a_presets_setting_off(tmp_path: Path) -> None:
+    path = tmp_path / "off.yaml"
+    path.write_text("train:\n  early_stopping_patience: null\n", encoding="utf-8")
+    photos = ("--dataset", "folder", "--data", str(tmp_path), "--model", "efficientnet_lite0")
+    assert _resolve(*photos).train.early_stopping_patience == 3  # The cub preset's.
+    assert _resolve(*photos, "--config", str(path)).train.early_stopping_patience is None
+    assert (
+        _resolve(*photos, "--config", str(path), "--patience", "5").train.early_stopping_patience
+        == 5
+    )
+
+
+def test_an_early_stop_is_reported(capsys, monkeypatch, tmp_path: Path) -> None:
+    from cnnkit.training import run
+    from cnnkit.training.trainer import FitResult
+
+    rows = [{"epoch": epoch, "train_loss": 1.0, "val_accuracy": 0.5} for epoch in (1, 2, 3, 4)]
+    fit = FitResult(rows, best_epoch=2, epochs_run=4, stopped_early=True)
+    result = run.RunResult(tmp_path, tmp_path / "model.safetensors", fit, {"top1": 0.5}, None, "")
+    monkeypatch.setattr(run, "train_run", lambda config, **kwargs: result)
+    argv = ["train", "--dataset", "digits", "--patience", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    line = "Stopped early after epoch 4: no validation improvement for 2 epochs; kept epoch 2's"
+    assert line in out
+
+
+def test_an_early_stop_of_a_fine_tune_counts_its_own_epochs(capsys) -> None:
+    from cnnkit.cli import _print_early_stop
+    from cnnkit.training.trainer import FitResult
+
+    rows = [{"epoch": e, "phase": 1.0} for e in (1, 2, 3)]
+    rows += [{"epoch": e, "phase": 2.0} for e in (4, 5, 6, 7)]
+    _print_early_stop(FitResult(rows, best_epoch=5, epochs_run=7, stopped_early=True), 2)
+    assert capsys.readouterr().out == (
+        "Stopped early after fine-tune epoch 4: no validation improvement for 2 epochs; "
+        "kept fine-tune epoch 2's weights.\n"
+    )
+    _print_early_stop(FitResult(rows, best_epoch=5, epochs_run=7, stopped_early=False), 2)
+    assert capsys.readouterr().out == ""

@@ -96,6 +96,27 @@ def test_preprocessing_cross_field_checks() -> None:
     assert Preprocessing(mean=[0.5], std=[0.25]).mean == (0.5,)
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"image_size": 24.5}, "image_size must be a whole number of pixels from 1 to 4096"),
+        ({"stored_size": 1_000_000}, "stored_size must be a whole number of pixels"),
+        ({"image_size": True}, "image_size must be a whole number"),
+        ({"channels": True}, "channels must be 1 or 3; got True"),
+        ({"channels": 1.0}, "channels must be 1 or 3; got 1.0"),
+        ({"mean": (float("nan"),)}, "mean and std values must be finite"),
+        ({"std": (float("inf"),)}, "mean and std values must be finite"),
+    ],
+)
+def test_preprocessing_refuses_sizes_and_statistics_no_image_can_have(fields, message) -> None:
+    # A model file's preprocessing decides how much memory an image takes and what the model
+    # sees: a fraction, a huge size or a NaN mean there failed later, or printed NaN.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Preprocessing(**{"image_size": 32, "stored_size": 32, **fields})
+    with pytest.raises(ValueError, match="at most 4096 pixels"):
+        DataConfig(image_size=5000)
+
+
 def test_data_requires_a_path_for_file_datasets() -> None:
     with pytest.raises(ValueError, match="--data"):
         DataConfig(dataset="hasy")
@@ -124,6 +145,28 @@ def test_precedence_defaults_preset_file_flags() -> None:
 def test_none_values_never_override() -> None:
     merged = merge_overrides({"train": {"epochs": 4}}, {"train": {"epochs": None}, "out": None})
     assert merged == {"train": {"epochs": 4}}
+
+
+def test_a_config_files_null_turns_an_optional_setting_off() -> None:
+    preset = {**preset_for("cub"), "data": {**preset_for("cub")["data"], "stored_size": 320}}
+    assert build_run_config(preset).train.early_stopping_patience == 3
+    file_layer = {
+        "train": {"early_stopping_patience": None},
+        "data": {"dataset": "cub", "data": "cub.tgz", "stored_size": None},
+        "augment": None,  # An empty section, as YAML reads "augment:" alone.
+        "model": {"options": None},
+    }
+    config = build_run_config(preset, file_layer, apply_nulls=True)
+    assert config.train.early_stopping_patience is None and config.data.stored_size is None
+    assert config.model.options == preset["model"]["options"]
+    # Without apply_nulls (a flags layer) None means unset, as before.
+    unset = build_run_config(preset, file_layer)
+    assert unset.train.early_stopping_patience == 3 and unset.data.stored_size == 320
+
+
+def test_a_null_for_a_setting_that_cannot_be_off_is_one_line() -> None:
+    with pytest.raises(ValueError, match=r"^train\.epochs cannot be null"):
+        build_run_config({"train": {"epochs": None}}, apply_nulls=True)
 
 
 def test_none_values_are_dropped_in_sections_the_base_lacks() -> None:

@@ -3,12 +3,22 @@ test_transfer_models.py)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
 
 from cnnkit.config import Preprocessing
-from cnnkit.models.registry import create_model, list_models, model_options, register_model
+from cnnkit.models.registry import (
+    check_options,
+    create_model,
+    create_model_outline,
+    list_models,
+    model_input,
+    model_options,
+    register_model,
+)
 
 # name -> (in_channels, image_size, batch_size, options)
 CASES = {
@@ -84,8 +94,63 @@ def test_model_options_report_defaults() -> None:
         "dense": 128,
         "dropout": 0.5,
         "activation": "tanh",
+        "image_size": 32,
     }
     assert "in_channels" not in model_options("symbol_cnn")
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("book_cnn", {"dense": 64.5}, "model option dense must be a whole number; got 64.5"),
+        ("book_cnn", {"convs": 1.5}, "model option convs must be a whole number; got 1.5"),
+        ("book_cnn", {"dense": float("inf")}, "dense must be a whole number; got inf"),
+        ("efficientnet_lite0", {"hidden": 1.5}, "hidden must be a whole number; got 1.5"),
+        ("symbol_cnn", {"width": True}, "width must be a whole number; got True"),
+        ("book_cnn", {"dropout": float("nan")}, "dropout must be a finite number; got nan"),
+        ("book_cnn", {"dense": 0}, "book_cnn dense must be a whole number >= 1; got 0"),
+        ("book_cnn", {"dense": -1}, "book_cnn dense must be a whole number >= 1; got -1"),
+        ("book_cnn", {"convs": 0}, "book_cnn convs must be 1 or 2; got 0"),
+        ("book_cnn", {"dropout": 1.0}, "book_cnn dropout must be in [0, 1); got 1.0"),
+        ("book_cnn", {"image_size": 9}, "book_cnn with 2 conv(s) needs image_size >= 10"),
+        ("book_cnn", {"convs": 1, "image_size": 3}, "needs image_size >= 4 px; got 3"),
+        ("book_bird_cnn", {"dense": 0}, "book_bird_cnn dense must be a whole number >= 1"),
+        ("book_bird_cnn", {"image_size": 35}, "book_bird_cnn needs image_size >= 36 px"),
+    ],
+)
+def test_option_values_no_layer_can_take_are_one_line(name, options, message) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        create_model(name, 7, 3, **options)
+
+
+def test_whole_numbers_written_as_fractions_are_whole_numbers() -> None:
+    # YAML and --option read 2.0 and 1e2 as fractions.
+    model = create_model("book_cnn", 7, 3, convs=1.0, dense=1e2)
+    assert isinstance(model.dense[0].out_features, int) and model.dense[0].out_features == 100
+    assert len([m for m in model.modules() if isinstance(m, nn.Conv2d)]) == 1
+    assert check_options("book_cnn", {"dense": 64.0, "dropout": 0}) == {"dense": 64, "dropout": 0}
+
+
+@pytest.mark.parametrize(("convs", "size"), [(2, 48), (1, 20), (2, 10)])
+def test_book_cnn_is_sized_for_its_input(convs: int, size: int) -> None:
+    model = create_model("book_cnn", 7, 3, convs=convs, image_size=size).eval()
+    assert model.default_preprocessing.image_size == size
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, size, size)).shape == (2, 7)
+
+
+def test_book_bird_cnn_is_sized_for_its_input() -> None:
+    model = create_model("book_bird_cnn", 2, 3, dense=8, image_size=64).eval()
+    assert model.default_preprocessing.image_size == 64
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 64, 64)).shape == (1, 2)
+
+
+def test_an_outline_has_the_shapes_and_input_without_memory() -> None:
+    outline = create_model_outline("book_cnn", 7, 3, dense=10**6, image_size=48)
+    assert all(tensor.is_meta for tensor in outline.state_dict().values())
+    assert outline.dense[0].weight.shape == (10**6, 32 * 10 * 10)
+    assert model_input("book_cnn", 3, {"image_size": 48}).image_size == 48
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -151,6 +151,15 @@ def test_finetune_can_train_batch_norm_statistics(tiny_image_set, run_dir):
     assert sum(changed) > 0.9 * len(changed)
 
 
+def test_frozen_phase_without_augmentation_trains_on_the_centre_crop_once(tiny_image_set, run_dir):
+    config = _frozen(_config())
+    config = dataclasses.replace(config, augment=dataclasses.replace(config.augment, enabled=False))
+    fit_transfer(_lite0(), config, _splits(tiny_image_set), PREPROCESSING, CPU, run_dir, False)
+    details = json.loads((run_dir / PHASES_NAME).read_text())["phases"][0]["details"]
+    assert details["train_vectors"] == 8  # Not one more copy of each centre crop.
+    assert details["views_computed"] == 3  # Train, val and test centre crops.
+
+
 def test_frozen_phase_reuses_cached_features(tiny_image_set, run_dir):
     splits = _splits(tiny_image_set)
     config = _frozen(_config())
@@ -245,6 +254,9 @@ def test_unreadable_cache_entry_is_recomputed(tiny_image_set, tmp_path):
     _, from_cache = _features(model, images, cache)
     assert not from_cache and model.images_seen == 4
     assert not list(tmp_path.glob("*.tmp"))
+    entry.write_bytes(b"")  # An empty file (a full disk, a crash before the write).
+    _, from_cache = _features(model, images, cache)
+    assert not from_cache and model.images_seen == 6
 
 
 def test_head_training_learns_separable_features():

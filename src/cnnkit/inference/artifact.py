@@ -22,11 +22,15 @@ from torch import nn
 from cnnkit import __version__
 from cnnkit.atomic import write_atomically
 from cnnkit.config import Preprocessing
+from cnnkit.errors import error_line
 from cnnkit.runtime import select_device
 
 FORMAT_NAME = "cnnkit-model"
 FORMAT_VERSION = 1
 _METADATA_KEY = "cnnkit"
+# What create_model sets itself, so never a model option: a file's options naming one would
+# pass it twice.
+RESERVED_OPTIONS = ("name", "num_classes", "in_channels", "pretrained")
 
 
 class ModelFileError(ValueError):
@@ -86,12 +90,21 @@ class ModelMetadata:
                     f"{data['num_classes']}"
                 )
             preprocessing = Preprocessing(**data["preprocessing"])
+            options, training = data.get("options", {}), data.get("training", {})
+            if not isinstance(options, dict) or not isinstance(training, dict):
+                raise ModelFileError(f"{source}: metadata options and training must be objects")
+            reserved = sorted(set(options) & set(RESERVED_OPTIONS))
+            if reserved:
+                raise ModelFileError(
+                    f"{source}: metadata options name {', '.join(reserved)}, which are not "
+                    "options (architecture, class_names and preprocessing set them)"
+                )
             return cls(
                 architecture=str(data["architecture"]),
                 class_names=class_names,
                 preprocessing=preprocessing,
-                options=dict(data.get("options", {})),
-                training=dict(data.get("training", {})),
+                options=dict(options),
+                training=dict(training),
                 cnnkit_version=str(data.get("cnnkit_version", "unknown")),
             )
         except (KeyError, TypeError, ValueError) as error:
@@ -165,7 +178,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             if length <= 0 or length > 100_000_000 or length + 8 > path.stat().st_size:
                 raise ModelFileError(f"{path}: truncated or not a safetensors file")
             header = json.loads(stream.read(length))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise ModelFileError(f"{path}: unreadable safetensors header ({error})") from error
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(header, dict) or not isinstance(metadata or {}, dict):
@@ -186,6 +199,8 @@ def parse_metadata_text(text: str | None, source: str, container: str) -> dict:
         data = json.loads(text)
     except (TypeError, json.JSONDecodeError) as error:
         raise ModelFileError(f"{source}: cnnkit metadata is not valid JSON ({error})") from error
+    except RecursionError as error:  # Nested deeper than Python's parser goes.
+        raise ModelFileError(f"{source}: cnnkit metadata is nested too deeply") from error
     if not isinstance(data, dict):
         raise ModelFileError(f"{source}: cnnkit metadata is not a JSON object")
     return data
@@ -233,13 +248,15 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
         TypeError: unless ``path`` is a str or a path object.
         ValueError: for an empty path, or an unknown or unavailable ``device``.
     """
-    from cnnkit.models.registry import create_model
-
     path = resolve_model_file(path)
     refuse_onnx(path)
     device = select_device(device)
     raw = read_metadata(path)
-    if raw.get("metadata_sha256") != metadata_digest(raw):
+    try:
+        digest = metadata_digest(raw)
+    except RecursionError as error:
+        raise ModelFileError(f"{path}: cnnkit metadata is nested too deeply") from error
+    if raw.get("metadata_sha256") != digest:
         raise ModelFileError(f"{path}: metadata checksum mismatch (file modified or corrupt)")
     metadata = ModelMetadata.from_dict(raw, str(path))
     try:
@@ -251,15 +268,48 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
         raise ModelFileError(f"{path}: metadata has no tensor_sha256")
     if tensor_digest(tensors) != expected:
         raise ModelFileError(f"{path}: tensor checksum mismatch (file modified or corrupt)")
+    # The layers first, with no memory for their weights: options that do not fit the tensors
+    # (a hidden size of 1e9) are refused before anything is allocated.
+    _check_tensors_fit(path, metadata, tensors, _rebuild(path, metadata, outline=True))
+    model = _rebuild(path, metadata, outline=False)
+    state = model.state_dict()
+    for name, tensor in tensors.items():
+        tensors[name] = tensor.to(state[name].dtype)
+    model.load_state_dict(tensors, strict=True)
+    model.metadata = metadata
+    return model.to(device).eval()
+
+
+def _rebuild(path: Path, metadata: ModelMetadata, outline: bool) -> nn.Module:
+    """The model the metadata describes, on the meta device when ``outline``.
+
+    Raises:
+        ModelFileError: naming ``path`` for options the model refuses or cannot be built with.
+    """
+    from cnnkit.models.registry import create_model, create_model_outline
+
+    create = create_model_outline if outline else create_model
     try:
-        model = create_model(
+        return create(
             metadata.architecture,
             num_classes=metadata.num_classes,
             in_channels=metadata.preprocessing.channels,
             **metadata.options,
         )
-    except ValueError as error:
-        raise ModelFileError(f"{path}: cannot rebuild the model ({error})") from error
+    # ValueError from the checks; TypeError, RuntimeError (torch) or MemoryError from values
+    # that pass them but that no layer can be built with.
+    except (ValueError, TypeError, RuntimeError, MemoryError) as error:
+        raise ModelFileError(f"{path}: cannot rebuild the model ({error_line(error)})") from error
+
+
+def _check_tensors_fit(
+    path: Path, metadata: ModelMetadata, tensors: dict[str, torch.Tensor], model: nn.Module
+) -> None:
+    """Refuse tensors whose names or shapes differ from the rebuilt model's state.
+
+    Raises:
+        ModelFileError: naming ``path`` and the first tensors that differ.
+    """
     state = model.state_dict()
     missing = sorted(set(state) - set(tensors))
     extra = sorted(set(tensors) - set(state))
@@ -275,7 +325,3 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
                 f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the architecture "
                 f"expects {tuple(state[name].shape)} (class-count or option mismatch?)"
             )
-        tensors[name] = tensor.to(state[name].dtype)
-    model.load_state_dict(tensors, strict=True)
-    model.metadata = metadata
-    return model.to(device).eval()

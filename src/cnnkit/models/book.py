@@ -5,6 +5,10 @@ Conv32-3x3 relu, MaxPool 2, Flatten, Dense 128 tanh, Dropout 0.5, Dense softmax.
 defaults to ``padding="valid"``, so 32x32 inputs give 6x6x32 = 1,152 flattened features. With
 3 channels, 369 classes and ``dense=1024`` (the book's 1,024-unit model) that is 1,569,041
 parameters; the default ``dense=128`` is its final, grid-searched choice.
+
+Both networks end in a dense layer sized for one input size: ``image_size`` (an option that
+every model file records) sets it, 32 px for ``book_cnn`` and 256 px for ``book_bird_cnn``
+unless given.
 """
 
 from __future__ import annotations
@@ -16,6 +20,18 @@ from cnnkit.config import Preprocessing
 from cnnkit.models.registry import register_model
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+def _is_whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_dense_and_dropout(model: str, dense: object, dropout: object) -> None:
+    """Refuse a dense layer of no units and a dropout that would drop every unit."""
+    if not _is_whole(dense) or dense < 1:
+        raise ValueError(f"{model} dense must be a whole number >= 1; got {dense!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        raise ValueError(f"{model} dropout must be in [0, 1); got {dropout!r}")
 
 
 class BookCNN(nn.Module):
@@ -33,9 +49,16 @@ class BookCNN(nn.Module):
     ) -> None:
         super().__init__()
         if convs not in (1, 2):
-            raise ValueError(f"book_cnn convs must be 1 or 2; got {convs}")
+            raise ValueError(f"book_cnn convs must be 1 or 2; got {convs!r}")
         if activation not in _ACTIVATIONS:
             raise ValueError(f"book_cnn activation must be one of {list(_ACTIVATIONS)}")
+        _check_dense_and_dropout("book_cnn", dense, dropout)
+        smallest = {1: 4, 2: 10}[convs]  # Each conv takes 2 px and each pool halves the rest.
+        if not _is_whole(image_size) or image_size < smallest:
+            raise ValueError(
+                f"book_cnn with {convs} conv(s) needs image_size >= {smallest} px; "
+                f"got {image_size!r}"
+            )
         layers: list[nn.Module] = []
         channels, size = in_channels, image_size
         for _ in range(convs):
@@ -83,6 +106,9 @@ class BookBirdCNN(nn.Module):
         self, num_classes: int, in_channels: int = 3, dense: int = 400, image_size: int = 256
     ) -> None:
         super().__init__()
+        _check_dense_and_dropout("book_bird_cnn", dense, 0.5)
+        if not _is_whole(image_size) or image_size < 36:  # Two 2-conv blocks, each pooled by 4.
+            raise ValueError(f"book_bird_cnn needs image_size >= 36 px; got {image_size!r}")
         size = ((image_size - 4) // 4 - 4) // 4
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 64, 3),
@@ -127,12 +153,18 @@ def book_cnn(
     dense: int = 128,
     dropout: float = 0.5,
     activation: str = "tanh",
+    image_size: int = 32,
 ) -> nn.Module:
-    """The book's final HASY network (``--dense 1024`` gives its 1,024-unit model)."""
-    return BookCNN(num_classes, in_channels, convs, dense, dropout, activation)
+    """The book's final HASY network (``--dense 1024`` gives its 1,024-unit model).
+
+    ``image_size`` is the input size its dense layer is sized for; a training run sets it
+    from ``--image-size``."""
+    return BookCNN(num_classes, in_channels, convs, dense, dropout, activation, image_size)
 
 
 @register_model
-def book_bird_cnn(num_classes: int, in_channels: int = 3, dense: int = 400) -> nn.Module:
+def book_bird_cnn(
+    num_classes: int, in_channels: int = 3, dense: int = 400, image_size: int = 256
+) -> nn.Module:
     """The book's custom bird CNN trained from scratch (256x256 input)."""
-    return BookBirdCNN(num_classes, in_channels, dense)
+    return BookBirdCNN(num_classes, in_channels, dense, image_size)

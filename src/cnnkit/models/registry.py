@@ -9,12 +9,14 @@ features, and the ensemble averages the members' outputs.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
-from cnnkit.config import is_number
+from cnnkit.config import Preprocessing, is_number
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -52,9 +54,14 @@ def model_options(name: str) -> dict[str, Any]:
     }
 
 
-def check_options(name: str, options: dict[str, Any]) -> None:
+def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """Refuse options model ``name`` does not have, and values of the wrong kind for those
-    whose default is a switch or a number (the models check their own ranges).
+    whose default is a switch or a number (the models check their own ranges): an option whose
+    default is a whole number takes only whole numbers (``2.0`` becomes ``2``, ``1.5`` is
+    refused), and one whose default is a fraction takes any finite number.
+
+    Returns:
+        ``options`` with whole numbers written as fractions (``2.0``) made ints.
 
     Raises:
         ValueError: for an unknown model, an unknown option, or a value of the wrong kind.
@@ -66,13 +73,22 @@ def check_options(name: str, options: dict[str, Any]) -> None:
             f"model {name!r} has no option(s) {', '.join(sorted(unknown))}; "
             f"it accepts: {', '.join(sorted(accepted)) or 'none'}"
         )
-    for key, value in options.items():
-        default = accepted[key]
-        if isinstance(default, bool) and not isinstance(value, bool):
+    return {key: _checked_option(key, value, accepted[key]) for key, value in options.items()}
+
+
+def _checked_option(key: str, value: Any, default: Any) -> Any:
+    """``value`` as option ``key`` takes it (judged by its ``default``), else a ValueError."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
             raise ValueError(f"model option {key} must be true or false; got {value!r}")
-        if is_number(default) and not is_number(value):
-            kind = "a whole number" if isinstance(default, int) else "a number"
-            raise ValueError(f"model option {key} must be {kind}; got {value!r}")
+    elif isinstance(default, int):
+        whole = is_number(value) and (isinstance(value, int) or value.is_integer())
+        if not whole:
+            raise ValueError(f"model option {key} must be a whole number; got {value!r}")
+        return int(value)
+    elif is_number(default) and not (is_number(value) and math.isfinite(value)):
+        raise ValueError(f"model option {key} must be a finite number; got {value!r}")
+    return value
 
 
 def model_summary(name: str) -> str:
@@ -106,12 +122,34 @@ def create_model(
     """
     _load_builtin_models()
     factory = _get_factory(name)
-    check_options(name, options)
+    kwargs = check_options(name, options)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1; got {num_classes}")
-    kwargs: dict[str, Any] = dict(options)
     if "pretrained" in inspect.signature(factory).parameters:
         kwargs["pretrained"] = pretrained
     model = factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
     model.registry_name = name
     return model
+
+
+def create_model_outline(
+    name: str, num_classes: int, in_channels: int = 1, **options: Any
+) -> nn.Module:
+    """:func:`create_model` on the meta device: the layers, tensor shapes and
+    ``default_preprocessing`` of the model, with no memory for its weights (which any option,
+    however large, would otherwise claim first).
+
+    Raises:
+        ValueError: as :func:`create_model`.
+    """
+    with torch.device("meta"):
+        return create_model(name, num_classes, in_channels, **options)
+
+
+def model_input(name: str, in_channels: int, options: dict[str, Any]) -> Preprocessing:
+    """The input model ``name`` takes with these options (its ``default_preprocessing``).
+
+    Raises:
+        ValueError: as :func:`create_model`.
+    """
+    return create_model_outline(name, 2, in_channels, **options).default_preprocessing

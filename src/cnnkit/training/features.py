@@ -144,7 +144,7 @@ class FeatureCache:
             return None
         try:
             features = np.load(path)
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, EOFError) as error:  # EOFError: an empty file.
             logger.warning("ignoring unreadable feature cache entry %s: %s", path, error)
             return None
         if features.ndim != 2 or len(features) != count:

@@ -195,7 +195,8 @@ def fit_frozen_head(
     """Phase 1: freeze the backbone and train the head on cached features.
 
     The training set is every training image's centre crop plus ``augmented_views`` augmented
-    views of it; the head with the best validation accuracy is kept when there is a val split.
+    views of it (none with augmentation off: each would be the centre crop again); the head
+    with the best validation accuracy is kept when there is a val split.
     Under torchrun rank 0 computes and caches the features first and the other ranks read them;
     every rank then fits the same seeded head (the fine-tune's DDP starts from rank 0's anyway).
 
@@ -217,7 +218,7 @@ def fit_frozen_head(
     with main_process_first(distributed):
         train_views = frozen.views(
             splits.train.images,
-            config.transfer.augmented_views,
+            config.transfer.augmented_views if config.augment.enabled else 0,
             config.augment,
             config.train.seed,
         )
