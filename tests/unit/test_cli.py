@@ -262,19 +262,20 @@ def test_patience_without_a_validation_split_is_explained(capsys, tmp_path: Path
     assert "Note: --patience needs a validation split" in capsys.readouterr().out
 
 
-def test_a_failed_resume_is_recorded_as_failed_with_its_reason(capsys, tmp_path: Path) -> None:
+def test_a_refused_resume_says_why_and_leaves_the_run_as_it_was(capsys, tmp_path: Path) -> None:
     """A checkpoint whose one-cycle schedule the new settings cannot continue: one line that
-    says why, and run.json says "failed" rather than "running"."""
+    says why, and the finished run's run.json and config.yaml keep their exact bytes."""
     run = tmp_path / "run"
     argv = ["train", "--dataset", "digits", "--max-classes", "3", "--quiet", "--out", str(run)]
     assert main([*argv, "--epochs", "1", "--schedule", "onecycle"]) == 0
     capsys.readouterr()
+    before = {name: (run / name).read_bytes() for name in ("run.json", "config.yaml")}
     again = [*argv, "--epochs", "2", "--schedule", "onecycle", "--max-steps-per-epoch", "1"]
     assert main([*again, "--resume"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "optimizer steps in 1 epoch(s), more than this run" in error[0]
-    info = json.loads((run / "run.json").read_text())
-    assert info["status"] == "failed" and "optimizer steps" in info["error"]
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert json.loads(before["run.json"])["status"] == "finished"
 
 
 def test_an_existing_file_as_out_is_one_line(capsys, tmp_path: Path) -> None:

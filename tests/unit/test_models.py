@@ -210,3 +210,19 @@ def test_default_preprocessing() -> None:
     assert (book.mode, book.channels, book.mean, book.std) == ("symbol", 3, (0.0,) * 3, (1.0,) * 3)
     bird = create_model("book_bird_cnn", 7, 3, dense=8).default_preprocessing
     assert (bird.mode, bird.image_size, bird.stored_size) == ("photo", 256, 256)
+
+
+def test_a_run_at_a_size_the_network_cannot_take_is_refused_before_any_data_loads() -> None:
+    """From Python (the CLI passes the size on): book_cnn's dense layer is sized for 32 px."""
+    from cnnkit.config import build_run_config, preset_for
+    from cnnkit.training.run import resolve_preprocessing
+
+    base = preset_for("digits")
+    wide = build_run_config(base, {"model": {"name": "book_cnn"}, "data": {"image_size": 64}})
+    with pytest.raises(ValueError, match=r"book_cnn cannot take 64 px inputs .*image_size: 64"):
+        resolve_preprocessing(wide)
+    sized = {
+        "model": {"name": "book_cnn", "options": {"image_size": 64}},
+        "data": {"image_size": 64},
+    }
+    assert resolve_preprocessing(build_run_config(base, sized)).image_size == 64

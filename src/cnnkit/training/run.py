@@ -93,9 +93,26 @@ def resolve_preprocessing(config: RunConfig) -> Preprocessing:
             (preprocessing.mean[0],) * channels,
             (preprocessing.std[0],) * channels,
         )
+        _check_input_size(probe, config.model.name, preprocessing)
     _check_train_size(probe, config, preprocessing)
     _check_phases(probe, config)
     return preprocessing
+
+
+def _check_input_size(model: torch.nn.Module, name: str, preprocessing: Preprocessing) -> None:
+    """Refuse an input size the model's layers cannot take (``book_cnn``'s dense layer is sized
+    by its ``image_size`` option, which the CLI sets from ``data.image_size``), before any data
+    is loaded or an earlier run in the folder is cleared."""
+    size = preprocessing.image_size
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, preprocessing.channels, size, size))
+    except RuntimeError as error:
+        raise ValueError(
+            f"{name} cannot take {size} px inputs with these options; give it the size too "
+            f"(model.options.image_size: {size}) where it takes one, or use data.image_size "
+            f"{getattr(model, 'default_preprocessing', preprocessing).image_size}"
+        ) from error
 
 
 def _check_phases(model: torch.nn.Module, config: RunConfig) -> None:
