@@ -99,20 +99,27 @@ def resolve_preprocessing(config: RunConfig) -> Preprocessing:
     return preprocessing
 
 
+def _takes_size(model: torch.nn.Module, channels: int, size: int) -> bool:
+    """Whether the model's layers take ``size`` px inputs (a dense layer is sized for one)."""
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, channels, size, size))
+    except RuntimeError:
+        return False
+    return True
+
+
 def _check_input_size(model: torch.nn.Module, name: str, preprocessing: Preprocessing) -> None:
     """Refuse an input size the model's layers cannot take (``book_cnn``'s dense layer is sized
     by its ``image_size`` option, which the CLI sets from ``data.image_size``), before any data
     is loaded or an earlier run in the folder is cleared."""
     size = preprocessing.image_size
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, preprocessing.channels, size, size))
-    except RuntimeError as error:
+    if not _takes_size(model, preprocessing.channels, size):
         raise ValueError(
             f"{name} cannot take {size} px inputs with these options; give it the size too "
             f"(model.options.image_size: {size}) where it takes one, or use data.image_size "
             f"{getattr(model, 'default_preprocessing', preprocessing).image_size}"
-        ) from error
+        )
 
 
 def _check_phases(model: torch.nn.Module, config: RunConfig) -> None:
@@ -138,14 +145,11 @@ def _check_train_size(model: torch.nn.Module, config: RunConfig, preprocessing) 
     size = config.augment.train_size
     if not config.augment.enabled or size is None or size == preprocessing.image_size:
         return
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, preprocessing.channels, size, size))
-    except RuntimeError as error:
+    if not _takes_size(model, preprocessing.channels, size):
         raise ValueError(
             f"augment.train_size: {config.model.name} cannot train on {size} px crops (its "
             f"layers are sized for {preprocessing.image_size} px inputs); leave it unset"
-        ) from error
+        )
 
 
 def git_revision() -> str:
