@@ -478,3 +478,7 @@ def test_copies_of_an_image_stay_in_one_split(tmp_path, caplog) -> None:
 def test_duplicate_groups_name_the_first_copy() -> None:
     images = np.array([[1], [2], [1], [3], [2]], dtype=np.uint8)
     assert duplicate_groups(images).tolist() == [0, 1, 0, 3, 1]
+    assert duplicate_groups(images, np.array([1, 2, 4])).tolist() == [0, 1, 0]
+    photos = np.zeros((3, 5, 7, 3), dtype=np.uint8)  # 105 bytes: not whole 8-byte words
+    photos[1, 4, 6, 2] = 1
+    assert duplicate_groups(photos).tolist() == [0, 1, 0]

@@ -191,20 +191,19 @@ def build_splits(
             f"left after skipping bad files ({names}); fix or remove them"
         )
     has_split_column = any(split is not None for split in splits)  # CSV column, fold, official
-    splits_at_random = not has_split_column or (config.val_fraction > 0 and not config.train_on_all)
     # Identical images stay on one side of each random split (see duplicate_groups).
     where = config.data or config.dataset
-    groups = _duplicate_groups(decoded.images, valid, where) if splits_at_random else None
     if has_split_column:
         train_idx = valid[splits == "train"]
         test_idx = valid[splits == "test"]
     else:
+        groups = _duplicate_groups(decoded.images, valid, where)
         first, second = stratified_split(labels, config.test_fraction, config.seed, groups)
         train_idx, test_idx = valid[first], valid[second]
     val_idx = np.zeros(0, dtype=np.int64)
     if config.val_fraction > 0 and not config.train_on_all:
         train_labels = np.array([listing.records[i].label for i in train_idx], dtype=np.int64)
-        train_groups = groups[np.searchsorted(valid, train_idx)]
+        train_groups = _duplicate_groups(decoded.images, train_idx, where)
         keep, held = stratified_split(
             train_labels, config.val_fraction, config.seed + 1, train_groups
         )
@@ -249,9 +248,9 @@ def build_splits(
     )
 
 
-def _duplicate_groups(images: np.ndarray, valid: np.ndarray, where: str) -> np.ndarray:
-    """Group ids of the ``valid`` images (positions in ``valid``), logging the duplicates."""
-    groups = duplicate_groups([images[index] for index in valid])
+def _duplicate_groups(images: np.ndarray, indices: np.ndarray, where: str) -> np.ndarray:
+    """Group ids of ``images[indices]`` (positions in ``indices``), logging the duplicates."""
+    groups = duplicate_groups(images, indices)
     duplicates = len(groups) - len(np.unique(groups))
     if duplicates:
         logger.info(
