@@ -104,6 +104,13 @@ def test_onnx_file_is_valid_with_dynamic_batch_and_metadata(exported) -> None:
     assert OnnxPredictor.from_file(onnx_path).metadata == metadata
 
 
+def test_idle_onnxruntime_threads_sleep_instead_of_spinning(exported) -> None:
+    """Spinning threads take the cores a server's event loop needs between batches."""
+    _, onnx_path, _ = exported
+    options = OnnxPredictor.from_file(onnx_path).session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_batch_norm_is_folded_into_plain_convolutions(exported) -> None:
     """The exporter folds batch norm into the convolutions' weights. EfficientNet-Lite folds
     its frozen batch norm by hand while training; traced into the graph, that fold left a Mul
