@@ -966,6 +966,8 @@ def command_export(args: argparse.Namespace) -> int:
             f"{model_path}: is an ONNX export already; export reads the .safetensors model "
             "file (or the training run's folder) it came from"
         )
+    # The bundled model's export goes to the current folder, not into the installed package.
+    named = model_path if args.model is not None else Path(model_path.name)
     opset = args.opset or DEFAULT_OPSET
     if args.out and Path(args.out).suffix.lower() != ".onnx":
         raise CommandError(f"--out {args.out}: an ONNX file's name ends in .onnx")
@@ -975,7 +977,7 @@ def command_export(args: argparse.Namespace) -> int:
                 "--dataset and --data give --quantize int8 its calibration images; "
                 "add --quantize int8, or leave them out"
             )
-        out = Path(args.out) if args.out else model_path.with_suffix(".onnx")
+        out = Path(args.out) if args.out else named.with_suffix(".onnx")
         _refuse_overwriting(model_path, out)
         print(export_onnx(model_path, out, opset=opset))
         return 0
@@ -990,7 +992,7 @@ def command_export(args: argparse.Namespace) -> int:
     inputs = calibration_inputs(
         model_path, data, args.calibration_images, cache_dir=args.cache_dir or default_cache_dir()
     )
-    out = Path(args.out) if args.out else model_path.with_name(f"{model_path.stem}-int8.onnx")
+    out = Path(args.out) if args.out else named.with_name(f"{named.stem}-int8.onnx")
     _refuse_overwriting(model_path, out)
     source = args.data or args.dataset
     print(f"Calibrating int8 ranges on {len(inputs)} training images of {source}", file=sys.stderr)
@@ -1236,7 +1238,12 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(handler=command_models)
 
     export = commands.add_parser("export", help="export a model file to ONNX")
-    export.add_argument("model", help="model file (.safetensors) or a training run's folder")
+    export.add_argument(
+        "model",
+        nargs="?",
+        help="model file (.safetensors) or a training run's folder (default: the bundled "
+        "symbol model, exported into the current folder)",
+    )
     export.add_argument("--format", choices=["onnx"], default="onnx", help="file format (onnx)")
     export.add_argument("--out", help="output file (default: MODEL with a .onnx suffix)")
     export.add_argument("--opset", type=int, help="ONNX opset version (default 18)")

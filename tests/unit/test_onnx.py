@@ -206,6 +206,20 @@ def test_cli_export_writes_the_file(exported, tmp_path: Path, capsys) -> None:
     assert OnnxPredictor.from_file(out).metadata == metadata
 
 
+def test_cli_export_without_a_model_exports_the_bundled_one_here(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """Into the current folder: never into the installed package."""
+    from cnnkit.inference.bundled import bundled_model_path
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["export"]) == 0
+    out = tmp_path / bundled_model_path().with_suffix(".onnx").name
+    assert capsys.readouterr().out.strip() == out.name
+    assert OnnxPredictor.from_file(out).metadata.kind == "symbols"
+    assert not bundled_model_path().with_suffix(".onnx").exists()
+
+
 def test_cli_predict_onnx_backend_prints_the_same_lines(exported, tmp_path: Path, capsys) -> None:
     model_path, onnx_path, metadata = exported
     image_dir = tmp_path / "images"
