@@ -632,8 +632,10 @@ def _report_folder(args: argparse.Namespace, model_path: Path) -> Path:
 
 def command_evaluate(args: argparse.Namespace) -> int:
     from cnnkit.evaluation.evaluate import evaluate_model_file
+    from cnnkit.runtime import tune_allocator
 
     model_path = _model_path(args.model)
+    tune_allocator()  # As training does: large activations stay mapped (inference_layout.py).
     overrides = {
         "dataset": args.dataset,
         "data": args.data,
@@ -719,6 +721,9 @@ def format_prediction(prediction, kind: str) -> str:
 def command_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise CommandError(f"--top-k must be at least 1; got {args.top_k}")
+    from cnnkit.runtime import tune_allocator
+
+    tune_allocator()
     inputs = list(args.inputs)
     model = args.model
     if model is None and inputs and inputs[0].lower().endswith((".safetensors", ".onnx")):
@@ -902,6 +907,9 @@ def command_serve(args: argparse.Namespace) -> int:
 
     if args.max_upload_mb <= 0:
         raise CommandError(f"--max-upload-mb must be more than 0; got {args.max_upload_mb:g}")
+    from cnnkit.runtime import tune_allocator
+
+    tune_allocator()  # And each process of --workers tunes its own (app_from_environment).
     serve(
         args.model,
         host=args.host,

@@ -309,3 +309,23 @@ def test_a_bad_image_is_named_by_its_position_in_the_whole_call(predictor) -> No
     images = [good] * 600 + [np.zeros((8, 8, 2), np.uint8)]
     with pytest.raises(BadImageError, match=r"^image 600: "):
         predictor.predict(images)
+
+
+def test_a_loaded_model_runs_in_channels_last_memory_with_the_same_outputs(
+    tmp_path: Path, tiny_model_saver
+) -> None:
+    """The trainer's layout, and on a CPU the faster one (benchmarks/inference_layout.py)."""
+    from cnnkit.evaluation.evaluate import _load_for_evaluation
+    from cnnkit.inference.artifact import load_model
+
+    path = tiny_model_saver(tmp_path / "m.safetensors")
+    predictor = Predictor.from_file(path)
+    evaluated, _ = _load_for_evaluation(path, "cpu")
+    for model in (predictor.model, evaluated):
+        convolutions = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        assert convolutions and not model.training
+        assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convolutions)
+    plain = load_model(path).eval()
+    inputs = torch.rand(3, 1, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(predictor.model(inputs), plain(inputs), rtol=1e-4, atol=1e-5)

@@ -17,7 +17,7 @@ from cnnkit.data.sources import build_splits
 from cnnkit.evaluation.report import EvaluationReport, build_report, evaluated_block, resolved
 from cnnkit.inference.artifact import load_model
 from cnnkit.progress import bar_disabled
-from cnnkit.runtime import select_device
+from cnnkit.runtime import for_inference, select_device
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def _load_for_evaluation(
     is not used, and no missing CUDA stops it)."""
     if Path(model_path).suffix.lower() != ".onnx":
         torch_device = select_device(device)
-        return load_model(model_path, torch_device), torch_device
+        return for_inference(load_model(model_path, torch_device)), torch_device
     from cnnkit.inference.onnx_backend import OnnxModule, OnnxPredictor
 
     if device not in ("auto", "cpu"):

@@ -28,7 +28,7 @@ from cnnkit.inference.artifact import (
     load_model,
     resolve_model_file,
 )
-from cnnkit.runtime import select_device
+from cnnkit.runtime import for_inference, select_device
 
 # The names open_predictor and the CLI's --backend take, matched exactly as argparse does.
 BACKENDS = ("torch", "onnx")
@@ -111,7 +111,7 @@ class Predictor:
 
     def __init__(self, model: torch.nn.Module, metadata: ModelMetadata, device: str = "cpu"):
         self.device = select_device(device)
-        self.model = model.to(self.device).eval()
+        self.model = for_inference(model.to(self.device))
         self.metadata = metadata
         # Torch modules are not re-entrant across threads for in-place buffers; one lock keeps
         # concurrent web requests safe while the web layer batches them.

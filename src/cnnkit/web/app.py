@@ -27,6 +27,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from cnnkit import __version__
 from cnnkit.inference.predictor import Predictor, open_predictor
+from cnnkit.runtime import for_inference, tune_allocator
 from cnnkit.web.docs import add_docs_routes, load_docs_assets
 from cnnkit.web.limits import InFlightLimitMiddleware
 from cnnkit.web.prediction import PredictionService
@@ -338,7 +339,7 @@ def optimize_for_serving(model: torch.nn.Module) -> torch.nn.Module:
             ):
                 module[index] = fuse_conv_bn_eval(convolution, norm)
                 module[index + 1] = torch.nn.Identity()
-    return model.to(memory_format=torch.channels_last)
+    return for_inference(model)
 
 
 def serve(
@@ -454,4 +455,5 @@ def app_from_environment() -> FastAPI:
 
     settings = json.loads(os.environ[_WORKER_SETTINGS])
     torch.set_num_threads(settings["threads"])
+    tune_allocator()
     return create_app(load_predictor(settings["model"]), settings["max_upload_bytes"])
