@@ -50,6 +50,7 @@ BIRD_CLASSES = ("001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty
 # The live server's body timeout: long enough to fill its in-flight places with stalled uploads
 # first, short enough to keep the tests quick.
 LIVE_BODY_TIMEOUT_SECONDS = 2.0
+LIVE_BODY_DEADLINE_SECONDS = 4.0
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,10 @@ def live_url(predictor: Predictor) -> Iterator[str]:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     app = create_app(
-        predictor, max_upload_bytes=200_000, body_timeout_seconds=LIVE_BODY_TIMEOUT_SECONDS
+        predictor,
+        max_upload_bytes=200_000,
+        body_timeout_seconds=LIVE_BODY_TIMEOUT_SECONDS,
+        body_deadline_seconds=LIVE_BODY_DEADLINE_SECONDS,
     )
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
@@ -598,6 +602,34 @@ def test_a_stalled_upload_gets_a_408(live_url: str) -> None:
         "error": f"request timeout: no part of the request body arrived for "
         f"{LIVE_BODY_TIMEOUT_SECONDS:g} seconds"
     }
+
+
+def test_an_upload_trickling_a_byte_at_a_time_gets_a_408_at_the_deadline(live_url: str) -> None:
+    """Each byte comes within the stall timeout, but the whole body may not take forever."""
+    started = time.monotonic()
+    connection = raw_request(
+        live_url,
+        "POST /api/predict HTTP/1.1\nHost: test\nContent-Type: image/png\nContent-Length: 1000",
+    )
+    connection.settimeout(0.5)  # The wait for an answer paces the bytes: one a 0.5 s.
+    answered = b""
+    try:
+        for _ in range(40):  # About 20 s if nothing stopped it.
+            try:
+                connection.sendall(b"\x89")
+                answered = connection.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if answered:
+                break
+    finally:
+        connection.close()
+    elapsed = time.monotonic() - started
+    assert answered.startswith(b"HTTP/1.1 408"), answered[:80]
+    assert b"the request body took longer than 4 seconds to arrive" in answered
+    assert LIVE_BODY_DEADLINE_SECONDS - 0.5 < elapsed < LIVE_BODY_DEADLINE_SECONDS + 4
 
 
 def test_async_clients_read_the_413_for_a_declared_size_over_the_limit(live_url: str) -> None:

@@ -33,7 +33,12 @@ from cnnkit.web.limits import InFlightLimitMiddleware
 from cnnkit.web.prediction import PredictionService
 from cnnkit.web.render import MAX_LATEX_LENGTH, render_latex_svg
 from cnnkit.web.schema import PREDICT_ERRORS, PREDICT_REQUEST, PredictAnswer
-from cnnkit.web.upload import BODY_TIMEOUT_SECONDS, BodySizeLimitMiddleware, read_image_request
+from cnnkit.web.upload import (
+    BODY_DEADLINE_SECONDS,
+    BODY_TIMEOUT_SECONDS,
+    BodySizeLimitMiddleware,
+    read_image_request,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +229,7 @@ def create_app(
     predictor: Predictor,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     body_timeout_seconds: float = BODY_TIMEOUT_SECONDS,
+    body_deadline_seconds: float = BODY_DEADLINE_SECONDS,
 ) -> FastAPI:
     """Build the web app for one model.
 
@@ -231,17 +237,22 @@ def create_app(
         predictor: the model to serve.
         max_upload_bytes: the largest image accepted; bigger requests get HTTP 413.
         body_timeout_seconds: how long a request body may stall before HTTP 408.
+        body_deadline_seconds: how long a whole request body may take before HTTP 408.
 
     Returns:
         A FastAPI application (run it with uvicorn, or see :func:`serve`).
 
     Raises:
-        ValueError: if ``max_upload_bytes`` or ``body_timeout_seconds`` is not positive.
+        ValueError: if ``max_upload_bytes`` or either body time is not positive.
     """
     if max_upload_bytes < 1:
         raise ValueError(f"max_upload_bytes must be >= 1; got {max_upload_bytes}")
-    if not body_timeout_seconds > 0:
-        raise ValueError(f"body_timeout_seconds must be > 0; got {body_timeout_seconds}")
+    for name, seconds in (
+        ("body_timeout_seconds", body_timeout_seconds),
+        ("body_deadline_seconds", body_deadline_seconds),
+    ):
+        if not seconds > 0:  # Checked here: Starlette builds the middleware on first use.
+            raise ValueError(f"{name} must be > 0; got {seconds}")
     service = PredictionService(predictor)
 
     @asynccontextmanager
@@ -269,6 +280,7 @@ def create_app(
         BodySizeLimitMiddleware,
         max_upload_bytes=max_upload_bytes,
         body_timeout_seconds=body_timeout_seconds,
+        body_deadline_seconds=body_deadline_seconds,
     )
     app.add_middleware(
         InFlightLimitMiddleware, limit=MAX_CONCURRENT_REQUESTS, exempt_paths=[HEALTH_PATH]

@@ -35,6 +35,9 @@ _DRAIN_BYTES = 64 * 1024 * 1024
 # A request whose body stops arriving for this long gets HTTP 408: until then it holds one of
 # the server's in-flight places (see cnnkit.web.limits).
 BODY_TIMEOUT_SECONDS = 15.0
+# The longest a whole request body may take: a client trickling a byte every few seconds would
+# otherwise hold its place for hours. 5 MB in 120 s needs about 42 kB/s.
+BODY_DEADLINE_SECONDS = 120.0
 
 
 class RequestTooLargeError(HTTPException):
@@ -45,14 +48,16 @@ class RequestTooLargeError(HTTPException):
 
 
 class BodyTimeoutError(HTTPException):
-    """A request body that stopped arriving (HTTP 408); the connection is closed."""
+    """A request body that stopped arriving, or took too long in all (HTTP 408); the
+    connection is closed."""
 
-    def __init__(self, seconds: float) -> None:
-        super().__init__(
-            408,
-            f"request timeout: no part of the request body arrived for {seconds:g} seconds",
-            {"Connection": "close"},
+    def __init__(self, seconds: float, whole: bool = False) -> None:
+        reason = (
+            f"the request body took longer than {seconds:g} seconds to arrive"
+            if whole
+            else f"no part of the request body arrived for {seconds:g} seconds"
         )
+        super().__init__(408, f"request timeout: {reason}", {"Connection": "close"})
 
 
 @dataclass(frozen=True)
@@ -99,9 +104,10 @@ class BodySizeLimitMiddleware:
         app: the wrapped application.
         max_upload_bytes: the largest image accepted (see :func:`body_limit`).
         body_timeout_seconds: the longest wait for the next part of a request body.
+        body_deadline_seconds: the longest a whole request body may take to arrive.
 
     Raises:
-        ValueError: if ``body_timeout_seconds`` is not positive.
+        ValueError: if either time is not positive.
     """
 
     def __init__(
@@ -109,12 +115,18 @@ class BodySizeLimitMiddleware:
         app: ASGIApp,
         max_upload_bytes: int,
         body_timeout_seconds: float = BODY_TIMEOUT_SECONDS,
+        body_deadline_seconds: float = BODY_DEADLINE_SECONDS,
     ) -> None:
-        if not body_timeout_seconds > 0:
-            raise ValueError(f"body_timeout_seconds must be > 0; got {body_timeout_seconds}")
+        for name, value in (
+            ("body_timeout_seconds", body_timeout_seconds),
+            ("body_deadline_seconds", body_deadline_seconds),
+        ):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0; got {value}")
         self.app = app
         self.max_upload_bytes = max_upload_bytes
         self.body_timeout_seconds = body_timeout_seconds
+        self.body_deadline_seconds = body_deadline_seconds
         self.drain_bytes = max(max_upload_bytes, _DRAIN_BYTES)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -131,15 +143,23 @@ class BodySizeLimitMiddleware:
             return
         received = 0
         body_done = False
+        deadline: float | None = None
 
         async def limited_receive() -> Message:
-            nonlocal received, body_done
+            nonlocal received, body_done, deadline
             if body_done:  # Past the body only a disconnect can come: no time limit.
                 return await receive()
+            now = asyncio.get_running_loop().time()
+            deadline = deadline or now + self.body_deadline_seconds
+            wait = min(self.body_timeout_seconds, deadline - now)
             try:
-                message = await _within(self.body_timeout_seconds, receive())
+                if wait <= 0:
+                    raise asyncio.TimeoutError
+                message = await _within(wait, receive())
             except asyncio.TimeoutError:
-                raise BodyTimeoutError(self.body_timeout_seconds) from None
+                whole = wait < self.body_timeout_seconds
+                seconds = self.body_deadline_seconds if whole else self.body_timeout_seconds
+                raise BodyTimeoutError(seconds, whole) from None
             if message["type"] != "http.request":
                 return message
             received += len(message.get("body", b""))
