@@ -115,7 +115,9 @@ def for_inference(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` in eval mode with channels-last memory, in place: the layout the trainer uses,
     and on a CPU the fastest for convolutions (the EfficientNet-Lite trio at 320 px: 95 ms an
     image against 216 ms in the default layout, on 2 cores). Outputs are unchanged up to
-    float rounding, and a model saved later is written in the usual layout."""
+    float rounding, and a model saved later is written in the usual layout; a ``forward`` that
+    calls ``.view`` on a convolution's output fails in this layout (``.reshape`` works), so it
+    is for models cnnkit loads itself, not a caller's module."""
     return model.eval().to(memory_format=torch.channels_last)
 
 

@@ -482,3 +482,25 @@ def test_duplicate_groups_name_the_first_copy() -> None:
     photos = np.zeros((3, 5, 7, 3), dtype=np.uint8)  # 105 bytes: not whole 8-byte words
     photos[1, 4, 6, 2] = 1
     assert duplicate_groups(photos).tolist() == [0, 1, 0]
+
+
+def test_a_split_that_copies_leave_empty_says_so(tmp_path, caplog) -> None:
+    """A class of copies of one image counts as one image: no share can move it to test."""
+    for offset, name in enumerate(("cat", "dog")):
+        write_image(tmp_path / name / "0.png", shade=offset)
+        for index in range(1, 6):
+            (tmp_path / name / f"{index}.png").write_bytes((tmp_path / name / "0.png").read_bytes())
+    with pytest.raises(ValueError, match="10 image.s. are copies of others.*or add distinct"):
+        build_splits(folder_config(tmp_path, test_fraction=0.9), Preprocessing())
+    rows = [["path", "label", "split"]]
+    for name in ("cat", "dog"):
+        rows += [[f"{name}/{i}.png", name, "test" if i == 0 else "train"] for i in range(6)]
+    csv_path = write_csv(tmp_path / "labels.csv", rows)
+    config = DataConfig(dataset="csv", data=str(csv_path), val_fraction=0.2)
+    with caplog.at_level(logging.WARNING, logger="cnnkit.data.sources"):
+        splits = build_splits(config, Preprocessing()).splits
+    assert splits.val is None or len(splits.val) == 0
+    assert any(
+        "the validation split is empty" in r.getMessage() and "no early stopping" in r.getMessage()
+        for r in caplog.records
+    )

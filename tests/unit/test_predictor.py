@@ -329,3 +329,7 @@ def test_a_loaded_model_runs_in_channels_last_memory_with_the_same_outputs(
     inputs = torch.rand(3, 1, 32, 32)
     with torch.inference_mode():
         torch.testing.assert_close(predictor.model(inputs), plain(inputs), rtol=1e-4, atol=1e-5)
+    # A caller's own module keeps its layout: a forward that calls .view would fail in another.
+    Predictor(plain, plain.metadata)
+    last = [m for m in plain.modules() if isinstance(m, nn.Conv2d)][-1]
+    assert last.in_channels > 1 and last.weight.is_contiguous()

@@ -8,7 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 from tests.conftest import StopAfter
 
 from cnnkit.config import RunConfig, build_run_config, preset_for
@@ -57,8 +59,7 @@ def test_a_resume_on_another_split_is_refused_and_the_finished_run_kept(tmp_path
     with pytest.raises(CheckpointError) as refused:
         train_run(other, resume=True, progress=False)
     message = str(refused.value)
-    assert f"other data_seed (the checkpoint's: {config.data.seed}; this run's: 7)" in message
-    assert "other val_fraction (the checkpoint's: 0.1; this run's: 0.3)" in message
+    assert "its run trained on another split of the images (its training, validation" in message
     assert "\n" not in message
     assert _run_files(run) == before
     assert json.loads(before["run.json"])["status"] == "finished"
@@ -97,6 +98,57 @@ def test_a_checkpoint_from_before_the_split_was_recorded_still_resumes(tmp_path:
     del state["optimization"]
     save_checkpoint(path, state)
     assert train_run(config, resume=True, progress=False).fit.epochs_run == 2
+
+
+def _image_dataset(root: Path, copies: int = 0, split_column: bool = False) -> Path:
+    """Two classes of 12 distinct 16 px images (``copies`` of them twice over); a CSV with a
+    train/test column, or a folder per class."""
+    rng = np.random.default_rng(0)
+    rows = ["path,label,split"]
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for index in range(12):
+            pixels = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / label / f"{index}.png")
+            rows.append(f"{label}/{index}.png,{label},{'test' if index < 3 else 'train'}")
+        for index in range(copies):
+            (root / label / f"{index}-copy.png").write_bytes((root / label / "0.png").read_bytes())
+    if not split_column:
+        return root
+    (root / "labels.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return root / "labels.csv"
+
+
+def _data(data: Path, **settings: Any) -> dict[str, Any]:
+    dataset = "csv" if data.suffix == ".csv" else "folder"
+    return {"data": {"dataset": dataset, "data": str(data), "max_classes": None, **settings}}
+
+
+def test_a_share_that_does_not_draw_the_split_may_change_on_resume(tmp_path: Path) -> None:
+    """With a split column, --test-fraction draws nothing: the split, and the resume, stand."""
+    data = _data(_image_dataset(tmp_path / "images", split_column=True), val_fraction=0.2)
+    run = tmp_path / "run"
+    _interrupted_after_one_epoch(run, data)
+    changed = _config(run, data, {"data": {"test_fraction": 0.4}})
+    assert train_run(changed, resume=True, progress=False).fit.epochs_run == 2
+
+
+def test_a_checkpoint_from_before_copies_were_kept_together_is_refused_on_such_data(
+    tmp_path: Path,
+) -> None:
+    """Its split put copies of one image on both sides; this one would not, so the new test
+    split may hold images it trained on."""
+    data = _data(_image_dataset(tmp_path / "images", copies=2))
+    run = tmp_path / "run"
+    config = _interrupted_after_one_epoch(run, data)
+    path = run / CHECKPOINT_NAME
+    state = load_checkpoint(path)
+    assert state["identity"]["copies_kept_together"] == 4
+    for key in ("split", "copies_kept_together"):
+        del state["identity"][key]
+    save_checkpoint(path, state)
+    with pytest.raises(CheckpointError, match="this data holds 4 copies, so its split has"):
+        train_run(config, resume=True, progress=False)
 
 
 def test_without_a_validation_split_no_validation_accuracy_is_reported(tmp_path: Path) -> None:

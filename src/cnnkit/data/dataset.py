@@ -61,6 +61,8 @@ class DataSplits:
     test: ImageSet
     class_names: list[str]
     description: str = ""
+    # Images a seeded split kept on the side of an identical one (see data/splits.py).
+    copies_kept_together: int = 0
 
     @property
     def num_classes(self) -> int:

@@ -193,21 +193,33 @@ def build_splits(
     has_split_column = any(split is not None for split in splits)  # CSV column, fold, official
     # Identical images stay on one side of each random split (see duplicate_groups).
     where = config.data or config.dataset
+    copies = 0  # Images a seeded split kept with an identical one.
     if has_split_column:
         train_idx = valid[splits == "train"]
         test_idx = valid[splits == "test"]
     else:
         groups = _duplicate_groups(decoded.images, valid, where)
+        copies = len(groups) - len(np.unique(groups))
         first, second = stratified_split(labels, config.test_fraction, config.seed, groups)
         train_idx, test_idx = valid[first], valid[second]
     val_idx = np.zeros(0, dtype=np.int64)
     if config.val_fraction > 0 and not config.train_on_all:
         train_labels = np.array([listing.records[i].label for i in train_idx], dtype=np.int64)
         train_groups = _duplicate_groups(decoded.images, train_idx, where)
+        copies = max(copies, len(train_groups) - len(np.unique(train_groups)))
         keep, held = stratified_split(
             train_labels, config.val_fraction, config.seed + 1, train_groups
         )
         train_idx, val_idx = train_idx[keep], train_idx[held]
+        if len(val_idx) == 0:
+            logger.warning(
+                "%s: the validation split is empty (a share of %g of %d training images%s): "
+                "the run has no validation figures and no early stopping",
+                where,
+                config.val_fraction,
+                len(train_idx),
+                _copies_note(copies),
+            )
     train = _image_set(decoded.images, listing, train_idx)
     test = _image_set(decoded.images, listing, test_idx)
     if config.train_on_all:
@@ -219,8 +231,9 @@ def build_splits(
         reason = (
             "none of its images is marked for the test split"
             if has_split_column
-            else f"too few images per class for a test share of {config.test_fraction:g}: "
-            "raise --test-fraction or --max-per-class"
+            else f"too few images per class for a test share of {config.test_fraction:g}"
+            f"{_copies_note(copies)}: raise --test-fraction or --max-per-class"
+            + (", or add distinct images, or give a split column" if copies else "")
         )
         raise ValueError(f"{source}: the test split is empty ({reason})")
     untrained = sorted(set(test.labels.tolist()) - set(train.labels.tolist()))
@@ -242,9 +255,19 @@ def build_splits(
         f"{len(test)} test, {len(listing.class_names)} classes{skipped}"
     )
     return LoadedData(
-        DataSplits(train, val, test, listing.class_names, description),
+        DataSplits(train, val, test, listing.class_names, description, copies),
         decoded.problems,
         decoded.from_cache,
+    )
+
+
+def _copies_note(copies: int) -> str:
+    """Why a seeded split may come out smaller than its share: copies go together."""
+    if not copies:
+        return ""
+    return (
+        f"; {copies} image(s) are copies of others, and each set of copies counts as one image "
+        "in the split"
     )
 
 

@@ -111,7 +111,7 @@ class Predictor:
 
     def __init__(self, model: torch.nn.Module, metadata: ModelMetadata, device: str = "cpu"):
         self.device = select_device(device)
-        self.model = for_inference(model.to(self.device))
+        self.model = model.to(self.device).eval()
         self.metadata = metadata
         # Torch modules are not re-entrant across threads for in-place buffers; one lock keeps
         # concurrent web requests safe while the web layer batches them.
@@ -128,7 +128,8 @@ class Predictor:
             TypeError: for a ``path`` that is not a str or a path object.
             ValueError: for an empty ``path``, or an unknown or unavailable ``device``.
         """
-        model = load_model(resolve_model_path(path), device)
+        # A model of its own: channels-last memory (for_inference) changes no caller's module.
+        model = for_inference(load_model(resolve_model_path(path), device))
         return cls(model, model.metadata, device)
 
     @property

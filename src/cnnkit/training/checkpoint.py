@@ -109,6 +109,12 @@ def _changed(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return [key for key, value in current.items() if key in saved and saved[key] != value]
 
 
+# Identity keys (see cnnkit.training.run.run_identity): a digest of which images each split
+# holds, and how many images a seeded split kept with an identical one.
+SPLIT_KEY = "split"
+COPIES_KEY = "copies_kept_together"
+
+
 def check_identity(path: str | Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuse to resume a checkpoint whose run trained on other data.
 
@@ -120,17 +126,26 @@ def check_identity(path: str | Path, saved: dict[str, Any], current: dict[str, A
     Raises:
         CheckpointError: naming each setting that differs, with both values.
     """
-    changed = _changed(saved, current)
+    advice = "resume with the same data, or train into a new --out"
+    if SPLIT_KEY not in saved and current.get(COPIES_KEY):
+        # Before splits kept copies of an image together, these copies were split apart: this
+        # run's split cannot be the one the checkpoint trained on.
+        raise CheckpointError(
+            f"{path}: its run split the data before copies of an image were kept together, "
+            f"and this data holds {current[COPIES_KEY]} copies, so its split has changed (the "
+            "new test images would include images it trained on); train into a new --out"
+        )
+    changed = [key for key in _changed(saved, current) if key != COPIES_KEY]
     if changed:
         details = ", ".join(
-            f"other {key} (the checkpoint's: {_short(saved[key])}; "
+            "another split of the images (its training, validation or test images differ: "
+            "another seed or split share, or the images themselves changed)"
+            if key == SPLIT_KEY
+            else f"other {key} (the checkpoint's: {_short(saved[key])}; "
             f"this run's: {_short(current[key])})"
             for key in changed
         )
-        raise CheckpointError(
-            f"{path}: its run trained on {details}; resume with the same data, or train into "
-            "a new --out"
-        )
+        raise CheckpointError(f"{path}: its run trained on {details}; {advice}")
 
 
 def check_optimization(

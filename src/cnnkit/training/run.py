@@ -7,6 +7,7 @@ This is the single training function; the CLI, the demo and hyperparameter searc
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -45,7 +46,7 @@ from cnnkit.runtime import (
     tune_cuda_for_training,
 )
 from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger
-from cnnkit.training.checkpoint import CHECKPOINT_NAME
+from cnnkit.training.checkpoint import CHECKPOINT_NAME, COPIES_KEY, SPLIT_KEY
 from cnnkit.training.trainer import (
     Callback,
     FitResult,
@@ -197,22 +198,33 @@ def _load_data(
 
 
 def run_identity(config: RunConfig, splits: DataSplits) -> dict[str, Any]:
-    """What a run trains on, saved in its checkpoints: its class names and the settings that
-    draw its splits. ``--resume`` refuses a checkpoint whose run differs in any of them (its
-    training images could otherwise land in the new test split)."""
+    """What a run trains on, saved in its checkpoints: its class names, the data and the
+    limits that choose its images, and a digest of which images its splits hold. ``--resume``
+    refuses a checkpoint whose run differs in any of them (its training images could otherwise
+    land in the new test split); settings that leave the split as it was (a test share where a
+    split column decides) do not count."""
     data = config.data
     return {
         "class_names": list(splits.class_names),
         "dataset": data.dataset,
         "data": resolved(data.data),
         "fold": data.fold,
-        "data_seed": data.seed,
-        "val_fraction": data.val_fraction,
-        "test_fraction": data.test_fraction,
         "max_classes": data.max_classes,
         "max_per_class": data.max_per_class,
         "train_on_all": data.train_on_all,
+        SPLIT_KEY: split_digest(splits),
+        COPIES_KEY: splits.copies_kept_together,
     }
+
+
+def split_digest(splits: DataSplits) -> str:
+    """A SHA-256 of the image names in each split: the same only for the same split."""
+    digest = hashlib.sha256()
+    for name, part in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
+        digest.update(f"{name}:{len(part) if part is not None else 0}\n".encode())
+        for path in sorted(part.paths) if part is not None else ():
+            digest.update(path.encode(errors="replace") + b"\n")
+    return digest.hexdigest()[:16]
 
 
 class _RunInfoOnStart(Callback):

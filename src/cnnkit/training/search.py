@@ -685,6 +685,7 @@ def retrain_best(
         splits.test,
         splits.class_names,
         f"{splits.description} (train+val used for training)",
+        splits.copies_kept_together,
     )
     final = build_run_config(config_to_dict(config), {"data": {"val_fraction": 0.0}})
     # train_run replaces an earlier best/ run once training starts (keeping files it did not
