@@ -566,20 +566,27 @@ def _print_early_stop(fit, patience: int | None) -> None:
 
 def _print_history(history: list[dict[str, float]], progress: bool = False) -> None:
     """The run's epochs, one line each; skipped when ``progress`` already printed them as
-    they ended (output that is not a terminal), except for a transfer run, whose frozen
-    phase trains without such lines."""
+    they ended (output that is not a terminal). A transfer run's frozen phase, whose head
+    trains for many quick epochs without such lines, gets one line: its epoch count and last
+    epoch."""
     from cnnkit.progress import plain_lines
     from cnnkit.training.transfer import phase_label
 
-    if plain_lines(progress) and not any("phase" in row for row in history):
-        return
+    printed = plain_lines(progress)
     phase_starts: dict[float, int] = {}
     for index, row in enumerate(history):
-        label = ""
-        if "phase" in row:  # A transfer run: number each phase's epochs from 1.
-            start = phase_starts.setdefault(row["phase"], index)
-            label = f"{phase_label(row['phase']):<11} "
+        label, phase = "", row.get("phase")
+        if phase is not None:  # A transfer run: number each phase's epochs from 1.
+            start = phase_starts.setdefault(phase, index)
+            label = f"{phase_label(phase):<11} "
             row = {**row, "epoch": index - start + 1}
+            last_of_phase = index + 1 == len(history) or history[index + 1].get("phase") != phase
+            if phase == FROZEN_PHASE:
+                if not last_of_phase:
+                    continue
+                label = f"{phase_label(phase):<11} {int(row['epoch'])} epochs, last: "
+        if printed and phase != FROZEN_PHASE:
+            continue
         parts = [f"{label}epoch {int(row['epoch']):>3}"]
         for key in ("train_loss", "train_accuracy", "val_accuracy", "val_top5"):
             if key in row:
@@ -587,6 +594,9 @@ def _print_history(history: list[dict[str, float]], progress: bool = False) -> N
         if "images_per_second" in row:
             parts.append(f"{row['images_per_second']:.0f} img/s")
         print("  ".join(parts))
+
+
+FROZEN_PHASE = 1.0  # The history tag of a transfer run's frozen phase (see phase_label).
 
 
 def _model_path(path: str | None) -> Path:

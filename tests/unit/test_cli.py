@@ -494,16 +494,22 @@ def test_resume_says_what_it_found_and_refuses_a_mismatched_checkpoint(capsys, t
     assert "(images it trained on: --train-on-all)" in out
 
 
-def test_transfer_history_numbers_each_phase_from_one(capsys) -> None:
-    rows = [{"epoch": e, "train_loss": 1.0, "phase": 1.0} for e in (1, 2)]
-    rows.append({"epoch": 3, "train_loss": 0.5, "phase": 2.0})
+def test_transfer_history_sums_up_the_frozen_phase_and_numbers_each_phase_from_one(
+    capsys, monkeypatch
+) -> None:
+    rows = [{"epoch": e, "train_loss": 1.0 / e, "phase": 1.0} for e in (1, 2, 3)]
+    rows += [{"epoch": 4, "train_loss": 0.5, "phase": 2.0}, {"epoch": 5, "phase": 2.0}]
     _print_history(rows)
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[:3] for line in lines] == [
-        ["frozen", "epoch", "1"],
-        ["frozen", "epoch", "2"],
+    assert lines[0].startswith("frozen      3 epochs, last: epoch   3  train_loss 0.3333")
+    assert [line.split()[:3] for line in lines[1:]] == [
         ["fine-tune", "epoch", "1"],
+        ["fine-tune", "epoch", "2"],
     ]
+    # Output that is not a terminal printed the fine-tune's epochs as they ended.
+    monkeypatch.setattr("cnnkit.progress.plain_lines", lambda progress: True)
+    _print_history(rows, progress=True)
+    assert capsys.readouterr().out.splitlines() == lines[:1]
 
 
 def test_version_and_models(capsys) -> None:

@@ -333,3 +333,23 @@ def test_a_loaded_model_runs_in_channels_last_memory_with_the_same_outputs(
     Predictor(plain, plain.metadata)
     last = [m for m in plain.modules() if isinstance(m, nn.Conv2d)][-1]
     assert last.in_channels > 1 and last.weight.is_contiguous()
+
+
+def test_evaluation_passes_large_photos_in_bounded_batches() -> None:
+    """512 photos of 320 px in one batch would take gigabytes, and a minute with no progress."""
+    from cnnkit.data.dataset import ImageSet
+    from cnnkit.data.loader import eval_batch_size
+    from cnnkit.evaluation.evaluate import predict_logits
+
+    seen: list[int] = []
+
+    class Counting(nn.Module):
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            seen.append(len(inputs))
+            return torch.zeros(len(inputs), 2)
+
+    photo = Preprocessing("photo", 3, 320, 320, (0.5,) * 3, (0.5,) * 3)
+    images = ImageSet(np.zeros((50, 320, 320, 3), np.uint8), np.zeros(50, np.int64), ["a", "b"])
+    logits = predict_logits(Counting(), images, photo, torch.device("cpu"))
+    assert logits.shape == (50, 2) and sum(seen) == 50
+    assert max(seen) == eval_batch_size(512, photo) < 50

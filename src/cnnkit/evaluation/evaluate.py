@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from cnnkit.config import DataConfig, Preprocessing
 from cnnkit.data.dataset import DataSplits, ImageSet, concatenate
-from cnnkit.data.loader import BatchLoader, build_eval_transform
+from cnnkit.data.loader import BatchLoader, build_eval_transform, eval_batch_size
 from cnnkit.data.sources import build_splits
 from cnnkit.evaluation.report import EvaluationReport, build_report, evaluated_block, resolved
 from cnnkit.inference.artifact import load_model
@@ -100,9 +100,22 @@ def predict_logits(
     progress: bool = False,
 ):
     """Logits ``[N, K]`` of ``model`` over ``images`` with the evaluation transform."""
+    # Large photos go in smaller batches: memory stays bounded and the bar moves.
+    batch_size = eval_batch_size(batch_size, preprocessing)
     loader = BatchLoader(images, batch_size, build_eval_transform(preprocessing), device=device)
-    bar = tqdm(loader, desc="predicting", unit="batch", disable=bar_disabled(progress), leave=False)
-    outputs = [model(inputs).float().cpu() for inputs, _ in bar]
+    outputs = []
+    # Counted in images: a batch of 512 photos takes a minute on a CPU, so a bar of batches
+    # would sit at 0 of 1 for all of it. The bar moves once a batch's forward pass is done.
+    with tqdm(
+        total=len(images),
+        desc="predicting",
+        unit="img",
+        disable=bar_disabled(progress),
+        leave=False,
+    ) as bar:
+        for inputs, _ in loader:
+            outputs.append(model(inputs).float().cpu())
+            bar.update(len(inputs))
     return torch.cat(outputs) if outputs else torch.zeros(0, 0)
 
 
