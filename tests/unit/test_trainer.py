@@ -724,3 +724,38 @@ def test_under_ddp_every_process_scores_rank_0s_batch_norm_statistics(tmp_path: 
     for rank in (0, 1):
         # Two epochs, each checking the model's buffers and the moving average's.
         assert torch.load(tmp_path / f"rank-{rank}.pt") == [True] * 4
+
+
+def test_a_named_prediction_pass_shows_a_bar_counting_images(tiny_image_set, monkeypatch) -> None:
+    """A run's final test of large photos takes minutes: the bar counts images, not batches."""
+    import cnnkit.training.trainer as trainer_module
+
+    bars: list[dict] = []
+
+    class Bar:
+        def __init__(self, **kwargs) -> None:
+            self.n, self.desc, self.total = 0, kwargs.get("desc"), kwargs.get("total")
+            bars.append(self)
+
+        def update(self, count: int) -> None:
+            self.n += count
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+    def recording_tqdm(*args, **kwargs):
+        return Bar(**kwargs)
+
+    monkeypatch.setattr(trainer_module, "tqdm", recording_tqdm)
+    _, val_loader = _loaders(tiny_image_set)
+    trainer = Trainer(_model(), BASE, CPU, progress=True)
+    quiet_logits, labels = trainer.predict(val_loader)
+    logits, same_labels = trainer.predict(val_loader, desc="testing")
+    torch.testing.assert_close(logits, quiet_logits)
+    assert torch.equal(labels, same_labels)
+    named = [bar for bar in bars if bar.desc == "testing"]
+    assert len(named) == 1 and named[0].total == val_loader.num_samples == len(labels)
+    assert named[0].n == len(labels)

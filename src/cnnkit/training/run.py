@@ -456,7 +456,7 @@ def _test_and_save(
     """Score the trained model on the test split, write its report, and save the model file."""
     run_dir = config.run_dir()
     with _float32_scoring(trainer):
-        logits, labels = trainer.predict(test_loader)
+        logits, labels = trainer.predict(test_loader, desc="testing")
     data = config.data
     # With train_on_all the "test" images were trained on too: say so.
     split = "test (also trained on)" if data.train_on_all else "test"

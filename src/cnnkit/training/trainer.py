@@ -567,16 +567,31 @@ class Trainer:
         return tensor.tolist()
 
     @torch.inference_mode()
-    def predict(self, loader: BatchLoader) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``[N, K]`` (float32, CPU) and labels ``[N]`` over this process's share."""
+    def predict(
+        self, loader: BatchLoader, desc: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[N, K]`` (float32, CPU) and labels ``[N]`` over this process's share.
+
+        With ``desc``, a progress bar of that name counts the images (on a terminal, when the
+        trainer shows progress): a run's final test of large photos takes minutes on a CPU.
+        """
         module = self.eval_module
         module.eval()
         all_logits, all_labels = [], []
-        for inputs, labels in loader:
-            with self._autocast():
-                logits = module(inputs.contiguous(memory_format=self.memory_format))
-            all_logits.append(logits.float().cpu())
-            all_labels.append(labels.cpu())
+        shown = desc is not None and self.progress
+        with tqdm(
+            total=loader.num_samples if shown else None,
+            desc=desc,
+            unit="img",
+            disable=True if not shown else bar_disabled(self.progress),
+            leave=False,
+        ) as bar:
+            for inputs, labels in loader:
+                with self._autocast():
+                    logits = module(inputs.contiguous(memory_format=self.memory_format))
+                all_logits.append(logits.float().cpu())
+                all_labels.append(labels.cpu())
+                bar.update(len(labels))
         if not all_logits:
             return torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)
         return torch.cat(all_logits), torch.cat(all_labels)
