@@ -64,7 +64,12 @@ def _add_data_arguments(
         choices=DATASETS,
         required=required,
         help="data source: HASYv2, CUB-200-2011, a folder per class, a path,label CSV, "
-        "or scikit-learn's digits",
+        "or scikit-learn's digits"
+        + (
+            ""
+            if model_input
+            else " (default: the data the model file records, with its --data and --fold)"
+        ),
     )
     group.add_argument("--data", help="archive, folder or CSV file of the dataset")
     group.add_argument("--fold", type=int, help="HASYv2 fold K (1-10): train/test from fold-K")
@@ -640,11 +645,40 @@ def _report_folder(args: argparse.Namespace, model_path: Path) -> Path:
     return out
 
 
+def _data_the_model_names(args: argparse.Namespace, model_path: Path) -> None:
+    """Without ``--dataset``, evaluate on the data the model file records it trained on (its
+    dataset, data path and fold; the split settings follow in evaluate), and say so."""
+    training: dict[str, Any] = {}
+    if model_path.suffix.lower() != ".onnx":
+        from cnnkit.inference.artifact import ModelMetadata, read_metadata
+
+        training = ModelMetadata.from_dict(read_metadata(model_path), str(model_path)).training
+    dataset = training.get("dataset")
+    if dataset not in DATASETS:
+        raise CommandError(
+            f"--dataset is required: {model_path} does not record the data it was trained on"
+        )
+    data = args.data or training.get("data")
+    if data is None and dataset != "digits":
+        raise CommandError(
+            f"--data is required: {model_path} was trained on {dataset} but does not record "
+            "where that data is"
+        )
+    args.dataset, args.data = dataset, data
+    if args.fold is None:
+        args.fold = training.get("fold")
+    fold = f" fold {args.fold}" if args.fold is not None else ""
+    where = f" ({data})" if data else ""
+    print(f"Data: {dataset}{fold}{where}, as the model file records", file=sys.stderr)
+
+
 def command_evaluate(args: argparse.Namespace) -> int:
     from cnnkit.evaluation.evaluate import evaluate_model_file
     from cnnkit.runtime import tune_allocator
 
     model_path = _model_path(args.model)
+    if args.dataset is None:
+        _data_the_model_names(args, model_path)
     tune_allocator()  # As training does: large activations stay mapped (inference_layout.py).
     overrides = {
         "dataset": args.dataset,
@@ -1167,7 +1201,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="model file, its .onnx export, or a training run's folder (default: the bundled "
         "model)",
     )
-    _add_data_arguments(evaluate, model_input=False)
+    _add_data_arguments(evaluate, required=False, model_input=False)
     evaluate.add_argument(
         "--split",
         choices=["test", "all"],

@@ -1104,3 +1104,23 @@ def test_an_early_stop_of_a_fine_tune_counts_its_own_epochs(capsys) -> None:
     )
     _print_early_stop(FitResult(rows, best_epoch=5, epochs_run=7, stopped_early=False), 2)
     assert capsys.readouterr().out == ""
+
+
+def test_evaluate_without_dataset_uses_the_data_the_model_file_records(
+    capsys, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "digits", "--epochs", "1", "--max-steps-per-epoch", "2"]
+    assert main([*argv, "--quiet", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--json", "--out", str(tmp_path / "eval")]) == 0
+    captured = capsys.readouterr()
+    assert "Data: digits, as the model file records" in captured.err
+    report = json.loads(captured.out)
+    assert report["evaluated"]["dataset"] == "digits"
+    assert report["count"] == json.loads((run / "run.json").read_text())["test"]["count"]
+    # The bundled model records HASYv2 fold 1 but not where the data is.
+    assert main(["evaluate", "--out", str(tmp_path / "bundled")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "--data is required:" in error[0]
+    assert "was trained on hasy but does not record where that data is" in error[0]
