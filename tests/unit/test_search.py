@@ -645,6 +645,9 @@ def test_killed_search_resumes_without_repeats(tmp_path):
     # The summary counts the killed trial as run again, not as a failure of its settings.
     again = f", {len(running)} interrupted and queued again" if running else ""
     assert f"4 finished, 0 pruned, 0 failed{again} (" in rerun.stdout
+    # Without --retrain-best, the summary names the best trial's model file.
+    best_model = re.search(r"Best trial's model: (\S+)", rerun.stdout)
+    assert best_model and Path(best_model.group(1)).is_file()
 
 
 def test_a_storage_that_is_not_a_database_is_one_line(tmp_path: Path) -> None:
