@@ -787,6 +787,8 @@ def command_predict(args: argparse.Namespace) -> int:
     from cnnkit.inference.predictor import open_predictor
 
     predictor = open_predictor(model, args.backend)
+    if model is None:
+        _warn_of_photos_for_the_symbol_model(images)
     for message in empty_folders:  # Reported like a missing file; the other images go on.
         print(f"error: {message}", file=sys.stderr)
     failures = len(empty_folders)
@@ -794,6 +796,29 @@ def command_predict(args: argparse.Namespace) -> int:
     if args.interactive:
         failures += _interactive(predictor, args.top_k, args.json)
     return 1 if failures else 0
+
+
+def _warn_of_photos_for_the_symbol_model(images: list[str]) -> None:
+    """The bundled model answers with a symbol for anything: say once when an input looks like
+    a colour photo rather than a symbol drawn black on white."""
+    from PIL import Image
+
+    from cnnkit.data.sources import PHOTO_MIN_SIDE
+
+    for path in images:
+        try:
+            with Image.open(path) as image:
+                mode, size = image.mode, image.size
+        except (OSError, ValueError):
+            continue  # Reported when it is predicted.
+        if mode in ("RGB", "RGBA", "CMYK", "YCbCr") and min(size) >= PHOTO_MIN_SIDE:
+            print(
+                f"warning: {path} is a {size[0]}x{size[1]} colour image; the bundled model "
+                "recognises handwritten maths symbols (black on white), so its answer for a "
+                "photo means little: pass a model trained on photos",
+                file=sys.stderr,
+            )
+            return
 
 
 def _holds_a_model(folder: Path) -> bool:

@@ -1124,3 +1124,16 @@ def test_evaluate_without_dataset_uses_the_data_the_model_file_records(
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "--data is required:" in error[0]
     assert "was trained on hasy but does not record where that data is" in error[0]
+
+
+def test_the_bundled_model_warns_once_about_colour_photos(capsys, tmp_path: Path) -> None:
+    photo = tmp_path / "bird.jpg"
+    Image.fromarray(np.full((60, 80, 3), (200, 30, 30), np.uint8)).save(photo)
+    symbol = tmp_path / "alpha.png"
+    Image.new("L", (32, 32), 255).save(symbol)
+    assert main(["predict", str(photo), str(photo), str(symbol)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1
+    assert "bird.jpg is a 80x60 colour image; the bundled model recognises handwritten" in err
+    assert main(["predict", str(symbol)]) == 0
+    assert "warning" not in capsys.readouterr().err
