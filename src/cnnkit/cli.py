@@ -445,6 +445,10 @@ def command_train(args: argparse.Namespace) -> int:
     config = resolve_run_config(args)
     if args.print_config:
         return _print_config(config)
+    data = config.data.data
+    if data is not None and not _path_test(str(data), Path.exists):
+        # Before a run folder is chosen and announced: no run starts.
+        raise CommandError(f"{data}: no such archive, folder or file")
     default_dir = config.run_dir() if config.out is None else None
     if default_dir is not None:
         # A default folder that holds a finished run is kept: a new run gets the next free

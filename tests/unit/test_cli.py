@@ -1137,3 +1137,18 @@ def test_the_bundled_model_warns_once_about_colour_photos(capsys, tmp_path: Path
     assert "bird.jpg is a 80x60 colour image; the bundled model recognises handwritten" in err
     assert main(["predict", str(symbol)]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_missing_data_path_is_refused_before_a_run_folder_is_announced(
+    capsys, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "hasy-symbol_cnn").mkdir(parents=True)
+    (tmp_path / "runs" / "hasy-symbol_cnn" / "model.safetensors").write_bytes(b"finished")
+    assert main(["train", "--dataset", "hasy", "--data", "data/HASYv2.tar.bz", "--fold", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "Note:" not in captured.out
+    assert captured.err.strip() == (
+        "cnnkit train: error: data/HASYv2.tar.bz: no such archive, folder or file"
+    )
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["hasy-symbol_cnn"]
