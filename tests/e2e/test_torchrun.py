@@ -21,7 +21,7 @@ ARGS = [
     "--dataset",
     "digits",
     "--epochs",
-    "6",
+    "3",
     "--batch-size",
     "64",
     "--seed",
@@ -64,7 +64,7 @@ def test_two_process_torchrun_matches_single_process(tmp_path: Path) -> None:
     assert abs(single_val - double_val) <= 0.01 + 1e-9, (single_val, double_val)
     assert sorted(p.name for p in double.glob("*.safetensors")) == ["model.safetensors"]
     # Only rank 0 wrote the metrics: one row per epoch, not two.
-    assert len((double / "metrics.csv").read_text().strip().splitlines()) == 1 + 6
+    assert len((double / "metrics.csv").read_text().strip().splitlines()) == 1 + 3
 
 
 def test_torchrun_with_micro_batches_trains(tmp_path: Path) -> None:
