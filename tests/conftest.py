@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ctrl_c_reaches_child_processes() -> None:
+    """A shell that starts ``make test`` in the background (``make test &``) ignores SIGINT,
+    and every process it starts inherits that: Python then raises no KeyboardInterrupt, and
+    the tests that send Ctrl-C to a subprocess would see it do nothing. Handling SIGINT here
+    gives the subprocesses the default again (an ignored signal stays ignored across exec;
+    a handled one is reset)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True, scope="session")
