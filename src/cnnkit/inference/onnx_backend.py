@@ -55,8 +55,8 @@ def create_session(model: str | Path | bytes, threads: int | None = None) -> Any
     options.inter_op_num_threads = 1
     # Idle worker threads sleep rather than spin between runs. Spinning saves microseconds on
     # back-to-back large batches, but in a server it takes the cores the event loop needs:
-    # with it, the int8 symbol model served 16 clients at p50 14.6 ms, without it 9.4 ms
-    # (benchmarks/serve_load.py, 2 cores).
+    # with it, the bundled model's int8 export served 16 clients at p50 14.9-15.3 ms, without
+    # it 9.95-10.03 ms (benchmarks/serve_load.py, 2 cores; README, Results).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model if isinstance(model, bytes) else str(model)
     return onnxruntime.InferenceSession(
