@@ -250,6 +250,7 @@ def test_search_resumes_without_repeating_trials(tmp_path, digits_data, caplog):
     params = finished_params(load_study(base.run_dir()))
     assert len(params) == 4 and len(set(params)) == 4
     assert second.counts["complete"] == 4
+    assert f"continuing study {second.study_name}, which holds 2 finished trial(s)" in caplog.text
     # A third run finds nothing left to do, and says why.
     third = run_search(base, TINY_SPACE, config, progress=False, data=digits_data)
     assert len(finished_params(load_study(base.run_dir()))) == 4
