@@ -198,15 +198,14 @@ def build_splits(
         train_idx = valid[splits == "train"]
         test_idx = valid[splits == "test"]
     else:
-        groups = _duplicate_groups(decoded.images, valid, where)
-        copies = len(groups) - len(np.unique(groups))
+        groups, copies = _duplicate_groups(decoded.images, valid, where)
         first, second = stratified_split(labels, config.test_fraction, config.seed, groups)
         train_idx, test_idx = valid[first], valid[second]
     val_idx = np.zeros(0, dtype=np.int64)
     if config.val_fraction > 0 and not config.train_on_all:
         train_labels = np.array([listing.records[i].label for i in train_idx], dtype=np.int64)
-        train_groups = _duplicate_groups(decoded.images, train_idx, where)
-        copies = max(copies, len(train_groups) - len(np.unique(train_groups)))
+        train_groups, train_copies = _duplicate_groups(decoded.images, train_idx, where)
+        copies = max(copies, train_copies)
         keep, held = stratified_split(
             train_labels, config.val_fraction, config.seed + 1, train_groups
         )
@@ -271,8 +270,11 @@ def _copies_note(copies: int) -> str:
     )
 
 
-def _duplicate_groups(images: np.ndarray, indices: np.ndarray, where: str) -> np.ndarray:
-    """Group ids of ``images[indices]`` (positions in ``indices``), logging the duplicates."""
+def _duplicate_groups(
+    images: np.ndarray, indices: np.ndarray, where: str
+) -> tuple[np.ndarray, int]:
+    """Group ids of ``images[indices]`` (positions in ``indices``) and how many images are
+    copies of an earlier one, logging that count."""
     groups = duplicate_groups(images, indices)
     duplicates = len(groups) - len(np.unique(groups))
     if duplicates:
@@ -282,7 +284,7 @@ def _duplicate_groups(images: np.ndarray, indices: np.ndarray, where: str) -> np
             where,
             duplicates,
         )
-    return groups
+    return groups, duplicates
 
 
 PHOTO_MIN_SIDE = 48  # HASYv2 symbols are 32 px, MNIST 28, scikit-learn's digits 8.
