@@ -19,6 +19,7 @@ from cnnkit.data.image import (
     MAX_IMAGE_PIXELS,
     BadImageError,
     decode_image,
+    image_size,
     open_image,
     prepare_bytes,
     prepare_image,
@@ -113,6 +114,15 @@ def test_open_image_reads_the_size_without_decoding() -> None:
     assert image.size == (7_000, 9_000)
     with pytest.raises(BadImageError, match="header.png: empty file"):
         open_image(b"", "header.png")
+
+
+def test_image_size_reads_png_and_other_headers() -> None:
+    assert image_size(_png_header_only(7_000, 9_000), "header.png") == (7_000, 9_000)
+    buffer = io.BytesIO()
+    Image.new("RGB", (5, 3)).save(buffer, "JPEG")
+    assert image_size(buffer.getvalue(), "photo.jpg") == (5, 3)
+    with pytest.raises(BadImageError, match="junk.png: "):
+        image_size(b"\x89PNG\r\n\x1a\n but no header chunk", "junk.png")
 
 
 def test_read_image_file_names_the_path(tmp_path: Path) -> None:

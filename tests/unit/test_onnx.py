@@ -111,6 +111,17 @@ def test_idle_onnxruntime_threads_sleep_instead_of_spinning(exported) -> None:
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
+def test_each_server_process_runs_onnxruntime_on_its_share_of_cores(exported) -> None:
+    """``cnnkit serve --workers N`` gives each process ``cores // N`` threads; onnxruntime's
+    default (one per core) would run N times as many threads as cores."""
+    from cnnkit.web.app import load_predictor
+
+    _, onnx_path, _ = exported
+    for threads in (1, 2):
+        session = load_predictor(str(onnx_path), threads).session
+        assert session.get_session_options().intra_op_num_threads == threads
+
+
 def test_batch_norm_is_folded_into_plain_convolutions(exported) -> None:
     """The exporter folds batch norm into the convolutions' weights. EfficientNet-Lite folds
     its frozen batch norm by hand while training; traced into the graph, that fold left a Mul

@@ -21,6 +21,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
+from python_multipart.multipart import parse_options_header
+from starlette.exceptions import HTTPException
 
 from cnnkit.config import Preprocessing
 from cnnkit.inference.artifact import ModelMetadata, save_model
@@ -798,6 +800,38 @@ def test_multipart_parser_accepts_a_quoted_boundary_and_preamble() -> None:
         b'preamble\r\n--b o\r\nContent-Disposition: form-data; name="file"\r\n\r\nxy\r\n--b o--\r\n'
     )
     assert parse_multipart(body, 'multipart/form-data; boundary="b o"') == {"file": b"xy"}
+
+
+@pytest.mark.parametrize(
+    "disposition, name",
+    [
+        ('form-data; name="file"; filename="image.png"', "file"),
+        ("form-data;name=top_k", "top_k"),
+        ('form-data; NAME="source"', "source"),
+        # "name=" inside another parameter's quoted value is not the field's name.
+        ('form-data; filename="x;name="; name="file"', "file"),
+        ('form-data; filename="a;name=\\"x\\""; name="file"', "file"),
+        ('form-data; name="we\\"ird"', 'we"ird'),
+        ('form-data; name="caf\u00c3\u00a9"', "caf\u00e9"),  # UTF-8 bytes, read as Latin-1.
+    ],
+    ids=["usual", "bare", "upper-case", "name-in-filename", "escaped-filename", "escape", "utf8"],
+)
+def test_multipart_field_names_match_the_general_parser(disposition: str, name: str) -> None:
+    """The quick split of plain header values gives what python-multipart's parser gives."""
+    head = f"--b\r\nContent-Disposition: {disposition}\r\n\r\nxy\r\n--b--\r\n"
+    _, options = parse_options_header(disposition)
+    assert options[b"name"].decode("utf-8") == name
+    assert parse_multipart(head.encode("latin-1"), "multipart/form-data; boundary=b") == {
+        name: b"xy"
+    }
+
+
+def test_multipart_boundary_after_other_parameters() -> None:
+    body = b'--WebKit-x7\r\nContent-Disposition: form-data; name="file"\r\n\r\nxy\r\n--WebKit-x7--'
+    content_type = "multipart/form-data; charset=utf-8; boundary=WebKit-x7"
+    assert parse_multipart(body, content_type) == {"file": b"xy"}
+    with pytest.raises(HTTPException, match="boundary"):
+        parse_multipart(body, "multipart/form-data; charset=utf-8")
 
 
 # ----- LaTeX rendering -----

@@ -32,6 +32,22 @@ class BadImageError(ValueError):
     """An image file that is missing, empty, truncated, corrupt or not an image."""
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def image_size(data: bytes, name: str = "<bytes>") -> tuple[int, int]:
+    """``(width, height)`` from an image file's header, without decoding its pixels.
+
+    A PNG's size is read straight from its first chunk; other formats go through Pillow.
+
+    Raises:
+        BadImageError: as :func:`open_image`.
+    """
+    if len(data) >= 24 and data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR":
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return open_image(data, name).size
+
+
 def open_image(data: bytes, name: str = "<bytes>") -> Image.Image:
     """Open image bytes without decoding the pixels: format, mode and size come from the header.
 

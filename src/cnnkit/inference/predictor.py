@@ -237,10 +237,14 @@ class Predictor:
         return ranked
 
 
-def open_predictor(path: str | Path | None = None, backend: str | None = None) -> Predictor:
+def open_predictor(
+    path: str | Path | None = None, backend: str | None = None, threads: int | None = None
+) -> Predictor:
     """A predictor for a model file or a training run's folder: ``backend="onnx"`` (the
     default for a ``.onnx`` file) runs it in onnxruntime, ``"torch"`` (the default otherwise)
-    in PyTorch; no ``path`` means the bundled symbol model.
+    in PyTorch; no ``path`` means the bundled symbol model. ``threads`` sets onnxruntime's
+    intra-op threads (default: one per available core); PyTorch's come from
+    ``torch.set_num_threads``.
 
     Raises:
         FileNotFoundError: if no path is given and the bundled model is missing.
@@ -258,5 +262,5 @@ def open_predictor(path: str | Path | None = None, backend: str | None = None) -
     if (backend or ("onnx" if path.suffix.lower() == ".onnx" else "torch")) == "onnx":
         from cnnkit.inference.onnx_backend import OnnxPredictor
 
-        return OnnxPredictor.from_file(path)
+        return OnnxPredictor.from_file(path, threads=threads)
     return Predictor.from_file(path)

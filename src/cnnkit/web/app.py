@@ -7,6 +7,7 @@ model, renders LaTeX symbols and reports health; concurrent predictions share fo
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 from collections.abc import Callable
@@ -167,12 +168,27 @@ async def predict(request: Request) -> JSONResponse:
     predictions = [prediction.to_dict() for prediction in ranked]
     if state.model_summary["kind"] == "symbols":
         for prediction in predictions:
-            prediction["render"] = "/api/render?latex=" + quote(prediction["label"], safe="")
+            prediction["render"] = _render_url(prediction["label"])
     return JSONResponse({"predictions": predictions, "model": state.model_summary})
 
 
+@functools.lru_cache(maxsize=4096)
+def _render_url(label: str) -> str:
+    return "/api/render?latex=" + quote(label, safe="")
+
+
 def _add_routes(app: FastAPI) -> None:
-    # Routes go straight onto the app: an included router costs extra matching per request.
+    # Routes go straight onto the app: an included router costs extra matching per request,
+    # and the router tries routes in order, so the busiest one comes first.
+    app.add_api_route(
+        "/api/predict",
+        predict,
+        methods=["POST"],
+        summary="Predict the classes of one image",
+        response_model=PredictAnswer,
+        responses=PREDICT_ERRORS,
+        openapi_extra=PREDICT_REQUEST,
+    )
     # HEAD too, for monitors and `curl -I`; uvicorn sends the headers without the body.
     app.add_api_route("/", index, methods=["GET", "HEAD"], include_in_schema=False)
     app.add_api_route(
@@ -185,15 +201,6 @@ def _add_routes(app: FastAPI) -> None:
     app.add_api_route("/api/model", model_info, methods=["GET"], summary="Describe the model")
     app.add_api_route(
         "/api/render", render, methods=["GET"], summary="Render a LaTeX symbol as SVG"
-    )
-    app.add_api_route(
-        "/api/predict",
-        predict,
-        methods=["POST"],
-        summary="Predict the classes of one image",
-        response_model=PredictAnswer,
-        responses=PREDICT_ERRORS,
-        openapi_extra=PREDICT_REQUEST,
     )
 
 
@@ -270,12 +277,12 @@ def create_app(
         docs_url=None if docs_assets else "/docs",
         redoc_url=None,
     )
+    _add_routes(app)
     if docs_assets:
         add_docs_routes(app, docs_assets)
     app.state.serving = ServingState(
         service, max_upload_bytes, _model_summary(predictor), _load_assets()
     )
-    _add_routes(app)
     app.add_middleware(
         BodySizeLimitMiddleware,
         max_upload_bytes=max_upload_bytes,
@@ -299,15 +306,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def load_predictor(model_path: str | None) -> Predictor:
+def load_predictor(model_path: str | None, threads: int | None = None) -> Predictor:
     """Load ``model_path`` (a ``.safetensors`` model file, or an ``.onnx`` file from
-    ``cnnkit export``, run by onnxruntime), or the bundled symbol model when it is ``None``.
+    ``cnnkit export``, run by onnxruntime with ``threads`` intra-op threads), or the bundled
+    symbol model when it is ``None``.
 
     Raises:
         FileNotFoundError: if no path is given and the bundled model is missing.
         cnnkit.inference.artifact.ModelFileError: for a bad model file.
     """
-    predictor = open_predictor(model_path)
+    predictor = open_predictor(model_path, threads=threads)
     if predictor.model is not None:  # An ONNX predictor has no torch module to optimise.
         optimize_for_serving(predictor.model)
     return predictor
@@ -468,4 +476,5 @@ def app_from_environment() -> FastAPI:
     settings = json.loads(os.environ[_WORKER_SETTINGS])
     torch.set_num_threads(settings["threads"])
     tune_allocator()
-    return create_app(load_predictor(settings["model"]), settings["max_upload_bytes"])
+    predictor = load_predictor(settings["model"], settings["threads"])
+    return create_app(predictor, settings["max_upload_bytes"])

@@ -15,7 +15,7 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from cnnkit.data.image import BadImageError, decode_image, open_image, prepare_image
+from cnnkit.data.image import BadImageError, decode_image, image_size, prepare_image
 from cnnkit.inference.predictor import Prediction, Predictor
 from cnnkit.web.batching import MicroBatcher
 from cnnkit.web.drawing import canvas_to_symbol
@@ -74,7 +74,7 @@ class PredictionService:
         if image_request.source == "canvas":
             return False
         try:
-            width, height = open_image(image_request.data).size
+            width, height = image_size(image_request.data)
         except BadImageError:
             return True  # Refused as quickly in the batch thread.
         return width * height <= INLINE_DECODE_PIXELS

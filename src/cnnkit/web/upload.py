@@ -12,6 +12,7 @@ import base64
 import binascii
 import contextlib
 import json
+import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+# Header values made only of plain parameters (bare tokens or quoted strings without escapes)
+# are split with one regular expression, several times faster than the general parser, which
+# still reads anything else (escapes, RFC 2231 ``name*=``).
+_PLAIN_VALUE = re.compile(r'[^;"\\]*(?:;\s*[\w.-]+="[^"\\]*"\s*|;\s*[\w.-]+=[^;"\s]*\s*)*;?\s*')
+_PLAIN_PARAMETER = re.compile(r';\s*([\w.-]+)=(?:"([^"\\]*)"|([^;"\s]*))')
 SOURCES = ("upload", "canvas")
 DEFAULT_TOP_K = 5
 # Room for multipart boundaries and the small form fields next to the file.
@@ -303,8 +309,7 @@ def parse_multipart(body: bytes, content_type: str, max_fields: int = 16) -> dic
     Raises:
         HTTPException: 400 for a missing boundary or a malformed or truncated body.
     """
-    _, options = parse_options_header(content_type)
-    boundary = options.get(b"boundary", b"")
+    boundary = _boundary(content_type)
     if not 1 <= len(boundary) <= 200:
         raise HTTPException(400, "multipart request without a valid boundary")
     delimiter = b"--" + boundary
@@ -328,11 +333,25 @@ def parse_multipart(body: bytes, content_type: str, max_fields: int = 16) -> dic
     return fields
 
 
+def _header_options(value: str) -> dict[bytes, bytes]:
+    """The parameters of a header value such as ``form-data; name="file"``, by lower-case name."""
+    if _PLAIN_VALUE.fullmatch(value):
+        return {
+            name.lower().encode("latin-1"): (quoted or bare or "").encode("latin-1")
+            for name, quoted, bare in _PLAIN_PARAMETER.findall(value)
+        }
+    return parse_options_header(value.strip())[1]
+
+
+def _boundary(content_type: str) -> bytes:
+    return _header_options(content_type).get(b"boundary", b"")
+
+
 def _part_name(header_block: bytes) -> str:
     for line in header_block.decode("latin-1").split("\r\n"):
         key, _, value = line.partition(":")
         if key.strip().lower() == "content-disposition":
-            _, options = parse_options_header(value.strip())
+            options = _header_options(value)
             if b"name" in options:
                 return options[b"name"].decode("utf-8", "replace")
     raise HTTPException(400, "malformed multipart body: a part has no field name")
