@@ -78,20 +78,24 @@ def multipart_body(image: bytes, source: str) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def start_server(model: str, port: int, torch_threads: int, workers: int = 1) -> subprocess.Popen:
-    """``cnnkit serve`` in a subprocess; with ``workers > 1`` each process picks its threads."""
+def start_server(
+    model: str | None, port: int, torch_threads: int, workers: int = 1
+) -> subprocess.Popen:
+    """``cnnkit serve [MODEL]`` in a subprocess (``None``: no MODEL, as ``cnnkit serve`` runs
+    it); with ``workers > 1`` each process picks its threads."""
     code = (
         "import logging, sys, torch; logging.basicConfig(level=logging.WARNING);"
         "threads = int(sys.argv[3]); threads > 0 and torch.set_num_threads(threads);"
         "from cnnkit.web.app import serve;"
-        "serve(sys.argv[1], host='127.0.0.1', port=int(sys.argv[2]), workers=int(sys.argv[4]))"
+        "serve(sys.argv[1] or None, host='127.0.0.1', port=int(sys.argv[2]),"
+        " workers=int(sys.argv[4]))"
     )
     environment = dict(os.environ)
     source_root = str(Path(__file__).resolve().parents[1] / "src")
     environment["PYTHONPATH"] = os.pathsep.join(
         filter(None, [source_root, environment.get("PYTHONPATH")])
     )
-    command = [sys.executable, "-c", code, model, str(port), str(torch_threads), str(workers)]
+    command = [sys.executable, "-c", code, model or "", str(port), str(torch_threads), str(workers)]
     process = subprocess.Popen(command, env=environment)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -206,7 +210,9 @@ def run_clients(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--model", help="model file or .onnx export (default: the bundled symbol model)"
+        "--model",
+        help="model file or .onnx export (default: what `cnnkit serve` runs without one, the "
+        "bundled symbol model's int8 export where onnxruntime is installed)",
     )
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
@@ -220,10 +226,11 @@ def main() -> int:
     parser.add_argument("--name", help="record as results/NAME.json (default: serve_load_Nproc)")
     arguments = parser.parse_args()
 
-    model = resolve_model(arguments.model)
-    from cnnkit.inference.predictor import open_predictor
+    model = arguments.model
+    from cnnkit.web.app import load_predictor
 
-    metadata = open_predictor(model).metadata  # A model file or an .onnx export.
+    predictor = load_predictor(model)  # What the server will run.
+    metadata = predictor.metadata
     images = synthetic_images(metadata.kind, arguments.distinct_images)
     bodies = [multipart_body(image, arguments.source) for image in images]
     port = free_port()
@@ -243,6 +250,7 @@ def main() -> int:
     milliseconds = np.array(latencies) * 1000.0
     figures = {
         "model": f"{metadata.architecture} ({metadata.kind}, {metadata.num_classes} classes)",
+        "runtime": predictor.runtime,
         "requests": len(latencies),
         "concurrency": arguments.concurrency,
         "server_processes": arguments.workers,

@@ -53,12 +53,15 @@ def test_two_server_processes_share_the_port_and_agree():
         while True:
             assert server.poll() is None, server.stderr.read()
             try:
-                if _request(port, "GET", "/healthz")[0] == 200:
+                status, health = _request(port, "GET", "/healthz")
+                if status == 200:
                     break
             except OSError:
                 pass
             assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.3)
+        # Without a model, each process runs the bundled model's int8 export.
+        assert health["model"]["runtime"] == "onnxruntime int8"
         answers = [_request(port, "POST", "/api/predict", _png()) for _ in range(12)]
         assert all(status == 200 for status, _ in answers)
         labels = {tuple(p["label"] for p in body["predictions"]) for _, body in answers}

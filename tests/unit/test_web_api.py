@@ -330,6 +330,7 @@ def test_multipart_prediction_matches_the_predictor(
         "kind": "symbols",
         "num_classes": len(SYMBOL_CLASSES),
         "input_shape": [1, 32, 32],
+        "runtime": "pytorch",
     }
     assert all(entry["render"].startswith("/api/render?latex=") for entry in body["predictions"])
 

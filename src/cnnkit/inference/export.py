@@ -38,6 +38,8 @@ METADATA_KEY = "cnnkit"
 CLASS_NAMES_KEY = "cnnkit.class_names"
 PREPROCESSING_KEY = "cnnkit.preprocessing"
 ARCHITECTURE_KEY = "cnnkit.architecture"
+# Set by cnnkit.inference.quantize on an int8 export: how it was quantized (JSON).
+QUANTIZATION_KEY = "cnnkit.quantization"
 
 
 def _example_input(model: nn.Module) -> torch.Tensor:

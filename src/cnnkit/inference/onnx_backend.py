@@ -25,7 +25,11 @@ from cnnkit.inference.artifact import (
     ModelMetadata,
     read_metadata,
 )
-from cnnkit.inference.export import build_onnx_model, metadata_from_properties
+from cnnkit.inference.export import (
+    QUANTIZATION_KEY,
+    build_onnx_model,
+    metadata_from_properties,
+)
 from cnnkit.inference.predictor import Predictor, resolve_model_path
 from cnnkit.paths import default_cache_dir
 
@@ -150,6 +154,8 @@ class OnnxPredictor(Predictor):
         self.metadata = metadata
         self.device = torch.device("cpu")
         self._lock = threading.Lock()
+        properties = session.get_modelmeta().custom_metadata_map
+        self.runtime = "onnxruntime int8" if QUANTIZATION_KEY in properties else "onnxruntime"
         self._input_name = session.get_inputs()[0].name
         self._output_name = session.get_outputs()[0].name
 

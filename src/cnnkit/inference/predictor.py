@@ -109,6 +109,9 @@ class Predictor:
         '\\\\alpha'
     """
 
+    # What runs the forward pass, as the web API reports it.
+    runtime = "pytorch"
+
     def __init__(self, model: torch.nn.Module, metadata: ModelMetadata, device: str = "cpu"):
         self.device = select_device(device)
         self.model = model.to(self.device).eval()

@@ -21,11 +21,15 @@ import numpy as np
 from cnnkit.atomic import write_atomically
 from cnnkit.config import DataConfig
 from cnnkit.inference.artifact import ModelMetadata, read_metadata
-from cnnkit.inference.export import DEFAULT_OPSET, INPUT_NAME, build_onnx_model
+from cnnkit.inference.export import (
+    DEFAULT_OPSET,
+    INPUT_NAME,
+    QUANTIZATION_KEY,
+    build_onnx_model,
+)
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATION_KEY = "cnnkit.quantization"
 CALIBRATION_BATCH = 64
 
 

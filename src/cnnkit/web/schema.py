@@ -20,7 +20,10 @@ class RankedClass(BaseModel):
 
 class PredictAnswer(BaseModel):
     predictions: list[RankedClass] = Field(description="the top_k classes, best first")
-    model: dict[str, Any] = Field(description="architecture, kind, num_classes, input_shape")
+    model: dict[str, Any] = Field(
+        description="architecture, kind, num_classes, input_shape, runtime (pytorch, onnxruntime "
+        "or onnxruntime int8)"
+    )
 
 
 class ErrorAnswer(BaseModel):
