@@ -105,6 +105,16 @@ def test_folder_lists_classes_recursively_with_any_extension_case(tmp_path, capl
     assert ".DS_Store" not in caplog.text
 
 
+def test_the_data_summary_says_what_a_class_limit_kept(tmp_path):
+    root = folder_dataset(tmp_path / "data", per_class=6)
+    whole = build_splits(folder_config(root), Preprocessing()).splits.description
+    assert whole.startswith("data (12 images, 2 classes): ")
+    limited = build_splits(folder_config(root, max_classes=1), Preprocessing()).splits
+    assert limited.description.startswith("data (12 images, 2 classes), 6 images of 1 class kept: ")
+    total = len(limited.train) + len(limited.test) + (len(limited.val) if limited.val else 0)
+    assert total == 6 and f"{len(limited.test)} test" in limited.description
+
+
 def test_folder_reports_empty_classes_by_name(tmp_path):
     write_image(tmp_path / "full" / "a.png")
     (tmp_path / "empty one").mkdir()
@@ -179,7 +189,7 @@ def test_bad_images_are_reported_with_their_path_or_skipped(tmp_path, name, cont
     splits = loaded.splits
     total = len(splits.train) + len(splits.test) + (len(splits.val) if splits.val else 0)
     assert total == 8
-    assert splits.description.endswith("classes, 1 bad image(s) skipped")
+    assert splits.description.endswith(" test, 1 bad image(s) skipped")
 
 
 def test_a_class_whose_images_are_all_skipped_is_an_error(tmp_path):

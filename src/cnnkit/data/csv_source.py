@@ -199,7 +199,7 @@ class CsvSource:
             records,
             class_names,
             f"csv-{digest}-{files}",
-            f"{self.csv_path.name} ({len(records)} images, {len(class_names)} classes)",
+            f"{self.csv_path.name} ({len(records):,} images, {len(class_names):,} classes)",
         )
 
     def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:

@@ -146,7 +146,7 @@ class CubSource:
             records,
             class_names,
             f"cub-{digest.hexdigest()[:16]}",
-            f"CUB-200-2011 ({len(records)} images, {len(class_names)} classes)",
+            f"CUB-200-2011 ({len(records):,} images, {len(class_names):,} classes)",
         )
 
     def cache_token(self) -> str | None:

@@ -127,7 +127,8 @@ class FolderSource:
             records,
             class_names,
             f"folder-{fingerprint}",
-            f"{self.root.name or self.root} ({len(records)} images, {len(class_names)} classes)",
+            f"{self.root.name or self.root} "
+            f"({len(records):,} images, {len(class_names):,} classes)",
         )
 
     def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:

@@ -141,7 +141,7 @@ class HasySource:
             records,
             class_names,
             f"hasy-{digest.hexdigest()[:16]}",
-            f"HASYv2 ({len(records)} images, {len(class_names)} classes{fold})",
+            f"HASYv2 ({len(records):,} images, {len(class_names):,} classes{fold})",
         )
 
     def cache_token(self) -> str | None:

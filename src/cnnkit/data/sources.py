@@ -136,7 +136,8 @@ def limit_listing(listing: Listing, max_classes: int | None, max_per_class: int 
         records,
         class_names,
         f"{listing.fingerprint}|classes={max_classes}|per_class={max_per_class}",
-        listing.description,
+        f"{listing.description}, {len(records):,} images of {len(class_names):,} "
+        f"{'class' if len(class_names) == 1 else 'classes'} kept",
     )
 
 
@@ -250,8 +251,8 @@ def build_splits(
     val = _image_set(decoded.images, listing, val_idx) if len(val_idx) else None
     skipped = f", {len(decoded.problems)} bad image(s) skipped" if decoded.problems else ""
     description = (
-        f"{listing.description}: {len(train)} train, {len(val) if val else 0} val, "
-        f"{len(test)} test, {len(listing.class_names)} classes{skipped}"
+        f"{listing.description}: {len(train):,} train, {len(val) if val else 0:,} val, "
+        f"{len(test):,} test{skipped}"
     )
     return LoadedData(
         DataSplits(train, val, test, listing.class_names, description, copies),
