@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import io
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -225,6 +226,23 @@ def test_resume_with_more_epochs_works_with_onecycle(tiny_image_set, tmp_path: P
     longer = dataclasses.replace(config, epochs=2)
     result = Trainer(_model(), longer, CPU, tmp_path, progress=False).fit(train_loader, resume=True)
     assert [row["epoch"] for row in result.history] == [1, 2]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_a_longer_resumed_run_steps_at_the_longer_schedules_rate(tiny_image_set, schedule) -> None:
+    """Epoch 2 of a 1-epoch run resumed with epochs=2 starts at the 2-epoch schedule's rate,
+    not at the rate where the 1-epoch schedule ended."""
+    train_loader, _ = _loaders(tiny_image_set)  # Two steps an epoch.
+    config = dataclasses.replace(BASE, epochs=2, schedule=schedule, warmup_fraction=0.0)
+    straight = Trainer(_model(), config, CPU, progress=False).fit(train_loader).history
+    with tempfile.TemporaryDirectory() as folder:
+        short = dataclasses.replace(config, epochs=1)
+        Trainer(_model(), short, CPU, Path(folder), progress=False).fit(train_loader)
+        resumed = Trainer(_model(), config, CPU, Path(folder), progress=False)
+        history = resumed.fit(train_loader, resume=True).history
+    # Epoch 1 ran under the 1-epoch schedule (one-cycle's warm-up is a share of the run).
+    assert history[1]["learning_rate"] == pytest.approx(straight[1]["learning_rate"])
+    assert history[1]["learning_rate"] > 1e-3  # Where the 1-epoch schedule ended: about 0.
 
 
 def test_resume_with_fewer_steps_per_epoch_than_its_onecycle_took_is_refused(

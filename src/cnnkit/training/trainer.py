@@ -12,6 +12,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,6 +281,7 @@ class Trainer:
             scheduler_state.pop(key, None)
         self.scheduler.load_state_dict(scheduler_state)
         self._check_schedule_fits(int(state["epoch"]), steps_per_epoch)
+        self._take_this_schedules_rates()
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if self.average and state.get("average"):
@@ -299,6 +301,20 @@ class Trainer:
 
     def _optimization_settings(self) -> dict[str, Any]:
         return optimization_settings(self.config, hasattr(self.module, "parameter_groups"))
+
+    def _take_this_schedules_rates(self) -> None:
+        """Set each group's rate to this run's schedule at the step the checkpoint reached.
+
+        The checkpoint holds the rates its own schedule gave; with more epochs this run's
+        schedule is longer, and without this the first resumed step would take the old rate.
+        """
+        with warnings.catch_warnings():
+            # get_lr() outside step() warns that get_last_lr() gives the last computed rate,
+            # which here is the checkpoint's: what is wanted is the rate at this step.
+            warnings.simplefilter("ignore", UserWarning)
+            rates = self.scheduler.get_lr()
+        for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
+            group["lr"] = float(rate)
 
     def _check_schedule_fits(self, epochs_done: int, steps_per_epoch: int) -> None:
         """A one-cycle schedule cannot step past its end, so a resumed run must have room for
