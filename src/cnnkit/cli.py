@@ -1233,7 +1233,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model",
         nargs="?",
         help="model file, its .onnx export, or a training run's folder (default: the bundled "
-        "model)",
+        "symbol model, as its shipped int8 export where onnxruntime is installed)",
     )
     _add_data_arguments(evaluate, required=False, model_input=False)
     evaluate.add_argument(
@@ -1283,7 +1283,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model",
         nargs="?",
         help="model file, its .onnx export, or a training run's folder (default: the bundled "
-        "model)",
+        "symbol model, as its shipped int8 export where onnxruntime is installed)",
     )
     serve.add_argument(
         "--host",

@@ -9,6 +9,7 @@ import datetime
 import functools
 import gc
 import logging
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,6 +70,13 @@ def release_freed_memory() -> None:
     if libc is not None:
         with contextlib.suppress(AttributeError):
             libc.malloc_trim(0)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
 
 
 def select_device(name: str = "auto") -> torch.device:

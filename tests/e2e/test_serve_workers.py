@@ -15,6 +15,8 @@ import pytest
 from PIL import Image, ImageDraw
 from tests.conftest import subprocess_env
 
+from cnnkit.inference.bundled import bundled_int8_path
+
 
 def _free_port() -> int:
     with socket.socket() as probe:
@@ -60,8 +62,10 @@ def test_two_server_processes_share_the_port_and_agree():
                 pass
             assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.3)
-        # Without a model, each process runs the bundled model's int8 export.
-        assert health["model"]["runtime"] == "onnxruntime int8"
+        # Without a model, each process runs the bundled model's int8 export (where
+        # onnxruntime is installed, as `make test` installs it).
+        expected = "onnxruntime int8" if bundled_int8_path() else "pytorch"
+        assert health["model"]["runtime"] == expected
         answers = [_request(port, "POST", "/api/predict", _png()) for _ in range(12)]
         assert all(status == 200 for status, _ in answers)
         labels = {tuple(p["label"] for p in body["predictions"]) for _, body in answers}

@@ -125,6 +125,45 @@ def test_image_size_reads_png_and_other_headers() -> None:
         image_size(b"\x89PNG\r\n\x1a\n but no header chunk", "junk.png")
 
 
+def test_image_size_of_a_png_with_two_headers_is_pillows() -> None:
+    """Pillow sizes a PNG by its last header chunk: a first one claiming 1x1 must not let a
+    large image pass for a small one (the server decodes small uploads on its batch thread)."""
+    small = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)
+    large = struct.pack(">IIBBBBB", 7_000, 9_000, 8, 0, 0, 0, 0)
+    data = (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", small)
+        + _png_chunk(b"tEXt", b"Comment\0x")
+        + _png_chunk(b"IHDR", large)
+        + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + _png_chunk(b"IEND", b"")
+    )
+    assert open_image(data, "two.png").size == (7_000, 9_000)
+    assert image_size(data, "two.png") == (7_000, 9_000)
+
+
+_CHUNKS = {
+    "small": _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 3, 8, 0, 0, 0, 0)),
+    "large": _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 5_000, 4_000, 8, 0, 0, 0, 0)),
+    "short": _png_chunk(b"IHDR", b"\0" * 5),
+    "text": _png_chunk(b"tEXt", b"a\0b"),
+    "srgb": _png_chunk(b"sRGB", b"\0"),
+    "data": _png_chunk(b"IDAT", zlib.compress(b"\0" * 64)),
+    "end": _png_chunk(b"IEND", b""),
+}
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(sorted(_CHUNKS)), min_size=1, max_size=20))
+def test_a_png_sized_from_its_header_has_the_size_pillow_gives(chunks: list[str]) -> None:
+    data = b"\x89PNG\r\n\x1a\n" + b"".join(_CHUNKS[name] for name in chunks)
+    try:
+        expected = open_image(data, "x.png").size
+    except BadImageError:
+        return  # Refused when decoded, wherever that happens.
+    assert image_size(data, "x.png") == expected
+
+
 def test_read_image_file_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(BadImageError, match="missing.png"):
         read_image_file(str(tmp_path / "missing.png"))

@@ -111,15 +111,21 @@ def test_idle_onnxruntime_threads_sleep_instead_of_spinning(exported) -> None:
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
-def test_each_server_process_runs_onnxruntime_on_its_share_of_cores(exported) -> None:
+def test_each_server_process_runs_onnxruntime_on_its_share_of_cores(exported, monkeypatch) -> None:
     """``cnnkit serve --workers N`` gives each process ``cores // N`` threads; onnxruntime's
     default (one per core) would run N times as many threads as cores."""
-    from cnnkit.web.app import load_predictor
+    from cnnkit.web.app import _WORKER_SETTINGS, app_from_environment
 
     _, onnx_path, _ = exported
-    for threads in (1, 2):
-        session = load_predictor(str(onnx_path), threads).session
-        assert session.get_session_options().intra_op_num_threads == threads
+    torch_threads = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            settings = {"model": str(onnx_path), "max_upload_bytes": 1000, "threads": threads}
+            monkeypatch.setenv(_WORKER_SETTINGS, json.dumps(settings))
+            session = app_from_environment().state.serving.service.predictor.session
+            assert session.get_session_options().intra_op_num_threads == threads
+    finally:
+        torch.set_num_threads(torch_threads)
 
 
 def test_batch_norm_is_folded_into_plain_convolutions(exported) -> None:

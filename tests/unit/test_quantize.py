@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from cnnkit.cli import main
 from cnnkit.config import DataConfig
 from cnnkit.data.sources import build_splits
 from cnnkit.inference import bundled
-from cnnkit.inference.artifact import read_metadata
+from cnnkit.inference.artifact import ModelFileError, read_metadata
 from cnnkit.inference.bundled import bundled_int8_path, bundled_model_path
 from cnnkit.inference.export import METADATA_KEY
 from cnnkit.inference.onnx_backend import OnnxPredictor
@@ -80,7 +81,8 @@ def test_the_shipped_int8_copy_is_the_shipped_model_quantized() -> None:
     assert np.mean(int8.probabilities(test).argmax(1) == expected) >= 0.9
 
 
-def test_serve_runs_the_int8_copy_when_given_no_model(monkeypatch) -> None:
+def test_serve_runs_the_int8_copy_when_given_no_model(monkeypatch, caplog) -> None:
+    from cnnkit.web import app as app_module
     from cnnkit.web.app import load_predictor
 
     served = load_predictor(None, threads=1)
@@ -91,6 +93,20 @@ def test_serve_runs_the_int8_copy_when_given_no_model(monkeypatch) -> None:
     monkeypatch.setattr(bundled.importlib.util, "find_spec", lambda name: None)
     assert bundled_int8_path() is None
     assert load_predictor(None).runtime == "pytorch"
+    # An int8 copy this onnxruntime cannot load gives way to the float model, with a warning.
+    monkeypatch.undo()
+
+    real_open = app_module.open_predictor
+
+    def refuse_onnx(path=None, *args, **kwargs):
+        if str(path).endswith(".onnx"):
+            raise ModelFileError("x.onnx: not a valid ONNX file (Unsupported model IR version)")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(app_module, "open_predictor", refuse_onnx)
+    with caplog.at_level(logging.WARNING, logger="cnnkit.web.app"):
+        assert load_predictor(None).runtime == "pytorch"
+    assert "serving the float bundled model in PyTorch: x.onnx" in caplog.text
     # A model file given by path is served as it is.
     monkeypatch.undo()
     assert load_predictor(str(bundled_model_path())).runtime == "pytorch"

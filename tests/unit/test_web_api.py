@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 from python_multipart.multipart import parse_options_header
 from starlette.exceptions import HTTPException
@@ -42,7 +44,7 @@ from cnnkit.web.drawing import canvas_to_symbol, estimate_stroke_width, ink_mask
 from cnnkit.web.limits import InFlightLimitMiddleware
 from cnnkit.web.render import MAX_LATEX_LENGTH, render_latex_svg
 from cnnkit.web.schema import ErrorAnswer, PredictAnswer
-from cnnkit.web.upload import BodySizeLimitMiddleware, parse_multipart
+from cnnkit.web.upload import BodySizeLimitMiddleware, _header_options, parse_multipart
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -825,6 +827,32 @@ def test_multipart_field_names_match_the_general_parser(disposition: str, name: 
     assert parse_multipart(head.encode("latin-1"), "multipart/form-data; boundary=b") == {
         name: b"xy"
     }
+
+
+_HEADER_PIECES = [
+    "form-data", "multipart/form-data", ";", "; ", " ", "\t", "\x0b", "\x0c", "\r", "\x85",
+    "\xa0", '"', "\\", "=", 'name="file"', "name=file", 'NAME="x"', "boundary=abc",
+    'boundary="b c"', 'filename="a;name=b"', "name*=utf-8''x", "\xe9", ",",
+]  # fmt: skip
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(_HEADER_PIECES), min_size=1, max_size=12).map("".join))
+def test_the_quick_header_split_agrees_with_the_general_parser(value: str) -> None:
+    """Where the quick split reads a value, it finds the field name and boundary that
+    python-multipart's parser finds; any other value goes to that parser."""
+    quick, general = _header_options(value), parse_options_header(value)[1]
+    for key in (b"name", b"boundary"):
+        assert quick.get(key) == general.get(key)
+
+
+def test_long_runs_of_spaces_in_a_part_header_are_read_in_one_pass() -> None:
+    # A pattern that could match the spaces in many ways took minutes for a few hundred KB.
+    value = "form-data; name=file" + " " * 200_000 + '"'
+    assert _header_options(value) == parse_options_header(value)[1]
+    part = f"--b\r\nContent-Disposition: {value}\r\n\r\nxy\r\n--b--\r\n".encode()
+    with pytest.raises(HTTPException, match="headers exceed 8,192 bytes"):
+        parse_multipart(part, "multipart/form-data; boundary=b")
 
 
 def test_multipart_boundary_after_other_parameters() -> None:

@@ -33,19 +33,36 @@ class BadImageError(ValueError):
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Chunks read before giving a PNG to Pillow; an image's headers usually take a handful.
+_PNG_CHUNKS_READ = 16
 
 
 def image_size(data: bytes, name: str = "<bytes>") -> tuple[int, int]:
     """``(width, height)`` from an image file's header, without decoding its pixels.
 
-    A PNG's size is read straight from its first chunk; other formats go through Pillow.
+    A PNG whose one header chunk (IHDR) comes first is read directly; anything else goes
+    through Pillow, which takes the last IHDR before the pixel data, so a PNG with two is
+    Pillow's to read.
 
     Raises:
         BadImageError: as :func:`open_image`.
     """
-    if len(data) >= 24 and data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR":
-        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    return open_image(data, name).size
+    size = _png_header_size(data)
+    return size if size is not None else open_image(data, name).size
+
+
+def _png_header_size(data: bytes) -> tuple[int, int] | None:
+    if not data.startswith(_PNG_SIGNATURE) or data[8:16] != b"\x00\x00\x00\x0dIHDR":
+        return None
+    position = 8 + 12 + 13  # Past the signature and the first IHDR (length, type, data, CRC).
+    for _ in range(_PNG_CHUNKS_READ):
+        kind = data[position + 4 : position + 8]
+        if kind == b"IDAT":
+            return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        if kind == b"IHDR" or len(kind) < 4:
+            return None
+        position += 12 + int.from_bytes(data[position : position + 4], "big")
+    return None
 
 
 def open_image(data: bytes, name: str = "<bytes>") -> Image.Image:

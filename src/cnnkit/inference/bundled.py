@@ -1,8 +1,8 @@
 """The symbol model shipped inside the package, used when no model file is given.
 
 It ships twice: as a float16 model file (what ``cnnkit predict`` and the Python API load) and
-as that file's int8 ONNX export (what ``cnnkit serve`` runs when onnxruntime is installed:
-about a third of the CPU time per image, within 0.1 point of the float model's accuracy).
+as that file's int8 ONNX export (what ``cnnkit serve`` runs when onnxruntime is installed: a
+forward pass 1.5-2.3x as fast on a 2-core CPU, with the float model's fold-1 top-1 accuracy).
 ``benchmarks/bundle_symbol_model.py`` writes both.
 """
 

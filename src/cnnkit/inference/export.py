@@ -140,7 +140,46 @@ def build_onnx_model(model_path: str | Path, opset: int = DEFAULT_OPSET) -> Any:
     for key, value in properties.items():
         proto.metadata_props.add(key=key, value=value)
     proto.doc_string = f"cnnkit {metadata.architecture}, {metadata.num_classes} classes"
+    loadable_by_older_runtimes(proto)
     onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def loadable_by_older_runtimes(proto: Any) -> Any:
+    """Drop the operator sets no node uses and lower the IR version to the oldest those left
+    allow, in place.
+
+    Exporters and the quantizer write the newest IR version they know (10 for opset 18 models,
+    which need only 8) and import operator sets they never use, and onnxruntime refuses a file
+    whose IR version is newer than it reads (1.17 reads up to 9), whatever its operators.
+    """
+    import onnx
+
+    def domains(nodes: Any) -> set[str]:
+        found = set()
+        for node in nodes:
+            found.add(node.domain)
+            for attribute in node.attribute:  # Branches and loop bodies hold nodes too.
+                graphs = [attribute.g] if attribute.HasField("g") else []
+                for graph in [*graphs, *attribute.graphs]:
+                    found |= domains(graph.node)
+        return found
+
+    used = domains(proto.graph.node) | {function.domain for function in proto.functions}
+    for function in proto.functions:
+        used |= domains(function.node)
+    used = {"" if domain == "ai.onnx" else domain for domain in used}
+    kept = [
+        opset
+        for opset in proto.opset_import
+        if ("" if opset.domain == "ai.onnx" else opset.domain) in used or opset.domain == ""
+    ]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
+    lowest = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
+    if proto.functions:
+        lowest = max(lowest, 8)  # Model-local functions came with IR version 8.
+    proto.ir_version = min(proto.ir_version, lowest)
     return proto
 
 

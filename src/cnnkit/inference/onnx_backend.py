@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,15 +31,9 @@ from cnnkit.inference.export import (
 )
 from cnnkit.inference.predictor import Predictor, resolve_model_path
 from cnnkit.paths import default_cache_dir
+from cnnkit.runtime import available_cores
 
 logger = logging.getLogger(__name__)
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
 
 
 def create_session(model: str | Path | bytes, threads: int | None = None) -> Any:
@@ -192,6 +185,8 @@ class OnnxPredictor(Predictor):
         if path.suffix.lower() == ".onnx":
             try:
                 session = create_session(path, threads)
+            except ImportError:  # onnxruntime missing or broken: not the file's fault.
+                raise
             except Exception as error:  # onnxruntime raises its own unrelated types.
                 raise ModelFileError(f"{path}: not a valid ONNX file ({error})") from error
         else:

@@ -26,6 +26,7 @@ from cnnkit.inference.export import (
     INPUT_NAME,
     QUANTIZATION_KEY,
     build_onnx_model,
+    loadable_by_older_runtimes,
 )
 
 logger = logging.getLogger(__name__)
@@ -149,6 +150,8 @@ def quantize_onnx(
     details = {"method": "int8 static QDQ, per-channel weights", "images": len(calibration)}
     result.metadata_props.add(key=QUANTIZATION_KEY, value=json.dumps(details))
     result.doc_string = proto.doc_string + " (int8)"
+    loadable_by_older_runtimes(result)
+    onnx.checker.check_model(result, full_check=True)
     data = result.SerializeToString()
     out_path = Path(out_path)
     write_atomically(out_path, lambda temporary: temporary.write_bytes(data))

@@ -23,11 +23,15 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-# Header values made only of plain parameters (bare tokens or quoted strings without escapes)
-# are split with one regular expression, several times faster than the general parser, which
-# still reads anything else (escapes, RFC 2231 ``name*=``).
-_PLAIN_VALUE = re.compile(r'[^;"\\]*(?:;\s*[\w.-]+="[^"\\]*"\s*|;\s*[\w.-]+=[^;"\s]*\s*)*;?\s*')
-_PLAIN_PARAMETER = re.compile(r';\s*([\w.-]+)=(?:"([^"\\]*)"|([^;"\s]*))')
+# Header values made only of plain parameters (bare tokens or quoted strings without escapes,
+# spaces and tabs around them) are split with one regular expression, several times faster than
+# the general parser, which still reads anything else (escapes, RFC 2231 ``name*=``, other
+# whitespace). Each part of the pattern can match a character in one way only, so its time is
+# linear in the value's length whatever the value.
+_PLAIN_VALUE = re.compile(r'[^;"\\]*(?:;[ \t]*[\w.-]+=(?:"[^"\\]*"|[^;"\s]*)[ \t]*)*(?:;[ \t]*)?')
+_PLAIN_PARAMETER = re.compile(r';[ \t]*([\w.-]+)=(?:"([^"\\]*)"|([^;"\s]*))')
+# The most bytes of headers one multipart part may carry (browsers send about 100).
+MAX_PART_HEADER_BYTES = 8192
 SOURCES = ("upload", "canvas")
 DEFAULT_TOP_K = 5
 # Room for multipart boundaries and the small form fields next to the file.
@@ -327,6 +331,10 @@ def parse_multipart(body: bytes, content_type: str, max_fields: int = 16) -> dic
             raise HTTPException(400, "malformed or truncated multipart body")
         if len(fields) >= max_fields:
             raise HTTPException(400, f"too many multipart fields (at most {max_fields})")
+        if header_end - position > MAX_PART_HEADER_BYTES:
+            raise HTTPException(
+                400, f"a multipart part's headers exceed {MAX_PART_HEADER_BYTES:,} bytes"
+            )
         name = _part_name(body[position + 2 : header_end])
         fields.setdefault(name, body[header_end + 4 : end])
         position = end + 2 + len(delimiter)
@@ -340,7 +348,7 @@ def _header_options(value: str) -> dict[bytes, bytes]:
             name.lower().encode("latin-1"): (quoted or bare or "").encode("latin-1")
             for name, quoted, bare in _PLAIN_PARAMETER.findall(value)
         }
-    return parse_options_header(value.strip())[1]
+    return parse_options_header(value)[1]
 
 
 def _boundary(content_type: str) -> bytes:
@@ -351,7 +359,7 @@ def _part_name(header_block: bytes) -> str:
     for line in header_block.decode("latin-1").split("\r\n"):
         key, _, value = line.partition(":")
         if key.strip().lower() == "content-disposition":
-            options = _header_options(value)
+            options = _header_options(value.strip())
             if b"name" in options:
                 return options[b"name"].decode("utf-8", "replace")
     raise HTTPException(400, "malformed multipart body: a part has no field name")
