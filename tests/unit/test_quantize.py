@@ -68,6 +68,9 @@ def test_the_shipped_int8_copy_is_the_shipped_model_quantized() -> None:
     properties = {p.key: p.value for p in onnx.load(int8_path).metadata_props}
     assert json.loads(properties[METADATA_KEY]) == read_metadata(bundled_model_path())
     assert json.loads(properties[QUANTIZATION_KEY])["images"] == 512
+    # onnxruntime 1.17, the oldest cnnkit[web] allows, reads IR versions up to 9.
+    model = onnx.load(int8_path)
+    assert model.ir_version <= 9 and [o.domain for o in model.opset_import] == [""]
 
     float_predictor = Predictor.from_file(bundled_model_path())
     int8 = OnnxPredictor.from_file(int8_path)
