@@ -652,8 +652,11 @@ def _report_folder(args: argparse.Namespace, model_path: Path) -> Path:
 def _data_the_model_names(args: argparse.Namespace, model_path: Path) -> None:
     """Without ``--dataset``, evaluate on the data the model file records it trained on (its
     dataset, data path and fold; the split settings follow in evaluate), and say so."""
-    training: dict[str, Any] = {}
-    if model_path.suffix.lower() != ".onnx":
+    if model_path.suffix.lower() == ".onnx":  # An export keeps its model file's metadata.
+        from cnnkit.inference.onnx_backend import OnnxPredictor
+
+        training = OnnxPredictor.from_file(model_path, threads=1).metadata.training
+    else:
         from cnnkit.inference.artifact import ModelMetadata, read_metadata
 
         training = ModelMetadata.from_dict(read_metadata(model_path), str(model_path)).training
@@ -1233,7 +1236,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model",
         nargs="?",
         help="model file, its .onnx export, or a training run's folder (default: the bundled "
-        "symbol model, as its shipped int8 export where onnxruntime is installed)",
+        "model)",
     )
     _add_data_arguments(evaluate, required=False, model_input=False)
     evaluate.add_argument(

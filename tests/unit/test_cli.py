@@ -1119,6 +1119,15 @@ def test_evaluate_without_dataset_uses_the_data_the_model_file_records(
     report = json.loads(captured.out)
     assert report["evaluated"]["dataset"] == "digits"
     assert report["count"] == json.loads((run / "run.json").read_text())["test"]["count"]
+    # An export keeps the model file's record.
+    pytest.importorskip("onnxruntime")
+    from cnnkit.inference.export import export_onnx
+
+    exported = export_onnx(run / "model.safetensors", tmp_path / "model.onnx")
+    assert main(["evaluate", str(exported), "--json", "--out", str(tmp_path / "eval-onnx")]) == 0
+    captured = capsys.readouterr()
+    assert "Data: digits, as the model file records" in captured.err
+    assert json.loads(captured.out)["top1"] == pytest.approx(report["top1"], abs=1e-6)
     # The bundled model records HASYv2 fold 1 but not where the data is.
     assert main(["evaluate", "--out", str(tmp_path / "bundled")]) == 2
     error = capsys.readouterr().err.strip().splitlines()

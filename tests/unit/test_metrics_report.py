@@ -192,8 +192,23 @@ def test_the_report_lists_only_classes_that_are_true_or_predicted(tmp_path: Path
     # The figure draws the same five classes, not 30 slots filled with idle ones.
     matrix = confusion_matrix(logits.argmax(dim=1), targets, 40).numpy()
     assert confused_block(matrix).tolist() == [0, 1, 2, 7, 30]
-    assert confused_block(matrix, max_classes=2).tolist() == [0, 2]  # The most confused.
+    # Two slots: the first of the two largest confusions (0 -> 7 and 2 -> 30, once each).
+    assert confused_block(matrix, max_classes=2).tolist() == [0, 7]
     assert confused_block(np.zeros((3, 3), np.int64)).tolist() == [0, 1, 2]
+
+
+def test_the_confusion_figure_holds_the_largest_confusion() -> None:
+    """Big classes with scattered mistakes must not push the most-confused pair out."""
+    from cnnkit.evaluation.plots import confused_block
+
+    matrix = np.zeros((369, 369), np.int64)
+    matrix[0, 1] = 8  # The largest single confusion, between two small classes.
+    for big in range(10, 50):  # Forty classes with many small mistakes each.
+        matrix[big, big] = 50
+        for other in range(big + 1, big + 11):
+            matrix[big, 100 + other] = 1
+    chosen = confused_block(matrix).tolist()
+    assert len(chosen) == 30 and {0, 1} <= set(chosen)
 
 
 def _report_files(folder: Path) -> dict[str, bytes]:

@@ -337,6 +337,21 @@ def test_multipart_prediction_matches_the_predictor(
     assert all(entry["render"].startswith("/api/render?latex=") for entry in body["predictions"])
 
 
+def test_a_label_too_long_to_render_gets_no_render_link(tmp_path: Path) -> None:
+    """/api/render refuses LaTeX over MAX_LATEX_LENGTH, so no prediction links there."""
+    long_label = "\\" + "x" * MAX_LATEX_LENGTH
+    model = create_model("symbol_cnn", 2, in_channels=1, width=8)
+    metadata = ModelMetadata(
+        "symbol_cnn", ("A", long_label), model.default_preprocessing, options={"width": 8}
+    )
+    path = save_model(tmp_path / "long.safetensors", model, metadata)
+    with TestClient(create_app(Predictor.from_file(path))) as test_client:
+        response = post_file(test_client, png_bytes(symbol_image(0)))
+    assert response.status_code == 200
+    links = {entry["label"]: entry.get("render") for entry in response.json()["predictions"]}
+    assert links == {"A": "/api/render?latex=A", long_label: None}
+
+
 @pytest.mark.parametrize("data_url", [False, True])
 def test_json_base64_prediction(client: TestClient, data_url: bool) -> None:
     data = png_bytes(symbol_image(1))

@@ -49,8 +49,10 @@ def _involved(matrix: np.ndarray) -> np.ndarray:
 
 def confused_block(matrix: np.ndarray, max_classes: int = 30) -> np.ndarray:
     """Indices of the classes to draw: those that are true or predicted (a class that takes
-    part in nothing fills no slot), and above ``max_classes`` of them the ones most involved
-    in confusions. A matrix of no images keeps every class."""
+    part in nothing fills no slot). Above ``max_classes`` of them, the classes of the largest
+    confusions first (both classes of a pair, largest pair first), so the most-confused pairs
+    are in the figure, then the classes most involved in confusions. A matrix of no images
+    keeps every class."""
     involved = _involved(matrix)
     if len(involved) == 0:
         involved = np.arange(len(matrix))
@@ -58,9 +60,19 @@ def confused_block(matrix: np.ndarray, max_classes: int = 30) -> np.ndarray:
         return involved
     off = matrix.astype(np.int64).copy()
     np.fill_diagonal(off, 0)
+    chosen: dict[int, None] = {}  # Ordered, without repeats.
+    for cell in np.argsort(-off, axis=None, kind="stable"):
+        if len(chosen) >= max_classes or off.flat[cell] == 0:
+            break
+        for index in np.unravel_index(cell, off.shape):
+            if len(chosen) < max_classes:
+                chosen.setdefault(int(index))
     involvement = (off.sum(axis=0) + off.sum(axis=1))[involved]
-    chosen = involved[np.argsort(-involvement, kind="stable")[:max_classes]]
-    return np.sort(chosen)
+    for index in involved[np.argsort(-involvement, kind="stable")]:
+        if len(chosen) >= max_classes:
+            break
+        chosen.setdefault(int(index))
+    return np.sort(np.fromiter(chosen, dtype=np.int64))
 
 
 def _subset_note(matrix: np.ndarray, chosen: np.ndarray) -> str:

@@ -172,7 +172,9 @@ async def predict(request: Request) -> JSONResponse:
     predictions = [prediction.to_dict() for prediction in ranked]
     if state.model_summary["kind"] == "symbols":
         for prediction in predictions:
-            prediction["render"] = _render_url(prediction["label"])
+            # /api/render refuses longer LaTeX: no link that can only fail.
+            if len(prediction["label"]) <= MAX_LATEX_LENGTH:
+                prediction["render"] = _render_url(prediction["label"])
     return JSONResponse({"predictions": predictions, "model": state.model_summary})
 
 
