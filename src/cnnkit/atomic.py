@@ -24,6 +24,11 @@ def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
             prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
         )
     except OSError as error:  # Name the file asked for, not the temporary one.
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise OSError(
+                error.errno, f"cannot write {path}: {blocking} is a file, not a folder"
+            ) from error
         raise OSError(error.errno, f"cannot write {path}: {error.strerror}") from error
     os.close(handle)
     umask = current_umask()

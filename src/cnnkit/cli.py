@@ -640,7 +640,11 @@ def _report_folder(args: argparse.Namespace, model_path: Path) -> Path:
     if args.out:
         out, named = Path(args.out), f"--out {args.out}"
     elif args.model:
-        out = model_path.parent / "evaluation"
+        # A run's model file reports to evaluation/; any other file (an export, an int8 copy,
+        # a renamed model) to its own folder, so scoring several files in one folder keeps
+        # each report.
+        own = model_path.name == "model.safetensors"
+        out = model_path.parent / ("evaluation" if own else f"evaluation-{model_path.name}")
         named = str(out)
     else:  # Never into the installed package's folder.
         out = Path("runs") / "evaluation-bundled"

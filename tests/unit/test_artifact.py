@@ -493,6 +493,6 @@ def test_an_unwritable_place_is_named_not_the_temporary_file(tmp_path) -> None:
     blocked = tmp_path / "file.txt"
     blocked.write_text("a file where a folder should be", encoding="utf-8")
     target = blocked / "model.onnx"
-    with pytest.raises(OSError, match=f"cannot write {target}") as raised:
+    with pytest.raises(OSError, match=f"cannot write {target}: {blocked} is a file") as raised:
         write_atomically(target, lambda path: path.write_bytes(b"x"))
     assert ".tmp" not in str(raised.value)

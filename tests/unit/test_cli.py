@@ -900,6 +900,22 @@ def test_evaluate_refuses_a_file_as_its_report_folder_before_scoring(
     assert taken.read_text() == "mine\n"
 
 
+def test_each_model_file_in_a_folder_gets_its_own_default_report(
+    tmp_path: Path, tiny_model_saver
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    model = tiny_model_saver(tmp_path / "digits.safetensors", tuple(str(d) for d in range(10)))
+    for name in ("model.safetensors", "other.safetensors"):
+        (run / name).write_bytes(model.read_bytes())
+        argv = ["evaluate", str(run / name), "--dataset", "digits", "--max-per-class", "3"]
+        assert main([*argv, "--cache-dir", str(tmp_path / "cache")]) == 0
+    reports = sorted(path.name for path in run.iterdir() if path.is_dir())
+    assert reports == ["evaluation", "evaluation-other.safetensors"]
+    for report in reports:
+        assert (run / report / "metrics.json").is_file()
+
+
 # ----------------------------------------------------------------------------- review fixes
 
 

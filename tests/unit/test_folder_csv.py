@@ -329,6 +329,9 @@ def test_too_few_images_for_the_test_share_says_what_to_raise(tmp_path):
     config = DataConfig(dataset="csv", data=str(path), val_fraction=0, test_fraction=0.2)
     with pytest.raises(ValueError, match=r"raise --test-fraction or --max-per-class"):
         build_splits(config, Preprocessing())
+    none = dataclasses.replace(config, test_fraction=0.0)
+    with pytest.raises(ValueError, match=r"a test share of 0 holds no images: give --test-"):
+        build_splits(none, Preprocessing())
 
 
 def test_csv_missing_image_is_reported_with_its_line(tmp_path):

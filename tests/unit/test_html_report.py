@@ -152,6 +152,8 @@ def test_importances_missing_is_explained(tmp_path):
 def test_other_folders_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not a cnnkit run"):
         build_report_html(tmp_path)
+    with pytest.raises(ValueError, match="missing: no such folder"):
+        build_report_html(tmp_path / "missing")
 
 
 def test_a_corrupt_file_in_the_run_folder_is_named(tmp_path, caplog):

@@ -231,6 +231,8 @@ def build_splits(
         reason = (
             "none of its images is marked for the test split"
             if has_split_column
+            else "a test share of 0 holds no images: give --test-fraction above 0"
+            if config.test_fraction == 0
             else f"too few images per class for a test share of {config.test_fraction:g}"
             f"{_copies_note(copies)}: raise --test-fraction or --max-per-class"
             + (", or add distinct images, or give a split column" if copies else "")

@@ -342,6 +342,8 @@ def build_report_html(run_dir: str | Path) -> str:
         ValueError: if the folder holds neither.
     """
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: no such folder")
     is_search = is_search_folder(run_dir) or (run_dir / "results.csv").is_file()
     markers = (RUN_INFO, "config.yaml", "metrics.csv")
     if not is_search and not any((run_dir / name).is_file() for name in markers):
