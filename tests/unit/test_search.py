@@ -283,6 +283,33 @@ def test_search_resumes_without_repeating_trials(tmp_path, digits_data, caplog):
         assert (run_dir / name).stat().st_size > 1000
 
 
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_seeded_search_continued_tries_new_points(tmp_path, digits_data, sampler):
+    """A continued study's sampler does not start its seed's sequence again: with continuous
+    ranges, a repeated point can only be a sequence started over."""
+    space = SearchSpace(
+        "continuous",
+        (
+            SearchParameter("dropout", "float", "model.options.dropout", 0.0, 0.5),
+            SearchParameter("learning_rate", "float", "train.learning_rate", 1e-4, 1e-2, log=True),
+        ),
+    )
+    base = tiny_base(tmp_path / "search", epochs=1)
+    for n_trials in (2, 3, 5):
+        config = SearchConfig(sampler=sampler, pruner="none", n_trials=n_trials, sampler_seed=1)
+        run_search(base, space, config, progress=False, data=digits_data)
+    study = load_study(base.run_dir())
+    params = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(params) == 5 and len(set(params)) == 5
+    # A new study with the same seed still repeats the first run's points.
+    again = tiny_base(tmp_path / "again", epochs=1)
+    config = SearchConfig(sampler=sampler, pruner="none", n_trials=2, sampler_seed=1)
+    run_search(again, space, config, progress=False, data=digits_data)
+    assert [tuple(sorted(t.params.items())) for t in load_study(again.run_dir()).trials] == (
+        params[:2]
+    )
+
+
 def test_continuing_a_search_with_other_settings_is_refused(tmp_path, digits_data):
     base = tiny_base(tmp_path / "search", epochs=1)
     config = SearchConfig(sampler="grid", pruner="none", n_trials=1)
@@ -381,8 +408,8 @@ def test_each_worker_gets_its_own_sampler_seed(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(search_module, "die_with_parent", lambda: None)
 
-    def open_study(config, *_):
-        seen.append(config.sampler_seed)
+    def open_study(config, space, run_dir, held=0):
+        seen.append((config.sampler_seed, held))
         return None, "", ""
 
     monkeypatch.setattr(search_module, "open_study", open_study)
@@ -391,7 +418,22 @@ def test_each_worker_gets_its_own_sampler_seed(tmp_path, monkeypatch):
     for index in (1, 2):
         search_module._worker_main(base, TINY_SPACE, SearchConfig(sampler_seed=7), None, 1, index)
     search_module._worker_main(base, TINY_SPACE, SearchConfig(), None, 1, 1)
-    assert seen == [8, 9, None]
+    # On a continued study a worker opens it with the count the main process started from.
+    search_module._worker_main(base, TINY_SPACE, SearchConfig(sampler_seed=7), None, 1, 1, 4)
+    assert seen == [(8, 0), (9, 0), (None, 0), (8, 4)]
+
+
+def test_a_continued_study_gives_each_process_a_seed_of_its_own():
+    """Main process and workers, new and continued studies: no two start one sequence."""
+    from cnnkit.training.search import sampler_seed
+
+    assert sampler_seed(None, 5) is None
+    assert sampler_seed(7, 0) == 7  # A new study: the seed as given, reproducible.
+    # Seeds of processes (seed + index) for studies continued from 0 to 19 trials.
+    seeds = [sampler_seed(7 + index, held) for held in range(20) for index in range(4)]
+    assert len(set(seeds)) == len(seeds)
+    assert all(0 <= seed < 2**32 for seed in seeds)
+    assert sampler_seed(7, 3) == sampler_seed(7, 3)  # A continued run is reproducible too.
 
 
 def test_importances_are_fanova_over_the_parameters_that_varied():
