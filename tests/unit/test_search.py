@@ -380,6 +380,67 @@ def test_a_value_the_run_settings_refuse_is_refused_before_any_trial(
     assert not (tmp_path / "search").exists()
 
 
+@pytest.mark.parametrize(
+    ("target", "choices"),
+    [
+        ("data.train_on_all", [True]),
+        ("data.val_fraction", [0.0]),
+        ("data.test_fraction", [0.1, 0.3]),
+        ("data.seed", [1, 2]),
+        ("data.max_per_class", [20]),
+        ("data.max_classes", [5]),
+        ("data.on_bad_image", ["skip"]),
+        ("data.dataset", ["digits"]),
+    ],
+)
+def test_a_space_that_changes_the_images_trials_are_compared_on_is_refused(
+    tmp_path, digits_data, target, choices
+):
+    """Trials that trained on the test images, ranked on training accuracy or on other splits
+    would be compared on different images: such a space is refused before anything is made."""
+    path = tmp_path / "space.yaml"
+    path.write_text(f"x: {{choices: {choices}, target: {target}}}\n", encoding="utf-8")
+    base = tiny_base(tmp_path / "search", epochs=1)
+    config = SearchConfig(sampler="grid", pruner="none", n_trials=1)
+    message = (
+        f"{path}: parameter 'x' targets {target}, which changes the images trials are compared on; "
+    )
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        run_search(
+            base, load_space(path), config, progress=False, data=digits_data, space_file=path
+        )
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "search").exists()
+
+
+def test_preprocessing_settings_may_be_searched():
+    """Image size and channels change how the same images are read, not which they are."""
+    from cnnkit.training.search_settings import check_data_targets
+
+    space = parse_space(
+        {
+            "size": {"choices": [16, 32], "target": "data.image_size"},
+            "channels": {"choices": [1, 3], "target": "data.channels"},
+        },
+        "sizes",
+    )
+    check_data_targets(space)  # No error.
+
+
+def test_cli_search_refuses_a_space_that_trains_on_the_test_images(tmp_path, capsys) -> None:
+    from cnnkit.cli import main
+
+    path = tmp_path / "space.yaml"
+    path.write_text("everything: {choices: [true], target: data.train_on_all}\n", encoding="utf-8")
+    out = tmp_path / "search"
+    args = ["search", "--dataset", "digits", "--space", str(path), "--out", str(out)]
+    tiny = ["--epochs", "1", "--max-steps-per-epoch", "2", "--n-trials", "1", "--workers", "1"]
+    assert main([*args, *tiny]) == 2
+    err = capsys.readouterr().err
+    assert "parameter 'everything' targets data.train_on_all" in err
+    assert not out.exists()
+
+
 def test_option_values_are_checked_against_the_models_the_space_names(tmp_path):
     """``dense`` is book_cnn's option, not symbol_cnn's: valid when the space trains both."""
     base = build_run_config(preset_for("digits"), {"out": str(tmp_path / "search")})

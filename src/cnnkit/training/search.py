@@ -44,9 +44,8 @@ from cnnkit.training.search_results import (
     write_outputs,
 )
 from cnnkit.training.search_settings import (
-    check_model_options,
-    check_parameter_values,
     check_same_search,
+    check_space,
     write_search_settings,
 )
 from cnnkit.training.search_workers import (
@@ -584,6 +583,7 @@ def run_search(
     on_trial: Callable[[TrialSummary], None] | None = None,
     on_data: Callable[[LoadedData], None] | None = None,
     data: LoadedData | None = None,
+    space_file: str | Path | None = None,
 ) -> SearchResult:
     """Run (or continue) a search and write its results table, plots and HParams.
 
@@ -599,15 +599,21 @@ def run_search(
         on_trial: called after each trial this process finishes (the CLI prints a line).
         on_data: called once the data is loaded.
         data: already-loaded splits to use for every trial with the base data config.
+        space_file: the YAML file ``space`` was read from, which errors about it name (else
+            they name the space).
 
     Returns:
         The study's trials (from every process) and the files written.
 
     Raises:
-        ValueError: if the base config trains on the test images (``train_on_all``).
+        ValueError: if the base config trains on the test images (``train_on_all``), or the
+            space does not fit the base config (a parameter that sets the data split, a model
+            option no model takes).
     """
     with INTERRUPTS.installed():  # Ctrl-C and kill never land inside a storage query.
-        return _run_search(base, space, config, cache_dir, progress, on_trial, on_data, data)
+        return _run_search(
+            base, space, config, cache_dir, progress, on_trial, on_data, data, space_file
+        )
 
 
 def _run_search(
@@ -619,6 +625,7 @@ def _run_search(
     on_trial: Callable[[TrialSummary], None] | None,
     on_data: Callable[[LoadedData], None] | None,
     data: LoadedData | None,
+    space_file: str | Path | None = None,
 ) -> SearchResult:
     import torch
 
@@ -631,8 +638,9 @@ def _run_search(
     if not logger.isEnabledFor(logging.DEBUG):
         # Each trial is reported once (on_trial); Optuna's own INFO lines would repeat it.
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    check_model_options(space, base)
-    check_parameter_values(space, base)
+    # The space is checked before the search's folder and study are created: a refused one
+    # leaves nothing behind.
+    check_space(space, base, config.sampler, space_file)
     recorded_name = check_same_search(run_dir, base, space, config)
     if config.study_name is None and recorded_name:
         config = replace(config, study_name=recorded_name)

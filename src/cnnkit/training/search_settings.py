@@ -16,6 +16,68 @@ if TYPE_CHECKING:
     from cnnkit.training.search import SearchConfig
 
 
+# Data settings that decide which images are in which split, or which images there are: trials
+# that differed in one would be trained, ranked and tested on different images (data.seed draws
+# other splits; train_on_all trains on the test images). Preprocessing (channels, image_size,
+# stored_size, crop_to_bbox) and the cache folder only change how the same images are read.
+SPLIT_SETTINGS = (
+    "dataset",
+    "data",
+    "fold",
+    "val_fraction",
+    "test_fraction",
+    "seed",
+    "on_bad_image",
+    "max_classes",
+    "max_per_class",
+    "train_on_all",
+)
+
+
+def space_label(space: SearchSpace, space_file: str | Path | None = None) -> str:
+    """What an error about ``space`` names: its file, else the space's name."""
+    return str(space_file) if space_file is not None else f"search space {space.name!r}"
+
+
+def check_space(
+    space: SearchSpace,
+    base: RunConfig,
+    sampler: str,
+    space_file: str | Path | None = None,
+) -> None:
+    """Every check of a space against the base config and the sampler, before any data loads
+    and before the search's folder or study is created.
+
+    Raises:
+        ValueError: one line naming the space file (or the space) and the parameter.
+    """
+    check_data_targets(space, space_file)
+    check_model_options(space, base)
+    check_parameter_values(space, base)
+
+
+def check_data_targets(space: SearchSpace, space_file: str | Path | None = None) -> None:
+    """Refuse a parameter that sets one of :data:`SPLIT_SETTINGS`: trials are compared on
+    one split of the same images, which the command's own options set.
+
+    Raises:
+        ValueError: naming the space file, the parameter and its target.
+    """
+    for parameter in space.parameters:
+        section, _, name = parameter.target.partition(".")
+        if section != "data" or name not in SPLIT_SETTINGS:
+            continue
+        advice = (
+            "search compares trials on held-out images: drop it"
+            if name == "train_on_all"
+            else "set it with the command's own options instead"
+        )
+        raise ValueError(
+            f"{space_label(space, space_file)}: parameter {parameter.name!r} targets "
+            f"{parameter.target}, which changes the images trials are compared on; {advice}"
+        )
+
+
 def check_model_options(space: SearchSpace, base: RunConfig) -> None:
     """Refuse a space parameter that sets a model option no model of the search takes (a
     typo such as ``widht``), before any data loads or any trial is recorded.
