@@ -441,6 +441,22 @@ def test_cli_search_refuses_a_space_that_trains_on_the_test_images(tmp_path, cap
     assert not out.exists()
 
 
+def test_a_grid_search_of_a_continuous_range_leaves_no_study(tmp_path, digits_data):
+    space = SearchSpace(
+        "continuous", (SearchParameter("dropout", "float", "model.options.dropout", 0.0, 0.5),)
+    )
+    base = tiny_base(tmp_path / "search", epochs=1)
+    config = SearchConfig(sampler="grid", pruner="none")
+    with pytest.raises(ValueError, match="grid search needs finite values") as error:
+        run_search(base, space, config, progress=False, data=digits_data)
+    assert not (tmp_path / "search" / "study.db").exists()
+    assert not (tmp_path / "search").exists()
+    assert str(error.value) == (
+        "search space 'continuous': grid search needs finite values: give 'dropout' choices "
+        "or a step"
+    )
+
+
 def test_option_values_are_checked_against_the_models_the_space_names(tmp_path):
     """``dense`` is book_cnn's option, not symbol_cnn's: valid when the space trains both."""
     base = build_run_config(preset_for("digits"), {"out": str(tmp_path / "search")})

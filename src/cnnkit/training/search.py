@@ -607,8 +607,8 @@ def run_search(
 
     Raises:
         ValueError: if the base config trains on the test images (``train_on_all``), or the
-            space does not fit the base config (a parameter that sets the data split, a model
-            option no model takes).
+            space does not fit the base config or the sampler (a parameter that sets the data
+            split, a model option no model takes, a continuous range for the grid sampler).
     """
     with INTERRUPTS.installed():  # Ctrl-C and kill never land inside a storage query.
         return _run_search(

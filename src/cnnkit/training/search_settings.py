@@ -54,6 +54,11 @@ def check_space(
     check_data_targets(space, space_file)
     check_model_options(space, base)
     check_parameter_values(space, base)
+    if sampler == "grid":
+        try:
+            space.grid()
+        except ValueError as error:
+            raise ValueError(f"{space_label(space, space_file)}: {error}") from error
 
 
 def check_data_targets(space: SearchSpace, space_file: str | Path | None = None) -> None:
