@@ -457,6 +457,29 @@ def test_a_grid_search_of_a_continuous_range_leaves_no_study(tmp_path, digits_da
     )
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("widht: {choices: [8, 16]}", "search parameter 'widht' sets model option 'widht'"),
+        ("dense: {choices: [abc]}", "search parameter 'dense': 'abc' for model.options.dense"),
+        ("members: {choices: [1, 2]}", "search trains one model a trial, not ensembles"),
+    ],
+)
+def test_errors_of_the_model_checks_name_the_space_file(tmp_path, digits_data, text, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(text + "\n", encoding="utf-8")
+    base = tiny_base(tmp_path / "search")
+    config = SearchConfig(sampler="grid")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: {message}")):
+        run_search(
+            base, load_space(path), config, progress=False, data=digits_data, space_file=path
+        )
+    # Without the file: the space's name.
+    with pytest.raises(ValueError, match=re.escape(f"search space 'space': {message}")):
+        run_search(base, load_space(path), config, progress=False, data=digits_data)
+    assert not (tmp_path / "search").exists()
+
+
 def test_option_values_are_checked_against_the_models_the_space_names(tmp_path):
     """``dense`` is book_cnn's option, not symbol_cnn's: valid when the space trains both."""
     base = build_run_config(preset_for("digits"), {"out": str(tmp_path / "search")})
