@@ -283,6 +283,33 @@ def test_search_resumes_without_repeating_trials(tmp_path, digits_data, caplog):
         assert (run_dir / name).stat().st_size > 1000
 
 
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_seeded_search_continued_tries_new_points(tmp_path, digits_data, sampler):
+    """A continued study's sampler does not start its seed's sequence again: with continuous
+    ranges, a repeated point can only be a sequence started over."""
+    space = SearchSpace(
+        "continuous",
+        (
+            SearchParameter("dropout", "float", "model.options.dropout", 0.0, 0.5),
+            SearchParameter("learning_rate", "float", "train.learning_rate", 1e-4, 1e-2, log=True),
+        ),
+    )
+    base = tiny_base(tmp_path / "search", epochs=1)
+    for n_trials in (2, 3, 5):
+        config = SearchConfig(sampler=sampler, pruner="none", n_trials=n_trials, sampler_seed=1)
+        run_search(base, space, config, progress=False, data=digits_data)
+    study = load_study(base.run_dir())
+    params = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(params) == 5 and len(set(params)) == 5
+    # A new study with the same seed still repeats the first run's points.
+    again = tiny_base(tmp_path / "again", epochs=1)
+    config = SearchConfig(sampler=sampler, pruner="none", n_trials=2, sampler_seed=1)
+    run_search(again, space, config, progress=False, data=digits_data)
+    assert [tuple(sorted(t.params.items())) for t in load_study(again.run_dir()).trials] == (
+        params[:2]
+    )
+
+
 def test_continuing_a_search_with_other_settings_is_refused(tmp_path, digits_data):
     base = tiny_base(tmp_path / "search", epochs=1)
     config = SearchConfig(sampler="grid", pruner="none", n_trials=1)
@@ -353,6 +380,106 @@ def test_a_value_the_run_settings_refuse_is_refused_before_any_trial(
     assert not (tmp_path / "search").exists()
 
 
+@pytest.mark.parametrize(
+    ("target", "choices"),
+    [
+        ("data.train_on_all", [True]),
+        ("data.val_fraction", [0.0]),
+        ("data.test_fraction", [0.1, 0.3]),
+        ("data.seed", [1, 2]),
+        ("data.max_per_class", [20]),
+        ("data.max_classes", [5]),
+        ("data.on_bad_image", ["skip"]),
+        ("data.dataset", ["digits"]),
+    ],
+)
+def test_a_space_that_changes_the_images_trials_are_compared_on_is_refused(
+    tmp_path, digits_data, target, choices
+):
+    """Trials that trained on the test images, ranked on training accuracy or on other splits
+    would be compared on different images: such a space is refused before anything is made."""
+    path = tmp_path / "space.yaml"
+    path.write_text(f"x: {{choices: {choices}, target: {target}}}\n", encoding="utf-8")
+    base = tiny_base(tmp_path / "search", epochs=1)
+    config = SearchConfig(sampler="grid", pruner="none", n_trials=1)
+    message = (
+        f"{path}: parameter 'x' targets {target}, which changes the images trials are compared on; "
+    )
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        run_search(
+            base, load_space(path), config, progress=False, data=digits_data, space_file=path
+        )
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "search").exists()
+
+
+def test_preprocessing_settings_may_be_searched():
+    """Image size and channels change how the same images are read, not which they are."""
+    from cnnkit.training.search_settings import check_data_targets
+
+    space = parse_space(
+        {
+            "size": {"choices": [16, 32], "target": "data.image_size"},
+            "channels": {"choices": [1, 3], "target": "data.channels"},
+        },
+        "sizes",
+    )
+    check_data_targets(space)  # No error.
+
+
+def test_cli_search_refuses_a_space_that_trains_on_the_test_images(tmp_path, capsys) -> None:
+    from cnnkit.cli import main
+
+    path = tmp_path / "space.yaml"
+    path.write_text("everything: {choices: [true], target: data.train_on_all}\n", encoding="utf-8")
+    out = tmp_path / "search"
+    args = ["search", "--dataset", "digits", "--space", str(path), "--out", str(out)]
+    tiny = ["--epochs", "1", "--max-steps-per-epoch", "2", "--n-trials", "1", "--workers", "1"]
+    assert main([*args, *tiny]) == 2
+    err = capsys.readouterr().err
+    assert "parameter 'everything' targets data.train_on_all" in err
+    assert not out.exists()
+
+
+def test_a_grid_search_of_a_continuous_range_leaves_no_study(tmp_path, digits_data):
+    space = SearchSpace(
+        "continuous", (SearchParameter("dropout", "float", "model.options.dropout", 0.0, 0.5),)
+    )
+    base = tiny_base(tmp_path / "search", epochs=1)
+    config = SearchConfig(sampler="grid", pruner="none")
+    with pytest.raises(ValueError, match="grid search needs finite values") as error:
+        run_search(base, space, config, progress=False, data=digits_data)
+    assert not (tmp_path / "search" / "study.db").exists()
+    assert not (tmp_path / "search").exists()
+    assert str(error.value) == (
+        "search space 'continuous': grid search needs finite values: give 'dropout' choices "
+        "or a step"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("widht: {choices: [8, 16]}", "search parameter 'widht' sets model option 'widht'"),
+        ("dense: {choices: [abc]}", "search parameter 'dense': 'abc' for model.options.dense"),
+        ("members: {choices: [1, 2]}", "search trains one model a trial, not ensembles"),
+    ],
+)
+def test_errors_of_the_model_checks_name_the_space_file(tmp_path, digits_data, text, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(text + "\n", encoding="utf-8")
+    base = tiny_base(tmp_path / "search")
+    config = SearchConfig(sampler="grid")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: {message}")):
+        run_search(
+            base, load_space(path), config, progress=False, data=digits_data, space_file=path
+        )
+    # Without the file: the space's name.
+    with pytest.raises(ValueError, match=re.escape(f"search space 'space': {message}")):
+        run_search(base, load_space(path), config, progress=False, data=digits_data)
+    assert not (tmp_path / "search").exists()
+
+
 def test_option_values_are_checked_against_the_models_the_space_names(tmp_path):
     """``dense`` is book_cnn's option, not symbol_cnn's: valid when the space trains both."""
     base = build_run_config(preset_for("digits"), {"out": str(tmp_path / "search")})
@@ -381,8 +508,8 @@ def test_each_worker_gets_its_own_sampler_seed(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(search_module, "die_with_parent", lambda: None)
 
-    def open_study(config, *_):
-        seen.append(config.sampler_seed)
+    def open_study(config, space, run_dir, held=0):
+        seen.append((config.sampler_seed, held))
         return None, "", ""
 
     monkeypatch.setattr(search_module, "open_study", open_study)
@@ -391,7 +518,22 @@ def test_each_worker_gets_its_own_sampler_seed(tmp_path, monkeypatch):
     for index in (1, 2):
         search_module._worker_main(base, TINY_SPACE, SearchConfig(sampler_seed=7), None, 1, index)
     search_module._worker_main(base, TINY_SPACE, SearchConfig(), None, 1, 1)
-    assert seen == [8, 9, None]
+    # On a continued study a worker opens it with the count the main process started from.
+    search_module._worker_main(base, TINY_SPACE, SearchConfig(sampler_seed=7), None, 1, 1, 4)
+    assert seen == [(8, 0), (9, 0), (None, 0), (8, 4)]
+
+
+def test_a_continued_study_gives_each_process_a_seed_of_its_own():
+    """Main process and workers, new and continued studies: no two start one sequence."""
+    from cnnkit.training.search import sampler_seed
+
+    assert sampler_seed(None, 5) is None
+    assert sampler_seed(7, 0) == 7  # A new study: the seed as given, reproducible.
+    # Seeds of processes (seed + index) for studies continued from 0 to 19 trials.
+    seeds = [sampler_seed(7 + index, held) for held in range(20) for index in range(4)]
+    assert len(set(seeds)) == len(seeds)
+    assert all(0 <= seed < 2**32 for seed in seeds)
+    assert sampler_seed(7, 3) == sampler_seed(7, 3)  # A continued run is reproducible too.
 
 
 def test_importances_are_fanova_over_the_parameters_that_varied():

@@ -44,9 +44,8 @@ from cnnkit.training.search_results import (
     write_outputs,
 )
 from cnnkit.training.search_settings import (
-    check_model_options,
-    check_parameter_values,
     check_same_search,
+    check_space,
     write_search_settings,
 )
 from cnnkit.training.search_workers import (
@@ -145,13 +144,34 @@ def trial_dir(run_dir: Path, number: int) -> Path:
     return Path(run_dir) / "trials" / f"trial-{number:03d}"
 
 
-def build_sampler(config: SearchConfig, space: SearchSpace) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler named by ``config.sampler``."""
+def sampler_seed(seed: int | None, held: int) -> int | None:
+    """The seed a random or TPE sampler starts from on a study that holds ``held`` trials.
+
+    A new study (``held`` 0) takes ``seed`` itself, so the same command repeats the same
+    search. A continued one must not: its sampler would start the seed's sequence again and
+    propose the points the first run tried. So each point a study is continued from gets a
+    seed of its own, mixed from both numbers (a sum such as ``seed + held`` would meet the
+    ``seed + index`` of an earlier run's worker).
+    """
+    if seed is None or held == 0:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence((seed % 2**32, held)).generate_state(1)[0])
+
+
+def build_sampler(
+    config: SearchConfig, space: SearchSpace, held: int = 0
+) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler named by ``config.sampler``, for a study that held ``held`` trials
+    when this search started (see :func:`sampler_seed`; the grid sampler skips the points
+    already tried by itself)."""
     if config.sampler == "grid":
         return optuna.samplers.GridSampler(space.grid(), seed=config.sampler_seed)
+    seed = sampler_seed(config.sampler_seed, held)
     if config.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=config.sampler_seed)
-    return optuna.samplers.TPESampler(seed=config.sampler_seed)
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def build_pruner(config: SearchConfig) -> optuna.pruners.BasePruner:
@@ -212,9 +232,13 @@ class PruningCallback(Callback):
 
 
 def open_study(
-    config: SearchConfig, space: SearchSpace, run_dir: Path
+    config: SearchConfig, space: SearchSpace, run_dir: Path, held: int = 0
 ) -> tuple[optuna.Study, str, str]:
     """Create or load the study (``load_if_exists``), with heartbeats for crashed workers.
+
+    ``held`` is the number of trials the study held when the search started, which a seeded
+    sampler's seed is derived from (:func:`build_sampler`): the search's main process counts
+    them once it has opened the study, and passes that count to its workers.
 
     Returns:
         The study, its storage URL and its name.
@@ -245,7 +269,7 @@ def open_study(
     study = optuna.create_study(
         storage=storage,
         study_name=name,
-        sampler=build_sampler(config, space),
+        sampler=build_sampler(config, space, held),
         pruner=build_pruner(config),
         direction="maximize",
         load_if_exists=True,
@@ -467,11 +491,14 @@ def _worker_main(
     cache_dir: Any,
     threads: int,
     index: int = 1,
+    held: int = 0,
 ) -> None:
     """Entry point of extra worker ``index``: the same loop, on the same study.
 
     A seeded sampler gets ``seed + index``: the same seed in every process would propose the
-    same trials in each. Ctrl-C ends the worker quietly; the main process reports it.
+    same trials in each. On a continued study (``held`` trials when the main process opened
+    it) that seed is mixed with ``held`` as the main process's is. Ctrl-C ends the worker
+    quietly; the main process reports it.
     """
     import torch
 
@@ -485,7 +512,7 @@ def _worker_main(
         # (a background job starts with SIGINT ignored); the main process sends SIGTERM when it
         # is stopped itself.
         with INTERRUPTS.installed():
-            study, _, _ = open_study(config, space, base.run_dir())
+            study, _, _ = open_study(config, space, base.run_dir(), held)
             _optimize(study, TrialRunner(base, space, config, base.run_dir(), cache_dir, False))
     except (KeyboardInterrupt, TrainingInterrupted):
         return
@@ -524,7 +551,12 @@ def _stop_workers(workers: list[multiprocessing.Process], report: bool = True) -
 
 
 def _start_workers(
-    base: RunConfig, space: SearchSpace, config: SearchConfig, cache_dir: Any, threads: int
+    base: RunConfig,
+    space: SearchSpace,
+    config: SearchConfig,
+    cache_dir: Any,
+    threads: int,
+    held: int = 0,
 ) -> list[multiprocessing.Process]:
     # "spawn" gives each worker a fresh interpreter: forking a process that has used
     # OpenMP threads can hang the child.
@@ -532,7 +564,7 @@ def _start_workers(
     processes = [
         context.Process(
             target=_worker_main,
-            args=(base, space, config, cache_dir, threads, index),
+            args=(base, space, config, cache_dir, threads, index, held),
             name=f"cnnkit-search-worker-{index}",
         )
         for index in range(1, config.workers)
@@ -551,6 +583,7 @@ def run_search(
     on_trial: Callable[[TrialSummary], None] | None = None,
     on_data: Callable[[LoadedData], None] | None = None,
     data: LoadedData | None = None,
+    space_file: str | Path | None = None,
 ) -> SearchResult:
     """Run (or continue) a search and write its results table, plots and HParams.
 
@@ -566,15 +599,21 @@ def run_search(
         on_trial: called after each trial this process finishes (the CLI prints a line).
         on_data: called once the data is loaded.
         data: already-loaded splits to use for every trial with the base data config.
+        space_file: the YAML file ``space`` was read from, which errors about it name (else
+            they name the space).
 
     Returns:
         The study's trials (from every process) and the files written.
 
     Raises:
-        ValueError: if the base config trains on the test images (``train_on_all``).
+        ValueError: if the base config trains on the test images (``train_on_all``), or the
+            space does not fit the base config or the sampler (a parameter that sets the data
+            split, a model option no model takes, a continuous range for the grid sampler).
     """
     with INTERRUPTS.installed():  # Ctrl-C and kill never land inside a storage query.
-        return _run_search(base, space, config, cache_dir, progress, on_trial, on_data, data)
+        return _run_search(
+            base, space, config, cache_dir, progress, on_trial, on_data, data, space_file
+        )
 
 
 def _run_search(
@@ -586,6 +625,7 @@ def _run_search(
     on_trial: Callable[[TrialSummary], None] | None,
     on_data: Callable[[LoadedData], None] | None,
     data: LoadedData | None,
+    space_file: str | Path | None = None,
 ) -> SearchResult:
     import torch
 
@@ -598,12 +638,17 @@ def _run_search(
     if not logger.isEnabledFor(logging.DEBUG):
         # Each trial is reported once (on_trial); Optuna's own INFO lines would repeat it.
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    check_model_options(space, base)
-    check_parameter_values(space, base)
+    # The space is checked before the search's folder and study are created: a refused one
+    # leaves nothing behind.
+    check_space(space, base, config.sampler, space_file)
     recorded_name = check_same_search(run_dir, base, space, config)
     if config.study_name is None and recorded_name:
         config = replace(config, study_name=recorded_name)
     study, url, name = open_study(config, space, run_dir)
+    held_at_start = len(study.get_trials(deepcopy=False))
+    if held_at_start:
+        # A continued study: a seeded sampler goes on with new points, not its first ones.
+        study.sampler = build_sampler(config, space, held_at_start)
     write_search_settings(run_dir, base, space, config, name, url)
     queued = recover_trials(study)
     if queued:
@@ -629,7 +674,7 @@ def _run_search(
     runner.config = config = replace(config, workers=processes)
     if processes > 1:
         per_worker = max(1, (os.cpu_count() or 1) // processes)
-        workers = _start_workers(base, space, config, cache_dir, per_worker)
+        workers = _start_workers(base, space, config, cache_dir, per_worker, held_at_start)
         torch.set_num_threads(per_worker)
     reporter = TrialReporter(on_trial, run_dir, study)
     try:
