@@ -1111,7 +1111,7 @@ def command_search(args: argparse.Namespace) -> int:
     from cnnkit.runtime import tune_allocator
     from cnnkit.training.search import SearchConfig, run_search
     from cnnkit.training.search_workers import default_workers
-    from cnnkit.training.spaces import resolve_space
+    from cnnkit.training.spaces import SPACES, resolve_space
     from cnnkit.training.trainer import TrainingInterrupted
 
     space = resolve_space(args.space)
@@ -1160,6 +1160,7 @@ def command_search(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             on_trial=_print_trial,
             on_data=_print_data_summary,
+            space_file=None if args.space in SPACES else args.space,
         )
     except (TrainingInterrupted, KeyboardInterrupt) as interrupted:
         detail = f": {interrupted}" if str(interrupted) else ""

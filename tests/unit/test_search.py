@@ -439,6 +439,10 @@ def test_cli_search_refuses_a_space_that_trains_on_the_test_images(tmp_path, cap
     err = capsys.readouterr().err
     assert "parameter 'everything' targets data.train_on_all" in err
     assert not out.exists()
+    # A model option the model does not take: the message names the file too.
+    path.write_text("drop: {choices: [0.1], target: model.options.no_such}\n", encoding="utf-8")
+    assert main([*args, *tiny]) == 2
+    assert f"{path}: search parameter 'drop' sets model option 'no_such'" in capsys.readouterr().err
 
 
 def test_a_grid_search_of_a_continuous_range_leaves_no_study(tmp_path, digits_data):
