@@ -387,3 +387,37 @@ def test_a_file_dropped_anywhere_is_used_on_both_pages(page, servers) -> None:
         expect(page.locator("#results .result")).to_have_count(count)
         assert page.url.rstrip("/") == servers[kind]
     assert page.problems == []
+
+
+def click_canvas(page, x: float, y: float) -> None:
+    """A dot at (``x``, ``y``) in 0..1 canvas coordinates: one stroke, one prediction."""
+    box = page.locator("#canvas").bounding_box()
+    page.mouse.click(box["x"] + x * box["width"], box["y"] + y * box["height"])
+
+
+def wait_for_prediction(page, action) -> None:
+    """Do ``action``, then wait until the prediction it sends is shown (or has failed)."""
+    with page.expect_response("**/api/predict"):
+        action()
+    expect(page.locator("#results")).not_to_have_attribute("aria-busy", "true")
+
+
+def test_the_focused_copy_button_keeps_the_focus_when_the_results_change(page, servers) -> None:
+    page.goto(servers["symbols"])
+    page.wait_for_selector("#canvas:visible")
+    wait_for_prediction(page, lambda: click_canvas(page, 0.3, 0.3))
+    wait_for_prediction(page, lambda: click_canvas(page, 0.7, 0.7))
+    copies = page.locator("#results button.copy")
+    expect(copies).to_have_count(5)
+    copies.nth(1).focus()
+    copies.nth(1).evaluate("button => { button.dataset.old = 'yes'; }")
+    # Ctrl+Z on a Copy button undoes the second dot; the new answer replaces every result.
+    wait_for_prediction(page, lambda: page.keyboard.press("Control+z"))
+    expect(copies).to_have_count(5)
+    expect(page.locator("#results button.copy[data-old]")).to_have_count(0)
+    expect(copies.nth(1)).to_be_focused()
+    # Undoing the last stroke empties the list: the focus goes to the results heading.
+    page.keyboard.press("Control+z")
+    expect(copies).to_have_count(0)
+    expect(page.locator("#results-title")).to_be_focused()
+    assert page.problems == []

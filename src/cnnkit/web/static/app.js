@@ -127,9 +127,21 @@
     return item;
   }
 
+  function replaceResults(items) {
+    // Removing a focused Copy button would drop the keyboard focus to the page: it goes to the
+    // Copy button at the same rank in the new list instead, or to the heading if there is none.
+    const copies = () => Array.from(resultsList.querySelectorAll("button.copy"));
+    const rank = copies().indexOf(document.activeElement);
+    resultsList.replaceChildren(...items);
+    if (rank < 0) return;
+    const same = copies()[rank];
+    if (same) same.focus();
+    else $("results-title").focus();
+  }
+
   function showResults(predictions) {
-    resultsList.replaceChildren(
-      ...predictions.map((p, rank) => (model.kind === "symbols" ? symbolItem(p) : photoItem(p, rank)))
+    replaceResults(
+      predictions.map((p, rank) => (model.kind === "symbols" ? symbolItem(p) : photoItem(p, rank)))
     );
     const best = predictions[0];
     const name = model.kind === "symbols" ? best.label : displayName(best.label);
@@ -148,7 +160,7 @@
     if (inFlight) inFlight.abort();
     // The aborted request's own clean-up skips a stale number, so it cannot do this.
     resultsList.removeAttribute("aria-busy");
-    resultsList.replaceChildren();
+    replaceResults([]);
     setStatus(message);
   }
 
@@ -193,7 +205,7 @@
       if (!response.ok) {
         const message = await errorMessage(response);
         if (number !== requestNumber) return;
-        resultsList.replaceChildren();
+        replaceResults([]);
         setStatus("No prediction.");
         showError(message);
         return;
@@ -201,7 +213,7 @@
       const body = await response.json();
       if (number !== requestNumber) return;
       if (!sameModel(body.model)) {
-        resultsList.replaceChildren();
+        replaceResults([]);
         setStatus("No prediction.");
         showError("The server now serves another model; reload the page.");
         return;
@@ -210,7 +222,7 @@
       showResults(body.predictions);
     } catch (error) {
       if (error.name === "AbortError" || number !== requestNumber) return;
-      resultsList.replaceChildren();
+      replaceResults([]);
       setStatus("No prediction.");
       showError("Could not reach the server: " + error.message);
     } finally {
