@@ -421,3 +421,15 @@ def test_the_focused_copy_button_keeps_the_focus_when_the_results_change(page, s
     expect(copies).to_have_count(0)
     expect(page.locator("#results-title")).to_be_focused()
     assert page.problems == []
+
+
+def test_undoing_the_last_stroke_from_clear_leaves_the_focus_on_the_canvas(page, servers) -> None:
+    page.goto(servers["symbols"])
+    page.wait_for_selector("#canvas:visible")
+    click_canvas(page, 0.5, 0.5)
+    expect(page.locator("#clear")).to_be_enabled()
+    page.focus("#clear")
+    page.keyboard.press("Control+z")  # Clear is disabled with nothing left to clear.
+    expect(page.locator("#clear")).to_be_disabled()
+    expect(page.locator("#canvas")).to_be_focused()
+    assert page.problems == []

@@ -371,11 +371,13 @@
 
     function undo() {
       if (strokes.length === 0 || current) return;
+      const focused = document.activeElement;
       strokes.pop();
       redraw();
       schedulePrediction();
-      // A disabled button loses the keyboard focus; keep it on the drawing.
-      if (undoButton.disabled && document.activeElement === undoButton) canvas.focus();
+      // A button disabled now (Undo, or Clear for Ctrl+Z) loses the keyboard focus; keep it on
+      // the drawing.
+      if (focused && focused.disabled) canvas.focus();
     }
     undoButton.addEventListener("click", undo);
     clearButton.addEventListener("click", () => {
