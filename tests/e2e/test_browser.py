@@ -433,3 +433,18 @@ def test_undoing_the_last_stroke_from_clear_leaves_the_focus_on_the_canvas(page,
     expect(page.locator("#clear")).to_be_disabled()
     expect(page.locator("#canvas")).to_be_focused()
     assert page.problems == []
+
+
+def test_ctrl_shift_z_does_not_undo(page, servers) -> None:
+    page.goto(servers["symbols"])
+    page.wait_for_selector("#canvas:visible")
+    click_canvas(page, 0.5, 0.5)
+    undo = page.locator("#undo")
+    expect(undo).to_be_enabled()
+    for keys in ("Control+Shift+Z", "Control+Alt+z", "Meta+Shift+Z"):
+        page.keyboard.press(keys)  # Redo, or some other command: never an undo.
+        assert undo.is_enabled(), keys
+    # Ctrl+Z itself still undoes: the keys above did reach the page's handler.
+    page.keyboard.press("Control+z")
+    expect(undo).to_be_disabled()
+    assert page.problems == []

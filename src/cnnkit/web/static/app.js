@@ -390,7 +390,9 @@
     });
     document.addEventListener("keydown", (event) => {
       const typing = event.target instanceof HTMLInputElement || event.target instanceof HTMLTextAreaElement;
-      if (!typing && (event.ctrlKey || event.metaKey) && event.key.toLowerCase() === "z") {
+      // Ctrl+Shift+Z is redo in most programs (and Alt makes another shortcut): neither undoes.
+      const undoKeys = (event.ctrlKey || event.metaKey) && !event.shiftKey && !event.altKey;
+      if (!typing && undoKeys && event.key.toLowerCase() === "z") {
         event.preventDefault();
         undo();
       }
