@@ -448,3 +448,31 @@ def test_ctrl_shift_z_does_not_undo(page, servers) -> None:
     page.keyboard.press("Control+z")
     expect(undo).to_be_disabled()
     assert page.problems == []
+
+
+def test_a_pen_draws_with_its_tip_and_not_with_its_barrel_button(page, servers) -> None:
+    page.goto(servers["symbols"])
+    page.wait_for_selector("#canvas:visible")
+    box = page.locator("#canvas").bounding_box()
+    cdp = page.context.new_cdp_session(page)
+
+    def pen_stroke(button: str, pressed: int) -> None:
+        for kind, x in (("mousePressed", 0.3), ("mouseMoved", 0.5), ("mouseReleased", 0.7)):
+            cdp.send(
+                "Input.dispatchMouseEvent",
+                {
+                    "type": kind,
+                    "x": box["x"] + x * box["width"],
+                    "y": box["y"] + 0.5 * box["height"],
+                    "button": button,
+                    "buttons": 0 if kind == "mouseReleased" else pressed,
+                    "clickCount": 1,
+                    "pointerType": "pen",
+                },
+            )
+
+    undo = page.locator("#undo")
+    pen_stroke("right", 2)  # The barrel button held, with the tip off the screen.
+    assert undo.is_disabled()
+    pen_stroke("left", 1)  # The tip: this one draws.
+    expect(undo).to_be_enabled()

@@ -338,7 +338,9 @@
     }
 
     canvas.addEventListener("pointerdown", (event) => {
-      if (current || (event.pointerType === "mouse" && event.button !== 0)) return;
+      // Only the main button draws: the left mouse button, or a finger's or a pen tip's contact
+      // (a pen's barrel button or eraser is another button).
+      if (current || event.button !== 0) return;
       event.preventDefault();
       canvas.setPointerCapture(event.pointerId);
       pointer = event.pointerId;
