@@ -282,6 +282,26 @@ def test_results_are_not_left_busy_when_a_prediction_is_cut_short(page, servers)
     assert len(held) == 2
 
 
+def inked_rows(page) -> list[float]:
+    """The first and last rows of the canvas with ink, as fractions of its height."""
+    return page.evaluate(
+        """() => {
+        const canvas = document.getElementById("canvas");
+        const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height);
+        const inked = [];
+        for (let y = 0; y < canvas.height; y += 1) {
+          for (let x = 0; x < canvas.width; x += 4) {
+            if (data.data[4 * (y * canvas.width + x)] < 128) {
+              inked.push(y / canvas.height);
+              break;
+            }
+          }
+        }
+        return [Math.min(...inked), Math.max(...inked)];
+        }"""
+    )
+
+
 def test_a_second_finger_does_not_join_the_stroke(browser, servers) -> None:
     context = browser.new_context(viewport={"width": 1100, "height": 760}, has_touch=True)
     page = context.new_page()
@@ -310,22 +330,7 @@ def test_a_second_finger_does_not_join_the_stroke(browser, servers) -> None:
     touch("touchEnd")
     expect(page.locator("#results .result")).to_have_count(5)
     # Only the first finger's horizontal line was drawn: no ink far from its row.
-    rows = page.evaluate(
-        """() => {
-        const canvas = document.getElementById("canvas");
-        const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height);
-        const inked = [];
-        for (let y = 0; y < canvas.height; y += 1) {
-          for (let x = 0; x < canvas.width; x += 4) {
-            if (data.data[4 * (y * canvas.width + x)] < 128) {
-              inked.push(y / canvas.height);
-              break;
-            }
-          }
-        }
-        return [Math.min(...inked), Math.max(...inked)];
-        }"""
-    )
+    rows = inked_rows(page)
     assert rows[0] > 0.4 and rows[1] < 0.6, rows
     context.close()
 
@@ -476,3 +481,34 @@ def test_a_pen_draws_with_its_tip_and_not_with_its_barrel_button(page, servers) 
     assert undo.is_disabled()
     pen_stroke("left", 1)  # The tip: this one draws.
     expect(undo).to_be_enabled()
+
+
+def test_the_canvas_follows_a_change_of_device_pixel_ratio(page, servers) -> None:
+    """Browser zoom or a move to another screen changes devicePixelRatio but not the canvas's
+    size in CSS pixels: the pixel buffer follows, and the drawing stays where it was."""
+    page.goto(servers["symbols"])
+    page.wait_for_selector("#canvas:visible")
+    box = page.locator("#canvas").bounding_box()
+    page.mouse.move(box["x"] + 0.2 * box["width"], box["y"] + 0.5 * box["height"])
+    page.mouse.down()
+    page.mouse.move(box["x"] + 0.8 * box["width"], box["y"] + 0.5 * box["height"], steps=4)
+    page.mouse.up()
+    canvas = page.locator("#canvas")
+    sizes = "canvas => [canvas.clientWidth, canvas.width, devicePixelRatio]"
+    css_width, _, _ = canvas.evaluate(sizes)
+    assert canvas.evaluate(sizes) == [css_width, css_width, 1]
+    cdp = page.context.new_cdp_session(page)
+    # Back to 1 as well: the media query is armed again after a change. Headless Chromium
+    # sends media query changes on a resize only, so the window's width changes a little too
+    # (the canvas keeps its size in CSS pixels, checked below, so ResizeObserver stays quiet).
+    for ratio, width in ((2, 1080), (1, 1060)):
+        cdp.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": 760, "deviceScaleFactor": ratio, "mobile": False},
+        )
+        page.wait_for_function(f"() => devicePixelRatio === {ratio}")
+        expect(canvas).to_have_attribute("width", str(ratio * css_width))
+        assert canvas.evaluate(sizes) == [css_width, ratio * css_width, ratio]
+        rows = inked_rows(page)
+        assert rows[0] > 0.45 and rows[1] < 0.55, rows
+    assert page.problems == []

@@ -400,7 +400,19 @@
       }
     });
 
+    function watchPixelRatio() {
+      // Browser zoom or a move to another screen can change devicePixelRatio and not the
+      // canvas's size in CSS pixels, which is all ResizeObserver sees. A query matches only the
+      // ratio it was made for, so a new one is armed after each change.
+      const query = window.matchMedia(`(resolution: ${window.devicePixelRatio || 1}dppx)`);
+      query.addEventListener("change", () => {
+        fitBackingStore();
+        watchPixelRatio();
+      }, { once: true });
+    }
+
     new ResizeObserver(fitBackingStore).observe(canvas);
+    watchPixelRatio();
     fitBackingStore();
     redraw();
     setStatus("Draw a symbol to see predictions.");
