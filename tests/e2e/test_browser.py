@@ -512,3 +512,49 @@ def test_the_canvas_follows_a_change_of_device_pixel_ratio(page, servers) -> Non
         rows = inked_rows(page)
         assert rows[0] > 0.45 and rows[1] < 0.55, rows
     assert page.problems == []
+
+
+@pytest.mark.parametrize("secure", [True, False], ids=["clipboard-refused", "not-secure"])
+def test_copying_falls_back_to_execcommand_keeps_the_focus_and_reports_failure(
+    page, servers, secure: bool
+) -> None:
+    """The Clipboard API refused (or absent outside a secure context): the hidden textarea and
+    execCommand("copy") are used, the focus comes back to the Copy button, and a copy that
+    execCommand says failed is reported as failed."""
+    page.add_init_script(
+        """(() => {
+        window.copies = [];
+        window.copyWorks = true;
+        Document.prototype.execCommand = function (command) {
+          const focused = document.activeElement;
+          window.copies.push([command, focused.tagName, focused.value]);
+          return window.copyWorks;
+        };
+        Clipboard.prototype.writeText = () =>
+          Promise.reject(new DOMException("Write permission denied.", "NotAllowedError"));
+        })()"""
+        + ("" if secure else "; Object.defineProperty(window, 'isSecureContext', {value: false})")
+    )
+    page.goto(servers["symbols"])
+    page.wait_for_selector("#canvas:visible")
+    click_canvas(page, 0.5, 0.5)
+    copies = page.locator("#results button.copy")
+    expect(copies).to_have_count(5)
+    assert page.evaluate("() => window.isSecureContext") is secure
+    label = page.locator("#results code.latex").first.inner_text()
+    copies.first.focus()
+    page.keyboard.press("Enter")
+    expect(copies.first).to_have_text("Copied")
+    expect(copies.first).to_be_focused()
+    assert page.evaluate("() => window.copies") == [["copy", "TEXTAREA", label]]
+    assert page.locator("#error").is_hidden()
+
+    page.evaluate("() => { window.copyWorks = false; }")
+    copies.nth(1).focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#error")).to_contain_text("Could not copy")
+    expect(copies.nth(1)).to_have_text("Copy")
+    expect(copies.nth(1)).to_be_focused()
+    assert len(page.evaluate("() => window.copies")) == 2
+    assert page.locator("textarea").count() == 0
+    assert page.problems == []

@@ -39,30 +39,48 @@
     return (confidence * 100).toFixed(confidence >= 0.995 ? 0 : 1) + "%";
   }
 
-  async function copyText(text, button) {
+  function copyWithTextarea(text) {
+    // The old way, for pages that are not a secure context or where the Clipboard API refuses:
+    // a hidden textarea takes the focus for a moment, so it goes back where it was.
+    const focused = document.activeElement;
+    const area = document.createElement("textarea");
+    area.value = text;
+    area.setAttribute("readonly", "");
+    area.className = "visually-hidden";
+    document.body.appendChild(area);
     try {
-      if (navigator.clipboard && window.isSecureContext) {
-        await navigator.clipboard.writeText(text);
-      } else {
-        const area = document.createElement("textarea");
-        area.value = text;
-        area.setAttribute("readonly", "");
-        area.className = "visually-hidden";
-        document.body.appendChild(area);
-        area.select();
-        document.execCommand("copy");
-        area.remove();
-      }
-      button.textContent = "Copied";
-      button.setAttribute("aria-label", "Copied " + text);
-      clearTimeout(button.restoreTimer); // A second click within the pause restarts it.
-      button.restoreTimer = setTimeout(() => {
-        button.textContent = "Copy";
-        button.setAttribute("aria-label", "Copy " + text);
-      }, 1200);
-    } catch (error) {
-      showError("Could not copy to the clipboard; select the text and copy it instead.");
+      area.select();
+      return document.execCommand("copy"); // False when the browser did not copy.
+    } finally {
+      area.remove();
+      if (focused && focused !== document.body) focused.focus();
     }
+  }
+
+  async function copyText(text, button) {
+    let copied = false;
+    if (navigator.clipboard && window.isSecureContext) {
+      try {
+        await navigator.clipboard.writeText(text);
+        copied = true;
+      } catch (refused) { /* No permission, or the page lost the focus: try the old way. */ }
+    }
+    if (!copied) {
+      try {
+        copied = copyWithTextarea(text);
+      } catch (ignored) { /* Reported below. */ }
+    }
+    if (!copied) {
+      showError("Could not copy to the clipboard; select the text and copy it instead.");
+      return;
+    }
+    button.textContent = "Copied";
+    button.setAttribute("aria-label", "Copied " + text);
+    clearTimeout(button.restoreTimer); // A second click within the pause restarts it.
+    button.restoreTimer = setTimeout(() => {
+      button.textContent = "Copy";
+      button.setAttribute("aria-label", "Copy " + text);
+    }, 1200);
   }
 
   function meter(confidence) {
