@@ -558,3 +558,30 @@ def test_copying_falls_back_to_execcommand_keeps_the_focus_and_reports_failure(
     assert len(page.evaluate("() => window.copies")) == 2
     assert page.locator("textarea").count() == 0
     assert page.problems == []
+
+
+@pytest.mark.parametrize(
+    "script",
+    [{"status": 404, "body": "not found"}, {"status": 200, "body": "const broken = ;"}],
+    ids=["missing", "syntax-error"],
+)
+def test_a_page_whose_script_did_not_run_says_so(page, servers, script: dict) -> None:
+    page.route(
+        "**/static/app.js",
+        lambda route: route.fulfill(content_type="text/javascript", **script),
+    )
+    page.goto(servers["symbols"])
+    notice = page.locator("#script-notice")
+    expect(notice).to_be_visible(timeout=15_000)  # After a few seconds, by CSS alone.
+    expect(notice).to_contain_text("script did not load")
+    expect(notice.locator("a")).to_have_attribute("href", "/docs")
+    expect(page.locator("#model-info")).to_have_text("Loading the model…")
+
+
+def test_the_script_removes_the_notice_that_it_did_not_load(page, servers) -> None:
+    for kind in ("symbols", "photos"):
+        assert 'id="script-notice"' in page.request.get(servers[kind]).text()
+        page.goto(servers[kind])
+        expect(page.locator("#model-info")).not_to_have_text("Loading the model…")
+        expect(page.locator("#script-notice")).to_have_count(0)
+    assert page.problems == []

@@ -8,6 +8,9 @@
   const STROKE_FRACTION = 0.035; // Stroke width as a fraction of the canvas side.
 
   const $ = (id) => document.getElementById(id);
+  // The script runs: the page's notice that it did not load goes before it shows.
+  const notice = $("script-notice");
+  if (notice) notice.remove();
   const errorBox = $("error");
   const statusLine = $("status");
   const resultsList = $("results");
