@@ -585,3 +585,83 @@ def test_the_script_removes_the_notice_that_it_did_not_load(page, servers) -> No
         expect(page.locator("#model-info")).not_to_have_text("Loading the model…")
         expect(page.locator("#script-notice")).to_have_count(0)
     assert page.problems == []
+
+
+def test_an_unexpected_model_description_is_reported(page, servers) -> None:
+    """A 200 from /api/model that is not JSON, or not a model description, is an error."""
+    bodies = [
+        "<html>Bad gateway</html>",
+        "null",
+        "{}",
+        '"symbols"',
+        '{"architecture": "symbol_cnn", "num_classes": 8}',
+        '{"architecture": "symbol_cnn", "kind": "symbols"}',
+        '{"architecture": "symbol_cnn", "kind": "symbols", "num_classes": "8"}',
+        '{"kind": "photos", "num_classes": 3}',
+    ]
+    answer = {"body": ""}
+    page.route(
+        "**/api/model",
+        lambda route: route.fulfill(status=200, content_type="application/json", **answer),
+    )
+    for answer["body"] in bodies:
+        page.goto(servers["symbols"])
+        expect(page.locator("#error")).to_have_text(
+            "The server sent an unexpected answer for the model description (/api/model); "
+            "reload the page, or check the server."
+        )
+        expect(page.locator("#model-info")).to_have_text("No model information.")
+        expect(page.locator("#status")).to_have_text("Unavailable.")
+        assert page.locator("#symbols-panel").is_hidden(), answer
+        assert page.locator("#photos-panel").is_hidden(), answer
+        assert "undefined" not in page.locator("body").inner_text(), answer
+    assert page.problems == []
+
+
+def test_a_model_description_that_cannot_be_fetched_is_reported(page, servers) -> None:
+    page.route("**/api/model", lambda route: route.abort())
+    page.goto(servers["photos"])
+    expect(page.locator("#error")).to_contain_text("Could not reach the server")
+    expect(page.locator("#model-info")).to_have_text("No model information.")
+    expect(page.locator("#status")).to_have_text("Unavailable.")
+
+
+def test_an_unexpected_prediction_answer_is_reported(page, servers) -> None:
+    answer: dict[str, str | None] = {"body": None}  # None: the server's own answer.
+
+    def respond(route) -> None:
+        if answer["body"] is None:
+            route.fallback()
+        else:
+            route.fulfill(status=200, content_type="application/json", body=answer["body"])
+
+    page.route("**/api/predict", respond)
+    page.goto(servers["symbols"])
+    page.wait_for_selector("#canvas:visible")
+    results, error = page.locator("#results .result"), page.locator("#error")
+    bodies = [
+        "not JSON",
+        "null",
+        "{}",
+        '{"predictions": []}',
+        '{"predictions": "\\\\alpha"}',
+        '{"predictions": [null]}',
+        '{"predictions": [{"label": "\\\\alpha"}]}',
+        '{"predictions": [{"confidence": 0.5}]}',
+        '{"predictions": [{"label": "\\\\alpha", "confidence": "high"}]}',
+    ]
+    for body in bodies:
+        for answer["body"] in (None, body):  # A good answer first clears the error box.
+            if page.locator("#undo").is_enabled():
+                page.keyboard.press("Control+z")
+            wait_for_prediction(page, lambda: click_canvas(page, 0.5, 0.5))
+            if answer["body"] is None:
+                expect(results).to_have_count(5)
+                expect(error).to_be_hidden()
+        expect(error).to_have_text(
+            "The server sent an unexpected answer to the prediction request; try again, or "
+            "reload the page.",
+        )
+        expect(results).to_have_count(0)
+        expect(page.locator("#status")).to_have_text("No prediction.")
+    assert page.problems == []

@@ -199,6 +199,37 @@
     return "The server answered " + response.status + " " + response.statusText;
   }
 
+  async function readJson(response) {
+    // Undefined for a body that is not JSON (or breaks off): the callers' checks reject it.
+    try {
+      return await response.json();
+    } catch (ignored) {
+      return undefined;
+    }
+  }
+
+  function isModel(value) {
+    return Boolean(value) && typeof value.architecture === "string" &&
+      (value.kind === "symbols" || value.kind === "photos") &&
+      Number.isInteger(value.num_classes) && value.num_classes > 0;
+  }
+
+  function isPrediction(value) {
+    return Boolean(value) && typeof value.label === "string" && value.label !== "" &&
+      typeof value.confidence === "number" && value.confidence >= 0 && value.confidence <= 1;
+  }
+
+  function isAnswer(body) {
+    return Boolean(body) && Array.isArray(body.predictions) && body.predictions.length > 0 &&
+      body.predictions.every(isPrediction);
+  }
+
+  function noPrediction(message) {
+    replaceResults([]);
+    setStatus("No prediction.");
+    showError(message);
+  }
+
   function megabytes(bytes) {
     return (bytes / 1e6).toFixed(1) + " MB";
   }
@@ -221,31 +252,36 @@
     if (source !== "canvas" || !resultsList.children.length) setStatus("Predicting…");
     resultsList.setAttribute("aria-busy", "true");
     try {
-      const response = await fetch("/api/predict", { method: "POST", body: form, signal: inFlight.signal });
+      let response;
+      try {
+        response = await fetch("/api/predict", { method: "POST", body: form, signal: inFlight.signal });
+      } catch (error) {
+        if (error.name !== "AbortError" && number === requestNumber) {
+          noPrediction("Could not reach the server: " + error.message);
+        }
+        return;
+      }
       if (number !== requestNumber) return;
       if (!response.ok) {
         const message = await errorMessage(response);
         if (number !== requestNumber) return;
-        replaceResults([]);
-        setStatus("No prediction.");
-        showError(message);
+        noPrediction(message);
         return;
       }
-      const body = await response.json();
+      const body = await readJson(response);
       if (number !== requestNumber) return;
+      if (!isAnswer(body)) {
+        noPrediction(
+          "The server sent an unexpected answer to the prediction request; try again, or reload the page."
+        );
+        return;
+      }
       if (!sameModel(body.model)) {
-        replaceResults([]);
-        setStatus("No prediction.");
-        showError("The server now serves another model; reload the page.");
+        noPrediction("The server now serves another model; reload the page.");
         return;
       }
       clearError();
       showResults(body.predictions);
-    } catch (error) {
-      if (error.name === "AbortError" || number !== requestNumber) return;
-      replaceResults([]);
-      setStatus("No prediction.");
-      showError("Could not reach the server: " + error.message);
     } finally {
       if (number === requestNumber) resultsList.removeAttribute("aria-busy");
     }
@@ -490,17 +526,33 @@
     setStatus("Choose a photo to see the likely species.");
   }
 
+  function modelUnavailable(message) {
+    $("model-info").textContent = "No model information.";
+    setStatus("Unavailable.");
+    showError(message);
+  }
+
   async function start() {
+    let response;
     try {
-      const response = await fetch("/api/model");
-      if (!response.ok) throw new Error(await errorMessage(response));
-      model = await response.json();
+      response = await fetch("/api/model");
     } catch (error) {
-      $("model-info").textContent = "No model information.";
-      setStatus("Unavailable.");
-      showError("Could not load the model description: " + error.message);
+      modelUnavailable("Could not reach the server: " + error.message);
       return;
     }
+    if (!response.ok) {
+      modelUnavailable("Could not load the model description: " + (await errorMessage(response)));
+      return;
+    }
+    const described = await readJson(response);
+    if (!isModel(described)) {
+      modelUnavailable(
+        "The server sent an unexpected answer for the model description (/api/model); " +
+        "reload the page, or check the server."
+      );
+      return;
+    }
+    model = described;
     const what = model.kind === "symbols" ? "handwritten symbols" : "photos";
     $("model-info").textContent = model.architecture + " · " + model.num_classes + " classes · " + what;
     if (model.kind === "symbols") {
