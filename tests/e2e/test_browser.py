@@ -665,3 +665,33 @@ def test_an_unexpected_prediction_answer_is_reported(page, servers) -> None:
         expect(results).to_have_count(0)
         expect(page.locator("#status")).to_have_text("No prediction.")
     assert page.problems == []
+
+
+def test_a_prediction_without_a_rendered_symbol_shows_no_image(page, servers) -> None:
+    """The server leaves out ``render`` for a very long label; a render that fails (an older
+    server's URL for such a label) leaves no broken image either."""
+
+    def respond(route) -> None:
+        answer = route.fetch().json()
+        del answer["predictions"][0]["render"]
+        answer["predictions"][1]["render"] = None
+        answer["predictions"][2]["render"] = "/api/render?latex=" + "x" * 1000  # Refused.
+        route.fulfill(json=answer)
+
+    page.route("**/api/predict", respond)
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.goto(servers["symbols"])
+    page.wait_for_selector("#canvas:visible")
+    click_canvas(page, 0.5, 0.5)
+    items = page.locator("#results .result")
+    expect(items).to_have_count(5)
+    for rank in range(3):
+        expect(items.nth(rank).locator("img")).to_have_count(0)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#results img.symbol')]"
+        ".every(image => image.complete && image.naturalWidth > 0)"
+    )
+    expect(page.locator("#results img.symbol")).to_have_count(2)
+    assert not [url for url in requested if url.endswith(("/undefined", "/null"))], requested
+    assert page.locator("#error").is_hidden()

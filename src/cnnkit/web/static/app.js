@@ -109,11 +109,15 @@
     // At its own size (a dot stays small, x smaller than X), centred in a fixed box.
     const box = document.createElement("span");
     box.className = "symbol-box";
-    const image = document.createElement("img");
-    image.className = "symbol";
-    image.src = prediction.render;
-    image.alt = ""; // The LaTeX code next to it says the same to a screen reader.
-    box.appendChild(image);
+    // The server leaves out the picture of a very long label: the box then stays empty.
+    if (typeof prediction.render === "string" && prediction.render) {
+      const image = document.createElement("img");
+      image.className = "symbol";
+      image.src = prediction.render;
+      image.alt = ""; // The LaTeX code next to it says the same to a screen reader.
+      image.addEventListener("error", () => image.remove()); // No broken-image icon.
+      box.appendChild(image);
+    }
     const body = document.createElement("div");
     const head = document.createElement("div");
     head.className = "result-head";
