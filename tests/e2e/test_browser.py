@@ -282,6 +282,26 @@ def test_results_are_not_left_busy_when_a_prediction_is_cut_short(page, servers)
     assert len(held) == 2
 
 
+def inked_rows(page) -> list[float]:
+    """The first and last rows of the canvas with ink, as fractions of its height."""
+    return page.evaluate(
+        """() => {
+        const canvas = document.getElementById("canvas");
+        const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height);
+        const inked = [];
+        for (let y = 0; y < canvas.height; y += 1) {
+          for (let x = 0; x < canvas.width; x += 4) {
+            if (data.data[4 * (y * canvas.width + x)] < 128) {
+              inked.push(y / canvas.height);
+              break;
+            }
+          }
+        }
+        return [Math.min(...inked), Math.max(...inked)];
+        }"""
+    )
+
+
 def test_a_second_finger_does_not_join_the_stroke(browser, servers) -> None:
     context = browser.new_context(viewport={"width": 1100, "height": 760}, has_touch=True)
     page = context.new_page()
@@ -310,22 +330,7 @@ def test_a_second_finger_does_not_join_the_stroke(browser, servers) -> None:
     touch("touchEnd")
     expect(page.locator("#results .result")).to_have_count(5)
     # Only the first finger's horizontal line was drawn: no ink far from its row.
-    rows = page.evaluate(
-        """() => {
-        const canvas = document.getElementById("canvas");
-        const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height);
-        const inked = [];
-        for (let y = 0; y < canvas.height; y += 1) {
-          for (let x = 0; x < canvas.width; x += 4) {
-            if (data.data[4 * (y * canvas.width + x)] < 128) {
-              inked.push(y / canvas.height);
-              break;
-            }
-          }
-        }
-        return [Math.min(...inked), Math.max(...inked)];
-        }"""
-    )
+    rows = inked_rows(page)
     assert rows[0] > 0.4 and rows[1] < 0.6, rows
     context.close()
 
@@ -387,3 +392,303 @@ def test_a_file_dropped_anywhere_is_used_on_both_pages(page, servers) -> None:
         expect(page.locator("#results .result")).to_have_count(count)
         assert page.url.rstrip("/") == servers[kind]
     assert page.problems == []
+
+
+def click_canvas(page, x: float, y: float) -> None:
+    """A dot at (``x``, ``y``) in 0..1 canvas coordinates: one stroke, one prediction."""
+    box = page.locator("#canvas").bounding_box()
+    page.mouse.click(box["x"] + x * box["width"], box["y"] + y * box["height"])
+
+
+def wait_for_prediction(page, action) -> None:
+    """Do ``action``, then wait until the prediction it sends is shown (or has failed)."""
+    with page.expect_response("**/api/predict"):
+        action()
+    expect(page.locator("#results")).not_to_have_attribute("aria-busy", "true")
+
+
+def test_the_focused_copy_button_keeps_the_focus_when_the_results_change(page, servers) -> None:
+    page.goto(servers["symbols"])
+    page.wait_for_selector("#canvas:visible")
+    wait_for_prediction(page, lambda: click_canvas(page, 0.3, 0.3))
+    wait_for_prediction(page, lambda: click_canvas(page, 0.7, 0.7))
+    copies = page.locator("#results button.copy")
+    expect(copies).to_have_count(5)
+    copies.nth(1).focus()
+    copies.nth(1).evaluate("button => { button.dataset.old = 'yes'; }")
+    # Ctrl+Z on a Copy button undoes the second dot; the new answer replaces every result.
+    wait_for_prediction(page, lambda: page.keyboard.press("Control+z"))
+    expect(copies).to_have_count(5)
+    expect(page.locator("#results button.copy[data-old]")).to_have_count(0)
+    expect(copies.nth(1)).to_be_focused()
+    # Undoing the last stroke empties the list: the focus goes to the results heading.
+    page.keyboard.press("Control+z")
+    expect(copies).to_have_count(0)
+    expect(page.locator("#results-title")).to_be_focused()
+    assert page.problems == []
+
+
+def test_undoing_the_last_stroke_from_clear_leaves_the_focus_on_the_canvas(page, servers) -> None:
+    page.goto(servers["symbols"])
+    page.wait_for_selector("#canvas:visible")
+    click_canvas(page, 0.5, 0.5)
+    expect(page.locator("#clear")).to_be_enabled()
+    page.focus("#clear")
+    page.keyboard.press("Control+z")  # Clear is disabled with nothing left to clear.
+    expect(page.locator("#clear")).to_be_disabled()
+    expect(page.locator("#canvas")).to_be_focused()
+    assert page.problems == []
+
+
+def test_ctrl_shift_z_does_not_undo(page, servers) -> None:
+    page.goto(servers["symbols"])
+    page.wait_for_selector("#canvas:visible")
+    click_canvas(page, 0.5, 0.5)
+    undo = page.locator("#undo")
+    expect(undo).to_be_enabled()
+    for keys in ("Control+Shift+Z", "Control+Alt+z", "Meta+Shift+Z"):
+        page.keyboard.press(keys)  # Redo, or some other command: never an undo.
+        assert undo.is_enabled(), keys
+    # Ctrl+Z itself still undoes: the keys above did reach the page's handler.
+    page.keyboard.press("Control+z")
+    expect(undo).to_be_disabled()
+    assert page.problems == []
+
+
+def test_a_pen_draws_with_its_tip_and_not_with_its_barrel_button(page, servers) -> None:
+    page.goto(servers["symbols"])
+    page.wait_for_selector("#canvas:visible")
+    box = page.locator("#canvas").bounding_box()
+    cdp = page.context.new_cdp_session(page)
+
+    def pen_stroke(button: str, pressed: int) -> None:
+        for kind, x in (("mousePressed", 0.3), ("mouseMoved", 0.5), ("mouseReleased", 0.7)):
+            cdp.send(
+                "Input.dispatchMouseEvent",
+                {
+                    "type": kind,
+                    "x": box["x"] + x * box["width"],
+                    "y": box["y"] + 0.5 * box["height"],
+                    "button": button,
+                    "buttons": 0 if kind == "mouseReleased" else pressed,
+                    "clickCount": 1,
+                    "pointerType": "pen",
+                },
+            )
+
+    undo = page.locator("#undo")
+    pen_stroke("right", 2)  # The barrel button held, with the tip off the screen.
+    assert undo.is_disabled()
+    pen_stroke("left", 1)  # The tip: this one draws.
+    expect(undo).to_be_enabled()
+
+
+def test_the_canvas_follows_a_change_of_device_pixel_ratio(page, servers) -> None:
+    """Browser zoom or a move to another screen changes devicePixelRatio but not the canvas's
+    size in CSS pixels: the pixel buffer follows, and the drawing stays where it was."""
+    page.goto(servers["symbols"])
+    page.wait_for_selector("#canvas:visible")
+    box = page.locator("#canvas").bounding_box()
+    page.mouse.move(box["x"] + 0.2 * box["width"], box["y"] + 0.5 * box["height"])
+    page.mouse.down()
+    page.mouse.move(box["x"] + 0.8 * box["width"], box["y"] + 0.5 * box["height"], steps=4)
+    page.mouse.up()
+    canvas = page.locator("#canvas")
+    sizes = "canvas => [canvas.clientWidth, canvas.width, devicePixelRatio]"
+    css_width, _, _ = canvas.evaluate(sizes)
+    assert canvas.evaluate(sizes) == [css_width, css_width, 1]
+    cdp = page.context.new_cdp_session(page)
+    # Back to 1 as well: the media query is armed again after a change. Headless Chromium
+    # sends media query changes on a resize only, so the window's width changes a little too
+    # (the canvas keeps its size in CSS pixels, checked below, so ResizeObserver stays quiet).
+    for ratio, width in ((2, 1080), (1, 1060)):
+        cdp.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": 760, "deviceScaleFactor": ratio, "mobile": False},
+        )
+        page.wait_for_function(f"() => devicePixelRatio === {ratio}")
+        expect(canvas).to_have_attribute("width", str(ratio * css_width))
+        assert canvas.evaluate(sizes) == [css_width, ratio * css_width, ratio]
+        rows = inked_rows(page)
+        assert rows[0] > 0.45 and rows[1] < 0.55, rows
+    assert page.problems == []
+
+
+@pytest.mark.parametrize("secure", [True, False], ids=["clipboard-refused", "not-secure"])
+def test_copying_falls_back_to_execcommand_keeps_the_focus_and_reports_failure(
+    page, servers, secure: bool
+) -> None:
+    """The Clipboard API refused (or absent outside a secure context): the hidden textarea and
+    execCommand("copy") are used, the focus comes back to the Copy button, and a copy that
+    execCommand says failed is reported as failed."""
+    page.add_init_script(
+        """(() => {
+        window.copies = [];
+        window.copyWorks = true;
+        Document.prototype.execCommand = function (command) {
+          const focused = document.activeElement;
+          window.copies.push([command, focused.tagName, focused.value]);
+          return window.copyWorks;
+        };
+        Clipboard.prototype.writeText = () =>
+          Promise.reject(new DOMException("Write permission denied.", "NotAllowedError"));
+        })()"""
+        + ("" if secure else "; Object.defineProperty(window, 'isSecureContext', {value: false})")
+    )
+    page.goto(servers["symbols"])
+    page.wait_for_selector("#canvas:visible")
+    click_canvas(page, 0.5, 0.5)
+    copies = page.locator("#results button.copy")
+    expect(copies).to_have_count(5)
+    assert page.evaluate("() => window.isSecureContext") is secure
+    label = page.locator("#results code.latex").first.inner_text()
+    copies.first.focus()
+    page.keyboard.press("Enter")
+    expect(copies.first).to_have_text("Copied")
+    expect(copies.first).to_be_focused()
+    assert page.evaluate("() => window.copies") == [["copy", "TEXTAREA", label]]
+    assert page.locator("#error").is_hidden()
+
+    page.evaluate("() => { window.copyWorks = false; }")
+    copies.nth(1).focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#error")).to_contain_text("Could not copy")
+    expect(copies.nth(1)).to_have_text("Copy")
+    expect(copies.nth(1)).to_be_focused()
+    assert len(page.evaluate("() => window.copies")) == 2
+    assert page.locator("textarea").count() == 0
+    assert page.problems == []
+
+
+@pytest.mark.parametrize(
+    "script",
+    [{"status": 404, "body": "not found"}, {"status": 200, "body": "const broken = ;"}],
+    ids=["missing", "syntax-error"],
+)
+def test_a_page_whose_script_did_not_run_says_so(page, servers, script: dict) -> None:
+    page.route(
+        "**/static/app.js",
+        lambda route: route.fulfill(content_type="text/javascript", **script),
+    )
+    page.goto(servers["symbols"])
+    notice = page.locator("#script-notice")
+    expect(notice).to_be_visible(timeout=15_000)  # After a few seconds, by CSS alone.
+    expect(notice).to_contain_text("script did not load")
+    expect(notice.locator("a")).to_have_attribute("href", "/docs")
+    expect(page.locator("#model-info")).to_have_text("Loading the model…")
+
+
+def test_the_script_removes_the_notice_that_it_did_not_load(page, servers) -> None:
+    for kind in ("symbols", "photos"):
+        assert 'id="script-notice"' in page.request.get(servers[kind]).text()
+        page.goto(servers[kind])
+        expect(page.locator("#model-info")).not_to_have_text("Loading the model…")
+        expect(page.locator("#script-notice")).to_have_count(0)
+    assert page.problems == []
+
+
+def test_an_unexpected_model_description_is_reported(page, servers) -> None:
+    """A 200 from /api/model that is not JSON, or not a model description, is an error."""
+    bodies = [
+        "<html>Bad gateway</html>",
+        "null",
+        "{}",
+        '"symbols"',
+        '{"architecture": "symbol_cnn", "num_classes": 8}',
+        '{"architecture": "symbol_cnn", "kind": "symbols"}',
+        '{"architecture": "symbol_cnn", "kind": "symbols", "num_classes": "8"}',
+        '{"kind": "photos", "num_classes": 3}',
+    ]
+    answer = {"body": ""}
+    page.route(
+        "**/api/model",
+        lambda route: route.fulfill(status=200, content_type="application/json", **answer),
+    )
+    for answer["body"] in bodies:
+        page.goto(servers["symbols"])
+        expect(page.locator("#error")).to_have_text(
+            "The server sent an unexpected answer for the model description (/api/model); "
+            "reload the page, or check the server."
+        )
+        expect(page.locator("#model-info")).to_have_text("No model information.")
+        expect(page.locator("#status")).to_have_text("Unavailable.")
+        assert page.locator("#symbols-panel").is_hidden(), answer
+        assert page.locator("#photos-panel").is_hidden(), answer
+        assert "undefined" not in page.locator("body").inner_text(), answer
+    assert page.problems == []
+
+
+def test_a_model_description_that_cannot_be_fetched_is_reported(page, servers) -> None:
+    page.route("**/api/model", lambda route: route.abort())
+    page.goto(servers["photos"])
+    expect(page.locator("#error")).to_contain_text("Could not reach the server")
+    expect(page.locator("#model-info")).to_have_text("No model information.")
+    expect(page.locator("#status")).to_have_text("Unavailable.")
+
+
+def test_an_unexpected_prediction_answer_is_reported(page, servers) -> None:
+    answer: dict[str, str | None] = {"body": None}  # None: the server's own answer.
+
+    def respond(route) -> None:
+        if answer["body"] is None:
+            route.fallback()
+        else:
+            route.fulfill(status=200, content_type="application/json", body=answer["body"])
+
+    page.route("**/api/predict", respond)
+    page.goto(servers["symbols"])
+    page.wait_for_selector("#canvas:visible")
+    results, error = page.locator("#results .result"), page.locator("#error")
+    bodies = [
+        "not JSON",
+        "null",
+        "{}",
+        '{"predictions": []}',
+        '{"predictions": [null]}',
+        '{"predictions": [{"label": "\\\\alpha"}]}',
+    ]
+    for body in bodies:
+        for answer["body"] in (None, body):  # A good answer first clears the error box.
+            if page.locator("#undo").is_enabled():
+                page.keyboard.press("Control+z")
+            wait_for_prediction(page, lambda: click_canvas(page, 0.5, 0.5))
+            if answer["body"] is None:
+                expect(results).to_have_count(5)
+                expect(error).to_be_hidden()
+        expect(error).to_have_text(
+            "The server sent an unexpected answer to the prediction request; try again, or "
+            "reload the page.",
+        )
+        expect(results).to_have_count(0)
+        expect(page.locator("#status")).to_have_text("No prediction.")
+    assert page.problems == []
+
+
+def test_a_prediction_without_a_rendered_symbol_shows_no_image(page, servers) -> None:
+    """The server leaves out ``render`` for a very long label; a render that fails (an older
+    server's URL for such a label) leaves no broken image either."""
+
+    def respond(route) -> None:
+        answer = route.fetch().json()
+        del answer["predictions"][0]["render"]
+        answer["predictions"][1]["render"] = None
+        answer["predictions"][2]["render"] = "/api/render?latex=" + "x" * 1000  # Refused.
+        route.fulfill(json=answer)
+
+    page.route("**/api/predict", respond)
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.goto(servers["symbols"])
+    page.wait_for_selector("#canvas:visible")
+    click_canvas(page, 0.5, 0.5)
+    items = page.locator("#results .result")
+    expect(items).to_have_count(5)
+    for rank in range(3):
+        expect(items.nth(rank).locator("img")).to_have_count(0)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#results img.symbol')]"
+        ".every(image => image.complete && image.naturalWidth > 0)"
+    )
+    expect(page.locator("#results img.symbol")).to_have_count(2)
+    assert not [url for url in requested if url.endswith(("/undefined", "/null"))], requested
+    assert page.locator("#error").is_hidden()

@@ -8,6 +8,9 @@
   const STROKE_FRACTION = 0.035; // Stroke width as a fraction of the canvas side.
 
   const $ = (id) => document.getElementById(id);
+  // The script runs: the page's notice that it did not load goes before it shows.
+  const notice = $("script-notice");
+  if (notice) notice.remove();
   const errorBox = $("error");
   const statusLine = $("status");
   const resultsList = $("results");
@@ -39,30 +42,48 @@
     return (confidence * 100).toFixed(confidence >= 0.995 ? 0 : 1) + "%";
   }
 
-  async function copyText(text, button) {
+  function copyWithTextarea(text) {
+    // The old way, for pages that are not a secure context or where the Clipboard API refuses:
+    // a hidden textarea takes the focus for a moment, so it goes back where it was.
+    const focused = document.activeElement;
+    const area = document.createElement("textarea");
+    area.value = text;
+    area.setAttribute("readonly", "");
+    area.className = "visually-hidden";
+    document.body.appendChild(area);
     try {
-      if (navigator.clipboard && window.isSecureContext) {
-        await navigator.clipboard.writeText(text);
-      } else {
-        const area = document.createElement("textarea");
-        area.value = text;
-        area.setAttribute("readonly", "");
-        area.className = "visually-hidden";
-        document.body.appendChild(area);
-        area.select();
-        document.execCommand("copy");
-        area.remove();
-      }
-      button.textContent = "Copied";
-      button.setAttribute("aria-label", "Copied " + text);
-      clearTimeout(button.restoreTimer); // A second click within the pause restarts it.
-      button.restoreTimer = setTimeout(() => {
-        button.textContent = "Copy";
-        button.setAttribute("aria-label", "Copy " + text);
-      }, 1200);
-    } catch (error) {
-      showError("Could not copy to the clipboard; select the text and copy it instead.");
+      area.select();
+      return document.execCommand("copy"); // False when the browser did not copy.
+    } finally {
+      area.remove();
+      if (focused && focused !== document.body) focused.focus();
     }
+  }
+
+  async function copyText(text, button) {
+    let copied = false;
+    if (navigator.clipboard && window.isSecureContext) {
+      try {
+        await navigator.clipboard.writeText(text);
+        copied = true;
+      } catch (refused) { /* No permission, or the page lost the focus: try the old way. */ }
+    }
+    if (!copied) {
+      try {
+        copied = copyWithTextarea(text);
+      } catch (ignored) { /* Reported below. */ }
+    }
+    if (!copied) {
+      showError("Could not copy to the clipboard; select the text and copy it instead.");
+      return;
+    }
+    button.textContent = "Copied";
+    button.setAttribute("aria-label", "Copied " + text);
+    clearTimeout(button.restoreTimer); // A second click within the pause restarts it.
+    button.restoreTimer = setTimeout(() => {
+      button.textContent = "Copy";
+      button.setAttribute("aria-label", "Copy " + text);
+    }, 1200);
   }
 
   function meter(confidence) {
@@ -88,11 +109,15 @@
     // At its own size (a dot stays small, x smaller than X), centred in a fixed box.
     const box = document.createElement("span");
     box.className = "symbol-box";
-    const image = document.createElement("img");
-    image.className = "symbol";
-    image.src = prediction.render;
-    image.alt = ""; // The LaTeX code next to it says the same to a screen reader.
-    box.appendChild(image);
+    // The server leaves out the picture of a very long label: the box then stays empty.
+    if (typeof prediction.render === "string" && prediction.render) {
+      const image = document.createElement("img");
+      image.className = "symbol";
+      image.src = prediction.render;
+      image.alt = ""; // The LaTeX code next to it says the same to a screen reader.
+      image.addEventListener("error", () => image.remove()); // No broken-image icon.
+      box.appendChild(image);
+    }
     const body = document.createElement("div");
     const head = document.createElement("div");
     head.className = "result-head";
@@ -127,9 +152,21 @@
     return item;
   }
 
+  function replaceResults(items) {
+    // Removing a focused Copy button would drop the keyboard focus to the page: it goes to the
+    // Copy button at the same rank in the new list instead, or to the heading if there is none.
+    const copies = () => Array.from(resultsList.querySelectorAll("button.copy"));
+    const rank = copies().indexOf(document.activeElement);
+    resultsList.replaceChildren(...items);
+    if (rank < 0) return;
+    const same = copies()[rank];
+    if (same) same.focus();
+    else $("results-title").focus();
+  }
+
   function showResults(predictions) {
-    resultsList.replaceChildren(
-      ...predictions.map((p, rank) => (model.kind === "symbols" ? symbolItem(p) : photoItem(p, rank)))
+    replaceResults(
+      predictions.map((p, rank) => (model.kind === "symbols" ? symbolItem(p) : photoItem(p, rank)))
     );
     const best = predictions[0];
     const name = model.kind === "symbols" ? best.label : displayName(best.label);
@@ -148,7 +185,7 @@
     if (inFlight) inFlight.abort();
     // The aborted request's own clean-up skips a stale number, so it cannot do this.
     resultsList.removeAttribute("aria-busy");
-    resultsList.replaceChildren();
+    replaceResults([]);
     setStatus(message);
   }
 
@@ -164,6 +201,37 @@
       if (body && body.error) return body.error;
     } catch (ignored) { /* Not JSON: fall through. */ }
     return "The server answered " + response.status + " " + response.statusText;
+  }
+
+  async function readJson(response) {
+    // Undefined for a body that is not JSON (or breaks off): the callers' checks reject it.
+    try {
+      return await response.json();
+    } catch (ignored) {
+      return undefined;
+    }
+  }
+
+  function isModel(value) {
+    return Boolean(value) && typeof value.architecture === "string" &&
+      (value.kind === "symbols" || value.kind === "photos") &&
+      Number.isInteger(value.num_classes) && value.num_classes > 0;
+  }
+
+  function isPrediction(value) {
+    return Boolean(value) && typeof value.label === "string" && value.label !== "" &&
+      typeof value.confidence === "number" && value.confidence >= 0 && value.confidence <= 1;
+  }
+
+  function isAnswer(body) {
+    return Boolean(body) && Array.isArray(body.predictions) && body.predictions.length > 0 &&
+      body.predictions.every(isPrediction);
+  }
+
+  function noPrediction(message) {
+    replaceResults([]);
+    setStatus("No prediction.");
+    showError(message);
   }
 
   function megabytes(bytes) {
@@ -188,31 +256,36 @@
     if (source !== "canvas" || !resultsList.children.length) setStatus("Predicting…");
     resultsList.setAttribute("aria-busy", "true");
     try {
-      const response = await fetch("/api/predict", { method: "POST", body: form, signal: inFlight.signal });
+      let response;
+      try {
+        response = await fetch("/api/predict", { method: "POST", body: form, signal: inFlight.signal });
+      } catch (error) {
+        if (error.name !== "AbortError" && number === requestNumber) {
+          noPrediction("Could not reach the server: " + error.message);
+        }
+        return;
+      }
       if (number !== requestNumber) return;
       if (!response.ok) {
         const message = await errorMessage(response);
         if (number !== requestNumber) return;
-        resultsList.replaceChildren();
-        setStatus("No prediction.");
-        showError(message);
+        noPrediction(message);
         return;
       }
-      const body = await response.json();
+      const body = await readJson(response);
       if (number !== requestNumber) return;
+      if (!isAnswer(body)) {
+        noPrediction(
+          "The server sent an unexpected answer to the prediction request; try again, or reload the page."
+        );
+        return;
+      }
       if (!sameModel(body.model)) {
-        resultsList.replaceChildren();
-        setStatus("No prediction.");
-        showError("The server now serves another model; reload the page.");
+        noPrediction("The server now serves another model; reload the page.");
         return;
       }
       clearError();
       showResults(body.predictions);
-    } catch (error) {
-      if (error.name === "AbortError" || number !== requestNumber) return;
-      resultsList.replaceChildren();
-      setStatus("No prediction.");
-      showError("Could not reach the server: " + error.message);
     } finally {
       if (number === requestNumber) resultsList.removeAttribute("aria-busy");
     }
@@ -326,7 +399,9 @@
     }
 
     canvas.addEventListener("pointerdown", (event) => {
-      if (current || (event.pointerType === "mouse" && event.button !== 0)) return;
+      // Only the main button draws: the left mouse button, or a finger's or a pen tip's contact
+      // (a pen's barrel button or eraser is another button).
+      if (current || event.button !== 0) return;
       event.preventDefault();
       canvas.setPointerCapture(event.pointerId);
       pointer = event.pointerId;
@@ -359,11 +434,13 @@
 
     function undo() {
       if (strokes.length === 0 || current) return;
+      const focused = document.activeElement;
       strokes.pop();
       redraw();
       schedulePrediction();
-      // A disabled button loses the keyboard focus; keep it on the drawing.
-      if (undoButton.disabled && document.activeElement === undoButton) canvas.focus();
+      // A button disabled now (Undo, or Clear for Ctrl+Z) loses the keyboard focus; keep it on
+      // the drawing.
+      if (focused && focused.disabled) canvas.focus();
     }
     undoButton.addEventListener("click", undo);
     clearButton.addEventListener("click", () => {
@@ -376,13 +453,27 @@
     });
     document.addEventListener("keydown", (event) => {
       const typing = event.target instanceof HTMLInputElement || event.target instanceof HTMLTextAreaElement;
-      if (!typing && (event.ctrlKey || event.metaKey) && event.key.toLowerCase() === "z") {
+      // Ctrl+Shift+Z is redo in most programs (and Alt makes another shortcut): neither undoes.
+      const undoKeys = (event.ctrlKey || event.metaKey) && !event.shiftKey && !event.altKey;
+      if (!typing && undoKeys && event.key.toLowerCase() === "z") {
         event.preventDefault();
         undo();
       }
     });
 
+    function watchPixelRatio() {
+      // Browser zoom or a move to another screen can change devicePixelRatio and not the
+      // canvas's size in CSS pixels, which is all ResizeObserver sees. A query matches only the
+      // ratio it was made for, so a new one is armed after each change.
+      const query = window.matchMedia(`(resolution: ${window.devicePixelRatio || 1}dppx)`);
+      query.addEventListener("change", () => {
+        fitBackingStore();
+        watchPixelRatio();
+      }, { once: true });
+    }
+
     new ResizeObserver(fitBackingStore).observe(canvas);
+    watchPixelRatio();
     fitBackingStore();
     redraw();
     setStatus("Draw a symbol to see predictions.");
@@ -439,17 +530,33 @@
     setStatus("Choose a photo to see the likely species.");
   }
 
+  function modelUnavailable(message) {
+    $("model-info").textContent = "No model information.";
+    setStatus("Unavailable.");
+    showError(message);
+  }
+
   async function start() {
+    let response;
     try {
-      const response = await fetch("/api/model");
-      if (!response.ok) throw new Error(await errorMessage(response));
-      model = await response.json();
+      response = await fetch("/api/model");
     } catch (error) {
-      $("model-info").textContent = "No model information.";
-      setStatus("Unavailable.");
-      showError("Could not load the model description: " + error.message);
+      modelUnavailable("Could not reach the server: " + error.message);
       return;
     }
+    if (!response.ok) {
+      modelUnavailable("Could not load the model description: " + (await errorMessage(response)));
+      return;
+    }
+    const described = await readJson(response);
+    if (!isModel(described)) {
+      modelUnavailable(
+        "The server sent an unexpected answer for the model description (/api/model); " +
+        "reload the page, or check the server."
+      );
+      return;
+    }
+    model = described;
     const what = model.kind === "symbols" ? "handwritten symbols" : "photos";
     $("model-info").textContent = model.architecture + " · " + model.num_classes + " classes · " + what;
     if (model.kind === "symbols") {
