@@ -952,6 +952,18 @@ def test_canvas_to_symbol_blank_and_dot() -> None:
     assert longer <= 6 and shorter >= 4
 
 
+def test_canvas_to_symbol_keeps_dots_side_by_side() -> None:
+    """Two dots on one row: the centre line of ink so much wider than tall shrank to nothing,
+    and the request failed with a numpy error."""
+    canvas = Image.new("L", (416, 416), 255)
+    for left in (117, 285):  # The page's dots, 14 px across, at 0.3 and 0.7 of its width.
+        ImageDraw.Draw(canvas).ellipse((left, 201, left + 13, 214), fill=0)
+    ink = np.argwhere(np.asarray(canvas_to_symbol(canvas)) < 128)
+    assert ink[:, 1].min() <= 1 and ink[:, 1].max() >= 30  # Both dots, at the frame's sides.
+    assert not (ink[:, 1] == 16).any()  # Nothing between them.
+    assert ink[:, 0].min() >= 12 and ink[:, 0].max() <= 19  # Centred, dot-sized.
+
+
 def test_sixteen_bit_drawings_keep_their_ink() -> None:
     """Grey ink (20000 of 65535) on a 16-bit white canvas: clipping to 8 bits lost it all."""
     drawing = canvas_drawing()

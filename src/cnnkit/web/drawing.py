@@ -119,7 +119,12 @@ def _centre_line(crop: np.ndarray, stroke_width: float) -> np.ndarray:
         new_size, Image.Resampling.BILINEAR, reducing_gap=2.0
     )
     # A low threshold keeps strokes that shrink to under a pixel connected.
-    return np.argwhere(thin(np.asarray(resized) >= 64))
+    points = np.argwhere(thin(np.asarray(resized) >= 64))
+    if len(points) == 0:
+        # Ink much wider than tall, such as dots side by side, can shrink to nothing: place
+        # every ink pixel at the same scale instead.
+        points = np.rint(np.argwhere(crop) * scale).astype(np.int64)
+    return points
 
 
 def canvas_to_symbol(image: Image.Image) -> Image.Image:
