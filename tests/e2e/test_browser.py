@@ -639,14 +639,9 @@ def test_an_unexpected_prediction_answer_is_reported(page, servers) -> None:
     page.goto(servers["symbols"])
     page.wait_for_selector("#canvas:visible")
     results, error = page.locator("#results .result"), page.locator("#error")
-    bodies = [
-        "not JSON",
-        "null",
-        "{}",
-        '{"predictions": []}',
-        '{"predictions": [null]}',
-        '{"predictions": [{"label": "\\\\alpha"}]}',
-    ]
+    # Not JSON, no predictions, a prediction without its confidence (each costs two
+    # predictions; isAnswer in app.js checks the rest of the shape the same way).
+    bodies = ["not JSON", '{"predictions": []}', '{"predictions": [{"label": "\\\\alpha"}]}']
     for body in bodies:
         for answer["body"] in (None, body):  # A good answer first clears the error box.
             if page.locator("#undo").is_enabled():
