@@ -67,6 +67,7 @@ def test_two_process_torchrun_matches_single_process(tmp_path: Path) -> None:
     assert len((double / "metrics.csv").read_text().strip().splitlines()) == 1 + 3
 
 
+@pytest.mark.slow  # 14 s; the step-equality test below covers micro-batches under torchrun.
 def test_torchrun_with_micro_batches_trains(tmp_path: Path) -> None:
     """Each process splits its 32 samples into passes of 16 and synchronises once a step (the
     next test checks that step against one process's whole batch exactly)."""

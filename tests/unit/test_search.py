@@ -296,12 +296,12 @@ def test_a_seeded_search_continued_tries_new_points(tmp_path, digits_data):
         ),
     )
     base = tiny_base(tmp_path / "search", epochs=1)
-    for n_trials in (2, 3, 5):
+    for n_trials in (2, 4):
         config = SearchConfig(sampler=sampler, pruner="none", n_trials=n_trials, sampler_seed=1)
         run_search(base, space, config, progress=False, data=digits_data)
     study = load_study(base.run_dir())
     params = [tuple(sorted(t.params.items())) for t in study.trials]
-    assert len(params) == 5 and len(set(params)) == 5
+    assert len(params) == 4 and len(set(params)) == 4
     # A new study with the same seed still repeats the first run's points.
     again = tiny_base(tmp_path / "again", epochs=1)
     config = SearchConfig(sampler=sampler, pruner="none", n_trials=2, sampler_seed=1)
@@ -767,6 +767,7 @@ def _search_after_one_trial(out: Path, *args: int, **popen) -> subprocess.Popen:
     return process
 
 
+@pytest.mark.slow  # 18 s; the default suite keeps the dead-process and Ctrl-C resume tests.
 def test_killed_search_resumes_without_repeats(tmp_path):
     out, env = tmp_path / "search", subprocess_env()
     process = _search_after_one_trial(out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
