@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -1480,7 +1481,8 @@ def main(argv: list[str] | None = None) -> int:
     except (CommandError, ValueError, OSError, ImportError) as error:
         if args.verbose and not isinstance(error, CommandError):
             raise  # -v: the whole traceback, for a bug report.
-        message = str(error).splitlines()
+        # "[Errno 17] cannot write ..." reads better without Python's errno prefix.
+        message = re.sub(r"^\[Errno \d+\] ", "", str(error)).splitlines()
         print(f"cnnkit {args.command}: error: {message[0] if message else error}", file=sys.stderr)
         for line in message[1:]:
             print(line, file=sys.stderr)

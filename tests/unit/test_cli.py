@@ -878,6 +878,20 @@ def test_evaluate_an_onnx_export_ignores_device_with_a_warning(
     assert "runs on ONNX Runtime's CPU provider; --device cuda is ignored" in caplog.text
 
 
+def test_an_os_error_is_one_line_without_pythons_errno_prefix(capsys, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "digits", "--epochs", "1", "--max-steps-per-epoch", "1"]
+    assert main([*argv, "--quiet", "--out", str(run)]) == 0
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine\n")
+    capsys.readouterr()
+    assert main(["report", str(run), "--out", str(taken / "page.html")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (
+        f"cnnkit report: error: cannot write {taken / 'page.html'}: {taken} is a file, not a folder"
+    )
+
+
 def test_evaluate_refuses_a_file_as_its_report_folder_before_scoring(
     capsys, symbol_model_file: Path, tmp_path: Path
 ) -> None:
