@@ -580,7 +580,7 @@ def _print_history(history: list[dict[str, float]], progress: bool = False) -> N
     trains for many quick epochs without such lines, gets one line: its epoch count and last
     epoch."""
     from cnnkit.progress import plain_lines
-    from cnnkit.training.transfer import phase_label
+    from cnnkit.training.transfer import FROZEN_PHASE, phase_label
 
     printed = plain_lines(progress)
     phase_starts: dict[float, int] = {}
@@ -604,9 +604,6 @@ def _print_history(history: list[dict[str, float]], progress: bool = False) -> N
         if "images_per_second" in row:
             parts.append(f"{row['images_per_second']:.0f} img/s")
         print("  ".join(parts))
-
-
-FROZEN_PHASE = 1.0  # The history tag of a transfer run's frozen phase (see phase_label).
 
 
 def _model_path(path: str | None) -> Path:

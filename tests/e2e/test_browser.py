@@ -137,6 +137,12 @@ def page(browser, servers) -> Iterator:
     context.close()
 
 
+def open_canvas(page, servers) -> None:
+    """Open the symbol model's page and wait for its drawing canvas."""
+    page.goto(servers["symbols"])
+    page.wait_for_selector("#canvas:visible")
+
+
 def screenshot(page, name: str) -> None:
     OUTPUT.mkdir(exist_ok=True)
     page.screenshot(path=str(OUTPUT / name), full_page=True)
@@ -157,8 +163,7 @@ def draw_alpha(page) -> None:
 
 
 def test_drawing_a_symbol_shows_predictions_with_rendered_symbols(page, servers) -> None:
-    page.goto(servers["symbols"])
-    page.wait_for_selector("#canvas:visible")
+    open_canvas(page, servers)
     assert page.locator("#photos-panel").is_hidden()
     draw_alpha(page)
     expect(page.locator("#results .result")).to_have_count(5)
@@ -243,8 +248,7 @@ def test_clearing_while_a_prediction_is_on_its_way_leaves_no_results(page, serve
         };
         })()"""
     )
-    page.goto(servers["symbols"])
-    page.wait_for_selector("#canvas:visible")
+    open_canvas(page, servers)
     for _ in range(2):
         draw_alpha(page)
         page.wait_for_timeout(350)  # The debounce has fired; the snapshot is on its way.
@@ -261,8 +265,7 @@ def test_results_are_not_left_busy_when_a_prediction_is_cut_short(page, servers)
     held: list = []
     page.route("**/api/predict", lambda route: held.append(route))  # No answer ever comes.
     results = page.locator("#results")
-    page.goto(servers["symbols"])
-    page.wait_for_selector("#canvas:visible")
+    open_canvas(page, servers)
     draw_alpha(page)
     expect(results).to_have_attribute("aria-busy", "true")
     page.click("#clear")
@@ -305,8 +308,7 @@ def inked_rows(page) -> list[float]:
 def test_a_second_finger_does_not_join_the_stroke(browser, servers) -> None:
     context = browser.new_context(viewport={"width": 1100, "height": 760}, has_touch=True)
     page = context.new_page()
-    page.goto(servers["symbols"])
-    page.wait_for_selector("#canvas:visible")
+    open_canvas(page, servers)
     box = page.locator("#canvas").bounding_box()
     cdp = context.new_cdp_session(page)
 
@@ -351,8 +353,7 @@ def test_results_go_when_the_server_cannot_be_reached(page, tmp_path) -> None:
 def test_on_a_phone_the_best_guess_is_in_view_while_drawing(browser, servers) -> None:
     context = browser.new_context(viewport={"width": 375, "height": 667})
     page = context.new_page()
-    page.goto(servers["symbols"])
-    page.wait_for_selector("#canvas:visible")
+    open_canvas(page, servers)
     draw_alpha(page)
     near = page.locator("#canvas-status")
     expect(near).to_contain_text("Best guess:")
@@ -408,8 +409,7 @@ def wait_for_prediction(page, action) -> None:
 
 
 def test_the_focused_copy_button_keeps_the_focus_when_the_results_change(page, servers) -> None:
-    page.goto(servers["symbols"])
-    page.wait_for_selector("#canvas:visible")
+    open_canvas(page, servers)
     wait_for_prediction(page, lambda: click_canvas(page, 0.3, 0.3))
     wait_for_prediction(page, lambda: click_canvas(page, 0.7, 0.7))
     copies = page.locator("#results button.copy")
@@ -429,8 +429,7 @@ def test_the_focused_copy_button_keeps_the_focus_when_the_results_change(page, s
 
 
 def test_undoing_the_last_stroke_from_clear_leaves_the_focus_on_the_canvas(page, servers) -> None:
-    page.goto(servers["symbols"])
-    page.wait_for_selector("#canvas:visible")
+    open_canvas(page, servers)
     click_canvas(page, 0.5, 0.5)
     expect(page.locator("#clear")).to_be_enabled()
     page.focus("#clear")
@@ -441,8 +440,7 @@ def test_undoing_the_last_stroke_from_clear_leaves_the_focus_on_the_canvas(page,
 
 
 def test_ctrl_shift_z_does_not_undo(page, servers) -> None:
-    page.goto(servers["symbols"])
-    page.wait_for_selector("#canvas:visible")
+    open_canvas(page, servers)
     click_canvas(page, 0.5, 0.5)
     undo = page.locator("#undo")
     expect(undo).to_be_enabled()
@@ -456,8 +454,7 @@ def test_ctrl_shift_z_does_not_undo(page, servers) -> None:
 
 
 def test_a_pen_draws_with_its_tip_and_not_with_its_barrel_button(page, servers) -> None:
-    page.goto(servers["symbols"])
-    page.wait_for_selector("#canvas:visible")
+    open_canvas(page, servers)
     box = page.locator("#canvas").bounding_box()
     cdp = page.context.new_cdp_session(page)
 
@@ -486,8 +483,7 @@ def test_a_pen_draws_with_its_tip_and_not_with_its_barrel_button(page, servers) 
 def test_the_canvas_follows_a_change_of_device_pixel_ratio(page, servers) -> None:
     """Browser zoom or a move to another screen changes devicePixelRatio but not the canvas's
     size in CSS pixels: the pixel buffer follows, and the drawing stays where it was."""
-    page.goto(servers["symbols"])
-    page.wait_for_selector("#canvas:visible")
+    open_canvas(page, servers)
     box = page.locator("#canvas").bounding_box()
     page.mouse.move(box["x"] + 0.2 * box["width"], box["y"] + 0.5 * box["height"])
     page.mouse.down()
@@ -535,8 +531,7 @@ def test_copying_falls_back_to_execcommand_keeps_the_focus_and_reports_failure(
         })()"""
         + ("" if secure else "; Object.defineProperty(window, 'isSecureContext', {value: false})")
     )
-    page.goto(servers["symbols"])
-    page.wait_for_selector("#canvas:visible")
+    open_canvas(page, servers)
     click_canvas(page, 0.5, 0.5)
     copies = page.locator("#results button.copy")
     expect(copies).to_have_count(5)
@@ -636,8 +631,7 @@ def test_an_unexpected_prediction_answer_is_reported(page, servers) -> None:
             route.fulfill(status=200, content_type="application/json", body=answer["body"])
 
     page.route("**/api/predict", respond)
-    page.goto(servers["symbols"])
-    page.wait_for_selector("#canvas:visible")
+    open_canvas(page, servers)
     results, error = page.locator("#results .result"), page.locator("#error")
     # Not JSON, no predictions, a prediction without its confidence (each costs two
     # predictions; isAnswer in app.js checks the rest of the shape the same way).
@@ -673,8 +667,7 @@ def test_a_prediction_without_a_rendered_symbol_shows_no_image(page, servers) ->
     page.route("**/api/predict", respond)
     requested: list[str] = []
     page.on("request", lambda request: requested.append(request.url))
-    page.goto(servers["symbols"])
-    page.wait_for_selector("#canvas:visible")
+    open_canvas(page, servers)
     click_canvas(page, 0.5, 0.5)
     items = page.locator("#results .result")
     expect(items).to_have_count(5)

@@ -653,10 +653,10 @@ def _run_search(
     queued = recover_trials(study)
     if queued:
         logger.warning("re-queued interrupted trial(s) %s", queued)
-    held = sum(trial.state in FINISHED for trial in study.trials)
-    if held:  # A rerun of the same command continues the study rather than starting over.
+    finished = sum(trial.state in FINISHED for trial in study.trials)
+    if finished:  # A rerun of the same command continues the study rather than starting over.
         logger.warning(
-            "%s: continuing study %s, which holds %d finished trial(s)", run_dir, name, held
+            "%s: continuing study %s, which holds %d finished trial(s)", run_dir, name, finished
         )
     runner = TrialRunner(base, space, config, run_dir, cache_dir, progress, data, on_data)
     threads = torch.get_num_threads()

@@ -599,7 +599,7 @@ class Trainer:
             total=loader.num_samples if shown else None,
             desc=desc,
             unit="img",
-            disable=True if not shown else bar_disabled(self.progress),
+            disable=not shown or bar_disabled(self.progress),
             leave=False,
         ) as bar:
             for inputs, labels in loader:

@@ -329,10 +329,14 @@ def fit_finetune(
     return fit, report
 
 
+# The history tag of the frozen phase; fine-tune phases are tagged 2.0 and on.
+FROZEN_PHASE = 1.0
+
+
 def phase_label(tag: float) -> str:
     """How a history row's ``phase`` tag reads: 1 frozen, 2 fine-tune, 3 on each further
     ensemble member's fine-tune."""
-    if tag == 1.0:
+    if tag == FROZEN_PHASE:
         return "frozen"
     return "fine-tune" if tag == 2.0 else f"fine-tune {int(tag) - 1}"
 
@@ -464,7 +468,7 @@ def fit_transfer(
             feature_cache_dir,
             distributed,
         )
-        fits.append((1.0, fit))
+        fits.append((FROZEN_PHASE, fit))
         reports.append(report)
         if distributed.is_main:
             save_phase_reports(run_dir, reports)
