@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -312,6 +313,20 @@ def test_the_file_holds_the_opset_asked_for(exported, tmp_path) -> None:
     path = export_onnx(exported[0], tmp_path / "out.onnx", opset=20)
     versions = {o.domain: o.version for o in onnx.load(str(path)).opset_import}
     assert versions.get("", versions.get("ai.onnx")) == 20
+
+
+def test_the_newest_opset_exports_without_the_converters_notice(tmp_path, caplog) -> None:
+    """onnxscript announces that onnx's converter reaches opsets it lacks: noise to a user."""
+    import onnx
+
+    from cnnkit.inference.bundled import bundled_model_path
+
+    newest = onnx.defs.onnx_opset_version()
+    with caplog.at_level(logging.INFO):
+        path = export_onnx(bundled_model_path(), tmp_path / "newest.onnx", opset=newest)
+    versions = {o.domain: o.version for o in onnx.load(str(path)).opset_import}
+    assert versions.get("", versions.get("ai.onnx")) == newest
+    assert not [r for r in caplog.records if r.name.startswith(("onnxscript", "torch.onnx"))]
 
 
 def test_a_cached_export_that_does_not_load_gives_way_to_a_good_one(tmp_path: Path) -> None:

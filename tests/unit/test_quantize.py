@@ -145,3 +145,20 @@ def test_calibrating_on_another_datasets_classes_is_reported(tiny_model_saver, t
     caplog.clear()
     calibration_inputs(bundled_model_path(), DIGITS, count=8)  # Digits are HASYv2 classes.
     assert "none of its" not in caplog.text
+
+
+def test_a_folder_too_small_for_a_test_split_still_calibrates(tmp_path: Path, caplog) -> None:
+    from PIL import Image
+
+    for name, shade in (("alpha", 0), ("beta", 255)):
+        (tmp_path / name).mkdir()
+        Image.new("L", (32, 32), shade).save(tmp_path / name / "one.png")
+    data = DataConfig(dataset="folder", data=str(tmp_path))
+    with pytest.raises(ValueError, match="the test split is empty"):
+        build_splits(data, Predictor.from_file(bundled_model_path()).metadata.preprocessing)
+    caplog.clear()
+    inputs = calibration_inputs(bundled_model_path(), data, count=8)
+    # Both images (the only ones), as the model sees them: white is +1, black -1.
+    assert inputs.shape == (2, 1, 32, 32)
+    assert sorted(float(image.mean()) for image in inputs) == [-1.0, 1.0]
+    assert "validation split is empty" not in caplog.text

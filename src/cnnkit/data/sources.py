@@ -153,12 +153,15 @@ def build_splits(
     preprocessing: Preprocessing,
     cache_dir: str | Path | None = None,
     progress: bool = False,
+    for_training: bool = True,
 ) -> LoadedData:
     """Load the dataset described by ``config`` and split it.
 
     Official splits (a HASYv2 fold, CUB's train/test file) are used when present; otherwise the
     test set is a seeded, stratified ``test_fraction``. The validation set is a seeded,
-    stratified ``val_fraction`` of the training set.
+    stratified ``val_fraction`` of the training set. ``for_training=False`` is for uses that
+    only read the training images (int8 calibration): empty test and validation splits are
+    then no concern.
 
     Raises:
         BadDataError: if images are bad and ``config.on_bad_image`` is ``"error"``.
@@ -211,7 +214,7 @@ def build_splits(
             train_labels, config.val_fraction, config.seed + 1, train_groups
         )
         train_idx, val_idx = train_idx[keep], train_idx[held]
-        if len(val_idx) == 0:
+        if len(val_idx) == 0 and for_training:
             logger.warning(
                 "%s: the validation split is empty (a share of %g of %d training images%s): "
                 "the run has no validation figures and no early stopping",
@@ -227,7 +230,7 @@ def build_splits(
     source = config.data or config.dataset
     if len(train) == 0:
         raise ValueError(f"{source}: the training split is empty")
-    if len(test) == 0:
+    if len(test) == 0 and for_training:
         reason = (
             "none of its images is marked for the test split"
             if has_split_column

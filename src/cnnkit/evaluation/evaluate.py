@@ -156,13 +156,21 @@ def _trained_split_settings(
     class and image limits, bounding-box crops) when its test split is scored on the very data
     it was trained on: the seeded test split is then the training run's own, not another draw
     that overlaps its training images. A setting given otherwise is kept, with a warning."""
-    if split != "test" or "data" not in training:
-        return data_overrides  # Every image, or a model file that does not say its data.
+    if "data" not in training:
+        return data_overrides  # A model file that does not say its data.
     same_data = (
         data_overrides.get("dataset") == training.get("dataset")
         and resolved(data_overrides.get("data")) == training["data"]
     )
     if not same_data:
+        return data_overrides
+    if split != "test":
+        logger.warning(
+            "%s was trained on %s: --split all scores its training images too, so the figures "
+            "overstate how it does on new images",
+            model_path,
+            training["data"],
+        )
         return data_overrides
     if training.get("train_on_all"):
         logger.warning(

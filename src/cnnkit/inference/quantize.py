@@ -59,7 +59,9 @@ def calibration_inputs(
     # Only the preprocessing is needed here: the header, not the weights.
     metadata = ModelMetadata.from_dict(read_metadata(model_path), str(model_path))
     preprocessing = metadata.preprocessing
-    splits = build_splits(data, preprocessing, cache_dir=cache_dir).splits
+    # The run's own training images (the same seed and shares); a dataset too small for a
+    # test split still calibrates.
+    splits = build_splits(data, preprocessing, cache_dir=cache_dir, for_training=False).splits
     images = np.asarray(splits.train.images)
     source = data.data or data.dataset
     if len(images) == 0:
