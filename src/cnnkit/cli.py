@@ -673,12 +673,19 @@ def _data_the_model_names(args: argparse.Namespace, model_path: Path) -> None:
             f"--data is required: {model_path} was trained on {dataset} but does not record "
             "where that data is"
         )
+    options = (("data", args.data), ("fold", args.fold))
+    given = [f"--{name} {value}" for name, value in options if value is not None]
     args.dataset, args.data = dataset, data
     if args.fold is None:
         args.fold = training.get("fold")
     fold = f" fold {args.fold}" if args.fold is not None else ""
     where = f" ({data})" if data else ""
-    print(f"Data: {dataset}{fold}{where}, as the model file records", file=sys.stderr)
+    source = (
+        "as the model file records"
+        if not given
+        else (f"the dataset as the model file records, {' and '.join(given)} as given")
+    )
+    print(f"Data: {dataset}{fold}{where}, {source}", file=sys.stderr)
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
@@ -1071,9 +1078,10 @@ def command_export(args: argparse.Namespace) -> int:
     from cnnkit.inference.quantize import calibration_inputs, quantize_onnx
 
     if args.dataset is None:
-        raise CommandError(
-            "--quantize int8 calibrates on training images: give --dataset (and --data)"
-        )
+        try:
+            _data_the_model_names(args, model_path)
+        except CommandError as error:
+            raise CommandError(f"--quantize int8 calibrates on training images: {error}") from None
     data = DataConfig(dataset=args.dataset, data=args.data, fold=args.fold)
     inputs = calibration_inputs(
         model_path, data, args.calibration_images, cache_dir=args.cache_dir or default_cache_dir()

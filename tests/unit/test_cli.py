@@ -1163,6 +1163,13 @@ def test_evaluate_without_dataset_uses_the_data_the_model_file_records(
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "--data is required:" in error[0]
     assert "was trained on hasy but does not record where that data is" in error[0]
+    # What is given on the command line is not what the model file records.
+    missing = tmp_path / "HASYv2.tar.bz2"
+    assert main(["evaluate", "--data", str(missing), "--fold", "2"]) == 2
+    assert (
+        f"Data: hasy fold 2 ({missing}), the dataset as the model file records, "
+        f"--data {missing} and --fold 2 as given"
+    ) in capsys.readouterr().err
 
 
 def test_the_bundled_model_warns_once_about_colour_photos(capsys, tmp_path: Path) -> None:

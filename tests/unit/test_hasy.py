@@ -406,6 +406,10 @@ def test_evaluating_a_fold_model_without_its_fold_warns(tmp_path, files, caplog)
     assert "trained on HASYv2 fold" not in caplog.text
     evaluate_model_file(path, data, tmp_path / "without", tmp_path / "cache")
     assert "trained on HASYv2 fold 1; without --fold 1" in caplog.text
+    # Another fold's test images are this fold's training images.
+    assert "fold 2's test images are among its training images" not in caplog.text
+    evaluate_model_file(path, {**data, "fold": 2}, tmp_path / "other", tmp_path / "cache")
+    assert "fold 2's test images are among its training images" in caplog.text
 
 
 def test_a_small_file_of_another_kind_is_not_a_tar_archive(tmp_path):

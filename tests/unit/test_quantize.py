@@ -123,9 +123,29 @@ def test_bad_calibration_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_cli_quantize_needs_a_dataset(tmp_path: Path, capsys) -> None:
+def test_cli_quantize_needs_data_the_model_file_does_not_record(tmp_path: Path, capsys) -> None:
     assert main(["export", str(bundled_model_path()), "--quantize", "int8"]) != 0
-    assert "--dataset" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == (
+        "cnnkit export: error: --quantize int8 calibrates on training images: --data is "
+        f"required: {bundled_model_path()} was trained on hasy but does not record where that "
+        "data is"
+    )
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_quantize_calibrates_on_the_runs_own_training_images(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "digits", "--epochs", "1", "--max-steps-per-epoch", "1"]
+    argv += ["--max-per-class", "30", "--seed", "3", "--quiet", "--out", str(run)]
+    assert main(argv) == 0
+    described = json.loads((run / "run.json").read_text())["data"]  # "... 220 train, 20 val..."
+    trained = int(described.split(" train,")[0].rsplit(" ", 1)[1])
+    capsys.readouterr()
+    assert main(["export", str(run), "--quantize", "int8"]) == 0
+    err = capsys.readouterr().err
+    assert "Data: digits, as the model file records" in err
+    # Not 512 of all 1,797 digits: the run's 30 a class, less its test and validation shares.
+    assert f"Calibrating int8 ranges on {trained} training images of digits" in err
 
 
 def test_cli_quantize_writes_the_int8_file(tmp_path: Path, capsys) -> None:

@@ -149,7 +149,7 @@ SPLIT_SETTINGS = (
 )
 
 
-def _trained_split_settings(
+def trained_split_settings(
     model_path: str | Path, training: dict[str, Any], data_overrides: dict[str, Any], split: str
 ) -> dict[str, Any]:
     """``data_overrides`` with the settings the model was trained with (seed, test fraction,
@@ -252,7 +252,17 @@ def evaluate_model_file(
             trained_fold,
             trained_fold,
         )
-    data_overrides = _trained_split_settings(
+    fold = data_overrides.get("fold")
+    if evaluating_hasy and trained_fold is not None and fold not in (None, trained_fold):
+        logger.warning(
+            "%s was trained on HASYv2 fold %s: fold %s's test images are among its training "
+            "images, so the figures overstate how it does on new images (use --fold %s)",
+            model_path,
+            trained_fold,
+            fold,
+            trained_fold,
+        )
+    data_overrides = trained_split_settings(
         model_path, model.metadata.training, data_overrides, split
     )
     splits = load_splits_for(preprocessing, data_overrides, cache_dir, progress)

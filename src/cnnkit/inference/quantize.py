@@ -10,6 +10,7 @@ accuracy (``benchmarks/inference.py --quantize`` measures both speed and accurac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -53,14 +54,19 @@ def calibration_inputs(
 
     from cnnkit.data.normalize import to_model_input
     from cnnkit.data.sources import build_splits
+    from cnnkit.evaluation.evaluate import trained_split_settings
 
     if count < 1:
         raise ValueError(f"calibration needs at least one image; got {count}")
     # Only the preprocessing is needed here: the header, not the weights.
     metadata = ModelMetadata.from_dict(read_metadata(model_path), str(model_path))
     preprocessing = metadata.preprocessing
-    # The run's own training images (the same seed and shares); a dataset too small for a
-    # test split still calibrates.
+    # On the data it trained on, the run's own training images (its seed, shares and limits,
+    # as evaluate draws its test split); a dataset too small for a test split still calibrates.
+    given = {"dataset": data.dataset, "data": data.data, "fold": data.fold}
+    given = {key: value for key, value in given.items() if value is not None}
+    settings = trained_split_settings(model_path, metadata.training, given, "test")
+    data = dataclasses.replace(data, **{k: v for k, v in settings.items() if k not in given})
     splits = build_splits(data, preprocessing, cache_dir=cache_dir, for_training=False).splits
     images = np.asarray(splits.train.images)
     source = data.data or data.dataset
