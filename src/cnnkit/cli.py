@@ -794,6 +794,8 @@ def command_predict(args: argparse.Namespace) -> int:
         # A name the system cannot look up is an image that cannot be read, reported below.
         with contextlib.suppress(OSError, ValueError, RuntimeError):
             _refuse_model_less_first_input(Path(inputs[0]).expanduser())
+    for given in inputs:
+        _refuse_a_model_among_images(given, model)
     empty_folders: list[str] = []
     images = expand_images(inputs, empty_folders)
     if not images and empty_folders:
@@ -854,6 +856,23 @@ def _refuse_model_less_first_input(path: Path) -> None:
         raise CommandError(
             f"{path}: no such model file, run folder or image (a model ends in .safetensors "
             "or .onnx; a run folder holds model.safetensors)"
+        )
+
+
+def _refuse_a_model_among_images(path: str, model: str | None) -> None:
+    """A model file, checkpoint or run folder among the images is a mistake (arguments swapped,
+    or a second model): reading it as an image, or its pictures, would answer with another
+    model's predictions."""
+    chosen = f"the model is {model}" if model else "no model was given, so the bundled one answers"
+    first = "the model goes first (cnnkit predict MODEL IMAGE...) or after --model"
+    suffix = Path(path).suffix.lower()
+    if suffix in (".safetensors", ".onnx") or _path_test(path, _holds_a_model):
+        kind = "a training run's folder" if _path_test(path, Path.is_dir) else "a model file"
+        raise CommandError(f"{path}: {kind}, not an image ({chosen}): {first}")
+    if suffix in (".pt", ".pth"):
+        raise CommandError(
+            f"{path}: a checkpoint, not an image ({chosen}); a run's model is its "
+            f"model.safetensors, and {first}"
         )
 
 

@@ -1198,3 +1198,37 @@ def test_a_missing_data_path_is_refused_before_a_run_folder_is_announced(
         "cnnkit train: error: data/HASYv2.tar.bz: no such archive, folder or file"
     )
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["hasy-symbol_cnn"]
+
+
+def test_a_model_among_the_images_is_refused_before_anything_is_predicted(
+    tmp_path: Path, capsys
+) -> None:
+    import shutil
+
+    from cnnkit.inference.bundled import bundled_model_path
+
+    image = tmp_path / "x.png"
+    Image.new("L", (32, 32), 255).save(image)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(bundled_model_path(), run / "model.safetensors")
+    (run / "checkpoint.pt").write_bytes(b"not read")
+    cases = {
+        # Arguments swapped: the run's folder would be read for its report pictures.
+        (str(image), str(run)): f"{run}: a training run's folder, not an image (no model was "
+        "given, so the bundled one answers): the model goes first",
+        (str(image), str(run / "model.safetensors")): f"{run / 'model.safetensors'}: a model "
+        "file, not an image (no model was given, so the bundled one answers)",
+        (str(run / "checkpoint.pt"), str(image)): f"{run / 'checkpoint.pt'}: a checkpoint, not "
+        "an image (no model was given, so the bundled one answers); a run's model is its "
+        "model.safetensors",
+        (str(run), str(image), str(run / "checkpoint.pt")): f"{run / 'checkpoint.pt'}: a "
+        f"checkpoint, not an image (the model is {run})",
+    }
+    for argv, message in cases.items():
+        assert main(["predict", *argv]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""  # Nothing predicted, by any model.
+        assert message in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert main(["predict", str(run), str(image)]) == 0
+    assert capsys.readouterr().out.startswith("Prediction: ")  # One image: no name.
