@@ -633,7 +633,7 @@ def _refuse_search_folder(folder: Path) -> None:
 def _report_folder(args: argparse.Namespace, model_path: Path) -> Path:
     """Where evaluate writes its report, refused before any work where a file stands in the
     way (the report would otherwise fail only after every image was scored)."""
-    from cnnkit.evaluation.report import refuse_file_in_the_way
+    from cnnkit.paths import refuse_unusable_folder
 
     if args.out:
         out, named = Path(args.out), f"--out {args.out}"
@@ -647,7 +647,7 @@ def _report_folder(args: argparse.Namespace, model_path: Path) -> Path:
     else:  # Never into the installed package's folder.
         out = Path("runs") / "evaluation-bundled"
         named = str(out)
-    refuse_file_in_the_way(out, named)
+    refuse_unusable_folder(out, named, needs="the report")
     return out
 
 

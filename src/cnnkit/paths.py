@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -40,3 +41,31 @@ def member_folders(run_dir: str | Path) -> list[Path]:
         if suffix.isascii() and suffix.isdigit() and finetune_folder(int(suffix) - 1) == path.name:
             found[int(suffix)] = path
     return [found[number] for number in sorted(found) if number >= 2]
+
+
+def refuse_unusable_folder(folder: Path, named: str | None = None, needs: str = "it") -> None:
+    """Refuse ``folder`` before any work where it cannot be made or written: it, or a folder it
+    would be made in, is a file, or the nearest existing folder takes no new entries (probed by
+    making and removing an empty folder there). Otherwise the work would fail only at its end.
+
+    Args:
+        folder: the folder to be written.
+        named: how the error names it (default: its path).
+        needs: what needs the folder, for the message ("the report", "a run").
+
+    Raises:
+        ValueError: naming the file in the way or the folder that cannot be written.
+    """
+    named = named or str(folder)
+    existing = next((path for path in (folder, *folder.parents) if path.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        problem = "is a file" if existing == folder else f"{existing} is a file"
+        raise ValueError(f"{named}: {problem}; {needs} needs a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".cnnkit-probe-", dir=existing))
+    except OSError as error:
+        raise ValueError(
+            f"{named}: cannot write in {existing} ({error.strerror or error})"
+        ) from None

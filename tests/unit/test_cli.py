@@ -914,6 +914,34 @@ def test_evaluate_refuses_a_file_as_its_report_folder_before_scoring(
     assert taken.read_text() == "mine\n"
 
 
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_an_out_folder_that_cannot_be_made_is_refused_before_any_data_loads(
+    command: str, capsys, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine\n")
+    first = ["train"] if command == "train" else ["evaluate", str(symbol_model_file)]
+    argv = [*first, "--dataset", "digits", "--cache-dir", str(cache), "--quiet"]
+    if command == "evaluate":
+        argv.remove("--quiet")
+    needs = "a run" if command == "train" else "the report"
+    assert main([*argv, "--out", str(taken / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"cnnkit {command}: error: --out {taken / 'run'}: {taken} is a file; " + (
+        f"{needs} needs a folder"
+    )
+    if Path("/proc/self").is_dir():  # A folder where nothing new can be made, even by root.
+        assert main([*argv, "--out", "/proc/cnnkit-run"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(
+            f"cnnkit {command}: error: --out /proc/cnnkit-run: cannot write in /proc ("
+        )
+        assert ".tmp" not in err and "Data:" not in err
+    assert not cache.exists()  # Refused before any image was decoded.
+    assert taken.read_text() == "mine\n" and sorted(tmp_path.iterdir()) == [taken]
+
+
 def test_each_model_file_in_a_folder_gets_its_own_default_report(
     tmp_path: Path, tiny_model_saver
 ) -> None:

@@ -24,6 +24,7 @@ from cnnkit.evaluation.metrics import (
     per_class_scores,
     summarize,
 )
+from cnnkit.paths import refuse_unusable_folder
 
 
 @dataclass
@@ -185,23 +186,6 @@ def _move_into_place(staging: Path, out_dir: Path, swap: bool) -> None:
     fsync_directory(out_dir.parent)
 
 
-def refuse_file_in_the_way(out_dir: Path, named: str | None = None) -> None:
-    """Refuse ``out_dir`` where it, or a folder it would be made in, is a file: the report
-    could only fail once written.
-
-    Args:
-        out_dir: the report folder.
-        named: how the error names it (default: its path).
-
-    Raises:
-        ValueError: naming the file in the way.
-    """
-    existing = next((path for path in (out_dir, *out_dir.parents) if path.exists()), None)
-    if existing is not None and not existing.is_dir():
-        problem = "is a file" if existing == out_dir else f"{existing} is a file"
-        raise ValueError(f"{named or out_dir}: {problem}; the report needs a folder")
-
-
 def _staging_folder(out_dir: Path, swap: bool) -> Path:
     """An empty hidden folder, named like the temporaries of atomic writes, on the report's
     file system (so renames are atomic) and with the mode a plain ``mkdir`` gives: beside
@@ -247,7 +231,7 @@ def build_report(
     """
     given = Path(out_dir)
     out_dir = given.absolute()  # "." too has a name and a parent.
-    refuse_file_in_the_way(out_dir)
+    refuse_unusable_folder(out_dir, needs="the report")
     metrics = summarize(logits, labels)
     matrix = confusion_matrix(logits.argmax(dim=1), labels, len(class_names))
     pairs = [

@@ -37,7 +37,7 @@ from cnnkit.errors import error_line
 from cnnkit.evaluation.report import EvaluationReport, build_report, evaluated_block, resolved
 from cnnkit.inference.artifact import ModelMetadata, save_model
 from cnnkit.models.registry import create_model, model_options
-from cnnkit.paths import RUN_INFO, is_search_folder, member_folders
+from cnnkit.paths import RUN_INFO, is_search_folder, member_folders, refuse_unusable_folder
 from cnnkit.runtime import (
     DistributedContext,
     main_process_first,
@@ -545,8 +545,7 @@ def train_run(
     if is_search_folder(run_dir):
         raise ValueError(f"{run_dir} holds a search, not a training run: pass another --out")
     _refuse_run_dir_inside_folder_data(run_dir, config)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"--out {run_dir}: is a file; a run needs a folder")
+    refuse_unusable_folder(run_dir, f"--out {run_dir}", needs="a run")
     timings: dict[str, float] = {}
     start = time.perf_counter()
     seed_everything(config.train.seed)
