@@ -97,6 +97,14 @@ def test_train_then_resume_with_more_epochs(tmp_path: Path, capsys) -> None:
     run = json.loads((out / "run.json").read_text())
     assert run["fit"]["epochs_run"] == 2
     assert "Test: top-1" in capsys.readouterr().out
+    # Fewer epochs than the checkpoint's would record a 1-epoch run of a 2-epoch model.
+    record = {name: (out / name).read_bytes() for name in ("run.json", "config.yaml")}
+    assert main(["train", *common, "--epochs", "1", "--resume"]) == 2
+    assert (
+        f"{out / 'checkpoint.pt'}: its run trained 2 epochs, more than this run's 1; resume with "
+        "--epochs 2 or more" in capsys.readouterr().err
+    )
+    assert record == {name: (out / name).read_bytes() for name in record}
 
 
 def test_evaluate_scores_the_test_split_the_model_was_trained_with(

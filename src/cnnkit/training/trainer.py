@@ -280,6 +280,7 @@ class Trainer:
         for key in ("total_steps", "_schedule_phases"):
             scheduler_state.pop(key, None)
         self.scheduler.load_state_dict(scheduler_state)
+        self._check_epochs_fit(int(state["epoch"]))
         self._check_schedule_fits(int(state["epoch"]), steps_per_epoch)
         self._take_this_schedules_rates()
         if self.scaler and state.get("scaler"):
@@ -315,6 +316,24 @@ class Trainer:
             rates = self.scheduler.get_lr()
         for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
             group["lr"] = float(rate)
+
+    def _check_epochs_fit(self, epochs_done: int) -> None:
+        """Fewer epochs than the checkpoint's run trained would record a run shorter than its
+        model's; as many leave nothing to train, which is said."""
+        if epochs_done > self.config.epochs:
+            raise CheckpointError(
+                f"{self.checkpoint_path}: its run trained {epochs_done} epochs, more than this "
+                f"run's {self.config.epochs}; resume with --epochs {epochs_done} or more, or "
+                "train into a new --out"
+            )
+        if epochs_done == self.config.epochs:
+            logger.warning(
+                "%s: all %d epochs were trained already, so nothing is left to train (give "
+                "--epochs above %d to train on)",
+                self.checkpoint_path,
+                epochs_done,
+                epochs_done,
+            )
 
     def _check_schedule_fits(self, epochs_done: int, steps_per_epoch: int) -> None:
         """A one-cycle schedule cannot step past its end, so a resumed run must have room for
