@@ -88,6 +88,19 @@ def run_dir(tmp_path: Path) -> Path:
     return path
 
 
+def non_utf8_path(parent: Path, name: bytes) -> Path:
+    """``parent / name`` for a file name that is not UTF-8, as ``os.walk`` gives it (its bad
+    bytes as surrogates); skips the test where the file system refuses such names."""
+    path = parent / os.fsdecode(name)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        path.unlink()
+    except (OSError, UnicodeError):
+        pytest.skip("the file system refuses file names that are not UTF-8")
+    return path
+
+
 def make_image_set(
     num_classes: int = 3,
     per_class: int = 4,

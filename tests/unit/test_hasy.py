@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tests.conftest import non_utf8_path
 
 from cnnkit.config import DataConfig, Preprocessing
 from cnnkit.data import archive
@@ -275,6 +276,20 @@ def test_cache_token_is_cheap_and_names_archive_and_fold(tmp_path, files):
     tokens = {HasySource(archive, fold=fold).cache_token() for fold in (None, 1, 2)}
     assert len(tokens) == 3 and all(str(archive) in token for token in tokens)
     assert HasySource(write_folder(tmp_path / "folder", files)).cache_token() is None
+
+
+@pytest.mark.parametrize("layout", ["archive", "folder"])
+def test_a_dataset_at_a_path_that_is_not_utf8_is_listed_and_cached(tmp_path, files, layout):
+    place = non_utf8_path(tmp_path / "data", b"caf\xe9")
+    if layout == "archive":
+        data = write_tar(place.with_name(place.name + ".tar.bz2"), files)
+    else:
+        data = write_folder(place, files)
+    config = DataConfig(dataset="hasy", data=str(data), fold=1)
+    first = build_splits(config, Preprocessing(), tmp_path / "cache")
+    second = build_splits(config, Preprocessing(), tmp_path / "cache")
+    assert (first.from_cache, second.from_cache) == (False, True)
+    assert sorted(second.splits.test.paths) == [f"hasy-data/v2-{i:05d}.png" for i in (0, 4, 8)]
 
 
 # The tar reader.

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from cnnkit.atomic import current_umask
 from cnnkit.config import Preprocessing
 from cnnkit.data.image import BadImageError, decode_image, prepare_image
-from cnnkit.data.source import Listing, Source
+from cnnkit.data.source import Listing, Source, encode_name
 from cnnkit.data.workers import map_unordered
 from cnnkit.progress import bar_disabled
 
@@ -65,7 +65,7 @@ def cache_key(listing: Listing, preprocessing: Preprocessing) -> str:
     digest.update(f"v{CACHE_FORMAT}|{listing.fingerprint}|".encode())
     digest.update(json.dumps(asdict(preprocessing), sort_keys=True).encode())
     for record in listing.records:
-        digest.update(f"{record.key}|{record.box}".encode())
+        digest.update(encode_name(f"{record.key}|{record.box}"))
         digest.update(b"\0")
     return digest.hexdigest()[:24]
 

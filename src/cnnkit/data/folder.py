@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from cnnkit.data.files import iter_file_bytes
-from cnnkit.data.source import DataFormatError, Listing, SampleRecord
+from cnnkit.data.source import DataFormatError, Listing, SampleRecord, encode_name
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +33,13 @@ def fingerprint_files(
     the keys that could not be found: the hash records them as missing, so reading them may
     count them absent for good (see ``iter_file_bytes``).
     """
-    digest = hashlib.sha256(f"{Path(root).resolve()}\n".encode(errors="replace"))
+    digest = hashlib.sha256(encode_name(f"{Path(root).resolve()}\n"))
     for key in keys:
         try:
             stat = os.stat(os.path.join(root, key))
-            digest.update(f"{key}|{stat.st_size}|{stat.st_mtime_ns}\n".encode(errors="replace"))
+            digest.update(encode_name(f"{key}|{stat.st_size}|{stat.st_mtime_ns}\n"))
         except OSError:
-            digest.update(f"{key}|missing\n".encode(errors="replace"))
+            digest.update(encode_name(f"{key}|missing\n"))
             if missing is not None:
                 missing.add(key)
     return digest.hexdigest()[:16]

@@ -11,6 +11,15 @@ class DataFormatError(ValueError):
     """A listing file (CSV, metadata) that is malformed; the message names file and line."""
 
 
+def encode_name(text: str) -> bytes:
+    """UTF-8 bytes of a path, key or token to hash.
+
+    A file name that is not UTF-8 reaches Python with its bad bytes as surrogates (``os.walk``,
+    ``sys.argv``); they turn back into those bytes here instead of failing the encoding.
+    """
+    return text.encode("utf-8", "surrogateescape")
+
+
 @dataclass(frozen=True)
 class SampleRecord:
     """One image of a source.
