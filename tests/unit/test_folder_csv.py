@@ -105,6 +105,21 @@ def test_folder_lists_classes_recursively_with_any_extension_case(tmp_path, capl
     assert ".DS_Store" not in caplog.text
 
 
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")
+def test_linked_folders_inside_a_class_are_listed_once_even_in_a_cycle(tmp_path):
+    root = folder_dataset(tmp_path / "data", per_class=1)
+    write_image(tmp_path / "elsewhere" / "x.png")
+    (root / "cat" / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (root / "cat" / "more" / "loop").symlink_to(root / "cat", target_is_directory=True)
+    (root / "dog" / "again").symlink_to(root / "dog", target_is_directory=True)
+    listing = FolderSource(root).list_samples()
+    assert [(r.key, r.label) for r in listing.records] == [
+        ("cat/0.png", 0),
+        ("cat/more/x.png", 0),
+        ("dog/0.png", 1),
+    ]
+
+
 def test_the_data_summary_says_what_a_class_limit_kept(tmp_path):
     root = folder_dataset(tmp_path / "data", per_class=6)
     whole = build_splits(folder_config(root), Preprocessing()).splits.description

@@ -47,9 +47,19 @@ def fingerprint_files(
 
 def walk_images(class_dir: str, ignored: list[str], limit: int | None = None) -> list[str]:
     """Return the image paths under ``class_dir`` relative to it, recursively, sorted; with
-    ``limit``, stop walking once that many are found (a sample, not the whole listing)."""
+    ``limit``, stop walking once that many are found (a sample, not the whole listing).
+
+    Linked folders are followed, as a linked class folder is; each real folder is walked once,
+    so a link to a folder above (a cycle) or to one already walked adds nothing.
+    """
     found = []
-    for current, folders, files in os.walk(class_dir):
+    walked: set[str] = set()
+    for current, folders, files in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(current)
+        if real in walked:
+            folders[:] = []
+            continue
+        walked.add(real)
         folders[:] = sorted(folder for folder in folders if not folder.startswith("."))
         relative = os.path.relpath(current, class_dir)
         for name in sorted(files):
