@@ -338,6 +338,62 @@ def test_iter_archive_matches_tarfile(tmp_path, mode, tar_format):
     assert [name for name, _ in iter_archive(path, lambda name: False)] == expected
 
 
+def add_hard_link(archive: tarfile.TarFile, name: str, target: str) -> None:
+    link = tarfile.TarInfo(name)
+    link.type, link.linkname = tarfile.LNKTYPE, target
+    archive.addfile(link)
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["gnu", "pax"])
+def test_iter_archive_reads_hard_links_as_the_files_they_name(tmp_path, tar_format, caplog):
+    long_name = f"top/{'f' * 120}/b.png"  # Its link names it in a GNU or pax record.
+    path = tmp_path / "links.tar.gz"
+    with tarfile.open(path, "w:gz", format=tar_format) as archive:
+        for name, data in (("top/a.png", b"first"), (long_name, b"second")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        add_hard_link(archive, "top/copy.png", "top/a.png")
+        add_hard_link(archive, "top/copy-of-copy.png", "top/copy.png")
+        add_hard_link(archive, "top/long.png", f"./{long_name}")
+        add_hard_link(archive, "top/dangling.png", "top/gone.png")
+    files = dict(iter_archive(path))
+    assert files == {
+        "top/a.png": b"first",
+        long_name: b"second",
+        "top/copy.png": b"first",
+        "top/copy-of-copy.png": b"first",
+        "top/long.png": b"second",
+    }
+    assert "hard link top/dangling.png points to top/gone.png, which is not a file" in caplog.text
+    only_link = dict(iter_archive(path, {"top/copy-of-copy.png"}.__contains__))
+    assert only_link == {
+        "top/a.png": None,
+        long_name: None,
+        "top/copy.png": None,
+        "top/copy-of-copy.png": b"first",
+        "top/long.png": None,
+        "top/dangling.png": None,
+    }
+
+
+@pytest.mark.parametrize("labels_last", [True, False])
+def test_hard_linked_images_are_streamed_with_their_bytes(tmp_path, files, labels_last):
+    files["hasy-data/v2-00005.png"] = files["hasy-data/v2-00002.png"]
+    path = tmp_path / "h.tar.bz2"
+    with tarfile.open(path, "w:bz2") as archive:
+        for name in ordered(files, labels_last):
+            if name == "hasy-data/v2-00005.png":
+                add_hard_link(archive, name, "hasy-data/v2-00002.png")
+                continue
+            info = tarfile.TarInfo(name)
+            info.size = len(files[name])
+            archive.addfile(info, io.BytesIO(files[name]))
+    source = HasySource(path)
+    streamed = dict(source.iter_bytes([record.key for record in source.list_samples().records]))
+    assert streamed == {name: data for name, data in files.items() if name.endswith(".png")}
+
+
 def test_iter_archive_reads_multi_stream_bzip2(tmp_path, files):
     plain = write_tar(tmp_path / "h.tar", files, "w").read_bytes()
     half = len(plain) // 2
