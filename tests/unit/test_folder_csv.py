@@ -232,6 +232,12 @@ def test_iter_csv_rows_counts_lines_of_quoted_multiline_fields():
     assert rows == [(2, ["a.png", "two\nlines"]), (4, ["b.png", "dog"])]
 
 
+def test_iter_csv_rows_reads_a_quoted_field_after_a_space_and_strips_every_value():
+    data = b'path, label\na.png, "cat"\n b.png ,cat\n" c.png ",  "cat, tabby"\n'
+    rows = list(iter_csv_rows(data, "list.csv", ("path", "label")))
+    assert rows == [(2, ["a.png", "cat"]), (3, ["b.png", "cat"]), (4, ["c.png", "cat, tabby"])]
+
+
 def csv_dataset(root: Path, labels: list[str], **csv_options) -> Path:
     rows = [["path", "label"]]
     for index, label in enumerate(labels):

@@ -45,7 +45,8 @@ def decode_text(data: bytes, name: str) -> str:
 def iter_csv_rows(
     data: bytes, name: str, columns: Sequence[str], optional: Sequence[str] = ()
 ) -> Iterator[tuple[int, list[str | None]]]:
-    """Read a CSV with a header row, tolerating a BOM, CRLF, quoted fields and extra columns.
+    """Read a CSV with a header row, tolerating a BOM, CRLF, quoted fields (after spaces too)
+    and extra columns.
 
     Args:
         data: the raw file contents.
@@ -61,7 +62,10 @@ def iter_csv_rows(
         DataFormatError: for non-UTF-8 data, bad quoting, a missing column or a short row,
             naming ``name`` and the line.
     """
-    reader = csv.reader(io.StringIO(decode_text(data, name), newline=""), strict=True)
+    # skipinitialspace: ``a.png, "cat"`` is the label cat, not '"cat"'. Values are stripped
+    # anyway, so a path or label never starts or ends with a space, quoted or not.
+    text = io.StringIO(decode_text(data, name), newline="")
+    reader = csv.reader(text, strict=True, skipinitialspace=True)
     indices: list[int | None] = []
     line = 1
     try:
