@@ -308,6 +308,39 @@ def test_csv_repeated_rows_are_dropped_with_a_warning(tmp_path, caplog):
     assert "dropped 2 repeated row(s)" in caplog.text
 
 
+def _two_folders_of_images(tmp_path: Path) -> tuple[Path, Path]:
+    """Folders ``a`` and ``b`` with the same image names and different pixels."""
+    for shade, folder in ((40, "a"), (200, "b")):
+        for index in range(2):
+            write_image(tmp_path / folder / f"{index}.png", shade=shade + index)
+    return tmp_path / "a", tmp_path / "b"
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")
+def test_a_linked_csv_reads_the_files_its_absolute_paths_name(tmp_path):
+    seen, real = _two_folders_of_images(tmp_path)
+    rows = [["path", "label"]] + [[str(seen / f"{i}.png"), "ab"[i]] for i in range(2)]
+    write_csv(real / "labels.csv", rows)
+    (seen / "labels.csv").symlink_to(real / "labels.csv")
+    source = CsvSource(seen / "labels.csv")
+    keys = [record.key for record in source.list_samples().records]
+    assert keys == [(seen / f"{i}.png").as_posix() for i in range(2)]
+    streamed = dict(source.iter_bytes(keys))
+    assert streamed == {key: Path(key).read_bytes() for key in keys}
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")
+def test_absolute_paths_may_name_the_csv_folder_through_a_linked_folder(tmp_path):
+    _, real = _two_folders_of_images(tmp_path)
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    rows = [["path", "label"]] + [[str(tmp_path / "link" / f"{i}.png"), "ab"[i]] for i in (0, 1)]
+    write_csv(real / "labels.csv", rows)
+    source = CsvSource(tmp_path / "link" / "labels.csv")
+    keys = [record.key for record in source.list_samples().records]
+    assert keys == ["0.png", "1.png"]
+    assert dict(source.iter_bytes(keys)) == {key: (real / key).read_bytes() for key in keys}
+
+
 def test_csv_split_column_is_honoured(tmp_path):
     rows = [["path", "label", "split"]]
     for index in range(6):

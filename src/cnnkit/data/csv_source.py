@@ -106,10 +106,10 @@ def iter_csv_rows(
 class CsvSource:
     """Images listed in a CSV with columns ``path,label`` and optionally ``split``.
 
-    Paths are relative to the CSV's folder (absolute paths must lie inside it); a path that
-    escapes the folder is refused. Class names are the sorted unique labels. Repeated rows are
-    dropped with a warning; one path with two labels is an error. Missing image files are
-    reported by the cache with their CSV line.
+    Paths are relative to the CSV's folder (absolute paths must lie inside it, or inside the
+    folder of the link it was named by); a path that escapes the folder is refused. Class names
+    are the sorted unique labels. Repeated rows are dropped with a warning; one path with two
+    labels is an error. Missing image files are reported by the cache with their CSV line.
 
     Args:
         csv_path: the CSV file.
@@ -119,7 +119,11 @@ class CsvSource:
         self.csv_path = Path(csv_path)
         self.root = self.csv_path.resolve().parent
         # An absolute path may name the folder through a symbolic link, as the user sees it.
-        self._roots = [str(self.root), str(self.csv_path.absolute().parent)]
+        seen = self.csv_path.absolute().parent
+        self._roots = [str(self.root), str(seen)]
+        # A CSV file that is a link lies, as the user sees it, in the link's folder: another
+        # folder, whose files are not under self.root where keys are read.
+        self._other_root = None if seen.resolve() == self.root else str(seen)
         self._absent: frozenset[str] = frozenset()  # Missing when listed (list_samples).
 
     def _key(self, path: str, line: int) -> str:
@@ -131,7 +135,9 @@ class CsvSource:
         full = os.path.normpath(os.path.join(self.root, path))
         for root in self._roots:
             if full != root and os.path.commonpath([full, root]) == root:
-                return Path(os.path.relpath(full, root)).as_posix()
+                # A file of the other folder keeps the full path it is named by, to be read there.
+                key = full if root == self._other_root else os.path.relpath(full, root)
+                return Path(key).as_posix()
         raise DataFormatError(
             f"{where}: path {path!r} is outside the dataset folder {self.root}; refused"
         )
