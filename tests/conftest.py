@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -99,6 +100,25 @@ def non_utf8_path(parent: Path, name: bytes) -> Path:
     except (OSError, UnicodeError):
         pytest.skip("the file system refuses file names that are not UTF-8")
     return path
+
+
+def within_seconds(seconds: float, function):
+    """Run ``function`` in a thread; fail the test if it has not returned within ``seconds``."""
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = function()
+        except Exception as error:  # handed back to the test below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s (blocked or looping?)"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def make_image_set(

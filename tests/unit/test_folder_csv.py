@@ -7,7 +7,6 @@ import dataclasses
 import io
 import logging
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from tests.conftest import within_seconds
 
 from cnnkit.config import DataConfig, Preprocessing
 from cnnkit.data.cache import load_images
@@ -424,25 +424,6 @@ def test_csv_image_gone_for_a_moment_is_not_cached_as_missing(tmp_path):
     assert not second.from_cache and second.valid.all()
 
 
-def _within_seconds(seconds: float, function):
-    """Run ``function`` in a thread; fail the test if it has not returned within ``seconds``."""
-    outcome: dict = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = function()
-        except Exception as error:  # handed back to the test below
-            outcome["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"still running after {seconds} s (blocked on a FIFO?)"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
-
-
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
 @pytest.mark.parametrize("dataset", ["folder", "csv"])
 def test_fifos_and_folders_named_like_images_are_reported_not_waited_on(tmp_path, dataset):
@@ -461,9 +442,9 @@ def test_fifos_and_folders_named_like_images_are_reported_not_waited_on(tmp_path
     if dataset == "folder":  # a folder named like an image is walked into, not listed
         (folder / "inner.png").write_bytes(b"")
     with pytest.raises(BadDataError, match="bad image") as error:
-        _within_seconds(30, lambda: build_splits(config, Preprocessing()))
+        within_seconds(30, lambda: build_splits(config, Preprocessing()))
     assert pipe.relative_to(tmp_path).as_posix() in str(error.value)
-    skipped = _within_seconds(
+    skipped = within_seconds(
         30, lambda: build_splits(dataclasses.replace(config, on_bad_image="skip"), Preprocessing())
     )
     assert len(skipped.problems) == 2

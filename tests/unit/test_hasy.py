@@ -6,6 +6,7 @@ import bz2
 import io
 import lzma
 import os
+import re
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tests.conftest import non_utf8_path
+from tests.conftest import non_utf8_path, within_seconds
 
 from cnnkit.config import DataConfig, Preprocessing
 from cnnkit.data import archive
@@ -392,6 +393,26 @@ def test_hard_linked_images_are_streamed_with_their_bytes(tmp_path, files, label
     source = HasySource(path)
     streamed = dict(source.iter_bytes([record.key for record in source.list_samples().records]))
     assert streamed == {name: data for name, data in files.items() if name.endswith(".png")}
+
+
+@pytest.mark.parametrize(
+    "record",
+    [b"00 path=", b"15_path=", b"99 path=", b"03 path=", b"-5 path="],
+    ids=["zero length", "no space", "past the end", "too short", "negative"],
+)
+def test_a_corrupt_pax_header_is_named_not_looped_on(tmp_path, record):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        info = tarfile.TarInfo("ünïcødé.png")  # Not ASCII: the name goes into a pax header.
+        info.size = 3
+        archive.addfile(info, io.BytesIO(b"abc"))
+    data = buffer.getvalue()
+    assert data[512:520] == b"24 path="
+    path = tmp_path / "bad-pax.tar"
+    path.write_bytes(data[:512] + record + data[520:])
+    message = f"{re.escape(str(path))}: corrupt pax header \\(bad record b'{record[:2].decode()}"
+    with pytest.raises(DataFormatError, match=message):
+        within_seconds(30, lambda: list(iter_archive(path)))
 
 
 def test_iter_archive_reads_multi_stream_bzip2(tmp_path, files):

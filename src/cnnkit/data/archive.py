@@ -166,14 +166,25 @@ def _octal(field: bytes) -> int:
     return int(field.strip(b" \0") or b"0", 8)
 
 
-def _pax_values(data: bytes) -> dict[str, str]:
+def _pax_values(data: bytes, path: Path) -> dict[str, str]:
+    """The ``key=value`` records of a pax header, each ``"<length> <key>=<value>\\n"``.
+
+    Raises:
+        DataFormatError: naming ``path`` for a record whose length is missing, too short for
+            the record (0 would never move on) or beyond the header.
+    """
     values, position = {}, 0
-    while position < len(data):
-        space = data.index(b" ", position)
-        length = int(data[position:space])
-        key, _, value = data[space + 1 : position + length - 1].partition(b"=")
+    while position < len(data) and data[position]:  # NUL padding after the last record ends it.
+        space = data.find(b" ", position)
+        digits = data[position:space] if space > position else b""
+        end = position + int(digits) if digits.isdigit() else -1
+        if end <= space + 1 or end > len(data):
+            raise DataFormatError(
+                f"{path}: corrupt pax header (bad record {data[position : position + 40]!r})"
+            )
+        key, _, value = data[space + 1 : end - 1].partition(b"=")
         values[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
-        position += length
+        position = end
     return values
 
 
@@ -285,7 +296,7 @@ def _iter_members(
         if kind in (b"K", b"L", b"x"):
             data = stream.read(size)
             if kind == b"x":
-                pax = _pax_values(data)
+                pax = _pax_values(data, path)
             elif kind == b"K":
                 long_link = _text(data)
             else:
