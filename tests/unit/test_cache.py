@@ -21,7 +21,7 @@ from tests.conftest import non_utf8_path, subprocess_env
 from cnnkit.config import Preprocessing
 from cnnkit.data.cache import cache_key, load_images
 from cnnkit.data.folder import FolderSource
-from cnnkit.data.source import Listing, SampleRecord
+from cnnkit.data.source import Listing, ReadError, SampleRecord
 from cnnkit.data.sources import limit_listing, list_samples_cached
 from cnnkit.data.workers import map_unordered
 
@@ -205,7 +205,7 @@ class _FlakySource(FolderSource):
         for key, data in super().iter_bytes(keys):
             if key == "a/0.png" and not self.failed:
                 self.failed = True
-                data = None
+                data = ReadError("Input/output error")
             yield key, data
 
 
@@ -213,7 +213,8 @@ def test_a_read_that_failed_once_is_not_cached(tmp_path, caplog):
     source = _FlakySource(write_dataset(tmp_path / "data"))
     listing = source.list_samples()
     first = load_images(source, listing, Preprocessing(), tmp_path / "cache", workers=1)
-    assert first.unreadable == 1 and any("a/0.png" in p for p in first.problems)
+    assert first.unreadable == 1
+    assert first.problems[0] == f"a/0.png ({source.root}): cannot read (Input/output error)"
     assert "not cached" in caplog.text
     second = load_images(source, listing, Preprocessing(), tmp_path / "cache", workers=1)
     assert not second.from_cache and second.valid.sum() == 5  # Only the corrupt b/2.png.

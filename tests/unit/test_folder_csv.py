@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import io
 import logging
 import os
@@ -17,6 +18,7 @@ from PIL import Image
 from tests.conftest import within_seconds
 
 from cnnkit.config import DataConfig, Preprocessing
+from cnnkit.data import files
 from cnnkit.data.cache import load_images
 from cnnkit.data.csv_source import CsvSource, iter_csv_rows
 from cnnkit.data.folder import FolderSource
@@ -449,6 +451,43 @@ def test_fifos_and_folders_named_like_images_are_reported_not_waited_on(tmp_path
     )
     assert len(skipped.problems) == 2
     assert len(skipped.splits.train) + len(skipped.splits.test) == 8
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
+def test_paths_that_are_no_files_are_named_with_the_reason_and_cached(tmp_path):
+    path = csv_dataset(tmp_path, ["cat", "dog"] * 5)
+    pipe, folder = tmp_path / "images" / "0.png", tmp_path / "images" / "1.png"
+    pipe.unlink()
+    folder.unlink()
+    os.mkfifo(pipe)
+    folder.mkdir()
+    config = DataConfig(dataset="csv", data=str(path), on_bad_image="skip", val_fraction=0)
+    first = within_seconds(30, lambda: build_splits(config, Preprocessing(), tmp_path / "cache"))
+    assert first.problems == [
+        "images/0.png (labels.csv:2): cannot read (not a regular file)",
+        "images/1.png (labels.csv:3): cannot read (not a regular file)",
+    ]
+    second = build_splits(config, Preprocessing(), tmp_path / "cache")
+    assert second.from_cache and second.problems == first.problems
+
+
+def test_a_permission_denied_is_named_and_not_cached(tmp_path, monkeypatch):
+    path = csv_dataset(tmp_path, ["cat", "dog"] * 5)
+    denied = (tmp_path / "images" / "2.png").resolve()
+    read = files.read_regular_file
+
+    def refuse(file):  # chmod would not stop root, who may run the tests.
+        if Path(file).resolve() == denied:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return read(file)
+
+    monkeypatch.setattr(files, "read_regular_file", refuse)
+    config = DataConfig(dataset="csv", data=str(path), on_bad_image="skip", val_fraction=0)
+    first = build_splits(config, Preprocessing(), tmp_path / "cache")
+    assert first.problems == ["images/2.png (labels.csv:4): cannot read (Permission denied)"]
+    monkeypatch.undo()  # Permission granted: the file is read, as nothing was cached.
+    second = build_splits(config, Preprocessing(), tmp_path / "cache")
+    assert not second.from_cache and second.problems == []
 
 
 @PROPERTY_SETTINGS

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cnnkit.data.files import iter_file_bytes, read_regular_file
 from cnnkit.data.folder import is_image_name
-from cnnkit.data.source import DataFormatError
+from cnnkit.data.source import DataFormatError, ReadError
 
 logger = logging.getLogger(__name__)
 
@@ -479,10 +479,10 @@ class DatasetFiles:
             return f"folder|{self.folder.resolve()}"
         return f"archive|{self.archive_token()}"
 
-    def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
+    def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | ReadError]]:
         """Yield ``(key, bytes)`` for keys relative to the data root: one pass at most.
 
-        Keys absent from the archive or folder are not yielded; unreadable files give None.
+        Keys absent from the archive or folder are not yielded; unreadable files a ReadError.
         Call :meth:`read_metadata` first.
         """
         if self.folder is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cnnkit.data.files import iter_file_bytes, read_regular_file
 from cnnkit.data.folder import fingerprint_files
-from cnnkit.data.source import DataFormatError, Listing, SampleRecord
+from cnnkit.data.source import DataFormatError, Listing, ReadError, SampleRecord
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +212,6 @@ class CsvSource:
             f"{self.csv_path.name} ({len(records):,} images, {len(class_names):,} classes)",
         )
 
-    def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
-        """Yield each file's bytes, None where it cannot be read; missing files are not."""
+    def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | ReadError]]:
+        """Yield each file's bytes, a ReadError where it cannot be read; missing files are not."""
         yield from iter_file_bytes(self.root, keys, self._absent)

@@ -10,7 +10,7 @@ from pathlib import Path
 from cnnkit.data.archive import DatasetFiles, parse_integer, relative_key
 from cnnkit.data.csv_source import decode_text
 from cnnkit.data.folder import fingerprint_files
-from cnnkit.data.source import DataFormatError, Listing, SampleRecord, encode_name
+from cnnkit.data.source import DataFormatError, Listing, ReadError, SampleRecord, encode_name
 
 IMAGES_FILE = "images.txt"
 LABELS_FILE = "image_class_labels.txt"
@@ -174,7 +174,7 @@ class CubSource:
             listing.description,
         )
 
-    def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
+    def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | ReadError]]:
         """Yield the JPEG bytes of ``keys``; keys absent from an archive are not yielded."""
         if self._listing is None:
             self.list_samples()

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from cnnkit.data.files import iter_file_bytes
-from cnnkit.data.source import DataFormatError, Listing, SampleRecord, encode_name
+from cnnkit.data.source import DataFormatError, Listing, ReadError, SampleRecord, encode_name
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,6 @@ class FolderSource:
             f"({len(records):,} images, {len(class_names):,} classes)",
         )
 
-    def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
-        """Yield each file's bytes, None where it cannot be read; missing files are not."""
+    def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | ReadError]]:
+        """Yield each file's bytes, a ReadError where it cannot be read; missing files are not."""
         yield from iter_file_bytes(self.root, keys)

@@ -11,7 +11,7 @@ from pathlib import Path
 from cnnkit.data.archive import DatasetFiles, parse_integer, relative_key
 from cnnkit.data.csv_source import iter_csv_rows
 from cnnkit.data.folder import fingerprint_files
-from cnnkit.data.source import DataFormatError, Listing, SampleRecord, encode_name
+from cnnkit.data.source import DataFormatError, Listing, ReadError, SampleRecord, encode_name
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class HasySource:
             listing.description,
         )
 
-    def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
+    def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | ReadError]]:
         """Yield the PNG bytes of ``keys``; keys absent from an archive are not yielded."""
         if self._listing is None:
             self.list_samples()
