@@ -531,6 +531,13 @@ def test_a_path_listed_twice_with_two_labels_names_both_as_written(tmp_path):
 # Splits.
 
 
+@pytest.mark.parametrize(("fraction", "held"), [(0.05, 0), (0.15, 2), (0.25, 2), (0.35, 4)])
+def test_a_class_share_rounds_half_to_even(fraction, held) -> None:
+    labels = np.repeat([0, 1], 10)
+    _, second = stratified_split(labels, fraction, seed=0)
+    assert np.bincount(labels[second], minlength=2).tolist() == [held, held]
+
+
 def test_without_copies_grouping_leaves_the_split_as_it_was() -> None:
     labels = np.repeat(np.arange(5), 9)
     plain = stratified_split(labels, 0.3, seed=4)
