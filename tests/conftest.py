@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,6 +87,38 @@ def run_dir(tmp_path: Path) -> Path:
     path = tmp_path / "run"
     path.mkdir()
     return path
+
+
+def non_utf8_path(parent: Path, name: bytes) -> Path:
+    """``parent / name`` for a file name that is not UTF-8, as ``os.walk`` gives it (its bad
+    bytes as surrogates); skips the test where the file system refuses such names."""
+    path = parent / os.fsdecode(name)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        path.unlink()
+    except (OSError, UnicodeError):
+        pytest.skip("the file system refuses file names that are not UTF-8")
+    return path
+
+
+def within_seconds(seconds: float, function):
+    """Run ``function`` in a thread; fail the test if it has not returned within ``seconds``."""
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = function()
+        except Exception as error:  # handed back to the test below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s (blocked or looping?)"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def make_image_set(

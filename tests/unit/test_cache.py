@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tests.conftest import subprocess_env
+from tests.conftest import non_utf8_path, subprocess_env
 
 from cnnkit.config import Preprocessing
 from cnnkit.data.cache import cache_key, load_images
 from cnnkit.data.folder import FolderSource
-from cnnkit.data.source import Listing
-from cnnkit.data.sources import limit_listing
+from cnnkit.data.source import Listing, ReadError, SampleRecord
+from cnnkit.data.sources import limit_listing, list_samples_cached
 from cnnkit.data.workers import map_unordered
 
 RGB = Preprocessing(channels=3, mean=(0, 0, 0), std=(1, 1, 1))
@@ -157,6 +157,43 @@ def test_two_copies_of_a_folder_with_equal_names_sizes_and_times_do_not_share_an
     assert [int(load.images.max()) for load in loads] == [255, 0]
 
 
+def test_a_file_name_that_is_not_utf8_is_decoded_and_cached(tmp_path):
+    root = write_dataset(tmp_path / "data")
+    renamed = non_utf8_path(root / "a", b"caf\xe9.png")
+    (root / "a" / "0.png").rename(renamed)
+    source = FolderSource(root)
+    listing = source.list_samples()
+    assert listing.records[2].key == "a/caf\udce9.png"
+    first = load_images(source, listing, Preprocessing(), tmp_path / "cache", workers=1)
+    second = load_images(source, listing, Preprocessing(), tmp_path / "cache", workers=1)
+    assert (first.from_cache, second.from_cache) == (False, True)
+    assert second.valid.tolist() == [True] * 5 + [False]
+    np.testing.assert_array_equal(first.images, second.images)
+
+
+class _ListedOnce:
+    """A source with a listing cache token whose one key came from a non-UTF-8 file name."""
+
+    def __init__(self) -> None:
+        self.listed = 0
+
+    def cache_token(self) -> str:
+        return "archive|/data/caf\udce9.tar|1|2"
+
+    def list_samples(self) -> Listing:
+        self.listed += 1
+        record = SampleRecord("images/caf\udce9.png", 0, "train", "labels.csv:2")
+        return Listing([record], ["a"], "fingerprint", "one image")
+
+
+def test_a_listing_with_a_key_that_is_not_utf8_is_cached_as_it_is(tmp_path):
+    source = _ListedOnce()
+    first = list_samples_cached(source, tmp_path / "cache")
+    second = list_samples_cached(source, tmp_path / "cache")
+    assert source.listed == 1
+    assert second == first and second.records[0].key == "images/caf\udce9.png"
+
+
 class _FlakySource(FolderSource):
     """A folder source whose first read of ``a/0.png`` fails, as on a network share."""
 
@@ -168,7 +205,7 @@ class _FlakySource(FolderSource):
         for key, data in super().iter_bytes(keys):
             if key == "a/0.png" and not self.failed:
                 self.failed = True
-                data = None
+                data = ReadError("Input/output error")
             yield key, data
 
 
@@ -176,7 +213,8 @@ def test_a_read_that_failed_once_is_not_cached(tmp_path, caplog):
     source = _FlakySource(write_dataset(tmp_path / "data"))
     listing = source.list_samples()
     first = load_images(source, listing, Preprocessing(), tmp_path / "cache", workers=1)
-    assert first.unreadable == 1 and any("a/0.png" in p for p in first.problems)
+    assert first.unreadable == 1
+    assert first.problems[0] == f"a/0.png ({source.root}): cannot read (Input/output error)"
     assert "not cached" in caplog.text
     second = load_images(source, listing, Preprocessing(), tmp_path / "cache", workers=1)
     assert not second.from_cache and second.valid.sum() == 5  # Only the corrupt b/2.png.

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tests.conftest import non_utf8_path
 
 from cnnkit.config import DataConfig, Preprocessing
 from cnnkit.data.cache import load_images
@@ -154,6 +155,15 @@ def test_build_splits_follows_the_official_split(tmp_path, files):
     splits = loaded.splits
     assert (len(splits.train) + (len(splits.val) if splits.val else 0), len(splits.test)) == (4, 2)
     assert splits.class_names == ["Black footed Albatross", "Sooty Albatross"]
+
+
+def test_a_folder_at_a_path_that_is_not_utf8_is_listed_and_cached(tmp_path, files):
+    folder = write_folder(non_utf8_path(tmp_path, b"caf\xe9"), files)
+    config = DataConfig(dataset="cub", data=str(folder))
+    first = build_splits(config, Preprocessing(), tmp_path / "cache")
+    second = build_splits(config, Preprocessing(), tmp_path / "cache")
+    assert (first.from_cache, second.from_cache) == (False, True)
+    assert second.splits.test.paths == first.splits.test.paths
 
 
 def edit(files: dict[str, bytes], name: str, line: int, text: str | None) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import io
 import logging
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from tests.conftest import within_seconds
 
 from cnnkit.config import DataConfig, Preprocessing
+from cnnkit.data import files
 from cnnkit.data.cache import load_images
 from cnnkit.data.csv_source import CsvSource, iter_csv_rows
 from cnnkit.data.folder import FolderSource
@@ -103,6 +105,21 @@ def test_folder_lists_classes_recursively_with_any_extension_case(tmp_path, capl
     ]
     assert "notes.txt" in caplog.text and "README.md" in caplog.text
     assert ".DS_Store" not in caplog.text
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")
+def test_linked_folders_inside_a_class_are_listed_once_even_in_a_cycle(tmp_path):
+    root = folder_dataset(tmp_path / "data", per_class=1)
+    write_image(tmp_path / "elsewhere" / "x.png")
+    (root / "cat" / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (root / "cat" / "more" / "loop").symlink_to(root / "cat", target_is_directory=True)
+    (root / "dog" / "again").symlink_to(root / "dog", target_is_directory=True)
+    listing = FolderSource(root).list_samples()
+    assert [(r.key, r.label) for r in listing.records] == [
+        ("cat/0.png", 0),
+        ("cat/more/x.png", 0),
+        ("dog/0.png", 1),
+    ]
 
 
 def test_the_data_summary_says_what_a_class_limit_kept(tmp_path):
@@ -217,6 +234,12 @@ def test_iter_csv_rows_counts_lines_of_quoted_multiline_fields():
     assert rows == [(2, ["a.png", "two\nlines"]), (4, ["b.png", "dog"])]
 
 
+def test_iter_csv_rows_reads_a_quoted_field_after_a_space_and_strips_every_value():
+    data = b'path, label\na.png, "cat"\n b.png ,cat\n" c.png ",  "cat, tabby"\n'
+    rows = list(iter_csv_rows(data, "list.csv", ("path", "label")))
+    assert rows == [(2, ["a.png", "cat"]), (3, ["b.png", "cat"]), (4, ["c.png", "cat, tabby"])]
+
+
 def csv_dataset(root: Path, labels: list[str], **csv_options) -> Path:
     rows = [["path", "label"]]
     for index, label in enumerate(labels):
@@ -285,6 +308,39 @@ def test_csv_repeated_rows_are_dropped_with_a_warning(tmp_path, caplog):
         listing = CsvSource(path).list_samples()
     assert [r.key for r in listing.records] == ["images/0.png", "images/1.png"]
     assert "dropped 2 repeated row(s)" in caplog.text
+
+
+def _two_folders_of_images(tmp_path: Path) -> tuple[Path, Path]:
+    """Folders ``a`` and ``b`` with the same image names and different pixels."""
+    for shade, folder in ((40, "a"), (200, "b")):
+        for index in range(2):
+            write_image(tmp_path / folder / f"{index}.png", shade=shade + index)
+    return tmp_path / "a", tmp_path / "b"
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")
+def test_a_linked_csv_reads_the_files_its_absolute_paths_name(tmp_path):
+    seen, real = _two_folders_of_images(tmp_path)
+    rows = [["path", "label"]] + [[str(seen / f"{i}.png"), "ab"[i]] for i in range(2)]
+    write_csv(real / "labels.csv", rows)
+    (seen / "labels.csv").symlink_to(real / "labels.csv")
+    source = CsvSource(seen / "labels.csv")
+    keys = [record.key for record in source.list_samples().records]
+    assert keys == [(seen / f"{i}.png").as_posix() for i in range(2)]
+    streamed = dict(source.iter_bytes(keys))
+    assert streamed == {key: Path(key).read_bytes() for key in keys}
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")
+def test_absolute_paths_may_name_the_csv_folder_through_a_linked_folder(tmp_path):
+    _, real = _two_folders_of_images(tmp_path)
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    rows = [["path", "label"]] + [[str(tmp_path / "link" / f"{i}.png"), "ab"[i]] for i in (0, 1)]
+    write_csv(real / "labels.csv", rows)
+    source = CsvSource(tmp_path / "link" / "labels.csv")
+    keys = [record.key for record in source.list_samples().records]
+    assert keys == ["0.png", "1.png"]
+    assert dict(source.iter_bytes(keys)) == {key: (real / key).read_bytes() for key in keys}
 
 
 def test_csv_split_column_is_honoured(tmp_path):
@@ -370,25 +426,6 @@ def test_csv_image_gone_for_a_moment_is_not_cached_as_missing(tmp_path):
     assert not second.from_cache and second.valid.all()
 
 
-def _within_seconds(seconds: float, function):
-    """Run ``function`` in a thread; fail the test if it has not returned within ``seconds``."""
-    outcome: dict = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = function()
-        except Exception as error:  # handed back to the test below
-            outcome["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"still running after {seconds} s (blocked on a FIFO?)"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
-
-
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
 @pytest.mark.parametrize("dataset", ["folder", "csv"])
 def test_fifos_and_folders_named_like_images_are_reported_not_waited_on(tmp_path, dataset):
@@ -407,13 +444,50 @@ def test_fifos_and_folders_named_like_images_are_reported_not_waited_on(tmp_path
     if dataset == "folder":  # a folder named like an image is walked into, not listed
         (folder / "inner.png").write_bytes(b"")
     with pytest.raises(BadDataError, match="bad image") as error:
-        _within_seconds(30, lambda: build_splits(config, Preprocessing()))
+        within_seconds(30, lambda: build_splits(config, Preprocessing()))
     assert pipe.relative_to(tmp_path).as_posix() in str(error.value)
-    skipped = _within_seconds(
+    skipped = within_seconds(
         30, lambda: build_splits(dataclasses.replace(config, on_bad_image="skip"), Preprocessing())
     )
     assert len(skipped.problems) == 2
     assert len(skipped.splits.train) + len(skipped.splits.test) == 8
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
+def test_paths_that_are_no_files_are_named_with_the_reason_and_cached(tmp_path):
+    path = csv_dataset(tmp_path, ["cat", "dog"] * 5)
+    pipe, folder = tmp_path / "images" / "0.png", tmp_path / "images" / "1.png"
+    pipe.unlink()
+    folder.unlink()
+    os.mkfifo(pipe)
+    folder.mkdir()
+    config = DataConfig(dataset="csv", data=str(path), on_bad_image="skip", val_fraction=0)
+    first = within_seconds(30, lambda: build_splits(config, Preprocessing(), tmp_path / "cache"))
+    assert first.problems == [
+        "images/0.png (labels.csv:2): cannot read (not a regular file)",
+        "images/1.png (labels.csv:3): cannot read (not a regular file)",
+    ]
+    second = build_splits(config, Preprocessing(), tmp_path / "cache")
+    assert second.from_cache and second.problems == first.problems
+
+
+def test_a_permission_denied_is_named_and_not_cached(tmp_path, monkeypatch):
+    path = csv_dataset(tmp_path, ["cat", "dog"] * 5)
+    denied = (tmp_path / "images" / "2.png").resolve()
+    read = files.read_regular_file
+
+    def refuse(file):  # chmod would not stop root, who may run the tests.
+        if Path(file).resolve() == denied:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return read(file)
+
+    monkeypatch.setattr(files, "read_regular_file", refuse)
+    config = DataConfig(dataset="csv", data=str(path), on_bad_image="skip", val_fraction=0)
+    first = build_splits(config, Preprocessing(), tmp_path / "cache")
+    assert first.problems == ["images/2.png (labels.csv:4): cannot read (Permission denied)"]
+    monkeypatch.undo()  # Permission granted: the file is read, as nothing was cached.
+    second = build_splits(config, Preprocessing(), tmp_path / "cache")
+    assert not second.from_cache and second.problems == []
 
 
 @PROPERTY_SETTINGS
@@ -455,6 +529,13 @@ def test_a_path_listed_twice_with_two_labels_names_both_as_written(tmp_path):
 
 
 # Splits.
+
+
+@pytest.mark.parametrize(("fraction", "held"), [(0.05, 0), (0.15, 2), (0.25, 2), (0.35, 4)])
+def test_a_class_share_rounds_half_to_even(fraction, held) -> None:
+    labels = np.repeat([0, 1], 10)
+    _, second = stratified_split(labels, fraction, seed=0)
+    assert np.bincount(labels[second], minlength=2).tolist() == [held, held]
 
 
 def test_without_copies_grouping_leaves_the_split_as_it_was() -> None:

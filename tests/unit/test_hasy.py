@@ -6,6 +6,7 @@ import bz2
 import io
 import lzma
 import os
+import re
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tests.conftest import non_utf8_path, within_seconds
 
 from cnnkit.config import DataConfig, Preprocessing
 from cnnkit.data import archive
@@ -277,6 +279,20 @@ def test_cache_token_is_cheap_and_names_archive_and_fold(tmp_path, files):
     assert HasySource(write_folder(tmp_path / "folder", files)).cache_token() is None
 
 
+@pytest.mark.parametrize("layout", ["archive", "folder"])
+def test_a_dataset_at_a_path_that_is_not_utf8_is_listed_and_cached(tmp_path, files, layout):
+    place = non_utf8_path(tmp_path / "data", b"caf\xe9")
+    if layout == "archive":
+        data = write_tar(place.with_name(place.name + ".tar.bz2"), files)
+    else:
+        data = write_folder(place, files)
+    config = DataConfig(dataset="hasy", data=str(data), fold=1)
+    first = build_splits(config, Preprocessing(), tmp_path / "cache")
+    second = build_splits(config, Preprocessing(), tmp_path / "cache")
+    assert (first.from_cache, second.from_cache) == (False, True)
+    assert sorted(second.splits.test.paths) == [f"hasy-data/v2-{i:05d}.png" for i in (0, 4, 8)]
+
+
 # The tar reader.
 
 
@@ -321,6 +337,82 @@ def test_iter_archive_matches_tarfile(tmp_path, mode, tar_format):
     with tarfile.open(path) as archive:
         expected = [normalize_member_name(m.name) for m in archive.getmembers() if m.isfile()]
     assert [name for name, _ in iter_archive(path, lambda name: False)] == expected
+
+
+def add_hard_link(archive: tarfile.TarFile, name: str, target: str) -> None:
+    link = tarfile.TarInfo(name)
+    link.type, link.linkname = tarfile.LNKTYPE, target
+    archive.addfile(link)
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["gnu", "pax"])
+def test_iter_archive_reads_hard_links_as_the_files_they_name(tmp_path, tar_format, caplog):
+    long_name = f"top/{'f' * 120}/b.png"  # Its link names it in a GNU or pax record.
+    path = tmp_path / "links.tar.gz"
+    with tarfile.open(path, "w:gz", format=tar_format) as archive:
+        for name, data in (("top/a.png", b"first"), (long_name, b"second")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        add_hard_link(archive, "top/copy.png", "top/a.png")
+        add_hard_link(archive, "top/copy-of-copy.png", "top/copy.png")
+        add_hard_link(archive, "top/long.png", f"./{long_name}")
+        add_hard_link(archive, "top/dangling.png", "top/gone.png")
+    files = dict(iter_archive(path))
+    assert files == {
+        "top/a.png": b"first",
+        long_name: b"second",
+        "top/copy.png": b"first",
+        "top/copy-of-copy.png": b"first",
+        "top/long.png": b"second",
+    }
+    assert "hard link top/dangling.png points to top/gone.png, which is not a file" in caplog.text
+    only_link = dict(iter_archive(path, {"top/copy-of-copy.png"}.__contains__))
+    assert only_link == {
+        "top/a.png": None,
+        long_name: None,
+        "top/copy.png": None,
+        "top/copy-of-copy.png": b"first",
+        "top/long.png": None,
+        "top/dangling.png": None,
+    }
+
+
+@pytest.mark.parametrize("labels_last", [True, False])
+def test_hard_linked_images_are_streamed_with_their_bytes(tmp_path, files, labels_last):
+    files["hasy-data/v2-00005.png"] = files["hasy-data/v2-00002.png"]
+    path = tmp_path / "h.tar.bz2"
+    with tarfile.open(path, "w:bz2") as archive:
+        for name in ordered(files, labels_last):
+            if name == "hasy-data/v2-00005.png":
+                add_hard_link(archive, name, "hasy-data/v2-00002.png")
+                continue
+            info = tarfile.TarInfo(name)
+            info.size = len(files[name])
+            archive.addfile(info, io.BytesIO(files[name]))
+    source = HasySource(path)
+    streamed = dict(source.iter_bytes([record.key for record in source.list_samples().records]))
+    assert streamed == {name: data for name, data in files.items() if name.endswith(".png")}
+
+
+@pytest.mark.parametrize(
+    "record",
+    [b"00 path=", b"15_path=", b"99 path=", b"03 path=", b"-5 path="],
+    ids=["zero length", "no space", "past the end", "too short", "negative"],
+)
+def test_a_corrupt_pax_header_is_named_not_looped_on(tmp_path, record):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        info = tarfile.TarInfo("ünïcødé.png")  # Not ASCII: the name goes into a pax header.
+        info.size = 3
+        archive.addfile(info, io.BytesIO(b"abc"))
+    data = buffer.getvalue()
+    assert data[512:520] == b"24 path="
+    path = tmp_path / "bad-pax.tar"
+    path.write_bytes(data[:512] + record + data[520:])
+    message = f"{re.escape(str(path))}: corrupt pax header \\(bad record b'{record[:2].decode()}"
+    with pytest.raises(DataFormatError, match=message):
+        within_seconds(30, lambda: list(iter_archive(path)))
 
 
 def test_iter_archive_reads_multi_stream_bzip2(tmp_path, files):

@@ -336,6 +336,28 @@ def test_photo_mode_applies_the_exif_rotation() -> None:
     assert prepared[-4:, :, 2].mean() > 200 and prepared[-4:, :, 0].mean() < 60
 
 
+def _with_exif_chunk(png: bytes, exif: bytes) -> bytes:
+    """``png`` with an eXIf chunk holding ``exif`` right after its header chunk."""
+    return png[:33] + _png_chunk(b"eXIf", exif) + png[33:]
+
+
+@pytest.mark.parametrize("preprocessing", [SYMBOL_GRAY, PHOTO])
+def test_a_corrupt_exif_block_keeps_the_pixels_unturned(preprocessing) -> None:
+    png = _encode(_noise((20, 12)))
+    corrupt = _with_exif_chunk(png, b"garbage!garbage!")  # Pillow: "not a TIFF file".
+    prepared = prepare_bytes(corrupt, "corrupt-exif.png", preprocessing)
+    assert np.array_equal(prepared, prepare_bytes(png, "plain.png", preprocessing))
+
+
+def test_an_exif_orientation_in_a_png_turns_it_as_in_a_jpeg() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image = _noise((20, 12))
+    turned = prepare_bytes(_with_exif_chunk(_encode(image), exif.tobytes()), "six.png", PHOTO)
+    upright = image.transpose(Image.Transpose.ROTATE_270)
+    assert np.array_equal(turned, prepare_image(upright, PHOTO))
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     width=st.integers(1, 90),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +208,18 @@ def test_empty_input_and_bad_files(predictor, tmp_path: Path) -> None:
     junk.write_bytes(b"not an image")
     with pytest.raises(BadImageError, match="junk.png"):
         predictor.predict([junk])
+
+
+def test_a_png_with_a_corrupt_exif_block_is_predicted_from_its_pixels(predictor, tmp_path) -> None:
+    plain, corrupt = tmp_path / "plain.png", tmp_path / "corrupt-exif.png"
+    _image("RGB").save(plain)
+    data = plain.read_bytes()
+    garbage = b"garbage!garbage!"  # Pillow reads it as TIFF: "not a TIFF file".
+    chunk = struct.pack(">I", len(garbage)) + b"eXIf" + garbage
+    chunk += struct.pack(">I", zlib.crc32(b"eXIf" + garbage))
+    corrupt.write_bytes(data[:33] + chunk + data[33:])
+    ranked = predictor.predict([corrupt, plain], top_k=3)
+    assert ranked[0] == ranked[1] == predictor.predict([plain], top_k=3)[0]
 
 
 def test_probabilities_are_the_softmax_of_the_model(predictor) -> None:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from cnnkit.atomic import current_umask
 from cnnkit.config import Preprocessing
 from cnnkit.data.image import BadImageError, decode_image, prepare_image
-from cnnkit.data.source import Listing, Source
+from cnnkit.data.source import Listing, ReadError, Source, encode_name
 from cnnkit.data.workers import map_unordered
 from cnnkit.progress import bar_disabled
 
@@ -48,8 +48,9 @@ class DecodedImages:
         valid: ``bool`` ``[N]``, False where the image could not be decoded.
         problems: one message per bad image, naming its path and the problem.
         from_cache: whether the array was read from an existing cache entry.
-        unreadable: files that are there but could not be read (an I/O error, perhaps
-            passing), as opposed to missing files and files read but not decodable.
+        unreadable: files that are there but could not be read for a reason that may pass
+            (an I/O error, a permission), as opposed to missing files, paths that are no
+            regular files and files read but not decodable; see ``ReadError.lasting``.
     """
 
     images: np.ndarray
@@ -65,7 +66,7 @@ def cache_key(listing: Listing, preprocessing: Preprocessing) -> str:
     digest.update(f"v{CACHE_FORMAT}|{listing.fingerprint}|".encode())
     digest.update(json.dumps(asdict(preprocessing), sort_keys=True).encode())
     for record in listing.records:
-        digest.update(f"{record.key}|{record.box}".encode())
+        digest.update(encode_name(f"{record.key}|{record.box}"))
         digest.update(b"\0")
     return digest.hexdigest()[:24]
 
@@ -78,8 +79,9 @@ def _decode_chunk(args: tuple[list[tuple], Preprocessing]):
     items, preprocessing = args
     results = []
     for index, name, data, box in items:
-        if data is None:
-            results.append((index, None, f"{name}: the file could not be read", True))
+        if isinstance(data, ReadError):
+            problem = f"{name}: cannot read ({data.reason})"
+            results.append((index, None, problem, not data.lasting))
             continue
         try:
             image = decode_image(data, name)
@@ -112,7 +114,9 @@ def _box_inside(
 
 
 def _chunks(
-    stream: Iterable[tuple[str, bytes | None]], listing: Listing, positions: dict[str, list[int]]
+    stream: Iterable[tuple[str, bytes | ReadError]],
+    listing: Listing,
+    positions: dict[str, list[int]],
 ) -> Iterator[list[tuple]]:
     chunk: list[tuple] = []
     for key, data in stream:
@@ -153,9 +157,9 @@ def _decode_all(
     # Closing stops the workers at once on Ctrl-C, kill or an error, not after the queue.
     with bar, contextlib.closing(results):
         for chunk_results in results:
-            for index, array, problem, not_read in chunk_results:
+            for index, array, problem, passing in chunk_results:
                 seen.add(index)
-                unreadable += not_read
+                unreadable += passing
                 if array is None:
                     problems[index] = problem
                 else:

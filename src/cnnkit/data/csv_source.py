@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cnnkit.data.files import iter_file_bytes, read_regular_file
 from cnnkit.data.folder import fingerprint_files
-from cnnkit.data.source import DataFormatError, Listing, SampleRecord
+from cnnkit.data.source import DataFormatError, Listing, ReadError, SampleRecord
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def decode_text(data: bytes, name: str) -> str:
 def iter_csv_rows(
     data: bytes, name: str, columns: Sequence[str], optional: Sequence[str] = ()
 ) -> Iterator[tuple[int, list[str | None]]]:
-    """Read a CSV with a header row, tolerating a BOM, CRLF, quoted fields and extra columns.
+    """Read a CSV with a header row, tolerating a BOM, CRLF, quoted fields (after spaces too)
+    and extra columns.
 
     Args:
         data: the raw file contents.
@@ -61,7 +62,10 @@ def iter_csv_rows(
         DataFormatError: for non-UTF-8 data, bad quoting, a missing column or a short row,
             naming ``name`` and the line.
     """
-    reader = csv.reader(io.StringIO(decode_text(data, name), newline=""), strict=True)
+    # skipinitialspace: ``a.png, "cat"`` is the label cat, not '"cat"'. Values are stripped
+    # anyway, so a path or label never starts or ends with a space, quoted or not.
+    text = io.StringIO(decode_text(data, name), newline="")
+    reader = csv.reader(text, strict=True, skipinitialspace=True)
     indices: list[int | None] = []
     line = 1
     try:
@@ -102,10 +106,10 @@ def iter_csv_rows(
 class CsvSource:
     """Images listed in a CSV with columns ``path,label`` and optionally ``split``.
 
-    Paths are relative to the CSV's folder (absolute paths must lie inside it); a path that
-    escapes the folder is refused. Class names are the sorted unique labels. Repeated rows are
-    dropped with a warning; one path with two labels is an error. Missing image files are
-    reported by the cache with their CSV line.
+    Paths are relative to the CSV's folder (absolute paths must lie inside it, or inside the
+    folder of the link it was named by); a path that escapes the folder is refused. Class names
+    are the sorted unique labels. Repeated rows are dropped with a warning; one path with two
+    labels is an error. Missing image files are reported by the cache with their CSV line.
 
     Args:
         csv_path: the CSV file.
@@ -115,7 +119,11 @@ class CsvSource:
         self.csv_path = Path(csv_path)
         self.root = self.csv_path.resolve().parent
         # An absolute path may name the folder through a symbolic link, as the user sees it.
-        self._roots = [str(self.root), str(self.csv_path.absolute().parent)]
+        seen = self.csv_path.absolute().parent
+        self._roots = [str(self.root), str(seen)]
+        # A CSV file that is a link lies, as the user sees it, in the link's folder: another
+        # folder, whose files are not under self.root where keys are read.
+        self._other_root = None if seen.resolve() == self.root else str(seen)
         self._absent: frozenset[str] = frozenset()  # Missing when listed (list_samples).
 
     def _key(self, path: str, line: int) -> str:
@@ -127,7 +135,9 @@ class CsvSource:
         full = os.path.normpath(os.path.join(self.root, path))
         for root in self._roots:
             if full != root and os.path.commonpath([full, root]) == root:
-                return Path(os.path.relpath(full, root)).as_posix()
+                # A file of the other folder keeps the full path it is named by, to be read there.
+                key = full if root == self._other_root else os.path.relpath(full, root)
+                return Path(key).as_posix()
         raise DataFormatError(
             f"{where}: path {path!r} is outside the dataset folder {self.root}; refused"
         )
@@ -202,6 +212,6 @@ class CsvSource:
             f"{self.csv_path.name} ({len(records):,} images, {len(class_names):,} classes)",
         )
 
-    def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
-        """Yield each file's bytes, None where it cannot be read; missing files are not."""
+    def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | ReadError]]:
+        """Yield each file's bytes, a ReadError where it cannot be read; missing files are not."""
         yield from iter_file_bytes(self.root, keys, self._absent)

@@ -10,7 +10,7 @@ from pathlib import Path
 from cnnkit.data.archive import DatasetFiles, parse_integer, relative_key
 from cnnkit.data.csv_source import decode_text
 from cnnkit.data.folder import fingerprint_files
-from cnnkit.data.source import DataFormatError, Listing, SampleRecord
+from cnnkit.data.source import DataFormatError, Listing, ReadError, SampleRecord, encode_name
 
 IMAGES_FILE = "images.txt"
 LABELS_FILE = "image_class_labels.txt"
@@ -134,7 +134,7 @@ class CubSource:
             key = relative_key(f"images/{path}", IMAGES_FILE, line)
             label = dense[int(labels[identifier][1][0])]
             records.append(SampleRecord(key, label, _SPLITS[flag], f"{IMAGES_FILE}:{line}", box))
-        digest = hashlib.sha256(self._files.identity().encode())
+        digest = hashlib.sha256(encode_name(self._files.identity()))
         for file in required:
             digest.update(files[file] + b"\0")
         if self._files.folder is not None:
@@ -174,7 +174,7 @@ class CubSource:
             listing.description,
         )
 
-    def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
+    def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | ReadError]]:
         """Yield the JPEG bytes of ``keys``; keys absent from an archive are not yielded."""
         if self._listing is None:
             self.list_samples()

@@ -40,7 +40,7 @@ class DigitsSource:
             "scikit-learn handwritten digits (1,797 images, 10 classes)",
         )
 
-    def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
+    def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes]]:
         for key in keys:
             index = int(key.removeprefix("digit-").removesuffix(".png"))
             buffer = io.BytesIO()

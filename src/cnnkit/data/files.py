@@ -15,6 +15,13 @@ from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from pathlib import Path
 
+from cnnkit.data.source import ReadError
+
+# What opening a path that is no regular file gives: read_regular_file's own "not a regular
+# file" (a folder, FIFO or device), EISDIR where the system refuses to open a folder, ENXIO for
+# a socket. It lasts until the path is replaced; a permission denied may be fixed by chmod.
+_NOT_A_FILE = frozenset((errno.EINVAL, errno.EISDIR, errno.ENXIO))
+
 
 def read_regular_file(path: str | Path) -> bytes:
     """Return the bytes of the regular file at ``path`` (symlinks are followed).
@@ -42,9 +49,9 @@ def read_regular_file(path: str | Path) -> bytes:
 
 def iter_file_bytes(
     root: Path, keys: Iterable[str], absent: AbstractSet[str] = frozenset()
-) -> Iterator[tuple[str, bytes | None]]:
-    """Yield ``(key, bytes)`` for each path relative to ``root``; None where it cannot be read
-    (perhaps for a moment: a network share, a file being copied or moved).
+) -> Iterator[tuple[str, bytes | ReadError]]:
+    """Yield ``(key, bytes)`` for each path relative to ``root``; a :class:`ReadError` where it
+    cannot be read (perhaps for a moment: a network share, a file being copied or moved).
 
     A key in ``absent`` (missing when the listing's fingerprint was taken, which records it)
     that is still missing is not yielded, as an archive does not yield a key it lacks: it is
@@ -53,8 +60,8 @@ def iter_file_bytes(
     for key in keys:
         try:
             yield key, read_regular_file(root / key)
-        except (FileNotFoundError, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError) as error:
             if key not in absent:
-                yield key, None
-        except OSError:
-            yield key, None
+                yield key, ReadError(error.strerror or str(error))
+        except OSError as error:
+            yield key, ReadError(error.strerror or str(error), error.errno in _NOT_A_FILE)

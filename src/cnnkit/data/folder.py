@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from cnnkit.data.files import iter_file_bytes
-from cnnkit.data.source import DataFormatError, Listing, SampleRecord
+from cnnkit.data.source import DataFormatError, Listing, ReadError, SampleRecord, encode_name
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +33,13 @@ def fingerprint_files(
     the keys that could not be found: the hash records them as missing, so reading them may
     count them absent for good (see ``iter_file_bytes``).
     """
-    digest = hashlib.sha256(f"{Path(root).resolve()}\n".encode(errors="replace"))
+    digest = hashlib.sha256(encode_name(f"{Path(root).resolve()}\n"))
     for key in keys:
         try:
             stat = os.stat(os.path.join(root, key))
-            digest.update(f"{key}|{stat.st_size}|{stat.st_mtime_ns}\n".encode(errors="replace"))
+            digest.update(encode_name(f"{key}|{stat.st_size}|{stat.st_mtime_ns}\n"))
         except OSError:
-            digest.update(f"{key}|missing\n".encode(errors="replace"))
+            digest.update(encode_name(f"{key}|missing\n"))
             if missing is not None:
                 missing.add(key)
     return digest.hexdigest()[:16]
@@ -47,9 +47,19 @@ def fingerprint_files(
 
 def walk_images(class_dir: str, ignored: list[str], limit: int | None = None) -> list[str]:
     """Return the image paths under ``class_dir`` relative to it, recursively, sorted; with
-    ``limit``, stop walking once that many are found (a sample, not the whole listing)."""
+    ``limit``, stop walking once that many are found (a sample, not the whole listing).
+
+    Linked folders are followed, as a linked class folder is; each real folder is walked once,
+    so a link to a folder above (a cycle) or to one already walked adds nothing.
+    """
     found = []
-    for current, folders, files in os.walk(class_dir):
+    walked: set[str] = set()
+    for current, folders, files in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(current)
+        if real in walked:
+            folders[:] = []
+            continue
+        walked.add(real)
         folders[:] = sorted(folder for folder in folders if not folder.startswith("."))
         relative = os.path.relpath(current, class_dir)
         for name in sorted(files):
@@ -131,6 +141,6 @@ class FolderSource:
             f"({len(records):,} images, {len(class_names):,} classes)",
         )
 
-    def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
-        """Yield each file's bytes, None where it cannot be read; missing files are not."""
+    def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | ReadError]]:
+        """Yield each file's bytes, a ReadError where it cannot be read; missing files are not."""
         yield from iter_file_bytes(self.root, keys)

@@ -11,7 +11,7 @@ from pathlib import Path
 from cnnkit.data.archive import DatasetFiles, parse_integer, relative_key
 from cnnkit.data.csv_source import iter_csv_rows
 from cnnkit.data.folder import fingerprint_files
-from cnnkit.data.source import DataFormatError, Listing, SampleRecord
+from cnnkit.data.source import DataFormatError, Listing, ReadError, SampleRecord, encode_name
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class HasySource:
             for key, label in labels.items()
             if splits is None or key in splits
         ]
-        digest = hashlib.sha256(f"{self._files.identity()}|{len(labels)}|".encode())
+        digest = hashlib.sha256(encode_name(f"{self._files.identity()}|{len(labels)}|"))
         digest.update(files[LABELS_FILE] + b"\0" + files[SYMBOLS_FILE])
         if self._files.folder is not None:
             # A stat per image (about 0.3 s for all of HASYv2): an image rewritten in place
@@ -170,7 +170,7 @@ class HasySource:
             listing.description,
         )
 
-    def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
+    def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | ReadError]]:
         """Yield the PNG bytes of ``keys``; keys absent from an archive are not yielded."""
         if self._listing is None:
             self.list_samples()

@@ -8,24 +8,36 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import re
 import warnings
 from collections.abc import Iterator
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image
 
 from cnnkit.config import Preprocessing
 from cnnkit.data.files import read_regular_file
+
+logger = logging.getLogger(__name__)
 
 # Refuse decompression bombs well before they exhaust memory: 64 megapixels is far above any
 # photo this tool is meant for, and PIL raises DecompressionBombError at twice its limit.
 MAX_IMAGE_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
-
 _OBJECT_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 _PIXEL_COUNT = re.compile(r"\((\d+) pixels\)")
+# The turn that shows an image upright for each EXIF orientation, as ImageOps.exif_transpose.
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class BadImageError(ValueError):
@@ -236,6 +248,20 @@ def _flatten_onto_white(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation says; as it is where the EXIF is unreadable.
+
+    Only the orientation is read: ``ImageOps.exif_transpose`` also rewrites the EXIF block, and
+    Pillow raises for a corrupt one (SyntaxError: "not a TIFF file") although the pixels decode.
+    """
+    try:
+        method = _UPRIGHT.get(image.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception as error:  # Pillow raises many types for corrupt EXIF data.
+        logger.debug("ignoring unreadable EXIF data (%s: %s)", type(error).__name__, error)
+        return image
+    return image if method is None else image.transpose(method)
+
+
 def _resize_centre_square(image: Image.Image, size: int) -> Image.Image:
     """Scale the shorter side to ``size`` and keep the centre ``size`` x ``size`` square.
 
@@ -275,7 +301,7 @@ def prepare_image(image: Image.Image, preprocessing: Preprocessing) -> np.ndarra
     if image.width == 0 or image.height == 0:
         raise BadImageError(f"empty image ({image.width}x{image.height} pixels)")
     # Upright as viewers show it: a phone photo of a handwritten symbol is stored sideways.
-    image = ImageOps.exif_transpose(image)
+    image = _upright(image)
     image = convert_image(image, "L" if preprocessing.channels == 1 else "RGB")
     if preprocessing.mode == "symbol":
         if image.size != (size, size):

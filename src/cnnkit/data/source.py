@@ -11,6 +11,15 @@ class DataFormatError(ValueError):
     """A listing file (CSV, metadata) that is malformed; the message names file and line."""
 
 
+def encode_name(text: str) -> bytes:
+    """UTF-8 bytes of a path, key or token to hash.
+
+    A file name that is not UTF-8 reaches Python with its bad bytes as surrogates (``os.walk``,
+    ``sys.argv``); they turn back into those bytes here instead of failing the encoding.
+    """
+    return text.encode("utf-8", "surrogateescape")
+
+
 @dataclass(frozen=True)
 class SampleRecord:
     """One image of a source.
@@ -30,6 +39,22 @@ class SampleRecord:
     box: tuple[float, float, float, float] | None = None
 
 
+@dataclass(frozen=True)
+class ReadError:
+    """Why a file that is there could not be read: a source yields it in place of the bytes.
+
+    Attributes:
+        reason: the system's words, such as ``"Permission denied"`` or ``"not a regular file"``.
+        lasting: whether it lasts until the path is replaced (a folder, FIFO or device named
+            like an image), which changes the listing's fingerprint, so a cache entry may keep
+            the problem. Other failures may pass (an I/O error on a network share, a permission
+            fixed by chmod, which leaves size and time as they were): nothing is cached then.
+    """
+
+    reason: str
+    lasting: bool = False
+
+
 @dataclass
 class Listing:
     """All samples of a source, plus what identifies its contents for the cache."""
@@ -47,9 +72,10 @@ class Source(Protocol):
         """Read the metadata and return every sample with its label."""
         ...
 
-    def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
-        """Yield ``(key, data)`` for each key, in any order; ``data`` is None if the file is
-        there but could not be read. A key the source does not hold is not yielded."""
+    def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | ReadError]]:
+        """Yield ``(key, data)`` for each key, in any order; ``data`` is a :class:`ReadError`
+        if the file is there but could not be read. A key the source does not hold is not
+        yielded."""
         ...
 
 

@@ -17,7 +17,7 @@ from cnnkit.config import DataConfig, Preprocessing
 from cnnkit.data.cache import load_images
 from cnnkit.data.dataset import DataSplits, ImageSet, concatenate
 from cnnkit.data.image import BadImageError, read_image_file
-from cnnkit.data.source import Listing, SampleRecord, Source
+from cnnkit.data.source import Listing, SampleRecord, Source, encode_name
 from cnnkit.data.splits import duplicate_groups, stratified_split
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def list_samples_cached(source: Source, cache_dir: str | Path | None) -> Listing
     token = token_of() if token_of else None
     if cache_dir is None or token is None:
         return source.list_samples()
-    name = hashlib.sha256(token.encode()).hexdigest()[:24]
+    name = hashlib.sha256(encode_name(token)).hexdigest()[:24]
     path = Path(cache_dir) / "listings" / f"{name}.json"
     if path.exists():
         try:
@@ -107,7 +107,8 @@ def list_samples_cached(source: Source, cache_dir: str | Path | None) -> Listing
         "fingerprint": listing.fingerprint,
         "description": listing.description,
     }
-    text = json.dumps(payload, ensure_ascii=False)
+    # ASCII escapes keep a key that came from a non-UTF-8 file name (a surrogate) writable.
+    text = json.dumps(payload)
     try:
         write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
     except OSError as error:

@@ -52,8 +52,9 @@ def stratified_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split indices so that each class keeps about ``fraction`` of its items in the second part.
 
-    Every class with at least two items keeps at least one item in the first part, and a class
-    gets an item in the second part whenever ``fraction * count`` rounds to at least one.
+    A class's second part holds ``round(fraction * count)`` items, Python's rounding: half to
+    even, so 0.05 of 10 (0.5) gives none and 0.25 of 10 (2.5) gives two, while 0.15 of 10 (1.5)
+    gives two. Every class with at least two items keeps at least one in the first part.
 
     Args:
         labels: ``int`` array ``[N]``.
