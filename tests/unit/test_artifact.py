@@ -496,3 +496,31 @@ def test_an_unwritable_place_is_named_not_the_temporary_file(tmp_path) -> None:
     with pytest.raises(OSError, match=f"cannot write {target}: {blocked} is a file") as raised:
         write_atomically(target, lambda path: path.write_bytes(b"x"))
     assert ".tmp" not in str(raised.value)
+
+
+def test_names_that_are_not_utf8_survive_the_model_file_and_its_export(tmp_path: Path) -> None:
+    """A data folder (or class folder) whose name is not UTF-8 is held with surrogates; the
+    header must still be UTF-8, so it goes as escapes and reads back as the same name."""
+    from cnnkit.inference.artifact import ModelMetadata, read_metadata, save_model
+
+    odd = "d\udce9ta"  # os.fsdecode(b"d\xe9ta")
+    model = create_model("symbol_cnn", 2, 1, width=4, layers_per_stage=1).eval()
+    metadata = ModelMetadata(
+        "symbol_cnn",
+        (odd, "\u03b1"),
+        Preprocessing(),
+        {"width": 4, "layers_per_stage": 1},
+        training={"dataset": "folder", "data": f"/data/{odd}"},
+    )
+    path = save_model(tmp_path / "odd.safetensors", model, metadata)
+    loaded = load_model(path).metadata
+    assert loaded.class_names == (odd, "\u03b1")
+    assert loaded.training["data"] == f"/data/{odd}"
+    assert read_metadata(path)["class_names"] == [odd, "\u03b1"]
+    pytest.importorskip("onnxruntime")
+    from cnnkit.inference.export import export_onnx
+    from cnnkit.inference.onnx_backend import OnnxPredictor
+
+    exported = OnnxPredictor.from_file(export_onnx(path, tmp_path / "odd.onnx"))
+    assert exported.metadata.class_names == (odd, "\u03b1")
+    assert exported.metadata.training["data"] == f"/data/{odd}"

@@ -367,5 +367,7 @@ def write_html_report(run_dir: str | Path, path: str | Path | None = None) -> Pa
     """Render ``run_dir`` into ``RUN_DIR/report.html`` (or ``path``), written atomically."""
     page = build_report_html(run_dir)
     target = Path(path) if path else Path(run_dir) / REPORT_NAME
-    write_atomically(target, lambda temporary: temporary.write_text(page, encoding="utf-8"))
+    # A path that is not UTF-8 (the run's data folder) shows its odd bytes as \udcXX escapes.
+    page_bytes = page.encode("utf-8", "backslashreplace")
+    write_atomically(target, lambda temporary: temporary.write_bytes(page_bytes))
     return target

@@ -123,11 +123,24 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def utf8_json(value: Any) -> str:
+    """``value`` as JSON that encodes to UTF-8, as model files and ONNX metadata must: other
+    scripts kept as they are, but a name that is not UTF-8 (a file system's odd bytes, held as
+    surrogates) escaped as ``\\udcXX``, which reads back as the same string."""
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value)
+    return text
+
+
 def metadata_digest(header: dict[str, Any]) -> str:
     """SHA-256 of the metadata (every key but ``metadata_sha256``), as canonical JSON."""
     body = {key: value for key, value in header.items() if key != "metadata_sha256"}
     text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    # A path that is not UTF-8 (a recorded data folder) holds surrogates: hashed as its bytes.
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _state_tensors(model: nn.Module, half: bool) -> dict[str, torch.Tensor]:
@@ -160,7 +173,7 @@ def save_model(
     header["tensor_sha256"] = tensor_digest(tensors)
     header["dtype"] = "float16" if half else "float32"
     header["metadata_sha256"] = metadata_digest(header)
-    text = {_METADATA_KEY: json.dumps(header, ensure_ascii=False)}
+    text = {_METADATA_KEY: utf8_json(header)}
     write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=text))
     return path
 

@@ -25,6 +25,7 @@ from cnnkit.inference.artifact import (
     load_model,
     parse_metadata_text,
     read_metadata,
+    utf8_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -135,8 +136,8 @@ def build_onnx_model(model_path: str | Path, opset: int = DEFAULT_OPSET) -> Any:
         )
     metadata = model.metadata
     properties = {
-        METADATA_KEY: json.dumps(raw_metadata, ensure_ascii=False),
-        CLASS_NAMES_KEY: json.dumps(list(metadata.class_names), ensure_ascii=False),
+        METADATA_KEY: utf8_json(raw_metadata),
+        CLASS_NAMES_KEY: utf8_json(list(metadata.class_names)),
         PREPROCESSING_KEY: json.dumps(asdict(metadata.preprocessing)),
         ARCHITECTURE_KEY: metadata.architecture,
     }
