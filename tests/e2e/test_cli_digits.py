@@ -343,10 +343,13 @@ def test_demo_over_an_earlier_run_says_so_and_quotes_its_next_steps(tmp_path: Pa
     out.mkdir()
     (out / "run.json").write_text(json.dumps({"cnnkit_version": __version__}), encoding="utf-8")
     (out / "model.onnx").write_bytes(b"an earlier export")
+    (out / "evaluation-model.onnx").mkdir()  # evaluate's report on that export.
+    (out / "evaluation-model.onnx" / "metrics.json").write_text("{}")
     assert main(["demo", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert f"Note: {out} holds an earlier run; this run replaces it" in printed
     assert not (out / "model.onnx").exists()
+    assert not (out / "evaluation-model.onnx").exists()
     commands = [shlex.split(line) for line in printed.splitlines() if line.startswith("  cnnkit ")]
     model, samples = str(out / "model.safetensors"), str(out / "samples")
     assert ["cnnkit", "predict", model, samples] in commands

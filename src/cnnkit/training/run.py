@@ -309,6 +309,9 @@ RUN_OUTPUTS = (
     CHECKPOINT_NAME,
     "config.yaml",
     "evaluation",
+    # evaluate's reports on the run's exports (below), which go with them.
+    "evaluation-model.onnx",
+    "evaluation-model-int8.onnx",
     "finetune",
     "frozen",
     "metrics.csv",
