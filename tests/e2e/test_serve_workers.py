@@ -86,3 +86,32 @@ def test_serve_refuses_zero_workers():
 
     with pytest.raises(ValueError, match="workers must be >= 1"):
         serve(None, workers=0)
+
+
+def test_port_0_prints_the_port_the_system_picked_and_serves_there():
+    command = [sys.executable, "-m", "cnnkit", "serve", "--port", "0"]
+    server = subprocess.Popen(
+        command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        first = server.stdout.readline()
+        assert first.startswith("Serving on http://127.0.0.1:"), server.stderr.read()
+        port = int(first.split("http://127.0.0.1:")[1].split("/")[0])
+        assert port > 0
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                if _request(port, "GET", "/healthz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

@@ -343,15 +343,16 @@ def _bundled_int8_predictor(threads: int | None) -> Predictor | None:
         return None
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Raise ``ValueError`` when another program already listens on ``host:port``.
+def free_port(host: str, port: int) -> int:
+    """``port`` once checked free on ``host``, or for port 0 the free port the system picks, so
+    the address printed is the one served.
 
-    uvicorn would only log the failure after startup; checking first gives one clear line.
+    Raises:
+        ValueError: when another program already listens on ``host:port`` (uvicorn would only
+            log the failure after startup; checking first gives one clear line).
     """
     import socket
 
-    if port == 0:
-        return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # As uvicorn binds.
@@ -359,6 +360,7 @@ def check_port_free(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as error:
             raise ValueError(f"cannot listen on {host}:{port} ({error.strerror})") from error
+        return probe.getsockname()[1]
 
 
 def optimize_for_serving(model: torch.nn.Module) -> torch.nn.Module:
@@ -426,7 +428,7 @@ def serve(
     if max_upload_bytes < 1:
         raise ValueError(f"max_upload_bytes must be >= 1; got {max_upload_bytes}")
     predictor = load_predictor(model_path)  # With several workers, a bad file fails here once.
-    check_port_free(host, port)
+    port = free_port(host, port)
     if on_ready is not None:
         on_ready(f"http://{host}:{port}/")
     if workers > 1:
