@@ -54,6 +54,34 @@ def distributed_from_env(device: str = "auto"):
 DATASETS = ("hasy", "cub", "folder", "csv", "digits")
 
 
+def whole(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number in ``[minimum, maximum]``, so a bad value is refused
+    before any work, in a line that names the flag (``argument --patience: ...``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number; got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}; got {value}")
+        return value
+
+    return parse
+
+
+def share(text: str) -> float:
+    """An argparse type: a share of the images, in ``[0, 1)``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1; got {text}")
+    return value
+
+
 def _add_data_arguments(
     parser: argparse.ArgumentParser, required: bool = True, model_input: bool = True
 ) -> None:
@@ -73,7 +101,9 @@ def _add_data_arguments(
         ),
     )
     group.add_argument("--data", help="archive, folder or CSV file of the dataset")
-    group.add_argument("--fold", type=int, help="HASYv2 fold K (1-10): train/test from fold-K")
+    group.add_argument(
+        "--fold", type=whole(1, 10), help="HASYv2 fold K (1-10): train/test from fold-K"
+    )
     if model_input:
         group.add_argument(
             "--channels",
@@ -84,10 +114,10 @@ def _add_data_arguments(
         group.add_argument("--image-size", type=int, help="model input size for symbols (pixels)")
         group.add_argument(
             "--val-fraction",
-            type=float,
+            type=share,
             help="share of the training images held out for validation",
         )
-    group.add_argument("--test-fraction", type=float, help="test share without an official split")
+    group.add_argument("--test-fraction", type=share, help="test share without an official split")
     group.add_argument(
         "--on-bad-image",
         choices=["error", "skip"],
@@ -100,8 +130,8 @@ def _add_data_arguments(
         default=None,
         help="CUB: crop each photo to its bird's bounding box (bounding_boxes.txt)",
     )
-    group.add_argument("--max-classes", type=int, help="use only the first N classes")
-    group.add_argument("--max-per-class", type=int, help="use at most N images per class")
+    group.add_argument("--max-classes", type=whole(1), help="use only the first N classes")
+    group.add_argument("--max-per-class", type=whole(1), help="use at most N images per class")
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser, search: bool = False) -> None:
@@ -145,11 +175,13 @@ def _add_train_arguments(parser: argparse.ArgumentParser, search: bool = False) 
     )
     train.add_argument(
         "--epochs",
-        type=int,
+        type=whole(1),
         help="passes over the training images (transfer models: the fine-tune's; the frozen "
         "phase's head uses transfer.head_epochs)",
     )
-    train.add_argument("--batch-size", type=int, help="images per optimiser step (all processes)")
+    train.add_argument(
+        "--batch-size", type=whole(1), help="images per optimiser step (all processes)"
+    )
     train.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], help="the optimiser")
     train.add_argument(
         "--lr", "--learning-rate", dest="learning_rate", type=float, help="peak learning rate"
@@ -190,12 +222,14 @@ def _add_train_arguments(parser: argparse.ArgumentParser, search: bool = False) 
     train.add_argument(
         "--micro-batch",
         dest="micro_batch_size",
-        type=int,
+        type=whole(1),
         metavar="N",
         help="at most N samples per forward pass (per process under torchrun); gradients add "
         "up over the batch (default: the whole batch, split when it would not fit in memory)",
     )
-    train.add_argument("--patience", type=int, help="early stopping after N epochs without gain")
+    train.add_argument(
+        "--patience", type=whole(1), help="early stopping after N epochs without gain"
+    )
     train.add_argument("--seed", type=int, help="seed for splits, init, shuffling, augmentation")
     train.add_argument(
         "--device",
@@ -207,7 +241,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser, search: bool = False) 
     train.add_argument(
         "--no-fast-path", action="store_true", default=None, help="no CPU allocator/layout tuning"
     )
-    train.add_argument("--max-steps-per-epoch", type=int, help="cap batches per epoch (quick runs)")
+    train.add_argument(
+        "--max-steps-per-epoch", type=whole(1), help="cap batches per epoch (quick runs)"
+    )
     train.add_argument("--no-augment", action="store_true", default=None, help="no augmentation")
     train.add_argument("--rotation", type=float, help="max rotation in degrees (augmentation)")
     train.add_argument(
@@ -779,8 +815,6 @@ def format_prediction(prediction, kind: str) -> str:
 
 
 def command_predict(args: argparse.Namespace) -> int:
-    if args.top_k < 1:
-        raise CommandError(f"--top-k must be at least 1; got {args.top_k}")
     from cnnkit.runtime import tune_allocator
 
     tune_allocator()
@@ -1297,7 +1331,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="model file, its .onnx export, or a training run's folder (default: the first "
         "argument when it is one of those, else the bundled model)",
     )
-    predict.add_argument("--top-k", type=int, default=1, help="show the K best classes (1)")
+    predict.add_argument("--top-k", type=whole(1), default=1, help="show the K best classes (1)")
     predict.add_argument("--json", action="store_true", help="print JSON")
     predict.add_argument(
         "--interactive",
@@ -1344,7 +1378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="train and use a CNN on the embedded digits")
     demo.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
-    demo.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
+    demo.add_argument("--epochs", type=whole(1), default=12, help="training epochs (default 12)")
     demo.add_argument(
         "--quiet",
         action="store_true",
@@ -1374,10 +1408,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--dataset", choices=DATASETS, help="calibration data source")
     export.add_argument("--data", help="calibration dataset path")
-    export.add_argument("--fold", type=int, help="HASYv2 fold whose training images calibrate")
+    export.add_argument(
+        "--fold", type=whole(1, 10), help="HASYv2 fold whose training images calibrate"
+    )
     export.add_argument(
         "--calibration-images",
-        type=int,
+        type=whole(1),
         default=512,
         help="training images that calibrate --quantize int8 (default 512)",
     )
@@ -1402,7 +1438,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="halving",
         help="stop weak trials early: successive halving (default), median, or none",
     )
-    search.add_argument("--n-trials", type=int, help="finished trials the study should hold")
+    search.add_argument("--n-trials", type=whole(1), help="finished trials the study should hold")
     search.add_argument("--timeout", type=float, help="stop starting trials after N seconds")
     search.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/study.db)")
     search.add_argument("--study-name", help="study name in the storage (default: OUT's name)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import math
 import typing
 from dataclasses import dataclass, field, fields
@@ -303,6 +304,30 @@ SECTIONS = {
 }
 
 
+# What a flag is called in a config file, where its name differs (``--lr``: learning_rate).
+FLAG_FIELDS = {
+    "lr": "learning_rate",
+    "patience": "early_stopping_patience",
+    "mixup": "mixup_alpha",
+    "cutmix": "cutmix_alpha",
+    "ema": "ema_decay",
+    "bf16": "bf16_cpu",
+    "micro_batch": "micro_batch_size",
+    "rotation": "max_rotation",
+}
+
+
+def did_you_mean(name: str, known: typing.Iterable[str]) -> str:
+    """`` (did you mean X?)`` for a misspelt or flag-style ``name`` among ``known``, else ``""``."""
+    known = list(known)
+    spelt = str(name).replace("-", "_").lstrip("_")
+    spelt = FLAG_FIELDS.get(spelt, spelt)
+    if spelt in known:
+        return f" (did you mean {spelt}?)"
+    close = difflib.get_close_matches(spelt, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def merge_overrides(
     base: dict[str, Any], overrides: dict[str, Any], apply_nulls: bool = False
 ) -> dict[str, Any]:
@@ -466,14 +491,18 @@ def build_run_config(*layers: dict[str, Any], apply_nulls: bool = False) -> RunC
             kwargs["out"] = value
             continue
         if key not in SECTIONS:
-            raise ValueError(f"unknown config section {key!r}; expected one of {list(SECTIONS)}")
+            raise ValueError(
+                f"unknown config section {key!r}{did_you_mean(key, [*SECTIONS, 'out'])}; "
+                f"expected one of {[*SECTIONS, 'out']}"
+            )
         section = SECTIONS[key]
         if not isinstance(value, dict):
             raise ValueError(f"config section {key} must be a mapping of fields; got {value!r}")
         known = {f.name for f in fields(section)}
         unknown = set(value) - known
         if unknown:
-            raise ValueError(f"unknown field(s) in {key}: {', '.join(sorted(unknown))}")
+            named = ", ".join(f"{name}{did_you_mean(name, known)}" for name in sorted(unknown))
+            raise ValueError(f"unknown field(s) in {key}: {named}")
         hints = typing.get_type_hints(section)
         value = {name: _checked(f"{key}.{name}", v, hints[name]) for name, v in value.items()}
         kwargs[key] = section(**value)
@@ -584,6 +613,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: config must be a mapping of sections")
     for section, value in data.items():
+        if section != "out" and section not in SECTIONS:
+            raise ValueError(
+                f"{path}: unknown section {section!r}{did_you_mean(section, [*SECTIONS, 'out'])}"
+                f"; expected one of {[*SECTIONS, 'out']}"
+            )
         if section != "out" and value is not None and not isinstance(value, dict):
             raise ValueError(
                 f"{path}: section {section!r} must be a mapping of fields; got {value!r}"

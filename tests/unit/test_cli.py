@@ -165,10 +165,8 @@ def test_another_model_does_not_inherit_the_presets_model_options() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--epochs", "0"], "epochs"),
         (["--option", "width"], "KEY=VALUE"),
         (["--preset", "imagenet"], "imagenet"),
-        (["--val-fraction", "1.5"], "val_fraction"),
         (["--fold", "1"], "--dataset digits has no folds"),
         (["--lr", "inf"], "learning_rate must be a finite number"),
         (["--image-size", "3"], "image_size must be at least 8 pixels"),
@@ -214,6 +212,18 @@ def test_config_file_settings_errors_name_the_file(capsys, tmp_path: Path) -> No
     assert main(["train", "--dataset", "digits", "--config", str(path)]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and f"{path}: unknown field(s) in train: epoch" in error[0]
+    # Misspelt names and flag spellings get a suggestion; a misspelt section is named as one.
+    path.write_text("train: {lr: 0.1, epoch: 3, batch-size: 4, zzz: 1}\n", encoding="utf-8")
+    assert main(["train", "--dataset", "digits", "--config", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"cnnkit train: error: {path}: unknown field(s) in train: batch-size (did you mean "
+        "batch_size?), epoch (did you mean epochs?), lr (did you mean learning_rate?), zzz"
+    )
+    path.write_text("outt: runs/x\n", encoding="utf-8")
+    assert main(["train", "--dataset", "digits", "--config", str(path)]) == 2
+    assert f"{path}: unknown section 'outt' (did you mean out?); expected one of [" in (
+        capsys.readouterr().err
+    )
     # Settings split between the file and the flags are checked together.
     path.write_text("data:\n  data: somewhere/hasy.tar.bz2\n  fold: 2\n", encoding="utf-8")
     assert main(["train", "--dataset", "hasy", "--config", str(path), "--print-config"]) == 0
@@ -223,9 +233,9 @@ def test_config_file_settings_errors_name_the_file(capsys, tmp_path: Path) -> No
     assert main(argv) == 0
     assert "dataset: hasy" in capsys.readouterr().out
     # A flag's own error does not blame the file.
-    assert main([*argv, "--epochs", "0"]) == 2
+    assert main([*argv, "--lr", "inf"]) == 2
     error = capsys.readouterr().err
-    assert "epochs" in error and str(path) not in error
+    assert "learning_rate must be a finite number" in error and str(path) not in error
 
 
 @pytest.mark.parametrize(
@@ -671,8 +681,32 @@ def test_predict_empty_folder_and_bad_top_k_exit_2(
     assert main(["predict", str(symbol_model_file), str(tmp_path)]) == 2
     assert f"{tmp_path}: no image files found" in capsys.readouterr().err
     (image,) = _write_images(tmp_path, count=1)
-    assert main(["predict", str(symbol_model_file), str(image), "--top-k", "0"]) == 2
-    assert "--top-k must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # argparse's usage error.
+        main(["predict", str(symbol_model_file), str(image), "--top-k", "0"])
+    assert exited.value.code == 2
+    assert "argument --top-k: must be >= 1; got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--patience", "0"], "argument --patience: must be >= 1; got 0"),
+        (["train", "--epochs", "-1"], "argument --epochs: must be >= 1; got -1"),
+        (["train", "--batch-size", "2.5"], "argument --batch-size: expected a whole number"),
+        (["train", "--val-fraction", "1.5"], "argument --val-fraction: must be at least 0 and "),
+        (["evaluate", "--test-fraction", "-0.1"], "argument --test-fraction: must be at least 0"),
+        (["train", "--fold", "11"], "argument --fold: must be from 1 to 10; got 11"),
+        (["search", "--n-trials", "0"], "argument --n-trials: must be >= 1; got 0"),
+        (["export", "--calibration-images", "0"], "argument --calibration-images: must be >= 1"),
+    ],
+)
+def test_a_bad_number_is_refused_naming_its_flag(argv, message, capsys, tmp_path) -> None:
+    with pytest.raises(SystemExit) as exited:  # argparse's usage error.
+        main([*argv, "--dataset", "digits", "--cache-dir", str(tmp_path / "cache")])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "cache").exists()
 
 
 def test_predict_reports_an_empty_folder_and_predicts_the_other_images(
