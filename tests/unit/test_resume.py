@@ -60,6 +60,10 @@ def test_a_resume_on_another_split_is_refused_and_the_finished_run_kept(tmp_path
         train_run(other, resume=True, progress=False)
     message = str(refused.value)
     assert "its run trained on another split of the images (its training, validation" in message
+    assert (
+        "images differ: seed 0 in the checkpoint, 7 now; val fraction 0.1 in the checkpoint, "
+        "0.3 now)"
+    ) in message
     assert "\n" not in message
     assert _run_files(run) == before
     assert json.loads(before["run.json"])["status"] == "finished"

@@ -113,6 +113,9 @@ def _changed(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 # holds, and how many images a seeded split kept with an identical one.
 SPLIT_KEY = "split"
 COPIES_KEY = "copies_kept_together"
+# The settings that draw a seeded split: recorded to name what changed when the split did,
+# not compared themselves (where a split column or fold decides, they change nothing).
+SPLIT_SETTINGS_KEY = "split_settings"
 
 
 def check_identity(path: str | Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
@@ -135,17 +138,32 @@ def check_identity(path: str | Path, saved: dict[str, Any], current: dict[str, A
             f"and this data holds {current[COPIES_KEY]} copies, so its split has changed (the "
             "new test images would include images it trained on); train into a new --out"
         )
-    changed = [key for key in _changed(saved, current) if key != COPIES_KEY]
+    changed = [
+        key for key in _changed(saved, current) if key not in (COPIES_KEY, SPLIT_SETTINGS_KEY)
+    ]
     if changed:
         details = ", ".join(
             "another split of the images (its training, validation or test images differ: "
-            "another seed or split share, or the images themselves changed)"
+            + _split_change(saved.get(SPLIT_SETTINGS_KEY), current.get(SPLIT_SETTINGS_KEY))
+            + ")"
             if key == SPLIT_KEY
             else f"other {key} (the checkpoint's: {_short(saved[key])}; "
             f"this run's: {_short(current[key])})"
             for key in changed
         )
         raise CheckpointError(f"{path}: its run trained on {details}; {advice}")
+
+
+def _split_change(saved: dict[str, Any] | None, current: dict[str, Any] | None) -> str:
+    """Which of the settings that draw a split differ, or the possible causes where none (or
+    an older checkpoint that did not record them) says."""
+    differing = [
+        f"{key.replace('_', ' ')} {saved[key]} in the checkpoint, {current[key]} now"
+        for key in _changed(saved or {}, current or {})
+    ]
+    if differing:
+        return "; ".join(differing)
+    return "another seed or split share, or the images themselves changed"
 
 
 def check_optimization(

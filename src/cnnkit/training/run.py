@@ -46,7 +46,7 @@ from cnnkit.runtime import (
     tune_cuda_for_training,
 )
 from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger
-from cnnkit.training.checkpoint import CHECKPOINT_NAME, COPIES_KEY, SPLIT_KEY
+from cnnkit.training.checkpoint import CHECKPOINT_NAME, COPIES_KEY, SPLIT_KEY, SPLIT_SETTINGS_KEY
 from cnnkit.training.trainer import (
     Callback,
     FitResult,
@@ -214,6 +214,11 @@ def run_identity(config: RunConfig, splits: DataSplits) -> dict[str, Any]:
         "train_on_all": data.train_on_all,
         SPLIT_KEY: split_digest(splits),
         COPIES_KEY: splits.copies_kept_together,
+        SPLIT_SETTINGS_KEY: {
+            "seed": data.seed,
+            "test_fraction": data.test_fraction,
+            "val_fraction": data.val_fraction,
+        },
     }
 
 
