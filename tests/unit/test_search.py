@@ -462,6 +462,21 @@ def test_a_grid_search_of_a_continuous_range_leaves_no_study(tmp_path, digits_da
     )
 
 
+def test_a_grid_search_of_a_built_in_continuous_space_says_what_can_be_done(capsys) -> None:
+    """A built-in space cannot be given choices: the advice is another sampler or a file."""
+    from cnnkit.cli import main
+
+    for space, named in (("symbol", "'dropout', 'learning_rate'"), ("book-wide", "'learning")):
+        assert main(["search", "--dataset", "digits", "--space", space, "--sampler", "grid"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(
+            f"cnnkit search: error: search space '{space}': grid search needs finite values, "
+            f"and its {named}"
+        )
+        assert "use --sampler tpe or random, or a YAML space that lists their values" in err
+        assert "give" not in err
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from cnnkit.config import RunConfig, config_to_dict
 from cnnkit.errors import error_line
 from cnnkit.paths import RUN_INFO, SEARCH_SETTINGS
-from cnnkit.training.spaces import SearchSpace, build_trial_config
+from cnnkit.training.spaces import SPACES, SearchSpace, build_trial_config
 
 if TYPE_CHECKING:
     from cnnkit.training.search import SearchConfig
@@ -58,7 +58,17 @@ def check_space(
         try:
             space.grid()
         except ValueError as error:
-            raise ValueError(f"{space_label(space, space_file)}: {error}") from error
+            if SPACES.get(space.name) is not space:
+                raise ValueError(f"{space_label(space, space_file)}: {error}") from error
+            # A built-in space cannot be edited: say what can be done instead.
+            continuous = [p.name for p in space.parameters if p.type == "float" and not p.step]
+            ranges = "is a continuous range" if len(continuous) == 1 else "are continuous ranges"
+            raise ValueError(
+                f"{space_label(space)}: grid search needs finite values, and its "
+                f"{', '.join(map(repr, continuous))} {ranges}: use --sampler tpe or random, or "
+                "a YAML space that lists their values (the built-in 'book' space lists all of "
+                "its own)"
+            ) from error
 
 
 def check_data_targets(space: SearchSpace, space_file: str | Path | None = None) -> None:
