@@ -82,6 +82,9 @@ def share(text: str) -> float:
     return value
 
 
+VERBOSE_HELP = "log debug details, and show the whole traceback of an error"
+
+
 def _add_data_arguments(
     parser: argparse.ArgumentParser, required: bool = True, model_input: bool = True
 ) -> None:
@@ -649,7 +652,20 @@ def _model_path(path: str | None) -> Path:
 
     if path:
         _refuse_search_folder(Path(path))
+        _refuse_an_architecture_name(path)
     return resolve_model_path(path or None)
+
+
+def _refuse_an_architecture_name(path: str) -> None:
+    """``--model symbol_cnn`` means an architecture to train, not a file to read: say so."""
+    from cnnkit.models.registry import list_models
+
+    if path in list_models() and not Path(path).exists():
+        raise CommandError(
+            f"{path}: an architecture name, not a trained model: give a model file "
+            f"(.safetensors or .onnx) or a training run's folder (`cnnkit train --model {path}` "
+            "trains one)"
+        )
 
 
 def _refuse_search_folder(folder: Path) -> None:
@@ -828,6 +844,8 @@ def command_predict(args: argparse.Namespace) -> int:
         # A name the system cannot look up is an image that cannot be read, reported below.
         with contextlib.suppress(OSError, ValueError, RuntimeError):
             _refuse_model_less_first_input(Path(inputs[0]).expanduser())
+    if model:
+        _refuse_an_architecture_name(model)
     for given in inputs:
         _refuse_a_model_among_images(given, model)
     empty_folders: list[str] = []
@@ -1048,6 +1066,8 @@ def command_serve(args: argparse.Namespace) -> int:
     from cnnkit.runtime import tune_allocator
 
     tune_allocator()  # And each process of --workers tunes its own (app_from_environment).
+    if args.model:
+        _refuse_an_architecture_name(args.model)
     serve(
         args.model,
         host=args.host,
@@ -1267,7 +1287,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with `cnnkit demo`. Each command has its own --help.",
     )
     parser.add_argument("--version", action="version", version=f"cnnkit {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     fetch = commands.add_parser("fetch", help="download or import a dataset archive")
@@ -1296,11 +1316,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=command_train)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a model file on a dataset")
-    evaluate.add_argument(
-        "model",
-        nargs="?",
-        help="model file, its .onnx export, or a training run's folder (default: the bundled "
-        "model)",
+    _add_model_argument(
+        evaluate,
+        "model file, its .onnx export, or a training run's folder (default: the bundled model)",
     )
     _add_data_arguments(evaluate, required=False, model_input=False)
     evaluate.add_argument(
@@ -1346,10 +1364,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(handler=command_predict)
 
     serve = commands.add_parser("serve", help="web page and REST API for a model")
-    serve.add_argument(
-        "model",
-        nargs="?",
-        help="model file, its .onnx export, or a training run's folder (default: the bundled "
+    _add_model_argument(
+        serve,
+        "model file, its .onnx export, or a training run's folder (default: the bundled "
         "symbol model, as its shipped int8 export where onnxruntime is installed)",
     )
     serve.add_argument(
@@ -1391,10 +1408,9 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(handler=command_models)
 
     export = commands.add_parser("export", help="export a model file to ONNX")
-    export.add_argument(
-        "model",
-        nargs="?",
-        help="model file (.safetensors) or a training run's folder (default: the bundled "
+    _add_model_argument(
+        export,
+        "model file (.safetensors) or a training run's folder (default: the bundled "
         "symbol model, exported into the current folder)",
     )
     export.add_argument("--format", choices=["onnx"], default="onnx", help="file format (onnx)")
@@ -1465,6 +1481,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="a training run or search folder")
     report.add_argument("--out", help="HTML file (default RUN_DIR/report.html)")
     report.set_defaults(handler=command_report)
+    for sub in commands.choices.values():  # -v after the command too; unset, the top's holds.
+        sub.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
+        )
     return parser
 
 
@@ -1493,6 +1513,29 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
     return commands.choices[command]
 
 
+def _add_model_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """The model a command reads, as its first word or, as predict takes it, ``--model``."""
+    parser.add_argument("model", nargs="?", help=help)
+    parser.add_argument(
+        "--model",
+        dest="model_flag",
+        metavar="MODEL",
+        help="the same as MODEL (as predict takes it)",
+    )
+
+
+def _one_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Fold ``--model`` into the MODEL argument, refusing two different models."""
+    flag = getattr(args, "model_flag", None)
+    if flag is not None:
+        if args.model is not None and args.model != flag:
+            _subparser(parser, args.command).error(
+                f"two models given: {args.model} and --model {flag}; give one"
+            )
+        args.model = flag
+    return args
+
+
 def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None = None):
     """``parser.parse_args(argv)``, except that predict's options may come between its inputs
     (``predict model.safetensors --top-k 2 a.png --json b.png``): argparse stops filling a
@@ -1501,7 +1544,7 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None = No
     # The top-level options take no values, so the first other word is the command.
     command_at = next((index for index, word in enumerate(argv) if not word.startswith("-")), None)
     if command_at is None or argv[command_at] != "predict":
-        return parser.parse_args(argv)
+        return _one_model(parser, parser.parse_args(argv))
     args = parser.parse_args(argv[: command_at + 1])
     rest = argv[command_at + 1 :]
     # After "--" every word is an input (argparse's intermixed mode would refuse them).

@@ -1294,3 +1294,27 @@ def test_a_model_among_the_images_is_refused_before_anything_is_predicted(
         assert message in captured.err and len(captured.err.strip().splitlines()) == 1
     assert main(["predict", str(run), str(image)]) == 0
     assert capsys.readouterr().out.startswith("Prediction: ")  # One image: no name.
+
+
+def test_model_flag_architecture_names_and_verbose_after_the_command(
+    capsys, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    # --model works wherever a model file is read, as predict takes it; two models are refused.
+    out = tmp_path / "exported.onnx"
+    assert main(["export", "--model", str(symbol_model_file), "--out", str(out)]) == 0
+    assert out.is_file()
+    with pytest.raises(SystemExit) as exited:
+        main(["evaluate", str(symbol_model_file), "--model", str(out)])
+    assert exited.value.code == 2
+    assert f"two models given: {symbol_model_file} and --model {out}" in capsys.readouterr().err
+    # An architecture name is not a model file.
+    for argv, name in (
+        (["predict", "--model", "symbol_cnn", "x.png"], "symbol_cnn"),
+        (["evaluate", "book_cnn"], "book_cnn"),
+    ):
+        assert main(argv) == 2
+        assert f"{name}: an architecture name, not a trained model" in capsys.readouterr().err
+    # -v after the command: the traceback of an unexpected error is shown.
+    assert build_parser().parse_args(["predict", "-v", "x.png"]).verbose is True
+    assert build_parser().parse_args(["-v", "predict", "x.png"]).verbose is True
+    assert build_parser().parse_args(["predict", "x.png"]).verbose is False
