@@ -1054,7 +1054,8 @@ def command_fetch(args: argparse.Namespace) -> int:
     # The publishers give only an MD5; this lets the next fetch check with --sha256.
     checked = "" if not args.no_verify else " (of the file as it is: not verified)"
     print(f"SHA-256: {compute_checksum(path, 'sha256')}{checked}")
-    print(f"Next: cnnkit train --dataset {args.name} --data {path}")
+    fold = " --fold 1" if args.name == "hasy" else ""  # The paper's protocol; its figures.
+    print(f"Next: cnnkit train --dataset {args.name} --data {shlex.quote(str(path))}{fold}")
     return 0
 
 

@@ -416,7 +416,12 @@ def test_cli_fetch_downloads_from_a_mirror_and_names_its_flags(
     url, _ = server
     monkeypatch.setitem(ARCHIVES, "hasy", _spec(sha256=None, md5=ARCHIVE_MD5))
     assert cli_main(["fetch", "hasy", "--to", str(tmp_path / "a"), "--url", url]) == 0
-    assert f"Archive ready: {tmp_path / 'a' / FILENAME}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"Archive ready: {tmp_path / 'a' / FILENAME}" in printed
+    # The next command trains as the README does: on fold 1, the paper's protocol.
+    assert f"Next: cnnkit train --dataset hasy --data {tmp_path / 'a' / FILENAME} --fold 1" in (
+        printed
+    )
     assert _sha256(tmp_path / "a" / FILENAME) == ARCHIVE_SHA256
     both = ["fetch", "hasy", "--to", str(tmp_path / "b"), "--url", url, "--from", "x.tar.bz2"]
     assert cli_main(both) == 2
