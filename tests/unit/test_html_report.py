@@ -186,6 +186,15 @@ def test_report_cells_show_seconds_to_a_tenth_and_other_floats_to_four_digits() 
     assert _format(123.456) == "123.5" and _format(True) == "yes" and _format(None) == ""
 
 
+def test_class_names_that_look_like_numbers_are_shown_as_they_are() -> None:
+    from cnnkit.evaluation.html_report import _table
+
+    rows = [{"true": "1.50", "predicted": "2e3", "count": "4", "f1": "0.2937062937"}]
+    page = _table(rows)
+    assert "<td>1.50</td><td>2e3</td>" in page  # Names, as the CSV holds them.
+    assert '<td class="num">4</td><td class="num">0.2937</td>' in page
+
+
 def test_search_help_names_its_defaults(capsys) -> None:
     from cnnkit.cli import main
 

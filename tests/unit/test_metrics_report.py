@@ -55,6 +55,23 @@ def test_topk_accuracy() -> None:
     assert topk_accuracy(logits, TARGETS, 2) == 1.0
     assert topk_accuracy(logits, TARGETS, 5) == 1.0  # k larger than the class count clamps.
     assert math.isnan(topk_accuracy(torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64)))
+    # Tied logits (an int8 export's): top-1 counts what argmax, the confusion matrix and
+    # prediction answer, the first of the tied classes.
+    tied = torch.zeros(6, 5)
+    targets = torch.tensor([0, 0, 0, 1, 2, 3])
+    assert topk_accuracy(tied, targets, 1) == 0.5
+    matrix = confusion_matrix(tied.argmax(dim=1), targets, 5)
+    assert summarize(tied, targets)["top1"] == matrix.trace().item() / 6 == 0.5
+    assert topk_accuracy(_logits_for(PREDICTIONS), TARGETS, 1) == 4 / 6  # Exactly: in double.
+
+
+def test_a_report_of_outputs_that_are_not_finite_is_refused(tmp_path: Path) -> None:
+    logits = _logits_for(PREDICTIONS)
+    logits[2, 1] = float("nan")
+    logits[4] = float("inf")
+    with pytest.raises(ValueError, match=r"not finite \(NaN or infinite\) for 2 of 6 images"):
+        build_report(logits, TARGETS, [str(k) for k in range(logits.shape[1])], tmp_path / "r")
+    assert not (tmp_path / "r").exists()
 
 
 def test_per_class_scores_known_values() -> None:

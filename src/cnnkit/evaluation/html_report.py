@@ -107,6 +107,10 @@ def _figure(path: Path, alt: str, missing: str | None = None) -> str:
     return f'<p class="muted">{html.escape(missing)}</p>' if missing else ""
 
 
+# Columns of class names: text even where a name looks like a number (a class "1.50").
+NAME_COLUMNS = frozenset({"class_name", "true", "predicted"})
+
+
 def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
     if not rows:
         return '<p class="muted">(empty)</p>'
@@ -117,7 +121,11 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None)
         cells = []
         for column in columns:
             value = row.get(column)
-            numeric = _number(value) is not None and not isinstance(value, bool)
+            numeric = (
+                column not in NAME_COLUMNS
+                and _number(value) is not None
+                and not isinstance(value, bool)
+            )
             if numeric and isinstance(value, str) and any(c in value for c in ".eE"):
                 value = float(value)  # CSV text such as 0.2937062937 shows as 0.2937.
             css = ' class="num"' if numeric else ""

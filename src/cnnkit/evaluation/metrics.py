@@ -10,8 +10,10 @@ def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int = 1) -> fl
     if len(targets) == 0:
         return float("nan")
     k = min(k, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
-    return (top == targets.view(-1, 1)).any(dim=1).float().mean().item()
+    # Top-1 is argmax's answer, as the confusion matrix and prediction take it: among tied
+    # logits (common in int8 exports) topk may pick another index.
+    top = logits.argmax(dim=1, keepdim=True) if k == 1 else logits.topk(k, dim=1).indices
+    return (top == targets.view(-1, 1)).any(dim=1).double().mean().item()
 
 
 def confusion_matrix(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int):

@@ -227,11 +227,17 @@ def build_report(
             in ``metrics.json`` so that the report names its model and data.
 
     Raises:
-        ValueError: if ``out_dir`` or a folder above it is a file.
+        ValueError: if ``out_dir`` or a folder above it is a file, or a logit is not finite.
     """
     given = Path(out_dir)
     out_dir = given.absolute()  # "." too has a name and a parent.
     refuse_unusable_folder(out_dir, needs="the report")
+    broken = int((~torch.isfinite(logits)).any(dim=1).sum())
+    if broken:  # argmax would take NaN for the largest value and report believable figures.
+        raise ValueError(
+            f"the model's outputs are not finite (NaN or infinite) for {broken} of {len(logits)} "
+            "images: its weights have diverged or are broken, so no figures are reported"
+        )
     metrics = summarize(logits, labels)
     matrix = confusion_matrix(logits.argmax(dim=1), labels, len(class_names))
     pairs = [
