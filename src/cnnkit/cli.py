@@ -1444,8 +1444,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--space",
         default="book",
-        help="named space (book, book-wide, symbol) or a YAML file (default: book; "
-        "--sampler grid takes book or a file whose values are all listed)",
+        help="named space (book, book-wide, symbol) or a YAML file (default: book). "
+        "--sampler grid takes book, or a file whose values are all listed",
     )
     search.add_argument(
         "--sampler", choices=["grid", "tpe", "random"], default="tpe", help="(default: tpe)"
