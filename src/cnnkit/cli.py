@@ -521,7 +521,8 @@ def command_train(args: argparse.Namespace) -> int:
         )
     except TrainingInterrupted as interrupted:
         if is_main:
-            print(f"\nInterrupted after {interrupted.epochs_completed} completed epoch(s).")
+            of = f" of {interrupted.phase}" if interrupted.phase else ""
+            print(f"\nInterrupted after {interrupted.epochs_completed} completed epoch(s){of}.")
             if interrupted.checkpoint:
                 print(f"Checkpoint: {interrupted.checkpoint}; rerun with --resume to continue.")
         return 130
@@ -610,6 +611,8 @@ def _print_early_stop(fit, patience: int | None) -> None:
     label = "" if phase is None else f"{phase_label(phase)} "
     without = "no validation improvement" + (f" for {patience} epochs" if patience else "")
     kept = f"; kept {label}epoch {best}'s weights" if 1 <= best <= stopped else ""
+    if any((row.get("phase") or 0) > 2.0 for row in fit.history):  # An ensemble's members.
+        kept = "; the model joins each member's best weights (phases.json lists them)"
     print(f"Stopped early after {label}epoch {stopped}: {without}{kept}.")
 
 

@@ -1196,6 +1196,13 @@ def test_an_early_stop_of_a_fine_tune_counts_its_own_epochs(capsys) -> None:
     )
     _print_early_stop(FitResult(rows, best_epoch=5, epochs_run=7, stopped_early=False), 2)
     assert capsys.readouterr().out == ""
+    # An ensemble keeps no one epoch's weights: each member keeps its own best.
+    rows += [{"epoch": e, "phase": 3.0} for e in (8, 9)]
+    _print_early_stop(FitResult(rows, best_epoch=9, epochs_run=9, stopped_early=True), 1)
+    assert capsys.readouterr().out == (
+        "Stopped early after fine-tune 2 epoch 2: no validation improvement for 1 epochs; the "
+        "model joins each member's best weights (phases.json lists them).\n"
+    )
 
 
 def test_evaluate_without_dataset_uses_the_data_the_model_file_records(

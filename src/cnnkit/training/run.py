@@ -261,9 +261,13 @@ def _fit(
     progress: bool,
     callbacks: Sequence[Callback],
     resume: bool,
+    cache_dir: str | Path | None = None,
 ) -> tuple[FitResult, Trainer, bool]:
     """Train ``model`` (both transfer phases for a pretrained one); returns the fit, a trainer
-    holding the kept weights, and whether the model was a transfer model."""
+    holding the kept weights, and whether the model was a transfer model. A transfer model's
+    frozen-phase features are cached under ``cache_dir/features`` (their keys name the images,
+    backbone, preprocessing and view, so later runs and search trials reuse them), else in the
+    run folder."""
     run_dir = config.run_dir()
     train_loader, val_loader = loaders
     # A checkpoint of a run on other classes or splits must not be resumed into this one.
@@ -280,6 +284,7 @@ def _fit(
             device,
             run_dir,
             progress,
+            feature_cache_dir=Path(cache_dir) / "features" if cache_dir is not None else None,
             callbacks=callbacks,
             resume=resume,
             distributed=distributed,
@@ -604,6 +609,7 @@ def train_run(
             progress,
             callbacks,
             resume,
+            cache_dir,
         )
         timings["train"] = fit.seconds
         report, model_path, test_metrics = None, None, {}

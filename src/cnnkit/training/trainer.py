@@ -31,6 +31,7 @@ from cnnkit.training.averaging import WeightAverage, start_share
 from cnnkit.training.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
+    check_epochs,
     check_identity,
     check_optimization,
     load_checkpoint,
@@ -50,10 +51,14 @@ class TrainingDiverged(ValueError):
 class TrainingInterrupted(RuntimeError):
     """Raised after Ctrl-C; the last completed epoch is saved in the checkpoint."""
 
-    def __init__(self, epochs_completed: int, checkpoint: Path | None) -> None:
-        super().__init__(f"training interrupted after {epochs_completed} completed epoch(s)")
+    def __init__(
+        self, epochs_completed: int, checkpoint: Path | None, phase: str | None = None
+    ) -> None:
+        of = f" of {phase}" if phase else ""
+        super().__init__(f"training interrupted after {epochs_completed} completed epoch(s){of}")
         self.epochs_completed = epochs_completed
         self.checkpoint = checkpoint
+        self.phase = phase  # Which phase of a transfer run (fine-tune 2...), where it says.
 
 
 class Callback:
@@ -280,7 +285,7 @@ class Trainer:
         for key in ("total_steps", "_schedule_phases"):
             scheduler_state.pop(key, None)
         self.scheduler.load_state_dict(scheduler_state)
-        self._check_epochs_fit(int(state["epoch"]))
+        check_epochs(self.checkpoint_path, int(state["epoch"]), self.config.epochs)
         self._check_schedule_fits(int(state["epoch"]), steps_per_epoch)
         self._take_this_schedules_rates()
         if self.scaler and state.get("scaler"):
@@ -316,24 +321,6 @@ class Trainer:
             rates = self.scheduler.get_lr()
         for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
             group["lr"] = float(rate)
-
-    def _check_epochs_fit(self, epochs_done: int) -> None:
-        """Fewer epochs than the checkpoint's run trained would record a run shorter than its
-        model's; as many leave nothing to train, which is said."""
-        if epochs_done > self.config.epochs:
-            raise CheckpointError(
-                f"{self.checkpoint_path}: its run trained {epochs_done} epochs, more than this "
-                f"run's {self.config.epochs}; resume with --epochs {epochs_done} or more, or "
-                "train into a new --out"
-            )
-        if epochs_done == self.config.epochs:
-            logger.warning(
-                "%s: all %d epochs were trained already, so nothing is left to train (give "
-                "--epochs above %d to train on)",
-                self.checkpoint_path,
-                epochs_done,
-                epochs_done,
-            )
 
     def _check_schedule_fits(self, epochs_done: int, steps_per_epoch: int) -> None:
         """A one-cycle schedule cannot step past its end, so a resumed run must have room for

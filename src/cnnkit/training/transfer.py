@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from cnnkit.atomic import write_atomically
-from cnnkit.config import Preprocessing, RunConfig
+from cnnkit.config import Preprocessing, RunConfig, TrainConfig
 from cnnkit.data.dataset import DataSplits, ImageSet
 from cnnkit.data.loader import BatchLoader, build_loaders
 from cnnkit.evaluation.metrics import topk_accuracy
@@ -32,8 +32,16 @@ from cnnkit.models.transfer import TransferEnsemble
 from cnnkit.paths import finetune_folder
 from cnnkit.runtime import DistributedContext, cpu_supports_bf16, main_process_first
 from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger, write_metrics_csv
+from cnnkit.training.checkpoint import (
+    CHECKPOINT_NAME,
+    check_epochs,
+    check_identity,
+    check_optimization_settings,
+    load_checkpoint,
+    optimization_settings,
+)
 from cnnkit.training.features import FeatureCache, FeatureExtractor, FeatureSource, digest_module
-from cnnkit.training.trainer import Callback, FitResult, Trainer
+from cnnkit.training.trainer import Callback, FitResult, Trainer, TrainingInterrupted
 
 logger = logging.getLogger(__name__)
 PHASES_NAME = "phases.json"
@@ -329,6 +337,26 @@ def fit_finetune(
     return fit, report
 
 
+def refuse_a_resume_early(
+    folder: Path, config: TrainConfig, identity: dict[str, Any] | None, grouped: bool
+) -> None:
+    """The checks :class:`Trainer` makes of ``folder``'s checkpoint on resume that need no
+    model built (the data it trained on, its optimizer settings and epochs); nothing where
+    there is no checkpoint (the fine-tune then starts fresh).
+
+    Raises:
+        CheckpointError: as the trainer would, naming what differs.
+    """
+    path = folder / CHECKPOINT_NAME
+    if not path.is_file():
+        return
+    state = load_checkpoint(path)
+    if identity is not None:
+        check_identity(path, state.get("identity") or {}, identity)
+    check_optimization_settings(path, state, optimization_settings(config, grouped))
+    check_epochs(path, int(state["epoch"]), config.epochs)
+
+
 # The history tag of the frozen phase; fine-tune phases are tagged 2.0 and on.
 FROZEN_PHASE = 1.0
 
@@ -456,6 +484,12 @@ def fit_transfer(
     phases = config.transfer.phases
     fits: list[tuple[float, FitResult]] = []
     reports: list[PhaseReport] = []
+    members = list(model.members) if isinstance(model, TransferEnsemble) else [model]
+    if resume and "finetune" in phases:
+        # What the fine-tune's trainer would refuse, refused before the frozen phase rewrites
+        # phases.json and its logs: a refused resume leaves the earlier run as it was.
+        grouped = hasattr(members[0], "parameter_groups")
+        refuse_a_resume_early(run_dir / finetune_folder(0), config.train, identity, grouped)
     if "frozen" in phases:
         fit, report = fit_frozen_head(
             model,
@@ -472,26 +506,36 @@ def fit_transfer(
         reports.append(report)
         if distributed.is_main:
             save_phase_reports(run_dir, reports)
-    members = list(model.members) if isinstance(model, TransferEnsemble) else [model]
     if len(members) > 1:
         model.share_first()  # Every member starts from the frozen phase's head.
     if "finetune" in phases:
         for index, member in enumerate(members):
-            fit, report = fit_finetune(
-                member,
-                config,
-                splits,
-                preprocessing,
-                device,
-                run_dir,
-                progress,
-                callbacks,
-                freeze_batch_norm,
-                resume,
-                distributed,
-                identity,
-                member=index,
-            )
+            try:
+                fit, report = fit_finetune(
+                    member,
+                    config,
+                    splits,
+                    preprocessing,
+                    device,
+                    run_dir,
+                    progress,
+                    callbacks,
+                    freeze_batch_norm,
+                    resume,
+                    distributed,
+                    identity,
+                    member=index,
+                )
+            except TrainingInterrupted as interrupted:
+                if len(members) == 1:
+                    raise
+                # Before its first epoch's checkpoint a member has none, but --resume goes
+                # on from the earlier members' (they are trained again from theirs).
+                first = run_dir / finetune_folder(0) / CHECKPOINT_NAME
+                checkpoint = interrupted.checkpoint or (first if first.is_file() else None)
+                raise TrainingInterrupted(
+                    interrupted.epochs_completed, checkpoint, phase_label(2.0 + index)
+                ) from None
             fits.append((2.0 + index, fit))
             reports.append(report)
             if distributed.is_main:
