@@ -1333,8 +1333,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--out",
-        help="report folder (default: MODEL's folder/evaluation; runs/evaluation-bundled for "
-        "the bundled model)",
+        help="report folder (default: MODEL's folder/evaluation for a run's model.safetensors, "
+        "evaluation-FILE beside any other model file; runs/evaluation-bundled for the bundled "
+        "model)",
     )
     evaluate.add_argument("--json", action="store_true", help="print metrics as JSON")
     evaluate.add_argument(

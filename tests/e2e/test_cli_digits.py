@@ -138,7 +138,7 @@ def test_evaluate_scores_the_test_split_the_model_was_trained_with(
     assert "--split all scores its training images too" not in caplog.text
     assert main([*argv, "--split", "all", "--out", str(tmp_path / "all")]) == 0
     assert json.loads(capsys.readouterr().out)["count"] == 1797
-    assert "--split all scores its training images too" in caplog.text
+    assert "was trained on digits: --split all scores its training images too" in caplog.text
 
 
 def test_training_again_into_a_folder_clears_the_earlier_runs_outputs(tmp_path, capsys) -> None:

@@ -169,7 +169,7 @@ def trained_split_settings(
             "%s was trained on %s: --split all scores its training images too, so the figures "
             "overstate how it does on new images",
             model_path,
-            training["data"],
+            training["data"] or training.get("dataset"),
         )
         return data_overrides
     if training.get("train_on_all"):
