@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cnnkit
 from cnnkit.config import Preprocessing
 from cnnkit.inference.artifact import ModelMetadata, save_model
 from cnnkit.models.registry import create_model
@@ -565,12 +566,28 @@ def test_a_page_whose_script_did_not_run_says_so(page, servers, script: dict) ->
         "**/static/app.js",
         lambda route: route.fulfill(content_type="text/javascript", **script),
     )
+
+    # The page reveals the notice by a CSS animation 5 s after loading; here without the
+    # wait, which is all that changes (the check that the delay is there is below).
+    def without_the_delay(route) -> None:
+        css = route.fetch().text() + "\n.script-notice { animation-delay: 0s; }\n"
+        route.fulfill(content_type="text/css", body=css)
+
+    page.route("**/static/app.css", without_the_delay)
     page.goto(servers["symbols"])
     notice = page.locator("#script-notice")
-    expect(notice).to_be_visible(timeout=15_000)  # After a few seconds, by CSS alone.
+    expect(notice).to_be_visible(timeout=15_000)  # By CSS alone: no script ran.
     expect(notice).to_contain_text("script did not load")
     expect(notice.locator("a")).to_have_attribute("href", "/docs")
     expect(page.locator("#model-info")).to_have_text("Loading the model…")
+
+
+def test_the_script_notice_waits_a_few_seconds_before_it_shows() -> None:
+    """A slow script must not flash the notice: the page's own rule delays it by 5 s."""
+    css = (Path(cnnkit.__file__).parent / "web" / "static" / "app.css").read_text()
+    rule = css[css.index(".script-notice {") :].split("}", 1)[0]
+    assert "animation: reveal-script-notice 0s 5s forwards;" in rule
+    assert "visibility: hidden;" in rule
 
 
 def test_the_script_removes_the_notice_that_it_did_not_load(page, servers) -> None:
