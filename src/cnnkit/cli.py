@@ -859,7 +859,7 @@ def command_predict(args: argparse.Namespace) -> int:
         raise CommandError("no images given (pass files or folders, or use --interactive)")
     from cnnkit.inference.predictor import open_predictor
 
-    predictor = open_predictor(model, args.backend)
+    predictor = open_predictor(model, args.backend, device=args.device)
     if model is None:
         _warn_of_photos_for_the_symbol_model(images)
     for message in empty_folders:  # Reported like a missing file; the other images go on.
@@ -1365,6 +1365,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         choices=["torch", "onnx"],
         help="run the model with PyTorch or ONNX Runtime (default: onnx for a .onnx file)",
+    )
+    predict.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda", "mps"],
+        default="cpu",
+        help="where a PyTorch model runs (default cpu, the quickest to start for a few images; "
+        "auto: cuda, then mps, then cpu; ONNX Runtime runs on the CPU)",
     )
     predict.set_defaults(handler=command_predict)
 

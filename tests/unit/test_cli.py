@@ -1325,3 +1325,20 @@ def test_model_flag_architecture_names_and_verbose_after_the_command(
     assert build_parser().parse_args(["predict", "-v", "x.png"]).verbose is True
     assert build_parser().parse_args(["-v", "predict", "x.png"]).verbose is True
     assert build_parser().parse_args(["predict", "x.png"]).verbose is False
+
+
+def test_predict_runs_where_device_says(capsys, symbol_model_file: Path, tmp_path: Path) -> None:
+    (image,) = _write_images(tmp_path, count=1)
+    assert main(["predict", str(symbol_model_file), str(image)]) == 0
+    on_cpu = capsys.readouterr().out
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        assert main(["predict", str(symbol_model_file), str(image), "--device", "auto"]) == 0
+        assert capsys.readouterr().out == on_cpu  # No GPU: auto is the CPU.
+        assert main(["predict", str(symbol_model_file), str(image), "--device", "cuda"]) == 2
+        assert "device 'cuda' requested but CUDA is not available" in capsys.readouterr().err
+    pytest.importorskip("onnxruntime")
+    from cnnkit.inference.export import export_onnx
+
+    exported = export_onnx(symbol_model_file, tmp_path / "symbols.onnx")
+    assert main(["predict", str(exported), str(image), "--device", "cuda"]) == 2
+    assert "ONNX Runtime runs it on the CPU, not cuda" in capsys.readouterr().err

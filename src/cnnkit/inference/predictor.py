@@ -241,18 +241,22 @@ class Predictor:
 
 
 def open_predictor(
-    path: str | Path | None = None, backend: str | None = None, threads: int | None = None
+    path: str | Path | None = None,
+    backend: str | None = None,
+    threads: int | None = None,
+    device: str = "cpu",
 ) -> Predictor:
     """A predictor for a model file or a training run's folder: ``backend="onnx"`` (the
     default for a ``.onnx`` file) runs it in onnxruntime, ``"torch"`` (the default otherwise)
-    in PyTorch; no ``path`` means the bundled symbol model. ``threads`` sets onnxruntime's
-    intra-op threads (default: one per available core); PyTorch's come from
+    in PyTorch on ``device``; no ``path`` means the bundled symbol model. ``threads`` sets
+    onnxruntime's intra-op threads (default: one per available core); PyTorch's come from
     ``torch.set_num_threads``.
 
     Raises:
         FileNotFoundError: if no path is given and the bundled model is missing.
         cnnkit.inference.artifact.ModelFileError: for a bad model file.
-        ValueError: for a ``backend`` other than None, ``"torch"`` or ``"onnx"``.
+        ValueError: for a ``backend`` other than None, ``"torch"`` or ``"onnx"``, an unknown or
+            unavailable ``device``, or a GPU ``device`` for onnxruntime (it runs on the CPU).
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: use 'torch' or 'onnx' (or None)")
@@ -265,5 +269,10 @@ def open_predictor(
     if (backend or ("onnx" if path.suffix.lower() == ".onnx" else "torch")) == "onnx":
         from cnnkit.inference.onnx_backend import OnnxPredictor
 
+        if device not in ("cpu", "auto"):
+            raise ValueError(
+                f"{path}: ONNX Runtime runs it on the CPU, not {device}: leave out the device, "
+                "or use the .safetensors model it came from"
+            )
         return OnnxPredictor.from_file(path, threads=threads)
-    return Predictor.from_file(path)
+    return Predictor.from_file(path, device=device)
