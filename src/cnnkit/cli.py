@@ -465,15 +465,12 @@ def _print_data_summary(data) -> None:
 def _print_config(config) -> int:
     """``--print-config``: the resolved settings as YAML that ``--config`` reads back, with all
     of the model's options (a preset chosen on reading cannot then add its own)."""
-    import yaml
-
-    from cnnkit.config import config_to_dict
-    from cnnkit.models.registry import check_options, model_options
+    from cnnkit.config import dump_config
+    from cnnkit.models.registry import check_options
+    from cnnkit.training.run import with_model_defaults
 
     check_options(config.model.name, config.model.options)  # What training would refuse.
-    options = {**model_options(config.model.name), **config.model.options}
-    complete = dataclasses.replace(config, model=dataclasses.replace(config.model, options=options))
-    print(yaml.safe_dump(config_to_dict(complete), sort_keys=False), end="")
+    print(dump_config(with_model_defaults(config)), end="")
     return 0
 
 

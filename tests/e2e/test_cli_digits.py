@@ -58,6 +58,9 @@ def test_demo_writes_a_complete_run_folder(demo_run: Path) -> None:
     assert [row["epoch"] for row in _metrics_rows(demo_run / "metrics.csv")] == ["1", "2"]
     config = build_run_config(load_config_file(demo_run / "config.yaml"))
     assert config.train.epochs == 2 and config.data.dataset == "digits"
+    # Every option of the trained network, defaults too: no preset can change it on reading.
+    assert config.model.options == load_model(demo_run / "model.safetensors").metadata.options
+    assert run["config"]["model"]["options"] == config.model.options
 
 
 def test_predict_on_the_demo_samples(demo_run: Path, capsys) -> None:

@@ -234,6 +234,25 @@ def test_training_shards_are_disjoint_and_cover_the_epoch() -> None:
     assert sorted(shards[0] + shards[1]) == list(range(8))
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_processes_together_draw_the_single_process_batches(seed: int) -> None:
+    """Each step's images over both processes are the one process's batch of twice the size,
+    whatever the seed: the run does not depend on the process count."""
+    images = _indexed_set(16)
+    transform = build_eval_transform(Preprocessing(image_size=8, stored_size=8))
+
+    def batches(rank: int, world_size: int, batch_size: int) -> list[list[int]]:
+        loader = BatchLoader(
+            images, batch_size, transform, True, rank=rank, world_size=world_size, seed=seed
+        )
+        loader.set_epoch(2)
+        return [sorted(labels.tolist()) for _, labels in loader]
+
+    single = batches(0, 1, 4)
+    pairs = zip(batches(0, 2, 2), batches(1, 2, 2), strict=True)
+    assert [sorted(first + second) for first, second in pairs] == single
+
+
 def test_each_rank_draws_its_own_augmentation_and_rank_zero_draws_the_single_process_one():
     images = _indexed_set(8)
 

@@ -247,3 +247,16 @@ def test_gpu_memory_cached_by_pytorch_counts_as_free(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 30 * gib)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 5 * gib)
     assert memory.available_memory(torch.device("cuda", 0)) == 27 * gib
+
+
+def test_cgroup_headroom_counts_inactive_page_cache_as_free(tmp_path) -> None:
+    gib = 1 << 30
+    (tmp_path / "memory.max").write_text(f"{8 * gib}\n")
+    (tmp_path / "memory.current").write_text(f"{int(7.5 * gib)}\n")
+    # 6 GiB of the usage is page cache the kernel would reclaim: 4 GiB of it inactive.
+    (tmp_path / "memory.stat").write_text(f"anon {gib}\nfile {6 * gib}\ninactive_file {4 * gib}\n")
+    assert memory._cgroup_headroom(tmp_path) == int(4.5 * gib)
+    (tmp_path / "memory.stat").unlink()  # No breakdown: all of the usage counts.
+    assert memory._cgroup_headroom(tmp_path) == gib // 2
+    (tmp_path / "memory.max").write_text("max\n")
+    assert memory._cgroup_headroom(tmp_path) is None

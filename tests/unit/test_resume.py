@@ -163,3 +163,29 @@ def test_without_a_validation_split_no_validation_accuracy_is_reported(tmp_path:
     assert training["best_val_accuracy"] is None
     page = build_report_html(run)
     assert "best train accuracy (no val split)" in page
+
+
+def test_the_git_revision_is_cnnkits_own_or_unknown(tmp_path: Path, monkeypatch) -> None:
+    """Installed inside another project's repository, cnnkit does not record that commit."""
+    import subprocess
+
+    from cnnkit.training import run as run_module
+
+    revision = run_module.git_revision()
+    tracked = subprocess.run(
+        ["git", "ls-files", "--error-unmatch", "run.py"],
+        cwd=Path(run_module.__file__).parent,
+        capture_output=True,
+    )
+    assert (revision != "unknown") == (tracked.returncode == 0)
+    project = tmp_path / "project"
+    installed = project / ".venv" / "site" / "cnnkit" / "training" / "run.py"
+    installed.parent.mkdir(parents=True)
+    installed.write_text("# a copy\n")
+    (project / ".gitignore").write_text(".venv/\n")
+    git = ["git", "-c", "user.name=x", "-c", "user.email=x@y", "-C", str(project)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", ".gitignore"], check=True)
+    subprocess.run([*git, "commit", "-qm", "theirs"], check=True)
+    monkeypatch.setattr(run_module, "__file__", str(installed))
+    assert run_module.git_revision() == "unknown"

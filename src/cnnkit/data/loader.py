@@ -104,7 +104,9 @@ class BatchLoader:
                 num_replicas=world_size,
                 rank=rank,
                 shuffle=shuffle,
-                seed=seed,
+                # It permutes with seed + epoch: the single-process order's seed below, so
+                # that the processes together draw the same batches for every --seed.
+                seed=seed * 100_003,
                 drop_last=drop_last,
             )
             if world_size > 1 and shuffle

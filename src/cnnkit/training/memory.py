@@ -110,16 +110,23 @@ def estimate_training_memory(
     return MemoryEstimate(per_sample, fixed, trainable * (1 + optimizer_states))
 
 
-def _cgroup_headroom() -> int | None:
-    """Bytes left under this process's cgroup (v2) memory limit, if it has one."""
-    folder = Path("/sys/fs/cgroup")
+def _cgroup_headroom(folder: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes left under this process's cgroup (v2) memory limit, if it has one. The usage
+    counts page cache too; its inactive file pages (the decoded-image cache just written,
+    say) are reclaimed before the limit bites, so they count as free."""
     try:
         limit = (folder / "memory.max").read_text().strip()
         if limit == "max":
             return None
-        return int(limit) - int((folder / "memory.current").read_text())
+        used = int((folder / "memory.current").read_text())
     except (OSError, ValueError):
         return None
+    try:
+        stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
+        used -= int(stat.get("inactive_file", 0))
+    except (OSError, ValueError):
+        pass  # Without the breakdown, all of the usage counts.
+    return int(limit) - max(used, 0)
 
 
 def available_memory(device: torch.device) -> int | None:

@@ -7,6 +7,7 @@ This is the single training function; the CLI, the demo and hyperparameter searc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -154,24 +155,37 @@ def _check_train_size(model: torch.nn.Module, config: RunConfig, preprocessing) 
 
 
 def git_revision() -> str:
-    """The git commit of the cnnkit source tree, or ``unknown`` outside a checkout."""
-    try:
-        output = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return output.stdout.strip() if output.returncode == 0 else "unknown"
+    """The git commit of the cnnkit source tree, or ``unknown`` outside a checkout of it (an
+    install inside another project's repository, whose commit is not cnnkit's)."""
+    here = Path(__file__).resolve()
+
+    def git(*arguments: str) -> str | None:
+        try:
+            output = subprocess.run(
+                ["git", *arguments], cwd=here.parent, capture_output=True, text=True, timeout=5
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return output.stdout.strip() if output.returncode == 0 else None
+
+    if git("ls-files", "--error-unmatch", here.name) is None:
+        return "unknown"  # This file is not tracked: not cnnkit's own checkout.
+    return git("rev-parse", "HEAD") or "unknown"
+
+
+def with_model_defaults(config: RunConfig) -> RunConfig:
+    """``config`` with every option of its model, the defaults included: read back with
+    ``--config``, it builds the same network whatever preset the reading picks (a preset
+    would otherwise fill the options left out with its own)."""
+    options = {**model_options(config.model.name), **config.model.options}
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, options=options))
 
 
 def write_run_info(run_dir: Path, config: RunConfig, extra: dict[str, Any]) -> None:
-    """Write ``config.yaml`` and ``run.json`` (version, git revision, timings, metrics)."""
+    """Write ``config.yaml`` (the resolved settings, every model option included) and
+    ``run.json`` (version, git revision, timings, metrics)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_text = dump_config(config)
+    config_text = dump_config(with_model_defaults(config))
     write_atomically(
         run_dir / "config.yaml", lambda path: path.write_text(config_text, encoding="utf-8")
     )
@@ -633,7 +647,7 @@ def train_run(
                         "stopped_early": fit.stopped_early,
                     },
                     "test": test_metrics,
-                    "config": config_to_dict(config),
+                    "config": config_to_dict(with_model_defaults(config)),
                 },
             )
     except (TrainingInterrupted, TrainingDiverged, KeyboardInterrupt) as error:

@@ -146,6 +146,8 @@ class Trainer:
         self.config = config
         self.identity = identity or {}
         self.device = device
+        # Running sums of loss and correct answers: float64, which Apple's MPS lacks.
+        self._sum_dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
         self.run_dir = Path(run_dir) if run_dir else None
         self.callbacks = list(callbacks)
         self.distributed = distributed or DistributedContext()
@@ -474,8 +476,8 @@ class Trainer:
         parameter group: a transfer model's head), which the schedule then moves on from.
         """
         self.model.train()
-        total_loss = torch.zeros((), device=self.device, dtype=torch.float64)
-        correct = torch.zeros((), device=self.device, dtype=torch.float64)
+        total_loss = torch.zeros((), device=self.device, dtype=self._sum_dtype)
+        correct = torch.zeros((), device=self.device, dtype=self._sum_dtype)
         seen = 0
         config = self.config
         start = time.perf_counter()
@@ -548,8 +550,8 @@ class Trainer:
         size = len(batch.labels)
         chunks = batch.split(pass_count(size, self.micro_batch_size or size))
         self.optimizer.zero_grad(set_to_none=True)
-        total_loss = torch.zeros((), device=self.device, dtype=torch.float64)
-        correct = torch.zeros((), device=self.device, dtype=torch.float64)
+        total_loss = torch.zeros((), device=self.device, dtype=self._sum_dtype)
+        correct = torch.zeros((), device=self.device, dtype=self._sum_dtype)
         # DDP averages gradients across processes once, on the batch's last backward.
         no_sync = getattr(self.model, "no_sync", None)
         for index, chunk in enumerate(chunks):
@@ -584,7 +586,7 @@ class Trainer:
         """Sum ``values`` over all processes (a no-op when not distributed)."""
         if not self.distributed.enabled:
             return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        tensor = torch.tensor(values, dtype=self._sum_dtype, device=self.device)
         torch.distributed.all_reduce(tensor)
         return tensor.tolist()
 
