@@ -56,7 +56,7 @@ def parse_setting(text: str) -> dict[str, Any]:
     return {section: {name: value}}
 
 
-def logistic_regression_baseline(run_dir: Path, config, cache_dir: str) -> float:
+def logistic_regression_baseline(config, cache_dir: str) -> float:
     """Test top-1 of logistic regression on Lite0's frozen centre-crop features, the issue's
     yardstick: images decoded for Lite0's own input (224 px centre crop of 256), not the run's."""
     from sklearn.linear_model import LogisticRegression
@@ -70,13 +70,14 @@ def logistic_regression_baseline(run_dir: Path, config, cache_dir: str) -> float
         digest_module,
         load_or_compute_features,
     )
+    from cnnkit.training.run import feature_cache_dir
 
     model = create_model("efficientnet_lite0", 1000, 3, pretrained=True).eval()
     splits = build_splits(config.data, model.default_preprocessing, cache_dir).splits
     source = FeatureSource(
         "efficientnet_lite0", digest_module(model.backbone), model.default_preprocessing
     )
-    cache = FeatureCache(run_dir / "features")
+    cache = FeatureCache(feature_cache_dir(cache_dir))  # Beside the run's own features.
     device = torch.device("cpu")
     train, _ = load_or_compute_features(
         model, splits.train.images, source, FeatureView(0), cache, device
@@ -153,7 +154,7 @@ def main() -> None:
     print(f"wall {wall:.0f} s, CPU {cpu:.0f} s (process + decoders)")
     baseline = None
     if args.baseline:
-        baseline = logistic_regression_baseline(result.run_dir, config, cache_dir)
+        baseline = logistic_regression_baseline(config, cache_dir)
         print(f"logistic regression on frozen centre-crop features: test top-1 {baseline:.4f}")
     passed = top1 >= BARS["top1"] and wall <= BARS["wall_seconds"]
     print(f"bars (top-1 >= {BARS['top1']:.0%}, wall <= 30 min): {'PASS' if passed else 'FAIL'}")

@@ -29,6 +29,7 @@ from cnnkit.inference.artifact import load_model
 from cnnkit.models.registry import create_model
 from cnnkit.models.transfer import TTA_SCALE
 from cnnkit.runtime import seed_everything
+from cnnkit.training.run import feature_cache_dir
 from cnnkit.training.transfer import FEATURES_FOLDER, fit_frozen_head
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -53,7 +54,8 @@ def frozen_phase_model(run_dir: Path, cache_dir: str | None):
             CPU,
             Path(scratch),
             progress=False,
-            feature_cache_dir=run_dir / FEATURES_FOLDER,
+            # Where train_run cached the run's features (an older run: its own folder).
+            feature_cache_dir=feature_cache_dir(cache_dir) or run_dir / FEATURES_FOLDER,
         )
     model.unfreeze_backbone()
     fine_tuned.tta = False

@@ -1537,12 +1537,24 @@ def _one_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
     """Fold ``--model`` into the MODEL argument, refusing two different models."""
     flag = getattr(args, "model_flag", None)
     if flag is not None:
-        if args.model is not None and args.model != flag:
+        if args.model is not None and _model_file(args.model) != _model_file(flag):
             _subparser(parser, args.command).error(
                 f"two models given: {args.model} and --model {flag}; give one"
             )
         args.model = flag
     return args
+
+
+def _model_file(text: str) -> Path:
+    """The file a model argument names (a run folder: its model.safetensors), resolved, so
+    that two spellings of one model compare equal."""
+    path = Path(text).expanduser()
+    if _path_test(text, _holds_a_model):
+        path = path / "model.safetensors"
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path
 
 
 def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None = None):

@@ -1304,7 +1304,7 @@ def test_a_model_among_the_images_is_refused_before_anything_is_predicted(
 
 
 def test_model_flag_architecture_names_and_verbose_after_the_command(
-    capsys, symbol_model_file: Path, tmp_path: Path
+    capsys, symbol_model_file: Path, tmp_path: Path, monkeypatch
 ) -> None:
     # --model works wherever a model file is read, as predict takes it; two models are refused.
     out = tmp_path / "exported.onnx"
@@ -1314,6 +1314,17 @@ def test_model_flag_architecture_names_and_verbose_after_the_command(
         main(["evaluate", str(symbol_model_file), "--model", str(out)])
     assert exited.value.code == 2
     assert f"two models given: {symbol_model_file} and --model {out}" in capsys.readouterr().err
+    # One model written two ways is one model: a relative path, or a run folder and its file.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(symbol_model_file.read_bytes())
+    from cnnkit.cli import parse_arguments
+
+    argv = ["export", str(run), "--model", str(run / "model.safetensors")]
+    assert parse_arguments(build_parser(), argv).model == str(run / "model.safetensors")
+    monkeypatch.chdir(tmp_path)
+    argv = ["evaluate", "run", "--model", str(run)]
+    assert parse_arguments(build_parser(), argv).model == str(run)
     # An architecture name is not a model file.
     for argv, name in (
         (["predict", "--model", "symbol_cnn", "x.png"], "symbol_cnn"),

@@ -62,7 +62,13 @@ def test_topk_accuracy() -> None:
     assert topk_accuracy(tied, targets, 1) == 0.5
     matrix = confusion_matrix(tied.argmax(dim=1), targets, 5)
     assert summarize(tied, targets)["top1"] == matrix.trace().item() / 6 == 0.5
-    assert topk_accuracy(_logits_for(PREDICTIONS), TARGETS, 1) == 4 / 6  # Exactly: in double.
+    assert topk_accuracy(_logits_for(PREDICTIONS), TARGETS, 1) == 4 / 6  # Exactly.
+    # Top-k holds top-1's answer however the ties fall: never below top-1.
+    many = torch.zeros(3, 20)
+    many[1, 5] = -1.0  # Below the 19 tied others: in no top-5.
+    many[2, 7] = 1.0
+    labels = torch.tensor([0, 5, 7])
+    assert [topk_accuracy(many, labels, k) for k in (1, 2, 5)] == [2 / 3, 2 / 3, 2 / 3]
 
 
 def test_a_report_of_outputs_that_are_not_finite_is_refused(tmp_path: Path) -> None:

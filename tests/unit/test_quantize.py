@@ -182,3 +182,15 @@ def test_a_folder_too_small_for_a_test_split_still_calibrates(tmp_path: Path, ca
     assert inputs.shape == (2, 1, 32, 32)
     assert sorted(float(image.mean()) for image in inputs) == [-1.0, 1.0]
     assert "validation split is empty" not in caplog.text
+
+
+def test_calibrating_a_train_on_all_model_says_nothing_of_scoring(tmp_path, capsys, caplog):
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "digits", "--epochs", "1", "--max-steps-per-epoch", "1"]
+    assert (
+        main([*argv, "--max-per-class", "20", "--train-on-all", "--quiet", "--out", str(run)]) == 0
+    )
+    caplog.clear()
+    assert main(["export", str(run), "--quantize", "int8", "--calibration-images", "8"]) == 0
+    assert "Calibrating int8 ranges on 8 training images of digits" in capsys.readouterr().err
+    assert "test images were training images" not in caplog.text

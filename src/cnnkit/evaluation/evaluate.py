@@ -150,12 +150,18 @@ SPLIT_SETTINGS = (
 
 
 def trained_split_settings(
-    model_path: str | Path, training: dict[str, Any], data_overrides: dict[str, Any], split: str
+    model_path: str | Path,
+    training: dict[str, Any],
+    data_overrides: dict[str, Any],
+    split: str,
+    scoring: bool = True,
 ) -> dict[str, Any]:
     """``data_overrides`` with the settings the model was trained with (seed, test fraction,
     class and image limits, bounding-box crops) when its test split is scored on the very data
     it was trained on: the seeded test split is then the training run's own, not another draw
-    that overlaps its training images. A setting given otherwise is kept, with a warning."""
+    that overlaps its training images. A setting given otherwise is kept, with a warning.
+    ``scoring=False`` (int8 calibration, which reads the training images) leaves out the
+    warnings about scoring images the model trained on."""
     if "data" not in training:
         return data_overrides  # A model file that does not say its data.
     same_data = (
@@ -165,14 +171,15 @@ def trained_split_settings(
     if not same_data:
         return data_overrides
     if split != "test":
-        logger.warning(
-            "%s was trained on %s: --split all scores its training images too, so the figures "
-            "overstate how it does on new images",
-            model_path,
-            training["data"] or training.get("dataset"),
-        )
+        if scoring:
+            logger.warning(
+                "%s was trained on %s: --split all scores its training images too, so the "
+                "figures overstate how it does on new images",
+                model_path,
+                training["data"] or training.get("dataset"),
+            )
         return data_overrides
-    if training.get("train_on_all"):
+    if training.get("train_on_all") and scoring:
         logger.warning(
             "%s was trained with --train-on-all: its test images were training images too",
             model_path,

@@ -10,10 +10,15 @@ def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int = 1) -> fl
     if len(targets) == 0:
         return float("nan")
     k = min(k, logits.shape[1])
-    # Top-1 is argmax's answer, as the confusion matrix and prediction take it: among tied
-    # logits (common in int8 exports) topk may pick another index.
-    top = logits.argmax(dim=1, keepdim=True) if k == 1 else logits.topk(k, dim=1).indices
-    return (top == targets.view(-1, 1)).any(dim=1).double().mean().item()
+    # Argmax's answer comes first, as the confusion matrix and prediction take it: among tied
+    # logits (common in int8 exports) topk may pick other indices, and top-5 could then
+    # miss what top-1 counts.
+    top = logits.argmax(dim=1, keepdim=True)
+    if k > 1:
+        others = logits.scatter(1, top, float("-inf")).topk(k - 1, dim=1).indices
+        top = torch.cat([top, others], dim=1)
+    hits = int((top == targets.view(-1, 1)).any(dim=1).sum())
+    return hits / len(targets)  # Exact, and on any device (MPS has no float64).
 
 
 def confusion_matrix(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int):

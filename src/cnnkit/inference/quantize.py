@@ -65,7 +65,7 @@ def calibration_inputs(
     # as evaluate draws its test split); a dataset too small for a test split still calibrates.
     given = {"dataset": data.dataset, "data": data.data, "fold": data.fold}
     given = {key: value for key, value in given.items() if value is not None}
-    settings = trained_split_settings(model_path, metadata.training, given, "test")
+    settings = trained_split_settings(model_path, metadata.training, given, "test", False)
     data = dataclasses.replace(data, **{k: v for k, v in settings.items() if k not in given})
     splits = build_splits(data, preprocessing, cache_dir=cache_dir, for_training=False).splits
     images = np.asarray(splits.train.images)

@@ -173,6 +173,12 @@ def git_revision() -> str:
     return git("rev-parse", "HEAD") or "unknown"
 
 
+def feature_cache_dir(cache_dir: str | Path | None) -> Path | None:
+    """Where a run with decoded-image cache ``cache_dir`` caches frozen-phase features (None:
+    the run folder's own ``features``)."""
+    return Path(cache_dir) / "features" if cache_dir is not None else None
+
+
 def with_model_defaults(config: RunConfig) -> RunConfig:
     """``config`` with every option of its model, the defaults included: read back with
     ``--config``, it builds the same network whatever preset the reading picks (a preset
@@ -298,7 +304,7 @@ def _fit(
             device,
             run_dir,
             progress,
-            feature_cache_dir=Path(cache_dir) / "features" if cache_dir is not None else None,
+            feature_cache_dir=feature_cache_dir(cache_dir),
             callbacks=callbacks,
             resume=resume,
             distributed=distributed,
