@@ -43,6 +43,31 @@ def _request(port: int, method: str, path: str, body: bytes | None = None) -> tu
         connection.close()
 
 
+def _healthy(server: subprocess.Popen, port: int) -> dict:
+    """Wait for the server's /healthz to answer 200 (at most 120 s), and return its body."""
+    deadline = time.monotonic() + 120
+    while True:
+        assert server.poll() is None, server.stderr.read()
+        try:
+            status, health = _request(port, "GET", "/healthz")
+            if status == 200:
+                return health
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.2)
+
+
+def _stop(server: subprocess.Popen) -> None:
+    """Ctrl-C the server, or kill it if it does not stop within 30 s."""
+    server.send_signal(signal.SIGINT)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
 def test_two_server_processes_share_the_port_and_agree():
     port = _free_port()
     env = subprocess_env()
@@ -51,17 +76,7 @@ def test_two_server_processes_share_the_port_and_agree():
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stderr.read()
-            try:
-                status, health = _request(port, "GET", "/healthz")
-                if status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.3)
+        health = _healthy(server, port)
         # Without a model, each process runs the bundled model's int8 export (where
         # onnxruntime is installed, as `make test` installs it).
         expected = "onnxruntime int8" if bundled_int8_path() else "pytorch"
@@ -72,12 +87,7 @@ def test_two_server_processes_share_the_port_and_agree():
         assert len(labels) == 1  # Every process loaded the same model.
         assert len(answers[0][1]["predictions"]) == 5
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        _stop(server)
     assert server.returncode == 0
 
 
@@ -98,20 +108,6 @@ def test_port_0_prints_the_port_the_system_picked_and_serves_there():
         assert first.startswith("Serving on http://127.0.0.1:"), server.stderr.read()
         port = int(first.split("http://127.0.0.1:")[1].split("/")[0])
         assert port > 0
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stderr.read()
-            try:
-                if _request(port, "GET", "/healthz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.2)
+        _healthy(server, port)
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        _stop(server)
