@@ -16,7 +16,10 @@ from PIL import Image
 from tests.conftest import write_bird_folder
 
 from cnnkit import __version__
-from cnnkit.cli import _print_history, build_parser, format_prediction, main, resolve_run_config
+from cnnkit.cli import build_parser, main
+from cnnkit.cli.predict import format_prediction
+from cnnkit.cli.settings import resolve_run_config
+from cnnkit.cli.train import _print_history
 from cnnkit.config import PRESETS
 from cnnkit.data.sources import looks_like_photos
 from cnnkit.inference.predictor import Prediction, Predictor
@@ -1138,7 +1141,7 @@ def test_model_option_fractions_are_one_line(capsys, option: str, message: str) 
 def test_a_fresh_run_never_clears_an_interrupted_runs_checkpoint(
     capsys, monkeypatch, tmp_path
 ) -> None:
-    from cnnkit.cli import _free_run_dir
+    from cnnkit.cli.train import _free_run_dir
 
     monkeypatch.chdir(tmp_path)
     interrupted = Path("runs/digits-symbol_cnn")
@@ -1184,7 +1187,7 @@ def test_an_early_stop_is_reported(capsys, monkeypatch, tmp_path: Path) -> None:
 
 
 def test_an_early_stop_of_a_fine_tune_counts_its_own_epochs(capsys) -> None:
-    from cnnkit.cli import _print_early_stop
+    from cnnkit.cli.train import _print_early_stop
     from cnnkit.training.trainer import FitResult
 
     rows = [{"epoch": e, "phase": 1.0} for e in (1, 2, 3)]

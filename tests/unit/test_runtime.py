@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnkit.cli import distributed_from_env
+from cnnkit.cli.train import distributed_from_env
 from cnnkit.runtime import init_distributed, select_device, tune_cuda_for_training
 
 

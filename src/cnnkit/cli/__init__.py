@@ -1,0 +1,79 @@
+"""The ``cnnkit`` command line: parse arguments, build configs, call the library, print results.
+
+This package is the only code that reads ``sys.argv`` and the environment, and the only code
+that prints; a module per command, with the options they share in ``arguments``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+
+from cnnkit.cli.arguments import CommandError
+from cnnkit.cli.parser import build_parser, parse_arguments
+
+__all__ = ["CommandError", "build_parser", "main", "parse_arguments"]
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """Make ``kill PID`` (SIGTERM: what nohup jobs, schedulers and ``docker stop`` send) stop a
+    command as Ctrl-C does: a training run then records that it was interrupted and keeps its
+    last checkpoint for ``--resume``, instead of dying with run.json still saying "running"."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Only the main thread may set handlers (main() called from a thread).
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _discard_stdout() -> None:
+    """Point stdout at the null device, so that Python's flush at exit finds no closed pipe."""
+    with contextlib.suppress(OSError, ValueError):  # No file descriptor (a test's capture).
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parse_arguments(parser, argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        with _stop_on_sigterm():
+            status = args.handler(args)
+        sys.stdout.flush()  # Where the reader has gone, buffered output fails here.
+        return status
+    except BrokenPipeError:
+        # The reader went away (`cnnkit predict FOLDER | head -1`): stop quietly, as Unix tools
+        # do, with the status of a process that SIGPIPE ended.
+        _discard_stdout()
+        return 128 + getattr(signal, "SIGPIPE", 13)
+    except KeyboardInterrupt:
+        print("\nInterrupted.", file=sys.stderr)
+        return 130
+    except (CommandError, ValueError, OSError, ImportError) as error:
+        if args.verbose and not isinstance(error, CommandError):
+            raise  # -v: the whole traceback, for a bug report.
+        # "[Errno 17] cannot write ..." reads better without Python's errno prefix.
+        message = re.sub(r"^\[Errno \d+\] ", "", str(error)).splitlines()
+        print(f"cnnkit {args.command}: error: {message[0] if message else error}", file=sys.stderr)
+        for line in message[1:]:
+            print(line, file=sys.stderr)
+        return 2

@@ -1,0 +1,308 @@
+"""The options the commands share (data, model, training), the argparse types that check them,
+and the flags as config overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from cnnkit.paths import default_cache_dir
+
+# Flags that set a model option (--dense 64 is --option dense=64).
+MODEL_OPTION_FLAGS = ("dense", "dropout", "convs", "width")
+
+
+class CommandError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+DATASETS = ("hasy", "cub", "folder", "csv", "digits")
+
+
+def whole(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number in ``[minimum, maximum]``, so a bad value is refused
+    before any work, in a line that names the flag (``argument --patience: ...``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number; got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}; got {value}")
+        return value
+
+    return parse
+
+
+def share(text: str) -> float:
+    """An argparse type: a share of the images, in ``[0, 1)``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1; got {text}")
+    return value
+
+
+VERBOSE_HELP = "log debug details, and show the whole traceback of an error"
+
+
+def add_data_arguments(
+    parser: argparse.ArgumentParser, required: bool = True, model_input: bool = True
+) -> None:
+    """The data options; ``model_input=False`` leaves out those a saved model decides itself
+    (its channels and input size) and the validation share (evaluate holds none out)."""
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        required=required,
+        help="data source: HASYv2, CUB-200-2011, a folder per class, a path,label CSV, "
+        "or scikit-learn's digits"
+        + (
+            ""
+            if model_input
+            else " (default: the data the model file records, with its --data and --fold)"
+        ),
+    )
+    group.add_argument("--data", help="archive, folder or CSV file of the dataset")
+    group.add_argument(
+        "--fold", type=whole(1, 10), help="HASYv2 fold K (1-10): train/test from fold-K"
+    )
+    if model_input:
+        group.add_argument(
+            "--channels",
+            type=int,
+            choices=[1, 3],
+            help="1 (symbols) or 3 (photos, the book's CNN)",
+        )
+        group.add_argument("--image-size", type=int, help="model input size for symbols (pixels)")
+        group.add_argument(
+            "--val-fraction",
+            type=share,
+            help="share of the training images held out for validation",
+        )
+    group.add_argument("--test-fraction", type=share, help="test share without an official split")
+    group.add_argument(
+        "--on-bad-image",
+        choices=["error", "skip"],
+        help="stop on a missing/corrupt image (default) or skip it with a warning",
+    )
+    group.add_argument("--cache-dir", help=f"decoded-image cache (default {default_cache_dir()})")
+    group.add_argument(
+        "--crop-to-bbox",
+        action="store_true",
+        default=None,
+        help="CUB: crop each photo to its bird's bounding box (bounding_boxes.txt)",
+    )
+    group.add_argument("--max-classes", type=whole(1), help="use only the first N classes")
+    group.add_argument("--max-per-class", type=whole(1), help="use at most N images per class")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, search: bool = False) -> None:
+    add_data_arguments(parser, required=False)  # --config may name the dataset instead.
+    parser.add_argument(
+        "--preset",
+        help="named defaults: digits, hasy, book-hasy, book-hasy-search, cub, book-cub",
+    )
+    parser.add_argument("--config", help="YAML file with data/model/augment/train sections")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved settings (preset < --config < flags) as YAML and exit",
+    )
+    if search:
+        parser.add_argument("--out", help="search folder (default runs/search-<dataset>-<space>)")
+    else:
+        parser.add_argument("--out", help="run folder (default runs/<dataset>-<model>)")
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="nothing while training (no progress bars or per-epoch lines); the epochs are "
+        "listed once at the end",
+    )
+    if not search:  # A search ranks its trials on held-out images.
+        parser.add_argument(
+            "--train-on-all", action="store_true", default=None, help="fit on train+test (final)"
+        )
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", help="registry name (`cnnkit models` lists them)")
+    model.add_argument("--dense", type=int, help="book_cnn: dense units (128; 1024 variant)")
+    model.add_argument("--dropout", type=float, help="dropout before the classifier")
+    model.add_argument("--convs", type=int, help="book_cnn: number of conv layers (1 or 2)")
+    model.add_argument("--width", type=int, help="symbol_cnn: channels of the first stage")
+    model.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="any model option"
+    )
+    train = parser.add_argument_group(
+        "training",
+        "Unset options come from the preset and --config (--print-config shows them all).",
+    )
+    train.add_argument(
+        "--epochs",
+        type=whole(1),
+        help="passes over the training images (transfer models: the fine-tune's; the frozen "
+        "phase's head uses transfer.head_epochs)",
+    )
+    train.add_argument(
+        "--batch-size", type=whole(1), help="images per optimiser step (all processes)"
+    )
+    train.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], help="the optimiser")
+    train.add_argument(
+        "--lr", "--learning-rate", dest="learning_rate", type=float, help="peak learning rate"
+    )
+    train.add_argument(
+        "--weight-decay", type=float, help="weight decay (decoupled for AdamW, L2 otherwise)"
+    )
+    train.add_argument(
+        "--schedule",
+        choices=["onecycle", "cosine", "constant"],
+        help="learning-rate schedule, after a warm-up of train.warmup_fraction of the steps",
+    )
+    train.add_argument(
+        "--label-smoothing", type=float, help="share of each target spread over all classes"
+    )
+    train.add_argument(
+        "--mixup",
+        dest="mixup_alpha",
+        type=float,
+        metavar="ALPHA",
+        help="Mixup: train on blends of image pairs (0 off; 0.2-0.4 typical)",
+    )
+    train.add_argument(
+        "--cutmix",
+        dest="cutmix_alpha",
+        type=float,
+        metavar="ALPHA",
+        help="CutMix: paste a box of another image (0 off; 1.0 typical)",
+    )
+    train.add_argument(
+        "--ema",
+        dest="ema_decay",
+        type=float,
+        metavar="DECAY",
+        help="keep a moving average of the weights and save it as the model "
+        "(0 off; 0.99-0.9999, longer runs higher)",
+    )
+    train.add_argument(
+        "--micro-batch",
+        dest="micro_batch_size",
+        type=whole(1),
+        metavar="N",
+        help="at most N samples per forward pass (per process under torchrun); gradients add "
+        "up over the batch (default: the whole batch, split when it would not fit in memory)",
+    )
+    train.add_argument(
+        "--patience", type=whole(1), help="early stopping after N epochs without gain"
+    )
+    train.add_argument("--seed", type=int, help="seed for splits, init, shuffling, augmentation")
+    train.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="where to train (auto: cuda, then mps, then cpu)",
+    )
+    train.add_argument("--no-amp", action="store_true", default=None, help="disable CUDA AMP")
+    train.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast on CPU")
+    train.add_argument(
+        "--no-fast-path", action="store_true", default=None, help="no CPU allocator/layout tuning"
+    )
+    train.add_argument(
+        "--max-steps-per-epoch", type=whole(1), help="cap batches per epoch (quick runs)"
+    )
+    train.add_argument("--no-augment", action="store_true", default=None, help="no augmentation")
+    train.add_argument("--rotation", type=float, help="max rotation in degrees (augmentation)")
+    train.add_argument(
+        "--train-size",
+        type=int,
+        metavar="PX",
+        help="side of the augmented training crops, for models that take any size (default: "
+        "the model's input size; smaller trains faster and, with random resized crops, "
+        "shows objects at their test-time size)",
+    )
+    train.add_argument(
+        "--phases",
+        help="transfer models: frozen,finetune (default both) or frozen",
+    )
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise CommandError(f"--option needs KEY=VALUE; got {text!r}")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise CommandError(f"--option needs KEY=VALUE; got {text!r} (no key)")
+    import yaml
+
+    from cnnkit.config import number_from_text
+
+    return key.strip(), number_from_text(yaml.safe_load(raw))
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Explicit flags as nested config overrides (unset flags are absent)."""
+    options = dict(parse_option(text) for text in args.option)
+    for key in MODEL_OPTION_FLAGS:
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    seed = args.seed
+    return {
+        "data": {
+            "dataset": args.dataset,
+            "data": args.data,
+            "fold": args.fold,
+            "channels": args.channels,
+            "image_size": args.image_size,
+            "val_fraction": args.val_fraction,
+            "test_fraction": args.test_fraction,
+            "on_bad_image": args.on_bad_image,
+            "crop_to_bbox": args.crop_to_bbox,
+            "max_classes": args.max_classes,
+            "max_per_class": args.max_per_class,
+            "train_on_all": getattr(args, "train_on_all", None),
+            "seed": seed,
+        },
+        "model": {"name": args.model, "options": options or None},
+        "augment": {
+            "enabled": False if args.no_augment else None,
+            "max_rotation": args.rotation,
+            "train_size": args.train_size,
+        },
+        "train": {
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "optimizer": args.optimizer,
+            "learning_rate": args.learning_rate,
+            "weight_decay": args.weight_decay,
+            "schedule": args.schedule,
+            "label_smoothing": args.label_smoothing,
+            "mixup_alpha": args.mixup_alpha,
+            "cutmix_alpha": args.cutmix_alpha,
+            "ema_decay": args.ema_decay,
+            "early_stopping_patience": args.patience,
+            "seed": seed,
+            "device": args.device,
+            "amp": False if args.no_amp else None,
+            "bf16_cpu": args.bf16,
+            "fast_path": False if args.no_fast_path else None,
+            "max_steps_per_epoch": args.max_steps_per_epoch,
+            "micro_batch_size": args.micro_batch_size,
+        },
+        "transfer": {"phases": args.phases.split(",") if args.phases else None},
+        "out": args.out,
+    }
+
+
+def add_model_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """The model a command reads, as its first word or, as predict takes it, ``--model``."""
+    parser.add_argument("model", nargs="?", help=help)
+    parser.add_argument(
+        "--model",
+        dest="model_flag",
+        metavar="MODEL",
+        help="the same as MODEL (as predict takes it)",
+    )

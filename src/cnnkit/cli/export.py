@@ -1,0 +1,60 @@
+"""``cnnkit export``: a model file to ONNX, optionally int8-quantized on training images."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cnnkit.cli.arguments import CommandError
+from cnnkit.cli.model_files import resolve_model_argument, use_recorded_data
+from cnnkit.paths import default_cache_dir
+
+
+def command_export(args: argparse.Namespace) -> int:
+    from cnnkit.inference.export import DEFAULT_OPSET, export_onnx
+
+    model_path = resolve_model_argument(args.model)
+    if model_path.suffix.lower() == ".onnx":
+        raise CommandError(
+            f"{model_path}: is an ONNX export already; export reads the .safetensors model "
+            "file (or the training run's folder) it came from"
+        )
+    # The bundled model's export goes to the current folder, not into the installed package.
+    named = model_path if args.model is not None else Path(model_path.name)
+    opset = args.opset or DEFAULT_OPSET
+    if args.out and Path(args.out).suffix.lower() != ".onnx":
+        raise CommandError(f"--out {args.out}: an ONNX file's name ends in .onnx")
+    if args.quantize is None:
+        if args.dataset or args.data:
+            raise CommandError(
+                "--dataset and --data give --quantize int8 its calibration images; "
+                "add --quantize int8, or leave them out"
+            )
+        out = Path(args.out) if args.out else named.with_suffix(".onnx")
+        _refuse_overwriting(model_path, out)
+        print(export_onnx(model_path, out, opset=opset))
+        return 0
+    from cnnkit.config import DataConfig
+    from cnnkit.inference.quantize import calibration_inputs, quantize_onnx
+
+    if args.dataset is None:
+        try:
+            use_recorded_data(args, model_path)
+        except CommandError as error:
+            raise CommandError(f"--quantize int8 calibrates on training images: {error}") from None
+    data = DataConfig(dataset=args.dataset, data=args.data, fold=args.fold)
+    inputs = calibration_inputs(
+        model_path, data, args.calibration_images, cache_dir=args.cache_dir or default_cache_dir()
+    )
+    out = Path(args.out) if args.out else named.with_name(f"{named.stem}-int8.onnx")
+    _refuse_overwriting(model_path, out)
+    source = args.data or args.dataset
+    print(f"Calibrating int8 ranges on {len(inputs)} training images of {source}", file=sys.stderr)
+    print(quantize_onnx(model_path, out, inputs, opset=opset))
+    return 0
+
+
+def _refuse_overwriting(model_path: Path, out: Path) -> None:
+    if out.exists() and out.resolve() == model_path.resolve():
+        raise CommandError(f"{out}: is the model file itself; give another --out")

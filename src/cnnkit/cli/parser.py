@@ -1,0 +1,279 @@
+"""The ``cnnkit`` parser: each command's options and help, and the parsing that lets predict's
+options come between its inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cnnkit import __version__
+from cnnkit.cli.arguments import (
+    DATASETS,
+    VERBOSE_HELP,
+    add_data_arguments,
+    add_model_argument,
+    add_train_arguments,
+    whole,
+)
+from cnnkit.cli.evaluate import command_evaluate, command_report
+from cnnkit.cli.export import command_export
+from cnnkit.cli.fetch import command_fetch
+from cnnkit.cli.model_files import resolved_model_file
+from cnnkit.cli.predict import command_predict
+from cnnkit.cli.search import command_search
+from cnnkit.cli.serve import command_serve
+from cnnkit.cli.train import command_demo, command_models, command_train
+from cnnkit.paths import default_cache_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cnnkit",
+        description="Train, evaluate and serve convolutional image classifiers.",
+        epilog="Start with `cnnkit demo`. Each command has its own --help.",
+    )
+    parser.add_argument("--version", action="version", version=f"cnnkit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    fetch = commands.add_parser("fetch", help="download or import a dataset archive")
+    fetch.add_argument("name", choices=["hasy", "cub"])
+    fetch.add_argument("--to", default="data", help="destination folder (default ./data)")
+    fetch.add_argument("--from", dest="from_file", help="import this local archive instead")
+    fetch.add_argument(
+        "--url", help="download from this mirror instead of the publisher (checked the same)"
+    )
+    fetch.add_argument("--no-verify", action="store_true", help="skip the checksum check")
+    fetch.add_argument(
+        "--sha256",
+        metavar="HEX",
+        help="check this SHA-256 instead of the publisher's MD5 (each fetch prints the "
+        "archive's SHA-256)",
+    )
+    fetch.set_defaults(handler=command_fetch)
+
+    train = commands.add_parser("train", help="train a model and save RUN_DIR/model.safetensors")
+    add_train_arguments(train)
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the run folder's last checkpoint (after Ctrl-C, or with more epochs)",
+    )
+    train.set_defaults(handler=command_train)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a model file on a dataset")
+    add_model_argument(
+        evaluate,
+        "model file, its .onnx export, or a training run's folder (default: the bundled model)",
+    )
+    add_data_arguments(evaluate, required=False, model_input=False)
+    evaluate.add_argument(
+        "--split",
+        choices=["test", "all"],
+        default="test",
+        help="score the test split (default) or every image of the dataset",
+    )
+    evaluate.add_argument(
+        "--out",
+        help="report folder (default: MODEL's folder/evaluation for a run's model.safetensors, "
+        "evaluation-FILE beside any other model file; runs/evaluation-bundled for the bundled "
+        "model)",
+    )
+    evaluate.add_argument("--json", action="store_true", help="print metrics as JSON")
+    evaluate.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda", "mps"],
+        default="auto",
+        help="where the model runs (auto: cuda, then mps, then cpu; an .onnx file runs on "
+        "ONNX Runtime's CPU provider)",
+    )
+    evaluate.set_defaults(handler=command_evaluate)
+
+    predict = commands.add_parser("predict", help="classify image files or folders")
+    predict.add_argument("inputs", nargs="*", metavar="[MODEL] IMAGE", help="model file, images")
+    predict.add_argument(
+        "--model",
+        help="model file, its .onnx export, or a training run's folder (default: the first "
+        "argument when it is one of those, else the bundled model)",
+    )
+    predict.add_argument("--top-k", type=whole(1), default=1, help="show the K best classes (1)")
+    predict.add_argument("--json", action="store_true", help="print JSON")
+    predict.add_argument(
+        "--interactive",
+        action="store_true",
+        help="then ask for filenames, one per line, until an empty line (the book's loop)",
+    )
+    predict.add_argument(
+        "--backend",
+        choices=["torch", "onnx"],
+        help="run the model with PyTorch or ONNX Runtime (default: onnx for a .onnx file)",
+    )
+    predict.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda", "mps"],
+        default="cpu",
+        help="where a PyTorch model runs (default cpu, the quickest to start for a few images; "
+        "auto: cuda, then mps, then cpu; ONNX Runtime runs on the CPU)",
+    )
+    predict.set_defaults(handler=command_predict)
+
+    serve = commands.add_parser("serve", help="web page and REST API for a model")
+    add_model_argument(
+        serve,
+        "model file, its .onnx export, or a training run's folder (default: the bundled "
+        "symbol model, as its shipped int8 export where onnxruntime is installed)",
+    )
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; others need --allow-remote)",
+    )
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    serve.add_argument(
+        "--max-upload-mb",
+        type=int,
+        default=5,
+        help="largest accepted upload in MB; larger ones get 413 (default 5)",
+    )
+    serve.add_argument(
+        "--allow-remote", action="store_true", help="allow binding to a non-loopback address"
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes, each with a copy of the model (more serve more requests/s "
+        "on several cores)",
+    )
+    serve.set_defaults(handler=command_serve)
+
+    demo = commands.add_parser("demo", help="train and use a CNN on the embedded digits")
+    demo.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    demo.add_argument("--epochs", type=whole(1), default=12, help="training epochs (default 12)")
+    demo.add_argument(
+        "--quiet",
+        action="store_true",
+        help="nothing while training (no progress bars or per-epoch lines); the epochs are "
+        "listed once at the end",
+    )
+    demo.set_defaults(handler=command_demo)
+
+    models = commands.add_parser("models", help="list registered models and their options")
+    models.set_defaults(handler=command_models)
+
+    export = commands.add_parser("export", help="export a model file to ONNX")
+    add_model_argument(
+        export,
+        "model file (.safetensors) or a training run's folder (default: the bundled "
+        "symbol model, exported into the current folder)",
+    )
+    export.add_argument("--format", choices=["onnx"], default="onnx", help="file format (onnx)")
+    export.add_argument("--out", help="output file (default: MODEL with a .onnx suffix)")
+    export.add_argument("--opset", type=int, help="ONNX opset version (default 18)")
+    export.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="int8 static quantization, calibrated on training images of --dataset/--data "
+        "(default output MODEL-int8.onnx); faster on CPUs, check the accuracy",
+    )
+    export.add_argument("--dataset", choices=DATASETS, help="calibration data source")
+    export.add_argument("--data", help="calibration dataset path")
+    export.add_argument(
+        "--fold", type=whole(1, 10), help="HASYv2 fold whose training images calibrate"
+    )
+    export.add_argument(
+        "--calibration-images",
+        type=whole(1),
+        default=512,
+        help="training images that calibrate --quantize int8 (default 512)",
+    )
+    export.add_argument("--cache-dir", help=f"decoded-image cache (default {default_cache_dir()})")
+    export.set_defaults(handler=command_export)
+
+    search = commands.add_parser(
+        "search", help="hyperparameter search (Optuna grid, TPE or random) with pruning"
+    )
+    add_train_arguments(search, search=True)
+    search.add_argument(
+        "--space",
+        default="book",
+        help="named space (book, book-wide, symbol) or a YAML file (default: book). "
+        "--sampler grid takes book, or a file whose values are all listed",
+    )
+    search.add_argument(
+        "--sampler", choices=["grid", "tpe", "random"], default="tpe", help="(default: tpe)"
+    )
+    search.add_argument(
+        "--pruner",
+        choices=["halving", "median", "none"],
+        default="halving",
+        help="stop weak trials early: successive halving (default), median, or none",
+    )
+    search.add_argument("--n-trials", type=whole(1), help="finished trials the study should hold")
+    search.add_argument("--timeout", type=float, help="stop starting trials after N seconds")
+    search.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/study.db)")
+    search.add_argument("--study-name", help="study name in the storage (default: OUT's name)")
+    search.add_argument("--sampler-seed", type=int, help="seed the sampler (reproducible order)")
+    search.add_argument(
+        "--prune-warmup", type=int, default=2, help="epochs before a trial can be pruned"
+    )
+    search.add_argument(
+        "--workers",
+        type=int,
+        help="processes sharing the study and the cores (default: one per core up to 4 on a "
+        "CPU, 1 with a GPU)",
+    )
+    search.add_argument(
+        "--retrain-best", action="store_true", help="retrain the best on train+val, save model"
+    )
+    search.add_argument(
+        "--keep-checkpoints", action="store_true", help="keep each trial's checkpoint.pt"
+    )
+    search.set_defaults(handler=command_search)
+
+    report = commands.add_parser("report", help="one self-contained HTML page for a run folder")
+    report.add_argument("run_dir", help="a training run or search folder")
+    report.add_argument("--out", help="HTML file (default RUN_DIR/report.html)")
+    report.set_defaults(handler=command_report)
+    for sub in commands.choices.values():  # -v after the command too; unset, the top's holds.
+        sub.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
+        )
+    return parser
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand of ``parser``."""
+    (commands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices[command]
+
+
+def _one_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Fold ``--model`` into the MODEL argument, refusing two different models."""
+    flag = getattr(args, "model_flag", None)
+    if flag is not None:
+        if args.model is not None and resolved_model_file(args.model) != resolved_model_file(flag):
+            _subparser(parser, args.command).error(
+                f"two models given: {args.model} and --model {flag}; give one"
+            )
+        args.model = flag
+    return args
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None = None):
+    """``parser.parse_args(argv)``, except that predict's options may come between its inputs
+    (``predict model.safetensors --top-k 2 a.png --json b.png``): argparse stops filling a
+    positional list at the first option and would call the rest unrecognized."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The top-level options take no values, so the first other word is the command.
+    command_at = next((index for index, word in enumerate(argv) if not word.startswith("-")), None)
+    if command_at is None or argv[command_at] != "predict":
+        return _one_model(parser, parser.parse_args(argv))
+    args = parser.parse_args(argv[: command_at + 1])
+    rest = argv[command_at + 1 :]
+    # After "--" every word is an input (argparse's intermixed mode would refuse them).
+    end = rest.index("--") if "--" in rest else len(rest)
+    predict = _subparser(parser, "predict").parse_intermixed_args(rest[:end])
+    predict.inputs += rest[end + 1 :]
+    return argparse.Namespace(**{**vars(args), **vars(predict)})

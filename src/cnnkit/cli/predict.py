@@ -1,0 +1,264 @@
+"""``cnnkit predict``: classify image files and folders, printed in the book's format, and the
+book's ``Enter filename:`` loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+
+from cnnkit.cli.arguments import CommandError
+from cnnkit.cli.model_files import (
+    holds_a_model,
+    path_test,
+    refuse_an_architecture_name,
+    refuse_search_folder,
+)
+from cnnkit.errors import error_line
+from cnnkit.paths import RUN_INFO
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def expand_images(paths: list[str], errors: list[str] | None = None) -> list[Path]:
+    """Files as given, folders expanded to the image files inside them (sorted).
+
+    Raises:
+        CommandError: for a folder with no image files in it, unless ``errors`` is given: then
+            the message is appended to it and the other paths are still expanded.
+    """
+    expanded: list[Path] = []
+    for text in paths:
+        message = None
+        try:
+            path = Path(text).expanduser()
+            if path.is_dir():
+                found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+                if not found:
+                    suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+                    message = f"{path}: no image files found (looked for {suffixes})"
+                expanded.extend(found)
+            else:
+                expanded.append(path)
+        # A name the system cannot look up (~nosuchuser/a.png, one too long, a NUL in it).
+        except (OSError, ValueError, RuntimeError) as error:
+            reason = error_line(error)
+            if isinstance(error, OSError) and error.strerror:
+                reason = error.strerror
+            message = f"{text}: cannot read ({reason})"
+        if message is not None:
+            if errors is None:
+                raise CommandError(message)
+            errors.append(message)
+    return expanded
+
+
+def format_prediction(prediction, kind: str) -> str:
+    """The book's formats: symbols with a 0-1 confidence, photos with a percentage."""
+    if kind == "photos":
+        return f"Prediction: {prediction.label} ({prediction.confidence * 100:.2f}%)"
+    return f"Prediction: {prediction.label}, confidence: {prediction.confidence:.2f}"
+
+
+def command_predict(args: argparse.Namespace) -> int:
+    from cnnkit.runtime import tune_allocator
+
+    tune_allocator()
+    inputs = list(args.inputs)
+    model = args.model
+    if model is None and inputs and inputs[0].lower().endswith((".safetensors", ".onnx")):
+        model = inputs.pop(0)
+    elif model is None and inputs and path_test(inputs[0], holds_a_model):
+        model = inputs.pop(0)  # A training run's folder: open_predictor finds its model.
+    elif model is None and inputs:
+        # A name the system cannot look up is an image that cannot be read, reported below.
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
+            _refuse_model_less_first_input(Path(inputs[0]).expanduser())
+    if model:
+        refuse_an_architecture_name(model)
+    for given in inputs:
+        _refuse_a_model_among_images(given, model)
+    empty_folders: list[str] = []
+    images = expand_images(inputs, empty_folders)
+    if not images and empty_folders:
+        raise CommandError(empty_folders[0])
+    if not images and not args.interactive:
+        raise CommandError("no images given (pass files or folders, or use --interactive)")
+    from cnnkit.inference.predictor import open_predictor
+
+    predictor = open_predictor(model, args.backend, device=args.device)
+    if model is None:
+        _warn_of_photos_for_the_symbol_model(images)
+    for message in empty_folders:  # Reported like a missing file; the other images go on.
+        print(f"error: {message}", file=sys.stderr)
+    failures = len(empty_folders)
+    failures += _predict_and_print(predictor, images, args.top_k, args.json) if images else 0
+    if args.interactive:
+        failures += _interactive(predictor, args.top_k, args.json)
+    return 1 if failures else 0
+
+
+def _warn_of_photos_for_the_symbol_model(images: list[str]) -> None:
+    """The bundled model answers with a symbol for anything: say once when an input looks like
+    a colour photo rather than a symbol drawn black on white."""
+    from PIL import Image
+
+    from cnnkit.data.sources import PHOTO_MIN_SIDE
+
+    for path in images:
+        try:
+            with Image.open(path) as image:
+                mode, size = image.mode, image.size
+        except (OSError, ValueError):
+            continue  # Reported when it is predicted.
+        if mode in ("RGB", "RGBA", "CMYK", "YCbCr") and min(size) >= PHOTO_MIN_SIDE:
+            print(
+                f"warning: {path} is a {size[0]}x{size[1]} colour image; the bundled model "
+                "recognises handwritten maths symbols (black on white), so its answer for a "
+                "photo means little: pass a model trained on photos",
+                file=sys.stderr,
+            )
+            return
+
+
+def _refuse_model_less_first_input(path: Path) -> None:
+    """Without ``--model`` the first input is an image (the bundled model answers), so refuse
+    one that was meant as a model: predictions from the bundled model would pass for its."""
+    refuse_search_folder(path)  # Not a folder of images to classify.
+    if path.is_dir() and (path / RUN_INFO).is_file():  # Written when a run starts.
+        raise CommandError(
+            f"{path}: a training run's folder without a model.safetensors (the run has not "
+            "finished: `cnnkit train ... --resume` with the same --out continues it)"
+        )
+    if not path.exists() and path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise CommandError(
+            f"{path}: no such model file, run folder or image (a model ends in .safetensors "
+            "or .onnx; a run folder holds model.safetensors)"
+        )
+
+
+def _refuse_a_model_among_images(path: str, model: str | None) -> None:
+    """A model file, checkpoint or run folder among the images is a mistake (arguments swapped,
+    or a second model): reading it as an image, or its pictures, would answer with another
+    model's predictions."""
+    chosen = f"the model is {model}" if model else "no model was given, so the bundled one answers"
+    first = "the model goes first (cnnkit predict MODEL IMAGE...) or after --model"
+    suffix = Path(path).suffix.lower()
+    if suffix in (".safetensors", ".onnx") or path_test(path, holds_a_model):
+        kind = "a training run's folder" if path_test(path, Path.is_dir) else "a model file"
+        raise CommandError(f"{path}: {kind}, not an image ({chosen}): {first}")
+    if suffix in (".pt", ".pth"):
+        raise CommandError(
+            f"{path}: a checkpoint, not an image ({chosen}); a run's model is its "
+            f"model.safetensors, and {first}"
+        )
+
+
+def _predict_and_print(
+    predictor, images: list[Path], top_k: int, as_json: bool, errors=None, one_line=False
+) -> int:
+    """Print the predictions for ``images`` and an error line for each bad file (to ``errors``,
+    stderr by default); return the number of bad files. ``one_line`` prints the JSON document
+    on one line (the interactive loop: one line of JSON per answer, as JSON Lines)."""
+    from cnnkit.data.image import BadImageError
+
+    errors = errors or sys.stderr
+    results, failures = [], 0
+    for path in images:
+        try:
+            ranked = predictor.predict([path], top_k=top_k)[0]
+        except BadImageError as error:
+            failures += 1
+            print(f"error: {error}", file=errors)
+            continue
+        except (OSError, ValueError) as error:  # A name the system cannot open (a NUL in it).
+            failures += 1
+            print(f"error: {path}: cannot read ({error_line(error)})", file=errors)
+            continue
+        if not all(math.isfinite(prediction.confidence) for prediction in ranked):
+            failures += 1
+            print(
+                f"error: {path}: the model gives no finite probabilities (NaN): its weights "
+                "or preprocessing are broken",
+                file=errors,
+            )
+            continue
+        results.append((path, ranked))
+    if as_json:
+        # Always one JSON document (``[]`` when every file was bad), so stdout always parses.
+        payload = [
+            {"image": str(path), "predictions": [p.to_dict() for p in ranked]}
+            for path, ranked in results
+        ]
+        indent = None if one_line else 2
+        print(json.dumps(payload, indent=indent, ensure_ascii=False, allow_nan=False))
+        return failures
+    kind = predictor.metadata.kind
+    for path, ranked in results:
+        prefix = f"{path}: " if len(images) > 1 else ""
+        print(prefix + format_prediction(ranked[0], kind))
+        for rank, prediction in enumerate(ranked[1:], start=2):
+            print(f"  {rank}. " + format_prediction(prediction, kind).removeprefix("Prediction: "))
+    return failures
+
+
+def _ask(prompt: str, to_stderr: bool) -> str:
+    """``input(prompt)``, or with the prompt on stderr so that stdout stays pure JSON."""
+    if not to_stderr:
+        return input(prompt)
+    print(prompt, end="", file=sys.stderr, flush=True)
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line
+
+
+def _interactive(predictor, top_k: int, as_json: bool) -> int:
+    """The book's ``Enter filename:`` loop; an empty line or end of input ends it.
+
+    A bad name prints an error in the conversation and the loop goes on (with ``--json`` the
+    prompts and errors go to stderr, and stdout holds one line of JSON per name: ``[]`` for a
+    name that gave no predictions). Quotes or backslashes around a name (a file dragged into a
+    terminal) and ``~`` are understood, and a folder gives every image in it. Returns the number
+    of names and files that failed, so that names piped in end with the same exit status as
+    files given on the command line.
+    """
+    print("Enter image files or folders, one per line; an empty line ends.", file=sys.stderr)
+    errors = sys.stderr if as_json else sys.stdout
+    failures = 0
+    while True:
+        try:
+            name = _ask("Enter filename: ", to_stderr=as_json)
+        except EOFError:
+            break
+        name = _typed_name(name)
+        if not name:
+            break
+        problems: list[str] = []
+        images = expand_images([name], problems)
+        for problem in problems:
+            print(f"error: {problem}", file=errors)
+        failures += len(problems)
+        if images or as_json:  # With --json, one line per name.
+            failures += _predict_and_print(predictor, images, top_k, as_json, errors, one_line=True)
+    return failures
+
+
+def _typed_name(line: str) -> str:
+    """The file a typed line names: without surrounding quotes, or as the shell reads it where
+    only that exists (macOS Terminal escapes a dragged file's spaces: ``my\\ sym.png``)."""
+    name = line.strip().strip("'\"").strip()
+    if not name or path_test(name, Path.exists):
+        return name
+    try:
+        words = shlex.split(line)
+    except ValueError:  # An unclosed quote.
+        return name
+    if len(words) == 1 and path_test(words[0], Path.exists):
+        return words[0]
+    return name

@@ -1,0 +1,151 @@
+"""A training run's settings from the command line: preset < --config file < flags, with the
+input size settled between the data and the model before any data loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any
+
+from cnnkit.cli.arguments import CommandError, overrides_from_args, parse_option
+
+PHOTO_MODELS_PRESET = {"book_bird_cnn": "book-cub", "book_cnn": "book-hasy"}
+
+
+PHOTO_MODEL = "efficientnet_lite0"  # For a folder or CSV of photos when no model is named.
+
+
+def _given(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` without its unset (``None``) settings, at every level."""
+    return {
+        key: _given(value) if isinstance(value, dict) else value
+        for key, value in overrides.items()
+        if value is not None
+    }
+
+
+def _file_text(file_layer: dict, dotted: str, path: str | None) -> str | None:
+    """A text setting of the --config file (``model.name``) that picks the preset, checked
+    before the preset is chosen with it: a list there would fail as "unhashable"."""
+    section, key = dotted.split(".")
+    value = (file_layer.get(section) or {}).get(key)
+    if value is not None and not isinstance(value, str | os.PathLike):
+        raise CommandError(f"{path}: {dotted} must be text; got {value!r}")
+    return value
+
+
+def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
+    """defaults < preset < --config file < flags.
+
+    With ``detect_photos``, a folder or CSV dataset with no model, preset or model options
+    given trains the photo recipe when its images are colour photos (see ``looks_like_photos``).
+    """
+    from cnnkit.config import PRESETS, build_run_config, load_config_file, preset_for
+
+    file_layer = load_config_file(args.config) if args.config else {}
+    dataset = args.dataset or _file_text(file_layer, "data.dataset", args.config)
+    if dataset is None:
+        raise CommandError("--dataset is required (or data.dataset in the --config file)")
+    args.dataset = dataset  # Default folder names use it.
+    model_name = args.model or _file_text(file_layer, "model.name", args.config)
+    preset = args.preset
+    data = args.data or _file_text(file_layer, "data.data", args.config)
+    options_given = bool(
+        args.option
+        # Every model takes a dropout, so --dropout alone says nothing about which network.
+        or any(getattr(args, key) is not None for key in ("dense", "convs", "width"))
+        or (file_layer.get("model") or {}).get("options")
+    )
+    unnamed = preset is None and model_name is None and not options_given
+    if detect_photos and unnamed and dataset in ("folder", "csv") and data:
+        from cnnkit.data.sources import looks_like_photos
+
+        photos, seen = looks_like_photos(dataset, str(data))
+        if photos:  # The symbol network's 32 px grayscale input would waste these photos.
+            model_name = args.model = PHOTO_MODEL
+            args.chosen_because = (
+                f"Photos ({seen}): training {PHOTO_MODEL} with the cub transfer recipe "
+                "(--model symbol_cnn trains the small symbol network instead)"
+            )
+    if preset is None and model_name in PHOTO_MODELS_PRESET:
+        preset = PHOTO_MODELS_PRESET[model_name]
+    if preset is None and model_name and model_name.startswith("efficientnet"):
+        preset = "cub"
+    if preset is None:
+        preset = dataset if dataset in PRESETS else "hasy"
+    overrides = _given(overrides_from_args(args))
+    try:
+        # A null in the file turns a setting off; unset flags were left out above.
+        config = build_run_config(preset_for(preset), file_layer, overrides, apply_nulls=True)
+    except ValueError as error:
+        if _file_at_fault(preset_for(preset), file_layer, overrides):
+            raise CommandError(f"{args.config}: {error}") from None
+        raise
+    return _fit_to_model_input(config, args)
+
+
+def _fit_to_model_input(config, args: argparse.Namespace):
+    """Settle the input size between the data settings and the model, before any data loads.
+
+    A photo model takes photos at its own input size: ``--image-size`` is refused unless it
+    agrees, and the data settings (so config.yaml) record the size used. A symbol model whose
+    layers are sized for its input (book_cnn) gets ``data.image_size`` as its ``image_size``
+    option, which its model file then records.
+    """
+    from cnnkit.models.registry import check_options, model_input, model_options
+
+    name, data = config.model.name, config.data
+    options = check_options(name, config.model.options)
+    takes_size = "image_size" in model_options(name)
+    preprocessing = model_input(name, data.channels, options)
+    if preprocessing.mode == "photo":
+        if args.image_size is not None and args.image_size != preprocessing.image_size:
+            how = "--option image_size=N sets it" if takes_size else "it is fixed"
+            raise CommandError(
+                f"--image-size {args.image_size}: {name} takes photos at its own input size "
+                f"({preprocessing.image_size} px; {how})"
+            )
+        data = dataclasses.replace(
+            data, image_size=preprocessing.image_size, stored_size=preprocessing.stored_size
+        )
+    elif takes_size:
+        given = options.get("image_size")
+        from_flags = "image_size" in dict(parse_option(text) for text in args.option)
+        if given not in (None, data.image_size) and (args.image_size is None or from_flags):
+            raise CommandError(
+                f"model option image_size={given} differs from the input size "
+                f"({data.image_size} px): {name} is sized by --image-size (data.image_size)"
+            )
+        options = {**options, "image_size": data.image_size}
+    model = dataclasses.replace(config.model, options=options)
+    return dataclasses.replace(config, data=data, model=model)
+
+
+def _file_at_fault(preset: dict, file_layer: dict, overrides: dict) -> bool:
+    """Whether the settings build without the --config file's own (keeping its data section,
+    which may name the dataset the flags' settings need): the error is then the file's."""
+    from cnnkit.config import build_run_config
+
+    if not file_layer:
+        return False
+    for kept in ({}, {"data": file_layer.get("data") or {}}):
+        try:
+            build_run_config(preset, kept, overrides, apply_nulls=True)
+        except ValueError:
+            continue
+        return True
+    return False
+
+
+def print_config(config) -> int:
+    """``--print-config``: the resolved settings as YAML that ``--config`` reads back, with all
+    of the model's options (a preset chosen on reading cannot then add its own)."""
+    from cnnkit.config import dump_config
+    from cnnkit.models.registry import check_options
+    from cnnkit.training.run import with_model_defaults
+
+    check_options(config.model.name, config.model.options)  # What training would refuse.
+    print(dump_config(with_model_defaults(config)), end="")
+    return 0

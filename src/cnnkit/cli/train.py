@@ -1,0 +1,247 @@
+"""``cnnkit train``, ``demo`` and ``models``: run folders, and the lines that report a run."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shlex
+from pathlib import Path
+
+from cnnkit.cli.arguments import CommandError
+from cnnkit.cli.model_files import path_test
+from cnnkit.cli.predict import format_prediction
+from cnnkit.cli.settings import print_config, resolve_run_config
+from cnnkit.paths import default_cache_dir
+
+
+def distributed_from_env(device: str = "auto"):
+    """Rank information set by torchrun, or a single-process context; ``device`` is the
+    training device's name (its type picks NCCL or gloo)."""
+    from cnnkit.runtime import init_distributed, select_device
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return init_distributed(rank, local_rank, world_size, select_device(device))
+
+
+def print_data_summary(data) -> None:
+    source = "cache" if data.from_cache else "decoded"
+    print(f"Data: {data.splits.description} ({source})")
+    if data.problems:
+        print(f"Skipped {len(data.problems)} bad image(s); first: {data.problems[0]}")
+
+
+def command_train(args: argparse.Namespace) -> int:
+    from cnnkit.runtime import shutdown_distributed, tune_allocator
+    from cnnkit.training.run import train_run
+    from cnnkit.training.trainer import TrainingInterrupted
+
+    config = resolve_run_config(args)
+    if args.print_config:
+        return print_config(config)
+    data = config.data.data
+    if data is not None and not path_test(str(data), Path.exists):
+        # Before a run folder is chosen and announced: no run starts.
+        raise CommandError(f"{data}: no such archive, folder or file")
+    default_dir = config.run_dir() if config.out is None else None
+    if default_dir is not None:
+        # A default folder that holds a finished run is kept: a new run gets the next free
+        # name (runs/x-2, runs/x-3...), and --resume continues the newest of them.
+        chosen = _latest_run_dir(default_dir) if args.resume else _free_run_dir(default_dir)
+        config = dataclasses.replace(config, out=str(chosen))
+    if config.train.fast_path:
+        tune_allocator()
+    distributed = distributed_from_env(config.train.device)
+    is_main = distributed.is_main
+    if is_main and getattr(args, "chosen_because", None):
+        print(args.chosen_because)
+    no_val = config.data.val_fraction == 0 or config.data.train_on_all
+    if is_main and args.patience is not None and no_val:
+        print(
+            "Note: --patience needs a validation split (--val-fraction > 0, without "
+            "--train-on-all); without one every epoch runs"
+        )
+    if is_main:
+        _print_run_folder_state(config.run_dir(), args.resume, default_dir)
+    cache_dir = args.cache_dir or config.data.cache_dir or default_cache_dir()
+    try:
+        result = train_run(
+            config,
+            resume=args.resume,
+            cache_dir=cache_dir,
+            progress=not args.quiet,
+            distributed=distributed,
+            on_data=print_data_summary if is_main else None,
+        )
+    except TrainingInterrupted as interrupted:
+        if is_main:
+            of = f" of {interrupted.phase}" if interrupted.phase else ""
+            print(f"\nInterrupted after {interrupted.epochs_completed} completed epoch(s){of}.")
+            if interrupted.checkpoint:
+                print(f"Checkpoint: {interrupted.checkpoint}; rerun with --resume to continue.")
+        return 130
+    finally:
+        shutdown_distributed()
+    if is_main:
+        _print_history(result.fit.history, progress=not args.quiet)
+        _print_early_stop(result.fit, config.train.early_stopping_patience)
+        metrics = result.test_metrics
+        seen = " (images it trained on: --train-on-all)" if config.data.train_on_all else ""
+        print(
+            f"Test: top-1 {metrics.get('top1', float('nan')):.4f}, "
+            f"top-5 {metrics.get('top5', float('nan')):.4f}{seen}"
+        )
+        print(f"Model: {result.model_path}")
+        print(f"Run folder: {result.run_dir} (metrics.csv, tensorboard/, report/, config.yaml)")
+    return 0
+
+
+def _numbered_run_dirs(run_dir: Path) -> list[Path]:
+    """``run_dir`` and its existing numbered siblings ``run_dir-2``, ``run_dir-3``..., in order."""
+    found, number = [run_dir], 2
+    while (candidate := run_dir.with_name(f"{run_dir.name}-{number}")).exists():
+        found.append(candidate)
+        number += 1
+    return found
+
+
+def _free_run_dir(run_dir: Path) -> Path:
+    """The first of ``run_dir``, ``run_dir-2``, ``run_dir-3``... that holds neither a trained
+    model nor a checkpoint (a run that ``--resume`` continues).
+
+    Raises:
+        CommandError: if the newest of them (the one ``--resume`` continues) holds an unfinished
+            run's checkpoint: a fresh run beside it would become the newest, out of reach.
+    """
+    from cnnkit.training.run import find_checkpoint
+
+    existing = _numbered_run_dirs(run_dir)
+    latest = existing[-1]
+    if find_checkpoint(latest) and not (latest / "model.safetensors").exists():
+        raise CommandError(
+            f"{latest} holds an unfinished run: pass --resume to continue it, or --out for a "
+            "new run folder"
+        )
+    free = (d for d in existing if not ((d / "model.safetensors").exists() or find_checkpoint(d)))
+    return next(free, run_dir.with_name(f"{run_dir.name}-{len(existing) + 1}"))
+
+
+def _latest_run_dir(run_dir: Path) -> Path:
+    """The newest of ``run_dir`` and its numbered siblings (the one ``--resume`` continues)."""
+    return _numbered_run_dirs(run_dir)[-1]
+
+
+def _print_run_folder_state(run_dir: Path, resume: bool, default_dir: Path | None) -> None:
+    """Say whether ``--resume`` found a checkpoint, that a fresh run replaces an old one (in a
+    folder given with ``--out``), or that it went to a new folder beside the default one."""
+    from cnnkit.training.run import find_checkpoint, holds_a_run
+
+    found = find_checkpoint(run_dir)
+    if resume and found:
+        print(f"Resuming from {found}")
+    elif holds_a_run(run_dir):
+        start = f"No checkpoint in {run_dir}: starting fresh. " if resume else ""
+        print(
+            f"{start}Note: {run_dir} holds an earlier run; this run replaces it (model, logs, "
+            "reports; other files stay)"
+        )
+    elif resume:
+        print(f"No checkpoint in {run_dir}: starting fresh")
+    elif default_dir is not None and run_dir != default_dir:
+        held = "a finished run" if (default_dir / "model.safetensors").exists() else "a run"
+        print(f"Note: {default_dir} holds {held}; this one goes to {run_dir}")
+
+
+def _print_early_stop(fit, patience: int | None) -> None:
+    """Say that a run stopped before its last epoch, and which epoch's weights it kept (a
+    transfer run's epochs are counted within its last phase, as the history lists them)."""
+    from cnnkit.training.transfer import phase_label
+
+    if not fit.stopped_early or not fit.history:
+        return
+    phase = fit.history[-1].get("phase")
+    start = next(i for i, row in enumerate(fit.history) if row.get("phase") == phase)
+    stopped, best = len(fit.history) - start, fit.best_epoch - start
+    label = "" if phase is None else f"{phase_label(phase)} "
+    without = "no validation improvement" + (f" for {patience} epochs" if patience else "")
+    kept = f"; kept {label}epoch {best}'s weights" if 1 <= best <= stopped else ""
+    if any((row.get("phase") or 0) > 2.0 for row in fit.history):  # An ensemble's members.
+        kept = "; the model joins each member's best weights (phases.json lists them)"
+    print(f"Stopped early after {label}epoch {stopped}: {without}{kept}.")
+
+
+def _print_history(history: list[dict[str, float]], progress: bool = False) -> None:
+    """The run's epochs, one line each; skipped when ``progress`` already printed them as
+    they ended (output that is not a terminal). A transfer run's frozen phase, whose head
+    trains for many quick epochs without such lines, gets one line: its epoch count and last
+    epoch."""
+    from cnnkit.progress import plain_lines
+    from cnnkit.training.transfer import FROZEN_PHASE, phase_label
+
+    printed = plain_lines(progress)
+    phase_starts: dict[float, int] = {}
+    for index, row in enumerate(history):
+        label, phase = "", row.get("phase")
+        if phase is not None:  # A transfer run: number each phase's epochs from 1.
+            start = phase_starts.setdefault(phase, index)
+            label = f"{phase_label(phase):<11} "
+            row = {**row, "epoch": index - start + 1}
+            last_of_phase = index + 1 == len(history) or history[index + 1].get("phase") != phase
+            if phase == FROZEN_PHASE:
+                if not last_of_phase:
+                    continue
+                label = f"{phase_label(phase):<11} {int(row['epoch'])} epochs, last: "
+        if printed and phase != FROZEN_PHASE:
+            continue
+        parts = [f"{label}epoch {int(row['epoch']):>3}"]
+        for key in ("train_loss", "train_accuracy", "val_accuracy", "val_top5"):
+            if key in row:
+                parts.append(f"{key} {row[key]:.4f}")
+        if "images_per_second" in row:
+            parts.append(f"{row['images_per_second']:.0f} img/s")
+        print("  ".join(parts))
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    from cnnkit.demo import run_demo
+
+    out = Path(args.out)
+    _print_run_folder_state(out, resume=False, default_dir=None)
+    result = run_demo(out, epochs=args.epochs, progress=not args.quiet)
+    print(f"\nDemo: {result.description}")
+    _print_history(result.run.fit.history, progress=not args.quiet)
+    metrics = result.run.test_metrics
+    print(f"Test: top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}")
+    print(
+        f"Report: {result.run.run_dir / 'report'} (metrics.json, confusion.png, misclassified.png)"
+    )
+    print(f"Model: {result.run.model_path}")
+    print("\nPredictions on held-out images:")
+    for name, prediction, truth in result.samples:
+        print(f"  {name} (true {truth}): {format_prediction(prediction, 'symbols')}")
+    # Commands to paste into a shell: a folder with a space or a quote must stay one word.
+    model, samples = shlex.quote(str(result.run.model_path)), shlex.quote(str(result.sample_dir))
+    print("\nNext steps:")
+    print(f"  cnnkit predict {model} {samples}")
+    print(f"  cnnkit evaluate {model} --dataset digits")
+    print("  cnnkit fetch hasy --to data    # or: --from a HASYv2.tar.bz2 you have")
+    print("  cnnkit train --dataset hasy --data data/HASYv2.tar.bz2 --fold 1")
+    print("  cnnkit serve            # draw a symbol in your browser (bundled model)")
+    return 0
+
+
+def command_models(args: argparse.Namespace) -> int:
+    from cnnkit.models.registry import list_models, model_options, model_summary
+
+    for name in list_models():
+        options = ", ".join(f"{k}={v!r}" for k, v in model_options(name).items())
+        print(f"{name}: {model_summary(name)}")
+        print(f"    options: {options}")
+    print(
+        "\nThese are each model's own defaults; a preset may set others (the hasy preset trains"
+        "\nsymbol_cnn at width 32). `cnnkit train ... --print-config` shows a run's settings,"
+        "\nand --option KEY=VALUE (or --width, --dense, --dropout) changes one."
+    )
+    return 0
