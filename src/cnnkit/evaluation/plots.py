@@ -28,13 +28,17 @@ def _shorten(caption: str, width: int = 26) -> str:
     return "\n".join(lines)
 
 
-def _save(figure: plt.Figure, path: Path) -> Path:
-    """Write the figure atomically (the format from ``path``'s suffix) and close it."""
+def _save(figure: plt.Figure, path: Path, tight: bool = True) -> Path:
+    """Write the figure atomically (the format from ``path``'s suffix) and close it; ``tight``
+    crops it to what is drawn (which draws it twice)."""
     try:
         write_atomically(
             Path(path),
             lambda temporary: figure.savefig(
-                temporary, format=Path(path).suffix[1:] or "png", dpi=110, bbox_inches="tight"
+                temporary,
+                format=Path(path).suffix[1:] or "png",
+                dpi=110,
+                bbox_inches="tight" if tight else None,
             ),
         )
     finally:
@@ -109,23 +113,42 @@ def plot_confusion(
 def plot_image_grid(
     images: np.ndarray, titles: Sequence[str], path: Path, columns: int = 6, title: str = ""
 ) -> Path:
-    """A grid of uint8 images ``[N, H, W, C]`` with one caption each."""
+    """A grid of uint8 images ``[N, H, W, C]`` with one caption each.
+
+    The panels share one set of axes (an image and a caption each, in panel units): a subplot
+    per panel made drawing the grid take over a second, in every report and search trial.
+    """
     count = max(len(images), 1)
+    columns = min(columns, max(count, 3))  # Room for the title above a short row.
     rows = -(-count // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(columns * 2.0, rows * 2.4), squeeze=False)
-    for axis in axes.flat:
-        axis.axis("off")
-    for axis, image, caption in zip(axes.flat, images, titles, strict=False):
+    panel_height = 1.2  # Panel units: each image is 1 wide and 1 high, its caption above it.
+    figure = plt.figure(figsize=(columns * 2.0, rows * 2.0 * panel_height + (0.4 if title else 0)))
+    axes = figure.add_axes((0, 0, 1, 1 if not title else 1 - 0.4 / figure.get_figheight()))
+    axes.axis("off")
+    axes.set_xlim(0, columns)
+    axes.set_ylim(rows * panel_height, 0)
+    for index, (image, caption) in enumerate(zip(images, titles, strict=False)):
+        row, column = divmod(index, columns)
+        top = row * panel_height + (panel_height - 1) + 0.03
+        extent = (column + 0.06, column + 0.94, top + 0.88, top)
         if image.shape[-1] == 1:
-            axis.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255)
+            axes.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255, extent=extent)
         else:
-            axis.imshow(image)
-        axis.set_title(_plain(_shorten(caption)), fontsize=7)
+            axes.imshow(image, extent=extent)
+        axes.text(
+            column + 0.5,
+            top - 0.02,
+            _plain(_shorten(caption)),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
+    axes.set_aspect("auto")
     if len(images) == 0:
-        axes.flat[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+        axes.text(columns / 2, rows * panel_height / 2, "no misclassified images", ha="center")
     if title:
-        figure.suptitle(title)
-    return _save(figure, path)
+        figure.suptitle(title, y=1 - 0.1 / figure.get_figheight(), va="top")
+    return _save(figure, path, tight=False)
 
 
 def plot_learning_curves(
