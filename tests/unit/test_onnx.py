@@ -62,6 +62,13 @@ def exported(request, tmp_path_factory) -> tuple[Path, Path, ModelMetadata]:
     return model_path, onnx_path, metadata
 
 
+@pytest.fixture(scope="module")
+def symbol_model(tmp_path_factory) -> tuple[Path, ModelMetadata]:
+    """A model file for the tests of export's options, which do not depend on the network (each
+    architecture's export is checked through ``exported``)."""
+    return _save_random_model(tmp_path_factory.mktemp("options"), "symbol_cnn")
+
+
 def _random_images(metadata: ModelMetadata, count: int, seed: int) -> np.ndarray:
     size, channels = metadata.preprocessing.stored_size, metadata.preprocessing.channels
     return np.random.default_rng(seed).integers(0, 256, (count, size, size, channels), np.uint8)
@@ -216,8 +223,8 @@ def test_missing_and_corrupt_files_raise_model_file_error(tmp_path: Path) -> Non
         OnnxPredictor.from_file(corrupt, device="cuda")
 
 
-def test_cli_export_writes_the_file(exported, tmp_path: Path, capsys) -> None:
-    model_path, _, metadata = exported
+def test_cli_export_writes_the_file(symbol_model, tmp_path: Path, capsys) -> None:
+    model_path, metadata = symbol_model
     out = tmp_path / "cli" / "model.onnx"
     assert main(["export", str(model_path), "--format", "onnx", "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip().endswith(str(out))
@@ -300,17 +307,17 @@ def test_test_time_augmentation_exports_with_the_same_output(members: int) -> No
 
 
 @pytest.mark.parametrize("opset", [3, 17, 999])
-def test_an_opset_out_of_range_is_refused_before_exporting(exported, opset, tmp_path) -> None:
-    model_path = exported[0]
+def test_an_opset_out_of_range_is_refused_before_exporting(symbol_model, opset, tmp_path) -> None:
+    model_path = symbol_model[0]
     with pytest.raises(ValueError, match=f"opset must be between 18 .*; got {opset}"):
         export_onnx(model_path, tmp_path / "out.onnx", opset=opset)
     assert not (tmp_path / "out.onnx").exists()
 
 
-def test_the_file_holds_the_opset_asked_for(exported, tmp_path) -> None:
+def test_the_file_holds_the_opset_asked_for(symbol_model, tmp_path) -> None:
     import onnx
 
-    path = export_onnx(exported[0], tmp_path / "out.onnx", opset=20)
+    path = export_onnx(symbol_model[0], tmp_path / "out.onnx", opset=20)
     versions = {o.domain: o.version for o in onnx.load(str(path)).opset_import}
     assert versions.get("", versions.get("ai.onnx")) == 20
 

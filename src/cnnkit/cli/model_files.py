@@ -5,6 +5,7 @@ mistakes (a search folder, an architecture name) refused in a line that says wha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -102,10 +103,10 @@ def holds_a_model(folder: Path) -> bool:
 def resolved_model_file(text: str) -> Path:
     """The file a model argument names (a run folder: its model.safetensors), resolved, so
     that two spellings of one model compare equal."""
+    from cnnkit.inference.artifact import resolve_model_file
+
     path = Path(text).expanduser()
-    if path_test(text, holds_a_model):
-        path = path / "model.safetensors"
-    try:
-        return path.resolve()
-    except (OSError, RuntimeError):
-        return path
+    # A name the system cannot look up is compared as given.
+    with contextlib.suppress(OSError, ValueError, RuntimeError):
+        path = resolve_model_file(path).resolve()
+    return path
