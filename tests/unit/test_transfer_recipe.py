@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -431,6 +432,54 @@ def test_interrupted_ensemble_resumes_the_second_member_to_the_same_weights(
     assert [row["epoch"] for row in fit.history if row["phase"] == 3.0] == [6, 7]
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_resuming_an_ensemble_says_nothing_of_a_member_that_stopped_early(
+    tiny_image_set, tmp_path, caplog
+):
+    """A member that stopped early is done: resuming the member after it is no "nothing is
+    left to train", which only a run's last part may say."""
+    # A rate too small to change a prediction: no epoch beats the first, so with a patience of
+    # 1 each member stops after its second.
+    config = _config(epochs=3, learning_rate=1e-12, early_stopping_patience=1)
+    splits = _splits(tiny_image_set)
+
+    class StopInSecondMember(Callback):
+        def __init__(self) -> None:
+            self.epochs = 0
+
+        def on_epoch_end(self, trainer, metrics) -> None:
+            self.epochs += 1
+            if self.epochs == 3:  # The first epoch of the second member's fine-tune.
+                raise KeyboardInterrupt
+
+    run_dir = tmp_path / "pair"
+    with pytest.raises(TrainingInterrupted):
+        fit_transfer(
+            _lite0_pair(),
+            config,
+            splits,
+            PREPROCESSING,
+            CPU,
+            run_dir,
+            progress=False,
+            callbacks=[StopInSecondMember()],
+        )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        fit = fit_transfer(
+            _lite0_pair(), config, splits, PREPROCESSING, CPU, run_dir, progress=False, resume=True
+        )
+    assert [row["epoch"] for row in fit.history if row["phase"] == 2.0] == [4, 5]
+    assert [row["epoch"] for row in fit.history if row["phase"] == 3.0] == [6, 7]
+    assert "nothing is left to train" not in caplog.text
+    # Resumed once more, the last member has nothing left: that is still said.
+    with caplog.at_level(logging.WARNING):
+        fit_transfer(
+            _lite0_pair(), config, splits, PREPROCESSING, CPU, run_dir, progress=False, resume=True
+        )
+    assert caplog.text.count("nothing is left to train") == 1
+    assert "finetune-2" in caplog.text
 
 
 def test_an_interrupt_before_a_later_members_first_epoch_names_it_and_a_checkpoint(

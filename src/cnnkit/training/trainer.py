@@ -347,8 +347,13 @@ class Trainer:
         train_loader: BatchLoader,
         val_loader: BatchLoader | None = None,
         resume: bool = False,
+        more_follows: bool = False,
     ) -> FitResult:
         """Train for ``config.epochs`` epochs (continuing from the checkpoint when ``resume``).
+
+        ``more_follows`` says that this fit is one part of a longer run (an ensemble's member
+        before the last): a resumed part that had stopped early is then done, not a run with
+        nothing left to train, and no warning says so.
 
         With ``config.ema_decay`` set, a moving average of the weights is kept, evaluated
         after each epoch, and becomes the model's weights at the end. At the end the weights of
@@ -382,7 +387,9 @@ class Trainer:
         self.history = result.history
         self._memory_unchecked = config.memory_check
         try:
-            return self._fit_epochs(train_loader, val_loader, result, best_state, bad_epochs)
+            return self._fit_epochs(
+                train_loader, val_loader, result, best_state, bad_epochs, more_follows
+            )
         finally:
             for callback in self.callbacks:
                 callback.teardown(self)
@@ -394,6 +401,7 @@ class Trainer:
         result: FitResult,
         best_state: dict | None,
         bad_epochs: int,
+        more_follows: bool = False,
     ) -> FitResult:
         config = self.config
         patience = config.early_stopping_patience
@@ -406,7 +414,8 @@ class Trainer:
             # A resumed run that had already stopped early: nothing is left to train, which a
             # resume asking for more epochs would not expect.
             result.stopped_early = True
-            logger.warning(
+            log = logger.info if more_follows else logger.warning
+            log(
                 "%s: the run stopped early after epoch %d (%d epochs without a better validation "
                 "accuracy), so nothing is left to train; resume with --patience above %d "
                 "(train.early_stopping_patience) to go on",

@@ -290,6 +290,7 @@ def fit_finetune(
     distributed: DistributedContext | None = None,
     identity: dict[str, Any] | None = None,
     member: int = 0,
+    more_follows: bool = False,
 ) -> tuple[FitResult, PhaseReport]:
     """Phase 2: unfreeze everything and train with the generic trainer on augmented batches.
 
@@ -302,6 +303,7 @@ def fit_finetune(
         member: which member of an ensemble this fine-tunes (0 for a single model): its
             metrics and checkpoint go to :func:`finetune_folder` and its random streams start
             from ``train.seed + member``.
+        more_follows: whether ensemble members follow this one (see :meth:`Trainer.fit`).
 
     Returns:
         The trainer's fit (best validation weights restored) and the phase's report.
@@ -326,7 +328,7 @@ def fit_finetune(
         progress,
         identity,
     )
-    fit = trainer.fit(train_loader, val_loader, resume=resume)
+    fit = trainer.fit(train_loader, val_loader, resume=resume, more_follows=more_follows)
     report = PhaseReport.from_fit(
         folder,
         fit,
@@ -525,6 +527,7 @@ def fit_transfer(
                     distributed,
                     identity,
                     member=index,
+                    more_follows=index + 1 < len(members),
                 )
             except TrainingInterrupted as interrupted:
                 if len(members) == 1:
