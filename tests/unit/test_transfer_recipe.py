@@ -357,6 +357,19 @@ def test_interrupted_finetune_resumes_to_the_same_weights(tiny_image_set, tmp_pa
         assert torch.equal(a, b)
 
 
+class StopInSecondMember(Callback):
+    """Ctrl-C in the third fine-tune epoch: the second member's first, where the first member
+    trains 2 epochs."""
+
+    def __init__(self) -> None:
+        self.epochs = 0
+
+    def on_epoch_end(self, trainer, metrics) -> None:
+        self.epochs += 1
+        if self.epochs == 3:
+            raise KeyboardInterrupt
+
+
 def _lite0_pair() -> torch.nn.Module:
     torch.manual_seed(0)
     return create_model("efficientnet_lite0", 2, 3, pretrained=False, hidden=16, members=2)
@@ -404,15 +417,6 @@ def test_interrupted_ensemble_resumes_the_second_member_to_the_same_weights(
     straight = _lite0_pair()
     fit_transfer(straight, config, splits, PREPROCESSING, CPU, tmp_path / "a", progress=False)
 
-    class StopInSecondMember(Callback):
-        def __init__(self) -> None:
-            self.epochs = 0
-
-        def on_epoch_end(self, trainer, metrics) -> None:
-            self.epochs += 1
-            if self.epochs == 3:  # The first epoch of the second member's fine-tune.
-                raise KeyboardInterrupt
-
     interrupted = _lite0_pair()
     with pytest.raises(TrainingInterrupted):
         fit_transfer(
@@ -443,15 +447,6 @@ def test_resuming_an_ensemble_says_nothing_of_a_member_that_stopped_early(
     # 1 each member stops after its second.
     config = _config(epochs=3, learning_rate=1e-12, early_stopping_patience=1)
     splits = _splits(tiny_image_set)
-
-    class StopInSecondMember(Callback):
-        def __init__(self) -> None:
-            self.epochs = 0
-
-        def on_epoch_end(self, trainer, metrics) -> None:
-            self.epochs += 1
-            if self.epochs == 3:  # The first epoch of the second member's fine-tune.
-                raise KeyboardInterrupt
 
     run_dir = tmp_path / "pair"
     with pytest.raises(TrainingInterrupted):
