@@ -124,7 +124,7 @@ def test_processes_on_one_machine_share_its_memory() -> None:
 
 
 def _fit(tiny_image_set, monkeypatch, available: int | None, check: bool) -> nn.Module:
-    monkeypatch.setattr(memory, "available_memory", lambda device: available)
+    monkeypatch.setattr(memory, "available_memory", lambda device, needed=None: available)
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.Dropout(0.3), nn.Linear(32, 4)
@@ -194,7 +194,7 @@ def test_a_batch_too_big_for_memory_trains_in_micro_batches(tiny_image_set, monk
     # Just too little room for the whole batch of eight: it is split into the fewest even
     # passes that fit within the margin.
     room = estimate.total(8) - 1
-    monkeypatch.setattr(memory, "available_memory", lambda device: room)
+    monkeypatch.setattr(memory, "available_memory", lambda device, needed=None: room)
     split, trainer = _fit_plain(tiny_image_set)
     # Passes within the margin, or when the fixed costs leave none, within the whole room.
     fits = estimate.largest_batch(int(room * memory.WARN_FRACTION)) or estimate.largest_batch(room)
@@ -247,6 +247,23 @@ def test_gpu_memory_cached_by_pytorch_counts_as_free(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 30 * gib)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 5 * gib)
     assert memory.available_memory(torch.device("cuda", 0)) == 27 * gib
+
+
+def test_freed_memory_is_given_back_only_when_what_is_free_falls_short(monkeypatch) -> None:
+    """Giving back what this process freed takes a full garbage collection: only worth it when
+    the memory the system reports free is not enough."""
+    free = iter([3 * GIB, 3 * GIB, 5 * GIB, 5 * GIB])
+    monkeypatch.setattr(memory, "_free_system_memory", lambda: next(free))
+    released = []
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: released.append(True))
+    cpu = torch.device("cpu")
+    assert memory.available_memory(cpu, needed=2 * GIB) == 3 * GIB
+    assert released == []
+    # 4 GiB needed and 3 free: what the process kept goes back, and the memory is measured again.
+    assert memory.available_memory(cpu, needed=4 * GIB) == 5 * GIB
+    assert released == [True]
+    assert memory.available_memory(cpu) == 5 * GIB  # No need given: always given back.
+    assert released == [True, True]
 
 
 def test_cgroup_headroom_counts_inactive_page_cache_as_free(tmp_path) -> None:

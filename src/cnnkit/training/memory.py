@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,10 +130,15 @@ def _cgroup_headroom(folder: Path = Path("/sys/fs/cgroup")) -> int | None:
     return int(limit) - max(used, 0)
 
 
-def available_memory(device: torch.device) -> int | None:
+def available_memory(device: torch.device, needed: int | None = None) -> int | None:
     """Bytes free for training on ``device``: RAM for the CPU, the GPU's free memory for CUDA.
 
-    None where it cannot be told (non-Linux CPUs, MPS).
+    On the CPU, memory that this process freed but its allocator kept (an earlier model's) is
+    free too: it is given back to the system before measuring, unless ``needed`` bytes are free
+    without it (giving it back takes a full garbage collection, seconds in a large process).
+
+    Returns:
+        The bytes, or None where they cannot be told (non-Linux CPUs, MPS).
     """
     if device.type == "cuda":
         # Memory PyTorch's allocator holds but no tensor uses (an earlier model's, such as an
@@ -141,7 +147,16 @@ def available_memory(device: torch.device) -> int | None:
         return torch.cuda.mem_get_info(device)[0] + cached
     if device.type != "cpu":
         return None
-    release_freed_memory()  # What an earlier model freed but the allocator kept is free too.
+    if needed is not None:
+        available = _free_system_memory()
+        if available is not None and available >= needed:
+            return available
+    release_freed_memory()
+    return _free_system_memory()
+
+
+def _free_system_memory() -> int | None:
+    """MemAvailable, or less where this process's cgroup limit leaves less."""
     try:
         with open("/proc/meminfo") as stream:
             fields = dict(line.split(":", 1) for line in stream)
@@ -258,5 +273,8 @@ def check_before_training(
         batch_size,
     )
     sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if inputs.device.type == "cpu" else 1
-    available = available_memory(inputs.device)
+    # Where this much is free, the check takes the batch whole without a word.
+    chunk = min(micro_batch_size or batch_size, batch_size)
+    comfortable = math.ceil(estimate.total(chunk) * sharing / WARN_FRACTION)
+    available = available_memory(inputs.device, needed=comfortable)
     return check_training_memory(estimate, batch_size, available, sharing, micro_batch_size)
