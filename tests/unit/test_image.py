@@ -86,6 +86,25 @@ def test_random_bytes_are_not_an_image() -> None:
     assert " at 0x" not in str(raised.value)  # No Python object address in the message.
 
 
+@pytest.mark.parametrize("image_format", ["EPS", "PCX", "TGA", "ICO"])
+def test_formats_outside_the_accepted_ones_are_refused_and_run_no_program(
+    image_format: str, tmp_path, monkeypatch
+) -> None:
+    """Pillow identifies any format it has a plugin for, and its EPS plugin runs Ghostscript
+    on the file: an uploaded .eps must not start a program (here a fake gs that leaves a
+    mark)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 20), (255, 255, 255)).save(buffer, image_format)
+    fake = tmp_path / "bin" / "gs"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\ntouch {tmp_path / 'ran'}\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    with pytest.raises(BadImageError, match=r"^x\.img: not a readable image \(not PNG, JPEG"):
+        decode_image(buffer.getvalue(), "x.img")
+    assert not (tmp_path / "ran").exists()
+
+
 @pytest.mark.parametrize("side", [9_000, 20_000, 30_000])
 def test_decompression_bombs_are_refused_before_decoding(side: int) -> None:
     data = _png_header_only(side, side)

@@ -108,11 +108,12 @@ def _warn_of_photos_for_the_symbol_model(images: list[str]) -> None:
     a colour photo rather than a symbol drawn black on white."""
     from PIL import Image
 
+    from cnnkit.data.image import accepted_formats
     from cnnkit.data.sources import PHOTO_MIN_SIDE
 
     for path in images:
         try:
-            with Image.open(path) as image:
+            with Image.open(path, formats=accepted_formats()) as image:
                 mode, size = image.mode, image.size
         except (OSError, ValueError):
             continue  # Reported when it is predicted.

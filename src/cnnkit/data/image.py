@@ -7,6 +7,7 @@ preprocess differently.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import re
@@ -26,6 +27,12 @@ logger = logging.getLogger(__name__)
 MAX_IMAGE_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
+# The formats read, in Pillow's names. Pillow identifies every format it has a plugin for,
+# and some plugins run other programs (EPS and PDF-like files run Ghostscript): an upload must
+# never start one. MPO is how Pillow names many cameras' JPEGs.
+IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "WEBP", "TIFF", "PPM")
+_FORMAT_NAMES = "PNG, JPEG, GIF, BMP, WebP, TIFF or PPM/PGM"
+
 _OBJECT_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 _PIXEL_COUNT = re.compile(r"\((\d+) pixels\)")
 # The turn that shows an image upright for each EXIF orientation, as ImageOps.exif_transpose.
@@ -38,6 +45,14 @@ _UPRIGHT = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+
+
+@functools.cache
+def accepted_formats() -> tuple[str, ...]:
+    """:data:`IMAGE_FORMATS` that this Pillow opens as formats of their own (Pillow 13 reads
+    MPO files through its JPEG plugin and has no MPO opener)."""
+    Image.init()
+    return tuple(name for name in IMAGE_FORMATS if name in Image.OPEN)
 
 
 class BadImageError(ValueError):
@@ -88,8 +103,8 @@ def open_image(data: bytes, name: str = "<bytes>") -> Image.Image:
         A PIL image whose pixels are not loaded yet.
 
     Raises:
-        BadImageError: naming ``name``, for empty data, data that is not an image, or an image
-            of more than :data:`MAX_IMAGE_PIXELS` pixels.
+        BadImageError: naming ``name``, for empty data, data that is not an image in one of
+            :data:`IMAGE_FORMATS`, or an image of more than :data:`MAX_IMAGE_PIXELS` pixels.
     """
     if not data:
         raise BadImageError(f"{name}: empty file")
@@ -97,7 +112,7 @@ def open_image(data: bytes, name: str = "<bytes>") -> Image.Image:
         # Pillow warns above its limit and refuses twice that, each naming its own number; the
         # check below refuses first (with this project's limit), and the warning is no news.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=accepted_formats())
     if image.width * image.height > MAX_IMAGE_PIXELS:
         raise _too_large(name, image.width * image.height, f"{image.width}x{image.height}")
     return image
@@ -131,6 +146,8 @@ def _bad_image_errors(name: str) -> Iterator[None]:
         # Only Pillow's message holds the pixel count: its check runs before ours can.
         counted = _PIXEL_COUNT.search(str(error))
         raise _too_large(name, int(counted.group(1)) if counted else None) from error
+    except Image.UnidentifiedImageError as error:
+        raise BadImageError(f"{name}: not a readable image (not {_FORMAT_NAMES})") from error
     except Exception as error:  # PIL raises many types for corrupt data; all mean "bad image".
         kind = "truncated" if "truncated" in str(error).lower() else "not a readable image"
         # PIL names the in-memory stream ("<_io.BytesIO object at 0x...>"): say "data" instead.
