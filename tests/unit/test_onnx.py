@@ -212,6 +212,22 @@ def test_onnx_file_without_cnnkit_metadata_is_rejected(exported, tmp_path: Path)
         OnnxPredictor.from_file(stripped)
 
 
+def test_an_onnx_file_with_edited_metadata_is_refused(symbol_model, tmp_path: Path) -> None:
+    """As a model file is: relabelled classes would otherwise be used without a word."""
+    from cnnkit.inference.export import METADATA_KEY
+
+    onnx_path = export_onnx(symbol_model[0], tmp_path / "model.onnx")
+    proto = onnx.load(str(onnx_path))
+    (entry,) = (p for p in proto.metadata_props if p.key == METADATA_KEY)
+    raw = json.loads(entry.value)
+    raw["class_names"][0] = "zero"
+    entry.value = json.dumps(raw)
+    relabelled = tmp_path / "relabelled.onnx"
+    onnx.save(proto, str(relabelled))
+    with pytest.raises(ModelFileError, match=r"relabelled\.onnx: metadata checksum mismatch"):
+        OnnxPredictor.from_file(relabelled)
+
+
 def test_missing_and_corrupt_files_raise_model_file_error(tmp_path: Path) -> None:
     with pytest.raises(ModelFileError, match="not found"):
         OnnxPredictor.from_file(tmp_path / "absent.onnx")

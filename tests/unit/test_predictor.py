@@ -199,6 +199,35 @@ def test_open_predictor_runs_the_backend_it_is_given(symbol_model_file: Path) ->
     assert type(open_predictor(symbol_model_file, backend="torch")) is Predictor
 
 
+def test_a_column_of_paths_or_files_is_a_list_of_images(predictor, tmp_path: Path) -> None:
+    """``df["path"].values``: a 1-D array of paths (or of encoded files) is one image each."""
+    paths = []
+    for index, shade in enumerate((0, 255)):
+        paths.append(tmp_path / f"{index}.png")
+        Image.new("L", (32, 32), shade).save(paths[-1])
+    expected = predictor.predict([str(path) for path in paths])
+    assert predictor.predict(np.array([str(path) for path in paths])) == expected
+    encoded = np.array([path.read_bytes() for path in paths], dtype=object)
+    assert predictor.predict(encoded) == expected
+
+
+def test_a_closed_pil_image_is_named_as_closed(predictor) -> None:
+    image = Image.new("L", (32, 32), 255)
+    image.close()
+    with pytest.raises(BadImageError, match=r"^image 0: the PIL image is closed"):
+        predictor.predict(image)
+
+
+@pytest.mark.parametrize("threads", ["2", 0, -1, 1.5, True])
+def test_open_predictor_refuses_a_thread_count_that_is_not_a_whole_number(
+    symbol_model_file: Path, threads
+) -> None:
+    """Before any file is opened: a bad count is not a broken model file."""
+    for backend in ("torch", "onnx"):
+        with pytest.raises(ValueError, match=r"threads must be a whole number >= 1"):
+            open_predictor(symbol_model_file, backend=backend, threads=threads)
+
+
 def test_empty_input_and_bad_files(predictor, tmp_path: Path) -> None:
     assert predictor.predict([]) == []
     assert predictor.probabilities(predictor.prepare([])).shape == (0, 3)

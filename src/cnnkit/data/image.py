@@ -228,11 +228,16 @@ def convert_image(image: Image.Image, mode: str) -> Image.Image:
     white and 16-bit or other deep pixels scaled to 0-255 rather than clipped.
 
     Raises:
-        BadImageError: for a mode Pillow cannot convert.
+        BadImageError: for a mode Pillow cannot convert, or a closed image.
     """
     try:
         return _flatten_onto_white(image).convert(mode)
     except ValueError as error:  # Pillow: "conversion from X to Y not supported".
+        if "closed image" in str(error):  # Any mode: Pillow's "Operation on closed image".
+            raise BadImageError(
+                "the PIL image is closed (pass it before its with block ends, or call "
+                "image.load() before closing it)"
+            ) from error
         raise BadImageError(f"unsupported image mode {image.mode!r} ({error})") from error
 
 

@@ -143,6 +143,22 @@ def metadata_digest(header: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def check_metadata_digest(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """``raw`` itself, once its ``metadata_sha256`` is checked: model files and their ONNX
+    exports both carry it, so edited class names or preprocessing are refused in either.
+
+    Raises:
+        ModelFileError: naming ``source`` when the digest differs or is missing.
+    """
+    try:
+        digest = metadata_digest(raw)
+    except RecursionError as error:
+        raise ModelFileError(f"{source}: cnnkit metadata is nested too deeply") from error
+    if raw.get("metadata_sha256") != digest:
+        raise ModelFileError(f"{source}: metadata checksum mismatch (file modified or corrupt)")
+    return raw
+
+
 def _state_tensors(model: nn.Module, half: bool) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, tensor in model.state_dict().items():
@@ -264,13 +280,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
     path = resolve_model_file(path)
     refuse_onnx(path)
     device = select_device(device)
-    raw = read_metadata(path)
-    try:
-        digest = metadata_digest(raw)
-    except RecursionError as error:
-        raise ModelFileError(f"{path}: cnnkit metadata is nested too deeply") from error
-    if raw.get("metadata_sha256") != digest:
-        raise ModelFileError(f"{path}: metadata checksum mismatch (file modified or corrupt)")
+    raw = check_metadata_digest(read_metadata(path), str(path))
     metadata = ModelMetadata.from_dict(raw, str(path))
     try:
         tensors = load_file(str(path))

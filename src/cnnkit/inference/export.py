@@ -22,6 +22,7 @@ from cnnkit.atomic import write_atomically
 from cnnkit.errors import caused_by_interrupt, error_line, root_cause
 from cnnkit.inference.artifact import (
     ModelFileError,
+    check_metadata_digest,
     load_model,
     parse_metadata_text,
     read_metadata,
@@ -220,6 +221,5 @@ def metadata_from_properties(properties: Mapping[str, str], source: str = "<onnx
     Raises:
         ModelFileError: if the ONNX model has no (valid) cnnkit metadata.
     """
-    return parse_metadata_text(
-        properties.get(METADATA_KEY), source, "ONNX file (use cnnkit export)"
-    )
+    raw = parse_metadata_text(properties.get(METADATA_KEY), source, "ONNX file (use cnnkit export)")
+    return check_metadata_digest(raw, source)

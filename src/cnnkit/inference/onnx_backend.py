@@ -29,7 +29,7 @@ from cnnkit.inference.export import (
     build_onnx_model,
     metadata_from_properties,
 )
-from cnnkit.inference.predictor import Predictor, resolve_model_path
+from cnnkit.inference.predictor import Predictor, check_threads, resolve_model_path
 from cnnkit.paths import default_cache_dir
 from cnnkit.runtime import available_cores
 
@@ -175,10 +175,11 @@ class OnnxPredictor(Predictor):
 
         Raises:
             ModelFileError: for a missing or invalid model file.
-            ValueError: for a device other than the CPU.
+            ValueError: for a device other than the CPU, or ``threads`` not a whole number >= 1.
         """
         if device not in ("cpu", "auto"):
             raise ValueError(f"the ONNX backend runs on the CPU only; got device {device!r}")
+        threads = check_threads(threads)  # Not the file's fault: checked before opening it.
         path = resolve_model_path(path)
         if not path.is_file():
             raise ModelFileError(f"{path}: model file not found")

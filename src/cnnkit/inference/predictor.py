@@ -58,6 +58,8 @@ def as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]
     if isinstance(images, (str, Path, Image.Image, *_ENCODED)):
         return [images]
     if isinstance(images, np.ndarray):
+        if images.ndim == 1 and images.dtype.kind in "USO":
+            return images.tolist()  # Paths or encoded files, as a table's column gives them.
         if images.ndim == 4:
             return list(images)
         if images.ndim == 3 and images.shape[2] not in (1, 3, 4):
@@ -69,6 +71,16 @@ def as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]
     if isinstance(images, (Mapping, AbstractSet)) or not isinstance(images, Iterable):
         raise _wrong_type("images", images, f"{_ONE_IMAGE}, or a list of them")
     return list(images)
+
+
+def check_threads(threads: Any) -> int | None:
+    """``threads`` as an int (None: the default); raises ValueError unless it is None or a
+    whole number >= 1."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise ValueError(f"threads must be a whole number >= 1 (or None); got {threads!r}")
+    return int(threads)
 
 
 def check_top_k(top_k: Any) -> int:
@@ -256,10 +268,12 @@ def open_predictor(
         FileNotFoundError: if no path is given and the bundled model is missing.
         cnnkit.inference.artifact.ModelFileError: for a bad model file.
         ValueError: for a ``backend`` other than None, ``"torch"`` or ``"onnx"``, an unknown or
-            unavailable ``device``, or a GPU ``device`` for onnxruntime (it runs on the CPU).
+            unavailable ``device``, a GPU ``device`` for onnxruntime (it runs on the CPU), or
+            ``threads`` not a whole number >= 1.
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: use 'torch' or 'onnx' (or None)")
+    threads = check_threads(threads)
     path = resolve_model_path(path)
     if backend == "torch" and path.suffix.lower() == ".onnx":
         raise ModelFileError(
