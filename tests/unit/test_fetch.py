@@ -6,9 +6,11 @@ import hashlib
 import io
 import os
 import re
+import signal
 import socket
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -57,6 +59,8 @@ class ServerState:
     drops_left: int = 0  # ... for this many requests
     status: int | None = None  # answer every request with this error status instead
     send_length: bool = True  # send a Content-Length header
+    stall_after: int | None = None  # send this many bytes, then wait for `release` ...
+    release: threading.Event = field(default_factory=threading.Event)  # ... to end the body
     range_headers: list[str | None] = field(default_factory=list)
 
 
@@ -94,6 +98,12 @@ class RangeHandler(BaseHTTPRequestHandler):
         if state.send_length:
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if state.stall_after is not None:
+            self.wfile.write(body[: state.stall_after])
+            self.wfile.flush()
+            state.release.wait(timeout=10)
+            self.close_connection = True
+            return
         if state.drops_left > 0 and state.drop_after is not None:
             state.drops_left -= 1
             self.wfile.write(body[: state.drop_after])
@@ -119,13 +129,18 @@ def server() -> Iterator[tuple[str, ServerState]]:
         thread.join(timeout=5)
 
 
-def _spec(sha256: str | None = ARCHIVE_SHA256, md5: str | None = None) -> ArchiveSpec:
+def _spec(
+    sha256: str | None = ARCHIVE_SHA256,
+    md5: str | None = None,
+    url: str = "https://example.invalid/never-used",
+    size_bytes: int = len(ARCHIVE_BYTES),
+) -> ArchiveSpec:
     return ArchiveSpec(
         name=ARCHIVE_NAME,
         filename=FILENAME,
-        url="https://example.invalid/never-used",
+        url=url,
         sha256=sha256,
-        size_bytes=len(ARCHIVE_BYTES),
+        size_bytes=size_bytes,
         description="test archive",
         md5=md5,
     )
@@ -176,13 +191,18 @@ def test_existing_part_file_is_resumed(tmp_path, server, tiny_spec):
     assert _sha256(path) == ARCHIVE_SHA256
 
 
-def test_server_ignoring_range_restarts_from_zero(tmp_path, server, tiny_spec):
+def test_server_ignoring_range_restarts_from_zero_and_says_so(tmp_path, server, tiny_spec, caplog):
     url, state = server
     state.honour_range = False
     (tmp_path / f"{FILENAME}.part").write_bytes(b"stale bytes from another file")
-    path = fetch_archive(ARCHIVE_NAME, tmp_path, url=url, progress=False)
+    with caplog.at_level("WARNING", logger="cnnkit.data.fetch"):
+        path = fetch_archive(ARCHIVE_NAME, tmp_path, url=url, progress=False)
     assert state.range_headers == ["bytes=29-"]
     assert _sha256(path) == ARCHIVE_SHA256
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        f"the server does not resume downloads: starting {FILENAME} again from the beginning"
+    ]
 
 
 def test_complete_part_file_is_finalised_on_416(tmp_path, server, tiny_spec):
@@ -209,15 +229,44 @@ def test_repeated_drops_keep_part_for_a_later_run(tmp_path, server, tiny_spec):
     assert _sha256(path) == ARCHIVE_SHA256
 
 
-def test_download_checksum_mismatch_leaves_nothing(tmp_path, server, monkeypatch):
-    url, _ = server
+def test_download_checksum_mismatch_keeps_the_bytes_for_a_new_sha256(
+    tmp_path, server, monkeypatch, caplog
+):
+    url, state = server
+    monkeypatch.setitem(ARCHIVES, ARCHIVE_NAME, _spec(sha256=None, md5=ARCHIVE_MD5))
+    unverified = tmp_path / "data" / f"{FILENAME}.unverified"
     wrong = "0" * 64
-    monkeypatch.setitem(ARCHIVES, ARCHIVE_NAME, _spec(sha256=wrong))
     with pytest.raises(ChecksumError) as caught:
-        fetch_archive(ARCHIVE_NAME, tmp_path, url=url, progress=False)
+        fetch_archive(ARCHIVE_NAME, tmp_path / "data", url=url, progress=False, sha256=wrong)
     message = str(caught.value)
     assert FILENAME in message and wrong in message and ARCHIVE_SHA256 in message
-    assert os.listdir(tmp_path) == []
+    assert f"kept as {unverified}: run again with the right --sha256" in message
+    assert "--no-verify" in message
+    assert os.listdir(tmp_path / "data") == [unverified.name]  # The folder stays to hold it.
+    assert unverified.read_bytes() == ARCHIVE_BYTES
+
+    # Still the wrong SHA-256: the kept file fails again, so it is downloaded again (and kept).
+    with caplog.at_level("WARNING"), pytest.raises(ChecksumError):
+        fetch_archive(ARCHIVE_NAME, tmp_path / "data", url=url, progress=False, sha256=wrong)
+    assert "does not match the checksum either" in caplog.text
+    assert state.range_headers == [None, None]
+    # The right SHA-256: the kept file is checked and used, with no new request.
+    path = fetch_archive(
+        ARCHIVE_NAME, tmp_path / "data", url=url, progress=False, sha256=ARCHIVE_SHA256
+    )
+    assert state.range_headers == [None, None]
+    assert _sha256(path) == ARCHIVE_SHA256
+    assert os.listdir(tmp_path / "data") == [FILENAME]
+
+
+def test_a_resumed_download_that_fails_its_checksum_is_deleted(tmp_path, server, monkeypatch):
+    url, state = server
+    monkeypatch.setitem(ARCHIVES, ARCHIVE_NAME, _spec(sha256="0" * 64))
+    state.drop_after, state.drops_left = 70_000, 1
+    with pytest.raises(ChecksumError, match="resumed from an earlier partial download"):
+        fetch_archive(ARCHIVE_NAME, tmp_path / "data", url=url, progress=False)
+    assert state.range_headers == [None, "bytes=70000-"]
+    assert not (tmp_path / "data").exists()
 
 
 def test_download_without_verify_accepts_any_content(tmp_path, server, monkeypatch):
@@ -390,22 +439,72 @@ def test_a_failed_fetch_leaves_no_empty_folder(tmp_path, server, monkeypatch, ca
     assert cli_main(missing) == 2
     assert "absent.tar.bz2" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+    # A whole download that fails its checksum is kept, and so is its folder ...
     monkeypatch.setitem(ARCHIVES, "hasy", _spec(sha256="0" * 64))
     assert cli_main(["fetch", "hasy", "--to", str(to), "--url", url]) == 2
-    assert "checksum mismatch" in capsys.readouterr().err
-    assert os.listdir(tmp_path) == []
+    error = capsys.readouterr().err
+    assert "checksum mismatch" in error and "run again with --no-verify to accept it" in error
+    assert os.listdir(to) == [f"{FILENAME}.unverified"]
+    # ... and --no-verify accepts it without downloading it again.
+    assert cli_main(["fetch", "hasy", "--to", str(to), "--url", url, "--no-verify"]) == 0
+    assert f"Archive ready: {to / FILENAME}" in capsys.readouterr().out
+    assert os.listdir(to) == [FILENAME] and state.range_headers == [None]
     # A download cut short keeps its .part file, and so its folder, to resume.
     state.drop_after, state.drops_left = 10_000, 99
     with pytest.raises(FetchError, match="interrupted"):
-        fetch_archive("hasy", to, url=url, progress=False)
-    assert os.listdir(to) == [f"{FILENAME}.part"]
+        fetch_archive("hasy", tmp_path / "cut", url=url, progress=False)
+    assert os.listdir(tmp_path / "cut") == [f"{FILENAME}.part"]
 
 
-def test_a_body_cut_short_without_content_length_is_resumed(tmp_path, server, tiny_spec):
+def test_a_body_cut_short_without_content_length_is_resumed(tmp_path, server, monkeypatch):
     url, state = server
+    monkeypatch.setitem(ARCHIVES, ARCHIVE_NAME, _spec(url=url))  # The official URL: size known.
     state.send_length = False
     state.drop_after, state.drops_left = 70_000, 1
-    path = fetch_archive(ARCHIVE_NAME, tmp_path, url=url, verify=False, progress=False)
+    path = fetch_archive(ARCHIVE_NAME, tmp_path, verify=False, progress=False)
+    assert state.range_headers == [None, "bytes=70000-"]
+    assert _sha256(path) == ARCHIVE_SHA256
+
+
+def test_a_mirror_without_length_or_range_may_serve_another_size(tmp_path, server, monkeypatch):
+    url, state = server
+    # The mirror's copy is smaller than the publisher's: its clean end is the end of the file.
+    monkeypatch.setitem(ARCHIVES, ARCHIVE_NAME, _spec(size_bytes=len(ARCHIVE_BYTES) + 1000))
+    state.send_length, state.honour_range = False, False
+    path = fetch_archive(ARCHIVE_NAME, tmp_path, url=url, progress=False)
+    assert state.range_headers == [None]
+    assert _sha256(path) == ARCHIVE_SHA256
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs signal.pthread_kill")
+def test_an_interrupt_keeps_the_bytes_received_for_the_next_run(tmp_path, server, tiny_spec):
+    url, state = server
+    state.stall_after = 70_000
+    part_path = tmp_path / f"{FILENAME}.part"
+    main_thread = threading.get_ident()
+
+    def press_ctrl_c() -> None:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            if part_path.exists() and part_path.stat().st_size >= state.stall_after:
+                break
+            time.sleep(0.01)
+        signal.pthread_kill(main_thread, signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    presser = threading.Thread(target=press_ctrl_c)
+    try:
+        presser.start()
+        with pytest.raises(KeyboardInterrupt):
+            fetch_archive(ARCHIVE_NAME, tmp_path, url=url, progress=False, timeout=10)
+    finally:
+        presser.join()
+        signal.signal(signal.SIGINT, previous)
+        state.release.set()
+    assert part_path.stat().st_size == 70_000  # Each piece was written as it arrived.
+
+    state.stall_after = None
+    path = fetch_archive(ARCHIVE_NAME, tmp_path, url=url, progress=False)
     assert state.range_headers == [None, "bytes=70000-"]
     assert _sha256(path) == ARCHIVE_SHA256
 

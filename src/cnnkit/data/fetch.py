@@ -1,7 +1,8 @@
 """Download or import the official dataset archives (HASYv2, CUB-200-2011), checked by checksum.
 
 Downloads resume from a ``<file>.part`` with an HTTP Range request, and a finished file is verified
-and then renamed into place, so the target folder never holds a half-written archive.
+and then renamed into place, so the target folder never holds a half-written archive. A download
+that fails its checksum is kept as ``<file>.unverified`` for the next run to check or accept.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 1 << 20
 _MAX_ATTEMPTS = 3
+_UNVERIFIED_SUFFIX = ".unverified"
 _USER_AGENT = "cnnkit-fetch (python-urllib)"
 _HEX_LENGTHS = {"sha256": 64, "md5": 32}
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
@@ -241,7 +243,9 @@ def fetch_archive(
         raise ValueError(f"--to {to_dir}: is a file; the archive goes into a folder")
     created = _missing_folders(Path(to_dir))
     try:
-        return _fetch(spec, Path(to_dir), from_file, url, verify, progress, timeout)
+        return _fetch(
+            spec, Path(to_dir), from_file, url, verify, progress, timeout, sha256 is not None
+        )
     except ChecksumError as error:
         if sha256 is None:
             raise
@@ -291,6 +295,7 @@ def _fetch(
     verify: bool,
     progress: bool,
     timeout: float,
+    sha256_given: bool = False,
 ) -> Path:
     """:func:`fetch_archive` once ``spec`` is settled."""
     if from_file is not None and url is not None:
@@ -305,33 +310,116 @@ def _fetch(
     if from_file is not None:
         return _import_file(Path(from_file), final_path, spec, verify=verify)
     if final_path.exists():
-        if verify:
-            # A wrong file under the official name is left for the user to inspect, not replaced.
-            verify_archive(
-                final_path,
-                spec,
-                hint="delete it to download again, or use --no-verify to keep it",
-            )
-            logger.info("%s is already present and verified", final_path)
-        else:
-            logger.info("%s is already present (not verified)", final_path)
-        return final_path
+        return _check_existing(final_path, spec, verify=verify)
+    unverified_path = target_dir / f"{spec.filename}{_UNVERIFIED_SUFFIX}"
+    if unverified_path.exists() and _accept_unverified(unverified_path, spec, verify=verify):
+        return _move_into_place(unverified_path, final_path)
 
     part_path = target_dir / f"{spec.filename}.part"
-    _download(source_url, part_path, spec, progress=progress, timeout=timeout)
+    resumed = _download(source_url, part_path, spec, progress=progress, timeout=timeout)
     if verify:
-        try:
-            verify_archive(part_path, spec, source=f"{spec.filename} downloaded from {source_url}")
-        except ChecksumError:
-            # Resuming corrupt bytes can never succeed, so the next run must start afresh.
-            part_path.unlink(missing_ok=True)
-            raise
+        _verify_download(part_path, spec, source_url, resumed=resumed, sha256_given=sha256_given)
     else:
         logger.warning("%s was not verified against its published checksum", spec.filename)
-    os.replace(part_path, final_path)
-    fsync_directory(target_dir)
+    return _move_into_place(part_path, final_path)
+
+
+def _check_existing(final_path: Path, spec: ArchiveSpec, *, verify: bool) -> Path:
+    """Return an archive already in place, checked first unless ``verify`` is False."""
+    if verify:
+        # A wrong file under the official name is left for the user to inspect, not replaced.
+        verify_archive(
+            final_path,
+            spec,
+            hint="delete it to download again, or use --no-verify to keep it",
+        )
+        logger.info("%s is already present and verified", final_path)
+    else:
+        logger.info("%s is already present (not verified)", final_path)
+    return final_path
+
+
+def _move_into_place(path: Path, final_path: Path) -> Path:
+    """Rename a finished file to the archive's name, durably, and return the new path."""
+    os.replace(path, final_path)
+    fsync_directory(final_path.parent)
     logger.info("saved %s", final_path)
     return final_path
+
+
+def _accept_unverified(path: Path, spec: ArchiveSpec, *, verify: bool) -> bool:
+    """Whether an earlier download that failed its checksum can be used now; deleted if not.
+
+    Args:
+        path: the ``<file>.unverified`` an earlier run kept.
+        spec: the archive, with the checksum to check now (perhaps a new ``--sha256``).
+        verify: False accepts the file as it is.
+    """
+    if not verify:
+        logger.warning("using %s, kept from an earlier download, without verifying it", path)
+        return True
+    try:
+        verify_archive(path, spec)
+    except ChecksumError as error:
+        logger.warning(
+            "%s does not match the checksum either (its %s is %s): deleting it and downloading "
+            "the archive again",
+            path,
+            error.algorithm,
+            error.actual,
+        )
+        path.unlink()
+        return False
+    logger.info("%s, kept from an earlier download, now passes the checksum", path)
+    return True
+
+
+def _verify_download(
+    part_path: Path, spec: ArchiveSpec, source_url: str, *, resumed: bool, sha256_given: bool
+) -> None:
+    """Check a finished download; on a mismatch keep its bytes unless it was resumed.
+
+    Raises:
+        ChecksumError: if the checksum differs; the message says where the bytes went and what
+            to do next.
+    """
+    try:
+        verify_archive(part_path, spec, source=f"{spec.filename} downloaded from {source_url}")
+    except ChecksumError as error:
+        if resumed:
+            # Bytes appended to an earlier .part may belong to another version of the file, and
+            # checking them again could never succeed, so the next run starts afresh.
+            part_path.unlink(missing_ok=True)
+            hint = (
+                "it was resumed from an earlier partial download, which makes corruption likely, "
+                "so it is deleted; run again to download it afresh"
+            )
+        else:
+            hint = _set_aside(part_path, spec, sha256_given=sha256_given)
+        raise ChecksumError(
+            error.source, error.algorithm, error.expected, error.actual, hint
+        ) from None
+
+
+def _set_aside(part_path: Path, spec: ArchiveSpec, *, sha256_given: bool) -> str:
+    """Rename a whole download that failed its checksum to ``.unverified``; return the hint.
+
+    Only the checksum may be wrong (a mistyped ``--sha256``), so the bytes are kept rather
+    than downloaded again (1.1 GB for CUB).
+    """
+    unverified_path = part_path.with_name(f"{spec.filename}{_UNVERIFIED_SUFFIX}")
+    os.replace(part_path, unverified_path)
+    fsync_directory(unverified_path.parent)
+    if sha256_given:
+        cause = "the file is corrupt, or it is not the one that SHA-256 belongs to"
+        action = "with the right --sha256 to check it, or with --no-verify to accept it"
+    else:
+        cause = "the file is corrupt or not the official archive"
+        action = "with --no-verify to accept it, or with --sha256 to check a SHA-256 you trust"
+    return (
+        f"{cause}; the download is kept as {unverified_path}: run again {action} "
+        "(a run it does not pass deletes it and downloads the archive again)"
+    )
 
 
 def _import_file(source: Path, final_path: Path, spec: ArchiveSpec, *, verify: bool) -> Path:
@@ -371,13 +459,17 @@ def _import_file(source: Path, final_path: Path, spec: ArchiveSpec, *, verify: b
 
 def _download(
     url: str, part_path: Path, spec: ArchiveSpec, *, progress: bool, timeout: float
-) -> None:
-    """Fill ``part_path`` with the body at ``url``, resuming after dropped connections."""
+) -> bool:
+    """Fill ``part_path`` with the body at ``url``, resuming after dropped connections.
+
+    Returns:
+        Whether the finished file was resumed, i.e. ends with bytes appended to an earlier
+        ``.part`` (from this run or an earlier one).
+    """
     last_interruption: _InterruptedTransferError | None = None
     for attempt in range(1, _MAX_ATTEMPTS + 1):
         try:
-            _download_once(url, part_path, spec, progress=progress, timeout=timeout)
-            return
+            return _download_once(url, part_path, spec, progress=progress, timeout=timeout)
         except _InterruptedTransferError as interruption:
             last_interruption = interruption
             logger.warning(
@@ -395,54 +487,93 @@ def _download(
 
 def _download_once(
     url: str, part_path: Path, spec: ArchiveSpec, *, progress: bool, timeout: float
-) -> None:
-    """Make one request, appending to the ``.part`` file on 206 and rewriting it on 200."""
+) -> bool:
+    """Make one request, appending to the ``.part`` file on 206 and rewriting it on 200.
+
+    Returns:
+        Whether the ``.part`` file holds bytes from an earlier request (a resumed download).
+    """
+    # Only the official URL is known to serve the published size; a mirror's copy may differ.
+    known_size = spec.size_bytes if url == spec.url else None
     offset = part_path.stat().st_size if part_path.exists() else 0
-    if spec.size_bytes is not None and offset > spec.size_bytes:
+    if known_size is not None and offset > known_size:
         logger.warning("%s is larger than the archive; starting again", part_path)
         part_path.unlink()
         offset = 0
+    response = _request(url, offset, spec, timeout=timeout)
+    if response is None:
+        # Nothing left to send: the .part file is already whole; the checksum decides.
+        logger.info("server reports %s is complete", part_path)
+        return True
+    with response:
+        start, total, mode = _body_position(response, url, part_path, offset, spec)
+        if total is None:
+            total = known_size
+        # The publisher's size is only a hint for a mirror's bar, never a reason to retry.
+        bar_total = total if total is not None else spec.size_bytes
+        received = _copy_body(response, part_path, mode, start, bar_total, spec.filename, progress)
+    # Without a length, a clean end of the body is its end: the checksum decides if it is whole.
+    if total is not None and start + received < total:
+        raise _InterruptedTransferError(
+            f"connection closed after byte {start + received} of {total}"
+        )
+    return mode == "ab"
+
+
+def _request(
+    url: str, offset: int, spec: ArchiveSpec, *, timeout: float
+) -> http.client.HTTPResponse | None:
+    """Open ``url`` from byte ``offset``; None if the server says there is nothing left (416).
+
+    Raises:
+        FetchError: if the server cannot be reached or answers with an error.
+    """
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
     if offset:
         request.add_header("Range", f"bytes={offset}-")
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        return urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as error:
         error.close()
         if error.code == 416 and offset:
-            # Nothing left to send: the .part file is already whole; the checksum decides.
-            logger.info("server reports %s is complete", part_path)
-            return
+            return None
         raise FetchError(_failure_message(url, spec, f"HTTP {error.code} {error.reason}")) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
         reason = getattr(error, "reason", None) or error
         raise FetchError(_failure_message(url, spec, str(reason))) from None
 
-    with response:
-        if response.status == 206:
-            start, total = _parse_content_range(response.headers.get("Content-Range"))
-            if start != offset:
-                part_path.unlink(missing_ok=True)
-                raise FetchError(
-                    f"{url} resumed at byte {start} instead of {offset}; run again to restart"
-                )
-            mode = "ab"
-            logger.info("resuming %s at byte %d", spec.filename, offset)
-        elif response.status == 200:
-            # The server ignored the Range header, so the body starts at byte 0.
-            offset, total, mode = 0, None, "wb"
-        else:
-            raise FetchError(_failure_message(url, spec, f"unexpected HTTP {response.status}"))
-        length_header = response.headers.get("Content-Length")
-        expected_body = int(length_header) if length_header and length_header.isdigit() else None
-        if total is None:
-            total = offset + expected_body if expected_body is not None else spec.size_bytes
-        received = _copy_body(response, part_path, mode, offset, total, spec.filename, progress)
-    # Without a Content-Length, the known archive size tells a body cut short from a whole one.
-    if total is not None and offset + received < total:
-        raise _InterruptedTransferError(
-            f"connection closed after byte {offset + received} of {total}"
-        )
+
+def _body_position(
+    response: http.client.HTTPResponse, url: str, part_path: Path, offset: int, spec: ArchiveSpec
+) -> tuple[int, int | None, str]:
+    """Where the body starts, the whole file's size (None if unknown) and the ``.part`` mode.
+
+    Raises:
+        FetchError: if the server resumed at the wrong byte or answered an unexpected status.
+    """
+    if response.status == 206:
+        start, total = _parse_content_range(response.headers.get("Content-Range"))
+        if start != offset:
+            part_path.unlink(missing_ok=True)
+            raise FetchError(
+                f"{url} resumed at byte {start} instead of {offset}; run again to restart"
+            )
+        logger.info("resuming %s at byte %d", spec.filename, offset)
+        mode = "ab"
+    elif response.status == 200:
+        if offset:
+            # The server ignored the Range header; without a word, the restart looks like a hang.
+            logger.warning(
+                "the server does not resume downloads: starting %s again from the beginning",
+                spec.filename,
+            )
+        start, total, mode = 0, None, "wb"
+    else:
+        raise FetchError(_failure_message(url, spec, f"unexpected HTTP {response.status}"))
+    length_header = response.headers.get("Content-Length")
+    if total is None and length_header and length_header.isdigit():
+        total = start + int(length_header)
+    return start, total, mode
 
 
 def _copy_body(
@@ -454,7 +585,11 @@ def _copy_body(
     label: str,
     progress: bool,
 ) -> int:
-    """Stream the response into the ``.part`` file, fsync it, and return the bytes received."""
+    """Stream the response into the ``.part`` file, fsync it, and return the bytes received.
+
+    Each piece is written (and flushed) as it arrives, rather than once per whole chunk, so the
+    bar moves with the data and an interrupt (Ctrl-C) keeps every byte received to resume.
+    """
     received = 0
     interruption: Exception | None = None
     with (
@@ -471,16 +606,16 @@ def _copy_body(
     ):
         while True:
             try:
-                chunk = response.read(_CHUNK_BYTES)
+                chunk = response.read1(_CHUNK_BYTES)
             except (OSError, http.client.HTTPException) as error:
                 interruption = error
                 break
             if not chunk:
                 break
             output.write(chunk)
+            output.flush()
             received += len(chunk)
             bar.update(len(chunk))
-        output.flush()
         os.fsync(output.fileno())
     if interruption is not None:
         raise _InterruptedTransferError(f"{type(interruption).__name__} after {received} bytes")
