@@ -362,10 +362,16 @@ def test_serve_refuses_a_bad_upload_limit_before_announcing(capsys) -> None:
     assert "--max-upload-mb must be more than 0; got 0" in captured.err
 
 
-def test_export_options_of_quantize_need_it(capsys, symbol_model_file: Path, tmp_path):
+@pytest.mark.parametrize(
+    "options",
+    [["--dataset", "digits"], ["--fold", "3", "--calibration-images", "5"], ["--cache-dir", "c"]],
+)
+def test_export_options_of_quantize_need_it(capsys, symbol_model_file: Path, tmp_path, options):
+    """Without --quantize int8 they would be ignored without a word."""
     out = tmp_path / "m.onnx"
-    assert main(["export", str(symbol_model_file), "--dataset", "digits", "--out", str(out)]) == 2
-    assert "add --quantize int8, or leave them out" in capsys.readouterr().err
+    assert main(["export", str(symbol_model_file), *options, "--out", str(out)]) == 2
+    flags = ", ".join(option for option in options if option.startswith("--"))
+    assert f"{flags}: only --quantize int8 reads them" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -10,6 +10,10 @@ from cnnkit.cli.arguments import CommandError
 from cnnkit.cli.model_files import resolve_model_argument, use_recorded_data
 from cnnkit.paths import default_cache_dir
 
+CALIBRATION_IMAGES = 512  # Training images that calibrate --quantize int8 by default.
+# The options only --quantize int8 reads: without it they would be ignored without a word.
+CALIBRATION_OPTIONS = ("dataset", "data", "fold", "calibration_images", "cache_dir")
+
 
 def command_export(args: argparse.Namespace) -> int:
     from cnnkit.inference.export import DEFAULT_OPSET, export_onnx
@@ -26,11 +30,7 @@ def command_export(args: argparse.Namespace) -> int:
     if args.out and Path(args.out).suffix.lower() != ".onnx":
         raise CommandError(f"--out {args.out}: an ONNX file's name ends in .onnx")
     if args.quantize is None:
-        if args.dataset or args.data:
-            raise CommandError(
-                "--dataset and --data give --quantize int8 its calibration images; "
-                "add --quantize int8, or leave them out"
-            )
+        _refuse_calibration_options(args)
         out = Path(args.out) if args.out else named.with_suffix(".onnx")
         _refuse_overwriting(model_path, out)
         print(export_onnx(model_path, out, opset=opset))
@@ -44,8 +44,9 @@ def command_export(args: argparse.Namespace) -> int:
         except CommandError as error:
             raise CommandError(f"--quantize int8 calibrates on training images: {error}") from None
     data = DataConfig(dataset=args.dataset, data=args.data, fold=args.fold)
+    count = args.calibration_images or CALIBRATION_IMAGES
     inputs = calibration_inputs(
-        model_path, data, args.calibration_images, cache_dir=args.cache_dir or default_cache_dir()
+        model_path, data, count, cache_dir=args.cache_dir or default_cache_dir()
     )
     out = Path(args.out) if args.out else named.with_name(f"{named.stem}-int8.onnx")
     _refuse_overwriting(model_path, out)
@@ -58,3 +59,16 @@ def command_export(args: argparse.Namespace) -> int:
 def _refuse_overwriting(model_path: Path, out: Path) -> None:
     if out.exists() and out.resolve() == model_path.resolve():
         raise CommandError(f"{out}: is the model file itself; give another --out")
+
+
+def _refuse_calibration_options(args: argparse.Namespace) -> None:
+    given = [
+        "--" + name.replace("_", "-")
+        for name in CALIBRATION_OPTIONS
+        if getattr(args, name) is not None
+    ]
+    if given:
+        raise CommandError(
+            f"{', '.join(given)}: only --quantize int8 reads them (its calibration images); "
+            "add --quantize int8, or leave them out"
+        )

@@ -17,7 +17,7 @@ from cnnkit.cli.arguments import (
     whole,
 )
 from cnnkit.cli.evaluate import command_evaluate, command_report
-from cnnkit.cli.export import command_export
+from cnnkit.cli.export import CALIBRATION_IMAGES, command_export
 from cnnkit.cli.fetch import command_fetch
 from cnnkit.cli.model_files import resolved_model_file
 from cnnkit.cli.predict import command_predict
@@ -185,8 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--calibration-images",
         type=whole(1),
-        default=512,
-        help="training images that calibrate --quantize int8 (default 512)",
+        help=f"training images that calibrate --quantize int8 (default {CALIBRATION_IMAGES})",
     )
     export.add_argument("--cache-dir", help=f"decoded-image cache (default {default_cache_dir()})")
     export.set_defaults(handler=command_export)
