@@ -1,5 +1,5 @@
 """HTTP downloads into a ``.part`` file that resume where they stopped (Range requests),
-with a progress bar; what the bytes are and whether they are right is ``cnnkit.data.fetch``'s concern.
+with a progress bar. What the bytes are, and whether they are right, is ``fetch``'s concern.
 """
 
 from __future__ import annotations
