@@ -385,6 +385,46 @@ def test_canvas_source_turns_the_drawing_into_a_training_symbol(
     assert as_pairs(response.json()["predictions"]) == as_pairs(expected)
 
 
+def plus_sign(size: int = 400, arm: int = 50) -> Image.Image:
+    """A white ``size`` x ``size`` image with a black "+" ``2 * arm`` px across in its middle."""
+    image = Image.new("L", (size, size), 255)
+    draw, middle = ImageDraw.Draw(image), size // 2
+    draw.line([(middle - arm, middle), (middle + arm, middle)], fill=0, width=8)
+    draw.line([(middle, middle - arm), (middle, middle + arm)], fill=0, width=8)
+    return image
+
+
+@pytest.mark.parametrize("form", ["multipart", "json", "raw"])
+def test_an_upload_larger_than_the_stored_size_is_cropped_to_its_ink(
+    client: TestClient, predictor: Predictor, form: str
+) -> None:
+    """A symbol on a large page reads as the same drawing sent from the canvas."""
+    data = png_bytes(plus_sign())
+    if form == "multipart":
+        response = post_file(client, data)
+    elif form == "json":
+        response = client.post("/api/predict", json={"image": base64.b64encode(data).decode()})
+    else:
+        response = client.post("/api/predict", content=data, headers={"content-type": "image/png"})
+    assert response.status_code == 200
+    expected = [p.to_dict() for p in predictor.predict([canvas_to_symbol(plus_sign())])[0]]
+    assert as_pairs(response.json()["predictions"]) == as_pairs(expected)
+    assert as_pairs(response.json()["predictions"]) == as_pairs(
+        post_file(client, data, source="canvas").json()["predictions"]
+    )
+
+
+def test_an_upload_at_the_stored_size_is_used_as_it_is(
+    client: TestClient, predictor: Predictor
+) -> None:
+    """A HASYv2-sized symbol with a margin is not blown up to fill the frame."""
+    small = plus_sign(32, 6)
+    response = post_file(client, png_bytes(small))
+    expected = [p.to_dict() for p in predictor.predict([small])[0]]
+    assert as_pairs(response.json()["predictions"]) == as_pairs(expected)
+    assert canvas_to_symbol(small).tobytes() != small.tobytes()  # Cropping would change it.
+
+
 def test_a_lab_drawing_is_read_like_an_upload(client: TestClient, predictor: Predictor) -> None:
     ink = canvas_drawing().getchannel("A").point(lambda alpha: 255 - alpha)
     neutral = Image.new("L", ink.size, 128)
@@ -425,10 +465,12 @@ def test_images_large_in_pixels_are_decoded_outside_the_batch_thread(
     large = png_bytes(Image.new("1", (2000, 2000), 1))
     assert len(large) < 64 * 1024
     with TestClient(create_app(predictor)) as test_client:
-        for data in (large, png_bytes(symbol_image(0))):
+        for data in (large, png_bytes(symbol_image(0)), png_bytes(plus_sign())):
             assert post_file(test_client, data).status_code == 200
     assert not decoded_in[(2000, 2000)].startswith("cnnkit-batch")
     assert decoded_in[(32, 32)].startswith("cnnkit-batch")  # Small ones save the thread hop.
+    # Few pixels, but cropped to its ink (canvas_to_symbol's work): not in the batch thread.
+    assert not decoded_in[(400, 400)].startswith("cnnkit-batch")
 
 
 def test_top_k_is_clamped_and_validated(client: TestClient) -> None:

@@ -163,7 +163,10 @@ async def predict(request: Request) -> JSONResponse:
 
     Send multipart/form-data (``file``, optional ``source`` and ``top_k``), a JSON object
     ``{"image": "<base64 or data URL>", "source": "upload" | "canvas", "top_k": 5}``, or raw
-    ``image/*`` bytes. ``source="canvas"`` makes a drawing look like the training symbols first.
+    ``image/*`` bytes. For a symbol model, ``source="canvas"`` crops a drawing to its ink and
+    makes it look like the training symbols first; an upload (``source="upload"``, the default)
+    larger than the model's stored input size is treated the same way, and one at that size (a
+    HASYv2 PNG) is used as it is.
     Returns ``{"predictions": [{"label", "index", "confidence"}, ...], "model": {...}}``.
     """
     state = _state(request)
