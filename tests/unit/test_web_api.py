@@ -337,19 +337,19 @@ def test_multipart_prediction_matches_the_predictor(
     assert all(entry["render"].startswith("/api/render?latex=") for entry in body["predictions"])
 
 
-def test_a_label_too_long_to_render_gets_no_render_link(tmp_path: Path) -> None:
-    """/api/render refuses LaTeX over MAX_LATEX_LENGTH, so no prediction links there."""
+def test_a_label_that_cannot_render_gets_no_render_link(tmp_path: Path) -> None:
+    """/api/render refuses LaTeX over MAX_LATEX_LENGTH or made only of whitespace, so no
+    prediction links there."""
     long_label = "\\" + "x" * MAX_LATEX_LENGTH
-    model = create_model("symbol_cnn", 2, in_channels=1, width=8)
-    metadata = ModelMetadata(
-        "symbol_cnn", ("A", long_label), model.default_preprocessing, options={"width": 8}
-    )
+    labels = ("A", long_label, " \t")
+    model = create_model("symbol_cnn", len(labels), in_channels=1, width=8)
+    metadata = ModelMetadata("symbol_cnn", labels, model.default_preprocessing, {"width": 8})
     path = save_model(tmp_path / "long.safetensors", model, metadata)
     with TestClient(create_app(Predictor.from_file(path))) as test_client:
         response = post_file(test_client, png_bytes(symbol_image(0)))
     assert response.status_code == 200
     links = {entry["label"]: entry.get("render") for entry in response.json()["predictions"]}
-    assert links == {"A": "/api/render?latex=A", long_label: None}
+    assert links == {"A": "/api/render?latex=A", long_label: None, " \t": None}
 
 
 @pytest.mark.parametrize("data_url", [False, True])
@@ -949,6 +949,16 @@ def test_render_limits_the_input(client: TestClient) -> None:
     response = client.get("/api/render")
     assert response.status_code == 422
     assert "latex" in response.json()["error"]
+
+
+@pytest.mark.parametrize("latex", ["  ", "\t\n", " \u3000 "])
+def test_render_refuses_blank_latex_without_a_server_error(
+    client: TestClient, latex: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    response = client.get("/api/render", params={"latex": latex})
+    assert response.status_code == 422
+    assert "not only whitespace" in response.json()["error"]
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
     with pytest.raises(ValueError):
         render_latex_svg("   ")
 

@@ -146,7 +146,15 @@ def _without_data_folder(training: dict[str, Any]) -> dict[str, Any]:
 
 
 def render(latex: str = Query(..., min_length=1, max_length=MAX_LATEX_LENGTH)) -> Response:
-    """SVG of ``latex`` drawn by matplotlib mathtext (as plain text if mathtext cannot parse it)."""
+    """SVG of ``latex`` drawn by matplotlib mathtext (as plain text if mathtext cannot parse it).
+
+    Raises:
+        HTTPException: 422 for ``latex`` made only of whitespace, which draws nothing.
+    """
+    if not latex.strip():
+        raise HTTPException(
+            422, "invalid request (query.latex: must contain a symbol, not only whitespace)"
+        )
     return Response(
         render_latex_svg(latex),
         media_type="image/svg+xml",
@@ -175,10 +183,15 @@ async def predict(request: Request) -> JSONResponse:
     predictions = [prediction.to_dict() for prediction in ranked]
     if state.model_summary["kind"] == "symbols":
         for prediction in predictions:
-            # /api/render refuses longer LaTeX: no link that can only fail.
-            if len(prediction["label"]) <= MAX_LATEX_LENGTH:
+            if _renders(prediction["label"]):
                 prediction["render"] = _render_url(prediction["label"])
     return JSONResponse({"predictions": predictions, "model": state.model_summary})
+
+
+def _renders(label: str) -> bool:
+    """Whether /api/render draws ``label``: it refuses blank or longer LaTeX, and a prediction
+    gets no link that can only fail."""
+    return len(label) <= MAX_LATEX_LENGTH and bool(label.strip())
 
 
 @functools.lru_cache(maxsize=4096)
