@@ -366,6 +366,26 @@ def test_json_base64_prediction(client: TestClient, data_url: bool) -> None:
     )
 
 
+@pytest.mark.parametrize("line_end", ["\n", "\r\n"])
+def test_line_wrapped_base64_is_read(client: TestClient, line_end: str) -> None:
+    """GNU base64 and MIME wrap at 76 columns; the line breaks are not part of the data."""
+    data = png_bytes(symbol_image(1))
+    wrapped = base64.encodebytes(data).decode().replace("\n", line_end)
+    assert wrapped.count(line_end) > 1
+    expected = as_pairs(post_file(client, data).json()["predictions"])
+    for image in (wrapped, "data:image/png;base64," + wrapped, " \t" + wrapped):
+        response = client.post("/api/predict", json={"image": image})
+        assert response.status_code == 200, response.text
+        assert as_pairs(response.json()["predictions"]) == expected
+
+
+@pytest.mark.parametrize("image", ["aG k=$", "aGk=\u00a0", "aGk=\u2028"])
+def test_base64_with_other_characters_is_refused(client: TestClient, image: str) -> None:
+    response = client.post("/api/predict", json={"image": image})
+    assert response.status_code == 400
+    assert response.json()["error"] == "'image' is not valid base64"
+
+
 def test_raw_image_body_prediction(client: TestClient) -> None:
     data = png_bytes(symbol_image(2))
     response = client.post(

@@ -63,7 +63,8 @@ PREDICT_REQUEST: dict[str, Any] = {
                     "properties": {
                         "image": {
                             "type": "string",
-                            "description": "a base64 PNG or JPEG, or a data: URL",
+                            "description": "a base64 PNG or JPEG, or a data: URL; line "
+                            "breaks are ignored",
                         },
                         "source": _SOURCE,
                         "top_k": _TOP_K,

@@ -34,6 +34,10 @@ _PLAIN_PARAMETER = re.compile(r';[ \t]*([\w.-]+)=(?:"([^"\\]*)"|([^;"\s]*))')
 MAX_PART_HEADER_BYTES = 8192
 SOURCES = ("upload", "canvas")
 DEFAULT_TOP_K = 5
+# Dropped from base64 before it is decoded: GNU base64 and MIME wrap lines at 76 columns.
+_ASCII_WHITESPACE = b" \t\n\r\x0b\x0c"
+# The most characters of a refused Content-Type quoted back in the error.
+_QUOTED_TYPE_LENGTH = 100
 # Room for multipart boundaries and the small form fields next to the file.
 _MULTIPART_OVERHEAD = 64 * 1024
 # When refusing a body over the limit, read and drop the rest of it for up to this long before
@@ -283,7 +287,11 @@ def parse_source(value: Any) -> str:
 
 
 def decode_base64_image(text: Any, max_upload_bytes: int) -> bytes:
-    """Bytes of a base64 string or ``data:image/...;base64,`` URL; HTTP 400/413 on bad input."""
+    """Bytes of a base64 string or ``data:image/...;base64,`` URL; HTTP 400/413 on bad input.
+
+    ASCII whitespace (line breaks such as those of ``base64``'s 76-column output) is ignored;
+    any other character outside the base64 alphabet is refused.
+    """
     if not isinstance(text, str) or not text:
         raise HTTPException(400, "'image' must be a base64 string or a data URL")
     if text.startswith("data:"):
@@ -291,7 +299,9 @@ def decode_base64_image(text: Any, max_upload_bytes: int) -> bytes:
         if not header.endswith(";base64"):
             raise HTTPException(400, "the data URL must be base64-encoded")
     try:
-        data = base64.b64decode(text, validate=True)
+        # Non-ASCII text is no base64 (UnicodeEncodeError is a ValueError).
+        encoded = text.encode("ascii").translate(None, _ASCII_WHITESPACE)
+        data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise HTTPException(400, "'image' is not valid base64") from None
     if len(data) > max_upload_bytes:
