@@ -279,6 +279,10 @@ def test_openapi_describes_the_predict_requests_and_answers(client: TestClient) 
     assert set(schemas["PredictAnswer"]["properties"]) == {"predictions", "model"}
     assert set(schemas["ErrorAnswer"]["properties"]) == {"error"}
     assert {"200", "400", "413", "415"} <= set(operation["responses"])
+    query = {
+        parameter["name"] for parameter in operation["parameters"] if parameter["in"] == "query"
+    }
+    assert query == {"source", "top_k"}
     # The documented shapes are the ones the API sends.
     image = png_bytes(Image.new("L", (32, 32), 255))
     answer = client.post("/api/predict", files={"file": ("a.png", image, "image/png")}).json()
@@ -393,6 +397,31 @@ def test_raw_image_body_prediction(client: TestClient) -> None:
     )
     assert response.status_code == 200
     assert len(response.json()["predictions"]) == 2
+
+
+@pytest.mark.parametrize("form", ["multipart", "json", "raw"])
+def test_query_parameters_apply_to_every_form_and_a_body_field_wins(
+    client: TestClient, predictor: Predictor, form: str
+) -> None:
+    data = png_bytes(symbol_image(4))
+
+    def send(query: str, **fields: str) -> httpx.Response:
+        url = "/api/predict?" + query
+        if form == "multipart":
+            return client.post(url, files={"file": ("image.png", data, "image/png")}, data=fields)
+        if form == "json":
+            return client.post(url, json={"image": base64.b64encode(data).decode(), **fields})
+        return client.post(url, content=data, headers={"content-type": "image/png"})
+
+    assert len(send("top_k=2").json()["predictions"]) == 2
+    # A 32x32 upload is used as it is; from the canvas it is cropped to its ink first.
+    drawn = [p.to_dict() for p in predictor.predict([canvas_to_symbol(symbol_image(4))])[0]]
+    assert as_pairs(send("source=canvas").json()["predictions"]) == as_pairs(drawn)
+    response = send("top_k=0")
+    assert response.status_code == 400 and "top_k" in response.json()["error"]
+    if form != "raw":
+        assert len(send("top_k=2", top_k="3").json()["predictions"]) == 3
+        assert send("source=nowhere", source="upload").status_code == 200
 
 
 def test_canvas_source_turns_the_drawing_into_a_training_symbol(
@@ -831,6 +860,29 @@ def test_json_that_python_cannot_read_gets_a_400(
     assert response.status_code == 400
     assert response.json()["error"].startswith("the request body is not valid JSON")
     assert reason in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "headers, received",
+    [
+        (
+            {"content-type": "application/x-www-form-urlencoded"},
+            "got Content-Type: application/x-www-form-urlencoded",
+        ),
+        ({"content-type": "text/plain; charset=utf-8"}, "got Content-Type: text/plain"),
+        ({}, "got no Content-Type"),
+    ],
+)
+def test_an_unsupported_content_type_is_named_in_the_415(
+    client: TestClient, headers: dict[str, str], received: str
+) -> None:
+    """curl -d sends a JSON body as a form unless told otherwise: the answer says so."""
+    body = json.dumps({"image": base64.b64encode(png_bytes(symbol_image(0))).decode()})
+    response = client.post("/api/predict", content=body, headers=headers)
+    assert response.status_code == 415
+    error = response.json()["error"]
+    assert "a JSON body with Content-Type: application/json" in error
+    assert error.endswith(received)
 
 
 def test_multipart_without_a_file_field(client: TestClient) -> None:
