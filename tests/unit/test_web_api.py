@@ -36,7 +36,9 @@ from cnnkit.web.app import (
     create_app,
     is_loopback,
     load_predictor,
+    normalize_host,
     optimize_for_serving,
+    page_url,
     serve,
 )
 from cnnkit.web.batching import MicroBatcher
@@ -1167,6 +1169,51 @@ def test_serve_checks_the_model_and_port_before_announcing(symbol_model_path: Pa
     with pytest.raises(ValueError, match="not found"):
         serve("missing.safetensors", port=port, on_ready=announced.append)
     assert announced == []
+
+
+@pytest.mark.parametrize(
+    "host, bare, url",
+    [
+        ("::1", "::1", "http://[::1]:8000/"),
+        ("[::1]", "::1", "http://[::1]:8000/"),
+        (" [fe80::1%eth0] ", "fe80::1%eth0", "http://[fe80::1%eth0]:8000/"),
+        ("127.0.0.1", "127.0.0.1", "http://127.0.0.1:8000/"),
+        ("localhost", "localhost", "http://localhost:8000/"),
+    ],
+)
+def test_hosts_are_normalized_and_ipv6_ones_bracketed_in_urls(
+    host: str, bare: str, url: str
+) -> None:
+    assert normalize_host(host) == bare
+    assert page_url(bare, 8000) == url
+
+
+def ipv6_loopback_works() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback_works(), reason="needs an IPv6 loopback interface")
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_serve_binds_the_ipv6_loopback_and_announces_a_valid_url(
+    symbol_model_path: Path, host: str
+) -> None:
+    class Announced(Exception):
+        pass
+
+    def stop(url: str) -> None:
+        # Raised before uvicorn starts: the address was checked free and the URL written.
+        raise Announced(url)
+
+    with pytest.raises(Announced) as announced:
+        serve(str(symbol_model_path), host=host, port=0, on_ready=stop)
+    url = str(announced.value)
+    assert re.fullmatch(r"http://\[::1\]:\d+/", url), url
+    assert httpx.URL(url).host == "::1"
 
 
 def test_an_exported_onnx_file_serves_the_same_predictions(
