@@ -454,6 +454,37 @@ def test_ctrl_shift_z_does_not_undo(page, servers) -> None:
     assert page.problems == []
 
 
+def test_undoing_to_an_empty_canvas_clears_the_error_of_a_failed_prediction(page, servers) -> None:
+    page.route(
+        "**/api/predict",
+        lambda route: route.fulfill(status=500, json={"error": "the model failed"}),
+    )
+    open_canvas(page, servers)
+    error = page.locator("#error")
+    for undo in (lambda: page.click("#undo"), lambda: page.keyboard.press("Control+z")):
+        wait_for_prediction(page, lambda: click_canvas(page, 0.5, 0.5))
+        expect(error).to_have_text("the model failed")
+        undo()
+        expect(page.locator("#undo")).to_be_disabled()
+        expect(error).to_be_hidden()
+        expect(page.locator("#status")).to_have_text("Draw a symbol to see predictions.")
+
+
+def test_a_file_over_the_limit_leaves_the_drawing_and_its_results(page, servers) -> None:
+    open_canvas(page, servers)
+    wait_for_prediction(page, lambda: click_canvas(page, 0.5, 0.5))
+    results = page.locator("#results .result")
+    expect(results).to_have_count(5)
+    too_big = {"name": "huge.png", "mimeType": "image/png", "buffer": b"\0" * 5_100_000}
+    page.set_input_files("#symbol-file", files=[too_big])
+    expect(page.locator("#error")).to_contain_text("the limit is 5.0 MB")
+    expect(page.locator("#undo")).to_be_enabled()
+    expect(results).to_have_count(5)
+    top, bottom = inked_rows(page)
+    assert 0.4 < top <= bottom < 0.6, (top, bottom)  # The dot is still drawn.
+    assert page.problems == []
+
+
 def test_a_pen_draws_with_its_tip_and_not_with_its_barrel_button(page, servers) -> None:
     open_canvas(page, servers)
     box = page.locator("#canvas").bounding_box()

@@ -36,7 +36,9 @@ from cnnkit.web.app import (
     create_app,
     is_loopback,
     load_predictor,
+    normalize_host,
     optimize_for_serving,
+    page_url,
     serve,
 )
 from cnnkit.web.batching import MicroBatcher
@@ -279,6 +281,10 @@ def test_openapi_describes_the_predict_requests_and_answers(client: TestClient) 
     assert set(schemas["PredictAnswer"]["properties"]) == {"predictions", "model"}
     assert set(schemas["ErrorAnswer"]["properties"]) == {"error"}
     assert {"200", "400", "413", "415"} <= set(operation["responses"])
+    query = {
+        parameter["name"] for parameter in operation["parameters"] if parameter["in"] == "query"
+    }
+    assert query == {"source", "top_k"}
     # The documented shapes are the ones the API sends.
     image = png_bytes(Image.new("L", (32, 32), 255))
     answer = client.post("/api/predict", files={"file": ("a.png", image, "image/png")}).json()
@@ -337,19 +343,19 @@ def test_multipart_prediction_matches_the_predictor(
     assert all(entry["render"].startswith("/api/render?latex=") for entry in body["predictions"])
 
 
-def test_a_label_too_long_to_render_gets_no_render_link(tmp_path: Path) -> None:
-    """/api/render refuses LaTeX over MAX_LATEX_LENGTH, so no prediction links there."""
+def test_a_label_that_cannot_render_gets_no_render_link(tmp_path: Path) -> None:
+    """/api/render refuses LaTeX over MAX_LATEX_LENGTH or made only of whitespace, so no
+    prediction links there."""
     long_label = "\\" + "x" * MAX_LATEX_LENGTH
-    model = create_model("symbol_cnn", 2, in_channels=1, width=8)
-    metadata = ModelMetadata(
-        "symbol_cnn", ("A", long_label), model.default_preprocessing, options={"width": 8}
-    )
+    labels = ("A", long_label, " \t")
+    model = create_model("symbol_cnn", len(labels), in_channels=1, width=8)
+    metadata = ModelMetadata("symbol_cnn", labels, model.default_preprocessing, {"width": 8})
     path = save_model(tmp_path / "long.safetensors", model, metadata)
     with TestClient(create_app(Predictor.from_file(path))) as test_client:
         response = post_file(test_client, png_bytes(symbol_image(0)))
     assert response.status_code == 200
     links = {entry["label"]: entry.get("render") for entry in response.json()["predictions"]}
-    assert links == {"A": "/api/render?latex=A", long_label: None}
+    assert links == {"A": "/api/render?latex=A", long_label: None, " \t": None}
 
 
 @pytest.mark.parametrize("data_url", [False, True])
@@ -366,6 +372,26 @@ def test_json_base64_prediction(client: TestClient, data_url: bool) -> None:
     )
 
 
+@pytest.mark.parametrize("line_end", ["\n", "\r\n"])
+def test_line_wrapped_base64_is_read(client: TestClient, line_end: str) -> None:
+    """GNU base64 and MIME wrap at 76 columns; the line breaks are not part of the data."""
+    data = png_bytes(symbol_image(1))
+    wrapped = base64.encodebytes(data).decode().replace("\n", line_end)
+    assert wrapped.count(line_end) > 1
+    expected = as_pairs(post_file(client, data).json()["predictions"])
+    for image in (wrapped, "data:image/png;base64," + wrapped, " \t" + wrapped):
+        response = client.post("/api/predict", json={"image": image})
+        assert response.status_code == 200, response.text
+        assert as_pairs(response.json()["predictions"]) == expected
+
+
+@pytest.mark.parametrize("image", ["aG k=$", "aGk=\u00a0", "aGk=\u2028"])
+def test_base64_with_other_characters_is_refused(client: TestClient, image: str) -> None:
+    response = client.post("/api/predict", json={"image": image})
+    assert response.status_code == 400
+    assert response.json()["error"] == "'image' is not valid base64"
+
+
 def test_raw_image_body_prediction(client: TestClient) -> None:
     data = png_bytes(symbol_image(2))
     response = client.post(
@@ -373,6 +399,31 @@ def test_raw_image_body_prediction(client: TestClient) -> None:
     )
     assert response.status_code == 200
     assert len(response.json()["predictions"]) == 2
+
+
+@pytest.mark.parametrize("form", ["multipart", "json", "raw"])
+def test_query_parameters_apply_to_every_form_and_a_body_field_wins(
+    client: TestClient, predictor: Predictor, form: str
+) -> None:
+    data = png_bytes(symbol_image(4))
+
+    def send(query: str, **fields: str) -> httpx.Response:
+        url = "/api/predict?" + query
+        if form == "multipart":
+            return client.post(url, files={"file": ("image.png", data, "image/png")}, data=fields)
+        if form == "json":
+            return client.post(url, json={"image": base64.b64encode(data).decode(), **fields})
+        return client.post(url, content=data, headers={"content-type": "image/png"})
+
+    assert len(send("top_k=2").json()["predictions"]) == 2
+    # A 32x32 upload is used as it is; from the canvas it is cropped to its ink first.
+    drawn = [p.to_dict() for p in predictor.predict([canvas_to_symbol(symbol_image(4))])[0]]
+    assert as_pairs(send("source=canvas").json()["predictions"]) == as_pairs(drawn)
+    response = send("top_k=0")
+    assert response.status_code == 400 and "top_k" in response.json()["error"]
+    if form != "raw":
+        assert len(send("top_k=2", top_k="3").json()["predictions"]) == 3
+        assert send("source=nowhere", source="upload").status_code == 200
 
 
 def test_canvas_source_turns_the_drawing_into_a_training_symbol(
@@ -383,6 +434,46 @@ def test_canvas_source_turns_the_drawing_into_a_training_symbol(
     assert response.status_code == 200
     expected = [p.to_dict() for p in predictor.predict([canvas_to_symbol(drawing)])[0]]
     assert as_pairs(response.json()["predictions"]) == as_pairs(expected)
+
+
+def plus_sign(size: int = 400, arm: int = 50) -> Image.Image:
+    """A white ``size`` x ``size`` image with a black "+" ``2 * arm`` px across in its middle."""
+    image = Image.new("L", (size, size), 255)
+    draw, middle = ImageDraw.Draw(image), size // 2
+    draw.line([(middle - arm, middle), (middle + arm, middle)], fill=0, width=8)
+    draw.line([(middle, middle - arm), (middle, middle + arm)], fill=0, width=8)
+    return image
+
+
+@pytest.mark.parametrize("form", ["multipart", "json", "raw"])
+def test_an_upload_larger_than_the_stored_size_is_cropped_to_its_ink(
+    client: TestClient, predictor: Predictor, form: str
+) -> None:
+    """A symbol on a large page reads as the same drawing sent from the canvas."""
+    data = png_bytes(plus_sign())
+    if form == "multipart":
+        response = post_file(client, data)
+    elif form == "json":
+        response = client.post("/api/predict", json={"image": base64.b64encode(data).decode()})
+    else:
+        response = client.post("/api/predict", content=data, headers={"content-type": "image/png"})
+    assert response.status_code == 200
+    expected = [p.to_dict() for p in predictor.predict([canvas_to_symbol(plus_sign())])[0]]
+    assert as_pairs(response.json()["predictions"]) == as_pairs(expected)
+    assert as_pairs(response.json()["predictions"]) == as_pairs(
+        post_file(client, data, source="canvas").json()["predictions"]
+    )
+
+
+def test_an_upload_at_the_stored_size_is_used_as_it_is(
+    client: TestClient, predictor: Predictor
+) -> None:
+    """A HASYv2-sized symbol with a margin is not blown up to fill the frame."""
+    small = plus_sign(32, 6)
+    response = post_file(client, png_bytes(small))
+    expected = [p.to_dict() for p in predictor.predict([small])[0]]
+    assert as_pairs(response.json()["predictions"]) == as_pairs(expected)
+    assert canvas_to_symbol(small).tobytes() != small.tobytes()  # Cropping would change it.
 
 
 def test_a_lab_drawing_is_read_like_an_upload(client: TestClient, predictor: Predictor) -> None:
@@ -425,10 +516,12 @@ def test_images_large_in_pixels_are_decoded_outside_the_batch_thread(
     large = png_bytes(Image.new("1", (2000, 2000), 1))
     assert len(large) < 64 * 1024
     with TestClient(create_app(predictor)) as test_client:
-        for data in (large, png_bytes(symbol_image(0))):
+        for data in (large, png_bytes(symbol_image(0)), png_bytes(plus_sign())):
             assert post_file(test_client, data).status_code == 200
     assert not decoded_in[(2000, 2000)].startswith("cnnkit-batch")
     assert decoded_in[(32, 32)].startswith("cnnkit-batch")  # Small ones save the thread hop.
+    # Few pixels, but cropped to its ink (canvas_to_symbol's work): not in the batch thread.
+    assert not decoded_in[(400, 400)].startswith("cnnkit-batch")
 
 
 def test_top_k_is_clamped_and_validated(client: TestClient) -> None:
@@ -771,6 +864,29 @@ def test_json_that_python_cannot_read_gets_a_400(
     assert reason in response.json()["error"]
 
 
+@pytest.mark.parametrize(
+    "headers, received",
+    [
+        (
+            {"content-type": "application/x-www-form-urlencoded"},
+            "got Content-Type: application/x-www-form-urlencoded",
+        ),
+        ({"content-type": "text/plain; charset=utf-8"}, "got Content-Type: text/plain"),
+        ({}, "got no Content-Type"),
+    ],
+)
+def test_an_unsupported_content_type_is_named_in_the_415(
+    client: TestClient, headers: dict[str, str], received: str
+) -> None:
+    """curl -d sends a JSON body as a form unless told otherwise: the answer says so."""
+    body = json.dumps({"image": base64.b64encode(png_bytes(symbol_image(0))).decode()})
+    response = client.post("/api/predict", content=body, headers=headers)
+    assert response.status_code == 415
+    error = response.json()["error"]
+    assert "a JSON body with Content-Type: application/json" in error
+    assert error.endswith(received)
+
+
 def test_multipart_without_a_file_field(client: TestClient) -> None:
     response = client.post("/api/predict", data={"source": "canvas"}, files={"other": ("a", b"x")})
     assert response.status_code == 400
@@ -907,6 +1023,16 @@ def test_render_limits_the_input(client: TestClient) -> None:
     response = client.get("/api/render")
     assert response.status_code == 422
     assert "latex" in response.json()["error"]
+
+
+@pytest.mark.parametrize("latex", ["  ", "\t\n", " \u3000 "])
+def test_render_refuses_blank_latex_without_a_server_error(
+    client: TestClient, latex: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    response = client.get("/api/render", params={"latex": latex})
+    assert response.status_code == 422
+    assert "not only whitespace" in response.json()["error"]
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
     with pytest.raises(ValueError):
         render_latex_svg("   ")
 
@@ -1043,6 +1169,51 @@ def test_serve_checks_the_model_and_port_before_announcing(symbol_model_path: Pa
     with pytest.raises(ValueError, match="not found"):
         serve("missing.safetensors", port=port, on_ready=announced.append)
     assert announced == []
+
+
+@pytest.mark.parametrize(
+    "host, bare, url",
+    [
+        ("::1", "::1", "http://[::1]:8000/"),
+        ("[::1]", "::1", "http://[::1]:8000/"),
+        (" [fe80::1%eth0] ", "fe80::1%eth0", "http://[fe80::1%eth0]:8000/"),
+        ("127.0.0.1", "127.0.0.1", "http://127.0.0.1:8000/"),
+        ("localhost", "localhost", "http://localhost:8000/"),
+    ],
+)
+def test_hosts_are_normalized_and_ipv6_ones_bracketed_in_urls(
+    host: str, bare: str, url: str
+) -> None:
+    assert normalize_host(host) == bare
+    assert page_url(bare, 8000) == url
+
+
+def ipv6_loopback_works() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback_works(), reason="needs an IPv6 loopback interface")
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_serve_binds_the_ipv6_loopback_and_announces_a_valid_url(
+    symbol_model_path: Path, host: str
+) -> None:
+    class Announced(Exception):
+        pass
+
+    def stop(url: str) -> None:
+        # Raised before uvicorn starts: the address was checked free and the URL written.
+        raise Announced(url)
+
+    with pytest.raises(Announced) as announced:
+        serve(str(symbol_model_path), host=host, port=0, on_ready=stop)
+    url = str(announced.value)
+    assert re.fullmatch(r"http://\[::1\]:\d+/", url), url
+    assert httpx.URL(url).host == "::1"
 
 
 def test_an_exported_onnx_file_serves_the_same_predictions(

@@ -146,7 +146,15 @@ def _without_data_folder(training: dict[str, Any]) -> dict[str, Any]:
 
 
 def render(latex: str = Query(..., min_length=1, max_length=MAX_LATEX_LENGTH)) -> Response:
-    """SVG of ``latex`` drawn by matplotlib mathtext (as plain text if mathtext cannot parse it)."""
+    """SVG of ``latex`` drawn by matplotlib mathtext (as plain text if mathtext cannot parse it).
+
+    Raises:
+        HTTPException: 422 for ``latex`` made only of whitespace, which draws nothing.
+    """
+    if not latex.strip():
+        raise HTTPException(
+            422, "invalid request (query.latex: must contain a symbol, not only whitespace)"
+        )
     return Response(
         render_latex_svg(latex),
         media_type="image/svg+xml",
@@ -163,7 +171,11 @@ async def predict(request: Request) -> JSONResponse:
 
     Send multipart/form-data (``file``, optional ``source`` and ``top_k``), a JSON object
     ``{"image": "<base64 or data URL>", "source": "upload" | "canvas", "top_k": 5}``, or raw
-    ``image/*`` bytes. ``source="canvas"`` makes a drawing look like the training symbols first.
+    ``image/*`` bytes. For a symbol model, ``source="canvas"`` crops a drawing to its ink and
+    makes it look like the training symbols first; an upload (``source="upload"``, the default)
+    larger than the model's stored input size is treated the same way, and one at that size (a
+    HASYv2 PNG) is used as it is. ``source`` and ``top_k`` may also be query parameters, with
+    any of the three forms; where the body gives one too, the body's field wins.
     Returns ``{"predictions": [{"label", "index", "confidence"}, ...], "model": {...}}``.
     """
     state = _state(request)
@@ -172,10 +184,15 @@ async def predict(request: Request) -> JSONResponse:
     predictions = [prediction.to_dict() for prediction in ranked]
     if state.model_summary["kind"] == "symbols":
         for prediction in predictions:
-            # /api/render refuses longer LaTeX: no link that can only fail.
-            if len(prediction["label"]) <= MAX_LATEX_LENGTH:
+            if _renders(prediction["label"]):
                 prediction["render"] = _render_url(prediction["label"])
     return JSONResponse({"predictions": predictions, "model": state.model_summary})
+
+
+def _renders(label: str) -> bool:
+    """Whether /api/render draws ``label``: it refuses blank or longer LaTeX, and a prediction
+    gets no link that can only fail."""
+    return len(label) <= MAX_LATEX_LENGTH and bool(label.strip())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -303,6 +320,25 @@ def create_app(
     return app
 
 
+def normalize_host(host: str) -> str:
+    """``host`` without surrounding spaces or the brackets of a URL's IPv6 literal: ``[::1]``
+    becomes ``::1``, which is what a socket binds to."""
+    host = host.strip()
+    if len(host) >= 2 and host[0] == "[" and host[-1] == "]":
+        return host[1:-1]
+    return host
+
+
+def host_and_port(host: str, port: int) -> str:
+    """``host:port`` as a URL writes it, with an IPv6 address in brackets (``[::1]:8000``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def page_url(host: str, port: int) -> str:
+    """The URL of the page served on ``host`` (a bare address, see :func:`normalize_host`)."""
+    return f"http://{host_and_port(host, port)}/"
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` only listens on this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
     if host.strip().lower() == "localhost":
@@ -359,7 +395,8 @@ def free_port(host: str, port: int) -> int:
         try:
             probe.bind((host, port))
         except OSError as error:
-            raise ValueError(f"cannot listen on {host}:{port} ({error.strerror})") from error
+            address = host_and_port(host, port)
+            raise ValueError(f"cannot listen on {address} ({error.strerror})") from error
         return probe.getsockname()[1]
 
 
@@ -400,7 +437,8 @@ def serve(
     Args:
         model_path: a ``.safetensors`` model file, an ``.onnx`` export, a training run's folder,
             or ``None`` for the bundled symbol model (see :func:`load_predictor`).
-        host: the interface to listen on; loopback unless ``allow_remote``.
+        host: the interface to listen on; loopback unless ``allow_remote``. An IPv6 address
+            may be given in brackets (``[::1]``).
         port: the TCP port.
         max_upload_bytes: the largest image accepted.
         allow_remote: allow a host other than loopback (exposes the server to the network).
@@ -415,6 +453,8 @@ def serve(
     """
     import uvicorn
 
+    # Once, here: the check, the socket, the URL printed and uvicorn all take the bare address.
+    host = normalize_host(host)
     if not is_loopback(host) and not allow_remote:
         raise ValueError(
             f"refusing to listen on {host!r}: it is reachable from other machines. Use a loopback "
@@ -430,18 +470,17 @@ def serve(
     predictor = load_predictor(model_path)  # With several workers, a bad file fails here once.
     port = free_port(host, port)
     if on_ready is not None:
-        on_ready(f"http://{host}:{port}/")
+        on_ready(page_url(host, port))
     if workers > 1:
         _serve_processes(model_path, host, port, max_upload_bytes, workers, predictor)
         return
     app = create_app(predictor, max_upload_bytes)
     logger.info(
-        "serving %s (%s, %s) on http://%s:%d",
+        "serving %s (%s, %s) on %s",
         predictor.metadata.architecture,
         predictor.metadata.kind,
         predictor.runtime,
-        host,
-        port,
+        page_url(host, port),
     )
     # The app bounds the requests in progress (InFlightLimitMiddleware); uvicorn's own limit
     # would count idle connections too. Access logging is off: a log line per prediction is
@@ -478,13 +517,12 @@ def _serve_processes(
         {"model": model_path, "max_upload_bytes": max_upload_bytes, "threads": threads}
     )
     logger.info(
-        "serving %s (%s, %s) with %d processes on http://%s:%d",
+        "serving %s (%s, %s) with %d processes on %s",
         model_summary["architecture"],
         model_summary["kind"],
         model_summary["runtime"],
         workers,
-        host,
-        port,
+        page_url(host, port),
     )
     uvicorn.run(
         "cnnkit.web.app:app_from_environment",

@@ -1,9 +1,14 @@
 """Turning image requests into ranked predictions, many requests per forward pass.
 
 Small images are decoded in the batch thread itself, which saves a thread hop per request; large
-photos and canvas drawings (which need more work) are prepared in the thread pool first, so they
-do not hold up the batch. "Small" is counted in pixels, read from the file's header: a few
-kilobytes of PNG can hold 64 megapixels.
+photos and drawings (which need more work) are prepared in the thread pool first, so they do not
+hold up the batch. "Small" is counted in pixels, read from the file's header: a few kilobytes of
+PNG can hold 64 megapixels.
+
+For a symbol model, a drawing is cropped to its ink and re-drawn in the training data's form
+(:func:`canvas_to_symbol`): every canvas drawing, and every upload larger than the model's stored
+input size (a photo or scan of a symbol on a page). An upload already at that size, such as a
+HASYv2 PNG, is used as it is, so it predicts exactly as ``cnnkit predict`` does.
 """
 
 from __future__ import annotations
@@ -45,14 +50,14 @@ class PredictionService:
         )
 
     def prepare(self, image_request: ImageRequest) -> np.ndarray:
-        """Decode, turn a canvas drawing into training form, and convert to ``uint8 [S, S, C]``.
+        """Decode, turn a drawing into training form, and convert to ``uint8 [S, S, C]``.
 
         Raises:
             HTTPException: 400 for data that is not a readable image (or is a decompression bomb).
         """
         try:
             image = decode_image(image_request.data, "uploaded file")
-            if image_request.source == "canvas" and self.predictor.metadata.kind == "symbols":
+            if self.crops_to_ink(image_request.source, image.size):
                 image = canvas_to_symbol(image)
             return prepare_image(image, self.predictor.metadata.preprocessing)
         except BadImageError as error:
@@ -67,17 +72,35 @@ class PredictionService:
             payload = await run_in_threadpool(self.prepare, image_request)
         return await self.batcher.submit((payload, image_request.top_k))
 
-    @staticmethod
-    def _decodes_quickly(image_request: ImageRequest) -> bool:
-        """Whether the batch thread may decode this image itself: an upload (not a drawing)
-        whose header declares at most ``INLINE_DECODE_PIXELS``, or data that is no image."""
-        if image_request.source == "canvas":
+    def crops_to_ink(self, source: str, size: tuple[int, int]) -> bool:
+        """Whether an image of ``size`` (width, height) goes through :func:`canvas_to_symbol`.
+
+        Args:
+            source: ``"canvas"`` for a drawing from the page, ``"upload"`` for a file.
+            size: the image's width and height in pixels.
+
+        Returns:
+            True for a symbol model and either a canvas drawing or an upload larger than the
+            stored input size; an upload at (or below) that size is taken to be in the training
+            data's form already.
+        """
+        if self.predictor.metadata.kind != "symbols":
             return False
+        stored_size = self.predictor.metadata.preprocessing.stored_size
+        return source == "canvas" or max(size) > stored_size
+
+    def _decodes_quickly(self, image_request: ImageRequest) -> bool:
+        """Whether the batch thread may decode this image itself: one that is not cropped to its
+        ink and whose header declares at most ``INLINE_DECODE_PIXELS``, or data that is no
+        image."""
         try:
-            width, height = image_size(image_request.data)
+            size = image_size(image_request.data)
         except BadImageError:
-            return True  # Refused as quickly in the batch thread.
-        return width * height <= INLINE_DECODE_PIXELS
+            # Refused as quickly in the batch thread; a canvas drawing never decodes there.
+            return image_request.source != "canvas"
+        if self.crops_to_ink(image_request.source, size):
+            return False
+        return size[0] * size[1] <= INLINE_DECODE_PIXELS
 
     def _run_batch(self, jobs: list[tuple[Any, int]]) -> list[Any]:
         """Prepare what is not yet prepared, run one forward pass, rank each image."""

@@ -34,11 +34,33 @@ _SOURCE = {
     "type": "string",
     "enum": ["upload", "canvas"],
     "default": "upload",
-    "description": "canvas: a drawing, made to look like the training symbols first",
+    "description": "canvas: a drawing, cropped to its ink and made to look like the training "
+    "symbols first. upload: a file; for a symbol model, one larger than the model's stored input "
+    "size (32x32 for HASYv2) is cropped to its ink the same way, and one at that size is used as "
+    "it is",
 }
-_TOP_K = {"type": "integer", "minimum": 1, "default": 5}
+_TOP_K = {
+    "type": "integer",
+    "minimum": 1,
+    "default": 5,
+    "description": "how many classes to return, best first (at most the model's classes)",
+}
+
+
+def _query_parameter(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A query parameter that stands for the body field ``name``."""
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": f"as the body field {name}, with any request body (the only way to give "
+        "it with raw image bytes); where the body has the field too, the body's value wins",
+    }
+
 
 PREDICT_REQUEST: dict[str, Any] = {
+    "parameters": [_query_parameter("source", _SOURCE), _query_parameter("top_k", _TOP_K)],
     "requestBody": {
         "required": True,
         "content": {
@@ -60,7 +82,8 @@ PREDICT_REQUEST: dict[str, Any] = {
                     "properties": {
                         "image": {
                             "type": "string",
-                            "description": "a base64 PNG or JPEG, or a data: URL",
+                            "description": "a base64 PNG or JPEG, or a data: URL; line "
+                            "breaks are ignored",
                         },
                         "source": _SOURCE,
                         "top_k": _TOP_K,
@@ -69,7 +92,7 @@ PREDICT_REQUEST: dict[str, Any] = {
             },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
         },
-    }
+    },
 }
 
 PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -77,7 +100,7 @@ PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
     for status, description in {
         400: "not an image, truncated, a decompression bomb, an empty body or a bad field",
         413: "larger than the upload limit (5 MB unless set)",
-        415: "a content type other than multipart, JSON or image/*",
+        415: "a content type other than multipart, JSON (application/json) or image/*",
         503: "busy: too many requests in flight; try again shortly",
     }.items()
 }

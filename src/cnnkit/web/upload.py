@@ -34,6 +34,10 @@ _PLAIN_PARAMETER = re.compile(r';[ \t]*([\w.-]+)=(?:"([^"\\]*)"|([^;"\s]*))')
 MAX_PART_HEADER_BYTES = 8192
 SOURCES = ("upload", "canvas")
 DEFAULT_TOP_K = 5
+# Dropped from base64 before it is decoded: GNU base64 and MIME wrap lines at 76 columns.
+_ASCII_WHITESPACE = b" \t\n\r\x0b\x0c"
+# The most characters of a refused Content-Type quoted back in the error.
+_QUOTED_TYPE_LENGTH = 100
 # Room for multipart boundaries and the small form fields next to the file.
 _MULTIPART_OVERHEAD = 64 * 1024
 # When refusing a body over the limit, read and drop the rest of it for up to this long before
@@ -283,7 +287,11 @@ def parse_source(value: Any) -> str:
 
 
 def decode_base64_image(text: Any, max_upload_bytes: int) -> bytes:
-    """Bytes of a base64 string or ``data:image/...;base64,`` URL; HTTP 400/413 on bad input."""
+    """Bytes of a base64 string or ``data:image/...;base64,`` URL; HTTP 400/413 on bad input.
+
+    ASCII whitespace (line breaks such as those of ``base64``'s 76-column output) is ignored;
+    any other character outside the base64 alphabet is refused.
+    """
     if not isinstance(text, str) or not text:
         raise HTTPException(400, "'image' must be a base64 string or a data URL")
     if text.startswith("data:"):
@@ -291,7 +299,9 @@ def decode_base64_image(text: Any, max_upload_bytes: int) -> bytes:
         if not header.endswith(";base64"):
             raise HTTPException(400, "the data URL must be base64-encoded")
     try:
-        data = base64.b64decode(text, validate=True)
+        # Non-ASCII text is no base64 (UnicodeEncodeError is a ValueError).
+        encoded = text.encode("ascii").translate(None, _ASCII_WHITESPACE)
+        data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise HTTPException(400, "'image' is not valid base64") from None
     if len(data) > max_upload_bytes:
@@ -376,7 +386,11 @@ async def _read_multipart(request: Request, max_upload_bytes: int) -> ImageReque
         value = fields.get(name)
         return None if value is None else value.decode("utf-8", "replace").strip()
 
-    return ImageRequest(fields["file"], parse_source(text("source")), parse_top_k(text("top_k")))
+    return ImageRequest(
+        fields["file"],
+        parse_source(_field_or_query(request, "source", text("source"))),
+        parse_top_k(_field_or_query(request, "top_k", text("top_k"))),
+    )
 
 
 async def _read_json(request: Request, max_upload_bytes: int) -> ImageRequest:
@@ -397,17 +411,26 @@ async def _read_json(request: Request, max_upload_bytes: int) -> ImageRequest:
         raise HTTPException(400, "the JSON body must be an object with an 'image' field")
     return ImageRequest(
         decode_base64_image(payload["image"], max_upload_bytes),
-        parse_source(payload.get("source")),
-        parse_top_k(payload.get("top_k")),
+        parse_source(_field_or_query(request, "source", payload.get("source"))),
+        parse_top_k(_field_or_query(request, "top_k", payload.get("top_k"))),
     )
+
+
+def _field_or_query(request: Request, name: str, value: Any) -> Any:
+    """A body field's ``value``, or the query parameter ``name`` where the body has none (or an
+    empty one): ``?top_k=3`` works with every form of request, and a body field wins."""
+    if value is None or (isinstance(value, str) and not value):
+        return request.query_params.get(name)
+    return value
 
 
 async def read_image_request(request: Request, max_upload_bytes: int) -> ImageRequest:
     """Parse a prediction request; raises ``HTTPException`` (400, 413 or 415) with a message.
 
     Accepts ``multipart/form-data`` (fields ``file``, ``source``, ``top_k``), a JSON object
-    (``image`` as base64 or a data URL, ``source``, ``top_k``), or raw ``image/*`` bytes (with
-    ``source`` and ``top_k`` as query parameters).
+    (``image`` as base64 or a data URL, ``source``, ``top_k``), or raw ``image/*`` bytes.
+    ``source`` and ``top_k`` may also be query parameters, with any of the three; where both the
+    body and the query give one, the body's field wins.
     """
     content_type = media_type(request.headers)
     if content_type == "multipart/form-data":
@@ -422,6 +445,18 @@ async def read_image_request(request: Request, max_upload_bytes: int) -> ImageRe
         )
     if not content_type and not await request.body():
         raise HTTPException(400, "empty request body: send an image")
-    raise HTTPException(
-        415, "send multipart/form-data (field 'file'), a JSON body, or raw image/* bytes"
+    raise HTTPException(415, unsupported_type_message(content_type))
+
+
+def unsupported_type_message(content_type: str) -> str:
+    """What to send instead of a body of ``content_type``, naming the type received (``curl -d``
+    sends a JSON body as ``application/x-www-form-urlencoded`` unless told otherwise)."""
+    received = (
+        f"got Content-Type: {content_type[:_QUOTED_TYPE_LENGTH]}"
+        if content_type
+        else "got no Content-Type"
+    )
+    return (
+        "send multipart/form-data (field 'file'), a JSON body with Content-Type: "
+        f"application/json, or raw image/* bytes; {received}"
     )

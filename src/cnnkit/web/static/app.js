@@ -187,6 +187,9 @@
     resultsList.removeAttribute("aria-busy");
     replaceResults([]);
     setStatus(message);
+    // An error was about the results that are gone now (undoing to an empty canvas after a
+    // failed prediction must not leave its message up); a caller with a new one shows it after.
+    clearError();
   }
 
   function sameModel(served) {
@@ -238,10 +241,18 @@
     return (bytes / 1e6).toFixed(1) + " MB";
   }
 
+  function isTooLarge(blob) {
+    return Boolean(model.max_upload_bytes) && blob.size > model.max_upload_bytes;
+  }
+
+  function showTooLarge(blob) {
+    showError("The file is " + megabytes(blob.size) + "; the limit is " + megabytes(model.max_upload_bytes) + ".");
+  }
+
   async function predict(blob, source, filename) {
-    if (model.max_upload_bytes && blob.size > model.max_upload_bytes) {
+    if (isTooLarge(blob)) {
       resetResults("No prediction.");
-      showError("The file is " + megabytes(blob.size) + "; the limit is " + megabytes(model.max_upload_bytes) + ".");
+      showTooLarge(blob);
       return;
     }
     const number = ++requestNumber;
@@ -478,6 +489,12 @@
     redraw();
     setStatus("Draw a symbol to see predictions.");
     function useUpload(file) {
+      // A file over the limit is refused before anything changes: the drawing and its results
+      // stay, and the user loses nothing to a file that was never sent.
+      if (isTooLarge(file)) {
+        showTooLarge(file);
+        return;
+      }
       // The results are the upload's now: the drawing goes, and no stale drawing is sent.
       strokes.length = 0;
       clearTimeout(timer);
