@@ -86,7 +86,7 @@ def start_server(
     code = (
         "import logging, sys, torch; logging.basicConfig(level=logging.WARNING);"
         "threads = int(sys.argv[3]); threads > 0 and torch.set_num_threads(threads);"
-        "from cnnkit.web.app import serve;"
+        "from cnnkit.web.server import serve;"
         "serve(sys.argv[1] or None, host='127.0.0.1', port=int(sys.argv[2]),"
         " workers=int(sys.argv[4]))"
     )
@@ -227,7 +227,7 @@ def main() -> int:
     arguments = parser.parse_args()
 
     model = arguments.model
-    from cnnkit.web.app import load_predictor
+    from cnnkit.web.server import load_predictor
 
     predictor = load_predictor(model)  # What the server will run.
     metadata = predictor.metadata

@@ -37,7 +37,7 @@ from benchmarks.record import record_result
 from benchmarks.serve_load import free_port, multipart_body, start_server, synthetic_images
 
 HOST = "127.0.0.1"
-MAX_UPLOAD_BYTES = 5_000_000  # The server's default limit (cnnkit.web.app).
+MAX_UPLOAD_BYTES = 5_000_000  # The server's default (web.app.DEFAULT_MAX_UPLOAD_BYTES).
 OVERSIZE_BYTES = 6_500_000  # Over the limit for raw and multipart bodies, margin included.
 NO_RESPONSE = 0  # The client hung up, or the server closed, before any response.
 # A probability may differ in the last float digits between a batched server and a lone reference.
@@ -390,7 +390,7 @@ def case_for(
 def load_references(model: str, num_images: int = 16) -> ReferenceImages:
     """Distinct symbol PNGs and what a local copy of the served model predicts for each."""
     from cnnkit.data.image import decode_image, prepare_image
-    from cnnkit.web.app import load_predictor
+    from cnnkit.web.server import load_predictor
 
     predictor = load_predictor(model)
     images = synthetic_images("symbols", num_images, seed=7)

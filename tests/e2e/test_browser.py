@@ -61,7 +61,8 @@ def free_port() -> int:
 
 
 def start_server(model_path: Path) -> tuple[str, uvicorn.Server, threading.Thread]:
-    from cnnkit.web.app import create_app, load_predictor
+    from cnnkit.web.app import create_app
+    from cnnkit.web.server import load_predictor
 
     port = free_port()
     config = uvicorn.Config(

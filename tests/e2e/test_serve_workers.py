@@ -92,7 +92,7 @@ def test_two_server_processes_share_the_port_and_agree():
 
 
 def test_serve_refuses_zero_workers():
-    from cnnkit.web.app import serve
+    from cnnkit.web.server import serve
 
     with pytest.raises(ValueError, match="workers must be >= 1"):
         serve(None, workers=0)

@@ -122,7 +122,7 @@ def test_idle_onnxruntime_threads_sleep_instead_of_spinning(exported) -> None:
 def test_each_server_process_runs_onnxruntime_on_its_share_of_cores(exported, monkeypatch) -> None:
     """``cnnkit serve --workers N`` gives each process ``cores // N`` threads; onnxruntime's
     default (one per core) would run N times as many threads as cores."""
-    from cnnkit.web.app import _WORKER_SETTINGS, app_from_environment
+    from cnnkit.web.server import _WORKER_SETTINGS, app_from_environment
 
     _, onnx_path, _ = exported
     torch_threads = torch.get_num_threads()

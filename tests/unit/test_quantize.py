@@ -85,8 +85,8 @@ def test_the_shipped_int8_copy_is_the_shipped_model_quantized() -> None:
 
 
 def test_serve_runs_the_int8_copy_when_given_no_model(monkeypatch, caplog) -> None:
-    from cnnkit.web import app as app_module
-    from cnnkit.web.app import load_predictor
+    from cnnkit.web import server as server_module
+    from cnnkit.web.server import load_predictor
 
     served = load_predictor(None, threads=1)
     assert served.runtime == "onnxruntime int8"
@@ -99,15 +99,15 @@ def test_serve_runs_the_int8_copy_when_given_no_model(monkeypatch, caplog) -> No
     # An int8 copy this onnxruntime cannot load gives way to the float model, with a warning.
     monkeypatch.undo()
 
-    real_open = app_module.open_predictor
+    real_open = server_module.open_predictor
 
     def refuse_onnx(path=None, *args, **kwargs):
         if str(path).endswith(".onnx"):
             raise ModelFileError("x.onnx: not a valid ONNX file (Unsupported model IR version)")
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(app_module, "open_predictor", refuse_onnx)
-    with caplog.at_level(logging.WARNING, logger="cnnkit.web.app"):
+    monkeypatch.setattr(server_module, "open_predictor", refuse_onnx)
+    with caplog.at_level(logging.WARNING, logger="cnnkit.web.server"):
         assert load_predictor(None).runtime == "pytorch"
     assert "serving the float bundled model in PyTorch: x.onnx" in caplog.text
     # A model file given by path is served as it is.

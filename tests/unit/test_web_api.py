@@ -31,9 +31,13 @@ from cnnkit.inference.artifact import ModelMetadata, save_model
 from cnnkit.inference.predictor import Predictor
 from cnnkit.models.registry import create_model
 from cnnkit.web import prediction
-from cnnkit.web.app import (
-    MAX_CONCURRENT_REQUESTS,
-    create_app,
+from cnnkit.web.app import MAX_CONCURRENT_REQUESTS, create_app
+from cnnkit.web.batching import MicroBatcher
+from cnnkit.web.drawing import canvas_to_symbol, estimate_stroke_width, ink_mask
+from cnnkit.web.limits import InFlightLimitMiddleware
+from cnnkit.web.render import MAX_LATEX_LENGTH, render_latex_svg
+from cnnkit.web.schema import ErrorAnswer, PredictAnswer
+from cnnkit.web.server import (
     is_loopback,
     load_predictor,
     normalize_host,
@@ -41,11 +45,6 @@ from cnnkit.web.app import (
     page_url,
     serve,
 )
-from cnnkit.web.batching import MicroBatcher
-from cnnkit.web.drawing import canvas_to_symbol, estimate_stroke_width, ink_mask
-from cnnkit.web.limits import InFlightLimitMiddleware
-from cnnkit.web.render import MAX_LATEX_LENGTH, render_latex_svg
-from cnnkit.web.schema import ErrorAnswer, PredictAnswer
 from cnnkit.web.upload import BodySizeLimitMiddleware, _header_options, parse_multipart
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -9,7 +9,7 @@ from cnnkit.cli.model_files import refuse_an_architecture_name
 
 
 def command_serve(args: argparse.Namespace) -> int:
-    from cnnkit.web.app import serve
+    from cnnkit.web.server import serve
 
     if args.max_upload_mb <= 0:
         raise CommandError(f"--max-upload-mb must be more than 0; got {args.max_upload_mb:g}")
