@@ -220,13 +220,15 @@ def test_web_api_serves_a_model_on_the_gpu(symbol_model_file: Path) -> None:
     from PIL import Image, ImageDraw
 
     from cnnkit.web.app import create_app
+    from cnnkit.web.server import load_predictor
 
     image = Image.new("L", (32, 32), 255)
     ImageDraw.Draw(image).line([(4, 4), (28, 28), (4, 28)], fill=0, width=2)
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     expected = Predictor.from_file(symbol_model_file).predict(image)[0]
-    gpu = Predictor.from_file(symbol_model_file, device="cuda")
+    # As `cnnkit serve --device cuda` loads it: batch norms folded, channels-last memory.
+    gpu = load_predictor(str(symbol_model_file), device="cuda")
     assert next(gpu.model.parameters()).device.type == "cuda"
     with TestClient(create_app(gpu)) as client:
         answers = [

@@ -1170,6 +1170,29 @@ def test_serve_checks_the_model_and_port_before_announcing(symbol_model_path: Pa
     assert announced == []
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_serve_refuses_a_device_the_machine_lacks_before_announcing(
+    symbol_model_path: Path, capsys
+) -> None:
+    announced: list[str] = []
+    for model in (str(symbol_model_path), None):  # The bundled model too, not its int8 copy.
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            serve(model, port=0, on_ready=announced.append, device="cuda")
+    assert announced == []
+    from cnnkit.cli import main
+
+    assert main(["serve", "--device", "cuda", "--port", "0"]) == 2
+    captured = capsys.readouterr()
+    assert "Serving on" not in captured.out
+    assert "CUDA is not available" in captured.err
+
+
+def test_serving_on_the_cpu_by_any_name_keeps_the_bundled_models_int8_copy() -> None:
+    assert load_predictor(None, threads=1, device="auto").runtime == "onnxruntime int8"
+    served = load_predictor(None, threads=1, device="cpu")
+    assert served.runtime == "onnxruntime int8"
+
+
 @pytest.mark.parametrize(
     "host, bare, url",
     [

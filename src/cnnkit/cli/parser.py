@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="server processes, each with a copy of the model (more serve more requests/s "
         "on several cores)",
     )
+    serve.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda", "mps"],
+        default="cpu",
+        help="where a PyTorch model runs (default cpu, the bundled model's int8 export is "
+        "fastest there; auto: cuda, then mps, then cpu; an .onnx file runs on the CPU)",
+    )
     serve.set_defaults(handler=command_serve)
 
     demo = commands.add_parser("demo", help="train and use a CNN on the embedded digits")

@@ -26,5 +26,6 @@ def command_serve(args: argparse.Namespace) -> int:
         allow_remote=args.allow_remote,
         workers=args.workers,
         on_ready=lambda url: print(f"Serving on {url}  (Ctrl-C stops)", flush=True),
+        device=args.device,
     )
     return 0

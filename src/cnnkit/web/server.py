@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from fastapi import FastAPI
@@ -16,7 +17,7 @@ from cnnkit.errors import error_line
 from cnnkit.inference.artifact import ModelFileError
 from cnnkit.inference.bundled import bundled_int8_path
 from cnnkit.inference.predictor import Predictor, open_predictor
-from cnnkit.runtime import available_cores, for_inference, tune_allocator
+from cnnkit.runtime import available_cores, for_inference, select_device, tune_allocator
 from cnnkit.web.app import DEFAULT_MAX_UPLOAD_BYTES, create_app, model_summary
 
 logger = logging.getLogger(__name__)
@@ -51,18 +52,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def load_predictor(model_path: str | None, threads: int | None = None) -> Predictor:
+def load_predictor(
+    model_path: str | None, threads: int | None = None, device: str = "cpu"
+) -> Predictor:
     """Load ``model_path`` (a ``.safetensors`` model file, or an ``.onnx`` file from
     ``cnnkit export``, run by onnxruntime with ``threads`` intra-op threads), or the bundled
-    symbol model when it is ``None``: its shipped int8 export where onnxruntime is installed
-    and loads it (a forward pass 1.5-2.3x as fast), else the model file in PyTorch.
+    symbol model when it is ``None``: on the CPU, its shipped int8 export where onnxruntime is
+    installed and loads it (a forward pass 1.5-2.3x as fast), else the model file in PyTorch.
+    A PyTorch model runs on ``device`` (``"cpu"``, ``"auto"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``).
 
     Raises:
         FileNotFoundError: if no path is given and the bundled model is missing.
         cnnkit.inference.artifact.ModelFileError: for a bad model file.
+        ValueError: for an unknown or unavailable ``device``, or a GPU one for an ``.onnx`` file.
     """
-    predictor = _bundled_int8_predictor(threads) if model_path is None else None
-    predictor = predictor or open_predictor(model_path, threads=threads)
+    on_cpu = select_device(device).type == "cpu"
+    predictor = _bundled_int8_predictor(threads) if model_path is None and on_cpu else None
+    predictor = predictor or open_predictor(model_path, threads=threads, device=device)
     if predictor.model is not None:  # An ONNX predictor has no torch module to optimise.
         optimize_for_serving(predictor.model)
     return predictor
@@ -133,6 +139,7 @@ def serve(
     allow_remote: bool = False,
     workers: int = 1,
     on_ready: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> None:
     """Serve the web app and API until interrupted.
 
@@ -149,6 +156,8 @@ def serve(
             event loop handles about 1,000-1,500 requests/s; with several cores, more
             processes serve more.
         on_ready: called with the page's URL once the model has loaded and the port is free.
+        device: where a PyTorch model runs (see :func:`load_predictor`); on a GPU, one process
+            serves best (each of several would hold its own copy of the model there).
 
     Raises:
         ValueError: for a non-loopback ``host`` without ``allow_remote``, or a bad port.
@@ -169,12 +178,14 @@ def serve(
         raise ValueError(f"workers must be >= 1; got {workers}")
     if max_upload_bytes < 1:
         raise ValueError(f"max_upload_bytes must be >= 1; got {max_upload_bytes}")
-    predictor = load_predictor(model_path)  # With several workers, a bad file fails here once.
+    # With several workers, a bad file or device fails here once.
+    predictor = load_predictor(model_path, device=device)
     port = free_port(host, port)
     if on_ready is not None:
         on_ready(page_url(host, port))
     if workers > 1:
-        _serve_processes(model_path, host, port, max_upload_bytes, workers, predictor)
+        settings = {"model": model_path, "max_upload_bytes": max_upload_bytes, "device": device}
+        _serve_processes(settings, host, port, workers, predictor)
         return
     app = create_app(predictor, max_upload_bytes)
     logger.info(
@@ -200,14 +211,10 @@ _WORKER_SETTINGS = "CNNKIT_SERVE_SETTINGS"
 
 
 def _serve_processes(
-    model_path: str | None,
-    host: str,
-    port: int,
-    max_upload_bytes: int,
-    workers: int,
-    predictor: Predictor,
+    settings: dict[str, Any], host: str, port: int, workers: int, predictor: Predictor
 ) -> None:
-    """Run ``workers`` uvicorn processes on one port; each builds its app from the settings."""
+    """Run ``workers`` uvicorn processes on one port; each builds its app from ``settings``
+    (the model, upload limit and device) and its share of the cores."""
     import json
     import os
 
@@ -215,9 +222,7 @@ def _serve_processes(
 
     summary = model_summary(predictor)
     threads = max(1, available_cores() // workers)
-    os.environ[_WORKER_SETTINGS] = json.dumps(
-        {"model": model_path, "max_upload_bytes": max_upload_bytes, "threads": threads}
-    )
+    os.environ[_WORKER_SETTINGS] = json.dumps({**settings, "threads": threads})
     logger.info(
         "serving %s (%s, %s) with %d processes on %s",
         summary["architecture"],
@@ -245,5 +250,7 @@ def app_from_environment() -> FastAPI:
     settings = json.loads(os.environ[_WORKER_SETTINGS])
     torch.set_num_threads(settings["threads"])
     tune_allocator()
-    predictor = load_predictor(settings["model"], settings["threads"])
+    predictor = load_predictor(
+        settings["model"], settings["threads"], settings.get("device", "cpu")
+    )
     return create_app(predictor, settings["max_upload_bytes"])
