@@ -19,6 +19,7 @@ class CommandError(Exception):
 
 
 DATASETS = ("hasy", "cub", "folder", "csv", "digits")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def whole(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -201,11 +202,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, search: bool = False) -
         "--patience", type=whole(1), help="early stopping after N epochs without gain"
     )
     train.add_argument("--seed", type=int, help="seed for splits, init, shuffling, augmentation")
-    train.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda", "mps"],
-        help="where to train (auto: cuda, then mps, then cpu)",
-    )
+    add_device_argument(train, None, "where to train (auto: cuda, then mps, then cpu)")
     train.add_argument("--no-amp", action="store_true", default=None, help="disable CUDA AMP")
     train.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast on CPU")
     train.add_argument(
@@ -228,6 +225,13 @@ def add_train_arguments(parser: argparse.ArgumentParser, search: bool = False) -
         "--phases",
         help="transfer models: frozen,finetune (default both) or frozen",
     )
+
+
+def add_device_argument(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: str | None, help: str
+) -> None:
+    """``--device``: where a command runs its model (each command says why its default)."""
+    parser.add_argument("--device", choices=DEVICES, default=default, help=help)
 
 
 def parse_option(text: str) -> tuple[str, Any]:

@@ -12,6 +12,7 @@ from cnnkit.cli.arguments import (
     DATASETS,
     VERBOSE_HELP,
     add_data_arguments,
+    add_device_argument,
     add_model_argument,
     add_train_arguments,
     whole,
@@ -81,11 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         "model)",
     )
     evaluate.add_argument("--json", action="store_true", help="print metrics as JSON")
-    evaluate.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda", "mps"],
-        default="auto",
-        help="where the model runs (auto: cuda, then mps, then cpu; an .onnx file runs on "
+    add_device_argument(
+        evaluate,
+        "auto",
+        "where the model runs (auto: cuda, then mps, then cpu; an .onnx file runs on "
         "ONNX Runtime's CPU provider)",
     )
     evaluate.set_defaults(handler=command_evaluate)
@@ -109,11 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["torch", "onnx"],
         help="run the model with PyTorch or ONNX Runtime (default: onnx for a .onnx file)",
     )
-    predict.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda", "mps"],
-        default="cpu",
-        help="where a PyTorch model runs (default cpu, the quickest to start for a few images; "
+    add_device_argument(
+        predict,
+        "cpu",
+        "where a PyTorch model runs (default cpu, the quickest to start for a few images; "
         "auto: cuda, then mps, then cpu; ONNX Runtime runs on the CPU)",
     )
     predict.set_defaults(handler=command_predict)
@@ -146,11 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="server processes, each with a copy of the model (more serve more requests/s "
         "on several cores)",
     )
-    serve.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda", "mps"],
-        default="cpu",
-        help="where a PyTorch model runs (default cpu, the bundled model's int8 export is "
+    add_device_argument(
+        serve,
+        "cpu",
+        "where a PyTorch model runs (default cpu, the bundled model's int8 export is "
         "fastest there; auto: cuda, then mps, then cpu; an .onnx file runs on the CPU)",
     )
     serve.set_defaults(handler=command_serve)
