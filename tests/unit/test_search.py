@@ -177,6 +177,16 @@ def test_space_file_format(tmp_path):
         ("a: {type: int, low: 16, high: 18, step: 0.5}", "'a': int parameters need a whole step"),
         ("a: {type: int, low: 0.5, high: 2}", "'a': int parameters need a whole low"),
         ("m: {type: int, low: 1, high: 2, target: model.name}", "'m': model.name is chosen"),
+        (
+            "dropout: {type: float, low: 0.1, high: 0.5, log: 'no'}",
+            "bad.yaml: search parameter 'dropout': log must be true or false; got 'no'",
+        ),
+        ("a: {low: 0.1, high: 0.5, log: 'false'}", "log must be true or false; got 'false'"),
+        (
+            "preset: [digits]\nparameters: {a: {choices: [1]}}",
+            "bad.yaml: search space 'bad': preset must be a preset name such as book-hasy; "
+            "got \\['digits'\\]",
+        ),
     ],
 )
 def test_space_file_errors_name_the_parameter(tmp_path, text, message):
