@@ -291,3 +291,42 @@ def test_small_hyperparameters_keep_their_significant_digits(tmp_path):
     page = build_report_html(tmp_path)
     cells = re.findall(r"<td[^>]*>([^<]*)</td>", page.split("Trials (sorted")[1])
     assert cells == ["0", "complete", "2.6e-05", "1.1e-05", "0.9312"]
+
+
+def test_well_formed_files_of_unexpected_shapes_are_named_and_left_out(tmp_path, caplog):
+    """A run.json config that is a list, a search.yaml space that is a list, and a metrics.csv
+    row with an extra field each leave their section out with a warning, not a traceback."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text('{"config": [1, 2], "fit": "x", "test": 3}', encoding="utf-8")
+    (run / "metrics.csv").write_text("epoch,train_accuracy\n1,0.5,extra\n", encoding="utf-8")
+    assert "Training run" in build_report_html(run)
+    assert "run.json: config is not a mapping" in caplog.text
+    assert "metrics.csv: line 2 has more fields than the header" in caplog.text
+    search = tmp_path / "search"
+    search.mkdir()
+    (search / "search.yaml").write_text("space: [dense, dropout]\n", encoding="utf-8")
+    (search / "results.csv").write_text("trial,state,dense\n0,complete,8\n", encoding="utf-8")
+    assert "Hyperparameter search" in build_report_html(search)
+    assert "search.yaml: space is not a mapping" in caplog.text
+
+
+def test_a_file_passed_for_the_run_folder_is_named(tmp_path):
+    (tmp_path / "config.yaml").write_text("model: {name: symbol_cnn}\n", encoding="utf-8")
+    with pytest.raises(ValueError) as error:
+        build_report_html(tmp_path / "config.yaml")
+    assert str(error.value) == (
+        f"{tmp_path / 'config.yaml'} is a file: pass the run or search folder ({tmp_path})"
+    )
+
+
+def test_a_results_table_of_the_earlier_format_is_still_shown(tmp_path):
+    """Searches written before the epochs column was named epochs_run still report."""
+    (tmp_path / "search.yaml").write_text("space: {parameters: {dense: {}}}\n", encoding="utf-8")
+    (tmp_path / "results.csv").write_text(
+        "trial,state,dense,val_accuracy,val_loss,test_top1,epochs,seconds,pruned,run_dir\n"
+        "0,complete,8,0.5,1.0,,3,2.0,False,trials/trial-000\n",
+        encoding="utf-8",
+    )
+    page = build_report_html(tmp_path)
+    assert "Best: trial 0 (dense=8)" in page and "<th>epochs</th>" in page

@@ -177,6 +177,16 @@ def test_space_file_format(tmp_path):
         ("a: {type: int, low: 16, high: 18, step: 0.5}", "'a': int parameters need a whole step"),
         ("a: {type: int, low: 0.5, high: 2}", "'a': int parameters need a whole low"),
         ("m: {type: int, low: 1, high: 2, target: model.name}", "'m': model.name is chosen"),
+        (
+            "dropout: {type: float, low: 0.1, high: 0.5, log: 'no'}",
+            "bad.yaml: search parameter 'dropout': log must be true or false; got 'no'",
+        ),
+        ("a: {low: 0.1, high: 0.5, log: 'false'}", "log must be true or false; got 'false'"),
+        (
+            "preset: [digits]\nparameters: {a: {choices: [1]}}",
+            "bad.yaml: search space 'bad': preset must be a preset name such as book-hasy; "
+            "got \\['digits'\\]",
+        ),
     ],
 )
 def test_space_file_errors_name_the_parameter(tmp_path, text, message):
@@ -277,7 +287,7 @@ def test_search_resumes_without_repeating_trials(tmp_path, digits_data, caplog):
         rows = list(csv.DictReader(handle))
     accuracies = [float(row["val_accuracy"]) for row in rows]
     assert accuracies == sorted(accuracies, reverse=True)
-    assert {"convs", "dense", "val_loss", "epochs", "seconds", "pruned"} <= set(rows[0])
+    assert {"convs", "dense", "val_loss", "epochs_run", "seconds", "pruned"} <= set(rows[0])
     assert (run_dir / "results.md").read_text().startswith("| rank | trial |")
     for name in ("learning_curves.png", "accuracy_by_parameter.png", "param_importances.png"):
         assert (run_dir / name).stat().st_size > 1000
@@ -1068,3 +1078,177 @@ def test_an_ensemble_is_refused_by_search(tmp_path, digits_data):
     with pytest.raises(ValueError, match="search trains one model a trial, not ensembles"):
         run_search(base, space, SearchConfig(sampler="grid"), progress=False, data=digits_data)
     assert not (tmp_path / "search").exists()
+
+
+# ----------------------------------------------------------------------------- reviewed defects
+
+
+@pytest.mark.parametrize("choices", [(0, 0.5), (None, 3), ("adam", 1), (True, False)])
+def test_hparams_take_choices_of_mixed_types(tmp_path, choices):
+    """TensorBoard takes a discrete domain of one type: [0, 0.5] and [null, 3] once raised."""
+    from cnnkit.evaluation.search_plots import TrialSummary
+    from cnnkit.training.search_results import log_trial_hparams
+
+    space = SearchSpace(
+        "mixed", (SearchParameter("x", "categorical", "train.seed", choices=choices),)
+    )
+    for choice in choices:
+        trial = TrialSummary(0, "complete", {"x": choice}, 0.5, 1.0, None, 1)
+        log_trial_hparams(tmp_path, trial, space)
+    assert list((tmp_path / "trial-000").glob("events.out.tfevents.*"))
+
+
+def test_a_failing_hparams_log_neither_stops_the_search_nor_its_tables(
+    tmp_path, digits_data, monkeypatch, caplog
+):
+    from cnnkit.training import search as search_module
+
+    def fail(*args):
+        raise TypeError("hparam_domain_discrete[x] should be a list of same type")
+
+    monkeypatch.setattr(search_module, "log_trial_hparams", fail)
+    base = tiny_base(tmp_path / "search", epochs=1)
+    config = SearchConfig(sampler="grid", pruner="none", n_trials=2)
+    result = run_search(base, TINY_SPACE, config, progress=False, data=digits_data)
+    assert result.counts["complete"] == 2
+    assert (tmp_path / "search" / "results.csv").is_file()
+    assert "trial-000: not logged to TensorBoard HParams (hparam_domain_discrete" in caplog.text
+
+
+def test_an_option_one_of_the_searched_models_lacks_is_refused(tmp_path, digits_data):
+    """A symbol_cnn trial would fail on dense and end the search: refused before it starts."""
+    space = parse_space(
+        {
+            "model": {"choices": ["book_cnn", "symbol_cnn"], "target": "model.name"},
+            "dense": {"choices": [16, 32], "target": "model.options.dense"},
+        },
+        "two",
+    )
+    base = tiny_base(tmp_path / "search")
+    with pytest.raises(ValueError) as error:
+        run_search(base, space, SearchConfig(sampler="grid"), progress=False, data=digits_data)
+    assert str(error.value) == (
+        "search space 'two': search parameter 'dense' sets model option 'dense', which "
+        "symbol_cnn (a choice of model.name) does not take; search each model in a space of "
+        "its own"
+    )
+    assert not (tmp_path / "search").exists()
+
+
+def test_a_parameter_named_epochs_keeps_its_own_column(tmp_path):
+    """The epochs a trial ran are ``epochs_run``: a searched ``epochs`` is not overwritten."""
+    from cnnkit.evaluation.html_report import build_report_html
+    from cnnkit.evaluation.search_plots import TrialSummary, write_results_tables
+
+    trial = TrialSummary(0, "complete", {"epochs": 7}, 0.5, 1.0, None, 3)
+    write_results_tables([trial], ["epochs"], tmp_path)
+    with open(tmp_path / "results.csv", newline="", encoding="utf-8") as handle:
+        row = next(csv.DictReader(handle))
+    assert row["epochs"] == "7" and row["epochs_run"] == "3"
+    (tmp_path / "search.yaml").write_text("space: {parameters: {epochs: {}}}\n", encoding="utf-8")
+    assert "Best: trial 0 (epochs=7)" in build_report_html(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["seconds", "state", "val_accuracy", "pruned", "epochs_run"])
+def test_a_parameter_named_as_a_result_column_is_refused(tmp_path, digits_data, name):
+    space = parse_space({name: {"choices": [1, 2], "target": "train.seed"}}, "clash")
+    base = tiny_base(tmp_path / "search")
+    message = f"parameter {name!r} has the name of a column of the results table; rename it"
+    with pytest.raises(ValueError, match=message):
+        run_search(base, space, SearchConfig(sampler="grid"), progress=False, data=digits_data)
+    assert not (tmp_path / "search").exists()
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        (["--dense", "64"], "--dense 64: the space 'book' searches model.options.dense; "),
+        (["--option", "dropout=0.1"], "--option dropout=0.1: the space 'book' searches "),
+        (["--config", "CONFIG"], "settings.yaml: model.options.convs is set there, and the "),
+    ],
+)
+def test_cli_search_refuses_a_setting_the_space_searches(tmp_path, capsys, given, message):
+    """An option a user gives is never second-guessed: every trial would override it."""
+    from cnnkit.cli import main
+
+    config_file = tmp_path / "settings.yaml"
+    config_file.write_text("model: {options: {convs: 1}}\n", encoding="utf-8")
+    given = [str(config_file) if word == "CONFIG" else word for word in given]
+    out = tmp_path / "search"
+    argv = ["search", "--dataset", "digits", "--space", "book", "--out", str(out), *given]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_continuing_a_search_with_other_pruner_settings_is_refused(tmp_path):
+    from cnnkit.training.search_settings import check_same_search, write_search_settings
+
+    base = tiny_base(tmp_path / "search")
+    config = SearchConfig(pruner="halving", prune_warmup=2)
+    run_dir = base.run_dir()
+    run_dir.mkdir()
+    write_search_settings(run_dir, base, TINY_SPACE, config, "search", "sqlite:///x")
+    assert check_same_search(run_dir, base, TINY_SPACE, config) == "search"
+    for changed in (replace(config, prune_warmup=3), replace(config, reduction_factor=4)):
+        with pytest.raises(ValueError, match=r"holds a search with another pruner setting \("):
+            check_same_search(run_dir, base, TINY_SPACE, changed)
+    # Settings the pruner does not read may change.
+    assert check_same_search(run_dir, base, TINY_SPACE, replace(config, median_startup_trials=9))
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"val_fraction": 0.0}, "--val-fraction (data.val_fraction) must be above 0"),
+        ({"train_on_all": True}, "remove data.train_on_all from the --config file"),
+    ],
+)
+def test_a_search_without_held_out_images_is_refused(tmp_path, digits_data, data, message):
+    base = tiny_base(tmp_path / "search")
+    base = replace(base, data=replace(base.data, **data))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_search(base, TINY_SPACE, SearchConfig(), progress=False, data=digits_data)
+    assert not (tmp_path / "search").exists()
+
+
+def test_an_out_that_is_a_file_is_named(tmp_path, digits_data):
+    afile = tmp_path / "afile"
+    afile.write_text("", encoding="utf-8")
+    for out, message in (
+        (afile, f"--out {afile} names a file, not a folder"),
+        (afile / "sub", f"--out {afile / 'sub'}: {afile} is a file, not a folder"),
+    ):
+        with pytest.raises(ValueError) as error:
+            run_search(tiny_base(out), TINY_SPACE, SearchConfig(), data=digits_data)
+        assert str(error.value) == message
+
+
+def test_a_trial_that_repeats_a_finished_one_is_not_trained_again(tmp_path, digits_data):
+    from cnnkit.training.search import TrialRunner
+    from cnnkit.training.search_results import summarize_trial
+
+    base = tiny_base(tmp_path / "search")
+    config = SearchConfig(sampler="tpe", pruner="none")
+    study = optuna.create_study(direction="maximize")
+    distributions = {
+        p.name: optuna.distributions.CategoricalDistribution(p.choices)
+        for p in TINY_SPACE.parameters
+    }
+    params = {"convs": 1, "dense": 8}
+    result = {"val_accuracy": 0.25, "epochs_run": 2}
+    study.add_trial(
+        optuna.trial.create_trial(
+            params=params, distributions=distributions, value=0.25, user_attrs={"result": result}
+        )
+    )
+    study.enqueue_trial(params)
+    runner = TrialRunner(base, TINY_SPACE, config, base.run_dir(), None, False, digits_data)
+    study.optimize(runner, n_trials=1)
+    repeat = study.trials[1]
+    assert repeat.value == 0.25 and repeat.user_attrs["repeats"] == 0
+    assert not (base.run_dir() / "trials").exists()  # Nothing was trained.
+    summary = summarize_trial(repeat, base.run_dir())
+    assert summary.repeats == 0 and summary.epochs == 2
+    assert summary.to_row(["convs", "dense"])["repeats"] == 0

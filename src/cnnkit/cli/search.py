@@ -7,6 +7,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from cnnkit.cli.arguments import CommandError, overrides_from_args
 from cnnkit.cli.settings import print_config, resolve_run_config
 from cnnkit.cli.train import print_data_summary
 from cnnkit.paths import default_cache_dir
@@ -19,14 +20,83 @@ def _print_trial(summary) -> None:
     accuracy = "" if summary.val_accuracy is None else f"val {summary.val_accuracy:.4f}"
     test = "" if summary.test_top1 is None else f"  test {summary.test_top1:.4f}"
     seconds = "" if summary.seconds is None else f"  {summary.seconds:.0f}s"
+    if summary.repeats is not None:
+        seconds = f"  (repeats trial {summary.repeats}: not trained again)"
     print(
         f"trial {summary.number:>3}  {summary.state:<8}  {params}  {accuracy}{test}"
         f"  {summary.epochs} epoch(s){seconds}"
     )
 
 
+# Flags whose names are not their settings' (argparse dest -> the flag a user types).
+_FLAG_NAMES = {
+    "learning_rate": "--lr",
+    "mixup_alpha": "--mixup",
+    "cutmix_alpha": "--cutmix",
+    "ema_decay": "--ema",
+    "micro_batch_size": "--micro-batch",
+}
+_MISSING = object()
+
+
+def _setting(nested: dict, target: str) -> object:
+    """The value at a dotted ``target`` of nested settings, or ``_MISSING`` (a null is set)."""
+    node: object = nested
+    for key in target.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return _MISSING
+        node = node[key]
+    return node
+
+
+def _flag_setting(args: argparse.Namespace, target: str) -> str | None:
+    """The flag (as typed, with its value) that sets ``target``, or None: found by leaving out
+    one given flag at a time, so every flag counts however it maps onto the settings."""
+    overrides = overrides_from_args(args)
+    if _setting(overrides, target) in (_MISSING, None):
+        return None
+    for text in args.option:
+        key = text.split("=", 1)[0].strip()
+        if target == f"model.options.{key}":
+            return f"--option {text}"
+    for dest, value in vars(args).items():
+        if value is None or value is False or dest == "option":
+            continue
+        without = argparse.Namespace(**{**vars(args), dest: None})
+        try:
+            unset = _setting(overrides_from_args(without), target) in (_MISSING, None)
+        except (AttributeError, TypeError):
+            continue
+        if unset:
+            flag = _FLAG_NAMES.get(dest, "--" + dest.replace("_", "-"))
+            return flag if value is True else f"{flag} {value}"
+    return None
+
+
+def refuse_settings_the_space_searches(args: argparse.Namespace, space, file_layer: dict) -> None:
+    """Refuse a flag, ``--option`` or ``--config`` setting that a space parameter also sets:
+    every trial would silently train with the space's value instead of the one given.
+
+    Raises:
+        CommandError: naming the flag (or the file and the setting) and the parameter.
+    """
+    for parameter in space.parameters:
+        target = parameter.target
+        flag = _flag_setting(args, target)
+        if flag is not None:
+            raise CommandError(
+                f"{flag}: the space {args.space!r} searches {target}; drop the flag or the "
+                "parameter"
+            )
+        if _setting(file_layer, target) is not _MISSING:
+            raise CommandError(
+                f"{args.config}: {target} is set there, and the space {args.space!r} searches "
+                "it; remove it from the file or drop the parameter"
+            )
+
+
 def command_search(args: argparse.Namespace) -> int:
-    from cnnkit.config import DataConfig
+    from cnnkit.config import DataConfig, load_config_file
     from cnnkit.runtime import tune_allocator
     from cnnkit.training.search import SearchConfig, run_search
     from cnnkit.training.search_workers import default_workers
@@ -34,11 +104,16 @@ def command_search(args: argparse.Namespace) -> int:
     from cnnkit.training.trainer import TrainingInterrupted
 
     space = resolve_space(args.space)
+    file_layer = load_config_file(args.config) if args.config else {}
+    refuse_settings_the_space_searches(args, space, file_layer)
     if args.preset is None and args.model is None and space.preset:
         args.preset = space.preset
     base = resolve_run_config(args, detect_photos=False)  # The space decides the model.
     given_out = base.out  # From --out, else from the --config file's out.
-    if base.data.val_fraction == 0 and args.val_fraction is None:
+    held_out_given = args.val_fraction is not None or _setting(
+        file_layer, "data.val_fraction"
+    ) not in (_MISSING, None)
+    if base.data.val_fraction == 0 and not held_out_given:
         # Trials are ranked on held-out images; a preset without a validation split (it trains
         # on all of them) would rank them on training accuracy.
         share = DataConfig().val_fraction

@@ -55,10 +55,29 @@ def _unreadable(path: Path, error: Exception) -> None:
 def _read_csv(path: Path) -> list[dict[str, str]]:
     try:
         with open(path, newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
+            rows = list(csv.DictReader(handle))
     except (OSError, ValueError, csv.Error) as error:
         _unreadable(path, error)
         return []
+    # DictReader puts the fields past the header's under the key None, which no column shows.
+    extra = [number for number, row in enumerate(rows, start=2) if None in row]
+    if extra:
+        logger.warning(
+            "%s: line %d has more fields than the header; the report leaves them out",
+            path,
+            extra[0],
+        )
+    return [{key: value for key, value in row.items() if key is not None} for row in rows]
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    """``value`` when it is a mapping, else {} with a warning: a well-formed file may still
+    hold a list where a section of settings belongs, and its section is then left out."""
+    if isinstance(value, dict):
+        return value
+    if value is not None:
+        logger.warning("%s is not a mapping; the report leaves it out", where)
+    return {}
 
 
 def _read_text(path: Path) -> str | None:
@@ -213,16 +232,22 @@ def _phase_history(run_dir: Path) -> list[dict[str, str]]:
 def _training_sections(run_dir: Path) -> list[str]:
     info = _read_mapping(run_dir / RUN_INFO)
     report_dir = run_dir / "report"
-    test = _read_mapping(report_dir / "metrics.json") or info.get("test") or {}
-    fit = info.get("fit") or {}
-    config = info.get("config") or _read_mapping(run_dir / "config.yaml")
-    model = config.get("model") or {}
-    data = config.get("data") or {}
+    where = run_dir / RUN_INFO
+    test = _read_mapping(report_dir / "metrics.json") or _mapping(
+        info.get("test"), f"{where}: test"
+    )
+    fit = _mapping(info.get("fit"), f"{where}: fit")
+    config = _mapping(info.get("config"), f"{where}: config") or _read_mapping(
+        run_dir / "config.yaml"
+    )
+    model = _mapping(config.get("model"), "the run's config: model")
+    data = _mapping(config.get("data"), "the run's config: data")
     # A transfer run writes its combined metrics.csv at the end; until then, its phases'.
     history = _read_csv(run_dir / "metrics.csv") or _phase_history(run_dir)
     transfer = any("phase" in row for row in history) or (run_dir / "phases.json").exists()
     # A transfer run's epochs are the head's and the fine-tune's: no single plan to compare.
-    planned = None if transfer else (config.get("train") or {}).get("epochs")
+    train = _mapping(config.get("train"), "the run's config: train")
+    planned = None if transfer else train.get("epochs")
     # Without a validation split the trainer keeps the best training accuracy: label it so.
     validated = any(row.get("val_accuracy") not in (None, "") for row in history)
     best_label = "best val accuracy" if validated else "best train accuracy (no val split)"
@@ -307,7 +332,8 @@ def _search_sections(run_dir: Path) -> list[str]:
         )
     ]
     if best:
-        parameters = (settings.get("space") or {}).get("parameters") or {}
+        space = _mapping(settings.get("space"), f"{run_dir / SEARCH_SETTINGS}: space")
+        parameters = _mapping(space.get("parameters"), f"{run_dir / SEARCH_SETTINGS}: parameters")
         chosen = ", ".join(f"{name}={best.get(name)}" for name in parameters)
         sections.append(f"<p>Best: trial {_escape(best.get('trial'))} ({html.escape(chosen)})</p>")
     columns = [c for c in (rows[0] if rows else []) if c != "run_dir"]
@@ -331,7 +357,7 @@ def _search_sections(run_dir: Path) -> list[str]:
             sections += ["<h2>Best trial: confusion matrix</h2>", _figure(confusion, "confusion")]
     retrained = _read_mapping(run_dir / "best" / RUN_INFO)
     if retrained:
-        test = retrained.get("test") or {}
+        test = _mapping(retrained.get("test"), f"{run_dir / 'best' / RUN_INFO}: test")
         sections += [
             "<h2>Best configuration retrained on train+validation</h2>",
             _cards(
@@ -350,6 +376,8 @@ def build_report_html(run_dir: str | Path) -> str:
         ValueError: if the folder holds neither.
     """
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise ValueError(f"{run_dir} is a file: pass the run or search folder ({run_dir.parent})")
     if not run_dir.is_dir():
         raise ValueError(f"{run_dir}: no such folder")
     is_search = is_search_folder(run_dir) or (run_dir / "results.csv").is_file()

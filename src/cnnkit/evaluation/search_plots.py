@@ -28,6 +28,21 @@ PARAMETERS_PNG = "accuracy_by_parameter.png"
 IMPORTANCES_PNG = "param_importances.png"
 
 _COMPLETE, _PRUNED = "tab:blue", "0.65"
+# The results tables' own columns besides the parameters' (results.md adds the rank): a
+# parameter may not take one of these names, or its value and the result would share a cell.
+RESULT_COLUMNS = (
+    "rank",
+    "trial",
+    "state",
+    "val_accuracy",
+    "val_loss",
+    "test_top1",
+    "epochs_run",
+    "seconds",
+    "pruned",
+    "repeats",
+    "run_dir",
+)
 
 
 def plot_trial_curves(
@@ -169,6 +184,8 @@ class TrialSummary:
         seconds: wall time of the trial.
         run_dir: the trial's run folder.
         curve: ``(epoch, validation accuracy)`` points.
+        repeats: the earlier trial with the same parameters whose result this one took
+            instead of training again (None: it trained).
     """
 
     number: int
@@ -181,6 +198,7 @@ class TrialSummary:
     seconds: float | None = None
     run_dir: str = ""
     curve: list[tuple[int, float]] = field(default_factory=list)
+    repeats: int | None = None
 
     @property
     def label(self) -> str:
@@ -195,9 +213,10 @@ class TrialSummary:
             "val_accuracy": self.val_accuracy,
             "val_loss": self.val_loss,
             "test_top1": self.test_top1,
-            "epochs": self.epochs,
+            "epochs_run": self.epochs,
             "seconds": None if self.seconds is None else round(self.seconds, 1),
             "pruned": self.state == "pruned",
+            "repeats": self.repeats,
             "run_dir": self.run_dir,
         }
 

@@ -314,6 +314,9 @@ class TrialRunner:
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", worker_identity())
         params = suggest_params(trial, self.space, self.config.sampler == "grid")
+        earlier = repeated_trial(trial, params)
+        if earlier is not None:
+            return repeat_result(trial, earlier)
         config = build_trial_config(
             self.base, self.space, params, trial_dir(self.run_dir, trial.number)
         )
@@ -363,6 +366,39 @@ class TrialRunner:
             },
         )
         return float(fit.best_val_accuracy)
+
+
+def repeated_trial(trial: optuna.Trial, params: dict[str, Any]) -> FrozenTrial | None:
+    """The first finished trial of the study with exactly ``params``, or None.
+
+    TPE proposes points of a small all-categorical space (the 40-point book grid) again once
+    it has seen most of them; training one again would only measure the noise of a rerun.
+    """
+    for earlier in trial.study.get_trials(deepcopy=False, states=FINISHED):
+        if earlier.number != trial.number and earlier.params == params:
+            return earlier
+    return None
+
+
+def repeat_result(trial: optuna.Trial, earlier: FrozenTrial) -> float:
+    """End ``trial`` as ``earlier`` ended, without training: its value, or pruned.
+
+    The repeat is kept as a trial of its own (and counts against the budget, like any trial
+    the sampler proposed), so the sampler sees the point again as it would after a rerun. Its
+    ``repeats`` user attribute names ``earlier``, which the results tables show; it has no
+    learning curve of its own, so the figures show ``earlier``'s once.
+
+    Raises:
+        optuna.TrialPruned: when ``earlier`` was pruned.
+    """
+    trial.set_user_attr("repeats", earlier.number)
+    for key in ("run_dir", "result", "progress"):
+        if key in earlier.user_attrs:
+            trial.set_user_attr(key, earlier.user_attrs[key])
+    logger.info("trial %d repeats trial %d: not trained again", trial.number, earlier.number)
+    if earlier.state == TrialState.PRUNED:
+        raise optuna.TrialPruned(f"repeats trial {earlier.number}, which was pruned")
+    return float(earlier.value)
 
 
 def target_trials(config: SearchConfig, space: SearchSpace) -> int | None:
@@ -437,10 +473,10 @@ def _optimize(
     parameter_names = [parameter.name for parameter in space.parameters]
 
     def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-        summary = summarize_trial(trial, run_dir)
-        if trial.state in FINISHED:
-            log_trial_hparams(run_dir / "tensorboard", summary, space)
+        # The tables come first: they are the search's result, and HParams only a view of it.
         write_results_tables(collect_trials(study, run_dir), parameter_names, run_dir)
+        if trial.state in FINISHED:
+            _log_hparams(run_dir, summarize_trial(trial, run_dir), space)
         if reporter is not None:
             reporter.report_new(study, trial)
         # Stop once every grid point (or the whole budget) is taken by a finished or running
@@ -463,6 +499,17 @@ def _optimize(
         )
     finally:
         optuna_logger.removeFilter(quiet)
+
+
+def _log_hparams(run_dir: Path, summary: TrialSummary, space: SearchSpace) -> None:
+    """Log a trial to TensorBoard's HParams; a failure there is a warning, never the end of
+    the search (the results tables hold the same numbers)."""
+    try:
+        log_trial_hparams(run_dir / "tensorboard", summary, space)
+    except Exception as error:  # TensorBoard's protobufs raise TypeError, ValueError and more.
+        logger.warning(
+            "%s: not logged to TensorBoard HParams (%s)", summary.label, error_line(error)
+        )
 
 
 class _QuietInterruptions(logging.Filter):
@@ -606,9 +653,10 @@ def run_search(
         The study's trials (from every process) and the files written.
 
     Raises:
-        ValueError: if the base config trains on the test images (``train_on_all``), or the
-            space does not fit the base config or the sampler (a parameter that sets the data
-            split, a model option no model takes, a continuous range for the grid sampler).
+        ValueError: if the base config trains on the test images (``train_on_all``) or holds
+            out no validation images, or the space does not fit the base config or the
+            sampler (a parameter that sets the data split, a model option one of its models
+            does not take, a continuous range for the grid sampler).
     """
     with INTERRUPTS.installed():  # Ctrl-C and kill never land inside a storage query.
         return _run_search(
@@ -629,10 +677,7 @@ def _run_search(
 ) -> SearchResult:
     import torch
 
-    if base.data.train_on_all:
-        raise ValueError("search compares trials on held-out data: drop --train-on-all")
-    if base.data.val_fraction == 0:
-        logger.warning("no validation split: trials are compared on training accuracy")
+    check_held_out(base)
     start = time.perf_counter()
     run_dir = base.run_dir()
     if not logger.isEnabledFor(logging.DEBUG):
@@ -706,6 +751,26 @@ def _run_search(
     return SearchResult(
         run_dir, url, name, trials, counts, files, retrained, time.perf_counter() - start
     )
+
+
+def check_held_out(base: RunConfig) -> None:
+    """Refuse a base config that leaves no held-out images to rank trials on.
+
+    Raises:
+        ValueError: for ``data.train_on_all`` (search has no flag for it, so it came from a
+            config file), or for no validation split (trials would be ranked on training
+            accuracy, labelled as validation accuracy).
+    """
+    if base.data.train_on_all:
+        raise ValueError(
+            "search compares trials on held-out images: remove data.train_on_all from the "
+            "--config file"
+        )
+    if base.data.val_fraction == 0:
+        raise ValueError(
+            "search compares trials on held-out images: --val-fraction (data.val_fraction) "
+            "must be above 0"
+        )
 
 
 def retrain_best(

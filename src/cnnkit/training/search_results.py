@@ -4,13 +4,14 @@ and the results tables and figures written from them."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from cnnkit.config import is_number
 from cnnkit.evaluation.search_plots import (
     TrialSummary,
     write_results_tables,
@@ -53,6 +54,7 @@ def summarize_trial(trial: FrozenTrial, run_dir: Path) -> TrialSummary:
         seconds=seconds,
         run_dir=_relative(trial.user_attrs.get("run_dir", ""), run_dir),
         curve=curve,
+        repeats=trial.user_attrs.get("repeats"),
     )
 
 
@@ -84,12 +86,14 @@ def log_trial_hparams(log_dir: Path, trial: TrialSummary, space: SearchSpace) ->
     domains: dict[str, list[Any]] = {"state": ["complete", "pruned"]}
     for parameter in space.parameters:
         if parameter.type == "categorical" and parameter.name in values:
-            domains[parameter.name] = list(parameter.choices)
+            convert = hparam_type(parameter.choices)
+            values[parameter.name] = convert(values[parameter.name])
+            domains[parameter.name] = [convert(choice) for choice in parameter.choices]
     metrics = {
         "hparams/val_accuracy": trial.val_accuracy,
         "hparams/val_loss": trial.val_loss,
         "hparams/test_top1": trial.test_top1,
-        "hparams/epochs": float(trial.epochs),
+        "hparams/epochs_run": float(trial.epochs),
     }
     metrics = {k: float(v) for k, v in metrics.items() if v is not None}
     # SummaryWriter.add_hparams would also leave an empty event file in LOG_DIR per call.
@@ -98,6 +102,16 @@ def log_trial_hparams(log_dir: Path, trial: TrialSummary, space: SearchSpace) ->
             writer.file_writer.add_summary(summary)
         for key, value in metrics.items():
             writer.add_scalar(key, value)
+
+
+def hparam_type(choices: Sequence[Any]) -> Callable[[Any], Any]:
+    """How a categorical parameter's values are written to HParams: TensorBoard takes a
+    discrete domain of one type only, so ``[0, 0.5]`` becomes floats and ``[null, 3]`` text."""
+    if all(isinstance(choice, bool) for choice in choices):
+        return bool
+    if all(is_number(choice) for choice in choices):
+        return float
+    return str
 
 
 def parameter_importances(study: optuna.Study) -> dict[str, float] | None:

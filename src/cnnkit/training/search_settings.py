@@ -51,6 +51,7 @@ def check_space(
     Raises:
         ValueError: one line naming the space file (or the space) and the parameter.
     """
+    check_parameter_names(space, space_file)
     check_data_targets(space, space_file)
     check_model_options(space, base, space_file)
     check_parameter_values(space, base, space_file)
@@ -69,6 +70,23 @@ def check_space(
                 "a YAML space that lists their values (the built-in 'book' space lists all of "
                 "its own)"
             ) from error
+
+
+def check_parameter_names(space: SearchSpace, space_file: str | Path | None = None) -> None:
+    """Refuse a parameter named as a column of the results tables (``seconds``, ``state``):
+    its values and the trials' results would share one column.
+
+    Raises:
+        ValueError: naming the space file and the parameter.
+    """
+    from cnnkit.evaluation.search_plots import RESULT_COLUMNS
+
+    for parameter in space.parameters:
+        if parameter.name in RESULT_COLUMNS:
+            raise ValueError(
+                f"{space_label(space, space_file)}: parameter {parameter.name!r} has the name of "
+                f"a column of the results table; rename it (its target {parameter.target} stays)"
+            )
 
 
 def check_data_targets(space: SearchSpace, space_file: str | Path | None = None) -> None:
@@ -127,6 +145,15 @@ def check_model_options(
                 f"{where}: search parameter {parameter.name!r} sets model option {option!r}, "
                 f"which {models} does not take (options: {', '.join(sorted(accepted))})"
             )
+        # Each trial trains one of the models: one that lacks the option would fail its trial
+        # and end the search, so such a space is refused before anything runs.
+        lacking = sorted(name for name in names if option not in model_options(name))
+        if prefix == "model.options" and lacking:
+            raise ValueError(
+                f"{where}: search parameter {parameter.name!r} sets model option {option!r}, "
+                f"which {', '.join(lacking)} (a choice of model.name) does not take; search "
+                "each model in a space of its own"
+            )
 
 
 def check_parameter_values(
@@ -183,6 +210,7 @@ def check_same_search(
     """
     import yaml
 
+    _check_folder(run_dir)
     path = run_dir / SEARCH_SETTINGS
     if not path.is_file():
         if (run_dir / RUN_INFO).is_file():
@@ -206,6 +234,9 @@ def check_same_search(
         "storage": (config.storage or saved.get("storage"), saved.get("storage")),
     }
     differs = [what for what, (current, before) in pairs.items() if current != before]
+    if "pruner" not in differs:
+        tuned = _changed_pruner_settings(now["search"], saved_search)
+        differs += [f"pruner setting ({', '.join(tuned)})"] if tuned else []
     changed = _changed_keys(_compared(now["base_config"]), _compared(saved.get("base_config")))
     if changed:
         differs.append(f"base config ({', '.join(changed)})")
@@ -215,6 +246,40 @@ def check_same_search(
             "the same settings, or pass another --out"
         )
     return saved.get("study_name")
+
+
+# The settings each pruner reads (see build_pruner): a trial pruned under one warm-up would
+# be ranked against trials that ran under another.
+PRUNER_SETTINGS = {
+    "halving": ("prune_warmup", "reduction_factor"),
+    "median": ("prune_warmup", "median_startup_trials"),
+    "none": (),
+}
+
+
+def _changed_pruner_settings(now: dict, saved: dict) -> list[str]:
+    """The settings of the pruner ``now`` names that differ from ``saved`` (a setting the
+    saved file lacks is taken as unchanged)."""
+    names = PRUNER_SETTINGS.get(now.get("pruner"), ())
+    return [
+        f"{name} {saved[name]}, now {now.get(name)}"
+        for name in names
+        if name in saved and saved[name] != now.get(name)
+    ]
+
+
+def _check_folder(run_dir: Path) -> None:
+    """Refuse a search folder that is a file, or lies inside one, before anything is made
+    (``mkdir`` would say only "File exists").
+
+    Raises:
+        ValueError: naming the path.
+    """
+    existing = next((path for path in (run_dir, *run_dir.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        if existing == run_dir:
+            raise ValueError(f"--out {run_dir} names a file, not a folder")
+        raise ValueError(f"--out {run_dir}: {existing} is a file, not a folder")
 
 
 def _compared(base_config: Any) -> dict:

@@ -230,35 +230,54 @@ def parse_space(data: dict[str, Any], name: str) -> SearchSpace:
         extra = set(data) - {"parameters", "preset", "name"}
         if extra:
             raise ValueError(f"search space {name!r}: unknown key(s) {', '.join(sorted(extra))}")
+        # The preset is looked up by name later, where a list would fail as "unhashable".
+        if preset is not None and not isinstance(preset, str):
+            raise ValueError(
+                f"search space {name!r}: preset must be a preset name such as book-hasy; "
+                f"got {preset!r}"
+            )
         specs = data["parameters"]
-    parameters = []
-    for parameter_name, spec in specs.items():
-        if not isinstance(spec, dict):
-            raise ValueError(f"search parameter {parameter_name!r} must be a mapping")
-        unknown = set(spec) - _SPEC_KEYS
-        if unknown:
-            raise ValueError(
-                f"search parameter {parameter_name!r}: unknown key(s) {', '.join(sorted(unknown))}"
-            )
-        choices = spec.get("choices")
-        if choices is not None and not isinstance(choices, list):
-            raise ValueError(
-                f"search parameter {parameter_name!r}: choices must be a list such as [16, 32]; "
-                f"got {choices!r}"
-            )
-        parameters.append(
-            SearchParameter(
-                name=str(parameter_name),
-                type=str(spec.get("type", "categorical" if "choices" in spec else "float")),
-                target=str(spec.get("target") or default_target(str(parameter_name))),
-                low=spec.get("low"),
-                high=spec.get("high"),
-                log=bool(spec.get("log", False)),
-                step=spec.get("step"),
-                choices=tuple(spec.get("choices") or ()),
-            )
-        )
+    parameters = [
+        _parse_parameter(str(parameter_name), spec) for parameter_name, spec in specs.items()
+    ]
     return SearchSpace(name, tuple(parameters), preset)
+
+
+def _parse_parameter(parameter_name: str, spec: Any) -> SearchParameter:
+    """One parameter of a space file.
+
+    Raises:
+        ValueError: naming the parameter and the problem.
+    """
+    if not isinstance(spec, dict):
+        raise ValueError(f"search parameter {parameter_name!r} must be a mapping")
+    unknown = set(spec) - _SPEC_KEYS
+    if unknown:
+        raise ValueError(
+            f"search parameter {parameter_name!r}: unknown key(s) {', '.join(sorted(unknown))}"
+        )
+    choices = spec.get("choices")
+    if choices is not None and not isinstance(choices, list):
+        raise ValueError(
+            f"search parameter {parameter_name!r}: choices must be a list such as [16, 32]; "
+            f"got {choices!r}"
+        )
+    log = spec.get("log", False)
+    # bool("no") is True: only a YAML boolean says which scale was meant.
+    if not isinstance(log, bool):
+        raise ValueError(
+            f"search parameter {parameter_name!r}: log must be true or false; got {log!r}"
+        )
+    return SearchParameter(
+        name=parameter_name,
+        type=str(spec.get("type", "categorical" if "choices" in spec else "float")),
+        target=str(spec.get("target") or default_target(parameter_name)),
+        low=spec.get("low"),
+        high=spec.get("high"),
+        log=log,
+        step=spec.get("step"),
+        choices=tuple(spec.get("choices") or ()),
+    )
 
 
 def load_space(path: str | Path) -> SearchSpace:
