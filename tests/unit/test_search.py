@@ -24,17 +24,16 @@ from cnnkit.config import build_run_config, config_to_dict, preset_for
 from cnnkit.data.sources import build_splits
 from cnnkit.training.run import resolve_preprocessing, train_run
 from cnnkit.training.search import (
-    PruningCallback,
     SearchConfig,
     build_pruner,
     nothing_left_to_run,
     open_study,
     run_search,
-    suggest_params,
     trials_to_run,
 )
 from cnnkit.training.search_results import TrialReporter, parameter_importances
 from cnnkit.training.search_settings import check_parameter_values
+from cnnkit.training.search_trials import PruningCallback, suggest_params
 from cnnkit.training.search_workers import (
     ORPHAN_SECONDS,
     CoreShare,
@@ -728,12 +727,12 @@ def test_two_workers_share_one_study(tmp_path, caplog):
 def test_an_error_in_the_main_process_stops_the_workers_at_once(tmp_path, monkeypatch, capfd):
     """The error ends the search as soon as it happens: the extra worker is stopped, not left
     to run the rest of the budget while the command waits for it."""
-    from cnnkit.training import search
+    from cnnkit.training import search_trials
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug in the main process")
 
-    monkeypatch.setattr(search, "train_run", broken)  # The spawned worker trains as usual.
+    monkeypatch.setattr(search_trials, "train_run", broken)  # A spawned worker trains as usual.
     base = tiny_base(tmp_path / "search", epochs=3)
     space = SearchSpace("wide", (*TINY_SPACE.parameters[:1], WIDE_DENSE), preset="book-hasy")
     with pytest.raises(RuntimeError, match="a bug in the main process"):
@@ -1022,7 +1021,7 @@ def test_a_trial_that_trained_to_its_end_keeps_its_result_when_a_signal_was_swal
 ):
     """A signal that lands where Python ignores it, in a trial's last steps, stops the search
     before the next trial: the finished trial is recorded, not re-queued and run again."""
-    from cnnkit.training import search
+    from cnnkit.training import search_trials
     from cnnkit.training.search_workers import INTERRUPTS
     from cnnkit.training.trainer import TrainingInterrupted
 
@@ -1031,7 +1030,7 @@ def test_a_trial_that_trained_to_its_end_keeps_its_result_when_a_signal_was_swal
         INTERRUPTS.pending = True  # What the handler leaves when its raise was ignored.
         return result
 
-    monkeypatch.setattr(search, "train_run", train_then_swallowed_signal)
+    monkeypatch.setattr(search_trials, "train_run", train_then_swallowed_signal)
     base = tiny_base(tmp_path / "search")
     config = SearchConfig(sampler="grid", pruner="none", n_trials=2)
     with pytest.raises((KeyboardInterrupt, TrainingInterrupted)):
@@ -1226,8 +1225,8 @@ def test_an_out_that_is_a_file_is_named(tmp_path, digits_data):
 
 
 def test_a_trial_that_repeats_a_finished_one_is_not_trained_again(tmp_path, digits_data):
-    from cnnkit.training.search import TrialRunner
     from cnnkit.training.search_results import summarize_trial
+    from cnnkit.training.search_trials import TrialRunner
 
     base = tiny_base(tmp_path / "search")
     config = SearchConfig(sampler="tpe", pruner="none")

@@ -171,7 +171,7 @@ def command_search(args: argparse.Namespace) -> int:
         params = ", ".join(f"{name}={value}" for name, value in best.params.items())
         test = "" if best.test_top1 is None else f", test {best.test_top1:.4f}"
         print(f"Best: trial {best.number} ({params}): val {best.val_accuracy:.4f}{test}")
-        from cnnkit.training.search import trial_dir
+        from cnnkit.training.search_trials import trial_dir
 
         best_model = trial_dir(result.run_dir, best.number) / "model.safetensors"
         if result.retrained is None and best_model.is_file():
