@@ -139,6 +139,33 @@ def test_trial_config_applies_targets(tmp_path):
     assert config.run_dir() == tmp_path / "t"
 
 
+def test_a_trial_of_another_model_keeps_only_the_base_options_it_takes(tmp_path):
+    """The base's options were set for its own model (and book_cnn's image_size by the
+    training command): a symbol_cnn trial of a space searching model.name would fail on them."""
+    space = SearchSpace(
+        "models",
+        (
+            SearchParameter(
+                "model", "categorical", "model.name", choices=("book_cnn", "symbol_cnn")
+            ),
+        ),
+    )
+    book = replace_options(tiny_base(tmp_path), {"image_size": 8, "dense": 16})
+    symbol = build_trial_config(book, space, {"model": "symbol_cnn"}, tmp_path / "a")
+    assert symbol.model.name == "symbol_cnn" and symbol.model.options == {}
+    same = build_trial_config(book, space, {"model": "book_cnn"}, tmp_path / "b")
+    assert same.model.options == {"image_size": 8, "dense": 16}
+    # The other way: book_cnn is sized by the data's input size, as training sizes it.
+    base = replace_options(tiny_base(tmp_path), {"width": 8})
+    base = replace(base, model=replace(base.model, name="symbol_cnn"))
+    book = build_trial_config(base, space, {"model": "book_cnn"}, tmp_path / "c")
+    assert book.model.options == {"image_size": base.data.image_size}
+
+
+def replace_options(config, options: dict):
+    return replace(config, model=replace(config.model, options=options))
+
+
 def test_space_file_format(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_text(

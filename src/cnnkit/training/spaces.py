@@ -24,8 +24,9 @@ other name becomes a model option.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,8 @@ from cnnkit.config import (
     is_number,
     yaml_error_text,
 )
+
+logger = logging.getLogger(__name__)
 
 PARAMETER_TYPES = ("int", "float", "categorical")
 _SPEC_KEYS = {"type", "low", "high", "log", "step", "choices", "target"}
@@ -210,8 +213,26 @@ def overrides_for(space: SearchSpace, params: dict[str, Any]) -> dict[str, Any]:
 def build_trial_config(
     base: RunConfig, space: SearchSpace, params: dict[str, Any], out: Path
 ) -> RunConfig:
-    """The base config with one trial's parameters applied and its own run folder."""
-    return build_run_config(config_to_dict(base), overrides_for(space, params), {"out": str(out)})
+    """The base config with one trial's parameters applied and its own run folder.
+
+    A trial that draws another model (a space that searches ``model.name``) keeps only the
+    base's model options that model takes: the base's were set for its own model (a preset's
+    ``dense`` for book_cnn means nothing to symbol_cnn), and a model sized by its input gets
+    ``image_size`` from the data settings, as the training command gives it.
+    """
+    config = build_run_config(config_to_dict(base), overrides_for(space, params), {"out": str(out)})
+    if config.model.name == base.model.name:
+        return config
+    from cnnkit.models.registry import model_options
+
+    takes = model_options(config.model.name)
+    options = {key: value for key, value in config.model.options.items() if key in takes}
+    if "image_size" in takes:
+        options["image_size"] = config.data.image_size
+    dropped = sorted(set(config.model.options) - set(options))
+    if dropped:
+        logger.info("%s takes no %s: left out of its trial", config.model.name, ", ".join(dropped))
+    return replace(config, model=replace(config.model, options=options))
 
 
 def parse_space(data: dict[str, Any], name: str) -> SearchSpace:
