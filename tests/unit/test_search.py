@@ -1190,7 +1190,7 @@ def test_a_parameter_named_as_a_result_column_is_refused(tmp_path, digits_data, 
     [
         (["--dense", "64"], "--dense 64: the space 'book' searches model.options.dense; "),
         (["--option", "dropout=0.1"], "--option dropout=0.1: the space 'book' searches "),
-        (["--config", "CONFIG"], "settings.yaml: model.options.convs is set there, and the "),
+        (["--config", "CONFIG"], "settings.yaml: model.options.convs is set there to 1, and "),
     ],
 )
 def test_cli_search_refuses_a_setting_the_space_searches(tmp_path, capsys, given, message):
@@ -1206,6 +1206,19 @@ def test_cli_search_refuses_a_setting_the_space_searches(tmp_path, capsys, given
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_cli_search_takes_back_the_settings_its_print_config_wrote(tmp_path, capsys):
+    """The README's round trip (print, edit, pass back with --config): the printed file holds
+    the searched options at the preset's values, which change nothing."""
+    from cnnkit.cli import main
+
+    argv = ["search", "--dataset", "digits", "--space", "book", "--epochs", "1"]
+    assert main([*argv, "--print-config"]) == 0
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out, encoding="utf-8")
+    assert "convs: 2" in printed.read_text()
+    assert main([*argv, "--config", str(printed), "--print-config"]) == 0
 
 
 def test_continuing_a_search_with_other_pruner_settings_is_refused(tmp_path):

@@ -75,11 +75,13 @@ def _flag_setting(args: argparse.Namespace, target: str) -> str | None:
 
 def refuse_settings_the_space_searches(args: argparse.Namespace, space, file_layer: dict) -> None:
     """Refuse a flag, ``--option`` or ``--config`` setting that a space parameter also sets:
-    every trial would silently train with the space's value instead of the one given.
+    every trial would silently train with the space's value instead of the one given. A file's
+    value that the preset gives anyway (as ``--print-config`` writes it) is no such setting.
 
     Raises:
         CommandError: naming the flag (or the file and the setting) and the parameter.
     """
+    reference: dict | None = None
     for parameter in space.parameters:
         target = parameter.target
         flag = _flag_setting(args, target)
@@ -88,11 +90,38 @@ def refuse_settings_the_space_searches(args: argparse.Namespace, space, file_lay
                 f"{flag}: the space {args.space!r} searches {target}; drop the flag or the "
                 "parameter"
             )
-        if _setting(file_layer, target) is not _MISSING:
+        given = _setting(file_layer, target)
+        if given is _MISSING:
+            continue
+        if reference is None:
+            reference = _settings_without_the_file(args, space, file_layer)
+        # A value the preset gives anyway (a file --print-config wrote) changes nothing.
+        if given != _setting(reference, target):
             raise CommandError(
-                f"{args.config}: {target} is set there, and the space {args.space!r} searches "
-                "it; remove it from the file or drop the parameter"
+                f"{args.config}: {target} is set there to {given!r}, and the space "
+                f"{args.space!r} searches it; remove it from the file or drop the parameter"
             )
+
+
+def _settings_without_the_file(args: argparse.Namespace, space, file_layer: dict) -> dict:
+    """The search's base settings as the preset, the model's own options and the flags give
+    them, without the --config file (whose dataset and model still pick the preset); empty
+    where they do not resolve without it."""
+    from cnnkit.config import config_to_dict
+    from cnnkit.training.run import with_model_defaults
+
+    bare = argparse.Namespace(**{**vars(args), "config": None})
+    picking = (("dataset", "data.dataset"), ("data", "data.data"), ("model", "model.name"))
+    for dest, target in picking:
+        value = _setting(file_layer, target)
+        if getattr(bare, dest) is None and value is not _MISSING:
+            setattr(bare, dest, value)
+    if bare.preset is None and bare.model is None and space.preset:
+        bare.preset = space.preset
+    try:
+        return config_to_dict(with_model_defaults(resolve_run_config(bare, detect_photos=False)))
+    except (CommandError, ValueError):
+        return {}
 
 
 def command_search(args: argparse.Namespace) -> int:
