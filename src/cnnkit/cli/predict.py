@@ -22,8 +22,6 @@ from cnnkit.cli.model_files import (
 from cnnkit.errors import error_line
 from cnnkit.paths import RUN_INFO
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
 
 def expand_images(paths: list[str], errors: list[str] | None = None) -> list[Path]:
     """Files as given, folders expanded to the image files inside them (sorted).
@@ -32,6 +30,8 @@ def expand_images(paths: list[str], errors: list[str] | None = None) -> list[Pat
         CommandError: for a folder with no image files in it, unless ``errors`` is given: then
             the message is appended to it and the other paths are still expanded.
     """
+    from cnnkit.data.image import IMAGE_SUFFIXES
+
     expanded: list[Path] = []
     for text in paths:
         message = None
@@ -136,6 +136,8 @@ def _refuse_model_less_first_input(path: Path) -> None:
             f"{path}: a training run's folder without a model.safetensors (the run has not "
             "finished: `cnnkit train ... --resume` with the same --out continues it)"
         )
+    from cnnkit.data.image import IMAGE_SUFFIXES
+
     if not path.exists() and path.suffix.lower() not in IMAGE_SUFFIXES:
         raise CommandError(
             f"{path}: no such model file, run folder or image (a model ends in .safetensors "

@@ -9,17 +9,17 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from cnnkit.data.files import iter_file_bytes
+from cnnkit.data.image import IMAGE_SUFFIXES
 from cnnkit.data.source import DataFormatError, Listing, ReadError, SampleRecord, encode_name
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset((".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"))
 _SHOWN = 5
 
 
 def is_image_name(name: str) -> bool:
-    """Whether a file name has one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    """Whether a file name has one of :data:`IMAGE_SUFFIXES` (case-insensitive)."""
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
 def fingerprint_files(

@@ -27,11 +27,30 @@ logger = logging.getLogger(__name__)
 MAX_IMAGE_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
-# The formats read, in Pillow's names. Pillow identifies every format it has a plugin for,
-# and some plugins run other programs (EPS and PDF-like files run Ghostscript): an upload must
-# never start one. MPO is how Pillow names many cameras' JPEGs.
-IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "WEBP", "TIFF", "PPM")
-_FORMAT_NAMES = "PNG, JPEG, GIF, BMP, WebP, TIFF or PPM/PGM"
+# The formats read, in Pillow's names: those Pillow decodes itself. Pillow identifies every
+# format it has a plugin for, and some plugins run other programs (EPS runs Ghostscript): an
+# upload, or a file in a dataset, must never start one. MPO is how Pillow before 13 names many
+# cameras' JPEGs.
+IMAGE_FORMATS = (
+    "PNG",
+    "JPEG",
+    "MPO",
+    "GIF",
+    "BMP",
+    "WEBP",
+    "TIFF",
+    "PPM",
+    "AVIF",
+    "JPEG2000",
+    "ICO",
+    "TGA",
+)
+_FORMAT_NAMES = "PNG, JPEG, GIF, BMP, WebP, TIFF, PPM/PGM, AVIF, JPEG 2000, ICO or TGA"
+# The file names a folder of images is scanned for (a folder dataset, predict's folders).
+IMAGE_SUFFIXES = frozenset(
+    (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif", ".jp2")
+    + (".pgm", ".ppm")
+)
 
 _OBJECT_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 _PIXEL_COUNT = re.compile(r"\((\d+) pixels\)")
