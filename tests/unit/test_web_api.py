@@ -475,6 +475,18 @@ def test_an_upload_at_the_stored_size_is_used_as_it_is(
     assert canvas_to_symbol(small).tobytes() != small.tobytes()  # Cropping would change it.
 
 
+@pytest.mark.parametrize("side", [16, 31])
+def test_an_upload_smaller_than_the_stored_size_is_cropped_too(
+    client: TestClient, predictor: Predictor, side: int
+) -> None:
+    """Only an image of exactly the stored size can be in the training form: a smaller one
+    would be scaled up with its margin, so the same drawing would answer differently."""
+    small = plus_sign(side, side // 5)
+    response = post_file(client, png_bytes(small))
+    expected = [p.to_dict() for p in predictor.predict([canvas_to_symbol(small)])[0]]
+    assert as_pairs(response.json()["predictions"]) == as_pairs(expected)
+
+
 def test_a_lab_drawing_is_read_like_an_upload(client: TestClient, predictor: Predictor) -> None:
     ink = canvas_drawing().getchannel("A").point(lambda alpha: 255 - alpha)
     neutral = Image.new("L", ink.size, 128)

@@ -165,9 +165,10 @@ async def predict(request: Request) -> JSONResponse:
     ``{"image": "<base64 or data URL>", "source": "upload" | "canvas", "top_k": 5}``, or raw
     ``image/*`` bytes. For a symbol model, ``source="canvas"`` crops a drawing to its ink and
     makes it look like the training symbols first; an upload (``source="upload"``, the default)
-    larger than the model's stored input size is treated the same way, and one at that size (a
-    HASYv2 PNG) is used as it is. ``source`` and ``top_k`` may also be query parameters, with
-    any of the three forms; where the body gives one too, the body's field wins.
+    of any other size than the model's stored input size is treated the same way, and one of
+    exactly that size (a HASYv2 PNG) is used as it is. ``source`` and ``top_k`` may also be
+    query parameters, with any of the three forms; where the body gives one too, the body's
+    field wins.
     Returns ``{"predictions": [{"label", "index", "confidence"}, ...], "model": {...}}``.
     """
     state = _state(request)

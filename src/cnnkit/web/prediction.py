@@ -6,9 +6,10 @@ hold up the batch. "Small" is counted in pixels, read from the file's header: a 
 PNG can hold 64 megapixels.
 
 For a symbol model, a drawing is cropped to its ink and re-drawn in the training data's form
-(:func:`canvas_to_symbol`): every canvas drawing, and every upload larger than the model's stored
-input size (a photo or scan of a symbol on a page). An upload already at that size, such as a
-HASYv2 PNG, is used as it is, so it predicts exactly as ``cnnkit predict`` does.
+(:func:`canvas_to_symbol`): every canvas drawing, and every upload of another size than the
+model's stored input (a photo or scan of a symbol on a page, or a small icon). An upload of
+exactly that size, such as a HASYv2 PNG, is used as it is, so it predicts as ``cnnkit predict``
+does.
 """
 
 from __future__ import annotations
@@ -80,14 +81,14 @@ class PredictionService:
             size: the image's width and height in pixels.
 
         Returns:
-            True for a symbol model and either a canvas drawing or an upload larger than the
-            stored input size; an upload at (or below) that size is taken to be in the training
-            data's form already.
+            True for a symbol model and either a canvas drawing or an upload of any size but
+            the stored input size's square: only an image of exactly that size (a HASYv2 PNG)
+            can be in the training data's form already.
         """
         if self.predictor.metadata.kind != "symbols":
             return False
         stored_size = self.predictor.metadata.preprocessing.stored_size
-        return source == "canvas" or max(size) > stored_size
+        return source == "canvas" or tuple(size) != (stored_size, stored_size)
 
     def _decodes_quickly(self, image_request: ImageRequest) -> bool:
         """Whether the batch thread may decode this image itself: one that is not cropped to its

@@ -35,9 +35,9 @@ _SOURCE = {
     "enum": ["upload", "canvas"],
     "default": "upload",
     "description": "canvas: a drawing, cropped to its ink and made to look like the training "
-    "symbols first. upload: a file; for a symbol model, one larger than the model's stored input "
-    "size (32x32 for HASYv2) is cropped to its ink the same way, and one at that size is used as "
-    "it is",
+    "symbols first. upload: a file; for a symbol model, one of another size than the model's "
+    "stored input (32x32 for HASYv2) is cropped to its ink the same way, and one of exactly that "
+    "size is used as it is",
 }
 _TOP_K = {
     "type": "integer",
