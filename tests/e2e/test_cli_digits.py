@@ -237,7 +237,7 @@ def test_training_into_a_search_folder_is_refused(tmp_path, capsys) -> None:
 
 
 def test_clearing_leaves_folders_that_hold_files_cnnkit_did_not_write(tmp_path, caplog) -> None:
-    from cnnkit.training.run import clear_run_outputs
+    from cnnkit.training.run_folder import clear_run_outputs
 
     run = tmp_path / "run"
     (run / "report").mkdir(parents=True)
@@ -257,7 +257,7 @@ def test_clearing_leaves_folders_that_hold_files_cnnkit_did_not_write(tmp_path, 
 
 
 def test_clearing_removes_every_ensemble_members_fine_tune_folder(tmp_path) -> None:
-    from cnnkit.training.run import clear_run_outputs
+    from cnnkit.training.run_folder import clear_run_outputs
 
     run = tmp_path / "run"
     for folder in ("finetune", "finetune-2", "finetune-3", "finetune-notes"):

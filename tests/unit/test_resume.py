@@ -169,17 +169,17 @@ def test_the_git_revision_is_cnnkits_own_or_unknown(tmp_path: Path, monkeypatch)
     """Installed inside another project's repository, cnnkit does not record that commit."""
     import subprocess
 
-    from cnnkit.training import run as run_module
+    from cnnkit.training import run_folder as run_module
 
     revision = run_module.git_revision()
     tracked = subprocess.run(
-        ["git", "ls-files", "--error-unmatch", "run.py"],
+        ["git", "ls-files", "--error-unmatch", "run_folder.py"],
         cwd=Path(run_module.__file__).parent,
         capture_output=True,
     )
     assert (revision != "unknown") == (tracked.returncode == 0)
     project = tmp_path / "project"
-    installed = project / ".venv" / "site" / "cnnkit" / "training" / "run.py"
+    installed = project / ".venv" / "site" / "cnnkit" / "training" / "run_folder.py"
     installed.parent.mkdir(parents=True)
     installed.write_text("# a copy\n")
     (project / ".gitignore").write_text(".venv/\n")

@@ -599,7 +599,7 @@ def test_an_ensemble_needs_its_fine_tunes(tmp_path):
 
 
 def test_resume_names_the_latest_members_checkpoint(tmp_path):
-    from cnnkit.training.run import find_checkpoint
+    from cnnkit.training.run_folder import find_checkpoint
 
     for folder in ("finetune", "finetune-2", "finetune-10", "finetune-x"):
         (tmp_path / folder).mkdir()

@@ -108,7 +108,7 @@ def _settings_without_the_file(args: argparse.Namespace, space, file_layer: dict
     them, without the --config file (whose dataset and model still pick the preset); empty
     where they do not resolve without it."""
     from cnnkit.config import config_to_dict
-    from cnnkit.training.run import with_model_defaults
+    from cnnkit.training.run_folder import with_model_defaults
 
     bare = argparse.Namespace(**{**vars(args), "config": None})
     picking = (("dataset", "data.dataset"), ("data", "data.data"), ("model", "model.name"))

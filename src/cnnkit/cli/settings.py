@@ -144,7 +144,7 @@ def print_config(config) -> int:
     of the model's options (a preset chosen on reading cannot then add its own)."""
     from cnnkit.config import dump_config
     from cnnkit.models.registry import check_options
-    from cnnkit.training.run import with_model_defaults
+    from cnnkit.training.run_folder import with_model_defaults
 
     check_options(config.model.name, config.model.options)  # What training would refuse.
     print(dump_config(with_model_defaults(config)), end="")

@@ -115,7 +115,7 @@ def _free_run_dir(run_dir: Path) -> Path:
         CommandError: if the newest of them (the one ``--resume`` continues) holds an unfinished
             run's checkpoint: a fresh run beside it would become the newest, out of reach.
     """
-    from cnnkit.training.run import find_checkpoint
+    from cnnkit.training.run_folder import find_checkpoint
 
     existing = _numbered_run_dirs(run_dir)
     latest = existing[-1]
@@ -136,7 +136,7 @@ def _latest_run_dir(run_dir: Path) -> Path:
 def _print_run_folder_state(run_dir: Path, resume: bool, default_dir: Path | None) -> None:
     """Say whether ``--resume`` found a checkpoint, that a fresh run replaces an old one (in a
     folder given with ``--out``), or that it went to a new folder beside the default one."""
-    from cnnkit.training.run import find_checkpoint, holds_a_run
+    from cnnkit.training.run_folder import find_checkpoint, holds_a_run
 
     found = find_checkpoint(run_dir)
     if resume and found:

@@ -7,13 +7,8 @@ This is the single training function; the CLI, the demo and hyperparameter searc
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
-import json
 import logging
-import re
-import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,14 +17,11 @@ from typing import Any
 
 import torch
 
-from cnnkit import __version__
-from cnnkit.atomic import write_atomically
 from cnnkit.config import (
     Preprocessing,
     RunConfig,
     TransferConfig,
     config_to_dict,
-    dump_config,
 )
 from cnnkit.data.dataset import DataSplits
 from cnnkit.data.loader import BatchLoader, build_loaders
@@ -38,7 +30,7 @@ from cnnkit.errors import error_line
 from cnnkit.evaluation.report import EvaluationReport, build_report, evaluated_block, resolved
 from cnnkit.inference.artifact import ModelMetadata, save_model
 from cnnkit.models.registry import create_model, model_options
-from cnnkit.paths import RUN_INFO, is_search_folder, member_folders, refuse_unusable_folder
+from cnnkit.paths import is_search_folder, refuse_unusable_folder
 from cnnkit.runtime import (
     DistributedContext,
     main_process_first,
@@ -47,7 +39,16 @@ from cnnkit.runtime import (
     tune_cuda_for_training,
 )
 from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger
-from cnnkit.training.checkpoint import CHECKPOINT_NAME, COPIES_KEY, SPLIT_KEY, SPLIT_SETTINGS_KEY
+from cnnkit.training.checkpoint import COPIES_KEY, SPLIT_KEY, SPLIT_SETTINGS_KEY
+from cnnkit.training.run_folder import (
+    MODEL_NAME,
+    clear_run_outputs,
+    data_roots,
+    find_checkpoint,
+    refuse_run_dir_inside_folder_data,
+    with_model_defaults,
+    write_run_info,
+)
 from cnnkit.training.trainer import (
     Callback,
     FitResult,
@@ -57,7 +58,6 @@ from cnnkit.training.trainer import (
 )
 
 logger = logging.getLogger(__name__)
-MODEL_NAME = "model.safetensors"
 
 
 @dataclass
@@ -154,55 +154,10 @@ def _check_train_size(model: torch.nn.Module, config: RunConfig, preprocessing) 
         )
 
 
-def git_revision() -> str:
-    """The git commit of the cnnkit source tree, or ``unknown`` outside a checkout of it (an
-    install inside another project's repository, whose commit is not cnnkit's)."""
-    here = Path(__file__).resolve()
-
-    def git(*arguments: str) -> str | None:
-        try:
-            output = subprocess.run(
-                ["git", *arguments], cwd=here.parent, capture_output=True, text=True, timeout=5
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return output.stdout.strip() if output.returncode == 0 else None
-
-    if git("ls-files", "--error-unmatch", here.name) is None:
-        return "unknown"  # This file is not tracked: not cnnkit's own checkout.
-    return git("rev-parse", "HEAD") or "unknown"
-
-
 def feature_cache_dir(cache_dir: str | Path | None) -> Path | None:
     """Where a run with decoded-image cache ``cache_dir`` caches frozen-phase features (None:
     the run folder's own ``features``)."""
     return Path(cache_dir) / "features" if cache_dir is not None else None
-
-
-def with_model_defaults(config: RunConfig) -> RunConfig:
-    """``config`` with every option of its model, the defaults included: read back with
-    ``--config``, it builds the same network whatever preset the reading picks (a preset
-    would otherwise fill the options left out with its own)."""
-    options = {**model_options(config.model.name), **config.model.options}
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, options=options))
-
-
-def write_run_info(run_dir: Path, config: RunConfig, extra: dict[str, Any]) -> None:
-    """Write ``config.yaml`` (the resolved settings, every model option included) and
-    ``run.json`` (version, git revision, timings, metrics)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_text = dump_config(with_model_defaults(config))
-    write_atomically(
-        run_dir / "config.yaml", lambda path: path.write_text(config_text, encoding="utf-8")
-    )
-    info = {
-        "cnnkit_version": __version__,
-        "git_revision": git_revision(),
-        "torch_version": torch.__version__,
-        **extra,
-    }
-    text = json.dumps(info, indent=2, default=str) + "\n"
-    write_atomically(run_dir / RUN_INFO, lambda path: path.write_text(text, encoding="utf-8"))
 
 
 def _load_data(
@@ -332,135 +287,6 @@ def _fit(
     return fit, trainer, transfer
 
 
-# What cnnkit writes into a run folder: train (and a transfer run's phases), evaluate's default
-# report, report, export's default file names, and the demo's samples. The feature cache
-# (``features/``) is kept: its entries are keyed by their inputs.
-RUN_OUTPUTS = (
-    CHECKPOINT_NAME,
-    "config.yaml",
-    "evaluation",
-    # evaluate's reports on the run's exports (below), which go with them.
-    "evaluation-model.onnx",
-    "evaluation-model-int8.onnx",
-    "finetune",
-    "frozen",
-    "metrics.csv",
-    MODEL_NAME,
-    "model.onnx",
-    "model-int8.onnx",
-    "phases.json",
-    "report",
-    "report.html",
-    RUN_INFO,
-    "samples",
-    "tensorboard",
-)
-
-
-def _data_roots(config: RunConfig) -> list[Path]:
-    """Where the training data lives: a CSV's folder (its paths are relative to it), or the
-    archive or folder itself."""
-    if not config.data.data:
-        return []
-    data = Path(config.data.data)
-    return [data.parent if data.suffix.lower() == ".csv" else data]
-
-
-def _refuse_run_dir_inside_folder_data(run_dir: Path, config: RunConfig) -> None:
-    """A folder dataset is every image under its folder, so a run folder inside it would add
-    the run's report images to the next run's data (as a class named ``report``)."""
-    if config.data.dataset != "folder" or not config.data.data:
-        return
-    data, out = Path(config.data.data).resolve(), run_dir.resolve()
-    if out == data or data in out.parents:
-        raise ValueError(
-            f"--out {run_dir} is inside the training data folder {config.data.data}: its "
-            "report images would become training images; write the run elsewhere"
-        )
-
-
-def find_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint ``--resume`` continues from: the run's, or a transfer run's fine-tune's
-    (an ensemble's: the latest member's)."""
-    if (run_dir / CHECKPOINT_NAME).is_file():
-        return run_dir / CHECKPOINT_NAME
-    folders = [*reversed(member_folders(run_dir)), run_dir / "finetune"]
-    candidates = [folder / CHECKPOINT_NAME for folder in folders]
-    return next((path for path in candidates if path.is_file()), None)
-
-
-# The files cnnkit writes in the folders of a run (temporaries of atomic writes included).
-_OUTPUT_FILE = re.compile(
-    r"(events\.out\.tfevents\..*"  # TensorBoard, in tensorboard/ and its phase folders
-    r"|metrics\.(json|csv)|per_class\.csv|confused_pairs\.csv|confusion\.png"
-    r"|misclassified\.png|checkpoint\.pt|test-.*\.png|\..*\.tmp)"
-)
-
-
-def _only_cnnkit_files(folder: Path) -> bool:
-    """Whether every file under ``folder`` is named like one cnnkit writes there."""
-    return all(
-        _OUTPUT_FILE.fullmatch(path.name)
-        for path in folder.rglob("*")
-        if path.is_file() or path.is_symlink()
-    )
-
-
-def holds_a_run(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a cnnkit training run: its run.json, model or checkpoint."""
-    if (run_dir / MODEL_NAME).is_file() or (run_dir / CHECKPOINT_NAME).is_file():
-        return True
-    try:
-        info = json.loads((run_dir / RUN_INFO).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(info, dict) and "cnnkit_version" in info
-
-
-def clear_run_outputs(run_dir: Path, keep: Sequence[str | Path] = ()) -> list[str]:
-    """Remove an earlier cnnkit run's outputs from ``run_dir`` before a fresh run writes its
-    own, so that no old report, TensorBoard curve, export or sample sits beside the new model.
-
-    Nothing is removed from a folder that holds no cnnkit run (``--out .`` in a folder of
-    one's own), no folder that holds a path of ``keep`` or lies inside one (the training
-    data's folder), and nothing not named like one of cnnkit's outputs. A link is removed,
-    never what it points to.
-
-    Returns:
-        The names removed.
-    """
-    if not holds_a_run(run_dir):
-        return []
-    kept = [Path(path).resolve() for path in keep]
-    removed, left = [], []
-    for name in (*RUN_OUTPUTS, *(folder.name for folder in member_folders(run_dir))):
-        path = run_dir / name
-        if path.is_symlink() or path.is_file():
-            path.unlink()  # A file of cnnkit's own (none is an image), or a link to anything.
-        elif path.is_dir():
-            resolved = path.resolve()
-            holds_data = any(
-                k == resolved or resolved in k.parents or k in resolved.parents for k in kept
-            )
-            if holds_data or not _only_cnnkit_files(path):
-                left.append(name)
-                continue
-            shutil.rmtree(path)
-        else:
-            continue
-        removed.append(name)
-    if left:
-        logger.warning(
-            "%s: left the earlier run's %s as they are: they hold the training data or files "
-            "cnnkit did not write",
-            run_dir,
-            ", ".join(left),
-        )
-    if removed:
-        logger.info("removed the earlier run's %s from %s", ", ".join(removed), run_dir)
-    return removed
-
-
 @contextlib.contextmanager
 def _float32_scoring(trainer: Trainer) -> Iterator[None]:
     """Score in float32 while the block runs: no autocast (the bf16 or fp16 the run trained
@@ -577,7 +403,7 @@ def train_run(
     run_dir = config.run_dir()
     if is_search_folder(run_dir):
         raise ValueError(f"{run_dir} holds a search, not a training run: pass another --out")
-    _refuse_run_dir_inside_folder_data(run_dir, config)
+    refuse_run_dir_inside_folder_data(run_dir, config)
     refuse_unusable_folder(run_dir, f"--out {run_dir}", needs="a run")
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -611,7 +437,7 @@ def train_run(
     if distributed.is_main and not resuming:
         # A fresh start (also --resume without a checkpoint) replaces the earlier run, once
         # the data has loaded and its batches are set up: a run that fails before keeps it.
-        clear_run_outputs(run_dir, keep=_data_roots(config))
+        clear_run_outputs(run_dir, keep=data_roots(config))
         started.write_once()
     if distributed.is_main and resuming:
         # The checkpoint is checked against this run's settings first (see _RunInfoOnStart).

@@ -1,0 +1,202 @@
+"""What a training run's folder holds: its outputs, config.yaml and run.json, the checkpoint
+``--resume`` continues, and clearing an earlier run's outputs before a fresh run writes its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cnnkit import __version__
+from cnnkit.atomic import write_atomically
+from cnnkit.config import RunConfig, dump_config
+from cnnkit.models.registry import model_options
+from cnnkit.paths import RUN_INFO, member_folders
+from cnnkit.training.checkpoint import CHECKPOINT_NAME
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "model.safetensors"
+
+
+# What cnnkit writes into a run folder: train (and a transfer run's phases), evaluate's default
+# report, report, export's default file names, and the demo's samples. The feature cache
+# (``features/``) is kept: its entries are keyed by their inputs.
+RUN_OUTPUTS = (
+    CHECKPOINT_NAME,
+    "config.yaml",
+    "evaluation",
+    # evaluate's reports on the run's exports (below), which go with them.
+    "evaluation-model.onnx",
+    "evaluation-model-int8.onnx",
+    "finetune",
+    "frozen",
+    "metrics.csv",
+    MODEL_NAME,
+    "model.onnx",
+    "model-int8.onnx",
+    "phases.json",
+    "report",
+    "report.html",
+    RUN_INFO,
+    "samples",
+    "tensorboard",
+)
+
+
+# The files cnnkit writes in the folders of a run (temporaries of atomic writes included).
+_OUTPUT_FILE = re.compile(
+    r"(events\.out\.tfevents\..*"  # TensorBoard, in tensorboard/ and its phase folders
+    r"|metrics\.(json|csv)|per_class\.csv|confused_pairs\.csv|confusion\.png"
+    r"|misclassified\.png|checkpoint\.pt|test-.*\.png|\..*\.tmp)"
+)
+
+
+def git_revision() -> str:
+    """The git commit of the cnnkit source tree, or ``unknown`` outside a checkout of it (an
+    install inside another project's repository, whose commit is not cnnkit's)."""
+    here = Path(__file__).resolve()
+
+    def git(*arguments: str) -> str | None:
+        try:
+            output = subprocess.run(
+                ["git", *arguments], cwd=here.parent, capture_output=True, text=True, timeout=5
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return output.stdout.strip() if output.returncode == 0 else None
+
+    if git("ls-files", "--error-unmatch", here.name) is None:
+        return "unknown"  # This file is not tracked: not cnnkit's own checkout.
+    return git("rev-parse", "HEAD") or "unknown"
+
+
+def with_model_defaults(config: RunConfig) -> RunConfig:
+    """``config`` with every option of its model, the defaults included: read back with
+    ``--config``, it builds the same network whatever preset the reading picks (a preset
+    would otherwise fill the options left out with its own)."""
+    options = {**model_options(config.model.name), **config.model.options}
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, options=options))
+
+
+def write_run_info(run_dir: Path, config: RunConfig, extra: dict[str, Any]) -> None:
+    """Write ``config.yaml`` (the resolved settings, every model option included) and
+    ``run.json`` (version, git revision, timings, metrics)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_text = dump_config(with_model_defaults(config))
+    write_atomically(
+        run_dir / "config.yaml", lambda path: path.write_text(config_text, encoding="utf-8")
+    )
+    info = {
+        "cnnkit_version": __version__,
+        "git_revision": git_revision(),
+        "torch_version": torch.__version__,
+        **extra,
+    }
+    text = json.dumps(info, indent=2, default=str) + "\n"
+    write_atomically(run_dir / RUN_INFO, lambda path: path.write_text(text, encoding="utf-8"))
+
+
+def data_roots(config: RunConfig) -> list[Path]:
+    """Where the training data lives: a CSV's folder (its paths are relative to it), or the
+    archive or folder itself."""
+    if not config.data.data:
+        return []
+    data = Path(config.data.data)
+    return [data.parent if data.suffix.lower() == ".csv" else data]
+
+
+def refuse_run_dir_inside_folder_data(run_dir: Path, config: RunConfig) -> None:
+    """A folder dataset is every image under its folder, so a run folder inside it would add
+    the run's report images to the next run's data (as a class named ``report``)."""
+    if config.data.dataset != "folder" or not config.data.data:
+        return
+    data, out = Path(config.data.data).resolve(), run_dir.resolve()
+    if out == data or data in out.parents:
+        raise ValueError(
+            f"--out {run_dir} is inside the training data folder {config.data.data}: its "
+            "report images would become training images; write the run elsewhere"
+        )
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint ``--resume`` continues from: the run's, or a transfer run's fine-tune's
+    (an ensemble's: the latest member's)."""
+    if (run_dir / CHECKPOINT_NAME).is_file():
+        return run_dir / CHECKPOINT_NAME
+    folders = [*reversed(member_folders(run_dir)), run_dir / "finetune"]
+    candidates = [folder / CHECKPOINT_NAME for folder in folders]
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def _only_cnnkit_files(folder: Path) -> bool:
+    """Whether every file under ``folder`` is named like one cnnkit writes there."""
+    return all(
+        _OUTPUT_FILE.fullmatch(path.name)
+        for path in folder.rglob("*")
+        if path.is_file() or path.is_symlink()
+    )
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a cnnkit training run: its run.json, model or checkpoint."""
+    if (run_dir / MODEL_NAME).is_file() or (run_dir / CHECKPOINT_NAME).is_file():
+        return True
+    try:
+        info = json.loads((run_dir / RUN_INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and "cnnkit_version" in info
+
+
+def clear_run_outputs(run_dir: Path, keep: Sequence[str | Path] = ()) -> list[str]:
+    """Remove an earlier cnnkit run's outputs from ``run_dir`` before a fresh run writes its
+    own, so that no old report, TensorBoard curve, export or sample sits beside the new model.
+
+    Nothing is removed from a folder that holds no cnnkit run (``--out .`` in a folder of
+    one's own), no folder that holds a path of ``keep`` or lies inside one (the training
+    data's folder), and nothing not named like one of cnnkit's outputs. A link is removed,
+    never what it points to.
+
+    Returns:
+        The names removed.
+    """
+    if not holds_a_run(run_dir):
+        return []
+    kept = [Path(path).resolve() for path in keep]
+    removed, left = [], []
+    for name in (*RUN_OUTPUTS, *(folder.name for folder in member_folders(run_dir))):
+        path = run_dir / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()  # A file of cnnkit's own (none is an image), or a link to anything.
+        elif path.is_dir():
+            resolved = path.resolve()
+            holds_data = any(
+                k == resolved or resolved in k.parents or k in resolved.parents for k in kept
+            )
+            if holds_data or not _only_cnnkit_files(path):
+                left.append(name)
+                continue
+            shutil.rmtree(path)
+        else:
+            continue
+        removed.append(name)
+    if left:
+        logger.warning(
+            "%s: left the earlier run's %s as they are: they hold the training data or files "
+            "cnnkit did not write",
+            run_dir,
+            ", ".join(left),
+        )
+    if removed:
+        logger.info("removed the earlier run's %s from %s", ", ".join(removed), run_dir)
+    return removed
