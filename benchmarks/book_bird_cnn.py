@@ -15,7 +15,8 @@ import tempfile
 import time
 
 from benchmarks.record import record_result, shared_dataset
-from cnnkit.config import build_run_config, preset_for
+from cnnkit.config import build_run_config
+from cnnkit.presets import preset_for
 from cnnkit.runtime import tune_allocator
 from cnnkit.training.run import train_run
 

@@ -31,13 +31,14 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from benchmarks.record import record_result, shared_dataset
-from cnnkit.config import AugmentConfig, Preprocessing, preset_for
+from cnnkit.config import AugmentConfig, Preprocessing
 from cnnkit.data.cache import load_images
 from cnnkit.data.cub import CubSource
 from cnnkit.data.image import prepare_bytes
 from cnnkit.data.loader import build_eval_transform, build_train_transform
 from cnnkit.data.normalize import normalize
 from cnnkit.models.registry import create_model
+from cnnkit.presets import preset_for
 from cnnkit.runtime import cpu_supports_bf16, tune_allocator
 from cnnkit.training.features import compute_features
 from cnnkit.training.transfer import FrozenBatchNorm

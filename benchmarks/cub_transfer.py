@@ -27,7 +27,8 @@ import torch
 import yaml
 
 from benchmarks.record import record_result, shared_dataset
-from cnnkit.config import build_run_config, config_to_dict, preset_for
+from cnnkit.config import build_run_config, config_to_dict
+from cnnkit.presets import preset_for
 from cnnkit.runtime import tune_allocator
 from cnnkit.training.run import train_run
 from cnnkit.training.transfer import PHASES_NAME, phase_label

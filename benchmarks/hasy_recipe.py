@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.record import record_result, shared_dataset
-from cnnkit.config import build_run_config, config_to_dict, load_config_file, preset_for
+from cnnkit.config import build_run_config, config_to_dict, load_config_file
 from cnnkit.data.loader import BatchLoader, build_eval_transform
+from cnnkit.presets import preset_for
 from cnnkit.runtime import select_device, tune_allocator
 from cnnkit.training.run import resolve_preprocessing, train_run
 from cnnkit.training.trainer import Callback

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from benchmarks.record import record_result
-from cnnkit.config import build_run_config, preset_for
+from cnnkit.config import build_run_config
 from cnnkit.data.dataset import ImageSet
 from cnnkit.data.loader import BatchLoader, build_train_transform
 from cnnkit.models.registry import create_model
+from cnnkit.presets import preset_for
 from cnnkit.runtime import tune_allocator
 from cnnkit.training.memory import GIB
 from cnnkit.training.trainer import Trainer

@@ -23,7 +23,8 @@ import numpy as np
 import yaml
 
 from benchmarks.record import record_result
-from cnnkit.config import build_run_config, preset_for
+from cnnkit.config import build_run_config
+from cnnkit.presets import preset_for
 from cnnkit.runtime import tune_allocator
 from cnnkit.training.search import SearchConfig, run_search
 from cnnkit.training.spaces import BOOK_SPACE

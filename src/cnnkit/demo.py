@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cnnkit.config import build_run_config, preset_for
+from cnnkit.config import build_run_config
 from cnnkit.inference.predictor import Prediction, Predictor
+from cnnkit.presets import preset_for
 from cnnkit.training.run import RunResult, train_run
 
 

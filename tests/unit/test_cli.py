@@ -20,10 +20,10 @@ from cnnkit.cli import build_parser, main
 from cnnkit.cli.predict import format_prediction
 from cnnkit.cli.settings import resolve_run_config
 from cnnkit.cli.train import _print_history
-from cnnkit.config import PRESETS
 from cnnkit.data.sources import looks_like_photos
 from cnnkit.inference.predictor import Prediction, Predictor
 from cnnkit.models.registry import create_model, model_options
+from cnnkit.presets import PRESETS
 
 SYMBOL_LINE = re.compile(r"^Prediction: (alpha|beta|gamma), confidence: [01]\.\d\d$")
 PHOTO_LINE = re.compile(r"^Prediction: (Cardinal|Blue Jay) \(\d{1,3}\.\d\d%\)$")
@@ -311,7 +311,8 @@ def test_a_diverging_run_stops_with_one_line_and_no_model(capsys, tmp_path: Path
 
 
 def test_an_interrupted_run_says_so_in_run_json(tmp_path: Path) -> None:
-    from cnnkit.config import build_run_config, preset_for
+    from cnnkit.config import build_run_config
+    from cnnkit.presets import preset_for
     from cnnkit.training.run import train_run
     from cnnkit.training.trainer import Callback, TrainingInterrupted
 

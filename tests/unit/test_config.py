@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from cnnkit.config import (
-    PRESETS,
     AugmentConfig,
     DataConfig,
     ModelConfig,
@@ -23,9 +22,9 @@ from cnnkit.config import (
     dump_config,
     load_config_file,
     merge_overrides,
-    preset_for,
 )
 from cnnkit.models.registry import model_options
+from cnnkit.presets import PRESETS, preset_for
 
 
 def test_defaults_build_and_are_frozen() -> None:

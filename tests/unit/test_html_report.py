@@ -6,13 +6,14 @@ import re
 
 import pytest
 
-from cnnkit.config import build_run_config, preset_for
+from cnnkit.config import build_run_config
 from cnnkit.evaluation.html_report import REPORT_NAME, build_report_html, write_html_report
 from cnnkit.evaluation.search_plots import (
     TrialSummary,
     write_results_tables,
     write_search_figures,
 )
+from cnnkit.presets import preset_for
 from cnnkit.training.run import train_run
 
 IMAGE = re.compile(r'<img alt="[^"]*" src="data:image/png;base64,[A-Za-z0-9+/=]{200,}">')

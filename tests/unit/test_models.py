@@ -214,7 +214,8 @@ def test_default_preprocessing() -> None:
 
 def test_a_run_at_a_size_the_network_cannot_take_is_refused_before_any_data_loads() -> None:
     """From Python (the CLI passes the size on): book_cnn's dense layer is sized for 32 px."""
-    from cnnkit.config import build_run_config, preset_for
+    from cnnkit.config import build_run_config
+    from cnnkit.presets import preset_for
     from cnnkit.training.run import resolve_preprocessing
 
     base = preset_for("digits")

@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 from tests.conftest import StopAfter
 
-from cnnkit.config import RunConfig, build_run_config, preset_for
+from cnnkit.config import RunConfig, build_run_config
 from cnnkit.evaluation.html_report import build_report_html
 from cnnkit.inference.artifact import read_metadata
+from cnnkit.presets import preset_for
 from cnnkit.training.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,

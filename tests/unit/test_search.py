@@ -20,8 +20,9 @@ import torch
 from tests.conftest import subprocess_env
 
 import cnnkit
-from cnnkit.config import build_run_config, config_to_dict, preset_for
+from cnnkit.config import build_run_config, config_to_dict
 from cnnkit.data.sources import build_splits
+from cnnkit.presets import preset_for
 from cnnkit.training.run import resolve_preprocessing, train_run
 from cnnkit.training.search import (
     SearchConfig,

@@ -42,7 +42,8 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
     With ``detect_photos``, a folder or CSV dataset with no model, preset or model options
     given trains the photo recipe when its images are colour photos (see ``looks_like_photos``).
     """
-    from cnnkit.config import PRESETS, build_run_config, load_config_file, preset_for
+    from cnnkit.config import build_run_config, load_config_file
+    from cnnkit.presets import PRESETS, preset_for
 
     file_layer = load_config_file(args.config) if args.config else {}
     dataset = args.dataset or _file_text(file_layer, "data.dataset", args.config)
