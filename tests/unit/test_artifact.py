@@ -276,6 +276,21 @@ def test_metadata_without_checksum(saved, tmp_path: Path) -> None:
         load_model(path)
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool])
+def test_weights_stored_as_integers_are_refused_even_with_recomputed_checksums(saved, dtype):
+    """A float weight stored as int8 converted silently, and the model answered at random."""
+    path, _ = saved
+    raw = read_metadata(path)
+    tensors = load_file(str(path))
+    tensors["classifier.weight"] = tensors["classifier.weight"].to(dtype)
+    raw["tensor_sha256"] = tensor_digest(tensors)
+    raw["metadata_sha256"] = metadata_digest(raw)
+    save_file(tensors, str(path), metadata={"cnnkit": json.dumps(raw)})
+    dtype_name = str(dtype).removeprefix("torch.")
+    with pytest.raises(ModelFileError, match=rf"classifier\.weight is {dtype_name}; a float"):
+        load_model(path)
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [

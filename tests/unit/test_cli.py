@@ -269,6 +269,27 @@ def test_a_run_folder_inside_its_folder_dataset_is_refused(capsys, tmp_path: Pat
     assert sorted(p.name for p in data.iterdir()) == ["a", "b"]  # Nothing written there.
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        # Weights that no memory holds: refused before the model is built for real.
+        (["--model", "efficientnet_lite0", "--option", "hidden=1000000000"], "GiB of free memory"),
+        (["--option", "width=100000"], "symbol_cnn with these options has 2,790,016,500,002"),
+        # symbol_cnn has no image_size option to suggest; its stages limit the size.
+        (["--image-size", "8", "--option", "stages=5"], "use fewer stages or pooling steps"),
+        # One class: every test image right, and nothing learned.
+        (["--max-classes", "1"], "a classifier needs at least 2 classes; this data has 1"),
+    ],
+)
+def test_runs_that_cannot_train_a_classifier_are_one_line(tmp_path, capsys, options, message):
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", "digits", "--epochs", "1", "--out", str(out), *options]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
 def test_patience_without_a_validation_split_is_explained(capsys, tmp_path: Path) -> None:
     argv = ["train", "--dataset", "digits", "--max-classes", "3", "--epochs", "1", "--quiet"]
     assert main([*argv, "--val-fraction", "0", "--patience", "2", "--out", str(tmp_path)]) == 0
@@ -543,6 +564,9 @@ def test_version_and_models(capsys) -> None:
     # Each model says what it is, on one line, with no reST markup.
     assert "book_cnn: The book's final HASY network (--dense 1024 gives" in listed
     assert "``" not in listed
+    # What each preset trains, as --print-config shows it (not only the models' own defaults).
+    assert "  hasy: symbol_cnn (width=32, dropout=0.3)" in listed
+    assert "  cub: efficientnet_lite_trio (image_size=320, tta=True)" in listed
 
 
 # ----------------------------------------------------------------------------- predict

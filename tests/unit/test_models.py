@@ -112,6 +112,9 @@ def test_model_options_report_defaults() -> None:
         ("book_cnn", {"dense": -1}, "book_cnn dense must be a whole number >= 1; got -1"),
         ("book_cnn", {"convs": 0}, "book_cnn convs must be 1 or 2; got 0"),
         ("book_cnn", {"dropout": 1.0}, "book_cnn dropout must be in [0, 1); got 1.0"),
+        ("symbol_cnn", {"dropout": 1.0}, "symbol_cnn dropout must be in [0, 1); got 1.0"),
+        ("symbol_cnn", {"dropout": -0.5}, "symbol_cnn dropout must be in [0, 1); got -0.5"),
+        ("efficientnet_lite0", {"dropout": 1}, "transfer head dropout must be in [0, 1); got 1"),
         ("book_cnn", {"image_size": 9}, "book_cnn with 2 conv(s) needs image_size >= 10"),
         ("book_cnn", {"convs": 1, "image_size": 3}, "needs image_size >= 4 px; got 3"),
         ("book_bird_cnn", {"dense": 0}, "book_bird_cnn dense must be a whole number >= 1"),
@@ -121,6 +124,16 @@ def test_model_options_report_defaults() -> None:
 def test_option_values_no_layer_can_take_are_one_line(name, options, message) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         create_model(name, 7, 3, **options)
+
+
+def test_each_model_takes_its_own_channels_unless_told() -> None:
+    """create_model(name, num_classes), timm-style: the book's network is its exact 3-channel
+    one (1,569,041 weights with 1,024 units), and an ImageNet backbone builds."""
+    book = create_model("book_cnn", 369, dense=1024)
+    assert sum(parameter.numel() for parameter in book.parameters()) == 1_569_041
+    assert create_model("efficientnet_lite0", 7).default_preprocessing.channels == 3
+    assert create_model("symbol_cnn", 7).default_preprocessing.channels == 1
+    assert create_model("book_cnn", 7, 1).default_preprocessing.channels == 1
 
 
 def test_whole_numbers_written_as_fractions_are_whole_numbers() -> None:

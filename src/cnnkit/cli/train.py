@@ -239,9 +239,26 @@ def command_models(args: argparse.Namespace) -> int:
         options = ", ".join(f"{k}={v!r}" for k, v in model_options(name).items())
         print(f"{name}: {model_summary(name)}")
         print(f"    options: {options}")
+    print("\nThese are each model's own defaults. Presets (--preset; train picks one by --dataset)")
+    print("train these models with these options:")
+    for preset, model in _preset_models().items():
+        print(f"  {preset}: {model}")
     print(
-        "\nThese are each model's own defaults; a preset may set others (the hasy preset trains"
-        "\nsymbol_cnn at width 32). `cnnkit train ... --print-config` shows a run's settings,"
-        "\nand --option KEY=VALUE (or --width, --dense, --dropout) changes one."
+        "`cnnkit train ... --print-config` shows a run's settings, and --option KEY=VALUE (or"
+        "\n--width, --dense, --dropout) changes one."
     )
     return 0
+
+
+def _preset_models() -> dict[str, str]:
+    """Each preset's model and the options it sets, as ``symbol_cnn (width=32)``."""
+    from cnnkit.config import ModelConfig
+    from cnnkit.presets import PRESETS, preset_for
+
+    default = ModelConfig().name  # A preset that names no model trains this one.
+    described = {}
+    for name in PRESETS:
+        model = preset_for(name).get("model") or {}
+        options = ", ".join(f"{k}={v!r}" for k, v in (model.get("options") or {}).items())
+        described[name] = model.get("name", default) + (f" ({options})" if options else "")
+    return described

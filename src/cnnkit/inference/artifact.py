@@ -297,7 +297,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
     model = _rebuild(path, metadata, outline=False)
     state = model.state_dict()
     for name, tensor in tensors.items():
-        tensors[name] = tensor.to(state[name].dtype)
+        wanted = state[name].dtype
+        # Floats of any width convert; integer or boolean weights would only be garbage.
+        if tensor.is_floating_point() != state[name].is_floating_point():
+            raise ModelFileError(
+                f"{path}: tensor {name} is {str(tensor.dtype).removeprefix('torch.')}; "
+                f"{'a float type' if state[name].is_floating_point() else wanted} expected"
+            )
+        tensors[name] = tensor.to(wanted)
     model.load_state_dict(tensors, strict=True)
     model.metadata = metadata
     return model.to(device).eval()

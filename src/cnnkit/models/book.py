@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cnnkit.config import Preprocessing
-from cnnkit.models.registry import register_model
+from cnnkit.models.registry import check_dropout, register_model
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
@@ -30,8 +30,7 @@ def _check_dense_and_dropout(model: str, dense: object, dropout: object) -> None
     """Refuse a dense layer of no units and a dropout that would drop every unit."""
     if not _is_whole(dense) or dense < 1:
         raise ValueError(f"{model} dense must be a whole number >= 1; got {dense!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
-        raise ValueError(f"{model} dropout must be in [0, 1); got {dropout!r}")
+    check_dropout(model, dropout)
 
 
 class BookCNN(nn.Module):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cnnkit.config import Preprocessing
-from cnnkit.models.registry import register_model
+from cnnkit.models.registry import check_dropout, register_model
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -52,6 +52,7 @@ class SymbolCNN(nn.Module):
             raise ValueError(
                 "symbol_cnn needs width, layers_per_stage, pool_size >= 1 and 1-5 stages"
             )
+        check_dropout("symbol_cnn", dropout)
         layers: list[nn.Module] = []
         channels = in_channels
         for stage in range(stages):

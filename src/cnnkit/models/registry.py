@@ -99,6 +99,18 @@ def model_summary(name: str) -> str:
     return " ".join(paragraph.split()).replace("``", "")
 
 
+def check_dropout(model: str, dropout: object) -> float:
+    """``dropout`` as a float, once checked to be in [0, 1): 1 would drop every unit, and the
+    model would learn nothing without a word.
+
+    Raises:
+        ValueError: naming ``model`` and the value.
+    """
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        raise ValueError(f"{model} dropout must be in [0, 1); got {dropout!r}")
+    return float(dropout)
+
+
 def _get_factory(name: str) -> Callable[..., nn.Module]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(_REGISTRY))}")
@@ -106,14 +118,19 @@ def _get_factory(name: str) -> Callable[..., nn.Module]:
 
 
 def create_model(
-    name: str, num_classes: int, in_channels: int = 1, pretrained: bool = False, **options: Any
+    name: str,
+    num_classes: int,
+    in_channels: int | None = None,
+    pretrained: bool = False,
+    **options: Any,
 ) -> nn.Module:
     """Build a registered model.
 
     Args:
         name: registry name, such as ``book_cnn`` or ``symbol_cnn``.
         num_classes: size of the classifier output.
-        in_channels: 1 or 3 input channels.
+        in_channels: 1 or 3 input channels (default: the model's own, such as 3 for the
+            book's CNN and the ImageNet backbones).
         pretrained: load the packaged ImageNet weights, for backbones that have them.
         **options: model-specific options (see :func:`model_options`).
 
@@ -127,13 +144,15 @@ def create_model(
         raise ValueError(f"num_classes must be >= 1; got {num_classes}")
     if "pretrained" in inspect.signature(factory).parameters:
         kwargs["pretrained"] = pretrained
-    model = factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if in_channels is not None:
+        kwargs["in_channels"] = in_channels
+    model = factory(num_classes=num_classes, **kwargs)
     model.registry_name = name
     return model
 
 
 def create_model_outline(
-    name: str, num_classes: int, in_channels: int = 1, **options: Any
+    name: str, num_classes: int, in_channels: int | None = None, **options: Any
 ) -> nn.Module:
     """:func:`create_model` on the meta device: the layers, tensor shapes and
     ``default_preprocessing`` of the model, with no memory for its weights (which any option,

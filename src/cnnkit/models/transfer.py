@@ -27,7 +27,7 @@ from cnnkit.models.efficientnet_lite import (
     create_efficientnet_lite,
     lite_preprocessing,
 )
-from cnnkit.models.registry import register_model
+from cnnkit.models.registry import check_dropout, register_model
 
 # Test-time augmentation: the image as given and enlarged by this factor, each also mirrored.
 # A network trained on random resized crops sees birds larger than a centre crop shows them, so
@@ -91,8 +91,7 @@ class TransferClassifier(nn.Module):
         super().__init__()
         if hidden < 0:
             raise ValueError(f"hidden must be >= 0; got {hidden}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+        check_dropout("the transfer head", dropout)
         self.backbone = backbone
         self.feature_dim = backbone.num_features
         if hidden > 0:

@@ -29,7 +29,7 @@ from cnnkit.data.sources import LoadedData, build_splits
 from cnnkit.errors import error_line
 from cnnkit.evaluation.report import EvaluationReport, build_report, evaluated_block, resolved
 from cnnkit.inference.artifact import ModelMetadata, save_model
-from cnnkit.models.registry import create_model, model_options
+from cnnkit.models.registry import create_model, create_model_outline, model_options
 from cnnkit.paths import is_search_folder, refuse_unusable_folder
 from cnnkit.runtime import (
     DistributedContext,
@@ -40,6 +40,7 @@ from cnnkit.runtime import (
 )
 from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger
 from cnnkit.training.checkpoint import COPIES_KEY, SPLIT_KEY, SPLIT_SETTINGS_KEY
+from cnnkit.training.memory import GIB, available_memory
 from cnnkit.training.run_folder import (
     MODEL_NAME,
     clear_run_outputs,
@@ -83,7 +84,9 @@ def resolve_preprocessing(config: RunConfig) -> Preprocessing:
     options = dict(config.model.options)
     if isinstance(options.get("members"), int) and options["members"] > 1:
         options["members"] = 1
-    probe = create_model(config.model.name, 2, config.data.channels, **options)
+    # On the meta device: options however large (hidden=1e9) claim no memory here.
+    probe = create_model_outline(config.model.name, 2, config.data.channels, **options)
+    _check_weights_fit(probe, config.model.name)
     preprocessing: Preprocessing = probe.default_preprocessing
     if preprocessing.mode != "photo":
         channels, size = config.data.channels, config.data.image_size
@@ -101,11 +104,26 @@ def resolve_preprocessing(config: RunConfig) -> Preprocessing:
     return preprocessing
 
 
+def _check_weights_fit(model: torch.nn.Module, name: str) -> None:
+    """Refuse options whose weights alone would not fit in the free memory, before the model
+    is built for real (where the allocation would fail with a traceback, or the system would
+    stop the process)."""
+    weight_bytes = 4 * sum(parameter.numel() for parameter in model.parameters())
+    available = available_memory(torch.device("cpu"), needed=weight_bytes)
+    if available is not None and weight_bytes > available:
+        raise ValueError(
+            f"{name} with these options has {weight_bytes // 4:,} weights "
+            f"({weight_bytes / GIB:.1f} GiB as float32), more than the {available / GIB:.1f} GiB "
+            "of free memory: use smaller options"
+        )
+
+
 def _takes_size(model: torch.nn.Module, channels: int, size: int) -> bool:
     """Whether the model's layers take ``size`` px inputs (a dense layer is sized for one)."""
+    device = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, channels, size, size))
+            model.eval()(torch.zeros(1, channels, size, size, device=device))
     except RuntimeError:
         return False
     return True
@@ -117,10 +135,15 @@ def _check_input_size(model: torch.nn.Module, name: str, preprocessing: Preproce
     is loaded or an earlier run in the folder is cleared."""
     size = preprocessing.image_size
     if not _takes_size(model, preprocessing.channels, size):
+        hint = (
+            f"give it the size too (model.options.image_size: {size}), or use"
+            if "image_size" in model_options(name)
+            else "use fewer stages or pooling steps, or"
+        )
+        default = getattr(model, "default_preprocessing", preprocessing).image_size
         raise ValueError(
-            f"{name} cannot take {size} px inputs with these options; give it the size too "
-            f"(model.options.image_size: {size}) where it takes one, or use data.image_size "
-            f"{getattr(model, 'default_preprocessing', preprocessing).image_size}"
+            f"{name} cannot take {size} px inputs with these options: {hint} data.image_size "
+            f"{default}"
         )
 
 
@@ -415,6 +438,11 @@ def train_run(
         on_data(data)
     timings["data"] = time.perf_counter() - start
     splits = data.splits
+    if splits.num_classes < 2:  # One class: every prediction right, and nothing learned.
+        raise ValueError(
+            f"{splits.description}: a classifier needs at least 2 classes; this data has "
+            f"{splits.num_classes}"
+        )
     device = select_device(config.train.device)
     if device.type == "cuda" and distributed.enabled:
         device = torch.device("cuda", distributed.local_rank)
