@@ -84,9 +84,12 @@ def resolve_preprocessing(config: RunConfig) -> Preprocessing:
     options = dict(config.model.options)
     if isinstance(options.get("members"), int) and options["members"] > 1:
         options["members"] = 1
-    # On the meta device: options however large (hidden=1e9) claim no memory here.
-    probe = create_model_outline(config.model.name, 2, config.data.channels, **options)
-    _check_weights_fit(probe, config.model.name)
+    # First on the meta device, where options however large (hidden=1e9) claim no memory.
+    name, channels = config.model.name, config.data.channels
+    _check_weights_fit(create_model_outline(name, 2, channels, **options), name)
+    # Then for real, as runs have always built it: its initialisation draws from the seeded
+    # random streams, so leaving it out would change every run's weights and batch order.
+    probe = create_model(name, 2, channels, **options)
     preprocessing: Preprocessing = probe.default_preprocessing
     if preprocessing.mode != "photo":
         channels, size = config.data.channels, config.data.image_size
