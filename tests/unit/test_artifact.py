@@ -276,6 +276,13 @@ def test_metadata_without_checksum(saved, tmp_path: Path) -> None:
         load_model(path)
 
 
+def test_metadata_without_its_checksum_is_not_called_corrupt(saved) -> None:
+    path, _ = saved
+    _rewrite_metadata(path, lambda metadata: metadata.pop("metadata_sha256"))
+    with pytest.raises(ModelFileError, match="cnnkit metadata has no metadata_sha256"):
+        load_model(path)
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.bool])
 def test_weights_stored_as_integers_are_refused_even_with_recomputed_checksums(saved, dtype):
     """A float weight stored as int8 converted silently, and the model answered at random."""

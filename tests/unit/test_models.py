@@ -113,6 +113,8 @@ def test_model_options_report_defaults() -> None:
         ("book_cnn", {"convs": 0}, "book_cnn convs must be 1 or 2; got 0"),
         ("book_cnn", {"dropout": 1.0}, "book_cnn dropout must be in [0, 1); got 1.0"),
         ("symbol_cnn", {"dropout": 1.0}, "symbol_cnn dropout must be in [0, 1); got 1.0"),
+        ("efficientnet_lite_trio", {"image_size": 4090}, "trio image_size must be 32-4064; got"),
+        ("efficientnet_lite_trio", {"image_size": 16}, "trio image_size must be 32-4064; got 16"),
         ("symbol_cnn", {"dropout": -0.5}, "symbol_cnn dropout must be in [0, 1); got -0.5"),
         ("efficientnet_lite0", {"dropout": 1}, "transfer head dropout must be in [0, 1); got 1"),
         ("book_cnn", {"image_size": 9}, "book_cnn with 2 conv(s) needs image_size >= 10"),

@@ -154,7 +154,11 @@ def check_metadata_digest(raw: dict[str, Any], source: str) -> dict[str, Any]:
         digest = metadata_digest(raw)
     except RecursionError as error:
         raise ModelFileError(f"{source}: cnnkit metadata is nested too deeply") from error
-    if raw.get("metadata_sha256") != digest:
+    if "metadata_sha256" not in raw:
+        raise ModelFileError(
+            f"{source}: cnnkit metadata has no metadata_sha256 (not written by cnnkit)"
+        )
+    if raw["metadata_sha256"] != digest:
         raise ModelFileError(f"{source}: metadata checksum mismatch (file modified or corrupt)")
     return raw
 

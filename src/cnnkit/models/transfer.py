@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cnnkit.config import Preprocessing
+from cnnkit.config import MAX_IMAGE_SIDE, Preprocessing
 from cnnkit.models.efficientnet_lite import (
     CROP_PADDING,
     LITE_MEAN,
@@ -336,8 +336,11 @@ def efficientnet_lite_trio(
     Every transfer model takes ``members``: more than 1 builds a :class:`TransferEnsemble`
     of that many copies, fine-tuned one after another and averaged."""
     _check_rgb("efficientnet_lite_trio", in_channels)
-    if image_size < 32:
-        raise ValueError(f"image_size must be >= 32; got {image_size}")
+    largest = MAX_IMAGE_SIDE - CROP_PADDING  # The stored photos are this much larger.
+    if not 32 <= image_size <= largest:
+        raise ValueError(
+            f"efficientnet_lite_trio image_size must be 32-{largest}; got {image_size}"
+        )
     preprocessing = Preprocessing(
         "photo", 3, image_size, image_size + CROP_PADDING, LITE_MEAN, LITE_STD
     )

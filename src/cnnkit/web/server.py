@@ -153,7 +153,7 @@ def serve(
         allow_remote: allow a host other than loopback (exposes the server to the network).
         workers: server processes sharing the port, each with its own copy of the model and
             ``cores // workers`` threads (torch's, or onnxruntime's for an ONNX model). One
-            event loop handles about 1,000-1,500 requests/s; with several cores, more
+            event loop handles about 1,000-1,600 requests/s; with several cores, more
             processes serve more.
         on_ready: called with the page's URL once the model has loaded and the port is free.
         device: where a PyTorch model runs (see :func:`load_predictor`); on a GPU, one process
