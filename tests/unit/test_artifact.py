@@ -276,6 +276,31 @@ def test_metadata_without_checksum(saved, tmp_path: Path) -> None:
         load_model(path)
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.update(format_version=2), "unsupported model format version 2"),
+        (lambda m: m["preprocessing"].update(interpolation="area"), "invalid metadata"),
+        (lambda m: m["options"].update(new_option=1), "cannot rebuild the model"),
+    ],
+)
+def test_what_a_newer_cnnkit_wrote_says_to_upgrade(saved, edit, message) -> None:
+    """Formats, preprocessing keys and options a later version adds are news to this one."""
+    path, _ = saved
+
+    def newer(metadata: dict) -> None:
+        edit(metadata)
+        metadata["cnnkit_version"] = "99.0.0"
+
+    _rewrite_metadata_and_checksum(path, newer)
+    with pytest.raises(ModelFileError, match=rf"{message}.*written by cnnkit 99\.0\.0.*upgrade"):
+        load_model(path)
+    _rewrite_metadata_and_checksum(path, lambda metadata: metadata.update(cnnkit_version="0.0.1"))
+    with pytest.raises(ModelFileError, match=message) as raised:
+        load_model(path)
+    assert "upgrade" not in str(raised.value)  # An older writer: nothing to upgrade.
+
+
 def test_metadata_without_its_checksum_is_not_called_corrupt(saved) -> None:
     path, _ = saved
     _rewrite_metadata(path, lambda metadata: metadata.pop("metadata_sha256"))

@@ -37,6 +37,23 @@ class ModelFileError(ValueError):
     """A model file that is missing, truncated, tampered with or inconsistent."""
 
 
+def _version_tuple(text: object) -> tuple[int, ...] | None:
+    """``"0.3.1"`` as ``(0, 3, 1)``; None for anything else (``unknown``, a local build)."""
+    if not isinstance(text, str):
+        return None
+    parts = text.split("+")[0].split(".")
+    return tuple(int(part) for part in parts) if all(part.isdigit() for part in parts) else None
+
+
+def newer_writer(version: object) -> str:
+    """The hint for a file that a newer cnnkit wrote (what this one cannot read may be new
+    there): ``"; written by cnnkit 0.3.0, this is 0.1.0: upgrade cnnkit"``, else ``""``."""
+    written, running = _version_tuple(version), _version_tuple(__version__)
+    if written is None or running is None or written <= running:
+        return ""
+    return f"; written by cnnkit {version}, this is {__version__}: upgrade cnnkit to read it"
+
+
 @dataclass(frozen=True)
 class ModelMetadata:
     """Everything needed to rebuild a model and preprocess its input."""
@@ -81,6 +98,7 @@ class ModelMetadata:
         if data.get("format_version") != FORMAT_VERSION:
             raise ModelFileError(
                 f"{source}: unsupported model format version {data.get('format_version')!r}"
+                + newer_writer(data.get("cnnkit_version"))
             )
         try:
             class_names = tuple(str(name) for name in data["class_names"])
@@ -110,7 +128,9 @@ class ModelMetadata:
         except (KeyError, TypeError, ValueError) as error:
             if isinstance(error, ModelFileError):
                 raise
-            raise ModelFileError(f"{source}: invalid metadata ({error})") from error
+            raise ModelFileError(
+                f"{source}: invalid metadata ({error})" + newer_writer(data.get("cnnkit_version"))
+            ) from error
 
 
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -333,7 +353,10 @@ def _rebuild(path: Path, metadata: ModelMetadata, outline: bool) -> nn.Module:
     # ValueError from the checks; TypeError, RuntimeError (torch) or MemoryError from values
     # that pass them but that no layer can be built with.
     except (ValueError, TypeError, RuntimeError, MemoryError) as error:
-        raise ModelFileError(f"{path}: cannot rebuild the model ({error_line(error)})") from error
+        raise ModelFileError(
+            f"{path}: cannot rebuild the model ({error_line(error)})"
+            + newer_writer(metadata.cnnkit_version)
+        ) from error
 
 
 def _check_tensors_fit(
