@@ -121,12 +121,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, search: bool = False) -
         parser.add_argument("--out", help="search folder (default runs/search-<dataset>-<space>)")
     else:
         parser.add_argument("--out", help="run folder (default runs/<dataset>-<model>)")
-    parser.add_argument(
-        "--quiet",
-        action="store_true",
-        help="nothing while training (no progress bars or per-epoch lines); the epochs are "
-        "listed once at the end",
-    )
+    add_quiet_argument(parser)
     if not search:  # A search ranks its trials on held-out images.
         parser.add_argument(
             "--train-on-all", action="store_true", default=None, help="fit on train+test (final)"
@@ -224,6 +219,16 @@ def add_train_arguments(parser: argparse.ArgumentParser, search: bool = False) -
     train.add_argument(
         "--phases",
         help="transfer models: frozen,finetune (default both) or frozen",
+    )
+
+
+def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
+    """``--quiet`` for the commands that train (train, search, demo)."""
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="nothing while training (no progress bars or per-epoch lines); the epochs are "
+        "listed once at the end",
     )
 
 

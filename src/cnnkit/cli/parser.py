@@ -14,6 +14,7 @@ from cnnkit.cli.arguments import (
     add_data_arguments,
     add_device_argument,
     add_model_argument,
+    add_quiet_argument,
     add_train_arguments,
     whole,
 )
@@ -156,12 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="train and use a CNN on the embedded digits")
     demo.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     demo.add_argument("--epochs", type=whole(1), default=12, help="training epochs (default 12)")
-    demo.add_argument(
-        "--quiet",
-        action="store_true",
-        help="nothing while training (no progress bars or per-epoch lines); the epochs are "
-        "listed once at the end",
-    )
+    add_quiet_argument(demo)
     demo.set_defaults(handler=command_demo)
 
     models = commands.add_parser("models", help="list registered models and their options")

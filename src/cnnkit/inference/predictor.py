@@ -73,21 +73,23 @@ def as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]
     return list(images)
 
 
+def _at_least_one(name: str, value: Any, also: str = "") -> int:
+    """``value`` as an int; raises ValueError naming ``name`` unless it is a whole number >= 1
+    (``also`` names what else the caller takes)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1{also}; got {value!r}")
+    return int(value)
+
+
 def check_threads(threads: Any) -> int | None:
     """``threads`` as an int (None: the default); raises ValueError unless it is None or a
     whole number >= 1."""
-    if threads is None:
-        return None
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
-        raise ValueError(f"threads must be a whole number >= 1 (or None); got {threads!r}")
-    return int(threads)
+    return None if threads is None else _at_least_one("threads", threads, " (or None)")
 
 
 def check_top_k(top_k: Any) -> int:
     """``top_k`` as an int; raises ValueError unless it is a whole number >= 1."""
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-        raise ValueError(f"top_k must be a whole number >= 1; got {top_k!r}")
-    return int(top_k)
+    return _at_least_one("top_k", top_k)
 
 
 def resolve_model_path(path: str | Path | None) -> Path:
