@@ -293,6 +293,23 @@ def test_openapi_describes_the_predict_requests_and_answers(client: TestClient) 
     ErrorAnswer.model_validate(error.json())
 
 
+def test_openapi_describes_the_render_answers_as_sent(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+    responses = document["paths"]["/api/render"]["get"]["responses"]
+    assert set(responses["200"]["content"]) == {"image/svg+xml"}
+    schema = responses["422"]["content"]["application/json"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/ErrorAnswer"}
+    assert "HTTPValidationError" not in document["components"]["schemas"]
+    blank = client.get("/api/render", params={"latex": " "})
+    assert blank.status_code == 422
+    ErrorAnswer.model_validate(blank.json())
+    assert (
+        client.get("/api/render", params={"latex": r"\alpha"})
+        .headers["content-type"]
+        .startswith("image/svg+xml")
+    )
+
+
 def test_the_head_routes_stay_out_of_the_api_schema(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert set(paths["/healthz"]) == {"get"}

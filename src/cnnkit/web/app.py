@@ -28,7 +28,7 @@ from cnnkit.web.docs import add_docs_routes, load_docs_assets
 from cnnkit.web.limits import InFlightLimitMiddleware
 from cnnkit.web.prediction import PredictionService
 from cnnkit.web.render import MAX_LATEX_LENGTH, render_latex_svg
-from cnnkit.web.schema import PREDICT_ERRORS, PREDICT_REQUEST, PredictAnswer
+from cnnkit.web.schema import PREDICT_ERRORS, PREDICT_REQUEST, RENDER_RESPONSES, PredictAnswer
 from cnnkit.web.upload import (
     BODY_DEADLINE_SECONDS,
     BODY_TIMEOUT_SECONDS,
@@ -217,7 +217,12 @@ def _add_routes(app: FastAPI) -> None:
     app.add_api_route(HEALTH_PATH, health, methods=["HEAD"], include_in_schema=False)
     app.add_api_route("/api/model", model_info, methods=["GET"], summary="Describe the model")
     app.add_api_route(
-        "/api/render", render, methods=["GET"], summary="Render a LaTeX symbol as SVG"
+        "/api/render",
+        render,
+        methods=["GET"],
+        summary="Render a LaTeX symbol as SVG",
+        response_class=Response,
+        responses=RENDER_RESPONSES,
     )
 
 

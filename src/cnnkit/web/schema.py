@@ -10,6 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from cnnkit.web.render import MAX_LATEX_LENGTH
+
 
 class RankedClass(BaseModel):
     label: str = Field(description="the class name (a LaTeX command for symbols)")
@@ -103,4 +105,14 @@ PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
         415: "a content type other than multipart, JSON (application/json) or image/*",
         503: "busy: too many requests in flight; try again shortly",
     }.items()
+}
+
+# /api/render answers SVG, and its 422 is the JSON error every endpoint sends (not FastAPI's
+# default validation schema, which the app's error handler replaces).
+RENDER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"image/svg+xml": {}}, "description": "the symbol as SVG"},
+    422: {
+        "model": ErrorAnswer,
+        "description": f"no `latex`, only whitespace, or over {MAX_LATEX_LENGTH} characters",
+    },
 }
