@@ -34,7 +34,7 @@ from cnnkit.web import prediction
 from cnnkit.web.app import MAX_CONCURRENT_REQUESTS, create_app
 from cnnkit.web.batching import MicroBatcher
 from cnnkit.web.drawing import canvas_to_symbol, estimate_stroke_width, ink_mask
-from cnnkit.web.limits import InFlightLimitMiddleware
+from cnnkit.web.limits import BodySizeLimitMiddleware, InFlightLimitMiddleware
 from cnnkit.web.render import MAX_LATEX_LENGTH, render_latex_svg
 from cnnkit.web.schema import ErrorAnswer, PredictAnswer
 from cnnkit.web.server import (
@@ -45,7 +45,7 @@ from cnnkit.web.server import (
     page_url,
     serve,
 )
-from cnnkit.web.upload import BodySizeLimitMiddleware, _header_options, parse_multipart
+from cnnkit.web.upload import _header_options, parse_multipart
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -25,16 +25,16 @@ from starlette.requests import ClientDisconnect
 from cnnkit import __version__
 from cnnkit.inference.predictor import Predictor
 from cnnkit.web.docs import add_docs_routes, load_docs_assets
-from cnnkit.web.limits import InFlightLimitMiddleware
-from cnnkit.web.prediction import PredictionService
-from cnnkit.web.render import MAX_LATEX_LENGTH, render_latex_svg
-from cnnkit.web.schema import PREDICT_ERRORS, PREDICT_REQUEST, RENDER_RESPONSES, PredictAnswer
-from cnnkit.web.upload import (
+from cnnkit.web.limits import (
     BODY_DEADLINE_SECONDS,
     BODY_TIMEOUT_SECONDS,
     BodySizeLimitMiddleware,
-    read_image_request,
+    InFlightLimitMiddleware,
 )
+from cnnkit.web.prediction import PredictionService
+from cnnkit.web.render import MAX_LATEX_LENGTH, render_latex_svg
+from cnnkit.web.schema import PREDICT_ERRORS, PREDICT_REQUEST, RENDER_RESPONSES, PredictAnswer
+from cnnkit.web.upload import read_image_request
 
 logger = logging.getLogger(__name__)
 
