@@ -19,15 +19,9 @@ from pathlib import Path
 import pytest
 
 from cnnkit.cli import main as cli_main
-from cnnkit.data import fetch
-from cnnkit.data.fetch import (
-    ARCHIVES,
-    ArchiveSpec,
-    ChecksumError,
-    FetchError,
-    fetch_archive,
-    get_archive_spec,
-)
+from cnnkit.data.download import FetchError
+from cnnkit.data.fetch import fetch_archive
+from cnnkit.data.official_archives import ARCHIVES, ArchiveSpec, ChecksumError, get_archive_spec
 
 ARCHIVE_NAME = "tiny"
 FILENAME = "tiny.tar.gz"
@@ -418,7 +412,7 @@ def test_archive_spec_validation():
 
 @pytest.mark.parametrize("name", ["hasy", "cub"])
 def test_official_archives_are_described(name):
-    spec = fetch.ARCHIVES[name]
+    spec = ARCHIVES[name]
     assert spec.name == name
     assert spec.url.startswith("https://")
     assert spec.filename in spec.url

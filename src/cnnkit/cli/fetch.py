@@ -9,7 +9,8 @@ from cnnkit.cli.arguments import CommandError
 
 
 def command_fetch(args: argparse.Namespace) -> int:
-    from cnnkit.data.fetch import compute_checksum, fetch_archive
+    from cnnkit.data.fetch import fetch_archive
+    from cnnkit.data.official_archives import compute_checksum
 
     if args.from_file and args.url:
         raise CommandError("--from imports a local copy and --url downloads one: give either")

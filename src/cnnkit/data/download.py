@@ -18,7 +18,7 @@ from tqdm import tqdm
 from cnnkit.progress import bar_disabled
 
 if TYPE_CHECKING:
-    from cnnkit.data.fetch import ArchiveSpec
+    from cnnkit.data.official_archives import ArchiveSpec
 
 logger = logging.getLogger(__name__)
 
