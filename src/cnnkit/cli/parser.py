@@ -30,6 +30,7 @@ from cnnkit.paths import default_cache_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``cnnkit`` parser: the top-level options, then each command from its ``_add_*``."""
     parser = argparse.ArgumentParser(
         prog="cnnkit",
         description="Train, evaluate and serve convolutional image classifiers.",
@@ -39,6 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    for add_command in (
+        _add_fetch,
+        _add_train,
+        _add_evaluate,
+        _add_predict,
+        _add_serve,
+        _add_demo,
+        _add_models,
+        _add_export,
+        _add_search,
+        _add_report,
+    ):
+        add_command(commands)
+    for sub in commands.choices.values():  # -v after the command too; unset, the top's holds.
+        sub.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
+        )
+    return parser
+
+
+def _add_fetch(commands: argparse._SubParsersAction) -> None:
+    """The ``fetch`` command."""
     fetch = commands.add_parser("fetch", help="download or import a dataset archive")
     fetch.add_argument("name", choices=["hasy", "cub"])
     fetch.add_argument("--to", default="data", help="destination folder (default ./data)")
@@ -55,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fetch.set_defaults(handler=command_fetch)
 
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    """The ``train`` command."""
     train = commands.add_parser("train", help="train a model and save RUN_DIR/model.safetensors")
     add_train_arguments(train)
     train.add_argument(
@@ -64,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(handler=command_train)
 
+
+def _add_evaluate(commands: argparse._SubParsersAction) -> None:
+    """The ``evaluate`` command."""
     evaluate = commands.add_parser("evaluate", help="evaluate a model file on a dataset")
     add_model_argument(
         evaluate,
@@ -91,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.set_defaults(handler=command_evaluate)
 
+
+def _add_predict(commands: argparse._SubParsersAction) -> None:
+    """The ``predict`` command."""
     predict = commands.add_parser("predict", help="classify image files or folders")
     predict.add_argument("inputs", nargs="*", metavar="[MODEL] IMAGE", help="model file, images")
     predict.add_argument(
@@ -118,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.set_defaults(handler=command_predict)
 
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    """The ``serve`` command."""
     serve = commands.add_parser("serve", help="web page and REST API for a model")
     add_model_argument(
         serve,
@@ -154,15 +189,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(handler=command_serve)
 
+
+def _add_demo(commands: argparse._SubParsersAction) -> None:
+    """The ``demo`` command."""
     demo = commands.add_parser("demo", help="train and use a CNN on the embedded digits")
     demo.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     demo.add_argument("--epochs", type=whole(1), default=12, help="training epochs (default 12)")
     add_quiet_argument(demo)
     demo.set_defaults(handler=command_demo)
 
+
+def _add_models(commands: argparse._SubParsersAction) -> None:
+    """The ``models`` command."""
     models = commands.add_parser("models", help="list registered models and their options")
     models.set_defaults(handler=command_models)
 
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    """The ``export`` command."""
     export = commands.add_parser("export", help="export a model file to ONNX")
     add_model_argument(
         export,
@@ -191,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--cache-dir", help=f"decoded-image cache (default {default_cache_dir()})")
     export.set_defaults(handler=command_export)
 
+
+def _add_search(commands: argparse._SubParsersAction) -> None:
+    """The ``search`` command."""
     search = commands.add_parser(
         "search", help="hyperparameter search (Optuna grid, TPE or random) with pruning"
     )
@@ -232,15 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     search.set_defaults(handler=command_search)
 
+
+def _add_report(commands: argparse._SubParsersAction) -> None:
+    """The ``report`` command."""
     report = commands.add_parser("report", help="one self-contained HTML page for a run folder")
     report.add_argument("run_dir", help="a training run or search folder")
     report.add_argument("--out", help="HTML file (default RUN_DIR/report.html)")
     report.set_defaults(handler=command_report)
-    for sub in commands.choices.values():  # -v after the command too; unset, the top's holds.
-        sub.add_argument(
-            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
-        )
-    return parser
 
 
 def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
