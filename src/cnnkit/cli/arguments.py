@@ -106,6 +106,8 @@ def add_data_arguments(
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, search: bool = False) -> None:
+    """The options of `train` (and, with ``search``, of `search`): data, settings, model and
+    training."""
     add_data_arguments(parser, required=False)  # --config may name the dataset instead.
     parser.add_argument(
         "--preset",
@@ -126,15 +128,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, search: bool = False) -
         parser.add_argument(
             "--train-on-all", action="store_true", default=None, help="fit on train+test (final)"
         )
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", help="registry name (`cnnkit models` lists them)")
-    model.add_argument("--dense", type=int, help="book_cnn: dense units (128; 1024 variant)")
-    model.add_argument("--dropout", type=float, help="dropout before the classifier")
-    model.add_argument("--convs", type=int, help="book_cnn: number of conv layers (1 or 2)")
-    model.add_argument("--width", type=int, help="symbol_cnn: channels of the first stage")
-    model.add_argument(
-        "--option", action="append", default=[], metavar="KEY=VALUE", help="any model option"
-    )
+    _add_model_options(parser.add_argument_group("model"))
     train = parser.add_argument_group(
         "training",
         "Unset options come from the preset and --config (--print-config shows them all).",
@@ -160,6 +154,24 @@ def add_train_arguments(parser: argparse.ArgumentParser, search: bool = False) -
         choices=["onecycle", "cosine", "constant"],
         help="learning-rate schedule, after a warm-up of train.warmup_fraction of the steps",
     )
+    _add_regularisation_options(train)
+    _add_run_options(train)
+
+
+def _add_model_options(model: argparse._ArgumentGroup) -> None:
+    """Which network to train, and its options."""
+    model.add_argument("--model", help="registry name (`cnnkit models` lists them)")
+    model.add_argument("--dense", type=int, help="book_cnn: dense units (128; 1024 variant)")
+    model.add_argument("--dropout", type=float, help="dropout before the classifier")
+    model.add_argument("--convs", type=int, help="book_cnn: number of conv layers (1 or 2)")
+    model.add_argument("--width", type=int, help="symbol_cnn: channels of the first stage")
+    model.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="any model option"
+    )
+
+
+def _add_regularisation_options(train: argparse._ArgumentGroup) -> None:
+    """Label smoothing, Mixup, CutMix, the weight average and micro-batches."""
     train.add_argument(
         "--label-smoothing", type=float, help="share of each target spread over all classes"
     )
@@ -193,6 +205,10 @@ def add_train_arguments(parser: argparse.ArgumentParser, search: bool = False) -
         help="at most N samples per forward pass (per process under torchrun); gradients add "
         "up over the batch (default: the whole batch, split when it would not fit in memory)",
     )
+
+
+def _add_run_options(train: argparse._ArgumentGroup) -> None:
+    """Stopping, seeding, the device and its speed-ups, augmentation and transfer phases."""
     train.add_argument(
         "--patience", type=whole(1), help="early stopping after N epochs without gain"
     )
