@@ -222,6 +222,32 @@ def _load_for_evaluation(
     return OnnxModule(OnnxPredictor.from_file(model_path)), torch.device("cpu")
 
 
+def _warn_about_hasy_folds(
+    model_path: str | Path, trained_fold: int | None, data_overrides: dict[str, Any], split: str
+) -> None:
+    """Warn where a model trained on one HASYv2 fold is scored on images it trained on."""
+    if data_overrides.get("dataset") != "hasy" or trained_fold is None:
+        return
+    fold = data_overrides.get("fold")
+    if fold is None and split == "test":
+        logger.warning(
+            "%s was trained on HASYv2 fold %s; without --fold %s the test split is a seeded "
+            "split that overlaps its training images",
+            model_path,
+            trained_fold,
+            trained_fold,
+        )
+    elif fold not in (None, trained_fold):
+        logger.warning(
+            "%s was trained on HASYv2 fold %s: fold %s's test images are among its training "
+            "images, so the figures overstate how it does on new images (use --fold %s)",
+            model_path,
+            trained_fold,
+            fold,
+            trained_fold,
+        )
+
+
 def evaluate_model_file(
     model_path: str | Path,
     data_overrides: dict[str, Any],
@@ -244,31 +270,7 @@ def evaluate_model_file(
     """
     model, torch_device = _load_for_evaluation(model_path, device)
     preprocessing = model.metadata.preprocessing
-    trained_fold = model.metadata.training.get("fold")
-    evaluating_hasy = data_overrides.get("dataset") == "hasy"
-    if (
-        evaluating_hasy
-        and trained_fold is not None
-        and data_overrides.get("fold") is None
-        and split == "test"
-    ):
-        logger.warning(
-            "%s was trained on HASYv2 fold %s; without --fold %s the test split is a seeded "
-            "split that overlaps its training images",
-            model_path,
-            trained_fold,
-            trained_fold,
-        )
-    fold = data_overrides.get("fold")
-    if evaluating_hasy and trained_fold is not None and fold not in (None, trained_fold):
-        logger.warning(
-            "%s was trained on HASYv2 fold %s: fold %s's test images are among its training "
-            "images, so the figures overstate how it does on new images (use --fold %s)",
-            model_path,
-            trained_fold,
-            fold,
-            trained_fold,
-        )
+    _warn_about_hasy_folds(model_path, model.metadata.training.get("fold"), data_overrides, split)
     data_overrides = trained_split_settings(
         model_path, model.metadata.training, data_overrides, split
     )

@@ -199,6 +199,22 @@ def _staging_folder(out_dir: Path, swap: bool) -> Path:
     return staging
 
 
+def _refuse_non_finite(logits: torch.Tensor) -> None:
+    """Raise ValueError where some image's logits are NaN or infinite: argmax would take NaN
+    for the largest value and the report would show believable figures."""
+    broken = int((~torch.isfinite(logits)).any(dim=1).sum())
+    if broken:
+        raise ValueError(
+            f"the model's outputs are not finite (NaN or infinite) for {broken} of {len(logits)} "
+            "images: its weights have diverged or are broken, so no figures are reported"
+        )
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    text = json.dumps(content, indent=2) + "\n"
+    write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
 def build_report(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -232,12 +248,7 @@ def build_report(
     given = Path(out_dir)
     out_dir = given.absolute()  # "." too has a name and a parent.
     refuse_unusable_folder(out_dir, needs="the report")
-    broken = int((~torch.isfinite(logits)).any(dim=1).sum())
-    if broken:  # argmax would take NaN for the largest value and report believable figures.
-        raise ValueError(
-            f"the model's outputs are not finite (NaN or infinite) for {broken} of {len(logits)} "
-            "images: its weights have diverged or are broken, so no figures are reported"
-        )
+    _refuse_non_finite(logits)
     metrics = summarize(logits, labels)
     matrix = confusion_matrix(logits.argmax(dim=1), labels, len(class_names))
     pairs = [
@@ -265,9 +276,7 @@ def build_report(
         if images is not None:
             path = staging / "misclassified.png"
             _plot_misclassified(logits, labels, class_names, images, path, max_examples)
-        text = json.dumps(report.to_dict(), indent=2) + "\n"
-        metrics_path = staging / "metrics.json"
-        write_atomically(metrics_path, lambda path: path.write_text(text, encoding="utf-8"))
+        _write_json(staging / "metrics.json", report.to_dict())
         _move_into_place(staging, out_dir, swap)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -16,6 +16,7 @@ import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -94,6 +95,41 @@ def _batches(inputs: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
         yield {INPUT_NAME: inputs[start : start + CALIBRATION_BATCH]}
 
 
+def _quantized(proto: Any, calibration: np.ndarray) -> Any:
+    """The int8 static (QDQ, per-channel weights) quantization of the float ONNX ``proto``,
+    its activation ranges calibrated on ``calibration``."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = _batches(calibration)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory(prefix="cnnkit-quantize-") as folder:
+        float_path, prepared, quantized = (Path(folder) / n for n in ("f.onnx", "p.onnx", "q.onnx"))
+        onnx.save(proto, float_path)
+        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(quantized),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+        )
+        return onnx.load(quantized)
+
+
 def quantize_onnx(
     model_path: str | Path,
     out_path: str | Path,
@@ -116,13 +152,6 @@ def quantize_onnx(
         ModelFileError: if the model file is bad or the export fails.
     """
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_static,
-    )
 
     calibration = np.ascontiguousarray(calibration, dtype=np.float32)
     if calibration.ndim != 4 or len(calibration) == 0:
@@ -130,28 +159,8 @@ def quantize_onnx(
             f"calibration must be a non-empty [N, C, H, W] batch; got {calibration.shape}"
         )
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = _batches(calibration)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.batches, None)
-
     proto = build_onnx_model(model_path, opset)
-    with tempfile.TemporaryDirectory(prefix="cnnkit-quantize-") as folder:
-        float_path, prepared, quantized = (Path(folder) / n for n in ("f.onnx", "p.onnx", "q.onnx"))
-        onnx.save(proto, float_path)
-        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepared),
-            str(quantized),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-        )
-        result = onnx.load(quantized)
+    result = _quantized(proto, calibration)
     del result.metadata_props[:]
     for prop in proto.metadata_props:
         result.metadata_props.add(key=prop.key, value=prop.value)

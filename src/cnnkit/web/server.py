@@ -131,6 +131,24 @@ def optimize_for_serving(model: torch.nn.Module) -> torch.nn.Module:
     return for_inference(model)
 
 
+def _check_serve_settings(
+    host: str, port: int, max_upload_bytes: int, allow_remote: bool, workers: int
+) -> None:
+    """Raise ValueError for a non-loopback ``host`` without ``allow_remote``, or a bad number."""
+    if not is_loopback(host) and not allow_remote:
+        raise ValueError(
+            f"refusing to listen on {host!r}: it is reachable from other machines. Use a loopback "
+            "host such as 127.0.0.1, or pass allow_remote=True (cnnkit serve --allow-remote) if "
+            "that is intended."
+        )
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be between 0 and 65535; got {port}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1; got {workers}")
+    if max_upload_bytes < 1:
+        raise ValueError(f"max_upload_bytes must be >= 1; got {max_upload_bytes}")
+
+
 def serve(
     model_path: str | None,
     host: str = "127.0.0.1",
@@ -166,18 +184,7 @@ def serve(
 
     # Once, here: the check, the socket, the URL printed and uvicorn all take the bare address.
     host = normalize_host(host)
-    if not is_loopback(host) and not allow_remote:
-        raise ValueError(
-            f"refusing to listen on {host!r}: it is reachable from other machines. Use a loopback "
-            "host such as 127.0.0.1, or pass allow_remote=True (cnnkit serve --allow-remote) if "
-            "that is intended."
-        )
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port must be between 0 and 65535; got {port}")
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1; got {workers}")
-    if max_upload_bytes < 1:
-        raise ValueError(f"max_upload_bytes must be >= 1; got {max_upload_bytes}")
+    _check_serve_settings(host, port, max_upload_bytes, allow_remote, workers)
     # With several workers, a bad file or device fails here once.
     predictor = load_predictor(model_path, device=device)
     port = free_port(host, port)
