@@ -127,7 +127,8 @@ def _settings_without_the_file(args: argparse.Namespace, space, file_layer: dict
 def command_search(args: argparse.Namespace) -> int:
     from cnnkit.config import DataConfig, load_config_file
     from cnnkit.runtime import tune_allocator
-    from cnnkit.training.search import SearchConfig, run_search
+    from cnnkit.training.search import run_search
+    from cnnkit.training.search_config import SearchConfig
     from cnnkit.training.search_workers import default_workers
     from cnnkit.training.spaces import SPACES, resolve_space
     from cnnkit.training.trainer import TrainingInterrupted

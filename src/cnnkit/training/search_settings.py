@@ -13,7 +13,7 @@ from cnnkit.paths import RUN_INFO, SEARCH_SETTINGS
 from cnnkit.training.spaces import SPACES, SearchSpace, build_trial_config
 
 if TYPE_CHECKING:
-    from cnnkit.training.search import SearchConfig
+    from cnnkit.training.search_config import SearchConfig
 
 
 # Data settings that decide which images are in which split, or which images there are: trials

@@ -25,7 +25,7 @@ from cnnkit.training.spaces import SearchSpace, build_trial_config
 from cnnkit.training.trainer import Callback, Trainer, TrainingDiverged, TrainingInterrupted
 
 if TYPE_CHECKING:
-    from cnnkit.training.search import SearchConfig
+    from cnnkit.training.search_config import SearchConfig
 
 logger = logging.getLogger(__name__)
 
