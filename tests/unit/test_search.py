@@ -28,7 +28,6 @@ from cnnkit.training.search import run_search
 from cnnkit.training.search_budget import nothing_left_to_run, trials_to_run
 from cnnkit.training.search_config import SearchConfig
 from cnnkit.training.search_results import TrialReporter, parameter_importances
-from cnnkit.training.search_settings import check_parameter_values
 from cnnkit.training.search_study import build_pruner, open_study
 from cnnkit.training.search_trials import PruningCallback, suggest_params
 from cnnkit.training.search_workers import (
@@ -37,6 +36,7 @@ from cnnkit.training.search_workers import (
     default_workers,
     worker_identity,
 )
+from cnnkit.training.space_checks import check_parameter_values
 from cnnkit.training.spaces import (
     BOOK_SPACE,
     SearchParameter,
@@ -449,7 +449,7 @@ def test_a_space_that_changes_the_images_trials_are_compared_on_is_refused(
 
 def test_preprocessing_settings_may_be_searched():
     """Image size and channels change how the same images are read, not which they are."""
-    from cnnkit.training.search_settings import check_data_targets
+    from cnnkit.training.space_checks import check_data_targets
 
     space = parse_space(
         {
