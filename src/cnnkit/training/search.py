@@ -117,6 +117,7 @@ def _run_search(
     data: LoadedData | None,
     space_file: str | Path | None = None,
 ) -> SearchResult:
+    """:func:`run_search`'s steps, with its guard against Ctrl-C and kill installed."""
     import torch
 
     check_held_out(base)
