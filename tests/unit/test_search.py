@@ -24,16 +24,11 @@ from cnnkit.config import build_run_config, config_to_dict
 from cnnkit.data.sources import build_splits
 from cnnkit.presets import preset_for
 from cnnkit.training.run import resolve_preprocessing, train_run
-from cnnkit.training.search import (
-    SearchConfig,
-    build_pruner,
-    nothing_left_to_run,
-    open_study,
-    run_search,
-    trials_to_run,
-)
+from cnnkit.training.search import run_search
+from cnnkit.training.search_budget import nothing_left_to_run, trials_to_run
+from cnnkit.training.search_config import SearchConfig
 from cnnkit.training.search_results import TrialReporter, parameter_importances
-from cnnkit.training.search_settings import check_parameter_values
+from cnnkit.training.search_study import build_pruner, open_study
 from cnnkit.training.search_trials import PruningCallback, suggest_params
 from cnnkit.training.search_workers import (
     ORPHAN_SECONDS,
@@ -41,6 +36,7 @@ from cnnkit.training.search_workers import (
     default_workers,
     worker_identity,
 )
+from cnnkit.training.space_checks import check_parameter_values
 from cnnkit.training.spaces import (
     BOOK_SPACE,
     SearchParameter,
@@ -453,7 +449,7 @@ def test_a_space_that_changes_the_images_trials_are_compared_on_is_refused(
 
 def test_preprocessing_settings_may_be_searched():
     """Image size and channels change how the same images are read, not which they are."""
-    from cnnkit.training.search_settings import check_data_targets
+    from cnnkit.training.space_checks import check_data_targets
 
     space = parse_space(
         {
@@ -560,29 +556,29 @@ def test_two_parameters_setting_one_target_are_refused():
 
 
 def test_each_worker_gets_its_own_sampler_seed(tmp_path, monkeypatch):
-    from cnnkit.training import search as search_module
+    from cnnkit.training import search_pool
 
     seen = []
-    monkeypatch.setattr(search_module, "die_with_parent", lambda: None)
+    monkeypatch.setattr(search_pool, "die_with_parent", lambda: None)
 
     def open_study(config, space, run_dir, held=0):
         seen.append((config.sampler_seed, held))
         return None, "", ""
 
-    monkeypatch.setattr(search_module, "open_study", open_study)
-    monkeypatch.setattr(search_module, "_optimize", lambda *args: None)
+    monkeypatch.setattr(search_pool, "open_study", open_study)
+    monkeypatch.setattr(search_pool, "optimize_study", lambda *args: None)
     base = tiny_base(tmp_path / "search")
     for index in (1, 2):
-        search_module._worker_main(base, TINY_SPACE, SearchConfig(sampler_seed=7), None, 1, index)
-    search_module._worker_main(base, TINY_SPACE, SearchConfig(), None, 1, 1)
+        search_pool.worker_main(base, TINY_SPACE, SearchConfig(sampler_seed=7), None, 1, index)
+    search_pool.worker_main(base, TINY_SPACE, SearchConfig(), None, 1, 1)
     # On a continued study a worker opens it with the count the main process started from.
-    search_module._worker_main(base, TINY_SPACE, SearchConfig(sampler_seed=7), None, 1, 1, 4)
+    search_pool.worker_main(base, TINY_SPACE, SearchConfig(sampler_seed=7), None, 1, 1, 4)
     assert seen == [(8, 0), (9, 0), (None, 0), (8, 4)]
 
 
 def test_a_continued_study_gives_each_process_a_seed_of_its_own():
     """Main process and workers, new and continued studies: no two start one sequence."""
-    from cnnkit.training.search import sampler_seed
+    from cnnkit.training.search_study import sampler_seed
 
     assert sampler_seed(None, 5) is None
     assert sampler_seed(7, 0) == 7  # A new study: the seed as given, reproducible.
@@ -919,7 +915,7 @@ class _CtrlCRunner:
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_ctrl_c_in_a_trial_logs_no_traceback(tmp_path, caplog) -> None:
-    from cnnkit.training.search import _optimize
+    from cnnkit.training.search_loop import optimize_study
     from cnnkit.training.trainer import TrainingInterrupted
 
     runner = _CtrlCRunner(tmp_path / "run")
@@ -927,12 +923,12 @@ def test_ctrl_c_in_a_trial_logs_no_traceback(tmp_path, caplog) -> None:
     optuna.logging.enable_propagation()  # Optuna's records reach caplog only this way.
     try:
         with caplog.at_level(logging.WARNING), pytest.raises(TrainingInterrupted):
-            _optimize(study, runner)
+            optimize_study(study, runner)
         # Neither a traceback nor "Trial 0 failed with value None.": it is queued again.
         assert not [r for r in caplog.records if "Trial 0" in r.getMessage() or r.exc_info]
         # A real failure is still logged whole: the filter drops interruptions only.
         with caplog.at_level(logging.WARNING), pytest.raises(ValueError):
-            _optimize(study, _CtrlCRunner(tmp_path / "run", ValueError("broken")))
+            optimize_study(study, _CtrlCRunner(tmp_path / "run", ValueError("broken")))
     finally:
         optuna.logging.disable_propagation()
     failures = [r for r in caplog.records if "Trial 1 failed" in r.getMessage()]
@@ -1128,12 +1124,12 @@ def test_hparams_take_choices_of_mixed_types(tmp_path, choices):
 def test_a_failing_hparams_log_neither_stops_the_search_nor_its_tables(
     tmp_path, digits_data, monkeypatch, caplog
 ):
-    from cnnkit.training import search as search_module
+    from cnnkit.training import search_loop
 
     def fail(*args):
         raise TypeError("hparam_domain_discrete[x] should be a list of same type")
 
-    monkeypatch.setattr(search_module, "log_trial_hparams", fail)
+    monkeypatch.setattr(search_loop, "log_trial_hparams", fail)
     base = tiny_base(tmp_path / "search", epochs=1)
     config = SearchConfig(sampler="grid", pruner="none", n_trials=2)
     result = run_search(base, TINY_SPACE, config, progress=False, data=digits_data)

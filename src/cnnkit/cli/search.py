@@ -6,11 +6,17 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cnnkit.cli.arguments import CommandError, overrides_from_args
 from cnnkit.cli.settings import print_config, resolve_run_config
 from cnnkit.cli.train import print_data_summary
 from cnnkit.paths import default_cache_dir
+
+if TYPE_CHECKING:
+    from cnnkit.config import RunConfig
+    from cnnkit.training.search import SearchResult
+    from cnnkit.training.search_config import SearchConfig
 
 
 def _print_trial(summary) -> None:
@@ -125,14 +131,48 @@ def _settings_without_the_file(args: argparse.Namespace, space, file_layer: dict
 
 
 def command_search(args: argparse.Namespace) -> int:
-    from cnnkit.config import DataConfig, load_config_file
     from cnnkit.runtime import tune_allocator
-    from cnnkit.training.search import SearchConfig, run_search
-    from cnnkit.training.search_workers import default_workers
+    from cnnkit.training.search import run_search
     from cnnkit.training.spaces import SPACES, resolve_space
     from cnnkit.training.trainer import TrainingInterrupted
 
     space = resolve_space(args.space)
+    base, given_out = _base_config(args, space)
+    if args.print_config:
+        # The trials' settings before the space varies them, and the folder only if given.
+        return print_config(dataclasses.replace(base, out=given_out))
+    if base.train.fast_path:
+        tune_allocator()
+    search = _search_config(args, base)
+    cache_dir = args.cache_dir or base.data.cache_dir or default_cache_dir()
+    try:
+        result = run_search(
+            base,
+            space,
+            search,
+            cache_dir=cache_dir,
+            progress=not args.quiet,
+            on_trial=_print_trial,
+            on_data=print_data_summary,
+            space_file=None if args.space in SPACES else args.space,
+        )
+    except (TrainingInterrupted, KeyboardInterrupt) as interrupted:
+        detail = f": {interrupted}" if str(interrupted) else ""
+        print(f"\nInterrupted{detail}. Rerun the same command to continue the study.")
+        return 130
+    _print_result(result)
+    return 0
+
+
+def _base_config(args: argparse.Namespace, space) -> tuple[RunConfig, str | None]:
+    """The config every trial starts from, and the search folder given by ``--out`` or the
+    ``--config`` file (None where neither gives one, and the base's ``out`` is the default).
+
+    Raises:
+        CommandError: for a setting the space also searches.
+    """
+    from cnnkit.config import DataConfig, load_config_file
+
     file_layer = load_config_file(args.config) if args.config else {}
     refuse_settings_the_space_searches(args, space, file_layer)
     if args.preset is None and args.model is None and space.preset:
@@ -155,12 +195,15 @@ def command_search(args: argparse.Namespace) -> int:
     if given_out is None:
         out = Path("runs") / f"search-{base.data.dataset}-{space.name}"
         base = dataclasses.replace(base, out=str(out))
-    if args.print_config:
-        # The trials' settings before the space varies them, and the folder only if given.
-        return print_config(dataclasses.replace(base, out=given_out))
-    if base.train.fast_path:
-        tune_allocator()
-    search = SearchConfig(
+    return base, given_out
+
+
+def _search_config(args: argparse.Namespace, base: RunConfig) -> SearchConfig:
+    """The search's own settings from its flags (workers: one per core on a CPU, up to 4)."""
+    from cnnkit.training.search_config import SearchConfig
+    from cnnkit.training.search_workers import default_workers
+
+    return SearchConfig(
         sampler=args.sampler,
         pruner=args.pruner,
         n_trials=args.n_trials,
@@ -173,22 +216,12 @@ def command_search(args: argparse.Namespace) -> int:
         keep_checkpoints=args.keep_checkpoints,
         workers=default_workers(base.train.device) if args.workers is None else args.workers,
     )
-    cache_dir = args.cache_dir or base.data.cache_dir or default_cache_dir()
-    try:
-        result = run_search(
-            base,
-            space,
-            search,
-            cache_dir=cache_dir,
-            progress=not args.quiet,
-            on_trial=_print_trial,
-            on_data=print_data_summary,
-            space_file=None if args.space in SPACES else args.space,
-        )
-    except (TrainingInterrupted, KeyboardInterrupt) as interrupted:
-        detail = f": {interrupted}" if str(interrupted) else ""
-        print(f"\nInterrupted{detail}. Rerun the same command to continue the study.")
-        return 130
+
+
+def _print_result(result: SearchResult) -> None:
+    """The study's counts, its best trial (and its model), and where the results are."""
+    from cnnkit.training.search_trials import trial_dir
+
     counts = result.counts
     rerun = f", {counts['rerun']} interrupted and queued again" if counts["rerun"] else ""
     print(
@@ -200,8 +233,6 @@ def command_search(args: argparse.Namespace) -> int:
         params = ", ".join(f"{name}={value}" for name, value in best.params.items())
         test = "" if best.test_top1 is None else f", test {best.test_top1:.4f}"
         print(f"Best: trial {best.number} ({params}): val {best.val_accuracy:.4f}{test}")
-        from cnnkit.training.search_trials import trial_dir
-
         best_model = trial_dir(result.run_dir, best.number) / "model.safetensors"
         if result.retrained is None and best_model.is_file():
             print(f"Best trial's model: {best_model} (--retrain-best trains it on train+val)")
@@ -211,4 +242,3 @@ def command_search(args: argparse.Namespace) -> int:
         print(f"Model: {result.retrained.model_path}")
     print(f"Results: {result.files.get('md')} (CSV, plots, tensorboard/ with HParams)")
     print(f"Report: cnnkit report {result.run_dir}")
-    return 0

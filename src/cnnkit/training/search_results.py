@@ -174,3 +174,17 @@ def write_outputs(
     importances = parameter_importances(study)
     files.update(write_search_figures(trials, parameter_names, importances, run_dir))
     return trials, files
+
+
+def count_trials(study: optuna.Study, trials: list[TrialSummary]) -> dict[str, int]:
+    """How many of ``trials`` ended in each state, with ``fail`` split from ``rerun``.
+
+    A trial that was interrupted or lost with its process and queued again is not a failure
+    of its settings: it is counted apart, and its rerun is counted like any other trial.
+    """
+    counts = {state: sum(t.state == state for t in trials) for state in TRIAL_STATES.values()}
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    rerun = {t.system_attrs.get("failed_trial") for t in study.get_trials(deepcopy=False)}
+    counts["fail"] = sum(t.number not in rerun for t in failed)
+    counts["rerun"] = sum(t.number in rerun for t in failed)
+    return counts

@@ -17,7 +17,7 @@ from cnnkit.config import RunConfig
 from cnnkit.data.sources import LoadedData, build_splits
 from cnnkit.progress import bars_only
 from cnnkit.training.checkpoint import remove_checkpoints
-from cnnkit.training.run import resolve_preprocessing, train_run
+from cnnkit.training.run import RunResult, resolve_preprocessing, train_run
 from cnnkit.training.run_folder import write_run_info
 from cnnkit.training.search_results import FINISHED
 from cnnkit.training.search_workers import INTERRUPTS, CoreShare, worker_identity
@@ -25,7 +25,7 @@ from cnnkit.training.spaces import SearchSpace, build_trial_config
 from cnnkit.training.trainer import Callback, Trainer, TrainingDiverged, TrainingInterrupted
 
 if TYPE_CHECKING:
-    from cnnkit.training.search import SearchConfig
+    from cnnkit.training.search_config import SearchConfig
 
 logger = logging.getLogger(__name__)
 
@@ -155,19 +155,25 @@ class TrialRunner:
         finally:
             if not self.config.keep_checkpoints:
                 remove_checkpoints(run_dir)
-        fit = result.fit
-        trial.set_user_attr(
-            "result",
-            {
-                **pruning.best,
-                "epochs_run": fit.epochs_run,
-                "best_epoch": fit.best_epoch,
-                "test_top1": result.test_metrics.get("top1"),
-                "test_top5": result.test_metrics.get("top5"),
-                "train_seconds": fit.seconds,
-            },
-        )
-        return float(fit.best_val_accuracy)
+        return record_result(trial, result, pruning.best)
+
+
+def record_result(trial: optuna.Trial, result: RunResult, best: dict[str, float]) -> float:
+    """Store a trained trial's results (``best``: its best epoch's validation numbers) in its
+    ``result`` user attribute, which the results tables read; return its objective value."""
+    fit = result.fit
+    trial.set_user_attr(
+        "result",
+        {
+            **best,
+            "epochs_run": fit.epochs_run,
+            "best_epoch": fit.best_epoch,
+            "test_top1": result.test_metrics.get("top1"),
+            "test_top5": result.test_metrics.get("top5"),
+            "train_seconds": fit.seconds,
+        },
+    )
+    return float(fit.best_val_accuracy)
 
 
 def repeated_trial(trial: optuna.Trial, params: dict[str, Any]) -> FrozenTrial | None:
