@@ -14,10 +14,9 @@ from cnnkit.models.efficientnet_lite import (
     EfficientNetLiteSpec,
     create_efficientnet_lite,
     drop_path,
-    find_weights_file,
-    remap_checkpoint_keys,
     round_channels,
 )
+from cnnkit.models.lite_weights import find_weights_file, remap_checkpoint_keys
 from cnnkit.models.registry import create_model, list_models, model_options
 from cnnkit.models.transfer import TransferClassifier, TransferEnsemble
 from cnnkit.runtime import cpu_supports_bf16
