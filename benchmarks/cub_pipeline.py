@@ -34,9 +34,9 @@ from benchmarks.record import record_result, shared_dataset
 from cnnkit.config import AugmentConfig, Preprocessing
 from cnnkit.data.cache import load_images
 from cnnkit.data.cub import CubSource
-from cnnkit.data.image import prepare_bytes
 from cnnkit.data.loader import build_eval_transform, build_train_transform
 from cnnkit.data.normalize import normalize
+from cnnkit.data.prepare import prepare_bytes
 from cnnkit.models.registry import create_model
 from cnnkit.presets import preset_for
 from cnnkit.runtime import cpu_supports_bf16, tune_allocator

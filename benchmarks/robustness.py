@@ -41,7 +41,8 @@ from PIL import Image
 
 from benchmarks.record import record_result
 from cnnkit.config import DataConfig, Preprocessing
-from cnnkit.data.image import BadImageError, prepare_bytes, read_image_file
+from cnnkit.data.image import BadImageError, read_image_file
+from cnnkit.data.prepare import prepare_bytes
 from cnnkit.data.source import DataFormatError
 from cnnkit.data.sources import BadDataError, LoadedData, build_splits
 

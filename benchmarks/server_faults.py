@@ -389,7 +389,8 @@ def case_for(
 
 def load_references(model: str, num_images: int = 16) -> ReferenceImages:
     """Distinct symbol PNGs and what a local copy of the served model predicts for each."""
-    from cnnkit.data.image import decode_image, prepare_image
+    from cnnkit.data.image import decode_image
+    from cnnkit.data.prepare import prepare_image
     from cnnkit.web.server import load_predictor
 
     predictor = load_predictor(model)

@@ -23,14 +23,8 @@ from test_image import PHOTO, SYMBOL_GRAY, SYMBOL_RGB, _encode, _png_chunk
 
 from cnnkit.config import DataConfig, Preprocessing
 from cnnkit.data.csv_source import CsvSource
-from cnnkit.data.image import (
-    MAX_IMAGE_PIXELS,
-    BadImageError,
-    decode_image,
-    prepare_bytes,
-    prepare_image,
-    read_image_file,
-)
+from cnnkit.data.image import MAX_IMAGE_PIXELS, BadImageError, decode_image, read_image_file
+from cnnkit.data.prepare import prepare_bytes, prepare_image
 from cnnkit.data.source import DataFormatError
 from cnnkit.data.sources import BadDataError, build_splits
 

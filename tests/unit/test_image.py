@@ -21,10 +21,9 @@ from cnnkit.data.image import (
     decode_image,
     image_size,
     open_image,
-    prepare_bytes,
-    prepare_image,
     read_image_file,
 )
+from cnnkit.data.prepare import prepare_bytes, prepare_image
 
 SYMBOL_GRAY = Preprocessing("symbol", 1, 8, 8, (0.5,), (0.5,))
 SYMBOL_RGB = Preprocessing("symbol", 3, 8, 8, (0.5,) * 3, (0.5,) * 3)

@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from cnnkit.atomic import current_umask
 from cnnkit.config import Preprocessing
-from cnnkit.data.image import BadImageError, decode_image, prepare_image
+from cnnkit.data.image import BadImageError, decode_image
+from cnnkit.data.prepare import prepare_image
 from cnnkit.data.source import Listing, ReadError, Source, encode_name
 from cnnkit.data.workers import map_unordered
 from cnnkit.progress import bar_disabled

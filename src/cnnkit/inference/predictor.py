@@ -13,15 +13,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cnnkit.data.image import (
-    BadImageError,
-    array_to_image,
-    decode_image,
-    prepare_image,
-    read_image_file,
-)
+from cnnkit.data.image import BadImageError, decode_image, read_image_file
 from cnnkit.data.loader import eval_batch_size
 from cnnkit.data.normalize import to_model_input
+from cnnkit.data.prepare import array_to_image, prepare_image
 from cnnkit.inference.artifact import (
     ModelFileError,
     ModelMetadata,
@@ -158,7 +153,7 @@ class Predictor:
 
         Args:
             images: one image or several (see :func:`as_image_list`): paths, encoded bytes,
-                PIL images of any mode, or arrays (see :func:`cnnkit.data.image.array_to_image`).
+                PIL images of any mode, or arrays (see :func:`cnnkit.data.prepare.array_to_image`).
 
         Raises:
             cnnkit.data.image.BadImageError: for a file that is missing or not an image, or an

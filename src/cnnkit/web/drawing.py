@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from cnnkit.data.image import convert_image
+from cnnkit.data.prepare import convert_image
 
 SYMBOL_SIZE = 32
 STROKE_WIDTH = 2.0

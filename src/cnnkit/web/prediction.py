@@ -21,7 +21,8 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from cnnkit.data.image import BadImageError, decode_image, image_size, prepare_image
+from cnnkit.data.image import BadImageError, decode_image, image_size
+from cnnkit.data.prepare import prepare_image
 from cnnkit.inference.predictor import Prediction, Predictor
 from cnnkit.web.batching import MicroBatcher
 from cnnkit.web.drawing import canvas_to_symbol
