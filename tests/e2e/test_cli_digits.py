@@ -292,10 +292,10 @@ def test_a_bf16_trained_runs_test_figures_are_evaluates(tmp_path, capsys, monkey
     """The run trains under bf16 autocast (forced where this CPU lacks native bf16), but
     scores its test report in float32, as evaluate, predict and ONNX run the saved model: the
     figures in run.json and report/ are then the ones evaluate gives on the same images."""
+    import cnnkit.training.optimization as optimization_module
     import cnnkit.training.run as run_module
-    import cnnkit.training.trainer as trainer_module
 
-    monkeypatch.setattr(trainer_module, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(optimization_module, "cpu_supports_bf16", lambda: True)
     forwards: list[tuple[bool, bool]] = []  # (training mode, under autocast) of each forward
     create_model = run_module.create_model
 

@@ -381,7 +381,7 @@ def test_resuming_a_run_that_stopped_early_trains_no_further(
     # it trains nothing, and how to go on.
     more = dataclasses.replace(config, epochs=12)
     again = Trainer(_model(seed=7), more, CPU, tmp_path, [recorder], progress=False)
-    with caplog.at_level("WARNING", logger="cnnkit.training.trainer"):
+    with caplog.at_level("WARNING", logger="cnnkit.training.fit_loop"):
         result = again.fit(train_loader, val_loader, resume=True)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1
@@ -512,7 +512,7 @@ def test_resuming_with_an_average_the_checkpoint_lacks_keeps_the_trained_weights
 ) -> None:
     train_loader, _ = _loaders(tiny_image_set)
     plain = _trained(BASE, train_loader, tmp_path)
-    with caplog.at_level("WARNING", logger="cnnkit.training.trainer"):
+    with caplog.at_level("WARNING", logger="cnnkit.training.resume"):
         resumed = Trainer(_model(seed=3), EMA, CPU, tmp_path, progress=False)
         resumed.fit(train_loader, resume=True)  # Nothing left to train: no step is averaged.
     assert "has no moving average" in caplog.text
@@ -522,7 +522,7 @@ def test_resuming_with_an_average_the_checkpoint_lacks_keeps_the_trained_weights
 def test_a_decay_too_high_for_the_run_is_reported(tiny_image_set, caplog) -> None:
     train_loader, _ = _loaders(tiny_image_set)
     config = dataclasses.replace(BASE, epochs=2, ema_decay=0.999)
-    with caplog.at_level("WARNING", logger="cnnkit.training.trainer"):
+    with caplog.at_level("WARNING", logger="cnnkit.training.optimization"):
         Trainer(_model(), config, CPU, progress=False).fit(train_loader)
     assert "ema_decay 0.999 is high for 4 steps" in caplog.text
 

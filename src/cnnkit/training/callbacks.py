@@ -1,14 +1,35 @@
-"""Trainer callbacks: metrics CSV and TensorBoard scalars (rank 0 only)."""
+"""Trainer callbacks: the hooks a :class:`~cnnkit.training.trainer.Trainer` calls, and the
+metrics CSV and TensorBoard scalars written through them (rank 0 only)."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cnnkit.atomic import write_atomically
-from cnnkit.training.trainer import Callback, Trainer
+
+if TYPE_CHECKING:  # The trainer imports this module for its hooks.
+    from cnnkit.training.fit_state import FitResult
+    from cnnkit.training.trainer import Trainer
 
 METRICS_NAME = "metrics.csv"
+
+
+class Callback:
+    """Hooks called by :class:`Trainer`; override the ones you need."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Called once before the first epoch (after resuming)."""
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        """Called on every process after each epoch with that epoch's metrics row."""
+
+    def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
+        """Called once after training ends normally."""
+
+    def teardown(self, trainer: Trainer) -> None:
+        """Called once when ``fit`` returns or raises (Ctrl-C, a pruned trial): free resources."""
 
 
 def write_metrics_csv(path: Path, rows: list[dict[str, float]]) -> None:

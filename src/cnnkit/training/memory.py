@@ -225,30 +225,48 @@ def check_training_memory(
     if past_margin:
         fits = estimate.largest_batch(share)  # No room for the margin: use all there is.
     if fits >= 1 and micro_batch_size is None and needed > share:
-        chunk = even_chunk(batch_size, fits)
-        logger.warning(
-            "%s: accumulating gradients over %d passes of at most %d samples instead (about "
-            "%.1f GiB%s; the same updates up to rounding, except that batch norm in training "
-            "mode normalises each pass by itself; --micro-batch sets the size)",
-            message,
-            pass_count(batch_size, chunk),
-            chunk,
-            estimate.total(chunk) / GIB,
-            ", close to the limit: no split leaves a margin" if past_margin else "",
-        )
-        return chunk
+        return _accumulating_chunk(estimate, batch_size, fits, message, past_margin)
+    _refuse_or_warn(message, batch_size, fits, out_of_memory=needed > share)
+    return chunk
+
+
+def _accumulating_chunk(
+    estimate: MemoryEstimate, batch_size: int, fits: int, message: str, past_margin: bool
+) -> int:
+    """The largest pass of an even split of ``batch_size`` into passes of at most ``fits``
+    samples, with a warning that gradients are accumulated over the passes."""
+    chunk = even_chunk(batch_size, fits)
+    logger.warning(
+        "%s: accumulating gradients over %d passes of at most %d samples instead (about "
+        "%.1f GiB%s; the same updates up to rounding, except that batch norm in training "
+        "mode normalises each pass by itself; --micro-batch sets the size)",
+        message,
+        pass_count(batch_size, chunk),
+        chunk,
+        estimate.total(chunk) / GIB,
+        ", close to the limit: no split leaves a margin" if past_margin else "",
+    )
+    return chunk
+
+
+def _refuse_or_warn(message: str, batch_size: int, fits: int, out_of_memory: bool) -> None:
+    """Refuse a step that would run out of memory, or warn about one close to the limit,
+    advising a micro-batch size of ``fits`` samples or fewer (or, at 0, a smaller model).
+
+    Raises:
+        InsufficientMemoryError: when ``out_of_memory``.
+    """
     advice = (  # The even split that fits: 31 of 32 would run as passes of 16 anyway.
         f"use --micro-batch {even_chunk(batch_size, fits)} or smaller"
         if fits >= 1
         else "a smaller model or image size is needed"
     )
-    if needed > share:
+    if out_of_memory:
         raise InsufficientMemoryError(
             f"{message}: it would run out of memory ({advice}; set train.memory_check: false "
             "in a --config file to try anyway)"
         )
     logger.warning("%s: close to the limit; if the process is killed, %s", message, advice)
-    return chunk
 
 
 def check_before_training(
