@@ -486,6 +486,28 @@ def test_a_file_over_the_limit_leaves_the_drawing_and_its_results(page, servers)
     assert page.problems == []
 
 
+def test_a_file_over_the_limit_keeps_its_message_when_the_drawings_answer_comes(
+    page, servers
+) -> None:
+    held: list = []
+    page.route("**/api/predict", lambda route: held.append(route))
+    open_canvas(page, servers)
+    draw_alpha(page)
+    expect(page.locator("#results")).to_have_attribute("aria-busy", "true")
+    too_big = {"name": "huge.png", "mimeType": "image/png", "buffer": b"\0" * 5_100_000}
+    page.set_input_files("#symbol-file", files=[too_big])
+    expect(page.locator("#error")).to_contain_text("the limit is 5.0 MB")
+    assert len(held) == 1
+    held[0].continue_()  # The drawing's answer arrives after the refusal.
+    expect(page.locator("#results .result")).to_have_count(5)
+    expect(page.locator("#error")).to_be_visible()
+    expect(page.locator("#error")).to_contain_text("the limit is 5.0 MB")
+    page.unroute("**/api/predict")
+    wait_for_prediction(page, lambda: click_canvas(page, 0.3, 0.3))  # A new one clears it.
+    expect(page.locator("#error")).to_be_hidden()
+    assert page.problems == []
+
+
 def test_a_pen_draws_with_its_tip_and_not_with_its_barrel_button(page, servers) -> None:
     open_canvas(page, servers)
     box = page.locator("#canvas").bounding_box()

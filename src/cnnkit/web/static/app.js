@@ -17,10 +17,15 @@
   let model = null;
   let requestNumber = 0;
   let inFlight = null;
+  // The request number when the error box last showed a message: a prediction asked for
+  // before then must not clear it when its answer comes (a file over the limit, chosen while
+  // the drawing's prediction was on its way, would lose its message).
+  let errorShownAt = -1;
 
   function showError(message) {
     errorBox.textContent = message;
     errorBox.hidden = false;
+    errorShownAt = requestNumber;
   }
 
   function clearError() {
@@ -295,7 +300,7 @@
         noPrediction("The server now serves another model; reload the page.");
         return;
       }
-      clearError();
+      if (number > errorShownAt) clearError();
       showResults(body.predictions);
     } finally {
       if (number === requestNumber) resultsList.removeAttribute("aria-busy");
