@@ -157,7 +157,7 @@ def _print_run_folder_state(run_dir: Path, resume: bool, default_dir: Path | Non
 def _print_early_stop(fit, patience: int | None) -> None:
     """Say that a run stopped before its last epoch, and which epoch's weights it kept (a
     transfer run's epochs are counted within its last phase, as the history lists them)."""
-    from cnnkit.training.transfer import phase_label
+    from cnnkit.training.phases import phase_label
 
     if not fit.stopped_early or not fit.history:
         return
@@ -178,7 +178,7 @@ def _print_history(history: list[dict[str, float]], progress: bool = False) -> N
     trains for many quick epochs without such lines, gets one line: its epoch count and last
     epoch."""
     from cnnkit.progress import plain_lines
-    from cnnkit.training.transfer import FROZEN_PHASE, phase_label
+    from cnnkit.training.phases import FROZEN_PHASE, phase_label
 
     printed = plain_lines(progress)
     phase_starts: dict[float, int] = {}

@@ -366,7 +366,7 @@ def _test_and_save(
     )
     test_metrics = report.metrics
     if transfer:
-        from cnnkit.training.transfer import record_final_test
+        from cnnkit.training.phases import record_final_test
 
         record_final_test(run_dir, test_metrics)
     metadata = ModelMetadata(
