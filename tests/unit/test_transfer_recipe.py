@@ -577,7 +577,7 @@ def test_cli_trains_an_ensemble_into_one_model_file(tmp_path, capsys):
 
 
 def test_an_ensemble_needs_its_fine_tunes(tmp_path):
-    from cnnkit.training.run import resolve_preprocessing
+    from cnnkit.training.preprocessing import resolve_preprocessing
 
     config = build_run_config(
         {

@@ -96,7 +96,10 @@ def fit_transfer(
     inputs = _PhaseInputs(config, splits, preprocessing, device, run_dir, progress, distributed)
     log = PhaseLog(run_dir, distributed.is_main)
     if "frozen" in phases:
-        log.add_phase(FROZEN_PHASE, *_fit_frozen(model, inputs, feature_cache_dir))
+        fit, report = fit_frozen_head(
+            model, *inputs.shared_arguments(), feature_cache_dir, distributed
+        )
+        log.add_phase(FROZEN_PHASE, fit, report)
     if len(members) > 1:
         model.share_first()  # Every member starts from the frozen phase's head.
     if "finetune" in phases:
@@ -120,22 +123,19 @@ class _PhaseInputs:
     progress: bool
     distributed: DistributedContext
 
-
-def _fit_frozen(
-    model: nn.Module, inputs: _PhaseInputs, feature_cache_dir: str | Path | None
-) -> tuple[FitResult, PhaseReport]:
-    """Phase ``frozen`` with this run's inputs (see :func:`fit_frozen_head`)."""
-    return fit_frozen_head(
-        model,
-        inputs.config,
-        inputs.splits,
-        inputs.preprocessing,
-        inputs.device,
-        inputs.run_dir,
-        inputs.progress,
-        feature_cache_dir,
-        inputs.distributed,
-    )
+    def shared_arguments(
+        self,
+    ) -> tuple[RunConfig, DataSplits, Preprocessing, torch.device, Path, bool]:
+        """The arguments that :func:`fit_frozen_head` and :func:`fit_finetune` both take after
+        the model, in their order."""
+        return (
+            self.config,
+            self.splits,
+            self.preprocessing,
+            self.device,
+            self.run_dir,
+            self.progress,
+        )
 
 
 def _fit_members(
@@ -157,12 +157,7 @@ def _fit_members(
         try:
             fit, report = fit_finetune(
                 member,
-                inputs.config,
-                inputs.splits,
-                inputs.preprocessing,
-                inputs.device,
-                inputs.run_dir,
-                inputs.progress,
+                *inputs.shared_arguments(),
                 callbacks,
                 freeze_batch_norm,
                 resume,
