@@ -98,14 +98,7 @@ def fit_finetune(
     loggers = [*(phase_loggers(run_dir, folder) if distributed.is_main else []), *callbacks]
     network = FrozenBatchNorm(model) if freeze_batch_norm else model
     trainer = Trainer(
-        network,
-        config.train,
-        device,
-        run_dir / folder,
-        loggers,
-        distributed,
-        progress,
-        identity,
+        network, config.train, device, run_dir / folder, loggers, distributed, progress, identity
     )
     fit = trainer.fit(train_loader, val_loader, resume=resume, more_follows=more_follows)
     report = PhaseReport.from_fit(
