@@ -34,7 +34,13 @@ from cnnkit.training.identity import run_identity
 from cnnkit.training.preprocessing import resolve_preprocessing
 from cnnkit.training.run_folder import refuse_run_dir_inside_folder_data
 from cnnkit.training.run_status import start_run, write_ended, write_finished
-from cnnkit.training.trainer import Callback, FitResult, Trainer
+from cnnkit.training.trainer import (
+    Callback,
+    FitResult,
+    Trainer,
+    TrainingDiverged,
+    TrainingInterrupted,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +184,8 @@ def train_run(
         if distributed.is_main:
             timings["total"] = time.perf_counter() - start
             write_finished(config, splits, timings, fit, report.metrics)
-    except (KeyboardInterrupt, Exception) as error:
+    except (TrainingInterrupted, TrainingDiverged, KeyboardInterrupt, Exception) as error:
+        # A stop (Ctrl-C, divergence) or any other error ends the run: run.json says how.
         if distributed.is_main and started.written:
             write_ended(config, splits, error)
         raise
