@@ -41,7 +41,7 @@ from cnnkit.models.registry import create_model
 from cnnkit.presets import preset_for
 from cnnkit.runtime import cpu_supports_bf16, tune_allocator
 from cnnkit.training.features import compute_features
-from cnnkit.training.transfer import FrozenBatchNorm
+from cnnkit.training.finetune import FrozenBatchNorm
 
 ARCHIVE = "CUB_200_2011-dev.tgz"
 

@@ -30,8 +30,8 @@ from benchmarks.record import record_result, shared_dataset
 from cnnkit.config import build_run_config, config_to_dict
 from cnnkit.presets import preset_for
 from cnnkit.runtime import tune_allocator
+from cnnkit.training.phases import PHASES_NAME, phase_label
 from cnnkit.training.run import train_run
-from cnnkit.training.transfer import PHASES_NAME, phase_label
 
 ARCHIVE = "CUB_200_2011-dev.tgz"
 BARS = {"top1": 0.88, "wall_seconds": 30 * 60}

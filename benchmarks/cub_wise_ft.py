@@ -29,8 +29,8 @@ from cnnkit.inference.artifact import load_model
 from cnnkit.models.registry import create_model
 from cnnkit.models.transfer import TTA_SCALE
 from cnnkit.runtime import seed_everything
+from cnnkit.training.frozen_phase import FEATURES_FOLDER, fit_frozen_head
 from cnnkit.training.run import feature_cache_dir
-from cnnkit.training.transfer import FEATURES_FOLDER, fit_frozen_head
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 CPU = torch.device("cpu")

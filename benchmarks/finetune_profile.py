@@ -31,7 +31,7 @@ from benchmarks.record import record_result
 from cnnkit.models.efficientnet_lite import ConvBnAct
 from cnnkit.models.registry import create_model
 from cnnkit.runtime import cpu_supports_bf16, tune_allocator
-from cnnkit.training.transfer import FrozenBatchNorm
+from cnnkit.training.finetune import FrozenBatchNorm
 
 
 def operator_group(name: str, shapes: list) -> str:

@@ -27,7 +27,8 @@ from cnnkit.config import build_run_config, config_to_dict, load_config_file
 from cnnkit.data.loader import BatchLoader, build_eval_transform
 from cnnkit.presets import preset_for
 from cnnkit.runtime import select_device, tune_allocator
-from cnnkit.training.run import resolve_preprocessing, train_run
+from cnnkit.training.preprocessing import resolve_preprocessing
+from cnnkit.training.run import train_run
 from cnnkit.training.trainer import Callback
 
 RECIPES = {"default": "hasy", "book": "book-hasy"}

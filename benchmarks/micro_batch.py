@@ -30,9 +30,9 @@ from cnnkit.data.loader import BatchLoader, build_train_transform
 from cnnkit.models.registry import create_model
 from cnnkit.presets import preset_for
 from cnnkit.runtime import tune_allocator
+from cnnkit.training.finetune import FrozenBatchNorm
 from cnnkit.training.memory import GIB
 from cnnkit.training.trainer import Trainer
-from cnnkit.training.transfer import FrozenBatchNorm
 
 
 def measure(micro: int, batch_size: int, steps: int, image_size: int) -> dict:

@@ -39,7 +39,7 @@ def run_demo(out: Path, epochs: int = 12, progress: bool = True, samples: int = 
     sample_dir.mkdir(parents=True, exist_ok=True)
     from cnnkit.data.digits import DigitsSource
     from cnnkit.data.sources import build_splits
-    from cnnkit.training.run import resolve_preprocessing
+    from cnnkit.training.preprocessing import resolve_preprocessing
 
     splits = build_splits(config.data, resolve_preprocessing(config)).splits
     rng = np.random.default_rng(0)

@@ -169,7 +169,8 @@ def test_a_run_refused_before_training_keeps_the_earlier_run(tmp_path) -> None:
     folder is left whole, not cleared and marked running."""
     from cnnkit.data.sources import build_splits
     from cnnkit.runtime import DistributedContext
-    from cnnkit.training.run import resolve_preprocessing, train_run
+    from cnnkit.training.preprocessing import resolve_preprocessing
+    from cnnkit.training.run import train_run
 
     run = tmp_path / "run"
     argv = ["train", "--dataset", "digits", "--max-per-class", "30", "--epochs", "1", "--quiet"]

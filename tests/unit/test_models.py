@@ -231,7 +231,7 @@ def test_a_run_at_a_size_the_network_cannot_take_is_refused_before_any_data_load
     """From Python (the CLI passes the size on): book_cnn's dense layer is sized for 32 px."""
     from cnnkit.config import build_run_config
     from cnnkit.presets import preset_for
-    from cnnkit.training.run import resolve_preprocessing
+    from cnnkit.training.preprocessing import resolve_preprocessing
 
     base = preset_for("digits")
     wide = build_run_config(base, {"model": {"name": "book_cnn"}, "data": {"image_size": 64}})

@@ -29,14 +29,10 @@ from cnnkit.training.features import (
     feature_key,
     load_or_compute_features,
 )
+from cnnkit.training.frozen_phase import feature_set, fit_head
+from cnnkit.training.phases import PHASES_NAME, record_final_test
 from cnnkit.training.trainer import Callback, Trainer, TrainingInterrupted
-from cnnkit.training.transfer import (
-    PHASES_NAME,
-    feature_set,
-    fit_head,
-    fit_transfer,
-    record_final_test,
-)
+from cnnkit.training.transfer import fit_transfer
 
 CPU = torch.device("cpu")
 PREPROCESSING = Preprocessing("photo", 3, 32, 40, (0.5,) * 3, (0.5,) * 3)
@@ -581,7 +577,7 @@ def test_cli_trains_an_ensemble_into_one_model_file(tmp_path, capsys):
 
 
 def test_an_ensemble_needs_its_fine_tunes(tmp_path):
-    from cnnkit.training.run import resolve_preprocessing
+    from cnnkit.training.preprocessing import resolve_preprocessing
 
     config = build_run_config(
         {

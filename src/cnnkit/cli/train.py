@@ -41,30 +41,13 @@ def command_train(args: argparse.Namespace) -> int:
     config = resolve_run_config(args)
     if args.print_config:
         return print_config(config)
-    data = config.data.data
-    if data is not None and not path_test(str(data), Path.exists):
-        # Before a run folder is chosen and announced: no run starts.
-        raise CommandError(f"{data}: no such archive, folder or file")
-    default_dir = config.run_dir() if config.out is None else None
-    if default_dir is not None:
-        # A default folder that holds a finished run is kept: a new run gets the next free
-        # name (runs/x-2, runs/x-3...), and --resume continues the newest of them.
-        chosen = _latest_run_dir(default_dir) if args.resume else _free_run_dir(default_dir)
-        config = dataclasses.replace(config, out=str(chosen))
+    config, default_dir = _choose_run_dir(config, args.resume)
     if config.train.fast_path:
         tune_allocator()
     distributed = distributed_from_env(config.train.device)
     is_main = distributed.is_main
-    if is_main and getattr(args, "chosen_because", None):
-        print(args.chosen_because)
-    no_val = config.data.val_fraction == 0 or config.data.train_on_all
-    if is_main and args.patience is not None and no_val:
-        print(
-            "Note: --patience needs a validation split (--val-fraction > 0, without "
-            "--train-on-all); without one every epoch runs"
-        )
     if is_main:
-        _print_run_folder_state(config.run_dir(), args.resume, default_dir)
+        _print_run_notes(args, config, default_dir)
     cache_dir = args.cache_dir or config.data.cache_dir or default_cache_dir()
     try:
         result = train_run(
@@ -77,25 +60,69 @@ def command_train(args: argparse.Namespace) -> int:
         )
     except TrainingInterrupted as interrupted:
         if is_main:
-            of = f" of {interrupted.phase}" if interrupted.phase else ""
-            print(f"\nInterrupted after {interrupted.epochs_completed} completed epoch(s){of}.")
-            if interrupted.checkpoint:
-                print(f"Checkpoint: {interrupted.checkpoint}; rerun with --resume to continue.")
+            _print_interrupted(interrupted)
         return 130
     finally:
         shutdown_distributed()
     if is_main:
-        _print_history(result.fit.history, progress=not args.quiet)
-        _print_early_stop(result.fit, config.train.early_stopping_patience)
-        metrics = result.test_metrics
-        seen = " (images it trained on: --train-on-all)" if config.data.train_on_all else ""
-        print(
-            f"Test: top-1 {metrics.get('top1', float('nan')):.4f}, "
-            f"top-5 {metrics.get('top5', float('nan')):.4f}{seen}"
-        )
-        print(f"Model: {result.model_path}")
-        print(f"Run folder: {result.run_dir} (metrics.csv, tensorboard/, report/, config.yaml)")
+        _print_run_result(result, config, progress=not args.quiet)
     return 0
+
+
+def _choose_run_dir(config, resume: bool):
+    """The run's config with its run folder chosen, and the default folder it was chosen
+    beside (None where ``--out`` named the folder).
+
+    Raises:
+        CommandError: if ``--data`` names nothing, before a run folder is chosen and announced.
+    """
+    data = config.data.data
+    if data is not None and not path_test(str(data), Path.exists):
+        # Before a run folder is chosen and announced: no run starts.
+        raise CommandError(f"{data}: no such archive, folder or file")
+    default_dir = config.run_dir() if config.out is None else None
+    if default_dir is not None:
+        # A default folder that holds a finished run is kept: a new run gets the next free
+        # name (runs/x-2, runs/x-3...), and --resume continues the newest of them.
+        chosen = _latest_run_dir(default_dir) if resume else _free_run_dir(default_dir)
+        config = dataclasses.replace(config, out=str(chosen))
+    return config, default_dir
+
+
+def _print_run_notes(args: argparse.Namespace, config, default_dir: Path | None) -> None:
+    """What rank 0 says before training: why the model was chosen, that --patience has no
+    validation split to watch, and the state of the run folder."""
+    if getattr(args, "chosen_because", None):
+        print(args.chosen_because)
+    no_val = config.data.val_fraction == 0 or config.data.train_on_all
+    if args.patience is not None and no_val:
+        print(
+            "Note: --patience needs a validation split (--val-fraction > 0, without "
+            "--train-on-all); without one every epoch runs"
+        )
+    _print_run_folder_state(config.run_dir(), args.resume, default_dir)
+
+
+def _print_interrupted(interrupted) -> None:
+    """Say after how many epochs (and of which phase) training stopped, and how to resume."""
+    of = f" of {interrupted.phase}" if interrupted.phase else ""
+    print(f"\nInterrupted after {interrupted.epochs_completed} completed epoch(s){of}.")
+    if interrupted.checkpoint:
+        print(f"Checkpoint: {interrupted.checkpoint}; rerun with --resume to continue.")
+
+
+def _print_run_result(result, config, progress: bool) -> None:
+    """The finished run's epochs, early stop, test figures, model file and run folder."""
+    _print_history(result.fit.history, progress=progress)
+    _print_early_stop(result.fit, config.train.early_stopping_patience)
+    metrics = result.test_metrics
+    seen = " (images it trained on: --train-on-all)" if config.data.train_on_all else ""
+    print(
+        f"Test: top-1 {metrics.get('top1', float('nan')):.4f}, "
+        f"top-5 {metrics.get('top5', float('nan')):.4f}{seen}"
+    )
+    print(f"Model: {result.model_path}")
+    print(f"Run folder: {result.run_dir} (metrics.csv, tensorboard/, report/, config.yaml)")
 
 
 def _numbered_run_dirs(run_dir: Path) -> list[Path]:
@@ -157,7 +184,7 @@ def _print_run_folder_state(run_dir: Path, resume: bool, default_dir: Path | Non
 def _print_early_stop(fit, patience: int | None) -> None:
     """Say that a run stopped before its last epoch, and which epoch's weights it kept (a
     transfer run's epochs are counted within its last phase, as the history lists them)."""
-    from cnnkit.training.transfer import phase_label
+    from cnnkit.training.phases import phase_label
 
     if not fit.stopped_early or not fit.history:
         return
@@ -178,7 +205,7 @@ def _print_history(history: list[dict[str, float]], progress: bool = False) -> N
     trains for many quick epochs without such lines, gets one line: its epoch count and last
     epoch."""
     from cnnkit.progress import plain_lines
-    from cnnkit.training.transfer import FROZEN_PHASE, phase_label
+    from cnnkit.training.phases import FROZEN_PHASE, phase_label
 
     printed = plain_lines(progress)
     phase_starts: dict[float, int] = {}

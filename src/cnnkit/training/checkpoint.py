@@ -109,7 +109,7 @@ def _changed(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return [key for key, value in current.items() if key in saved and saved[key] != value]
 
 
-# Identity keys (see cnnkit.training.run.run_identity): a digest of which images each split
+# Identity keys (see cnnkit.training.identity.run_identity): a digest of which images each split
 # holds, and how many images a seeded split kept with an identical one.
 SPLIT_KEY = "split"
 COPIES_KEY = "copies_kept_together"
