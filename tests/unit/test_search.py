@@ -23,7 +23,8 @@ import cnnkit
 from cnnkit.config import build_run_config, config_to_dict
 from cnnkit.data.sources import build_splits
 from cnnkit.presets import preset_for
-from cnnkit.training.run import resolve_preprocessing, train_run
+from cnnkit.training.preprocessing import resolve_preprocessing
+from cnnkit.training.run import train_run
 from cnnkit.training.search import run_search
 from cnnkit.training.search_budget import nothing_left_to_run, trials_to_run
 from cnnkit.training.search_config import SearchConfig

@@ -6,7 +6,6 @@ This is the single training function; the CLI, the demo and hyperparameter searc
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,8 +40,6 @@ from cnnkit.training.trainer import (
     TrainingDiverged,
     TrainingInterrupted,
 )
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass

@@ -17,7 +17,8 @@ from cnnkit.config import RunConfig
 from cnnkit.data.sources import LoadedData, build_splits
 from cnnkit.progress import bars_only
 from cnnkit.training.checkpoint import remove_checkpoints
-from cnnkit.training.run import RunResult, resolve_preprocessing, train_run
+from cnnkit.training.preprocessing import resolve_preprocessing
+from cnnkit.training.run import RunResult, train_run
 from cnnkit.training.run_folder import write_run_info
 from cnnkit.training.search_results import FINISHED
 from cnnkit.training.search_workers import INTERRUPTS, CoreShare, worker_identity
