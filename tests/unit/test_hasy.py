@@ -20,8 +20,9 @@ from cnnkit.config import DataConfig, Preprocessing
 from cnnkit.data import archive, decompression
 from cnnkit.data.cache import cache_key, load_images
 from cnnkit.data.hasy import HasySource
+from cnnkit.data.listings import limit_listing
 from cnnkit.data.source import DataFormatError
-from cnnkit.data.sources import build_splits, limit_listing
+from cnnkit.data.sources import build_splits
 from cnnkit.data.tar_reader import iter_archive, normalize_member_name
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
