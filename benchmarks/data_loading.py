@@ -19,9 +19,9 @@ from PIL import Image
 
 from benchmarks.record import record_result
 from cnnkit.config import DataConfig, Preprocessing
-from cnnkit.data.archive import iter_archive
 from cnnkit.data.hasy import HasySource
 from cnnkit.data.sources import build_splits
+from cnnkit.data.tar_reader import iter_archive
 
 DEFAULT_ARCHIVE = (
     Path(__file__).resolve().parents[1].parent / "shared" / "data" / "HASYv2-dev.tar.bz2"

@@ -21,8 +21,8 @@ from tests.conftest import non_utf8_path, subprocess_env
 from cnnkit.config import Preprocessing
 from cnnkit.data.cache import cache_key, load_images
 from cnnkit.data.folder import FolderSource
+from cnnkit.data.listings import limit_listing, list_samples_cached
 from cnnkit.data.source import Listing, ReadError, SampleRecord
-from cnnkit.data.sources import limit_listing, list_samples_cached
 from cnnkit.data.workers import map_unordered
 
 RGB = Preprocessing(channels=3, mean=(0, 0, 0), std=(1, 1, 1))

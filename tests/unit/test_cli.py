@@ -20,7 +20,7 @@ from cnnkit.cli import build_parser, main
 from cnnkit.cli.predict import format_prediction
 from cnnkit.cli.settings import resolve_run_config
 from cnnkit.cli.train import _print_history
-from cnnkit.data.sources import looks_like_photos
+from cnnkit.data.photos import looks_like_photos
 from cnnkit.inference.predictor import Prediction, Predictor
 from cnnkit.models.registry import create_model, model_options
 from cnnkit.presets import PRESETS

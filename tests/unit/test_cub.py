@@ -15,8 +15,9 @@ from tests.conftest import non_utf8_path
 from cnnkit.config import DataConfig, Preprocessing
 from cnnkit.data.cache import load_images
 from cnnkit.data.cub import CubSource, species_name
+from cnnkit.data.listings import limit_listing
 from cnnkit.data.source import DataFormatError
-from cnnkit.data.sources import build_splits, limit_listing
+from cnnkit.data.sources import build_splits
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 CUB_DEV = SHARED_DATA / "CUB_200_2011-dev.tgz"

@@ -17,12 +17,13 @@ from PIL import Image
 from tests.conftest import non_utf8_path, within_seconds
 
 from cnnkit.config import DataConfig, Preprocessing
-from cnnkit.data import archive
-from cnnkit.data.archive import iter_archive, normalize_member_name
+from cnnkit.data import archive, decompression
 from cnnkit.data.cache import cache_key, load_images
 from cnnkit.data.hasy import HasySource
+from cnnkit.data.listings import limit_listing
 from cnnkit.data.source import DataFormatError
-from cnnkit.data.sources import build_splits, limit_listing
+from cnnkit.data.sources import build_splits
+from cnnkit.data.tar_reader import iter_archive, normalize_member_name
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 HASY_DEV = SHARED_DATA / "HASYv2-dev.tar.bz2"
@@ -170,13 +171,13 @@ def test_listing_and_streaming_decompress_at_most_twice(
 ):
     archive_path = write_tar(tmp_path / "h.tar.bz2", files, labels_last=labels_last)
     calls = []
-    original = archive._decompress_file
+    original = decompression._decompress_file
 
     def counting(path):
         calls.append(path)
         return original(path)
 
-    monkeypatch.setattr(archive, "_decompress_file", counting)
+    monkeypatch.setattr(decompression, "_decompress_file", counting)
     monkeypatch.setattr(archive, "BUFFER_LIMIT", buffer_limit)
     source = HasySource(archive_path, fold=1)
     keys = [record.key for record in source.list_samples().records]

@@ -109,7 +109,7 @@ def _warn_of_photos_for_the_symbol_model(images: list[str]) -> None:
     from PIL import Image
 
     from cnnkit.data.image import accepted_formats
-    from cnnkit.data.sources import PHOTO_MIN_SIDE
+    from cnnkit.data.photos import PHOTO_MIN_SIDE
 
     for path in images:
         try:

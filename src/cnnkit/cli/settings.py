@@ -61,7 +61,7 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
     )
     unnamed = preset is None and model_name is None and not options_given
     if detect_photos and unnamed and dataset in ("folder", "csv") and data:
-        from cnnkit.data.sources import looks_like_photos
+        from cnnkit.data.photos import looks_like_photos
 
         photos, seen = looks_like_photos(dataset, str(data))
         if photos:  # The symbol network's 32 px grayscale input would waste these photos.

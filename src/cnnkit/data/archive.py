@@ -1,326 +1,25 @@
-"""Sequential reading of dataset archives (tar, optionally bz2/gzip/xz) and extracted folders.
+"""Dataset files from an archive (streamed, never extracted) or an extracted folder: finding the
+data root, reading the metadata in one pass, then the images.
 
-Shared by the archive-backed sources (HASYv2, CUB-200-2011). The reader never seeks, which keeps
-a compressed archive to one decompression pass.
+Shared by the archive-backed sources (HASYv2, CUB-200-2011); the tar reading itself is in
+:mod:`cnnkit.data.tar_reader`.
 """
 
 from __future__ import annotations
 
-import bz2
-import logging
-import lzma
 import posixpath
-import queue
-import threading
-import zlib
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cnnkit.data.files import iter_file_bytes, read_regular_file
 from cnnkit.data.folder import is_image_name
 from cnnkit.data.source import DataFormatError, ReadError
-
-logger = logging.getLogger(__name__)
+from cnnkit.data.tar_reader import iter_archive
 
 # Members seen before the metadata are kept in memory up to this size, so that an archive whose
 # CSVs come last is decompressed once instead of twice.
 BUFFER_LIMIT = 512 * 1024 * 1024
-_BLOCK = 512
-_READ_SIZE = 1 << 20
-_REGULAR_TYPES = (b"0", b"\0", b"7")
-_END = object()
-
-
-def _decompressor_factory(head: bytes) -> Callable[[], object] | None:
-    if head.startswith(b"BZh"):
-        return bz2.BZ2Decompressor
-    if head.startswith(b"\x1f\x8b"):
-        return lambda: zlib.decompressobj(wbits=31)
-    if head.startswith(b"\xfd7zXZ\x00"):
-        return lzma.LZMADecompressor
-    return None
-
-
-def _decompress_file(path: Path) -> Iterator[bytes]:
-    """Yield the decompressed bytes of a (multi-stream) bz2, gzip, xz or plain file in order.
-
-    Raises:
-        DataFormatError: for corrupt compressed data or a compressed stream cut short.
-    """
-    with open(path, "rb") as handle:
-        data = handle.read(_READ_SIZE)
-        factory = _decompressor_factory(data)
-        if factory is None:
-            while data:
-                yield data
-                data = handle.read(_READ_SIZE)
-            return
-        decompressor, started = factory(), False
-        while data:
-            if not started and not data.strip(b"\0"):
-                # Zeros after a stream's end are padding, not the start of another stream.
-                data = handle.read(_READ_SIZE)
-                continue
-            try:
-                output = decompressor.decompress(data)
-            except (OSError, EOFError, zlib.error, lzma.LZMAError) as error:
-                raise DataFormatError(f"{path}: corrupt compressed data ({error})") from error
-            started = True
-            yield output
-            data = b""
-            if decompressor.eof:
-                # Parallel compressors write several streams back to back; zeros are padding.
-                data = decompressor.unused_data
-                decompressor, started = factory(), False
-            if not data:
-                data = handle.read(_READ_SIZE)
-        if started:
-            raise DataFormatError(f"{path}: compressed data ends early (truncated download?)")
-
-
-def _iter_decompressed(path: Path) -> Iterator[bytes]:
-    """Like :func:`_decompress_file`, decompressing ahead in a thread.
-
-    The decompressors release the GIL, so the tar parsing overlaps the decompression.
-    """
-    chunks: queue.Queue = queue.Queue(maxsize=4)
-    stop = threading.Event()
-
-    def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                chunks.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for chunk in _decompress_file(path):
-                if not put(chunk):
-                    return
-            put(_END)
-        except Exception as error:  # Handed to the consumer, which raises it.
-            put(error)
-
-    thread = threading.Thread(target=produce, name="decompress", daemon=True)
-    thread.start()
-    try:
-        while (item := chunks.get()) is not _END:
-            if isinstance(item, Exception):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
-class _ByteStream:
-    """Exact-size reads over a sequence of chunks, copying each byte at most twice."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks = chunks
-        self._buffer = b""
-        self._position = 0
-        self.offset = 0
-
-    def _fill(self, size: int) -> None:
-        pieces = [self._buffer[self._position :]]
-        available = len(pieces[0])
-        while available < size:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                break
-            pieces.append(chunk)
-            available += len(chunk)
-        self._buffer = b"".join(pieces)
-        self._position = 0
-
-    def read(self, size: int) -> bytes:
-        if len(self._buffer) - self._position < size:
-            self._fill(size)
-        start = self._position
-        self._position = min(start + size, len(self._buffer))
-        self.offset += self._position - start
-        return self._buffer[start : self._position]
-
-    def skip(self, size: int) -> int:
-        skipped = 0
-        while skipped < size:
-            if self._position >= len(self._buffer):
-                self._fill(1)
-                if not self._buffer:
-                    break
-            step = min(size - skipped, len(self._buffer) - self._position)
-            self._position += step
-            skipped += step
-        self.offset += skipped
-        return skipped
-
-
-def _octal(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:
-        return int.from_bytes(field[1:], "big")
-    return int(field.strip(b" \0") or b"0", 8)
-
-
-def _pax_values(data: bytes, path: Path) -> dict[str, str]:
-    """The ``key=value`` records of a pax header, each ``"<length> <key>=<value>\\n"``.
-
-    Raises:
-        DataFormatError: naming ``path`` for a record whose length is missing, too short for
-            the record (0 would never move on) or beyond the header.
-    """
-    values, position = {}, 0
-    while position < len(data) and data[position]:  # NUL padding after the last record ends it.
-        space = data.find(b" ", position)
-        digits = data[position:space] if space > position else b""
-        end = position + int(digits) if digits.isdigit() else -1
-        if end <= space + 1 or end > len(data):
-            raise DataFormatError(
-                f"{path}: corrupt pax header (bad record {data[position : position + 40]!r})"
-            )
-        key, _, value = data[space + 1 : end - 1].partition(b"=")
-        values[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
-        position = end
-    return values
-
-
-def normalize_member_name(name: str) -> str:
-    """Drop a leading ``./`` or ``/`` so that member names compare as relative paths."""
-    if name.startswith(("./", "/")):
-        while name.startswith("./"):
-            name = name[2:]
-        name = name.lstrip("/")
-    return name
-
-
-def iter_archive(
-    path: str | Path, wanted: Callable[[str], bool] | None = None
-) -> Iterator[tuple[str, bytes | None]]:
-    """Stream the regular files of a tar archive (bz2, gzip, xz or plain) in archive order,
-    hard links last.
-
-    A hand-written reader: ``tarfile``'s stream mode spends about 90% of its time on per-member
-    bookkeeping (20 s instead of 2 s for HASYv2). It reads sequentially and never seeks.
-
-    A hard link is a file too. A wanted one comes after the others, with its target's bytes
-    from a second pass that reads the targets only: keeping every member's bytes in case a
-    later link names it would not bound the memory. An archive without hard links is read once.
-
-    Args:
-        path: the archive file.
-        wanted: decides from the normalised member name whether to return its bytes; the bytes
-            of other members are skipped and returned as None. Default: all.
-
-    Yields:
-        ``(name, data)`` per regular file, ``name`` normalised by :func:`normalize_member_name`.
-
-    Raises:
-        DataFormatError: for a corrupt header, corrupt compressed data or a truncated archive.
-    """
-    path = Path(path)
-    links: dict[str, str] = {}
-    yield from _iter_members(path, wanted, links)
-    if links:
-        yield from _iter_hard_links(path, links)
-
-
-def _iter_hard_links(path: Path, links: dict[str, str]) -> Iterator[tuple[str, bytes | None]]:
-    """Yield each hard link of ``links`` (name -> target name) with its target's bytes."""
-    pending: dict[str, list[str]] = {}
-    for link, target in links.items():
-        pending.setdefault(target, []).append(link)
-    for target, data in _iter_members(path, pending.__contains__, None):
-        for link in pending.pop(target, ()):
-            yield link, data
-    for target, names in pending.items():
-        logger.warning(
-            "%s: hard link %s points to %s, which is not a file in the archive",
-            path,
-            names[0],
-            target,
-        )
-
-
-def _text(field: bytes) -> str:
-    """A NUL-terminated header field as text; bytes that are not UTF-8 become surrogates."""
-    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-
-
-def _member_name(header: bytes, pax: dict[str, str], long_name: str | None) -> str:
-    """The normalised name of the member of ``header``, or the one its pax or GNU long-name
-    record gives it."""
-    name = _text(header[:100])
-    if header[257:263] == b"ustar\0" and header[345] != 0:
-        name = f"{_text(header[345:500])}/{name}"
-    return normalize_member_name(pax.get("path", long_name or name))
-
-
-def _iter_members(
-    path: Path, wanted: Callable[[str], bool] | None, links: dict[str, str] | None
-) -> Iterator[tuple[str, bytes | None]]:
-    """One pass of :func:`iter_archive`. Wanted hard links go into ``links`` (name -> the file
-    they name) instead of being yielded; with ``links`` None, hard links are left out."""
-    stream = _ByteStream(_iter_decompressed(path))
-    long_name: str | None = None
-    long_link: str | None = None
-    pax: dict[str, str] = {}
-    link_targets: dict[str, str] = {}
-    while True:
-        header = stream.read(_BLOCK)
-        if 0 < len(header) < _BLOCK:
-            if stream.offset <= _BLOCK:  # Not even one header: a small file of another kind.
-                raise DataFormatError(f"{path}: not a tar archive ({len(header)} bytes)")
-            raise DataFormatError(f"{path}: archive ends inside a header (truncated download?)")
-        if not header.strip(b"\0"):
-            return
-        # Compressed formats carry their own checksums, so past the first header the header
-        # checksum is only checked where the "ustar" magic does not already vouch for it.
-        trusted = stream.offset > _BLOCK and header[257:262] == b"ustar"
-        try:
-            size = int(pax["size"]) if "size" in pax else _octal(header[124:136])
-            valid = trusted or _octal(header[148:156]) == sum(header) - sum(header[148:156]) + 256
-        except ValueError:
-            valid = False
-        if not valid:
-            raise DataFormatError(f"{path}: not a tar archive (bad header at byte {stream.offset})")
-        kind = header[156:157]
-        name = _member_name(header, pax, long_name)
-        padded = -(-size // _BLOCK) * _BLOCK
-        if kind == b"g":  # Global settings: nothing that names or sizes a file.
-            stream.skip(padded)
-            continue
-        if kind in (b"K", b"L", b"x"):
-            data = stream.read(size)
-            if kind == b"x":
-                pax = _pax_values(data, path)
-            elif kind == b"K":
-                long_link = _text(data)
-            else:
-                long_name = _text(data)
-            stream.skip(padded - size)
-            continue
-        if kind == b"1":
-            target = normalize_member_name(pax.get("linkpath", long_link or _text(header[157:257])))
-            link_targets[name] = link_targets.get(target, target)  # A link to a link: its file.
-        long_name, long_link, pax = None, None, {}
-        is_link = kind == b"1" and links is not None
-        if kind in _REGULAR_TYPES and (wanted is None or wanted(name)):
-            data = stream.read(size)
-            complete = len(data) == size and stream.skip(padded - size) == padded - size
-            if complete:
-                yield name, data
-        else:
-            complete = stream.skip(padded) == padded
-            if is_link and (wanted is None or wanted(name)):
-                links[name] = link_targets[name]  # Yielded after the pass, with the file's bytes.
-            elif complete and (kind in _REGULAR_TYPES or is_link):
-                yield name, None
-        if not complete:
-            raise DataFormatError(f"{path}: archive ends inside {name!r} (truncated download?)")
 
 
 @dataclass
@@ -390,9 +89,19 @@ def scan_archive(
         if complete_root is not None and (buffered is None or not buffered_images):
             files = {file: found[(complete_root, file)] for file in wanted}
             return ArchiveScan(complete_root, files, None)
-    root = complete_root
+    return _whole_scan(found, buffered, complete_root, anchor)
+
+
+def _whole_scan(
+    found: dict[tuple[str, str], bytes],
+    buffered: dict[str, bytes] | None,
+    root: str | None,
+    anchor: str,
+) -> ArchiveScan:
+    """What a pass of :func:`scan_archive` that read the whole archive found. Without a
+    ``root`` that holds every wanted file, the root is where ``anchor`` lies (or the top)."""
     if root is None:
-        root = next((root for root, rest in found if rest == anchor), "")
+        root = next((where for where, rest in found if rest == anchor), "")
     files = {rest: data for (where, rest), data in found.items() if where == root}
     members = None
     if buffered is not None:
