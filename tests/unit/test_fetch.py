@@ -263,6 +263,23 @@ def test_a_resumed_download_that_fails_its_checksum_is_deleted(tmp_path, server,
     assert not (tmp_path / "data").exists()
 
 
+def test_a_resumed_download_failing_a_given_sha256_is_kept(tmp_path, server, monkeypatch):
+    url, state = server
+    monkeypatch.setitem(ARCHIVES, ARCHIVE_NAME, _spec(sha256=None, md5=ARCHIVE_MD5))
+    state.drop_after, state.drops_left = 70_000, 1
+    unverified = tmp_path / "data" / f"{FILENAME}.unverified"
+    with pytest.raises(ChecksumError, match="kept as"):
+        fetch_archive(ARCHIVE_NAME, tmp_path / "data", url=url, progress=False, sha256="0" * 64)
+    assert state.range_headers == [None, "bytes=70000-"]
+    assert unverified.read_bytes() == ARCHIVE_BYTES  # The mistyped value costs no download.
+    path = fetch_archive(
+        ARCHIVE_NAME, tmp_path / "data", url=url, progress=False, sha256=ARCHIVE_SHA256
+    )
+    assert path.read_bytes() == ARCHIVE_BYTES
+    assert state.range_headers == [None, "bytes=70000-"]  # Checked, not downloaded again.
+    assert not unverified.exists()
+
+
 def test_download_without_verify_accepts_any_content(tmp_path, server, monkeypatch):
     url, _ = server
     monkeypatch.setitem(ARCHIVES, ARCHIVE_NAME, _spec(sha256="0" * 64))

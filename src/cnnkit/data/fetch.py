@@ -214,7 +214,9 @@ def _accept_unverified(path: Path, spec: ArchiveSpec, *, verify: bool) -> bool:
 def _verify_download(
     part_path: Path, spec: ArchiveSpec, source_url: str, *, resumed: bool, sha256_given: bool
 ) -> None:
-    """Check a finished download; on a mismatch keep its bytes unless it was resumed.
+    """Check a finished download; on a mismatch keep its bytes, unless it was resumed and
+    checked against the publisher's checksum (a resumed download checked against a user's
+    ``--sha256`` is kept too: the value may be mistyped, and a download of 1.1 GB is costly).
 
     Raises:
         ChecksumError: if the checksum differs; the message says where the bytes went and what
@@ -223,7 +225,7 @@ def _verify_download(
     try:
         verify_archive(part_path, spec, source=f"{spec.filename} downloaded from {source_url}")
     except ChecksumError as error:
-        if resumed:
+        if resumed and not sha256_given:
             # Bytes appended to an earlier .part may belong to another version of the file, and
             # checking them again could never succeed, so the next run starts afresh.
             part_path.unlink(missing_ok=True)
