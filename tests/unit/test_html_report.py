@@ -8,11 +8,8 @@ import pytest
 
 from cnnkit.config import build_run_config
 from cnnkit.evaluation.html_report import REPORT_NAME, build_report_html, write_html_report
-from cnnkit.evaluation.search_plots import (
-    TrialSummary,
-    write_results_tables,
-    write_search_figures,
-)
+from cnnkit.evaluation.search_plots import write_search_figures
+from cnnkit.evaluation.search_table import TrialSummary, write_results_tables
 from cnnkit.presets import preset_for
 from cnnkit.training.run import train_run
 

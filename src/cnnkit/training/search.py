@@ -19,7 +19,7 @@ import optuna
 
 from cnnkit.config import RunConfig
 from cnnkit.data.sources import LoadedData
-from cnnkit.evaluation.search_plots import TrialSummary
+from cnnkit.evaluation.search_table import TrialSummary
 from cnnkit.training.run import RunResult
 from cnnkit.training.search_budget import nothing_left_to_run, process_count, trials_to_run
 from cnnkit.training.search_config import SearchConfig

@@ -11,7 +11,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from cnnkit.errors import error_line
-from cnnkit.evaluation.search_plots import TrialSummary, write_results_tables
+from cnnkit.evaluation.search_table import TrialSummary, write_results_tables
 from cnnkit.training.search_budget import trials_to_run
 from cnnkit.training.search_results import (
     FINISHED,

@@ -71,7 +71,7 @@ def check_parameter_names(space: SearchSpace, space_file: str | Path | None = No
     Raises:
         ValueError: naming the space file and the parameter.
     """
-    from cnnkit.evaluation.search_plots import RESULT_COLUMNS
+    from cnnkit.evaluation.search_table import RESULT_COLUMNS
 
     for parameter in space.parameters:
         if parameter.name in RESULT_COLUMNS:
