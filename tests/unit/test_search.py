@@ -28,6 +28,7 @@ from cnnkit.training.search import run_search
 from cnnkit.training.search_budget import nothing_left_to_run, trials_to_run
 from cnnkit.training.search_config import SearchConfig
 from cnnkit.training.search_results import TrialReporter, parameter_importances
+from cnnkit.training.search_space import SearchParameter, SearchSpace
 from cnnkit.training.search_study import build_pruner, open_study
 from cnnkit.training.search_trials import PruningCallback, suggest_params
 from cnnkit.training.search_workers import (
@@ -37,16 +38,9 @@ from cnnkit.training.search_workers import (
     worker_identity,
 )
 from cnnkit.training.space_checks import check_parameter_values
-from cnnkit.training.spaces import (
-    BOOK_SPACE,
-    SearchParameter,
-    SearchSpace,
-    build_trial_config,
-    load_space,
-    overrides_for,
-    parse_space,
-    resolve_space,
-)
+from cnnkit.training.space_files import load_space, parse_space
+from cnnkit.training.spaces import BOOK_SPACE, resolve_space
+from cnnkit.training.trial_config import build_trial_config, overrides_for
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

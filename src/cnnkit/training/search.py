@@ -33,11 +33,11 @@ from cnnkit.training.search_results import (
 )
 from cnnkit.training.search_retrain import retrain_best
 from cnnkit.training.search_settings import check_same_search, write_search_settings
+from cnnkit.training.search_space import SearchSpace
 from cnnkit.training.search_study import build_sampler, open_study
 from cnnkit.training.search_trials import TrialRunner
 from cnnkit.training.search_workers import INTERRUPTS, recover_trials
 from cnnkit.training.space_checks import check_space
-from cnnkit.training.spaces import SearchSpace
 from cnnkit.training.trainer import TrainingInterrupted
 
 logger = logging.getLogger(__name__)

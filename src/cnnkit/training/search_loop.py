@@ -20,8 +20,8 @@ from cnnkit.training.search_results import (
     log_trial_hparams,
     summarize_trial,
 )
+from cnnkit.training.search_space import SearchSpace
 from cnnkit.training.search_trials import TrialRunner
-from cnnkit.training.spaces import SearchSpace
 from cnnkit.training.trainer import TrainingInterrupted
 
 # The search's own logger name: the command's warnings show it (``WARNING cnnkit.training.search:
