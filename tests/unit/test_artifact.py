@@ -18,11 +18,10 @@ from cnnkit.inference.artifact import (
     ModelFileError,
     ModelMetadata,
     load_model,
-    metadata_digest,
     read_metadata,
     save_model,
-    tensor_digest,
 )
+from cnnkit.inference.checksums import metadata_digest, tensor_digest
 from cnnkit.models.registry import create_model
 
 OPTIONS = {"width": 4, "layers_per_stage": 1}

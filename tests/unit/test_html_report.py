@@ -8,11 +8,8 @@ import pytest
 
 from cnnkit.config import build_run_config
 from cnnkit.evaluation.html_report import REPORT_NAME, build_report_html, write_html_report
-from cnnkit.evaluation.search_plots import (
-    TrialSummary,
-    write_results_tables,
-    write_search_figures,
-)
+from cnnkit.evaluation.search_plots import write_search_figures
+from cnnkit.evaluation.search_table import TrialSummary, write_results_tables
 from cnnkit.presets import preset_for
 from cnnkit.training.run import train_run
 
@@ -179,7 +176,7 @@ def test_a_search_yaml_that_is_not_a_mapping_is_named(tmp_path, caplog):
 
 
 def test_report_cells_show_seconds_to_a_tenth_and_other_floats_to_four_digits() -> None:
-    from cnnkit.evaluation.html_report import _format
+    from cnnkit.evaluation.html_fragments import format_cell as _format
 
     assert _format(9.5, "seconds") == "9.5" and _format(9.5) == "9.5"
     assert _format(0.0314159, "seconds") == "0.0" and _format(0.96504) == "0.965"
@@ -188,7 +185,7 @@ def test_report_cells_show_seconds_to_a_tenth_and_other_floats_to_four_digits() 
 
 
 def test_class_names_that_look_like_numbers_are_shown_as_they_are() -> None:
-    from cnnkit.evaluation.html_report import _table
+    from cnnkit.evaluation.html_fragments import table_html as _table
 
     rows = [{"true": "1.50", "predicted": "2e3", "count": "4", "f1": "0.2937062937"}]
     page = _table(rows)

@@ -29,6 +29,7 @@ from cnnkit.training.search import run_search
 from cnnkit.training.search_budget import nothing_left_to_run, trials_to_run
 from cnnkit.training.search_config import SearchConfig
 from cnnkit.training.search_results import TrialReporter, parameter_importances
+from cnnkit.training.search_space import SearchParameter, SearchSpace
 from cnnkit.training.search_study import build_pruner, open_study
 from cnnkit.training.search_trials import PruningCallback, suggest_params
 from cnnkit.training.search_workers import (
@@ -38,16 +39,9 @@ from cnnkit.training.search_workers import (
     worker_identity,
 )
 from cnnkit.training.space_checks import check_parameter_values
-from cnnkit.training.spaces import (
-    BOOK_SPACE,
-    SearchParameter,
-    SearchSpace,
-    build_trial_config,
-    load_space,
-    overrides_for,
-    parse_space,
-    resolve_space,
-)
+from cnnkit.training.space_files import load_space, parse_space
+from cnnkit.training.spaces import BOOK_SPACE, resolve_space
+from cnnkit.training.trial_config import build_trial_config, overrides_for
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -1110,7 +1104,7 @@ def test_an_ensemble_is_refused_by_search(tmp_path, digits_data):
 @pytest.mark.parametrize("choices", [(0, 0.5), (None, 3), ("adam", 1), (True, False)])
 def test_hparams_take_choices_of_mixed_types(tmp_path, choices):
     """TensorBoard takes a discrete domain of one type: [0, 0.5] and [null, 3] once raised."""
-    from cnnkit.evaluation.search_plots import TrialSummary
+    from cnnkit.evaluation.search_table import TrialSummary
     from cnnkit.training.search_results import log_trial_hparams
 
     space = SearchSpace(
@@ -1162,7 +1156,7 @@ def test_an_option_one_of_the_searched_models_lacks_is_refused(tmp_path, digits_
 def test_a_parameter_named_epochs_keeps_its_own_column(tmp_path):
     """The epochs a trial ran are ``epochs_run``: a searched ``epochs`` is not overwritten."""
     from cnnkit.evaluation.html_report import build_report_html
-    from cnnkit.evaluation.search_plots import TrialSummary, write_results_tables
+    from cnnkit.evaluation.search_table import TrialSummary, write_results_tables
 
     trial = TrialSummary(0, "complete", {"epochs": 7}, 0.5, 1.0, None, 3)
     write_results_tables([trial], ["epochs"], tmp_path)

@@ -20,14 +20,9 @@ from torch import nn
 
 from cnnkit.atomic import write_atomically
 from cnnkit.errors import caused_by_interrupt, error_line, root_cause
-from cnnkit.inference.artifact import (
-    ModelFileError,
-    check_metadata_digest,
-    load_model,
-    parse_metadata_text,
-    read_metadata,
-    utf8_json,
-)
+from cnnkit.inference.artifact import ModelFileError, load_model, read_metadata
+from cnnkit.inference.checksums import check_metadata_digest
+from cnnkit.inference.model_metadata import parse_metadata_text, utf8_json
 
 logger = logging.getLogger(__name__)
 

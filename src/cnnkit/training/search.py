@@ -19,7 +19,7 @@ import optuna
 
 from cnnkit.config import RunConfig
 from cnnkit.data.sources import LoadedData
-from cnnkit.evaluation.search_plots import TrialSummary
+from cnnkit.evaluation.search_table import TrialSummary
 from cnnkit.training.run import RunResult
 from cnnkit.training.search_budget import nothing_left_to_run, process_count, trials_to_run
 from cnnkit.training.search_config import SearchConfig
@@ -33,11 +33,11 @@ from cnnkit.training.search_results import (
 )
 from cnnkit.training.search_retrain import retrain_best
 from cnnkit.training.search_settings import check_same_search, write_search_settings
+from cnnkit.training.search_space import SearchSpace
 from cnnkit.training.search_study import build_sampler, open_study
 from cnnkit.training.search_trials import TrialRunner
 from cnnkit.training.search_workers import INTERRUPTS, recover_trials
 from cnnkit.training.space_checks import check_space
-from cnnkit.training.spaces import SearchSpace
 from cnnkit.training.trainer import TrainingInterrupted
 
 logger = logging.getLogger(__name__)

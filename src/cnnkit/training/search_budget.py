@@ -8,7 +8,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cnnkit.training.search_config import SearchConfig
 from cnnkit.training.search_results import FINISHED
-from cnnkit.training.spaces import SearchSpace
+from cnnkit.training.search_space import SearchSpace
 
 
 def target_trials(config: SearchConfig, space: SearchSpace) -> int | None:

@@ -11,7 +11,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from cnnkit.errors import error_line
-from cnnkit.evaluation.search_plots import TrialSummary, write_results_tables
+from cnnkit.evaluation.search_table import TrialSummary, write_results_tables
 from cnnkit.training.search_budget import trials_to_run
 from cnnkit.training.search_results import (
     FINISHED,
@@ -20,8 +20,8 @@ from cnnkit.training.search_results import (
     log_trial_hparams,
     summarize_trial,
 )
+from cnnkit.training.search_space import SearchSpace
 from cnnkit.training.search_trials import TrialRunner
-from cnnkit.training.spaces import SearchSpace
 from cnnkit.training.trainer import TrainingInterrupted
 
 # The search's own logger name: the command's warnings show it (``WARNING cnnkit.training.search:

@@ -15,10 +15,10 @@ import optuna
 from cnnkit.config import RunConfig
 from cnnkit.training.search_config import SearchConfig
 from cnnkit.training.search_loop import optimize_study
+from cnnkit.training.search_space import SearchSpace
 from cnnkit.training.search_study import open_study
 from cnnkit.training.search_trials import TrialRunner
 from cnnkit.training.search_workers import INTERRUPTS, die_with_parent
-from cnnkit.training.spaces import SearchSpace
 from cnnkit.training.trainer import TrainingInterrupted
 
 # The search's own logger name, which the command's warnings show (see search_loop).

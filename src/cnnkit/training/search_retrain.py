@@ -13,9 +13,10 @@ from cnnkit.data.sources import LoadedData
 from cnnkit.progress import bars_only
 from cnnkit.training.checkpoint import remove_checkpoints
 from cnnkit.training.run import RunResult, train_run
+from cnnkit.training.search_space import SearchSpace
 from cnnkit.training.search_trials import TrialRunner
 from cnnkit.training.search_workers import INTERRUPTS
-from cnnkit.training.spaces import SearchSpace, build_trial_config
+from cnnkit.training.trial_config import build_trial_config
 
 # The search's own logger name, which the command's log lines show (see search_loop).
 logger = logging.getLogger("cnnkit.training.search")

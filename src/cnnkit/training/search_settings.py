@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from cnnkit.config import RunConfig, config_to_dict
 from cnnkit.errors import error_line
 from cnnkit.paths import RUN_INFO, SEARCH_SETTINGS
-from cnnkit.training.spaces import SearchSpace
+from cnnkit.training.search_space import SearchSpace
 
 if TYPE_CHECKING:
     from cnnkit.training.search_config import SearchConfig

@@ -11,8 +11,8 @@ import optuna
 
 from cnnkit.errors import error_line
 from cnnkit.training.search_config import SearchConfig
+from cnnkit.training.search_space import SearchSpace
 from cnnkit.training.search_workers import requeue_trial
-from cnnkit.training.spaces import SearchSpace
 
 
 def sampler_seed(seed: int | None, held: int) -> int | None:

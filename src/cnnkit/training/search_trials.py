@@ -21,9 +21,10 @@ from cnnkit.training.preprocessing import resolve_preprocessing
 from cnnkit.training.run import RunResult, train_run
 from cnnkit.training.run_folder import write_run_info
 from cnnkit.training.search_results import FINISHED
+from cnnkit.training.search_space import SearchSpace
 from cnnkit.training.search_workers import INTERRUPTS, CoreShare, worker_identity
-from cnnkit.training.spaces import SearchSpace, build_trial_config
 from cnnkit.training.trainer import Callback, Trainer, TrainingDiverged, TrainingInterrupted
+from cnnkit.training.trial_config import build_trial_config
 
 if TYPE_CHECKING:
     from cnnkit.training.search_config import SearchConfig

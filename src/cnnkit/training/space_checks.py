@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from cnnkit.config import RunConfig
-from cnnkit.training.spaces import SPACES, SearchSpace, build_trial_config
+from cnnkit.training.search_space import SearchSpace
+from cnnkit.training.spaces import SPACES
+from cnnkit.training.trial_config import build_trial_config
 
 # Data settings that decide which images are in which split, or which images there are: trials
 # that differed in one would be trained, ranked and tested on different images (data.seed draws
@@ -71,7 +73,7 @@ def check_parameter_names(space: SearchSpace, space_file: str | Path | None = No
     Raises:
         ValueError: naming the space file and the parameter.
     """
-    from cnnkit.evaluation.search_plots import RESULT_COLUMNS
+    from cnnkit.evaluation.search_table import RESULT_COLUMNS
 
     for parameter in space.parameters:
         if parameter.name in RESULT_COLUMNS:
