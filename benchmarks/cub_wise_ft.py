@@ -27,7 +27,7 @@ from cnnkit.config import build_run_config
 from cnnkit.data.sources import build_splits
 from cnnkit.inference.artifact import load_model
 from cnnkit.models.registry import create_model
-from cnnkit.models.transfer import TTA_SCALE
+from cnnkit.models.transfer_classifier import TTA_SCALE
 from cnnkit.runtime import seed_everything
 from cnnkit.training.frozen_phase import FEATURES_FOLDER, fit_frozen_head
 from cnnkit.training.run import feature_cache_dir

@@ -298,7 +298,7 @@ def test_test_time_augmentation_exports_with_the_same_output(members: int) -> No
     from cnnkit.config import Preprocessing
     from cnnkit.inference.export import _torch_export_quietly
     from cnnkit.inference.onnx_backend import create_session
-    from cnnkit.models.transfer import TransferClassifier, TransferEnsemble
+    from cnnkit.models.transfer_classifier import TransferClassifier, TransferEnsemble
 
     torch.manual_seed(0)
     preprocessing = Preprocessing("photo", 3, 20, 24, (0.5,) * 3, (0.5,) * 3)

@@ -18,7 +18,7 @@ from cnnkit.models.efficientnet_lite import (
 )
 from cnnkit.models.lite_weights import find_weights_file, remap_checkpoint_keys
 from cnnkit.models.registry import create_model, list_models, model_options
-from cnnkit.models.transfer import TransferClassifier, TransferEnsemble
+from cnnkit.models.transfer_classifier import TransferClassifier, TransferEnsemble
 from cnnkit.runtime import cpu_supports_bf16
 
 NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")

@@ -25,7 +25,7 @@ from torch import nn
 from cnnkit.config import Preprocessing, RunConfig
 from cnnkit.data.dataset import DataSplits
 from cnnkit.data.loader import build_loaders
-from cnnkit.models.transfer import TransferEnsemble
+from cnnkit.models.transfer_classifier import TransferEnsemble
 from cnnkit.paths import finetune_folder
 from cnnkit.runtime import DistributedContext
 from cnnkit.training.callbacks import write_metrics_csv
