@@ -12,8 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-# The warnings keep the HTML report's logger name, which the CLI's log lines show.
-logger = logging.getLogger("cnnkit.evaluation.html_report")
+logger = logging.getLogger(__name__)
 
 
 def warn_unreadable(path: Path, error: Exception) -> None:

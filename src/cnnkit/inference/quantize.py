@@ -152,6 +152,7 @@ def quantize_onnx(
         ModelFileError: if the model file is bad or the export fails.
     """
     import onnx
+    import onnxruntime.quantization  # noqa: F401  (Missing, it fails here, before the export.)
 
     calibration = np.ascontiguousarray(calibration, dtype=np.float32)
     if calibration.ndim != 4 or len(calibration) == 0:

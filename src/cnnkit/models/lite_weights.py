@@ -29,7 +29,7 @@ _KEY_RENAMES = (
 
 
 def remap_checkpoint_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename the packaged checkpoint's keys to this module's names, keeping every tensor.
+    """Rename the packaged checkpoint's keys to :class:`EfficientNetLite`'s, keeping every tensor.
 
     Raises:
         ValueError: for a key that matches no known name.

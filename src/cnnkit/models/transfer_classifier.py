@@ -26,8 +26,9 @@ class TransferClassifier(nn.Module):
     """A pretrained backbone with a new classification head.
 
     Args:
-        backbone: an :class:`EfficientNetLite` without classifier, or any module whose
-            ``forward_features`` gives pooled ``[B, num_features]`` features.
+        backbone: a :class:`~cnnkit.models.efficientnet_lite.EfficientNetLite` without
+            classifier, or any module whose ``forward_features`` gives pooled
+            ``[B, num_features]`` features.
         num_classes: size of the classifier output.
         hidden: units of the dense ReLU layer before the classifier; 0 for none.
         dropout: dropout before the classifier.

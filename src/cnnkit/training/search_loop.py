@@ -24,9 +24,7 @@ from cnnkit.training.search_space import SearchSpace
 from cnnkit.training.search_trials import TrialRunner
 from cnnkit.training.trainer import TrainingInterrupted
 
-# The search's own logger name: the command's warnings show it (``WARNING cnnkit.training.search:
-# ...``), whichever of the search's modules logs them.
-logger = logging.getLogger("cnnkit.training.search")
+logger = logging.getLogger(__name__)
 
 
 def optimize_study(

@@ -1,5 +1,5 @@
-"""A search's extra worker processes: each runs the same optimize loop on the same study, and
-the search process starts them, waits for them, and stops them when it is stopped."""
+"""Starting, joining and stopping a search's extra worker processes, each running the same
+optimize loop on the same study (what they share is in :mod:`search_workers`)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ from cnnkit.training.search_trials import TrialRunner
 from cnnkit.training.search_workers import INTERRUPTS, die_with_parent
 from cnnkit.training.trainer import TrainingInterrupted
 
-# The search's own logger name, which the command's warnings show (see search_loop).
-logger = logging.getLogger("cnnkit.training.search")
+logger = logging.getLogger(__name__)
 # How long a stopped worker gets to queue its trial again before it is terminated.
 WORKER_STOP_SECONDS = 60.0
 

@@ -18,8 +18,7 @@ from cnnkit.training.search_trials import TrialRunner
 from cnnkit.training.search_workers import INTERRUPTS
 from cnnkit.training.trial_config import build_trial_config
 
-# The search's own logger name, which the command's log lines show (see search_loop).
-logger = logging.getLogger("cnnkit.training.search")
+logger = logging.getLogger(__name__)
 
 
 def retrain_best(

@@ -10,8 +10,7 @@ from typing import Any
 from cnnkit.config import RunConfig, build_run_config, config_to_dict
 from cnnkit.training.search_space import SearchSpace
 
-# Kept from the module this came out of (spaces.py), as the CLI's log lines show the name.
-logger = logging.getLogger("cnnkit.training.spaces")
+logger = logging.getLogger(__name__)
 
 
 def overrides_for(space: SearchSpace, params: dict[str, Any]) -> dict[str, Any]:
