@@ -8,6 +8,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from cnnkit.choices import DATASETS, DEVICES
 from cnnkit.paths import default_cache_dir
 
 # Flags that set a model option (--dense 64 is --option dense=64).
@@ -16,10 +17,6 @@ MODEL_OPTION_FLAGS = ("dense", "dropout", "convs", "width")
 
 class CommandError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
-
-
-DATASETS = ("hasy", "cub", "folder", "csv", "digits")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def whole(minimum: int, maximum: int | None = None) -> Callable[[str], int]:

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cnnkit.choices import DATASETS, DEVICES
 from cnnkit.config.checks import MAX_IMAGE_SIDE, check_choice, check_positive, check_seed
 
-DATASETS = ("hasy", "cub", "folder", "csv", "digits")
 BAD_IMAGE_POLICIES = ("error", "skip")
 
 
@@ -158,7 +158,7 @@ class TrainConfig:
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
         check_choice("optimizer", self.optimizer, ("adam", "adamw", "sgd"))
         check_choice("schedule", self.schedule, ("onecycle", "cosine", "constant"))
-        check_choice("device", self.device, ("auto", "cpu", "cuda", "mps"))
+        check_choice("device", self.device, DEVICES)
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1); got {self.label_smoothing}")
         check_positive("mixup_alpha", self.mixup_alpha, allow_zero=True)
