@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cnnkit.cli.arguments import CommandError, overrides_from_args
+from cnnkit.cli.arguments import CommandError
+from cnnkit.cli.overrides import overrides_from_args
 from cnnkit.cli.settings import print_config, resolve_run_config
 from cnnkit.cli.train import print_data_summary
 from cnnkit.paths import default_cache_dir

@@ -9,7 +9,8 @@ import dataclasses
 import os
 from typing import Any
 
-from cnnkit.cli.arguments import CommandError, overrides_from_args, parse_option
+from cnnkit.cli.arguments import CommandError
+from cnnkit.cli.overrides import overrides_from_args, parse_option
 
 PHOTO_MODELS_PRESET = {"book_bird_cnn": "book-cub", "book_cnn": "book-hasy"}
 
