@@ -871,31 +871,76 @@ def test_bad_images_get_a_clear_400(
 
 
 @pytest.mark.parametrize(
-    "body, content_type, status",
+    "body, content_type, status, message",
     [
-        (b"", "", 400),
-        (b"", "application/json", 400),
-        (b"{not json", "application/json", 400),
-        (b"[1, 2]", "application/json", 400),
-        (json.dumps({"image": "!!!not base64!!!"}).encode(), "application/json", 400),
-        (json.dumps({"image": "data:image/png,abc"}).encode(), "application/json", 400),
-        (json.dumps({"image": "aGk=", "source": "camera"}).encode(), "application/json", 400),
+        (b"", "", 400, "empty request body: send an image"),
+        (b"", "application/json", 400, "empty request body: send an image"),
+        (b"{not json", "application/json", 400, "the request body is not valid JSON"),
+        (
+            b"[1, 2]",
+            "application/json",
+            400,
+            "the JSON body must be an object with an 'image' field",
+        ),
+        (
+            json.dumps({"image": "!!!not base64!!!"}).encode(),
+            "application/json",
+            400,
+            "'image' is not valid base64",
+        ),
+        (
+            json.dumps({"image": "data:image/png,abc"}).encode(),
+            "application/json",
+            400,
+            "the data URL must be base64-encoded",
+        ),
+        (
+            json.dumps({"image": "aGk=", "source": "camera"}).encode(),
+            "application/json",
+            400,
+            "source must be one of upload, canvas",
+        ),
         (
             b'--x\r\nContent-Disposition: form-data; name="file"\r\n\r\nab',
             "multipart/form-data; boundary=x",
             400,
+            "malformed or truncated multipart body",
         ),
-        (b"hello", "multipart/form-data", 400),
-        (b"hello", "text/plain", 415),
+        (
+            b"hello",
+            "multipart/form-data",
+            400,
+            "multipart request without a valid boundary",
+        ),
+        (
+            b"hello",
+            "text/plain",
+            415,
+            "send multipart/form-data (field 'file'), a JSON body with Content-Type: "
+            "application/json, or raw image/* bytes; got Content-Type: text/plain",
+        ),
+    ],
+    ids=[
+        "empty-no-type",
+        "empty-json",
+        "not-json",
+        "json-array",
+        "bad-base64",
+        "data-url-not-base64",
+        "unknown-source",
+        "truncated-multipart",
+        "multipart-no-boundary",
+        "text-plain",
     ],
 )
 def test_malformed_requests_get_json_errors(
-    client: TestClient, body: bytes, content_type: str, status: int
+    client: TestClient, body: bytes, content_type: str, status: int, message: str
 ) -> None:
     headers = {"content-type": content_type} if content_type else {}
     response = client.post("/api/predict", content=body, headers=headers)
     assert response.status_code == status
-    assert response.json()["error"]
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"error": message}
 
 
 @pytest.mark.parametrize(
