@@ -408,13 +408,15 @@ def test_base64_with_other_characters_is_refused(client: TestClient, image: str)
     assert response.json()["error"] == "'image' is not valid base64"
 
 
-def test_raw_image_body_prediction(client: TestClient) -> None:
-    data = png_bytes(symbol_image(2))
+def test_raw_image_body_prediction(client: TestClient, predictor: Predictor) -> None:
+    image = symbol_image(2)
     response = client.post(
-        "/api/predict?top_k=2", content=data, headers={"content-type": "image/png"}
+        "/api/predict?top_k=2", content=png_bytes(image), headers={"content-type": "image/png"}
     )
     assert response.status_code == 200
-    assert len(response.json()["predictions"]) == 2
+    # A 32x32 upload is used as it is: the same two classes and confidences as the predictor.
+    expected = [p.to_dict() for p in predictor.predict([image], top_k=2)[0]]
+    assert as_pairs(response.json()["predictions"]) == as_pairs(expected)
 
 
 @pytest.mark.parametrize("form", ["multipart", "json", "raw"])
