@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -60,6 +61,19 @@ def test_training_run_report_is_self_contained(tiny_run):
     assert "symbol_cnn" in page
     assert_self_contained(page)
     assert not list(tiny_run.glob(".report.html.*"))  # No temporary file left behind.
+
+    # The figures are the run's own: run.json's test metrics, to 4 significant digits.
+    test = json.loads((tiny_run / "run.json").read_text(encoding="utf-8"))["test"]
+    cards = re.findall(r'<span class="muted">([^<]*)</span><b>([^<]*)</b>', page)
+    assert ("test top-1", f"{test['top1']:.4g}") in cards
+    assert ("test top-5", f"{test['top5']:.4g}") in cards
+    table = re.search(r">Test metrics</h2>\s*<table>(.*?)</table>", page, re.S)
+    assert table, "no Test metrics table"
+    head = re.findall(r"<th>([^<]*)</th>", table.group(1))
+    row = re.findall(r"<td[^>]*>([^<]*)</td>", table.group(1))
+    shown = dict(zip(head, row, strict=True))
+    assert shown["top1"] == f"{test['top1']:.4g}" and shown["top5"] == f"{test['top5']:.4g}"
+    assert shown["count"] == str(test["count"])
 
 
 def test_text_from_the_run_folder_is_escaped(tmp_path):
