@@ -15,6 +15,7 @@ from torch import nn
 from cnnkit.config import DataConfig, Preprocessing
 from cnnkit.data.image import BadImageError
 from cnnkit.data.loader import BatchLoader, build_eval_transform
+from cnnkit.data.prepare import prepare_image
 from cnnkit.data.sources import build_splits
 from cnnkit.inference.artifact import ModelFileError, ModelMetadata
 from cnnkit.inference.predictor import Prediction, Predictor, open_predictor
@@ -49,10 +50,23 @@ def _check_ranking(ranked: list[Prediction], top_k: int) -> None:
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16", "CMYK", "1", "LA"])
 @pytest.mark.parametrize("size", [(1, 1), (20, 30), (300, 7)])
 def test_predicts_pil_images_of_any_mode_and_size(predictor, mode, size) -> None:
-    ranked = predictor.predict([_image(mode, size)], top_k=3)
+    image = _image(mode, size)
+    ranked = predictor.predict([image], top_k=3)
     assert len(ranked) == 1
     _check_ranking(ranked[0], 3)
     assert sum(p.confidence for p in ranked[0]) == pytest.approx(1.0, abs=1e-5)
+    # The ranking is the model's for this very image, converted as training stored it.
+    prepared = prepare_image(image, predictor.metadata.preprocessing)
+    assert prepared.shape == (32, 32, 1) and prepared.dtype == np.uint8
+    probabilities = predictor.probabilities(np.stack([prepared]))[0]
+    assert [p.index for p in ranked[0]] == list(np.argsort(-probabilities, kind="stable"))
+    # The tiny model's classes differ by about 1e-4: the tolerance is well below that.
+    assert [p.confidence for p in ranked[0]] == pytest.approx(
+        sorted(probabilities.tolist(), reverse=True), abs=1e-7
+    )
+    # And the model does look at its input: the negative image scores otherwise.
+    negative = predictor.probabilities(np.stack([255 - prepared]))[0]
+    assert np.abs(negative - probabilities).max() > 1e-6
 
 
 def test_paths_pil_images_and_arrays_agree(predictor, tmp_path: Path) -> None:
