@@ -223,8 +223,11 @@ def test_resume_with_more_epochs_works_with_onecycle(tiny_image_set, tmp_path: P
     train_loader, _ = _loaders(tiny_image_set)
     config = dataclasses.replace(BASE, epochs=1, schedule="onecycle")
     Trainer(_model(), config, CPU, tmp_path, progress=False).fit(train_loader)
-    longer = dataclasses.replace(config, epochs=2)
-    result = Trainer(_model(), longer, CPU, tmp_path, progress=False).fit(train_loader, resume=True)
+    longer, recorder = dataclasses.replace(config, epochs=2), Recorder()
+    resumed = Trainer(_model(), longer, CPU, tmp_path, [recorder], progress=False)
+    result = resumed.fit(train_loader, resume=True)
+    # It went on after epoch 1 (a fresh start, seeded alike, would end with the same rows).
+    assert recorder.events == ["start@1", "epoch2", "end", "teardown"]
     assert [row["epoch"] for row in result.history] == [1, 2]
 
 
@@ -238,8 +241,11 @@ def test_a_longer_resumed_run_steps_at_the_longer_schedules_rate(tiny_image_set,
     with tempfile.TemporaryDirectory() as folder:
         short = dataclasses.replace(config, epochs=1)
         Trainer(_model(), short, CPU, Path(folder), progress=False).fit(train_loader)
-        resumed = Trainer(_model(), config, CPU, Path(folder), progress=False)
+        recorder = Recorder()
+        resumed = Trainer(_model(), config, CPU, Path(folder), [recorder], progress=False)
         history = resumed.fit(train_loader, resume=True).history
+    # Only epoch 2 was trained: a fresh 2-epoch run would match the straight run's rates too.
+    assert recorder.events == ["start@1", "epoch2", "end", "teardown"]
     # Epoch 1 ran under the 1-epoch schedule (one-cycle's warm-up is a share of the run).
     assert history[1]["learning_rate"] == pytest.approx(straight[1]["learning_rate"])
     assert history[1]["learning_rate"] > 1e-3  # Where the 1-epoch schedule ended: about 0.
@@ -362,8 +368,11 @@ def test_without_validation_a_resume_with_nothing_left_keeps_the_last_epoch(
     # An older checkpoint recorded the epoch of the best training accuracy.
     path = tmp_path / CHECKPOINT_NAME
     save_checkpoint(path, {**load_checkpoint(path), "best_epoch": 1})
-    again = Trainer(_model(), config, CPU, tmp_path, progress=False)
-    assert again.fit(train_loader, resume=True).best_epoch == 3
+    recorder = Recorder()
+    again = Trainer(_model(), config, CPU, tmp_path, [recorder], progress=False)
+    result = again.fit(train_loader, resume=True)
+    assert recorder.events == ["start@3", "end", "teardown"]  # Resumed, with no epoch to train.
+    assert result.best_epoch == result.epochs_run == 3
 
 
 def test_resuming_a_run_that_stopped_early_trains_no_further(
@@ -640,9 +649,10 @@ def test_resume_may_switch_between_the_cosine_and_constant_schedules(tiny_image_
     train_loader, _ = _loaders(tiny_image_set)
     config = dataclasses.replace(BASE, epochs=1, schedule="cosine", warmup_fraction=0.0)
     Trainer(_model(), config, CPU, tmp_path, progress=False).fit(train_loader)
-    constant = dataclasses.replace(config, epochs=2, schedule="constant")
-    resumed = Trainer(_model(), constant, CPU, tmp_path, progress=False)
+    constant, recorder = dataclasses.replace(config, epochs=2, schedule="constant"), Recorder()
+    resumed = Trainer(_model(), constant, CPU, tmp_path, [recorder], progress=False)
     assert resumed.fit(train_loader, resume=True).epochs_run == 2
+    assert recorder.events == ["start@1", "epoch2", "end", "teardown"]
     # The cosine ended at 0; the constant schedule's steps are back at the peak.
     assert resumed.optimizer.param_groups[-1]["lr"] == pytest.approx(1e-2)
 
@@ -664,8 +674,10 @@ def test_a_checkpoint_without_recorded_settings_resumes_or_names_its_optimizer(
         trainer = Trainer(_model(), dataclasses.replace(longer, **changes), CPU, tmp_path)
         with pytest.raises(CheckpointError, match="comes from another --optimizer or --schedule"):
             trainer.fit(train_loader, resume=True)
-    resumed = Trainer(_model(), longer, CPU, tmp_path, progress=False)
+    recorder = Recorder()
+    resumed = Trainer(_model(), longer, CPU, tmp_path, [recorder], progress=False)
     assert resumed.fit(train_loader, resume=True).epochs_run == 2
+    assert recorder.events == ["start@1", "epoch2", "end", "teardown"]
 
 
 class _NormModel(nn.Module):
