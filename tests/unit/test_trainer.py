@@ -278,14 +278,31 @@ def test_resume_without_a_checkpoint_starts_fresh(tiny_image_set, run_dir: Path)
     assert trainer.fit(train_loader, resume=True).epochs_run == 1
 
 
-def test_checkpoint_is_written_atomically(tiny_image_set, run_dir: Path) -> None:
+def test_checkpoint_is_written_atomically(tiny_image_set, run_dir: Path, monkeypatch) -> None:
+    """A crash while epoch 3's checkpoint is written, part of it on disk, leaves epoch 2's
+    checkpoint as it was and no temporary file."""
     train_loader, _ = _loaders(tiny_image_set)
     trainer = Trainer(_model(), dataclasses.replace(BASE, epochs=2), CPU, run_dir, progress=False)
     trainer.fit(train_loader)
     assert sorted(p.name for p in run_dir.iterdir()) == [CHECKPOINT_NAME]
-    state = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    path = run_dir / CHECKPOINT_NAME
+    state = load_checkpoint(path)
     assert state["epoch"] == 2 and len(state["history"]) == 2
     assert _equal_states(state["model"], trainer.module.state_dict())
+    saved = path.read_bytes()
+
+    def crash_mid_write(obj, target, *args, **kwargs) -> None:
+        Path(target).write_bytes(saved[: len(saved) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    longer = Trainer(_model(), dataclasses.replace(BASE, epochs=3), CPU, run_dir, progress=False)
+    with pytest.raises(OSError, match="disk full"):
+        longer.fit(train_loader, resume=True)
+    assert longer.epoch == 3  # Epoch 3 was trained; its checkpoint was being written.
+    assert path.read_bytes() == saved
+    assert sorted(p.name for p in run_dir.iterdir()) == [CHECKPOINT_NAME]
+    assert load_checkpoint(path)["epoch"] == 2
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(run_dir: Path) -> None:
