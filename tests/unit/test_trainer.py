@@ -140,16 +140,30 @@ class Prune(Callback):
 def test_a_raising_callback_still_tears_down_and_closes_tensorboard(
     tiny_image_set, tmp_path: Path
 ) -> None:
-    """A pruned search trial ends fit with an exception: the TensorBoard writer must not leak."""
+    """A pruned search trial ends fit with an exception: the TensorBoard writer must not leak,
+    and the epoch it logged before the trial was pruned is in its file."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     train_loader, _ = _loaders(tiny_image_set)
-    recorder, board = Recorder(), TensorBoardLogger(tmp_path / "tb")
-    callbacks = [recorder, board, Prune()]
+    recorder, board = Recorder(), TensorBoardLogger(tmp_path / "tb", prefix="trial/")
+    callbacks = [recorder, board, CsvLogger(tmp_path / "metrics.csv"), Prune()]
     trainer = Trainer(_model(), BASE, CPU, callbacks=callbacks, progress=False)
     with pytest.raises(LookupError, match="pruned"):
         trainer.fit(train_loader)
     assert recorder.events == ["start@0", "epoch1", "teardown"]
     assert board.writer is None
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1
+    # Every figure of epoch 1's row but the epoch itself, at step 1, as metrics.csv has it.
+    (row,) = _metrics_rows(tmp_path / "metrics.csv")
+    assert {key: float(value) for key, value in row.items()} == trainer.history[0]
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    expected = {f"trial/{key}": float(value) for key, value in row.items() if key != "epoch"}
+    assert "trial/train_loss" in expected and "trial/learning_rate" in expected
+    assert sorted(events.Tags()["scalars"]) == sorted(expected)
+    for tag, value in expected.items():
+        logged = [(scalar.step, scalar.value) for scalar in events.Scalars(tag)]
+        assert logged == [(1, pytest.approx(value, rel=1e-6))], tag
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tiny_image_set, tmp_path: Path) -> None:
