@@ -116,10 +116,25 @@ def test_header_is_readable_without_loading_tensors(saved) -> None:
     assert raw["dtype"] == "float32" and len(raw["tensor_sha256"]) == 64
 
 
-def test_save_is_atomic_and_leaves_no_temporary_files(saved) -> None:
+def test_save_is_atomic_and_leaves_no_temporary_files(saved, monkeypatch) -> None:
     path, model = saved
     save_model(path, model, _metadata())  # Overwrite in place.
     assert [p.name for p in path.parent.iterdir()] == [path.name]
+    before = path.read_bytes()
+
+    def crash_mid_write(tensors, filename, metadata=None) -> None:
+        Path(filename).write_bytes(before[: len(before) // 2])
+        raise OSError("disk full")
+
+    # Overwriting it with another model crashes part-way through the write.
+    monkeypatch.setattr("cnnkit.inference.artifact.save_file", crash_mid_write)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(path, _model(seed=1), _metadata())
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+    loaded, inputs = load_model(path), torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(inputs), model(inputs))
 
 
 def test_model_file_gets_the_usual_permissions(saved) -> None:

@@ -24,7 +24,7 @@ from cnnkit.training.checkpoint import (
     save_checkpoint,
 )
 from cnnkit.training.run import train_run
-from cnnkit.training.trainer import TrainingInterrupted
+from cnnkit.training.trainer import Callback, TrainingInterrupted
 
 RUN_FILES = ("config.yaml", "run.json")
 
@@ -47,6 +47,30 @@ def _interrupted_after_one_epoch(run: Path, *layers: dict[str, Any]) -> RunConfi
 
 def _run_files(run: Path) -> dict[str, bytes]:
     return {name: (run / name).read_bytes() for name in RUN_FILES}
+
+
+class FitEpochs(Callback):
+    """Records the epoch the fit started at (a resumed fit starts at its checkpoint's) and the
+    epochs it trained: a seeded run trained afresh would end with the same history."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.trained: list[int] = []
+
+    def on_fit_start(self, trainer) -> None:
+        self.starts.append(trainer.epoch)
+
+    def on_epoch_end(self, trainer, metrics) -> None:
+        self.trained.append(int(metrics["epoch"]))
+
+
+def _resumed_from_epoch_one(config: RunConfig) -> None:
+    """Resume ``config``'s run; check it went on after epoch 1 and trained only epoch 2."""
+    epochs = FitEpochs()
+    result = train_run(config, resume=True, progress=False, callbacks=[epochs])
+    assert (epochs.starts, epochs.trained) == ([1], [2])
+    assert [row["epoch"] for row in result.fit.history] == [1, 2]
+    assert result.fit.epochs_run == 2
 
 
 def test_a_resume_on_another_split_is_refused_and_the_finished_run_kept(tmp_path: Path) -> None:
@@ -85,8 +109,7 @@ def test_a_refused_resume_leaves_config_and_run_json_as_they_were(tmp_path: Path
             train_run(_config(run, changes), resume=True, progress=False)
         assert _run_files(run) == before
     # The settings it was trained with resume it, and then the files describe the run.
-    result = train_run(config, resume=True, progress=False)
-    assert [row["epoch"] for row in result.fit.history] == [1, 2]
+    _resumed_from_epoch_one(config)
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
 
 
@@ -98,7 +121,7 @@ def test_a_checkpoint_from_before_the_split_was_recorded_still_resumes(tmp_path:
     state["identity"] = {"class_names": state["identity"]["class_names"]}
     del state["optimization"]
     save_checkpoint(path, state)
-    assert train_run(config, resume=True, progress=False).fit.epochs_run == 2
+    _resumed_from_epoch_one(config)
 
 
 def _image_dataset(root: Path, copies: int = 0, split_column: bool = False) -> Path:
@@ -131,7 +154,7 @@ def test_a_share_that_does_not_draw_the_split_may_change_on_resume(tmp_path: Pat
     run = tmp_path / "run"
     _interrupted_after_one_epoch(run, data)
     changed = _config(run, data, {"data": {"test_fraction": 0.4}})
-    assert train_run(changed, resume=True, progress=False).fit.epochs_run == 2
+    _resumed_from_epoch_one(changed)
 
 
 def test_a_checkpoint_from_before_copies_were_kept_together_is_refused_on_such_data(

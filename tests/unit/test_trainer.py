@@ -140,16 +140,30 @@ class Prune(Callback):
 def test_a_raising_callback_still_tears_down_and_closes_tensorboard(
     tiny_image_set, tmp_path: Path
 ) -> None:
-    """A pruned search trial ends fit with an exception: the TensorBoard writer must not leak."""
+    """A pruned search trial ends fit with an exception: the TensorBoard writer must not leak,
+    and the epoch it logged before the trial was pruned is in its file."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     train_loader, _ = _loaders(tiny_image_set)
-    recorder, board = Recorder(), TensorBoardLogger(tmp_path / "tb")
-    callbacks = [recorder, board, Prune()]
+    recorder, board = Recorder(), TensorBoardLogger(tmp_path / "tb", prefix="trial/")
+    callbacks = [recorder, board, CsvLogger(tmp_path / "metrics.csv"), Prune()]
     trainer = Trainer(_model(), BASE, CPU, callbacks=callbacks, progress=False)
     with pytest.raises(LookupError, match="pruned"):
         trainer.fit(train_loader)
     assert recorder.events == ["start@0", "epoch1", "teardown"]
     assert board.writer is None
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1
+    # Every figure of epoch 1's row but the epoch itself, at step 1, as metrics.csv has it.
+    (row,) = _metrics_rows(tmp_path / "metrics.csv")
+    assert {key: float(value) for key, value in row.items()} == trainer.history[0]
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    expected = {f"trial/{key}": float(value) for key, value in row.items() if key != "epoch"}
+    assert "trial/train_loss" in expected and "trial/learning_rate" in expected
+    assert sorted(events.Tags()["scalars"]) == sorted(expected)
+    for tag, value in expected.items():
+        logged = [(scalar.step, scalar.value) for scalar in events.Scalars(tag)]
+        assert logged == [(1, pytest.approx(value, rel=1e-6))], tag
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tiny_image_set, tmp_path: Path) -> None:
@@ -223,8 +237,11 @@ def test_resume_with_more_epochs_works_with_onecycle(tiny_image_set, tmp_path: P
     train_loader, _ = _loaders(tiny_image_set)
     config = dataclasses.replace(BASE, epochs=1, schedule="onecycle")
     Trainer(_model(), config, CPU, tmp_path, progress=False).fit(train_loader)
-    longer = dataclasses.replace(config, epochs=2)
-    result = Trainer(_model(), longer, CPU, tmp_path, progress=False).fit(train_loader, resume=True)
+    longer, recorder = dataclasses.replace(config, epochs=2), Recorder()
+    resumed = Trainer(_model(), longer, CPU, tmp_path, [recorder], progress=False)
+    result = resumed.fit(train_loader, resume=True)
+    # It went on after epoch 1 (a fresh start, seeded alike, would end with the same rows).
+    assert recorder.events == ["start@1", "epoch2", "end", "teardown"]
     assert [row["epoch"] for row in result.history] == [1, 2]
 
 
@@ -238,8 +255,11 @@ def test_a_longer_resumed_run_steps_at_the_longer_schedules_rate(tiny_image_set,
     with tempfile.TemporaryDirectory() as folder:
         short = dataclasses.replace(config, epochs=1)
         Trainer(_model(), short, CPU, Path(folder), progress=False).fit(train_loader)
-        resumed = Trainer(_model(), config, CPU, Path(folder), progress=False)
+        recorder = Recorder()
+        resumed = Trainer(_model(), config, CPU, Path(folder), [recorder], progress=False)
         history = resumed.fit(train_loader, resume=True).history
+    # Only epoch 2 was trained: a fresh 2-epoch run would match the straight run's rates too.
+    assert recorder.events == ["start@1", "epoch2", "end", "teardown"]
     # Epoch 1 ran under the 1-epoch schedule (one-cycle's warm-up is a share of the run).
     assert history[1]["learning_rate"] == pytest.approx(straight[1]["learning_rate"])
     assert history[1]["learning_rate"] > 1e-3  # Where the 1-epoch schedule ended: about 0.
@@ -272,14 +292,31 @@ def test_resume_without_a_checkpoint_starts_fresh(tiny_image_set, run_dir: Path)
     assert trainer.fit(train_loader, resume=True).epochs_run == 1
 
 
-def test_checkpoint_is_written_atomically(tiny_image_set, run_dir: Path) -> None:
+def test_checkpoint_is_written_atomically(tiny_image_set, run_dir: Path, monkeypatch) -> None:
+    """A crash while epoch 3's checkpoint is written, part of it on disk, leaves epoch 2's
+    checkpoint as it was and no temporary file."""
     train_loader, _ = _loaders(tiny_image_set)
     trainer = Trainer(_model(), dataclasses.replace(BASE, epochs=2), CPU, run_dir, progress=False)
     trainer.fit(train_loader)
     assert sorted(p.name for p in run_dir.iterdir()) == [CHECKPOINT_NAME]
-    state = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    path = run_dir / CHECKPOINT_NAME
+    state = load_checkpoint(path)
     assert state["epoch"] == 2 and len(state["history"]) == 2
     assert _equal_states(state["model"], trainer.module.state_dict())
+    saved = path.read_bytes()
+
+    def crash_mid_write(obj, target, *args, **kwargs) -> None:
+        Path(target).write_bytes(saved[: len(saved) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    longer = Trainer(_model(), dataclasses.replace(BASE, epochs=3), CPU, run_dir, progress=False)
+    with pytest.raises(OSError, match="disk full"):
+        longer.fit(train_loader, resume=True)
+    assert longer.epoch == 3  # Epoch 3 was trained; its checkpoint was being written.
+    assert path.read_bytes() == saved
+    assert sorted(p.name for p in run_dir.iterdir()) == [CHECKPOINT_NAME]
+    assert load_checkpoint(path)["epoch"] == 2
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(run_dir: Path) -> None:
@@ -362,8 +399,11 @@ def test_without_validation_a_resume_with_nothing_left_keeps_the_last_epoch(
     # An older checkpoint recorded the epoch of the best training accuracy.
     path = tmp_path / CHECKPOINT_NAME
     save_checkpoint(path, {**load_checkpoint(path), "best_epoch": 1})
-    again = Trainer(_model(), config, CPU, tmp_path, progress=False)
-    assert again.fit(train_loader, resume=True).best_epoch == 3
+    recorder = Recorder()
+    again = Trainer(_model(), config, CPU, tmp_path, [recorder], progress=False)
+    result = again.fit(train_loader, resume=True)
+    assert recorder.events == ["start@3", "end", "teardown"]  # Resumed, with no epoch to train.
+    assert result.best_epoch == result.epochs_run == 3
 
 
 def test_resuming_a_run_that_stopped_early_trains_no_further(
@@ -640,9 +680,10 @@ def test_resume_may_switch_between_the_cosine_and_constant_schedules(tiny_image_
     train_loader, _ = _loaders(tiny_image_set)
     config = dataclasses.replace(BASE, epochs=1, schedule="cosine", warmup_fraction=0.0)
     Trainer(_model(), config, CPU, tmp_path, progress=False).fit(train_loader)
-    constant = dataclasses.replace(config, epochs=2, schedule="constant")
-    resumed = Trainer(_model(), constant, CPU, tmp_path, progress=False)
+    constant, recorder = dataclasses.replace(config, epochs=2, schedule="constant"), Recorder()
+    resumed = Trainer(_model(), constant, CPU, tmp_path, [recorder], progress=False)
     assert resumed.fit(train_loader, resume=True).epochs_run == 2
+    assert recorder.events == ["start@1", "epoch2", "end", "teardown"]
     # The cosine ended at 0; the constant schedule's steps are back at the peak.
     assert resumed.optimizer.param_groups[-1]["lr"] == pytest.approx(1e-2)
 
@@ -664,8 +705,10 @@ def test_a_checkpoint_without_recorded_settings_resumes_or_names_its_optimizer(
         trainer = Trainer(_model(), dataclasses.replace(longer, **changes), CPU, tmp_path)
         with pytest.raises(CheckpointError, match="comes from another --optimizer or --schedule"):
             trainer.fit(train_loader, resume=True)
-    resumed = Trainer(_model(), longer, CPU, tmp_path, progress=False)
+    recorder = Recorder()
+    resumed = Trainer(_model(), longer, CPU, tmp_path, [recorder], progress=False)
     assert resumed.fit(train_loader, resume=True).epochs_run == 2
+    assert recorder.events == ["start@1", "epoch2", "end", "teardown"]
 
 
 class _NormModel(nn.Module):

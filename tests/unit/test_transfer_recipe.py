@@ -30,7 +30,12 @@ from cnnkit.training.features import (
     load_or_compute_features,
 )
 from cnnkit.training.frozen_phase import feature_set, fit_head
-from cnnkit.training.phases import PHASES_NAME, record_final_test
+from cnnkit.training.phases import (
+    PHASES_NAME,
+    PhaseReport,
+    record_final_test,
+    save_phase_reports,
+)
 from cnnkit.training.trainer import Callback, Trainer, TrainingInterrupted
 from cnnkit.training.transfer import fit_transfer
 
@@ -314,10 +319,40 @@ def test_cli_phases_frozen_produces_a_model_file(tmp_path, capsys):
     assert "Test: top-1" in capsys.readouterr().out
 
 
-def test_phase_reports_path_is_inside_run_dir(run_dir):
-    assert not (Path(run_dir) / PHASES_NAME).exists()
+def test_record_final_test_fills_the_last_phase_of_the_run_dirs_phases_json(run_dir):
     record_final_test(run_dir, {"top1": 1.0})  # No phases.json yet: nothing to update.
     assert not (Path(run_dir) / PHASES_NAME).exists()
+    reports = [PhaseReport("frozen", 3, 2, 0.5), PhaseReport("finetune", 2, 1, 0.75)]
+    path = save_phase_reports(run_dir, reports)
+    assert path == Path(run_dir) / PHASES_NAME
+    before = path.read_bytes()
+    record_final_test(run_dir, {"loss": 0.3})  # No top-1 figure: the file stays as it was.
+    assert path.read_bytes() == before
+    record_final_test(run_dir, {"top1": 0.625, "top5": 0.875})
+    phases = json.loads(path.read_text())["phases"]
+    assert [phase["name"] for phase in phases] == ["frozen", "finetune"]
+    assert (phases[-1]["test_top1"], phases[-1]["test_top5"]) == (0.625, 0.875)
+    assert (phases[0]["test_top1"], phases[0]["test_top5"]) == (None, None)
+    assert phases[-1]["val_accuracy"] == 0.75 and phases[-1]["kept_epoch"] == 1
+    record_final_test(run_dir, {"top1": 0.5})  # Without a top-5 figure, none is recorded.
+    last = json.loads(path.read_text())["phases"][-1]
+    assert (last["test_top1"], last["test_top5"]) == (0.5, None)
+    assert [entry.name for entry in Path(run_dir).iterdir()] == [PHASES_NAME]
+
+
+class _FitEpochs(Callback):
+    """Records, for each fine-tune fit, the epoch it started at (a resumed fit starts at its
+    checkpoint's) and the epochs it trained."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.trained: list[int] = []
+
+    def on_fit_start(self, trainer) -> None:
+        self.starts.append(trainer.epoch)
+
+    def on_epoch_end(self, trainer, metrics) -> None:
+        self.trained.append(int(metrics["epoch"]))
 
 
 class _StopAfterFirstEpoch(Callback):
@@ -344,10 +379,21 @@ def test_interrupted_finetune_resumes_to_the_same_weights(tiny_image_set, tmp_pa
             callbacks=[_StopAfterFirstEpoch()],
         )
     assert stopped.value.epochs_completed == 1
-    resumed = _lite0()
+    resumed, epochs = _lite0(), _FitEpochs()
     fit = fit_transfer(
-        resumed, config, splits, PREPROCESSING, CPU, tmp_path / "b", progress=False, resume=True
+        resumed,
+        config,
+        splits,
+        PREPROCESSING,
+        CPU,
+        tmp_path / "b",
+        progress=False,
+        callbacks=[epochs],
+        resume=True,
     )
+    # The resumed fine-tune went on from the checkpoint: it trained epochs 2 and 3 only (a
+    # fresh start, seeded alike, would reach the same weights in three).
+    assert (epochs.starts, epochs.trained) == ([1], [2, 3])
     assert [row["epoch"] for row in fit.history if row["phase"] == 2.0] == [4, 5, 6]
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
@@ -425,10 +471,21 @@ def test_interrupted_ensemble_resumes_the_second_member_to_the_same_weights(
             progress=False,
             callbacks=[StopInSecondMember()],
         )
-    resumed = _lite0_pair()
+    resumed, epochs = _lite0_pair(), _FitEpochs()
     fit = fit_transfer(
-        resumed, config, splits, PREPROCESSING, CPU, tmp_path / "b", progress=False, resume=True
+        resumed,
+        config,
+        splits,
+        PREPROCESSING,
+        CPU,
+        tmp_path / "b",
+        progress=False,
+        callbacks=[epochs],
+        resume=True,
     )
+    # The first member resumed with nothing left to train and the second after its first
+    # epoch: the resumed call trained one epoch, the second member's second.
+    assert (epochs.starts, epochs.trained) == ([2, 1], [2])
     assert [row["epoch"] for row in fit.history if row["phase"] == 3.0] == [6, 7]
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
