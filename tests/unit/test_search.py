@@ -88,6 +88,35 @@ def load_study(run_dir: Path, name: str | None = None) -> optuna.Study:
     return optuna.load_study(study_name=name or run_dir.name, storage=storage)
 
 
+def read_events(log_dir: Path) -> tuple[dict, dict, dict]:
+    """What TensorBoard reads from LOG_DIR's event files: the HParams entry's values and
+    discrete domains, and the scalars (tag -> [(step, value)])."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    def plain(value):
+        return getattr(value, value.WhichOneof("kind"))
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    try:
+        content = events.PluginTagToContent("hparams")
+    except KeyError:  # No HParams entry at all.
+        content = {}
+    values, domains = {}, {}
+    for data in content.values():
+        entry = plugin_data_pb2.HParamsPluginData.FromString(data)
+        for name, value in entry.session_start_info.hparams.items():
+            values[name] = plain(value)
+        for info in entry.experiment.hparam_infos:
+            domains[info.name] = [plain(value) for value in info.domain_discrete.values]
+    scalars = {
+        tag: [(event.step, event.value) for event in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+    }
+    return values, domains, scalars
+
+
 # ----------------------------------------------------------------------------- spaces
 
 
@@ -297,12 +326,34 @@ def test_search_resumes_without_repeating_trials(tmp_path, digits_data, caplog):
         f"trial-{n:03d}" for n in range(4)
     ]
     for trial in (run_dir / "trials").iterdir():
-        assert (trial / "metrics.csv").is_file()
-        assert list((trial / "tensorboard").glob("events.out.tfevents.*"))
+        with open(trial / "metrics.csv", encoding="utf-8") as handle:
+            epochs = list(csv.DictReader(handle))
+        assert [int(epoch["epoch"]) for epoch in epochs] == [1, 2]
+        # Each trial's own TensorBoard log holds its epochs' metrics.
+        scalars = read_events(trial / "tensorboard")[2]
+        assert {"train_loss", "val_loss", "val_accuracy"} <= set(scalars)
+        assert scalars["val_accuracy"] == [
+            (int(epoch["epoch"]), pytest.approx(float(epoch["val_accuracy"]), rel=1e-6))
+            for epoch in epochs
+        ]
         assert not (trial / "checkpoint.pt").exists()
     assert len(list((run_dir / "tensorboard").glob("trial-*/events.out.tfevents.*"))) == 4
     with open(run_dir / "results.csv", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
+    # One HParams entry a trial: its parameters, state and results.
+    for row in rows:
+        values, domains, scalars = read_events(
+            run_dir / "tensorboard" / f"trial-{int(row['trial']):03d}"
+        )
+        assert values == {
+            "convs": int(row["convs"]),
+            "dense": int(row["dense"]),
+            "state": "complete",
+        }
+        assert domains == {"convs": [1, 2], "dense": [8, 16], "state": ["complete", "pruned"]}
+        for name in ("val_accuracy", "val_loss", "test_top1"):
+            assert scalars[f"hparams/{name}"] == [(0, pytest.approx(float(row[name]), rel=1e-6))]
+        assert scalars["hparams/epochs_run"] == [(0, 2.0)]
     accuracies = [float(row["val_accuracy"]) for row in rows]
     assert accuracies == sorted(accuracies, reverse=True)
     assert {"convs", "dense", "val_loss", "epochs_run", "seconds", "pruned"} <= set(rows[0])
@@ -1101,8 +1152,17 @@ def test_an_ensemble_is_refused_by_search(tmp_path, digits_data):
 # ----------------------------------------------------------------------------- reviewed defects
 
 
-@pytest.mark.parametrize("choices", [(0, 0.5), (None, 3), ("adam", 1), (True, False)])
-def test_hparams_take_choices_of_mixed_types(tmp_path, choices):
+@pytest.mark.parametrize(
+    ("choices", "written"),
+    [
+        ((0, 0.5), [0.0, 0.5]),
+        ((None, 3), ["None", "3"]),
+        (("adam", 1), ["adam", "1"]),
+        # torch's hparams() takes a bool for an int: TensorBoard shows 1 and 0.
+        ((True, False), [1.0, 0.0]),
+    ],
+)
+def test_hparams_take_choices_of_mixed_types(tmp_path, choices, written):
     """TensorBoard takes a discrete domain of one type: [0, 0.5] and [null, 3] once raised."""
     from cnnkit.evaluation.search_table import TrialSummary
     from cnnkit.training.search_results import log_trial_hparams
@@ -1110,10 +1170,21 @@ def test_hparams_take_choices_of_mixed_types(tmp_path, choices):
     space = SearchSpace(
         "mixed", (SearchParameter("x", "categorical", "train.seed", choices=choices),)
     )
-    for choice in choices:
-        trial = TrialSummary(0, "complete", {"x": choice}, 0.5, 1.0, None, 1)
+    for number, choice in enumerate(choices):
+        trial = TrialSummary(number, "complete", {"x": choice}, 0.25 * (number + 1), 1.5, None, 2)
         log_trial_hparams(tmp_path, trial, space)
-    assert list((tmp_path / "trial-000").glob("events.out.tfevents.*"))
+    for number, expected in enumerate(written):
+        values, domains, scalars = read_events(tmp_path / f"trial-{number:03d}")
+        assert values == {"x": expected, "state": "complete"}
+        assert type(values["x"]) is type(expected)  # "3" as text, not the number 3.
+        assert domains == {"x": written, "state": ["complete", "pruned"]}
+        assert [type(choice) for choice in domains["x"]] == [type(w) for w in written]
+        # No test accuracy: no scalar for it.
+        assert scalars == {
+            "hparams/val_accuracy": [(0, 0.25 * (number + 1))],
+            "hparams/val_loss": [(0, 1.5)],
+            "hparams/epochs_run": [(0, 2.0)],
+        }
 
 
 def test_a_failing_hparams_log_neither_stops_the_search_nor_its_tables(
