@@ -694,16 +694,40 @@ def test_a_tpe_search_at_its_default_budget_says_so():
 
 
 def test_random_search_with_pruning_and_importances(tmp_path, digits_data):
-    base = tiny_base(tmp_path / "search", epochs=2)
+    """Two trials that learn finish; a third whose learning rate leaves it at chance level is
+    pruned after its first epoch. The importances share 1 between the two searched settings."""
+    # Enough steps that a learning model is clearly above chance after one epoch.
+    base = tiny_base(tmp_path / "search", epochs=2, max_steps_per_epoch=15)
     space = SearchSpace(
         "lr",
-        (SearchParameter("learning_rate", "float", "train.learning_rate", 1e-6, 1e-2, log=True),),
+        (
+            SearchParameter("learning_rate", "float", "train.learning_rate", 1e-9, 1e-1, log=True),
+            SearchParameter("dense", "categorical", "model.options.dense", choices=(8, 16)),
+        ),
     )
-    config = SearchConfig(sampler="random", pruner="median", n_trials=3, sampler_seed=0)
+    config = SearchConfig(
+        sampler="random",
+        pruner="median",
+        n_trials=3,
+        sampler_seed=0,
+        prune_warmup=1,
+        median_startup_trials=2,
+    )
+    # The trials run in this order: the two that learn first, so the median has a baseline.
+    study = open_study(config, space, base.run_dir())[0]
+    for learning_rate, dense in ((3e-3, 16), (1e-2, 8), (1e-9, 16)):
+        study.enqueue_trial({"learning_rate": learning_rate, "dense": dense})
     result = run_search(base, space, config, progress=False, data=digits_data)
-    assert len(result.trials) == 3
-    study = load_study(base.run_dir())
-    assert (parameter_importances(study) is None) == (result.counts["complete"] < 2)
+    assert result.counts["complete"] == 2 and result.counts["pruned"] == 1
+    states = {trial.params["learning_rate"]: trial for trial in result.trials}
+    assert [states[rate].state for rate in (3e-3, 1e-2, 1e-9)] == ["complete", "complete", "pruned"]
+    pruned = states[1e-9]
+    assert pruned.epochs == 1 and len(pruned.curve) == 1
+    assert states[3e-3].epochs == states[1e-2].epochs == 2
+    importances = parameter_importances(load_study(base.run_dir()))
+    assert set(importances) == {"learning_rate", "dense"}
+    assert all(value >= 0 for value in importances.values())
+    assert sum(importances.values()) == pytest.approx(1.0)
 
 
 def test_retrain_best_saves_a_loadable_model(tmp_path, digits_data):
