@@ -1319,6 +1319,15 @@ def test_cli_search_takes_back_the_settings_its_print_config_wrote(tmp_path, cap
     printed.write_text(capsys.readouterr().out, encoding="utf-8")
     assert "convs: 2" in printed.read_text()
     assert main([*argv, "--config", str(printed), "--print-config"]) == 0
+    assert capsys.readouterr().out == printed.read_text(encoding="utf-8")
+    # An edited file: its settings are the search's, the rest as before.
+    edited = printed.read_text(encoding="utf-8")
+    for line, change in (("learning_rate: 0.002", "0.0005"), ("batch_size: 128", "64")):
+        assert edited.count(f"  {line}\n") == 1
+        edited = edited.replace(f"  {line}\n", f"  {line.split(':')[0]}: {change}\n")
+    printed.write_text(edited, encoding="utf-8")
+    assert main([*argv, "--config", str(printed), "--print-config"]) == 0
+    assert capsys.readouterr().out == edited
 
 
 def test_continuing_a_search_with_other_pruner_settings_is_refused(tmp_path):
