@@ -162,7 +162,18 @@ def test_flags_reach_every_section() -> None:
 def test_another_model_does_not_inherit_the_presets_model_options() -> None:
     # The digits preset sets symbol_cnn's width; an explicitly chosen book_cnn has no width.
     config = _resolve("--dataset", "digits", "--preset", "digits", "--model", "book_cnn")
-    create_model(config.model.name, 10, config.data.channels, **config.model.options)
+    assert _resolve("--dataset", "digits", "--preset", "digits").model.options == {"width": 32}
+    assert config.model.name == "book_cnn"
+    assert "width" not in config.model.options
+    assert config.model.options == {"image_size": 32}  # Only what the data settings give it.
+    # The preset's other settings stay.
+    assert (config.train.epochs, config.train.learning_rate) == (12, 3e-3)
+    model = create_model(config.model.name, 10, config.data.channels, **config.model.options)
+    assert model(torch.zeros(2, config.data.channels, 32, 32)).shape == (2, 10)
+    # Nor an option book_cnn takes too: the hasy preset's dropout was set for symbol_cnn.
+    assert _resolve("--dataset", "digits", "--preset", "hasy").model.options["dropout"] == 0.3
+    config = _resolve("--dataset", "digits", "--preset", "hasy", "--model", "book_cnn")
+    assert config.model.options == {"image_size": 32}
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import dataclasses
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -274,14 +275,81 @@ def test_seeds_out_of_range_are_named(seed: int) -> None:
         build_run_config({"data": {"seed": seed}})
 
 
-def test_the_largest_seed_drives_every_random_stream() -> None:
-    """Every seed the config accepts still gives valid per-epoch and per-rank seeds."""
-    from cnnkit.config import MAX_SEED
-    from cnnkit.runtime import rank_seed
+def test_the_largest_seed_drives_every_random_stream(tiny_image_set) -> None:
+    """Every seed the config accepts runs each random stream derived from it (the shuffle,
+    per-rank augmentation, per-epoch dropout and Mixup, augmented feature views), and each
+    repeats for the same seed: a derivation that left torch's seed range would raise here."""
+    from torch import nn
 
-    for derived in (MAX_SEED * 1_000_003 + 999, MAX_SEED * 100_003 + 999, MAX_SEED * 7_919):
-        torch.Generator().manual_seed(rank_seed(derived, 63))
-    torch.manual_seed(rank_seed(MAX_SEED * 1_000_003 + 999, 63))
+    from cnnkit.config import MAX_SEED
+    from cnnkit.data.loader import BatchLoader, build_train_transform
+    from cnnkit.training.features import (
+        FeatureCache,
+        FeatureSource,
+        FeatureView,
+        load_or_compute_features,
+    )
+    from cnnkit.training.trainer import Trainer
+
+    cpu = torch.device("cpu")
+    images = tiny_image_set(num_classes=4, per_class=4, size=8, seed=1)
+    preprocessing = Preprocessing("symbol", 1, 8, 8)
+    augment = AugmentConfig(enabled=True, max_rotation=30, max_shift=0.2)
+    transform = build_train_transform(preprocessing, augment)
+
+    def loader(seed: int, rank: int = 0, world_size: int = 1) -> BatchLoader:
+        return BatchLoader(
+            images, 4, transform, shuffle=True, seed=seed, rank=rank, world_size=world_size
+        )
+
+    def epoch(seed: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        batches = loader(seed, rank, world_size)
+        batches.set_epoch(5)
+        inputs, labels = zip(*batches, strict=True)
+        return torch.cat(inputs), torch.cat(labels)
+
+    # The shuffle and the augmentation of one process, and of rank 63 of 64.
+    for rank, world_size in ((0, 1), (63, 64)):
+        inputs, labels = epoch(MAX_SEED, rank, world_size)
+        assert inputs.shape == (len(labels), 1, 8, 8) and torch.isfinite(inputs).all()
+        again = epoch(MAX_SEED, rank, world_size)
+        assert torch.equal(inputs, again[0]) and torch.equal(labels, again[1])
+    inputs, labels = epoch(MAX_SEED)
+    assert sorted(labels.tolist()) == sorted(images.labels.tolist())
+    assert not torch.equal(inputs, epoch(MAX_SEED - 1)[0])  # The seed decides them.
+
+    # Training: dropout and Mixup draw from a per-epoch stream seeded from train.seed.
+    def fit(seed: int) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Dropout(0.5), nn.Linear(16, 4))
+        config = TrainConfig(
+            epochs=2, batch_size=4, channels_last=False, mixup_alpha=0.4, seed=seed
+        )
+        Trainer(model, config, cpu, progress=False).fit(loader(seed))
+        return [weight.detach().clone() for weight in model.parameters()]
+
+    trained = fit(MAX_SEED)
+    assert all(torch.isfinite(weight).all() for weight in trained)
+    assert all(map(torch.equal, trained, fit(MAX_SEED)))
+    assert not all(map(torch.equal, trained, fit(MAX_SEED - 1)))
+
+    # An augmented view of the images for a frozen backbone's features.
+    class Flatten(nn.Module):
+        def forward_features(self, inputs: torch.Tensor) -> torch.Tensor:
+            return inputs.flatten(1)
+
+    source = FeatureSource("flatten", "none", preprocessing)
+
+    def features(seed: int) -> np.ndarray:
+        view = FeatureView(index=2, seed=seed, augment=augment)
+        return load_or_compute_features(
+            Flatten(), images.images, source, view, FeatureCache(None), cpu
+        )[0]
+
+    viewed = features(MAX_SEED)
+    assert viewed.shape == (16, 64) and np.isfinite(viewed).all()
+    assert np.array_equal(viewed, features(MAX_SEED))
+    assert not np.array_equal(viewed, features(MAX_SEED - 1))
 
 
 def test_a_config_file_section_that_is_not_a_mapping_is_named(tmp_path: Path) -> None:

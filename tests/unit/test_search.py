@@ -88,6 +88,35 @@ def load_study(run_dir: Path, name: str | None = None) -> optuna.Study:
     return optuna.load_study(study_name=name or run_dir.name, storage=storage)
 
 
+def read_events(log_dir: Path) -> tuple[dict, dict, dict]:
+    """What TensorBoard reads from LOG_DIR's event files: the HParams entry's values and
+    discrete domains, and the scalars (tag -> [(step, value)])."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    def plain(value):
+        return getattr(value, value.WhichOneof("kind"))
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    try:
+        content = events.PluginTagToContent("hparams")
+    except KeyError:  # No HParams entry at all.
+        content = {}
+    values, domains = {}, {}
+    for data in content.values():
+        entry = plugin_data_pb2.HParamsPluginData.FromString(data)
+        for name, value in entry.session_start_info.hparams.items():
+            values[name] = plain(value)
+        for info in entry.experiment.hparam_infos:
+            domains[info.name] = [plain(value) for value in info.domain_discrete.values]
+    scalars = {
+        tag: [(event.step, event.value) for event in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+    }
+    return values, domains, scalars
+
+
 # ----------------------------------------------------------------------------- spaces
 
 
@@ -297,12 +326,34 @@ def test_search_resumes_without_repeating_trials(tmp_path, digits_data, caplog):
         f"trial-{n:03d}" for n in range(4)
     ]
     for trial in (run_dir / "trials").iterdir():
-        assert (trial / "metrics.csv").is_file()
-        assert list((trial / "tensorboard").glob("events.out.tfevents.*"))
+        with open(trial / "metrics.csv", encoding="utf-8") as handle:
+            epochs = list(csv.DictReader(handle))
+        assert [int(epoch["epoch"]) for epoch in epochs] == [1, 2]
+        # Each trial's own TensorBoard log holds its epochs' metrics.
+        scalars = read_events(trial / "tensorboard")[2]
+        assert {"train_loss", "val_loss", "val_accuracy"} <= set(scalars)
+        assert scalars["val_accuracy"] == [
+            (int(epoch["epoch"]), pytest.approx(float(epoch["val_accuracy"]), rel=1e-6))
+            for epoch in epochs
+        ]
         assert not (trial / "checkpoint.pt").exists()
     assert len(list((run_dir / "tensorboard").glob("trial-*/events.out.tfevents.*"))) == 4
     with open(run_dir / "results.csv", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
+    # One HParams entry a trial: its parameters, state and results.
+    for row in rows:
+        values, domains, scalars = read_events(
+            run_dir / "tensorboard" / f"trial-{int(row['trial']):03d}"
+        )
+        assert values == {
+            "convs": int(row["convs"]),
+            "dense": int(row["dense"]),
+            "state": "complete",
+        }
+        assert domains == {"convs": [1, 2], "dense": [8, 16], "state": ["complete", "pruned"]}
+        for name in ("val_accuracy", "val_loss", "test_top1"):
+            assert scalars[f"hparams/{name}"] == [(0, pytest.approx(float(row[name]), rel=1e-6))]
+        assert scalars["hparams/epochs_run"] == [(0, 2.0)]
     accuracies = [float(row["val_accuracy"]) for row in rows]
     assert accuracies == sorted(accuracies, reverse=True)
     assert {"convs", "dense", "val_loss", "epochs_run", "seconds", "pruned"} <= set(rows[0])
@@ -442,7 +493,7 @@ def test_a_space_that_changes_the_images_trials_are_compared_on_is_refused(
     assert not (tmp_path / "search").exists()
 
 
-def test_preprocessing_settings_may_be_searched():
+def test_preprocessing_settings_may_be_searched(tmp_path):
     """Image size and channels change how the same images are read, not which they are."""
     from cnnkit.training.space_checks import check_data_targets
 
@@ -454,6 +505,16 @@ def test_preprocessing_settings_may_be_searched():
         "sizes",
     )
     check_data_targets(space)  # No error.
+    base = tiny_base(tmp_path / "search")
+    assert (base.data.image_size, base.data.channels) == (32, 3)
+    trial = build_trial_config(base, space, {"size": 16, "channels": 1}, tmp_path / "t")
+    assert (trial.data.image_size, trial.data.channels) == (16, 1)
+    assert trial.data.dataset == base.data.dataset == "digits"  # The same images.
+    # The images are read as the trial says: one channel, normalised over one channel.
+    trial = build_trial_config(base, space, {"size": 32, "channels": 1}, tmp_path / "t")
+    preprocessing = resolve_preprocessing(trial)
+    assert (preprocessing.image_size, preprocessing.channels) == (32, 1)
+    assert len(preprocessing.mean) == len(preprocessing.std) == 1
 
 
 def test_cli_search_refuses_a_space_that_trains_on_the_test_images(tmp_path, capsys) -> None:
@@ -581,7 +642,10 @@ def test_a_continued_study_gives_each_process_a_seed_of_its_own():
     seeds = [sampler_seed(7 + index, held) for held in range(20) for index in range(4)]
     assert len(set(seeds)) == len(seeds)
     assert all(0 <= seed < 2**32 for seed in seeds)
-    assert sampler_seed(7, 3) == sampler_seed(7, 3)  # A continued run is reproducible too.
+    # A continued run is reproducible too: the seed is a fixed mix of seed and count (numpy's
+    # SeedSequence, stable across numpy versions), in which their order matters.
+    assert sampler_seed(7, 3) == 3466196061
+    assert {sampler_seed(8, 3), sampler_seed(7, 4), sampler_seed(3, 7)}.isdisjoint({3466196061})
 
 
 def test_importances_are_fanova_over_the_parameters_that_varied():
@@ -643,16 +707,40 @@ def test_a_tpe_search_at_its_default_budget_says_so():
 
 
 def test_random_search_with_pruning_and_importances(tmp_path, digits_data):
-    base = tiny_base(tmp_path / "search", epochs=2)
+    """Two trials that learn finish; a third whose learning rate leaves it at chance level is
+    pruned after its first epoch. The importances share 1 between the two searched settings."""
+    # Enough steps that a learning model is clearly above chance after one epoch.
+    base = tiny_base(tmp_path / "search", epochs=2, max_steps_per_epoch=15)
     space = SearchSpace(
         "lr",
-        (SearchParameter("learning_rate", "float", "train.learning_rate", 1e-6, 1e-2, log=True),),
+        (
+            SearchParameter("learning_rate", "float", "train.learning_rate", 1e-9, 1e-1, log=True),
+            SearchParameter("dense", "categorical", "model.options.dense", choices=(8, 16)),
+        ),
     )
-    config = SearchConfig(sampler="random", pruner="median", n_trials=3, sampler_seed=0)
+    config = SearchConfig(
+        sampler="random",
+        pruner="median",
+        n_trials=3,
+        sampler_seed=0,
+        prune_warmup=1,
+        median_startup_trials=2,
+    )
+    # The trials run in this order: the two that learn first, so the median has a baseline.
+    study = open_study(config, space, base.run_dir())[0]
+    for learning_rate, dense in ((3e-3, 16), (1e-2, 8), (1e-9, 16)):
+        study.enqueue_trial({"learning_rate": learning_rate, "dense": dense})
     result = run_search(base, space, config, progress=False, data=digits_data)
-    assert len(result.trials) == 3
-    study = load_study(base.run_dir())
-    assert (parameter_importances(study) is None) == (result.counts["complete"] < 2)
+    assert result.counts["complete"] == 2 and result.counts["pruned"] == 1
+    states = {trial.params["learning_rate"]: trial for trial in result.trials}
+    assert [states[rate].state for rate in (3e-3, 1e-2, 1e-9)] == ["complete", "complete", "pruned"]
+    pruned = states[1e-9]
+    assert pruned.epochs == 1 and len(pruned.curve) == 1
+    assert states[3e-3].epochs == states[1e-2].epochs == 2
+    importances = parameter_importances(load_study(base.run_dir()))
+    assert set(importances) == {"learning_rate", "dense"}
+    assert all(value >= 0 for value in importances.values())
+    assert sum(importances.values()) == pytest.approx(1.0)
 
 
 def test_retrain_best_saves_a_loadable_model(tmp_path, digits_data):
@@ -1101,8 +1189,17 @@ def test_an_ensemble_is_refused_by_search(tmp_path, digits_data):
 # ----------------------------------------------------------------------------- reviewed defects
 
 
-@pytest.mark.parametrize("choices", [(0, 0.5), (None, 3), ("adam", 1), (True, False)])
-def test_hparams_take_choices_of_mixed_types(tmp_path, choices):
+@pytest.mark.parametrize(
+    ("choices", "written"),
+    [
+        ((0, 0.5), [0.0, 0.5]),
+        ((None, 3), ["None", "3"]),
+        (("adam", 1), ["adam", "1"]),
+        # torch's hparams() takes a bool for an int: TensorBoard shows 1 and 0.
+        ((True, False), [1.0, 0.0]),
+    ],
+)
+def test_hparams_take_choices_of_mixed_types(tmp_path, choices, written):
     """TensorBoard takes a discrete domain of one type: [0, 0.5] and [null, 3] once raised."""
     from cnnkit.evaluation.search_table import TrialSummary
     from cnnkit.training.search_results import log_trial_hparams
@@ -1110,10 +1207,21 @@ def test_hparams_take_choices_of_mixed_types(tmp_path, choices):
     space = SearchSpace(
         "mixed", (SearchParameter("x", "categorical", "train.seed", choices=choices),)
     )
-    for choice in choices:
-        trial = TrialSummary(0, "complete", {"x": choice}, 0.5, 1.0, None, 1)
+    for number, choice in enumerate(choices):
+        trial = TrialSummary(number, "complete", {"x": choice}, 0.25 * (number + 1), 1.5, None, 2)
         log_trial_hparams(tmp_path, trial, space)
-    assert list((tmp_path / "trial-000").glob("events.out.tfevents.*"))
+    for number, expected in enumerate(written):
+        values, domains, scalars = read_events(tmp_path / f"trial-{number:03d}")
+        assert values == {"x": expected, "state": "complete"}
+        assert type(values["x"]) is type(expected)  # "3" as text, not the number 3.
+        assert domains == {"x": written, "state": ["complete", "pruned"]}
+        assert [type(choice) for choice in domains["x"]] == [type(w) for w in written]
+        # No test accuracy: no scalar for it.
+        assert scalars == {
+            "hparams/val_accuracy": [(0, 0.25 * (number + 1))],
+            "hparams/val_loss": [(0, 1.5)],
+            "hparams/epochs_run": [(0, 2.0)],
+        }
 
 
 def test_a_failing_hparams_log_neither_stops_the_search_nor_its_tables(
@@ -1211,6 +1319,15 @@ def test_cli_search_takes_back_the_settings_its_print_config_wrote(tmp_path, cap
     printed.write_text(capsys.readouterr().out, encoding="utf-8")
     assert "convs: 2" in printed.read_text()
     assert main([*argv, "--config", str(printed), "--print-config"]) == 0
+    assert capsys.readouterr().out == printed.read_text(encoding="utf-8")
+    # An edited file: its settings are the search's, the rest as before.
+    edited = printed.read_text(encoding="utf-8")
+    for line, change in (("learning_rate: 0.002", "0.0005"), ("batch_size: 128", "64")):
+        assert edited.count(f"  {line}\n") == 1
+        edited = edited.replace(f"  {line}\n", f"  {line.split(':')[0]}: {change}\n")
+    printed.write_text(edited, encoding="utf-8")
+    assert main([*argv, "--config", str(printed), "--print-config"]) == 0
+    assert capsys.readouterr().out == edited
 
 
 def test_continuing_a_search_with_other_pruner_settings_is_refused(tmp_path):
