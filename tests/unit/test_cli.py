@@ -506,6 +506,24 @@ def test_a_fifo_csv_is_no_photo_set_and_is_not_waited_on(tmp_path) -> None:
     assert looks_like_photos("csv", str(fifo)) == (False, "")
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
+def test_predict_with_the_bundled_model_reports_a_fifo_and_does_not_wait_on_it(
+    tmp_path, capsys
+) -> None:
+    import threading
+
+    fifo = tmp_path / "drawing.png"
+    os.mkfifo(fifo)
+    codes: list[int] = []
+    worker = threading.Thread(target=lambda: codes.append(main(["predict", str(fifo)])))
+    worker.daemon = True  # A regression blocks on the open; the test fails, not the run.
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "predict waited on a FIFO"
+    assert codes == [1]
+    assert "not a regular file" in capsys.readouterr().err
+
+
 def test_option_values_written_like_1e_1_are_numbers() -> None:
     config = _resolve("--dataset", "digits", "--option", "dropout=1e-1", "--option", "width=16")
     assert config.model.options["dropout"] == 0.1 and config.model.options["width"] == 16

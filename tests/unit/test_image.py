@@ -16,6 +16,8 @@ from PIL import Image, ImageOps
 
 from cnnkit.config import Preprocessing
 from cnnkit.data.image import (
+    IMAGE_FORMATS,
+    IMAGE_SUFFIXES,
     MAX_IMAGE_PIXELS,
     BadImageError,
     decode_image,
@@ -393,3 +395,12 @@ def test_prepare_image_property(width, height, mode, preprocessing) -> None:
     array = prepare_image(image, preprocessing)
     size = preprocessing.stored_size
     assert array.shape == (size, size, preprocessing.channels) and array.dtype == np.uint8
+
+
+def test_a_folder_is_scanned_for_every_accepted_format() -> None:
+    """Each format read (ICO and TGA too) has a suffix in IMAGE_SUFFIXES, so a folder of such
+    files is not reported as holding no images."""
+    Image.init()
+    for name in set(IMAGE_FORMATS) - {"MPO"}:  # Cameras' MPO files are named .jpg.
+        suffixes = {ext for ext, fmt in Image.registered_extensions().items() if fmt == name}
+        assert suffixes & IMAGE_SUFFIXES, (name, sorted(suffixes))

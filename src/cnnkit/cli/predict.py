@@ -112,6 +112,8 @@ def _warn_of_photos_for_the_symbol_model(images: list[str]) -> None:
     from cnnkit.data.photos import PHOTO_MIN_SIDE
 
     for path in images:
+        if not Path(path).is_file():
+            continue  # A FIFO would block the open; predicting reports what it is.
         try:
             with Image.open(path, formats=accepted_formats()) as image:
                 mode, size = image.mode, image.size

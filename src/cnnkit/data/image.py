@@ -44,7 +44,7 @@ _FORMAT_NAMES = "PNG, JPEG, GIF, BMP, WebP, TIFF, PPM/PGM, AVIF, JPEG 2000, ICO 
 # The file names a folder of images is scanned for (a folder dataset, predict's folders).
 IMAGE_SUFFIXES = frozenset(
     (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif", ".jp2")
-    + (".pgm", ".ppm")
+    + (".pgm", ".ppm", ".ico", ".tga")
 )
 
 _OBJECT_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
