@@ -960,6 +960,36 @@ def test_running_trials_of_other_workers_count_against_the_budget(tmp_path) -> N
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_worker_starting_while_the_last_trial_runs_elsewhere_runs_none(tmp_path) -> None:
+    from cnnkit.training.search_loop import optimize_study
+
+    class Runner:
+        config = SearchConfig(sampler="random", n_trials=2)
+        space, run_dir, calls = TINY_SPACE, tmp_path / "run", 0
+
+        def __call__(self, trial):
+            Runner.calls += 1
+            suggest_params(trial, TINY_SPACE, grid=False)
+            return 0.5
+
+    study = open_study(Runner.config, TINY_SPACE, Runner.run_dir)[0]
+    done = study.ask()
+    suggest_params(done, TINY_SPACE, grid=False)
+    study.tell(done, 0.5)
+    running = study.ask()  # The budget's last trial, running in another worker.
+    suggest_params(running, TINY_SPACE, grid=False)
+    optimize_study(study, Runner())
+    assert Runner.calls == 0
+    assert len(study.get_trials(deepcopy=False)) == 2
+    study.tell(running, 0.6)  # With one left and none running elsewhere, it runs one.
+    optimize_study(study, Runner())
+    assert Runner.calls == 0  # The budget of 2 is already finished.
+    Runner.config = SearchConfig(sampler="random", n_trials=3)
+    optimize_study(study, Runner())
+    assert Runner.calls == 1
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_the_reporter_passes_on_every_ended_trial_once(tmp_path) -> None:
     config = SearchConfig(sampler="random")
     study = open_study(config, TINY_SPACE, tmp_path / "run")[0]

@@ -34,7 +34,10 @@ def optimize_study(
 ) -> None:
     """Run trials in this process until the budget, the grid or the timeout is used up."""
     config, space, run_dir = runner.config, runner.space, runner.run_dir
-    remaining = trials_to_run(study, config, space)
+    # Trials other workers are running count as taken here too, not only after each trial: a
+    # worker that starts while another runs the last trial of the budget has none to run.
+    # (Interrupted runs' trials were re-queued before any worker started.)
+    remaining = trials_to_run(study, config, space, count_running=True)
     if remaining == 0:
         return
     parameter_names = [parameter.name for parameter in space.parameters]
