@@ -1416,3 +1416,23 @@ def test_predict_runs_where_device_says(capsys, symbol_model_file: Path, tmp_pat
     exported = export_onnx(symbol_model_file, tmp_path / "symbols.onnx")
     assert main(["predict", str(exported), str(image), "--device", "cuda"]) == 2
     assert "ONNX Runtime runs it on the CPU, not cuda" in capsys.readouterr().err
+
+
+def test_verbose_shows_cnnkit_details_and_not_every_librarys(tmp_path) -> None:
+    """``-v`` on an export: cnnkit's INFO line, not the onnx and PIL DEBUG flood (over a
+    thousand lines for one export)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "bundled.onnx"
+    done = subprocess.run(
+        [sys.executable, "-m", "cnnkit", "-v", "export", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    logged = [line for line in done.stderr.splitlines() if line.startswith(("DEBUG", "INFO"))]
+    assert any(line.startswith("INFO cnnkit.inference.export: exported") for line in logged)
+    assert [line for line in logged if " cnnkit." not in line] == []
+    assert out.is_file()

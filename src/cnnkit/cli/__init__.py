@@ -51,10 +51,10 @@ def _discard_stdout() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_arguments(parser, argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # -v shows this package's debug details, not every library's: onnx_ir, PIL and others log
+    # over a thousand DEBUG and INFO lines for one export.
+    logging.getLogger("cnnkit").setLevel(logging.DEBUG if args.verbose else logging.NOTSET)
     try:
         with _stop_on_sigterm():
             status = args.handler(args)
