@@ -503,6 +503,11 @@ def test_evaluating_a_fold_model_without_its_fold_warns(tmp_path, files, caplog)
     assert "fold 2's test images are among its training images" not in caplog.text
     evaluate_model_file(path, {**data, "fold": 2}, tmp_path / "other", tmp_path / "cache")
     assert "fold 2's test images are among its training images" in caplog.text
+    # A fold the archive lacks is an error, and no warning about its images comes first.
+    caplog.clear()
+    with pytest.raises(ValueError, match="fold-7"):
+        evaluate_model_file(path, {**data, "fold": 7}, tmp_path / "none", tmp_path / "cache")
+    assert "fold 7's test images" not in caplog.text
 
 
 def test_a_small_file_of_another_kind_is_not_a_tar_archive(tmp_path):

@@ -270,11 +270,12 @@ def evaluate_model_file(
     """
     model, torch_device = _load_for_evaluation(model_path, device)
     preprocessing = model.metadata.preprocessing
-    _warn_about_hasy_folds(model_path, model.metadata.training.get("fold"), data_overrides, split)
     data_overrides = trained_split_settings(
         model_path, model.metadata.training, data_overrides, split
     )
     splits = load_splits_for(preprocessing, data_overrides, cache_dir, progress)
+    # After loading: a fold the archive lacks is an error, not a fold to warn about.
+    _warn_about_hasy_folds(model_path, model.metadata.training.get("fold"), data_overrides, split)
     images = concatenate(splits.train, splits.test) if split == "all" else splits.test
     source = str(data_overrides.get("data") or data_overrides.get("dataset"))
     images = restrict_to_known_classes(images, model.metadata.class_names, source, split)
