@@ -524,6 +524,28 @@ def test_predict_with_the_bundled_model_reports_a_fifo_and_does_not_wait_on_it(
     assert "not a regular file" in capsys.readouterr().err
 
 
+def test_an_option_the_presets_model_lacks_says_which_model_got_it(tmp_path) -> None:
+    from cnnkit.cli.arguments import CommandError
+
+    birds = write_bird_folder(tmp_path / "birds", 4)
+    with pytest.raises(CommandError) as refused:
+        _resolve("--dataset", "folder", "--data", str(birds), "--option", "image_size=64")
+    message = str(refused.value)
+    assert "image_size given without --model went to symbol_cnn, the hasy preset's" in message
+    assert "name the model they are for with --model" in message
+    named = _resolve(
+        "--dataset",
+        "folder",
+        "--data",
+        str(birds),
+        "--model",
+        "efficientnet_lite_trio",
+        "--option",
+        "image_size=64",
+    )
+    assert named.model.options["image_size"] == 64 and named.data.image_size == 64
+
+
 def test_option_values_written_like_1e_1_are_numbers() -> None:
     config = _resolve("--dataset", "digits", "--option", "dropout=1e-1", "--option", "width=16")
     assert config.model.options["dropout"] == 0.1 and config.model.options["width"] == 16

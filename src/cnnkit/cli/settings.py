@@ -85,7 +85,24 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
         if _file_at_fault(preset_for(preset), file_layer, overrides):
             raise CommandError(f"{args.config}: {error}") from None
         raise
+    if model_name is None and options_given:
+        _check_the_presets_model_takes_them(config, preset)
     return _fit_to_model_input(config, args)
+
+
+def _check_the_presets_model_takes_them(config, preset: str) -> None:
+    """Model options given with no model go to the preset's model (and a folder of photos is
+    then not detected as such); one that model lacks was meant for another: say so."""
+    from cnnkit.models.registry import model_options
+
+    unknown = sorted(set(config.model.options) - set(model_options(config.model.name)))
+    if unknown:
+        raise CommandError(
+            f"model option(s) {', '.join(unknown)} given without --model went to "
+            f"{config.model.name}, the {preset} preset's model, which has no such option: "
+            "name the model they are for with --model (`cnnkit models` lists each model's "
+            "options)"
+        )
 
 
 def _fit_to_model_input(config, args: argparse.Namespace):
