@@ -256,7 +256,8 @@ def test_config_file_settings_errors_name_the_file(capsys, tmp_path: Path) -> No
     ("options", "message"),
     [
         (["--option", "tta=maybe"], "model option tta must be true or false; got 'maybe'"),
-        (["--option", "foo=1"], "has no option(s) foo"),
+        (["--option", "foo=1"], "foo given without --model went to efficientnet_lite_trio"),
+        (["--model", "efficientnet_lite_trio", "--option", "foo=1"], "has no option(s) foo"),
         (["--model", "symbol_cnn", "--dense", "64"], "has no option(s) dense"),
     ],
 )
