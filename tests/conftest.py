@@ -60,6 +60,22 @@ class StopAfter(Callback):
             raise KeyboardInterrupt
 
 
+class FitEpochs(Callback):
+    """Records, for each fit, the epoch it started at (a resumed fit starts at its checkpoint's)
+    and the epochs it trained: a seeded run trained afresh would end with the same history, so
+    only these tell a resume from a new start."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.trained: list[int] = []
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.starts.append(trainer.epoch)
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        self.trained.append(int(metrics["epoch"]))
+
+
 def subprocess_env() -> dict[str, str]:
     """This environment with the tested ``cnnkit`` first on ``PYTHONPATH``, for child Python
     processes; what ``PYTHONPATH`` held already (packages installed elsewhere) stays after it."""

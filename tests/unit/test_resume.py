@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
-from tests.conftest import StopAfter
+from tests.conftest import FitEpochs, StopAfter
 
 from cnnkit.config import RunConfig, build_run_config
 from cnnkit.evaluation.html_report import build_report_html
@@ -24,7 +24,7 @@ from cnnkit.training.checkpoint import (
     save_checkpoint,
 )
 from cnnkit.training.run import train_run
-from cnnkit.training.trainer import Callback, TrainingInterrupted
+from cnnkit.training.trainer import TrainingInterrupted
 
 RUN_FILES = ("config.yaml", "run.json")
 
@@ -47,21 +47,6 @@ def _interrupted_after_one_epoch(run: Path, *layers: dict[str, Any]) -> RunConfi
 
 def _run_files(run: Path) -> dict[str, bytes]:
     return {name: (run / name).read_bytes() for name in RUN_FILES}
-
-
-class FitEpochs(Callback):
-    """Records the epoch the fit started at (a resumed fit starts at its checkpoint's) and the
-    epochs it trained: a seeded run trained afresh would end with the same history."""
-
-    def __init__(self) -> None:
-        self.starts: list[int] = []
-        self.trained: list[int] = []
-
-    def on_fit_start(self, trainer) -> None:
-        self.starts.append(trainer.epoch)
-
-    def on_epoch_end(self, trainer, metrics) -> None:
-        self.trained.append(int(metrics["epoch"]))
 
 
 def _resumed_from_epoch_one(config: RunConfig) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.conftest import write_bird_folder
+from tests.conftest import FitEpochs, StopAfter, write_bird_folder
 
 from cnnkit.config import AugmentConfig, Preprocessing, RunConfig, build_run_config
 from cnnkit.data.dataset import DataSplits, ImageSet
@@ -340,27 +340,6 @@ def test_record_final_test_fills_the_last_phase_of_the_run_dirs_phases_json(run_
     assert [entry.name for entry in Path(run_dir).iterdir()] == [PHASES_NAME]
 
 
-class _FitEpochs(Callback):
-    """Records, for each fine-tune fit, the epoch it started at (a resumed fit starts at its
-    checkpoint's) and the epochs it trained."""
-
-    def __init__(self) -> None:
-        self.starts: list[int] = []
-        self.trained: list[int] = []
-
-    def on_fit_start(self, trainer) -> None:
-        self.starts.append(trainer.epoch)
-
-    def on_epoch_end(self, trainer, metrics) -> None:
-        self.trained.append(int(metrics["epoch"]))
-
-
-class _StopAfterFirstEpoch(Callback):
-    def on_epoch_end(self, trainer, metrics) -> None:
-        if trainer.epoch == 1:
-            raise KeyboardInterrupt
-
-
 def test_interrupted_finetune_resumes_to_the_same_weights(tiny_image_set, tmp_path):
     config, splits = _config(epochs=3), _splits(tiny_image_set)
     straight = _lite0()
@@ -376,10 +355,10 @@ def test_interrupted_finetune_resumes_to_the_same_weights(tiny_image_set, tmp_pa
             CPU,
             tmp_path / "b",
             progress=False,
-            callbacks=[_StopAfterFirstEpoch()],
+            callbacks=[StopAfter(1)],
         )
     assert stopped.value.epochs_completed == 1
-    resumed, epochs = _lite0(), _FitEpochs()
+    resumed, epochs = _lite0(), FitEpochs()
     fit = fit_transfer(
         resumed,
         config,
@@ -471,7 +450,7 @@ def test_interrupted_ensemble_resumes_the_second_member_to_the_same_weights(
             progress=False,
             callbacks=[StopInSecondMember()],
         )
-    resumed, epochs = _lite0_pair(), _FitEpochs()
+    resumed, epochs = _lite0_pair(), FitEpochs()
     fit = fit_transfer(
         resumed,
         config,
