@@ -93,9 +93,9 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
 def _check_the_presets_model_takes_them(config, preset: str) -> None:
     """Model options given with no model go to the preset's model (and a folder of photos is
     then not detected as such); one that model lacks was meant for another: say so."""
-    from cnnkit.models.registry import model_options
+    from cnnkit.models.registry import unknown_options
 
-    unknown = sorted(set(config.model.options) - set(model_options(config.model.name)))
+    unknown = unknown_options(config.model.name, config.model.options)
     if unknown:
         raise CommandError(
             f"model option(s) {', '.join(unknown)} given without --model went to "

@@ -54,6 +54,11 @@ def model_options(name: str) -> dict[str, Any]:
     }
 
 
+def unknown_options(name: str, options: dict[str, Any]) -> list[str]:
+    """The keys of ``options`` that model ``name`` has no option for, sorted."""
+    return sorted(set(options) - set(model_options(name)))
+
+
 def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """Refuse options model ``name`` does not have, and values of the wrong kind for those
     whose default is a switch or a number (the models check their own ranges): an option whose
@@ -67,10 +72,10 @@ def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
         ValueError: for an unknown model, an unknown option, or a value of the wrong kind.
     """
     accepted = model_options(name)
-    unknown = set(options) - set(accepted)
+    unknown = unknown_options(name, options)
     if unknown:
         raise ValueError(
-            f"model {name!r} has no option(s) {', '.join(sorted(unknown))}; "
+            f"model {name!r} has no option(s) {', '.join(unknown)}; "
             f"it accepts: {', '.join(sorted(accepted)) or 'none'}"
         )
     return {key: _checked_option(key, value, accepted[key]) for key, value in options.items()}
