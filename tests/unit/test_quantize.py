@@ -31,6 +31,23 @@ def quantized(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return quantize_onnx(model, tmp_path_factory.mktemp("int8") / "symbols-int8.onnx", inputs)
 
 
+def assert_int8_ranks_as_float(int8: np.ndarray, float_: np.ndarray) -> None:
+    """The int8 probabilities ``int8`` rank classes as the float ones do.
+
+    The digits are not the bundled HASYv2 model's own data, so many of its answers are unsure
+    and a small change in the logits flips them; where it is sure (top probability over 0.5),
+    the int8 copy must agree, and the float top-1 must be in the int8 top-5 almost always.
+    Weights in full 8 bits on an AVX2 CPU without VNNI (saturating products) fail both: 48% and
+    90%.
+    """
+    expected = float_.argmax(1)
+    sure = float_.max(1) > 0.5
+    assert sure.sum() >= 100
+    assert np.mean(int8.argmax(1)[sure] == expected[sure]) >= 0.97
+    top5 = np.argsort(-int8, axis=1)[:, :5]
+    assert np.mean((top5 == expected[:, None]).any(1)) >= 0.99
+
+
 def test_calibration_inputs_are_normalised_training_images() -> None:
     inputs = calibration_inputs(bundled_model_path(), DIGITS, count=64, seed=1)
     assert inputs.shape == (64, 1, 32, 32) and inputs.dtype == np.float32
@@ -53,9 +70,7 @@ def test_int8_model_keeps_the_metadata_and_agrees_with_float(quantized: Path) ->
 
     preprocessing = float_predictor.metadata.preprocessing
     test = np.asarray(build_splits(DIGITS, preprocessing).splits.test.images)
-    expected = float_predictor.probabilities(test).argmax(1)
-    actual = int8.probabilities(test).argmax(1)
-    assert np.mean(actual == expected) >= 0.95
+    assert_int8_ranks_as_float(int8.probabilities(test), float_predictor.probabilities(test))
 
 
 def test_the_shipped_int8_copy_is_the_shipped_model_quantized() -> None:
@@ -78,10 +93,8 @@ def test_the_shipped_int8_copy_is_the_shipped_model_quantized() -> None:
     test = np.asarray(
         build_splits(DIGITS, float_predictor.metadata.preprocessing).splits.test.images
     )
-    expected = float_predictor.probabilities(test).argmax(1)
-    # Calibrated on HASYv2 images, where both score 85.72% on fold 1 (the README's results);
-    # on the digits, drawn otherwise, the ranges fit less well: 94% of top-1 labels agree.
-    assert np.mean(int8.probabilities(test).argmax(1) == expected) >= 0.9
+    # Calibrated on HASYv2 images, where both score 85.7% on fold 1 (the README's results).
+    assert_int8_ranks_as_float(int8.probabilities(test), float_predictor.probabilities(test))
 
 
 def test_serve_runs_the_int8_copy_when_given_no_model(monkeypatch, caplog) -> None:
