@@ -207,3 +207,63 @@ def test_calibrating_a_train_on_all_model_says_nothing_of_scoring(tmp_path, caps
     assert main(["export", str(run), "--quantize", "int8", "--calibration-images", "8"]) == 0
     assert "Calibrating int8 ranges on 8 training images of digits" in capsys.readouterr().err
     assert "test images were training images" not in caplog.text
+
+
+def test_cpu_flags_are_read_from_the_kernels_list(tmp_path: Path) -> None:
+    from cnnkit.runtime import cpu_flags
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_vnni\n\nprocessor\t: 1\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "avx2", "avx512_vnni"}
+    cpuinfo.write_text("processor\t: 0\n")
+    assert cpu_flags(cpuinfo) is None
+    assert cpu_flags(tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize(
+    "flags, machine, saturate",
+    [
+        ({"avx2", "fma"}, "x86_64", True),
+        ({"avx2"}, "AMD64", True),
+        ({"avx2", "avx512_vnni"}, "x86_64", False),
+        ({"avx2", "avx_vnni"}, "x86_64", False),
+        ({"asimd"}, "aarch64", False),
+    ],
+)
+def test_int8_products_saturate_on_x86_without_vnni(flags, machine, saturate) -> None:
+    from cnnkit.runtime import int8_products_saturate
+
+    assert int8_products_saturate(frozenset(flags), machine) is saturate
+
+
+def test_unknown_flags_are_not_taken_for_saturation(monkeypatch) -> None:
+    from cnnkit import runtime
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: None)
+    assert runtime.int8_products_saturate(machine="x86_64") is False
+
+
+def test_an_export_with_full_8_bit_weights_is_warned_of_where_they_saturate(
+    quantized: Path, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    import onnx
+
+    from cnnkit.inference import onnx_backend
+
+    old = onnx.load(quantized)
+    for prop in old.metadata_props:
+        if prop.key == QUANTIZATION_KEY:
+            prop.value = json.dumps({"method": "int8 static QDQ, per-channel weights"})
+    old_path = tmp_path / "old-int8.onnx"
+    onnx.save(old, old_path)
+    monkeypatch.setattr(onnx_backend, "int8_products_saturate", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="cnnkit"):
+        OnnxPredictor.from_file(quantized)
+        assert not caplog.records
+        OnnxPredictor.from_file(old_path)
+    [record] = caplog.records
+    assert str(old_path) in record.getMessage() and "7 bits" in record.getMessage()
+    caplog.clear()
+    monkeypatch.setattr(onnx_backend, "int8_products_saturate", lambda: False)
+    OnnxPredictor.from_file(old_path)
+    assert not caplog.records

@@ -31,7 +31,7 @@ from cnnkit.inference.export import (
 )
 from cnnkit.inference.predictor import Predictor, check_threads, resolve_model_path
 from cnnkit.paths import default_cache_dir
-from cnnkit.runtime import available_cores
+from cnnkit.runtime import available_cores, int8_products_saturate
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,25 @@ def _cache_folder(cache_dir: str | Path | None) -> Path | None:
         return None
 
 
+def _warn_of_saturating_weights(session: Any, path: Path) -> None:
+    """Warn where an int8 export with full 8-bit weights (cnnkit before 7-bit weights) runs on
+    a CPU whose int8 products saturate (:func:`cnnkit.runtime.int8_products_saturate`)."""
+    raw = session.get_modelmeta().custom_metadata_map.get(QUANTIZATION_KEY)
+    if raw is None or not int8_products_saturate():
+        return
+    try:
+        method = str(json.loads(raw).get("method", ""))
+    except (ValueError, AttributeError):
+        method = ""
+    if "7-bit" not in method:
+        logger.warning(
+            "%s: its int8 weights use all 8 bits, which lose accuracy on this CPU (x86 "
+            "without VNNI); export it again with `cnnkit export MODEL --quantize int8`, "
+            "which keeps them to 7 bits",
+            path,
+        )
+
+
 class OnnxPredictor(Predictor):
     """A :class:`Predictor` whose forward pass runs in onnxruntime on the CPU.
 
@@ -194,6 +213,7 @@ class OnnxPredictor(Predictor):
             folder = _cache_folder(cache_dir) if cache else None
             session = _session_for_safetensors(path, folder, threads)
         metadata = ModelMetadata.from_dict(_session_metadata(session, str(path)), str(path))
+        _warn_of_saturating_weights(session, path)
         return cls(session, metadata)
 
     def logits(self, prepared: np.ndarray) -> np.ndarray:
