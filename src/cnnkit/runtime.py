@@ -146,15 +146,25 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed + rank * 7_777_777
 
 
-def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str] | None:
-    """The instruction-set flags the kernel lists for this CPU, or None where it lists none
-    (no ``/proc/cpuinfo``: macOS, Windows)."""
+def cpu_flags(cpuinfo: str | os.PathLike | None = None) -> frozenset[str] | None:
+    """The instruction-set flags the kernel lists for this CPU (the first ``flags`` line of
+    ``/proc/cpuinfo``, or ``Features`` on ARM), or None where it lists none (macOS, Windows).
+    This CPU's are read once."""
+    return _cpu_flags(str(cpuinfo)) if cpuinfo is not None else _this_cpus_flags()
+
+
+@functools.cache
+def _this_cpus_flags() -> frozenset[str] | None:
+    return _cpu_flags("/proc/cpuinfo")
+
+
+def _cpu_flags(cpuinfo: str) -> frozenset[str] | None:
     try:
-        with open(cpuinfo) as handle:
-            lines = [line for line in handle if line.startswith(("flags", "Features"))]
+        with open(cpuinfo, encoding="ascii", errors="replace") as handle:
+            line = next((line for line in handle if line.startswith(("flags", "Features"))), "")
     except OSError:
         return None
-    return frozenset(lines[0].partition(":")[2].split()) if lines else None
+    return frozenset(line.partition(":")[2].split()) if line else None
 
 
 def cpu_supports_bf16() -> bool:
@@ -163,18 +173,19 @@ def cpu_supports_bf16() -> bool:
 
 
 def int8_products_saturate(flags: frozenset[str] | None = None, machine: str | None = None) -> bool:
-    """Whether onnxruntime's uint8 x int8 products can saturate on this CPU: an x86 CPU
-    without VNNI, whose AVX2 kernels add pairs of products in 16 bits.
+    """Whether onnxruntime's uint8 x int8 products can saturate on this CPU: an x86 CPU with
+    AVX2 (or AVX-512) but without VNNI, whose kernels add pairs of products in 16 bits.
 
     Full 8-bit weights then lose accuracy (the bundled model's int8 export scored 53% instead
     of 86% on HASYv2); 7-bit weights, as ``cnnkit export --quantize int8`` writes, do not.
-    False where the flags are unknown.
+    False where the flags are unknown, and on x86 CPUs without AVX2, whose kernel widens to 32
+    bits first.
     """
     machine = (machine or platform.machine()).lower()
     flags = cpu_flags() if flags is None else flags
     if machine not in ("x86_64", "amd64") or flags is None:
         return False
-    return not {"avx512_vnni", "avx_vnni"} & flags
+    return "avx2" in flags and not {"avx512_vnni", "avx_vnni"} & flags
 
 
 @dataclass(frozen=True)

@@ -209,14 +209,134 @@ def test_calibrating_a_train_on_all_model_says_nothing_of_scoring(tmp_path, caps
     assert "test images were training images" not in caplog.text
 
 
-def test_cpu_flags_are_read_from_the_kernels_list(tmp_path: Path) -> None:
+def int8_weight_range(path: Path) -> tuple[int, int]:
+    """The smallest and largest of the int8 tensors stored in the ONNX file ``path`` (its
+    quantized weights and their zero points)."""
+    import onnx
+    from onnx import numpy_helper
+
+    stored = [
+        numpy_helper.to_array(tensor)
+        for tensor in onnx.load(path).graph.initializer
+        if tensor.data_type == onnx.TensorProto.INT8
+    ]
+    assert stored
+    return min(int(a.min()) for a in stored), max(int(a.max()) for a in stored)
+
+
+def quantization_method(path: Path) -> str:
+    import onnx
+
+    properties = {p.key: p.value for p in onnx.load(path).metadata_props}
+    return json.loads(properties[QUANTIZATION_KEY])["method"]
+
+
+@pytest.mark.parametrize("which", ["exported", "shipped"])
+def test_int8_weights_keep_to_7_bits(which: str, quantized: Path) -> None:
+    path = quantized if which == "exported" else bundled_int8_path()
+    low, high = int8_weight_range(path)
+    assert low >= -64 and high <= 64 and high - low > 64
+    assert "7-bit" in quantization_method(path)
+
+
+def runs_exact_int8(predictor: OnnxPredictor) -> bool:
+    """Whether ``predictor``'s session runs onnxruntime's exact (non-saturating) int8 kernels."""
+    try:
+        entry = predictor.session.get_session_options().get_session_config_entry(
+            "session.x64quantprecision"
+        )
+    except RuntimeError:  # onnxruntime's answer for an entry never set
+        return False
+    return entry == "1"
+
+
+@pytest.fixture(scope="module")
+def quantized_8_bit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = bundled_model_path()
+    inputs = calibration_inputs(model, DIGITS, count=128)
+    out = tmp_path_factory.mktemp("int8") / "symbols-8-bit.onnx"
+    return quantize_onnx(model, out, inputs, weight_bits=8)
+
+
+def test_8_bit_weights_fill_the_int8_range(quantized_8_bit: Path) -> None:
+    low, high = int8_weight_range(quantized_8_bit)
+    assert max(-low, high) > 64
+    assert "8-bit" in quantization_method(quantized_8_bit)
+    with pytest.raises(ValueError, match="weight_bits must be 7 or 8; got 6"):
+        quantize_onnx(
+            bundled_model_path(),
+            quantized_8_bit.with_name("x.onnx"),
+            np.zeros((1, 1, 32, 32), np.float32),
+            weight_bits=6,
+        )
+
+
+def test_8_bit_weights_run_exactly_and_are_warned_of_where_they_saturate(
+    quantized_8_bit: Path, quantized: Path, monkeypatch, caplog
+) -> None:
+    """On a CPU where they saturate, 8-bit weights run in onnxruntime's exact kernels and still
+    rank as the float model does (a real check on an AVX2 CPU without VNNI)."""
+    from cnnkit.inference import onnx_backend
+
+    float_predictor = Predictor.from_file(bundled_model_path())
+    test = np.asarray(
+        build_splits(DIGITS, float_predictor.metadata.preprocessing).splits.test.images
+    )
+    monkeypatch.setattr(onnx_backend, "int8_products_saturate", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="cnnkit"):
+        seven = OnnxPredictor.from_file(quantized)
+        assert not caplog.records
+        eight = OnnxPredictor.from_file(quantized_8_bit)
+        [record] = caplog.records
+        assert str(quantized_8_bit) in record.getMessage()
+        assert "exact kernels" in record.getMessage()
+        assert "--quantize int8" in record.getMessage()
+        assert runs_exact_int8(eight) and not runs_exact_int8(seven)
+        assert_int8_ranks_as_float(eight.probabilities(test), float_predictor.probabilities(test))
+
+        caplog.clear()
+        monkeypatch.setattr(onnx_backend, "int8_products_saturate", lambda: False)
+        fast = OnnxPredictor.from_file(quantized_8_bit)
+        assert not caplog.records
+        assert not runs_exact_int8(fast)
+
+
+@pytest.mark.parametrize("method", [[1], 3, "x", None, {"method": None}, {"method": "8-bit"}])
+def test_an_int8_export_of_unknown_weights_runs_exactly_where_they_may_saturate(
+    method, quantized: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import onnx
+
+    from cnnkit.inference import onnx_backend
+
+    model = onnx.load(quantized)
+    for prop in model.metadata_props:
+        if prop.key == QUANTIZATION_KEY:
+            prop.value = json.dumps(method)
+    path = tmp_path / "unknown.onnx"
+    onnx.save(model, path)
+    monkeypatch.setattr(onnx_backend, "int8_products_saturate", lambda: True)
+    assert runs_exact_int8(OnnxPredictor.from_file(path))
+
+
+@pytest.mark.parametrize(
+    "text, flags",
+    [
+        (
+            "processor\t: 0\nvmx flags\t: ept\nflags\t\t: fpu avx2 avx512_vnni\n\n"
+            "processor\t: 1\nflags\t\t: fpu\n",
+            {"fpu", "avx2", "avx512_vnni"},
+        ),
+        ("processor\t: 0\nFeatures\t: fp asimd asimddp\n", {"fp", "asimd", "asimddp"}),
+        ("processor\t: 0\n", None),
+    ],
+)
+def test_cpu_flags_are_read_from_the_kernels_list(text, flags, tmp_path: Path) -> None:
     from cnnkit.runtime import cpu_flags
 
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_vnni\n\nprocessor\t: 1\n")
-    assert cpu_flags(cpuinfo) == {"fpu", "avx2", "avx512_vnni"}
-    cpuinfo.write_text("processor\t: 0\n")
-    assert cpu_flags(cpuinfo) is None
+    cpuinfo.write_text(text)
+    assert cpu_flags(cpuinfo) == flags
     assert cpu_flags(tmp_path / "missing") is None
 
 
@@ -225,8 +345,10 @@ def test_cpu_flags_are_read_from_the_kernels_list(tmp_path: Path) -> None:
     [
         ({"avx2", "fma"}, "x86_64", True),
         ({"avx2"}, "AMD64", True),
+        ({"avx2", "avx512f", "avx512bw"}, "x86_64", True),  # Skylake-SP: AVX-512, no VNNI
         ({"avx2", "avx512_vnni"}, "x86_64", False),
         ({"avx2", "avx_vnni"}, "x86_64", False),
+        ({"sse4_1", "avx"}, "x86_64", False),  # no AVX2: kernels widen to 32 bits first
         ({"asimd"}, "aarch64", False),
     ],
 )
@@ -241,29 +363,3 @@ def test_unknown_flags_are_not_taken_for_saturation(monkeypatch) -> None:
 
     monkeypatch.setattr(runtime, "cpu_flags", lambda: None)
     assert runtime.int8_products_saturate(machine="x86_64") is False
-
-
-def test_an_export_with_full_8_bit_weights_is_warned_of_where_they_saturate(
-    quantized: Path, tmp_path: Path, monkeypatch, caplog
-) -> None:
-    import onnx
-
-    from cnnkit.inference import onnx_backend
-
-    old = onnx.load(quantized)
-    for prop in old.metadata_props:
-        if prop.key == QUANTIZATION_KEY:
-            prop.value = json.dumps({"method": "int8 static QDQ, per-channel weights"})
-    old_path = tmp_path / "old-int8.onnx"
-    onnx.save(old, old_path)
-    monkeypatch.setattr(onnx_backend, "int8_products_saturate", lambda: True)
-    with caplog.at_level(logging.WARNING, logger="cnnkit"):
-        OnnxPredictor.from_file(quantized)
-        assert not caplog.records
-        OnnxPredictor.from_file(old_path)
-    [record] = caplog.records
-    assert str(old_path) in record.getMessage() and "7 bits" in record.getMessage()
-    caplog.clear()
-    monkeypatch.setattr(onnx_backend, "int8_products_saturate", lambda: False)
-    OnnxPredictor.from_file(old_path)
-    assert not caplog.records

@@ -36,12 +36,16 @@ from cnnkit.runtime import available_cores, int8_products_saturate
 logger = logging.getLogger(__name__)
 
 
-def create_session(model: str | Path | bytes, threads: int | None = None) -> Any:
+def create_session(
+    model: str | Path | bytes, threads: int | None = None, exact_int8: bool = False
+) -> Any:
     """An onnxruntime CPU session with all graph optimisations and one thread per core.
 
     Args:
         model: an ``.onnx`` file or its serialized bytes.
         threads: intra-op threads (default: :func:`available_cores`).
+        exact_int8: run int8 products in kernels that cannot saturate (slower), for 8-bit
+            weights on a CPU where the fast ones do (:func:`int8_products_saturate`).
     """
     import onnxruntime
 
@@ -55,6 +59,8 @@ def create_session(model: str | Path | bytes, threads: int | None = None) -> Any
     # with it, the bundled model's int8 export served 16 clients at p50 14.9-15.3 ms, without
     # it 9.95-10.03 ms (benchmarks/serve_load.py, 2 cores; README, Results).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if exact_int8:
+        options.add_session_config_entry("session.x64quantprecision", "1")
     source = model if isinstance(model, bytes) else str(model)
     return onnxruntime.InferenceSession(
         source, sess_options=options, providers=["CPUExecutionProvider"]
@@ -131,23 +137,34 @@ def _cache_folder(cache_dir: str | Path | None) -> Path | None:
         return None
 
 
-def _warn_of_saturating_weights(session: Any, path: Path) -> None:
-    """Warn where an int8 export with full 8-bit weights (cnnkit before 7-bit weights) runs on
-    a CPU whose int8 products saturate (:func:`cnnkit.runtime.int8_products_saturate`)."""
+def _weights_may_saturate(session: Any) -> bool:
+    """Whether ``session`` runs an int8 export whose weights are not known to keep to 7 bits
+    (cnnkit exported 8-bit weights before) on a CPU whose fast int8 products saturate."""
     raw = session.get_modelmeta().custom_metadata_map.get(QUANTIZATION_KEY)
     if raw is None or not int8_products_saturate():
-        return
+        return False
     try:
-        method = str(json.loads(raw).get("method", ""))
-    except (ValueError, AttributeError):
-        method = ""
-    if "7-bit" not in method:
-        logger.warning(
-            "%s: its int8 weights use all 8 bits, which lose accuracy on this CPU (x86 "
-            "without VNNI); export it again with `cnnkit export MODEL --quantize int8`, "
-            "which keeps them to 7 bits",
-            path,
-        )
+        details = json.loads(raw)
+    except (ValueError, RecursionError):
+        details = None
+    method = details.get("method") if isinstance(details, dict) else None
+    return not (isinstance(method, str) and "7-bit" in method)
+
+
+def _int8_session(path: Path, threads: int | None) -> Any:
+    """A session for the ``.onnx`` file ``path``; an int8 export with 8-bit weights on a CPU
+    where they saturate runs in onnxruntime's exact kernels, with a warning."""
+    session = create_session(path, threads)
+    if not _weights_may_saturate(session):
+        return session
+    logger.warning(
+        "%s: its int8 weights may use all 8 bits, whose products saturate on this CPU (x86 "
+        "without VNNI), so onnxruntime runs its exact kernels, about a third slower; for 7-bit "
+        "weights, as fast and as accurate, export the float model again: `cnnkit export "
+        "MODEL.safetensors --quantize int8 --dataset ... --data ...`",
+        path,
+    )
+    return create_session(path, threads, exact_int8=True)
 
 
 class OnnxPredictor(Predictor):
@@ -204,7 +221,7 @@ class OnnxPredictor(Predictor):
             raise ModelFileError(f"{path}: model file not found")
         if path.suffix.lower() == ".onnx":
             try:
-                session = create_session(path, threads)
+                session = _int8_session(path, threads)
             except ImportError:  # onnxruntime missing or broken: not the file's fault.
                 raise
             except Exception as error:  # onnxruntime raises its own unrelated types.
@@ -213,7 +230,6 @@ class OnnxPredictor(Predictor):
             folder = _cache_folder(cache_dir) if cache else None
             session = _session_for_safetensors(path, folder, threads)
         metadata = ModelMetadata.from_dict(_session_metadata(session, str(path)), str(path))
-        _warn_of_saturating_weights(session, path)
         return cls(session, metadata)
 
     def logits(self, prepared: np.ndarray) -> np.ndarray:

@@ -1,14 +1,14 @@
 """Int8 ONNX models: static post-training quantization, calibrated on real training images.
 
-Weights are quantized per output channel (int8, in 7 bits) and activations per tensor (uint8),
-with ranges measured on a few hundred training images run through the float model; onnxruntime
-then runs convolutions and matrix products in integer arithmetic (VNNI on recent x86 CPUs).
-Weights keep to 7 bits because x86 CPUs without VNNI (AVX2 only, as on many laptops) multiply
-uint8 by int8 with an instruction whose 16-bit sums saturate on full 8-bit weights: there the
-bundled model's export scored 53.3% top-1 on HASYv2 fold 1 against the float model's 85.72%,
-and 85.74% with 7-bit weights. The file keeps
-the cnnkit metadata, so :class:`cnnkit.inference.onnx_backend.OnnxPredictor` loads it like any
-exported model. Calibrate on images like those the model will see: unrepresentative ranges cost
+Weights are quantized per output channel (int8 in [-64, 64]: 7 bits) and activations per
+tensor (uint8), with ranges measured on a few hundred training images run through the float
+model; onnxruntime then runs convolutions and matrix products in integer arithmetic (VNNI on
+recent x86 CPUs). Weights keep to 7 bits because x86 CPUs with AVX2 but without VNNI (many
+laptops) multiply uint8 by int8 with an instruction whose 16-bit sums saturate on full 8-bit
+weights: there the bundled model's export scored 53.3% top-1 on HASYv2 fold 1 against the
+float model's 85.72%, and 85.74% with 7-bit weights. The file keeps the cnnkit metadata, so
+:class:`cnnkit.inference.onnx_backend.OnnxPredictor` loads it like any exported model.
+Calibrate on images like those the model will see: unrepresentative ranges cost
 accuracy (``benchmarks/inference.py --quantize`` measures both speed and accuracy).
 """
 
@@ -99,9 +99,9 @@ def _batches(inputs: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
         yield {INPUT_NAME: inputs[start : start + CALIBRATION_BATCH]}
 
 
-def _quantized(proto: Any, calibration: np.ndarray) -> Any:
-    """The int8 static (QDQ, per-channel 7-bit weights) quantization of the float ONNX
-    ``proto``, its activation ranges calibrated on ``calibration``."""
+def _quantized(proto: Any, calibration: np.ndarray, weight_bits: int) -> Any:
+    """The int8 static (QDQ, per-channel weights of ``weight_bits`` bits) quantization of the
+    float ONNX ``proto``, its activation ranges calibrated on ``calibration``."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -130,7 +130,7 @@ def _quantized(proto: Any, calibration: np.ndarray) -> Any:
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             per_channel=True,
-            reduce_range=True,  # 7-bit weights: no saturation on CPUs without VNNI
+            reduce_range=weight_bits == 7,
         )
         return onnx.load(quantized)
 
@@ -140,6 +140,8 @@ def quantize_onnx(
     out_path: str | Path,
     calibration: np.ndarray,
     opset: int = DEFAULT_OPSET,
+    *,
+    weight_bits: int = 7,
 ) -> Path:
     """Export ``model_path`` to ONNX and write its int8 static quantization to ``out_path``.
 
@@ -148,17 +150,23 @@ def quantize_onnx(
         out_path: the ``.onnx`` file to write (atomically).
         calibration: float32 model inputs ``[N, C, H, W]``, e.g. from :func:`calibration_inputs`.
         opset: the ONNX operator set of the float export.
+        weight_bits: 7 (weights in [-64, 64]), or 8, which loses accuracy on x86 CPUs without
+            VNNI (:func:`cnnkit.runtime.int8_products_saturate`), where onnxruntime then falls
+            back to slower exact kernels.
 
     Returns:
         The path written.
 
     Raises:
-        ValueError: if ``calibration`` is empty or not a batch of images.
+        ValueError: if ``calibration`` is empty or not a batch of images, or ``weight_bits``
+            is neither 7 nor 8.
         ModelFileError: if the model file is bad or the export fails.
     """
     import onnx
     import onnxruntime.quantization  # noqa: F401  (Missing, it fails here, before the export.)
 
+    if weight_bits not in (7, 8):
+        raise ValueError(f"weight_bits must be 7 or 8; got {weight_bits!r}")
     calibration = np.ascontiguousarray(calibration, dtype=np.float32)
     if calibration.ndim != 4 or len(calibration) == 0:
         raise ValueError(
@@ -166,11 +174,12 @@ def quantize_onnx(
         )
 
     proto = build_onnx_model(model_path, opset)
-    result = _quantized(proto, calibration)
+    result = _quantized(proto, calibration, weight_bits)
     del result.metadata_props[:]
     for prop in proto.metadata_props:
         result.metadata_props.add(key=prop.key, value=prop.value)
-    details = {"method": "int8 static QDQ, per-channel 7-bit weights", "images": len(calibration)}
+    method = f"int8 static QDQ, per-channel {weight_bits}-bit weights"
+    details = {"method": method, "images": len(calibration)}
     result.metadata_props.add(key=QUANTIZATION_KEY, value=json.dumps(details))
     result.doc_string = proto.doc_string + " (int8)"
     loadable_by_older_runtimes(result)
