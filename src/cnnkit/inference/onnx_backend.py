@@ -159,7 +159,7 @@ def _int8_session(path: Path, threads: int | None) -> Any:
         return session
     logger.warning(
         "%s: its int8 weights may use all 8 bits, whose products saturate on this CPU (x86 "
-        "without VNNI), so onnxruntime runs its exact kernels, about a third slower; for 7-bit "
+        "without VNNI), so onnxruntime runs its exact kernels, 1.3-1.9x slower; for 7-bit "
         "weights, as fast and as accurate, export the float model again: `cnnkit export "
         "MODEL.safetensors --quantize int8 --dataset ... --data ...`",
         path,
