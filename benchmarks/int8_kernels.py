@@ -28,7 +28,7 @@ from cnnkit.inference.bundled import bundled_model_path
 from cnnkit.inference.onnx_backend import create_session
 from cnnkit.inference.predictor import Predictor
 from cnnkit.inference.quantize import calibration_inputs, quantize_onnx
-from cnnkit.runtime import cpu_flags, int8_products_saturate
+from cnnkit.runtime import VNNI_FLAGS, cpu_flags, int8_products_saturate
 
 DIGITS = DataConfig(dataset="digits")
 
@@ -85,7 +85,7 @@ def main() -> None:
             "sure_images": int(sure.sum()),
             "threads": 1,
             "int8_products_saturate": int8_products_saturate(),
-            "vnni": bool({"avx512_vnni", "avx_vnni"} & flags),
+            "vnni": bool(VNNI_FLAGS & flags),
             "results": rows,
         },
     )

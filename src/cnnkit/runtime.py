@@ -146,6 +146,10 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed + rank * 7_777_777
 
 
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
+"""The CPU flags of x86's int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI)."""
+
+
 def cpu_flags(cpuinfo: str | os.PathLike | None = None) -> frozenset[str] | None:
     """The instruction-set flags the kernel lists for this CPU (the first ``flags`` line of
     ``/proc/cpuinfo``, or ``Features`` on ARM), or None where it lists none (macOS, Windows).
@@ -185,7 +189,7 @@ def int8_products_saturate(flags: frozenset[str] | None = None, machine: str | N
     flags = cpu_flags() if flags is None else flags
     if machine not in ("x86_64", "amd64") or flags is None:
         return False
-    return "avx2" in flags and not {"avx512_vnni", "avx_vnni"} & flags
+    return "avx2" in flags and not VNNI_FLAGS & flags
 
 
 @dataclass(frozen=True)

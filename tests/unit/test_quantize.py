@@ -224,11 +224,11 @@ def int8_weight_range(path: Path) -> tuple[int, int]:
     return min(int(a.min()) for a in stored), max(int(a.max()) for a in stored)
 
 
-def quantization_method(path: Path) -> str:
+def quantization_details(path: Path) -> dict:
     import onnx
 
     properties = {p.key: p.value for p in onnx.load(path).metadata_props}
-    return json.loads(properties[QUANTIZATION_KEY])["method"]
+    return json.loads(properties[QUANTIZATION_KEY])
 
 
 @pytest.mark.parametrize("which", ["exported", "shipped"])
@@ -236,7 +236,8 @@ def test_int8_weights_keep_to_7_bits(which: str, quantized: Path) -> None:
     path = quantized if which == "exported" else bundled_int8_path()
     low, high = int8_weight_range(path)
     assert low >= -64 and high <= 64 and high - low > 64
-    assert "7-bit" in quantization_method(path)
+    details = quantization_details(path)
+    assert "7-bit" in details["method"] and details["weight_bits"] == 7
 
 
 def runs_exact_int8(predictor: OnnxPredictor) -> bool:
@@ -261,7 +262,8 @@ def quantized_8_bit(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_8_bit_weights_fill_the_int8_range(quantized_8_bit: Path) -> None:
     low, high = int8_weight_range(quantized_8_bit)
     assert max(-low, high) > 64
-    assert "8-bit" in quantization_method(quantized_8_bit)
+    details = quantization_details(quantized_8_bit)
+    assert "8-bit" in details["method"] and details["weight_bits"] == 8
     with pytest.raises(ValueError, match="weight_bits must be 7 or 8; got 6"):
         quantize_onnx(
             bundled_model_path(),
@@ -301,7 +303,10 @@ def test_8_bit_weights_run_exactly_and_are_warned_of_where_they_saturate(
         assert not runs_exact_int8(fast)
 
 
-@pytest.mark.parametrize("method", [[1], 3, "x", None, {"method": None}, {"method": "8-bit"}])
+@pytest.mark.parametrize(
+    "method",
+    [[1], 3, "x", None, {"method": None}, {"weight_bits": 8}, {"method": "7-bit weights"}],
+)
 def test_an_int8_export_of_unknown_weights_runs_exactly_where_they_may_saturate(
     method, quantized: Path, tmp_path: Path, monkeypatch
 ) -> None:

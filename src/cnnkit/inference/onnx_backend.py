@@ -147,8 +147,7 @@ def _weights_may_saturate(session: Any) -> bool:
         details = json.loads(raw)
     except (ValueError, RecursionError):
         details = None
-    method = details.get("method") if isinstance(details, dict) else None
-    return not (isinstance(method, str) and "7-bit" in method)
+    return not (isinstance(details, dict) and details.get("weight_bits") == 7)
 
 
 def _int8_session(path: Path, threads: int | None) -> Any:

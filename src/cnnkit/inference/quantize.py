@@ -179,7 +179,7 @@ def quantize_onnx(
     for prop in proto.metadata_props:
         result.metadata_props.add(key=prop.key, value=prop.value)
     method = f"int8 static QDQ, per-channel {weight_bits}-bit weights"
-    details = {"method": method, "images": len(calibration)}
+    details = {"method": method, "weight_bits": weight_bits, "images": len(calibration)}
     result.metadata_props.add(key=QUANTIZATION_KEY, value=json.dumps(details))
     result.doc_string = proto.doc_string + " (int8)"
     loadable_by_older_runtimes(result)
