@@ -21,7 +21,7 @@ demo: $(VENV)/.base
 
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check src tests benchmarks
-	$(PY) -m pytest -m "not slow and not gpu" -q
+	$(PY) -m pytest -m "not slow and not gpu" -q -n auto --dist loadfile
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -29,6 +29,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs ``-n auto``), share the cores among the workers:
+    each worker, and the processes its tests start, gets ``cores // workers`` threads, where
+    every one of them taking all the cores would only make them wait on each other."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers or "OMP_NUM_THREADS" in os.environ:
+        return
+    threads = max(1, (os.cpu_count() or 1) // int(workers))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+    """Captured output that names a file whose name is not UTF-8 holds surrogates, which
+    pytest-xdist cannot send from a worker (it stops the whole run); they are written as
+    replacement characters instead."""
+    outcome = yield
+    report = outcome.get_result()
+    report.sections = [
+        (title, text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+        for title, text in report.sections
+    ]
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _ctrl_c_reaches_child_processes() -> None:
     """A shell that starts ``make test`` in the background (``make test &``) ignores SIGINT,
