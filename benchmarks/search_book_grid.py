@@ -26,9 +26,9 @@ from benchmarks.record import record_result
 from cnnkit.config import build_run_config
 from cnnkit.presets import preset_for
 from cnnkit.runtime import tune_allocator
-from cnnkit.training.search import run_search
-from cnnkit.training.search_config import SearchConfig
-from cnnkit.training.spaces import BOOK_SPACE
+from cnnkit.search.config import SearchConfig
+from cnnkit.search.driver import run_search
+from cnnkit.search.spaces import BOOK_SPACE
 
 DEFAULT_ARCHIVE = (
     Path(__file__).resolve().parents[1].parent / "shared" / "data" / "HASYv2-dev.tar.bz2"
@@ -154,7 +154,7 @@ def simulate_trained_epochs(search: SearchConfig, trials: int, epochs: int, seed
     """Epochs the pruner lets ``trials`` sequential trials train, on random learning curves."""
     import optuna
 
-    from cnnkit.training.search_study import build_pruner
+    from cnnkit.search.study import build_pruner
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", pruner=build_pruner(search))

@@ -1,4 +1,4 @@
-"""Tests for cnnkit.training.search and spaces: grid, pruning, resume, kill and retrain-best."""
+"""Tests for cnnkit.search.driver and spaces: grid, pruning, resume, kill and retrain-best."""
 
 from __future__ import annotations
 
@@ -23,25 +23,25 @@ import cnnkit
 from cnnkit.config import build_run_config, config_to_dict
 from cnnkit.data.sources import build_splits
 from cnnkit.presets import preset_for
-from cnnkit.training.preprocessing import resolve_preprocessing
-from cnnkit.training.run import train_run
-from cnnkit.training.search import run_search
-from cnnkit.training.search_budget import nothing_left_to_run, trials_to_run
-from cnnkit.training.search_config import SearchConfig
-from cnnkit.training.search_results import TrialReporter, parameter_importances
-from cnnkit.training.search_space import SearchParameter, SearchSpace
-from cnnkit.training.search_study import build_pruner, open_study
-from cnnkit.training.search_trials import PruningCallback, suggest_params
-from cnnkit.training.search_workers import (
+from cnnkit.search.budget import nothing_left_to_run, trials_to_run
+from cnnkit.search.config import SearchConfig
+from cnnkit.search.driver import run_search
+from cnnkit.search.results import TrialReporter, parameter_importances
+from cnnkit.search.space import SearchParameter, SearchSpace
+from cnnkit.search.space_checks import check_parameter_values
+from cnnkit.search.space_files import load_space, parse_space
+from cnnkit.search.spaces import BOOK_SPACE, resolve_space
+from cnnkit.search.study import build_pruner, open_study
+from cnnkit.search.trial_config import build_trial_config, overrides_for
+from cnnkit.search.trials import PruningCallback, suggest_params
+from cnnkit.search.workers import (
     ORPHAN_SECONDS,
     CoreShare,
     default_workers,
     worker_identity,
 )
-from cnnkit.training.space_checks import check_parameter_values
-from cnnkit.training.space_files import load_space, parse_space
-from cnnkit.training.spaces import BOOK_SPACE, resolve_space
-from cnnkit.training.trial_config import build_trial_config, overrides_for
+from cnnkit.training.preprocessing import resolve_preprocessing
+from cnnkit.training.run import train_run
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -495,7 +495,7 @@ def test_a_space_that_changes_the_images_trials_are_compared_on_is_refused(
 
 def test_preprocessing_settings_may_be_searched(tmp_path):
     """Image size and channels change how the same images are read, not which they are."""
-    from cnnkit.training.space_checks import check_data_targets
+    from cnnkit.search.space_checks import check_data_targets
 
     space = parse_space(
         {
@@ -612,7 +612,7 @@ def test_two_parameters_setting_one_target_are_refused():
 
 
 def test_each_worker_gets_its_own_sampler_seed(tmp_path, monkeypatch):
-    from cnnkit.training import search_pool
+    from cnnkit.search import pool as search_pool
 
     seen = []
     monkeypatch.setattr(search_pool, "die_with_parent", lambda: None)
@@ -634,7 +634,7 @@ def test_each_worker_gets_its_own_sampler_seed(tmp_path, monkeypatch):
 
 def test_a_continued_study_gives_each_process_a_seed_of_its_own():
     """Main process and workers, new and continued studies: no two start one sequence."""
-    from cnnkit.training.search_study import sampler_seed
+    from cnnkit.search.study import sampler_seed
 
     assert sampler_seed(None, 5) is None
     assert sampler_seed(7, 0) == 7  # A new study: the seed as given, reproducible.
@@ -794,7 +794,7 @@ def test_default_workers_one_per_core_on_cpu_and_one_on_gpu():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 def test_a_worker_dies_with_its_killed_search_process():
     child = (
-        "from cnnkit.training.search_workers import die_with_parent; die_with_parent(); "
+        "from cnnkit.search.workers import die_with_parent; die_with_parent(); "
         "import time; print('armed', flush=True); time.sleep(60)"
     )
     parent = (
@@ -834,7 +834,7 @@ def test_two_workers_share_one_study(tmp_path, caplog):
 def test_an_error_in_the_main_process_stops_the_workers_at_once(tmp_path, monkeypatch, capfd):
     """The error ends the search as soon as it happens: the extra worker is stopped, not left
     to run the rest of the budget while the command waits for it."""
-    from cnnkit.training import search_trials
+    from cnnkit.search import trials as search_trials
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug in the main process")
@@ -961,7 +961,7 @@ def test_running_trials_of_other_workers_count_against_the_budget(tmp_path) -> N
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_a_worker_starting_while_the_last_trial_runs_elsewhere_runs_none(tmp_path) -> None:
-    from cnnkit.training.search_loop import optimize_study
+    from cnnkit.search.loop import optimize_study
 
     class Runner:
         config = SearchConfig(sampler="random", n_trials=2)
@@ -1028,7 +1028,7 @@ class _CtrlCRunner:
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_ctrl_c_in_a_trial_logs_no_traceback(tmp_path, caplog) -> None:
-    from cnnkit.training.search_loop import optimize_study
+    from cnnkit.search.loop import optimize_study
     from cnnkit.training.trainer import TrainingInterrupted
 
     runner = _CtrlCRunner(tmp_path / "run")
@@ -1088,7 +1088,7 @@ def test_trials_print_no_epoch_lines_off_a_terminal(tmp_path, digits_data, capsy
 
 
 def test_interrupts_wait_for_the_storage_and_go_off_at_the_next_safe_point():
-    from cnnkit.training.search_workers import Interrupts
+    from cnnkit.search.workers import Interrupts
 
     guard = Interrupts()
     with pytest.raises(KeyboardInterrupt), guard.installed(), guard.interruptible():
@@ -1114,7 +1114,7 @@ def test_an_interrupt_python_ignored_still_stops_the_block():
     import gc
     import weakref
 
-    from cnnkit.training.search_workers import Interrupts
+    from cnnkit.search.workers import Interrupts
 
     class Node:
         pass
@@ -1158,8 +1158,8 @@ def test_a_trial_that_trained_to_its_end_keeps_its_result_when_a_signal_was_swal
 ):
     """A signal that lands where Python ignores it, in a trial's last steps, stops the search
     before the next trial: the finished trial is recorded, not re-queued and run again."""
-    from cnnkit.training import search_trials
-    from cnnkit.training.search_workers import INTERRUPTS
+    from cnnkit.search import trials as search_trials
+    from cnnkit.search.workers import INTERRUPTS
     from cnnkit.training.trainer import TrainingInterrupted
 
     def train_then_swallowed_signal(*args, **kwargs):
@@ -1185,8 +1185,8 @@ def test_a_trial_that_trained_to_its_end_keeps_its_result_when_a_signal_was_swal
 def test_the_table_ranks_finished_trials_on_their_objective_as_optuna_does(tmp_path):
     """A transfer trial's epochs (the fine-tune's) may peak below what its objective returned:
     the table's best is Optuna's best trial, the one --retrain-best trains."""
-    from cnnkit.training.search import SearchResult
-    from cnnkit.training.search_results import summarize_trial
+    from cnnkit.search.driver import SearchResult
+    from cnnkit.search.results import summarize_trial
 
     study = optuna.create_study(direction="maximize")
     for value, epochs_best in ((0.9, 0.5), (0.8, 0.85)):
@@ -1232,7 +1232,7 @@ def test_an_ensemble_is_refused_by_search(tmp_path, digits_data):
 def test_hparams_take_choices_of_mixed_types(tmp_path, choices, written):
     """TensorBoard takes a discrete domain of one type: [0, 0.5] and [null, 3] once raised."""
     from cnnkit.evaluation.search_table import TrialSummary
-    from cnnkit.training.search_results import log_trial_hparams
+    from cnnkit.search.results import log_trial_hparams
 
     space = SearchSpace(
         "mixed", (SearchParameter("x", "categorical", "train.seed", choices=choices),)
@@ -1257,7 +1257,7 @@ def test_hparams_take_choices_of_mixed_types(tmp_path, choices, written):
 def test_a_failing_hparams_log_neither_stops_the_search_nor_its_tables(
     tmp_path, digits_data, monkeypatch, caplog
 ):
-    from cnnkit.training import search_loop
+    from cnnkit.search import loop as search_loop
 
     def fail(*args):
         raise TypeError("hparam_domain_discrete[x] should be a list of same type")
@@ -1361,7 +1361,7 @@ def test_cli_search_takes_back_the_settings_its_print_config_wrote(tmp_path, cap
 
 
 def test_continuing_a_search_with_other_pruner_settings_is_refused(tmp_path):
-    from cnnkit.training.search_settings import check_same_search, write_search_settings
+    from cnnkit.search.settings import check_same_search, write_search_settings
 
     base = tiny_base(tmp_path / "search")
     config = SearchConfig(pruner="halving", prune_warmup=2)
@@ -1404,8 +1404,8 @@ def test_an_out_that_is_a_file_is_named(tmp_path, digits_data):
 
 
 def test_a_trial_that_repeats_a_finished_one_is_not_trained_again(tmp_path, digits_data):
-    from cnnkit.training.search_results import summarize_trial
-    from cnnkit.training.search_trials import TrialRunner
+    from cnnkit.search.results import summarize_trial
+    from cnnkit.search.trials import TrialRunner
 
     base = tiny_base(tmp_path / "search")
     config = SearchConfig(sampler="tpe", pruner="none")

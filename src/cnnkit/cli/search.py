@@ -16,8 +16,8 @@ from cnnkit.paths import default_cache_dir
 
 if TYPE_CHECKING:
     from cnnkit.config import RunConfig
-    from cnnkit.training.search import SearchResult
-    from cnnkit.training.search_config import SearchConfig
+    from cnnkit.search.config import SearchConfig
+    from cnnkit.search.driver import SearchResult
 
 
 def _print_trial(summary) -> None:
@@ -133,8 +133,8 @@ def _settings_without_the_file(args: argparse.Namespace, space, file_layer: dict
 
 def command_search(args: argparse.Namespace) -> int:
     from cnnkit.runtime import tune_allocator
-    from cnnkit.training.search import run_search
-    from cnnkit.training.spaces import SPACES, resolve_space
+    from cnnkit.search.driver import run_search
+    from cnnkit.search.spaces import SPACES, resolve_space
     from cnnkit.training.trainer import TrainingInterrupted
 
     space = resolve_space(args.space)
@@ -201,8 +201,8 @@ def _base_config(args: argparse.Namespace, space) -> tuple[RunConfig, str | None
 
 def _search_config(args: argparse.Namespace, base: RunConfig) -> SearchConfig:
     """The search's own settings from its flags (workers: one per core on a CPU, up to 4)."""
-    from cnnkit.training.search_config import SearchConfig
-    from cnnkit.training.search_workers import default_workers
+    from cnnkit.search.config import SearchConfig
+    from cnnkit.search.workers import default_workers
 
     return SearchConfig(
         sampler=args.sampler,
@@ -221,7 +221,7 @@ def _search_config(args: argparse.Namespace, base: RunConfig) -> SearchConfig:
 
 def _print_result(result: SearchResult) -> None:
     """The study's counts, its best trial (and its model), and where the results are."""
-    from cnnkit.training.search_trials import trial_dir
+    from cnnkit.search.trials import trial_dir
 
     counts = result.counts
     rerun = f", {counts['rerun']} interrupted and queued again" if counts["rerun"] else ""

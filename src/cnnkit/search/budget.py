@@ -6,9 +6,9 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from cnnkit.training.search_config import SearchConfig
-from cnnkit.training.search_results import FINISHED
-from cnnkit.training.search_space import SearchSpace
+from cnnkit.search.config import SearchConfig
+from cnnkit.search.results import FINISHED
+from cnnkit.search.space import SearchSpace
 
 
 def target_trials(config: SearchConfig, space: SearchSpace) -> int | None:

@@ -1,5 +1,5 @@
 """Starting, joining and stopping a search's extra worker processes, each running the same
-optimize loop on the same study (what they share is in :mod:`search_workers`)."""
+optimize loop on the same study (what they share is in :mod:`cnnkit.search.workers`)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from typing import Any
 import optuna
 
 from cnnkit.config import RunConfig
-from cnnkit.training.search_config import SearchConfig
-from cnnkit.training.search_loop import optimize_study
-from cnnkit.training.search_space import SearchSpace
-from cnnkit.training.search_study import open_study
-from cnnkit.training.search_trials import TrialRunner
-from cnnkit.training.search_workers import INTERRUPTS, die_with_parent
+from cnnkit.search.config import SearchConfig
+from cnnkit.search.loop import optimize_study
+from cnnkit.search.space import SearchSpace
+from cnnkit.search.study import open_study
+from cnnkit.search.trials import TrialRunner
+from cnnkit.search.workers import INTERRUPTS, die_with_parent
 from cnnkit.training.trainer import TrainingInterrupted
 
 logger = logging.getLogger(__name__)

@@ -11,12 +11,12 @@ from cnnkit.config import RunConfig, build_run_config, config_to_dict
 from cnnkit.data.dataset import DataSplits, concatenate
 from cnnkit.data.sources import LoadedData
 from cnnkit.progress import bars_only
+from cnnkit.search.space import SearchSpace
+from cnnkit.search.trial_config import build_trial_config
+from cnnkit.search.trials import TrialRunner
+from cnnkit.search.workers import INTERRUPTS
 from cnnkit.training.checkpoint import remove_checkpoints
 from cnnkit.training.run import RunResult, train_run
-from cnnkit.training.search_space import SearchSpace
-from cnnkit.training.search_trials import TrialRunner
-from cnnkit.training.search_workers import INTERRUPTS
-from cnnkit.training.trial_config import build_trial_config
 
 logger = logging.getLogger(__name__)
 

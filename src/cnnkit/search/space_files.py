@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from cnnkit.config import AugmentConfig, TrainConfig, yaml_error_text
-from cnnkit.training.search_space import SearchParameter, SearchSpace
+from cnnkit.search.space import SearchParameter, SearchSpace
 
 _SPEC_KEYS = {"type", "low", "high", "log", "step", "choices", "target"}
 

@@ -1,6 +1,6 @@
 """The named search spaces (``book``, ``book-wide``, ``symbol``), and a space by name or file.
 
-A space file's format is described in :mod:`cnnkit.training.space_files`.
+A space file's format is described in :mod:`cnnkit.search.space_files`.
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cnnkit.training.search_space import SearchParameter, SearchSpace
-from cnnkit.training.space_files import load_space
+from cnnkit.search.space import SearchParameter, SearchSpace
+from cnnkit.search.space_files import load_space
 
 
 def _categorical(name: str, target: str, choices: list[Any]) -> SearchParameter:

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 from cnnkit.config import RunConfig, config_to_dict
 from cnnkit.errors import error_line
 from cnnkit.paths import RUN_INFO, SEARCH_SETTINGS
-from cnnkit.training.search_space import SearchSpace
+from cnnkit.search.space import SearchSpace
 
 if TYPE_CHECKING:
-    from cnnkit.training.search_config import SearchConfig
+    from cnnkit.search.config import SearchConfig
 
 # Base-config fields that say where a search runs, not what it compares: they may change.
 WHERE_IT_RUNS = ("out", "train.device")

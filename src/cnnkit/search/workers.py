@@ -1,6 +1,6 @@
 """What a search's worker processes share: how many, their threads, interrupts, and what
 happens when one dies (its trial is failed and queued again; a worker dies with its search
-process). :mod:`search_pool` starts and stops them."""
+process). :mod:`cnnkit.search.pool` starts and stops them."""
 
 from __future__ import annotations
 

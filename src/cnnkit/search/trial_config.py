@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit.config import RunConfig, build_run_config, config_to_dict
-from cnnkit.training.search_space import SearchSpace
+from cnnkit.search.space import SearchSpace
 
 logger = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import optuna
 
 from cnnkit.errors import error_line
-from cnnkit.training.search_config import SearchConfig
-from cnnkit.training.search_space import SearchSpace
-from cnnkit.training.search_workers import requeue_trial
+from cnnkit.search.config import SearchConfig
+from cnnkit.search.space import SearchSpace
+from cnnkit.search.workers import requeue_trial
 
 
 def sampler_seed(seed: int | None, held: int) -> int | None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from cnnkit.config import RunConfig
-from cnnkit.training.search_space import SearchSpace
-from cnnkit.training.spaces import SPACES
-from cnnkit.training.trial_config import build_trial_config
+from cnnkit.search.space import SearchSpace
+from cnnkit.search.spaces import SPACES
+from cnnkit.search.trial_config import build_trial_config
 
 # Data settings that decide which images are in which split, or which images there are: trials
 # that differed in one would be trained, ranked and tested on different images (data.seed draws

@@ -20,24 +20,24 @@ import optuna
 from cnnkit.config import RunConfig
 from cnnkit.data.sources import LoadedData
 from cnnkit.evaluation.search_table import TrialSummary
-from cnnkit.training.run import RunResult
-from cnnkit.training.search_budget import nothing_left_to_run, process_count, trials_to_run
-from cnnkit.training.search_config import SearchConfig
-from cnnkit.training.search_loop import optimize_study
-from cnnkit.training.search_pool import join_workers, start_workers, stop_workers
-from cnnkit.training.search_results import (
+from cnnkit.search.budget import nothing_left_to_run, process_count, trials_to_run
+from cnnkit.search.config import SearchConfig
+from cnnkit.search.loop import optimize_study
+from cnnkit.search.pool import join_workers, start_workers, stop_workers
+from cnnkit.search.results import (
     FINISHED,
     TrialReporter,
     count_trials,
     write_outputs,
 )
-from cnnkit.training.search_retrain import retrain_best
-from cnnkit.training.search_settings import check_same_search, write_search_settings
-from cnnkit.training.search_space import SearchSpace
-from cnnkit.training.search_study import build_sampler, open_study
-from cnnkit.training.search_trials import TrialRunner
-from cnnkit.training.search_workers import INTERRUPTS, recover_trials
-from cnnkit.training.space_checks import check_space
+from cnnkit.search.retrain import retrain_best
+from cnnkit.search.settings import check_same_search, write_search_settings
+from cnnkit.search.space import SearchSpace
+from cnnkit.search.space_checks import check_space
+from cnnkit.search.study import build_sampler, open_study
+from cnnkit.search.trials import TrialRunner
+from cnnkit.search.workers import INTERRUPTS, recover_trials
+from cnnkit.training.run import RunResult
 from cnnkit.training.trainer import TrainingInterrupted
 
 logger = logging.getLogger(__name__)

@@ -16,18 +16,18 @@ from optuna.trial import FrozenTrial, TrialState
 from cnnkit.config import RunConfig
 from cnnkit.data.sources import LoadedData, build_splits
 from cnnkit.progress import bars_only
+from cnnkit.search.results import FINISHED
+from cnnkit.search.space import SearchSpace
+from cnnkit.search.trial_config import build_trial_config
+from cnnkit.search.workers import INTERRUPTS, CoreShare, worker_identity
 from cnnkit.training.checkpoint import remove_checkpoints
 from cnnkit.training.preprocessing import resolve_preprocessing
 from cnnkit.training.run import RunResult, train_run
 from cnnkit.training.run_folder import write_run_info
-from cnnkit.training.search_results import FINISHED
-from cnnkit.training.search_space import SearchSpace
-from cnnkit.training.search_workers import INTERRUPTS, CoreShare, worker_identity
 from cnnkit.training.trainer import Callback, Trainer, TrainingDiverged, TrainingInterrupted
-from cnnkit.training.trial_config import build_trial_config
 
 if TYPE_CHECKING:
-    from cnnkit.training.search_config import SearchConfig
+    from cnnkit.search.config import SearchConfig
 
 logger = logging.getLogger(__name__)
 

@@ -12,16 +12,16 @@ from optuna.trial import FrozenTrial
 
 from cnnkit.errors import error_line
 from cnnkit.evaluation.search_table import TrialSummary, write_results_tables
-from cnnkit.training.search_budget import trials_to_run
-from cnnkit.training.search_results import (
+from cnnkit.search.budget import trials_to_run
+from cnnkit.search.results import (
     FINISHED,
     TrialReporter,
     collect_trials,
     log_trial_hparams,
     summarize_trial,
 )
-from cnnkit.training.search_space import SearchSpace
-from cnnkit.training.search_trials import TrialRunner
+from cnnkit.search.space import SearchSpace
+from cnnkit.search.trials import TrialRunner
 from cnnkit.training.trainer import TrainingInterrupted
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 from cnnkit.config import is_number
 from cnnkit.evaluation.search_plots import write_search_figures
 from cnnkit.evaluation.search_table import TrialSummary, write_results_tables
-from cnnkit.training.search_space import SearchSpace
+from cnnkit.search.space import SearchSpace
 
 logger = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
