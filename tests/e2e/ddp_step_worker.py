@@ -59,7 +59,9 @@ def main() -> None:
     step.model.register_comm_hook(None, counting_hook)
     whole = batch()
     half = slice(8 * context.rank, 8 * context.rank + 8)
-    step._step(MixedBatch(whole.inputs[half], whole.labels[half], whole.other_labels[half], 0.7))
+    step.train_step(
+        MixedBatch(whole.inputs[half], whole.labels[half], whole.other_labels[half], 0.7)
+    )
     weights = [p.detach().clone() for p in step.module.parameters()]
     torch.save({"weights": weights, "reductions": len(reductions)}, f"{out}/rank-{context.rank}.pt")
     dist.barrier()  # neither process leaves while the other still talks to it

@@ -87,7 +87,7 @@ def test_micro_batches_under_torchrun_give_the_single_process_whole_batch_step(t
     command = [*TORCHRUN[:-2], str(Path(worker.__file__)), str(tmp_path), "3"]
     _run(command, tmp_path)
     reference = worker.trainer(None)
-    reference._step(worker.batch())
+    reference.train_step(worker.batch())
     expected = [p.detach() for p in reference.module.parameters()]
     for rank in (0, 1):
         result = torch.load(tmp_path / f"rank-{rank}.pt", weights_only=True)

@@ -220,7 +220,7 @@ def test_gradient_scaling_applies_to_every_pass_and_steps_once() -> None:
         trainer.optimizer = trainer._build_optimizer()
         if scaler:
             trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-        trainer._step(MixedBatch(inputs, labels, labels.flip(0), 0.7))
+        trainer.train_step(MixedBatch(inputs, labels, labels.flip(0), 0.7))
         return [p.detach().clone() for p in trainer.module.parameters()]
 
     reference = step(None, scaler=False)

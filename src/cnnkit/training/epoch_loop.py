@@ -44,7 +44,7 @@ class RunningTotals:
 def run_training_epoch(trainer: Trainer, loader: BatchLoader) -> dict[str, float]:
     """One pass of ``trainer`` over ``loader``; see :meth:`Trainer.train_epoch`."""
     trainer.model.train()
-    totals = RunningTotals(trainer.device, trainer._sum_dtype)
+    totals = RunningTotals(trainer.device, trainer.sum_dtype)
     config = trainer.config
     start = time.perf_counter()
     bar = tqdm(
@@ -57,11 +57,11 @@ def run_training_epoch(trainer: Trainer, loader: BatchLoader) -> dict[str, float
     learning_rate = trainer.optimizer.param_groups[-1]["lr"]  # What the first step uses.
     for inputs, labels in loader:
         inputs = inputs.contiguous(memory_format=trainer.memory_format)
-        if trainer._memory_unchecked:
+        if trainer.memory_check_pending:
             _check_memory(trainer, inputs)
         batch = mix_batch(inputs, labels, config.mixup_alpha, config.cutmix_alpha)
         # Through the trainer, so that a benchmark can time its step.
-        loss, right = trainer._step(batch)
+        loss, right = trainer.train_step(batch)
         trainer.scheduler.step()
         if trainer.average:
             trainer.average.update(trainer.module)
@@ -71,7 +71,7 @@ def run_training_epoch(trainer: Trainer, loader: BatchLoader) -> dict[str, float
         bar.update(1)
     bar.close()
     seconds = time.perf_counter() - start
-    loss_sum, correct, seen = trainer._reduce(
+    loss_sum, correct, seen = trainer.sum_over_processes(
         [totals.loss.item(), totals.correct.item(), totals.seen]
     )
     _check_not_diverged(trainer, loss_sum)
@@ -87,7 +87,7 @@ def run_training_epoch(trainer: Trainer, loader: BatchLoader) -> dict[str, float
 def _check_memory(trainer: Trainer, inputs: torch.Tensor) -> None:
     """Check, once per fit, that a step on this process's share of the batch fits in memory,
     and take the samples per forward pass the check chooses."""
-    trainer._memory_unchecked = False
+    trainer.memory_check_pending = False
     config = trainer.config
     # Optimizer states per parameter, plus the moving average's copy.
     states = (1 if config.optimizer == "sgd" else 2) + bool(trainer.average)
@@ -95,7 +95,7 @@ def _check_memory(trainer: Trainer, inputs: torch.Tensor) -> None:
         trainer.module,
         inputs,
         config.batch_size // trainer.distributed.world_size,  # this process's share
-        trainer._autocast,
+        trainer.autocast,
         states,
         config.micro_batch_size,
     )

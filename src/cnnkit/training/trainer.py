@@ -76,7 +76,7 @@ class Trainer:
         self.identity = identity or {}
         self.device = device
         # Running sums of loss and correct answers: float64, which Apple's MPS lacks.
-        self._sum_dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
+        self.sum_dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
         self.run_dir = Path(run_dir) if run_dir else None
         self.callbacks = list(callbacks)
         self.distributed = distributed or DistributedContext()
@@ -96,7 +96,8 @@ class Trainer:
         self.epoch = 0
         self.saved_epoch: int | None = None  # The epoch the checkpoint on disk holds.
         self.history: list[dict[str, float]] = []
-        self._memory_unchecked = False
+        # Whether the next training step first checks that the batch fits in memory.
+        self.memory_check_pending = False
         # Samples per forward pass (None: the whole batch); the memory check may lower it.
         self.micro_batch_size: int | None = config.micro_batch_size
 
@@ -117,7 +118,9 @@ class Trainer:
     def checkpoint_path(self) -> Path | None:
         return self.run_dir / CHECKPOINT_NAME if self.run_dir else None
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The mixed-precision context forward passes run in (bf16 or float16 autocast, or
+        none)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
@@ -159,7 +162,7 @@ class Trainer:
         if resume and self.checkpoint_path and self.checkpoint_path.exists():
             restore_progress(self, progress, len(train_loader))
         self.history = progress.result.history
-        self._memory_unchecked = config.memory_check
+        self.memory_check_pending = config.memory_check
         try:
             return run_fit_loop(self, train_loader, val_loader, progress, more_follows)
         finally:
@@ -174,7 +177,7 @@ class Trainer:
         """
         return run_training_epoch(self, loader)
 
-    def _step(self, batch: MixedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, batch: MixedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on ``batch``, computed in the fewest even micro-batches of at
         most ``micro_batch_size`` samples, whose gradients add up to the whole batch's; returns
         the batch's summed loss and its count of right answers. With batch norm in training
@@ -182,13 +185,13 @@ class Trainer:
         size = len(batch.labels)
         chunks = batch.split(pass_count(size, self.micro_batch_size or size))
         self.optimizer.zero_grad(set_to_none=True)
-        totals = RunningTotals(self.device, self._sum_dtype)
+        totals = RunningTotals(self.device, self.sum_dtype)
         # DDP averages gradients across processes once, on the batch's last backward.
         no_sync = getattr(self.model, "no_sync", None)
         for index, chunk in enumerate(chunks):
             last, count = index == len(chunks) - 1, len(chunk.labels)
             with contextlib.nullcontext() if last or no_sync is None else no_sync():
-                with self._autocast():
+                with self.autocast():
                     logits = self.model(chunk.inputs)
                     loss = chunk.loss(logits.float(), self.config.label_smoothing)
                 share = loss * (count / size)
@@ -201,11 +204,11 @@ class Trainer:
             self.optimizer.step()
         return totals.loss, totals.correct
 
-    def _reduce(self, values: list[float]) -> list[float]:
+    def sum_over_processes(self, values: list[float]) -> list[float]:
         """Sum ``values`` over all processes (a no-op when not distributed)."""
         if not self.distributed.enabled:
             return values
-        tensor = torch.tensor(values, dtype=self._sum_dtype, device=self.device)
+        tensor = torch.tensor(values, dtype=self.sum_dtype, device=self.device)
         torch.distributed.all_reduce(tensor)
         return tensor.tolist()
 
@@ -230,7 +233,7 @@ class Trainer:
             leave=False,
         ) as bar:
             for inputs, labels in loader:
-                with self._autocast():
+                with self.autocast():
                     logits = module(inputs.contiguous(memory_format=self.memory_format))
                 all_logits.append(logits.float().cpu())
                 all_labels.append(labels.cpu())
@@ -250,7 +253,7 @@ class Trainer:
             correct5 = (top == labels.view(-1, 1)).any(dim=1).sum().item()
         else:
             loss = correct1 = correct5 = 0.0
-        loss, correct1, correct5, count = self._reduce([loss, correct1, correct5, count])
+        loss, correct1, correct5, count = self.sum_over_processes([loss, correct1, correct5, count])
         count = max(count, 1)
         return {"loss": loss / count, "accuracy": correct1 / count, "top5": correct5 / count}
 
