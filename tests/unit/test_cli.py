@@ -796,7 +796,14 @@ def test_predict_reports_an_empty_folder_and_predicts_the_other_images(
     assert main(["predict", str(symbol_model_file), str(empty), str(image)]) == 1
     captured = capsys.readouterr()
     assert f"{empty}: no image files found" in captured.err
-    assert SYMBOL_LINE.match(captured.out.strip())  # The one image, so no file name prefix.
+    # Named like every line when several inputs are given, as when a bad file is among them.
+    assert captured.out.startswith(f"{image}: ")
+    assert SYMBOL_LINE.match(captured.out.strip().removeprefix(f"{image}: "))
+    # One image named alone prints the book's line as it is; one found in a folder is named.
+    assert main(["predict", str(symbol_model_file), str(image)]) == 0
+    assert SYMBOL_LINE.match(capsys.readouterr().out.strip())
+    assert main(["predict", str(symbol_model_file), str(image.parent)]) == 0
+    assert capsys.readouterr().out.startswith(f"{image}: ")
 
 
 def test_predict_refuses_a_first_input_meant_as_a_model(capsys, tmp_path: Path) -> None:
@@ -1451,3 +1458,27 @@ def test_verbose_shows_cnnkit_details_and_not_every_librarys(tmp_path) -> None:
     assert any(line.startswith("INFO cnnkit.inference.export: exported") for line in logged)
     assert [line for line in logged if " cnnkit." not in line] == []
     assert out.is_file()
+
+
+def test_verbose_prints_the_traceback_and_keeps_the_error_status(tmp_path, capsys) -> None:
+    """A fatal error under ``-v`` shows the traceback and still exits with 2: 1 is predict's
+    "some files failed", which a script must not read into a crash."""
+    fake = tmp_path / "fake.safetensors"
+    fake.write_text("not a model")
+    image = tmp_path / "one.png"
+    Image.new("L", (32, 32), 255).save(image)
+    for argv in (["predict", str(fake), str(image)], ["-v", "predict", str(fake), str(image)]):
+        assert main(argv) == 2
+        error = capsys.readouterr().err
+        assert f"cnnkit predict: error: {fake}" in error
+        assert ("Traceback (most recent call last)" in error) == ("-v" in argv)
+
+
+def test_train_size_without_random_resized_crops_is_refused(capsys, tmp_path: Path) -> None:
+    """symbol_cnn takes any size, but the digits preset has no random resized crops: a smaller
+    training size would only shrink every image (test top-1 fell from 0.93 to 0.30 at 16 px)."""
+    argv = ["train", "--dataset", "digits", "--train-size", "16", "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "16 px training images need random resized crops" in error[0]
+    assert not (tmp_path / "run").exists()

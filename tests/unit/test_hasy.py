@@ -515,3 +515,20 @@ def test_a_small_file_of_another_kind_is_not_a_tar_archive(tmp_path):
     text.write_text("path,label\na.png,x\n", encoding="utf-8")
     with pytest.raises(DataFormatError, match=r"labels\.csv: not a tar archive \(19 bytes\)"):
         list(archive.iter_archive(text))
+
+
+def test_other_limits_on_a_fold_score_test_images_without_a_warning(tmp_path, caplog) -> None:
+    """A fold's limits keep at most N images of each class in each of its splits, so other
+    limits still score only test images: no warning that the model may have trained on them.
+    A drawn split (no fold) would mix the images, and warns."""
+    from cnnkit.evaluation.evaluate import trained_split_settings
+
+    data = str((tmp_path / "HASYv2.tar.bz2").resolve())
+    training = {"dataset": "hasy", "data": data, "max_per_class": 30, "max_classes": 3}
+    fold = {"dataset": "hasy", "data": data, "fold": 1, "max_per_class": 5, "max_classes": 2}
+    settings = trained_split_settings("m.safetensors", training, fold, "test")
+    assert (settings["max_per_class"], settings["max_classes"]) == (5, 2)
+    assert "test split holds other images" not in caplog.text
+    drawn = {key: value for key, value in fold.items() if key != "fold"}
+    assert trained_split_settings("m.safetensors", training, drawn, "test")["max_per_class"] == 5
+    assert "was trained with max per class 30; with 5 its test split holds other" in caplog.text

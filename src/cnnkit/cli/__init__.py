@@ -13,6 +13,7 @@ import re
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Iterator
 
 from cnnkit.cli.arguments import CommandError
@@ -70,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (CommandError, ValueError, OSError, ImportError) as error:
         if args.verbose and not isinstance(error, CommandError):
-            raise  # -v: the whole traceback, for a bug report.
+            # -v: the whole traceback, for a bug report; the status stays 2 (a fatal error),
+            # not Python's 1, which `predict` uses for "some files failed".
+            traceback.print_exc()
         # "[Errno 17] cannot write ..." reads better without Python's errno prefix.
         message = re.sub(r"^\[Errno \d+\] ", "", str(error)).splitlines()
         print(f"cnnkit {args.command}: error: {message[0] if message else error}", file=sys.stderr)

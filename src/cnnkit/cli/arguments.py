@@ -95,7 +95,13 @@ def add_data_arguments(
         help="CUB: crop each photo to its bird's bounding box (bounding_boxes.txt)",
     )
     group.add_argument("--max-classes", type=whole(1), help="use only the first N classes")
-    group.add_argument("--max-per-class", type=whole(1), help="use at most N images per class")
+    group.add_argument(
+        "--max-per-class",
+        type=whole(1),
+        help="use at most N images per class, before the split is drawn; where the data comes "
+        "split (a HASYv2 fold, CUB's official split, a CSV's split column), at most N of each "
+        "class in each of its splits",
+    )
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, search: bool = False) -> None:

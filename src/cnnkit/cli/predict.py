@@ -97,7 +97,11 @@ def command_predict(args: argparse.Namespace) -> int:
     for message in empty_folders:  # Reported like a missing file; the other images go on.
         print(f"error: {message}", file=sys.stderr)
     failures = len(empty_folders)
-    failures += _predict_and_print(predictor, images, args.top_k, args.json) if images else 0
+    if images:
+        # Each line names its image unless exactly one image file was named: with several
+        # names, or a folder, a line without one cannot be told apart.
+        named = len(inputs) > 1 or images != [Path(inputs[0]).expanduser()]
+        failures += _predict_and_print(predictor, images, args.top_k, args.json, names=named)
     if args.interactive:
         failures += _interactive(predictor, args.top_k, args.json)
     return 1 if failures else 0
@@ -165,11 +169,18 @@ def _refuse_a_model_among_images(path: str, model: str | None) -> None:
 
 
 def _predict_and_print(
-    predictor, images: list[Path], top_k: int, as_json: bool, errors=None, one_line=False
+    predictor,
+    images: list[Path],
+    top_k: int,
+    as_json: bool,
+    errors=None,
+    one_line=False,
+    names: bool | None = None,
 ) -> int:
     """Print the predictions for ``images`` and an error line for each bad file (to ``errors``,
     stderr by default); return the number of bad files. ``one_line`` prints the JSON document
-    on one line (the interactive loop: one line of JSON per answer, as JSON Lines)."""
+    on one line (the interactive loop: one line of JSON per answer, as JSON Lines). ``names``
+    starts each text line with its image's path (default: when there are several images)."""
     from cnnkit.data.image import BadImageError
 
     errors = errors or sys.stderr
@@ -204,8 +215,9 @@ def _predict_and_print(
         print(json.dumps(payload, indent=indent, ensure_ascii=False, allow_nan=False))
         return failures
     kind = predictor.metadata.kind
+    names = len(images) > 1 if names is None else names
     for path, ranked in results:
-        prefix = f"{path}: " if len(images) > 1 else ""
+        prefix = f"{path}: " if names else ""
         print(prefix + format_prediction(ranked[0], kind))
         for rank, prediction in enumerate(ranked[1:], start=2):
             print(f"  {rank}. " + format_prediction(prediction, kind).removeprefix("Prediction: "))

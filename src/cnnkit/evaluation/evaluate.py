@@ -184,7 +184,8 @@ def trained_split_settings(
             "%s was trained with --train-on-all: its test images were training images too",
             model_path,
         )
-    # With a fold or an official split, the seed and the test share choose nothing.
+    # With a fold or an official split, the seed and the test share choose nothing, and the
+    # limits keep images of each split apart: the test images stay test images.
     drawn = data_overrides.get("fold") is None and data_overrides.get("dataset") != "cub"
     settings = dict(data_overrides)
     for key, recorded_as in SPLIT_SETTINGS:
@@ -192,7 +193,7 @@ def trained_split_settings(
         if key not in settings:
             if recorded is not None:
                 settings[key] = recorded
-        elif settings[key] != recorded and (drawn or key not in ("seed", "test_fraction")):
+        elif settings[key] != recorded and drawn:
             logger.warning(
                 "%s was trained with %s %s; with %s its test split holds other images, some "
                 "of which it may have trained on",

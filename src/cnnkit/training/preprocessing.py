@@ -106,7 +106,8 @@ def _check_phases(model: torch.nn.Module, config: RunConfig) -> None:
 
 def _check_train_size(model: torch.nn.Module, config: RunConfig, preprocessing) -> None:
     """Refuse training crops of ``augment.train_size`` that the model's layers cannot take (a
-    dense layer sized for one input), before any data is loaded."""
+    dense layer sized for one input), or that no random resized crops go with, before any data
+    is loaded."""
     size = config.augment.train_size
     if not config.augment.enabled or size is None or size == preprocessing.image_size:
         return
@@ -114,4 +115,14 @@ def _check_train_size(model: torch.nn.Module, config: RunConfig, preprocessing) 
         raise ValueError(
             f"augment.train_size: {config.model.name} cannot train on {size} px crops (its "
             f"layers are sized for {preprocessing.image_size} px inputs); leave it unset"
+        )
+    if not config.augment.random_resized_crop:
+        # Random resized crops enlarge objects, which the smaller size shrinks back to about
+        # their test-time size; without them each whole image is shrunk, and the model learns
+        # its classes at another scale than the one it is tested at.
+        raise ValueError(
+            f"augment.train_size: {size} px training images need random resized crops "
+            "(augment.random_resized_crop: true), which this run does not use; without them "
+            f"every image is shrunk to {size} px and the model learns another scale than the "
+            f"{preprocessing.image_size} px it is tested at; leave it unset"
         )
