@@ -1482,3 +1482,15 @@ def test_train_size_without_random_resized_crops_is_refused(capsys, tmp_path: Pa
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "16 px training images need random resized crops" in error[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_interactive_names_a_folders_image_and_not_a_named_file(
+    capsys, monkeypatch: pytest.MonkeyPatch, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    (image,) = _write_images(tmp_path / "one", count=1)
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{image}\n{image.parent}\n\n"))
+    assert main(["predict", str(symbol_model_file), "--interactive"]) == 0
+    answers = [line for line in capsys.readouterr().out.splitlines() if "Prediction:" in line]
+    assert len(answers) == 2
+    assert SYMBOL_LINE.match(answers[0].split("Enter filename: ")[-1])
+    assert answers[1].split("Enter filename: ")[-1].startswith(f"{image}: ")

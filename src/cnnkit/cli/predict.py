@@ -262,7 +262,11 @@ def _interactive(predictor, top_k: int, as_json: bool) -> int:
             print(f"error: {problem}", file=errors)
         failures += len(problems)
         if images or as_json:  # With --json, one line per name.
-            failures += _predict_and_print(predictor, images, top_k, as_json, errors, one_line=True)
+            # A folder's images are named (a name that expanded to images expands here too).
+            named = len(images) > 1 or (bool(images) and images[0] != Path(name).expanduser())
+            failures += _predict_and_print(
+                predictor, images, top_k, as_json, errors, one_line=True, names=named
+            )
     return failures
 
 
