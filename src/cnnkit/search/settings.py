@@ -11,6 +11,7 @@ from cnnkit.config import RunConfig, config_to_dict
 from cnnkit.errors import error_line
 from cnnkit.paths import RUN_INFO, SEARCH_SETTINGS
 from cnnkit.search.space import SearchSpace
+from cnnkit.training.run_folder import refuse_image_dataset_as_run_dir
 
 if TYPE_CHECKING:
     from cnnkit.search.config import SearchConfig
@@ -32,11 +33,13 @@ def check_same_search(
         name is the default, was renamed.
 
     Raises:
-        ValueError: naming what differs from ``RUN_DIR/search.yaml``.
+        ValueError: naming what differs from ``RUN_DIR/search.yaml``, or for a folder that
+            looks like an image dataset (its trials/ and tensorboard/ would become classes).
     """
     import yaml
 
     _check_folder(run_dir)
+    refuse_image_dataset_as_run_dir(run_dir)
     saved = _saved_settings(run_dir)
     if saved is None:
         return None

@@ -31,7 +31,10 @@ from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger
 from cnnkit.training.final_model import test_and_save
 from cnnkit.training.identity import run_identity
 from cnnkit.training.preprocessing import resolve_preprocessing
-from cnnkit.training.run_folder import refuse_run_dir_inside_folder_data
+from cnnkit.training.run_folder import (
+    refuse_image_dataset_as_run_dir,
+    refuse_run_dir_inside_folder_data,
+)
 from cnnkit.training.run_status import start_run, write_ended, write_finished
 from cnnkit.training.trainer import (
     Callback,
@@ -238,10 +241,11 @@ def _train_test_and_save(
 
 def _refuse_run_dir(run_dir: Path, config: RunConfig) -> None:
     """Refuse a run folder that holds a search, lies inside the folder data it would train on,
-    or cannot be written, before anything is loaded."""
+    looks like an image dataset of its own, or cannot be written, before anything is loaded."""
     if is_search_folder(run_dir):
         raise ValueError(f"{run_dir} holds a search, not a training run: pass another --out")
     refuse_run_dir_inside_folder_data(run_dir, config)
+    refuse_image_dataset_as_run_dir(run_dir)
     refuse_unusable_folder(run_dir, f"--out {run_dir}", needs="a run")
 
 

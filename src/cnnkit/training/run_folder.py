@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -19,8 +20,9 @@ import torch
 from cnnkit import __version__
 from cnnkit.atomic import write_atomically
 from cnnkit.config import RunConfig, dump_config
+from cnnkit.data.folder import is_image_name
 from cnnkit.models.registry import model_options
-from cnnkit.paths import RUN_INFO, member_folders
+from cnnkit.paths import RUN_INFO, is_search_folder, member_folders
 from cnnkit.training.checkpoint import CHECKPOINT_NAME
 
 logger = logging.getLogger(__name__)
@@ -126,6 +128,51 @@ def refuse_run_dir_inside_folder_data(run_dir: Path, config: RunConfig) -> None:
             f"--out {run_dir} is inside the training data folder {config.data.data}: its "
             "report images would become training images; write the run elsewhere"
         )
+
+
+def refuse_image_dataset_as_run_dir(run_dir: Path) -> None:
+    """Refuse a run folder that holds no cnnkit run or search but looks like a folder-per-class
+    image dataset (a subfolder that directly holds images): the run's ``report/`` and
+    ``tensorboard/`` would become classes of that dataset, and its next training would fail on
+    them or learn them.
+
+    Raises:
+        ValueError: naming the folder and a class folder found in it.
+    """
+    if holds_a_run(run_dir) or is_search_folder(run_dir):
+        return
+    class_folder = _first_image_folder(run_dir)
+    if class_folder is not None:
+        raise ValueError(
+            f"--out {run_dir} looks like an image dataset (its class folder {class_folder}/ holds "
+            "images): cnnkit's report/ and tensorboard/ folders would become classes of that "
+            "dataset; write the run elsewhere"
+        )
+
+
+def _first_image_folder(folder: Path) -> str | None:
+    """The first subfolder of ``folder``, by name, that directly holds an image file (hidden
+    ones skipped, as a folder dataset skips them), or None; also for a missing or unreadable
+    folder, which other checks name. Cheap on a huge dataset: it reads the subfolders' own
+    entries only, and stops at the first image."""
+    try:
+        with os.scandir(folder) as entries:
+            names = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+    except OSError:
+        return None
+    return next((name for name in names if _holds_an_image(folder / name)), None)
+
+
+def _holds_an_image(folder: Path) -> bool:
+    """Whether ``folder`` itself (not its subfolders) holds a file named like an image."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(
+                is_image_name(e.name) and not e.name.startswith(".") and not e.is_dir()
+                for e in entries
+            )
+    except OSError:
+        return False
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
