@@ -1,5 +1,6 @@
-"""What `cnnkit train` prints: a transfer run's log in the order its phases ran, each epoch
-line naming its phase."""
+"""What `cnnkit train` prints and refuses: a transfer run's log in the order its phases ran,
+each epoch line naming its phase, and flags refused where another flag would make the run
+ignore them."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tests.conftest import write_bird_folder
 
 from cnnkit.cli import main
@@ -153,3 +155,64 @@ def test_a_logged_frozen_phase_alone_prints_as_before(tmp_path, capsys, monkeypa
     (frozen,) = [index for index, line in enumerate(lines) if line.startswith("frozen")]
     assert lines[frozen].startswith("frozen      2 epochs, last: epoch   2  train_loss ")
     assert lines[frozen + 1].startswith("Test: top-1")
+
+
+# ----------------------------------------------------------------------------- conflicts
+
+
+@pytest.mark.parametrize(
+    ("flags", "ignored", "because"),
+    [
+        (["--no-augment", "--rotation", "30"], "--rotation 30", "--no-augment"),
+        (["--rotation", "12.5", "--no-augment"], "--rotation 12.5", "--no-augment"),
+        (["--no-augment", "--train-size", "24"], "--train-size 24", "--no-augment"),
+        (["--train-on-all", "--val-fraction", "0.2"], "--val-fraction 0.2", "--train-on-all"),
+    ],
+)
+def test_a_flag_another_flag_makes_the_run_ignore_is_refused(
+    tmp_path, capsys, flags, ignored, because
+) -> None:
+    out = tmp_path / "run"
+    assert main([*TINY_DIGITS, "--quiet", "--out", str(out), *flags]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("cnnkit train: error: ")
+    assert f"{ignored} would be ignored: {because} " in error[0]
+    assert not out.exists()
+    # --print-config shows no contradictory settings either.
+    assert main([*TINY_DIGITS, *flags, "--print-config"]) == 2
+    assert ignored in capsys.readouterr().err
+
+
+def test_search_refuses_the_same_flags(tmp_path, capsys) -> None:
+    out = tmp_path / "search"
+    argv = ["search", "--dataset", "digits", "--n-trials", "1", "--out", str(out)]
+    assert main([*argv, "--no-augment", "--rotation", "5"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("cnnkit search: error: --rotation 5 would be")
+    assert "--no-augment" in error[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "settings"),
+    [
+        (["--no-augment"], {"augment": {"enabled": False}}),
+        (["--rotation", "30"], {"augment": {"enabled": True, "max_rotation": 30.0}}),
+        (["--train-size", "24"], {"augment": {"enabled": True, "train_size": 24}}),
+        (["--train-on-all"], {"data": {"train_on_all": True}}),
+        (["--val-fraction", "0.2"], {"data": {"val_fraction": 0.2, "train_on_all": False}}),
+        # Values that ask for what the other flag does anyway.
+        (["--no-augment", "--rotation", "0"], {"augment": {"enabled": False}}),
+        (["--train-on-all", "--val-fraction", "0"], {"data": {"train_on_all": True}}),
+        # A preset's setting is no flag of the user's: book-hasy turns augmentation off.
+        (["--preset", "book-hasy", "--rotation", "30"], {"augment": {"enabled": False}}),
+    ],
+)
+def test_flags_that_do_not_conflict_still_train(tmp_path, capsys, flags, settings) -> None:
+    out = tmp_path / "run"
+    argv = [*TINY_DIGITS, "--quiet", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    assert main([*argv, *flags]) == 0, capsys.readouterr().err
+    assert (out / "model.safetensors").is_file()
+    recorded = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+    for section, values in settings.items():
+        assert {key: recorded[section][key] for key in values} == values
