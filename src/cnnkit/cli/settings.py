@@ -46,6 +46,7 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
     from cnnkit.config import build_run_config, load_config_file
     from cnnkit.presets import PRESETS, preset_for
 
+    _refuse_flags_the_run_would_ignore(args)
     file_layer = load_config_file(args.config) if args.config else {}
     dataset = args.dataset or _file_text(file_layer, "data.dataset", args.config)
     if dataset is None:
@@ -88,6 +89,44 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
     if model_name is None and options_given:
         _check_the_presets_model_takes_them(config, preset)
     return _fit_to_model_input(config, args)
+
+
+def _refuse_flags_the_run_would_ignore(args: argparse.Namespace) -> None:
+    """Refuse a flag that another flag given with it makes the run ignore: ``--no-augment``
+    turns off the augmentation that ``--rotation`` and ``--train-size`` shape, and
+    ``--train-on-all`` holds out none of the images ``--val-fraction`` would.
+
+    Only two flags given together conflict: a preset's or ``--config`` file's setting is a base
+    that flags change, not a choice of the user's to contradict (``--preset book-hasy
+    --rotation 30`` trains without augmentation, as the preset does, without a word). Nor does
+    a value that asks for what the other flag does anyway (``--rotation 0``, ``--val-fraction
+    0``).
+
+    Raises:
+        CommandError: naming both flags.
+    """
+    ignored: list[tuple[str, str]] = []
+    if args.no_augment:
+        if args.rotation:
+            ignored.append((f"--rotation {args.rotation:g}", "--no-augment turns augmentation off"))
+        if args.train_size is not None:
+            ignored.append(
+                (
+                    f"--train-size {args.train_size}",
+                    "--no-augment turns augmentation off, whose crops it sizes",
+                )
+            )
+    # Search has no --train-on-all: its trials are compared on held-out images.
+    if getattr(args, "train_on_all", None) and args.val_fraction:
+        ignored.append(
+            (
+                f"--val-fraction {args.val_fraction:g}",
+                "--train-on-all trains on every image and holds none out for validation",
+            )
+        )
+    if ignored:
+        flag, because = ignored[0]
+        raise CommandError(f"{flag} would be ignored: {because}; give one of the two")
 
 
 def _check_the_presets_model_takes_them(config, preset: str) -> None:

@@ -113,7 +113,15 @@ def _print_interrupted(interrupted) -> None:
 
 def _print_run_result(result, config, progress: bool) -> None:
     """The finished run's epochs, early stop, test figures, model file and run folder."""
-    _print_history(result.fit.history, progress=progress)
+    from cnnkit.progress import plain_lines
+    from cnnkit.training.phases import FROZEN_PHASE
+
+    history = result.fit.history
+    if plain_lines(progress) and "finetune" in config.transfer.phases:
+        # Off a terminal the frozen phase's line was printed as the phase ended, before the
+        # fine-tune's epoch lines (see cnnkit.training.transfer).
+        history = [row for row in history if row.get("phase") != FROZEN_PHASE]
+    _print_history(history, progress=progress)
     _print_early_stop(result.fit, config.train.early_stopping_patience)
     metrics = result.test_metrics
     seen = " (images it trained on: --train-on-all)" if config.data.train_on_all else ""

@@ -73,6 +73,7 @@ def fit_finetune(
     identity: dict[str, Any] | None = None,
     member: int = 0,
     more_follows: bool = False,
+    label: str | None = None,
 ) -> tuple[FitResult, PhaseReport]:
     """Phase 2: unfreeze everything and train with the generic trainer on augmented batches.
 
@@ -86,6 +87,7 @@ def fit_finetune(
             metrics and checkpoint go to :func:`finetune_folder` and its random streams start
             from ``train.seed + member``.
         more_follows: whether ensemble members follow this one (see :meth:`Trainer.fit`).
+        label: what the run calls this fine-tune in its epoch lines (see :class:`Trainer`).
 
     Returns:
         The trainer's fit (best validation weights restored) and the phase's report.
@@ -98,7 +100,15 @@ def fit_finetune(
     loggers = [*(phase_loggers(run_dir, folder) if distributed.is_main else []), *callbacks]
     network = FrozenBatchNorm(model) if freeze_batch_norm else model
     trainer = Trainer(
-        network, config.train, device, run_dir / folder, loggers, distributed, progress, identity
+        network,
+        config.train,
+        device,
+        run_dir / folder,
+        loggers,
+        distributed,
+        progress,
+        identity,
+        label=label,
     )
     fit = trainer.fit(train_loader, val_loader, resume=resume, more_follows=more_follows)
     report = PhaseReport.from_fit(

@@ -59,15 +59,17 @@ def run_fit_loop(
     return result
 
 
-def epoch_line(row: dict[str, float], epochs: int) -> str:
-    """One epoch's figures as a plain line: ``epoch 3/24: train_loss 0.8123 ...``."""
+def epoch_line(row: dict[str, float], epochs: int, label: str | None = None) -> str:
+    """One epoch's figures as a plain line: ``epoch 3/24: train_loss 0.8123 ...``, after
+    ``label`` where one names the fit (``fine-tune epoch 3/8: ...``)."""
     keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_top5")
     parts = [f"{key} {row[key]:.4f}" for key in keys if key in row]
     if "images_per_second" in row:
         parts.append(f"{row['images_per_second']:.0f} img/s")
     if "seconds" in row:
         parts.append(f"{row['seconds']:.0f} s")
-    return f"epoch {int(row['epoch'])}/{epochs}: " + "  ".join(parts)
+    start = f"{label} " if label else ""
+    return f"{start}epoch {int(row['epoch'])}/{epochs}: " + "  ".join(parts)
 
 
 def _early_stopping_patience(
@@ -123,7 +125,7 @@ def _run_epoch(
     trainer.epoch += 1
     progress.result.history.append(row)
     if plain_lines(trainer.progress):
-        print(epoch_line(row, config.epochs), file=sys.stderr, flush=True)
+        print(epoch_line(row, config.epochs, trainer.label), file=sys.stderr, flush=True)
     _record_score(trainer, progress, row, has_validation=val_loader is not None)
     save_progress(trainer, progress)
     for callback in trainer.callbacks:

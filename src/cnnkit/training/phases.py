@@ -12,6 +12,7 @@ from typing import Any
 
 from cnnkit.atomic import write_atomically
 from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger
+from cnnkit.training.fit_loop import epoch_line
 from cnnkit.training.trainer import Callback, FitResult
 
 PHASES_NAME = "phases.json"
@@ -57,6 +58,14 @@ def phase_label(tag: float) -> str:
     if tag == FROZEN_PHASE:
         return "frozen"
     return "fine-tune" if tag == 2.0 else f"fine-tune {int(tag) - 1}"
+
+
+def frozen_phase_line(fit: FitResult, epochs: int) -> str:
+    """The frozen phase's one plain line: its epoch count and last epoch (``frozen 30 epochs,
+    last: epoch 30/30: train_loss ...``). Its head trains for many quick epochs, whose lines
+    would bury the fine-tune's."""
+    last = epoch_line(fit.history[-1], epochs)
+    return f"{phase_label(FROZEN_PHASE)} {len(fit.history)} epochs, last: {last}"
 
 
 def phase_loggers(run_dir: Path, phase: str) -> list[Callback]:

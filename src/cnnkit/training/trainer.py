@@ -59,6 +59,9 @@ class Trainer:
         progress: show progress bars (rank 0 only).
         identity: what the run trains on (for example its class names), saved in each
             checkpoint; resuming from a checkpoint with another identity is an error.
+        label: what the caller calls this fit (``fine-tune``), put before each plain epoch
+            line (``fine-tune epoch 3/8: ...``) to tell it from the run's other fits; None
+            prints the lines bare.
     """
 
     def __init__(
@@ -71,8 +74,10 @@ class Trainer:
         distributed: DistributedContext | None = None,
         progress: bool = True,
         identity: dict[str, Any] | None = None,
+        label: str | None = None,
     ) -> None:
         self.config = config
+        self.label = label
         self.identity = identity or {}
         self.device = device
         # Running sums of loss and correct answers: float64, which Apple's MPS lacks.

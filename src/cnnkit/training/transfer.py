@@ -13,6 +13,7 @@ a lower learning rate; an ensemble fine-tunes each member in turn. Both phases r
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from cnnkit.data.dataset import DataSplits
 from cnnkit.data.loader import build_loaders
 from cnnkit.models.transfer_classifier import TransferEnsemble
 from cnnkit.paths import finetune_folder
+from cnnkit.progress import plain_lines
 from cnnkit.runtime import DistributedContext
 from cnnkit.training.callbacks import write_metrics_csv
 from cnnkit.training.checkpoint import CHECKPOINT_NAME
@@ -37,6 +39,7 @@ from cnnkit.training.phases import (
     PhaseLog,
     PhaseReport,
     combine_fits,
+    frozen_phase_line,
     phase_label,
 )
 from cnnkit.training.trainer import Callback, FitResult, Trainer, TrainingInterrupted
@@ -100,6 +103,7 @@ def fit_transfer(
             model, *inputs.shared_arguments(), feature_cache_dir, distributed
         )
         log.add_phase(FROZEN_PHASE, fit, report)
+        _print_frozen_phase_line(fit, inputs)
     if len(members) > 1:
         model.share_first()  # Every member starts from the frozen phase's head.
     if "finetune" in phases:
@@ -138,6 +142,17 @@ class _PhaseInputs:
         )
 
 
+def _print_frozen_phase_line(fit: FitResult, inputs: _PhaseInputs) -> None:
+    """Off a terminal, where the fine-tune prints each epoch's line as it ends, print the frozen
+    phase's line as it ends too, so that a log lists the phases in the order they ran. (On a
+    terminal, with ``--quiet``, or without a fine-tune, the command lists every phase's epochs
+    once the run ends.)"""
+    fine_tune_follows = "finetune" in inputs.config.transfer.phases
+    if fine_tune_follows and plain_lines(inputs.progress and inputs.distributed.is_main):
+        line = frozen_phase_line(fit, inputs.config.transfer.head_epochs)
+        print(line, file=sys.stderr, flush=True)
+
+
 def _fit_members(
     members: list[nn.Module],
     inputs: _PhaseInputs,
@@ -148,11 +163,13 @@ def _fit_members(
     identity: dict[str, Any] | None,
 ) -> None:
     """Fine-tune each member in turn (a single model is the one member), tagging member N's
-    phase ``2.0 + N`` in the history.
+    phase ``2.0 + N`` in the history. Where the run holds more than this one fit, each
+    fine-tune's epoch lines carry its phase's label (``fine-tune``, ``fine-tune 2``...).
 
     Raises:
         TrainingInterrupted: naming the member's phase and a checkpoint to resume from.
     """
+    several = "frozen" in inputs.config.transfer.phases or len(members) > 1
     for index, member in enumerate(members):
         try:
             fit, report = fit_finetune(
@@ -165,6 +182,7 @@ def _fit_members(
                 identity,
                 member=index,
                 more_follows=index + 1 < len(members),
+                label=phase_label(2.0 + index) if several else None,
             )
         except TrainingInterrupted as interrupted:
             if len(members) == 1:
