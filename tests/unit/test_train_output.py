@@ -198,7 +198,8 @@ def test_search_refuses_the_same_flags(tmp_path, capsys) -> None:
     [
         (["--no-augment"], {"augment": {"enabled": False}}),
         (["--rotation", "30"], {"augment": {"enabled": True, "max_rotation": 30.0}}),
-        (["--train-size", "24"], {"augment": {"enabled": True, "train_size": 24}}),
+        # The input size itself: a smaller one needs random resized crops, which digits lacks.
+        (["--train-size", "32"], {"augment": {"enabled": True, "train_size": 32}}),
         (["--train-on-all"], {"data": {"train_on_all": True}}),
         (["--val-fraction", "0.2"], {"data": {"val_fraction": 0.2, "train_on_all": False}}),
         # Values that ask for what the other flag does anyway.
@@ -216,3 +217,17 @@ def test_flags_that_do_not_conflict_still_train(tmp_path, capsys, flags, setting
     recorded = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
     for section, values in settings.items():
         assert {key: recorded[section][key] for key in values} == values
+
+
+def test_augmentation_flags_with_a_preset_that_turns_it_off_are_named(tmp_path, caplog) -> None:
+    """book-hasy trains without augmentation (the book's settings): a --rotation given with it
+    trains as the preset says, with a warning that it does nothing."""
+    out = tmp_path / "run"
+    argv = [*TINY_DIGITS, "--quiet", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    assert main([*argv, "--preset", "book-hasy", "--rotation", "30"]) == 0
+    assert "--rotation 30 does nothing: the book-hasy preset trains without augmentation" in (
+        caplog.text
+    )
+    caplog.clear()
+    assert main([*argv, "--rotation", "30"]) == 0  # The digits preset augments: no warning.
+    assert "does nothing" not in caplog.text

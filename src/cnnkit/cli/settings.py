@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 from typing import Any
 
 from cnnkit.cli.arguments import CommandError
 from cnnkit.cli.overrides import overrides_from_args, parse_option
+
+logger = logging.getLogger(__name__)
 
 PHOTO_MODELS_PRESET = {"book_bird_cnn": "book-cub", "book_cnn": "book-hasy"}
 
@@ -88,7 +91,29 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
         raise
     if model_name is None and options_given:
         _check_the_presets_model_takes_them(config, preset)
+    _warn_of_augment_flags_with_augmentation_off(config, args, preset)
     return _fit_to_model_input(config, args)
+
+
+def _warn_of_augment_flags_with_augmentation_off(config, args: argparse.Namespace, preset) -> None:
+    """A preset or ``--config`` file that turns augmentation off (``book-hasy``, the book's
+    settings) makes ``--rotation`` and ``--train-size`` do nothing: say so rather than drop them
+    without a word (with ``--no-augment`` as well they are refused before this)."""
+    if config.augment.enabled or args.no_augment:
+        return
+    given = [
+        f"{flag} {value:g}"
+        for flag, value in (("--rotation", args.rotation), ("--train-size", args.train_size))
+        if value
+    ]
+    if given:
+        source = f"the {preset} preset" if args.config is None else "the --config file or preset"
+        logger.warning(
+            "%s does nothing: %s trains without augmentation (augment.enabled: true in a "
+            "--config file turns it on)",
+            " and ".join(given),
+            source,
+        )
 
 
 def _refuse_flags_the_run_would_ignore(args: argparse.Namespace) -> None:
@@ -98,7 +123,7 @@ def _refuse_flags_the_run_would_ignore(args: argparse.Namespace) -> None:
 
     Only two flags given together conflict: a preset's or ``--config`` file's setting is a base
     that flags change, not a choice of the user's to contradict (``--preset book-hasy
-    --rotation 30`` trains without augmentation, as the preset does, without a word). Nor does
+    --rotation 30`` trains without augmentation, as the preset does, with a warning). Nor does
     a value that asks for what the other flag does anyway (``--rotation 0``, ``--val-fraction
     0``).
 
