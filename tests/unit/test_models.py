@@ -121,6 +121,7 @@ def test_model_options_report_defaults() -> None:
         ("book_cnn", {"convs": 1, "image_size": 3}, "needs image_size >= 4 px; got 3"),
         ("book_bird_cnn", {"dense": 0}, "book_bird_cnn dense must be a whole number >= 1"),
         ("book_bird_cnn", {"image_size": 35}, "book_bird_cnn needs image_size >= 36 px"),
+        ("book_bird_cnn", {"dropout": 1.0}, "book_bird_cnn dropout must be in [0, 1); got 1.0"),
     ],
 )
 def test_option_values_no_layer_can_take_are_one_line(name, options, message) -> None:
@@ -169,6 +170,11 @@ def test_book_bird_cnn_is_sized_for_its_input() -> None:
     assert model.default_preprocessing.image_size == 64
     with torch.no_grad():
         assert model(torch.rand(1, 3, 64, 64)).shape == (1, 2)
+    # The book's two dropouts are 0.5; --dropout (as for every model) sets both.
+    dropouts = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts == [0.5, 0.5]
+    lighter = create_model("book_bird_cnn", 2, 3, dense=8, image_size=64, dropout=0.2)
+    assert [m.p for m in lighter.modules() if isinstance(m, torch.nn.Dropout)] == [0.2, 0.2]
 
 
 def test_an_outline_has_the_shapes_and_input_without_memory() -> None:

@@ -98,14 +98,20 @@ class BookBirdCNN(nn.Module):
     """The book's custom bird CNN for 256x256 photos.
 
     2x Conv64-3x3 relu, MaxPool 4, 2x Conv64-3x3 relu, MaxPool 4, Dropout 0.5, Flatten,
-    Dense 400 relu, Dropout 0.5, Dense softmax (Keras ``valid`` padding throughout).
+    Dense 400 relu, Dropout 0.5, Dense softmax (Keras ``valid`` padding throughout);
+    ``dropout`` sets both dropouts.
     """
 
     def __init__(
-        self, num_classes: int, in_channels: int = 3, dense: int = 400, image_size: int = 256
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        dense: int = 400,
+        image_size: int = 256,
+        dropout: float = 0.5,
     ) -> None:
         super().__init__()
-        _check_dense_and_dropout("book_bird_cnn", dense, 0.5)
+        _check_dense_and_dropout("book_bird_cnn", dense, dropout)
         if not _is_whole(image_size) or image_size < 36:  # Two 2-conv blocks, each pooled by 4.
             raise ValueError(f"book_bird_cnn needs image_size >= 36 px; got {image_size!r}")
         size = ((image_size - 4) // 4 - 4) // 4
@@ -120,11 +126,11 @@ class BookBirdCNN(nn.Module):
             nn.Conv2d(64, 64, 3),
             nn.ReLU(),
             nn.MaxPool2d(4),
-            nn.Dropout(0.5),
+            nn.Dropout(dropout),
             nn.Flatten(),
             nn.Linear(64 * size * size, dense),
             nn.ReLU(),
-            nn.Dropout(0.5),
+            nn.Dropout(dropout),
         )
         self.classifier = nn.Linear(dense, num_classes)
         self.default_preprocessing = Preprocessing(
@@ -163,7 +169,11 @@ def book_cnn(
 
 @register_model
 def book_bird_cnn(
-    num_classes: int, in_channels: int = 3, dense: int = 400, image_size: int = 256
+    num_classes: int,
+    in_channels: int = 3,
+    dense: int = 400,
+    image_size: int = 256,
+    dropout: float = 0.5,
 ) -> nn.Module:
-    """The book's custom bird CNN trained from scratch (256x256 input)."""
-    return BookBirdCNN(num_classes, in_channels, dense, image_size)
+    """The book's custom bird CNN trained from scratch (256x256 input; both dropouts 0.5)."""
+    return BookBirdCNN(num_classes, in_channels, dense, image_size, dropout)
