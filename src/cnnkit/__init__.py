@@ -2,6 +2,16 @@
 
 __version__ = "0.1.0"
 
+# Names of the public API imported on first use: `import cnnkit` stays cheap for the CLI.
+_LAZY = {
+    "Predictor": "cnnkit.inference.predictor",
+    "Prediction": "cnnkit.inference.predictor",
+    "open_predictor": "cnnkit.inference.predictor",
+    "create_model": "cnnkit.models.registry",
+    "ModelFileError": "cnnkit.inference.model_metadata",
+    "BadImageError": "cnnkit.data.image",
+}
+
 
 def load_model(path, device="cpu"):
     """Rebuild a saved model (see :func:`cnnkit.inference.artifact.load_model`)."""
@@ -11,20 +21,11 @@ def load_model(path, device="cpu"):
 
 
 def __getattr__(name):
-    # Lazy imports keep `import cnnkit` cheap for the CLI.
-    if name == "Predictor":
-        from cnnkit.inference.predictor import Predictor
+    if name in _LAZY:
+        import importlib
 
-        return Predictor
-    if name == "open_predictor":
-        from cnnkit.inference.predictor import open_predictor
-
-        return open_predictor
-    if name == "create_model":
-        from cnnkit.models.registry import create_model
-
-        return create_model
-    raise AttributeError(name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'cnnkit' has no attribute {name!r}")
 
 
-__all__ = ["Predictor", "__version__", "create_model", "load_model", "open_predictor"]
+__all__ = ["__version__", "load_model", *_LAZY]

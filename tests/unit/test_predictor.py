@@ -410,3 +410,19 @@ def test_evaluation_passes_large_photos_in_bounded_batches() -> None:
     logits = predict_logits(Counting(), images, photo, torch.device("cpu"))
     assert logits.shape == (50, 2) and sum(seen) == 50
     assert max(seen) == eval_batch_size(512, photo) < 50
+
+
+def test_the_public_names_come_from_the_package_itself() -> None:
+    """``cnnkit.Prediction``, ``cnnkit.BadImageError`` and the rest, as the README writes them,
+    are the classes the modules define, imported on first use."""
+    import cnnkit
+    from cnnkit.data.image import BadImageError
+    from cnnkit.inference.model_metadata import ModelFileError
+    from cnnkit.inference.predictor import Prediction, Predictor
+
+    assert (cnnkit.Prediction, cnnkit.Predictor) == (Prediction, Predictor)
+    assert (cnnkit.BadImageError, cnnkit.ModelFileError) == (BadImageError, ModelFileError)
+    assert issubclass(cnnkit.ModelFileError, ValueError)
+    assert set(cnnkit.__all__) >= {"Prediction", "BadImageError", "ModelFileError", "load_model"}
+    with pytest.raises(AttributeError, match="no attribute 'Predictions'"):
+        cnnkit.Predictions  # noqa: B018
