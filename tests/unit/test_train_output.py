@@ -231,3 +231,22 @@ def test_augmentation_flags_with_a_preset_that_turns_it_off_are_named(tmp_path, 
     caplog.clear()
     assert main([*argv, "--rotation", "30"]) == 0  # The digits preset augments: no warning.
     assert "does nothing" not in caplog.text
+
+
+def test_fine_tune_flags_with_the_frozen_phase_alone_are_named(caplog) -> None:
+    """--phases frozen runs no fine-tune: --epochs and --lr, which only it reads, are named in
+    a warning with what the head trains instead; the fine-tune's own run says nothing."""
+    from cnnkit.cli import build_parser
+    from cnnkit.cli.settings import resolve_run_config
+
+    argv = ["train", "--dataset", "cub", "--data", "birds.tgz", "--model", "efficientnet_lite0"]
+    argv += ["--epochs", "5"]
+    frozen = resolve_run_config(
+        build_parser().parse_args([*argv, "--lr", "0.01", "--phases", "frozen"])
+    )
+    assert frozen.transfer.phases == ("frozen",)
+    assert "--epochs, --lr do nothing with --phases frozen" in caplog.text
+    assert f"trains {frozen.transfer.head_epochs} epochs" in caplog.text
+    caplog.clear()
+    resolve_run_config(build_parser().parse_args(argv))
+    assert "do nothing" not in caplog.text and "does nothing" not in caplog.text

@@ -92,7 +92,37 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
     if model_name is None and options_given:
         _check_the_presets_model_takes_them(config, preset)
     _warn_of_augment_flags_with_augmentation_off(config, args, preset)
+    _warn_of_fine_tune_flags_without_a_fine_tune(config, args)
     return _fit_to_model_input(config, args)
+
+
+# Flags (argparse's names) that only the fine-tune reads: the frozen phase trains its head for
+# transfer.head_epochs at transfer.head_learning_rate, whole batches, no average, no stopping.
+_FINE_TUNE_FLAGS = {
+    "epochs": "--epochs",
+    "learning_rate": "--lr",
+    "patience": "--patience",
+    "max_steps_per_epoch": "--max-steps-per-epoch",
+    "ema_decay": "--ema",
+    "micro_batch_size": "--micro-batch",
+}
+
+
+def _warn_of_fine_tune_flags_without_a_fine_tune(config, args: argparse.Namespace) -> None:
+    """``--phases frozen`` runs no fine-tune: name the flags given that only it would read."""
+    if not config.model.name.startswith("efficientnet") or "finetune" in config.transfer.phases:
+        return
+    given = [flag for name, flag in _FINE_TUNE_FLAGS.items() if getattr(args, name, None)]
+    if given:
+        logger.warning(
+            "%s %s nothing with --phases frozen, which runs no fine-tune: the frozen head "
+            "trains %d epochs at learning rate %g (transfer.head_epochs and "
+            "transfer.head_learning_rate in a --config file)",
+            ", ".join(given),
+            "does" if len(given) == 1 else "do",
+            config.transfer.head_epochs,
+            config.transfer.head_learning_rate,
+        )
 
 
 def _warn_of_augment_flags_with_augmentation_off(config, args: argparse.Namespace, preset) -> None:
