@@ -100,3 +100,9 @@ def test_only_a_visible_subfolder_that_holds_images_counts(tmp_path: Path) -> No
     _write_images(folder / "z")
     with pytest.raises(ValueError, match=r"mine looks like an image dataset .* z/ holds images"):
         refuse_image_dataset_as_run_dir(folder)
+    # A folder that holds the run's own training data (a CSV beside its images, say) is the
+    # user's working folder: its run goes there, as the CSV test in test_cli_digits trains.
+    refuse_image_dataset_as_run_dir(folder, [folder / "data", tmp_path / "elsewhere"])
+    refuse_image_dataset_as_run_dir(folder, [folder])
+    with pytest.raises(ValueError, match="looks like an image dataset"):
+        refuse_image_dataset_as_run_dir(folder, [tmp_path / "elsewhere"])

@@ -11,7 +11,7 @@ from cnnkit.config import RunConfig, config_to_dict
 from cnnkit.errors import error_line
 from cnnkit.paths import RUN_INFO, SEARCH_SETTINGS
 from cnnkit.search.space import SearchSpace
-from cnnkit.training.run_folder import refuse_image_dataset_as_run_dir
+from cnnkit.training.run_folder import data_roots, refuse_image_dataset_as_run_dir
 
 if TYPE_CHECKING:
     from cnnkit.search.config import SearchConfig
@@ -39,7 +39,7 @@ def check_same_search(
     import yaml
 
     _check_folder(run_dir)
-    refuse_image_dataset_as_run_dir(run_dir)
+    refuse_image_dataset_as_run_dir(run_dir, data_roots(base))
     saved = _saved_settings(run_dir)
     if saved is None:
         return None

@@ -130,16 +130,20 @@ def refuse_run_dir_inside_folder_data(run_dir: Path, config: RunConfig) -> None:
         )
 
 
-def refuse_image_dataset_as_run_dir(run_dir: Path) -> None:
+def refuse_image_dataset_as_run_dir(run_dir: Path, data: Sequence[Path] = ()) -> None:
     """Refuse a run folder that holds no cnnkit run or search but looks like a folder-per-class
     image dataset (a subfolder that directly holds images): the run's ``report/`` and
     ``tensorboard/`` would become classes of that dataset, and its next training would fail on
-    them or learn them.
+    them or learn them. A folder that holds the run's own training data (``data``: a CSV beside
+    its ``samples/``, say) is the user's working folder, not a dataset to keep apart.
 
     Raises:
         ValueError: naming the folder and a class folder found in it.
     """
     if holds_a_run(run_dir) or is_search_folder(run_dir):
+        return
+    out = run_dir.resolve()
+    if any(out == root or out in root.parents for root in map(Path.resolve, map(Path, data))):
         return
     class_folder = _first_image_folder(run_dir)
     if class_folder is not None:
