@@ -65,6 +65,20 @@ def _ctrl_c_reaches_child_processes() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored() -> None:
+    """Put back the Ctrl-C and SIGTERM handlers a test changed. A test that runs a worker
+    process's code in its own process (search's ``worker_main`` ignores both signals) would
+    otherwise leave every later test's child processes deaf to Ctrl-C; under pytest-xdist
+    which tests come later changes from run to run."""
+    interrupts = (signal.SIGINT, signal.SIGTERM)
+    saved = {number: signal.getsignal(number) for number in interrupts}
+    yield
+    for number, handler in saved.items():
+        if handler is not None and signal.getsignal(number) is not handler:
+            signal.signal(number, handler)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Keep what the package caches by default (ONNX exports, decoded images) out of the
