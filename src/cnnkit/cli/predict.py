@@ -98,9 +98,7 @@ def command_predict(args: argparse.Namespace) -> int:
         print(f"error: {message}", file=sys.stderr)
     failures = len(empty_folders)
     if images:
-        # Each line names its image unless exactly one image file was named: with several
-        # names, or a folder, a line without one cannot be told apart.
-        named = len(inputs) > 1 or images != [Path(inputs[0]).expanduser()]
+        named = _names_its_images(inputs, images)
         failures += _predict_and_print(predictor, images, args.top_k, args.json, names=named)
     if args.interactive:
         failures += _interactive(predictor, args.top_k, args.json)
@@ -168,6 +166,13 @@ def _refuse_a_model_among_images(path: str, model: str | None) -> None:
         )
 
 
+def _names_its_images(given: list[str], images: list[Path]) -> bool:
+    """Whether each text line names its image: unless exactly one image file was named, since
+    with several names, or a folder, a line without one cannot be told apart. ``images`` are
+    what ``given`` expanded to (so ``given[0]`` expands where ``images`` is not empty)."""
+    return len(given) > 1 or (bool(images) and images != [Path(given[0]).expanduser()])
+
+
 def _predict_and_print(
     predictor,
     images: list[Path],
@@ -175,12 +180,13 @@ def _predict_and_print(
     as_json: bool,
     errors=None,
     one_line=False,
-    names: bool | None = None,
+    *,
+    names: bool,
 ) -> int:
     """Print the predictions for ``images`` and an error line for each bad file (to ``errors``,
     stderr by default); return the number of bad files. ``one_line`` prints the JSON document
     on one line (the interactive loop: one line of JSON per answer, as JSON Lines). ``names``
-    starts each text line with its image's path (default: when there are several images)."""
+    starts each text line with its image's path (see :func:`_names_its_images`)."""
     from cnnkit.data.image import BadImageError
 
     errors = errors or sys.stderr
@@ -215,7 +221,6 @@ def _predict_and_print(
         print(json.dumps(payload, indent=indent, ensure_ascii=False, allow_nan=False))
         return failures
     kind = predictor.metadata.kind
-    names = len(images) > 1 if names is None else names
     for path, ranked in results:
         prefix = f"{path}: " if names else ""
         print(prefix + format_prediction(ranked[0], kind))
@@ -262,8 +267,7 @@ def _interactive(predictor, top_k: int, as_json: bool) -> int:
             print(f"error: {problem}", file=errors)
         failures += len(problems)
         if images or as_json:  # With --json, one line per name.
-            # A folder's images are named (a name that expanded to images expands here too).
-            named = len(images) > 1 or (bool(images) and images[0] != Path(name).expanduser())
+            named = _names_its_images([name], images)
             failures += _predict_and_print(
                 predictor, images, top_k, as_json, errors, one_line=True, names=named
             )
