@@ -113,13 +113,11 @@ def _print_interrupted(interrupted) -> None:
 
 def _print_run_result(result, config, progress: bool) -> None:
     """The finished run's epochs, early stop, test figures, model file and run folder."""
-    from cnnkit.progress import plain_lines
-    from cnnkit.training.phases import FROZEN_PHASE
+    from cnnkit.training.phases import FROZEN_PHASE, frozen_line_printed_live
 
     history = result.fit.history
-    if plain_lines(progress) and "finetune" in config.transfer.phases:
-        # Off a terminal the frozen phase's line was printed as the phase ended, before the
-        # fine-tune's epoch lines (see cnnkit.training.transfer).
+    if frozen_line_printed_live(config.transfer.phases, progress):
+        # Printed as the phase ended, before the fine-tune's epoch lines.
         history = [row for row in history if row.get("phase") != FROZEN_PHASE]
     _print_history(history, progress=progress)
     _print_early_stop(result.fit, config.train.early_stopping_patience)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit.atomic import write_atomically
+from cnnkit.progress import plain_lines
 from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger
 from cnnkit.training.fit_loop import epoch_line
 from cnnkit.training.trainer import Callback, FitResult
@@ -66,6 +67,13 @@ def frozen_phase_line(fit: FitResult, epochs: int) -> str:
     would bury the fine-tune's."""
     last = epoch_line(fit.history[-1], epochs)
     return f"{phase_label(FROZEN_PHASE)} {len(fit.history)} epochs, last: {last}"
+
+
+def frozen_line_printed_live(phases: tuple[str, ...], progress: bool) -> bool:
+    """Whether a transfer run prints its frozen phase's line as that phase ends (output that is
+    not a terminal, with a fine-tune to follow, whose epoch lines come as they end), so that a
+    log lists the phases in the order they ran; otherwise the run's end lists it."""
+    return "finetune" in phases and plain_lines(progress)
 
 
 def phase_loggers(run_dir: Path, phase: str) -> list[Callback]:

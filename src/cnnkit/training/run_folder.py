@@ -143,7 +143,8 @@ def refuse_image_dataset_as_run_dir(run_dir: Path, data: Sequence[Path] = ()) ->
     if holds_a_run(run_dir) or is_search_folder(run_dir):
         return
     out = run_dir.resolve()
-    if any(out == root or out in root.parents for root in map(Path.resolve, map(Path, data))):
+    roots = [Path(root).resolve() for root in data]
+    if any(out == root or out in root.parents for root in roots):
         return
     class_folder = _first_image_folder(run_dir)
     if class_folder is not None:

@@ -28,7 +28,6 @@ from cnnkit.data.dataset import DataSplits
 from cnnkit.data.loader import build_loaders
 from cnnkit.models.transfer_classifier import TransferEnsemble
 from cnnkit.paths import finetune_folder
-from cnnkit.progress import plain_lines
 from cnnkit.runtime import DistributedContext
 from cnnkit.training.callbacks import write_metrics_csv
 from cnnkit.training.checkpoint import CHECKPOINT_NAME
@@ -39,6 +38,7 @@ from cnnkit.training.phases import (
     PhaseLog,
     PhaseReport,
     combine_fits,
+    frozen_line_printed_live,
     frozen_phase_line,
     phase_label,
 )
@@ -143,12 +143,11 @@ class _PhaseInputs:
 
 
 def _print_frozen_phase_line(fit: FitResult, inputs: _PhaseInputs) -> None:
-    """Off a terminal, where the fine-tune prints each epoch's line as it ends, print the frozen
-    phase's line as it ends too, so that a log lists the phases in the order they ran. (On a
-    terminal, with ``--quiet``, or without a fine-tune, the command lists every phase's epochs
-    once the run ends.)"""
-    fine_tune_follows = "finetune" in inputs.config.transfer.phases
-    if fine_tune_follows and plain_lines(inputs.progress and inputs.distributed.is_main):
+    """The frozen phase's line as the phase ends, where :func:`frozen_line_printed_live` says
+    so (on a terminal, with ``--quiet``, or without a fine-tune, the command lists every
+    phase's epochs once the run ends)."""
+    progress = inputs.progress and inputs.distributed.is_main
+    if frozen_line_printed_live(inputs.config.transfer.phases, progress):
         line = frozen_phase_line(fit, inputs.config.transfer.head_epochs)
         print(line, file=sys.stderr, flush=True)
 
