@@ -6,7 +6,9 @@ data loading; time to first reach 81%) and the book's CNN with the book's settin
     python benchmarks/hasy_recipe.py default --config variant.yaml --name hasy_variant
 
 ``--config`` layers a YAML file (the format of ``cnnkit train --config``) over the preset, for
-trying a variant of the recipe; ``--name`` records it under another name.
+trying a variant of the recipe; ``--name`` records it under another name. ``--cache-dir`` reuses
+a decoded-image cache that another run filled (several variants at once on one GPU, as
+``benchmarks/hasy_gpu_sweep.sh`` runs them); the wall time then leaves out the first decode.
 
 Each epoch the test split is also evaluated (outside the timed training) to find when 81% is
 first reached; that evaluation time is subtracted from the reported wall time.
@@ -25,6 +27,7 @@ import torch
 from benchmarks.record import record_result, shared_dataset
 from cnnkit.config import build_run_config, config_to_dict, load_config_file
 from cnnkit.data.loader import BatchLoader, build_eval_transform
+from cnnkit.data.sources import build_splits
 from cnnkit.presets import preset_for
 from cnnkit.runtime import select_device, tune_allocator
 from cnnkit.training.preprocessing import resolve_preprocessing
@@ -50,6 +53,8 @@ class TestAccuracyProbe(Callback):
         accuracy = trainer.evaluate(self.loader)["accuracy"]
         self.probe_seconds += time.perf_counter() - began
         self.curve.append((int(metrics["epoch"]), accuracy, elapsed))
+        # Printed as it comes, so a run stopped at a time limit still shows its curve.
+        print(f"epoch {int(metrics['epoch'])}: test top-1 {accuracy:.4f}", flush=True)
         if self.reached_at is None and accuracy >= self.target:
             self.reached_at = elapsed
 
@@ -63,6 +68,15 @@ def main() -> None:
     parser.add_argument("--config", help="YAML overrides on top of the preset (a variant)")
     parser.add_argument("--name", help="record under benchmarks/results/NAME.json")
     parser.add_argument("--keep-model", help="copy the trained model file to this path")
+    parser.add_argument(
+        "--cache-dir", help="reuse this decoded-image cache (default: a fresh one, timed)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    parser.add_argument(
+        "--fill-cache-only",
+        action="store_true",
+        help="decode the data into --cache-dir and stop (before runs that share it)",
+    )
     args = parser.parse_args()
     archive = shared_dataset("HASYv2-dev.tar.bz2")
     tune_allocator()
@@ -78,6 +92,13 @@ def main() -> None:
             "out": f"{work}/run",
         },
     )
+    if args.fill_cache_only:
+        if not args.cache_dir:
+            parser.error("--fill-cache-only needs --cache-dir")
+        began = time.perf_counter()
+        build_splits(config.data, resolve_preprocessing(config), args.cache_dir, progress=False)
+        print(f"filled {args.cache_dir} in {time.perf_counter() - began:.1f} s")
+        return
     start = time.perf_counter()
     probe = TestAccuracyProbe(0.81, start)
 
@@ -89,11 +110,11 @@ def main() -> None:
             device=select_device(config.train.device),
         )
 
-    # A fresh cache folder: the timed figure includes decoding the archive.
+    # A fresh cache folder unless --cache-dir: the timed figure then includes decoding.
     result = train_run(
         config,
-        cache_dir=f"{work}/cache",
-        progress=True,
+        cache_dir=args.cache_dir or f"{work}/cache",
+        progress=not args.no_progress,
         callbacks=[probe],
         on_data=attach_test_loader,
     )
@@ -119,6 +140,7 @@ def main() -> None:
             "curve": probe.curve,
             "threads": torch.get_num_threads(),
             "device": str(select_device(config.train.device)),
+            "cache": "shared, filled before the run" if args.cache_dir else "fresh",
         },
     )
     print(f"saved {path}")
