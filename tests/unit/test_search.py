@@ -1403,6 +1403,19 @@ def test_an_out_that_is_a_file_is_named(tmp_path, digits_data):
         assert str(error.value) == message
 
 
+def test_a_search_inside_its_folder_dataset_is_refused(tmp_path, digits_data):
+    """Its trials' report images would become training images, as for a run (test_cli)."""
+    data = tmp_path / "shapes"
+    for name in ("a", "b"):
+        (data / name).mkdir(parents=True)
+    for out in (data, data / "runs" / "search"):
+        base = tiny_base(out)
+        base = replace(base, data=replace(base.data, dataset="folder", data=str(data)))
+        with pytest.raises(ValueError, match=f"--out {re.escape(str(out))} is inside the"):
+            run_search(base, TINY_SPACE, SearchConfig(), progress=False, data=digits_data)
+    assert sorted(p.name for p in data.iterdir()) == ["a", "b"]  # Nothing written there.
+
+
 def test_a_trial_that_repeats_a_finished_one_is_not_trained_again(tmp_path, digits_data):
     from cnnkit.search.results import summarize_trial
     from cnnkit.search.trials import TrialRunner

@@ -11,7 +11,11 @@ from cnnkit.config import RunConfig, config_to_dict
 from cnnkit.errors import error_line
 from cnnkit.paths import RUN_INFO, SEARCH_SETTINGS
 from cnnkit.search.space import SearchSpace
-from cnnkit.training.run_folder import data_roots, refuse_image_dataset_as_run_dir
+from cnnkit.training.run_folder import (
+    data_roots,
+    refuse_image_dataset_as_run_dir,
+    refuse_run_dir_inside_folder_data,
+)
 
 if TYPE_CHECKING:
     from cnnkit.search.config import SearchConfig
@@ -34,11 +38,13 @@ def check_same_search(
 
     Raises:
         ValueError: naming what differs from ``RUN_DIR/search.yaml``, or for a folder that
-            looks like an image dataset (its trials/ and tensorboard/ would become classes).
+            looks like an image dataset or lies inside the folder dataset it searches on (its
+            trials/ and tensorboard/ would become classes).
     """
     import yaml
 
     _check_folder(run_dir)
+    refuse_run_dir_inside_folder_data(run_dir, base)
     refuse_image_dataset_as_run_dir(run_dir, data_roots(base))
     saved = _saved_settings(run_dir)
     if saved is None:
