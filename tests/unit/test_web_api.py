@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 
 from cnnkit.config import Preprocessing
 from cnnkit.inference.artifact import ModelMetadata, save_model
-from cnnkit.inference.predictor import Predictor
+from cnnkit.inference.predictor import Prediction, Predictor
 from cnnkit.models.registry import create_model
 from cnnkit.web import prediction
 from cnnkit.web.app import MAX_CONCURRENT_REQUESTS, create_app
@@ -45,7 +45,7 @@ from cnnkit.web.server import (
     page_url,
     serve,
 )
-from cnnkit.web.upload import _header_options, parse_multipart
+from cnnkit.web.upload import ImageRequest, _header_options, parse_multipart
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -554,6 +554,40 @@ def test_images_large_in_pixels_are_decoded_outside_the_batch_thread(
     assert not decoded_in[(400, 400)].startswith("cnnkit-batch")
 
 
+def test_large_images_are_prepared_a_few_at_a_time(
+    predictor: Predictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each can take hundreds of MB while decoded: eight at once must not all be in memory."""
+    lock, running, most = threading.Lock(), [0], [0]
+    prepare = prediction.PredictionService.prepare
+
+    def counting_prepare(service, image_request):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)  # Long enough for the others to start, were they let through.
+        try:
+            return prepare(service, image_request)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(prediction.PredictionService, "prepare", counting_prepare)
+
+    async def predict_all() -> list[list[Prediction]]:
+        service = prediction.PredictionService(predictor)
+        try:
+            drawing = png_bytes(canvas_drawing())
+            requests = [ImageRequest(drawing, source="canvas") for _ in range(8)]
+            return await asyncio.gather(*(service.predict(r) for r in requests))
+        finally:
+            await service.close()
+
+    results = asyncio.run(predict_all())
+    assert len(results) == 8 and len({r[0].label for r in results}) == 1
+    assert most[0] == prediction.HEAVY_PREPARES
+
+
 def test_top_k_is_clamped_and_validated(client: TestClient) -> None:
     data = png_bytes(symbol_image(3))
     assert len(post_file(client, data, top_k="100").json()["predictions"]) == len(SYMBOL_CLASSES)
@@ -708,6 +742,47 @@ def test_health_checks_pass_the_in_flight_limit() -> None:
     statuses = [status for status, _, _ in asyncio.run(scenario())]
     assert statuses == [200, 200, 503]
     assert middleware.in_flight == 0
+
+
+@pytest.mark.parametrize("expect", [False, True])
+def test_a_request_turned_away_busy_has_its_body_read_before_the_answer_ends(expect) -> None:
+    """Closing on an unread body makes the kernel reset the connection, and the client loses
+    the 503 (200 uploads of 1 MB at once: 72 connection resets). A client waiting for
+    "100 Continue" has sent no body, so nothing is read."""
+    release = asyncio.Event()
+
+    async def application(scope, receive, send) -> None:
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = InFlightLimitMiddleware(application, limit=1)
+    body = [{"type": "http.request", "body": b"x" * 1000, "more_body": True}] * 2
+    body.append({"type": "http.request", "body": b"x", "more_body": False})
+    headers = [(b"content-length", b"2001")] + [(b"expect", b"100-continue")] * expect
+
+    async def scenario():
+        held = asyncio.create_task(call_asgi(middleware, "POST", "/slow"))
+        while middleware.in_flight < 1:
+            await asyncio.sleep(0)
+        unread, sent = list(body), []
+
+        async def receive():
+            return unread.pop(0)
+
+        async def send(message) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/api/predict", "headers": headers}
+        await middleware(scope, receive, send)
+        release.set()
+        await held
+        return unread, sent
+
+    unread, sent = asyncio.run(scenario())
+    assert sent[0]["status"] == 503
+    assert json.loads(sent[1]["body"]) == {"error": "the server is busy; retry shortly"}
+    assert len(unread) == (3 if expect else 0)
 
 
 def test_stalled_uploads_time_out_and_do_not_lock_out_health_checks(live_url: str) -> None:

@@ -201,6 +201,26 @@ async def _drain(receive: Receive, max_bytes: int) -> None:
         await asyncio.wait_for(drain(), _DRAIN_SECONDS)
 
 
+def _body_drain(scope: Scope, receive: Receive) -> Callable[[], Awaitable[None]] | None:
+    """What reads and drops the body of a request answered without reading it (bounded as
+    :func:`_drain` is), so that closing the connection does not reset it before the client
+    has the answer; None for a request without a body, or one whose client waits for
+    "100 Continue" and so has sent none."""
+    headers = {key.lower(): value for key, value in scope["headers"]}
+    if headers.get(b"expect", b"").lower() == b"100-continue":
+        return None
+    declared = headers.get(b"content-length", b"").strip()
+    if b"transfer-encoding" not in headers and (not declared.isdigit() or int(declared) == 0):
+        return None
+
+    size = min(int(declared), _DRAIN_BYTES) if declared.isdigit() else _DRAIN_BYTES
+
+    async def drain() -> None:
+        await _drain(receive, size)
+
+    return drain
+
+
 async def send_json_error(
     send: Send,
     status: int,
@@ -268,7 +288,11 @@ class InFlightLimitMiddleware:
             return
         if self.in_flight >= self.limit:
             await send_json_error(
-                send, 503, "the server is busy; retry shortly", [(b"retry-after", b"1")]
+                send,
+                503,
+                "the server is busy; retry shortly",
+                [(b"retry-after", b"1")],
+                before_closing=_body_drain(scope, receive),
             )
             return
         self.in_flight += 1
