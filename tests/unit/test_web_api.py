@@ -13,6 +13,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -27,13 +28,18 @@ from python_multipart.multipart import parse_options_header
 from starlette.exceptions import HTTPException
 
 from cnnkit.config import Preprocessing
-from cnnkit.inference.artifact import ModelMetadata, save_model
+from cnnkit.inference.artifact import ModelMetadata, load_model, save_model
 from cnnkit.inference.predictor import Prediction, Predictor
 from cnnkit.models.registry import create_model
 from cnnkit.web import prediction
 from cnnkit.web.app import MAX_CONCURRENT_REQUESTS, create_app
 from cnnkit.web.batching import MicroBatcher
-from cnnkit.web.drawing import canvas_to_symbol, estimate_stroke_width, ink_mask
+from cnnkit.web.drawing import (
+    canvas_to_digit,
+    canvas_to_symbol,
+    estimate_stroke_width,
+    ink_mask,
+)
 from cnnkit.web.limits import BodySizeLimitMiddleware, InFlightLimitMiddleware
 from cnnkit.web.render import MAX_LATEX_LENGTH, render_latex_svg
 from cnnkit.web.schema import ErrorAnswer, PredictAnswer
@@ -516,6 +522,29 @@ def test_a_lab_drawing_is_read_like_an_upload(client: TestClient, predictor: Pre
     assert response.status_code == 200, response.text
     expected = [p.to_dict() for p in predictor.predict([canvas_to_symbol(ink)])[0]]
     assert as_pairs(response.json()["predictions"]) == as_pairs(expected)
+
+
+def test_a_digits_model_gets_drawings_in_the_digits_form(
+    symbol_model_path: Path, tmp_path: Path
+) -> None:
+    """8x8 counts of ink, upscaled as the training scans were; not HASYv2's 2 px strokes."""
+    source = load_model(symbol_model_path)
+    training = {"dataset": "digits"}
+    path = save_model(
+        tmp_path / "digits.safetensors", source, replace(source.metadata, training=training)
+    )
+    digits_predictor = Predictor.from_file(path)
+    drawing = canvas_drawing()
+    digit = canvas_to_digit(drawing)
+    assert digit.size == (8, 8) and digit.mode == "L"
+    # Both forms' top classes differ for this drawing, so the test tells them apart.
+    as_digit = [p.to_dict() for p in digits_predictor.predict([digit])[0]]
+    as_symbol = [p.to_dict() for p in digits_predictor.predict([canvas_to_symbol(drawing)])[0]]
+    assert as_pairs(as_digit) != as_pairs(as_symbol)
+    with TestClient(create_app(digits_predictor)) as digits_client:
+        response = post_file(digits_client, png_bytes(drawing), source="canvas")
+    assert response.status_code == 200, response.text
+    assert as_pairs(response.json()["predictions"]) == as_pairs(as_digit)
 
 
 def test_image_errors_on_the_canvas_path_get_a_400(
