@@ -389,6 +389,15 @@ def test_export_and_the_torch_backend_refuse_an_onnx_export(
     assert main(["predict", str(exported), str(image)]) == 0  # ONNX Runtime runs it.
 
 
+def test_serve_takes_an_upload_limit_in_fractions_of_a_megabyte(monkeypatch) -> None:
+    from cnnkit.web import server
+
+    called: dict = {}
+    monkeypatch.setattr(server, "serve", lambda model, **options: called.update(options))
+    assert main(["serve", "--max-upload-mb", "0.5"]) == 0
+    assert called["max_upload_bytes"] == 500_000
+
+
 def test_serve_refuses_a_bad_upload_limit_before_announcing(capsys) -> None:
     assert main(["serve", "--max-upload-mb", "0"]) == 2
     captured = capsys.readouterr()

@@ -167,9 +167,10 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     serve.add_argument(
         "--max-upload-mb",
-        type=int,
+        type=float,
         default=5,
-        help="largest accepted upload in MB; larger ones get 413 (default 5)",
+        help="largest accepted upload in MB (10^6 bytes; 0.5 is half of one); larger ones "
+        "get 413 (default 5)",
     )
     serve.add_argument(
         "--allow-remote", action="store_true", help="allow binding to a non-loopback address"
@@ -178,8 +179,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         "--workers",
         type=int,
         default=1,
-        help="server processes, each with a copy of the model (more serve more requests/s "
-        "on several cores)",
+        help="server processes on the one port, each with its own copy of the model: more "
+        "requests/s on several cores (default 1)",
     )
     add_device_argument(
         serve,

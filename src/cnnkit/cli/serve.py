@@ -22,7 +22,7 @@ def command_serve(args: argparse.Namespace) -> int:
         args.model,
         host=args.host,
         port=args.port,
-        max_upload_bytes=args.max_upload_mb * 1_000_000,
+        max_upload_bytes=round(args.max_upload_mb * 1_000_000),
         allow_remote=args.allow_remote,
         workers=args.workers,
         on_ready=lambda url: print(f"Serving on {url}  (Ctrl-C stops)", flush=True),

@@ -74,9 +74,9 @@ def decode_base64_image(text: Any, max_upload_bytes: int) -> bytes:
     """
     if not isinstance(text, str) or not text:
         raise HTTPException(400, "'image' must be a base64 string or a data URL")
-    if text.startswith("data:"):
+    if text[:5].lower() == "data:":  # URL schemes and the base64 marker ignore case.
         header, _, text = text.partition(",")
-        if not header.endswith(";base64"):
+        if not header.lower().endswith(";base64"):
             raise HTTPException(400, "the data URL must be base64-encoded")
     try:
         # Non-ASCII text is no base64 (UnicodeEncodeError is a ValueError).
