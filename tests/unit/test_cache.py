@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import multiprocessing
 import os
@@ -97,14 +98,39 @@ def test_rewritten_file_misses_the_cache(tmp_path, dataset):
     assert fixed.images[-1].min() == 255
 
 
-def test_unreadable_cache_entry_is_decoded_again(tmp_path, dataset, caplog):
+def _edit_meta(entry: Path, edit) -> None:
+    meta = json.loads((entry / "meta.json").read_text())
+    (entry / "meta.json").write_text(json.dumps(edit(meta)))
+
+
+CORRUPTIONS = {
+    "meta.json not JSON": lambda entry: (entry / "meta.json").write_text("{not json"),
+    "meta.json a list": lambda entry: (entry / "meta.json").write_text("[1]"),
+    "no problems key": lambda entry: _edit_meta(
+        entry, lambda meta: {k: v for k, v in meta.items() if k != "problems"}
+    ),
+    "an index past the images": lambda entry: _edit_meta(
+        entry, lambda meta: {**meta, "valid": [*meta["valid"], 999]}
+    ),
+    "fewer images": lambda entry: np.save(entry / "images.npy", np.load(entry / "images.npy")[:3]),
+    "images of another size": lambda entry: np.save(
+        entry / "images.npy", np.zeros((5, 8, 8, 1), np.uint8)
+    ),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_unreadable_cache_entry_is_decoded_again(tmp_path, dataset, caplog, corruption):
+    """Whatever is wrong with an entry (it was edited, or another version wrote it), it is
+    named in a warning and decoded again: never a traceback, never wrong images used."""
     listing = dataset.list_samples()
     load_images(dataset, listing, Preprocessing(), tmp_path / "cache", workers=1)
     entry = tmp_path / "cache" / cache_key(listing, Preprocessing())
-    (entry / "meta.json").write_text("{not json")
+    CORRUPTIONS[corruption](entry)
     with caplog.at_level(logging.WARNING, logger="cnnkit.data.cache"):
         again = load_images(dataset, listing, Preprocessing(), tmp_path / "cache", workers=1)
     assert not again.from_cache and again.valid.sum() == 5
+    assert again.images.shape[1:] == (Preprocessing().stored_size,) * 2 + (1,)
     warnings = [
         r.getMessage() for r in caplog.records if "unreadable cache entry" in r.getMessage()
     ]

@@ -357,3 +357,13 @@ def test_a_config_file_section_that_is_not_a_mapping_is_named(tmp_path: Path) ->
     path.write_text("model: efficientnet_lite0\n", encoding="utf-8")
     with pytest.raises(ValueError, match="bad.yaml: section 'model' must be a mapping of fields"):
         load_config_file(path)
+
+
+@pytest.mark.parametrize("value", ["5", "[1, 2]", "{a: 1}"])
+def test_a_config_file_out_that_is_not_text_is_named(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"out: {value}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.yaml: out must be text \(a folder path\); got "):
+        load_config_file(path)
+    path.write_text("out: runs/mine\n", encoding="utf-8")
+    assert load_config_file(path) == {"out": "runs/mine"}

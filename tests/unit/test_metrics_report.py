@@ -151,6 +151,22 @@ def test_build_report_writes_every_file(tmp_path: Path) -> None:
     }
 
 
+def test_a_class_named_by_a_file_name_that_is_not_utf8_is_reported(tmp_path: Path) -> None:
+    """A folder dataset's class from a non-UTF-8 folder name holds a surrogate, which neither
+    matplotlib nor a UTF-8 file can take: the report (and so the run's model) used to fail."""
+    class_names = ["a", os.fsdecode(b"cr\xffoss"), "c"]
+    images = np.zeros((6, 8, 8, 1), dtype=np.uint8)
+    out = tmp_path / "report"
+    build_report(_logits_for(PREDICTIONS), TARGETS, class_names, out, images)
+    for name in ("confusion.png", "misclassified.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG"
+    with open(out / "per_class.csv", newline="", encoding="utf-8") as handle:
+        names = [row["class_name"] for row in csv.DictReader(handle)]
+    assert names == ["a", "cr\\udcffoss", "c"]
+    assert json.loads((out / "metrics.json").read_text())["count"] == 6
+
+
 def test_build_report_when_everything_is_right(tmp_path: Path) -> None:
     images = np.zeros((6, 8, 8, 3), dtype=np.uint8)
     report = build_report(_logits_for(TARGETS), TARGETS, ["a", "b", "c"], tmp_path, images)

@@ -58,6 +58,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
                 f"{path}: unknown section {section!r}{did_you_mean(section, [*SECTIONS, 'out'])}"
                 f"; expected one of {[*SECTIONS, 'out']}"
             )
+        if section == "out" and value is not None and not isinstance(value, str):
+            raise ValueError(f"{path}: out must be text (a folder path); got {value!r}")
         if section != "out" and value is not None and not isinstance(value, dict):
             raise ValueError(
                 f"{path}: section {section!r} must be a mapping of fields; got {value!r}"

@@ -194,13 +194,15 @@ def load_images(
     if cache_dir is None:
         return _decode_all(source, listing, preprocessing, workers, progress)
     entry = Path(cache_dir) / cache_key(listing, preprocessing)
-    cached = _read_entry(entry, warn=False)  # Read again, and reported, under the lock.
+    size = preprocessing.stored_size
+    shape = (len(listing.records), size, size, preprocessing.channels)
+    cached = _read_entry(entry, shape, warn=False)  # Read again, and reported, under the lock.
     if cached is not None:
         return cached
     # Two runs on the same data (a search's workers, two terminals) would both decode and then
     # race to rename their entries into place; the second waits here and reads the first's.
     with _entry_lock(entry):
-        cached = _read_entry(entry)
+        cached = _read_entry(entry, shape)
         if cached is not None:
             return cached
         decoded = _decode_all(source, listing, preprocessing, workers, progress)
@@ -219,23 +221,27 @@ def load_images(
     return DecodedImages(images, decoded.valid, decoded.problems, False)
 
 
-def _read_entry(entry: Path, warn: bool = True) -> DecodedImages | None:
-    """The cache entry's images (memory-mapped), or None if it is absent or unreadable (with a
-    warning when ``warn``)."""
+def _read_entry(entry: Path, shape: tuple[int, ...], warn: bool = True) -> DecodedImages | None:
+    """The cache entry's images (memory-mapped), or None if it is absent, unreadable or not of
+    ``shape`` (``[N, S, S, C]`` for the listing and preprocessing it is keyed by), with a
+    warning when ``warn``: the images are then decoded again."""
     images_path, meta_path = entry / "images.npy", entry / "meta.json"
     try:
         if not (images_path.exists() and meta_path.exists()):
             return None
         meta = json.loads(meta_path.read_text())
         images = np.load(images_path, mmap_mode="r")
+        if images.shape != shape or images.dtype != np.uint8:
+            raise ValueError(f"holds {images.dtype} images of shape {images.shape}, not {shape}")
         valid = np.zeros(len(images), dtype=bool)
         valid[np.asarray(meta["valid"], dtype=np.int64)] = True
-    except (OSError, ValueError, KeyError) as error:
+        problems = [str(problem) for problem in meta["problems"]]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
         if warn:
             logger.warning("ignoring unreadable cache entry %s: %s", entry, error)
         return None
     logger.info("loaded %d decoded images from cache %s", len(images), entry)
-    return DecodedImages(images, valid, list(meta["problems"]), True)
+    return DecodedImages(images, valid, problems, True)
 
 
 def _write_entry(

@@ -15,8 +15,11 @@ from cnnkit.atomic import write_atomically  # noqa: E402
 
 
 def _plain(text: str) -> str:
-    # Matplotlib treats paired "$" as mathtext; class names are shown literally.
-    return text.replace("$", r"\$")
+    """``text`` as drawn literally: a name from a file name that is not UTF-8 holds surrogates,
+    which matplotlib cannot draw (a TypeError as it saves), so those show as U+FFFD, as
+    ``cnnkit predict`` prints them; paired "$" would start mathtext."""
+    printable = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return printable.replace("$", r"\$")
 
 
 def _shorten(caption: str, width: int = 26) -> str:

@@ -75,7 +75,10 @@ def evaluated_block(
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     def write(temporary: Path) -> None:
-        with open(temporary, "w", newline="", encoding="utf-8") as handle:
+        # A class named by a file name that is not UTF-8 holds surrogates: written as \udcXX.
+        with open(
+            temporary, "w", newline="", encoding="utf-8", errors="backslashreplace"
+        ) as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["empty"])
             writer.writeheader()
             writer.writerows(rows)
