@@ -680,6 +680,10 @@ def test_predict_folder_prefixes_each_line_with_the_file(
     folder = tmp_path / "samples"
     paths = _write_images(folder, count=3)
     (folder / "notes.txt").write_text("not an image", encoding="utf-8")
+    # Hidden files and folders are left out, as a folder dataset leaves them out.
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "x.png").write_bytes(paths[0].read_bytes())
+    (folder / ".hidden.png").write_bytes(paths[0].read_bytes())
     assert main(["predict", str(symbol_model_file), str(folder)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3
@@ -1503,3 +1507,18 @@ def test_interactive_names_a_folders_image_and_not_a_named_file(
     assert len(answers) == 2
     assert SYMBOL_LINE.match(answers[0].split("Enter filename: ")[-1])
     assert answers[1].split("Enter filename: ")[-1].startswith(f"{image}: ")
+
+
+def test_evaluate_says_when_no_image_was_confused(capsys, monkeypatch, symbol_model_file):
+    """No empty "Most confused pairs" heading when there are none to list."""
+    from cnnkit.evaluation import evaluate
+    from cnnkit.evaluation.report import EvaluationReport
+
+    metrics = dict.fromkeys(["top1", "top5", "macro_precision", "macro_recall", "macro_f1"], 1.0)
+    report = EvaluationReport({**metrics, "count": 4}, [])
+    monkeypatch.setattr(evaluate, "evaluate_model_file", lambda *args, **kwargs: report)
+    argv = ["evaluate", str(symbol_model_file), "--dataset", "digits"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "No image was confused with another class." in out
+    assert "Most confused pairs" not in out

@@ -68,9 +68,12 @@ def command_evaluate(args: argparse.Namespace) -> int:
     print(f"Evaluated {metrics['count']} images ({args.split} split)")
     for key in ("top1", "top5", "macro_precision", "macro_recall", "macro_f1"):
         print(f"  {key:<16} {metrics[key]:.4f}")
-    print("Most confused pairs (true -> predicted: count):")
-    for pair in report.confused_pairs[:10]:
-        print(f"  {pair['true']} -> {pair['predicted']}: {pair['count']}")
+    if report.confused_pairs:
+        print("Most confused pairs (true -> predicted: count):")
+        for pair in report.confused_pairs[:10]:
+            print(f"  {pair['true']} -> {pair['predicted']}: {pair['count']}")
+    else:
+        print("No image was confused with another class.")
     print(f"Report: {out} (metrics.json, per_class.csv, confusion.png, misclassified.png)")
     return 0
 

@@ -24,12 +24,14 @@ from cnnkit.paths import RUN_INFO
 
 
 def expand_images(paths: list[str], errors: list[str] | None = None) -> list[Path]:
-    """Files as given, folders expanded to the image files inside them (sorted).
+    """Files as given, folders expanded to the image files inside them (sorted; hidden ones
+    left out).
 
     Raises:
         CommandError: for a folder with no image files in it, unless ``errors`` is given: then
             the message is appended to it and the other paths are still expanded.
     """
+    from cnnkit.data.folder import walk_images
     from cnnkit.data.image import IMAGE_SUFFIXES
 
     expanded: list[Path] = []
@@ -38,7 +40,8 @@ def expand_images(paths: list[str], errors: list[str] | None = None) -> list[Pat
         try:
             path = Path(text).expanduser()
             if path.is_dir():
-                found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+                # As a folder dataset reads one: hidden files and folders are left out.
+                found = [path / name for name in walk_images(str(path), [])]
                 if not found:
                     suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
                     message = f"{path}: no image files found (looked for {suffixes})"
