@@ -1522,3 +1522,20 @@ def test_evaluate_says_when_no_image_was_confused(capsys, monkeypatch, symbol_mo
     out = capsys.readouterr().out
     assert "No image was confused with another class." in out
     assert "Most confused pairs" not in out
+
+
+def test_evaluate_skips_the_bad_files_its_run_skipped(capsys, tmp_path: Path) -> None:
+    """A run trained with --on-bad-image skip is evaluated on its own data without the flag."""
+    data = tmp_path / "shapes"
+    for name in ("a", "b"):
+        _write_images(data / name, count=4)
+    (data / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", "folder", "--data", str(data), "--epochs", "1", "--quiet"]
+    assert main([*argv, "--on-bad-image", "skip", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--split", "all"]) == 0
+    assert "Evaluated 8 images (all split)" in capsys.readouterr().out
+    # Given explicitly, the flag still wins.
+    assert main(["evaluate", str(out), "--split", "all", "--on-bad-image", "error"]) == 2
+    assert "broken.png" in capsys.readouterr().err

@@ -159,7 +159,8 @@ def trained_split_settings(
     """``data_overrides`` with the settings the model was trained with (seed, test fraction,
     class and image limits, bounding-box crops) when its test split is scored on the very data
     it was trained on: the seeded test split is then the training run's own, not another draw
-    that overlaps its training images. A setting given otherwise is kept, with a warning.
+    that overlaps its training images. A setting given otherwise is kept, with a warning. Its
+    ``--on-bad-image`` is kept on any split of that data, unless given.
     ``scoring=False`` (int8 calibration, which reads the training images) leaves out the
     warnings about scoring images the model trained on."""
     if "data" not in training:
@@ -170,6 +171,9 @@ def trained_split_settings(
     )
     if not same_data:
         return data_overrides
+    if "on_bad_image" not in data_overrides and training.get("on_bad_image"):
+        # Files the training run skipped as bad are skipped again, not an error here.
+        data_overrides = {**data_overrides, "on_bad_image": training["on_bad_image"]}
     if split != "test":
         if scoring:
             logger.warning(

@@ -128,6 +128,7 @@ def _training_record(
         "max_classes": data.max_classes,
         "max_per_class": data.max_per_class,
         "crop_to_bbox": data.crop_to_bbox,
+        "on_bad_image": data.on_bad_image,
         "train_on_all": data.train_on_all,
         "epochs_run": fit.epochs_run,
         "best_val_accuracy": best_val_accuracy(fit, splits),
