@@ -367,3 +367,15 @@ def test_a_config_file_out_that_is_not_text_is_named(tmp_path: Path, value: str)
         load_config_file(path)
     path.write_text("out: runs/mine\n", encoding="utf-8")
     assert load_config_file(path) == {"out": "runs/mine"}
+
+
+def test_a_key_given_twice_in_a_config_file_is_named_with_its_line(tmp_path: Path) -> None:
+    """The later one would otherwise win in silence."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  epochs: 3\n  batch_size: 8\n  epochs: 4\n", encoding="utf-8")
+    message = r"twice.yaml: invalid YAML \(line 4, column 3: 'epochs' is given twice\)"
+    with pytest.raises(ValueError, match=message):
+        load_config_file(path)
+    # The same key in two different mappings is no repeat.
+    path.write_text("train: {epochs: 3}\nmodel: {options: {epochs: 1}}\n", encoding="utf-8")
+    assert load_config_file(path)["train"] == {"epochs": 3}

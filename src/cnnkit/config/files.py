@@ -27,6 +27,35 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return {k: plain(v) for k, v in dataclasses.asdict(config).items()}
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, where the later one
+    would win in silence (``epochs: 3`` and, further down, ``epochs: 4``)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                given_twice = key in seen
+                seen.add(key)
+            except TypeError:  # An unhashable key: the base class names that problem.
+                continue
+            if given_twice:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse a settings file's YAML safely, refusing a key given twice in one mapping.
+
+    Raises:
+        yaml.YAMLError: for text that is not YAML, or a repeated key (with its line).
+    """
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # A SafeLoader: it builds no objects.
+
+
 def yaml_error_text(error: yaml.YAMLError) -> str:
     """A YAML parse error on one line: ``invalid YAML (line 2, column 7: <problem>)``."""
     mark = getattr(error, "problem_mark", None)
@@ -43,7 +72,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.MarkedYAMLError as error:
         raise ValueError(f"{path}: {yaml_error_text(error)}") from error
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from cnnkit.config import AugmentConfig, TrainConfig, yaml_error_text
+from cnnkit.config.files import load_yaml
 from cnnkit.search.space import SearchParameter, SearchSpace
 
 _SPEC_KEYS = {"type", "low", "high", "log", "step", "choices", "target"}
@@ -117,7 +118,7 @@ def load_space(path: str | Path) -> SearchSpace:
     """
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise ValueError(f"{path}: {yaml_error_text(error)}") from error
     except (OSError, UnicodeDecodeError) as error:
