@@ -51,6 +51,11 @@ TORCHRUN = [
 ]
 
 
+# 77 s on 2 cores, the suite's longest. Its parts stay in the default suite: the transfer test
+# below trains under torchrun end to end (rank 0 alone writing the run's files, weights equal to
+# one process's), the micro-batch test checks one synchronised step exactly, and test_trainer
+# checks the batch-norm statistics every process scores with.
+@pytest.mark.slow
 def test_two_process_torchrun_matches_single_process(tmp_path: Path) -> None:
     single = tmp_path / "single"
     double = tmp_path / "ddp"
