@@ -245,7 +245,7 @@ def test_model_description(client: TestClient) -> None:
     assert body["max_upload_bytes"] == 200_000
 
 
-@pytest.mark.parametrize("path", ["/", "/healthz", "/static/app.js"])
+@pytest.mark.parametrize("path", ["/", "/healthz", "/static/app.js", "/api/model", "/docs"])
 def test_head_requests_are_answered(client: TestClient, path: str) -> None:
     response = client.head(path)
     assert response.status_code == 200

@@ -216,6 +216,7 @@ def _add_routes(app: FastAPI) -> None:
     # the same operationId.
     app.add_api_route(HEALTH_PATH, health, methods=["HEAD"], include_in_schema=False)
     app.add_api_route("/api/model", model_info, methods=["GET"], summary="Describe the model")
+    app.add_api_route("/api/model", model_info, methods=["HEAD"], include_in_schema=False)
     app.add_api_route(
         "/api/render",
         render,

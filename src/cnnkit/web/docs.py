@@ -49,5 +49,7 @@ def add_docs_routes(app: FastAPI, assets: dict[str, bytes]) -> None:
             assets[name], media_type=ASSET_TYPES[name], headers={"Cache-Control": "max-age=86400"}
         )
 
-    app.add_api_route("/docs", docs_page, methods=["GET"], include_in_schema=False)
-    app.add_api_route("/docs/assets/{name}", docs_asset, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/docs", docs_page, methods=["GET", "HEAD"], include_in_schema=False)
+    app.add_api_route(
+        "/docs/assets/{name}", docs_asset, methods=["GET", "HEAD"], include_in_schema=False
+    )
