@@ -124,9 +124,7 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {
-            key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]
-        }
+        headers = _headers(scope)
         limit = body_limit(media_type(headers), self.max_upload_bytes)
         declared = headers.get("content-length")
         if declared is not None and (not declared.strip().isdigit() or int(declared) > limit):
@@ -171,16 +169,9 @@ class BodySizeLimitMiddleware:
             await send_json_error(send, 400, "invalid Content-Length")
             return
         message = RequestTooLargeError(self.max_upload_bytes).detail
-        # A client waiting for "100 Continue" has sent no body; any other is sending it now, and
-        # gets the answer at once while the server reads the body (a client that reads the
-        # answer and hangs up ends the drain).
-        if headers.get("expect", "").lower() == "100-continue":
-            await send_json_error(send, 413, message)
-            return
-
-        async def drain() -> None:
-            await _drain(receive, min(int(declared), self.drain_bytes))
-
+        # The client gets the answer at once while the server reads the body (a client that
+        # reads the answer and hangs up ends the drain).
+        drain = _body_drain(headers, receive, min(int(declared), self.drain_bytes))
         await send_json_error(send, 413, message, before_closing=drain)
 
 
@@ -201,24 +192,36 @@ async def _drain(receive: Receive, max_bytes: int) -> None:
         await asyncio.wait_for(drain(), _DRAIN_SECONDS)
 
 
-def _body_drain(scope: Scope, receive: Receive) -> Callable[[], Awaitable[None]] | None:
-    """What reads and drops the body of a request answered without reading it (bounded as
-    :func:`_drain` is), so that closing the connection does not reset it before the client
-    has the answer; None for a request without a body, or one whose client waits for
-    "100 Continue" and so has sent none."""
-    headers = {key.lower(): value for key, value in scope["headers"]}
-    if headers.get(b"expect", b"").lower() == b"100-continue":
-        return None
-    declared = headers.get(b"content-length", b"").strip()
-    if b"transfer-encoding" not in headers and (not declared.isdigit() or int(declared) == 0):
-        return None
+def _headers(scope: Scope) -> dict[str, str]:
+    """The request's headers by lower-case name (ASGI gives them lower-cased)."""
+    return {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
 
-    size = min(int(declared), _DRAIN_BYTES) if declared.isdigit() else _DRAIN_BYTES
+
+def _body_drain(
+    headers: dict[str, str], receive: Receive, max_bytes: int
+) -> Callable[[], Awaitable[None]] | None:
+    """What reads and drops up to ``max_bytes`` of the body of a request answered without
+    reading it (bounded in time as :func:`_drain` is), so that closing the connection does not
+    reset it before the client has the answer; None for a client that waits for
+    "100 Continue" and so has sent no body."""
+    if headers.get("expect", "").lower() == "100-continue":
+        return None
 
     async def drain() -> None:
-        await _drain(receive, size)
+        await _drain(receive, max_bytes)
 
     return drain
+
+
+def _unread_body_drain(scope: Scope, receive: Receive) -> Callable[[], Awaitable[None]] | None:
+    """:func:`_body_drain` for a request answered before the app read it; None for one with no
+    body."""
+    headers = _headers(scope)
+    declared = headers.get("content-length", "").strip()
+    if "transfer-encoding" not in headers and (not declared.isdigit() or int(declared) == 0):
+        return None
+    size = min(int(declared), _DRAIN_BYTES) if declared.isdigit() else _DRAIN_BYTES
+    return _body_drain(headers, receive, size)
 
 
 async def send_json_error(
@@ -292,7 +295,7 @@ class InFlightLimitMiddleware:
                 503,
                 "the server is busy; retry shortly",
                 [(b"retry-after", b"1")],
-                before_closing=_body_drain(scope, receive),
+                before_closing=_unread_body_drain(scope, receive),
             )
             return
         self.in_flight += 1
