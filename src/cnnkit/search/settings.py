@@ -11,11 +11,7 @@ from cnnkit.config import RunConfig, config_to_dict
 from cnnkit.errors import error_line
 from cnnkit.paths import RUN_INFO, SEARCH_SETTINGS
 from cnnkit.search.space import SearchSpace
-from cnnkit.training.run_folder import (
-    data_roots,
-    refuse_image_dataset_as_run_dir,
-    refuse_run_dir_inside_folder_data,
-)
+from cnnkit.training.run_folder import refuse_run_dir_beside_data
 
 if TYPE_CHECKING:
     from cnnkit.search.config import SearchConfig
@@ -44,8 +40,7 @@ def check_same_search(
     import yaml
 
     _check_folder(run_dir)
-    refuse_run_dir_inside_folder_data(run_dir, base)
-    refuse_image_dataset_as_run_dir(run_dir, data_roots(base))
+    refuse_run_dir_beside_data(run_dir, base)
     saved = _saved_settings(run_dir)
     if saved is None:
         return None

@@ -31,11 +31,7 @@ from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger
 from cnnkit.training.final_model import test_and_save
 from cnnkit.training.identity import run_identity
 from cnnkit.training.preprocessing import resolve_preprocessing
-from cnnkit.training.run_folder import (
-    data_roots,
-    refuse_image_dataset_as_run_dir,
-    refuse_run_dir_inside_folder_data,
-)
+from cnnkit.training.run_folder import refuse_run_dir_beside_data
 from cnnkit.training.run_status import start_run, write_ended, write_finished
 from cnnkit.training.trainer import (
     Callback,
@@ -245,8 +241,7 @@ def _refuse_run_dir(run_dir: Path, config: RunConfig) -> None:
     looks like an image dataset of its own, or cannot be written, before anything is loaded."""
     if is_search_folder(run_dir):
         raise ValueError(f"{run_dir} holds a search, not a training run: pass another --out")
-    refuse_run_dir_inside_folder_data(run_dir, config)
-    refuse_image_dataset_as_run_dir(run_dir, data_roots(config))
+    refuse_run_dir_beside_data(run_dir, config)
     refuse_unusable_folder(run_dir, f"--out {run_dir}", needs="a run")
 
 

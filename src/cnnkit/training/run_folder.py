@@ -130,6 +130,17 @@ def refuse_run_dir_inside_folder_data(run_dir: Path, config: RunConfig) -> None:
         )
 
 
+def refuse_run_dir_beside_data(run_dir: Path, config: RunConfig) -> None:
+    """Refuse a run or search folder whose files would become images of a dataset: one inside
+    the folder dataset it trains on, or one that looks like an image dataset itself.
+
+    Raises:
+        ValueError: naming the folder and why.
+    """
+    refuse_run_dir_inside_folder_data(run_dir, config)
+    refuse_image_dataset_as_run_dir(run_dir, data_roots(config))
+
+
 def refuse_image_dataset_as_run_dir(run_dir: Path, data: Sequence[Path] = ()) -> None:
     """Refuse a run folder that holds no cnnkit run or search but looks like a folder-per-class
     image dataset (a subfolder that directly holds images): the run's ``report/`` and
