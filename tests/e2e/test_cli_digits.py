@@ -310,7 +310,7 @@ def test_a_bf16_trained_runs_test_figures_are_evaluates(tmp_path, capsys, monkey
 
     monkeypatch.setattr(run_module, "create_model", create_recorded_model)
     run, cache = tmp_path / "run", ["--cache-dir", str(tmp_path / "cache")]
-    argv = ["train", "--dataset", "digits", "--max-per-class", "60", "--epochs", "1", "--bf16"]
+    argv = ["train", "--dataset", "digits", "--max-per-class", "20", "--epochs", "1", "--bf16"]
     assert main([*argv, "--device", "cpu", "--quiet", "--out", str(run), *cache]) == 0
     assert (True, True) in forwards  # Training itself stays in bf16.
     assert forwards[-1] == (False, False)  # The final test is scored in float32.

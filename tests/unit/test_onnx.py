@@ -268,16 +268,21 @@ def test_cli_predict_onnx_backend_prints_the_same_lines(exported, tmp_path: Path
     for index, image in enumerate(_random_images(metadata, 3, seed=7)):
         Image.fromarray(image.squeeze()).save(image_dir / f"image_{index}.png")
     outputs = {}
-    runs = (("torch", model_path), ("onnx", model_path), ("onnx", onnx_path), (None, onnx_path))
+    runs = [("torch", model_path), ("onnx", onnx_path), (None, onnx_path)]
+    if metadata.architecture != "efficientnet_lite0":
+        # A model file under the ONNX backend is exported on the fly, by the same code for every
+        # architecture (here on the two small ones): Lite0's export alone takes 20 s.
+        runs.append(("onnx", model_path))
     for backend, model in runs:
         arguments = ["predict", str(model), str(image_dir), "--top-k", "3"]
         assert main(arguments + (["--backend", backend] if backend else [])) == 0
         outputs[(backend, model.suffix)] = capsys.readouterr().out
-    torch_output = outputs[("torch", ".safetensors")]
+    torch_output = outputs.pop(("torch", ".safetensors"))
     assert torch_output.count("Prediction:") == 3
-    assert outputs[("onnx", ".safetensors")] == torch_output
-    assert outputs[("onnx", ".onnx")] == torch_output
-    assert outputs[(None, ".onnx")] == torch_output  # A .onnx file picks the ONNX backend.
+    # (None, ".onnx") among them: a .onnx file picks the ONNX backend.
+    assert len(outputs) == len(runs) - 1
+    for run, output in outputs.items():
+        assert output == torch_output, run
 
 
 class _TinyBackbone(torch.nn.Module):

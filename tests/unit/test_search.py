@@ -1067,7 +1067,7 @@ def test_kill_stops_a_search_and_its_workers(tmp_path):
     short is left to run again, none RUNNING."""
     out = tmp_path / "search"
     popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    process = _search_after_one_trial(out, 2, 4, 40, **popen)  # Trials of 160 steps.
+    process = _search_after_one_trial(out, 2, 4, 20, **popen)  # Trials of 80 steps.
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
