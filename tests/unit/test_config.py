@@ -379,3 +379,20 @@ def test_a_key_given_twice_in_a_config_file_is_named_with_its_line(tmp_path: Pat
     # The same key in two different mappings is no repeat.
     path.write_text("train: {epochs: 3}\nmodel: {options: {epochs: 1}}\n", encoding="utf-8")
     assert load_config_file(path)["train"] == {"epochs": 3}
+
+
+def test_yaml_merge_keys_are_read_and_are_no_repeats(tmp_path: Path) -> None:
+    """``<<: *defaults`` brings in keys that the mapping may then set again: no repeat."""
+    path = tmp_path / "merge.yaml"
+    path.write_text(
+        "defaults: &defaults {epochs: 1, batch_size: 8}\ntrain:\n  <<: *defaults\n  epochs: 3\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ValueError, match="unknown section 'defaults'"):
+        load_config_file(path)
+    path.write_text("train:\n  <<: {epochs: 1, batch_size: 8}\n  epochs: 3\n", encoding="utf-8")
+    assert load_config_file(path) == {"train": {"epochs": 3, "batch_size": 8}}
+    # A key that the mapping itself gives twice is still refused, next to a merge.
+    path.write_text("train:\n  <<: {epochs: 1}\n  lr: 1\n  lr: 2\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"line 4, column 3: 'lr' is given twice"):
+        load_config_file(path)

@@ -27,24 +27,38 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return {k: plain(v) for k, v in dataclasses.asdict(config).items()}
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, where the later one
-    would win in silence (``epochs: 3`` and, further down, ``epochs: 4``)."""
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                given_twice = key in seen
+
+def _refuse_repeated_keys(loader: yaml.SafeLoader, root: yaml.Node) -> None:
+    """Raise where one mapping of the parsed tree gives a key twice, where the later one would
+    win in silence (``epochs: 3`` and, further down, ``epochs: 4``).
+
+    It reads the node tree before anything is built, so merge keys (``<<: *defaults``), which
+    PyYAML folds into their mapping while building it, are neither keys here nor repeats of
+    the keys they bring in."""
+    stack, visited = [root], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in visited:  # An alias: the same node again (it may even contain itself).
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, value_node in node.value:
+                stack.append(value_node)
+                if key_node.tag == _MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
+                    continue  # A merge, or a key that is itself a collection (rare, unhashable).
+                key = loader.construct_object(
+                    key_node
+                )  # A scalar: 4, "4" and 0x4 as YAML reads them.
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} is given twice", key_node.start_mark
+                    )
                 seen.add(key)
-            except TypeError:  # An unhashable key: the base class names that problem.
-                continue
-            if given_twice:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"{key!r} is given twice", key_node.start_mark
-                )
-        return super().construct_mapping(node, deep=deep)
 
 
 def load_yaml(text: str) -> Any:
@@ -53,7 +67,15 @@ def load_yaml(text: str) -> Any:
     Raises:
         yaml.YAMLError: for text that is not YAML, or a repeated key (with its line).
     """
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # A SafeLoader: it builds no objects.
+    loader = yaml.SafeLoader(text)  # It builds no objects, only YAML's own types.
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        _refuse_repeated_keys(loader, root)
+        return loader.construct_document(root)
+    finally:
+        loader.dispose()
 
 
 def yaml_error_text(error: yaml.YAMLError) -> str:
