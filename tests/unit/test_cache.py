@@ -112,6 +112,16 @@ CORRUPTIONS = {
     "an index past the images": lambda entry: _edit_meta(
         entry, lambda meta: {**meta, "valid": [*meta["valid"], 999]}
     ),
+    "a negative index": lambda entry: _edit_meta(
+        entry, lambda meta: {**meta, "valid": [-1, *meta["valid"][1:]]}
+    ),
+    "an index that is text": lambda entry: _edit_meta(
+        entry, lambda meta: {**meta, "valid": ["0", *meta["valid"][1:]]}
+    ),
+    "an index that is true": lambda entry: _edit_meta(
+        entry, lambda meta: {**meta, "valid": [True, *meta["valid"][1:]]}
+    ),
+    "problems as text": lambda entry: _edit_meta(entry, lambda meta: {**meta, "problems": "oops"}),
     "fewer images": lambda entry: np.save(entry / "images.npy", np.load(entry / "images.npy")[:3]),
     "images of another size": lambda entry: np.save(
         entry / "images.npy", np.zeros((5, 8, 8, 1), np.uint8)

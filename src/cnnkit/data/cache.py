@@ -234,14 +234,32 @@ def _read_entry(entry: Path, shape: tuple[int, ...], warn: bool = True) -> Decod
         if images.shape != shape or images.dtype != np.uint8:
             raise ValueError(f"holds {images.dtype} images of shape {images.shape}, not {shape}")
         valid = np.zeros(len(images), dtype=bool)
-        valid[np.asarray(meta["valid"], dtype=np.int64)] = True
-        problems = [str(problem) for problem in meta["problems"]]
+        valid[_image_indices(meta["valid"], len(images))] = True
+        problems = meta["problems"]
+        if not isinstance(problems, list) or not all(isinstance(p, str) for p in problems):
+            raise ValueError("its problems are not a list of texts")
     except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
         if warn:
             logger.warning("ignoring unreadable cache entry %s: %s", entry, error)
         return None
     logger.info("loaded %d decoded images from cache %s", len(images), entry)
     return DecodedImages(images, valid, problems, True)
+
+
+def _image_indices(indices: object, count: int) -> np.ndarray:
+    """A cache entry's list of valid images as an index array, checked: whole numbers from 0
+    to ``count - 1`` (a negative one would count from the end, and mark the wrong image).
+
+    Raises:
+        ValueError: for anything else.
+    """
+    # type() is int: JSON's true and false are Python bools, which are ints too.
+    if not isinstance(indices, list) or not all(type(i) is int for i in indices):
+        raise ValueError("its valid images are not a list of image numbers")
+    array = np.asarray(indices, dtype=np.int64)
+    if len(array) and (array.min() < 0 or array.max() >= count):
+        raise ValueError(f"its valid images are not all numbers from 0 to {count - 1}")
+    return array
 
 
 def _write_entry(
