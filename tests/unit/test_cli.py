@@ -398,11 +398,21 @@ def test_serve_takes_an_upload_limit_in_fractions_of_a_megabyte(monkeypatch) -> 
     assert called["max_upload_bytes"] == 500_000
 
 
-def test_serve_refuses_a_bad_upload_limit_before_announcing(capsys) -> None:
-    assert main(["serve", "--max-upload-mb", "0"]) == 2
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "--max-upload-mb must be a number above 0; got 0"),
+        ("-2", "--max-upload-mb must be a number above 0; got -2"),
+        ("inf", "--max-upload-mb must be a number above 0; got inf"),
+        ("nan", "--max-upload-mb must be a number above 0; got nan"),
+        ("1e-7", "--max-upload-mb 1e-07 is less than one byte (0.000001 MB is one byte)"),
+    ],
+)
+def test_serve_refuses_a_bad_upload_limit_before_announcing(capsys, value, message) -> None:
+    assert main(["serve", f"--max-upload-mb={value}"]) == 2
     captured = capsys.readouterr()
-    assert "Serving on" not in captured.out
-    assert "--max-upload-mb must be more than 0; got 0" in captured.err
+    assert "Serving on" not in captured.out and "Traceback" not in captured.err
+    assert f"cnnkit serve: error: {message}" in captured.err
 
 
 @pytest.mark.parametrize(
