@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import re
 import socket
 import struct
@@ -28,8 +29,9 @@ from python_multipart.multipart import parse_options_header
 from starlette.exceptions import HTTPException
 
 from cnnkit.config import Preprocessing
+from cnnkit.data.digits import DigitsSource
 from cnnkit.inference.artifact import ModelMetadata, load_model, save_model
-from cnnkit.inference.predictor import Prediction, Predictor
+from cnnkit.inference.predictor import Predictor
 from cnnkit.models.registry import create_model
 from cnnkit.web import prediction
 from cnnkit.web.app import MAX_CONCURRENT_REQUESTS, create_app
@@ -539,10 +541,51 @@ def test_a_digits_model_gets_drawings_in_the_digits_form(
     as_digit = [p.to_dict() for p in digits_predictor.predict([digit])[0]]
     as_symbol = [p.to_dict() for p in digits_predictor.predict([canvas_to_symbol(drawing)])[0]]
     assert as_pairs(as_digit) != as_pairs(as_symbol)
+    # One of the digits' own 8x8 scans is in that form already: an upload of it is used as
+    # it is, as `cnnkit predict` uses it (re-drawn, its predictions would change).
+    scan = DigitsSource().image(3)
+    as_scan = [p.to_dict() for p in digits_predictor.predict([scan])[0]]
+    redrawn = [p.to_dict() for p in digits_predictor.predict([canvas_to_digit(scan)])[0]]
+    assert as_pairs(as_scan) != as_pairs(redrawn)
     with TestClient(create_app(digits_predictor)) as digits_client:
         response = post_file(digits_client, png_bytes(drawing), source="canvas")
+        uploaded = post_file(digits_client, png_bytes(scan))
     assert response.status_code == 200, response.text
     assert as_pairs(response.json()["predictions"]) == as_pairs(as_digit)
+    assert uploaded.status_code == 200, uploaded.text
+    assert as_pairs(uploaded.json()["predictions"]) == as_pairs(as_scan)
+
+
+def test_class_names_from_file_names_that_are_not_utf8_are_served(
+    symbol_model_path: Path, tmp_path: Path
+) -> None:
+    """A folder dataset's class named by bytes that are not UTF-8 holds a surrogate, which no
+    JSON encoder writes: it is served as U+FFFD, as `cnnkit predict` prints it."""
+    source = load_model(symbol_model_path)
+    odd = os.fsdecode(b"cr\xffoss")
+    names = (odd, *source.metadata.class_names[1:])
+    training = {"dataset": "folder", "data": os.fsdecode(b"/data/b\xfcrds")}
+    path = save_model(
+        tmp_path / "odd.safetensors",
+        source,
+        replace(source.metadata, class_names=names, training=training),
+    )
+    with TestClient(create_app(Predictor.from_file(path))) as odd_client:
+        described = odd_client.get("/api/model")
+        answers = [
+            post_file(odd_client, png_bytes(symbol_image(seed)), top_k=str(len(names)))
+            for seed in range(2)
+        ]
+    assert described.status_code == 200, described.text
+    assert described.json()["class_names"][0] == "cr\ufffdoss"
+    assert described.json()["training"]["data"] == "b\ufffdrds"  # By name only, as always.
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        labels = [entry["label"] for entry in answer.json()["predictions"]]
+        assert "cr\ufffdoss" in labels
+        entry = next(e for e in answer.json()["predictions"] if e["label"] == "cr\ufffdoss")
+        assert entry["index"] == 0
+        assert entry["render"] == "/api/render?latex=cr%EF%BF%BDoss"
 
 
 def test_image_errors_on_the_canvas_path_get_a_400(
@@ -601,17 +644,28 @@ def test_large_images_are_prepared_a_few_at_a_time(
 
     monkeypatch.setattr(prediction.PredictionService, "prepare", counting_prepare)
 
-    async def predict_all() -> list[list[Prediction]]:
-        service = prediction.PredictionService(predictor)
+    service = prediction.PredictionService(predictor)  # As create_app makes it: outside a loop.
+    drawing = png_bytes(canvas_drawing())
+
+    async def predict_all(cancelled: int) -> list:
         try:
-            drawing = png_bytes(canvas_drawing())
             requests = [ImageRequest(drawing, source="canvas") for _ in range(8)]
-            return await asyncio.gather(*(service.predict(r) for r in requests))
+            tasks = [asyncio.ensure_future(service.predict(r)) for r in requests]
+            await asyncio.sleep(0.02)  # The first two are being prepared: cancelled there.
+            for task in tasks[:cancelled]:
+                task.cancel()
+            return await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             await service.close()
 
-    results = asyncio.run(predict_all())
+    results = asyncio.run(predict_all(0))
     assert len(results) == 8 and len({r[0].label for r in results}) == 1
+    assert most[0] == prediction.HEAVY_PREPARES
+    # Again in another loop (a second server run), with two requests cancelled mid-prepare:
+    # their threads keep their places until they are done.
+    results = asyncio.run(predict_all(2))
+    assert [type(r).__name__ for r in results[:2]] == ["CancelledError"] * 2
+    assert len({r[0].label for r in results[2:]}) == 1
     assert most[0] == prediction.HEAVY_PREPARES
 
 
@@ -810,6 +864,35 @@ def test_a_request_turned_away_busy_has_its_body_read_before_the_answer_ends(exp
     assert sent[0]["status"] == 503
     assert json.loads(sent[1]["body"]) == {"error": "the server is busy; retry shortly"}
     assert len(unread) == (3 if expect else 0)
+
+
+@pytest.mark.parametrize(("max_upload_mb", "drained_mib"), [(5, 64), (100, 100)])
+def test_a_busy_answer_reads_any_body_the_upload_limit_allows(max_upload_mb, drained_mib) -> None:
+    """An upload the limit allows, turned away busy, is read to its end before the connection
+    closes, however high the limit (``--max-upload-mb 100``); bodies past the larger of the
+    limit and 64 MiB are not read to their end."""
+    mib = 1 << 20
+    chunk, total, read = b"x" * mib, 100 * mib, [0]
+
+    async def application(scope, receive, send) -> None:
+        raise AssertionError("a busy server does not run the request")
+
+    middleware = InFlightLimitMiddleware(
+        application, limit=1, max_upload_bytes=max_upload_mb * 1_000_000
+    )
+    middleware.in_flight = 1
+
+    async def receive():
+        read[0] += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": read[0] < total}
+
+    async def send(message) -> None:
+        pass
+
+    headers = [(b"content-length", str(total).encode()), (b"content-type", b"image/png")]
+    scope = {"type": "http", "method": "POST", "path": "/api/predict", "headers": headers}
+    asyncio.run(middleware(scope, receive, send))
+    assert read[0] == drained_mib * mib
 
 
 def test_stalled_uploads_time_out_and_do_not_lock_out_health_checks(live_url: str) -> None:

@@ -20,6 +20,13 @@ def encode_name(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
+def printable(text: str) -> str:
+    """``text`` with the bytes of a file name that is not UTF-8 (surrogates, see
+    :func:`encode_name`) shown as U+FFFD, as ``cnnkit predict`` prints them: for what cannot
+    hold surrogates (a plot's labels, JSON for a web page)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 @dataclass(frozen=True)
 class SampleRecord:
     """One image of a source.

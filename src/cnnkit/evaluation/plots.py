@@ -12,14 +12,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cnnkit.atomic import write_atomically  # noqa: E402
+from cnnkit.data.source import printable  # noqa: E402
 
 
 def _plain(text: str) -> str:
     """``text`` as drawn literally: a name from a file name that is not UTF-8 holds surrogates,
     which matplotlib cannot draw (a TypeError as it saves), so those show as U+FFFD, as
     ``cnnkit predict`` prints them; paired "$" would start mathtext."""
-    printable = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return printable.replace("$", r"\$")
+    return printable(text).replace("$", r"\$")
 
 
 def _shorten(caption: str, width: int = 26) -> str:

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from cnnkit import __version__
+from cnnkit.data.source import printable
 from cnnkit.inference.predictor import Predictor
 from cnnkit.web.docs import add_docs_routes, load_docs_assets
 from cnnkit.web.limits import (
@@ -126,7 +127,19 @@ def model_info(request: Request) -> dict[str, Any]:
     description.update(state.model_summary)
     # The page checks a file's size before uploading it.
     description["max_upload_bytes"] = state.max_upload_bytes
-    return description
+    return _printable(description)
+
+
+def _printable(value: Any) -> Any:
+    """``value`` with every text in it JSON can hold: a class or folder named by a file name
+    that is not UTF-8 holds surrogates, which no JSON encoder writes."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, list):
+        return [_printable(each) for each in value]
+    if isinstance(value, dict):
+        return {_printable(key): _printable(each) for key, each in value.items()}
+    return value
 
 
 def _without_data_folder(training: dict[str, Any]) -> dict[str, Any]:
@@ -175,6 +188,8 @@ async def predict(request: Request) -> JSONResponse:
     image_request = await read_image_request(request, state.max_upload_bytes)
     ranked = await state.service.predict(image_request)
     predictions = [prediction.to_dict() for prediction in ranked]
+    for prediction in predictions:
+        prediction["label"] = printable(prediction["label"])
     if state.model_summary["kind"] == "symbols":
         for prediction in predictions:
             if _renders(prediction["label"]):
@@ -313,7 +328,10 @@ def create_app(
         body_deadline_seconds=body_deadline_seconds,
     )
     app.add_middleware(
-        InFlightLimitMiddleware, limit=MAX_CONCURRENT_REQUESTS, exempt_paths=[HEALTH_PATH]
+        InFlightLimitMiddleware,
+        limit=MAX_CONCURRENT_REQUESTS,
+        exempt_paths=[HEALTH_PATH],
+        max_upload_bytes=max_upload_bytes,
     )
     _install_error_handlers(app)
     return app

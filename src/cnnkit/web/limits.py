@@ -75,6 +75,13 @@ def body_limit(content_type: str, max_upload_bytes: int) -> int:
     return max_upload_bytes
 
 
+def drain_bytes(max_upload_bytes: int) -> int:
+    """The most bytes of a refused request's body read and dropped before closing: at least
+    any body that the upload limit allows (a base64 image in JSON the largest), and at least
+    ``_DRAIN_BYTES``."""
+    return max(body_limit("application/json", max_upload_bytes), _DRAIN_BYTES)
+
+
 async def _within(seconds: float, awaitable: Awaitable[Message]) -> Message:
     """``await awaitable``, or :class:`asyncio.TimeoutError` after ``seconds``.
 
@@ -118,7 +125,7 @@ class BodySizeLimitMiddleware:
         self.max_upload_bytes = max_upload_bytes
         self.body_timeout_seconds = body_timeout_seconds
         self.body_deadline_seconds = body_deadline_seconds
-        self.drain_bytes = max(max_upload_bytes, _DRAIN_BYTES)
+        self.drain_bytes = drain_bytes(max_upload_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -213,14 +220,16 @@ def _body_drain(
     return drain
 
 
-def _unread_body_drain(scope: Scope, receive: Receive) -> Callable[[], Awaitable[None]] | None:
-    """:func:`_body_drain` for a request answered before the app read it; None for one with no
-    body."""
+def _unread_body_drain(
+    scope: Scope, receive: Receive, max_bytes: int
+) -> Callable[[], Awaitable[None]] | None:
+    """:func:`_body_drain` (of up to ``max_bytes``) for a request answered before the app read
+    it; None for one with no body."""
     headers = _headers(scope)
     declared = headers.get("content-length", "").strip()
     if "transfer-encoding" not in headers and (not declared.isdigit() or int(declared) == 0):
         return None
-    size = min(int(declared), _DRAIN_BYTES) if declared.isdigit() else _DRAIN_BYTES
+    size = min(int(declared), max_bytes) if declared.isdigit() else max_bytes
     return _body_drain(headers, receive, size)
 
 
@@ -272,17 +281,26 @@ class InFlightLimitMiddleware:
         limit: the most HTTP requests handled at once.
         exempt_paths: paths whose GET and HEAD requests are neither counted nor turned away
             (cheap answers without a body to wait for, such as a health check).
+        max_upload_bytes: the upload limit: the body of a request turned away is read up to
+            :func:`drain_bytes` of it before the connection closes.
 
     Raises:
         ValueError: if ``limit`` is below 1.
     """
 
-    def __init__(self, app: ASGIApp, limit: int, exempt_paths: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int,
+        exempt_paths: Iterable[str] = (),
+        max_upload_bytes: int = _DRAIN_BYTES,
+    ) -> None:
         if limit < 1:
             raise ValueError(f"limit must be >= 1; got {limit}")
         self.app = app
         self.limit = limit
         self.exempt_paths = frozenset(exempt_paths)
+        self.drain_bytes = drain_bytes(max_upload_bytes)
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -295,7 +313,7 @@ class InFlightLimitMiddleware:
                 503,
                 "the server is busy; retry shortly",
                 [(b"retry-after", b"1")],
-                before_closing=_unread_body_drain(scope, receive),
+                before_closing=_unread_body_drain(scope, receive, self.drain_bytes),
             )
             return
         self.in_flight += 1

@@ -10,8 +10,8 @@ For a symbol model, a drawing is cropped to its ink and re-drawn in the training
 every canvas drawing, and every upload of another size than the model's stored input (a photo
 or scan of a symbol on a page, or a small icon). That form is scikit-learn's digits'
 (:func:`canvas_to_digit`) for a model trained on them, else HASYv2's (:func:`canvas_to_symbol`).
-An upload of exactly the stored size, such as a HASYv2 PNG, is used as it is, so it predicts as
-``cnnkit predict`` does.
+An upload of the training images' own size, such as a HASYv2 PNG (or one of the digits' 8x8
+scans, for a model trained on them), is used as it is, so it predicts as ``cnnkit predict`` does.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from cnnkit.data.image import BadImageError, decode_image, image_size
 from cnnkit.data.prepare import prepare_image
 from cnnkit.inference.predictor import Prediction, Predictor
 from cnnkit.web.batching import MicroBatcher
-from cnnkit.web.drawing import canvas_to_digit, canvas_to_symbol
+from cnnkit.web.drawing import DIGIT_SIZE, canvas_to_digit, canvas_to_symbol
 from cnnkit.web.upload import ImageRequest
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ class PredictionService:
         self.batcher: MicroBatcher[tuple[Any, int]] = MicroBatcher(
             self._run_batch, max_batch_size, max_wait_seconds
         )
-        self._heavy = asyncio.Semaphore(HEAVY_PREPARES)
+        # Made in the loop that first waits on it (a server run, a test client's block).
+        self._heavy: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
 
     def prepare(self, image_request: ImageRequest) -> np.ndarray:
         """Decode, turn a drawing into training form, and convert to ``uint8 [S, S, C]``.
@@ -78,9 +79,25 @@ class PredictionService:
         """The ``top_k`` predictions for one request, best first."""
         payload: ImageRequest | np.ndarray = image_request
         if not self._decodes_quickly(image_request):
-            async with self._heavy:
-                payload = await run_in_threadpool(self.prepare, image_request)
+            payload = await self._prepare_heavy(image_request)
         return await self.batcher.submit((payload, image_request.top_k))
+
+    async def _prepare_heavy(self, image_request: ImageRequest) -> np.ndarray:
+        """:meth:`prepare` in the thread pool, ``HEAVY_PREPARES`` at a time. A place is given
+        back when its thread is done, also when the request is cancelled before that: the
+        thread goes on decoding, and holds its memory, until then."""
+        loop = asyncio.get_running_loop()
+        if self._heavy is None or self._heavy[0] is not loop:
+            self._heavy = (loop, asyncio.Semaphore(HEAVY_PREPARES))
+        places = self._heavy[1]
+        await places.acquire()
+        try:
+            work = asyncio.ensure_future(run_in_threadpool(self.prepare, image_request))
+        except BaseException:
+            places.release()
+            raise
+        work.add_done_callback(lambda done: _release_after(done, places))
+        return await asyncio.shield(work)
 
     def crops_to_ink(self, source: str, size: tuple[int, int]) -> bool:
         """Whether an image of ``size`` (width, height) is re-drawn in the training data's form.
@@ -91,19 +108,26 @@ class PredictionService:
 
         Returns:
             True for a symbol model and either a canvas drawing or an upload of any size but
-            the stored input size's square: only an image of exactly that size (a HASYv2 PNG)
-            can be in the training data's form already.
+            the training images' own: only an image of that size (a HASYv2 PNG at the stored
+            input size, or one of the digits' 8x8 scans for a model trained on them) can be in
+            the training data's form already.
         """
         if self.predictor.metadata.kind != "symbols":
             return False
         stored_size = self.predictor.metadata.preprocessing.stored_size
-        return source == "canvas" or tuple(size) != (stored_size, stored_size)
+        training_sizes = {(stored_size, stored_size)}
+        if self._trained_on_digits():
+            training_sizes.add((DIGIT_SIZE, DIGIT_SIZE))
+        return source == "canvas" or tuple(size) not in training_sizes
+
+    def _trained_on_digits(self) -> bool:
+        return self.predictor.metadata.training.get("dataset") == "digits"
 
     def _in_training_form(self, drawing: Any) -> Any:
         """A drawing re-drawn in the form of the data the model trained on: a model trained
         on the digits scored 90% on drawings of their test split in their form, against 79%
         in HASYv2's (``benchmarks/canvas_digits.py``)."""
-        if self.predictor.metadata.training.get("dataset") == "digits":
+        if self._trained_on_digits():
             return canvas_to_digit(drawing)
         return canvas_to_symbol(drawing)
 
@@ -142,3 +166,9 @@ class PredictionService:
     async def close(self) -> None:
         """Stop the batch worker."""
         await self.batcher.close()
+
+
+def _release_after(work: asyncio.Future, places: asyncio.Semaphore) -> None:
+    places.release()
+    if not work.cancelled():
+        work.exception()  # Read, so a request cancelled meanwhile logs no "never retrieved".
