@@ -198,3 +198,21 @@ def test_the_git_revision_is_cnnkits_own_or_unknown(tmp_path: Path, monkeypatch)
     subprocess.run([*git, "commit", "-qm", "theirs"], check=True)
     monkeypatch.setattr(run_module, "__file__", str(installed))
     assert run_module.git_revision() == "unknown"
+
+
+def test_a_resumed_run_removes_the_exports_of_the_model_it_replaces(tmp_path: Path) -> None:
+    """``model.onnx`` and evaluate's reports beside the new model would stand for the old
+    weights: they go when the resumed run saves its model (a user's own file stays)."""
+    run = tmp_path / "run"
+    train_run(_config(run, {"train": {"epochs": 1}}), progress=False)
+    old_model = (run / "model.safetensors").read_bytes()
+    (run / "model.onnx").write_bytes(b"an export of the first model")
+    (run / "evaluation-model.onnx").mkdir()
+    (run / "evaluation-model.onnx" / "metrics.json").write_text("{}")
+    (run / "evaluation").mkdir()
+    (run / "evaluation" / "notes.txt").write_text("mine")
+    _resumed_from_epoch_one(_config(run))
+    assert (run / "model.safetensors").read_bytes() != old_model
+    assert not (run / "model.onnx").exists()
+    assert not (run / "evaluation-model.onnx").exists()
+    assert (run / "evaluation" / "notes.txt").read_text() == "mine"

@@ -18,7 +18,7 @@ from cnnkit.evaluation.report import EvaluationReport, build_report, evaluated_b
 from cnnkit.inference.artifact import ModelMetadata, save_model
 from cnnkit.models.registry import model_options
 from cnnkit.training.phases import record_final_test
-from cnnkit.training.run_folder import MODEL_NAME
+from cnnkit.training.run_folder import MODEL_NAME, clear_model_exports, data_roots
 from cnnkit.training.trainer import FitResult, Trainer
 
 
@@ -63,6 +63,8 @@ def test_and_save(
         options={**model_options(config.model.name), **config.model.options},
         training=_training_record(config, splits, fit, evaluated["data"], test_metrics),
     )
+    # A resumed run's folder may hold exports of the model it replaces.
+    clear_model_exports(run_dir, keep=data_roots(config))
     model_path = save_model(run_dir / MODEL_NAME, trainer.module.cpu(), metadata)
     return report, model_path
 

@@ -55,6 +55,17 @@ RUN_OUTPUTS = (
 )
 
 
+# What export and evaluate make from the run's model file: stale once a new one is saved.
+MODEL_EXPORTS = (
+    "evaluation",
+    "evaluation-model.onnx",
+    "evaluation-model-int8.onnx",
+    "model.onnx",
+    "model-int8.onnx",
+)
+assert set(MODEL_EXPORTS) <= set(RUN_OUTPUTS)
+
+
 # The files cnnkit writes in the folders of a run (temporaries of atomic writes included).
 _OUTPUT_FILE = re.compile(
     r"(events\.out\.tfevents\..*"  # TensorBoard, in tensorboard/ and its phase folders
@@ -235,9 +246,29 @@ def clear_run_outputs(run_dir: Path, keep: Sequence[str | Path] = ()) -> list[st
     """
     if not holds_a_run(run_dir):
         return []
+    names = (*RUN_OUTPUTS, *(folder.name for folder in member_folders(run_dir)))
+    return _remove_outputs(run_dir, names, keep, "the earlier run's")
+
+
+def clear_model_exports(run_dir: Path, keep: Sequence[str | Path] = ()) -> list[str]:
+    """Remove the exports and evaluation reports of the run's model file before a new one is
+    saved (a resumed run's), so that ``model.onnx`` never stands for older weights than
+    ``model.safetensors`` beside it. ``keep`` as for :func:`clear_run_outputs`.
+
+    Returns:
+        The names removed.
+    """
+    return _remove_outputs(run_dir, MODEL_EXPORTS, keep, "the older model's")
+
+
+def _remove_outputs(
+    run_dir: Path, names: Sequence[str], keep: Sequence[str | Path], whose: str
+) -> list[str]:
+    """Remove ``names`` from ``run_dir`` as :func:`clear_run_outputs` says; ``whose`` names
+    them in the log ("the earlier run's")."""
     kept = [Path(path).resolve() for path in keep]
     removed, left = [], []
-    for name in (*RUN_OUTPUTS, *(folder.name for folder in member_folders(run_dir))):
+    for name in names:
         path = run_dir / name
         if path.is_symlink() or path.is_file():
             path.unlink()  # A file of cnnkit's own (none is an image), or a link to anything.
@@ -255,11 +286,11 @@ def clear_run_outputs(run_dir: Path, keep: Sequence[str | Path] = ()) -> list[st
         removed.append(name)
     if left:
         logger.warning(
-            "%s: left the earlier run's %s as they are: they hold the training data or files "
-            "cnnkit did not write",
+            "%s: left %s %s as they are: they hold the training data or files cnnkit did not write",
             run_dir,
+            whose,
             ", ".join(left),
         )
     if removed:
-        logger.info("removed the earlier run's %s from %s", ", ".join(removed), run_dir)
+        logger.info("removed %s %s from %s", whose, ", ".join(removed), run_dir)
     return removed
