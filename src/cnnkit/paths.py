@@ -19,6 +19,8 @@ def default_cache_dir() -> Path:
 SEARCH_SETTINGS = "search.yaml"
 # A training run's record (status, data, timings, test figures), written when the run starts.
 RUN_INFO = "run.json"
+# The checkpoint a training run writes every epoch (cnnkit.training.checkpoint).
+CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def is_search_folder(folder: str | Path) -> bool:

@@ -142,6 +142,10 @@ def test_evaluate_scores_the_test_split_the_model_was_trained_with(
     assert main([*argv, "--split", "all", "--out", str(tmp_path / "all")]) == 0
     assert json.loads(capsys.readouterr().out)["count"] == 1797
     assert "was trained on digits: --split all scores its training images too" in caplog.text
+    # One image a class draws no test image: --split all still scores all ten.
+    one = ["--max-per-class", "1", "--split", "all", "--out", str(tmp_path / "one")]
+    assert main([*argv, *one]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 10
 
 
 def test_training_again_into_a_folder_clears_the_earlier_runs_outputs(tmp_path, capsys) -> None:

@@ -1390,17 +1390,28 @@ def test_a_model_among_the_images_is_refused_before_anything_is_predicted(
     run.mkdir()
     shutil.copy(bundled_model_path(), run / "model.safetensors")
     (run / "checkpoint.pt").write_bytes(b"not read")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "checkpoint.pt").write_bytes(b"not read")
+    keras = tmp_path / "model.h5"
+    keras.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
     cases = {
         # Arguments swapped: the run's folder would be read for its report pictures.
         (str(image), str(run)): f"{run}: a training run's folder, not an image (no model was "
         "given, so the bundled one answers): the model goes first",
         (str(image), str(run / "model.safetensors")): f"{run / 'model.safetensors'}: a model "
         "file, not an image (no model was given, so the bundled one answers)",
-        (str(run / "checkpoint.pt"), str(image)): f"{run / 'checkpoint.pt'}: a checkpoint, not "
-        "an image (no model was given, so the bundled one answers); a run's model is its "
-        "model.safetensors",
+        # Given first, where a model goes: that checkpoint's run has a model to name.
+        (str(run / "checkpoint.pt"), str(image)): f"{run / 'checkpoint.pt'}: a checkpoint "
+        f"(training state), not a model file: give {run / 'model.safetensors'} (or {run})",
         (str(run), str(image), str(run / "checkpoint.pt")): f"{run / 'checkpoint.pt'}: a "
         f"checkpoint, not an image (the model is {run})",
+        # The folder of a run that has not finished (a checkpoint, no model yet).
+        (str(image), str(unfinished)): f"{unfinished}: a training run's folder, not an image",
+        # Another tool's model given first would be an unreadable image, and the bundled model
+        # would answer for the rest.
+        (str(keras), str(image)): f"{keras}: neither a cnnkit model nor an image (a model "
+        "file ends in .safetensors or .onnx",
     }
     for argv, message in cases.items():
         assert main(["predict", *argv]) == 2
@@ -1409,6 +1420,11 @@ def test_a_model_among_the_images_is_refused_before_anything_is_predicted(
         assert message in captured.err and len(captured.err.strip().splitlines()) == 1
     assert main(["predict", str(run), str(image)]) == 0
     assert capsys.readouterr().out.startswith("Prediction: ")  # One image: no name.
+    # An image whose name has no image suffix is still an image.
+    scan = tmp_path / "scan"
+    scan.write_bytes(image.read_bytes())
+    assert main(["predict", str(scan), str(image)]) == 0
+    assert capsys.readouterr().out.count("Prediction: ") == 2
 
 
 def test_model_flag_architecture_names_and_verbose_after_the_command(

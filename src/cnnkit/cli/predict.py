@@ -20,7 +20,7 @@ from cnnkit.cli.model_files import (
     refuse_search_folder,
 )
 from cnnkit.errors import error_line
-from cnnkit.paths import RUN_INFO
+from cnnkit.paths import CHECKPOINT_NAME, RUN_INFO
 
 
 def expand_images(paths: list[str], errors: list[str] | None = None) -> list[Path]:
@@ -145,11 +145,36 @@ def _refuse_model_less_first_input(path: Path) -> None:
         )
     from cnnkit.data.image import IMAGE_SUFFIXES
 
-    if not path.exists() and path.suffix.lower() not in IMAGE_SUFFIXES:
+    suffix = path.suffix.lower()
+    if not path.exists() and suffix not in IMAGE_SUFFIXES:
         raise CommandError(
             f"{path}: no such model file, run folder or image (a model ends in .safetensors "
             "or .onnx; a run folder holds model.safetensors)"
         )
+    if path.is_file() and suffix in (".pt", ".pth"):
+        model = path.parent / "model.safetensors"
+        use = f"{model} (or {path.parent})" if model.is_file() else "a run's model.safetensors"
+        raise CommandError(f"{path}: a checkpoint (training state), not a model file: give {use}")
+    if path.is_file() and suffix not in IMAGE_SUFFIXES and not _opens_as_image(path):
+        # A model of another tool (Keras' .h5) would otherwise be an unreadable image, and
+        # the bundled model would answer for the images after it.
+        raise CommandError(
+            f"{path}: neither a cnnkit model nor an image (a model file ends in .safetensors "
+            "or .onnx; a run folder holds model.safetensors)"
+        )
+
+
+def _opens_as_image(path: Path) -> bool:
+    """Whether Pillow reads ``path``'s header as an image of a format cnnkit accepts."""
+    from PIL import Image
+
+    from cnnkit.data.image import accepted_formats
+
+    try:
+        with Image.open(path, formats=accepted_formats()):
+            return True
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
 
 
 def _refuse_a_model_among_images(path: str, model: str | None) -> None:
@@ -159,7 +184,7 @@ def _refuse_a_model_among_images(path: str, model: str | None) -> None:
     chosen = f"the model is {model}" if model else "no model was given, so the bundled one answers"
     first = "the model goes first (cnnkit predict MODEL IMAGE...) or after --model"
     suffix = Path(path).suffix.lower()
-    if suffix in (".safetensors", ".onnx") or path_test(path, holds_a_model):
+    if suffix in (".safetensors", ".onnx") or path_test(path, _holds_a_run):
         kind = "a training run's folder" if path_test(path, Path.is_dir) else "a model file"
         raise CommandError(f"{path}: {kind}, not an image ({chosen}): {first}")
     if suffix in (".pt", ".pth"):
@@ -167,6 +192,15 @@ def _refuse_a_model_among_images(path: str, model: str | None) -> None:
             f"{path}: a checkpoint, not an image ({chosen}); a run's model is its "
             f"model.safetensors, and {first}"
         )
+
+
+def _holds_a_run(folder: Path) -> bool:
+    """A finished run's folder (its model), or one of a run that has not finished."""
+    return (
+        holds_a_model(folder)
+        or (folder / RUN_INFO).is_file()
+        or (folder / CHECKPOINT_NAME).is_file()
+    )
 
 
 def _names_its_images(given: list[str], images: list[Path]) -> bool:

@@ -124,9 +124,11 @@ def load_splits_for(
     data_overrides: dict[str, Any],
     cache_dir: str | Path | None = None,
     progress: bool = False,
+    split: str = "test",
 ) -> DataSplits:
     """The dataset described by ``data_overrides`` (all of it in train and test, no validation
-    split), decoded as a model with ``preprocessing`` expects."""
+    split), decoded as a model with ``preprocessing`` expects. For ``split="all"`` (every
+    image scored) an empty test split, as a few images a class give, is no error."""
     config = DataConfig(
         **{
             "channels": preprocessing.channels,
@@ -136,7 +138,7 @@ def load_splits_for(
             "val_fraction": 0.0,
         }
     )
-    return build_splits(config, preprocessing, cache_dir, progress).splits
+    return build_splits(config, preprocessing, cache_dir, progress, split == "test").splits
 
 
 # Data settings that choose the test images: the name in DataConfig, and in the model file.
@@ -278,7 +280,7 @@ def evaluate_model_file(
     data_overrides = trained_split_settings(
         model_path, model.metadata.training, data_overrides, split
     )
-    splits = load_splits_for(preprocessing, data_overrides, cache_dir, progress)
+    splits = load_splits_for(preprocessing, data_overrides, cache_dir, progress, split)
     # After loading: a fold the archive lacks is an error, not a fold to warn about.
     _warn_about_hasy_folds(model_path, model.metadata.training.get("fold"), data_overrides, split)
     images = concatenate(splits.train, splits.test) if split == "all" else splits.test

@@ -11,8 +11,7 @@ import torch
 from cnnkit.atomic import write_atomically
 from cnnkit.config import TrainConfig
 from cnnkit.errors import error_line
-
-CHECKPOINT_NAME = "checkpoint.pt"
+from cnnkit.paths import CHECKPOINT_NAME
 
 
 class CheckpointError(ValueError):
