@@ -14,7 +14,19 @@ _LAZY = {
 
 
 def load_model(path, device="cpu"):
-    """Rebuild a saved model (see :func:`cnnkit.inference.artifact.load_model`)."""
+    """Rebuild a model from its file or a training run's folder; never unpickles anything.
+
+    The returned module is in eval mode on ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``,
+    ``"cuda:N"`` or ``"mps"``) and carries its metadata (architecture, options, class names,
+    preprocessing, training record) as ``model.metadata``. To classify images, use
+    :class:`cnnkit.Predictor` (``Predictor.from_file(path).predict(images)``).
+
+    Raises:
+        ModelFileError: if the file is missing, truncated, tampered with, or inconsistent, or
+            is an ``.onnx`` file (run one with :func:`cnnkit.open_predictor`).
+        TypeError: unless ``path`` is a str or a path object.
+        ValueError: for an empty path, or an unknown or unavailable ``device``.
+    """
     from cnnkit.inference.artifact import load_model as _load_model
 
     return _load_model(path, device)
@@ -26,6 +38,11 @@ def __getattr__(name):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'cnnkit' has no attribute {name!r}")
+
+
+def __dir__():
+    # The lazily imported names too, for help() and tab completion.
+    return sorted({*globals(), *_LAZY})
 
 
 __all__ = ["__version__", "load_model", *_LAZY]

@@ -426,3 +426,14 @@ def test_the_public_names_come_from_the_package_itself() -> None:
     assert set(cnnkit.__all__) >= {"Prediction", "BadImageError", "ModelFileError", "load_model"}
     with pytest.raises(AttributeError, match="no attribute 'Predictions'"):
         cnnkit.Predictions  # noqa: B018
+
+
+def test_the_public_names_show_in_dir_and_load_models_help() -> None:
+    """Tab completion and help(cnnkit) list the names imported on first use; help on
+    cnnkit.load_model says what it raises, as the function it wraps does."""
+    import cnnkit
+    from cnnkit.inference import artifact
+
+    assert set(cnnkit.__all__) <= set(dir(cnnkit))
+    for section in ("Raises:", "ModelFileError", "model.metadata", '"cuda:N"'):
+        assert section in cnnkit.load_model.__doc__ and section in artifact.load_model.__doc__

@@ -937,6 +937,11 @@ def test_a_storage_that_is_not_a_database_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=f"storage sqlite:///{junk}: cannot open the study") as e:
         open_study(config, TINY_SPACE, tmp_path / "run")
     assert "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()  # No empty search folder left behind.
+    (tmp_path / "mine").mkdir()  # A folder that was there before stays.
+    with pytest.raises(ValueError, match="cannot open the study"):
+        open_study(config, TINY_SPACE, tmp_path / "mine")
+    assert (tmp_path / "mine").is_dir()
 
 
 def test_cli_search_refuses_zero_workers(capsys) -> None:

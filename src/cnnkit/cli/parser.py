@@ -86,7 +86,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the run folder's last checkpoint (after Ctrl-C, or with more epochs)",
+        help="continue from the run folder's last checkpoint (after Ctrl-C, or with more "
+        "epochs); a folder with no checkpoint starts a fresh run, so one command both starts "
+        "and continues a run (a job that may be stopped and started again)",
     )
     train.set_defaults(handler=command_train)
 

@@ -3,6 +3,7 @@ default, with heartbeats so that a dead worker's trial is queued again)."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 from pathlib import Path
@@ -70,17 +71,24 @@ def open_study(
     Returns:
         The study, its storage URL and its name.
     """
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     url = config.storage or "sqlite:///" + str((run_dir / "study.db").resolve())
     name = config.study_name or run_dir.name
-    study = optuna.create_study(
-        storage=open_storage(url),
-        study_name=name,
-        sampler=build_sampler(config, space, held),
-        pruner=build_pruner(config),
-        direction="maximize",
-        load_if_exists=True,
-    )
+    try:
+        study = optuna.create_study(
+            storage=open_storage(url),
+            study_name=name,
+            sampler=build_sampler(config, space, held),
+            pruner=build_pruner(config),
+            direction="maximize",
+            load_if_exists=True,
+        )
+    except BaseException:
+        if created:  # A storage that cannot be opened leaves no empty search folder behind.
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # Only if still empty.
+        raise
     return study, url, name
 
 
