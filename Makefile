@@ -7,9 +7,10 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # modules cnnkit and its tests use (about 3,800 of the venv's 12,000) are ever compiled, where
 # compiling all of them up front took 72 s on this 2-core machine. A shell that sets
 # PYTHONDONTWRITEBYTECODE would instead have every command compile its imports again (torch's
-# import twice as slow), so these recipes let Python write them (into .venv, and into src/ and
-# tests/ as __pycache__ folders, which git ignores).
-unexport PYTHONDONTWRITEBYTECODE
+# import twice as slow), so the commands below run with it empty, which Python reads as unset:
+# the bytecode goes into .venv, and into src/ and tests/ as __pycache__ folders (git ignores
+# them). A plain shell assignment, so any make runs it.
+WRITE_PYC := PYTHONDONTWRITEBYTECODE=
 
 .PHONY: demo test lint format audit bench-venv clean
 
@@ -27,11 +28,11 @@ $(VENV)/.test: pyproject.toml
 	touch $(VENV)/.base $@
 
 demo: $(VENV)/.base
-	$(VENV)/bin/cnnkit demo
+	$(WRITE_PYC) $(VENV)/bin/cnnkit demo
 
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check src tests benchmarks
-	$(PY) -m pytest -m "not slow and not gpu" -q -n auto --dist loadfile
+	$(WRITE_PYC) $(PY) -m pytest -m "not slow and not gpu" -q -n auto --dist loadfile
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check src tests benchmarks

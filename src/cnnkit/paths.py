@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -21,6 +22,16 @@ SEARCH_SETTINGS = "search.yaml"
 RUN_INFO = "run.json"
 # The checkpoint a training run writes every epoch (cnnkit.training.checkpoint).
 CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def has_run_info(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a cnnkit training run's ``run.json`` (one that names a cnnkit
+    version: another tool's ``run.json`` is not a run)."""
+    try:
+        info = json.loads((Path(folder) / RUN_INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and "cnnkit_version" in info
 
 
 def is_search_folder(folder: str | Path) -> bool:

@@ -118,6 +118,9 @@ CORRUPTIONS = {
     "an index that is text": lambda entry: _edit_meta(
         entry, lambda meta: {**meta, "valid": ["0", *meta["valid"][1:]]}
     ),
+    "an index past any integer type": lambda entry: _edit_meta(
+        entry, lambda meta: {**meta, "valid": [10**20, *meta["valid"][1:]]}
+    ),
     "an index that is true": lambda entry: _edit_meta(
         entry, lambda meta: {**meta, "valid": [True, *meta["valid"][1:]]}
     ),

@@ -840,7 +840,7 @@ def test_predict_refuses_a_first_input_meant_as_a_model(capsys, tmp_path: Path) 
     assert captured.out == ""
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
-    (unfinished / "run.json").write_text('{"status": "running"}')
+    (unfinished / "run.json").write_text('{"status": "running", "cnnkit_version": "0.1.0"}')
     assert main(["predict", str(unfinished), str(image)]) == 2
     assert "run's folder without a model.safetensors" in capsys.readouterr().err
     # A missing image as the first input is still an image: reported, the others predicted.
@@ -1393,6 +1393,7 @@ def test_a_model_among_the_images_is_refused_before_anything_is_predicted(
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     (unfinished / "checkpoint.pt").write_bytes(b"not read")
+    (unfinished / "run.json").write_text('{"status": "running", "cnnkit_version": "0.1.0"}')
     keras = tmp_path / "model.h5"
     keras.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
     cases = {
@@ -1425,6 +1426,15 @@ def test_a_model_among_the_images_is_refused_before_anything_is_predicted(
     scan.write_bytes(image.read_bytes())
     assert main(["predict", str(scan), str(image)]) == 0
     assert capsys.readouterr().out.count("Prediction: ") == 2
+    # Another tool's run.json or checkpoint.pt beside images is no cnnkit run.
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    shutil.copy(image, shots / "a.png")
+    (shots / "run.json").write_text('{"camera": "left"}')
+    (shots / "checkpoint.pt").write_bytes(b"another tool's")
+    for argv in ([str(image), str(shots)], [str(shots), str(image)]):
+        assert main(["predict", *argv]) == 0
+        assert capsys.readouterr().out.count("Prediction: ") == 2
 
 
 def test_model_flag_architecture_names_and_verbose_after_the_command(

@@ -211,8 +211,22 @@ def test_a_resumed_run_removes_the_exports_of_the_model_it_replaces(tmp_path: Pa
     (run / "evaluation-model.onnx" / "metrics.json").write_text("{}")
     (run / "evaluation").mkdir()
     (run / "evaluation" / "notes.txt").write_text("mine")
+    (run / "report.html").write_text("the first model's report")
     _resumed_from_epoch_one(_config(run))
     assert (run / "model.safetensors").read_bytes() != old_model
-    assert not (run / "model.onnx").exists()
+    assert not (run / "model.onnx").exists() and not (run / "report.html").exists()
     assert not (run / "evaluation-model.onnx").exists()
     assert (run / "evaluation" / "notes.txt").read_text() == "mine"
+
+
+def test_a_fresh_run_in_a_folder_of_ones_own_keeps_its_files(tmp_path: Path) -> None:
+    """Only a folder that held a run is cleared: another tool's model.onnx stays."""
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "model.onnx").write_bytes(b"another tool's export")
+    (own / "evaluation").mkdir()
+    (own / "evaluation" / "metrics.json").write_text("{}")
+    train_run(_config(own, {"train": {"epochs": 1}}), progress=False)
+    assert (own / "model.safetensors").is_file()
+    assert (own / "model.onnx").read_bytes() == b"another tool's export"
+    assert (own / "evaluation" / "metrics.json").read_text() == "{}"

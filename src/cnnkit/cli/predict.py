@@ -20,7 +20,7 @@ from cnnkit.cli.model_files import (
     refuse_search_folder,
 )
 from cnnkit.errors import error_line
-from cnnkit.paths import CHECKPOINT_NAME, RUN_INFO
+from cnnkit.paths import has_run_info
 
 
 def expand_images(paths: list[str], errors: list[str] | None = None) -> list[Path]:
@@ -138,7 +138,7 @@ def _refuse_model_less_first_input(path: Path) -> None:
     """Without ``--model`` the first input is an image (the bundled model answers), so refuse
     one that was meant as a model: predictions from the bundled model would pass for its."""
     refuse_search_folder(path)  # Not a folder of images to classify.
-    if path.is_dir() and (path / RUN_INFO).is_file():  # Written when a run starts.
+    if path.is_dir() and has_run_info(path):  # Written when a run starts.
         raise CommandError(
             f"{path}: a training run's folder without a model.safetensors (the run has not "
             "finished: `cnnkit train ... --resume` with the same --out continues it)"
@@ -195,12 +195,9 @@ def _refuse_a_model_among_images(path: str, model: str | None) -> None:
 
 
 def _holds_a_run(folder: Path) -> bool:
-    """A finished run's folder (its model), or one of a run that has not finished."""
-    return (
-        holds_a_model(folder)
-        or (folder / RUN_INFO).is_file()
-        or (folder / CHECKPOINT_NAME).is_file()
-    )
+    """A finished run's folder (its model), or one of a run that has not finished (its
+    run.json, written when it started)."""
+    return holds_a_model(folder) or has_run_info(folder)
 
 
 def _names_its_images(given: list[str], images: list[Path]) -> bool:

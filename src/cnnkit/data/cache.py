@@ -256,10 +256,9 @@ def _image_indices(indices: object, count: int) -> np.ndarray:
     # type() is int: JSON's true and false are Python bools, which are ints too.
     if not isinstance(indices, list) or not all(type(i) is int for i in indices):
         raise ValueError("its valid images are not a list of image numbers")
-    array = np.asarray(indices, dtype=np.int64)
-    if len(array) and (array.min() < 0 or array.max() >= count):
+    if indices and (min(indices) < 0 or max(indices) >= count):  # Before numpy: 10**20 fits.
         raise ValueError(f"its valid images are not all numbers from 0 to {count - 1}")
-    return array
+    return np.asarray(indices, dtype=np.int64)
 
 
 def _write_entry(

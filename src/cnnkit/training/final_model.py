@@ -30,12 +30,16 @@ def test_and_save(
     test_loader: BatchLoader,
     fit: FitResult,
     transfer: bool,
+    resumed: bool = False,
 ) -> tuple[EvaluationReport, Path]:
     """Score the trained model on the test split, write its report, and save the model file.
 
     Args:
         transfer: whether the model trained in phases: the last phase's test figures in
             ``phases.json`` are then filled in from the report.
+        resumed: whether the run continued a checkpoint: the exports and reports of the model
+            file it replaces are then removed first (a fresh run's start cleared them, and
+            only where the folder held a run: never a user's own ``model.onnx``).
 
     Returns:
         The test report and the saved model file's path.
@@ -63,8 +67,8 @@ def test_and_save(
         options={**model_options(config.model.name), **config.model.options},
         training=_training_record(config, splits, fit, evaluated["data"], test_metrics),
     )
-    # A resumed run's folder may hold exports of the model it replaces.
-    clear_model_exports(run_dir, keep=data_roots(config))
+    if resumed:
+        clear_model_exports(run_dir, keep=data_roots(config))
     model_path = save_model(run_dir / MODEL_NAME, trainer.module.cpu(), metadata)
     return report, model_path
 

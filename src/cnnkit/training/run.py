@@ -176,7 +176,7 @@ def train_run(
     started, callbacks = start_run(config, data, resume, distributed, callbacks)
     try:
         fit, report, model_path = _train_test_and_save(
-            model, inputs, loaders, callbacks, resume, cache_dir, timings
+            model, inputs, loaders, callbacks, (resume, started.resuming), cache_dir, timings
         )
         if distributed.is_main:
             timings["total"] = time.perf_counter() - start
@@ -212,26 +212,27 @@ def _train_test_and_save(
     inputs: _RunInputs,
     loaders: tuple[BatchLoader, BatchLoader | None, BatchLoader],
     callbacks: Sequence[Callback],
-    resume: bool,
+    resume: tuple[bool, bool],
     cache_dir: str | Path | None,
     timings: dict[str, float],
 ) -> tuple[FitResult, EvaluationReport | None, Path | None]:
     """Train ``model``, then (on rank 0 alone) score it on the test split and save its model
-    file; the training time goes into ``timings``.
+    file; the training time goes into ``timings``. ``resume``: whether ``--resume`` was given,
+    and whether there is a checkpoint to resume (whose run's model file this one replaces).
 
     Returns:
         The fit, and the test report and model file (None on the other ranks).
     """
     train_loader, val_loader, test_loader = loaders
     fit, trainer, transfer = _fit(
-        model, inputs, (train_loader, val_loader), callbacks, resume, cache_dir
+        model, inputs, (train_loader, val_loader), callbacks, resume[0], cache_dir
     )
     timings["train"] = fit.seconds
     if not inputs.distributed.is_main:
         return fit, None, None
     config, splits, preprocessing = inputs.config, inputs.splits, inputs.preprocessing
     report, model_path = test_and_save(
-        config, splits, preprocessing, trainer, test_loader, fit, transfer
+        config, splits, preprocessing, trainer, test_loader, fit, transfer, resume[1]
     )
     return fit, report, model_path
 

@@ -22,7 +22,7 @@ from cnnkit.atomic import write_atomically
 from cnnkit.config import RunConfig, dump_config
 from cnnkit.data.folder import is_image_name
 from cnnkit.models.registry import model_options
-from cnnkit.paths import RUN_INFO, is_search_folder, member_folders
+from cnnkit.paths import RUN_INFO, has_run_info, is_search_folder, member_folders
 from cnnkit.training.checkpoint import CHECKPOINT_NAME
 
 logger = logging.getLogger(__name__)
@@ -55,13 +55,15 @@ RUN_OUTPUTS = (
 )
 
 
-# What export and evaluate make from the run's model file: stale once a new one is saved.
+# What export, evaluate and report make from the run's model file: stale once a resumed run
+# saves a new one.
 MODEL_EXPORTS = (
     "evaluation",
     "evaluation-model.onnx",
     "evaluation-model-int8.onnx",
     "model.onnx",
     "model-int8.onnx",
+    "report.html",  # `cnnkit report`'s page, of the replaced model's test report.
 )
 assert set(MODEL_EXPORTS) <= set(RUN_OUTPUTS)
 
@@ -225,11 +227,7 @@ def holds_a_run(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a cnnkit training run: its run.json, model or checkpoint."""
     if (run_dir / MODEL_NAME).is_file() or (run_dir / CHECKPOINT_NAME).is_file():
         return True
-    try:
-        info = json.loads((run_dir / RUN_INFO).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(info, dict) and "cnnkit_version" in info
+    return has_run_info(run_dir)
 
 
 def clear_run_outputs(run_dir: Path, keep: Sequence[str | Path] = ()) -> list[str]:

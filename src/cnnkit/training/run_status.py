@@ -34,9 +34,10 @@ class RunInfoOnStart(Callback):
     starts: for ``--resume`` only once the trainer has checked and restored the checkpoint,
     so that a refused resume leaves the earlier run's files as they were."""
 
-    def __init__(self, write: Callable[[], None]) -> None:
+    def __init__(self, write: Callable[[], None], resuming: bool = False) -> None:
         self.write = write
         self.written = False
+        self.resuming = resuming  # A checkpoint is there to continue from.
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self.write_once()
@@ -64,7 +65,8 @@ def start_run(
     resuming = resume and find_checkpoint(run_dir) is not None
     description = data.splits.description
     started = RunInfoOnStart(
-        lambda: write_run_info(run_dir, config, {"status": "running", "data": description})
+        lambda: write_run_info(run_dir, config, {"status": "running", "data": description}),
+        resuming,
     )
     if distributed.is_main and not resuming:
         # A fresh start (also --resume without a checkpoint) replaces the earlier run, once
