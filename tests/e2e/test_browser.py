@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import socket
 import threading
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import cnnkit
 from cnnkit.config import Preprocessing
@@ -206,6 +207,43 @@ def test_uploading_a_photo_shows_species_with_confidence_bars(page, servers, tmp
     widths = page.eval_on_selector_all(".bar-fill", "bars => bars.map(bar => bar.style.width)")
     assert all(width.endswith("%") for width in widths)
     screenshot(page, "browser-photos.png")
+    assert page.problems == []
+
+
+def test_an_uploaded_symbol_is_shown_on_the_canvas_until_a_stroke_or_clear(page, servers) -> None:
+    """The canvas is the upload's preview: the whole image, centred; it is never sent as part
+    of a drawing, and a stroke or Clear replaces it."""
+    symbol = Image.new("L", (32, 32), 255)
+    ImageDraw.Draw(symbol).line([(16, 2), (16, 29)], fill=0, width=2)  # A tall bar: |.
+    buffer = io.BytesIO()
+    symbol.save(buffer, "PNG")
+    open_canvas(page, servers)
+    upload = {"name": "bar.png", "mimeType": "image/png", "buffer": buffer.getvalue()}
+    wait_for_prediction(page, lambda: page.set_input_files("#symbol-file", files=[upload]))
+    expect(page.locator("#results .result")).to_have_count(5)
+    top, bottom = inked_rows(page)
+    assert top < 0.15 and bottom > 0.85, (top, bottom)  # The bar, scaled to the canvas.
+    expect(page.locator("#canvas")).to_have_attribute("aria-label", re.compile("bar.png"))
+    expect(page.locator("#clear")).to_be_enabled()
+    expect(page.locator("#undo")).to_be_disabled()  # Nothing drawn to undo.
+    screenshot(page, "browser-symbol-upload.png")
+    # A stroke starts a new drawing on a blank canvas: only the dot is sent.
+    wait_for_prediction(page, lambda: click_canvas(page, 0.3, 0.5))
+    top, bottom = inked_rows(page)
+    assert 0.4 < top <= bottom < 0.6, (top, bottom)
+    expect(page.locator("#canvas")).not_to_have_attribute("aria-label", re.compile("bar.png"))
+    # Clear takes an upload away too, with its results.
+    wait_for_prediction(page, lambda: page.set_input_files("#symbol-file", files=[upload]))
+    page.locator("#clear").click()
+    expect(page.locator("#results .result")).to_have_count(0)
+    expect(page.locator("#clear")).to_be_disabled()
+    assert page.evaluate(
+        """() => {
+        const canvas = document.getElementById("canvas");
+        const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+        return data.every((value) => value === 255);
+        }"""
+    )
     assert page.problems == []
 
 

@@ -349,6 +349,10 @@
     let pointer = null; // The one pointer drawing now; a second finger is ignored.
     let timer = null;
     let drawingVersion = 0; // Bumped on every change, so a stale snapshot is never sent.
+    // An uploaded image, shown on the canvas as its preview until a stroke or Clear replaces
+    // it; it is never part of a drawing that is sent.
+    let upload = null; // { image, url }
+    const drawingLabel = canvas.getAttribute("aria-label");
 
     function fitBackingStore() {
       // clientWidth is the drawing area inside the border.
@@ -385,10 +389,42 @@
     function redraw() {
       context.fillStyle = "#fff";
       context.fillRect(0, 0, canvas.width, canvas.height);
+      if (upload && upload.image.complete && upload.image.naturalWidth > 0) drawUpload(upload.image);
       stylePen();
       strokes.forEach(drawStroke);
       undoButton.disabled = strokes.length === 0;
-      clearButton.disabled = strokes.length === 0;
+      clearButton.disabled = strokes.length === 0 && !upload;
+    }
+
+    function drawUpload(image) {
+      // The whole image, centred, as large as fits with a small margin; a small one (a 32x32
+      // HASYv2 PNG) keeps its pixels sharp rather than blurred.
+      const side = canvas.width * 0.9;
+      const scale = Math.min(side / image.naturalWidth, side / image.naturalHeight);
+      const width = image.naturalWidth * scale;
+      const height = image.naturalHeight * scale;
+      context.imageSmoothingEnabled = scale < 2;
+      context.drawImage(image, (canvas.width - width) / 2, (canvas.height - height) / 2, width, height);
+      context.imageSmoothingEnabled = true;
+    }
+
+    function showUpload(file) {
+      dropUpload();
+      const image = new Image();
+      const shown = { image, url: URL.createObjectURL(file) };
+      upload = shown;
+      image.addEventListener("load", () => { if (upload === shown) redraw(); });
+      // Not an image the browser reads: no preview (the server's answer says what is wrong).
+      image.addEventListener("error", () => { if (upload === shown) { dropUpload(); redraw(); } });
+      image.src = shown.url;
+      canvas.setAttribute("aria-label", "Uploaded image " + file.name + "; draw to replace it");
+    }
+
+    function dropUpload() {
+      if (!upload) return;
+      URL.revokeObjectURL(upload.url);
+      upload = null;
+      canvas.setAttribute("aria-label", drawingLabel);
     }
 
     function position(event) {
@@ -421,6 +457,7 @@
       event.preventDefault();
       canvas.setPointerCapture(event.pointerId);
       pointer = event.pointerId;
+      dropUpload(); // A new drawing starts on a blank canvas.
       current = [position(event)];
       strokes.push(current);
       redraw();
@@ -462,6 +499,7 @@
     clearButton.addEventListener("click", () => {
       if (current) return;
       strokes.length = 0;
+      dropUpload();
       redraw();
       clearError();
       schedulePrediction();
@@ -500,10 +538,12 @@
         showTooLarge(file);
         return;
       }
-      // The results are the upload's now: the drawing goes, and no stale drawing is sent.
+      // The results are the upload's now: the drawing goes, and no stale drawing is sent. The
+      // canvas shows the upload instead.
       strokes.length = 0;
       clearTimeout(timer);
       drawingVersion += 1;
+      showUpload(file);
       redraw();
       clearError();
       predict(file, "upload", file.name);
