@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import logging
 import re
 import tempfile
 from pathlib import Path
@@ -284,6 +285,26 @@ def test_resume_with_fewer_steps_per_epoch_than_its_onecycle_took_is_refused(
     # With no epoch left to run no step is taken, so the shorter schedule does not matter.
     done = Trainer(_model(), config, CPU, tmp_path, progress=False).fit(shorter, resume=True)
     assert [row["epoch"] for row in done.history] == [1]
+
+
+def test_a_cosine_resumed_at_another_batch_size_goes_on_from_the_epochs_done(
+    tiny_image_set, tmp_path: Path, caplog
+) -> None:
+    """Two steps an epoch, then a resume at one step an epoch: the checkpoint's 2 steps would
+    put this run's 2-step cosine at its end (a rate of 0 for epoch 2). The schedule goes on
+    from the end of epoch 1 as this run counts it, halfway, and the change is logged."""
+    train_loader, _ = _loaders(tiny_image_set)  # Two steps an epoch.
+    config = dataclasses.replace(BASE, epochs=1, schedule="cosine", warmup_fraction=0.0)
+    Trainer(_model(), config, CPU, tmp_path, progress=False).fit(train_loader)
+    train = tiny_image_set(num_classes=4, per_class=2, size=8, seed=1)  # One batch of eight.
+    whole = BatchLoader(train, 8, build_eval_transform(PREPROCESSING), shuffle=True, seed=3)
+    longer = dataclasses.replace(config, epochs=2)
+    resumed = Trainer(_model(), longer, CPU, tmp_path, progress=False)
+    with caplog.at_level(logging.WARNING, logger="cnnkit.training.resume"):
+        history = resumed.fit(whole, resume=True).history
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert history[1]["learning_rate"] == pytest.approx(5e-3)  # cos(pi / 2) of 1e-2's range.
+    assert "took 2 optimizer steps in 1 epoch(s), this one takes 1 an epoch" in caplog.text
 
 
 def test_resume_without_a_checkpoint_starts_fresh(tiny_image_set, run_dir: Path) -> None:

@@ -115,7 +115,31 @@ def _load_schedule(trainer: Trainer, state: dict[str, Any], steps_per_epoch: int
     trainer.scheduler.load_state_dict(scheduler_state)
     check_epochs(trainer.checkpoint_path, int(state["epoch"]), trainer.config.epochs)
     _check_schedule_fits(trainer, int(state["epoch"]), steps_per_epoch)
+    _align_schedule(trainer, int(state["epoch"]), steps_per_epoch)
     _take_this_schedules_rates(trainer.scheduler, trainer.optimizer)
+
+
+def _align_schedule(trainer: Trainer, epochs_done: int, steps_per_epoch: int) -> None:
+    """Put a warm-up-and-decay schedule (cosine or constant) at the end of the epochs done, as
+    this run counts its steps: with another batch size the checkpoint's step count stands for
+    another share of the run (at a quarter of the steps an epoch, cosine would sit past its
+    end, at a rate of 0, for every epoch left). Checkpoints are written at an epoch's end."""
+    scheduler = trainer.scheduler
+    if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
+        return  # Checked above: it resumes only with room for the steps it has taken.
+    here = epochs_done * steps_per_epoch
+    if scheduler.last_epoch != here:
+        logger.warning(
+            "%s: its run took %d optimizer steps in %d epoch(s), this one takes %d an epoch "
+            "(another batch size or --max-steps-per-epoch): the learning-rate schedule goes "
+            "on from the end of epoch %d",
+            trainer.checkpoint_path,
+            scheduler.last_epoch,
+            epochs_done,
+            steps_per_epoch,
+            epochs_done,
+        )
+        scheduler.last_epoch = here
 
 
 def _take_this_schedules_rates(
