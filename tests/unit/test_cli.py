@@ -1264,6 +1264,35 @@ def test_a_fresh_run_never_clears_an_interrupted_runs_checkpoint(
     assert _free_run_dir(interrupted) == Path("runs/digits-symbol_cnn-3")
 
 
+def test_a_new_run_goes_after_the_newest_run_folder_never_into_a_gap(tmp_path: Path) -> None:
+    """--resume continues the newest numbered folder, so a fresh run must become the newest:
+    not the default folder deleted before a finished -2, nor a -2 deleted before a -3."""
+    from cnnkit.cli.arguments import CommandError
+    from cnnkit.cli.train import _free_run_dir, _latest_run_dir
+
+    def finished(path: Path) -> None:
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"model")
+
+    base = tmp_path / "runs" / "digits-symbol_cnn"
+    assert _free_run_dir(base) == base  # Nothing there yet.
+    finished(base.with_name("digits-symbol_cnn-2"))
+    assert _free_run_dir(base) == base.with_name("digits-symbol_cnn-3")
+    finished(base.with_name("digits-symbol_cnn-4"))
+    (base.with_name("digits-symbol_cnn-12")).write_text("a file, not a run folder")
+    assert _latest_run_dir(base) == base.with_name("digits-symbol_cnn-4")
+    assert _free_run_dir(base) == base.with_name("digits-symbol_cnn-5")
+    # A run that diverged cannot be resumed: a new run goes beside it, not refused.
+    diverged = base.with_name("digits-symbol_cnn-5")
+    diverged.mkdir()
+    (diverged / "checkpoint.pt").write_bytes(b"state")
+    (diverged / "run.json").write_text('{"status": "diverged", "cnnkit_version": "0.1.0"}')
+    assert _free_run_dir(base) == base.with_name("digits-symbol_cnn-6")
+    (diverged / "run.json").write_text('{"status": "interrupted", "cnnkit_version": "0.1.0"}')
+    with pytest.raises(CommandError, match="digits-symbol_cnn-5 holds an unfinished run"):
+        _free_run_dir(base)
+
+
 def test_a_null_in_the_config_file_turns_a_presets_setting_off(tmp_path: Path) -> None:
     path = tmp_path / "off.yaml"
     path.write_text("train:\n  early_stopping_patience: null\n", encoding="utf-8")
@@ -1575,3 +1604,24 @@ def test_evaluate_skips_the_bad_files_its_run_skipped(capsys, tmp_path: Path) ->
     # Given explicitly, the flag still wins.
     assert main(["evaluate", str(out), "--split", "all", "--on-bad-image", "error"]) == 2
     assert "broken.png" in capsys.readouterr().err
+
+
+def test_training_again_with_a_runs_own_config_file_makes_a_new_run(
+    capsys, monkeypatch, tmp_path: Path
+) -> None:
+    """A run's config.yaml names its folder as out: read back with --config, it trains a new
+    run beside that one (runs/x-2) instead of replacing it."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--dataset", "digits", "--max-classes", "3", "--epochs", "1", "--quiet"]
+    first = Path("runs/digits-symbol_cnn")
+    assert main(argv) == 0
+    kept = (first / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--config", str(first / "config.yaml"), "--quiet"]) == 0
+    assert f"this one goes to {first.with_name('digits-symbol_cnn-2')}" in capsys.readouterr().out
+    assert (first / "model.safetensors").read_bytes() == kept
+    # Another folder named as out is used as given.
+    other = tmp_path / "mine.yaml"
+    other.write_text(f"out: {tmp_path / 'elsewhere'}\ndata: {{dataset: digits, max_classes: 3}}\n")
+    assert main(["train", "--config", str(other), "--epochs", "1", "--quiet"]) == 0
+    assert (tmp_path / "elsewhere" / "model.safetensors").is_file()

@@ -230,3 +230,14 @@ def test_a_fresh_run_in_a_folder_of_ones_own_keeps_its_files(tmp_path: Path) -> 
     assert (own / "model.safetensors").is_file()
     assert (own / "model.onnx").read_bytes() == b"another tool's export"
     assert (own / "evaluation" / "metrics.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", CHECKPOINT_NAME])
+def test_a_folder_where_the_run_writes_a_file_is_refused_before_training(
+    tmp_path: Path, name: str
+) -> None:
+    run = tmp_path / "run"
+    (run / name).mkdir(parents=True)
+    with pytest.raises(ValueError, match=f"{run / name} is a folder where the run writes its"):
+        train_run(_config(run), progress=False)
+    assert sorted(path.name for path in run.iterdir()) == [name]  # Nothing trained or written.

@@ -5,9 +5,11 @@ input size settled between the data and the model before any data loads.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from cnnkit.cli.arguments import CommandError
@@ -50,7 +52,9 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
     from cnnkit.presets import PRESETS, preset_for
 
     _refuse_flags_the_run_would_ignore(args)
-    file_layer = load_config_file(args.config) if args.config else {}
+    file_layer = {}
+    if args.config:
+        file_layer = _without_own_folder(load_config_file(args.config), args.config)
     dataset = args.dataset or _file_text(file_layer, "data.dataset", args.config)
     if dataset is None:
         raise CommandError("--dataset is required (or data.dataset in the --config file)")
@@ -94,6 +98,19 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
     _warn_of_augment_flags_with_augmentation_off(config, args, preset)
     _warn_of_fine_tune_flags_without_a_fine_tune(config, args)
     return _fit_to_model_input(config, args)
+
+
+def _without_own_folder(file_layer: dict[str, Any], config_path: str) -> dict[str, Any]:
+    """A run's own ``config.yaml`` (given to train again with its settings) names that run's
+    folder as ``out``: taken as it is, the new run would replace the one it copies. That
+    ``out`` is left out, so the new run goes where a run without ``--out`` goes."""
+    out = file_layer.get("out")
+    if not isinstance(out, str):
+        return file_layer
+    with contextlib.suppress(OSError, ValueError, RuntimeError):
+        if Path(out).expanduser().resolve() == Path(config_path).expanduser().resolve().parent:
+            return {key: value for key, value in file_layer.items() if key != "out"}
+    return file_layer
 
 
 # Flags (argparse's names) that only the fine-tune reads: the frozen phase trains its head for

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import glob
+import json
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -132,33 +136,50 @@ def _print_run_result(result, config, progress: bool) -> None:
 
 
 def _numbered_run_dirs(run_dir: Path) -> list[Path]:
-    """``run_dir`` and its existing numbered siblings ``run_dir-2``, ``run_dir-3``..., in order."""
-    found, number = [run_dir], 2
-    while (candidate := run_dir.with_name(f"{run_dir.name}-{number}")).exists():
-        found.append(candidate)
-        number += 1
-    return found
+    """``run_dir`` and its existing numbered siblings ``run_dir-2``, ``run_dir-3``..., by
+    number: a missing one in between (a deleted run) does not end the list."""
+    pattern = re.compile(re.escape(run_dir.name) + r"-([2-9]|[1-9][0-9]+)")
+    numbered = []
+    with contextlib.suppress(OSError):
+        for path in run_dir.parent.glob(glob.escape(run_dir.name) + "-*"):
+            match = pattern.fullmatch(path.name)
+            if match and path.is_dir():
+                numbered.append((int(match.group(1)), path))
+    return [run_dir, *(path for _, path in sorted(numbered))]
 
 
 def _free_run_dir(run_dir: Path) -> Path:
-    """The first of ``run_dir``, ``run_dir-2``, ``run_dir-3``... that holds neither a trained
-    model nor a checkpoint (a run that ``--resume`` continues).
+    """The folder of a new run: the newest of ``run_dir``, ``run_dir-2``, ``run_dir-3``... if
+    it holds neither a trained model nor a checkpoint, else the next number after it (never a
+    gap before it: ``--resume`` continues the newest).
 
     Raises:
-        CommandError: if the newest of them (the one ``--resume`` continues) holds an unfinished
-            run's checkpoint: a fresh run beside it would become the newest, out of reach.
+        CommandError: if the newest of them holds an unfinished run's checkpoint: a fresh
+            run beside it would become the newest, out of reach. A run that diverged is no
+            such run (it cannot be resumed): the new run goes beside it.
     """
     from cnnkit.training.run_folder import find_checkpoint
 
-    existing = _numbered_run_dirs(run_dir)
-    latest = existing[-1]
-    if find_checkpoint(latest) and not (latest / "model.safetensors").exists():
+    latest = _numbered_run_dirs(run_dir)[-1]
+    finished = (latest / "model.safetensors").exists()
+    if find_checkpoint(latest) and not finished and _run_status(latest) != "diverged":
         raise CommandError(
             f"{latest} holds an unfinished run: pass --resume to continue it, or --out for a "
             "new run folder"
         )
-    free = (d for d in existing if not ((d / "model.safetensors").exists() or find_checkpoint(d)))
-    return next(free, run_dir.with_name(f"{run_dir.name}-{len(existing) + 1}"))
+    if not (finished or find_checkpoint(latest)):
+        return latest
+    number = 1 if latest == run_dir else int(latest.name.rsplit("-", 1)[1])
+    return run_dir.with_name(f"{run_dir.name}-{number + 1}")
+
+
+def _run_status(run_dir: Path) -> str | None:
+    """The status ``run.json`` records (running, finished, interrupted, diverged, failed)."""
+    try:
+        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info.get("status") if isinstance(info, dict) else None
 
 
 def _latest_run_dir(run_dir: Path) -> Path:
@@ -183,8 +204,12 @@ def _print_run_folder_state(run_dir: Path, resume: bool, default_dir: Path | Non
     elif resume:
         print(f"No checkpoint in {run_dir}: starting fresh")
     elif default_dir is not None and run_dir != default_dir:
-        held = "a finished run" if (default_dir / "model.safetensors").exists() else "a run"
-        print(f"Note: {default_dir} holds {held}; this one goes to {run_dir}")
+        # The newest run before this one (the default folder itself, unless it was deleted).
+        before = [d for d in _numbered_run_dirs(default_dir) if d != run_dir and d.exists()]
+        if before:
+            newest = before[-1]
+            held = "a finished run" if (newest / "model.safetensors").exists() else "a run"
+            print(f"Note: {newest} holds {held}; this one goes to {run_dir}")
 
 
 def _print_early_stop(fit, patience: int | None) -> None:

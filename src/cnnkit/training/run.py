@@ -19,7 +19,7 @@ from cnnkit.data.loader import BatchLoader, build_loaders
 from cnnkit.data.sources import LoadedData, build_splits
 from cnnkit.evaluation.report import EvaluationReport
 from cnnkit.models.registry import create_model
-from cnnkit.paths import is_search_folder, refuse_unusable_folder
+from cnnkit.paths import CHECKPOINT_NAME, is_search_folder, refuse_unusable_folder
 from cnnkit.runtime import (
     DistributedContext,
     main_process_first,
@@ -31,7 +31,7 @@ from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger
 from cnnkit.training.final_model import test_and_save
 from cnnkit.training.identity import run_identity
 from cnnkit.training.preprocessing import resolve_preprocessing
-from cnnkit.training.run_folder import refuse_run_dir_beside_data
+from cnnkit.training.run_folder import MODEL_NAME, refuse_run_dir_beside_data
 from cnnkit.training.run_status import start_run, write_ended, write_finished
 from cnnkit.training.trainer import (
     Callback,
@@ -244,6 +244,12 @@ def _refuse_run_dir(run_dir: Path, config: RunConfig) -> None:
         raise ValueError(f"{run_dir} holds a search, not a training run: pass another --out")
     refuse_run_dir_beside_data(run_dir, config)
     refuse_unusable_folder(run_dir, f"--out {run_dir}", needs="a run")
+    for name in (MODEL_NAME, CHECKPOINT_NAME):
+        if (run_dir / name).is_dir():  # Else found only when the trained model is saved.
+            raise ValueError(
+                f"{run_dir / name} is a folder where the run writes its {name} file: move it "
+                "away, or pass another --out"
+            )
 
 
 def _refuse_one_class(splits: DataSplits) -> None:
