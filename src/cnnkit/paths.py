@@ -24,14 +24,19 @@ RUN_INFO = "run.json"
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-def has_run_info(folder: str | Path) -> bool:
-    """Whether ``folder`` holds a cnnkit training run's ``run.json`` (one that names a cnnkit
-    version: another tool's ``run.json`` is not a run)."""
+def read_run_info(folder: str | Path) -> dict | None:
+    """``folder``'s cnnkit ``run.json`` (one that names a cnnkit version: another tool's
+    ``run.json`` is not a run's), or None."""
     try:
         info = json.loads((Path(folder) / RUN_INFO).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(info, dict) and "cnnkit_version" in info
+        return None
+    return info if isinstance(info, dict) and "cnnkit_version" in info else None
+
+
+def has_run_info(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a cnnkit training run's ``run.json``."""
+    return read_run_info(folder) is not None
 
 
 def is_search_folder(folder: str | Path) -> bool:

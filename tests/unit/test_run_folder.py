@@ -106,3 +106,11 @@ def test_only_a_visible_subfolder_that_holds_images_counts(tmp_path: Path) -> No
     refuse_image_dataset_as_run_dir(folder, [folder])
     with pytest.raises(ValueError, match="looks like an image dataset"):
         refuse_image_dataset_as_run_dir(folder, [tmp_path / "elsewhere"])
+
+
+def test_a_models_exports_are_among_the_outputs_a_fresh_run_clears() -> None:
+    """What a resumed run removes (the replaced model's exports) a fresh run clears too."""
+    from cnnkit.training.run_folder import MODEL_EXPORTS, RUN_OUTPUTS
+
+    assert set(MODEL_EXPORTS) <= set(RUN_OUTPUTS)
+    assert {"model.onnx", "report.html", "evaluation"} <= set(MODEL_EXPORTS)

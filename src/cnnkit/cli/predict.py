@@ -22,6 +22,9 @@ from cnnkit.cli.model_files import (
 from cnnkit.errors import error_line
 from cnnkit.paths import has_run_info
 
+# Files of PyTorch's own format, as cnnkit's checkpoints are (never a cnnkit model file).
+CHECKPOINT_SUFFIXES = (".pt", ".pth")
+
 
 def expand_images(paths: list[str], errors: list[str] | None = None) -> list[Path]:
     """Files as given, folders expanded to the image files inside them (sorted; hidden ones
@@ -151,7 +154,7 @@ def _refuse_model_less_first_input(path: Path) -> None:
             f"{path}: no such model file, run folder or image (a model ends in .safetensors "
             "or .onnx; a run folder holds model.safetensors)"
         )
-    if path.is_file() and suffix in (".pt", ".pth"):
+    if path.is_file() and suffix in CHECKPOINT_SUFFIXES:
         model = path.parent / "model.safetensors"
         use = f"{model} (or {path.parent})" if model.is_file() else "a run's model.safetensors"
         raise CommandError(f"{path}: a checkpoint (training state), not a model file: give {use}")
@@ -187,7 +190,7 @@ def _refuse_a_model_among_images(path: str, model: str | None) -> None:
     if suffix in (".safetensors", ".onnx") or path_test(path, _holds_a_run):
         kind = "a training run's folder" if path_test(path, Path.is_dir) else "a model file"
         raise CommandError(f"{path}: {kind}, not an image ({chosen}): {first}")
-    if suffix in (".pt", ".pth"):
+    if suffix in CHECKPOINT_SUFFIXES:
         raise CommandError(
             f"{path}: a checkpoint, not an image ({chosen}); a run's model is its "
             f"model.safetensors, and {first}"

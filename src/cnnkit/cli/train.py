@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import dataclasses
 import glob
-import json
 import os
 import re
 import shlex
@@ -16,7 +15,7 @@ from cnnkit.cli.arguments import CommandError
 from cnnkit.cli.model_files import path_test
 from cnnkit.cli.predict import format_prediction
 from cnnkit.cli.settings import print_config, resolve_run_config
-from cnnkit.paths import default_cache_dir
+from cnnkit.paths import default_cache_dir, read_run_info
 
 
 def distributed_from_env(device: str = "auto"):
@@ -161,25 +160,16 @@ def _free_run_dir(run_dir: Path) -> Path:
     from cnnkit.training.run_folder import find_checkpoint
 
     latest = _numbered_run_dirs(run_dir)[-1]
-    finished = (latest / "model.safetensors").exists()
-    if find_checkpoint(latest) and not finished and _run_status(latest) != "diverged":
+    finished, checkpoint = (latest / "model.safetensors").exists(), find_checkpoint(latest)
+    if checkpoint and not finished and (read_run_info(latest) or {}).get("status") != "diverged":
         raise CommandError(
             f"{latest} holds an unfinished run: pass --resume to continue it, or --out for a "
             "new run folder"
         )
-    if not (finished or find_checkpoint(latest)):
+    if not (finished or checkpoint):
         return latest
     number = 1 if latest == run_dir else int(latest.name.rsplit("-", 1)[1])
     return run_dir.with_name(f"{run_dir.name}-{number + 1}")
-
-
-def _run_status(run_dir: Path) -> str | None:
-    """The status ``run.json`` records (running, finished, interrupted, diverged, failed)."""
-    try:
-        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return info.get("status") if isinstance(info, dict) else None
 
 
 def _latest_run_dir(run_dir: Path) -> Path:

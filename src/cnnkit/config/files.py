@@ -51,9 +51,8 @@ def _refuse_repeated_keys(loader: yaml.SafeLoader, root: yaml.Node) -> None:
                 stack.append(value_node)
                 if key_node.tag == _MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
                     continue  # A merge, or a key that is itself a collection (rare, unhashable).
-                key = loader.construct_object(
-                    key_node
-                )  # A scalar: 4, "4" and 0x4 as YAML reads them.
+                # A scalar, as YAML reads it: 4 and 0x4 are one key, 4 and "4" two.
+                key = loader.construct_object(key_node)
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"{key!r} is given twice", key_node.start_mark

@@ -38,13 +38,18 @@ def load_digit_scans() -> tuple[np.ndarray, np.ndarray]:
     return digits.images, digits.target
 
 
+def ink_counts_to_pixels(counts: np.ndarray) -> np.ndarray:
+    """The digits' ink counts (0-16 a pixel) as uint8 grey levels, black ink on white as in
+    HASYv2 (16, full ink, is 0)."""
+    return (255 - counts * (255 / 16)).round().astype(np.uint8)
+
+
 class DigitsSource:
     """scikit-learn's ``load_digits``: 10 classes, 8x8 grey levels 0-16, upscaled at decode."""
 
     def __init__(self) -> None:
         images, labels = load_digit_scans()
-        # 16 means full ink: invert so that strokes are black on white, as in HASYv2.
-        self._arrays = (255 - images * (255 / 16)).round().astype(np.uint8)
+        self._arrays = ink_counts_to_pixels(images)
         self._labels = labels.astype(np.int64)
 
     def list_samples(self) -> Listing:

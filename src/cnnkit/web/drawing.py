@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from cnnkit.data.digits import ink_counts_to_pixels
 from cnnkit.data.prepare import convert_image
 
 SYMBOL_SIZE = 32
@@ -160,7 +161,7 @@ def canvas_to_digit(image: Image.Image) -> Image.Image:
     """
     block = _SUPERSAMPLE * SYMBOL_SIZE // DIGIT_SIZE
     ink = np.rint(_block_ink(_redrawn(image, DIGIT_STROKE_WIDTH), block) * 16)
-    return Image.fromarray((255 - ink * (255 / 16)).round().astype(np.uint8), mode="L")
+    return Image.fromarray(ink_counts_to_pixels(ink), mode="L")
 
 
 def _redrawn(image: Image.Image, stroke_width: float) -> np.ndarray:
