@@ -333,6 +333,44 @@ def test_an_existing_file_as_out_is_one_line(capsys, tmp_path: Path) -> None:
     assert occupied.read_text(encoding="utf-8") == "keep me"
 
 
+def test_an_interrupt_during_the_final_test_says_how_to_resume(
+    capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cnnkit.training.trainer import Trainer
+
+    scored = Trainer.predict
+
+    def interrupted(self, loader, desc=None):
+        if desc == "testing":  # Ctrl-C while the trained model is scored on the test split.
+            raise KeyboardInterrupt
+        return scored(self, loader, desc)
+
+    monkeypatch.setattr(Trainer, "predict", interrupted)
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", "digits", "--epochs", "1", "--quiet", "--out", str(out)]
+    assert main([*argv, "--max-classes", "3", "--option", "width=8"]) == 130
+    printed = capsys.readouterr().out
+    assert "\nInterrupted after training, before the model was saved.\n" in printed
+    assert f"Checkpoint: {out / 'checkpoint.pt'}; rerun with --resume to continue." in printed
+    monkeypatch.undo()
+    assert main([*argv, "--max-classes", "3", "--option", "width=8", "--resume"]) == 0
+    assert (out / "model.safetensors").is_file()
+
+
+def test_resuming_another_kind_of_models_run_is_one_line_before_any_work(
+    capsys, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    (out / "finetune").mkdir(parents=True)
+    (out / "finetune" / "checkpoint.pt").write_bytes(b"state")
+    argv = ["train", "--dataset", "digits", "--epochs", "1", "--out", str(out), "--resume"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "Resuming" not in captured.out and "Data:" not in captured.out  # Nothing loaded.
+    error = captured.err.strip().splitlines()
+    assert len(error) == 1 and "the checkpoint of a pretrained (transfer) model" in error[0]
+
+
 def test_a_diverging_run_stops_with_one_line_and_no_model(capsys, tmp_path: Path) -> None:
     out = tmp_path / "run"
     argv = ["train", "--dataset", "digits", "--epochs", "2", "--quiet", "--out", str(out)]

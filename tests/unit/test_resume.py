@@ -24,7 +24,8 @@ from cnnkit.training.checkpoint import (
     save_checkpoint,
 )
 from cnnkit.training.run import train_run
-from cnnkit.training.trainer import TrainingInterrupted
+from cnnkit.training.run_folder import checkpoint_to_resume
+from cnnkit.training.trainer import Callback, Trainer, TrainingDiverged, TrainingInterrupted
 
 RUN_FILES = ("config.yaml", "run.json")
 
@@ -241,3 +242,141 @@ def test_a_folder_where_the_run_writes_a_file_is_refused_before_training(
     with pytest.raises(ValueError, match=f"{run / name} is a folder where the run writes its"):
         train_run(_config(run), progress=False)
     assert sorted(path.name for path in run.iterdir()) == [name]  # Nothing trained or written.
+
+
+def _interrupt_the_final_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C landing while the trained model is scored on the test split."""
+    scored = Trainer.predict
+
+    def interrupted(self, loader, desc=None):
+        if desc == "testing":
+            raise KeyboardInterrupt
+        return scored(self, loader, desc)
+
+    monkeypatch.setattr(Trainer, "predict", interrupted)
+
+
+def test_an_interrupt_during_the_final_test_is_resumed_to_the_saved_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every epoch is in the checkpoint: the stop names it, and --resume trains no epoch again
+    but tests and saves the model."""
+    run = tmp_path / "run"
+    config = _config(run)
+    _interrupt_the_final_test(monkeypatch)
+    with pytest.raises(TrainingInterrupted) as stop:
+        train_run(config, progress=False)
+    assert str(stop.value) == "interrupted after training, before the model was saved"
+    assert (stop.value.checkpoint, stop.value.epochs_completed) == (run / CHECKPOINT_NAME, 2)
+    record = json.loads((run / "run.json").read_text())
+    assert (record["status"], record["error"]) == ("interrupted", str(stop.value))
+    assert not (run / "model.safetensors").exists()
+    monkeypatch.undo()
+    epochs = FitEpochs()
+    result = train_run(config, resume=True, progress=False, callbacks=[epochs])
+    assert (epochs.starts, epochs.trained) == ([2], [])
+    assert result.model_path == run / "model.safetensors" and result.model_path.is_file()
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+
+
+class _InterruptAtStart(Callback):
+    def on_fit_start(self, trainer: Trainer) -> None:
+        raise KeyboardInterrupt
+
+
+def test_an_interrupt_before_the_first_epoch_says_so(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted) as stop:
+        train_run(_config(run), progress=False, callbacks=[_InterruptAtStart()])
+    assert str(stop.value) == "interrupted before training finished"
+    assert stop.value.checkpoint is None  # Nothing to resume: no epoch was saved.
+    record = json.loads((run / "run.json").read_text())
+    assert (record["status"], record["error"]) == ("interrupted", str(stop.value))
+
+
+def test_non_finite_test_outputs_end_the_run_as_diverged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose trained weights give NaN on the test images is recorded as diverged, as one
+    whose loss did, not as a failure of the tool."""
+    run = tmp_path / "run"
+    scored = Trainer.predict
+
+    def broken(self, loader, desc=None):
+        logits, labels = scored(self, loader, desc)
+        return (logits * float("nan") if desc == "testing" else logits), labels
+
+    monkeypatch.setattr(Trainer, "predict", broken)
+    with pytest.raises(TrainingDiverged, match="outputs are not finite") as stop:
+        train_run(_config(run), progress=False)
+    record = json.loads((run / "run.json").read_text())
+    assert (record["status"], record["error"]) == ("diverged", str(stop.value))
+    assert not (run / "model.safetensors").exists()
+
+
+def test_a_finished_run_resumed_with_nothing_left_to_train_keeps_its_exports(
+    tmp_path: Path,
+) -> None:
+    """The same weights are saved again, so the exports still stand for them; one more epoch
+    replaces them (the test above)."""
+    run = tmp_path / "run"
+    config = _config(run)
+    train_run(config, progress=False)
+    model = (run / "model.safetensors").read_bytes()
+    (run / "model.onnx").write_bytes(b"an export of the finished model")
+    (run / "report.html").write_text("its report")
+    epochs = FitEpochs()
+    train_run(config, resume=True, progress=False, callbacks=[epochs])
+    assert epochs.trained == []
+    assert (run / "model.safetensors").read_bytes() == model
+    assert (run / "model.onnx").read_bytes() == b"an export of the finished model"
+    assert (run / "report.html").read_text() == "its report"
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "model", "said"),
+    [
+        (
+            "finetune/" + CHECKPOINT_NAME,
+            "symbol_cnn",
+            "of a pretrained (transfer) model, and symbol_cnn is a model trained from scratch",
+        ),
+        (
+            CHECKPOINT_NAME,
+            "efficientnet_lite0",
+            "of a model trained from scratch, and "
+            "efficientnet_lite0 is a pretrained (transfer) model",
+        ),
+    ],
+)
+def test_a_checkpoint_of_the_other_kind_of_model_is_not_resumed(
+    tmp_path: Path, checkpoint: str, model: str, said: str
+) -> None:
+    """A transfer run keeps its checkpoint in its phase's folder, a model trained from scratch
+    in the run folder: resuming the one as the other used to say "Resuming" and train from
+    scratch beside the other run's files."""
+    run = tmp_path / "run"
+    (run / checkpoint).parent.mkdir(parents=True, exist_ok=True)
+    (run / checkpoint).write_bytes(b"state")
+    with pytest.raises(CheckpointError) as refused:
+        checkpoint_to_resume(run, model)
+    assert str(refused.value).startswith(f"{run / checkpoint}: the checkpoint {said}")
+    other = "efficientnet_lite0" if model == "symbol_cnn" else "book_cnn"
+    found = checkpoint_to_resume(run, other)
+    assert found == run / checkpoint
+
+
+def test_resuming_a_transfer_runs_folder_as_another_kind_of_model_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    (run / "finetune").mkdir(parents=True)
+    (run / "finetune" / CHECKPOINT_NAME).write_bytes(b"state")
+    (run / "phases.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="pretrained"):
+        train_run(_config(run), resume=True, progress=False)
+    assert sorted(str(path.relative_to(run)) for path in run.rglob("*")) == [
+        "finetune",
+        f"finetune/{CHECKPOINT_NAME}",
+        "phases.json",
+    ]

@@ -103,13 +103,12 @@ def _print_run_notes(args: argparse.Namespace, config, default_dir: Path | None)
             "Note: --patience needs a validation split (--val-fraction > 0, without "
             "--train-on-all); without one every epoch runs"
         )
-    _print_run_folder_state(config.run_dir(), args.resume, default_dir)
+    _print_run_folder_state(config.run_dir(), args.resume, default_dir, config.model.name)
 
 
 def _print_interrupted(interrupted) -> None:
     """Say after how many epochs (and of which phase) training stopped, and how to resume."""
-    of = f" of {interrupted.phase}" if interrupted.phase else ""
-    print(f"\nInterrupted after {interrupted.epochs_completed} completed epoch(s){of}.")
+    print(f"\nInterrupted {interrupted.summary}.")
     if interrupted.checkpoint:
         print(f"Checkpoint: {interrupted.checkpoint}; rerun with --resume to continue.")
 
@@ -177,12 +176,20 @@ def _latest_run_dir(run_dir: Path) -> Path:
     return _numbered_run_dirs(run_dir)[-1]
 
 
-def _print_run_folder_state(run_dir: Path, resume: bool, default_dir: Path | None) -> None:
-    """Say whether ``--resume`` found a checkpoint, that a fresh run replaces an old one (in a
-    folder given with ``--out``), or that it went to a new folder beside the default one."""
-    from cnnkit.training.run_folder import find_checkpoint, holds_a_run
+def _print_run_folder_state(
+    run_dir: Path, resume: bool, default_dir: Path | None, model_name: str | None = None
+) -> None:
+    """Say whether ``--resume`` found a checkpoint for model ``model_name`` (needed with
+    ``resume``), that a fresh run replaces an old one (in a folder given with ``--out``), or
+    that it went to a new folder beside the default one.
 
-    found = find_checkpoint(run_dir)
+    Raises:
+        CheckpointError: for ``--resume`` where the folder holds only a checkpoint of the other
+            kind of model (see :func:`~cnnkit.training.run_folder.checkpoint_to_resume`).
+    """
+    from cnnkit.training.run_folder import checkpoint_to_resume, holds_a_run
+
+    found = checkpoint_to_resume(run_dir, model_name) if resume else None
     if resume and found:
         print(f"Resuming from {found}")
     elif holds_a_run(run_dir):

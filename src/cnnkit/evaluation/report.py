@@ -202,12 +202,16 @@ def _staging_folder(out_dir: Path, swap: bool) -> Path:
     return staging
 
 
+class NonFiniteOutputError(ValueError):
+    """A model's outputs hold NaN or infinite values: its weights are unusable."""
+
+
 def _refuse_non_finite(logits: torch.Tensor) -> None:
-    """Raise ValueError where some image's logits are NaN or infinite: argmax would take NaN
-    for the largest value and the report would show believable figures."""
+    """Raise :class:`NonFiniteOutputError` where some image's logits are NaN or infinite:
+    argmax would take NaN for the largest value and the report would show believable figures."""
     broken = int((~torch.isfinite(logits)).any(dim=1).sum())
     if broken:
-        raise ValueError(
+        raise NonFiniteOutputError(
             f"the model's outputs are not finite (NaN or infinite) for {broken} of {len(logits)} "
             "images: its weights have diverged or are broken, so no figures are reported"
         )

@@ -69,13 +69,30 @@ def save_model(
     """
     path = Path(path)
     tensors = _state_tensors(model, half)
+    text = {_METADATA_KEY: utf8_json(_header(tensors, metadata, half))}
+    write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=text))
+    return path
+
+
+def _header(tensors: dict[str, torch.Tensor], metadata: ModelMetadata, half: bool) -> dict:
+    """The metadata a model file stores, with the digests of its tensors and of itself."""
     header = metadata.to_dict()
     header["tensor_sha256"] = tensor_digest(tensors)
     header["dtype"] = "float16" if half else "float32"
     header["metadata_sha256"] = metadata_digest(header)
-    text = {_METADATA_KEY: utf8_json(header)}
-    write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=text))
-    return path
+    return header
+
+
+def holds_model(path: str | Path, model: nn.Module, metadata: ModelMetadata) -> bool:
+    """Whether the model file at ``path`` holds ``model`` with ``metadata`` as
+    :func:`save_model` would write them (in float32): the same weights and metadata, judged by
+    their recorded digests. False for a file that is missing or unreadable."""
+    try:
+        stored = read_metadata(path)
+    except ModelFileError:
+        return False
+    header = _header(_state_tensors(model, half=False), metadata, half=False)
+    return stored == json.loads(utf8_json(header))  # As stored: tuples read back as lists.
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -19,6 +19,8 @@ from torch import nn
 from cnnkit.config import Preprocessing, is_number
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+# The names of the pretrained models, which train in phases (frozen head, then fine-tune).
+_TRANSFER: set[str] = set()
 
 
 def register_model(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -28,6 +30,26 @@ def register_model(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module
         raise ValueError(f"model {name!r} is already registered")
     _REGISTRY[name] = factory
     return factory
+
+
+def register_transfer_model(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a pretrained model (see :func:`is_transfer_model`) as :func:`register_model`
+    does."""
+    register_model(factory)
+    _TRANSFER.add(factory.__name__)
+    return factory
+
+
+def is_transfer_model(name: str) -> bool:
+    """Whether model ``name`` is a pretrained one, which trains in phases (a frozen head,
+    then a fine-tune), with its checkpoints in the phases' folders.
+
+    Raises:
+        ValueError: for an unknown model.
+    """
+    _load_builtin_models()
+    _get_factory(name)
+    return name in _TRANSFER
 
 
 def _load_builtin_models() -> None:

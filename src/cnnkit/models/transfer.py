@@ -25,7 +25,7 @@ from cnnkit.models.efficientnet_lite import (
     LITE_STD,
     create_efficientnet_lite,
 )
-from cnnkit.models.registry import register_model
+from cnnkit.models.registry import register_transfer_model
 from cnnkit.models.transfer_classifier import TransferClassifier, TransferEnsemble
 
 
@@ -94,7 +94,7 @@ def _register_lite(name: str, summary: str) -> Callable[..., nn.Module]:
 
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = summary
-    return register_model(factory)
+    return register_transfer_model(factory)
 
 
 efficientnet_lite0 = _register_lite(
@@ -108,7 +108,7 @@ efficientnet_lite2 = _register_lite(
 )
 
 
-@register_model
+@register_transfer_model
 def efficientnet_lite_trio(
     num_classes: int,
     in_channels: int = 3,

@@ -15,7 +15,7 @@ from cnnkit.config import Preprocessing, RunConfig
 from cnnkit.data.dataset import DataSplits
 from cnnkit.data.loader import BatchLoader
 from cnnkit.evaluation.report import EvaluationReport, build_report, evaluated_block
-from cnnkit.inference.artifact import ModelMetadata, save_model
+from cnnkit.inference.artifact import ModelMetadata, holds_model, save_model
 from cnnkit.models.registry import model_options
 from cnnkit.training.phases import record_final_test
 from cnnkit.training.run_folder import MODEL_NAME, clear_model_exports, data_roots
@@ -38,8 +38,9 @@ def test_and_save(
         transfer: whether the model trained in phases: the last phase's test figures in
             ``phases.json`` are then filled in from the report.
         resumed: whether the run continued a checkpoint: the exports and reports of the model
-            file it replaces are then removed first (a fresh run's start cleared them, and
-            only where the folder held a run: never a user's own ``model.onnx``).
+            file it replaces are then removed first, unless that file holds the same weights
+            and metadata (a fresh run's start cleared them, and only where the folder held a
+            run: never a user's own ``model.onnx``).
 
     Returns:
         The test report and the saved model file's path.
@@ -67,7 +68,8 @@ def test_and_save(
         options={**model_options(config.model.name), **config.model.options},
         training=_training_record(config, splits, fit, evaluated["data"], test_metrics),
     )
-    if resumed:
+    if resumed and not holds_model(run_dir / MODEL_NAME, trainer.module, metadata):
+        # A finished run resumed with nothing left to train keeps its exports.
         clear_model_exports(run_dir, keep=data_roots(config))
     model_path = save_model(run_dir / MODEL_NAME, trainer.module.cpu(), metadata)
     return report, model_path

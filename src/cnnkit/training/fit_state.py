@@ -12,16 +12,29 @@ class TrainingDiverged(ValueError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """Raised after Ctrl-C; the last completed epoch is saved in the checkpoint."""
+    """Raised after Ctrl-C; the last completed epoch is saved in the checkpoint.
+
+    Args:
+        epochs_completed: the epochs the checkpoint holds.
+        checkpoint: the checkpoint ``--resume`` continues from (None: none was written).
+        phase: which phase of a transfer run (fine-tune 2...), where it says.
+        when: when it landed, where that was outside an epoch ("after training, before the
+            model was saved"); the message then says this instead of the epochs.
+    """
 
     def __init__(
-        self, epochs_completed: int, checkpoint: Path | None, phase: str | None = None
+        self,
+        epochs_completed: int,
+        checkpoint: Path | None,
+        phase: str | None = None,
+        when: str | None = None,
     ) -> None:
         of = f" of {phase}" if phase else ""
-        super().__init__(f"training interrupted after {epochs_completed} completed epoch(s){of}")
+        self.summary = when or f"after {epochs_completed} completed epoch(s){of}"
+        super().__init__(f"interrupted {when}" if when else f"training interrupted {self.summary}")
         self.epochs_completed = epochs_completed
         self.checkpoint = checkpoint
-        self.phase = phase  # Which phase of a transfer run (fine-tune 2...), where it says.
+        self.phase = phase
 
 
 @dataclass

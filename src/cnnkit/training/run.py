@@ -17,7 +17,7 @@ from cnnkit.config import Preprocessing, RunConfig
 from cnnkit.data.dataset import DataSplits
 from cnnkit.data.loader import BatchLoader, build_loaders
 from cnnkit.data.sources import LoadedData, build_splits
-from cnnkit.evaluation.report import EvaluationReport
+from cnnkit.evaluation.report import EvaluationReport, NonFiniteOutputError
 from cnnkit.models.registry import create_model
 from cnnkit.paths import CHECKPOINT_NAME, is_search_folder, refuse_unusable_folder
 from cnnkit.runtime import (
@@ -31,7 +31,7 @@ from cnnkit.training.callbacks import CsvLogger, TensorBoardLogger
 from cnnkit.training.final_model import test_and_save
 from cnnkit.training.identity import run_identity
 from cnnkit.training.preprocessing import resolve_preprocessing
-from cnnkit.training.run_folder import MODEL_NAME, refuse_run_dir_beside_data
+from cnnkit.training.run_folder import MODEL_NAME, find_checkpoint, refuse_run_dir_beside_data
 from cnnkit.training.run_status import start_run, write_ended, write_finished
 from cnnkit.training.trainer import (
     Callback,
@@ -224,17 +224,37 @@ def _train_test_and_save(
         The fit, and the test report and model file (None on the other ranks).
     """
     train_loader, val_loader, test_loader = loaders
-    fit, trainer, transfer = _fit(
-        model, inputs, (train_loader, val_loader), callbacks, resume[0], cache_dir
-    )
+    config, splits, preprocessing = inputs.config, inputs.splits, inputs.preprocessing
+    try:
+        fit, trainer, transfer = _fit(
+            model, inputs, (train_loader, val_loader), callbacks, resume[0], cache_dir
+        )
+    except KeyboardInterrupt:
+        # Ctrl-C outside an epoch (the epochs' own stops name their epoch): while the trainer
+        # or a transfer run's features were set up, or the kept weights chosen after the last.
+        raise _interrupted(config, "before training finished") from None
     timings["train"] = fit.seconds
     if not inputs.distributed.is_main:
         return fit, None, None
-    config, splits, preprocessing = inputs.config, inputs.splits, inputs.preprocessing
-    report, model_path = test_and_save(
-        config, splits, preprocessing, trainer, test_loader, fit, transfer, resume[1]
-    )
+    try:
+        report, model_path = test_and_save(
+            config, splits, preprocessing, trainer, test_loader, fit, transfer, resume[1]
+        )
+    except KeyboardInterrupt:
+        # The last checkpoint holds every epoch: --resume tests and saves the model.
+        raise _interrupted(
+            config, "after training, before the model was saved", fit.epochs_run
+        ) from None
+    except NonFiniteOutputError as error:
+        # Recorded as the run's divergence (run.json), not as a failure of the tool.
+        raise TrainingDiverged(str(error)) from None
     return fit, report, model_path
+
+
+def _interrupted(config: RunConfig, when: str, epochs: int = 0) -> TrainingInterrupted:
+    """The stop of a run interrupted ``when`` (outside an epoch), naming its checkpoint (one
+    of an earlier epoch or run, where there is one) for ``--resume``."""
+    return TrainingInterrupted(epochs, find_checkpoint(config.run_dir()), when=when)
 
 
 def _refuse_run_dir(run_dir: Path, config: RunConfig) -> None:

@@ -21,9 +21,9 @@ from cnnkit import __version__
 from cnnkit.atomic import write_atomically
 from cnnkit.config import RunConfig, dump_config
 from cnnkit.data.folder import is_image_name
-from cnnkit.models.registry import model_options
+from cnnkit.models.registry import is_transfer_model, model_options
 from cnnkit.paths import RUN_INFO, has_run_info, is_search_folder, member_folders
-from cnnkit.training.checkpoint import CHECKPOINT_NAME
+from cnnkit.training.checkpoint import CHECKPOINT_NAME, CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -203,14 +203,36 @@ def _holds_an_image(folder: Path) -> bool:
         return False
 
 
-def find_checkpoint(run_dir: Path) -> Path | None:
+def find_checkpoint(run_dir: Path, transfer: bool | None = None) -> Path | None:
     """The checkpoint ``--resume`` continues from: the run's, or a transfer run's fine-tune's
-    (an ensemble's: the latest member's)."""
-    if (run_dir / CHECKPOINT_NAME).is_file():
-        return run_dir / CHECKPOINT_NAME
+    (an ensemble's: the latest member's). ``transfer``: look only for a model trained from
+    scratch's (False) or only for a transfer model's (True); None: for either."""
+    own = [run_dir / CHECKPOINT_NAME]
     folders = [*reversed(member_folders(run_dir)), run_dir / "finetune"]
-    candidates = [folder / CHECKPOINT_NAME for folder in folders]
+    phases = [folder / CHECKPOINT_NAME for folder in folders]
+    candidates = {None: own + phases, False: own, True: phases}[transfer]
     return next((path for path in candidates if path.is_file()), None)
+
+
+def checkpoint_to_resume(run_dir: Path, model_name: str) -> Path | None:
+    """The checkpoint ``--resume`` continues for a run of model ``model_name``, if any.
+
+    Raises:
+        CheckpointError: if the folder holds only the other kind of model's checkpoint (a
+            transfer run's fine-tune, for a model trained from scratch, or the reverse): the
+            run would start from scratch beside the other run's files.
+    """
+    transfer = is_transfer_model(model_name)
+    found = find_checkpoint(run_dir, transfer)
+    other = find_checkpoint(run_dir, not transfer)
+    if found is None and other is not None:
+        kinds = ("a model trained from scratch", "a pretrained (transfer) model")
+        raise CheckpointError(
+            f"{other}: the checkpoint of {kinds[not transfer]}, and {model_name} is "
+            f"{kinds[transfer]}; resume with the model it trained (in {run_dir / 'config.yaml'}), "
+            "or train into a new --out"
+        )
+    return found
 
 
 def _only_cnnkit_files(folder: Path) -> bool:

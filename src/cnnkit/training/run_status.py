@@ -14,9 +14,9 @@ from cnnkit.errors import error_line
 from cnnkit.runtime import DistributedContext
 from cnnkit.training.final_model import best_val_accuracy
 from cnnkit.training.run_folder import (
+    checkpoint_to_resume,
     clear_run_outputs,
     data_roots,
-    find_checkpoint,
     with_model_defaults,
     write_run_info,
 )
@@ -62,7 +62,7 @@ def start_run(
         The writer of the started run's info, and the callbacks to train with.
     """
     run_dir = config.run_dir()
-    resuming = resume and find_checkpoint(run_dir) is not None
+    resuming = resume and checkpoint_to_resume(run_dir, config.model.name) is not None
     description = data.splits.description
     started = RunInfoOnStart(
         lambda: write_run_info(run_dir, config, {"status": "running", "data": description}),
@@ -111,10 +111,10 @@ def write_ended(config: RunConfig, splits: DataSplits, error: BaseException) -> 
     run_dir = config.run_dir()
     if isinstance(error, (TrainingInterrupted, TrainingDiverged, KeyboardInterrupt)):
         # run.json says how the run ended, not "running"; also when Ctrl-C or kill lands
-        # after the last epoch, while the test split is scored or the model saved. A resume
-        # stopped before its checkpoint was restored leaves the earlier run's files.
+        # outside an epoch (the stop then says when). A resume stopped before its checkpoint
+        # was restored leaves the earlier run's files.
         status = "diverged" if isinstance(error, TrainingDiverged) else "interrupted"
-        reason = str(error) or "interrupted after training, before the model was saved"
+        reason = str(error) or "interrupted"
         details = {"status": status, "data": splits.description, "error": reason}
         write_run_info(run_dir, config, details)
         return
