@@ -380,3 +380,37 @@ def test_resuming_a_transfer_runs_folder_as_another_kind_of_model_changes_nothin
         f"finetune/{CHECKPOINT_NAME}",
         "phases.json",
     ]
+
+
+def test_a_resume_with_other_settings_is_recorded_and_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Settings the checkpoint does not hold (dropout, augmentation) may change on resume, but
+    the run's records would show only the new ones: run.json lists each resume and what it
+    changed, and a warning names the changes, except more --epochs, which is what a resume
+    is for."""
+    run = tmp_path / "run"
+    _interrupted_after_one_epoch(run)  # symbol_cnn's dropout 0.2, the preset's rotation 10.
+    changed = {"model": {"options": {"dropout": 0.4}}, "augment": {"max_rotation": 5.0}}
+    train_run(_config(run, changed, {"train": {"epochs": 3}}), resume=True, progress=False)
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "finished"
+    assert record["resumes"] == [
+        {
+            "from_epoch": 1,
+            "changed": {
+                "model.options.dropout": {"before": 0.2, "now": 0.4},
+                "augment.max_rotation": {"before": 10.0, "now": 5.0},
+                "train.epochs": {"before": 2, "now": 3},
+            },
+        }
+    ]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "model.options.dropout 0.2 -> 0.4; augment.max_rotation 10.0 -> 5.0" in warnings[0]
+    assert "train.epochs" not in warnings[0]
+    caplog.clear()
+    train_run(_config(run, changed, {"train": {"epochs": 4}}), resume=True, progress=False)
+    resumes = json.loads((run / "run.json").read_text())["resumes"]
+    assert resumes[1] == {"from_epoch": 3, "changed": {"train.epochs": {"before": 3, "now": 4}}}
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

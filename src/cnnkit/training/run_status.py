@@ -5,12 +5,19 @@ its checkpoint is restored), then finished with its figures, or how it ended oth
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
-from cnnkit.config import RunConfig, config_to_dict
+import yaml
+
+from cnnkit.config import RunConfig, config_to_dict, dump_config
+from cnnkit.config.files import load_yaml
 from cnnkit.data.dataset import DataSplits
 from cnnkit.data.sources import LoadedData
 from cnnkit.errors import error_line
+from cnnkit.paths import read_run_info
 from cnnkit.runtime import DistributedContext
 from cnnkit.training.final_model import best_val_accuracy
 from cnnkit.training.run_folder import (
@@ -28,24 +35,41 @@ from cnnkit.training.trainer import (
     TrainingInterrupted,
 )
 
+logger = logging.getLogger(__name__)
+
+# run.json's list of the run's resumes: the epoch each went on from, and the settings it changed.
+RESUMES_KEY = "resumes"
+# Settings a resume is expected to change (--epochs to train on), or that change nothing the
+# model learns: recorded, without a warning.
+_CHANGED_BY_RESUMES = frozenset(
+    (
+        "train.epochs",
+        "train.device",
+        "train.eval_batch_size",
+        "train.micro_batch_size",
+        "train.memory_check",
+        "data.cache_dir",
+    )
+)
+
 
 class RunInfoOnStart(Callback):
     """Writes the run's ``config.yaml`` and ``run.json`` (status running) when training
     starts: for ``--resume`` only once the trainer has checked and restored the checkpoint,
     so that a refused resume leaves the earlier run's files as they were."""
 
-    def __init__(self, write: Callable[[], None], resuming: bool = False) -> None:
-        self.write = write
+    def __init__(self, write: Callable[[int], None], resuming: bool = False) -> None:
+        self.write = write  # Given the epoch the fit starts from.
         self.written = False
         self.resuming = resuming  # A checkpoint is there to continue from.
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        self.write_once()
+        self.write_once(trainer.epoch)
 
-    def write_once(self) -> None:
+    def write_once(self, epoch: int = 0) -> None:
         if not self.written:
             self.written = True
-            self.write()
+            self.write(epoch)
 
 
 def start_run(
@@ -64,10 +88,14 @@ def start_run(
     run_dir = config.run_dir()
     resuming = resume and checkpoint_to_resume(run_dir, config.model.name) is not None
     description = data.splits.description
-    started = RunInfoOnStart(
-        lambda: write_run_info(run_dir, config, {"status": "running", "data": description}),
-        resuming,
-    )
+
+    def write(epoch: int) -> None:
+        details = {"status": "running", "data": description}
+        if resuming:
+            details["resumes"] = _resumes(run_dir, config, epoch)
+        write_run_info(run_dir, config, details)
+
+    started = RunInfoOnStart(write, resuming)
     if distributed.is_main and not resuming:
         # A fresh start (also --resume without a checkpoint) replaces the earlier run, once
         # the data has loaded and its batches are set up: a run that fails before keeps it.
@@ -77,6 +105,57 @@ def start_run(
         # The checkpoint is checked against this run's settings first (see RunInfoOnStart).
         callbacks = [started, *callbacks]
     return started, callbacks
+
+
+def _resumes(run_dir: Path, config: RunConfig, epoch: int) -> list[dict[str, Any]]:
+    """The run's resumes so far (from its ``run.json``) and this one: the epoch it goes on
+    from, and each setting it changes from the run it continues (its ``config.yaml``), which
+    a warning names too: the run's records show only the latest settings."""
+    resumes = list(_resumes_so_far(run_dir).get(RESUMES_KEY, []))
+    changed = changed_settings(run_dir / "config.yaml", config)
+    unexpected = {key: step for key, step in changed.items() if key not in _CHANGED_BY_RESUMES}
+    if unexpected:
+        steps = (f"{key} {step['before']!r} -> {step['now']!r}" for key, step in unexpected.items())
+        logger.warning(
+            "%s: resumed with other settings than its run's: %s (run.json lists them under %r)",
+            run_dir,
+            "; ".join(steps),
+            RESUMES_KEY,
+        )
+    return [*resumes, {"from_epoch": epoch, "changed": changed}]
+
+
+def changed_settings(config_file: Path, config: RunConfig) -> dict[str, dict[str, Any]]:
+    """The settings of ``config`` that differ from those ``config_file`` (a run's
+    ``config.yaml``) records, by dotted name (``model.options.dropout``), each with its value
+    ``before`` and ``now``; nothing where the file is missing or unreadable."""
+    try:
+        before = _flat(load_yaml(config_file.read_text(encoding="utf-8")))
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    now = _flat(load_yaml(dump_config(with_model_defaults(config))))
+    return {
+        key: {"before": before[key], "now": value}
+        for key, value in now.items()
+        if key in before and before[key] != value and key != "out"  # The same folder.
+    }
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping's leaves by dotted name (nothing for anything but a mapping)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items() if isinstance(tree, dict) else ():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _resumes_so_far(run_dir: Path) -> dict[str, Any]:
+    """The ``resumes`` a run's ``run.json`` lists, to carry into its next record."""
+    resumes = (read_run_info(run_dir) or {}).get(RESUMES_KEY)
+    return {RESUMES_KEY: resumes} if resumes else {}
 
 
 def write_finished(
@@ -102,6 +181,7 @@ def write_finished(
             },
             "test": test_metrics,
             "config": config_to_dict(with_model_defaults(config)),
+            **_resumes_so_far(config.run_dir()),
         },
     )
 
@@ -116,10 +196,10 @@ def write_ended(config: RunConfig, splits: DataSplits, error: BaseException) -> 
         status = "diverged" if isinstance(error, TrainingDiverged) else "interrupted"
         reason = str(error) or "interrupted"
         details = {"status": status, "data": splits.description, "error": reason}
-        write_run_info(run_dir, config, details)
+        write_run_info(run_dir, config, {**details, **_resumes_so_far(run_dir)})
         return
     # Any other error (a full disk) ends the run too; a checkpoint that does not fit this
     # run's settings leaves the earlier run's files as they were.
     details = {"status": "failed", "data": splits.description, "error": error_line(error)}
     with contextlib.suppress(OSError):  # The full disk must not hide the first error.
-        write_run_info(run_dir, config, details)
+        write_run_info(run_dir, config, {**details, **_resumes_so_far(run_dir)})
