@@ -111,7 +111,9 @@ def main() -> None:
     parser.add_argument("--name", default="cub_transfer", help="results file name")
     args = parser.parse_args()
     archive = shared_dataset(ARCHIVE)
-    work = Path(tempfile.mkdtemp(prefix="cnnkit-cub-bench-"))
+    # Removed when the benchmark ends (its fresh cache takes hundreds of megabytes).
+    scratch = tempfile.TemporaryDirectory(prefix="cnnkit-cub-bench-")
+    work = Path(scratch.name)
     layers: list[dict[str, Any]] = [
         preset_for("cub"),
         {"data": {"dataset": "cub", "data": str(archive)}, "out": args.out or str(work / "run")},

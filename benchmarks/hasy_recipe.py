@@ -81,73 +81,75 @@ def main() -> None:
     archive = shared_dataset("HASYv2-dev.tar.bz2")
     tune_allocator()
     options = {key: int(value) for key, value in (o.split("=") for o in args.option)}
-    work = tempfile.mkdtemp(prefix="cnnkit-hasy-bench-")
-    config = build_run_config(
-        preset_for(RECIPES[args.recipe]),
-        load_config_file(args.config) if args.config else {},
-        {
-            "data": {"dataset": "hasy", "data": str(archive), "fold": args.fold},
-            "train": {"epochs": args.epochs},
-            "model": {"options": options or None},
-            "out": f"{work}/run",
-        },
-    )
-    if args.fill_cache_only:
-        if not args.cache_dir:
-            parser.error("--fill-cache-only needs --cache-dir")
-        began = time.perf_counter()
-        build_splits(config.data, resolve_preprocessing(config), args.cache_dir, progress=False)
-        print(f"filled {args.cache_dir} in {time.perf_counter() - began:.1f} s")
-        return
-    start = time.perf_counter()
-    probe = TestAccuracyProbe(0.81, start)
-
-    def attach_test_loader(data) -> None:
-        probe.loader = BatchLoader(
-            data.splits.test,
-            1024,
-            build_eval_transform(resolve_preprocessing(config)),
-            device=select_device(config.train.device),
+    # The run folder and a fresh cache go in a temporary folder, removed at the end (the
+    # results file, and the model with --keep-model, stay).
+    with tempfile.TemporaryDirectory(prefix="cnnkit-hasy-bench-") as work:
+        config = build_run_config(
+            preset_for(RECIPES[args.recipe]),
+            load_config_file(args.config) if args.config else {},
+            {
+                "data": {"dataset": "hasy", "data": str(archive), "fold": args.fold},
+                "train": {"epochs": args.epochs},
+                "model": {"options": options or None},
+                "out": f"{work}/run",
+            },
         )
+        if args.fill_cache_only:
+            if not args.cache_dir:
+                parser.error("--fill-cache-only needs --cache-dir")
+            began = time.perf_counter()
+            build_splits(config.data, resolve_preprocessing(config), args.cache_dir, progress=False)
+            print(f"filled {args.cache_dir} in {time.perf_counter() - began:.1f} s")
+            return
+        start = time.perf_counter()
+        probe = TestAccuracyProbe(0.81, start)
 
-    # A fresh cache folder unless --cache-dir: the timed figure then includes decoding.
-    result = train_run(
-        config,
-        cache_dir=args.cache_dir or f"{work}/cache",
-        progress=not args.no_progress,
-        callbacks=[probe],
-        on_data=attach_test_loader,
-    )
-    wall = time.perf_counter() - start - probe.probe_seconds
-    for epoch, accuracy, elapsed in probe.curve:
-        print(f"epoch {epoch:>2}: test top-1 {accuracy:.4f} at {elapsed / 60:.1f} min")
-    metrics = result.test_metrics
-    print(f"recipe {args.recipe}: {result.data_description}")
-    print(f"test top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}")
-    print(f"wall time {wall / 60:.1f} min (data {result.seconds['data']:.0f} s)")
-    reached = f"{probe.reached_at / 60:.1f} min" if probe.reached_at else "not reached"
-    print(f"first reached 81% test top-1: {reached}")
-    path = record_result(
-        args.name or f"hasy_{args.recipe}",
-        {
-            "config": config_to_dict(config),
-            "epochs": result.fit.epochs_run,
-            "test_top1": metrics["top1"],
-            "test_top5": metrics["top5"],
-            "wall_minutes": wall / 60,
-            "data_seconds": result.seconds["data"],
-            "minutes_to_81": probe.reached_at / 60 if probe.reached_at else None,
-            "curve": probe.curve,
-            "threads": torch.get_num_threads(),
-            "device": str(select_device(config.train.device)),
-            "cache": "shared, filled before the run" if args.cache_dir else "fresh",
-        },
-    )
-    print(f"saved {path}")
-    if args.keep_model:
-        Path(args.keep_model).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(result.model_path, args.keep_model)
-        print(f"kept the model as {args.keep_model}")
+        def attach_test_loader(data) -> None:
+            probe.loader = BatchLoader(
+                data.splits.test,
+                1024,
+                build_eval_transform(resolve_preprocessing(config)),
+                device=select_device(config.train.device),
+            )
+
+        # A fresh cache folder unless --cache-dir: the timed figure then includes decoding.
+        result = train_run(
+            config,
+            cache_dir=args.cache_dir or f"{work}/cache",
+            progress=not args.no_progress,
+            callbacks=[probe],
+            on_data=attach_test_loader,
+        )
+        wall = time.perf_counter() - start - probe.probe_seconds
+        for epoch, accuracy, elapsed in probe.curve:
+            print(f"epoch {epoch:>2}: test top-1 {accuracy:.4f} at {elapsed / 60:.1f} min")
+        metrics = result.test_metrics
+        print(f"recipe {args.recipe}: {result.data_description}")
+        print(f"test top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}")
+        print(f"wall time {wall / 60:.1f} min (data {result.seconds['data']:.0f} s)")
+        reached = f"{probe.reached_at / 60:.1f} min" if probe.reached_at else "not reached"
+        print(f"first reached 81% test top-1: {reached}")
+        path = record_result(
+            args.name or f"hasy_{args.recipe}",
+            {
+                "config": config_to_dict(config),
+                "epochs": result.fit.epochs_run,
+                "test_top1": metrics["top1"],
+                "test_top5": metrics["top5"],
+                "wall_minutes": wall / 60,
+                "data_seconds": result.seconds["data"],
+                "minutes_to_81": probe.reached_at / 60 if probe.reached_at else None,
+                "curve": probe.curve,
+                "threads": torch.get_num_threads(),
+                "device": str(select_device(config.train.device)),
+                "cache": "shared, filled before the run" if args.cache_dir else "fresh",
+            },
+        )
+        print(f"saved {path}")
+        if args.keep_model:
+            Path(args.keep_model).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(result.model_path, args.keep_model)
+            print(f"kept the model as {args.keep_model}")
 
 
 if __name__ == "__main__":
