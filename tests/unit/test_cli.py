@@ -352,6 +352,12 @@ def test_an_interrupt_during_the_final_test_says_how_to_resume(
     printed = capsys.readouterr().out
     assert "\nInterrupted after training, before the model was saved.\n" in printed
     assert f"Checkpoint: {out / 'checkpoint.pt'}; rerun with --resume to continue." in printed
+    # The demo says so too (it has no --resume), with no traceback.
+    demo = tmp_path / "demo"
+    assert main(["demo", "--epochs", "1", "--quiet", "--out", str(demo)]) == 130
+    captured = capsys.readouterr()
+    assert captured.out.endswith("\nInterrupted after training, before the model was saved.\n")
+    assert "Traceback" not in captured.err and "--resume" not in captured.out
     monkeypatch.undo()
     assert main([*argv, "--max-classes", "3", "--option", "width=8", "--resume"]) == 0
     assert (out / "model.safetensors").is_file()

@@ -359,11 +359,25 @@ def test_a_checkpoint_of_the_other_kind_of_model_is_not_resumed(
     (run / checkpoint).parent.mkdir(parents=True, exist_ok=True)
     (run / checkpoint).write_bytes(b"state")
     with pytest.raises(CheckpointError) as refused:
-        checkpoint_to_resume(run, model)
+        checkpoint_to_resume(_config(run, {"model": {"name": model, "options": {}}}))
     assert str(refused.value).startswith(f"{run / checkpoint}: the checkpoint {said}")
     other = "efficientnet_lite0" if model == "symbol_cnn" else "book_cnn"
-    found = checkpoint_to_resume(run, other)
+    found = checkpoint_to_resume(_config(run, {"model": {"name": other, "options": {}}}))
     assert found == run / checkpoint
+
+
+def test_a_fine_tunes_checkpoint_is_not_resumed_by_a_run_without_a_fine_tune(
+    tmp_path: Path,
+) -> None:
+    """``--phases frozen`` would fit a new head and replace the fine-tuned model, as if it
+    had resumed it."""
+    run = tmp_path / "run"
+    (run / "finetune").mkdir(parents=True)
+    (run / "finetune" / CHECKPOINT_NAME).write_bytes(b"state")
+    lite = {"model": {"name": "efficientnet_lite0", "options": {}}}
+    with pytest.raises(CheckpointError, match="a fine-tune's checkpoint, and this run has no"):
+        checkpoint_to_resume(_config(run, lite, {"transfer": {"phases": ["frozen"]}}))
+    assert checkpoint_to_resume(_config(run, lite)) == run / "finetune" / CHECKPOINT_NAME
 
 
 def test_resuming_a_transfer_runs_folder_as_another_kind_of_model_changes_nothing(
@@ -410,7 +424,25 @@ def test_a_resume_with_other_settings_is_recorded_and_named(
     assert "model.options.dropout 0.2 -> 0.4; augment.max_rotation 10.0 -> 5.0" in warnings[0]
     assert "train.epochs" not in warnings[0]
     caplog.clear()
-    train_run(_config(run, changed, {"train": {"epochs": 4}}), resume=True, progress=False)
-    resumes = json.loads((run / "run.json").read_text())["resumes"]
-    assert resumes[1] == {"from_epoch": 3, "changed": {"train.epochs": {"before": 3, "now": 4}}}
+    # A resume that is stopped in its turn keeps the list, with its own entry.
+    more = _config(run, changed, {"train": {"epochs": 5}})
+    with pytest.raises(TrainingInterrupted):
+        train_run(more, resume=True, progress=False, callbacks=[StopAfter(4)])
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "interrupted" and len(record["resumes"]) == 2
+    assert record["resumes"][1] == {
+        "from_epoch": 3,
+        "changed": {"train.epochs": {"before": 3, "now": 5}},
+    }
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    # Settings a run is told to change (more patience), or that change nothing learned.
+    calm = {"train": {"epochs": 5, "early_stopping_patience": 3, "fast_path": False}}
+    train_run(_config(run, changed, calm), resume=True, progress=False)
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "finished" and len(record["resumes"]) == 3
+    assert record["resumes"][2]["from_epoch"] == 4
+    assert set(record["resumes"][2]["changed"]) == {
+        "train.early_stopping_patience",
+        "train.fast_path",
+    }
     assert not [r for r in caplog.records if r.levelname == "WARNING"]

@@ -19,7 +19,7 @@ from cnnkit.data.dataset import DataSplits, ImageSet
 from cnnkit.data.loader import build_loaders
 from cnnkit.models.registry import create_model
 from cnnkit.runtime import DistributedContext
-from cnnkit.training.checkpoint import CheckpointError
+from cnnkit.training.checkpoint import CHECKPOINT_NAME, CheckpointError
 from cnnkit.training.features import (
     FeatureCache,
     FeatureSource,
@@ -36,6 +36,8 @@ from cnnkit.training.phases import (
     record_final_test,
     save_phase_reports,
 )
+from cnnkit.training.run_folder import find_checkpoint
+from cnnkit.training.run_status import RunInfoOnStart
 from cnnkit.training.trainer import Callback, Trainer, TrainingInterrupted
 from cnnkit.training.transfer import fit_transfer
 
@@ -451,6 +453,11 @@ def test_interrupted_ensemble_resumes_the_second_member_to_the_same_weights(
             callbacks=[StopInSecondMember()],
         )
     resumed, epochs = _lite0_pair(), FitEpochs()
+    # run.json's record of the resume names the fit that goes on from the latest checkpoint.
+    recorded: list[int] = []
+    checkpoint = find_checkpoint(tmp_path / "b")
+    assert checkpoint == tmp_path / "b" / "finetune-2" / CHECKPOINT_NAME
+    started = RunInfoOnStart(recorded.append, checkpoint)
     fit = fit_transfer(
         resumed,
         config,
@@ -459,12 +466,13 @@ def test_interrupted_ensemble_resumes_the_second_member_to_the_same_weights(
         CPU,
         tmp_path / "b",
         progress=False,
-        callbacks=[epochs],
+        callbacks=[started, epochs],
         resume=True,
     )
     # The first member resumed with nothing left to train and the second after its first
     # epoch: the resumed call trained one epoch, the second member's second.
     assert (epochs.starts, epochs.trained) == ([2, 1], [2])
+    assert recorded == [1]
     assert [row["epoch"] for row in fit.history if row["phase"] == 3.0] == [6, 7]
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)

@@ -158,7 +158,7 @@ def command_search(args: argparse.Namespace) -> int:
             space_file=None if args.space in SPACES else args.space,
         )
     except (TrainingInterrupted, KeyboardInterrupt) as interrupted:
-        detail = f": {interrupted}" if str(interrupted) else ""
+        detail = f" {interrupted.summary}" if isinstance(interrupted, TrainingInterrupted) else ""
         print(f"\nInterrupted{detail}. Rerun the same command to continue the study.")
         return 130
     _print_result(result)

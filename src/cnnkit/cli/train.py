@@ -39,6 +39,7 @@ def print_data_summary(data) -> None:
 def command_train(args: argparse.Namespace) -> int:
     from cnnkit.runtime import shutdown_distributed, tune_allocator
     from cnnkit.training.run import train_run
+    from cnnkit.training.run_folder import checkpoint_to_resume
     from cnnkit.training.trainer import TrainingInterrupted
 
     config = resolve_run_config(args)
@@ -49,8 +50,10 @@ def command_train(args: argparse.Namespace) -> int:
         tune_allocator()
     distributed = distributed_from_env(config.train.device)
     is_main = distributed.is_main
+    # Every rank refuses a checkpoint it cannot resume before any work, rank 0 with its line.
+    found = checkpoint_to_resume(config) if args.resume else None
     if is_main:
-        _print_run_notes(args, config, default_dir)
+        _print_run_notes(args, config, default_dir, found)
     cache_dir = args.cache_dir or config.data.cache_dir or default_cache_dir()
     try:
         result = train_run(
@@ -92,9 +95,12 @@ def _choose_run_dir(config, resume: bool):
     return config, default_dir
 
 
-def _print_run_notes(args: argparse.Namespace, config, default_dir: Path | None) -> None:
+def _print_run_notes(
+    args: argparse.Namespace, config, default_dir: Path | None, found: Path | None
+) -> None:
     """What rank 0 says before training: why the model was chosen, that --patience has no
-    validation split to watch, and the state of the run folder."""
+    validation split to watch, and the state of the run folder (``found``: the checkpoint
+    ``--resume`` continues)."""
     if getattr(args, "chosen_because", None):
         print(args.chosen_because)
     no_val = config.data.val_fraction == 0 or config.data.train_on_all
@@ -103,7 +109,7 @@ def _print_run_notes(args: argparse.Namespace, config, default_dir: Path | None)
             "Note: --patience needs a validation split (--val-fraction > 0, without "
             "--train-on-all); without one every epoch runs"
         )
-    _print_run_folder_state(config.run_dir(), args.resume, default_dir, config.model.name)
+    _print_run_folder_state(config.run_dir(), args.resume, default_dir, found)
 
 
 def _print_interrupted(interrupted) -> None:
@@ -177,19 +183,13 @@ def _latest_run_dir(run_dir: Path) -> Path:
 
 
 def _print_run_folder_state(
-    run_dir: Path, resume: bool, default_dir: Path | None, model_name: str | None = None
+    run_dir: Path, resume: bool, default_dir: Path | None, found: Path | None = None
 ) -> None:
-    """Say whether ``--resume`` found a checkpoint for model ``model_name`` (needed with
-    ``resume``), that a fresh run replaces an old one (in a folder given with ``--out``), or
-    that it went to a new folder beside the default one.
+    """Say whether ``--resume`` found a checkpoint (``found``), that a fresh run replaces an
+    old one (in a folder given with ``--out``), or that it went to a new folder beside the
+    default one."""
+    from cnnkit.training.run_folder import holds_a_run
 
-    Raises:
-        CheckpointError: for ``--resume`` where the folder holds only a checkpoint of the other
-            kind of model (see :func:`~cnnkit.training.run_folder.checkpoint_to_resume`).
-    """
-    from cnnkit.training.run_folder import checkpoint_to_resume, holds_a_run
-
-    found = checkpoint_to_resume(run_dir, model_name) if resume else None
     if resume and found:
         print(f"Resuming from {found}")
     elif holds_a_run(run_dir):
@@ -261,10 +261,15 @@ def _print_history(history: list[dict[str, float]], progress: bool = False) -> N
 
 def command_demo(args: argparse.Namespace) -> int:
     from cnnkit.demo import run_demo
+    from cnnkit.training.trainer import TrainingInterrupted
 
     out = Path(args.out)
     _print_run_folder_state(out, resume=False, default_dir=None)
-    result = run_demo(out, epochs=args.epochs, progress=not args.quiet)
+    try:
+        result = run_demo(out, epochs=args.epochs, progress=not args.quiet)
+    except TrainingInterrupted as interrupted:
+        print(f"\nInterrupted {interrupted.summary}.")  # The demo has no --resume.
+        return 130
     print(f"\nDemo: {result.description}")
     _print_history(result.run.fit.history, progress=not args.quiet)
     metrics = result.run.test_metrics

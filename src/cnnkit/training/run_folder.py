@@ -214,23 +214,31 @@ def find_checkpoint(run_dir: Path, transfer: bool | None = None) -> Path | None:
     return next((path for path in candidates if path.is_file()), None)
 
 
-def checkpoint_to_resume(run_dir: Path, model_name: str) -> Path | None:
-    """The checkpoint ``--resume`` continues for a run of model ``model_name``, if any.
+def checkpoint_to_resume(config: RunConfig) -> Path | None:
+    """The checkpoint ``--resume`` continues for a run of ``config`` in its run folder, if any.
 
     Raises:
         CheckpointError: if the folder holds only the other kind of model's checkpoint (a
-            transfer run's fine-tune, for a model trained from scratch, or the reverse): the
-            run would start from scratch beside the other run's files.
+            transfer run's fine-tune, for a model trained from scratch, or the reverse), or a
+            fine-tune's for a transfer run without a fine-tune phase: the run would start
+            from scratch beside the other run's files, as if it were resumed.
     """
-    transfer = is_transfer_model(model_name)
+    run_dir, name = config.run_dir(), config.model.name
+    transfer = is_transfer_model(name)
     found = find_checkpoint(run_dir, transfer)
     other = find_checkpoint(run_dir, not transfer)
     if found is None and other is not None:
         kinds = ("a model trained from scratch", "a pretrained (transfer) model")
         raise CheckpointError(
-            f"{other}: the checkpoint of {kinds[not transfer]}, and {model_name} is "
+            f"{other}: the checkpoint of {kinds[not transfer]}, and {name} is "
             f"{kinds[transfer]}; resume with the model it trained (in {run_dir / 'config.yaml'}), "
             "or train into a new --out"
+        )
+    if found is not None and transfer and "finetune" not in config.transfer.phases:
+        raise CheckpointError(
+            f"{found}: a fine-tune's checkpoint, and this run has no fine-tune phase "
+            f"(phases: {', '.join(config.transfer.phases)}); resume with the phases it was "
+            "trained with, or train into a new --out"
         )
     return found
 

@@ -44,7 +44,10 @@ RESUMES_KEY = "resumes"
 _CHANGED_BY_RESUMES = frozenset(
     (
         "train.epochs",
+        "train.early_stopping_patience",  # As a run that stopped early says to.
         "train.device",
+        "train.fast_path",
+        "train.channels_last",
         "train.eval_batch_size",
         "train.micro_batch_size",
         "train.memory_check",
@@ -58,13 +61,17 @@ class RunInfoOnStart(Callback):
     starts: for ``--resume`` only once the trainer has checked and restored the checkpoint,
     so that a refused resume leaves the earlier run's files as they were."""
 
-    def __init__(self, write: Callable[[int], None], resuming: bool = False) -> None:
+    def __init__(self, write: Callable[[int], None], checkpoint: Path | None = None) -> None:
         self.write = write  # Given the epoch the fit starts from.
         self.written = False
-        self.resuming = resuming  # A checkpoint is there to continue from.
+        self.checkpoint = checkpoint  # The checkpoint to continue from (None: a fresh start).
+        self.resuming = checkpoint is not None
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        self.write_once(trainer.epoch)
+        # An ensemble's members that finished before the stop restore and start first: the
+        # fit that goes on from the resumed checkpoint is the one whose epoch is recorded.
+        if trainer.checkpoint_path == self.checkpoint:
+            self.write_once(trainer.epoch)
 
     def write_once(self, epoch: int = 0) -> None:
         if not self.written:
@@ -86,7 +93,8 @@ def start_run(
         The writer of the started run's info, and the callbacks to train with.
     """
     run_dir = config.run_dir()
-    resuming = resume and checkpoint_to_resume(run_dir, config.model.name) is not None
+    checkpoint = checkpoint_to_resume(config) if resume else None
+    resuming = checkpoint is not None
     description = data.splits.description
 
     def write(epoch: int) -> None:
@@ -95,7 +103,7 @@ def start_run(
             details["resumes"] = _resumes(run_dir, config, epoch)
         write_run_info(run_dir, config, details)
 
-    started = RunInfoOnStart(write, resuming)
+    started = RunInfoOnStart(write, checkpoint)
     if distributed.is_main and not resuming:
         # A fresh start (also --resume without a checkpoint) replaces the earlier run, once
         # the data has loaded and its batches are set up: a run that fails before keeps it.
