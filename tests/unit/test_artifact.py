@@ -585,3 +585,17 @@ def test_names_that_are_not_utf8_survive_the_model_file_and_its_export(tmp_path:
     exported = OnnxPredictor.from_file(export_onnx(path, tmp_path / "odd.onnx"))
     assert exported.metadata.class_names == (odd, "\u03b1")
     assert exported.metadata.training["data"] == f"/data/{odd}"
+
+
+@pytest.mark.parametrize("name", ["photo.JPG", "symbol.png", "notes.txt"])
+def test_an_image_given_as_the_model_is_named_as_one(tmp_path: Path, name: str) -> None:
+    """``cnnkit serve photo.jpg`` said "truncated or not a safetensors file", which reads as a
+    broken model."""
+    path = tmp_path / name
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    with pytest.raises(ModelFileError) as refused:
+        cnnkit.load_model(path)
+    if name == "notes.txt":
+        assert str(refused.value) == f"{path}: truncated or not a safetensors file"
+    else:
+        assert str(refused.value).startswith(f"{path}: an image, not a model file (pass a ")

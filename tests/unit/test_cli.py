@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+import yaml
+from PIL import Image, ImageDraw
 from tests.conftest import within_seconds, write_bird_folder
 
 from cnnkit import __version__
@@ -1648,6 +1649,34 @@ def test_evaluate_skips_the_bad_files_its_run_skipped(capsys, tmp_path: Path) ->
     # Given explicitly, the flag still wins.
     assert main(["evaluate", str(out), "--split", "all", "--on-bad-image", "error"]) == 2
     assert "broken.png" in capsys.readouterr().err
+
+
+def test_a_runs_config_file_trains_the_same_run_from_another_folder(
+    capsys, monkeypatch, tmp_path: Path
+) -> None:
+    """config.yaml names the data, cache and run folder as absolute paths, so --config finds
+    them from anywhere (a relative ``data: shapes`` was looked for in the new folder), and the
+    new run goes beside the one it copies, not into the current folder."""
+    shapes = tmp_path / "shapes"
+    for name, box in (("square", (8, 8, 24, 24)), ("bar", (14, 2, 18, 30))):
+        (shapes / name).mkdir(parents=True)
+        for index in range(8):
+            image = Image.new("L", (32, 32), 255)
+            ImageDraw.Draw(image).rectangle(tuple(v + index % 3 for v in box), fill=0)
+            image.save(shapes / name / f"{index}.png")
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--dataset", "folder", "--data", "shapes", "--epochs", "1", "--quiet"]
+    assert main([*argv, "--model", "symbol_cnn", "--option", "width=8"]) == 0
+    first = Path("runs/folder-symbol_cnn")
+    recorded = yaml.safe_load((first / "config.yaml").read_text())
+    assert (recorded["data"]["data"], recorded["out"]) == (str(shapes), str(first.resolve()))
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    capsys.readouterr()
+    assert main(["train", "--config", "../runs/folder-symbol_cnn/config.yaml", "--quiet"]) == 0
+    assert "this one goes to ../runs/folder-symbol_cnn-2" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "folder-symbol_cnn-2" / "model.safetensors").is_file()
+    assert not (tmp_path / "sub" / "runs").exists()
 
 
 def test_training_again_with_a_runs_own_config_file_makes_a_new_run(

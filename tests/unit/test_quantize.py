@@ -143,21 +143,35 @@ def test_cli_quantize_needs_data_the_model_file_does_not_record(tmp_path: Path, 
         f"required: {bundled_model_path()} was trained on hasy but does not record where that "
         "data is"
     )
+    # Without a model (the bundled one), the line says where its int8 export already is.
+    assert main(["export", "--quantize", "int8"]) != 0
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            f"data is (the bundled model's int8 export ships with cnnkit: {bundled_int8_path()})"
+        )
+    )
     assert not list(tmp_path.iterdir())
 
 
-def test_cli_quantize_calibrates_on_the_runs_own_training_images(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("val_fraction", ["0.1", "0"])
+def test_cli_quantize_calibrates_on_the_runs_own_training_images(
+    tmp_path: Path, capsys, val_fraction: str
+) -> None:
     run = tmp_path / "run"
     argv = ["train", "--dataset", "digits", "--epochs", "1", "--max-steps-per-epoch", "1"]
-    argv += ["--max-per-class", "30", "--seed", "3", "--quiet", "--out", str(run)]
-    assert main(argv) == 0
+    argv += ["--max-per-class", "30", "--seed", "3", "--val-fraction", val_fraction]
+    assert main([*argv, "--quiet", "--out", str(run)]) == 0
     described = json.loads((run / "run.json").read_text())["data"]  # "... 220 train, 20 val..."
     trained = int(described.split(" train,")[0].rsplit(" ", 1)[1])
+    assert trained == (240 if val_fraction == "0" else 220)
     capsys.readouterr()
     assert main(["export", str(run), "--quantize", "int8"]) == 0
     err = capsys.readouterr().err
     assert "Data: digits, as the model file records" in err
-    # Not 512 of all 1,797 digits: the run's 30 a class, less its test and validation shares.
+    # Not 512 of all 1,797 digits: the run's 30 a class, less its test and validation shares
+    # (with no validation share, all of them: the default share left out a tenth).
     assert f"Calibrating int8 ranges on {trained} training images of digits" in err
 
 

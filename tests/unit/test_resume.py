@@ -201,9 +201,12 @@ def test_the_git_revision_is_cnnkits_own_or_unknown(tmp_path: Path, monkeypatch)
     assert run_module.git_revision() == "unknown"
 
 
-def test_a_resumed_run_removes_the_exports_of_the_model_it_replaces(tmp_path: Path) -> None:
+def test_a_resumed_run_removes_the_exports_of_the_model_it_replaces(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """``model.onnx`` and evaluate's reports beside the new model would stand for the old
-    weights: they go when the resumed run saves its model (a user's own file stays)."""
+    weights: they go when the resumed run saves its model, with a warning that names them (a
+    user's own file stays)."""
     run = tmp_path / "run"
     train_run(_config(run, {"train": {"epochs": 1}}), progress=False)
     old_model = (run / "model.safetensors").read_bytes()
@@ -216,6 +219,9 @@ def test_a_resumed_run_removes_the_exports_of_the_model_it_replaces(tmp_path: Pa
     _resumed_from_epoch_one(_config(run))
     assert (run / "model.safetensors").read_bytes() != old_model
     assert not (run / "model.onnx").exists() and not (run / "report.html").exists()
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    removed = "removed the older model's evaluation-model.onnx, model.onnx, report.html from"
+    assert [m for m in warned if m.startswith(removed)], warned
     assert not (run / "evaluation-model.onnx").exists()
     assert (run / "evaluation" / "notes.txt").read_text() == "mine"
 

@@ -42,7 +42,9 @@ def command_export(args: argparse.Namespace) -> int:
         try:
             use_recorded_data(args, model_path)
         except CommandError as error:
-            raise CommandError(f"--quantize int8 calibrates on training images: {error}") from None
+            raise CommandError(
+                f"--quantize int8 calibrates on training images: {error}{_shipped_int8(args)}"
+            ) from None
     data = DataConfig(dataset=args.dataset, data=args.data, fold=args.fold)
     count = args.calibration_images or CALIBRATION_IMAGES
     inputs = calibration_inputs(
@@ -54,6 +56,15 @@ def command_export(args: argparse.Namespace) -> int:
     print(f"Calibrating int8 ranges on {len(inputs)} training images of {source}", file=sys.stderr)
     print(quantize_onnx(model_path, out, inputs, opset=opset))
     return 0
+
+
+def _shipped_int8(args: argparse.Namespace) -> str:
+    """Where the bundled model's int8 export already is, for ``export --quantize int8``
+    without a model (or ``""``)."""
+    from cnnkit.inference.bundled import bundled_int8_path
+
+    shipped = bundled_int8_path() if args.model is None else None
+    return f" (the bundled model's int8 export ships with cnnkit: {shipped})" if shipped else ""
 
 
 def _refuse_overwriting(model_path: Path, out: Path) -> None:

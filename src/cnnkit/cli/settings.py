@@ -14,6 +14,7 @@ from typing import Any
 
 from cnnkit.cli.arguments import CommandError
 from cnnkit.cli.overrides import overrides_from_args, parse_option
+from cnnkit.paths import has_run_info
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
     _refuse_flags_the_run_would_ignore(args)
     file_layer = {}
     if args.config:
-        file_layer = _without_own_folder(load_config_file(args.config), args.config)
+        file_layer, args.beside = _without_own_folder(load_config_file(args.config), args.config)
     dataset = args.dataset or _file_text(file_layer, "data.dataset", args.config)
     if dataset is None:
         raise CommandError("--dataset is required (or data.dataset in the --config file)")
@@ -100,17 +101,28 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
     return _fit_to_model_input(config, args)
 
 
-def _without_own_folder(file_layer: dict[str, Any], config_path: str) -> dict[str, Any]:
+def _without_own_folder(
+    file_layer: dict[str, Any], config_path: str
+) -> tuple[dict[str, Any], Path | None]:
     """A run's own ``config.yaml`` (given to train again with its settings) names that run's
     folder as ``out``: taken as it is, the new run would replace the one it copies. That
-    ``out`` is left out, so the new run goes where a run without ``--out`` goes."""
+    ``out`` is left out, and the folder returned: the new run goes beside it, as a run without
+    ``--out`` goes beside its default folder (``runs/x-2``).
+
+    The file's ``out`` names the folder that holds it (absolute, as runs write it), or, in a
+    run folder that was moved or a file written before runs made it absolute, a folder of the
+    same name.
+    """
     out = file_layer.get("out")
     if not isinstance(out, str):
-        return file_layer
+        return file_layer, None
+    folder = Path(config_path).parent
     with contextlib.suppress(OSError, ValueError, RuntimeError):
-        if Path(out).expanduser().resolve() == Path(config_path).expanduser().resolve().parent:
-            return {key: value for key, value in file_layer.items() if key != "out"}
-    return file_layer
+        same = Path(out).expanduser().resolve() == folder.expanduser().resolve()
+        moved = Path(config_path).name == "config.yaml" and Path(out).name == folder.resolve().name
+        if same or (moved and has_run_info(folder)):
+            return {key: value for key, value in file_layer.items() if key != "out"}, folder
+    return file_layer, None
 
 
 # Flags (argparse's names) that only the fine-tune reads: the frozen phase trains its head for

@@ -45,7 +45,7 @@ def command_train(args: argparse.Namespace) -> int:
     config = resolve_run_config(args)
     if args.print_config:
         return print_config(config)
-    config, default_dir = _choose_run_dir(config, args.resume)
+    config, default_dir = _choose_run_dir(config, args.resume, getattr(args, "beside", None))
     if config.train.fast_path:
         tune_allocator()
     distributed = distributed_from_env(config.train.device)
@@ -75,9 +75,10 @@ def command_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _choose_run_dir(config, resume: bool):
+def _choose_run_dir(config, resume: bool, beside: Path | None = None):
     """The run's config with its run folder chosen, and the default folder it was chosen
-    beside (None where ``--out`` named the folder).
+    beside (None where ``--out`` named the folder): ``beside``, the folder of a run whose own
+    ``config.yaml`` is the ``--config`` file, else ``runs/<dataset>-<model>``.
 
     Raises:
         CommandError: if ``--data`` names nothing, before a run folder is chosen and announced.
@@ -86,7 +87,7 @@ def _choose_run_dir(config, resume: bool):
     if data is not None and not path_test(str(data), Path.exists):
         # Before a run folder is chosen and announced: no run starts.
         raise CommandError(f"{data}: no such archive, folder or file")
-    default_dir = config.run_dir() if config.out is None else None
+    default_dir = (beside or config.run_dir()) if config.out is None else None
     if default_dir is not None:
         # A default folder that holds a finished run is kept: a new run gets the next free
         # name (runs/x-2, runs/x-3...), and --resume continues the newest of them.

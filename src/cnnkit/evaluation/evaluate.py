@@ -141,10 +141,12 @@ def load_splits_for(
     return build_splits(config, preprocessing, cache_dir, progress, split == "test").splits
 
 
-# Data settings that choose the test images: the name in DataConfig, and in the model file.
+# Data settings that choose the test images (and the validation share, which int8 calibration
+# leaves out of the training images it reads): the name in DataConfig, and in the model file.
 SPLIT_SETTINGS = (
     ("seed", "data_seed"),
     ("test_fraction", "test_fraction"),
+    ("val_fraction", "val_fraction"),
     ("max_classes", "max_classes"),
     ("max_per_class", "max_per_class"),
     ("crop_to_bbox", "crop_to_bbox"),

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cnnkit.atomic import write_atomically
+from cnnkit.data.image import IMAGE_SUFFIXES
 from cnnkit.errors import error_line
 from cnnkit.inference.checksums import check_metadata_digest, metadata_digest, tensor_digest
 from cnnkit.inference.model_metadata import (
@@ -106,6 +107,11 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         with open(path, "rb") as stream:
             length = int.from_bytes(stream.read(8), "little")
             if length <= 0 or length > 100_000_000 or length + 8 > path.stat().st_size:
+                if path.suffix.lower() in IMAGE_SUFFIXES:  # `cnnkit serve photo.jpg`
+                    raise ModelFileError(
+                        f"{path}: an image, not a model file (pass a .safetensors model file "
+                        "or a training run's folder)"
+                    )
                 raise ModelFileError(f"{path}: truncated or not a safetensors file")
             header = json.loads(stream.read(length))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:

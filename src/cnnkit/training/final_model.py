@@ -133,6 +133,8 @@ def _training_record(
         "fold": data.fold,
         "data_seed": data.seed,
         "test_fraction": data.test_fraction,
+        # Which of its training images int8 calibration reads (not its validation share).
+        "val_fraction": data.val_fraction,
         "max_classes": data.max_classes,
         "max_per_class": data.max_per_class,
         "crop_to_bbox": data.crop_to_bbox,

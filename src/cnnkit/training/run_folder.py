@@ -21,6 +21,7 @@ from cnnkit import __version__
 from cnnkit.atomic import write_atomically
 from cnnkit.config import RunConfig, dump_config
 from cnnkit.data.folder import is_image_name
+from cnnkit.evaluation.report import resolved
 from cnnkit.models.registry import is_transfer_model, model_options
 from cnnkit.paths import RUN_INFO, has_run_info, is_search_folder, member_folders
 from cnnkit.training.checkpoint import CHECKPOINT_NAME, CheckpointError
@@ -102,11 +103,22 @@ def with_model_defaults(config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, model=dataclasses.replace(config.model, options=options))
 
 
+def recorded_config(config: RunConfig) -> RunConfig:
+    """``config`` as a run records it (``config.yaml``, ``run.json``): with every option of its
+    model (:func:`with_model_defaults`), and its data, cache and run folder as absolute paths,
+    so that ``--config`` reads back the same run from any folder."""
+    config = with_model_defaults(config)
+    data = dataclasses.replace(
+        config.data, data=resolved(config.data.data), cache_dir=resolved(config.data.cache_dir)
+    )
+    return dataclasses.replace(config, data=data, out=resolved(config.out))
+
+
 def write_run_info(run_dir: Path, config: RunConfig, extra: dict[str, Any]) -> None:
-    """Write ``config.yaml`` (the resolved settings, every model option included) and
+    """Write ``config.yaml`` (the resolved settings, see :func:`recorded_config`) and
     ``run.json`` (version, git revision, timings, metrics)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_text = dump_config(with_model_defaults(config))
+    config_text = dump_config(recorded_config(config))
     write_atomically(
         run_dir / "config.yaml", lambda path: path.write_text(config_text, encoding="utf-8")
     )
@@ -285,14 +297,19 @@ def clear_model_exports(run_dir: Path, keep: Sequence[str | Path] = ()) -> list[
     Returns:
         The names removed.
     """
-    return _remove_outputs(run_dir, MODEL_EXPORTS, keep, "the older model's")
+    # A warning: nothing else tells the user that a resume removed files they made.
+    return _remove_outputs(run_dir, MODEL_EXPORTS, keep, "the older model's", logging.WARNING)
 
 
 def _remove_outputs(
-    run_dir: Path, names: Sequence[str], keep: Sequence[str | Path], whose: str
+    run_dir: Path,
+    names: Sequence[str],
+    keep: Sequence[str | Path],
+    whose: str,
+    level: int = logging.INFO,
 ) -> list[str]:
     """Remove ``names`` from ``run_dir`` as :func:`clear_run_outputs` says; ``whose`` names
-    them in the log ("the earlier run's")."""
+    them in the log ("the earlier run's"), whose line about the removed ones has ``level``."""
     kept = [Path(path).resolve() for path in keep]
     removed, left = [], []
     for name in names:
@@ -319,5 +336,5 @@ def _remove_outputs(
             ", ".join(left),
         )
     if removed:
-        logger.info("removed %s %s from %s", whose, ", ".join(removed), run_dir)
+        logger.log(level, "removed %s %s from %s", whose, ", ".join(removed), run_dir)
     return removed

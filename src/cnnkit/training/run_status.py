@@ -24,7 +24,7 @@ from cnnkit.training.run_folder import (
     checkpoint_to_resume,
     clear_run_outputs,
     data_roots,
-    with_model_defaults,
+    recorded_config,
     write_run_info,
 )
 from cnnkit.training.trainer import (
@@ -141,7 +141,7 @@ def changed_settings(config_file: Path, config: RunConfig) -> dict[str, dict[str
         before = _flat(load_yaml(config_file.read_text(encoding="utf-8")))
     except (OSError, ValueError, yaml.YAMLError):
         return {}
-    now = _flat(load_yaml(dump_config(with_model_defaults(config))))
+    now = _flat(load_yaml(dump_config(recorded_config(config))))
     return {
         key: {"before": before[key], "now": value}
         for key, value in now.items()
@@ -188,7 +188,7 @@ def write_finished(
                 "stopped_early": fit.stopped_early,
             },
             "test": test_metrics,
-            "config": config_to_dict(with_model_defaults(config)),
+            "config": config_to_dict(recorded_config(config)),
             **_resumes_so_far(config.run_dir()),
         },
     )
