@@ -1414,6 +1414,10 @@ def test_evaluate_without_dataset_uses_the_data_the_model_file_records(
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "--data is required:" in error[0]
     assert "was trained on hasy but does not record where that data is" in error[0]
+    # Given data, it says which model it scored: no argument named one.
+    digits = ["--dataset", "digits", "--max-per-class", "5", "--out", str(tmp_path / "bundled")]
+    assert main(["evaluate", *digits]) == 0
+    assert "Evaluated 10 images (test split) with the bundled model\n" in capsys.readouterr().out
     # What is given on the command line is not what the model file records.
     missing = tmp_path / "HASYv2.tar.bz2"
     assert main(["evaluate", "--data", str(missing), "--fold", "2"]) == 2

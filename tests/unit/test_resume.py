@@ -452,3 +452,23 @@ def test_a_resume_with_other_settings_is_recorded_and_named(
         "train.fast_path",
     }
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_a_relative_data_path_in_an_older_config_file_is_no_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs now record their data as an absolute path; an older run's relative one names the
+    same data (from the folder it ran in), and a resume of it changes nothing."""
+    from cnnkit.config import dump_config
+    from cnnkit.training.run_status import changed_settings
+
+    monkeypatch.chdir(tmp_path)
+    config = _config(tmp_path / "run", {"data": {"dataset": "folder", "data": "shapes"}})
+    older = dump_config(config)  # As runs wrote it: `data: shapes`, as typed.
+    assert "data: shapes\n" in older
+    (tmp_path / "config.yaml").write_text(older)
+    assert changed_settings(tmp_path / "config.yaml", config) == {}
+    moved = _config(tmp_path / "run", {"data": {"dataset": "folder", "data": "other"}})
+    assert changed_settings(tmp_path / "config.yaml", moved) == {
+        "data.data": {"before": str(tmp_path / "shapes"), "now": str(tmp_path / "other")}
+    }

@@ -65,7 +65,9 @@ def command_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
     metrics = report.metrics
-    print(f"Evaluated {metrics['count']} images ({args.split} split)")
+    # Name the model where no argument did: the bundled one.
+    which = "" if args.model else " with the bundled model"
+    print(f"Evaluated {metrics['count']} images ({args.split} split){which}")
     for key in ("top1", "top5", "macro_precision", "macro_recall", "macro_f1"):
         print(f"  {key:<16} {metrics[key]:.4f}")
     if report.confused_pairs:

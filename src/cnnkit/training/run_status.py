@@ -17,6 +17,7 @@ from cnnkit.config.files import load_yaml
 from cnnkit.data.dataset import DataSplits
 from cnnkit.data.sources import LoadedData
 from cnnkit.errors import error_line
+from cnnkit.evaluation.report import resolved
 from cnnkit.paths import read_run_info
 from cnnkit.runtime import DistributedContext
 from cnnkit.training.final_model import best_val_accuracy
@@ -141,6 +142,9 @@ def changed_settings(config_file: Path, config: RunConfig) -> dict[str, dict[str
         before = _flat(load_yaml(config_file.read_text(encoding="utf-8")))
     except (OSError, ValueError, yaml.YAMLError):
         return {}
+    for key in ("data.data", "data.cache_dir"):
+        if isinstance(before.get(key), str):  # Relative in a file written before they were not.
+            before[key] = resolved(before[key])
     now = _flat(load_yaml(dump_config(recorded_config(config))))
     return {
         key: {"before": before[key], "now": value}
