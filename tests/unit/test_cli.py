@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -1681,6 +1682,20 @@ def test_a_runs_config_file_trains_the_same_run_from_another_folder(
     assert "this one goes to ../runs/folder-symbol_cnn-2" in capsys.readouterr().out
     assert (tmp_path / "runs" / "folder-symbol_cnn-2" / "model.safetensors").is_file()
     assert not (tmp_path / "sub" / "runs").exists()
+    # The second run's own file: the next number, not folder-symbol_cnn-2-2.
+    assert main(["train", "--config", "../runs/folder-symbol_cnn-2/config.yaml", "--quiet"]) == 0
+    assert "this one goes to ../runs/folder-symbol_cnn-3" in capsys.readouterr().out
+    # Through a link to the file: still the run's own (it used to replace that run).
+    kept = (tmp_path / "runs" / "folder-symbol_cnn" / "model.safetensors").read_bytes()
+    Path("mine.yaml").symlink_to(tmp_path / "runs" / "folder-symbol_cnn" / "config.yaml")
+    assert main(["train", "--config", "mine.yaml", "--quiet"]) == 0
+    fourth = tmp_path / "runs" / "folder-symbol_cnn-4"
+    assert f"this one goes to {fourth}" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "folder-symbol_cnn" / "model.safetensors").read_bytes() == kept
+    # A run folder moved elsewhere: its file names the old place, and trains beside the new.
+    shutil.copytree(tmp_path / "runs" / "folder-symbol_cnn", tmp_path / "moved" / first.name)
+    assert main(["train", "--config", "../moved/folder-symbol_cnn/config.yaml", "--quiet"]) == 0
+    assert "this one goes to ../moved/folder-symbol_cnn-2" in capsys.readouterr().out
 
 
 def test_training_again_with_a_runs_own_config_file_makes_a_new_run(
@@ -1702,3 +1717,22 @@ def test_training_again_with_a_runs_own_config_file_makes_a_new_run(
     other.write_text(f"out: {tmp_path / 'elsewhere'}\ndata: {{dataset: digits, max_classes: 3}}\n")
     assert main(["train", "--config", str(other), "--epochs", "1", "--quiet"]) == 0
     assert (tmp_path / "elsewhere" / "model.safetensors").is_file()
+
+
+def test_a_search_trials_config_file_trains_outside_the_search(tmp_path: Path) -> None:
+    """Beside the trial would put the new run among the search's trials."""
+    from cnnkit.cli.settings import _without_own_folder
+    from cnnkit.paths import SEARCH_SETTINGS
+
+    search = tmp_path / "search"
+    trial = search / "trials" / "trial-003"
+    trial.mkdir(parents=True)
+    (search / SEARCH_SETTINGS).write_text("n_trials: 4\n")
+    (trial / "run.json").write_text('{"cnnkit_version": "0.1.0"}')
+    layer = {"out": str(trial), "data": {"dataset": "digits"}}
+    assert _without_own_folder(layer, str(trial / "config.yaml")) == (
+        {"data": {"dataset": "digits"}},
+        None,
+    )
+    (search / SEARCH_SETTINGS).unlink()  # A plain run folder of that name: beside it.
+    assert _without_own_folder(layer, str(trial / "config.yaml"))[1] == trial

@@ -14,7 +14,7 @@ from typing import Any
 
 from cnnkit.cli.arguments import CommandError
 from cnnkit.cli.overrides import overrides_from_args, parse_option
-from cnnkit.paths import has_run_info
+from cnnkit.paths import has_run_info, is_search_folder
 
 logger = logging.getLogger(__name__)
 
@@ -107,22 +107,40 @@ def _without_own_folder(
     """A run's own ``config.yaml`` (given to train again with its settings) names that run's
     folder as ``out``: taken as it is, the new run would replace the one it copies. That
     ``out`` is left out, and the folder returned: the new run goes beside it, as a run without
-    ``--out`` goes beside its default folder (``runs/x-2``).
+    ``--out`` goes beside its default folder (``runs/x-2`` for ``runs/x`` or ``runs/x-2``).
+    A search trial's file returns no folder: its run goes where a run without ``--out`` goes,
+    not among the search's trials.
 
-    The file's ``out`` names the folder that holds it (absolute, as runs write it), or, in a
-    run folder that was moved or a file written before runs made it absolute, a folder of the
-    same name.
+    The file (or the file a link to it names) is the run's own where its ``out`` names the
+    folder that holds it (absolute, as runs write it), or, for a run folder that was moved or
+    a file written before runs made it absolute, a folder of the same name.
     """
     out = file_layer.get("out")
     if not isinstance(out, str):
         return file_layer, None
-    folder = Path(config_path).parent
+    given = Path(config_path).expanduser()
     with contextlib.suppress(OSError, ValueError, RuntimeError):
-        same = Path(out).expanduser().resolve() == folder.expanduser().resolve()
-        moved = Path(config_path).name == "config.yaml" and Path(out).name == folder.resolve().name
+        real = given.resolve()
+        folder = real.parent
+        same = Path(out).expanduser().resolve() == folder
+        moved = real.name == "config.yaml" and Path(out).name == folder.name
         if same or (moved and has_run_info(folder)):
-            return {key: value for key, value in file_layer.items() if key != "out"}, folder
+            rest = {key: value for key, value in file_layer.items() if key != "out"}
+            if is_search_folder(folder.parent.parent):  # SEARCH/trials/trial-NNN
+                return rest, None
+            # As the user named it, unless through a link to another folder.
+            shown = given.parent if given.parent.resolve() == folder else folder
+            return rest, _first_of_numbered(shown)
     return file_layer, None
+
+
+def _first_of_numbered(folder: Path) -> Path:
+    """``runs/x`` for ``runs/x-2`` where ``runs/x`` holds a run (new runs go after the newest
+    of them), else ``folder``."""
+    base, dash, number = folder.name.rpartition("-")
+    if dash and number.isdigit() and has_run_info(folder.with_name(base)):
+        return folder.with_name(base)
+    return folder
 
 
 # Flags (argparse's names) that only the fine-tune reads: the frozen phase trains its head for

@@ -297,8 +297,13 @@ def evaluate_model_file(
         data_overrides.get("data"),
         data_overrides.get("fold"),
         split,
-        # What else chose the images: --max-classes, --max-per-class, --test-fraction...
-        **{k: v for k, v in data_overrides.items() if k not in ("dataset", "data", "fold")},
+        # What else chose the images: --max-classes, --max-per-class, --test-fraction... (not
+        # the run's validation share, which scoring does not hold back).
+        **{
+            k: v
+            for k, v in data_overrides.items()
+            if k not in ("dataset", "data", "fold", "val_fraction")
+        },
     )
     class_names = list(model.metadata.class_names)
     return build_report(logits, labels, class_names, out_dir, images.images, evaluated=evaluated)
