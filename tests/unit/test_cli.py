@@ -1692,6 +1692,18 @@ def test_a_runs_config_file_trains_the_same_run_from_another_folder(
     fourth = tmp_path / "runs" / "folder-symbol_cnn-4"
     assert f"this one goes to {fourth}" in capsys.readouterr().out
     assert (tmp_path / "runs" / "folder-symbol_cnn" / "model.safetensors").read_bytes() == kept
+    # --resume with a run's own file continues that run, not the newest of its family.
+    newest = (fourth / "model.safetensors").read_bytes()
+    second = ["--config", "../runs/folder-symbol_cnn-2/config.yaml", "--epochs", "2"]
+    assert main(["train", "--resume", *second, "--quiet"]) == 0
+    assert "Resuming from ../runs/folder-symbol_cnn-2/checkpoint.pt" in capsys.readouterr().out
+    assert (fourth / "model.safetensors").read_bytes() == newest
+    # From inside the run folder (`config.yaml`, which names no folder): beside it.
+    monkeypatch.chdir(tmp_path / "runs" / "folder-symbol_cnn")
+    assert main(["train", "--config", "config.yaml", "--quiet"]) == 0
+    fifth = tmp_path / "runs" / "folder-symbol_cnn-5"
+    assert f"this one goes to {fifth}" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path / "sub")
     # A run folder moved elsewhere: its file names the old place, and trains beside the new.
     shutil.copytree(tmp_path / "runs" / "folder-symbol_cnn", tmp_path / "moved" / first.name)
     assert main(["train", "--config", "../moved/folder-symbol_cnn/config.yaml", "--quiet"]) == 0

@@ -457,8 +457,8 @@ def test_a_resume_with_other_settings_is_recorded_and_named(
 def test_a_relative_data_path_in_an_older_config_file_is_no_change(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Runs now record their data as an absolute path; an older run's relative one names the
-    same data (from the folder it ran in), and a resume of it changes nothing."""
+    """Runs now record their data as an absolute path; an older run's relative one is taken
+    from the current folder, and a resume there of the same data changes nothing."""
     from cnnkit.config import dump_config
     from cnnkit.training.run_status import changed_settings
 

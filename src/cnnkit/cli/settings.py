@@ -55,7 +55,9 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
     _refuse_flags_the_run_would_ignore(args)
     file_layer = {}
     if args.config:
-        file_layer, args.beside = _without_own_folder(load_config_file(args.config), args.config)
+        file_layer, args.beside = _without_own_folder(
+            load_config_file(args.config), args.config, getattr(args, "resume", False)
+        )
     dataset = args.dataset or _file_text(file_layer, "data.dataset", args.config)
     if dataset is None:
         raise CommandError("--dataset is required (or data.dataset in the --config file)")
@@ -102,14 +104,14 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
 
 
 def _without_own_folder(
-    file_layer: dict[str, Any], config_path: str
+    file_layer: dict[str, Any], config_path: str, resume: bool = False
 ) -> tuple[dict[str, Any], Path | None]:
     """A run's own ``config.yaml`` (given to train again with its settings) names that run's
     folder as ``out``: taken as it is, the new run would replace the one it copies. That
     ``out`` is left out, and the folder returned: the new run goes beside it, as a run without
-    ``--out`` goes beside its default folder (``runs/x-2`` for ``runs/x`` or ``runs/x-2``).
-    A search trial's file returns no folder: its run goes where a run without ``--out`` goes,
-    not among the search's trials.
+    ``--out`` goes beside its default folder. A search trial's file returns no folder: its run
+    goes where a run without ``--out`` goes, not among the search's trials. With ``resume``,
+    ``out`` is that very folder: ``--resume`` continues the run the file came from.
 
     The file (or the file a link to it names) is the run's own where its ``out`` names the
     folder that holds it (absolute, as runs write it), or, for a run folder that was moved or
@@ -125,22 +127,18 @@ def _without_own_folder(
         same = Path(out).expanduser().resolve() == folder
         moved = real.name == "config.yaml" and Path(out).name == folder.name
         if same or (moved and has_run_info(folder)):
+            # As the user named it, unless that is no name (`config.yaml` inside the run
+            # folder, `../config.yaml`) or goes through a link to another folder.
+            shown = given.parent
+            if shown.name in ("", "..") or shown.resolve() != folder:
+                shown = folder
+            if resume:
+                return {**file_layer, "out": str(shown)}, None
             rest = {key: value for key, value in file_layer.items() if key != "out"}
             if is_search_folder(folder.parent.parent):  # SEARCH/trials/trial-NNN
                 return rest, None
-            # As the user named it, unless through a link to another folder.
-            shown = given.parent if given.parent.resolve() == folder else folder
-            return rest, _first_of_numbered(shown)
+            return rest, shown
     return file_layer, None
-
-
-def _first_of_numbered(folder: Path) -> Path:
-    """``runs/x`` for ``runs/x-2`` where ``runs/x`` holds a run (new runs go after the newest
-    of them), else ``folder``."""
-    base, dash, number = folder.name.rpartition("-")
-    if dash and number.isdigit() and has_run_info(folder.with_name(base)):
-        return folder.with_name(base)
-    return folder
 
 
 # Flags (argparse's names) that only the fine-tune reads: the frozen phase trains its head for

@@ -87,7 +87,9 @@ def _choose_run_dir(config, resume: bool, beside: Path | None = None):
     if data is not None and not path_test(str(data), Path.exists):
         # Before a run folder is chosen and announced: no run starts.
         raise CommandError(f"{data}: no such archive, folder or file")
-    default_dir = (beside or config.run_dir()) if config.out is None else None
+    default_dir = None
+    if config.out is None:
+        default_dir = _first_of_numbered(beside) if beside else config.run_dir()
     if default_dir is not None:
         # A default folder that holds a finished run is kept: a new run gets the next free
         # name (runs/x-2, runs/x-3...), and --resume continues the newest of them.
@@ -151,6 +153,15 @@ def _numbered_run_dirs(run_dir: Path) -> list[Path]:
             if match and path.is_dir():
                 numbered.append((int(match.group(1)), path))
     return [run_dir, *(path for _, path in sorted(numbered))]
+
+
+def _first_of_numbered(folder: Path) -> Path:
+    """``runs/x`` for its numbered sibling ``runs/x-2`` where ``runs/x`` holds a run (a new run
+    beside ``runs/x-2`` goes after the newest of them), else ``folder``."""
+    base = folder.with_name(folder.name.rpartition("-")[0] or folder.name)
+    if base != folder and folder in _numbered_run_dirs(base)[1:] and read_run_info(base):
+        return base
+    return folder
 
 
 def _free_run_dir(run_dir: Path) -> Path:

@@ -143,7 +143,9 @@ def changed_settings(config_file: Path, config: RunConfig) -> dict[str, dict[str
     except (OSError, ValueError, yaml.YAMLError):
         return {}
     for key in ("data.data", "data.cache_dir"):
-        if isinstance(before.get(key), str):  # Relative in a file written before they were not.
+        # A file written before runs recorded absolute paths may hold a relative one: taken
+        # from the current folder, where such a run was most likely started too.
+        if isinstance(before.get(key), str):
             before[key] = resolved(before[key])
     now = _flat(load_yaml(dump_config(recorded_config(config))))
     return {
