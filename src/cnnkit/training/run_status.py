@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from cnnkit.config import RunConfig, config_to_dict, dump_config
+from cnnkit.config import RunConfig, config_to_dict
 from cnnkit.config.files import load_yaml
 from cnnkit.data.dataset import DataSplits
 from cnnkit.data.sources import LoadedData
@@ -66,7 +66,10 @@ class RunInfoOnStart(Callback):
         self.write = write  # Given the epoch the fit starts from.
         self.written = False
         self.checkpoint = checkpoint  # The checkpoint to continue from (None: a fresh start).
-        self.resuming = checkpoint is not None
+
+    @property
+    def resuming(self) -> bool:
+        return self.checkpoint is not None
 
     def on_fit_start(self, trainer: Trainer) -> None:
         # An ensemble's members that finished before the stop restore and start first: the
@@ -147,7 +150,7 @@ def changed_settings(config_file: Path, config: RunConfig) -> dict[str, dict[str
         # from the current folder, where such a run was most likely started too.
         if isinstance(before.get(key), str):
             before[key] = resolved(before[key])
-    now = _flat(load_yaml(dump_config(recorded_config(config))))
+    now = _flat(config_to_dict(recorded_config(config)))  # What config.yaml would hold.
     return {
         key: {"before": before[key], "now": value}
         for key, value in now.items()
