@@ -644,6 +644,28 @@ def test_resume_says_what_it_found_and_refuses_a_mismatched_checkpoint(capsys, t
     assert "(images it trained on: --train-on-all)" in out
 
 
+def test_under_torchrun_rank_0_alone_prints_an_error_every_process_meets(
+    capsys, monkeypatch, tmp_path
+) -> None:
+    """Every torchrun process reads the same options and files: a refusal is said once."""
+    from cnnkit.cli import _said_by_rank_0
+    from cnnkit.training.checkpoint import CheckpointError
+
+    argv = ["train", "--dataset", "folder", "--data", str(tmp_path / "missing"), "--quiet"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert (f"{tmp_path / 'missing'}: no such archive, folder or file" in err) is said
+        assert _said_by_rank_0(CheckpointError("refused")) is not said
+    # Another rank's own failure (a file it alone cannot read) is printed where it happened.
+    monkeypatch.setenv("RANK", "1")
+    assert not _said_by_rank_0(OSError("cannot read"))
+    monkeypatch.setenv("WORLD_SIZE", "1")  # One process: it prints, whatever RANK says.
+    assert not _said_by_rank_0(CheckpointError("refused"))
+
+
 def test_transfer_history_sums_up_the_frozen_phase_and_numbers_each_phase_from_one(
     capsys, monkeypatch
 ) -> None:

@@ -49,6 +49,17 @@ def _discard_stdout() -> None:
         os.close(null)
 
 
+def _said_by_rank_0(error: BaseException) -> bool:
+    """Whether this is a torchrun process other than rank 0 and ``error`` one that every
+    process meets alike (a bad option, a checkpoint that cannot be resumed): rank 0 alone
+    prints it, where every process used to print the same line."""
+    if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1") or os.environ.get("RANK", "0") == "0":
+        return False
+    from cnnkit.training.checkpoint import CheckpointError
+
+    return isinstance(error, (CommandError, CheckpointError))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_arguments(parser, argv)
@@ -70,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\nInterrupted.", file=sys.stderr)
         return 130
     except (CommandError, ValueError, OSError, ImportError) as error:
+        if _said_by_rank_0(error):
+            return 2
         if args.verbose and not isinstance(error, CommandError):
             # -v: the whole traceback, for a bug report; the status stays 2 (a fatal error),
             # not Python's 1, which `predict` uses for "some files failed".
