@@ -782,6 +782,39 @@ def test_predict_reports_a_bad_image_and_goes_on(
     assert len(captured.out.splitlines()) == 1 and str(good) in captured.out
 
 
+def test_predict_goes_through_a_folder_a_batch_at_a_time_in_order(
+    capsys, monkeypatch, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    """Batches, as fast as the Python API; a batch with a bad file is predicted file by file,
+    and every line keeps its file's place."""
+    from cnnkit.inference.predictor import Predictor
+
+    paths = _write_images(tmp_path / "images", count=5)
+    paths[2].write_bytes(b"\x89PNG broken")
+    assert main(["predict", str(symbol_model_file), *map(str, paths), "--json"]) == 1
+    expected = {entry["image"]: entry for entry in json.loads(capsys.readouterr().out)}
+    sizes = []
+    original = Predictor.predict
+
+    def predict(self, images, top_k=5):
+        sizes.append(len(images))
+        return original(self, images, top_k)
+
+    monkeypatch.setattr(Predictor, "predict", predict)
+    monkeypatch.setattr("cnnkit.cli.predict.PREDICT_CHUNK", 2)
+    assert main(["predict", str(symbol_model_file), *map(str, paths), "--top-k", "2"]) == 1
+    captured = capsys.readouterr()
+    assert sizes == [2, 2, 1, 1, 1]  # The batch holding the broken file, again file by file.
+    (error,) = captured.err.splitlines()
+    assert error.startswith(f"error: {paths[2]}: not a readable image (")
+    lines = [line for line in captured.out.splitlines() if not line.startswith("  ")]
+    good = [path for index, path in enumerate(paths) if index != 2]
+    assert [line.split(": Prediction: ")[0] for line in lines] == [str(p) for p in good]
+    for path, line in zip(good, lines, strict=True):  # The same answers as in one batch.
+        best = expected[str(path)]["predictions"][0]
+        assert line == f"{path}: Prediction: {best['label']}, confidence: {best['confidence']:.2f}"
+
+
 def test_predict_takes_a_run_folder_as_the_model(capsys, symbol_model_file: Path, tmp_path):
     run = tmp_path / "run"
     run.mkdir()

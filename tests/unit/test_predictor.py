@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -156,8 +158,8 @@ def test_other_inputs_are_refused_by_type_and_position(predictor) -> None:
 )
 def test_what_is_neither_an_image_nor_a_list_of_them_is_refused_by_type(predictor, images) -> None:
     expected = (
-        r"^images: expected a path, image bytes, a PIL image or a numpy array, or a list of "
-        rf"them; got {type(images).__name__}$"
+        r"^images: expected a path, image bytes, a binary file, a PIL image or a numpy array, "
+        rf"or a list of them; got {type(images).__name__}$"
     )
     with pytest.raises(TypeError, match=expected):
         predictor.predict(images)
@@ -175,6 +177,32 @@ def test_any_bytes_like_object_is_one_encoded_image(predictor, tmp_path: Path) -
         assert predictor.predict([encoded, data], top_k=2) == expected * 2
     # An iterator is still a list of images, in order.
     assert predictor.predict(iter([data, path]), top_k=2) == expected * 2
+
+
+def test_an_open_binary_file_is_one_image_and_a_text_file_is_refused(
+    predictor, tmp_path: Path
+) -> None:
+    path = tmp_path / "symbol.png"
+    _image("RGB").save(path)
+    expected = predictor.predict(path, top_k=2)
+    # Not a list of its lines of bytes: the file is read as one encoded image.
+    assert predictor.predict(io.BytesIO(path.read_bytes()), top_k=2) == expected
+    with path.open("rb") as first, path.open("rb") as second:
+        assert predictor.predict([first, second], top_k=2) == expected * 2
+    with path.open("rb") as partly_read:
+        partly_read.read(8)  # What is left is no image, and the error names the file.
+        with pytest.raises(BadImageError, match=f"^{re.escape(str(path))}: not a readable"):
+            predictor.predict(partly_read)
+    refused = pytest.raises(TypeError, match=r"symbol.png: a file opened as text; open it in")
+    with path.open(encoding="latin-1") as text, refused:
+        predictor.predict(text)
+
+
+def test_a_name_no_file_can_have_is_a_bad_image_naming_it(predictor) -> None:
+    with pytest.raises(BadImageError, match=r"^'a\\x00.png': cannot read \(embedded null"):
+        predictor.predict("a\x00.png")
+    with pytest.raises(BadImageError, match=r"^'': cannot read \(No such file"):
+        predictor.predict("")
 
 
 def test_sixteen_bit_images_span_the_full_range(predictor) -> None:

@@ -210,6 +210,44 @@ def _names_its_images(given: list[str], images: list[Path]) -> bool:
     return len(given) > 1 or (bool(images) and images != [Path(given[0]).expanduser()])
 
 
+# Files predicted in one call: a folder's images go through in batches (as fast as the Python
+# API), and each batch's lines are printed as it ends.
+PREDICT_CHUNK = 64
+
+
+def _ranked_or_errors(predictor, images: list[Path], top_k: int):
+    """``(path, ranked predictions or an error line)`` for each image, in order: a batch at a
+    time, and image by image in a batch with a file that cannot be read."""
+    for start in range(0, len(images), PREDICT_CHUNK):
+        chunk = images[start : start + PREDICT_CHUNK]
+        batch = None
+        if len(chunk) > 1:
+            with contextlib.suppress(Exception):  # Each file again, for its own error line.
+                batch = predictor.predict(chunk, top_k=top_k)
+        for index, path in enumerate(chunk):
+            ranked = batch[index] if batch is not None else _ranked_or_error(predictor, path, top_k)
+            if not isinstance(ranked, str) and not all(
+                math.isfinite(prediction.confidence) for prediction in ranked
+            ):
+                ranked = (
+                    f"error: {path}: the model gives no finite probabilities (NaN): its "
+                    "weights or preprocessing are broken"
+                )
+            yield path, ranked
+
+
+def _ranked_or_error(predictor, path: Path, top_k: int):
+    """One image's ranked predictions, or the error line for a file that cannot be read."""
+    from cnnkit.data.image import BadImageError
+
+    try:
+        return predictor.predict([path], top_k=top_k)[0]
+    except BadImageError as error:
+        return f"error: {error}"
+    except (OSError, ValueError) as error:  # A name the system cannot open (a NUL in it).
+        return f"error: {path}: cannot read ({error_line(error)})"
+
+
 def _predict_and_print(
     predictor,
     images: list[Path],
@@ -223,31 +261,25 @@ def _predict_and_print(
     """Print the predictions for ``images`` and an error line for each bad file (to ``errors``,
     stderr by default); return the number of bad files. ``one_line`` prints the JSON document
     on one line (the interactive loop: one line of JSON per answer, as JSON Lines). ``names``
-    starts each text line with its image's path (see :func:`_names_its_images`)."""
-    from cnnkit.data.image import BadImageError
-
+    starts each text line with its image's path (see :func:`_names_its_images`). Text lines
+    are printed as each batch ends; the JSON document once every image is done."""
     errors = errors or sys.stderr
+    kind = predictor.metadata.kind
     results, failures = [], 0
-    for path in images:
-        try:
-            ranked = predictor.predict([path], top_k=top_k)[0]
-        except BadImageError as error:
+    for index, (path, ranked) in enumerate(_ranked_or_errors(predictor, images, top_k)):
+        if isinstance(ranked, str):
             failures += 1
-            print(f"error: {error}", file=errors)
-            continue
-        except (OSError, ValueError) as error:  # A name the system cannot open (a NUL in it).
-            failures += 1
-            print(f"error: {path}: cannot read ({error_line(error)})", file=errors)
-            continue
-        if not all(math.isfinite(prediction.confidence) for prediction in ranked):
-            failures += 1
-            print(
-                f"error: {path}: the model gives no finite probabilities (NaN): its weights "
-                "or preprocessing are broken",
-                file=errors,
-            )
-            continue
-        results.append((path, ranked))
+            print(ranked, file=errors)
+        elif as_json:
+            results.append((path, ranked))
+        else:
+            prefix = f"{path}: " if names else ""
+            print(prefix + format_prediction(ranked[0], kind))
+            for rank, prediction in enumerate(ranked[1:], start=2):
+                line = format_prediction(prediction, kind).removeprefix("Prediction: ")
+                print(f"  {rank}. {line}")
+        if (index + 1) % PREDICT_CHUNK == 0:
+            sys.stdout.flush()
     if as_json:
         # Always one JSON document (``[]`` when every file was bad), so stdout always parses.
         payload = [
@@ -256,13 +288,6 @@ def _predict_and_print(
         ]
         indent = None if one_line else 2
         print(json.dumps(payload, indent=indent, ensure_ascii=False, allow_nan=False))
-        return failures
-    kind = predictor.metadata.kind
-    for path, ranked in results:
-        prefix = f"{path}: " if names else ""
-        print(prefix + format_prediction(ranked[0], kind))
-        for rank, prediction in enumerate(ranked[1:], start=2):
-            print(f"  {rank}. " + format_prediction(prediction, kind).removeprefix("Prediction: "))
     return failures
 
 

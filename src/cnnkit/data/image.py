@@ -174,5 +174,9 @@ def read_image_file(path: str) -> Image.Image:
     try:
         data = read_regular_file(path)
     except OSError as error:
-        raise BadImageError(f"{path}: cannot read ({error.strerror or error})") from error
+        raise BadImageError(
+            f"{path or repr(path)}: cannot read ({error.strerror or error})"
+        ) from error
+    except ValueError as error:  # A name no file can have: a NUL character in it.
+        raise BadImageError(f"{path!r}: cannot read ({error})") from error
     return decode_image(data, path)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -29,10 +30,10 @@ from cnnkit.runtime import for_inference, select_device
 BACKENDS = ("torch", "onnx")
 MAX_BATCH = 512  # Images per forward pass (fewer for large inputs, see eval_batch_size).
 
-ImageInput = Image.Image | str | Path | np.ndarray | bytes | bytearray | memoryview
+ImageInput = Image.Image | str | Path | np.ndarray | bytes | bytearray | memoryview | BinaryIO
 
 _ENCODED = (bytes, bytearray, memoryview)  # Encoded image file contents.
-_ONE_IMAGE = "a path, image bytes, a PIL image or a numpy array"
+_ONE_IMAGE = "a path, image bytes, a binary file, a PIL image or a numpy array"
 
 
 def _wrong_type(name: str, value: Any, expected: str = _ONE_IMAGE) -> TypeError:
@@ -41,8 +42,9 @@ def _wrong_type(name: str, value: Any, expected: str = _ONE_IMAGE) -> TypeError:
 
 
 def as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
-    """One image (a path, encoded bytes, a PIL image, an ``HxW[xC]`` array) as a list of one;
-    an ``NxHxWxC`` array as a list of N; a sequence or iterator of images as a list.
+    """One image (a path, encoded bytes, an open binary file, a PIL image, an ``HxW[xC]``
+    array) as a list of one; an ``NxHxWxC`` array as a list of N; a sequence or iterator of
+    images as a list.
 
     Raises:
         ValueError: for a 3-D array that is not ``HxWxC`` with C = 1, 3 or 4 (a stack of
@@ -50,7 +52,7 @@ def as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]
         TypeError: for anything else, including a mapping or a set (their order would not
             say which result belongs to which image).
     """
-    if isinstance(images, (str, Path, Image.Image, *_ENCODED)):
+    if isinstance(images, (str, Path, Image.Image, *_ENCODED)) or _is_file(images):
         return [images]
     if isinstance(images, np.ndarray):
         if images.ndim == 1 and images.dtype.kind in "USO":
@@ -60,12 +62,29 @@ def as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]
         if images.ndim == 3 and images.shape[2] not in (1, 3, 4):
             raise ValueError(
                 f"an array of shape {images.shape} is neither one H x W x C image (C = 1, 3 "
-                "or 4) nor an N x H x W x C batch; pass a list of images"
+                "or 4) nor an N x H x W x C batch; pass a list of images (or grayscale ones as "
+                "N x H x W x 1)"
             )
         return [images]
     if isinstance(images, (Mapping, AbstractSet)) or not isinstance(images, Iterable):
         raise _wrong_type("images", images, f"{_ONE_IMAGE}, or a list of them")
     return list(images)
+
+
+def _is_file(value: Any) -> bool:
+    """Whether ``value`` is an open file (``open(path, "rb")``, ``io.BytesIO``, an upload):
+    one image, where iterating it would give lines of bytes."""
+    return callable(getattr(value, "read", None)) and not isinstance(value, Image.Image)
+
+
+def _read_file(file: Any, name: str) -> bytes:
+    """The contents of an open binary file; raises TypeError for one opened as text."""
+    data = None if isinstance(file, io.TextIOBase) else file.read()
+    if data is None or isinstance(data, str):
+        raise TypeError(f"{name}: a file opened as text; open it in binary mode ('rb')")
+    if not isinstance(data, _ENCODED):
+        raise _wrong_type(name, file)
+    return bytes(data)
 
 
 def _at_least_one(name: str, value: Any, also: str = "") -> int:
@@ -153,7 +172,8 @@ class Predictor:
 
         Args:
             images: one image or several (see :func:`as_image_list`): paths, encoded bytes,
-                PIL images of any mode, or arrays (see :func:`cnnkit.data.prepare.array_to_image`).
+                open binary files (read to their end), PIL images of any mode, or arrays
+                (see :func:`cnnkit.data.prepare.array_to_image`).
 
         Raises:
             cnnkit.data.image.BadImageError: for a file that is missing or not an image, or an
@@ -172,6 +192,10 @@ class Predictor:
                 image = read_image_file(str(image))
             elif isinstance(image, _ENCODED):
                 image = decode_image(bytes(image), name)
+            elif _is_file(image):
+                file_name = getattr(image, "name", None)
+                name = file_name if isinstance(file_name, str) and file_name else name
+                image = decode_image(_read_file(image, name), name)
             elif isinstance(image, np.ndarray):
                 image = array_to_image(image, name)
             elif not isinstance(image, Image.Image):
