@@ -858,10 +858,14 @@ def test_interactive_loop_takes_quoted_names_folders_and_json(
     (given,) = _write_images(tmp_path / "given", count=1)
     empty = tmp_path / "empty"
     empty.mkdir()
-    lines = [f"'{first}'", str(tmp_path / "pair"), str(empty)]
+    run = tmp_path / "run"  # A run's folder typed in: not its figures read as images.
+    (run / "report").mkdir(parents=True)
+    (run / "model.safetensors").write_bytes(symbol_model_file.read_bytes())
+    (run / "report" / "confusion.png").write_bytes(first.read_bytes())
+    lines = [f"'{first}'", str(tmp_path / "pair"), str(empty), str(run), str(symbol_model_file)]
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
     command = ["predict", str(symbol_model_file), str(given), "--interactive", "--json"]
-    assert main(command) == 1  # The empty folder failed.
+    assert main(command) == 1  # The empty folder and the two models failed.
     captured = capsys.readouterr()
     # Stdout is JSON only: the command line's image (indented), then one line per name
     # (``[]`` for the empty folder).
@@ -873,8 +877,12 @@ def test_interactive_loop_takes_quoted_names_folders_and_json(
         [str(first)],
         [str(first), str(second)],
         [],
+        [],
+        [],
     ]
     assert "Enter filename:" in captured.err and "empty: no image files found" in captured.err
+    assert f"error: {run}: a training run's folder, not an image (the model is" in captured.err
+    assert f"error: {symbol_model_file}: a model file, not an image (" in captured.err
 
 
 def test_predict_empty_folder_and_bad_top_k_exit_2(
@@ -1494,6 +1502,17 @@ def test_the_bundled_model_warns_once_about_colour_photos(capsys, tmp_path: Path
     assert "bird.jpg is a 80x60 colour image; the bundled model recognises handwritten" in err
     assert main(["predict", str(symbol)]) == 0
     assert "warning" not in capsys.readouterr().err
+    # A symbol drawn in a paint program and saved in colour (RGB, or RGBA with a transparent
+    # background), grey anti-aliased edges included, is a drawing, not a photo.
+    drawn = np.full((256, 256, 3), 255, np.uint8)
+    drawn[60:200, 120:136] = 0
+    drawn[60:200, 118:120] = 128
+    Image.fromarray(drawn).save(tmp_path / "drawn.png")
+    transparent = np.zeros((256, 256, 4), np.uint8)
+    transparent[60:200, 120:136, 3] = 255
+    Image.fromarray(transparent).save(tmp_path / "transparent.png")
+    assert main(["predict", str(tmp_path / "drawn.png"), str(tmp_path / "transparent.png")]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_a_missing_data_path_is_refused_before_a_run_folder_is_announced(
@@ -1620,7 +1639,17 @@ def test_predict_runs_where_device_says(capsys, symbol_model_file: Path, tmp_pat
 
     exported = export_onnx(symbol_model_file, tmp_path / "symbols.onnx")
     assert main(["predict", str(exported), str(image), "--device", "cuda"]) == 2
-    assert "ONNX Runtime runs it on the CPU, not cuda" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "ONNX Runtime runs it on the CPU, not cuda" in err
+    assert err.rstrip().endswith("or use the .safetensors model it came from")
+    model = str(symbol_model_file)
+    assert main(["predict", model, str(image), "--backend", "onnx", "--device", "cuda"]) == 2
+    # The model is the .safetensors file already: the way to a GPU is the torch backend.
+    assert (
+        capsys.readouterr()
+        .err.rstrip()
+        .endswith("or use backend 'torch' (on the command line, --backend torch)")
+    )
 
 
 def test_verbose_shows_cnnkit_details_and_not_every_librarys(tmp_path) -> None:

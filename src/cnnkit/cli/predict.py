@@ -107,27 +107,35 @@ def command_predict(args: argparse.Namespace) -> int:
         named = _names_its_images(inputs, images)
         failures += _predict_and_print(predictor, images, args.top_k, args.json, names=named)
     if args.interactive:
-        failures += _interactive(predictor, args.top_k, args.json)
+        failures += _interactive(predictor, args.top_k, args.json, model)
     return 1 if failures else 0
 
 
-def _warn_of_photos_for_the_symbol_model(images: list[str]) -> None:
+def _warn_of_photos_for_the_symbol_model(images: list[str], looked_at: int = 8) -> None:
     """The bundled model answers with a symbol for anything: say once when an input looks like
-    a colour photo rather than a symbol drawn black on white."""
+    a colour photo rather than a symbol drawn dark on light. Of the large colour images, the
+    first ``looked_at`` are decoded to tell a photo from a drawing saved in colour."""
     from PIL import Image
 
     from cnnkit.data.image import accepted_formats
     from cnnkit.data.photos import PHOTO_MIN_SIDE
 
     for path in images:
+        if looked_at <= 0:
+            return
         if not Path(path).is_file():
             continue  # A FIFO would block the open; predicting reports what it is.
         try:
             with Image.open(path, formats=accepted_formats()) as image:
-                mode, size = image.mode, image.size
-        except (OSError, ValueError):
+                if image.mode not in ("RGB", "RGBA", "CMYK", "YCbCr"):
+                    continue
+                if min(image.size) < PHOTO_MIN_SIDE:
+                    continue
+                looked_at -= 1
+                size, drawing = image.size, _looks_drawn(image)
+        except (OSError, ValueError, Image.DecompressionBombError):
             continue  # Reported when it is predicted.
-        if mode in ("RGB", "RGBA", "CMYK", "YCbCr") and min(size) >= PHOTO_MIN_SIDE:
+        if not drawing:
             print(
                 f"warning: {path} is a {size[0]}x{size[1]} colour image; the bundled model "
                 "recognises handwritten maths symbols (black on white), so its answer for a "
@@ -135,6 +143,23 @@ def _warn_of_photos_for_the_symbol_model(images: list[str]) -> None:
                 file=sys.stderr,
             )
             return
+
+
+def _looks_drawn(image) -> bool:
+    """Whether ``image`` (RGB, with or without alpha) is a drawing saved in colour, as paint
+    programs save one: nearly grey everywhere, and mostly light (transparent counts as white,
+    as it is predicted)."""
+    import numpy as np
+    from PIL import Image
+
+    image.draft("RGB", (128, 128))  # A JPEG decodes at a fraction of its size.
+    small = image.convert("RGBA" if image.mode == "RGBA" else "RGB").convert("RGBA")
+    small.thumbnail((128, 128))
+    white = Image.new("RGBA", small.size, (255, 255, 255, 255))
+    pixels = np.asarray(Image.alpha_composite(white, small).convert("RGB"), dtype=np.int16)
+    colour = (pixels.max(axis=2) - pixels.min(axis=2)).mean()
+    light = (pixels.mean(axis=2) > 200).mean()
+    return bool(colour < 16 and light > 0.5)
 
 
 def _refuse_model_less_first_input(path: Path) -> None:
@@ -302,13 +327,14 @@ def _ask(prompt: str, to_stderr: bool) -> str:
     return line
 
 
-def _interactive(predictor, top_k: int, as_json: bool) -> int:
+def _interactive(predictor, top_k: int, as_json: bool, model: str | None = None) -> int:
     """The book's ``Enter filename:`` loop; an empty line or end of input ends it.
 
     A bad name prints an error in the conversation and the loop goes on (with ``--json`` the
     prompts and errors go to stderr, and stdout holds one line of JSON per name: ``[]`` for a
     name that gave no predictions). Quotes or backslashes around a name (a file dragged into a
-    terminal) and ``~`` are understood, and a folder gives every image in it. Returns the number
+    terminal) and ``~`` are understood, and a folder gives every image in it; a model file or a
+    run's folder is refused, as among the images on the command line. Returns the number
     of names and files that failed, so that names piped in end with the same exit status as
     files given on the command line.
     """
@@ -323,6 +349,14 @@ def _interactive(predictor, top_k: int, as_json: bool) -> int:
         name = _typed_name(name)
         if not name:
             break
+        try:  # A model file or run folder typed in is refused, as on the command line.
+            _refuse_a_model_among_images(name, model)
+        except CommandError as error:
+            print(f"error: {error}", file=errors)
+            failures += 1
+            if as_json:
+                print("[]")
+            continue
         problems: list[str] = []
         images = expand_images([name], problems)
         for problem in problems:

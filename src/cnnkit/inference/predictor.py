@@ -305,9 +305,14 @@ def open_predictor(
         from cnnkit.inference.onnx_backend import OnnxPredictor
 
         if device not in ("cpu", "auto"):
+            use = (
+                "the .safetensors model it came from"
+                if path.suffix.lower() == ".onnx"
+                else "backend 'torch' (on the command line, --backend torch)"
+            )
             raise ValueError(
                 f"{path}: ONNX Runtime runs it on the CPU, not {device}: leave out the device, "
-                "or use the .safetensors model it came from"
+                f"or use {use}"
             )
         return OnnxPredictor.from_file(path, threads=threads)
     return Predictor.from_file(path, device=device)
