@@ -283,6 +283,27 @@ def test_a_run_folder_inside_its_folder_dataset_is_refused(capsys, tmp_path: Pat
     assert sorted(p.name for p in data.iterdir()) == ["a", "b"]  # Nothing written there.
 
 
+def test_an_evaluation_report_inside_its_folder_dataset_is_refused(
+    capsys, symbol_model_file: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "shapes"
+    for name in ("a", "b"):
+        _write_images(data / name, count=2)
+    argv = ["evaluate", str(symbol_model_file), "--dataset", "folder", "--data", str(data)]
+    for out in (data / "a", data / "reports" / "x"):
+        assert main([*argv, "--out", str(out)]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and f"{out} is inside the data folder {data}: the" in error[0]
+    assert sorted(p.relative_to(data).as_posix() for p in data.rglob("*")) == [
+        "a",
+        "a/image-0.png",
+        "a/image-1.png",
+        "b",
+        "b/image-0.png",
+        "b/image-1.png",
+    ]
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -419,6 +440,20 @@ def test_export_refuses_to_overwrite_its_own_model(capsys, symbol_model_file: Pa
     misnamed.write_bytes(symbol_model_file.read_bytes())
     assert main(["export", str(misnamed), "--out", str(misnamed)]) == 2
     assert misnamed.read_bytes() == symbol_model_file.read_bytes()
+    capsys.readouterr()
+    # A folder, or a place no file can be made, is refused before the export's work (int8:
+    # before the calibration images are decoded; no --data is needed to be refused).
+    (tmp_path / "taken.onnx").mkdir()
+    (tmp_path / "file").write_text("mine\n")
+    for out, said in (
+        (tmp_path / "taken.onnx", "taken.onnx: is a folder; give the export's file name"),
+        (tmp_path / "file" / "m.onnx", f"{tmp_path / 'file'}: is a file; the export m.onnx needs"),
+    ):
+        for quantize in ([], ["--quantize", "int8", "--dataset", "digits"]):
+            assert main(["export", str(model), "--out", str(out), *quantize]) == 2
+            captured = capsys.readouterr()
+            assert said in captured.err and "Calibrating" not in captured.err
+    assert (tmp_path / "file").read_text() == "mine\n"
 
 
 def test_export_and_the_torch_backend_refuse_an_onnx_export(
@@ -1032,7 +1067,7 @@ def test_evaluate_rejects_classes_the_model_does_not_know(
     argv = ["evaluate", str(symbol_model_file), "--dataset", "digits", "--max-per-class", "5"]
     argv += ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "evaluation")]
     assert main(argv) == 2
-    assert "digits: the model knows none of its classes" in capsys.readouterr().err
+    assert "digits: the model knows none of the data's classes" in capsys.readouterr().err
 
 
 def test_evaluate_a_model_of_some_classes_on_their_images(
@@ -1044,7 +1079,7 @@ def test_evaluate_a_model_of_some_classes_on_their_images(
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["count"] == 6  # 20% of ten images of each of the model's three digits
-    assert "the model knows 3 of its 10 classes" in caplog.text
+    assert "the model knows 3 of the data's 10 classes" in caplog.text
 
 
 def test_a_default_run_folder_with_a_finished_run_is_kept(capsys, monkeypatch, tmp_path) -> None:
@@ -1489,6 +1524,23 @@ def test_evaluate_without_dataset_uses_the_data_the_model_file_records(
         f"Data: hasy fold 2 ({missing}), the dataset as the model file records, "
         f"--data {missing} and --fold 2 as given"
     ) in capsys.readouterr().err
+
+
+def test_a_bundled_file_named_by_its_path_reports_outside_the_package(
+    capsys, monkeypatch, tmp_path: Path
+) -> None:
+    from cnnkit.inference.bundled import bundled_model_path
+
+    bundled = bundled_model_path()
+    before = sorted(path.name for path in bundled.parent.iterdir())
+    monkeypatch.chdir(tmp_path)
+    argv = ["evaluate", str(bundled), "--dataset", "digits", "--max-per-class", "5"]
+    assert main(argv) == 0
+    report = Path("runs") / f"evaluation-{bundled.name}"
+    written = "metrics.json, per_class.csv, confused_pairs.csv, confusion.png, misclassified.png"
+    assert f"Report: {report} ({written})" in capsys.readouterr().out
+    assert (tmp_path / report / "metrics.json").is_file()
+    assert sorted(path.name for path in bundled.parent.iterdir()) == before
 
 
 def test_the_bundled_model_warns_once_about_colour_photos(capsys, tmp_path: Path) -> None:

@@ -144,8 +144,11 @@ def test_folder_reports_empty_classes_by_name(tmp_path):
 def test_folder_without_class_folders_or_missing_is_refused(tmp_path):
     with pytest.raises(DataFormatError, match="no class folders"):
         FolderSource(tmp_path).list_samples()
-    with pytest.raises(DataFormatError, match="not a folder"):
+    with pytest.raises(DataFormatError, match="absent: no such folder$"):
         FolderSource(tmp_path / "absent").list_samples()
+    (tmp_path / "file").write_text("not images\n")
+    with pytest.raises(DataFormatError, match="file: not a folder$"):
+        FolderSource(tmp_path / "file").list_samples()
 
 
 def test_folder_fingerprint_changes_when_a_file_changes(tmp_path):

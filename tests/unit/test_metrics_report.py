@@ -172,7 +172,8 @@ def test_build_report_when_everything_is_right(tmp_path: Path) -> None:
     report = build_report(_logits_for(TARGETS), TARGETS, ["a", "b", "c"], tmp_path, images)
     assert report.metrics["top1"] == 1.0 and report.confused_pairs == []
     assert (tmp_path / "misclassified.png").is_file()
-    assert _read_csv(tmp_path / "confused_pairs.csv")[0]["count"] == "0"
+    # The header alone: no made-up pair.
+    assert (tmp_path / "confused_pairs.csv").read_text().splitlines() == ["true,predicted,count"]
 
 
 def test_build_report_without_images_skips_the_grid(tmp_path: Path) -> None:
@@ -299,6 +300,36 @@ def test_a_new_report_replaces_every_file_of_the_earlier_one(tmp_path: Path) -> 
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # As mkdir makes it, not private.
+
+
+def test_an_earlier_report_whose_parent_takes_no_new_entries_is_replaced_inside(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A read-only run folder (or one of someone else's) holding a writable evaluation/: the
+    report cannot be staged beside it, so its files are replaced inside, after all the scoring
+    (root passes permission checks, so the parent's refusal is the operating system's answer
+    made here)."""
+    import tempfile
+
+    out = tmp_path / "evaluation"
+    images = np.zeros((6, 8, 8, 1), dtype=np.uint8)
+    build_report(_logits_for(PREDICTIONS), TARGETS, ["a", "b", "c"], out, images)
+    make = tempfile.mkdtemp
+
+    def refusing_the_parent(*args, dir=None, **kwargs):
+        if Path(dir) == tmp_path:
+            raise PermissionError(13, "Permission denied", str(dir))
+        return make(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refusing_the_parent)
+    build_report(_logits_for(TARGETS), TARGETS, ["a", "b", "c"], out)
+    assert json.loads((out / "metrics.json").read_text())["top1"] == 1.0
+    assert not (out / "misclassified.png").exists()  # No stale grid of the earlier report.
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["evaluation"]
+    assert not [path.name for path in out.iterdir() if path.name.startswith(".")]
+    # A new folder there cannot be made at all: refused before anything is written.
+    with pytest.raises(ValueError, match=f"new: cannot write in {tmp_path} \\(Permission"):
+        build_report(_logits_for(TARGETS), TARGETS, ["a", "b", "c"], tmp_path / "new")
 
 
 def test_a_report_into_a_folder_of_other_files_keeps_them(tmp_path: Path) -> None:

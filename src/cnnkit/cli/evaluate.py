@@ -15,10 +15,14 @@ from cnnkit.paths import default_cache_dir
 def _report_folder(args: argparse.Namespace, model_path: Path) -> Path:
     """Where evaluate writes its report, refused before any work where a file stands in the
     way (the report would otherwise fail only after every image was scored)."""
+    from cnnkit.inference.bundled import is_bundled
     from cnnkit.paths import refuse_unusable_folder
 
     if args.out:
         out, named = Path(args.out), f"--out {args.out}"
+    elif args.model and is_bundled(model_path):  # Never into the installed package's folder.
+        out = Path("runs") / f"evaluation-{model_path.name}"
+        named = str(out)
     elif args.model:
         # A run's model file reports to evaluation/; any other file (an export, an int8 copy,
         # a renamed model) to its own folder, so scoring several files in one folder keeps
@@ -36,6 +40,7 @@ def _report_folder(args: argparse.Namespace, model_path: Path) -> Path:
 def command_evaluate(args: argparse.Namespace) -> int:
     from cnnkit.evaluation.evaluate import evaluate_model_file
     from cnnkit.runtime import tune_allocator
+    from cnnkit.training.run_folder import refuse_inside_folder_data
 
     model_path = resolve_model_argument(args.model)
     if args.dataset is None:
@@ -52,6 +57,13 @@ def command_evaluate(args: argparse.Namespace) -> int:
         "test_fraction": args.test_fraction,
     }
     out = _report_folder(args, model_path)
+    refuse_inside_folder_data(
+        out,
+        args.dataset,
+        args.data,
+        f"{out} is inside the data folder {args.data}: the report's images would become "
+        "images of the dataset; write the report elsewhere (--out)",
+    )
     report = evaluate_model_file(
         model_path,
         {k: v for k, v in overrides.items() if v is not None},
@@ -76,7 +88,8 @@ def command_evaluate(args: argparse.Namespace) -> int:
             print(f"  {pair['true']} -> {pair['predicted']}: {pair['count']}")
     else:
         print("No image was confused with another class.")
-    print(f"Report: {out} (metrics.json, per_class.csv, confusion.png, misclassified.png)")
+    written = ", ".join(Path(path).name for path in report.files.values())
+    print(f"Report: {out} ({written})")
     return 0
 
 

@@ -24,8 +24,10 @@ def command_export(args: argparse.Namespace) -> int:
             f"{model_path}: is an ONNX export already; export reads the .safetensors model "
             "file (or the training run's folder) it came from"
         )
+    from cnnkit.inference.bundled import is_bundled
+
     # The bundled model's export goes to the current folder, not into the installed package.
-    named = model_path if args.model is not None else Path(model_path.name)
+    named = Path(model_path.name) if is_bundled(model_path) else model_path
     opset = args.opset or DEFAULT_OPSET
     if args.out and Path(args.out).suffix.lower() != ".onnx":
         raise CommandError(f"--out {args.out}: an ONNX file's name ends in .onnx")
@@ -45,13 +47,13 @@ def command_export(args: argparse.Namespace) -> int:
             raise CommandError(
                 f"--quantize int8 calibrates on training images: {error}{_shipped_int8(args)}"
             ) from None
+    out = Path(args.out) if args.out else named.with_name(f"{named.stem}-int8.onnx")
+    _refuse_overwriting(model_path, out)  # Before the calibration images are decoded.
     data = DataConfig(dataset=args.dataset, data=args.data, fold=args.fold)
     count = args.calibration_images or CALIBRATION_IMAGES
     inputs = calibration_inputs(
         model_path, data, count, cache_dir=args.cache_dir or default_cache_dir()
     )
-    out = Path(args.out) if args.out else named.with_name(f"{named.stem}-int8.onnx")
-    _refuse_overwriting(model_path, out)
     source = args.data or args.dataset
     print(f"Calibrating int8 ranges on {len(inputs)} training images of {source}", file=sys.stderr)
     print(quantize_onnx(model_path, out, inputs, opset=opset))
@@ -68,8 +70,15 @@ def _shipped_int8(args: argparse.Namespace) -> str:
 
 
 def _refuse_overwriting(model_path: Path, out: Path) -> None:
+    """Refuse an ``out`` the export could not be written to, before the export's work: the
+    model file itself, a folder, or a place where no file can be made."""
+    from cnnkit.paths import refuse_unusable_folder
+
     if out.exists() and out.resolve() == model_path.resolve():
         raise CommandError(f"{out}: is the model file itself; give another --out")
+    if out.is_dir():
+        raise CommandError(f"{out}: is a folder; give the export's file name (ending in .onnx)")
+    refuse_unusable_folder(out.parent, str(out.parent), needs=f"the export {out.name}")
 
 
 def _refuse_calibration_options(args: argparse.Namespace) -> None:

@@ -94,7 +94,8 @@ class FolderSource:
                 folder holds no images.
         """
         if not self.root.is_dir():
-            raise DataFormatError(f"{self.root}: not a folder")
+            problem = "not a folder" if self.root.exists() else "no such folder"
+            raise DataFormatError(f"{self.root}: {problem}")
         entries = sorted(os.scandir(self.root), key=lambda entry: entry.name)
         class_names = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
         stray = [e.name for e in entries if not e.is_dir() and not e.name.startswith(".")]

@@ -60,11 +60,11 @@ def restrict_to_known_classes(
     keep = [i for i, name in enumerate(images.class_names) if name in known]
     if not keep:
         shown = ", ".join(images.class_names[:5])
-        raise ValueError(f"{source}: the model knows none of its classes (e.g. {shown})")
+        raise ValueError(f"{source}: the model knows none of the data's classes (e.g. {shown})")
     kept = images
     if len(keep) < len(images.class_names):
         logger.warning(
-            "%s: the model knows %d of its %d classes; evaluating on their images only",
+            "%s: the model knows %d of the data's %d classes; evaluating on their images only",
             source,
             len(keep),
             len(images.class_names),

@@ -73,13 +73,16 @@ def evaluated_block(
     }
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
+    """Write ``rows`` with a header of ``columns`` (default: the first row's keys)."""
+
     def write(temporary: Path) -> None:
         # A class named by a file name that is not UTF-8 holds surrogates: written as \udcXX.
         with open(
             temporary, "w", newline="", encoding="utf-8", errors="backslashreplace"
         ) as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["empty"])
+            header = columns or (list(rows[0]) if rows else ["empty"])
+            writer = csv.DictWriter(handle, fieldnames=header)
             writer.writeheader()
             writer.writerows(rows)
 
@@ -273,13 +276,20 @@ def build_report(
     files = {key: str(given / name) for key, name in names.items()}
     report = EvaluationReport(metrics, pairs, files, dict(evaluated or {}))
     swap = _swappable(out_dir)
-    staging = _staging_folder(out_dir, swap)
+    try:
+        staging = _staging_folder(out_dir, swap)
+    except OSError:
+        if not (swap and out_dir.is_dir()):
+            raise
+        # Its parent takes no new entries (read-only, or a run folder of someone else's): the
+        # earlier report's files are replaced inside the folder instead.
+        swap = False
+        staging = _staging_folder(out_dir, swap)
     try:
         plots.plot_confusion(matrix.numpy(), class_names, staging / "confusion.png")
         _write_csv(staging / "per_class.csv", _per_class_rows(matrix, class_names))
-        _write_csv(
-            staging / "confused_pairs.csv", pairs or [{"true": "", "predicted": "", "count": 0}]
-        )
+        # No confusion: the header alone.
+        _write_csv(staging / "confused_pairs.csv", pairs, ["true", "predicted", "count"])
         if images is not None:
             path = staging / "misclassified.png"
             _plot_misclassified(logits, labels, class_names, images, path, max_examples)

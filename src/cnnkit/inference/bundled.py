@@ -20,6 +20,16 @@ def _bundled_file(name: str) -> Path:
     return Path(str(resources.files("cnnkit") / "bundled" / name))
 
 
+def is_bundled(path: Path) -> bool:
+    """Whether ``path`` lies in the package's folder of bundled models (where nothing is ever
+    written: an installed package may be read-only, and is shared)."""
+    folder = _bundled_file(BUNDLED_SYMBOL_MODEL).parent
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
+
+
 def bundled_model_path() -> Path:
     """Path of the bundled HASYv2 symbol model.
 

@@ -144,14 +144,25 @@ def data_roots(config: RunConfig) -> list[Path]:
 def refuse_run_dir_inside_folder_data(run_dir: Path, config: RunConfig) -> None:
     """A folder dataset is every image under its folder, so a run folder inside it would add
     the run's report images to the next run's data (as a class named ``report``)."""
-    if config.data.dataset != "folder" or not config.data.data:
+    refuse_inside_folder_data(
+        run_dir,
+        config.data.dataset,
+        config.data.data,
+        f"--out {run_dir} is inside the training data folder {config.data.data}: its report "
+        "images would become training images; write the run elsewhere",
+    )
+
+
+def refuse_inside_folder_data(
+    folder: Path, dataset: str | None, data: str | None, message: str
+) -> None:
+    """Raise ValueError(``message``) where ``folder`` is a folder dataset's folder (``data``)
+    or lies inside it: every image written there becomes an image of the dataset."""
+    if dataset != "folder" or not data:
         return
-    data, out = Path(config.data.data).resolve(), run_dir.resolve()
-    if out == data or data in out.parents:
-        raise ValueError(
-            f"--out {run_dir} is inside the training data folder {config.data.data}: its "
-            "report images would become training images; write the run elsewhere"
-        )
+    root, out = Path(data).resolve(), folder.resolve()
+    if out == root or root in out.parents:
+        raise ValueError(message)
 
 
 def refuse_run_dir_beside_data(run_dir: Path, config: RunConfig) -> None:
