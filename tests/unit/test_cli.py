@@ -283,6 +283,24 @@ def test_a_run_folder_inside_its_folder_dataset_is_refused(capsys, tmp_path: Pat
     assert sorted(p.name for p in data.iterdir()) == ["a", "b"]  # Nothing written there.
 
 
+def test_a_run_too_short_to_learn_says_so(capsys, tmp_path: Path) -> None:
+    data = tmp_path / "shapes"
+    for name in ("a", "b"):
+        _write_images(data / name, count=4)
+    argv = ["train", "--dataset", "folder", "--data", str(data), "--quiet", "--seed", "1"]
+    assert main([*argv, "--epochs", "2", "--out", str(tmp_path / "short")]) == 0
+    out = capsys.readouterr().out
+    train = int(re.search(r": (\d+) train, ", out).group(1))
+    assert (
+        f"Note: 2 optimizer step(s) in all ({train} training images in batches of 128, "
+        "2 epoch(s)): too few for a network trained from scratch"
+    ) in out
+    # Enough steps: no note.
+    argv += ["--epochs", "10", "--batch-size", "2", "--max-steps-per-epoch", "2"]
+    assert main([*argv, "--out", str(tmp_path / "enough")]) == 0
+    assert "Note:" not in capsys.readouterr().out
+
+
 def test_an_evaluation_report_inside_its_folder_dataset_is_refused(
     capsys, symbol_model_file: Path, tmp_path: Path
 ) -> None:

@@ -489,6 +489,24 @@ def test_an_upload_larger_than_the_stored_size_is_cropped_to_its_ink(
     )
 
 
+def test_an_upload_stored_sideways_is_turned_upright_before_it_is_cropped(
+    client: TestClient,
+) -> None:
+    """A phone photo of a drawing is stored sideways with an EXIF orientation: the server
+    reads it as the page's preview shows it, upright."""
+    white = Image.new("RGBA", (300, 300), "white")
+    drawing = Image.alpha_composite(white, canvas_drawing()).convert("L")  # Black on white.
+    upright_answer = post_file(client, png_bytes(drawing)).json()["predictions"]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to view.
+    buffer = io.BytesIO()
+    drawing.transpose(Image.Transpose.ROTATE_90).save(buffer, "PNG", exif=exif.tobytes())
+    sideways_answer = post_file(client, buffer.getvalue()).json()["predictions"]
+    assert as_pairs(sideways_answer) == as_pairs(upright_answer)
+    unturned = post_file(client, png_bytes(drawing.transpose(Image.Transpose.ROTATE_90)))
+    assert as_pairs(unturned.json()["predictions"]) != as_pairs(upright_answer)
+
+
 def test_an_upload_at_the_stored_size_is_used_as_it_is(
     client: TestClient, predictor: Predictor
 ) -> None:
@@ -825,6 +843,54 @@ def test_health_checks_pass_the_in_flight_limit() -> None:
     assert middleware.in_flight == 0
 
 
+def test_a_burst_of_renders_holds_few_threads_and_health_answers(
+    predictor: Predictor, monkeypatch
+) -> None:
+    """Renders run one at a time: those waiting are bounded (503 beyond), and the page,
+    health checks and the model's description never wait for a thread behind them."""
+    import anyio.to_thread
+    import httpx
+
+    release, started = threading.Event(), threading.Semaphore(0)
+
+    def slow_render(latex: str) -> bytes:
+        started.release()
+        release.wait(30)
+        return b"<svg/>"
+
+    monkeypatch.setattr("cnnkit.web.app.render_latex_svg", slow_render)
+    monkeypatch.setattr("cnnkit.web.app.MAX_RENDERS", 3)
+    app = create_app(predictor)
+
+    async def scenario():
+        # The thread pool as full as the renders make it: the other routes must not need it.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 3
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            held = [
+                asyncio.create_task(client.get("/api/render", params={"latex": f"x_{i}"}))
+                for i in range(3)
+            ]
+            while app.state.serving.renders < 3:
+                await asyncio.sleep(0.01)
+            refused = await client.get("/api/render", params={"latex": "y"})
+            # Answered while the renders hold every thread (a route that needed one would
+            # wait for the renders' 30 s).
+            others = [
+                await asyncio.wait_for(client.get(path), 10)
+                for path in ("/healthz", "/api/model", "/")
+            ]
+            release.set()
+            return refused, others, await asyncio.gather(*held)
+
+    refused, others, held = asyncio.run(scenario())
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.json() == {"error": "the server is busy; retry shortly"}
+    assert [answer.status_code for answer in others] == [200, 200, 200]
+    assert [answer.content for answer in held] == [b"<svg/>"] * 3
+    assert app.state.serving.renders == 0
+
+
 @pytest.mark.parametrize("expect", [False, True])
 def test_a_request_turned_away_busy_has_its_body_read_before_the_answer_ends(expect) -> None:
     """Closing on an unread body makes the kernel reset the connection, and the client loses
@@ -999,6 +1065,21 @@ def test_decoded_upload_over_the_limit_is_refused(predictor: Predictor) -> None:
     with TestClient(create_app(predictor, max_upload_bytes=len(data) - 1)) as small_client:
         encoded = base64.b64encode(data).decode()
         assert small_client.post("/api/predict", json={"image": encoded}).status_code == 413
+
+
+def test_base64_wrapped_in_lines_is_read_up_to_the_limit(predictor: Predictor) -> None:
+    """An image at the upload limit, base64 wrapped at 64 columns with line breaks written in
+    JSON as "\\r\\n", is read; a byte over the limit is refused. (The image is 1.1 MB, so its
+    line breaks, 90 KB, are more than the 64 KiB the limit allows for a request's fields.)"""
+    noise = np.random.default_rng(0).integers(0, 256, (600, 600, 3), np.uint8)
+    data = png_bytes(Image.fromarray(noise))
+    encoded = base64.b64encode(data).decode()
+    wrapped = "\r\n".join(encoded[start : start + 64] for start in range(0, len(encoded), 64))
+    assert len(json.dumps(wrapped)) - len(encoded) > 64 * 1024  # "\\r\\n": 4 bytes in JSON.
+    for limit, status in ((len(data), 200), (len(data) - 1, 413)):
+        with TestClient(create_app(predictor, max_upload_bytes=limit)) as small_client:
+            response = small_client.post("/api/predict", json={"image": wrapped})
+            assert response.status_code == status, response.text
 
 
 NOT_AN_IMAGE = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import glob
 import os
 import re
@@ -36,6 +37,29 @@ def print_data_summary(data) -> None:
         print(f"Skipped {len(data.problems)} bad image(s); first: {data.problems[0]}")
 
 
+# Fewer optimizer steps than this in all leave a network trained from scratch near chance.
+FEW_STEPS = 20
+
+
+def _report_data(data, config) -> None:
+    """The data line, and a note where the run is too short to learn anything."""
+    print_data_summary(data)
+    from cnnkit.models.registry import is_transfer_model
+
+    if is_transfer_model(config.model.name):
+        return  # Its head learns on cached features; its fine-tune starts from ImageNet.
+    train, batch, epochs = len(data.splits.train), config.train.batch_size, config.train.epochs
+    per_epoch = train // batch if train > batch else 1  # A last part-batch is dropped.
+    per_epoch = min(per_epoch, config.train.max_steps_per_epoch or per_epoch)
+    if per_epoch * epochs < FEW_STEPS:
+        print(
+            f"Note: {per_epoch * epochs} optimizer step(s) in all ({train} training images in "
+            f"batches of {batch}, {epochs} epoch(s)): too few for a network trained from "
+            "scratch, whose test figures may stay near chance; train for more --epochs (or "
+            "with a smaller --batch-size)"
+        )
+
+
 def command_train(args: argparse.Namespace) -> int:
     from cnnkit.runtime import shutdown_distributed, tune_allocator
     from cnnkit.training.run import train_run
@@ -62,7 +86,7 @@ def command_train(args: argparse.Namespace) -> int:
             cache_dir=cache_dir,
             progress=not args.quiet,
             distributed=distributed,
-            on_data=print_data_summary if is_main else None,
+            on_data=functools.partial(_report_data, config=config) if is_main else None,
         )
     except TrainingInterrupted as interrupted:
         if is_main:

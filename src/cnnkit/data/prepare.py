@@ -124,8 +124,9 @@ def _flatten_onto_white(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _upright(image: Image.Image) -> Image.Image:
+def upright(image: Image.Image) -> Image.Image:
     """``image`` turned as its EXIF orientation says; as it is where the EXIF is unreadable.
+    A turned image keeps no EXIF, so turning it again leaves it as it is.
 
     Only the orientation is read: ``ImageOps.exif_transpose`` also rewrites the EXIF block, and
     Pillow raises for a corrupt one (SyntaxError: "not a TIFF file") although the pixels decode.
@@ -135,7 +136,11 @@ def _upright(image: Image.Image) -> Image.Image:
     except Exception as error:  # Pillow raises many types for corrupt EXIF data.
         logger.debug("ignoring unreadable EXIF data (%s: %s)", type(error).__name__, error)
         return image
-    return image if method is None else image.transpose(method)
+    if method is None:
+        return image
+    turned = image.transpose(method)
+    turned.info.pop("exif", None)  # transpose copies it, orientation and all.
+    return turned
 
 
 def _resize_centre_square(image: Image.Image, size: int) -> Image.Image:
@@ -177,7 +182,7 @@ def prepare_image(image: Image.Image, preprocessing: Preprocessing) -> np.ndarra
     if image.width == 0 or image.height == 0:
         raise BadImageError(f"empty image ({image.width}x{image.height} pixels)")
     # Upright as viewers show it: a phone photo of a handwritten symbol is stored sideways.
-    image = _upright(image)
+    image = upright(image)
     image = convert_image(image, "L" if preprocessing.channels == 1 else "RGB")
     if preprocessing.mode == "symbol":
         if image.size != (size, size):

@@ -19,6 +19,7 @@ from urllib.parse import quote
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_UPLOAD_BYTES = 5_000_000
 MAX_CONCURRENT_REQUESTS = 128
 HEALTH_PATH = "/healthz"
+# Symbol renders running or waiting at once; the page asks for five (cached) per prediction.
+MAX_RENDERS = 32
 # The page loads nothing from other origins; FastAPI's /docs (Swagger UI from a CDN) is separate.
 _PAGE_POLICY = (
     "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
@@ -56,12 +59,14 @@ _STATIC_FILES = {
 
 @dataclass
 class ServingState:
-    """What the routes share: the prediction service, limits and the static assets."""
+    """What the routes share: the prediction service, limits and the static assets, and the
+    count of renders running or waiting (read and changed in the event loop only)."""
 
     service: PredictionService
     max_upload_bytes: int
     model_summary: dict[str, Any]
     assets: dict[str, tuple[bytes, str]]
+    renders: int = 0
 
 
 def _load_assets() -> dict[str, tuple[bytes, str]]:
@@ -91,19 +96,19 @@ def _state(request: Request) -> ServingState:
     return request.app.state.serving
 
 
-def index(request: Request) -> Response:
+async def index(request: Request) -> Response:
     body, kind = _state(request).assets["index.html"]
     return Response(body, media_type=kind, headers={"Content-Security-Policy": _PAGE_POLICY})
 
 
-def static_file(name: str, request: Request) -> Response:
+async def static_file(name: str, request: Request) -> Response:
     asset = _state(request).assets.get(name) if name in _STATIC_FILES else None
     if asset is None:
         raise HTTPException(404, "not found")
     return Response(asset[0], media_type=asset[1], headers={"Cache-Control": "no-cache"})
 
 
-def health(request: Request) -> dict[str, Any]:
+async def health(request: Request) -> dict[str, Any]:
     """Reports that the server is up and which model it serves."""
     state = _state(request)
     return {
@@ -115,7 +120,7 @@ def health(request: Request) -> dict[str, Any]:
     }
 
 
-def model_info(request: Request) -> dict[str, Any]:
+async def model_info(request: Request) -> dict[str, Any]:
     """The model's metadata (classes, input size, kind, architecture) and the upload limit.
 
     The training data's location is given by name only: a full path tells a remote visitor
@@ -150,18 +155,32 @@ def _without_data_folder(training: dict[str, Any]) -> dict[str, Any]:
     return {**training, "data": PureWindowsPath(data).name}
 
 
-def render(latex: str = Query(..., min_length=1, max_length=MAX_LATEX_LENGTH)) -> Response:
+async def render(
+    request: Request, latex: str = Query(..., min_length=1, max_length=MAX_LATEX_LENGTH)
+) -> Response:
     """SVG of ``latex`` drawn by matplotlib mathtext (as plain text if mathtext cannot parse it).
 
+    Renders run in the thread pool one at a time (matplotlib is not thread-safe), at most
+    :data:`MAX_RENDERS` running or waiting: a burst of them holds no more of the pool's threads.
+
     Raises:
-        HTTPException: 422 for ``latex`` made only of whitespace, which draws nothing.
+        HTTPException: 422 for ``latex`` made only of whitespace, which draws nothing; 503
+            (with ``Retry-After``) while :data:`MAX_RENDERS` renders run or wait.
     """
     if not latex.strip():
         raise HTTPException(
             422, "invalid request (query.latex: must contain a symbol, not only whitespace)"
         )
+    state = _state(request)
+    if state.renders >= MAX_RENDERS:
+        raise HTTPException(503, "the server is busy; retry shortly", {"Retry-After": "1"})
+    state.renders += 1
+    try:
+        svg = await run_in_threadpool(render_latex_svg, latex)
+    finally:
+        state.renders -= 1
     return Response(
-        render_latex_svg(latex),
+        svg,
         media_type="image/svg+xml",
         headers={
             "Cache-Control": "public, max-age=86400",

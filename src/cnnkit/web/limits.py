@@ -68,8 +68,12 @@ def media_type(headers: Any) -> str:
 def body_limit(content_type: str, max_upload_bytes: int) -> int:
     """The most body bytes to accept for an image of at most ``max_upload_bytes``."""
     if content_type == "application/json":
-        # Base64 turns 3 bytes into 4; a data-URL prefix and the other fields need a little more.
-        return -(-max_upload_bytes // 3) * 4 + _MULTIPART_OVERHEAD
+        # Base64 turns 3 bytes into 4, and line breaks may wrap it (written in JSON as "\r\n":
+        # 4 bytes a line of 64 characters, as PEM wraps it; MIME's lines are 76); a data-URL
+        # prefix and the other fields need a little more. The decoded image's own size is
+        # checked against the limit after.
+        encoded = -(-max_upload_bytes // 3) * 4
+        return encoded + encoded // 16 + _MULTIPART_OVERHEAD
     if content_type == "multipart/form-data":
         return max_upload_bytes + _MULTIPART_OVERHEAD
     return max_upload_bytes

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from cnnkit.data.image import BadImageError, decode_image, image_size
-from cnnkit.data.prepare import prepare_image
+from cnnkit.data.prepare import prepare_image, upright
 from cnnkit.inference.predictor import Prediction, Predictor
 from cnnkit.web.batching import MicroBatcher
 from cnnkit.web.drawing import DIGIT_SIZE, canvas_to_digit, canvas_to_symbol
@@ -66,7 +66,9 @@ class PredictionService:
             HTTPException: 400 for data that is not a readable image (or is a decompression bomb).
         """
         try:
-            image = decode_image(image_request.data, "uploaded file")
+            # Upright first: a phone photo of a drawn symbol is stored sideways, and cropping
+            # to its ink re-draws it without its EXIF.
+            image = upright(decode_image(image_request.data, "uploaded file"))
             if self.crops_to_ink(image_request.source, image.size):
                 image = self._in_training_form(image)
             return prepare_image(image, self.predictor.metadata.preprocessing)

@@ -115,4 +115,5 @@ RENDER_RESPONSES: dict[int | str, dict[str, Any]] = {
         "model": ErrorAnswer,
         "description": f"no `latex`, only whitespace, or over {MAX_LATEX_LENGTH} characters",
     },
+    503: {"model": ErrorAnswer, "description": "busy: too many renders at once; retry shortly"},
 }

@@ -39,8 +39,9 @@
   });
 
   function displayName(label) {
-    // Photo class names look like "001.Black_footed_Albatross".
-    return label.replace(/^\d+\./, "").replace(/_/g, " ");
+    // Folder-per-class names may look like "001.Black_footed_Albatross" (CUB's image
+    // folders); a name such as "1.5" keeps its digits.
+    return label.replace(/^\d+\.(?=\D)/, "").replace(/_/g, " ");
   }
 
   function percent(confidence) {
@@ -589,7 +590,7 @@
       if (file) useFile(file);
     });
     acceptDroppedFiles(useFile, (dragging) => dropzone.classList.toggle("dragging", dragging));
-    setStatus("Choose a photo to see the likely species.");
+    setStatus("Choose a photo to see what the model takes it for.");
   }
 
   function modelUnavailable(message) {
