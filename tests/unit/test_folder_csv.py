@@ -151,6 +151,47 @@ def test_folder_without_class_folders_or_missing_is_refused(tmp_path):
         FolderSource(tmp_path / "file").list_samples()
 
 
+def test_a_folder_split_into_train_and_test_folders_keeps_that_split(tmp_path):
+    """``train/<class>/`` beside ``test/<class>/``: the classes are the inner folders, and
+    the test split is test/'s images (not a "train" against "test" classifier)."""
+    for split, count in (("train", 5), ("test", 2)):
+        for name in ("cat", "dog"):
+            for index in range(count):
+                write_image(tmp_path / split / name / f"{index}.png", shade=40 * index)
+    write_image(tmp_path / "train" / "cat" / "more" / "deep.png")  # Recursive, as before.
+    listing = FolderSource(tmp_path).list_samples()
+    assert listing.class_names == ["cat", "dog"]
+    assert listing.description.endswith(
+        "(15 images, 2 classes; test split: test/; training split: train/)"
+    )
+    split_of = {
+        record.key: (record.split, listing.class_names[record.label]) for record in listing.records
+    }
+    assert split_of["test/dog/1.png"] == ("test", "dog")
+    assert split_of["train/cat/more/deep.png"] == ("train", "cat")
+    splits = build_splits(folder_config(tmp_path, val_fraction=0.0), Preprocessing()).splits
+    assert (len(splits.train), len(splits.test)) == (11, 4)
+    # Without test/, val/ is the test split; with both, val/ trains with train/.
+    (tmp_path / "test").rename(tmp_path / "Val")
+    assert (
+        FolderSource(tmp_path)
+        .list_samples()
+        .description.endswith("test split: Val/; training split: train/)")
+    )
+    for name in ("cat", "dog"):
+        write_image(tmp_path / "test" / name / "0.png")
+    assert (
+        FolderSource(tmp_path)
+        .list_samples()
+        .description.endswith("test split: test/; training split: Val/, train/)")
+    )
+    # Classes named like splits that hold images themselves are classes.
+    write_image(tmp_path / "test" / "stray.png")
+    listing = FolderSource(tmp_path).list_samples()
+    assert listing.class_names == ["Val", "test", "train"]
+    assert {record.split for record in listing.records} == {None}
+
+
 def test_folder_fingerprint_changes_when_a_file_changes(tmp_path):
     folder_dataset(tmp_path, per_class=2)
     before = FolderSource(tmp_path).list_samples().fingerprint

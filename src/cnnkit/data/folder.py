@@ -16,6 +16,17 @@ logger = logging.getLogger(__name__)
 
 _SHOWN = 5
 
+# Top-level folder names (in lower case) of a dataset split into folders of class folders.
+SPLIT_FOLDERS = {
+    "train": "train",
+    "training": "train",
+    "test": "test",
+    "testing": "test",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+}
+
 
 def is_image_name(name: str) -> bool:
     """Whether a file name has one of :data:`IMAGE_SUFFIXES` (case-insensitive)."""
@@ -72,8 +83,34 @@ def walk_images(class_dir: str, ignored: list[str], limit: int | None = None) ->
     return sorted(Path(path).as_posix() for path in found)[:limit]
 
 
+def split_folders(root: Path) -> dict[str, str] | None:
+    """``{folder name: split}`` where ``root`` is split into folders of class folders
+    (``train/<class>/...`` beside ``test/<class>/...`` or ``val/<class>/...``): its folders
+    are all named like splits, one of them ``train`` and another ``test`` or ``val``, and each
+    holds folders and no images of its own. None for a plain folder of class folders.
+
+    ``test/`` holds the test split; without one, ``val/`` does. With both, ``val/``'s images
+    join ``train/``'s, from which the run draws its own validation share (``--val-fraction``).
+    """
+    folders = [e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
+    kinds = {folder.name: SPLIT_FOLDERS.get(folder.name.lower()) for folder in folders}
+    found = set(kinds.values())
+    if None in found or "train" not in found or not found & {"test", "val"}:
+        return None
+    for folder in folders:
+        inside = [e for e in os.scandir(folder.path) if not e.name.startswith(".")]
+        if not any(e.is_dir() for e in inside) or any(
+            not e.is_dir() and is_image_name(e.name) for e in inside
+        ):
+            return None
+    held_out = "test" if "test" in found else "val"
+    return {name: "test" if kind == held_out else "train" for name, kind in kinds.items()}
+
+
 class FolderSource:
-    """``root/<class name>/**/<image>``: every image under a class folder, recursively.
+    """``root/<class name>/**/<image>``: every image under a class folder, recursively; or
+    ``root/train/<class name>/**/<image>`` beside ``root/test/...`` (or ``val/``), whose
+    split the run then keeps (see :func:`split_folders`).
 
     Class names are the subfolder names in sorted order; keys are paths relative to ``root``.
     Files without an image extension and hidden files are skipped (the former with a warning);
@@ -96,31 +133,31 @@ class FolderSource:
         if not self.root.is_dir():
             problem = "not a folder" if self.root.exists() else "no such folder"
             raise DataFormatError(f"{self.root}: {problem}")
-        entries = sorted(os.scandir(self.root), key=lambda entry: entry.name)
-        class_names = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
-        stray = [e.name for e in entries if not e.is_dir() and not e.name.startswith(".")]
-        if stray:
-            logger.warning(
-                "%s: ignored %d file(s) outside the class folders, such as %s",
-                self.root,
-                len(stray),
-                ", ".join(stray[:_SHOWN]),
-            )
+        splits = split_folders(self.root)
+        # (prefix of the keys, split) of each folder of class folders.
+        parts = sorted(splits.items()) if splits else [("", None)]
+        class_folders = {prefix: self._class_folders(prefix) for prefix, _ in parts}
+        class_names = sorted({name for names in class_folders.values() for name in names})
         if not class_names:
             raise DataFormatError(
                 f"{self.root}: no class folders; expected one subfolder of images per class"
             )
+        index = {name: label for label, name in enumerate(class_names)}
         records: list[SampleRecord] = []
         ignored: list[str] = []
         empty: list[str] = []
-        for label, name in enumerate(class_names):
-            class_ignored: list[str] = []
-            images = walk_images(os.path.join(self.root, name), class_ignored)
-            ignored += [f"{name}/{path}" for path in class_ignored]
-            if not images:
-                empty.append(name)
-            origin = str(self.root)
-            records += [SampleRecord(f"{name}/{path}", label, origin=origin) for path in images]
+        for prefix, split in parts:
+            for name in class_folders[prefix]:
+                where = f"{prefix}/{name}" if prefix else name
+                class_ignored: list[str] = []
+                images = walk_images(os.path.join(self.root, where), class_ignored)
+                ignored += [f"{where}/{path}" for path in class_ignored]
+                if not images:
+                    empty.append(where)
+                records += [
+                    SampleRecord(f"{where}/{path}", index[name], split, str(self.root))
+                    for path in images
+                ]
         if ignored:
             logger.warning(
                 "%s: ignored %d file(s) without an image extension, such as %s",
@@ -134,13 +171,35 @@ class FolderSource:
                 "(a class needs images to be trained; remove the folder or add images)"
             )
         fingerprint = fingerprint_files(self.root, (record.key for record in records))
+        split_by = ""
+        if splits:
+
+            def named(split: str) -> str:
+                return ", ".join(f"{name}/" for name in sorted(splits) if splits[name] == split)
+
+            split_by = f"; test split: {named('test')}; training split: {named('train')}"
         return Listing(
             records,
             class_names,
             f"folder-{fingerprint}",
             f"{self.root.name or self.root} "
-            f"({len(records):,} images, {len(class_names):,} classes)",
+            f"({len(records):,} images, {len(class_names):,} classes{split_by})",
         )
+
+    def _class_folders(self, prefix: str) -> list[str]:
+        """The class folder names in ``root/prefix``, sorted; files beside them are ignored,
+        with a warning."""
+        folder = self.root / prefix if prefix else self.root
+        entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        stray = [e.name for e in entries if not e.is_dir() and not e.name.startswith(".")]
+        if stray:
+            logger.warning(
+                "%s: ignored %d file(s) outside the class folders, such as %s",
+                folder,
+                len(stray),
+                ", ".join(stray[:_SHOWN]),
+            )
+        return [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
 
     def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | ReadError]]:
         """Yield each file's bytes, a ReadError where it cannot be read; missing files are not."""
