@@ -235,6 +235,16 @@ def test_config_file_settings_errors_name_the_file(capsys, tmp_path: Path) -> No
         f"cnnkit train: error: {path}: unknown field(s) in train: batch-size (did you mean "
         "batch_size?), epoch (did you mean epochs?), lr (did you mean learning_rate?), zzz"
     )
+    # In the data and model sections too, where the file also names the dataset.
+    for section, said in (
+        ("data: {dataset: digits, val_fracton: 0.1}", "unknown field(s) in data: val_fracton"),
+        ("data: {dataset: digits, on_bad_image: skp}", "on_bad_image must be one of error,"),
+        ("data: {dataset: digits}\nmodel: {name: symbl_cnn}", "unknown model 'symbl_cnn'"),
+        ("data: {dataset: digits}\nmodel: {options: {widht: 8}}", "model option(s) widht"),
+    ):
+        path.write_text(section + "\n", encoding="utf-8")
+        assert main(["train", "--config", str(path), "--print-config"]) == 2
+        assert capsys.readouterr().err.startswith(f"cnnkit train: error: {path}: {said}")
     path.write_text("outt: runs/x\n", encoding="utf-8")
     assert main(["train", "--dataset", "digits", "--config", str(path)]) == 2
     assert f"{path}: unknown section 'outt' (did you mean out?); expected one of [" in (
@@ -258,7 +268,11 @@ def test_config_file_settings_errors_name_the_file(capsys, tmp_path: Path) -> No
     ("options", "message"),
     [
         (["--option", "tta=maybe"], "model option tta must be true or false; got 'maybe'"),
-        (["--option", "foo=1"], "foo given without --model went to efficientnet_lite_trio"),
+        (
+            ["--option", "foo=1"],
+            "foo given without a model (--model, or model.name in a --config file) went to "
+            "efficientnet_lite_trio",
+        ),
         (["--model", "efficientnet_lite_trio", "--option", "foo=1"], "has no option(s) foo"),
         (["--model", "symbol_cnn", "--dense", "64"], "has no option(s) dense"),
     ],
@@ -642,7 +656,10 @@ def test_an_option_the_presets_model_lacks_says_which_model_got_it(tmp_path) -> 
     with pytest.raises(CommandError) as refused:
         _resolve("--dataset", "folder", "--data", str(birds), "--option", "image_size=64")
     message = str(refused.value)
-    assert "image_size given without --model went to symbol_cnn, the hasy preset's" in message
+    assert (
+        "image_size given without a model (--model, or model.name in a --config file) went to "
+        "symbol_cnn, the hasy preset's" in message
+    )
     assert "name the model they are for with --model" in message
     named = _resolve(
         "--dataset",

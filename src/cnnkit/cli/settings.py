@@ -96,11 +96,27 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
         if _file_at_fault(preset_for(preset), file_layer, overrides):
             raise CommandError(f"{args.config}: {error}") from None
         raise
-    if model_name is None and options_given:
-        _check_the_presets_model_takes_them(config, preset)
-    _warn_of_augment_flags_with_augmentation_off(config, args, preset)
-    _warn_of_fine_tune_flags_without_a_fine_tune(config, args)
-    return _fit_to_model_input(config, args)
+    try:
+        if model_name is None and options_given:
+            _check_the_presets_model_takes_them(config, preset)
+        _warn_of_augment_flags_with_augmentation_off(config, args, preset)
+        _warn_of_fine_tune_flags_without_a_fine_tune(config, args)
+        return _fit_to_model_input(config, args)
+    except (CommandError, ValueError) as error:
+        if _model_from_the_file(args, file_layer):  # A model name or option of the file's.
+            raise CommandError(f"{args.config}: {error}") from None
+        raise
+
+
+def _model_from_the_file(args: argparse.Namespace, file_layer: dict) -> bool:
+    """Whether the --config file sets the model's name or options, and no flag does."""
+    flags = (
+        args.model
+        or args.option
+        or any(getattr(args, key, None) is not None for key in ("dense", "convs", "width"))
+    )
+    model = file_layer.get("model") or {}
+    return not flags and bool(model.get("name") or model.get("options"))
 
 
 def _without_own_folder(
@@ -237,7 +253,8 @@ def _check_the_presets_model_takes_them(config, preset: str) -> None:
     unknown = unknown_options(config.model.name, config.model.options)
     if unknown:
         raise CommandError(
-            f"model option(s) {', '.join(unknown)} given without --model went to "
+            f"model option(s) {', '.join(unknown)} given without a model (--model, or "
+            f"model.name in a --config file) went to "
             f"{config.model.name}, the {preset} preset's model, which has no such option: "
             "name the model they are for with --model (`cnnkit models` lists each model's "
             "options)"
@@ -282,13 +299,15 @@ def _fit_to_model_input(config, args: argparse.Namespace):
 
 
 def _file_at_fault(preset: dict, file_layer: dict, overrides: dict) -> bool:
-    """Whether the settings build without the --config file's own (keeping its data section,
-    which may name the dataset the flags' settings need): the error is then the file's."""
+    """Whether the settings build without the --config file's own (keeping the dataset, data
+    and fold it names, which the flags' settings may need): the error is then the file's."""
     from cnnkit.config import build_run_config
 
     if not file_layer:
         return False
-    for kept in ({}, {"data": file_layer.get("data") or {}}):
+    data = file_layer.get("data") or {}
+    where = {key: data[key] for key in ("dataset", "data", "fold") if key in data}
+    for kept in ({}, {"data": where}):
         try:
             build_run_config(preset, kept, overrides, apply_nulls=True)
         except ValueError:
