@@ -456,6 +456,23 @@ def test_csv_missing_image_skipped_is_cached_until_it_comes_back(tmp_path):
     assert not third.from_cache and third.problems == []
 
 
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")
+def test_a_dangling_link_in_a_folder_skipped_is_cached_until_it_is_mended(tmp_path):
+    root = folder_dataset(tmp_path / "data")
+    target = tmp_path / "elsewhere.png"
+    (root / "cat" / "link.png").symlink_to(target)  # Its file is not there.
+    config = folder_config(root, on_bad_image="skip", val_fraction=0)
+    first = build_splits(config, Preprocessing(), tmp_path / "cache")
+    assert [problem.split(": ")[-1] for problem in first.problems] == [
+        "file not found in the source"
+    ]
+    second = build_splits(config, Preprocessing(), tmp_path / "cache")
+    assert second.from_cache and second.problems == first.problems
+    write_image(target)  # The link leads to an image now: the images are decoded again.
+    third = build_splits(config, Preprocessing(), tmp_path / "cache")
+    assert not third.from_cache and third.problems == []
+
+
 def test_csv_image_gone_for_a_moment_is_not_cached_as_missing(tmp_path):
     path = csv_dataset(tmp_path, ["cat", "dog"] * 5)
     image = tmp_path / "images" / "2.png"

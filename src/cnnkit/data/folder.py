@@ -122,6 +122,8 @@ class FolderSource:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        # Images gone when listed (a link to a deleted file): see list_samples.
+        self._absent: frozenset[str] = frozenset()
 
     def list_samples(self) -> Listing:
         """Walk the class folders.
@@ -170,7 +172,11 @@ class FolderSource:
                 f"{self.root}: class folder(s) with no images: {', '.join(empty)} "
                 "(a class needs images to be trained; remove the folder or add images)"
             )
-        fingerprint = fingerprint_files(self.root, (record.key for record in records))
+        # A listed image that is gone (a dangling link) is recorded as missing in the
+        # fingerprint, so the cache may remember it as absent, as a CSV's missing file is.
+        missing: set[str] = set()
+        fingerprint = fingerprint_files(self.root, (record.key for record in records), missing)
+        self._absent = frozenset(missing)
         split_by = ""
         if splits:
 
@@ -203,4 +209,4 @@ class FolderSource:
 
     def iter_bytes(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes | ReadError]]:
         """Yield each file's bytes, a ReadError where it cannot be read; missing files are not."""
-        yield from iter_file_bytes(self.root, keys)
+        yield from iter_file_bytes(self.root, keys, self._absent)
