@@ -192,6 +192,30 @@ def test_a_folder_split_into_train_and_test_folders_keeps_that_split(tmp_path):
     assert {record.split for record in listing.records} == {None}
 
 
+def test_the_same_image_under_two_classes_is_named_in_a_warning(tmp_path, caplog):
+    root = folder_dataset(tmp_path / "data")
+    (root / "cat" / "again.png").write_bytes((root / "cat" / "1.png").read_bytes())
+    with caplog.at_level(logging.WARNING, logger="cnnkit"):
+        build_splits(folder_config(root), Preprocessing())
+    assert "identical images carry different labels" not in caplog.text  # One class: fine.
+    (root / "dog" / "copy.png").write_bytes((root / "cat" / "0.png").read_bytes())
+    for split_folders in (False, True):  # A seeded split, and one the folders give.
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cnnkit"):
+            build_splits(folder_config(root, val_fraction=0.2), Preprocessing())
+        assert caplog.text.count("identical images carry different labels") == 1
+        at = "train/" * split_folders
+        assert (
+            "1 set(s) of identical images carry different labels, such as "
+            f"{at}cat/0.png (cat) and {at}dog/copy.png (dog)"
+        ) in caplog.text
+        if not split_folders:
+            (root / "train").mkdir()
+            for name in ("cat", "dog"):
+                (root / name).rename(root / "train" / name)
+            write_image(root / "test" / "cat" / "0.png", shade=200)
+
+
 def test_folder_fingerprint_changes_when_a_file_changes(tmp_path):
     folder_dataset(tmp_path, per_class=2)
     before = FolderSource(tmp_path).list_samples().fingerprint

@@ -171,12 +171,13 @@ def _split_indices(
         test_idx = valid[splits == "test"]
     else:
         groups, copies = _duplicate_groups(images, valid, where)
+        _warn_of_copies_with_other_labels(listing, valid, groups, where)
         first, second = stratified_split(labels, config.test_fraction, config.seed, groups)
         train_idx, test_idx = valid[first], valid[second]
     val_idx = np.zeros(0, dtype=np.int64)
     if config.val_fraction > 0 and not config.train_on_all:
         train_idx, val_idx, copies = _validation_split(
-            config, listing, images, train_idx, copies, for_training
+            config, listing, images, train_idx, copies, for_training, has_split_column
         )
     return _SplitIndices(train_idx, val_idx, test_idx, copies, has_split_column)
 
@@ -188,8 +189,11 @@ def _validation_split(
     train_idx: np.ndarray,
     copies: int,
     for_training: bool,
+    first_look: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Draw a seeded, stratified ``val_fraction`` of the training positions ``train_idx``.
+    """Draw a seeded, stratified ``val_fraction`` of the training positions ``train_idx``
+    (``first_look``: the first time the training images are compared, so copies with other
+    labels are reported here).
 
     Returns:
         The training and validation positions, and the larger of ``copies`` and the copies
@@ -198,6 +202,8 @@ def _validation_split(
     where = config.data or config.dataset
     train_labels = _labels_of(listing, train_idx)
     train_groups, train_copies = _duplicate_groups(images, train_idx, where)
+    if first_look:
+        _warn_of_copies_with_other_labels(listing, train_idx, train_groups, where)
     copies = max(copies, train_copies)
     keep, held = stratified_split(train_labels, config.val_fraction, config.seed + 1, train_groups)
     train_idx, val_idx = train_idx[keep], train_idx[held]
@@ -267,6 +273,35 @@ def _copies_note(copies: int) -> str:
     return (
         f"; {copies} image(s) are copies of others, and each set of copies counts as one image "
         "in the split"
+    )
+
+
+def _warn_of_copies_with_other_labels(
+    listing: Listing, indices: np.ndarray, groups: np.ndarray, where: str
+) -> None:
+    """Warn where identical images (one ``groups`` id) carry different labels: the same file
+    in two class folders, or a mislabelled copy. No network can give both answers."""
+    labels = _labels_of(listing, indices)
+    if len(labels) == 0:
+        return
+    # Sorted by group, then label: a group's first and last labels differ where it mixes.
+    order = np.lexsort((labels, groups))
+    sorted_groups = groups[order]
+    starts = np.r_[0, np.flatnonzero(sorted_groups[1:] != sorted_groups[:-1]) + 1]
+    ends = np.r_[starts[1:], len(order)] - 1
+    mixed = np.flatnonzero(labels[order[starts]] != labels[order[ends]])
+    if len(mixed) == 0:
+        return
+    pair = (order[starts[mixed[0]]], order[ends[mixed[0]]])
+    shown = " and ".join(
+        f"{listing.records[indices[i]].key} ({listing.class_names[labels[i]]})" for i in pair
+    )
+    logger.warning(
+        "%s: %d set(s) of identical images carry different labels, such as %s; a model "
+        "cannot give both answers, so check those labels",
+        where,
+        len(mixed),
+        shown,
     )
 
 
