@@ -630,6 +630,18 @@ def test_a_folder_of_photos_gets_the_transfer_recipe_and_symbols_the_symbol_netw
         False,
         "4 images, median 200x160, grey",
     )
+    # The run says why, and --print-config too, as a comment the file reads back past.
+    argv = ["train", "--dataset", "csv", "--data", str(tmp_path / "scans.csv")]
+    assert main([*argv, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(
+        "# Not colour photos (4 images, median 200x160, grey): training the small symbol "
+        "network on 32x32 grayscale (--model efficientnet_lite0 trains the photo recipe; "
+        "--channels 3 keeps colour)\n"
+    )
+    (tmp_path / "printed.yaml").write_text(printed, encoding="utf-8")
+    again = _resolve("--config", str(tmp_path / "printed.yaml"))
+    assert again.model.name == "symbol_cnn" and again.data.data == str(tmp_path / "scans.csv")
 
 
 def test_a_fifo_csv_is_no_photo_set_and_is_not_waited_on(tmp_path) -> None:

@@ -82,6 +82,12 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
                 f"Photos ({seen}): training {PHOTO_MODEL} with the cub transfer recipe "
                 "(--model symbol_cnn trains the small symbol network instead)"
             )
+        elif seen:  # Say so too when the images are not photos: colour or size is lost.
+            args.chosen_because = (
+                f"Not colour photos ({seen}): training the small symbol network on 32x32 "
+                f"grayscale (--model {PHOTO_MODEL} trains the photo recipe; --channels 3 "
+                "keeps colour)"
+            )
     if preset is None and model_name in PHOTO_MODELS_PRESET:
         preset = PHOTO_MODELS_PRESET[model_name]
     if preset is None and model_name and model_name.startswith("efficientnet"):
@@ -316,13 +322,16 @@ def _file_at_fault(preset: dict, file_layer: dict, overrides: dict) -> bool:
     return False
 
 
-def print_config(config) -> int:
+def print_config(config, because: str | None = None) -> int:
     """``--print-config``: the resolved settings as YAML that ``--config`` reads back, with all
-    of the model's options (a preset chosen on reading cannot then add its own)."""
+    of the model's options (a preset chosen on reading cannot then add its own); ``because``
+    (why the model was chosen) goes first as a YAML comment."""
     from cnnkit.config import dump_config
     from cnnkit.models.registry import check_options
     from cnnkit.training.run_folder import with_model_defaults
 
     check_options(config.model.name, config.model.options)  # What training would refuse.
+    if because:
+        print(f"# {because}")
     print(dump_config(with_model_defaults(config)), end="")
     return 0

@@ -68,7 +68,7 @@ def command_train(args: argparse.Namespace) -> int:
 
     config = resolve_run_config(args)
     if args.print_config:
-        return print_config(config)
+        return print_config(config, getattr(args, "chosen_because", None))
     config, default_dir = _choose_run_dir(config, args.resume, getattr(args, "beside", None))
     if config.train.fast_path:
         tune_allocator()
