@@ -316,6 +316,21 @@ def csv_dataset(root: Path, labels: list[str], **csv_options) -> Path:
     return write_csv(root / "labels.csv", rows, **csv_options)
 
 
+def test_a_csv_written_on_windows_names_its_images_with_backslashes(tmp_path):
+    write_image(tmp_path / "images" / "cat" / "a.jfif")  # A JPEG-family name, as Windows saves.
+    write_image(tmp_path / "images" / "dog" / "b.png")
+    weird = tmp_path / "back\\slash.png"  # On POSIX a backslash may be part of a name.
+    write_image(weird)
+    rows = [["path", "label"], ["images\\cat\\a.jfif", "cat"], ["images\\dog\\b.png", "dog"]]
+    rows.append([weird.name, "dog"])
+    listing = CsvSource(write_csv(tmp_path / "labels.csv", rows)).list_samples()
+    assert [record.key for record in listing.records] == [
+        "images/cat/a.jfif",
+        "images/dog/b.png",
+        "back\\slash.png",
+    ]
+
+
 def test_csv_quirks_bom_crlf_quotes_extra_columns_and_column_order(tmp_path):
     for index in range(3):
         write_image(tmp_path / "sub dir" / f"{index}.png")

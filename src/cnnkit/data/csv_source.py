@@ -132,6 +132,8 @@ class CsvSource:
             raise DataFormatError(f"{where}: empty path")
         if "\0" in path:
             raise DataFormatError(f"{where}: path contains a NUL character")
+        if "\\" in path and os.sep == "/" and not os.path.lexists(os.path.join(self.root, path)):
+            path = path.replace("\\", "/")  # A CSV written on Windows: images\cat\1.png.
         full = os.path.normpath(os.path.join(self.root, path))
         for root in self._roots:
             if full != root and os.path.commonpath([full, root]) == root:

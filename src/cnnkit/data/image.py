@@ -43,7 +43,8 @@ IMAGE_FORMATS = (
 _FORMAT_NAMES = "PNG, JPEG, GIF, BMP, WebP, TIFF, PPM/PGM, AVIF, JPEG 2000, ICO or TGA"
 # The file names a folder of images is scanned for (a folder dataset, predict's folders).
 IMAGE_SUFFIXES = frozenset(
-    (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif", ".jp2")
+    (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+    + (".avif", ".jp2")
     + (".pgm", ".ppm", ".ico", ".tga")
 )
 
