@@ -313,6 +313,13 @@ def test_a_run_too_short_to_learn_says_so(capsys, tmp_path: Path) -> None:
     argv += ["--epochs", "10", "--batch-size", "2", "--max-steps-per-epoch", "2"]
     assert main([*argv, "--out", str(tmp_path / "enough")]) == 0
     assert "Note:" not in capsys.readouterr().out
+    # Where --max-steps-per-epoch makes the run short, the note names it.
+    assert main([*argv, "--epochs", "3", "--out", str(tmp_path / "capped")]) == 0
+    assert (
+        "Note: 6 optimizer step(s) in all (--max-steps-per-epoch 2, 3 epoch(s)): too few for "
+        "a network trained from scratch, whose test figures may stay near chance; train for "
+        "more --epochs (or with a higher --max-steps-per-epoch)"
+    ) in capsys.readouterr().out
 
 
 def test_an_evaluation_report_inside_its_folder_dataset_is_refused(
@@ -635,9 +642,14 @@ def test_a_folder_of_photos_gets_the_transfer_recipe_and_symbols_the_symbol_netw
     assert main([*argv, "--print-config"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(
-        "# Not colour photos (4 images, median 200x160, grey): training the small symbol "
-        "network on 32x32 grayscale (--model efficientnet_lite0 trains the photo recipe; "
-        "--channels 3 keeps colour)\n"
+        "# Not colour photos (4 images, median 200x160, grey): training symbol_cnn on 32x32 "
+        "grayscale (--channels 3 keeps colour); --model efficientnet_lite0 trains the photo "
+        "recipe\n"
+    )
+    assert main([*argv, "--channels", "3", "--image-size", "48", "--print-config"]) == 0
+    assert capsys.readouterr().out.startswith(
+        "# Not colour photos (4 images, median 200x160, grey): training symbol_cnn on 48x48 "
+        "colour; --model efficientnet_lite0 trains the photo recipe\n"
     )
     (tmp_path / "printed.yaml").write_text(printed, encoding="utf-8")
     again = _resolve("--config", str(tmp_path / "printed.yaml"))
@@ -729,23 +741,30 @@ def test_resume_says_what_it_found_and_refuses_a_mismatched_checkpoint(capsys, t
 def test_under_torchrun_rank_0_alone_prints_an_error_every_process_meets(
     capsys, monkeypatch, tmp_path
 ) -> None:
-    """Every torchrun process reads the same options and files: a refusal is said once."""
+    """Every torchrun process reads the same options and files: a refusal is said once a
+    machine (its local rank 0), and by every process with -v."""
     from cnnkit.cli import _said_by_rank_0
     from cnnkit.training.checkpoint import CheckpointError
 
     argv = ["train", "--dataset", "folder", "--data", str(tmp_path / "missing"), "--quiet"]
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    for rank, said in (("1", False), ("0", True)):
-        monkeypatch.setenv("RANK", rank)
+    said = f"{tmp_path / 'missing'}: no such archive, folder or file"
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    train = build_parser().parse_args(["train", "--dataset", "digits"])
+    for local_rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
         assert main(argv) == 2
-        err = capsys.readouterr().err
-        assert (f"{tmp_path / 'missing'}: no such archive, folder or file" in err) is said
-        assert _said_by_rank_0(CheckpointError("refused")) is not said
+        assert (said in capsys.readouterr().err) is printed
+        assert _said_by_rank_0(train, CheckpointError("refused")) is not printed
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert main(["-v", *argv]) == 2 and said in capsys.readouterr().err
     # Another rank's own failure (a file it alone cannot read) is printed where it happened.
-    monkeypatch.setenv("RANK", "1")
-    assert not _said_by_rank_0(OSError("cannot read"))
+    assert not _said_by_rank_0(train, OSError("cannot read"))
+    # Other commands are not torchrun's: they print, whatever the environment says.
+    export = ["export", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "m.txt")]
+    assert main(export) == 2 and "cnnkit export: error:" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "1")  # One process: it prints, whatever RANK says.
-    assert not _said_by_rank_0(CheckpointError("refused"))
+    assert not _said_by_rank_0(train, CheckpointError("refused"))
 
 
 def test_transfer_history_sums_up_the_frozen_phase_and_numbers_each_phase_from_one(

@@ -192,6 +192,27 @@ def test_a_folder_split_into_train_and_test_folders_keeps_that_split(tmp_path):
     assert {record.split for record in listing.records} == {None}
 
 
+def test_classes_named_like_splits_stay_classes_and_unlabelled_test_images_are_refused(
+    tmp_path,
+):
+    # Classes "train" and "test" whose images sit in subfolders of their own names.
+    write_image(tmp_path / "plain" / "train" / "engines" / "0.png")
+    write_image(tmp_path / "plain" / "test" / "probes" / "0.png", shade=30)
+    assert FolderSource(tmp_path / "plain").list_samples().class_names == ["test", "train"]
+    # Kaggle's layout: labelled train/, unlabelled test/.
+    for name in ("cat", "dog"):
+        write_image(tmp_path / "kaggle" / "train" / name / "0.png", shade=len(name))
+    write_image(tmp_path / "kaggle" / "test" / "17.png")
+    root = tmp_path / "kaggle"
+    with pytest.raises(DataFormatError) as refused:
+        FolderSource(root).list_samples()
+    assert str(refused.value) == (
+        f"{root}: train/ holds class folders, and test/ images without any (unlabelled, so "
+        f"they cannot be scored); pass --data {root / 'train'}, whose test split is then drawn "
+        "from it"
+    )
+
+
 def test_the_same_image_under_two_classes_is_named_in_a_warning(tmp_path, caplog):
     root = folder_dataset(tmp_path / "data")
     (root / "cat" / "again.png").write_bytes((root / "cat" / "1.png").read_bytes())

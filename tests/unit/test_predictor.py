@@ -189,6 +189,8 @@ def test_an_open_binary_file_is_one_image_and_a_text_file_is_refused(
     assert predictor.predict(io.BytesIO(path.read_bytes()), top_k=2) == expected
     with path.open("rb") as first, path.open("rb") as second:
         assert predictor.predict([first, second], top_k=2) == expected * 2
+        with pytest.raises(BadImageError, match="symbol.png: nothing left to read \\(the file"):
+            predictor.predict(first)  # Read already.
     with path.open("rb") as partly_read:
         partly_read.read(8)  # What is left is no image, and the error names the file.
         with pytest.raises(BadImageError, match=f"^{re.escape(str(path))}: not a readable"):
@@ -279,6 +281,29 @@ def test_empty_input_and_bad_files(predictor, tmp_path: Path) -> None:
     junk.write_bytes(b"not an image")
     with pytest.raises(BadImageError, match="junk.png"):
         predictor.predict([junk])
+
+
+def test_an_image_turned_upright_is_not_turned_again() -> None:
+    """An export from a photo editor carries its orientation in EXIF and in XMP: once turned,
+    the image holds neither, so a second look (the web path's, then prepare_image's) leaves it."""
+    from PIL import PngImagePlugin
+
+    from cnnkit.data.prepare import upright
+
+    text = PngImagePlugin.PngInfo()
+    text.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta tiff:Orientation="6"/>')
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.new("L", (30, 20), 255).save(buffer, "PNG", pnginfo=text, exif=exif.tobytes())
+    for without_exif in (False, True):
+        with Image.open(io.BytesIO(buffer.getvalue())) as image:
+            image.load()
+            if without_exif:
+                del image.info["exif"]  # The XMP alone still turns it.
+            turned = upright(image)
+        assert turned.size == (20, 30)
+        assert upright(turned).size == (20, 30)
 
 
 def test_a_png_with_a_corrupt_exif_block_is_predicted_from_its_pixels(predictor, tmp_path) -> None:

@@ -863,19 +863,23 @@ def test_a_burst_of_renders_holds_few_threads_and_health_answers(
     app = create_app(predictor)
 
     async def scenario():
-        # The thread pool as full as the renders make it: the other routes must not need it.
-        anyio.to_thread.current_default_thread_limiter().total_tokens = 3
+        # Renders waiting for their turn hold no thread; the one running holds one.
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = 3
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             held = [
                 asyncio.create_task(client.get("/api/render", params={"latex": f"x_{i}"}))
                 for i in range(3)
             ]
-            while app.state.serving.renders < 3:
+            while app.state.serving.renders < 3 or not limiter.borrowed_tokens:
                 await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)  # Time for a second render to take a thread, if it could.
+            assert limiter.borrowed_tokens == 1
             refused = await client.get("/api/render", params={"latex": "y"})
-            # Answered while the renders hold every thread (a route that needed one would
-            # wait for the renders' 30 s).
+            # The pool full: these routes need no thread (one that did would wait for the
+            # render's 30 s).
+            limiter.total_tokens = 1
             others = [
                 await asyncio.wait_for(client.get(path), 10)
                 for path in ("/healthz", "/api/model", "/")

@@ -49,11 +49,16 @@ def _discard_stdout() -> None:
         os.close(null)
 
 
-def _said_by_rank_0(error: BaseException) -> bool:
-    """Whether this is a torchrun process other than rank 0 and ``error`` one that every
-    process meets alike (a bad option, a checkpoint that cannot be resumed): rank 0 alone
-    prints it, where every process used to print the same line."""
-    if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1") or os.environ.get("RANK", "0") == "0":
+def _said_by_rank_0(args, error: BaseException) -> bool:
+    """Whether this is a ``cnnkit train`` process under torchrun other than its machine's
+    first (local rank 0), and ``error`` one that every process meets alike (a bad option, a
+    checkpoint that cannot be resumed): each machine's first process alone prints it, where
+    every process used to print the same line. ``-v`` prints it everywhere."""
+    if args.command != "train" or args.verbose:
+        return False
+    if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):
+        return False
+    if os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0":
         return False
     from cnnkit.training.checkpoint import CheckpointError
 
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nInterrupted.", file=sys.stderr)
         return 130
     except (CommandError, ValueError, OSError, ImportError) as error:
-        if _said_by_rank_0(error):
+        if _said_by_rank_0(args, error):
             return 2
         if args.verbose and not isinstance(error, CommandError):
             # -v: the whole traceback, for a bug report; the status stays 2 (a fatal error),

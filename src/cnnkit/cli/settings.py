@@ -72,6 +72,7 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
         or (file_layer.get("model") or {}).get("options")
     )
     unnamed = preset is None and model_name is None and not options_given
+    not_photos = None
     if detect_photos and unnamed and dataset in ("folder", "csv") and data:
         from cnnkit.data.photos import looks_like_photos
 
@@ -82,12 +83,8 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
                 f"Photos ({seen}): training {PHOTO_MODEL} with the cub transfer recipe "
                 "(--model symbol_cnn trains the small symbol network instead)"
             )
-        elif seen:  # Say so too when the images are not photos: colour or size is lost.
-            args.chosen_because = (
-                f"Not colour photos ({seen}): training the small symbol network on 32x32 "
-                f"grayscale (--model {PHOTO_MODEL} trains the photo recipe; --channels 3 "
-                "keeps colour)"
-            )
+        elif seen:  # Said too when the images are not photos (below): colour or size is lost.
+            not_photos = seen
     if preset is None and model_name in PHOTO_MODELS_PRESET:
         preset = PHOTO_MODELS_PRESET[model_name]
     if preset is None and model_name and model_name.startswith("efficientnet"):
@@ -107,11 +104,19 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
             _check_the_presets_model_takes_them(config, preset)
         _warn_of_augment_flags_with_augmentation_off(config, args, preset)
         _warn_of_fine_tune_flags_without_a_fine_tune(config, args)
-        return _fit_to_model_input(config, args)
+        config = _fit_to_model_input(config, args)
     except (CommandError, ValueError) as error:
         if _model_from_the_file(args, file_layer):  # A model name or option of the file's.
             raise CommandError(f"{args.config}: {error}") from None
         raise
+    if not_photos:
+        size, channels = config.data.image_size, config.data.channels
+        keeps = "colour" if channels == 3 else "grayscale (--channels 3 keeps colour)"
+        args.chosen_because = (
+            f"Not colour photos ({not_photos}): training {config.model.name} on {size}x{size} "
+            f"{keeps}; --model {PHOTO_MODEL} trains the photo recipe"
+        )
+    return config
 
 
 def _model_from_the_file(args: argparse.Namespace, file_layer: dict) -> bool:

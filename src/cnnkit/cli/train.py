@@ -50,13 +50,20 @@ def _report_data(data, config) -> None:
         return  # Its head learns on cached features; its fine-tune starts from ImageNet.
     train, batch, epochs = len(data.splits.train), config.train.batch_size, config.train.epochs
     per_epoch = train // batch if train > batch else 1  # A last part-batch is dropped.
-    per_epoch = min(per_epoch, config.train.max_steps_per_epoch or per_epoch)
+    cap = config.train.max_steps_per_epoch
+    capped = cap is not None and cap < per_epoch
+    per_epoch = min(per_epoch, cap) if capped else per_epoch
     if per_epoch * epochs < FEW_STEPS:
+        how = (
+            f"--max-steps-per-epoch {cap}, {epochs} epoch(s)"
+            if capped
+            else f"{train} training images in batches of {batch}, {epochs} epoch(s)"
+        )
+        more = "a higher --max-steps-per-epoch" if capped else "a smaller --batch-size"
         print(
-            f"Note: {per_epoch * epochs} optimizer step(s) in all ({train} training images in "
-            f"batches of {batch}, {epochs} epoch(s)): too few for a network trained from "
-            "scratch, whose test figures may stay near chance; train for more --epochs (or "
-            "with a smaller --batch-size)"
+            f"Note: {per_epoch * epochs} optimizer step(s) in all ({how}): too few for a "
+            "network trained from scratch, whose test figures may stay near chance; train "
+            f"for more --epochs (or with {more})"
         )
 
 

@@ -86,25 +86,47 @@ def walk_images(class_dir: str, ignored: list[str], limit: int | None = None) ->
 def split_folders(root: Path) -> dict[str, str] | None:
     """``{folder name: split}`` where ``root`` is split into folders of class folders
     (``train/<class>/...`` beside ``test/<class>/...`` or ``val/<class>/...``): its folders
-    are all named like splits, one of them ``train`` and another ``test`` or ``val``, and each
-    holds folders and no images of its own. None for a plain folder of class folders.
+    are all named like splits, one of them ``train`` and another ``test`` or ``val``, each
+    holds folders and no images of its own, and they share a class name. None for a plain
+    folder of class folders (classes named ``train`` and ``test`` whose images sit in
+    subfolders of other names stay classes).
 
     ``test/`` holds the test split; without one, ``val/`` does. With both, ``val/``'s images
     join ``train/``'s, from which the run draws its own validation share (``--val-fraction``).
+
+    Raises:
+        DataFormatError: for ``train/`` of class folders beside a ``test/`` (or ``val/``) of
+            images with no class folders: unlabelled images, which no split can score.
     """
     folders = [e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
     kinds = {folder.name: SPLIT_FOLDERS.get(folder.name.lower()) for folder in folders}
     found = set(kinds.values())
     if None in found or "train" not in found or not found & {"test", "val"}:
         return None
+    classes, loose = {}, []
     for folder in folders:
         inside = [e for e in os.scandir(folder.path) if not e.name.startswith(".")]
-        if not any(e.is_dir() for e in inside) or any(
-            not e.is_dir() and is_image_name(e.name) for e in inside
-        ):
-            return None
+        classes[folder.name] = {e.name for e in inside if e.is_dir()}
+        if any(not e.is_dir() and is_image_name(e.name) for e in inside):
+            loose.append(folder.name)
+    trains = [name for name in folders_of(kinds, "train") if name not in loose]
+    unlabelled = [name for name in loose if kinds[name] != "train" and not classes[name]]
+    if unlabelled and trains and all(classes[name] for name in trains):
+        raise DataFormatError(
+            f"{root}: {trains[0]}/ holds class folders, and {unlabelled[0]}/ images without "
+            f"any (unlabelled, so they cannot be scored); pass --data {root / trains[0]}, whose "
+            "test split is then drawn from it"
+        )
+    names = list(classes.values())
+    if loose or not all(names) or not set.intersection(*names):
+        return None
     held_out = "test" if "test" in found else "val"
     return {name: "test" if kind == held_out else "train" for name, kind in kinds.items()}
+
+
+def folders_of(kinds: dict[str, str | None], split: str) -> list[str]:
+    """The folder names of ``kinds`` (folder name: split) that hold ``split``, sorted."""
+    return sorted(name for name, kind in kinds.items() if kind == split)
 
 
 class FolderSource:

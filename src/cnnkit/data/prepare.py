@@ -124,6 +124,10 @@ def _flatten_onto_white(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# Where Pillow's getexif() finds an orientation: EXIF, PNG's raw EXIF profile, and XMP.
+_ORIENTATION_SOURCES = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+
+
 def upright(image: Image.Image) -> Image.Image:
     """``image`` turned as its EXIF orientation says; as it is where the EXIF is unreadable.
     A turned image keeps no EXIF, so turning it again leaves it as it is.
@@ -139,7 +143,8 @@ def upright(image: Image.Image) -> Image.Image:
     if method is None:
         return image
     turned = image.transpose(method)
-    turned.info.pop("exif", None)  # transpose copies it, orientation and all.
+    for key in _ORIENTATION_SOURCES:  # transpose copies them, orientation and all.
+        turned.info.pop(key, None)
     return turned
 
 

@@ -84,7 +84,17 @@ def _read_file(file: Any, name: str) -> bytes:
         raise TypeError(f"{name}: a file opened as text; open it in binary mode ('rb')")
     if not isinstance(data, _ENCODED):
         raise _wrong_type(name, file)
+    if not data and callable(getattr(file, "tell", None)) and _position(file):
+        raise BadImageError(f"{name}: nothing left to read (the file was read to its end)")
     return bytes(data)
+
+
+def _position(file: Any) -> int:
+    """Where ``file`` stands (0 where it cannot say: a pipe)."""
+    try:
+        return int(file.tell())
+    except (OSError, ValueError):
+        return 0
 
 
 def _at_least_one(name: str, value: Any, also: str = "") -> int:

@@ -7,6 +7,7 @@ model, renders LaTeX symbols and reports health; concurrent predictions share fo
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from contextlib import asynccontextmanager
@@ -67,6 +68,15 @@ class ServingState:
     model_summary: dict[str, Any]
     assets: dict[str, tuple[bytes, str]]
     renders: int = 0
+    # The lock renders take turns on, made in the loop that first waits on it.
+    render_turn: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+
+    def render_lock(self) -> asyncio.Lock:
+        """The running loop's lock for renders (a test client's loop, then a server's)."""
+        loop = asyncio.get_running_loop()
+        if self.render_turn is None or self.render_turn[0] is not loop:
+            self.render_turn = (loop, asyncio.Lock())
+        return self.render_turn[1]
 
 
 def _load_assets() -> dict[str, tuple[bytes, str]]:
@@ -161,7 +171,7 @@ async def render(
     """SVG of ``latex`` drawn by matplotlib mathtext (as plain text if mathtext cannot parse it).
 
     Renders run in the thread pool one at a time (matplotlib is not thread-safe), at most
-    :data:`MAX_RENDERS` running or waiting: a burst of them holds no more of the pool's threads.
+    :data:`MAX_RENDERS` running or waiting: a burst of them holds one of the pool's threads.
 
     Raises:
         HTTPException: 422 for ``latex`` made only of whitespace, which draws nothing; 503
@@ -176,7 +186,8 @@ async def render(
         raise HTTPException(503, "the server is busy; retry shortly", {"Retry-After": "1"})
     state.renders += 1
     try:
-        svg = await run_in_threadpool(render_latex_svg, latex)
+        async with state.render_lock():  # Those waiting wait here, holding no thread.
+            svg = await run_in_threadpool(render_latex_svg, latex)
     finally:
         state.renders -= 1
     return Response(
