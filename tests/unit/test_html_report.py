@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -151,6 +152,26 @@ def test_search_report_has_table_and_plots(tmp_path):
     assert page.index('<td class="num">0</td>') < page.index('<td class="num">2</td>')
     assert "<td>yes</td>" in page and "<td>True</td>" not in page  # The pruned column.
     assert_self_contained(page)
+    # best/ retrained trial 0 (its config.yaml: the trial's, but for out and the validation
+    # share); a continued search whose best is another trial says best/ is an earlier one's.
+    config = (
+        "data: {{dataset: digits, val_fraction: {share}}}\n"
+        "model: {{options: {{dense: {dense}}}}}\nout: {out}\n"
+    )
+    for number, dense in ((0, 128), (2, 512)):
+        trial = tmp_path / f"trials/trial-00{number}"
+        trial.mkdir(parents=True)
+        (trial / "config.yaml").write_text(config.format(share=0.1, dense=dense, out=trial))
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "config.yaml").write_text(config.format(share=0.0, dense=128, out="b"))
+    (tmp_path / "best" / "run.json").write_text('{"status": "finished", "test": {"top1": 0.8}}')
+    page = write_html_report(tmp_path).read_text(encoding="utf-8")
+    assert "Best configuration retrained on train+validation" in page
+    assert "an earlier best trial" not in page
+    trials[2] = dataclasses.replace(trials[2], val_accuracy=0.9)  # Trial 2 is now the best.
+    write_results_tables(trials, names, tmp_path)
+    page = write_html_report(tmp_path).read_text(encoding="utf-8")
+    assert "best/ holds an earlier best trial's retraining</strong>: trial 2 is the best" in page
 
 
 def test_importances_missing_is_explained(tmp_path):

@@ -122,7 +122,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, search: bool = False) -
         parser.add_argument("--out", help="search folder (default runs/search-<dataset>-<space>)")
     else:
         parser.add_argument("--out", help="run folder (default runs/<dataset>-<model>)")
-    add_quiet_argument(parser)
+    add_quiet_argument(parser, "; the study's result is printed at the end" if search else None)
     if not search:  # A search ranks its trials on held-out images.
         parser.add_argument(
             "--train-on-all", action="store_true", default=None, help="fit on train+test (final)"
@@ -237,13 +237,17 @@ def _add_run_options(train: argparse._ArgumentGroup) -> None:
     )
 
 
-def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
-    """``--quiet`` for the commands that train (train, search, demo)."""
+def add_quiet_argument(
+    parser: argparse.ArgumentParser,
+    after: str | None = None,
+) -> None:
+    """``--quiet`` for the commands that train (train, search, demo); ``after`` says what is
+    printed once training ends."""
     parser.add_argument(
         "--quiet",
         action="store_true",
-        help="nothing while training (no progress bars or per-epoch lines); the epochs are "
-        "listed once at the end",
+        help="nothing while training (no progress bars or per-epoch lines)"
+        + ("; the epochs are listed once at the end" if after is None else after),
     )
 
 

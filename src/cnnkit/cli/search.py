@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -221,6 +222,7 @@ def _search_config(args: argparse.Namespace, base: RunConfig) -> SearchConfig:
 
 def _print_result(result: SearchResult) -> None:
     """The study's counts, its best trial (and its model), and where the results are."""
+    from cnnkit.evaluation.run_files import retrained_from
     from cnnkit.search.trials import trial_dir
 
     counts = result.counts
@@ -237,9 +239,16 @@ def _print_result(result: SearchResult) -> None:
         best_model = trial_dir(result.run_dir, best.number) / "model.safetensors"
         if result.retrained is None and best_model.is_file():
             print(f"Best trial's model: {best_model} (--retrain-best trains it on train+val)")
+        earlier = result.run_dir / "best"
+        stale = retrained_from(earlier, trial_dir(result.run_dir, best.number)) is False
+        if result.retrained is None and stale:
+            print(
+                f"Note: {earlier} holds an earlier best trial's retraining, not trial "
+                f"{best.number}'s (--retrain-best with the same --out retrains it)"
+            )
     if result.retrained is not None:
         metrics = result.retrained.test_metrics
         print(f"Retrained on train+val: test top-1 {metrics.get('top1', float('nan')):.4f}")
         print(f"Model: {result.retrained.model_path}")
     print(f"Results: {result.files.get('md')} (CSV, plots, tensorboard/ with HParams)")
-    print(f"Report: cnnkit report {result.run_dir}")
+    print(f"Report: cnnkit report {shlex.quote(str(result.run_dir))}")

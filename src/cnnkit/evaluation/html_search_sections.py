@@ -16,7 +16,13 @@ from cnnkit.evaluation.html_fragments import (
     pre_html,
     table_html,
 )
-from cnnkit.evaluation.run_files import as_mapping, read_csv_rows, read_mapping, read_text
+from cnnkit.evaluation.run_files import (
+    as_mapping,
+    read_csv_rows,
+    read_mapping,
+    read_text,
+    retrained_from,
+)
 from cnnkit.paths import RUN_INFO, SEARCH_SETTINGS
 
 
@@ -89,6 +95,13 @@ def _best_trial_sections(run_dir: Path, best: dict[str, str] | None) -> list[str
             ),
             f'<p class="muted">{escape_cell(retrained.get("data", ""))}</p>',
         ]
+        trial = run_dir / best["run_dir"] if best and best.get("run_dir") else None
+        if trial is not None and retrained_from(run_dir / "best", trial) is False:
+            sections.append(
+                f"<p><strong>best/ holds an earlier best trial's retraining</strong>: trial "
+                f"{escape_cell(best.get('trial', ''))} is the best now (<code>cnnkit search ... "
+                "--retrain-best</code> with the same --out retrains it).</p>"
+            )
     return sections
 
 

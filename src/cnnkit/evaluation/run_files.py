@@ -79,3 +79,23 @@ def read_mapping(path: Path, text: str | None = None) -> dict[str, Any]:
         warn_unreadable(path, ValueError("not a mapping"))
         return {}
     return mapping
+
+
+def retrained_from(best_dir: Path, trial_dir: Path) -> bool | None:
+    """Whether the run in ``best_dir`` (a search's ``best/``) retrained the configuration of
+    the trial in ``trial_dir``: their ``config.yaml`` agree but for the run folder and the
+    validation share. None where either file is absent or unreadable.
+
+    A continued search may find a better trial after an earlier one was retrained.
+    """
+    configs = []
+    for folder in (best_dir, trial_dir):
+        if not (folder / "config.yaml").is_file():
+            return None
+        config = read_mapping(folder / "config.yaml")
+        if not config:
+            return None
+        data = dict(config.get("data") or {})
+        data.pop("val_fraction", None)
+        configs.append({**config, "out": None, "data": data})
+    return configs[0] == configs[1]
