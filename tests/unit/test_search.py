@@ -765,6 +765,18 @@ def test_retrain_best_saves_a_loadable_model(tmp_path, digits_data):
     assert (base.run_dir() / "best" / "notes.txt").read_text(encoding="utf-8") == "mine"
 
 
+def test_retrain_best_with_no_finished_trial_says_there_is_nothing(tmp_path, digits_data, caplog):
+    """Every trial diverges (a learning rate of 1e30): the failures are counted, and
+    --retrain-best says why it trains nothing."""
+    base = tiny_base(tmp_path / "search", epochs=1, learning_rate=1e30)
+    config = SearchConfig(sampler="grid", pruner="none", n_trials=1, retrain_best=True)
+    with caplog.at_level(logging.WARNING, logger="cnnkit"):
+        result = run_search(base, TINY_SPACE, config, progress=False, data=digits_data)
+    assert result.counts["fail"] == 1 and result.counts["complete"] == 0
+    assert result.retrained is None and not (base.run_dir() / "best").exists()
+    assert "--retrain-best: no trial finished, so there is nothing to retrain" in caplog.text
+
+
 # ----------------------------------------------------------------------------- processes
 
 

@@ -141,6 +141,8 @@ def _run_search(
     retrained = None
     if config.retrain_best and counts["complete"]:
         retrained = retrain_best(study, base, space, runner, progress)
+    elif config.retrain_best:
+        logger.warning("--retrain-best: no trial finished, so there is nothing to retrain")
     return SearchResult(
         run_dir, url, name, trials, counts, files, retrained, time.perf_counter() - start
     )
