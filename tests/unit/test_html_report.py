@@ -274,6 +274,14 @@ def test_an_interrupted_run_shows_its_progress_and_how_to_resume(tmp_path):
     assert "--resume" in page
     # The test report is written when a run ends: no empty placeholders before that.
     assert "Confusion matrix" not in page and "Misclassified examples" not in page
+    # A search's interrupted trial keeps no checkpoint: the search runs its settings again.
+    trial = tmp_path / "search" / "trials" / "trial-001"
+    trial.parent.mkdir(parents=True)
+    run.rename(trial)
+    (tmp_path / "search" / "search.yaml").write_text("search: {sampler: tpe}\n")
+    page = build_report_html(trial)
+    assert "--resume" not in page
+    assert "Continuing the search (<code>cnnkit search ...</code> with the same --out) runs" in page
 
 
 def test_an_interrupted_ensemble_run_shows_every_phase_so_far(tmp_path):
