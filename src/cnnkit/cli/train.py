@@ -44,15 +44,15 @@ FEW_STEPS = 20
 def _report_data(data, config) -> None:
     """The data line, and a note where the run is too short to learn anything."""
     print_data_summary(data)
+    from cnnkit.data.loader import training_steps_per_epoch
     from cnnkit.models.registry import is_transfer_model
 
     if is_transfer_model(config.model.name):
         return  # Its head learns on cached features; its fine-tune starts from ImageNet.
     train, batch, epochs = len(data.splits.train), config.train.batch_size, config.train.epochs
-    per_epoch = train // batch if train > batch else 1  # A last part-batch is dropped.
     cap = config.train.max_steps_per_epoch
-    capped = cap is not None and cap < per_epoch
-    per_epoch = min(per_epoch, cap) if capped else per_epoch
+    per_epoch = training_steps_per_epoch(train, config.train)
+    capped = per_epoch < training_steps_per_epoch(train, config.train, capped=False)
     if per_epoch * epochs < FEW_STEPS:
         how = (
             f"--max-steps-per-epoch {cap}, {epochs} epoch(s)"

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
-from cnnkit.config import AugmentConfig, Preprocessing, RunConfig
+from cnnkit.config import AugmentConfig, Preprocessing, RunConfig, TrainConfig
 from cnnkit.data.augment import augment_batch
 from cnnkit.data.dataset import DataSplits, ImageSet
 from cnnkit.data.normalize import normalize, to_float, to_model_input
@@ -146,8 +146,7 @@ class BatchLoader:
             count = len(self.sampler)
         else:
             count = len(range(self.rank, len(self.labels), self.world_size))
-        batches = count // self.batch_size if self.drop_last else -(-count // self.batch_size)
-        return min(batches, self.max_batches) if self.max_batches is not None else batches
+        return batch_count(count, self.batch_size, self.drop_last, self.max_batches)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices = self._indices()
@@ -166,6 +165,27 @@ class BatchLoader:
             images = images.to(self.device, non_blocking=non_blocking)
             labels = labels.to(self.device, non_blocking=non_blocking)
             yield self.transform(images, generator), labels
+
+
+def batch_count(
+    count: int, batch_size: int, drop_last: bool, max_batches: int | None = None
+) -> int:
+    """Batches of ``batch_size`` in ``count`` images (a last part-batch dropped with
+    ``drop_last``), at most ``max_batches``."""
+    batches = count // batch_size if drop_last else -(-count // batch_size)
+    return min(batches, max_batches) if max_batches is not None else batches
+
+
+def _drops_last(count: int, batch_size: int) -> bool:
+    """Whether training drops a last part-batch: only where there is a whole one."""
+    return count > batch_size
+
+
+def training_steps_per_epoch(count: int, train: TrainConfig, capped: bool = True) -> int:
+    """Optimizer steps an epoch of ``count`` training images takes, as :func:`build_loaders`
+    sets the training loader up (``capped``: at most ``max_steps_per_epoch``)."""
+    cap = train.max_steps_per_epoch if capped else None
+    return batch_count(count, train.batch_size, _drops_last(count, train.batch_size), cap)
 
 
 def build_loaders(
@@ -195,7 +215,7 @@ def build_loaders(
         batch_size,
         train_transform,
         shuffle=True,
-        drop_last=len(splits.train) > config.train.batch_size,
+        drop_last=_drops_last(len(splits.train), config.train.batch_size),
         seed=config.train.seed,
         max_batches=config.train.max_steps_per_epoch,
         **shard,
