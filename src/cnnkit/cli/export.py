@@ -34,7 +34,7 @@ def command_export(args: argparse.Namespace) -> int:
     if args.quantize is None:
         _refuse_calibration_options(args)
         out = Path(args.out) if args.out else named.with_suffix(".onnx")
-        _refuse_overwriting(model_path, out)
+        _refuse_unusable_out(model_path, out)
         print(export_onnx(model_path, out, opset=opset))
         return 0
     from cnnkit.config import DataConfig
@@ -48,7 +48,7 @@ def command_export(args: argparse.Namespace) -> int:
                 f"--quantize int8 calibrates on training images: {error}{_shipped_int8(args)}"
             ) from None
     out = Path(args.out) if args.out else named.with_name(f"{named.stem}-int8.onnx")
-    _refuse_overwriting(model_path, out)  # Before the calibration images are decoded.
+    _refuse_unusable_out(model_path, out)  # Before the calibration images are decoded.
     data = DataConfig(dataset=args.dataset, data=args.data, fold=args.fold)
     count = args.calibration_images or CALIBRATION_IMAGES
     inputs = calibration_inputs(
@@ -69,7 +69,7 @@ def _shipped_int8(args: argparse.Namespace) -> str:
     return f" (the bundled model's int8 export ships with cnnkit: {shipped})" if shipped else ""
 
 
-def _refuse_overwriting(model_path: Path, out: Path) -> None:
+def _refuse_unusable_out(model_path: Path, out: Path) -> None:
     """Refuse an ``out`` the export could not be written to, before the export's work: the
     model file itself, a folder, or a place where no file can be made."""
     from cnnkit.paths import refuse_unusable_folder

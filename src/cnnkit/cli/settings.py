@@ -66,10 +66,7 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
     preset = args.preset
     data = args.data or _file_text(file_layer, "data.data", args.config)
     options_given = bool(
-        args.option
-        # Every model takes a dropout, so --dropout alone says nothing about which network.
-        or any(getattr(args, key) is not None for key in ("dense", "convs", "width"))
-        or (file_layer.get("model") or {}).get("options")
+        _option_flags_given(args) or (file_layer.get("model") or {}).get("options")
     )
     unnamed = preset is None and model_name is None and not options_given
     not_photos = None
@@ -119,14 +116,19 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
     return config
 
 
-def _model_from_the_file(args: argparse.Namespace, file_layer: dict) -> bool:
-    """Whether the --config file sets the model's name or options, and no flag does."""
-    flags = (
-        args.model
-        or args.option
+def _option_flags_given(args: argparse.Namespace) -> bool:
+    """Whether flags give model options (--option, or the symbol networks' own flags). Every
+    model takes a dropout, so --dropout alone says nothing about which network."""
+    return bool(
+        args.option
         or any(getattr(args, key, None) is not None for key in ("dense", "convs", "width"))
     )
+
+
+def _model_from_the_file(args: argparse.Namespace, file_layer: dict) -> bool:
+    """Whether the --config file sets the model's name or options, and no flag does."""
     model = file_layer.get("model") or {}
+    flags = args.model or _option_flags_given(args)
     return not flags and bool(model.get("name") or model.get("options"))
 
 

@@ -201,11 +201,10 @@ class FolderSource:
         self._absent = frozenset(missing)
         split_by = ""
         if splits:
-
-            def named(split: str) -> str:
-                return ", ".join(f"{name}/" for name in sorted(splits) if splits[name] == split)
-
-            split_by = f"; test split: {named('test')}; training split: {named('train')}"
+            test, train = (
+                ", ".join(f"{n}/" for n in folders_of(splits, s)) for s in ("test", "train")
+            )
+            split_by = f"; test split: {test}; training split: {train}"
         return Listing(
             records,
             class_names,

@@ -25,7 +25,7 @@ from cnnkit.evaluation.html_fragments import (
 )
 from cnnkit.evaluation.plots import plt
 from cnnkit.evaluation.run_files import as_mapping, read_csv_rows, read_mapping, read_text
-from cnnkit.paths import RUN_INFO, SEARCH_SETTINGS, member_folders
+from cnnkit.paths import RUN_INFO, is_search_folder, member_folders
 
 
 @dataclass(frozen=True)
@@ -142,12 +142,13 @@ def _notes(run: _TrainingRun) -> list[str]:
     if run.info.get("status") in ("interrupted", "running", "failed"):
         error = run.info.get("error")
         failure = f" It failed: {escape_cell(error)}." if error else ""
-        # A search's trial keeps no checkpoint: continuing the search runs it again.
-        search = run.folder.resolve().parent.parent
+        # A search's trial (SEARCH/trials/trial-NNN) keeps no checkpoint: continuing the
+        # search runs it again.
+        trials = run.folder.resolve().parent
         again = (
             "Continuing the search (<code>cnnkit search ...</code> with the same --out) runs "
             "its settings again as a new trial."
-            if run.folder.resolve().parent.name == "trials" and (search / SEARCH_SETTINGS).is_file()
+            if trials.name == "trials" and is_search_folder(trials.parent)
             else "<code>cnnkit train ... --resume</code> with the same settings continues from "
             "the last checkpoint; the test report below appears when the run ends."
         )
