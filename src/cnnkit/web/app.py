@@ -11,7 +11,7 @@ import asyncio
 import functools
 import logging
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import PureWindowsPath
 from typing import Any
@@ -27,6 +27,7 @@ from starlette.requests import ClientDisconnect
 from cnnkit import __version__
 from cnnkit.data.source import printable
 from cnnkit.inference.predictor import Predictor
+from cnnkit.web.batching import PerLoop
 from cnnkit.web.docs import add_docs_routes, load_docs_assets
 from cnnkit.web.limits import (
     BODY_DEADLINE_SECONDS,
@@ -68,15 +69,8 @@ class ServingState:
     model_summary: dict[str, Any]
     assets: dict[str, tuple[bytes, str]]
     renders: int = 0
-    # The lock renders take turns on, made in the loop that first waits on it.
-    render_turn: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
-
-    def render_lock(self) -> asyncio.Lock:
-        """The running loop's lock for renders (a test client's loop, then a server's)."""
-        loop = asyncio.get_running_loop()
-        if self.render_turn is None or self.render_turn[0] is not loop:
-            self.render_turn = (loop, asyncio.Lock())
-        return self.render_turn[1]
+    # The lock renders take turns on.
+    render_turn: PerLoop[asyncio.Lock] = field(default_factory=lambda: PerLoop(asyncio.Lock))
 
 
 def _load_assets() -> dict[str, tuple[bytes, str]]:
@@ -186,7 +180,7 @@ async def render(
         raise HTTPException(503, "the server is busy; retry shortly", {"Retry-After": "1"})
     state.renders += 1
     try:
-        async with state.render_lock():  # Those waiting wait here, holding no thread.
+        async with state.render_turn.get():  # Those waiting wait here, holding no thread.
             svg = await run_in_threadpool(render_latex_svg, latex)
     finally:
         state.renders -= 1

@@ -19,6 +19,25 @@ logger = logging.getLogger(__name__)
 Item = TypeVar("Item")
 
 
+Made = TypeVar("Made")
+
+
+class PerLoop(Generic[Made]):
+    """One object (a lock, a semaphore) for the running event loop, made by ``make`` in the
+    loop that first asks for it: asyncio's primitives belong to one loop, and a server's loop
+    may follow a test client's."""
+
+    def __init__(self, make: Callable[[], Made]) -> None:
+        self._make = make
+        self._held: tuple[asyncio.AbstractEventLoop, Made] | None = None
+
+    def get(self) -> Made:
+        loop = asyncio.get_running_loop()
+        if self._held is None or self._held[0] is not loop:
+            self._held = (loop, self._make())
+        return self._held[1]
+
+
 class MicroBatcher(Generic[Item]):
     """Collects single items into batches for ``run_batch`` and hands each caller its result.
 

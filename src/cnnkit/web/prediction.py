@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 from cnnkit.data.image import BadImageError, decode_image, image_size
 from cnnkit.data.prepare import prepare_image, upright
 from cnnkit.inference.predictor import Prediction, Predictor
-from cnnkit.web.batching import MicroBatcher
+from cnnkit.web.batching import MicroBatcher, PerLoop
 from cnnkit.web.drawing import DIGIT_SIZE, canvas_to_digit, canvas_to_symbol
 from cnnkit.web.upload import ImageRequest
 
@@ -56,8 +56,8 @@ class PredictionService:
         self.batcher: MicroBatcher[tuple[Any, int]] = MicroBatcher(
             self._run_batch, max_batch_size, max_wait_seconds
         )
-        # Made in the loop that first waits on it (a server run, a test client's block).
-        self._heavy: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+        # Places for heavy prepares, in the loop that first waits on them.
+        self._heavy = PerLoop(lambda: asyncio.Semaphore(HEAVY_PREPARES))
 
     def prepare(self, image_request: ImageRequest) -> np.ndarray:
         """Decode, turn a drawing into training form, and convert to ``uint8 [S, S, C]``.
@@ -88,10 +88,7 @@ class PredictionService:
         """:meth:`prepare` in the thread pool, ``HEAVY_PREPARES`` at a time. A place is given
         back when its thread is done, also when the request is cancelled before that: the
         thread goes on decoding, and holds its memory, until then."""
-        loop = asyncio.get_running_loop()
-        if self._heavy is None or self._heavy[0] is not loop:
-            self._heavy = (loop, asyncio.Semaphore(HEAVY_PREPARES))
-        places = self._heavy[1]
+        places = self._heavy.get()
         await places.acquire()
         try:
             work = asyncio.ensure_future(run_in_threadpool(self.prepare, image_request))
