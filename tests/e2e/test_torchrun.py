@@ -110,7 +110,8 @@ def test_transfer_model_under_torchrun_trains_like_one_process(tmp_path: Path) -
     # No dropout, augmentation or bf16: the two runs can then differ only by float rounding.
     quick = tmp_path / "quick.yaml"
     quick.write_text(
-        "model: {name: efficientnet_lite0, options: {dropout: 0.0}}\naugment: {enabled: false}\n"
+        "model: {name: efficientnet_lite0, options: {dropout: 0.0, image_size: 64}}\n"
+        "augment: {enabled: false}\n"
         "train: {epochs: 2, batch_size: 8, bf16_cpu: false}\n"
         "transfer: {augmented_views: 0, head_epochs: 3}\n"
     )

@@ -1435,11 +1435,13 @@ def test_a_photo_model_refuses_image_size_and_records_its_own(capsys, tmp_path: 
     assert main([*photos, "--model", "efficientnet_lite0", "--image-size", "300"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "efficientnet_lite0 takes photos at its own input size" in error[0]
+    assert "(224 px; --option image_size=N sets it)" in error[0]
     assert main([*photos, "--model", "efficientnet_lite_trio", "--image-size", "300"]) == 2
     assert "--option image_size=N sets it" in capsys.readouterr().err
-    trio = ["--model", "efficientnet_lite_trio", "--option", "image_size=256"]
-    config = _resolve(*photos[1:5], *trio)
-    assert (config.data.image_size, config.data.stored_size) == (256, 288)  # What it uses.
+    for name, size in (("efficientnet_lite_trio", 256), ("efficientnet_lite1", 160)):
+        config = _resolve(*photos[1:5], "--model", name, "--option", f"image_size={size}")
+        assert (config.data.image_size, config.data.stored_size) == (size, size + 32)
+    assert _resolve(*photos[1:5], "--model", "efficientnet_lite2").data.image_size == 260
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ test_transfer_models.py)."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -115,6 +116,7 @@ def test_model_options_report_defaults() -> None:
         ("symbol_cnn", {"dropout": 1.0}, "symbol_cnn dropout must be in [0, 1); got 1.0"),
         ("efficientnet_lite_trio", {"image_size": 4090}, "trio image_size must be 32-4064; got"),
         ("efficientnet_lite_trio", {"image_size": 16}, "trio image_size must be 32-4064; got 16"),
+        ("efficientnet_lite0", {"image_size": 31}, "lite0 image_size must be 32-4064; got 31"),
         ("symbol_cnn", {"dropout": -0.5}, "symbol_cnn dropout must be in [0, 1); got -0.5"),
         ("efficientnet_lite0", {"dropout": 1}, "transfer head dropout must be in [0, 1); got 1"),
         ("book_cnn", {"image_size": 9}, "book_cnn with 2 conv(s) needs image_size >= 10"),
@@ -163,6 +165,17 @@ def test_book_cnn_is_sized_for_its_input(convs: int, size: int) -> None:
     assert model.default_preprocessing.image_size == size
     with torch.no_grad():
         assert model(torch.rand(2, 3, size, size)).shape == (2, 7)
+
+
+def test_a_lite_backbone_takes_another_input_size_with_its_weights_preprocessing() -> None:
+    """The backbone pools its features, so ``image_size`` sets only the input (and the stored
+    photo, 32 px larger for the centre crop): 224 px stays Lite0's default."""
+    native = create_model("efficientnet_lite0", 5, 3).default_preprocessing
+    model = create_model("efficientnet_lite0", 5, 3, image_size=96).eval()
+    assert model.default_preprocessing == replace(native, image_size=96, stored_size=128)
+    assert native.image_size == 224
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 96, 96)).shape == (2, 5)
 
 
 def test_book_bird_cnn_is_sized_for_its_input() -> None:

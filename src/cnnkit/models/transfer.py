@@ -21,6 +21,7 @@ from torch import nn
 from cnnkit.config import MAX_IMAGE_SIDE, Preprocessing
 from cnnkit.models.efficientnet_lite import (
     CROP_PADDING,
+    EFFICIENTNET_LITE_SPECS,
     LITE_MEAN,
     LITE_STD,
     create_efficientnet_lite,
@@ -61,6 +62,17 @@ def _check_rgb(name: str, in_channels: int) -> None:
         )
 
 
+def _photo_preprocessing(name: str, image_size: int) -> Preprocessing:
+    """The pretrained weights' preprocessing (TensorFlow's crop and normalisation) at
+    ``image_size`` px: the backbones pool their features, so they take any size."""
+    largest = MAX_IMAGE_SIDE - CROP_PADDING  # The stored photos are this much larger.
+    if isinstance(image_size, bool) or not isinstance(image_size, int):
+        raise ValueError(f"{name} image_size must be a whole number; got {image_size!r}")
+    if not 32 <= image_size <= largest:
+        raise ValueError(f"{name} image_size must be 32-{largest}; got {image_size}")
+    return Preprocessing("photo", 3, image_size, image_size + CROP_PADDING, LITE_MEAN, LITE_STD)
+
+
 def _ensemble_of(build: Callable[[], TransferClassifier], members: int) -> nn.Module:
     """``build()`` itself for one member, else a :class:`TransferEnsemble` of ``members``."""
     if isinstance(members, bool) or not isinstance(members, int) or members < 1:
@@ -72,7 +84,9 @@ def _ensemble_of(build: Callable[[], TransferClassifier], members: int) -> nn.Mo
 
 def _register_lite(name: str, summary: str) -> Callable[..., nn.Module]:
     """Register the transfer model ``name`` (an entry of ``EFFICIENTNET_LITE_SPECS``): that
-    backbone with the book's head, described by ``summary``."""
+    backbone with the book's head, described by ``summary``. Its ``image_size`` defaults to the
+    resolution the weights were trained at."""
+    native = EFFICIENTNET_LITE_SPECS[name].image_size
 
     def factory(
         num_classes: int,
@@ -80,15 +94,17 @@ def _register_lite(name: str, summary: str) -> Callable[..., nn.Module]:
         pretrained: bool = False,
         hidden: int = 1024,
         dropout: float = 0.2,
+        image_size: int = native,
         tta: bool = False,
         drop_path: float = 0.0,
         members: int = 1,
     ) -> nn.Module:
         _check_rgb(name, in_channels)
+        preprocessing = _photo_preprocessing(name, image_size)
 
         def build() -> TransferClassifier:
             backbone = create_efficientnet_lite(name, pretrained=pretrained, drop_path=drop_path)
-            return TransferClassifier(backbone, num_classes, hidden, dropout, tta=tta)
+            return TransferClassifier(backbone, num_classes, hidden, dropout, preprocessing, tta)
 
         return _ensemble_of(build, members)
 
@@ -126,14 +142,7 @@ def efficientnet_lite_trio(
     Every transfer model takes ``members``: more than 1 builds a :class:`TransferEnsemble`
     of that many copies, fine-tuned one after another and averaged."""
     _check_rgb("efficientnet_lite_trio", in_channels)
-    largest = MAX_IMAGE_SIDE - CROP_PADDING  # The stored photos are this much larger.
-    if not 32 <= image_size <= largest:
-        raise ValueError(
-            f"efficientnet_lite_trio image_size must be 32-{largest}; got {image_size}"
-        )
-    preprocessing = Preprocessing(
-        "photo", 3, image_size, image_size + CROP_PADDING, LITE_MEAN, LITE_STD
-    )
+    preprocessing = _photo_preprocessing("efficientnet_lite_trio", image_size)
 
     def build() -> TransferClassifier:
         backbones = [
