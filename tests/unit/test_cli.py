@@ -656,6 +656,24 @@ def test_a_folder_of_photos_gets_the_transfer_recipe_and_symbols_the_symbol_netw
     assert again.model.name == "symbol_cnn" and again.data.data == str(tmp_path / "scans.csv")
 
 
+def test_a_csv_of_photos_is_sampled_where_its_reader_finds_the_files(tmp_path) -> None:
+    """Backslash paths (a CSV written on Windows) and a CSV reached through a link in another
+    folder are read by the CSV source; the photo check looked for those files elsewhere."""
+    photos = write_bird_folder(tmp_path / "data" / "birds", per_class=3)
+    rows = [
+        f"birds\\{path.parent.name}\\{path.name},{path.parent.name}"
+        for path in sorted(photos.glob("*/*.jpg"))
+    ]
+    listed = tmp_path / "data" / "windows.csv"
+    listed.write_text("path,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    (tmp_path / "elsewhere").mkdir()
+    linked = tmp_path / "elsewhere" / "linked.csv"
+    linked.symlink_to(listed)
+    for csv_file in (listed, linked):
+        verdict = looks_like_photos("csv", str(csv_file))
+        assert verdict == (True, "6 images, median 64x48, colour"), csv_file
+
+
 def test_a_fifo_csv_is_no_photo_set_and_is_not_waited_on(tmp_path) -> None:
     """``--data <(grep ...)``: sampling the CSV must not block on a pipe nobody writes."""
     fifo = tmp_path / "labels.csv"

@@ -98,7 +98,8 @@ def iter_csv_rows(
                 yield line, [None if i is None else row[i].strip() for i in indices]
             line = reader.line_num + 1
     except csv.Error as error:
-        raise DataFormatError(f"{name}:{reader.line_num}: malformed CSV ({error})") from error
+        # The line the row starts on: an unclosed quote is only found at the end of the data.
+        raise DataFormatError(f"{name}:{line}: malformed CSV ({error})") from error
     if not indices:
         raise DataFormatError(f"{name}:1: empty file; expected a header {','.join(columns)}")
 
@@ -143,6 +144,15 @@ class CsvSource:
         raise DataFormatError(
             f"{where}: path {path!r} is outside the dataset folder {self.root}; refused"
         )
+
+    def file_of(self, path: str, line: int) -> Path:
+        """The file that ``path`` on the CSV's ``line`` names, as :meth:`iter_bytes` reads it
+        (a Windows path's backslashes and a linked CSV's folder taken into account).
+
+        Raises:
+            DataFormatError: for an empty path, or one outside the dataset folder.
+        """
+        return Path(self.root, self._key(path, line))
 
     def _read_rows(self, data: bytes) -> list[tuple[int, str, str, str | None]]:
         rows, seen, duplicates = [], {}, []

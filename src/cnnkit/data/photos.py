@@ -27,13 +27,13 @@ def _sample_image_paths(dataset: str, data: str, count: int) -> list[Path]:
         ]
         # Round-robin over the classes: the first image of each, then the second...
         return [p for row in itertools.zip_longest(*found) for p in row if p][:count]
-    from cnnkit.data.csv_source import iter_csv_rows
+    from cnnkit.data.csv_source import CsvSource, iter_csv_rows
     from cnnkit.data.files import read_regular_file
 
-    csv_path = Path(data)
+    source = CsvSource(data)
     # Not read_bytes: a FIFO (``--data <(grep ...)``) would block here forever.
-    rows = iter_csv_rows(read_regular_file(csv_path), str(csv_path), ("path", "label"))
-    paths = (csv_path.parent / fields[0] for _, fields in rows if fields[0])
+    rows = iter_csv_rows(read_regular_file(source.csv_path), data, ("path", "label"))
+    paths = (source.file_of(fields[0], line) for line, fields in rows if fields[0])
     return list(itertools.islice(paths, count))
 
 
