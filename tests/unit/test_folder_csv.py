@@ -185,6 +185,17 @@ def test_a_folder_split_into_train_and_test_folders_keeps_that_split(tmp_path):
         .list_samples()
         .description.endswith("test split: test/; training split: Val/, train/)")
     )
+    # A folder of unlabelled images beside split folders would make every folder a class.
+    write_image(tmp_path / "predict" / "0.png")
+    with pytest.raises(DataFormatError) as refused:
+        FolderSource(tmp_path).list_samples()
+    assert str(refused.value) == (
+        f"{tmp_path}: Val/, test/, train/ hold the same class folders, but predict/ beside them "
+        f"is no split folder (train/, val/ or test/); move it out of {tmp_path}, or pass --data "
+        f"{tmp_path / 'train'} to train on train/ alone"
+    )
+    (tmp_path / "predict" / "0.png").unlink()
+    (tmp_path / "predict").rmdir()
     # Classes named like splits that hold images themselves are classes.
     write_image(tmp_path / "test" / "stray.png")
     listing = FolderSource(tmp_path).list_samples()

@@ -96,12 +96,16 @@ def split_folders(root: Path) -> dict[str, str] | None:
 
     Raises:
         DataFormatError: for ``train/`` of class folders beside a ``test/`` (or ``val/``) of
-            images with no class folders: unlabelled images, which no split can score.
+            images with no class folders: unlabelled images, which no split can score; and
+            for split folders that share their classes beside another folder (``predict/``),
+            which would otherwise make every top-level folder a class.
     """
-    folders = [e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
-    kinds = {folder.name: SPLIT_FOLDERS.get(folder.name.lower()) for folder in folders}
+    every = [e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
+    others = sorted(e.name for e in every if e.name.lower() not in SPLIT_FOLDERS)
+    folders = [e for e in every if e.name not in others]
+    kinds = {folder.name: SPLIT_FOLDERS[folder.name.lower()] for folder in folders}
     found = set(kinds.values())
-    if None in found or "train" not in found or not found & {"test", "val"}:
+    if "train" not in found or not found & {"test", "val"}:
         return None
     classes, loose = {}, []
     for folder in folders:
@@ -120,6 +124,13 @@ def split_folders(root: Path) -> dict[str, str] | None:
     names = list(classes.values())
     if loose or not all(names) or not set.intersection(*names):
         return None
+    if others:
+        splits = ", ".join(f"{name}/" for name in sorted(kinds))
+        raise DataFormatError(
+            f"{root}: {splits} hold the same class folders, but {others[0]}/ beside them is no "
+            f"split folder (train/, val/ or test/); move it out of {root}, or pass --data "
+            f"{root / trains[0]} to train on {trains[0]}/ alone"
+        )
     held_out = "test" if "test" in found else "val"
     return {name: "test" if kind == held_out else "train" for name, kind in kinds.items()}
 
