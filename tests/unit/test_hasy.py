@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bz2
 import io
+import logging
 import lzma
 import os
 import re
@@ -125,6 +126,22 @@ LAYOUTS = {
         write_folder(tmp / "hasy" / "HASYv2", files).parent
     ),
 }
+
+
+def test_a_symbol_without_images_is_left_out_with_a_warning(tmp_path, files, caplog):
+    """A trimmed copy lists a symbol in symbols.csv that no image has: every split would lack
+    it, so it is no class (the error said its images had all been skipped as bad)."""
+    files["symbols.csv"] += b"34,\\beta,0,0\r\n"
+    root = write_folder(tmp_path / "hasy", files)
+    with caplog.at_level(logging.WARNING, logger="cnnkit"):
+        listing = HasySource(root).list_samples()
+    assert listing.class_names == ["A", r"\alpha", "C"]
+    assert sorted({record.label for record in listing.records}) == [0, 1, 2]
+    assert [r.getMessage() for r in caplog.records] == [
+        "symbols.csv lists 1 symbol(s) with no image in hasy-data-labels.csv, left out: \\beta"
+    ]
+    data = build_splits(DataConfig(dataset="hasy", data=str(root), cache_dir=None), Preprocessing())
+    assert data.splits.class_names == ["A", r"\alpha", "C"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -19,6 +19,27 @@ LABELS_FILE = "hasy-data-labels.csv"
 SYMBOLS_FILE = "symbols.csv"
 
 
+def _symbols_with_images(
+    class_names: list[str], labels: dict[str, int]
+) -> tuple[list[str], dict[str, int]]:
+    """The classes that have images, and each image's label among them: a symbol that
+    ``symbols.csv`` lists with no image in ``hasy-data-labels.csv`` (a trimmed copy of the
+    data) is left out, as no split could hold it."""
+    used = sorted(set(labels.values()))
+    if len(used) == len(class_names):
+        return class_names, labels
+    dense = {label: index for index, label in enumerate(used)}
+    unused = [name for label, name in enumerate(class_names) if label not in dense]
+    logger.warning(
+        "%s lists %d symbol(s) with no image in %s, left out: %s",
+        SYMBOLS_FILE,
+        len(unused),
+        LABELS_FILE,
+        ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else ""),
+    )
+    return [class_names[label] for label in used], {k: dense[v] for k, v in labels.items()}
+
+
 def _parse_symbols(data: bytes, name: str) -> tuple[list[str], dict[int, int]]:
     """Return the class names in symbol_id order and the label of each symbol_id."""
     rows = []
@@ -121,6 +142,7 @@ class HasySource:
         files = self._files.read_metadata(required)
         class_names, label_of_symbol = _parse_symbols(files[SYMBOLS_FILE], SYMBOLS_FILE)
         labels, lines = self._read_labels(files[LABELS_FILE], class_names, label_of_symbol)
+        class_names, labels = _symbols_with_images(class_names, labels)
         splits = self._fold_splits(files, labels) if self.fold is not None else None
         records = [
             SampleRecord(key, label, splits[key] if splits else None, f"{LABELS_FILE}:{lines[key]}")
