@@ -313,6 +313,20 @@ def test_an_interrupt_while_writing_the_entry_leaves_no_staging_folder(
     assert left == []
 
 
+def test_a_staging_folder_left_by_a_killed_run_is_removed_by_the_next_write(tmp_path, dataset):
+    """``kill -9`` mid-write leaves ``.<key>-xxxxxxxx/`` (as large as the entry); the next run
+    to write that entry, holding its lock, removes it, and leaves other entries' alone."""
+    listing = dataset.list_samples()
+    key = cache_key(listing, Preprocessing())
+    cache = tmp_path / "cache"
+    abandoned, other = cache / f".{key}-k1ll3d_x", cache / ".other-key-abcdefgh"
+    for folder in (abandoned, other):
+        folder.mkdir(parents=True)
+        (folder / "images.npy").write_bytes(b"\0" * 128)
+    load_images(dataset, listing, Preprocessing(), cache, workers=1)
+    assert sorted(path.name for path in cache.iterdir() if path.is_dir()) == [other.name, key]
+
+
 # Run in a child process, which the test can kill if it hangs. Workers are kept busy (their jobs
 # are slow to unpickle) while a large job is being fed to them, and Ctrl-C arrives in the middle
 # of that job's pickling: multiprocessing.Pool.terminate() then waited forever on its feeder

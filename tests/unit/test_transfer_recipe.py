@@ -264,6 +264,20 @@ def test_unreadable_cache_entry_is_recomputed(tiny_image_set, tmp_path):
     assert not from_cache and model.images_seen == 6
 
 
+def test_an_interrupted_feature_cache_write_leaves_no_file(tmp_path, monkeypatch) -> None:
+    """Ctrl-C while the features are written: neither an entry nor a hidden temporary (as
+    large as the entry) is left; the next run computes them again."""
+
+    def interrupted(stream, array) -> None:
+        stream.write(b"\x93NUMPY partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("cnnkit.training.features.np.save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        FeatureCache(tmp_path / "features").save("key", np.zeros((3, 4), np.float32))
+    assert list((tmp_path / "features").iterdir()) == []
+
+
 def test_head_training_learns_separable_features():
     rng = np.random.default_rng(0)
     num_classes, per_class = 4, 30

@@ -7,6 +7,7 @@ in any of them decodes again. Entries are written to a temporary folder and rena
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -201,10 +202,12 @@ def load_images(
         return cached
     # Two runs on the same data (a search's workers, two terminals) would both decode and then
     # race to rename their entries into place; the second waits here and reads the first's.
-    with _entry_lock(entry):
+    with _entry_lock(entry) as held:
         cached = _read_entry(entry, shape)
         if cached is not None:
             return cached
+        if held:
+            _remove_abandoned_staging(entry)
         decoded = _decode_all(source, listing, preprocessing, workers, progress)
         if decoded.unreadable:
             # A read can fail for a moment (a network share, a file being copied); a cache
@@ -297,14 +300,27 @@ def _write_entry(
     return True
 
 
+def _remove_abandoned_staging(entry: Path) -> None:
+    """Remove the staging folders of ``entry`` that a process killed while writing it left
+    (``kill -9``, a power cut: Ctrl-C removes its own). Only the holder of the entry's lock
+    writes one, so while it is held any other is abandoned."""
+    for leftover in entry.parent.glob(f".{glob.escape(entry.name)}-*"):
+        # mkdtemp's names: the prefix and 8 random characters.
+        mine = len(leftover.name) == len(entry.name) + 10
+        if mine and leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+            logger.info("removed %s, left by a run stopped while writing it", leftover)
+
+
 @contextlib.contextmanager
-def _entry_lock(entry: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``entry`` across processes (where the OS and folder allow)."""
+def _entry_lock(entry: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on ``entry`` across processes (where the OS and folder allow);
+    yields whether it is held."""
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         handle = open(entry.parent / f".{entry.name}.lock", "a+b")  # noqa: SIM115
     except OSError:
-        yield
+        yield False
         return
     with handle:
         if fcntl is not None:
@@ -313,4 +329,4 @@ def _entry_lock(entry: Path) -> Iterator[None]:
             except BlockingIOError:
                 logger.info("waiting for another process to finish decoding into %s", entry)
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        yield
+        yield fcntl is not None

@@ -11,8 +11,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cnnkit.atomic import write_atomically
 from cnnkit.config import AugmentConfig, Preprocessing
 from cnnkit.data.loader import BatchTransform, build_eval_transform, build_train_transform
 from cnnkit.progress import bar_disabled
@@ -153,21 +152,20 @@ class FeatureCache:
         return features
 
     def save(self, key: str, features: np.ndarray) -> None:
-        """Store ``features`` atomically (a failed write only logs a warning)."""
+        """Store ``features`` atomically (a failed write only logs a warning; an interrupt
+        leaves no temporary file behind)."""
         path = self.path(key)
         if path is None:
             return
-        temporary = None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
-            with os.fdopen(handle, "wb") as stream:
+
+        def write(temporary: Path) -> None:
+            with open(temporary, "wb") as stream:  # np.save would add .npy to the name.
                 np.save(stream, features)
-            os.replace(temporary, path)
+
+        try:
+            write_atomically(path, write)
         except OSError as error:
             logger.warning("could not write the feature cache %s: %s", path, error)
-            if temporary is not None:
-                Path(temporary).unlink(missing_ok=True)
 
 
 @torch.inference_mode()
