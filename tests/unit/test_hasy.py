@@ -461,6 +461,25 @@ def test_iter_archive_refuses_truncated_and_foreign_files(tmp_path, files):
         list(iter_archive(corrupt))
 
 
+def test_a_plain_tar_cut_between_members_is_read_with_a_warning(tmp_path, files, caplog):
+    """No decompressor catches a plain .tar cut at a header: its missing end-of-archive blocks
+    are the only sign, so the read warns (tar readers take such archives)."""
+    archive = write_tar(tmp_path / "h.tar", files, "w", "")
+    with tarfile.open(archive) as complete:
+        last = complete.getmembers()[-1]
+    archive.write_bytes(archive.read_bytes()[: last.offset])
+    with caplog.at_level(logging.WARNING, logger="cnnkit"):
+        names = [name for name, _ in iter_archive(archive)]
+    assert len(names) == len(files) - 1 and last.name not in names
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{archive}: ends without tar's end-of-archive blocks (truncated download?); images it "
+        "lacks are reported as not found"
+    ]
+    caplog.clear()
+    assert len(list(iter_archive(write_tar(tmp_path / "whole.tar", files, "w", "")))) == len(files)
+    assert caplog.records == []
+
+
 def test_archive_truncated_after_its_csvs_fails_loudly_while_decoding(tmp_path, files):
     archive = write_tar(tmp_path / "h.tar.gz", files, "w:gz", labels_last=False)
     archive.write_bytes(archive.read_bytes()[:-300])

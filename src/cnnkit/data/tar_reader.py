@@ -194,6 +194,14 @@ def _read_header(stream: ByteStream, path: Path) -> bytes | None:
         if stream.offset <= _BLOCK:  # Not even one header: a small file of another kind.
             raise DataFormatError(f"{path}: not a tar archive ({len(header)} bytes)")
         raise DataFormatError(f"{path}: archive ends inside a header (truncated download?)")
+    if not header and stream.offset > 0:
+        # tar ends with zero blocks; a plain .tar cut between members just stops (a compressed
+        # one is caught by its decompressor). Readers take such archives, so this only warns.
+        logger.warning(
+            "%s: ends without tar's end-of-archive blocks (truncated download?); images it "
+            "lacks are reported as not found",
+            path,
+        )
     if not header.strip(b"\0"):
         return None
     return header
