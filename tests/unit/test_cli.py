@@ -1260,6 +1260,18 @@ def test_an_os_error_is_one_line_without_pythons_errno_prefix(capsys, tmp_path: 
     assert error == (
         f"cnnkit report: error: cannot write {taken / 'page.html'}: {taken} is a file, not a folder"
     )
+    # Never over a run's own files: a page named like them is refused before it is written.
+    for name in ("metrics.csv", "model.safetensors"):
+        before = (run / name).read_bytes()
+        assert main(["report", str(run), "--out", str(run / name)]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"cnnkit report: error: --out {run / name}: the report is an HTML page, so its name "
+            "ends in .html"
+        )
+        assert (run / name).read_bytes() == before
+    (run / "pages.html").mkdir()
+    assert main(["report", str(run), "--out", str(run / "pages.html")]) == 2
+    assert "a folder; give the HTML file's name" in capsys.readouterr().err
 
 
 def test_evaluate_refuses_a_file_as_its_report_folder_before_scoring(

@@ -8,6 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
+from cnnkit.cli.arguments import CommandError
 from cnnkit.cli.model_files import resolve_model_argument, use_recorded_data
 from cnnkit.paths import default_cache_dir
 
@@ -96,5 +97,16 @@ def command_evaluate(args: argparse.Namespace) -> int:
 def command_report(args: argparse.Namespace) -> int:
     from cnnkit.evaluation.html_report import write_html_report
 
+    if args.out:
+        _refuse_non_html_out(Path(args.out))
     print(write_html_report(args.run_dir, args.out))
     return 0
+
+
+def _refuse_non_html_out(out: Path) -> None:
+    """Refuse ``report --out`` naming anything but an HTML file, before a page replaces it:
+    ``--out RUN/metrics.csv`` (or the model file) would have been overwritten."""
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise CommandError(f"--out {out}: the report is an HTML page, so its name ends in .html")
+    if out.is_dir():
+        raise CommandError(f"--out {out}: a folder; give the HTML file's name")
