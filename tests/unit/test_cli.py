@@ -674,6 +674,24 @@ def test_a_csv_of_photos_is_sampled_where_its_reader_finds_the_files(tmp_path) -
         assert verdict == (True, "6 images, median 64x48, colour"), csv_file
 
 
+def test_a_home_folder_tilde_is_expanded_where_no_shell_expands_it(tmp_path, monkeypatch):
+    """``--data=~/x`` (the shell expands no ``~`` after ``=``) and paths in a config file."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    photos = write_bird_folder(tmp_path / "birds", per_class=2)
+    argv = ["train", "--dataset=folder", "--data=~/birds", "--cache-dir=~/cache", "--out=~/run"]
+    args = build_parser().parse_args(argv)
+    assert args.cache_dir == str(tmp_path / "cache")
+    flags = resolve_run_config(args)
+    assert (flags.data.data, flags.out) == (str(photos), str(tmp_path / "run"))
+    config = tmp_path / "settings.yaml"
+    config.write_text(
+        "data: {dataset: folder, data: ~/birds, cache_dir: ~/cache}\nout: ~/run\n", "utf-8"
+    )
+    from_file = _resolve("--config=~/settings.yaml")
+    assert (from_file.data.data, from_file.data.cache_dir) == (str(photos), str(tmp_path / "cache"))
+    assert from_file.out == str(tmp_path / "run")
+
+
 def test_a_fifo_csv_is_no_photo_set_and_is_not_waited_on(tmp_path) -> None:
     """``--data <(grep ...)``: sampling the CSV must not block on a pipe nobody writes."""
     fifo = tmp_path / "labels.csv"

@@ -5,6 +5,7 @@ them; :mod:`cnnkit.cli.overrides` reads the flags back as config overrides.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 
 from cnnkit.choices import DATASETS, DEVICES
@@ -13,6 +14,12 @@ from cnnkit.paths import default_cache_dir
 
 class CommandError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
+
+
+def home_path(text: str) -> str:
+    """A path argument with a leading ``~`` expanded: the shell leaves ``--data=~/x`` as it is,
+    and a config file's paths get the same (see :mod:`cnnkit.config.files`)."""
+    return os.path.expanduser(text)
 
 
 def whole(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -64,7 +71,7 @@ def add_data_arguments(
             else " (default: the data the model file records, with its --data and --fold)"
         ),
     )
-    group.add_argument("--data", help="archive, folder or CSV file of the dataset")
+    group.add_argument("--data", type=home_path, help="archive, folder or CSV file of the dataset")
     group.add_argument(
         "--fold", type=whole(1, 10), help="HASYv2 fold K (1-10): train/test from fold-K"
     )
@@ -87,7 +94,9 @@ def add_data_arguments(
         choices=["error", "skip"],
         help="stop on a missing/corrupt image (default) or skip it with a warning",
     )
-    group.add_argument("--cache-dir", help=f"decoded-image cache (default {default_cache_dir()})")
+    group.add_argument(
+        "--cache-dir", type=home_path, help=f"decoded-image cache (default {default_cache_dir()})"
+    )
     group.add_argument(
         "--crop-to-bbox",
         action="store_true",
@@ -112,16 +121,22 @@ def add_train_arguments(parser: argparse.ArgumentParser, search: bool = False) -
         "--preset",
         help="named defaults: digits, hasy, book-hasy, book-hasy-search, cub, book-cub",
     )
-    parser.add_argument("--config", help="YAML file with data/model/augment/train sections")
+    parser.add_argument(
+        "--config", type=home_path, help="YAML file with data/model/augment/train sections"
+    )
     parser.add_argument(
         "--print-config",
         action="store_true",
         help="print the resolved settings (preset < --config < flags) as YAML and exit",
     )
     if search:
-        parser.add_argument("--out", help="search folder (default runs/search-<dataset>-<space>)")
+        parser.add_argument(
+            "--out", type=home_path, help="search folder (default runs/search-<dataset>-<space>)"
+        )
     else:
-        parser.add_argument("--out", help="run folder (default runs/<dataset>-<model>)")
+        parser.add_argument(
+            "--out", type=home_path, help="run folder (default runs/<dataset>-<model>)"
+        )
     add_quiet_argument(parser, "; the study's result is printed at the end" if search else None)
     if not search:  # A search ranks its trials on held-out images.
         parser.add_argument(

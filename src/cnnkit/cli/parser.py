@@ -16,6 +16,7 @@ from cnnkit.cli.arguments import (
     add_model_argument,
     add_quiet_argument,
     add_train_arguments,
+    home_path,
     whole,
 )
 from cnnkit.cli.evaluate import command_evaluate, command_report
@@ -64,8 +65,12 @@ def _add_fetch(commands: argparse._SubParsersAction) -> None:
     """The ``fetch`` command."""
     fetch = commands.add_parser("fetch", help="download or import a dataset archive")
     fetch.add_argument("name", choices=["hasy", "cub"])
-    fetch.add_argument("--to", default="data", help="destination folder (default ./data)")
-    fetch.add_argument("--from", dest="from_file", help="import this local archive instead")
+    fetch.add_argument(
+        "--to", type=home_path, default="data", help="destination folder (default ./data)"
+    )
+    fetch.add_argument(
+        "--from", dest="from_file", type=home_path, help="import this local archive instead"
+    )
     fetch.add_argument(
         "--url", help="download from this mirror instead of the publisher (checked the same)"
     )
@@ -109,6 +114,7 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument(
         "--out",
+        type=home_path,
         help="report folder (default: MODEL's folder/evaluation for a run's model.safetensors, "
         "evaluation-FILE beside any other model file; runs/evaluation-bundled for the bundled "
         "model)",
@@ -196,7 +202,9 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
 def _add_demo(commands: argparse._SubParsersAction) -> None:
     """The ``demo`` command."""
     demo = commands.add_parser("demo", help="train and use a CNN on the embedded digits")
-    demo.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    demo.add_argument(
+        "--out", type=home_path, default="runs/demo", help="run folder (default runs/demo)"
+    )
     demo.add_argument("--epochs", type=whole(1), default=12, help="training epochs (default 12)")
     add_quiet_argument(demo)
     demo.set_defaults(handler=command_demo)
@@ -217,7 +225,9 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
         "symbol model, exported into the current folder)",
     )
     export.add_argument("--format", choices=["onnx"], default="onnx", help="file format (onnx)")
-    export.add_argument("--out", help="output file (default: MODEL with a .onnx suffix)")
+    export.add_argument(
+        "--out", type=home_path, help="output file (default: MODEL with a .onnx suffix)"
+    )
     export.add_argument("--opset", type=int, help="ONNX opset version (default 18)")
     export.add_argument(
         "--quantize",
@@ -226,7 +236,7 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
         "(default output MODEL-int8.onnx); faster on CPUs, check the accuracy",
     )
     export.add_argument("--dataset", choices=DATASETS, help="calibration data source")
-    export.add_argument("--data", help="calibration dataset path")
+    export.add_argument("--data", type=home_path, help="calibration dataset path")
     export.add_argument(
         "--fold", type=whole(1, 10), help="HASYv2 fold whose training images calibrate"
     )
@@ -235,7 +245,9 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
         type=whole(1),
         help=f"training images that calibrate --quantize int8 (default {CALIBRATION_IMAGES})",
     )
-    export.add_argument("--cache-dir", help=f"decoded-image cache (default {default_cache_dir()})")
+    export.add_argument(
+        "--cache-dir", type=home_path, help=f"decoded-image cache (default {default_cache_dir()})"
+    )
     export.set_defaults(handler=command_export)
 
 
@@ -247,6 +259,7 @@ def _add_search(commands: argparse._SubParsersAction) -> None:
     add_train_arguments(search, search=True)
     search.add_argument(
         "--space",
+        type=home_path,
         default="book",
         help="named space (book, book-wide, symbol) or a YAML file (default: book). "
         "--sampler grid takes book, or a file whose values are all listed",
@@ -287,7 +300,7 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
     """The ``report`` command."""
     report = commands.add_parser("report", help="one self-contained HTML page for a run folder")
     report.add_argument("run_dir", help="a training run or search folder")
-    report.add_argument("--out", help="HTML file (default RUN_DIR/report.html)")
+    report.add_argument("--out", type=home_path, help="HTML file (default RUN_DIR/report.html)")
     report.set_defaults(handler=command_report)
 
 

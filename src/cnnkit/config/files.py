@@ -4,6 +4,7 @@ as YAML."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,23 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             raise ValueError(
                 f"{path}: section {section!r} must be a mapping of fields; got {value!r}"
             )
-    return data
+    return _home_expanded(data)
+
+
+def _home_expanded(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with ``~`` expanded in its paths (out, data.data, data.cache_dir), as a shell
+    expands it on the command line: nothing expands it in a file."""
+    expanded = dict(data)
+    if isinstance(data.get("out"), str):
+        expanded["out"] = os.path.expanduser(data["out"])
+    if isinstance(data.get("data"), dict):
+        expanded["data"] = {
+            key: os.path.expanduser(value)
+            if key in ("data", "cache_dir") and isinstance(value, str)
+            else value
+            for key, value in data["data"].items()
+        }
+    return expanded
 
 
 def dump_config(config: RunConfig) -> str:
