@@ -169,6 +169,12 @@ def _split_indices(
     if has_split_column:
         train_idx = valid[splits == "train"]
         test_idx = valid[splits == "test"]
+        if for_training and config.test_fraction != DataConfig.test_fraction:
+            logger.warning(
+                "%s gives its own test split, so test_fraction %g (--test-fraction) is not used",
+                where,
+                config.test_fraction,
+            )
     else:
         groups, copies = _duplicate_groups(images, valid, where)
         _warn_of_copies_with_other_labels(listing, valid, groups, config)
