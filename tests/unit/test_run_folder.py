@@ -106,6 +106,12 @@ def test_only_a_visible_subfolder_that_holds_images_counts(tmp_path: Path) -> No
     refuse_image_dataset_as_run_dir(folder, [folder])
     with pytest.raises(ValueError, match="looks like an image dataset"):
         refuse_image_dataset_as_run_dir(folder, [tmp_path / "elsewhere"])
+    # A dataset split into train/ and test/ folders of class folders is one too.
+    split = tmp_path / "split"
+    for name in ("train", "test"):
+        _write_images(split / name / "cat")
+    with pytest.raises(ValueError, match=r"split looks like .* folder test/cat/ holds images"):
+        refuse_image_dataset_as_run_dir(split)
 
 
 def test_a_models_exports_are_among_the_outputs_a_fresh_run_clears() -> None:

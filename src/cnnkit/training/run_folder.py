@@ -20,7 +20,8 @@ import torch
 from cnnkit import __version__
 from cnnkit.atomic import write_atomically
 from cnnkit.config import RunConfig, dump_config
-from cnnkit.data.folder import is_image_name
+from cnnkit.data.folder import is_image_name, split_folders
+from cnnkit.data.source import DataFormatError
 from cnnkit.evaluation.report import resolved
 from cnnkit.models.registry import is_transfer_model, model_options
 from cnnkit.paths import RUN_INFO, has_run_info, is_search_folder, member_folders
@@ -192,7 +193,7 @@ def refuse_image_dataset_as_run_dir(run_dir: Path, data: Sequence[Path] = ()) ->
     roots = [Path(root).resolve() for root in data]
     if any(out == root or out in root.parents for root in roots):
         return
-    class_folder = _first_image_folder(run_dir)
+    class_folder = _first_image_folder(run_dir) or _first_split_class_folder(run_dir)
     if class_folder is not None:
         raise ValueError(
             f"--out {run_dir} looks like an image dataset (its class folder {class_folder}/ holds "
@@ -212,6 +213,20 @@ def _first_image_folder(folder: Path) -> str | None:
     except OSError:
         return None
     return next((name for name in names if _holds_an_image(folder / name)), None)
+
+
+def _first_split_class_folder(folder: Path) -> str | None:
+    """For a dataset split into folders (``train/<class>/`` beside ``test/<class>/``), the
+    first class folder that holds images, as ``train/cat``; else None."""
+    try:
+        splits = split_folders(folder)
+    except (DataFormatError, OSError):  # Unlabelled test/ images: _first_image_folder's case.
+        return None
+    for name in sorted(splits or ()):
+        inner = _first_image_folder(folder / name)
+        if inner is not None:
+            return f"{name}/{inner}"
+    return None
 
 
 def _holds_an_image(folder: Path) -> bool:
