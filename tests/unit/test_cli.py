@@ -1075,6 +1075,25 @@ def test_predict_reports_an_empty_folder_and_predicts_the_other_images(
     assert capsys.readouterr().out.startswith(f"{image}: ")
 
 
+def test_every_command_says_why_a_run_folder_has_no_model(capsys, tmp_path: Path) -> None:
+    """evaluate, export and serve said only "a folder with no model.safetensors in it" of a
+    run that diverged, failed or is unfinished: they now say which, and what to do."""
+    run = tmp_path / "run"
+    run.mkdir()
+    info = {"status": "failed", "cnnkit_version": "0.1.0", "error": "out of memory"}
+    (run / "run.json").write_text(json.dumps(info))
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "search.yaml").write_text("{}\n")
+    for command in (["evaluate"], ["export"], ["serve", "--port", "0"]):
+        assert main([*command, str(run)]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"cnnkit {command[0]}: error: {run}: a training run's folder without a "
+            "model.safetensors (the run failed: out of memory)"
+        )
+        assert main([*command, str(tmp_path / "search")]) == 2
+        assert "is a search folder, not a model" in capsys.readouterr().err
+
+
 def test_predict_refuses_a_first_input_meant_as_a_model(capsys, tmp_path: Path) -> None:
     """Without a model the bundled one answers, so a mistyped or unfinished model is refused
     rather than having the bundled model's predictions pass for its."""
@@ -1088,7 +1107,17 @@ def test_predict_refuses_a_first_input_meant_as_a_model(capsys, tmp_path: Path) 
     unfinished.mkdir()
     (unfinished / "run.json").write_text('{"status": "running", "cnnkit_version": "0.1.0"}')
     assert main(["predict", str(unfinished), str(image)]) == 2
-    assert "run's folder without a model.safetensors" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "run's folder without a model.safetensors (the run has not finished: `cnnkit" in error
+    # A run that diverged saved no model and cannot be resumed: its own error says what to do.
+    said = "training diverged in epoch 1 (loss nan); lower the learning rate and start afresh"
+    info = {"status": "diverged", "cnnkit_version": "0.1.0", "error": said}
+    (unfinished / "run.json").write_text(json.dumps(info))
+    assert main(["predict", str(unfinished), str(image)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"cnnkit predict: error: {unfinished}: a training run's folder without a "
+        f"model.safetensors (the run diverged: {said})"
+    )
     # A missing image as the first input is still an image: reported, the others predicted.
     assert main(["predict", str(tmp_path / "missing.png"), str(image)]) == 1
     captured = capsys.readouterr()

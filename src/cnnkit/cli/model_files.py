@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cnnkit.cli.arguments import DATASETS, CommandError
-from cnnkit.paths import is_search_folder
+from cnnkit.paths import is_search_folder, read_run_info
 
 
 def resolve_model_argument(path: str | None) -> Path:
@@ -20,9 +20,34 @@ def resolve_model_argument(path: str | None) -> Path:
     from cnnkit.inference.predictor import resolve_model_path
 
     if path:
-        refuse_search_folder(Path(path))
-        refuse_an_architecture_name(path)
+        refuse_what_is_no_model(path)
     return resolve_model_path(path or None)
+
+
+def refuse_what_is_no_model(path: str) -> None:
+    """Refuse, with what to give instead, a model argument that names a search folder, a run
+    with no model yet, or an architecture."""
+    refuse_search_folder(Path(path))
+    refuse_a_run_without_a_model(Path(path))
+    refuse_an_architecture_name(path)
+
+
+def refuse_a_run_without_a_model(folder: Path) -> None:
+    """A training run's folder with no model.safetensors yet: say why, from its run.json
+    (written when a run starts), and what to do."""
+    if not folder.is_dir() or (folder / "model.safetensors").is_file():
+        return
+    info = read_run_info(folder)
+    if info is None:
+        return
+    if info.get("status") in ("diverged", "failed"):
+        # The run's own error says what to change (a diverged run's: a lower learning rate).
+        why = f"the run {info['status']}: {info.get('error') or 'see its run.json'}"
+    else:
+        why = (
+            "the run has not finished: `cnnkit train ... --resume` with the same --out continues it"
+        )
+    raise CommandError(f"{folder}: a training run's folder without a model.safetensors ({why})")
 
 
 def refuse_an_architecture_name(path: str) -> None:

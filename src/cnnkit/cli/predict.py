@@ -16,6 +16,7 @@ from cnnkit.cli.arguments import CommandError
 from cnnkit.cli.model_files import (
     holds_a_model,
     path_test,
+    refuse_a_run_without_a_model,
     refuse_an_architecture_name,
     refuse_search_folder,
 )
@@ -166,11 +167,7 @@ def _refuse_model_less_first_input(path: Path) -> None:
     """Without ``--model`` the first input is an image (the bundled model answers), so refuse
     one that was meant as a model: predictions from the bundled model would pass for its."""
     refuse_search_folder(path)  # Not a folder of images to classify.
-    if path.is_dir() and has_run_info(path):  # Written when a run starts.
-        raise CommandError(
-            f"{path}: a training run's folder without a model.safetensors (the run has not "
-            "finished: `cnnkit train ... --resume` with the same --out continues it)"
-        )
+    refuse_a_run_without_a_model(path)
     from cnnkit.data.image import IMAGE_SUFFIXES
 
     suffix = path.suffix.lower()

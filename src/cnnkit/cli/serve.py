@@ -6,7 +6,7 @@ import argparse
 import math
 
 from cnnkit.cli.arguments import CommandError
-from cnnkit.cli.model_files import refuse_an_architecture_name
+from cnnkit.cli.model_files import refuse_what_is_no_model
 
 
 def upload_limit_bytes(megabytes: float) -> int:
@@ -33,7 +33,7 @@ def command_serve(args: argparse.Namespace) -> int:
 
     tune_allocator()  # And each process of --workers tunes its own (app_from_environment).
     if args.model:
-        refuse_an_architecture_name(args.model)
+        refuse_what_is_no_model(args.model)
     serve(
         args.model,
         host=args.host,
