@@ -666,6 +666,14 @@ def test_a_path_listed_twice_with_two_labels_names_both_as_written(tmp_path):
     with pytest.raises(DataFormatError) as raised:
         CsvSource(path).list_samples()
     assert str(raised.value) == (f'{path}:3: "0.png" is listed as "\\alpha" but line 2 says "\\pi"')
+    # Listed twice with one label, and a split cell left empty the second time.
+    rows = [["path", "label", "split"], ["0.png", "A", "train"], ["0.png", "A", ""]]
+    path = write_csv(tmp_path / "splits.csv", rows)
+    with pytest.raises(DataFormatError) as raised:
+        CsvSource(path).list_samples()
+    assert str(raised.value) == (
+        f'{path}:3: "0.png" is listed as "A" (no split) but line 2 says "A" (train)'
+    )
 
 
 # Splits.

@@ -171,12 +171,14 @@ class CsvSource:
                 first_line, first_label, first_split = seen[key]
                 if (first_label, first_split) != (label, split):
 
-                    def said(label: str, split: str | None) -> str:
-                        return f'"{label}"' + (f" ({split})" if split else "")
+                    def said(label: str, split: str | None, differ: bool) -> str:
+                        # The splits are named where they differ ("no split": an empty cell).
+                        return f'"{label}"' + (f" ({split or 'no split'})" if differ else "")
 
                     raise DataFormatError(
-                        f'{self.csv_path}:{line}: "{path}" is listed as {said(label, split)} '
-                        f"but line {first_line} says {said(first_label, first_split)}"
+                        f'{self.csv_path}:{line}: "{path}" is listed as '
+                        f"{said(label, split, first_split != split)} but line {first_line} says "
+                        f"{said(first_label, first_split, first_split != split)}"
                     )
                 duplicates.append(line)
                 continue
