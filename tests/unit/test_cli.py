@@ -692,6 +692,18 @@ def test_a_home_folder_tilde_is_expanded_where_no_shell_expands_it(tmp_path, mon
     assert from_file.out == str(tmp_path / "run")
 
 
+def test_a_printed_config_for_data_not_there_yet_says_what_it_assumed(tmp_path, capsys):
+    missing = tmp_path / "later.csv"
+    argv = ["train", "--dataset", "csv", "--data", str(missing), "--print-config"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(
+        f"# {missing} does not exist yet, so its images were not looked at: training symbol_cnn, "
+        "as for symbols; a csv of colour photos would train efficientnet_lite0\n"
+    )
+    assert "name: symbol_cnn" in printed
+
+
 def test_a_fifo_csv_is_no_photo_set_and_is_not_waited_on(tmp_path) -> None:
     """``--data <(grep ...)``: sampling the CSV must not block on a pipe nobody writes."""
     fifo = tmp_path / "labels.csv"

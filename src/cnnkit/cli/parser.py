@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_fetch(commands: argparse._SubParsersAction) -> None:
     """The ``fetch`` command."""
     fetch = commands.add_parser("fetch", help="download or import a dataset archive")
-    fetch.add_argument("name", choices=["hasy", "cub"])
+    fetch.add_argument(
+        "name", choices=["hasy", "cub"], help="hasy: HASYv2 (Zenodo); cub: CUB-200-2011 (Caltech)"
+    )
     fetch.add_argument(
         "--to", type=home_path, default="data", help="destination folder (default ./data)"
     )
@@ -232,11 +234,20 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--quantize",
         choices=["int8"],
-        help="int8 static quantization, calibrated on training images of --dataset/--data "
-        "(default output MODEL-int8.onnx); faster on CPUs, check the accuracy",
+        help="int8 static quantization, calibrated on training images of --dataset/--data, "
+        "else of the data the model file records (default output MODEL-int8.onnx); faster on "
+        "CPUs, check the accuracy",
     )
-    export.add_argument("--dataset", choices=DATASETS, help="calibration data source")
-    export.add_argument("--data", type=home_path, help="calibration dataset path")
+    export.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        help="calibration data source (default: the one the model file records)",
+    )
+    export.add_argument(
+        "--data",
+        type=home_path,
+        help="calibration dataset path (default: the one the model file records)",
+    )
     export.add_argument(
         "--fold", type=whole(1, 10), help="HASYv2 fold whose training images calibrate"
     )
@@ -273,13 +284,21 @@ def _add_search(commands: argparse._SubParsersAction) -> None:
         default="halving",
         help="stop weak trials early: successive halving (default), median, or none",
     )
-    search.add_argument("--n-trials", type=whole(1), help="finished trials the study should hold")
+    search.add_argument(
+        "--n-trials",
+        type=whole(1),
+        help="finished trials the study should hold (default: every grid point with --sampler "
+        "grid, else 20, or no limit with --timeout)",
+    )
     search.add_argument("--timeout", type=float, help="stop starting trials after N seconds")
     search.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/study.db)")
     search.add_argument("--study-name", help="study name in the storage (default: OUT's name)")
     search.add_argument("--sampler-seed", type=int, help="seed the sampler (reproducible order)")
     search.add_argument(
-        "--prune-warmup", type=int, default=2, help="epochs before a trial can be pruned"
+        "--prune-warmup",
+        type=int,
+        default=2,
+        help="epochs before a trial can be pruned (default 2)",
     )
     search.add_argument(
         "--workers",

@@ -69,7 +69,7 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
         _option_flags_given(args) or (file_layer.get("model") or {}).get("options")
     )
     unnamed = preset is None and model_name is None and not options_given
-    not_photos = None
+    not_photos = unseen = None
     if detect_photos and unnamed and dataset in ("folder", "csv") and data:
         from cnnkit.data.photos import looks_like_photos
 
@@ -82,6 +82,8 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
             )
         elif seen:  # Said too when the images are not photos (below): colour or size is lost.
             not_photos = seen
+        elif getattr(args, "print_config", False) and not Path(data).exists():
+            unseen = data  # A run would stop on it; a printed config says what it assumed.
     if preset is None and model_name in PHOTO_MODELS_PRESET:
         preset = PHOTO_MODELS_PRESET[model_name]
     if preset is None and model_name and model_name.startswith("efficientnet"):
@@ -106,6 +108,12 @@ def resolve_run_config(args: argparse.Namespace, detect_photos: bool = True):
         if _model_from_the_file(args, file_layer):  # A model name or option of the file's.
             raise CommandError(f"{args.config}: {error}") from None
         raise
+    if unseen:
+        args.chosen_because = (
+            f"{unseen} does not exist yet, so its images were not looked at: training "
+            f"{config.model.name}, as for symbols; a {dataset} of colour photos would train "
+            f"{PHOTO_MODEL}"
+        )
     if not_photos:
         size, channels = config.data.image_size, config.data.channels
         keeps = "colour" if channels == 3 else "grayscale (--channels 3 keeps colour)"
