@@ -28,6 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=5, help="training epochs (book: 30)")
     parser.add_argument("--cache-dir", help="decoded-image cache (default: a fresh temp folder)")
+    parser.add_argument("--name", default="book_bird_cnn", help="results file name")
     args = parser.parse_args()
     archive = shared_dataset(ARCHIVE)
     tune_allocator()
@@ -57,7 +58,7 @@ def main() -> None:
     print(f"book: {BOOK_TOP1_200_CLASSES:.1%} top-1 on 200 classes (30 epochs)")
     print(f"wall time {wall / 60:.1f} min (data {result.seconds['data']:.0f} s)")
     path = record_result(
-        "book_bird_cnn",
+        args.name,
         {
             "epochs": result.fit.epochs_run,
             "data": result.data_description,

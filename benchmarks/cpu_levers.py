@@ -266,6 +266,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.0, help="measured time per run")
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--name", default="cpu_levers", help="results file name")
     args = parser.parse_args()
     if args.worker:
         jobs = [{**raw, "levers": Levers(**raw["levers"])} for raw in json.loads(args.worker)]
@@ -319,7 +320,7 @@ def main() -> None:
         for workload in args.workloads
         for levers in configs
     }
-    record_result("cpu_levers", {"rounds": args.rounds, "images_per_second": medians})
+    record_result(args.name, {"rounds": args.rounds, "images_per_second": medians})
 
 
 if __name__ == "__main__":

@@ -152,6 +152,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="fine-tune steps per variant")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--sizes", default="224,160", help="fine-tune input sizes to measure")
+    parser.add_argument("--name", default="cub_pipeline", help="results file name")
     args = parser.parse_args()
     archive = shared_dataset(ARCHIVE)
     tune_allocator()
@@ -222,7 +223,7 @@ def main() -> None:
                 f"5. fine-tune {tag}: cached uint8 + batched augmentation {cached_rate:.1f} "
                 f"img/s, PIL per image {plain_rate:.1f} img/s"
             )
-    path = record_result("cub_pipeline", {"images": count, "results": results})
+    path = record_result(args.name, {"images": count, "results": results})
     print(f"recorded: {path}")
 
 

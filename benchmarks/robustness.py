@@ -677,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-category", type=int, default=200, help="inputs per category")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds before a hang")
     parser.add_argument("--only", nargs="*", default=None, help="run only these categories")
+    parser.add_argument("--name", default="robustness", help="results file name")
     args = parser.parse_args(argv)
     categories = [*IMAGE_CATEGORIES, *LABEL_CATEGORIES, DATASET_CATEGORY]
     categories = [name for name in categories if not args.only or name in args.only]
@@ -714,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         "total": {**vars(total), "handled": total.handled},
         "passed": passed,
     }
-    print(f"wrote {record_result('robustness', payload)}")
+    print(f"wrote {record_result(args.name, payload)}")
     return 0 if passed else 1
 
 

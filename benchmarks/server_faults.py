@@ -631,6 +631,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--torch-threads", type=int, default=0)
+    parser.add_argument("--name", default="server_faults", help="results file name")
     arguments = parser.parse_args()
     from benchmarks.serve_load import resolve_model
 
@@ -638,7 +639,7 @@ def main() -> int:
     config = FloodConfig(arguments.requests, arguments.concurrency, seed=arguments.seed)
     figures = run_fault_check(model, config, arguments.torch_threads)
     print_figures(figures)
-    print(f"wrote {record_result('server_faults', figures)}")
+    print(f"wrote {record_result(arguments.name, figures)}")
     return 0 if figures["passed"] else 1
 
 

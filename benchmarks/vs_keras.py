@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--archive", type=Path, default=HASY_ARCHIVE)
     parser.add_argument("--bench-python", type=Path, default=REPOSITORY / ".bench-venv/bin/python")
     parser.add_argument("--cache-dir", type=Path, help="decoded-image cache (cnnkit's default)")
+    parser.add_argument("--name", default="vs_keras", help="results file name")
     args = parser.parse_args()
     if not args.bench_python.is_file():
         raise SystemExit(f"{args.bench_python} not found: run `make bench-venv` first")
@@ -190,7 +191,7 @@ def main() -> None:
         for batch in args.batch_sizes
     }
     record_result(
-        "vs_keras",
+        args.name,
         {"data": description, "rounds": args.rounds, "images_per_second": medians, **ratios},
     )
 
