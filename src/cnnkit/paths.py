@@ -22,6 +22,8 @@ SEARCH_SETTINGS = "search.yaml"
 RUN_INFO = "run.json"
 # The checkpoint a training run writes every epoch (cnnkit.training.checkpoint).
 CHECKPOINT_NAME = "checkpoint.pt"
+# The images a run left out under --on-bad-image skip, one a line (training.run_status).
+SKIPPED_LIST = "skipped.txt"
 
 
 def read_run_info(folder: str | Path) -> dict | None:

@@ -1941,12 +1941,20 @@ def test_evaluate_skips_the_bad_files_its_run_skipped(capsys, tmp_path: Path) ->
     out = tmp_path / "run"
     argv = ["train", "--dataset", "folder", "--data", str(data), "--epochs", "1", "--quiet"]
     assert main([*argv, "--on-bad-image", "skip", "--out", str(out)]) == 0
-    capsys.readouterr()
+    said = capsys.readouterr().out
+    # Every skipped image is listed in the run folder; the terminal shows the first.
+    assert f"Skipped 1 bad image(s) (all: {out / 'skipped.txt'}); first: " in said
+    (listed,) = (out / "skipped.txt").read_text(encoding="utf-8").splitlines()
+    assert "broken.png" in listed and listed in said
     assert main(["evaluate", str(out), "--split", "all"]) == 0
     assert "Evaluated 8 images (all split)" in capsys.readouterr().out
     # Given explicitly, the flag still wins.
     assert main(["evaluate", str(out), "--split", "all", "--on-bad-image", "error"]) == 2
     assert "broken.png" in capsys.readouterr().err
+    # Trained again once the file is fixed, the run's list goes with the earlier run.
+    (data / "a" / "broken.png").unlink()
+    assert main([*argv, "--out", str(out)]) == 0
+    assert not (out / "skipped.txt").exists()
 
 
 def test_a_runs_config_file_trains_the_same_run_from_another_folder(

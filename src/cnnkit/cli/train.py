@@ -16,7 +16,7 @@ from cnnkit.cli.arguments import CommandError
 from cnnkit.cli.model_files import path_test
 from cnnkit.cli.predict import format_prediction
 from cnnkit.cli.settings import print_config, resolve_run_config
-from cnnkit.paths import default_cache_dir, read_run_info
+from cnnkit.paths import SKIPPED_LIST, default_cache_dir, read_run_info
 
 
 def distributed_from_env(device: str = "auto"):
@@ -30,11 +30,13 @@ def distributed_from_env(device: str = "auto"):
     return init_distributed(rank, local_rank, world_size, select_device(device))
 
 
-def print_data_summary(data) -> None:
+def print_data_summary(data, run_dir: Path | None = None) -> None:
+    """The data line, and the bad images skipped (all listed in ``run_dir``'s skipped.txt)."""
     source = "cache" if data.from_cache else "decoded"
     print(f"Data: {data.splits.description} ({source})")
     if data.problems:
-        print(f"Skipped {len(data.problems)} bad image(s); first: {data.problems[0]}")
+        listed = f" (all: {run_dir / SKIPPED_LIST})" if run_dir is not None else ""
+        print(f"Skipped {len(data.problems)} bad image(s){listed}; first: {data.problems[0]}")
 
 
 # Fewer optimizer steps than this in all leave a network trained from scratch near chance.
@@ -43,7 +45,7 @@ FEW_STEPS = 20
 
 def _report_data(data, config) -> None:
     """The data line, and a note where the run is too short to learn anything."""
-    print_data_summary(data)
+    print_data_summary(data, config.run_dir())
     from cnnkit.data.loader import training_steps_per_epoch
     from cnnkit.models.registry import is_transfer_model
 

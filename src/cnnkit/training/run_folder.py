@@ -24,7 +24,7 @@ from cnnkit.data.folder import is_image_name, split_folders
 from cnnkit.data.source import DataFormatError
 from cnnkit.evaluation.report import resolved
 from cnnkit.models.registry import is_transfer_model, model_options
-from cnnkit.paths import RUN_INFO, has_run_info, is_search_folder, member_folders
+from cnnkit.paths import RUN_INFO, SKIPPED_LIST, has_run_info, is_search_folder, member_folders
 from cnnkit.training.checkpoint import CHECKPOINT_NAME, CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ RUN_OUTPUTS = (
     "report.html",
     RUN_INFO,
     "samples",
+    SKIPPED_LIST,
     "tensorboard",
 )
 

@@ -12,13 +12,14 @@ from typing import Any
 
 import yaml
 
+from cnnkit.atomic import write_atomically
 from cnnkit.config import RunConfig, config_to_dict
 from cnnkit.config.files import load_yaml
 from cnnkit.data.dataset import DataSplits
 from cnnkit.data.sources import LoadedData
 from cnnkit.errors import error_line
 from cnnkit.evaluation.report import resolved
-from cnnkit.paths import read_run_info
+from cnnkit.paths import SKIPPED_LIST, read_run_info
 from cnnkit.runtime import DistributedContext
 from cnnkit.training.final_model import best_val_accuracy
 from cnnkit.training.run_folder import (
@@ -113,10 +114,23 @@ def start_run(
         # the data has loaded and its batches are set up: a run that fails before keeps it.
         clear_run_outputs(run_dir, keep=data_roots(config))
         started.write_once()
+    if distributed.is_main:
+        write_skipped_list(run_dir, data.problems)
     if distributed.is_main and resuming:
         # The checkpoint is checked against this run's settings first (see RunInfoOnStart).
         callbacks = [started, *callbacks]
     return started, callbacks
+
+
+def write_skipped_list(run_dir: Path, problems: Sequence[str]) -> None:
+    """List the images ``--on-bad-image skip`` left out, one a line, in ``RUN/skipped.txt``
+    (the terminal shows the first); a run that skipped none has no such file."""
+    path = run_dir / SKIPPED_LIST
+    if not problems:
+        path.unlink(missing_ok=True)  # A resumed run's, of data since fixed.
+        return
+    text = "".join(f"{problem}\n" for problem in problems)
+    write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
 def _resumes(run_dir: Path, config: RunConfig, epoch: int) -> list[dict[str, Any]]:
