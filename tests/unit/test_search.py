@@ -183,6 +183,35 @@ def test_a_trial_of_another_model_keeps_only_the_base_options_it_takes(tmp_path)
     assert book.model.options == {"image_size": base.data.image_size}
 
 
+def test_a_trial_of_another_backbone_takes_photos_at_its_own_size(tmp_path):
+    """From a trio at 320 px, a Lite0 or Lite2 trial trains at its weights' 224 or 260 px (the
+    base's size is the trio's), and the data settings follow; a drawn size is kept."""
+    lites = ("efficientnet_lite0", "efficientnet_lite2")
+    space = SearchSpace(
+        "lites", (SearchParameter("model", "categorical", "model.name", choices=lites),)
+    )
+    base = build_run_config(
+        preset_for("cub"),
+        {"data": {"dataset": "folder", "data": str(tmp_path)}},
+        {"out": str(tmp_path / "s")},
+    )
+    assert base.model.options["image_size"] == 320
+    for name, size in zip(lites, (224, 260), strict=True):
+        trial = build_trial_config(base, space, {"model": name}, tmp_path / name)
+        assert "image_size" not in trial.model.options
+        assert (trial.data.image_size, trial.data.stored_size) == (size, size + 32)
+    sized = SearchSpace(
+        "sized",
+        (
+            *space.parameters,
+            SearchParameter("size", "categorical", "model.options.image_size", choices=(288,)),
+        ),
+    )
+    trial = build_trial_config(base, sized, {"model": lites[0], "size": 288}, tmp_path / "t")
+    assert trial.model.options["image_size"] == 288
+    assert (trial.data.image_size, trial.data.stored_size) == (288, 320)
+
+
 def replace_options(config, options: dict):
     return replace(config, model=replace(config.model, options=options))
 

@@ -34,17 +34,27 @@ def build_trial_config(
 
     A trial that draws another model (a space that searches ``model.name``) keeps only the
     base's model options that model takes: the base's were set for its own model (a preset's
-    ``dense`` for book_cnn means nothing to symbol_cnn), and a model sized by its input gets
-    ``image_size`` from the data settings, as the training command gives it.
+    ``dense`` for book_cnn means nothing to symbol_cnn). A model sized by its input gets
+    ``image_size`` from the data settings, as the training command gives it; a pretrained
+    backbone takes photos at its weights' own size unless the space draws one, and the data
+    settings follow it.
     """
-    config = build_run_config(config_to_dict(base), overrides_for(space, params), {"out": str(out)})
+    overrides = overrides_for(space, params)
+    config = build_run_config(config_to_dict(base), overrides, {"out": str(out)})
     if config.model.name == base.model.name:
         return config
-    from cnnkit.models.registry import model_options
+    from cnnkit.models.registry import is_transfer_model, model_input, model_options
 
-    takes = model_options(config.model.name)
+    name = config.model.name
+    takes = model_options(name)
     options = {key: value for key, value in config.model.options.items() if key in takes}
-    if "image_size" in takes:
+    if is_transfer_model(name):
+        if "image_size" not in (overrides.get("model") or {}).get("options", {}):
+            options.pop("image_size", None)  # The base model's size, not this backbone's.
+        taken = model_input(name, config.data.channels, options)
+        data = replace(config.data, image_size=taken.image_size, stored_size=taken.stored_size)
+        config = replace(config, data=data)
+    elif "image_size" in takes:
         options["image_size"] = config.data.image_size
     dropped = sorted(set(config.model.options) - set(options))
     if dropped:
