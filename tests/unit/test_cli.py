@@ -687,6 +687,9 @@ def test_a_home_folder_tilde_is_expanded_where_no_shell_expands_it(tmp_path, mon
     config.write_text(
         "data: {dataset: folder, data: ~/birds, cache_dir: ~/cache}\nout: ~/run\n", "utf-8"
     )
+    for command in ("predict", "evaluate", "export", "serve"):
+        args = build_parser().parse_args([command, "--model=~/run"])
+        assert getattr(args, "model_flag", args.model) == str(tmp_path / "run"), command
     from_file = _resolve("--config=~/settings.yaml")
     assert (from_file.data.data, from_file.data.cache_dir) == (str(photos), str(tmp_path / "cache"))
     assert from_file.out == str(tmp_path / "run")
@@ -1104,6 +1107,15 @@ def test_every_command_says_why_a_run_folder_has_no_model(capsys, tmp_path: Path
         )
         assert main([*command, str(tmp_path / "search")]) == 2
         assert "is a search folder, not a model" in capsys.readouterr().err
+    assert main(["predict", "--model", str(run), "image.png"]) == 2  # The flag, as the word.
+    assert "(the run failed: out of memory)" in capsys.readouterr().err
+    for status, why in (
+        ("pruned", "a search pruned this trial before it finished, so it saved no model"),
+        ("finished", "the run finished, but its model file has since been removed"),
+    ):
+        (run / "run.json").write_text(json.dumps({"status": status, "cnnkit_version": "0.1"}))
+        assert main(["evaluate", str(run)]) == 2
+        assert capsys.readouterr().err.strip().endswith(f"model.safetensors ({why})")
 
 
 def test_predict_refuses_a_first_input_meant_as_a_model(capsys, tmp_path: Path) -> None:

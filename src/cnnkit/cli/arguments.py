@@ -280,5 +280,6 @@ def add_model_argument(parser: argparse.ArgumentParser, help: str) -> None:
         "--model",
         dest="model_flag",
         metavar="MODEL",
+        type=home_path,
         help="the same as MODEL (as predict takes it)",
     )

@@ -40,9 +40,14 @@ def refuse_a_run_without_a_model(folder: Path) -> None:
     info = read_run_info(folder)
     if info is None:
         return
-    if info.get("status") in ("diverged", "failed"):
+    status = info.get("status")
+    if status in ("diverged", "failed"):
         # The run's own error says what to change (a diverged run's: a lower learning rate).
-        why = f"the run {info['status']}: {info.get('error') or 'see its run.json'}"
+        why = f"the run {status}: {info.get('error') or 'see its run.json'}"
+    elif status == "pruned":
+        why = "a search pruned this trial before it finished, so it saved no model"
+    elif status == "finished":
+        why = "the run finished, but its model file has since been removed"
     else:
         why = (
             "the run has not finished: `cnnkit train ... --resume` with the same --out continues it"

@@ -137,6 +137,7 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("inputs", nargs="*", metavar="[MODEL] IMAGE", help="model file, images")
     predict.add_argument(
         "--model",
+        type=home_path,
         help="model file, its .onnx export, or a training run's folder (default: the first "
         "argument when it is one of those, else the bundled model)",
     )

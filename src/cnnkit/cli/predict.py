@@ -17,8 +17,8 @@ from cnnkit.cli.model_files import (
     holds_a_model,
     path_test,
     refuse_a_run_without_a_model,
-    refuse_an_architecture_name,
     refuse_search_folder,
+    refuse_what_is_no_model,
 )
 from cnnkit.errors import error_line
 from cnnkit.paths import has_run_info
@@ -87,7 +87,7 @@ def command_predict(args: argparse.Namespace) -> int:
         with contextlib.suppress(OSError, ValueError, RuntimeError):
             _refuse_model_less_first_input(Path(inputs[0]).expanduser())
     if model:
-        refuse_an_architecture_name(model)
+        refuse_what_is_no_model(model)
     for given in inputs:
         _refuse_a_model_among_images(given, model)
     empty_folders: list[str] = []
