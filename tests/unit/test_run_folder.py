@@ -112,6 +112,13 @@ def test_only_a_visible_subfolder_that_holds_images_counts(tmp_path: Path) -> No
         _write_images(split / name / "cat")
     with pytest.raises(ValueError, match=r"split looks like .* folder test/cat/ holds images"):
         refuse_image_dataset_as_run_dir(split)
+    (split / "notes").mkdir()  # Beside another folder (which the folder source refuses).
+    with pytest.raises(ValueError, match=r"split looks like .* folder test/cat/ holds images"):
+        refuse_image_dataset_as_run_dir(split)
+    only = tmp_path / "only-train"  # A train/ folder alone is a dataset too.
+    _write_images(only / "Train" / "dog")
+    with pytest.raises(ValueError, match=r"folder Train/dog/ holds images"):
+        refuse_image_dataset_as_run_dir(only)
 
 
 def test_a_models_exports_are_among_the_outputs_a_fresh_run_clears() -> None:

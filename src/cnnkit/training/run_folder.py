@@ -20,8 +20,7 @@ import torch
 from cnnkit import __version__
 from cnnkit.atomic import write_atomically
 from cnnkit.config import RunConfig, dump_config
-from cnnkit.data.folder import is_image_name, split_folders
-from cnnkit.data.source import DataFormatError
+from cnnkit.data.folder import SPLIT_FOLDERS, is_image_name
 from cnnkit.evaluation.report import resolved
 from cnnkit.models.registry import is_transfer_model, model_options
 from cnnkit.paths import RUN_INFO, SKIPPED_LIST, has_run_info, is_search_folder, member_folders
@@ -217,13 +216,16 @@ def _first_image_folder(folder: Path) -> str | None:
 
 
 def _first_split_class_folder(folder: Path) -> str | None:
-    """For a dataset split into folders (``train/<class>/`` beside ``test/<class>/``), the
-    first class folder that holds images, as ``train/cat``; else None."""
+    """For a dataset split into folders (``train/<class>/``, ``test/<class>/``...), the first
+    class folder of a split folder that holds images, as ``train/cat``; else None."""
     try:
-        splits = split_folders(folder)
-    except (DataFormatError, OSError):  # Unlabelled test/ images: _first_image_folder's case.
+        with os.scandir(folder) as entries:
+            splits = sorted(
+                e.name for e in entries if e.name.lower() in SPLIT_FOLDERS and e.is_dir()
+            )
+    except OSError:
         return None
-    for name in sorted(splits or ()):
+    for name in splits:
         inner = _first_image_folder(folder / name)
         if inner is not None:
             return f"{name}/{inner}"
