@@ -142,6 +142,20 @@ def test_a_symbol_without_images_is_left_out_with_a_warning(tmp_path, files, cap
     ]
     data = build_splits(DataConfig(dataset="hasy", data=str(root), cache_dir=None), Preprocessing())
     assert data.splits.class_names == ["A", r"\alpha", "C"]
+    # A symbol with images in neither of a fold's files: no class of that fold.
+    for split in ("train", "test"):
+        name = f"classification-task/fold-1/{split}.csv"
+        rows = files[name].decode().splitlines()
+        files[name] = crlf([row for row in rows if ",33,C," not in row])
+    root = write_folder(tmp_path / "folded", files)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cnnkit"):
+        listing = HasySource(root, fold=1).list_samples()
+    assert listing.class_names == ["A", r"\alpha"]
+    assert sorted({record.label for record in listing.records}) == [0, 1]
+    assert [r.getMessage() for r in caplog.records] == [
+        "symbols.csv lists 2 symbol(s) with no image in fold 1's files, left out: C, \\beta"
+    ]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import posixpath
@@ -20,24 +21,25 @@ SYMBOLS_FILE = "symbols.csv"
 
 
 def _symbols_with_images(
-    class_names: list[str], labels: dict[str, int]
-) -> tuple[list[str], dict[str, int]]:
-    """The classes that have images, and each image's label among them: a symbol that
-    ``symbols.csv`` lists with no image in ``hasy-data-labels.csv`` (a trimmed copy of the
-    data) is left out, as no split could hold it."""
-    used = sorted(set(labels.values()))
+    class_names: list[str], records: list[SampleRecord], listed_in: str
+) -> tuple[list[str], list[SampleRecord]]:
+    """The classes that have images, and the records labelled among them: a symbol that
+    ``symbols.csv`` lists with no image in ``listed_in`` (the labels file, or a fold's files)
+    is left out, as no split could hold it (a trimmed copy of the data)."""
+    used = sorted({record.label for record in records})
     if len(used) == len(class_names):
-        return class_names, labels
+        return class_names, records
     dense = {label: index for index, label in enumerate(used)}
     unused = [name for label, name in enumerate(class_names) if label not in dense]
     logger.warning(
         "%s lists %d symbol(s) with no image in %s, left out: %s",
         SYMBOLS_FILE,
         len(unused),
-        LABELS_FILE,
+        listed_in,
         ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else ""),
     )
-    return [class_names[label] for label in used], {k: dense[v] for k, v in labels.items()}
+    relabelled = [dataclasses.replace(record, label=dense[record.label]) for record in records]
+    return [class_names[label] for label in used], relabelled
 
 
 def _parse_symbols(data: bytes, name: str) -> tuple[list[str], dict[int, int]]:
@@ -142,13 +144,14 @@ class HasySource:
         files = self._files.read_metadata(required)
         class_names, label_of_symbol = _parse_symbols(files[SYMBOLS_FILE], SYMBOLS_FILE)
         labels, lines = self._read_labels(files[LABELS_FILE], class_names, label_of_symbol)
-        class_names, labels = _symbols_with_images(class_names, labels)
         splits = self._fold_splits(files, labels) if self.fold is not None else None
         records = [
             SampleRecord(key, label, splits[key] if splits else None, f"{LABELS_FILE}:{lines[key]}")
             for key, label in labels.items()
             if splits is None or key in splits
         ]
+        listed_in = LABELS_FILE if self.fold is None else f"fold {self.fold}'s files"
+        class_names, records = _symbols_with_images(class_names, records, listed_in)
         digest = hashlib.sha256(encode_name(f"{self._files.identity()}|{len(labels)}|"))
         digest.update(files[LABELS_FILE] + b"\0" + files[SYMBOLS_FILE])
         if self._files.folder is not None:
