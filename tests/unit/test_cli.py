@@ -1963,6 +1963,17 @@ def test_evaluate_skips_the_bad_files_its_run_skipped(capsys, tmp_path: Path) ->
     # Given explicitly, the flag still wins.
     assert main(["evaluate", str(out), "--split", "all", "--on-bad-image", "error"]) == 2
     assert "broken.png" in capsys.readouterr().err
+    # A test share with data that brings its own split is named as unused, when training.
+    split_data = tmp_path / "split"
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            _write_images(split_data / split / name, count=3)
+    shared = ["train", "--dataset", "folder", "--data", str(split_data), "--epochs", "1"]
+    assert main([*shared, "--test-fraction", "0.3", "--quiet", "--out", str(tmp_path / "r")]) == 0
+    note = f"Note: {split_data} gives its own test split, so test_fraction 0.3 (--test-fraction)"
+    assert note in capsys.readouterr().out
+    assert main(["evaluate", str(tmp_path / "r")]) == 0
+    assert "test_fraction" not in "".join(capsys.readouterr())
     # Trained again once the file is fixed, the run's list goes with the earlier run.
     (data / "a" / "broken.png").unlink()
     assert main([*argv, "--out", str(out)]) == 0

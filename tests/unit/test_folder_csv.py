@@ -151,7 +151,7 @@ def test_folder_without_class_folders_or_missing_is_refused(tmp_path):
         FolderSource(tmp_path / "file").list_samples()
 
 
-def test_a_folder_split_into_train_and_test_folders_keeps_that_split(tmp_path, caplog):
+def test_a_folder_split_into_train_and_test_folders_keeps_that_split(tmp_path):
     """``train/<class>/`` beside ``test/<class>/``: the classes are the inner folders, and
     the test split is test/'s images (not a "train" against "test" classifier)."""
     for split, count in (("train", 5), ("test", 2)):
@@ -171,14 +171,12 @@ def test_a_folder_split_into_train_and_test_folders_keeps_that_split(tmp_path, c
     assert split_of["train/cat/more/deep.png"] == ("train", "cat")
     splits = build_splits(folder_config(tmp_path, val_fraction=0.0), Preprocessing()).splits
     assert (len(splits.train), len(splits.test)) == (11, 4)
-    # A test share is for a seeded split: given with this one, the run says it is not used.
-    with caplog.at_level(logging.WARNING, logger="cnnkit"):
-        config = folder_config(tmp_path, val_fraction=0.0, test_fraction=0.5)
-        splits = build_splits(config, Preprocessing()).splits
-    assert (len(splits.train), len(splits.test)) == (11, 4)
-    assert [r.getMessage() for r in caplog.records] == [
-        f"{tmp_path} gives its own test split, so test_fraction 0.5 (--test-fraction) is not used"
-    ]
+    # A test share is for a seeded split: this one is kept (training says the share is unused).
+    loaded = build_splits(
+        folder_config(tmp_path, val_fraction=0.0, test_fraction=0.5), Preprocessing()
+    )
+    assert (len(loaded.splits.train), len(loaded.splits.test), loaded.split_given) == (11, 4, True)
+    assert not build_splits(folder_config(tmp_path / "train"), Preprocessing()).split_given
     # Without test/, val/ is the test split; with both, val/ trains with train/.
     (tmp_path / "test").rename(tmp_path / "Val")
     assert (

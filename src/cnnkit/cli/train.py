@@ -44,10 +44,18 @@ FEW_STEPS = 20
 
 
 def _report_data(data, config) -> None:
-    """The data line, and a note where the run is too short to learn anything."""
-    print_data_summary(data, config.run_dir())
+    """The data line, and notes where a test share goes unused or the run is too short to
+    learn anything."""
+    from cnnkit.config import DataConfig
     from cnnkit.data.loader import training_steps_per_epoch
     from cnnkit.models.registry import is_transfer_model
+
+    print_data_summary(data, config.run_dir())
+    if data.split_given and config.data.test_fraction != DataConfig.test_fraction:
+        print(
+            f"Note: {config.data.data} gives its own test split, so test_fraction "
+            f"{config.data.test_fraction:g} (--test-fraction) is not used"
+        )
 
     if is_transfer_model(config.model.name):
         return  # Its head learns on cached features; its fine-tune starts from ImageNet.

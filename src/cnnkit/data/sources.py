@@ -30,6 +30,9 @@ class LoadedData:
     splits: DataSplits
     problems: list[str]
     from_cache: bool
+    # Whether the data marks its own test split (a fold, split folders or column, CUB's file)
+    # rather than a seeded test_fraction drawing it.
+    split_given: bool = False
 
 
 def build_splits(
@@ -79,6 +82,7 @@ def build_splits(
         DataSplits(train, val, test, listing.class_names, description, indices.copies),
         decoded.problems,
         decoded.from_cache,
+        indices.has_split_column,
     )
 
 
@@ -169,12 +173,6 @@ def _split_indices(
     if has_split_column:
         train_idx = valid[splits == "train"]
         test_idx = valid[splits == "test"]
-        if for_training and config.test_fraction != DataConfig.test_fraction:
-            logger.warning(
-                "%s gives its own test split, so test_fraction %g (--test-fraction) is not used",
-                where,
-                config.test_fraction,
-            )
     else:
         groups, copies = _duplicate_groups(images, valid, where)
         _warn_of_copies_with_other_labels(listing, valid, groups, config)
