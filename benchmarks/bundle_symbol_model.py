@@ -66,12 +66,17 @@ def main() -> None:
         action="store_true",
         help="only export --out (the shipped model by default) to int8 beside it",
     )
+    parser.add_argument(
+        "--name",
+        default="bundled_symbol_model",
+        help="results file name (the int8 copy's: NAME_int8)",
+    )
     args = parser.parse_args()
     archive = shared_dataset("HASYv2-dev.tar.bz2")
     int8_out = Path(args.out).with_name(BUNDLED_INT8_MODEL)
     if args.int8_only:
         scores = write_int8_copy(Path(args.out), archive, args.fold, int8_out)
-        record_result("bundled_symbol_model_int8", {"source": args.out, **scores})
+        record_result(f"{args.name}_int8", {"source": args.out, **scores})
         return
     if not args.model or not args.recipe:
         parser.error("give the model file and --recipe (or --int8-only)")
@@ -99,7 +104,7 @@ def main() -> None:
     print(f"wrote {args.out} ({size:.1f} MB): fold {args.fold} top-1 {top1:.4f}, top-5 {top5:.4f}")
     scores = write_int8_copy(Path(args.out), archive, args.fold, int8_out)
     record = {"source": args.model, "size_mb": size, **training, **scores}
-    record_result("bundled_symbol_model", record)
+    record_result(args.name, record)
 
 
 if __name__ == "__main__":
