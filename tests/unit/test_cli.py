@@ -1978,6 +1978,12 @@ def test_evaluate_skips_the_bad_files_its_run_skipped(capsys, tmp_path: Path) ->
     (data / "a" / "broken.png").unlink()
     assert main([*argv, "--out", str(out)]) == 0
     assert not (out / "skipped.txt").exists()
+    # A file of that name in a folder that held no run is the user's: left alone.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "skipped.txt").write_text("my notes\n")
+    assert main([*argv, "--out", str(mine)]) == 0
+    assert (mine / "skipped.txt").read_text() == "my notes\n"
 
 
 def test_a_runs_config_file_trains_the_same_run_from_another_folder(

@@ -83,7 +83,8 @@ def test_a_resume_on_another_split_is_refused_and_the_finished_run_kept(tmp_path
 def test_a_refused_resume_leaves_config_and_run_json_as_they_were(tmp_path: Path) -> None:
     run = tmp_path / "run"
     config = _interrupted_after_one_epoch(run)
-    before = _run_files(run)
+    (run / "skipped.txt").write_text("a/9.png: not an image\n")  # As if it had skipped one.
+    before = {**_run_files(run), "skipped.txt": (run / "skipped.txt").read_bytes()}
     assert json.loads(before["run.json"])["status"] == "interrupted"
     refusals = [
         ({"model": {"options": {"width": 16}}}, "does not match this run's model"),
@@ -93,10 +94,12 @@ def test_a_refused_resume_leaves_config_and_run_json_as_they_were(tmp_path: Path
     for changes, refusal in refusals:
         with pytest.raises(CheckpointError, match=refusal):
             train_run(_config(run, changes), resume=True, progress=False)
-        assert _run_files(run) == before
-    # The settings it was trained with resume it, and then the files describe the run.
+        assert {**_run_files(run), "skipped.txt": (run / "skipped.txt").read_bytes()} == before
+    # The settings it was trained with resume it, and then the files describe the run (which
+    # skipped no image).
     _resumed_from_epoch_one(config)
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    assert not (run / "skipped.txt").exists()
 
 
 def test_a_checkpoint_from_before_the_split_was_recorded_still_resumes(tmp_path: Path) -> None:

@@ -212,6 +212,25 @@ def test_a_trial_of_another_backbone_takes_photos_at_its_own_size(tmp_path):
     assert (trial.data.image_size, trial.data.stored_size) == (288, 320)
 
 
+def test_a_search_names_a_test_share_its_data_does_not_use(tmp_path, capsys):
+    """A search reports its data as training does: a --test-fraction next to data that
+    brings its own test split (here train/ and test/ folders) is named as unused."""
+    from tests.conftest import write_bird_folder
+
+    from cnnkit.cli.search import _report_data
+    from cnnkit.config import Preprocessing
+
+    for split in ("train", "test"):
+        write_bird_folder(tmp_path / "data" / split, per_class=2)
+    layers = [{"data": {"dataset": "folder", "data": str(tmp_path / "data")}}]
+    for fraction, noted in ((0.3, True), (None, False)):
+        share = {"data": {"test_fraction": fraction}} if fraction else {}
+        base = build_run_config(preset_for("hasy"), *layers, share)
+        _report_data(build_splits(base.data, Preprocessing()), base)
+        said = capsys.readouterr().out
+        assert ("so test_fraction 0.3 (--test-fraction) is not used" in said) == noted, said
+
+
 def replace_options(config, options: dict):
     return replace(config, model=replace(config.model, options=options))
 

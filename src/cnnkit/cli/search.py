@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from cnnkit.cli.arguments import CommandError
 from cnnkit.cli.overrides import overrides_from_args
 from cnnkit.cli.settings import print_config, resolve_run_config
-from cnnkit.cli.train import print_data_summary
+from cnnkit.cli.train import note_an_unused_test_share, print_data_summary
 from cnnkit.paths import default_cache_dir
 
 if TYPE_CHECKING:
@@ -155,7 +155,7 @@ def command_search(args: argparse.Namespace) -> int:
             cache_dir=cache_dir,
             progress=not args.quiet,
             on_trial=_print_trial,
-            on_data=print_data_summary,
+            on_data=lambda data: _report_data(data, base),
             space_file=None if args.space in SPACES else args.space,
         )
     except (TrainingInterrupted, KeyboardInterrupt) as interrupted:
@@ -218,6 +218,12 @@ def _search_config(args: argparse.Namespace, base: RunConfig) -> SearchConfig:
         keep_checkpoints=args.keep_checkpoints,
         workers=default_workers(base.train.device) if args.workers is None else args.workers,
     )
+
+
+def _report_data(data, base) -> None:
+    """The data line, and a note where the search's test share goes unused."""
+    print_data_summary(data)
+    note_an_unused_test_share(data, base)
 
 
 def _print_result(result: SearchResult) -> None:

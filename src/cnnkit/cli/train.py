@@ -39,6 +39,17 @@ def print_data_summary(data, run_dir: Path | None = None) -> None:
         print(f"Skipped {len(data.problems)} bad image(s){listed}; first: {data.problems[0]}")
 
 
+def note_an_unused_test_share(data, config) -> None:
+    """Say that ``--test-fraction`` goes unused where the data brings its own test split."""
+    from cnnkit.config import DataConfig
+
+    if data.split_given and config.data.test_fraction != DataConfig.test_fraction:
+        print(
+            f"Note: {config.data.data} gives its own test split, so test_fraction "
+            f"{config.data.test_fraction:g} (--test-fraction) is not used"
+        )
+
+
 # Fewer optimizer steps than this in all leave a network trained from scratch near chance.
 FEW_STEPS = 20
 
@@ -46,16 +57,11 @@ FEW_STEPS = 20
 def _report_data(data, config) -> None:
     """The data line, and notes where a test share goes unused or the run is too short to
     learn anything."""
-    from cnnkit.config import DataConfig
     from cnnkit.data.loader import training_steps_per_epoch
     from cnnkit.models.registry import is_transfer_model
 
     print_data_summary(data, config.run_dir())
-    if data.split_given and config.data.test_fraction != DataConfig.test_fraction:
-        print(
-            f"Note: {config.data.data} gives its own test split, so test_fraction "
-            f"{config.data.test_fraction:g} (--test-fraction) is not used"
-        )
+    note_an_unused_test_share(data, config)
 
     if is_transfer_model(config.model.name):
         return  # Its head learns on cached features; its fine-tune starts from ImageNet.

@@ -177,7 +177,8 @@ class HasySource:
         None for a folder, whose listing is cheap.
         """
         token = self._files.archive_token()
-        return None if token is None else f"hasy|{token}|fold={self.fold}"
+        # "listing 2": symbols without images are left out; listings kept before are not used.
+        return None if token is None else f"hasy listing 2|{token}|fold={self.fold}"
 
     def list_samples(self) -> Listing:
         """Read the CSVs; the result is kept on the instance.

@@ -107,6 +107,8 @@ def start_run(
         if resuming:
             details["resumes"] = _resumes(run_dir, config, epoch)
         write_run_info(run_dir, config, details)
+        # Once the run has started for good: a refused resume leaves the earlier run's list.
+        write_skipped_list(run_dir, data.problems, replaces=resuming)
 
     started = RunInfoOnStart(write, checkpoint)
     if distributed.is_main and not resuming:
@@ -114,20 +116,21 @@ def start_run(
         # the data has loaded and its batches are set up: a run that fails before keeps it.
         clear_run_outputs(run_dir, keep=data_roots(config))
         started.write_once()
-    if distributed.is_main:
-        write_skipped_list(run_dir, data.problems)
     if distributed.is_main and resuming:
         # The checkpoint is checked against this run's settings first (see RunInfoOnStart).
         callbacks = [started, *callbacks]
     return started, callbacks
 
 
-def write_skipped_list(run_dir: Path, problems: Sequence[str]) -> None:
+def write_skipped_list(run_dir: Path, problems: Sequence[str], replaces: bool) -> None:
     """List the images ``--on-bad-image skip`` left out, one a line, in ``RUN/skipped.txt``
-    (the terminal shows the first); a run that skipped none has no such file."""
+    (the terminal shows the first). ``replaces``: the folder holds this run's earlier list (a
+    resume), which goes when none is skipped now; a fresh run's folder was cleared of one, and
+    a file of that name in a folder that held no run is the user's."""
     path = run_dir / SKIPPED_LIST
     if not problems:
-        path.unlink(missing_ok=True)  # A resumed run's, of data since fixed.
+        if replaces:
+            path.unlink(missing_ok=True)  # Of data since fixed.
         return
     text = "".join(f"{problem}\n" for problem in problems)
     write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
