@@ -276,9 +276,12 @@ class EfficientNetLite(nn.Module):
 
 def lite_preprocessing(spec: EfficientNetLiteSpec) -> Preprocessing:
     """The evaluation preprocessing the weights expect (TensorFlow's, at the native size)."""
-    return Preprocessing(
-        "photo", 3, spec.image_size, spec.image_size + CROP_PADDING, LITE_MEAN, LITE_STD
-    )
+    return lite_preprocessing_at(spec.image_size)
+
+
+def lite_preprocessing_at(image_size: int) -> Preprocessing:
+    """TensorFlow's crop and normalisation of the weights, at ``image_size`` px."""
+    return Preprocessing("photo", 3, image_size, image_size + CROP_PADDING, LITE_MEAN, LITE_STD)
 
 
 def create_efficientnet_lite(

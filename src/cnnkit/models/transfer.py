@@ -22,9 +22,8 @@ from cnnkit.config import MAX_IMAGE_SIDE, Preprocessing
 from cnnkit.models.efficientnet_lite import (
     CROP_PADDING,
     EFFICIENTNET_LITE_SPECS,
-    LITE_MEAN,
-    LITE_STD,
     create_efficientnet_lite,
+    lite_preprocessing_at,
 )
 from cnnkit.models.registry import register_transfer_model
 from cnnkit.models.transfer_classifier import TransferClassifier, TransferEnsemble
@@ -70,7 +69,7 @@ def _photo_preprocessing(name: str, image_size: int) -> Preprocessing:
         raise ValueError(f"{name} image_size must be a whole number; got {image_size!r}")
     if not 32 <= image_size <= largest:
         raise ValueError(f"{name} image_size must be 32-{largest}; got {image_size}")
-    return Preprocessing("photo", 3, image_size, image_size + CROP_PADDING, LITE_MEAN, LITE_STD)
+    return lite_preprocessing_at(image_size)
 
 
 def _ensemble_of(build: Callable[[], TransferClassifier], members: int) -> nn.Module:
